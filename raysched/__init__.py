@@ -1,0 +1,1 @@
+"""raysched: an autopilot for Ray task resources."""

@@ -1,0 +1,134 @@
+"""Every knob raysched has, in one frozen dataclass, built once and passed down.
+
+Nothing else reads the environment: ``RayschedConfig.from_env()`` is the one
+place, called once by the runtime (or replaced by the user's own instance via
+``raysched.configure``).  Pure: imports neither ray, mlflow nor pyarrow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .types import GiB, MiB
+
+HOME_ENV = "RAYSCHED_HOME"
+DEFAULT_HOME = ".raysched"
+
+
+@dataclass(frozen=True)
+class RayschedConfig:
+    # --- where things live ---------------------------------------------------
+    #: Folder of the profile store (Parquet), the MLflow SQLite store and its artifacts.
+    home: str = DEFAULT_HOME
+
+    # --- cold start: what a call gets with no usable history -----------------
+    #: Memory for a function with no history and no user fallback. Conservative on
+    #: purpose: under-requesting gets a task killed, over-requesting only idles.
+    default_memory_bytes: int = 1 * GiB
+    default_num_cpus: float = 1.0
+    default_wall_seconds: float = 60.0
+
+    # --- how much history each estimator needs --------------------------------
+    #: Runs needed before history statistics replace the fallback.
+    min_history_for_stats: int = 3
+    #: Runs needed before the XGBoost model is trained and may replace the statistics.
+    min_history_for_model: int = 30
+    #: Newest runs per function kept for statistics and shipped to drivers.
+    history_window: int = 2000
+
+    # --- history statistics ----------------------------------------------------
+    #: Percentile of past (input-size-normalised) use taken as the upper bound.
+    stat_percentile: float = 95.0
+    #: Input size must explain this share of variance (Spearman rho^2) before
+    #: the statistics scale with it.
+    min_input_size_correlation: float = 0.5
+
+    # --- the model ----------------------------------------------------------------
+    #: Quantiles each XGBoost model predicts; the middle one is the target.
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    #: Coverage the calibrated upper bound aims for (split-conformal).
+    coverage: float = 0.95
+    #: Share of rows held out for calibration and model comparison.
+    holdout_fraction: float = 0.25
+    xgb_rounds: int = 120
+    xgb_max_depth: int = 4
+    xgb_learning_rate: float = 0.1
+    #: New rows of a function that trigger a background retrain.
+    retrain_after_new_rows: int = 20
+
+    # --- sizing: prediction -> Ray options -----------------------------------------
+    #: Margin on top of the upper bound for memory, as the VPA recommender's 15%.
+    memory_margin: float = 0.15
+    #: The confidence multiplier for little history: the upper bound is scaled by
+    #: (1 + confidence_scale / n_history) ** confidence_exponent.
+    confidence_scale: float = 1.0
+    confidence_exponent: float = 1.0
+    min_memory_bytes: int = 64 * MiB
+    #: Memory requests are rounded up to this granularity.
+    memory_rounding_bytes: int = 16 * MiB
+    min_num_cpus: float = 0.25
+    #: CPU requests are rounded up to this fraction of a core.
+    cpu_rounding: float = 0.25
+    #: What to do when a request exceeds the largest node: "cap" it (and warn) or "error".
+    oversize_policy: str = "cap"
+
+    # --- failures: the escalation ladder -------------------------------------------
+    #: Attempts per call, the first included, before raysched gives up.
+    max_attempts: int = 4
+    #: Each rung grows the memory by at least this factor over the previous attempt.
+    ladder_min_growth: float = 1.5
+    #: VPA's OOM bump: a killed attempt's peak becomes max(peak + oom_bump_bytes, peak x oom_bump_ratio).
+    oom_bump_bytes: int = 100 * MiB
+    oom_bump_ratio: float = 1.2
+
+    # --- the driver -------------------------------------------------------------------
+    #: Seconds between the driver's non-blocking refreshes of its model bundle.
+    refresh_interval_s: float = 2.0
+    #: How long a first call of a function may wait for its first bundle (once per
+    #: function per driver process, never per task).
+    first_bundle_timeout_s: float = 10.0
+    #: Seconds between live samples of a running task in its worker.
+    live_interval_s: float = 0.5
+    #: Worker-side profile rows are sent to the profiler at most this often.
+    flush_interval_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.home:
+            problems.append("home must name a folder")
+        if self.oversize_policy not in ("cap", "error"):
+            problems.append(f"oversize_policy must be 'cap' or 'error', got {self.oversize_policy!r}")
+        if self.max_attempts < 1:
+            problems.append("max_attempts must be at least 1")
+        if not 0 < self.coverage < 1:
+            problems.append("coverage must be between 0 and 1")
+        if not self.quantiles or any(not 0 < q < 1 for q in self.quantiles):
+            problems.append("quantiles must lie strictly between 0 and 1")
+        if list(self.quantiles) != sorted(self.quantiles):
+            problems.append("quantiles must be sorted")
+        for name in ("default_memory_bytes", "min_memory_bytes", "memory_rounding_bytes"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.ladder_min_growth <= 1:
+            problems.append("ladder_min_growth must be above 1, or the ladder cannot make progress")
+        if problems:
+            raise ValueError("invalid RayschedConfig: " + "; ".join(problems))
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    def replace(self, **changes: object) -> "RayschedConfig":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "RayschedConfig":
+        """The one place that reads the environment (``RAYSCHED_HOME``)."""
+        values: dict[str, object] = {}
+        if os.environ.get(HOME_ENV):
+            values["home"] = os.environ[HOME_ENV]
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

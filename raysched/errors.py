@@ -1,0 +1,78 @@
+"""raysched's exceptions. Each carries what a user needs to act, in its message."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .types import AttemptRecord, MiB
+
+
+class RayschedError(Exception):
+    """Base class of every error raysched raises on its own account."""
+
+
+class InvalidInput(RayschedError, ValueError):
+    """A caller passed something raysched cannot use (bad input_size, tags, memory...)."""
+
+
+class StoreError(RayschedError):
+    """The profile store cannot be read or written (for example an unwritable home)."""
+
+
+class PredictionTooLarge(RayschedError):
+    """A request exceeds every node of the cluster and the config says not to cap it."""
+
+    def __init__(self, function: str, memory_bytes: int, num_cpus: float, largest_memory: int, largest_cpus: float):
+        self.function = function
+        self.memory_bytes = memory_bytes
+        self.num_cpus = num_cpus
+        self.largest_memory = largest_memory
+        self.largest_cpus = largest_cpus
+        super().__init__(
+            f"{function}: needs {memory_bytes / MiB:.0f} MiB and {num_cpus:g} CPU, but the largest node offers "
+            f"{largest_memory / MiB:.0f} MiB and {largest_cpus:g} CPU. Add a bigger node, or set "
+            f"oversize_policy='cap' to run it capped."
+        )
+
+    def __reduce__(self):  # keep the exception picklable across Ray processes
+        return (
+            PredictionTooLarge,
+            (self.function, self.memory_bytes, self.num_cpus, self.largest_memory, self.largest_cpus),
+        )
+
+
+class AttemptsExhausted(RayschedError):
+    """Every attempt of a call failed; lists what each attempt had and used."""
+
+    def __init__(self, function: str, attempts: Sequence[AttemptRecord], reason: str = ""):
+        self.function = function
+        self.attempts = tuple(attempts)
+        self.reason = reason
+        lines = "\n  ".join(a.describe() for a in self.attempts)
+        super().__init__(
+            f"{function}: gave up after {len(self.attempts)} attempt(s)"
+            + (f" ({reason})" if reason else "")
+            + (f":\n  {lines}" if lines else "")
+        )
+
+    def __reduce__(self):
+        return (AttemptsExhausted, (self.function, self.attempts, self.reason))
+
+
+class ResourceLimitExceeded(RayschedError):
+    """A task went over a hard limit and was stopped; it is not retried."""
+
+    def __init__(self, function: str, resource: str, measured: float, limit: float, attempts: int):
+        self.function = function
+        self.resource = resource
+        self.measured = measured
+        self.limit = limit
+        self.attempts = attempts
+        unit = (lambda v: f"{v / MiB:.0f} MiB") if resource == "memory" else (lambda v: f"{v:.1f}")
+        super().__init__(
+            f"{function}: {resource} use {unit(measured)} exceeded the hard limit {unit(limit)} "
+            f"on attempt {attempts}; stopped and not retried."
+        )
+
+    def __reduce__(self):
+        return (ResourceLimitExceeded, (self.function, self.resource, self.measured, self.limit, self.attempts))

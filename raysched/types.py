@@ -1,0 +1,329 @@
+"""Frozen value types that flow through raysched.
+
+Data flows one way: submit -> predict -> allocate -> run and measure -> monitor ->
+store -> train -> predict.  Each stage hands the next one of these immutable
+records, never a dict, so that a decision can be logged, compared and replayed.
+
+This module is pure: it imports neither ray, mlflow nor pyarrow.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+#: The resources raysched predicts, in the order they appear everywhere.
+RESOURCES: tuple[str, ...] = ("memory", "cpu", "wall", "disk")
+
+
+class Outcome(str, enum.Enum):
+    """How one attempt of a task ended."""
+
+    OK = "ok"
+    ERROR = "error"  # the user's function raised, or its worker died for a reason other than memory
+    OOM_KILLED = "oom_killed"  # Ray's memory monitor (or raysched's, before it) killed it for memory
+    LIMIT_STOPPED = "limit_stopped"  # a raysched hard limit stopped it
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:  # so that f"{outcome}" prints "ok", not "Outcome.OK"
+        return self.value
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    """What a profile row is keyed by: the function's name and the hash of its code."""
+
+    function: str
+    code_hash: str
+
+
+@dataclass(frozen=True)
+class Features:
+    """What raysched knows about one call before it runs.
+
+    ``input_size`` is in bytes (None when it cannot be derived); ``arg_shapes`` is a
+    short, stable description of the arguments (type name and shape) used as a
+    model feature and kept in the profile for inspection.
+    """
+
+    input_size: int | None = None
+    tags: tuple[str, ...] = ()
+    arg_shapes: tuple[str, ...] = ()
+    dependencies: tuple[str, ...] = ()
+
+    @property
+    def has_input_size(self) -> bool:
+        return self.input_size is not None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A prediction for one resource.
+
+    ``target`` is the central estimate, ``upper`` the bound that an allocation
+    should cover with probability ``coverage`` (calibrated on held-out runs where
+    a model is behind it), ``n_history`` how many past runs stand behind it.
+    Units: bytes for memory and disk, cores for cpu, seconds for wall.
+    """
+
+    target: float
+    lower: float
+    upper: float
+    coverage: float
+    n_history: int
+    source: str = "fallback"
+
+    def __post_init__(self) -> None:
+        for name in ("target", "lower", "upper"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ValueError(f"Estimate.{name} must be a non-negative number, got {value!r}")
+        if not (self.lower <= self.target <= self.upper):
+            raise ValueError(
+                f"Estimate bounds out of order: lower={self.lower} target={self.target} upper={self.upper}"
+            )
+
+    def scaled(self, factor: float, source: str | None = None) -> "Estimate":
+        return Estimate(
+            target=self.target * factor,
+            lower=self.lower * factor,
+            upper=self.upper * factor,
+            coverage=self.coverage,
+            n_history=self.n_history,
+            source=source or self.source,
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One Estimate per resource for one call, and where it came from.
+
+    ``source`` is ``"fallback"``, ``"history"`` (robust statistics of past runs) or
+    ``"model-vN"`` (the XGBoost quantile model registered as version N).  When the
+    resources disagree the source names the weakest one, so a reader is never told
+    "model" while memory still comes from a fallback.
+    """
+
+    memory: Estimate
+    cpu: Estimate
+    wall: Estimate
+    disk: Estimate | None = None
+    source: str = "fallback"
+
+    def __getitem__(self, resource: str) -> Estimate:
+        if resource not in RESOURCES:
+            raise KeyError(f"unknown resource {resource!r}; expected one of {RESOURCES}")
+        value = getattr(self, resource)
+        if value is None:
+            raise KeyError(f"no {resource} estimate in this prediction")
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (r for r in RESOURCES if getattr(self, r) is not None)
+
+    def items(self) -> Iterator[tuple[str, Estimate]]:
+        return ((r, getattr(self, r)) for r in self)
+
+    @property
+    def n_history(self) -> int:
+        return self.memory.n_history
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The Ray resources one attempt is submitted with.
+
+    ``rung`` is the escalation-ladder step that produced it (0: the first
+    submission, sized from the prediction), ``capped`` whether the largest node
+    limited it, and ``reason`` one human sentence on why this size.
+    """
+
+    num_cpus: float
+    memory_bytes: int
+    rung: int = 0
+    capped: bool = False
+    reason: str = ""
+
+    def ray_options(self) -> dict[str, float | int]:
+        return {"num_cpus": self.num_cpus, "memory": int(self.memory_bytes)}
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one attempt used, measured inside its worker.
+
+    - ``peak_rss_bytes``: the highest resident set size of the worker process
+      during this attempt (its kernel high-water mark, reset when the attempt
+      starts) plus the peak of the child processes it started;
+    - ``start_rss_bytes``: the worker's resident size when the attempt began
+      (the interpreter, Ray and whatever earlier tasks left behind);
+    - ``cpu_seconds``: user + system CPU time of the process and its children;
+    - ``wall_seconds``: elapsed time of the user's function;
+    - ``read_bytes`` / ``write_bytes``: bytes that reached the block layer
+      (Linux /proc/<pid>/io), ``read_chars`` / ``write_chars`` all bytes passed
+      through read/write system calls (includes the page cache and pipes).
+    Network bytes are not recorded: Linux counts them per network namespace, not
+    per process, so they cannot be attributed to one task honestly.
+    """
+
+    peak_rss_bytes: int
+    start_rss_bytes: int = 0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    read_chars: int = 0
+    write_chars: int = 0
+
+    @property
+    def cpu_cores(self) -> float:
+        """Effective cores: CPU seconds per wall second."""
+        if self.wall_seconds <= 0:
+            return 0.0
+        return self.cpu_seconds / self.wall_seconds
+
+    @property
+    def task_rss_bytes(self) -> int:
+        """Peak above the worker's own baseline: what the function itself added."""
+        return max(0, self.peak_rss_bytes - self.start_rss_bytes)
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """The schedulable resources of one Ray node."""
+
+    node_id: str
+    num_cpus: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What sizing needs to know of the cluster: its nodes' capacities."""
+
+    nodes: tuple[NodeShape, ...] = ()
+
+    @property
+    def largest_memory_bytes(self) -> int:
+        return max((n.memory_bytes for n in self.nodes), default=0)
+
+    @property
+    def largest_num_cpus(self) -> float:
+        return max((n.num_cpus for n in self.nodes), default=0.0)
+
+    def fits(self, allocation: Allocation) -> bool:
+        return any(
+            n.num_cpus >= allocation.num_cpus and n.memory_bytes >= allocation.memory_bytes
+            for n in self.nodes
+        )
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """What one finished (or killed) attempt used and had: a row of the ladder's input."""
+
+    attempt: int
+    allocation: Allocation
+    outcome: Outcome
+    usage: Usage | None = None
+    error: str = ""
+
+    def describe(self) -> str:
+        used = (
+            f"peak {self.usage.peak_rss_bytes / MiB:.0f} MiB, {self.usage.cpu_seconds:.1f} CPU-s"
+            if self.usage
+            else "use unknown"
+        )
+        return (
+            f"attempt {self.attempt}: {self.outcome.value} with {self.allocation.memory_bytes / MiB:.0f} MiB"
+            f" / {self.allocation.num_cpus:g} CPU ({used})" + (f": {self.error}" if self.error else "")
+        )
+
+
+@dataclass(frozen=True)
+class History:
+    """Past runs of one function, as parallel columns, oldest first.
+
+    ``memory`` holds the samples the estimators learn from: the measured peak of
+    a successful run, and for a run killed for memory the bumped sample
+    ``max(peak + 100 MiB, peak x 1.2)`` (as the Kubernetes VPA recommender does).
+    Missing values are NaN.  Plain tuples keep the record hashable and frozen;
+    estimators convert to numpy once.
+    """
+
+    input_size: tuple[float, ...] = ()
+    memory: tuple[float, ...] = ()
+    cpu: tuple[float, ...] = ()
+    wall: tuple[float, ...] = ()
+    disk: tuple[float, ...] = ()
+    tags: tuple[tuple[str, ...], ...] = ()
+    version: int = 0  # grows when rows are added, so a cache can tell a newer history
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def column(self, resource: str) -> tuple[float, ...]:
+        return getattr(self, resource)
+
+    @staticmethod
+    def from_columns(columns: Mapping[str, object], version: int = 0) -> "History":
+        n = len(columns.get("memory", ()))  # type: ignore[arg-type]
+
+        def col(name: str) -> tuple[float, ...]:
+            values = columns.get(name)
+            if values is None:
+                return tuple(float("nan") for _ in range(n))
+            return tuple(float("nan") if v is None else float(v) for v in values)  # type: ignore[union-attr]
+
+        tags_col = columns.get("tags")
+        tags = tuple(tuple(t) for t in tags_col) if tags_col is not None else tuple(() for _ in range(n))  # type: ignore[union-attr]
+        return History(
+            input_size=col("input_size"),
+            memory=col("memory"),
+            cpu=col("cpu"),
+            wall=col("wall"),
+            disk=col("disk"),
+            tags=tags,
+            version=version,
+        )
+
+
+__all__ = [
+    "MiB",
+    "GiB",
+    "RESOURCES",
+    "Outcome",
+    "TaskKey",
+    "Features",
+    "Estimate",
+    "Prediction",
+    "Allocation",
+    "Usage",
+    "NodeShape",
+    "ClusterShape",
+    "AttemptRecord",
+    "History",
+    "ModelArtifact",
+]
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A trained model for one resource of one function, in a portable form.
+
+    ``booster`` is the XGBoost model in XGBoost's own UBJSON format (``Booster.save_raw("ubj")``,
+    never pickle); ``meta_json`` a JSON object with the feature names, quantiles,
+    calibration offsets and holdout metrics.  ``version`` is the MLflow registry
+    version once registered.
+    """
+
+    function: str
+    resource: str
+    booster: bytes
+    meta_json: str
+    version: int | None = None
