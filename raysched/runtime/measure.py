@@ -1,0 +1,740 @@
+"""In-worker measurement of one attempt of a task.
+
+Every attempt of a task runs inside a Ray worker process that Ray reuses for
+later tasks, so per-process lifetime figures (``ru_maxrss``, ``VmHWM`` as left by
+the previous task) describe the worker, not the attempt.  :class:`AttemptMeter`
+resets or subtracts them at the start of the attempt and reports what happened
+between :meth:`AttemptMeter.start` and :meth:`AttemptMeter.stop` as a
+:class:`raysched.types.Usage`.
+
+What each figure of the ``Usage`` means
+---------------------------------------
+
+``start_rss_bytes``
+    Resident set size (``VmRSS``) of the worker process when the attempt began:
+    the interpreter, Ray, imported modules and whatever earlier tasks left
+    behind -- plus the RSS of descendants already alive at that moment (none,
+    in a plain Ray worker).  ``Usage.task_rss_bytes`` (peak minus start) is
+    what the attempt added.
+
+``peak_rss_bytes``
+    The largest of
+
+    1. the worker process's kernel high-water mark ``VmHWM`` since the start of
+       the attempt.  ``start()`` writes ``5`` to ``/proc/self/clear_refs``
+       (Linux >= 4.0), which restarts ``VmHWM`` from the current RSS, so a much
+       bigger earlier task in the same worker does not leak into this figure.
+       This is exact for the process itself: the kernel updates it on every
+       page fault, whatever the sampling rate (``peak_method == "hwm"``);
+    2. the largest *sampled* resident size of the process tree: the process's
+       RSS plus the RSS of all its live descendants, summed at one sample.
+       Samples are taken at ``start()``, at ``stop()`` and by the
+       :class:`LiveSampler` thread every ``interval_s`` (0.5 s by default)
+       while the attempt is registered with it.  A child whose peak falls
+       between two samples is under-counted; the sum counts pages shared by
+       a parent and its forked children once per process (RSS, not PSS);
+    3. for children that exited (and were reaped) during the attempt: the
+       process's own peak (1, or its sampled peak) **plus** the largest
+       ``ru_maxrss`` of a reaped child (``getrusage(RUSAGE_CHILDREN)``), but
+       only if that figure grew during the attempt.  ``RUSAGE_CHILDREN``'s
+       ``ru_maxrss`` is a lifetime maximum over every child the worker ever
+       reaped and cannot be reset: a short-lived child smaller than one an
+       earlier task already ran is only seen through sampling (2).  Adding the
+       two peaks is an upper bound, since they need not have coincided.
+
+    RSS includes shared pages the process touched, e.g. Ray object-store
+    buffers read zero-copy (numpy arguments) and memory of Ray's own threads
+    in the worker.  Where ``/proc/self/clear_refs`` is not writable or
+    ``VmHWM`` is missing (non-Linux, gVisor or locked-down containers), (1)
+    is replaced by the sampled RSS of the process itself
+    (``peak_method == "sampled"``), which misses peaks shorter than the
+    sampling interval: expect an under-estimate for tasks with a brief spike.
+    If another attempt starts in the same process while this one runs
+    (threaded or async actors), its reset would hide this attempt's earlier
+    peak; the meter hands the high-water mark read just before the reset to
+    every other running meter of the process, so that is not lost.
+
+``cpu_seconds``
+    User + system CPU time, during the attempt, of the process (all its
+    threads, Ray's included), of its live descendants (``/proc/<pid>/stat``
+    utime + stime, plus the time of their own reaped children, as deltas from
+    the start for descendants that already existed) and of children reaped
+    during the attempt (delta of ``os.times()`` ``children_user`` +
+    ``children_system``).  A descendant that was orphaned (re-parented away
+    from the tree) before exiting is lost once it leaves the tree.
+
+``wall_seconds``
+    Elapsed time between ``start()`` and ``stop()`` on ``clock``
+    (``time.monotonic`` by default).
+
+``read_bytes`` / ``write_bytes``
+    Bytes the process tree caused to be read from / written to the block layer
+    during the attempt (``/proc/<pid>/io`` ``read_bytes`` / ``write_bytes``).
+    ``write_bytes`` is counted when page-cache pages are dirtied, so it can
+    include data later truncated away; files on tmpfs never reach the block
+    layer and count 0.
+
+``read_chars`` / ``write_chars``
+    Bytes passed through read/write-like system calls (``rchar`` / ``wchar``):
+    files, page cache, pipes, sockets and terminals alike.
+
+For the process itself the kernel folds reaped children's I/O into
+``/proc/<pid>/io``; live descendants are added from their own ``/proc`` files.
+Network bytes are not recorded (see :class:`raysched.types.Usage`).
+
+Measurement never raises into the user's task: a figure that cannot be read
+degrades to partial data (0, or a sampled value) with one logged warning per
+meter and figure.
+
+Live samples
+------------
+
+:class:`LiveSampler` is one daemon thread per process (``get_live_sampler``),
+started on the first ``register`` and idle (blocked, no wake-ups) whenever no
+meter is registered.  Every ``interval_s`` it calls ``sample()`` on each
+registered meter -- which also feeds the sampled peak (2) -- and hands the
+:class:`LiveSample` to the registered callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterator
+
+from ..types import Usage
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AttemptMeter",
+    "LiveSample",
+    "LiveSampler",
+    "get_live_sampler",
+    "measure_attempt",
+    "DEFAULT_INTERVAL_S",
+]
+
+#: Sampling interval when none is given (``RayschedConfig.live_interval_s``).
+DEFAULT_INTERVAL_S = 0.5
+
+_LINUX = sys.platform.startswith("linux")
+try:
+    _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+    _CLK_TCK = float(os.sysconf("SC_CLK_TCK"))
+except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+    _PAGE_SIZE, _CLK_TCK = 4096, 100.0
+
+#: ru_maxrss is in KiB on Linux and in bytes on macOS.
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+_IO_FIELDS = ("read_bytes", "write_bytes", "rchar", "wchar")
+_ZERO_IO = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class LiveSample:
+    """A snapshot of a running attempt, as of ``timestamp`` (``time.time()``).
+
+    ``rss_bytes`` is the resident size of the process tree now (process plus
+    live descendants), ``peak_rss_bytes`` the attempt's peak so far (same
+    definition as ``Usage.peak_rss_bytes``), ``cpu_seconds`` / ``wall_seconds``
+    / ``read_bytes`` / ``write_bytes`` the attempt's totals so far.
+    """
+
+    rss_bytes: int
+    peak_rss_bytes: int
+    cpu_seconds: float
+    wall_seconds: float
+    read_bytes: int
+    write_bytes: int
+    timestamp: float
+
+
+# --------------------------------------------------------------------------- #
+# /proc readers: each returns None (or raises OSError/ValueError) when the
+# figure is unavailable; the meter decides how to degrade.
+# --------------------------------------------------------------------------- #
+
+
+def _read_status(pid: int) -> tuple[int | None, int | None]:
+    """(VmRSS, VmHWM) in bytes from /proc/<pid>/status; None where missing."""
+    rss = hwm = None
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith(b"VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+def _read_io(pid: int) -> tuple[int, int, int, int]:
+    """(read_bytes, write_bytes, rchar, wchar) from /proc/<pid>/io."""
+    values: dict[str, int] = {}
+    with open(f"/proc/{pid}/io", "rb") as f:
+        for line in f:
+            name, _, value = line.partition(b":")
+            values[name.decode()] = int(value)
+    return tuple(values.get(k, 0) for k in _IO_FIELDS)  # type: ignore[return-value]
+
+
+def _reset_hwm(pid: int) -> None:
+    """Restart the kernel's VmHWM from the current RSS (Linux >= 4.0)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+@dataclass(frozen=True)
+class _Child:
+    """One live descendant at one sample."""
+
+    pid: int
+    ppid: int
+    starttime: int  # clock ticks since boot: with pid, identifies the process
+    cpu: float  # utime + stime + cutime + cstime, seconds
+    rss: int  # bytes
+    io: tuple[int, int, int, int]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pid, self.starttime)
+
+
+def _stat_linux(pid: int) -> tuple[int, float, int, int] | None:
+    """(ppid, cpu seconds incl. reaped children, starttime, rss bytes) from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(b")") + 2 :].split()
+    # rest[0] is field 3 (state): field n is rest[n - 3]
+    ppid = int(rest[1])
+    cpu = (int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])) / _CLK_TCK
+    return ppid, cpu, int(rest[19]), int(rest[21]) * _PAGE_SIZE
+
+
+def _descendants_linux(root: int) -> list[_Child]:
+    """Live descendants of ``root`` by one pass over /proc (O(processes on the node))."""
+    parents: dict[int, list[int]] = {}
+    stats: dict[int, tuple[int, float, int, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        st = _stat_linux(pid)
+        if st is None:
+            continue
+        stats[pid] = st
+        parents.setdefault(st[0], []).append(pid)
+    out: list[_Child] = []
+    todo = list(parents.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        ppid, cpu, starttime, rss = stats[pid]
+        try:
+            io = _read_io(pid)
+        except (OSError, ValueError):
+            io = _ZERO_IO
+        out.append(_Child(pid, ppid, starttime, cpu, rss, io))
+        todo.extend(parents.get(pid, ()))
+    return out
+
+
+def _descendants_psutil(root: int) -> list[_Child]:
+    import psutil
+
+    out: list[_Child] = []
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            with proc.oneshot():
+                t = proc.cpu_times()
+                cpu = t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+                rss = proc.memory_info().rss
+                try:
+                    c = proc.io_counters()
+                    io = (
+                        getattr(c, "read_bytes", 0),
+                        getattr(c, "write_bytes", 0),
+                        getattr(c, "read_chars", 0),
+                        getattr(c, "write_chars", 0),
+                    )
+                except (AttributeError, psutil.Error):
+                    io = _ZERO_IO
+                out.append(_Child(proc.pid, proc.ppid(), int(proc.create_time() * 100), cpu, rss, io))
+        except psutil.Error:
+            continue
+    return out
+
+
+def _has_children_self() -> bool | None:
+    """Whether this process has any child (live or zombie), without reaping; None if unknown.
+
+    ``waitid(P_ALL, WNOHANG | WNOWAIT)`` fails with ECHILD exactly when there is
+    no child: a 3 us test that spares the /proc scan for the common childless task.
+    """
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # type: ignore[attr-defined]
+        return True
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):
+        return None
+
+
+# Meters of this process that rely on the kernel high-water mark, so that a
+# reset by one can hand the mark over to the others first.
+_HWM_METERS: "weakref.WeakSet[AttemptMeter]" = weakref.WeakSet()
+_HWM_LOCK = threading.Lock()
+
+
+class AttemptMeter:
+    """Measures one attempt of a task in the current process (and its children).
+
+    ``start()`` at the beginning of the attempt, ``stop()`` at the end (returns
+    the :class:`~raysched.types.Usage`, also kept as ``usage``), ``sample()`` in
+    between from any thread.  See the module docstring for what each figure
+    means.  No method raises: unreadable figures degrade with a warning.
+    ``pid`` defaults to the current process; another process can be measured
+    where ``/proc`` allows, but without its reaped children's CPU/peak (those
+    are only known to its parent through ``getrusage``).
+    """
+
+    def __init__(self, pid: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.pid = os.getpid() if pid is None else int(pid)
+        self._self = self.pid == os.getpid()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        #: "hwm" (kernel high-water mark, reset at start) or "sampled" (fallback).
+        self.peak_method = "sampled"
+        self.usage: Usage | None = None
+        self._started = False
+        self._stopped = False
+        self._reset_state()
+
+    # -- state ---------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self._t0 = 0.0
+        self._start_rss = 0
+        self._cpu0_self = 0.0
+        self._cpu0_reaped = 0.0
+        self._maxrss0_children = 0
+        self._io0 = _ZERO_IO
+        self._io_ok = False
+        self._base_children: dict[tuple[int, int], _Child] = {}
+        self._gone_base: set[tuple[int, int]] = set()
+        self._peak_self = 0  # largest RSS of the process itself (sampled, or VmHWM)
+        self._peak_tree = 0  # largest sampled process + live descendants
+        self._peak_handed = 0  # high-water mark handed over by another meter's reset
+        self._cpu_max = 0.0
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning("raysched: cannot measure %s of pid %s (%s: %s); using partial data",
+                           what, self.pid, type(exc).__name__, exc)
+
+    def _absorb_peak(self, value: int) -> None:
+        """Called by another meter of the same process just before it resets VmHWM."""
+        if value > self._peak_handed:
+            self._peak_handed = value
+
+    # -- raw readings ----------------------------------------------------------------
+
+    def _self_cpu(self) -> tuple[float, float]:
+        """(own user+sys, reaped children user+sys) in seconds."""
+        if self._self:
+            t = os.times()
+            return t.user + t.system, t.children_user + t.children_system
+        import psutil
+
+        t = psutil.Process(self.pid).cpu_times()
+        return t.user + t.system, getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+
+    def _children_maxrss(self) -> int:
+        if not self._self:
+            return 0
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * _MAXRSS_UNIT
+
+    def _rss_hwm(self) -> tuple[int | None, int | None]:
+        if _LINUX:
+            try:
+                return _read_status(self.pid)
+            except (OSError, ValueError) as exc:
+                self._warn("VmRSS/VmHWM", exc)
+        import psutil
+
+        return int(psutil.Process(self.pid).memory_info().rss), None
+
+    def _io(self) -> tuple[int, int, int, int]:
+        if _LINUX:
+            return _read_io(self.pid)
+        import psutil
+
+        c = psutil.Process(self.pid).io_counters()
+        return (c.read_bytes, c.write_bytes, getattr(c, "read_chars", 0), getattr(c, "write_chars", 0))
+
+    def _children(self) -> list[_Child]:
+        if self._self and _has_children_self() is False:
+            return []
+        if _LINUX:
+            return _descendants_linux(self.pid)
+        return _descendants_psutil(self.pid)
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def start_rss_bytes(self) -> int:
+        """RSS of the process (and its live descendants) when ``start()`` ran."""
+        return self._start_rss
+
+    def start(self) -> None:
+        """Begin the attempt: reset VmHWM and remember the starting counters."""
+        with self._lock:
+            self._reset_state()
+            self._started, self._stopped, self.usage = True, False, None
+            self._t0 = self._clock()
+            self.peak_method = "sampled"
+            try:
+                if _LINUX:
+                    with _HWM_LOCK:
+                        _, hwm_before = _read_status(self.pid)
+                        if hwm_before is not None:
+                            for other in list(_HWM_METERS):
+                                if other is not self and other.pid == self.pid and other._started:
+                                    other._absorb_peak(hwm_before)
+                        _reset_hwm(self.pid)
+                        _, hwm_after = _read_status(self.pid)
+                        if hwm_after is not None:
+                            self.peak_method = "hwm"
+                            _HWM_METERS.add(self)
+            except (OSError, ValueError) as exc:
+                logger.debug("raysched: VmHWM reset unavailable for pid %s (%s); sampling the peak",
+                             self.pid, exc)
+            try:
+                rss, _ = self._rss_hwm()
+                self._start_rss = int(rss or 0)
+            except Exception as exc:  # noqa: BLE001 - never raise into the task
+                self._warn("RSS", exc)
+            self._peak_self = self._start_rss
+            try:
+                self._cpu0_self, self._cpu0_reaped = self._self_cpu()
+            except Exception as exc:  # noqa: BLE001
+                self._warn("CPU time", exc)
+            try:
+                self._maxrss0_children = self._children_maxrss()
+            except Exception as exc:  # noqa: BLE001
+                self._warn("children's ru_maxrss", exc)
+            try:
+                self._io0 = self._io()
+                self._io_ok = True
+            except Exception as exc:  # noqa: BLE001
+                self._warn("I/O counters", exc)
+            try:
+                self._base_children = {c.key: c for c in self._children()}
+            except Exception as exc:  # noqa: BLE001
+                self._warn("child processes", exc)
+            self._start_rss += sum(c.rss for c in self._base_children.values())
+            self._peak_tree = self._start_rss
+
+    def _measure(self) -> tuple[int, int, float, tuple[int, int, int, int]]:
+        """One sample under the lock: (tree rss now, peak so far, cpu so far, io so far)."""
+        # Read the process's own cumulative counters *before* enumerating
+        # children: a child reaped in between is then missed once (transient,
+        # absorbed by the monotone max) rather than counted twice.
+        cpu_self = cpu_reaped = None
+        try:
+            cpu_self, cpu_reaped = self._self_cpu()
+        except Exception as exc:  # noqa: BLE001
+            self._warn("CPU time", exc)
+        io = _ZERO_IO
+        if self._io_ok:
+            try:
+                io = self._io()
+            except Exception as exc:  # noqa: BLE001
+                self._warn("I/O counters", exc)
+        rss = hwm = None
+        try:
+            rss, hwm = self._rss_hwm()
+        except Exception as exc:  # noqa: BLE001
+            self._warn("RSS", exc)
+        children: list[_Child] = []
+        try:
+            children = self._children()
+        except Exception as exc:  # noqa: BLE001
+            self._warn("child processes", exc)
+        maxrss_children = None
+        try:
+            maxrss_children = self._children_maxrss()
+        except Exception as exc:  # noqa: BLE001
+            self._warn("children's ru_maxrss", exc)
+
+        # memory
+        if rss is not None:
+            self._peak_self = max(self._peak_self, rss)
+        if self.peak_method == "hwm" and hwm is not None:
+            self._peak_self = max(self._peak_self, hwm)
+        self._peak_self = max(self._peak_self, self._peak_handed)
+        live = {c.key: c for c in children}
+        tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
+        self._peak_tree = max(self._peak_tree, tree_rss)
+        peak = max(self._peak_self, self._peak_tree)
+        if maxrss_children is not None and maxrss_children > self._maxrss0_children:
+            peak = max(peak, self._peak_self + maxrss_children)
+
+        # cpu: own + reaped children (deltas) + live descendants (deltas from their start values)
+        cpu = 0.0
+        if cpu_self is not None:
+            cpu += max(0.0, cpu_self - self._cpu0_self) + max(0.0, cpu_reaped - self._cpu0_reaped)
+        io_delta = [max(0, now - then) for now, then in zip(io, self._io0)] if self._io_ok else [0, 0, 0, 0]
+        for key, c in live.items():
+            base = self._base_children.get(key)
+            cpu += c.cpu - (base.cpu if base else 0.0)
+            for i in range(4):
+                io_delta[i] += max(0, c.io[i] - (base.io[i] if base else 0))
+        # A descendant that existed at start and has since been reaped moved its
+        # lifetime counters into an ancestor's cumulative ones: take its start values off.
+        for key, base in self._base_children.items():
+            if key not in live:
+                cpu -= base.cpu
+                for i in range(4):
+                    io_delta[i] -= base.io[i]
+        cpu = max(cpu, self._cpu_max)
+        self._cpu_max = cpu
+        io_out = (max(0, io_delta[0]), max(0, io_delta[1]), max(0, io_delta[2]), max(0, io_delta[3]))
+        return tree_rss, peak, cpu, io_out  # type: ignore[return-value]
+
+    def sample(self) -> LiveSample:
+        """A cheap snapshot so far; also feeds the sampled peak.  Thread-safe."""
+        with self._lock:
+            now = time.time()
+            if self._stopped and self.usage is not None:
+                u = self.usage
+                return LiveSample(u.peak_rss_bytes, u.peak_rss_bytes, u.cpu_seconds, u.wall_seconds,
+                                  u.read_bytes, u.write_bytes, now)
+            if not self._started:
+                return LiveSample(0, 0, 0.0, 0.0, 0, 0, now)
+            try:
+                rss, peak, cpu, io = self._measure()
+            except Exception as exc:  # noqa: BLE001 - belt and braces
+                self._warn("sample", exc)
+                rss, peak, cpu, io = self._start_rss, max(self._peak_self, self._peak_tree), self._cpu_max, _ZERO_IO
+            return LiveSample(int(rss), int(peak), float(cpu), max(0.0, self._clock() - self._t0),
+                              int(io[0]), int(io[1]), now)
+
+    def stop(self) -> Usage:
+        """End the attempt and return its Usage (idempotent: a second call returns the same)."""
+        with self._lock:
+            if self._stopped and self.usage is not None:
+                return self.usage
+            if not self._started:
+                self._warn("attempt", RuntimeError("stop() without start()"))
+                self.usage = Usage(peak_rss_bytes=0)
+                self._stopped = True
+                return self.usage
+            wall = max(0.0, self._clock() - self._t0)
+            try:
+                _, peak, cpu, io = self._measure()
+            except Exception as exc:  # noqa: BLE001
+                self._warn("usage", exc)
+                peak, cpu, io = max(self._peak_self, self._peak_tree), self._cpu_max, _ZERO_IO
+            self.usage = Usage(
+                peak_rss_bytes=int(peak),
+                start_rss_bytes=int(self._start_rss),
+                cpu_seconds=float(cpu),
+                wall_seconds=float(wall),
+                read_bytes=int(io[0]),
+                write_bytes=int(io[1]),
+                read_chars=int(io[2]),
+                write_chars=int(io[3]),
+            )
+            self._stopped = True
+            _HWM_METERS.discard(self)
+            return self.usage
+
+
+# --------------------------------------------------------------------------- #
+# The per-process sampler thread
+# --------------------------------------------------------------------------- #
+
+OnSample = Callable[[Hashable, LiveSample], None]
+
+
+class LiveSampler:
+    """One daemon thread per process sampling the registered meters every ``interval_s``.
+
+    The thread starts on the first ``register`` and blocks (no wake-ups) while
+    nothing is registered, so a worker running only tiny tasks pays neither a
+    thread start per task nor a timer.  Exceptions from ``sample()`` or a
+    callback are logged and never stop the thread.  A callback already running
+    when ``unregister`` is called may still complete after it returns.
+    """
+
+    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S) -> None:
+        self._interval = self._check_interval(interval_s)
+        self._entries: dict[Hashable, tuple[AttemptMeter, OnSample | None]] = {}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        #: Completed sampling passes (for tests and diagnostics).
+        self.ticks = 0
+
+    @staticmethod
+    def _check_interval(value: float) -> float:
+        value = float(value)
+        if not value > 0:
+            raise ValueError(f"interval_s must be positive, got {value!r}")
+        return value
+
+    @property
+    def interval_s(self) -> float:
+        return self._interval
+
+    @interval_s.setter
+    def interval_s(self, value: float) -> None:
+        self._interval = self._check_interval(value)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def register(self, key: Hashable, meter: AttemptMeter, on_sample: OnSample | None = None) -> None:
+        """Sample ``meter`` every interval and pass each sample to ``on_sample(key, sample)``."""
+        with self._cond:
+            self._entries[key] = (meter, on_sample)
+            if self._thread is None or not self._thread.is_alive():
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name="raysched-live-sampler", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def unregister(self, key: Hashable) -> None:
+        with self._cond:
+            self._entries.pop(key, None)
+
+    def close(self) -> None:
+        """Stop the thread (it exits at its next wake-up); ``register`` restarts it."""
+        with self._cond:
+            self._closed = True
+            self._entries.clear()
+            self._cond.notify_all()
+
+    def sample_all(self) -> None:
+        """One sampling pass over the registered meters, in the calling thread."""
+        with self._cond:
+            entries = list(self._entries.items())
+        for key, entry in entries:
+            meter, on_sample = entry
+            try:
+                sample = meter.sample()
+            except Exception:  # noqa: BLE001
+                logger.exception("raysched: live sample of %r failed", key)
+                continue
+            if on_sample is None:
+                continue
+            with self._cond:
+                if self._entries.get(key) is not entry:
+                    continue  # unregistered meanwhile
+            try:
+                on_sample(key, sample)
+            except Exception:  # noqa: BLE001
+                logger.exception("raysched: live-sample callback for %r failed", key)
+        self.ticks += 1
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._entries and not self._closed:
+                    self._cond.wait()  # idle: no wake-ups while nothing is registered
+                if self._closed:
+                    return
+                # Sleep one interval; a register() notify must not shorten it,
+                # or a stream of tiny tasks would make the thread spin.
+                deadline = time.monotonic() + self._interval
+                while not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._closed:
+                    return
+            try:
+                self.sample_all()
+            except Exception:  # noqa: BLE001 - never let the thread die
+                logger.exception("raysched: live sampler pass failed")
+
+
+_SAMPLER: LiveSampler | None = None
+_SAMPLER_PID: int | None = None
+_SAMPLER_LOCK = threading.Lock()
+
+
+def get_live_sampler(interval_s: float | None = None) -> LiveSampler:
+    """The process's one :class:`LiveSampler`, created on first use.
+
+    Passing an ``interval_s`` smaller than the current one lowers it for every
+    user of the sampler (the most demanding caller wins).  A forked child gets
+    its own sampler.
+    """
+    global _SAMPLER, _SAMPLER_PID
+    with _SAMPLER_LOCK:
+        if _SAMPLER is None or _SAMPLER_PID != os.getpid():
+            _SAMPLER = LiveSampler(DEFAULT_INTERVAL_S if interval_s is None else interval_s)
+            _SAMPLER_PID = os.getpid()
+        elif interval_s is not None and interval_s < _SAMPLER.interval_s:
+            _SAMPLER.interval_s = interval_s
+        return _SAMPLER
+
+
+def _after_fork_in_child() -> None:
+    global _SAMPLER, _SAMPLER_PID, _SAMPLER_LOCK, _HWM_LOCK
+    _SAMPLER, _SAMPLER_PID = None, None
+    _SAMPLER_LOCK = threading.Lock()
+    _HWM_LOCK = threading.Lock()
+    _HWM_METERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextmanager
+def measure_attempt(
+    on_sample: OnSample | None = None,
+    interval_s: float | None = None,
+    key: Hashable | None = None,
+) -> Iterator[AttemptMeter]:
+    """Measure the body of a ``with`` block; the Usage is in ``meter.usage`` afterwards.
+
+    The meter is registered with the process's :class:`LiveSampler` for the
+    duration (``key`` defaults to the meter itself).
+    """
+    meter = AttemptMeter()
+    meter.start()
+    sampler = None
+    key = meter if key is None else key
+    try:
+        sampler = get_live_sampler(interval_s)
+        sampler.register(key, meter, on_sample)
+    except Exception:  # noqa: BLE001
+        logger.exception("raysched: cannot start live sampling; measuring start/stop only")
+    try:
+        yield meter
+    finally:
+        if sampler is not None:
+            sampler.unregister(key)
+        meter.stop()

@@ -1,0 +1,273 @@
+"""AttemptMeter and LiveSampler in the current process: no Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from raysched.runtime import measure
+from raysched.runtime.measure import AttemptMeter, LiveSample, LiveSampler, get_live_sampler, measure_attempt
+from raysched.types import MiB, Usage
+
+LINUX = sys.platform.startswith("linux")
+
+
+def allocate(n_mib: int) -> np.ndarray:
+    """n MiB of touched pages (np.ones writes every page)."""
+    return np.ones(n_mib * MiB // 8, dtype=np.float64)
+
+
+def close_to(measured_bytes: int, expected_mib: float) -> bool:
+    """Within 10% or 30 MiB of the expectation, whichever is looser."""
+    return abs(measured_bytes / MiB - expected_mib) <= max(0.10 * expected_mib, 30)
+
+
+def test_peak_of_an_allocation_in_this_process():
+    meter = AttemptMeter()
+    meter.start()
+    block = allocate(300)
+    block.sum()
+    del block
+    usage = meter.stop()
+    assert isinstance(usage, Usage)
+    assert usage.start_rss_bytes > 0
+    assert close_to(usage.task_rss_bytes, 300), usage
+    assert usage.wall_seconds > 0
+
+
+@pytest.mark.skipif(not LINUX, reason="the VmHWM reset is Linux-only")
+def test_second_meter_is_not_fooled_by_an_earlier_bigger_peak():
+    first = AttemptMeter()
+    first.start()
+    big = allocate(800)
+    del big
+    assert close_to(first.stop().task_rss_bytes, 800)
+
+    second = AttemptMeter()
+    second.start()
+    small = allocate(100)
+    del small
+    usage = second.stop()
+    assert second.peak_method == "hwm"
+    # Without the reset the process's VmHWM would still say ~800 MiB above start.
+    assert close_to(usage.task_rss_bytes, 100), usage
+
+
+def test_sampled_fallback_when_hwm_cannot_be_reset(monkeypatch):
+    def refuse(pid):
+        raise PermissionError("clear_refs is read-only here")
+
+    monkeypatch.setattr(measure, "_reset_hwm", refuse)
+    meter = AttemptMeter()
+    meter.start()
+    assert meter.peak_method == "sampled"
+    block = allocate(120)
+    meter.sample()  # the fallback only sees what a sample sees
+    del block
+    usage = meter.stop()
+    assert close_to(usage.task_rss_bytes, 120), usage
+
+
+CHILD = """
+import time, numpy as np
+block = np.ones(200 * 1024 * 1024 // 8)
+print("ready", flush=True)
+time.sleep(1.5)
+"""
+
+
+def test_child_process_counted_by_sampling():
+    sampler = get_live_sampler(0.25)
+    samples: list[LiveSample] = []
+    meter = AttemptMeter()
+    meter.start()
+    sampler.register("child-test", meter, lambda key, s: samples.append(s))
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        # while the child lives, a live sample sees its memory
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not any(s.rss_bytes - meter.start_rss_bytes >= 190 * MiB for s in samples):
+            time.sleep(0.05)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        sampler.unregister("child-test")
+    usage = meter.stop()
+    assert samples, "the sampler thread produced no sample"
+    assert max(s.rss_bytes for s in samples) - usage.start_rss_bytes >= 190 * MiB
+    # 200 MiB of array plus an interpreter with numpy (~30-60 MiB)
+    assert 190 * MiB <= usage.task_rss_bytes <= 300 * MiB, usage
+    assert usage.cpu_seconds > 0.05  # the child's numpy import and page faults, via RUSAGE_CHILDREN
+
+
+def test_cpu_seconds_of_a_busy_loop():
+    meter = AttemptMeter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    meter.start()
+    x = 0
+    while time.perf_counter() - t0 < 0.5:
+        x += 1
+    usage = meter.stop()
+    independent = time.process_time() - c0
+    assert usage.cpu_seconds == pytest.approx(independent, rel=0.2, abs=0.03)
+    assert usage.cpu_seconds == pytest.approx(0.5, rel=0.2) or independent < 0.4  # < 0.4: a loaded machine
+    assert 0.7 <= usage.cpu_cores <= 1.2 or independent < 0.4, usage
+
+
+def test_cpu_seconds_of_a_child_that_exited():
+    meter = AttemptMeter()
+    meter.start()
+    code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    usage = meter.stop()
+    assert usage.cpu_seconds >= 0.4 * 0.8, usage
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/<pid>/io is Linux-only")
+def test_io_counters_of_a_written_file(tmp_path):
+    meter = AttemptMeter()
+    meter.start()
+    path = tmp_path / "blob.bin"
+    chunk = os.urandom(1 * MiB)
+    with open(path, "wb") as f:
+        for _ in range(20):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        while f.read(4 * MiB):
+            pass
+    usage = meter.stop()
+    assert usage.write_chars >= 20 * MiB, usage
+    assert usage.read_chars >= 20 * MiB, usage
+    assert usage.write_bytes >= 0 and usage.read_bytes >= 0
+
+
+def test_sample_is_cheap_and_monotone():
+    meter = AttemptMeter()
+    meter.start()
+    t0 = time.perf_counter()
+    samples = [meter.sample() for _ in range(50)]
+    per_sample = (time.perf_counter() - t0) / 50
+    meter.stop()
+    assert per_sample < 0.005, f"{per_sample * 1e3:.2f} ms per sample"
+    cpus = [s.cpu_seconds for s in samples]
+    walls = [s.wall_seconds for s in samples]
+    assert cpus == sorted(cpus) and walls == sorted(walls)
+    assert all(s.peak_rss_bytes >= s.rss_bytes > 0 for s in samples)
+
+
+def test_sample_concurrent_with_stop_and_after():
+    meter = AttemptMeter()
+    meter.start()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def hammer():
+        try:
+            while not done.is_set():
+                meter.sample()
+        except BaseException as exc:  # pragma: no cover - the failure being tested
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    block = allocate(50)
+    del block
+    usage = meter.stop()
+    done.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert meter.stop() is usage  # idempotent
+    after = meter.sample()
+    assert after.peak_rss_bytes == usage.peak_rss_bytes and after.cpu_seconds == usage.cpu_seconds
+
+
+def test_measurement_errors_degrade_to_partial_data(monkeypatch, caplog):
+    def broken(pid):
+        raise OSError("no /proc/<pid>/io in this sandbox")
+
+    monkeypatch.setattr(measure, "_read_io", broken)
+    with caplog.at_level(logging.WARNING, logger="raysched.runtime.measure"):
+        meter = AttemptMeter()
+        meter.start()
+        meter.sample()
+        usage = meter.stop()
+    assert usage.read_chars == 0 and usage.write_chars == 0
+    assert usage.peak_rss_bytes > 0 and usage.wall_seconds > 0
+    assert sum("I/O counters" in r.getMessage() for r in caplog.records) == 1  # warned once
+
+
+def test_stop_without_start_does_not_raise():
+    usage = AttemptMeter().stop()
+    assert usage.peak_rss_bytes == 0
+
+
+@pytest.mark.skipif(not LINUX, reason="the VmHWM reset is Linux-only")
+def test_a_later_meter_reset_does_not_hide_an_earlier_meters_peak():
+    outer = AttemptMeter()
+    outer.start()
+    block = allocate(200)
+    del block
+    inner = AttemptMeter()  # e.g. a second thread of a threaded actor
+    inner.start()  # resets VmHWM for the whole process
+    inner.stop()
+    assert close_to(outer.stop().task_rss_bytes, 200)
+
+
+def test_measure_attempt_context_manager_publishes_samples():
+    seen: list[tuple[object, LiveSample]] = []
+    with measure_attempt(on_sample=lambda k, s: seen.append((k, s)), interval_s=0.25, key="ctx") as meter:
+        time.sleep(0.7)
+    assert meter.usage is not None and meter.usage.wall_seconds >= 0.7
+    assert seen and all(k == "ctx" for k, _ in seen)
+    n = len(seen)
+    time.sleep(0.4)
+    assert len(seen) == n  # unregistered: no more callbacks
+
+
+def test_sampler_survives_failing_callbacks_and_idles():
+    sampler = LiveSampler(interval_s=0.05)
+    assert not sampler.running  # nothing registered: no thread at all
+    good: list[LiveSample] = []
+    meter = AttemptMeter()
+    meter.start()
+
+    def bad(key, sample):
+        raise RuntimeError("publisher down")
+
+    sampler.register("bad", meter, bad)
+    sampler.register("good", meter, lambda k, s: good.append(s))
+    time.sleep(0.3)
+    assert sampler.running and len(good) >= 2
+    sampler.unregister("bad")
+    sampler.unregister("good")
+    time.sleep(0.1)
+    ticks = sampler.ticks
+    time.sleep(0.3)
+    assert sampler.ticks == ticks  # idle while empty
+    assert sampler.running  # the same thread is reused on the next register
+    thread = sampler._thread
+    sampler.register("again", meter)
+    time.sleep(0.15)
+    assert sampler._thread is thread and sampler.ticks > ticks
+    sampler.close()
+    meter.stop()
+
+
+def test_get_live_sampler_is_a_process_singleton():
+    a = get_live_sampler()
+    b = get_live_sampler(0.25)
+    assert a is b
+    assert a.interval_s <= 0.5
+    with pytest.raises(ValueError):
+        LiveSampler(interval_s=0)
