@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
+import numpy as np
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -79,10 +81,16 @@ class Estimate:
     source: str = "fallback"
 
     def __post_init__(self) -> None:
-        for name in ("target", "lower", "upper"):
+        for name in ("target", "lower", "upper", "coverage"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"Estimate.{name} must be a number, got {value!r}") from None
+            if math.isnan(number) or number < 0:
                 raise ValueError(f"Estimate.{name} must be a non-negative number, got {value!r}")
+            object.__setattr__(self, name, number)  # numpy scalars become plain floats
+        object.__setattr__(self, "n_history", int(self.n_history))
         if not (self.lower <= self.target <= self.upper):
             raise ValueError(
                 f"Estimate bounds out of order: lower={self.lower} target={self.target} upper={self.upper}"
@@ -245,43 +253,76 @@ class AttemptRecord:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class History:
-    """Past runs of one function, as parallel columns, oldest first.
+    """Past runs of one function, as parallel numpy columns, oldest first.
 
     ``memory`` holds the samples the estimators learn from: the measured peak of
     a successful run, and for a run killed for memory the bumped sample
-    ``max(peak + 100 MiB, peak x 1.2)`` (as the Kubernetes VPA recommender does).
-    Missing values are NaN.  Plain tuples keep the record hashable and frozen;
-    estimators convert to numpy once.
+    ``max(peak + 100 MiB, peak x 1.2)`` (as the Kubernetes VPA recommender does,
+    see ``policy.samples``).  Missing values are NaN.  ``version`` grows when rows
+    are added, so a cache can tell a newer history from an older one.
     """
 
-    input_size: tuple[float, ...] = ()
-    memory: tuple[float, ...] = ()
-    cpu: tuple[float, ...] = ()
-    wall: tuple[float, ...] = ()
-    disk: tuple[float, ...] = ()
+    input_size: np.ndarray
+    memory: np.ndarray
+    cpu: np.ndarray
+    wall: np.ndarray
+    disk: np.ndarray
     tags: tuple[tuple[str, ...], ...] = ()
-    version: int = 0  # grows when rows are added, so a cache can tell a newer history
+    version: int = 0
 
     def __len__(self) -> int:
-        return len(self.memory)
+        return int(self.memory.shape[0])
 
-    def column(self, resource: str) -> tuple[float, ...]:
+    def column(self, resource: str) -> np.ndarray:
         return getattr(self, resource)
+
+    def tail(self, n: int) -> "History":
+        if len(self) <= n:
+            return self
+        return History(
+            input_size=self.input_size[-n:],
+            memory=self.memory[-n:],
+            cpu=self.cpu[-n:],
+            wall=self.wall[-n:],
+            disk=self.disk[-n:],
+            tags=self.tags[-n:] if self.tags else (),
+            version=self.version,
+        )
+
+    def append(self, other: "History") -> "History":
+        return History(
+            input_size=np.concatenate([self.input_size, other.input_size]),
+            memory=np.concatenate([self.memory, other.memory]),
+            cpu=np.concatenate([self.cpu, other.cpu]),
+            wall=np.concatenate([self.wall, other.wall]),
+            disk=np.concatenate([self.disk, other.disk]),
+            tags=(self.tags or tuple(() for _ in range(len(self))))
+            + (other.tags or tuple(() for _ in range(len(other)))),
+            version=self.version + len(other),
+        )
+
+    @staticmethod
+    def empty() -> "History":
+        return History.from_columns({})
 
     @staticmethod
     def from_columns(columns: Mapping[str, object], version: int = 0) -> "History":
-        n = len(columns.get("memory", ()))  # type: ignore[arg-type]
+        """Build from any mapping of equal-length sequences; missing columns become NaN."""
+        lengths = {len(v) for k, v in columns.items() if k != "tags" and v is not None}  # type: ignore[arg-type]
+        if len(lengths) > 1:
+            raise ValueError(f"History columns differ in length: {sorted(lengths)}")
+        n = lengths.pop() if lengths else 0
 
-        def col(name: str) -> tuple[float, ...]:
+        def col(name: str) -> np.ndarray:
             values = columns.get(name)
             if values is None:
-                return tuple(float("nan") for _ in range(n))
-            return tuple(float("nan") if v is None else float(v) for v in values)  # type: ignore[union-attr]
+                return np.full(n, np.nan)
+            return np.array([np.nan if v is None else v for v in values], dtype=float)  # type: ignore[union-attr]
 
         tags_col = columns.get("tags")
-        tags = tuple(tuple(t) for t in tags_col) if tags_col is not None else tuple(() for _ in range(n))  # type: ignore[union-attr]
+        tags = tuple(tuple(t) if t is not None else () for t in tags_col) if tags_col is not None else ()  # type: ignore[union-attr]
         return History(
             input_size=col("input_size"),
             memory=col("memory"),
@@ -291,25 +332,6 @@ class History:
             tags=tags,
             version=version,
         )
-
-
-__all__ = [
-    "MiB",
-    "GiB",
-    "RESOURCES",
-    "Outcome",
-    "TaskKey",
-    "Features",
-    "Estimate",
-    "Prediction",
-    "Allocation",
-    "Usage",
-    "NodeShape",
-    "ClusterShape",
-    "AttemptRecord",
-    "History",
-    "ModelArtifact",
-]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,241 @@
+"""A call's arguments and metadata -> Features; Features -> the model's numeric row.
+
+Pure: imports neither ray, mlflow nor pyarrow.  Sizes are found by duck typing
+(``nbytes``, ``memory_usage``, ``__len__``), so numpy and pandas need not be
+imported here either; Ray ObjectRefs are sized by a callback the runtime injects.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import zlib
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..errors import InvalidInput
+from ..types import Features
+
+#: A callback that returns the size in bytes of an opaque object (a Ray ObjectRef),
+#: or None when it is not known.
+SizeOf = Callable[[Any], Optional[int]]
+
+#: Containers are walked this deep and this wide; a list of a million items is
+#: sized from its first items and extrapolated, never walked whole on submission.
+_MAX_DEPTH = 3
+_MAX_ITEMS = 256
+_MAX_DIR_FILES = 10_000
+_MAX_SHAPES = 16
+
+#: Tags are hashed into this many model features.
+TAG_BUCKETS = 8
+FEATURE_NAMES: tuple[str, ...] = (
+    "log2_input_size",
+    *(f"tag_{i}" for i in range(TAG_BUCKETS)),
+)
+
+
+# --- validation: bad input gets a clear error -----------------------------------------
+
+
+def validate_input_size(value: Any, what: str = "input_size") -> int | None:
+    """None, or a non-negative integer number of bytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidInput(f"{what} must be a non-negative number of bytes, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"{what} must be finite, got {value!r}")
+    if value < 0:
+        raise InvalidInput(f"{what} must be non-negative, got {value!r}")
+    return int(value)
+
+
+def validate_memory(value: Any, what: str = "memory") -> int | None:
+    """None, or a positive number of bytes (as Ray's ``memory`` option)."""
+    size = validate_input_size(value, what)
+    if size == 0:
+        raise InvalidInput(f"{what} must be positive, got 0")
+    return size
+
+
+def validate_num_cpus(value: Any, what: str = "num_cpus") -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise InvalidInput(f"{what} must be a non-negative number of cores, got {value!r}")
+    return float(value)
+
+
+def validate_tags(tags: Any, what: str = "tags") -> tuple[str, ...]:
+    """A string or an iterable of strings -> a sorted, de-duplicated tuple."""
+    if tags is None:
+        return ()
+    if isinstance(tags, str):
+        return (tags,)
+    if isinstance(tags, (bytes, Mapping)) or not isinstance(tags, Iterable):
+        raise InvalidInput(f"{what} must be a string or a list of strings, got {tags!r}")
+    out = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise InvalidInput(f"{what} must all be strings, got {tag!r} ({type(tag).__name__})")
+        out.append(tag)
+    return tuple(sorted(set(out)))
+
+
+# --- sizes of arguments ------------------------------------------------------------------
+
+
+def _path_size(path: str) -> int | None:
+    """Size of a file, or of the files under a folder; None if the string names neither."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not os.path.isdir(path):
+        return int(st.st_size)
+    total, seen = 0, 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            seen += 1
+            if seen > _MAX_DIR_FILES:
+                return total
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0) -> int | None:
+    """Best-effort size in bytes of one argument; None when nothing about it is sized."""
+    if value is None or isinstance(value, (bool, numbers.Number)):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, memoryview):
+        return value.nbytes
+    if isinstance(value, os.PathLike):
+        return _path_size(os.fspath(value))
+    if isinstance(value, str):
+        # A string that names a file is that file; any other string is its text.
+        if len(value) < 4096 and (os.sep in value or "." in value):
+            found = _path_size(value)
+            if found is not None:
+                return found
+        return len(value.encode("utf-8", "surrogatepass"))
+    memory_usage = getattr(value, "memory_usage", None)
+    if callable(memory_usage) and hasattr(value, "shape"):  # pandas DataFrame / Series
+        try:
+            used = memory_usage(index=True, deep=False)
+            return int(used.sum()) if hasattr(used, "sum") else int(used)
+        except Exception:  # noqa: BLE001 - an odd object must never break submission
+            pass
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, numbers.Integral) and not isinstance(nbytes, bool):  # numpy, arrow, torch...
+        return int(nbytes)
+    if size_of_opaque is not None:
+        opaque = size_of_opaque(value)
+        if opaque is not None:
+            return int(opaque)
+    if _depth >= _MAX_DEPTH:
+        return None
+    if isinstance(value, Mapping):
+        container: Any = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        container = value
+    else:
+        return None
+    items = [item for _, item in zip(range(_MAX_ITEMS), container)]
+    sizes = [size_of(item, size_of_opaque, _depth + 1) for item in items]
+    known = [s for s in sizes if s is not None]
+    if not known:
+        return None
+    total = sum(known)
+    if len(value) > len(items):  # extrapolate from the walked prefix
+        total = int(total * len(value) / len(items))
+    return total
+
+
+def derive_input_size(args: Sequence[Any], kwargs: Mapping[str, Any], size_of_opaque: SizeOf | None = None) -> int | None:
+    """Sum of the sizes of all arguments that can be sized; None if none can."""
+    sizes = [size_of(a, size_of_opaque) for a in args] + [size_of(v, size_of_opaque) for v in kwargs.values()]
+    known = [s for s in sizes if s is not None]
+    return sum(known) if known else None
+
+
+def describe_arg(value: Any) -> str:
+    """A short, stable description of an argument: type name and shape, never its content."""
+    kind = type(value).__name__
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and all(isinstance(d, numbers.Integral) for d in shape):
+        dtype = getattr(value, "dtype", None)
+        dims = "x".join(str(int(d)) for d in shape)
+        return f"{kind}[{dims}]" + (f":{dtype}" if dtype is not None and not hasattr(value, "columns") else "")
+    if isinstance(value, (bytes, bytearray, str, list, tuple, dict, set)):
+        return f"{kind}[{len(value)}]"
+    return kind
+
+
+def describe_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+    described = [describe_arg(a) for a in args] + [f"{k}={describe_arg(v)}" for k, v in sorted(kwargs.items())]
+    return tuple(described[:_MAX_SHAPES])
+
+
+def call_features(
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    input_size: Any = None,
+    tags: Any = (),
+    dependencies: Sequence[str] = (),
+    size_of_opaque: SizeOf | None = None,
+) -> Features:
+    """Everything raysched knows about a call before it runs."""
+    size = validate_input_size(input_size)
+    if size is None:
+        size = derive_input_size(args, kwargs, size_of_opaque)
+    return Features(
+        input_size=size,
+        tags=validate_tags(tags),
+        arg_shapes=describe_args(args, kwargs),
+        dependencies=tuple(dependencies),
+    )
+
+
+# --- the model's numeric row -------------------------------------------------------------
+
+
+def _tag_bucket(tag: str) -> int:
+    # crc32, not hash(): Python's str hash is salted per process, and the driver,
+    # the profiler actor and the replay must agree on the bucket.
+    return zlib.crc32(tag.encode("utf-8")) % TAG_BUCKETS
+
+
+def log2_size(size: float | None) -> float:
+    if size is None or not math.isfinite(size):
+        return math.nan
+    return math.log2(1.0 + max(0.0, float(size)))
+
+
+def feature_row(features: Features) -> np.ndarray:
+    """One row in the order of FEATURE_NAMES; NaN where unknown (XGBoost handles it)."""
+    row = np.zeros(len(FEATURE_NAMES), dtype=np.float32)
+    row[0] = log2_size(features.input_size)
+    for tag in features.tags:
+        row[1 + _tag_bucket(tag)] = 1.0
+    return row
+
+
+def feature_matrix(input_size: np.ndarray, tags: Sequence[Sequence[str]] = ()) -> np.ndarray:
+    """Rows of FEATURE_NAMES for a history (arrays of equal length)."""
+    n = input_size.shape[0]
+    X = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        X[:, 0] = np.log2(1.0 + np.clip(input_size, 0, None))
+    for i, row_tags in enumerate(tags or ()):
+        for tag in row_tags:
+            X[i, 1 + _tag_bucket(tag)] = 1.0
+    return X

@@ -1,0 +1,195 @@
+"""XGBoost quantile models, one per resource, with a conformal offset on the upper quantile.
+
+Pure policy: imports xgboost and numpy, never ray, mlflow or pyarrow, so the
+profiler actor and the trace replay train exactly the same model.  Targets are
+learnt in log space: resource use spans orders of magnitude, and its errors are
+multiplicative.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..config import RayschedConfig
+from ..types import History, ModelArtifact
+from .calibrate import cross_conformal, log_values, pinball_loss, score_allocation
+from .features import FEATURE_NAMES, feature_matrix
+
+# Minimum spread kept between quantiles, in log space, so that a model trained on
+# identical runs still reports an interval rather than a point.
+_MIN_LOG_SPREAD = 0.01
+
+
+def _xgb():
+    import xgboost  # imported lazily: a driver that never sees a model never pays for it
+
+    return xgboost
+
+
+@dataclass(frozen=True, eq=False)
+class ResourceModel:
+    """A trained quantile model for one resource of one function."""
+
+    resource: str
+    quantiles: tuple[float, ...]
+    booster_raw: bytes  # XGBoost's own UBJSON format
+    offset: float  # conformal offset added to log(upper quantile)
+    coverage_target: float
+    n_train: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    version: int | None = None
+    _booster: list = field(default_factory=list, repr=False)  # lazily loaded Booster
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def source(self) -> str:
+        return f"model-v{self.version}" if self.version is not None else "model"
+
+    def booster(self):
+        with self._lock:
+            if not self._booster:
+                booster = _xgb().Booster()
+                booster.load_model(bytearray(self.booster_raw))
+                booster.set_param({"nthread": 1})
+                self._booster.append(booster)
+            return self._booster[0]
+
+    def predict_log(self, X: np.ndarray) -> np.ndarray:
+        """Log-space quantile predictions, shape (n, len(quantiles)), non-crossing."""
+        out = np.asarray(self.booster().inplace_predict(X), dtype=float)
+        if out.ndim == 1:
+            out = out[:, None]
+        return np.sort(out, axis=1)
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lower, target, calibrated upper) in natural units."""
+        q = self.predict_log(X)
+        mid = q.shape[1] // 2
+        lower, target = q[:, 0], q[:, mid]
+        upper = np.maximum(q[:, -1] + self.offset, target + _MIN_LOG_SPREAD)
+        return np.exp(np.minimum(lower, target)), np.exp(target), np.exp(upper)
+
+    def with_version(self, version: int) -> "ResourceModel":
+        return ResourceModel(
+            resource=self.resource,
+            quantiles=self.quantiles,
+            booster_raw=self.booster_raw,
+            offset=self.offset,
+            coverage_target=self.coverage_target,
+            n_train=self.n_train,
+            metrics=dict(self.metrics),
+            version=version,
+        )
+
+    # --- portable form, for the registry and for shipping to drivers --------------------
+    def to_artifact(self, function: str, extra: Mapping[str, Any] | None = None) -> ModelArtifact:
+        meta = {
+            "resource": self.resource,
+            "quantiles": list(self.quantiles),
+            "offset": self.offset,
+            "coverage_target": self.coverage_target,
+            "n_train": self.n_train,
+            "feature_names": list(FEATURE_NAMES),
+            "metrics": dict(self.metrics),
+            **(extra or {}),
+        }
+        return ModelArtifact(function=function, resource=self.resource, booster=self.booster_raw,
+                             meta_json=json.dumps(meta), version=self.version)
+
+    @staticmethod
+    def from_artifact(artifact: ModelArtifact) -> "ResourceModel":
+        meta = json.loads(artifact.meta_json)
+        if list(meta.get("feature_names", FEATURE_NAMES)) != list(FEATURE_NAMES):
+            raise ValueError(
+                f"model for {artifact.function}/{artifact.resource} was trained on features "
+                f"{meta.get('feature_names')}, this raysched uses {list(FEATURE_NAMES)}"
+            )
+        return ResourceModel(
+            resource=artifact.resource,
+            quantiles=tuple(meta["quantiles"]),
+            booster_raw=bytes(artifact.booster),
+            offset=float(meta["offset"]),
+            coverage_target=float(meta["coverage_target"]),
+            n_train=int(meta["n_train"]),
+            metrics=dict(meta.get("metrics", {})),
+            version=artifact.version,
+        )
+
+
+def usable_rows(history: History, resource: str) -> np.ndarray:
+    """Indices of runs whose value for ``resource`` is known and positive."""
+    values = history.column(resource)
+    return np.flatnonzero(np.isfinite(values) & (values > 0))
+
+
+def _train_booster(X: np.ndarray, y: np.ndarray, config: RayschedConfig, seed: int):
+    xgb = _xgb()
+    dtrain = xgb.DMatrix(X, label=y, feature_names=list(FEATURE_NAMES))
+    params = {
+        "objective": "reg:quantileerror",
+        "quantile_alpha": np.array(config.quantiles),
+        "tree_method": "hist",
+        "max_depth": config.xgb_max_depth,
+        "learning_rate": config.xgb_learning_rate,
+        "min_child_weight": 2.0,
+        "nthread": 1,
+        "seed": seed,
+        "verbosity": 0,
+    }
+    return xgb.train(params, dtrain, num_boost_round=config.xgb_rounds)
+
+
+def evaluate(model: ResourceModel, X: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Holdout metrics of a model on runs (X, true): what decides which model is served."""
+    q = model.predict_log(X)
+    log_true = log_values(true)
+    loss = float(np.mean([pinball_loss(log_true, q[:, i], a) for i, a in enumerate(model.quantiles)]))
+    _, _, upper = model.predict(X)
+    return {"pinball_loss": loss, **score_allocation(true, upper).as_metrics()}
+
+
+def fit_resource_model(history: History, resource: str, config: RayschedConfig, seed: int = 0) -> ResourceModel | None:
+    """Train the quantile model for one resource on a function's history.
+
+    The newest ``holdout_fraction`` of runs is held out: the conformal offset and
+    every reported metric come from them, so what is reported is what the next
+    runs will see.  Returns None with too little history.
+    """
+    rows = usable_rows(history, resource)
+    if rows.shape[0] < config.min_history_for_model:
+        return None
+    X_all = feature_matrix(history.input_size[rows], [history.tags[i] for i in rows] if history.tags else ())
+    y_all = history.column(resource)[rows]
+    n_hold = max(4, int(math.ceil(rows.shape[0] * config.holdout_fraction)))
+    X_train, y_train = X_all[:-n_hold], y_all[:-n_hold]
+    X_hold, y_hold = X_all[-n_hold:], y_all[-n_hold:]
+    booster = _train_booster(X_train, log_values(y_train), config, seed)
+    raw = bytes(booster.save_raw(raw_format="ubj"))
+    uncalibrated = ResourceModel(resource, tuple(config.quantiles), raw, 0.0, config.coverage, int(X_train.shape[0]))
+    scores = log_values(y_hold) - uncalibrated.predict_log(X_hold)[:, -1]
+    offset, measured = cross_conformal(scores, config.coverage)
+    model = ResourceModel(resource, tuple(config.quantiles), raw, offset, config.coverage, int(X_train.shape[0]))
+    metrics = evaluate(model, X_hold, y_hold)
+    metrics.update(
+        rows_train=float(X_train.shape[0]),
+        rows_holdout=float(n_hold),
+        # In-sample coverage on the holdout is >= target by construction; the
+        # cross-fitted figure is the honest one.
+        upper_coverage=measured if math.isfinite(measured) else metrics["upper_coverage"],
+    )
+    return ResourceModel(resource, tuple(config.quantiles), raw, offset, config.coverage, int(X_train.shape[0]), metrics)
+
+
+def holdout(history: History, resource: str, config: RayschedConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The runs ``fit_resource_model`` holds out, to compare a served model on the same runs."""
+    rows = usable_rows(history, resource)
+    n_hold = max(4, int(math.ceil(rows.shape[0] * config.holdout_fraction)))
+    rows = rows[-n_hold:]
+    X = feature_matrix(history.input_size[rows], [history.tags[i] for i in rows] if history.tags else ())
+    return X, history.column(resource)[rows]

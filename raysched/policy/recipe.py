@@ -1,0 +1,180 @@
+"""The one place that composes raysched's policy from the config.
+
+``build_predictor``, ``build_sizer`` and ``build_ladder`` each read the one
+``RayschedConfig`` and wire the small pieces of ``estimators``, ``sizing`` and
+``ladder`` together, with a comment per step.  The Ray runtime and the trace
+replay both call these, so a benchmark measures what users run.
+
+Pure: imports neither ray, mlflow nor pyarrow.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from ..config import RayschedConfig
+from ..types import Estimate, Features, History, Prediction
+from .estimators import (
+    ConstantEstimator,
+    EstimationContext,
+    Estimator,
+    Fallback,
+    FirstOf,
+    PercentileEstimator,
+    QuantileModelEstimator,
+    WithConfidenceMultiplier,
+    WithMinimum,
+)
+from .ladder import Ladder, LadderState, Rung
+from .models import ResourceModel, fit_resource_model
+from .samples import oom_bump
+from .sizing import AddMemoryMargin, AtLeast, FitLargestNode, RoundUp, Sizer
+
+#: Resources the predictor always answers for; disk is added when history has it.
+PREDICTED = ("memory", "cpu", "wall")
+MODELLED = ("memory", "cpu", "wall", "disk")
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedModels:
+    """The models trained (or served) for one function, per resource."""
+
+    by_resource: Mapping[str, ResourceModel] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_resource)
+
+    def get(self, resource: str) -> ResourceModel | None:
+        return self.by_resource.get(resource)
+
+
+@dataclass(frozen=True, eq=False)
+class Predictor:
+    """Per-resource estimator chains, plus how to train the models they consult."""
+
+    config: RayschedConfig
+    chains: Mapping[str, Estimator]
+
+    def train(self, history: History, seed: int = 0) -> TrainedModels:
+        """Fit a quantile model per resource that has enough history; pure and deterministic."""
+        models = {}
+        for resource in MODELLED:
+            model = fit_resource_model(history, resource, self.config, seed=seed)
+            if model is not None:
+                models[resource] = model
+        return TrainedModels(models)
+
+    def predict(
+        self,
+        features: Features,
+        history: History | None = None,
+        models: TrainedModels | Mapping[str, ResourceModel] | None = None,
+        fallback: Fallback | None = None,
+    ) -> Prediction:
+        by_resource = models.by_resource if isinstance(models, TrainedModels) else (models or {})
+        ctx = EstimationContext(history=history if history is not None else History.empty(),
+                                models=by_resource, fallback=fallback or Fallback())
+        estimates: dict[str, Estimate | None] = {r: self.chains[r].estimate(ctx, features) for r in PREDICTED}
+        disk = self.chains["disk"].estimate(ctx, features)
+        sources = [e.source for e in estimates.values() if e is not None]
+        return Prediction(
+            memory=estimates["memory"],  # type: ignore[arg-type]
+            cpu=estimates["cpu"],  # type: ignore[arg-type]
+            wall=estimates["wall"],  # type: ignore[arg-type]
+            disk=disk,
+            source=_weakest(sources),
+        )
+
+
+def _weakest(sources: list[str]) -> str:
+    """The least informed source among the resources: fallback < history < model."""
+    for prefix in ("fallback", "history"):
+        if any(s.startswith(prefix) for s in sources):
+            return prefix
+    return min(sources, key=lambda s: (len(s), s)) if sources else "fallback"
+
+
+def _chain(resource: str, default: float | None, minimum: float, config: RayschedConfig) -> Estimator:
+    stats = PercentileEstimator(
+        resource,
+        percentile=config.stat_percentile,
+        min_history=config.min_history_for_stats,
+        min_correlation=config.min_input_size_correlation,
+        coverage=config.coverage,
+    )
+    steps: list[Estimator] = [
+        # 1. With enough history, the XGBoost quantile model whose upper quantile is
+        #    conformally calibrated on held-out runs: already honest, no multiplier.
+        QuantileModelEstimator(resource),
+        # 2. With a few runs, the p95 (the max below 20 runs) of past use, along the
+        #    input-size line where size explains use, widened for little history:
+        #    3 runs x1.33, 10 runs x1.10, 30 runs x1.03.
+        WithConfidenceMultiplier(stats, config.confidence_scale, config.confidence_exponent),
+    ]
+    if default is not None:
+        # 3. No usable history: the user's declared value, or the config's
+        #    conservative default (1 GiB, 1 CPU, 60 s).
+        steps.append(ConstantEstimator(resource, default, config.coverage))
+    # 4. Never below the floor: no worker lives in less than 64 MiB.
+    return WithMinimum(FirstOf(tuple(steps)), minimum)
+
+
+@functools.lru_cache(maxsize=32)
+def build_predictor(config: RayschedConfig) -> Predictor:
+    return Predictor(
+        config=config,
+        chains={
+            "memory": _chain("memory", config.default_memory_bytes, config.min_memory_bytes, config),
+            "cpu": _chain("cpu", config.default_num_cpus, 0.0, config),
+            "wall": _chain("wall", config.default_wall_seconds, 0.0, config),
+            # Disk has no default: without history there is no disk estimate at all.
+            "disk": _chain("disk", None, 0.0, config),
+        },
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def build_sizer(config: RayschedConfig) -> Sizer:
+    return Sizer(
+        steps=(
+            # 1. Memory: the calibrated upper bound plus the margin (15%: VPA's), so
+            #    that a run at the bound does not sit at the edge of its request.
+            AddMemoryMargin(config.memory_margin),
+            # 2. Floors: 64 MiB and a quarter core; Ray schedules nothing smaller usefully.
+            AtLeast(config.min_memory_bytes, config.min_num_cpus),
+            # 3. Round up: memory to 16 MiB, CPU to a quarter core, so that near-equal
+            #    predictions give equal requests (and Ray's scheduling classes stay few).
+            RoundUp(config.memory_rounding_bytes, config.cpu_rounding),
+            # 4. Last, fit the largest node: cap to it, or raise PredictionTooLarge.
+            FitLargestNode(config.oversize_policy),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def build_ladder(config: RayschedConfig) -> Ladder:
+    margin = 1.0 + config.memory_margin
+    return Ladder(
+        rungs=(
+            # Rung 1: the prediction's calibrated upper bound with the margin: the
+            #   first allocation may have been cut by an explicit or capped request.
+            Rung("upper bound", lambda s: s.prediction.memory.upper * margin),
+            # Rung 2: twice the peak the killed attempt reached: it died still growing.
+            Rung("2 x observed peak", lambda s: 2.0 * s.observed_peak),
+            # Rung 3: the largest peak ever recorded for this function, with the margin.
+            Rung("largest peak seen", lambda s: s.max_peak_seen * margin if s.max_peak_seen > 0 else None),
+            # Rung 4: all of the largest node.
+            Rung("largest node", lambda s: s.largest_node_bytes),
+        ),
+        max_attempts=config.max_attempts,
+        # Every step grows at least x1.5 and past the killed attempt's bumped peak,
+        # so that the ladder always makes progress (4 attempts reach >= x3.4).
+        min_growth=config.ladder_min_growth,
+        bump=functools.partial(oom_bump, config=config),
+        rounding_bytes=config.memory_rounding_bytes,
+    )
+
+
+__all__ = ["build_predictor", "build_sizer", "build_ladder", "Predictor", "TrainedModels", "LadderState", "Fallback"]

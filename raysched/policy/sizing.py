@@ -1,0 +1,128 @@
+"""A Prediction -> the Ray resources one attempt asks for. Pure.
+
+Sizing is a chain of small steps over a ``Request`` (memory from the upper
+bound, CPU from the target), each doing one thing: add the margin, hold a
+minimum, round, fit the largest node.  ``recipe.build_sizer`` composes them from
+the config.  CPU is sized from the target, not the upper bound: a CPU shortfall
+slows a task, a memory shortfall kills it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+from ..config import RayschedConfig
+from ..errors import PredictionTooLarge
+from ..types import Allocation, ClusterShape, Prediction
+
+
+@dataclass(frozen=True)
+class Request:
+    memory_bytes: float
+    num_cpus: float
+    capped: bool = False
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SizingContext:
+    function: str = ""
+    cluster: ClusterShape | None = None
+
+
+SizingStep = Callable[[Request, SizingContext], Request]
+
+
+@dataclass(frozen=True)
+class AddMemoryMargin:
+    margin: float
+
+    def __call__(self, r: Request, ctx: SizingContext) -> Request:
+        return replace(r, memory_bytes=r.memory_bytes * (1.0 + self.margin))
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    memory_bytes: float
+    num_cpus: float
+
+    def __call__(self, r: Request, ctx: SizingContext) -> Request:
+        return replace(r, memory_bytes=max(r.memory_bytes, self.memory_bytes), num_cpus=max(r.num_cpus, self.num_cpus))
+
+
+@dataclass(frozen=True)
+class RoundUp:
+    memory_step: int
+    cpu_step: float
+
+    def __call__(self, r: Request, ctx: SizingContext) -> Request:
+        # The small epsilon keeps 1.0000001 cores (float noise of cpu_seconds / wall)
+        # from rounding up to 1.25.
+        cpus = math.ceil(r.num_cpus / self.cpu_step - 1e-6) * self.cpu_step
+        return replace(r, memory_bytes=math.ceil(r.memory_bytes / self.memory_step) * self.memory_step,
+                       num_cpus=round(cpus, 4))
+
+
+@dataclass(frozen=True)
+class FitLargestNode:
+    """Cap a request to the largest node, or raise PredictionTooLarge, as configured."""
+
+    policy: str  # "cap" or "error"
+
+    def __call__(self, r: Request, ctx: SizingContext) -> Request:
+        cluster = ctx.cluster
+        if cluster is None or not cluster.nodes:
+            return r
+        # A node that fits both at once, not the largest of each on different nodes.
+        if any(n.memory_bytes >= r.memory_bytes and n.num_cpus >= r.num_cpus for n in cluster.nodes):
+            return r
+        if self.policy == "error":
+            raise PredictionTooLarge(ctx.function, int(r.memory_bytes), r.num_cpus,
+                                     cluster.largest_memory_bytes, cluster.largest_num_cpus)
+        best = max(cluster.nodes, key=lambda n: (min(1.0, n.memory_bytes / max(r.memory_bytes, 1)), n.num_cpus))
+        return replace(r, memory_bytes=min(r.memory_bytes, best.memory_bytes),
+                       num_cpus=min(r.num_cpus, best.num_cpus), capped=True,
+                       notes=r.notes + (f"capped to node {best.node_id[:8]}",))
+
+
+@dataclass(frozen=True)
+class Sizer:
+    steps: tuple[SizingStep, ...]
+
+    def size(
+        self,
+        prediction: Prediction,
+        cluster: ClusterShape | None = None,
+        explicit: Mapping[str, object] | None = None,
+        function: str = "",
+    ) -> Allocation:
+        """The allocation for a prediction; options the user set explicitly win."""
+        ctx = SizingContext(function=function, cluster=cluster)
+        request = Request(memory_bytes=prediction.memory.upper, num_cpus=prediction.cpu.target)
+        for step in self.steps:
+            request = step(request, ctx)
+        explicit = explicit or {}
+        memory = explicit.get("memory", request.memory_bytes)
+        cpus = explicit.get("num_cpus", request.num_cpus)
+        reason = f"{prediction.source}: memory from the upper bound, CPU from the target"
+        if "memory" in explicit or "num_cpus" in explicit:
+            reason += "; " + ", ".join(k for k in ("memory", "num_cpus") if k in explicit) + " set by the caller"
+        if request.notes:
+            reason += "; " + "; ".join(request.notes)
+        return Allocation(num_cpus=float(cpus), memory_bytes=int(memory), rung=0,  # type: ignore[arg-type]
+                          capped=request.capped, reason=reason)
+
+
+def size(
+    prediction: Prediction,
+    config: RayschedConfig,
+    cluster: ClusterShape | None = None,
+    explicit: Mapping[str, object] | None = None,
+    function: str = "",
+) -> Allocation:
+    """Convenience: size with the chain ``recipe.build_sizer(config)`` composes."""
+    from .recipe import build_sizer
+
+    return build_sizer(config).size(prediction, cluster, explicit, function)

@@ -1,0 +1,328 @@
+"""Readers of real workflow traces into one normalised table.
+
+Two formats are understood:
+
+- ``nextflow``: a Nextflow trace file (``trace.txt`` / ``trace_*.csv``), comma or tab
+  separated, with raw numbers (``trace.raw = true``) or Nextflow's human units
+  (``4 GB``, ``1m 3s``).  The task type is ``process``, the input size ``rchar``.
+- ``lotaru``: the execution reports of the Lotaru paper (Bader et al., FGCS 2024).
+  The task type is ``Task``, the input size ``TaskInputSize``, and the authors'
+  ``Label`` column (``train-1``, ``train-2``, ``test``) says which rows are history
+  and which arrive online.
+
+Whatever the format, :func:`read_trace` returns a :class:`Trace` whose ``rows`` has
+the columns of :data:`COLUMNS`, one row per usable task instance, and whose
+``skipped`` counts the rows left out and why.  A row is usable when it has a
+positive peak memory and a positive runtime; ``-`` or empty values are missing.
+A file that is not a trace of the named format (missing columns, unreadable)
+raises :class:`TraceFormatError` with the file and what is missing; it never
+crashes with a pandas traceback.
+
+Pure pandas/numpy: no ray, mlflow or pyarrow.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InvalidInput
+
+FORMATS: tuple[str, ...] = ("nextflow", "lotaru")
+
+#: Columns of :attr:`Trace.rows`.
+#: - ``task_type``: the process / Task name;
+#: - ``peak_rss``: peak resident memory in bytes (what an allocation must cover);
+#: - ``realtime_ms``: the task's wall time in milliseconds;
+#: - ``input_size``: bytes read (``rchar``) or the explicit ``TaskInputSize``; NaN if unknown;
+#: - ``memory``: the memory the workflow requested (its preset) in bytes; NaN if none;
+#: - ``cpus``: cores requested; ``cpu_pct``: measured %cpu (100 = one core);
+#: - ``split``: ``"history"`` / ``"online"`` when the trace fixes the split (lotaru), else ``""``;
+#: - ``row``: the row's 0-based position in the file (data rows only), for messages.
+COLUMNS: tuple[str, ...] = (
+    "task_type",
+    "peak_rss",
+    "realtime_ms",
+    "input_size",
+    "memory",
+    "cpus",
+    "cpu_pct",
+    "split",
+    "row",
+)
+
+
+class TraceFormatError(InvalidInput):
+    """A file is not a readable trace of the format it was given as."""
+
+
+@dataclass
+class Trace:
+    """One trace file, normalised."""
+
+    name: str  # the file's stem: the workflow's name in every report
+    path: str
+    format: str
+    rows: pd.DataFrame
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def describe_skipped(self) -> str:
+        if not self.skipped:
+            return "no rows skipped"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        return f"skipped {self.n_skipped} row(s): {parts}"
+
+
+# --------------------------------------------------------------------------- units
+
+_MEMORY_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1024,
+    "MB": 1024**2,
+    "GB": 1024**3,
+    "TB": 1024**4,
+    "PB": 1024**5,
+}
+_MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGTP]?B)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)", re.IGNORECASE)
+_DURATION_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0, "d": 86_400_000.0}
+
+
+def parse_memory(value: object) -> float:
+    """Bytes from a raw number or Nextflow's ``"4 GB"`` form (binary units); NaN if missing."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    text = str(value).strip()
+    if text in ("", "-"):
+        return float("nan")
+    m = _MEMORY_RE.match(text)
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * _MEMORY_UNITS[(m.group(2) or "").upper()]
+
+
+def parse_duration_ms(value: object) -> float:
+    """Milliseconds from a raw number or Nextflow's ``"1h 2m 3.5s"`` / ``"120ms"`` form; NaN if missing."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    text = str(value).strip()
+    if text in ("", "-"):
+        return float("nan")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION_RE.findall(text)
+    if not parts or _DURATION_RE.sub("", text).strip():
+        return float("nan")
+    return sum(float(n) * _DURATION_MS[u.lower()] for n, u in parts)
+
+
+def _parse_percent(value: object) -> float:
+    if value is None:
+        return float("nan")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    text = str(value).strip().rstrip("%")
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def _numeric(series: pd.Series, parser) -> pd.Series:
+    """Numbers from a column that may hold '-', blanks or human units."""
+    direct = pd.to_numeric(series, errors="coerce")
+    bad = direct.isna() & series.notna()
+    if bad.any():
+        direct = direct.astype(float)
+        direct[bad] = [parser(v) for v in series[bad]]
+    return direct.astype(float)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_table(path: Path, fmt: str) -> pd.DataFrame:
+    if not path.exists():
+        raise TraceFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise TraceFormatError(f"{path}: is a folder; pass its .csv/.txt files (the CLI expands folders)")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            header = fh.readline()
+        # Nextflow writes a tab-separated trace.txt by default; the published traces are CSV.
+        sep = "\t" if header.count("\t") > header.count(",") else ","
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=["-", ""])
+    except pd.errors.EmptyDataError:
+        raise TraceFormatError(f"{path}: empty file, not a {fmt} trace") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        raise TraceFormatError(f"{path}: cannot be parsed as a {fmt} trace table: {exc}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _require(frame: pd.DataFrame, path: Path, fmt: str, required: Iterable[str]) -> None:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        present = ", ".join(list(frame.columns)[:12]) + (", ..." if len(frame.columns) > 12 else "")
+        raise TraceFormatError(
+            f"{path}: not a {fmt} trace: missing column(s) {', '.join(missing)} (found: {present or 'none'})"
+        )
+
+
+def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skipped: dict[str, int]) -> Trace:
+    out["row"] = np.arange(len(out))
+    keep = np.ones(len(out), dtype=bool)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        nonlocal keep
+        hit = mask & keep
+        if hit.any():
+            skipped[reason] = skipped.get(reason, 0) + int(hit.sum())
+        keep &= ~mask
+
+    drop(out["task_type"].isna().to_numpy() | (out["task_type"].astype(str).str.strip() == "").to_numpy(), "without a task type")
+    drop(out["peak_rss"].isna().to_numpy(), "without peak_rss")
+    drop((out["peak_rss"] <= 0).to_numpy(), "with zero peak_rss")
+    drop(out["realtime_ms"].isna().to_numpy(), "without realtime")
+    drop((out["realtime_ms"] <= 0).to_numpy(), "with zero realtime")
+    rows = out[keep].reset_index(drop=True)
+    rows["task_type"] = rows["task_type"].astype(str).str.strip()
+    for col in ("peak_rss", "realtime_ms", "input_size", "memory", "cpus", "cpu_pct"):
+        rows[col] = rows[col].astype(float)
+    # Memory presets of zero or less mean "no limit set": treat them as missing.
+    rows.loc[rows["memory"] <= 0, "memory"] = np.nan
+    rows.loc[rows["input_size"] < 0, "input_size"] = np.nan
+    return Trace(name=path.stem, path=str(path), format=fmt, rows=rows[list(COLUMNS)], skipped=skipped)
+
+
+def read_nextflow(path: str | Path) -> Trace:
+    """Read a Nextflow trace file; only COMPLETED rows are ground truth (others are skipped, counted)."""
+    path = Path(path)
+    frame = _read_table(path, "nextflow")
+    _require(frame, path, "nextflow", ("process", "peak_rss", "realtime"))
+    skipped: dict[str, int] = {}
+    if "status" in frame.columns:
+        status = frame["status"].fillna("").astype(str).str.strip().str.upper()
+        not_done = ~status.isin(["COMPLETED", ""])
+        if not_done.any():
+            for s, n in status[not_done].value_counts().items():
+                skipped[f"with status {s}"] = int(n)
+            frame = frame[~not_done]
+    n = len(frame)
+
+    def col(name: str, parser) -> pd.Series:
+        if name not in frame.columns:
+            return pd.Series(np.full(n, np.nan), index=frame.index)
+        return _numeric(frame[name], parser)
+
+    out = pd.DataFrame(
+        {
+            "task_type": frame["process"],
+            "peak_rss": col("peak_rss", parse_memory),
+            "realtime_ms": col("realtime", parse_duration_ms),
+            "input_size": col("rchar", parse_memory),
+            "memory": col("memory", parse_memory),
+            "cpus": col("cpus", parse_memory),
+            "cpu_pct": col("%cpu", _parse_percent),
+            "split": "",
+        }
+    ).reset_index(drop=True)
+    return _finish(frame, path, "nextflow", out, skipped)
+
+
+def read_lotaru(path: str | Path) -> Trace:
+    """Read one Lotaru execution report; ``Label`` train-* rows are history, test rows online."""
+    path = Path(path)
+    frame = _read_table(path, "lotaru")
+    _require(frame, path, "lotaru", ("Label", "Task", "Realtime", "peak_rss"))
+    n = len(frame)
+
+    def col(name: str, parser) -> pd.Series:
+        if name not in frame.columns:
+            return pd.Series(np.full(n, np.nan), index=frame.index)
+        return _numeric(frame[name], parser)
+
+    label = frame["Label"].fillna("").astype(str).str.strip().str.lower()
+    split = np.where(label.str.startswith("train"), "history", np.where(label == "test", "online", ""))
+    input_size = col("TaskInputSize", parse_memory)
+    if "TaskInputSize" not in frame.columns:
+        input_size = col("rchar", parse_memory)
+    out = pd.DataFrame(
+        {
+            "task_type": frame["Task"],
+            "peak_rss": col("peak_rss", parse_memory),
+            "realtime_ms": col("Realtime", parse_duration_ms),
+            "input_size": input_size,
+            "memory": col("memory", parse_memory),
+            "cpus": col("cpus", parse_memory),
+            "cpu_pct": col("%cpu", _parse_percent),
+            "split": split,
+        }
+    ).reset_index(drop=True)
+    skipped: dict[str, int] = {}
+    unknown = out["split"] == ""
+    if unknown.any():
+        skipped["with a Label other than train-*/test"] = int(unknown.sum())
+        out.loc[unknown, "peak_rss"] = np.nan  # dropped below, counted above only once
+        out = out[~unknown.to_numpy()].reset_index(drop=True)
+    return _finish(frame, path, "lotaru", out, skipped)
+
+
+_READERS = {"nextflow": read_nextflow, "lotaru": read_lotaru}
+
+
+def sniff_format(path: str | Path) -> str:
+    """Guess a file's format from its header line (``Label``+``Task`` -> lotaru, ``process`` -> nextflow)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            header = fh.readline()
+    except OSError as exc:
+        raise TraceFormatError(f"{path}: cannot be read: {exc}") from None
+    names = {h.strip().strip('"') for h in re.split(r"[,\t]", header)}
+    if {"Label", "Task"} <= names:
+        return "lotaru"
+    if "process" in names:
+        return "nextflow"
+    raise TraceFormatError(
+        f"{path}: cannot tell the trace format from its header; pass --format ({'|'.join(FORMATS)})"
+    )
+
+
+def read_trace(path: str | Path, fmt: str = "auto") -> Trace:
+    """Read a trace of format ``fmt`` (``nextflow``, ``lotaru`` or ``auto`` to sniff the header)."""
+    if fmt == "auto":
+        fmt = sniff_format(path)
+    reader = _READERS.get(fmt)
+    if reader is None:
+        raise TraceFormatError(f"unknown trace format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return reader(path)
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files from a mix of files and folders (a folder contributes its *.csv, *.tsv and *.txt, sorted)."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in (".csv", ".tsv", ".txt") and q.is_file())
+            out.extend(q for q in found if q.name.lower() != "readme.txt")
+        else:
+            out.append(p)
+    return out

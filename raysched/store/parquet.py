@@ -1,0 +1,595 @@
+"""An append-only table of Parquet part files in one folder, safe for many processes.
+
+Layout: ``<folder>/part-<time_ns>-<pid>-<uuid8>.parquet``, one file per ``append``
+call, written under a temporary dot-name in the same folder and renamed into
+place (``os.replace`` is atomic on POSIX), so a reader sees a part whole or not
+at all.  Nothing is ever rewritten in place: ``compact`` writes one merged part,
+then deletes exactly the parts it merged.
+
+Readers list the folder on every call (nothing is cached across calls, so
+several processes can share a table), de-duplicate rows on ``row_id`` (keeping
+the last written; writers may retry a batch) and move a part they cannot parse
+to ``<folder>/quarantine/`` with a warning, so one bad file never hides the rest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import math
+import os
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Collection, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import InvalidInput, StoreError
+from .schema import SCHEMA_VERSION_KEY, schema_version_of
+
+try:  # POSIX only; without it concurrent compactions are still safe, just wasteful.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+TMP_PREFIX = ".tmp-"
+QUARANTINE = "quarantine"
+DEDUPE_COLUMN = "row_id"
+_STALE_TMP_SECONDS = 3600.0
+_READ_RETRIES = 20
+_UTC = _dt.timezone.utc
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
+_US = _dt.timedelta(microseconds=1)
+
+
+class _Bad(Exception):
+    """A value does not fit its column; the message says what was expected."""
+
+
+class _Vanished(Exception):
+    """A part disappeared between listing and reading (a concurrent compaction merged it)."""
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    if isinstance(value, (float, np.floating)):
+        return math.isnan(value)
+    if isinstance(value, np.datetime64):
+        return bool(np.isnat(value))
+    return False
+
+
+def _converter(field: pa.Field) -> Callable[[Any], Any]:
+    """A function that checks one non-missing value for ``field`` and returns what pyarrow should get.
+
+    Stricter than pyarrow's own conversion, which would silently truncate 2.5 to
+    an int column, take a bare "abc" as a list of characters or bool as a number.
+    """
+    t = field.type
+    if pa.types.is_integer(t):
+        if pa.types.is_signed_integer(t):
+            lo, hi = -(2 ** (t.bit_width - 1)), 2 ** (t.bit_width - 1) - 1
+        else:
+            lo, hi = 0, 2**t.bit_width - 1
+
+        def to_int(v: Any) -> int:
+            if isinstance(v, (bool, np.bool_)):
+                raise _Bad(f"an integer ({t})")
+            if isinstance(v, (int, np.integer)):
+                out = int(v)
+            elif isinstance(v, (float, np.floating)) and float(v).is_integer():
+                out = int(v)
+            else:
+                raise _Bad(f"an integer ({t})")
+            if not lo <= out <= hi:
+                raise _Bad(f"an integer in [{lo}, {hi}] ({t})")
+            return out
+
+        return to_int
+    if pa.types.is_floating(t):
+
+        def to_float(v: Any) -> float:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise _Bad(f"a number ({t})")
+            return float(v)
+
+        return to_float
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+
+        def to_str(v: Any) -> str:
+            if isinstance(v, enum.Enum) and isinstance(v.value, str):
+                return v.value
+            if not isinstance(v, str):
+                raise _Bad("a string")
+            return str(v)
+
+        return to_str
+    if pa.types.is_timestamp(t):
+        per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[t.unit]
+
+        def to_ts(v: Any) -> int:
+            # Returns the integer count of t.unit since the epoch, which pyarrow takes as is.
+            if isinstance(v, np.datetime64):
+                v = pd.Timestamp(v)
+            if isinstance(v, pd.Timestamp):
+                ts = v.tz_localize(_UTC) if v.tzinfo is None else v.tz_convert(_UTC)
+                return int(ts.value) // (1_000_000_000 // per_second)  # .value: ns since the epoch
+            if isinstance(v, _dt.datetime):
+                aware = v.replace(tzinfo=_UTC) if v.tzinfo is None else v.astimezone(_UTC)
+                return (aware - _EPOCH) // _US * per_second // 1_000_000
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise _Bad("a datetime (naive means UTC) or epoch seconds")
+            if not math.isfinite(v):
+                raise _Bad("a finite number of epoch seconds")
+            return int(round(float(v) * per_second))
+
+        return to_ts
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = _converter(t.value_field)
+
+        def to_list(v: Any) -> list:
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple, np.ndarray)):
+                raise _Bad(f"a list of {t.value_type}, not a bare {type(v).__name__}")
+            out = []
+            for item in v:
+                if _is_missing(item):
+                    out.append(None)
+                else:
+                    try:
+                        out.append(inner(item))
+                    except _Bad as e:
+                        raise _Bad(f"a list whose items are {e}") from None
+            return out
+
+        return to_list
+    if pa.types.is_boolean(t):
+
+        def to_bool(v: Any) -> bool:
+            if not isinstance(v, (bool, np.bool_)):
+                raise _Bad("a bool")
+            return bool(v)
+
+        return to_bool
+    raise TypeError(f"ParquetTable does not support columns of type {t} (column {field.name!r})")
+
+
+def _pandas_dtype(t: pa.DataType) -> Any:
+    """Integers read as pandas' nullable integer dtypes, so a column's dtype never depends on its nulls."""
+    if pa.types.is_integer(t):
+        return pd.api.types.pandas_dtype(("" if pa.types.is_signed_integer(t) else "U") + f"Int{t.bit_width}")
+    return None
+
+
+def _dedupe(table: pa.Table) -> pa.Table:
+    """Keep the last row of each row_id (rows without one are all kept)."""
+    ids = table.column(DEDUPE_COLUMN).to_pandas()
+    keep = (~ids.duplicated(keep="last") | ids.isna()).to_numpy()
+    return table if keep.all() else table.filter(pa.array(keep))
+
+
+def _time_of(part_name: str) -> int:
+    try:
+        return int(part_name[len(PART_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return 0
+
+
+class ParquetTable:
+    """An append-only table: a folder of immutable Parquet part files sharing one schema.
+
+    ``schema`` may carry its version in its metadata (``raysched.schema_version``);
+    it is written into every part, and parts written by a newer version are
+    skipped with a warning.  ``allowed_values`` restricts string columns to a
+    closed set of values, checked on append.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        schema: pa.Schema,
+        *,
+        name: str,
+        allowed_values: Mapping[str, Collection[str]] | None = None,
+    ) -> None:
+        self.folder = Path(folder).expanduser()
+        self.schema = schema
+        self.name = name
+        self.version = schema_version_of(schema) or 0
+        metadata = dict(schema.metadata or {})
+        metadata[SCHEMA_VERSION_KEY] = str(self.version).encode()
+        metadata[b"raysched.table"] = name.encode()
+        self._write_schema = schema.with_metadata(metadata)
+        # Old parts may hold nulls where the current schema says not null; read leniently.
+        self._read_schema = pa.schema([f.with_nullable(True) for f in schema], metadata=metadata)
+        self._converters = {f.name: _converter(f) for f in schema}
+        self._allowed = {k: frozenset(v) for k, v in (allowed_values or {}).items()}
+        unknown = set(self._allowed) - set(schema.names)
+        if unknown:
+            raise ValueError(f"allowed_values names columns not in the schema: {sorted(unknown)}")
+        self._has_row_id = DEDUPE_COLUMN in schema.names
+        self._ensure_writable()
+
+    def __repr__(self) -> str:
+        return f"ParquetTable({self.name!r}, {str(self.folder)!r})"
+
+    # ------------------------------------------------------------------ writing
+
+    def _ensure_writable(self) -> None:
+        probe = self.folder / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(
+                f"raysched store {self.name!r}: cannot create or write the folder {self.folder} ({e}). "
+                f"Point RAYSCHED_HOME (or RayschedConfig.home) at a writable folder."
+            ) from e
+
+    def _to_table(self, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+        names = self.schema.names
+        known = set(names)
+        columns: dict[str, list[Any]] = {n: [None] * len(rows) for n in names}
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise InvalidInput(f"{self.name}: row {i} must be a mapping of column to value, got {type(row).__name__}")
+            for key in row:
+                if key not in known:
+                    raise InvalidInput(
+                        f"{self.name}: unknown column {key!r} in row {i}; the columns are: {', '.join(names)}"
+                    )
+            for key, value in row.items():
+                if _is_missing(value):
+                    continue
+                try:
+                    converted = self._converters[key](value)
+                except _Bad as e:
+                    raise InvalidInput(
+                        f"{self.name}: column {key!r} expects {e}, got {value!r} ({type(value).__name__}) in row {i}"
+                    ) from None
+                allowed = self._allowed.get(key)
+                if allowed is not None and converted not in allowed:
+                    raise InvalidInput(
+                        f"{self.name}: column {key!r} must be one of {sorted(allowed)}, got {value!r} in row {i}"
+                    )
+                columns[key][i] = converted
+        if "schema_version" in columns:
+            columns["schema_version"] = [self.version if v is None else v for v in columns["schema_version"]]
+        for f in self.schema:
+            if not f.nullable:
+                missing = [i for i, v in enumerate(columns[f.name]) if v is None]
+                if missing:
+                    raise InvalidInput(f"{self.name}: column {f.name!r} must not be null (row {missing[0]})")
+        arrays = [pa.array(columns[f.name], type=f.type) for f in self.schema]
+        return pa.Table.from_arrays(arrays, schema=self._write_schema)
+
+    def _write_part(self, table: pa.Table, time_ns: int | None = None) -> Path:
+        name = f"{PART_PREFIX}{time_ns or time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{PART_SUFFIX}"
+        final = self.folder / name
+        tmp = self.folder / f"{TMP_PREFIX}{name}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise StoreError(f"raysched store {self.name!r}: cannot write {final} ({e})") from e
+            raise
+        return final
+
+    def append(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Write ``rows`` as one new part file, all or nothing. Returns how many rows were written.
+
+        Columns missing from a row are null; an unknown column, a value of the wrong
+        type or outside its allowed set raises InvalidInput and writes nothing.
+        """
+        if isinstance(rows, Mapping):
+            raise InvalidInput(f"{self.name}: append takes a sequence of rows, got a single mapping")
+        rows = list(rows)
+        if not rows:
+            return 0
+        table = self._to_table(rows)
+        self._write_part(table)
+        return len(rows)
+
+    # ------------------------------------------------------------------ reading
+
+    def _part_names(self) -> list[str]:
+        try:
+            with os.scandir(self.folder) as it:
+                names = [
+                    e.name
+                    for e in it
+                    if e.name.startswith(PART_PREFIX) and e.name.endswith(PART_SUFFIX) and e.is_file()
+                ]
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StoreError(f"raysched store {self.name!r}: cannot list {self.folder} ({e})") from e
+        return sorted(names)
+
+    def parts(self) -> list[Path]:
+        """The part files now present, oldest first."""
+        return [self.folder / n for n in self._part_names()]
+
+    def _quarantine(self, path: Path, error: BaseException) -> str:
+        target_dir = self.folder / QUARANTINE
+        target = target_dir / path.name
+        try:
+            target_dir.mkdir(exist_ok=True)
+            if target.exists():
+                target = target_dir / f"{path.stem}-{uuid.uuid4().hex[:8]}{path.suffix}"
+            os.replace(path, target)
+            where = f"moved it to {target}"
+        except FileNotFoundError:
+            where = "another process already moved it"
+        except OSError as e:
+            where = f"could not move it to {target_dir} ({e}); skipping it"
+        return (
+            f"raysched store {self.name!r}: part file {path} is unreadable "
+            f"({type(error).__name__}: {error}); {where}. The other parts are read as usual."
+        )
+
+    def _conform(self, table: pa.Table, columns: Sequence[str]) -> pa.Table:
+        arrays = []
+        fields = []
+        for name in columns:
+            field = self._read_schema.field(name)
+            if name in table.column_names:
+                col = table.column(name)
+                if col.type != field.type:
+                    col = col.cast(field.type)
+            else:
+                col = pa.nulls(table.num_rows, field.type)
+            arrays.append(col)
+            fields.append(field)
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=self._read_schema.metadata))
+
+    def _read_part(self, name: str, columns: Sequence[str]) -> tuple[pa.Table | None, str | None]:
+        """(table, warning) for one part: its columns among ``columns``, in the schema's types.
+
+        Returns (None, warning) for a part it skips or quarantines; raises _Vanished
+        when the part is gone (a concurrent compaction merged it).
+        """
+        path = self.folder / name
+        try:
+            pf = pq.ParquetFile(path)
+            file_schema = pf.schema_arrow
+            version = schema_version_of(file_schema)
+            if version is not None and version > self.version:
+                return None, (
+                    f"raysched store {self.name!r}: skipping {path}: it was written with schema version "
+                    f"{version}, newer than this code's version {self.version}. Upgrade raysched to read it."
+                )
+            present = [c for c in columns if c in file_schema.names]
+            table = pf.read(columns=present, use_threads=False)
+            if any(table.schema.field(c).type != self._read_schema.field(c).type for c in present):
+                table = self._conform(table, present)  # a cast that fails marks the part unreadable
+        except PermissionError as e:
+            raise StoreError(f"raysched store {self.name!r}: cannot read {path} ({e})") from e
+        except Exception as e:
+            if not path.exists():
+                raise _Vanished(name) from e
+            return None, self._quarantine(path, e)
+        return table, None
+
+    def _read_parts(self, columns: Sequence[str]) -> tuple[list[pa.Table], list[str]]:
+        """The readable parts' tables, oldest first, and the warnings to emit."""
+        done: dict[str, pa.Table | None] = {}
+        messages: list[str] = []
+        for _ in range(_READ_RETRIES):
+            names = self._part_names()
+            vanished = False
+            for n in names:
+                if n in done:
+                    continue
+                try:
+                    table, message = self._read_part(n, columns)
+                except _Vanished:
+                    vanished = True
+                    continue
+                done[n] = table
+                if message:
+                    messages.append(message)
+            if not vanished:
+                break
+            # A compaction merged and deleted parts after we listed them: list again to find its
+            # merged part (de-duplication on row_id covers the parts we read both ways).
+        else:
+            raise StoreError(f"raysched store {self.name!r}: parts kept vanishing while reading {self.folder}")
+        return [t for t in (done.get(n) for n in names) if t is not None], messages
+
+    def _read_table(
+        self, columns: Sequence[str] | None = None, filters: Mapping[str, Any] | None = None
+    ) -> pa.Table:
+        columns = list(self.schema.names if columns is None else columns)
+        expression = self._expression(filters)
+        wanted = columns + [c for c in (filters or {}) if c not in columns]
+        if self._has_row_id and DEDUPE_COLUMN not in wanted:
+            wanted.append(DEDUPE_COLUMN)
+        tables, messages = self._read_parts(wanted)
+        for message in messages:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        table = self._concat(tables, wanted)
+        if self._has_row_id and table.num_rows:
+            table = _dedupe(table)
+        if expression is not None:
+            table = table.filter(expression)
+        return table.select(columns)
+
+    def _concat(self, tables: list[pa.Table], columns: Sequence[str]) -> pa.Table:
+        """Concatenate part tables into the read schema: runs of parts with one layout are
+        concatenated as they are (cheap), and each run is conformed once."""
+        if not tables:
+            return self._read_schema.empty_table().select(columns)
+        runs: list[list[pa.Table]] = []
+        for t in tables:
+            if runs and runs[-1][0].schema.equals(t.schema, check_metadata=False):
+                runs[-1].append(t)
+            else:
+                runs.append([t])
+        conformed = [
+            self._conform(pa.concat_tables([t.replace_schema_metadata(None) for t in run]), columns) for run in runs
+        ]
+        return conformed[0] if len(conformed) == 1 else pa.concat_tables(conformed)
+
+    def _expression(self, filters: Mapping[str, Any] | None) -> pc.Expression | None:
+        if not filters:
+            return None
+        expression = None
+        for column, value in filters.items():
+            if column not in self.schema.names:
+                raise InvalidInput(
+                    f"{self.name}: cannot filter on unknown column {column!r}; the columns are: {', '.join(self.schema.names)}"
+                )
+            convert = self._converters[column]
+            try:
+                if isinstance(value, (list, tuple, set, frozenset)):
+                    values = pa.array([convert(v) for v in value], type=self.schema.field(column).type)
+                    term = pc.field(column).isin(values)
+                elif _is_missing(value):
+                    term = pc.field(column).is_null()
+                else:
+                    scalar = pa.scalar(convert(value), type=self.schema.field(column).type)
+                    term = pc.field(column) == scalar
+            except _Bad as e:
+                raise InvalidInput(f"{self.name}: filter on {column!r} expects {e}, got {value!r}") from None
+            expression = term if expression is None else expression & term
+        return expression
+
+    def read_table(
+        self, columns: Sequence[str] | None = None, filters: Mapping[str, Any] | None = None
+    ) -> pa.Table:
+        """Like ``read`` but as a pyarrow Table, optionally of some columns only (cheaper)."""
+        if columns is not None:
+            unknown = [c for c in columns if c not in self.schema.names]
+            if unknown:
+                raise InvalidInput(f"{self.name}: unknown columns {unknown}; the columns are: {', '.join(self.schema.names)}")
+        return self._read_table(columns=columns, filters=filters)
+
+    def read(self, filters: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """Every readable row, de-duplicated on row_id, in write order and the schema's column order.
+
+        ``filters`` maps a column to a value (equality), a list/tuple/set of values
+        (membership) or None (is null).  Dtypes do not depend on the data: integers
+        are pandas nullable integers (Int16/Int32/Int64, missing = pd.NA), floats
+        float64 (missing = NaN), strings pandas' string dtype, timestamps
+        datetime64[us, UTC], lists object cells holding numpy arrays (or None).
+        """
+        table = self._read_table(filters=filters)
+        return table.to_pandas(types_mapper=_pandas_dtype)
+
+    def count(self) -> int:
+        """How many distinct rows the table holds (what ``len(read())`` would be)."""
+        if self._has_row_id:
+            return self._read_table(columns=[DEDUPE_COLUMN]).num_rows
+        return self._read_table(columns=self.schema.names[:1]).num_rows
+
+    # ------------------------------------------------------------------ compaction
+
+    def compact(self, min_parts: int = 64) -> int:
+        """Merge all current parts into one when there are at least ``min_parts``. Returns parts removed.
+
+        Safe with concurrent appends (only parts it merged are deleted) and reads
+        (the merged part is in place before any part is deleted; readers that meet a
+        vanished part list again).  One compaction at a time per folder (a lock
+        file); a second one returns 0 at once.
+        """
+        if min_parts < 2:
+            min_parts = 2
+        if len(self._part_names()) < min_parts:
+            return 0
+        lock_path = self.folder / ".compact.lock"
+        try:
+            lock = open(lock_path, "a+b")
+        except OSError as e:
+            raise StoreError(f"raysched store {self.name!r}: cannot open {lock_path} ({e})") from e
+        with lock:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return 0
+            try:
+                return self._compact_locked(min_parts)
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _compact_locked(self, min_parts: int) -> int:
+        self._remove_stale_tmp()
+        names = self._part_names()
+        if len(names) < min_parts:
+            return 0
+        columns = list(self.schema.names)
+        merged: list[str] = []
+        tables: list[pa.Table] = []
+        messages: list[str] = []
+        for name in names:
+            try:
+                table, message = self._read_part(name, columns)
+            except _Vanished:  # only another compaction deletes parts, and it holds the lock
+                continue
+            if message:
+                messages.append(message)
+            if table is not None:
+                merged.append(name)
+                tables.append(table)
+        for message in messages:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        if len(merged) < 2:
+            return 0
+        table = self._concat(tables, columns)
+        if self._has_row_id and table.num_rows:
+            table = _dedupe(table)
+        # Named with the newest merged part's time, so "last written" keeps its meaning for later parts.
+        self._write_part(table, time_ns=max(_time_of(n) for n in merged) or None)
+        removed = 0
+        for name in merged:
+            try:
+                (self.folder / name).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                warnings.warn(
+                    f"raysched store {self.name!r}: merged {name} but could not delete it ({e}); "
+                    "its rows are de-duplicated on read",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return removed
+
+    def _remove_stale_tmp(self) -> None:
+        """Delete temporary files that crashed writers left behind (older than an hour)."""
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        try:
+            with os.scandir(self.folder) as it:
+                for e in it:
+                    if e.name.startswith(TMP_PREFIX):
+                        try:
+                            if e.stat().st_mtime < cutoff:
+                                os.unlink(e.path)
+                        except OSError:
+                            pass
+        except OSError:
+            pass
+
+
+__all__ = ["ParquetTable", "PART_PREFIX", "PART_SUFFIX", "QUARANTINE"]

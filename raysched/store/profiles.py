@@ -1,0 +1,104 @@
+"""The profile store: one row per task attempt, plus the runtime monitor's events.
+
+Both are append-only ParquetTables under the raysched home::
+
+    <home>/profiles/part-*.parquet   PROFILE_SCHEMA
+    <home>/events/part-*.parquet     EVENT_SCHEMA
+
+Every process (driver, profiler actor, trainer, CLI) may open its own
+ProfileStore on the same home; nothing is cached between calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from .parquet import ParquetTable
+from .schema import EVENT_SCHEMA, PROFILE_ALLOWED_VALUES, PROFILE_SCHEMA
+
+PROFILES_DIR = "profiles"
+EVENTS_DIR = "events"
+
+
+class ProfileStore:
+    """Profile rows and monitor events of one raysched home.
+
+    Rows are mappings of column name to value (see ``raysched.store.schema``);
+    each needs a ``row_id`` (``schema.new_row_id()``, made once per attempt so a
+    retried write is de-duplicated), ``function`` and ``code_hash``.  Timestamps
+    may be datetimes (naive means UTC) or epoch seconds.
+    """
+
+    def __init__(self, home: str | Path) -> None:
+        self.home = Path(home).expanduser()
+        self.profiles = ParquetTable(
+            self.home / PROFILES_DIR, PROFILE_SCHEMA, name="profiles", allowed_values=PROFILE_ALLOWED_VALUES
+        )
+        self.event_table = ParquetTable(self.home / EVENTS_DIR, EVENT_SCHEMA, name="events")
+
+    def __repr__(self) -> str:
+        return f"ProfileStore({str(self.home)!r})"
+
+    def append(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Write attempt rows (one part file, all or nothing). Returns how many were written."""
+        return self.profiles.append(rows)
+
+    def append_events(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Write monitor events (one part file, all or nothing). Returns how many were written."""
+        return self.event_table.append(rows)
+
+    def read(self, function: str | None = None, code_hash: str | None = None) -> pd.DataFrame:
+        """Attempt rows, oldest written first, optionally of one function and/or code hash.
+
+        Dtypes are fixed whatever the data (see ``ParquetTable.read``): integer
+        columns are pandas nullable integers (missing = pd.NA; use
+        ``.astype(float)`` for NaN), floats float64, timestamps datetime64[us, UTC].
+        """
+        return self.profiles.read(_filters(function=function, code_hash=code_hash))
+
+    def events(self, function: str | None = None) -> pd.DataFrame:
+        """Monitor events, oldest written first, optionally of one function."""
+        return self.event_table.read(_filters(function=function))
+
+    def functions(self) -> pd.DataFrame:
+        """One row per (function, code_hash): ``rows`` (attempt rows stored) and ``last_timestamp``.
+
+        Sorted by function, then newest last_timestamp first.
+        """
+        table = self.profiles.read_table(columns=["function", "code_hash", "timestamp"])
+        df = table.to_pandas()
+        if df.empty:
+            return pd.DataFrame(
+                {
+                    "function": pd.Series([], dtype=df["function"].dtype),
+                    "code_hash": pd.Series([], dtype=df["code_hash"].dtype),
+                    "rows": pd.Series([], dtype="int64"),
+                    "last_timestamp": pd.Series([], dtype=df["timestamp"].dtype),
+                }
+            )
+        out = (
+            df.groupby(["function", "code_hash"], sort=False, dropna=False)
+            .agg(rows=("timestamp", "size"), last_timestamp=("timestamp", "max"))
+            .reset_index()
+        )
+        out["rows"] = out["rows"].astype("int64")
+        return out.sort_values(["function", "last_timestamp"], ascending=[True, False], ignore_index=True)
+
+    def count(self) -> int:
+        """How many distinct attempt rows are stored."""
+        return self.profiles.count()
+
+    def compact(self, min_parts: int = 64) -> int:
+        """Compact both tables; returns the part files removed."""
+        return self.profiles.compact(min_parts) + self.event_table.compact(min_parts)
+
+
+def _filters(**values: Any) -> dict[str, Any] | None:
+    filters = {k: v for k, v in values.items() if v is not None}
+    return filters or None
+
+
+__all__ = ["ProfileStore", "PROFILES_DIR", "EVENTS_DIR"]

@@ -1,0 +1,293 @@
+"""The pure policy: features, estimators, calibration, sizing, ladder. No Ray here."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from raysched.config import RayschedConfig
+from raysched.errors import InvalidInput, PredictionTooLarge
+from raysched.policy import calibrate, features
+from raysched.policy.estimators import EstimationContext, Fallback, PercentileEstimator, WithConfidenceMultiplier
+from raysched.policy.recipe import LadderState, build_ladder, build_predictor, build_sizer
+from raysched.policy.samples import memory_sample, oom_bump
+from raysched.types import (
+    GiB,
+    MiB,
+    Allocation,
+    AttemptRecord,
+    ClusterShape,
+    Estimate,
+    Features,
+    History,
+    NodeShape,
+    Outcome,
+    Prediction,
+    Usage,
+)
+
+CFG = RayschedConfig()
+
+
+def linear_history(n: int, seed: int = 0, noise: float = 5e6) -> History:
+    rng = np.random.default_rng(seed)
+    sizes = rng.uniform(1e6, 1e8, n)
+    return History.from_columns(
+        {
+            "input_size": sizes,
+            "memory": 100e6 + 4 * sizes + rng.normal(0, noise, n),
+            "cpu": rng.uniform(0.9, 1.1, n),
+            "wall": sizes / 1e7 + 0.1,
+        }
+    )
+
+
+# --- features --------------------------------------------------------------------------------------
+
+
+def test_input_size_is_derived_from_arrays_frames_bytes_strings_and_files(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"x" * 12345)
+    frame = pd.DataFrame({"a": np.arange(100, dtype=np.int64), "b": np.zeros(100)})
+    args = (np.zeros((10, 10)), frame, b"abcd", str(path))
+    expected = 800 + int(frame.memory_usage(index=True).sum()) + 4 + 12345
+    assert features.derive_input_size(args, {}) == expected
+    assert features.derive_input_size((1, 2.0, None), {}) is None
+    assert features.derive_input_size((), {"x": "hello"}) == 5
+    # Opaque objects (Ray ObjectRefs) are sized by the injected callback.
+    assert features.derive_input_size((object(),), {}, size_of_opaque=lambda o: 77) == 77
+    # A long list is sized from a prefix and extrapolated.
+    assert features.size_of([b"ab"] * 1000) == 2000
+
+
+def test_folder_path_is_the_sum_of_its_files(tmp_path):
+    for i in range(3):
+        (tmp_path / f"f{i}").write_bytes(b"y" * 100)
+    assert features.size_of(tmp_path) == 300
+
+
+@pytest.mark.parametrize("bad", [-1, "10", float("nan"), True, [1]])
+def test_bad_input_size_is_a_clear_error(bad):
+    with pytest.raises(InvalidInput, match="input_size"):
+        features.validate_input_size(bad)
+
+
+@pytest.mark.parametrize("bad", [[1, "a"], 5, {"a": 1}, b"x"])
+def test_tags_must_be_strings(bad):
+    with pytest.raises(InvalidInput, match="tags"):
+        features.validate_tags(bad)
+
+
+def test_memory_must_be_positive():
+    with pytest.raises(InvalidInput):
+        features.validate_memory(0)
+    with pytest.raises(InvalidInput):
+        features.validate_memory("1GB")
+    assert features.validate_memory(1.5e9) == 1500000000
+
+
+def test_feature_rows_agree_between_single_call_and_history():
+    x = Features(input_size=1000, tags=("a", "b"))
+    row = features.feature_row(x)
+    matrix = features.feature_matrix(np.array([1000.0]), [("a", "b")])
+    assert np.array_equal(row, matrix[0])
+
+
+# --- estimators ------------------------------------------------------------------------------------------
+
+
+def test_cold_start_uses_user_fallback_then_default():
+    predictor = build_predictor(CFG)
+    default = predictor.predict(Features())
+    assert default.source == "fallback"
+    assert default.memory.upper == CFG.default_memory_bytes and default.memory.n_history == 0
+    declared = predictor.predict(Features(), fallback=Fallback(memory=300 * MiB, cpu=2.0))
+    assert declared.memory.target == 300 * MiB and declared.cpu.target == 2.0
+
+
+def test_little_history_uses_max_scaled_by_input_size_with_confidence_multiplier():
+    history = linear_history(10, noise=0)
+    predictor = build_predictor(CFG)
+    small, big = predictor.predict(Features(input_size=1e6), history), predictor.predict(Features(input_size=1e8), history)
+    assert small.source == "history" and small.memory.n_history == 10
+    # Along the line 100 MB + 4 x size, widened by (1 + 1/10):
+    assert big.memory.target == pytest.approx(100e6 + 4e8, rel=1e-3)
+    assert big.memory.upper == pytest.approx((100e6 + 4e8) * 1.1, rel=1e-3)
+    assert small.memory.target == pytest.approx(104e6, rel=1e-3)
+
+
+def test_uncorrelated_history_takes_the_max_not_the_line():
+    rng = np.random.default_rng(1)
+    values = rng.uniform(100e6, 200e6, 12)
+    history = History.from_columns({"input_size": rng.uniform(1, 1e9, 12), "memory": values})
+    est = PercentileEstimator("memory", 95, 3, 0.5, 0.95).estimate(EstimationContext(history), Features(input_size=10**12))
+    assert est.upper == pytest.approx(values.max())
+    assert est.target == pytest.approx(np.median(values))
+
+
+def test_confidence_multiplier_worked_numbers():
+    class Fixed:
+        def __init__(self, n):
+            self.n = n
+
+        def estimate(self, ctx, x):
+            return Estimate(1.0, 1.0, 1.0, 0.95, self.n, "history")
+
+    for n, factor in [(3, 4 / 3), (10, 1.1), (30, 31 / 30)]:
+        est = WithConfidenceMultiplier(Fixed(n), 1.0, 1.0).estimate(None, Features())
+        assert est.upper == pytest.approx(factor)
+
+
+def test_model_is_calibrated_and_reports_honest_coverage():
+    history = linear_history(400, noise=2e7)
+    predictor = build_predictor(CFG)
+    models = predictor.train(history)
+    memory = models.get("memory")
+    assert memory is not None
+    assert 0.85 <= memory.metrics["upper_coverage"] <= 1.0
+    assert memory.metrics["rows_holdout"] == 100
+    # Fresh runs from the same process: the calibrated upper bound covers about 95%.
+    fresh = linear_history(1000, seed=7, noise=2e7)
+    X = features.feature_matrix(fresh.input_size)
+    _, _, upper = memory.predict(X)
+    assert 0.88 <= calibrate.coverage(fresh.memory, upper) <= 0.995
+    pred = predictor.predict(Features(input_size=5e7), history, models)
+    assert pred.source == "model" and pred.memory.lower <= pred.memory.target <= pred.memory.upper
+    assert pred.memory.target == pytest.approx(300e6, rel=0.15)
+
+
+def test_model_round_trips_through_its_portable_artifact():
+    from raysched.policy.models import ResourceModel
+
+    models = build_predictor(CFG).train(linear_history(100))
+    memory = models.get("memory").with_version(3)
+    again = ResourceModel.from_artifact(memory.to_artifact("f"))
+    X = features.feature_matrix(np.array([1e6, 5e7]))
+    assert np.allclose(memory.predict(X), again.predict(X))
+    assert again.source == "model-v3"
+
+
+# --- calibration -----------------------------------------------------------------------------------------
+
+
+def test_conformal_offset_is_the_finite_sample_quantile():
+    scores = np.arange(1, 20, dtype=float)  # n = 19; level ceil(20 * 0.9) / 19 = 18/19
+    assert calibrate.conformal_offset(scores, 0.9) == 18.0
+    # Too few scores for the level: the max plus the spread, never less than the max.
+    assert calibrate.conformal_offset(np.array([0.1, 0.2]), 0.95) > 0.2
+
+
+def test_pinball_and_allocation_scores():
+    assert calibrate.pinball_loss(np.array([10.0]), np.array([8.0]), 0.9) == pytest.approx(1.8)
+    assert calibrate.pinball_loss(np.array([10.0]), np.array([12.0]), 0.9) == pytest.approx(0.2)
+    score = calibrate.score_allocation(np.array([100.0, 100.0, 100.0, 100.0]), np.array([150.0, 100.0, 50.0, 200.0]))
+    assert score.coverage == 0.75 and score.under_allocation_rate == 0.25
+    assert score.mean_over_allocation == pytest.approx((0.5 + 0 + 1.0) / 3)
+
+
+# --- sizing ----------------------------------------------------------------------------------------------
+
+
+def prediction(memory_upper: float, cpu: float = 1.0) -> Prediction:
+    return Prediction(
+        memory=Estimate(memory_upper / 2, memory_upper / 4, memory_upper, 0.95, 10, "history"),
+        cpu=Estimate(cpu, cpu, cpu, 0.95, 10, "history"),
+        wall=Estimate(1, 1, 1, 0.95, 10, "history"),
+        source="history",
+    )
+
+
+def test_sizing_adds_margin_rounds_and_respects_floors():
+    alloc = build_sizer(CFG).size(prediction(100 * MiB, cpu=0.3))
+    assert alloc.memory_bytes == 128 * MiB  # 115 MiB rounded up to 16 MiB
+    assert alloc.num_cpus == 0.5
+    tiny = build_sizer(CFG).size(prediction(1 * MiB, cpu=0.01))
+    assert tiny.memory_bytes == 64 * MiB and tiny.num_cpus == 0.25
+    assert build_sizer(CFG).size(prediction(100 * MiB, cpu=1.0000001)).num_cpus == 1.0
+
+
+def test_explicit_options_win_over_the_prediction():
+    alloc = build_sizer(CFG).size(prediction(10 * GiB), explicit={"memory": 123 * MiB})
+    assert alloc.memory_bytes == 123 * MiB and "set by the caller" in alloc.reason
+
+
+def test_oversize_is_capped_or_an_error_as_configured():
+    cluster = ClusterShape((NodeShape("small", 2, 1 * GiB), NodeShape("big", 4, 4 * GiB)))
+    capped = build_sizer(CFG).size(prediction(10 * GiB), cluster)
+    assert capped.capped and capped.memory_bytes == 4 * GiB
+    fits = build_sizer(CFG).size(prediction(2 * GiB), cluster)
+    assert not fits.capped and fits.memory_bytes > 2 * GiB
+    with pytest.raises(PredictionTooLarge, match="largest node offers 4096 MiB"):
+        build_sizer(CFG.replace(oversize_policy="error")).size(prediction(10 * GiB), cluster, function="f")
+
+
+# --- samples and ladder ---------------------------------------------------------------------------------
+
+
+def test_oom_sample_is_the_vpa_bump():
+    assert oom_bump(100 * MiB, CFG) == 200 * MiB  # +100 MiB beats x1.2
+    assert oom_bump(1000 * MiB, CFG) == 1200 * MiB  # x1.2 beats +100 MiB
+    assert memory_sample("oom_killed", 1000 * MiB, 500 * MiB, CFG) == 1200 * MiB
+    assert memory_sample("oom_killed", None, 500 * MiB, CFG) == 600 * MiB
+    assert memory_sample("ok", 300.0, 500, CFG) == 300.0
+    assert memory_sample("cancelled", 300.0, 500, CFG) is None
+
+
+def failed(attempt: int, memory: int, peak: int | None, rung: int = 0) -> AttemptRecord:
+    usage = Usage(peak_rss_bytes=peak) if peak is not None else None
+    return AttemptRecord(attempt, Allocation(1.0, memory, rung=rung), Outcome.OOM_KILLED, usage)
+
+
+def test_ladder_climbs_rung_by_rung_as_a_table():
+    ladder = build_ladder(CFG)
+    pred = prediction(1 * GiB)  # upper bound rung: 1.15 GiB
+    state = LadderState(pred, (failed(1, 512 * MiB, 500 * MiB),), max_peak_seen=3 * GiB, largest_node_bytes=16 * GiB)
+    names = [name for _, name, _ in ladder.describe(state)]
+    assert names == ["upper bound", "2 x observed peak", "largest peak seen", "largest node"]
+    second = ladder.next_allocation(state)
+    assert (second.rung, second.reason) == (1, "upper bound")
+    assert second.memory_bytes == math.ceil(1.15 * GiB / (16 * MiB)) * 16 * MiB
+    state = LadderState(pred, state.attempts + (failed(2, second.memory_bytes, 1100 * MiB, 1),), 3 * GiB, 16 * GiB)
+    third = ladder.next_allocation(state)
+    assert (third.rung, third.memory_bytes) == (2, 2208 * MiB)  # 2 x 1100 MiB, rounded up to 16 MiB
+    state = LadderState(pred, state.attempts + (failed(3, third.memory_bytes, 2000 * MiB, 2),), 3 * GiB, 16 * GiB)
+    fourth = ladder.next_allocation(state)
+    assert fourth.rung == 3 and fourth.memory_bytes >= 3 * GiB * 1.15
+    state = LadderState(pred, state.attempts + (failed(4, fourth.memory_bytes, 3 * GiB, 3),), 3 * GiB, 16 * GiB)
+    assert ladder.next_allocation(state) is None  # max_attempts = 4
+
+
+def test_ladder_skips_rungs_that_do_not_grow_and_caps_at_the_largest_node():
+    ladder = build_ladder(CFG.replace(max_attempts=10))
+    pred = prediction(100 * MiB)
+    state = LadderState(pred, (failed(1, 1 * GiB, 900 * MiB),), max_peak_seen=0, largest_node_bytes=1.5 * GiB)
+    nxt = ladder.next_allocation(state)
+    assert nxt.capped and nxt.memory_bytes == int(1.5 * GiB)
+    state = LadderState(pred, state.attempts + (failed(2, nxt.memory_bytes, 1.4 * GiB, nxt.rung),), 0, 1.5 * GiB)
+    assert ladder.next_allocation(state) is None  # nothing bigger exists
+
+
+def test_ladder_without_measured_peak_grows_from_the_allocation():
+    ladder = build_ladder(CFG)
+    state = LadderState(prediction(64 * MiB), (failed(1, 256 * MiB, None),))
+    nxt = ladder.next_allocation(state)
+    assert nxt.memory_bytes == 512 * MiB and nxt.reason == "2 x observed peak"
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="oversize_policy"):
+        RayschedConfig(oversize_policy="maybe")
+    with pytest.raises(ValueError, match="max_attempts"):
+        RayschedConfig(max_attempts=0)
+
+
+def test_home_comes_from_the_environment_only_in_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path))
+    assert RayschedConfig.from_env().home_path == tmp_path.resolve()
+    assert RayschedConfig().home == ".raysched"
+    assert os.environ["RAYSCHED_HOME"] == str(tmp_path)
