@@ -248,7 +248,7 @@ class DecayingHistogram:
         if total <= 0:
             return 0.0
         cum = np.cumsum(self.weights)
-        i = int(np.searchsorted(cum, q * total, side="left"))
+        i = int(np.searchsorted(cum, q * total * (1 - 1e-9), side="left"))
         i = min(i, self.n - 1)
         return float(self.starts[i + 1])  # VPA returns the end of the bucket holding the percentile
 
