@@ -1,0 +1,446 @@
+"""The Parquet profile store: append-only parts, validation, quarantine, de-duplication, concurrency."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing as mp
+import os
+import re
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysched.errors import InvalidInput, StoreError
+from raysched.store.parquet import ParquetTable
+from raysched.store.profiles import ProfileStore
+from raysched.store.schema import (
+    EVENT_SCHEMA,
+    PROFILE_SCHEMA,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
+    new_row_id,
+)
+from raysched.types import Outcome
+
+UTC = dt.timezone.utc
+
+
+def row(**overrides):
+    base = {
+        "row_id": new_row_id(),
+        "function": "mod.f",
+        "code_hash": "h1",
+        "call_id": "c1",
+        "attempt": 1,
+        "outcome": "ok",
+        "timestamp": 1_700_000_000.5,
+        "peak_rss_bytes": 200 * 1024 * 1024,
+        "memory_sample_bytes": 200 * 1024 * 1024,
+        "cpu_seconds": 1.5,
+        "wall_seconds": 2.0,
+        "tags": ["a", "b"],
+        "source": "ray",
+    }
+    base.update(overrides)
+    return base
+
+
+def parts(store: ProfileStore) -> list[Path]:
+    return sorted((store.home / "profiles").glob("part-*.parquet"))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ProfileStore(tmp_path / "home")
+
+
+# ---------------------------------------------------------------- the home
+
+
+def test_home_under_a_regular_file_raises_store_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match="a-file"):
+        ProfileStore(blocker / "home")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_home_under_a_read_only_folder_raises_store_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(StoreError, match="cannot create or write"):
+            ProfileStore(ro / "home")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_existing_read_only_home_raises_store_error(tmp_path):
+    # Works as root too: a folder whose path component is a file can never be written.
+    (tmp_path / "home").write_text("")
+    with pytest.raises(StoreError, match="writable"):
+        ParquetTable(tmp_path / "home" / "profiles", PROFILE_SCHEMA, name="profiles")
+
+
+# ---------------------------------------------------------------- append and read
+
+
+def test_round_trip_converts_types_and_timestamps(store):
+    naive = dt.datetime(2024, 5, 1, 12, 0, 0, 123456)
+    aware = dt.datetime(2024, 5, 1, 14, 0, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    rows = [
+        row(row_id="r1", timestamp=naive, started_at=1_714_564_800.25, outcome=Outcome.OOM_KILLED,
+            attempt=np.int64(2), input_size=np.int32(7), tags=("x",), arg_shapes=np.array(["ndarray(3,)"])),
+        row(row_id="r2", timestamp=aware, started_at=pd.Timestamp("2024-05-01 11:00:00"), cpu_cores=np.float32(0.5),
+            allocated_memory_bytes=3.0 * 2**30, tags=[]),
+    ]
+    assert store.append(rows) == 2
+    df = store.read()
+    assert list(df.columns) == PROFILE_SCHEMA.names
+    r1, r2 = df.iloc[0], df.iloc[1]
+    assert r1.row_id == "r1" and r2.row_id == "r2"
+    assert r1.timestamp == pd.Timestamp("2024-05-01 12:00:00.123456", tz="UTC")  # naive means UTC
+    assert r2.timestamp == pd.Timestamp("2024-05-01 12:00:00", tz="UTC")  # aware converted
+    assert r1.started_at == pd.Timestamp(1_714_564_800.25, unit="s", tz="UTC")
+    assert r2.started_at == pd.Timestamp("2024-05-01 11:00:00", tz="UTC")
+    assert r1.outcome == "oom_killed" and r1.attempt == 2 and r1.input_size == 7
+    assert list(r1.tags) == ["x"] and list(r2.tags) == [] and list(r1.arg_shapes) == ["ndarray(3,)"]
+    assert r2.allocated_memory_bytes == 3 * 2**30 and r2.cpu_cores == 0.5
+    assert (df.schema_version == SCHEMA_VERSION).all()
+    # columns a row did not give are null
+    assert pd.isna(r1.error) and pd.isna(r1.worker_pid) and r1.dependencies is None and np.isnan(r1.predicted_cpu)
+
+
+def test_dtypes_do_not_depend_on_data(store, tmp_path):
+    empty = store.read()
+    assert list(empty.columns) == PROFILE_SCHEMA.names and len(empty) == 0
+    store.append([row(worker_pid=None), row(worker_pid=12, input_size=None)])
+    full = store.read()
+    assert empty.dtypes.equals(full.dtypes), (empty.dtypes[empty.dtypes != full.dtypes], full.dtypes)
+    assert str(full.dtypes["peak_rss_bytes"]) == "Int64"
+    assert str(full.dtypes["worker_pid"]) == "Int32"
+    assert str(full.dtypes["timestamp"]) == "datetime64[us, UTC]"
+    assert full.dtypes["cpu_seconds"] == np.float64
+    events = store.events()
+    assert list(events.columns) == EVENT_SCHEMA.names and len(events) == 0
+
+
+def test_nan_and_missing_values_are_null(store):
+    store.append([row(peak_rss_bytes=float("nan"), cpu_seconds=float("nan"), error=None, input_size=pd.NA)])
+    r = store.read().iloc[0]
+    assert pd.isna(r.peak_rss_bytes) and np.isnan(r.cpu_seconds) and pd.isna(r.input_size)
+
+
+def test_empty_append_is_a_no_op(store):
+    assert store.append([]) == 0
+    assert parts(store) == []
+    assert store.count() == 0
+
+
+def test_each_append_writes_one_named_part_and_leaves_no_temporary_file(store):
+    for _ in range(3):
+        store.append([row(), row()])
+    names = [p.name for p in parts(store)]
+    assert len(names) == 3
+    for name in names:
+        assert re.fullmatch(rf"part-\d{{20}}-{os.getpid()}-[0-9a-f]{{8}}\.parquet", name), name
+    assert sorted(os.listdir(store.home / "profiles")) == sorted(names)
+    metadata = pq.read_schema(parts(store)[0]).metadata
+    assert metadata[SCHEMA_VERSION_KEY] == str(SCHEMA_VERSION).encode()
+
+
+def test_unknown_column_is_rejected_by_name_and_nothing_is_written(store):
+    with pytest.raises(InvalidInput, match="'peak_memory'"):
+        store.append([row(), row(peak_memory=5)])
+    assert parts(store) == [] and store.count() == 0
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("peak_rss_bytes", "lots"),
+        ("attempt", 2.5),
+        ("attempt", True),
+        ("rung", 70_000),  # int16
+        ("cpu_seconds", "1.5"),
+        ("function", 3),
+        ("tags", "gpu"),  # a bare string is not a list of tags
+        ("tags", ["ok", 3]),
+        ("timestamp", "yesterday"),
+        ("error", b"bytes"),
+    ],
+)
+def test_wrong_type_names_column_and_value_and_writes_nothing(store, column, value):
+    with pytest.raises(InvalidInput) as info:
+        store.append([row(), row(**{column: value})])
+    message = str(info.value)
+    assert repr(column) in message and repr(value) in message
+    assert parts(store) == []
+
+
+def test_outcome_is_validated(store):
+    with pytest.raises(InvalidInput, match="'crashed'") as info:
+        store.append([row(outcome="crashed")])
+    assert "oom_killed" in str(info.value)
+    assert parts(store) == []
+    for outcome in Outcome:
+        store.append([row(outcome=outcome)])
+    assert sorted(store.read().outcome) == sorted(o.value for o in Outcome)
+
+
+def test_required_columns_must_be_given(store):
+    for column in ("row_id", "function", "code_hash"):
+        bad = row()
+        del bad[column]
+        with pytest.raises(InvalidInput, match=f"'{column}' must not be null"):
+            store.append([bad])
+    assert parts(store) == []
+
+
+def test_filters(store):
+    store.append([row(function="mod.f", code_hash="h1"), row(function="mod.f", code_hash="h2")])
+    store.append([row(function="mod.g", code_hash="h1"), row(function="mod.f", code_hash="h1")])
+    assert len(store.read()) == 4
+    assert len(store.read(function="mod.f")) == 3
+    assert set(store.read(function="mod.f").function) == {"mod.f"}
+    assert len(store.read(function="mod.f", code_hash="h1")) == 2
+    assert len(store.read(code_hash="h2")) == 1
+    assert len(store.read(function="nope")) == 0
+    assert list(store.read(function="nope").columns) == PROFILE_SCHEMA.names
+    assert len(store.profiles.read({"function": ["mod.f", "mod.g"], "code_hash": "h1"})) == 3
+    with pytest.raises(InvalidInput, match="'colour'"):
+        store.profiles.read({"colour": "red"})
+
+
+def test_retried_batches_are_deduplicated_keeping_the_last_write(store):
+    batch = [row(row_id=f"r{i}") for i in range(5)]
+    store.append(batch)
+    store.append(batch)  # a writer retried
+    store.append([row(row_id="r2", peak_rss_bytes=999)])
+    df = store.read()
+    assert sorted(df.row_id) == [f"r{i}" for i in range(5)]
+    assert df.set_index("row_id").loc["r2", "peak_rss_bytes"] == 999
+    assert store.count() == 5
+
+
+def test_functions_summary(store):
+    assert list(store.functions().columns) == ["function", "code_hash", "rows", "last_timestamp"]
+    store.append([row(function="mod.f", code_hash="h1", timestamp=100.0), row(function="mod.f", code_hash="h1", timestamp=300.0)])
+    store.append([row(function="mod.f", code_hash="h2", timestamp=200.0), row(function="mod.g", code_hash="h9", timestamp=50.0)])
+    summary = store.functions()
+    got = {(r.function, r.code_hash): (r.rows, r.last_timestamp.timestamp()) for r in summary.itertuples()}
+    assert got == {("mod.f", "h1"): (2, 300.0), ("mod.f", "h2"): (1, 200.0), ("mod.g", "h9"): (1, 50.0)}
+
+
+def test_events(store):
+    event = dict(function="mod.f", code_hash="h1", call_id="c1", attempt=1, rule="memory_over_limit",
+                 action="kill", measured=2.0e9, allocated=1.0e9, detail="over", node_id="n1", timestamp=10.0)
+    store.append_events([dict(event, row_id="e1"), dict(event, row_id="e2", function="mod.g")])
+    assert len(store.events()) == 2
+    only = store.events("mod.g")
+    assert list(only.row_id) == ["e2"] and only.iloc[0].rule == "memory_over_limit"
+    assert store.count() == 0  # events live in their own table
+    with pytest.raises(InvalidInput, match="'peak_rss_bytes'"):
+        store.append_events([dict(event, row_id="e3", peak_rss_bytes=1)])
+
+
+# ---------------------------------------------------------------- damaged and foreign parts
+
+
+def test_corrupted_and_truncated_parts_are_quarantined(store):
+    for i in range(3):
+        store.append([row(row_id=f"r{i}-{j}") for j in range(4)])
+    first, second, third = parts(store)
+    data = second.read_bytes()
+    second.write_bytes(data[: len(data) // 2])  # truncated
+    first.write_bytes(b"this is not parquet" * 50)  # garbage
+    with pytest.warns(RuntimeWarning) as record:
+        df = store.read()
+    assert sorted(df.row_id) == [f"r2-{j}" for j in range(4)]
+    messages = " ".join(str(w.message) for w in record)
+    assert first.name in messages and second.name in messages
+    assert "moved it to" in messages
+    quarantine = store.home / "profiles" / "quarantine"
+    assert sorted(p.name for p in quarantine.iterdir()) == sorted([first.name, second.name])
+    assert parts(store) == [third]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once moved aside, reads are quiet again
+        assert store.count() == 4
+
+
+def _write_foreign_part(folder: Path, table: pa.Table, version: int | None) -> Path:
+    metadata = {} if version is None else {SCHEMA_VERSION_KEY: str(version).encode()}
+    path = folder / f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    return path
+
+
+def test_part_from_a_newer_schema_version_is_skipped_not_quarantined(store):
+    store.append([row(row_id="mine")])
+    newer = pa.table({"row_id": ["future"], "function": ["mod.f"], "code_hash": ["h1"], "hologram": [1.0]})
+    path = _write_foreign_part(store.home / "profiles", newer, SCHEMA_VERSION + 1)
+    with pytest.warns(RuntimeWarning, match=f"schema version {SCHEMA_VERSION + 1}.*version {SCHEMA_VERSION}"):
+        df = store.read()
+    assert list(df.row_id) == ["mine"]
+    assert path.exists() and not (store.home / "profiles" / "quarantine").exists()
+
+
+def test_part_from_an_older_schema_version_reads_with_missing_columns_null(store):
+    older = pa.table(
+        {
+            "row_id": ["old"],
+            "function": ["mod.f"],
+            "code_hash": ["h1"],
+            "peak_rss_bytes": pa.array([123], pa.int32()),  # narrower type is cast
+            "timestamp": pa.array([dt.datetime(2020, 1, 1, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    _write_foreign_part(store.home / "profiles", older, 0)
+    store.append([row(row_id="new")])
+    df = store.read()
+    assert list(df.columns) == PROFILE_SCHEMA.names
+    assert list(df.row_id) == ["old", "new"]
+    old = df.iloc[0]
+    assert old.peak_rss_bytes == 123 and pd.isna(old.cpu_seconds) and pd.isna(old.outcome) and old.tags is None
+    assert str(df.dtypes["peak_rss_bytes"]) == "Int64"
+    # compaction upgrades it to the current version
+    assert store.profiles.compact(min_parts=2) == 2
+    assert pq.read_schema(parts(store)[0]).metadata[SCHEMA_VERSION_KEY] == str(SCHEMA_VERSION).encode()
+    assert list(store.read().row_id) == ["old", "new"]
+
+
+# ---------------------------------------------------------------- compaction
+
+
+def test_compact_merges_parts_and_keeps_every_row(store):
+    for i in range(10):
+        store.append([row(row_id=f"r{i}-{j}") for j in range(3)])
+    store.append([row(row_id="r0-0", peak_rss_bytes=7)])  # a later version of an early row
+    assert store.profiles.compact(min_parts=64) == 0
+    assert len(parts(store)) == 11
+    before = store.read()
+    assert store.profiles.compact(min_parts=5) == 11
+    assert len(parts(store)) == 1
+    after = store.read()
+    assert sorted(after.row_id) == sorted(before.row_id) and len(after) == 30
+    assert after.set_index("row_id").loc["r0-0", "peak_rss_bytes"] == 7
+    assert pq.read_metadata(parts(store)[0]).num_rows == 30  # duplicates dropped on disk too
+    store.append([row(row_id="r0-0", peak_rss_bytes=8)])  # written after the compaction: still the last
+    assert store.read().set_index("row_id").loc["r0-0", "peak_rss_bytes"] == 8
+
+
+def test_compact_never_deletes_a_part_it_did_not_merge(store, monkeypatch):
+    for i in range(4):
+        store.append([row(row_id=f"r{i}")])
+    table = store.profiles
+    original = ParquetTable._read_part
+    appended = []
+
+    def read_part_while_someone_appends(self, name, columns):
+        if not appended:  # another writer lands a part after the compaction listed the folder
+            appended.append(store.append([row(row_id="late")]))
+        return original(self, name, columns)
+
+    monkeypatch.setattr(ParquetTable, "_read_part", read_part_while_someone_appends)
+    assert table.compact(min_parts=2) == 4
+    monkeypatch.setattr(ParquetTable, "_read_part", original)
+    assert len(parts(store)) == 2  # the merged part and the late one
+    assert sorted(store.read().row_id) == ["late", "r0", "r1", "r2", "r3"]
+
+
+def test_read_lists_again_when_a_compaction_removes_parts_under_it(store, monkeypatch):
+    for i in range(6):
+        store.append([row(row_id=f"r{i}")])
+    other = ProfileStore(store.home)  # another process's view of the same home
+    original = ParquetTable._read_part
+    state = {"calls": 0}
+
+    def read_part_racing_a_compaction(self, name, columns):
+        state["calls"] += 1
+        if state["calls"] == 3:  # two parts read, then a compaction merges and deletes all six
+            monkeypatch.setattr(ParquetTable, "_read_part", original)
+            assert other.profiles.compact(min_parts=2) == 6
+        return original(self, name, columns)
+
+    monkeypatch.setattr(ParquetTable, "_read_part", read_part_racing_a_compaction)
+    df = store.read()
+    assert state["calls"] == 3
+    assert sorted(df.row_id) == [f"r{i}" for i in range(6)]
+
+
+def test_count_and_read_are_fast_enough(tmp_path):
+    table = ParquetTable(tmp_path / "t", PROFILE_SCHEMA, name="profiles")
+    base = pa.Table.from_pylist([row(timestamp=dt.datetime(2024, 1, 1, tzinfo=UTC)) for _ in range(500)], schema=PROFILE_SCHEMA.with_metadata(table._write_schema.metadata))
+    for _ in range(100):  # 50k rows over 100 parts, written directly to keep the test quick
+        ids = pa.array([uuid.uuid4().hex for _ in range(500)])
+        table._write_part(base.set_column(0, PROFILE_SCHEMA.field("row_id"), ids))
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        df = table.read()
+        best = min(best, time.perf_counter() - start)
+    assert len(df) == 50_000
+    assert best < 1.0, f"reading 50k rows over 100 parts took {best:.2f} s"
+
+
+# ---------------------------------------------------------------- many processes
+
+
+def _writer(home: str, writer: int, appends: int, rows_per_append: int) -> None:
+    store = ProfileStore(home)
+    for a in range(appends):
+        batch = [row(row_id=f"w{writer}-a{a}-r{r}", call_id=f"{writer}-{a}") for r in range(rows_per_append)]
+        store.append(batch)
+        if a % 10 == 0:
+            store.append(batch[:2])  # a retried (partial) batch: duplicates, not new rows
+
+
+def _compactor(home: str, stop, done) -> None:
+    store = ProfileStore(home)
+    removed = 0
+    while not stop.is_set():
+        removed += store.profiles.compact(min_parts=8)
+        time.sleep(0.05)
+    done.put(removed)
+
+
+def test_concurrent_writers_and_compaction_lose_no_rows(tmp_path):
+    home = str(tmp_path / "home")
+    store = ProfileStore(home)
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    done = ctx.Queue()
+    compactor = ctx.Process(target=_compactor, args=(home, stop, done))
+    compactor.start()
+    writers = [ctx.Process(target=_writer, args=(home, w, 50, 5)) for w in range(8)]
+    for w in writers:
+        w.start()
+    seen = 0
+    try:
+        while any(w.is_alive() for w in writers):  # reads during writes and compaction never go backwards
+            now = store.count()
+            assert now >= seen, f"a read saw {now} rows after one saw {seen}"
+            seen = now
+            time.sleep(0.1)
+        for w in writers:
+            w.join(60)
+            assert w.exitcode == 0
+    finally:
+        stop.set()
+        compactor.join(60)
+    assert compactor.exitcode == 0
+    assert done.get(timeout=10) > 0, "the compaction never ran concurrently with the writers"
+    df = store.read()
+    assert len(df) == 2000 and df.row_id.nunique() == 2000
+    expected = {f"w{w}-a{a}-r{r}" for w in range(8) for a in range(50) for r in range(5)}
+    assert set(df.row_id) == expected
+    store.profiles.compact(min_parts=2)
+    assert len(parts(store)) == 1 and store.count() == 2000
