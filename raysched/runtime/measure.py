@@ -49,6 +49,9 @@ What each figure of the ``Usage`` means
     is replaced by the sampled RSS of the process itself
     (``peak_method == "sampled"``), which misses peaks shorter than the
     sampling interval: expect an under-estimate for tasks with a brief spike.
+    (If ``VmHWM`` is readable but not resettable, it is still used whenever it
+    rises above its value at start, since it can only have done so during the
+    attempt: only a spike below an earlier task's peak is then missed.)
     If another attempt starts in the same process while this one runs
     (threaded or async actors), its reset would hide this attempt's earlier
     peak; the meter hands the high-water mark read just before the reset to
@@ -289,6 +292,8 @@ def _has_children_self() -> bool | None:
         return None
 
 
+_WARNED_IN_PROCESS: set[tuple[str, str]] = set()
+
 # Meters of this process that rely on the kernel high-water mark, so that a
 # reset by one can hand the mark over to the others first.
 _HWM_METERS: "weakref.WeakSet[AttemptMeter]" = weakref.WeakSet()
@@ -336,12 +341,19 @@ class AttemptMeter:
         self._peak_tree = 0  # largest sampled process + live descendants
         self._peak_handed = 0  # high-water mark handed over by another meter's reset
         self._cpu_max = 0.0
+        self._hwm0: int | None = None  # VmHWM before the reset (used if the reset fails)
 
     def _warn(self, what: str, exc: BaseException) -> None:
-        if what not in self._warned:
-            self._warned.add(what)
-            logger.warning("raysched: cannot measure %s of pid %s (%s: %s); using partial data",
-                           what, self.pid, type(exc).__name__, exc)
+        """Log once per meter and figure; a warning only the first time in the process
+        (a platform without /proc would otherwise warn on every task), debug after."""
+        if what in self._warned:
+            return
+        self._warned.add(what)
+        first = (what, type(exc).__name__) not in _WARNED_IN_PROCESS
+        _WARNED_IN_PROCESS.add((what, type(exc).__name__))
+        logger.log(logging.WARNING if first else logging.DEBUG,
+                   "raysched: cannot measure %s of pid %s (%s: %s); using partial data",
+                   what, self.pid, type(exc).__name__, exc)
 
     def _absorb_peak(self, value: int) -> None:
         """Called by another meter of the same process just before it resets VmHWM."""
@@ -410,6 +422,7 @@ class AttemptMeter:
                 if _LINUX:
                     with _HWM_LOCK:
                         _, hwm_before = _read_status(self.pid)
+                        self._hwm0 = hwm_before
                         if hwm_before is not None:
                             for other in list(_HWM_METERS):
                                 if other is not self and other.pid == self.pid and other._started:
@@ -483,8 +496,12 @@ class AttemptMeter:
         # memory
         if rss is not None:
             self._peak_self = max(self._peak_self, rss)
-        if self.peak_method == "hwm" and hwm is not None:
-            self._peak_self = max(self._peak_self, hwm)
+        if hwm is not None:
+            if self.peak_method == "hwm":
+                self._peak_self = max(self._peak_self, hwm)
+            elif self._hwm0 is not None and hwm > self._hwm0:
+                # Not reset, but a lifetime maximum that grew was reached during the attempt.
+                self._peak_self = max(self._peak_self, hwm)
         self._peak_self = max(self._peak_self, self._peak_handed)
         live = {c.key: c for c in children}
         tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
