@@ -432,7 +432,7 @@ class AttemptMeter:
                         if hwm_after is not None:
                             self.peak_method = "hwm"
                             _HWM_METERS.add(self)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - OSError/ValueError expected; never raise
                 logger.debug("raysched: VmHWM reset unavailable for pid %s (%s); sampling the peak",
                              self.pid, exc)
             try:
