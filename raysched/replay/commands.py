@@ -1,0 +1,138 @@
+"""``raysched eval`` (trace replay against the published baselines) and ``raysched import``.
+
+Both are click commands; ``raysched/cli.py`` adds them to the main group.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import RayschedError
+from .readers import FORMATS, TraceFormatError, expand_paths, read_trace
+
+METHOD_NAMES = ("raysched", "presets", "tovar", "witt_percentile", "witt_lr", "vpa", "oracle")
+
+
+def _methods(names: list[str], config):
+    from .baselines import BASELINES
+    from .raysched_method import RayschedMethod
+
+    out = []
+    for name in names:
+        if name == "raysched":
+            out.append(RayschedMethod(config))
+        else:
+            out.append(BASELINES[name]())
+    return out
+
+
+def _parse_methods(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown:
+        raise click.BadParameter(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
+    return names
+
+
+@click.command("eval")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice([*FORMATS, "auto"]), default="auto", show_default=True,
+              help="Trace format; 'auto' tells nextflow from lotaru by the header.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the 30/70 split and of the online order.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of wastage.")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the summary table as Markdown.")
+@click.option("--methods", "methods", default=",".join(METHOD_NAMES), show_default=True,
+              help="Comma-separated methods to replay.")
+@click.option("--min-rows", default=34, show_default=True,
+              help="Task types with fewer usable rows are skipped (random split only).")
+def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_rows):
+    """Replay workflow traces (Sizey protocol) and compare raysched's sizing with the baselines.
+
+    PATHS are trace files, or folders of them. Per task type with at least
+    --min-rows rows, a seeded 30% is history and the rest arrive one by one;
+    each method's allocation is charged (allocation - peak) x runtime when it
+    fits and allocation x runtime per failed attempt. Reports wastage in
+    GB-hours, failed attempts, MAQ and the seconds each method took.
+    """
+    from ..config import RayschedConfig
+    from .harness import replay_trace
+    from .results import markdown_table, plot, text_table, write_json
+
+    names = _parse_methods(methods)
+    files = expand_paths(paths)
+    if not files:
+        raise click.UsageError("no trace files found in " + ", ".join(map(str, paths)))
+    config = RayschedConfig.from_env()
+    results = []
+    for path in files:
+        try:
+            trace = read_trace(path, fmt)
+        except TraceFormatError as exc:
+            raise click.ClickException(str(exc)) from None
+        t0 = time.perf_counter()
+        try:
+            result = replay_trace(trace, _methods(names, config), seed=seed, min_rows=min_rows)
+        except RayschedError as exc:
+            raise click.ClickException(f"{path}: {exc}") from None
+        results.append(result)
+        click.echo(text_table(result))
+        if trace.skipped:
+            click.echo(f"  {trace.describe_skipped()}")
+        click.echo(f"  replayed in {time.perf_counter() - t0:.1f} s\n")
+    if json_path:
+        write_json(results, json_path, seed)
+        click.echo(f"wrote {json_path}")
+    if md_path:
+        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(md_path).write_text(markdown_table(results, [n for n in names]) + "\n")
+        click.echo(f"wrote {md_path}")
+    if plot_path:
+        plot(results, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+@click.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice([*FORMATS, "auto"]), default="auto", show_default=True)
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="raysched home (default: $RAYSCHED_HOME or .raysched).")
+def import_command(paths, fmt, home):
+    """Load traces into the profile store as history, keyed by task type.
+
+    A Ray function registered under a task type's name (for example
+    @adaptive_remote(name="fastqc")) then starts with a prediction from the
+    imported runs. Importing the same file twice does not duplicate rows.
+    """
+    from ..config import RayschedConfig
+    from .importer import import_trace
+
+    config = RayschedConfig.from_env(**({"home": str(home)} if home else {}))
+    files = expand_paths(paths)
+    if not files:
+        raise click.UsageError("no trace files found in " + ", ".join(map(str, paths)))
+    total = 0
+    for path in files:
+        try:
+            trace = read_trace(path, fmt)
+            written, per_type = import_trace(trace, config.home_path)
+        except (TraceFormatError, RayschedError) as exc:
+            raise click.ClickException(str(exc)) from None
+        total += written
+        click.echo(f"{path}: {written} row(s) of {len(per_type)} task type(s) into {config.home_path}")
+        for name, n in sorted(per_type.items()):
+            click.echo(f"  {n:6d}  {name}")
+        if trace.skipped:
+            click.echo(f"  {trace.describe_skipped()}")
+    click.echo(f"imported {total} row(s)")
+
+
+__all__ = ["eval_command", "import_command"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(eval_command())

@@ -1,0 +1,131 @@
+"""Replay results as a text table, a Markdown table, JSON and a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .harness import WorkflowResult
+
+OURS = "raysched"
+FLOOR = "oracle"
+
+
+def best_other(result: WorkflowResult) -> tuple[str, float] | None:
+    """The baseline (not raysched, not the oracle) with the least wastage."""
+    others = [(t.wastage_gbh, m) for m, t in result.methods.items() if m not in (OURS, FLOOR)]
+    if not others:
+        return None
+    w, m = min(others)
+    return m, w
+
+
+def ratio(result: WorkflowResult) -> float | None:
+    """raysched's wastage over the best other method's (below 1: raysched wastes less)."""
+    bo = best_other(result)
+    if bo is None or OURS not in result.methods:
+        return None
+    ours = result.methods[OURS].wastage_gbh
+    if bo[1] <= 0:
+        return 1.0 if ours <= 0 else math.inf
+    return ours / bo[1]
+
+
+def to_json(results: Sequence[WorkflowResult], seed: int) -> dict[str, object]:
+    out: dict[str, object] = {"seed": seed, "workflows": {}}
+    for r in results:
+        entry = r.as_dict()
+        rt = ratio(r)
+        bo = best_other(r)
+        if rt is not None and bo is not None:
+            entry["raysched_vs_best_other"] = {"best_other": bo[0], "ratio": rt}
+        out["workflows"][r.name] = entry  # type: ignore[index]
+    return out
+
+
+def write_json(results: Sequence[WorkflowResult], path: str | Path, seed: int) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(to_json(results, seed), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def text_table(result: WorkflowResult) -> str:
+    """One workflow: a row per method."""
+    lines = [
+        f"{result.name} ({result.format}, seed {result.seed}): {result.task_types} task type(s) replayed"
+        + (f", {len(result.skipped_types)} too small" if result.skipped_types else "")
+        + (f", {sum(result.skipped_rows.values())} row(s) skipped" if result.skipped_rows else ""),
+        f"  {'method':<16}{'wastage GBh':>13}{'failures':>10}{'tasks':>8}{'fail %':>8}{'MAQ':>7}{'seconds':>9}",
+    ]
+    for name, t in result.methods.items():
+        lines.append(
+            f"  {name:<16}{t.wastage_gbh:>13.2f}{t.failures:>10d}{t.tasks:>8d}{100 * t.failure_rate:>7.1f}%"
+            f"{t.maq:>7.3f}{t.seconds:>9.2f}"
+        )
+    rt, bo = ratio(result), best_other(result)
+    if rt is not None and bo is not None:
+        verdict = "wins (goal <= 0.75)" if rt <= 0.75 else ("better, short of the goal" if rt < 1 else "LOSES")
+        lines.append(f"  raysched / best other ({bo[0]}): {rt:.2f}  -> {verdict}")
+    return "\n".join(lines)
+
+
+def markdown_table(results: Sequence[WorkflowResult], methods: Iterable[str]) -> str:
+    """Wastage (GBh) per workflow and method, raysched / best other, failure rates."""
+    methods = list(methods)
+    head = ["workflow", *methods, "best other", "raysched / best", "raysched fail %", "best other fail %", "raysched s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        bo = best_other(r)
+        cells = [r.name]
+        for m in methods:
+            t = r.methods.get(m)
+            cells.append("" if t is None else f"{t.wastage_gbh:.2f}")
+        rt = ratio(r)
+        ours = r.methods.get(OURS)
+        cells.append(bo[0] if bo else "")
+        cells.append("" if rt is None else (f"**{rt:.2f}**" if rt <= 0.75 else f"{rt:.2f}"))
+        cells.append("" if ours is None else f"{100 * ours.failure_rate:.1f}")
+        cells.append("" if bo is None else f"{100 * r.methods[bo[0]].failure_rate:.1f}")
+        cells.append("" if ours is None else f"{ours.seconds:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[WorkflowResult], path: str | Path) -> None:
+    """A PNG: wastage per method (bars) per workflow, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods: list[str] = []
+    for r in results:
+        for m in r.methods:
+            if m != FLOOR and m not in methods:
+                methods.append(m)
+    names = [r.name for r in results]
+    n, k = len(names), len(methods)
+    width = 0.8 / max(k, 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * n * max(k, 1) * 0.35 + 3), 5.5))
+    colors = plt.get_cmap("tab10")
+    x = np.arange(n)
+    for j, m in enumerate(methods):
+        vals = [max(r.methods[m].wastage_gbh, 1e-3) if m in r.methods else np.nan for r in results]
+        ax.bar(x + (j - (k - 1) / 2) * width, vals, width, label=m, color=colors(j % 10),
+               edgecolor="black" if m == OURS else None, linewidth=0.8 if m == OURS else 0)
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=60 if n > 6 else 0, ha="right" if n > 6 else "center", fontsize=8)
+    ax.set_ylabel("memory wastage (GB-hours, log scale)")
+    seeds = sorted({r.seed for r in results})
+    ax.set_title(f"Trace replay (Sizey protocol, seed {', '.join(map(str, seeds))}): wastage per method")
+    ax.legend(ncol=min(k, 7), fontsize=8, loc="upper left")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
