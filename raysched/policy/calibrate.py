@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_TINY = 1.0  # floor before taking logs: one byte, one microsecond, one milli-core
+_TINY = 1e-6  # floor before taking logs: far below any byte count, second or core share we see
 
 
 def log_values(values: np.ndarray) -> np.ndarray:

@@ -47,6 +47,11 @@ class ResourceModel:
     _booster: list = field(default_factory=list, repr=False)  # lazily loaded Booster
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __reduce__(self):
+        # The loaded Booster and its lock stay behind; the raw bytes travel.
+        return (ResourceModel, (self.resource, self.quantiles, self.booster_raw, self.offset,
+                                self.coverage_target, self.n_train, dict(self.metrics), self.version))
+
     @property
     def source(self) -> str:
         return f"model-v{self.version}" if self.version is not None else "model"

@@ -1,0 +1,173 @@
+"""The driver's side of the profiler: bundles held locally, refreshed without blocking.
+
+A submission never waits on the profiler actor.  The client keeps the newest
+bundle it has per function and, at most every ``refresh_interval_s``, sends one
+asynchronous request for a newer one, which a later submission picks up with
+``ray.wait(timeout=0)``.  The one exception is the very first call of a function
+in a driver process, which may wait up to ``first_bundle_timeout_s`` for its
+first bundle: once per function, never per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+import ray
+
+from ..config import RayschedConfig
+from ..policy.estimators import Fallback
+from ..policy.recipe import build_predictor, build_sizer
+from ..types import Allocation, ClusterShape, Features, Prediction
+from .profiler import Bundle, get_or_create_profiler
+from .session import ClusterShapeCache, ensure_ray, get_config, session_token
+
+logger = logging.getLogger(__name__)
+
+#: Predictions are cached per bundle version and input size on a log scale with
+#: this many buckets per doubling: sizes within ~1.4% share a prediction.
+_SIZE_BUCKETS_PER_DOUBLING = 50
+_CACHE_SIZE = 4096
+
+
+class ProfilerClient:
+    def __init__(
+        self,
+        config: RayschedConfig,
+        handle_factory: Callable[[RayschedConfig], Any] = get_or_create_profiler,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        self._handle_factory = handle_factory
+        self._handle: Any = None
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._bundles: dict[tuple[str, str], Bundle] = {}
+        self._pending: dict[tuple[str, str], Any] = {}
+        self._next_refresh: dict[tuple[str, str], float] = {}
+        self._predictions: OrderedDict[tuple, Prediction] = OrderedDict()
+        self._predictor = build_predictor(config)
+        self._sizer = build_sizer(config)
+        self.cluster = ClusterShapeCache()
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            ensure_ray()
+            self._handle = self._handle_factory(self.config)
+        return self._handle
+
+    def _request(self, key: tuple[str, str]) -> Any:
+        have = self._bundles[key].version if key in self._bundles else -1
+        return self.handle.bundle.remote(key[0], key[1], have)
+
+    def _take(self, key: tuple[str, str], ref: Any, timeout: float) -> bool:
+        """Collect a bundle reply if it is ready within ``timeout``; True if it was."""
+        ready, _ = ray.wait([ref], timeout=timeout)
+        if not ready:
+            return False
+        self._pending.pop(key, None)
+        try:
+            bundle = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 - the profiler restarting: keep what we hold
+            logger.warning("raysched: bundle refresh for %s failed (%s); keeping the last one", key[0], exc)
+            self._handle = None
+            return True
+        if bundle is not None:
+            self._bundles[key] = bundle
+        elif key not in self._bundles:
+            self._bundles[key] = Bundle(key[0], key[1], -1, _empty_history())
+        return True
+
+    def bundle(self, function: str, code_hash: str) -> Bundle | None:
+        """The newest bundle held for the function; starts a refresh when one is due."""
+        key = (function, code_hash)
+        now = self._clock()
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is not None:
+                first = key not in self._bundles
+                self._take(key, pending, self.config.first_bundle_timeout_s if first else 0)
+            elif now >= self._next_refresh.get(key, 0.0):
+                self._next_refresh[key] = now + self.config.refresh_interval_s
+                try:
+                    ref = self._pending[key] = self._request(key)
+                except Exception as exc:  # noqa: BLE001 - no profiler: predict from what we hold
+                    logger.warning("raysched: cannot reach the profiler (%s)", exc)
+                    self._handle = None
+                else:
+                    if key not in self._bundles:
+                        self._take(key, ref, self.config.first_bundle_timeout_s)
+            return self._bundles.get(key)
+
+    def refresh(self, function: str, code_hash: str, train: bool = False, timeout: float = 120.0) -> Bundle | None:
+        """Block until the profiler has answered (after training, if asked): for predict() and tools."""
+        key = (function, code_hash)
+        if train:
+            ray.get(self.handle.settle.remote(min_wait_s=2 * self.config.flush_interval_s + 0.2), timeout=timeout)
+            ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
+        with self._lock:
+            self._pending.pop(key, None)
+            ref = self._request(key)
+            self._next_refresh[key] = self._clock() + self.config.refresh_interval_s
+            self._take(key, ref, timeout)
+            return self._bundles.get(key)
+
+    def predict(self, function: str, code_hash: str, features: Features, fallback: Fallback,
+                bundle: Bundle | None) -> Prediction:
+        size = features.input_size
+        bucket = None if size is None else round(math.log2(1 + size) * _SIZE_BUCKETS_PER_DOUBLING)
+        key = (function, code_hash, bundle.version if bundle else None, bucket, features.tags, fallback)
+        cached = self._predictions.get(key)
+        if cached is not None:
+            self._predictions.move_to_end(key)
+            return cached
+        prediction = self._predictor.predict(
+            features,
+            bundle.history if bundle else None,
+            bundle.models if bundle else None,
+            fallback,
+        )
+        self._predictions[key] = prediction
+        if len(self._predictions) > _CACHE_SIZE:
+            self._predictions.popitem(last=False)
+        return prediction
+
+    def size(self, prediction: Prediction, explicit: dict[str, Any], function: str,
+             cluster: ClusterShape | None) -> Allocation:
+        return self._sizer.size(prediction, cluster, explicit, function)
+
+
+def _empty_history():
+    from ..types import History
+
+    return History.empty()
+
+
+_client: ProfilerClient | None = None
+_client_lock = threading.Lock()
+
+
+_client_session: str | None = None
+
+
+def get_client() -> ProfilerClient:
+    """The driver's client, renewed when Ray was restarted (a new session, a new actor)."""
+    global _client, _client_session
+    ensure_ray()
+    token = session_token()
+    with _client_lock:
+        if _client is None or token != _client_session:
+            _client, _client_session = ProfilerClient(get_config()), token
+        return _client
+
+
+def reset_client() -> None:
+    """Forget bundles and the actor handle (after ``configure`` or a new Ray session)."""
+    global _client
+    with _client_lock:
+        _client = None

@@ -1,0 +1,83 @@
+"""A stable hash of a function's code: profile rows of different code never mix.
+
+The hash covers the bytecode, constants (nested code objects included), the
+names it uses, default arguments and closure values that are plain data.  It is
+the same in every process and every run for the same code (no ``id()``, no
+salted ``hash()``), and changes when the code, a constant or such a closure value
+changes.  Values that are not plain data (objects, modules, other functions) are
+represented by their type's qualified name only: their identity is not the
+function's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import types
+from typing import Any, Callable
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+_MAX_DEPTH = 4
+
+
+def _feed_value(h: "hashlib._Hash", value: Any, depth: int = 0) -> None:
+    if isinstance(value, _PLAIN):
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+    elif isinstance(value, types.CodeType):
+        _feed_code(h, value, depth + 1)
+    elif isinstance(value, (tuple, list, frozenset, set)) and depth < _MAX_DEPTH:
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        h.update(f"{type(value).__name__}[".encode())
+        for item in items:
+            _feed_value(h, item, depth + 1)
+        h.update(b"]")
+    elif isinstance(value, dict) and depth < _MAX_DEPTH:
+        h.update(b"dict{")
+        for key in sorted(value, key=repr):
+            _feed_value(h, key, depth + 1)
+            _feed_value(h, value[key], depth + 1)
+        h.update(b"}")
+    else:
+        kind = type(value)
+        h.update(f"<{kind.__module__}.{kind.__qualname__}>;".encode())
+
+
+def _feed_code(h: "hashlib._Hash", code: types.CodeType, depth: int = 0) -> None:
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_argcount,
+                   code.co_kwonlyargcount)).encode())
+    for const in code.co_consts:
+        _feed_value(h, const, depth)
+
+
+def code_hash(fn: Callable[..., Any]) -> str:
+    """16 hex characters identifying the code of ``fn`` (a function or a class)."""
+    h = hashlib.blake2b(digest_size=8)
+    if inspect.isclass(fn):
+        h.update(f"class {fn.__qualname__}".encode())
+        for name, member in sorted(vars(fn).items()):
+            target = getattr(member, "__func__", member)
+            if isinstance(target, types.FunctionType):
+                h.update(name.encode())
+                h.update(code_hash(target).encode())
+        return h.hexdigest()
+    target = inspect.unwrap(fn)
+    code = getattr(target, "__code__", None)
+    if code is None:  # a builtin or a callable object: its type and name are all we have
+        h.update(f"{type(fn).__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
+        return h.hexdigest()
+    _feed_code(h, code)
+    _feed_value(h, getattr(target, "__defaults__", None) or ())
+    _feed_value(h, dict(getattr(target, "__kwdefaults__", None) or {}))
+    for cell in getattr(target, "__closure__", None) or ():
+        try:
+            _feed_value(h, cell.cell_contents)
+        except ValueError:  # an empty cell
+            h.update(b"<empty>")
+    return h.hexdigest()
+
+
+def qualified_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__qualname__
+    return f"{module}.{name}"

@@ -1,0 +1,204 @@
+"""``@adaptive_remote``: a Ray remote function whose resources come from its past runs.
+
+Per call: features of the arguments -> the prediction from the bundle the driver
+holds (no actor round trip) -> sizing -> one direct Ray submission of the user's
+function behind a thin measuring wrapper.  The returned value is the task's own
+``ObjectRef``.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from typing import Any, Callable, Mapping
+
+import ray
+
+from ..errors import InvalidInput
+from ..policy.estimators import Fallback
+from ..policy.features import call_features, validate_input_size, validate_memory, validate_num_cpus, validate_tags
+from ..types import Prediction
+from .client import ProfilerClient, get_client
+from .codehash import code_hash, qualified_name
+from .worker import AttemptSpec, make_entry, remote_options
+
+#: Per-call metadata that is raysched's, not Ray's.
+_META_KEYS = ("input_size", "tags", "priority")
+#: Ray options raysched sizes itself; set explicitly by the caller they win.
+_SIZED_KEYS = ("num_cpus", "memory")
+
+
+def _ref_size(value: Any) -> int | None:
+    """Ray's recorded size of an ObjectRef argument, when it has one at hand."""
+    if not isinstance(value, ray.ObjectRef):
+        return None
+    try:
+        found = ray.experimental.get_object_locations([value], timeout_ms=200)
+        size = found.get(value, {}).get("object_size")
+        return int(size) if size else None
+    except Exception:  # noqa: BLE001 - not yet created, or owned elsewhere: unknown
+        return None
+
+
+class _CallOptions:
+    """Validated per-call options: raysched's metadata, explicit sizes, Ray's other options."""
+
+    __slots__ = ("input_size", "tags", "priority", "explicit", "ray_options")
+
+    def __init__(self, options: Mapping[str, Any], base_tags: tuple[str, ...], base_ray: Mapping[str, Any]):
+        self.input_size = validate_input_size(options.get("input_size"))
+        self.tags = tuple(sorted(set(base_tags) | set(validate_tags(options.get("tags")))))
+        priority = options.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidInput(f"priority must be an integer, got {priority!r}")
+        self.priority = priority
+        explicit: dict[str, Any] = {}
+        if options.get("memory") is not None:
+            explicit["memory"] = validate_memory(options["memory"])
+        if options.get("num_cpus") is not None:
+            explicit["num_cpus"] = validate_num_cpus(options["num_cpus"])
+        self.explicit = explicit
+        ray_options = dict(base_ray)
+        ray_options.update({k: v for k, v in options.items() if k not in _META_KEYS and k not in _SIZED_KEYS})
+        self.ray_options = ray_options
+
+
+class AdaptiveFunction:
+    """A function run as a Ray task with resources learnt from its past runs.
+
+    Use it as ``@ray.remote``: ``f.remote(...)`` returns an ``ObjectRef``;
+    ``f.options(input_size=..., tags=..., priority=..., **ray_options)`` returns a
+    handle with per-call metadata; ``f.predict(...)`` returns the Prediction for
+    such a call without running it.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        tags: Any = (),
+        num_cpus: Any = None,
+        memory: Any = None,
+        max_attempts: int | None = None,
+        dependencies: Any = (),
+        **ray_options: Any,
+    ):
+        if not callable(fn):
+            raise InvalidInput(f"adaptive_remote needs a function, got {fn!r} ({type(fn).__name__})")
+        if isinstance(fn, type):
+            raise InvalidInput("adaptive_remote on a class (an actor) is not supported yet; decorate a function")
+        if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
+            raise InvalidInput(f"max_attempts must be a positive integer, got {max_attempts!r}")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise InvalidInput(f"name must be a non-empty string, got {name!r}")
+        self._fn = fn
+        self.name = name or qualified_name(fn)
+        self.code_hash = code_hash(fn)
+        self.fallback = Fallback(memory=validate_memory(memory), cpu=validate_num_cpus(num_cpus))
+        self.tags = validate_tags(tags)
+        self.dependencies = validate_tags(dependencies, "dependencies")
+        self.max_attempts = max_attempts
+        self._ray_options = dict(ray_options)
+        self._remote: Any = None
+        self._config_for: tuple[Any, Any] | None = None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"Remote functions cannot be called directly. Instead of running '{self.name}()', "
+            f"try '{self.name.rsplit('.', 1)[-1]}.remote()'."
+        )
+
+    def __repr__(self) -> str:
+        return f"AdaptiveFunction({self.name}, code_hash={self.code_hash})"
+
+    # --- the one path every call takes ---------------------------------------------------------
+    def _config(self, client: ProfilerClient):
+        # The function's own max_attempts goes into the config it ships; built once per client.
+        if self._config_for is None or self._config_for[0] is not client.config:
+            config = client.config
+            if self.max_attempts is not None:
+                config = config.replace(max_attempts=self.max_attempts)
+            self._config_for = (client.config, config)
+        return self._config_for[1]
+
+    def _plan(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any], client: ProfilerClient):
+        features = call_features(
+            args, kwargs, input_size=options.input_size, tags=options.tags,
+            dependencies=self.dependencies, size_of_opaque=_ref_size,
+        )
+        bundle = client.bundle(self.name, self.code_hash)
+        prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
+        return features, bundle, prediction
+
+    def _submit(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> ray.ObjectRef:
+        client = get_client()
+        features, bundle, prediction = self._plan(options, args, kwargs, client)
+        cluster = client.cluster.get()
+        allocation = client.size(prediction, options.explicit, self.name, cluster)
+        spec = AttemptSpec(
+            function=self.name,
+            code_hash=self.code_hash,
+            call_id=uuid.uuid4().hex,
+            attempt=1,
+            features=features,
+            prediction=prediction,
+            allocation=allocation,
+            config=self._config(client),
+            max_peak_seen=bundle.max_peak_seen if bundle else 0.0,
+            largest_node_bytes=float(cluster.largest_memory_bytes) or None,
+            priority=options.priority,
+            ray_options=tuple(sorted(options.ray_options.items())),
+        )
+        if self._remote is None:
+            self._remote = ray.remote(make_entry(self._fn))
+        return self._remote.options(**remote_options(spec)).remote(spec, *args, **kwargs)
+
+    # --- public API ------------------------------------------------------------------------------
+    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        return self._submit(_CallOptions({}, self.tags, self._ray_options), args, kwargs)
+
+    def options(self, **options: Any) -> "BoundCall":
+        return BoundCall(self, _CallOptions(options, self.tags, self._ray_options))
+
+    def predict(self, *args: Any, **kwargs: Any) -> Prediction:
+        return self._predict(_CallOptions({}, self.tags, self._ray_options), args, kwargs)
+
+    def _predict(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> Prediction:
+        client = get_client()
+        client.refresh(self.name, self.code_hash)  # a query, not a submission: it may wait for the newest
+        return self._plan(options, args, kwargs, client)[2]
+
+    def refresh(self, train: bool = False, timeout: float = 120.0) -> None:
+        """Fetch the newest bundle now; with ``train=True`` train on every row first."""
+        get_client().refresh(self.name, self.code_hash, train=train, timeout=timeout)
+
+
+class BoundCall:
+    """``f.options(...)``: the same function with per-call metadata and Ray options."""
+
+    def __init__(self, fn: AdaptiveFunction, options: _CallOptions):
+        self._fn = fn
+        self._options = options
+
+    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        return self._fn._submit(self._options, args, kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Prediction:
+        return self._fn._predict(self._options, args, kwargs)
+
+
+def adaptive_remote(fn: Callable[..., Any] | None = None, /, **settings: Any):
+    """Decorate a function to run as a Ray task sized from its past runs.
+
+    Bare (``@adaptive_remote``) or with settings: ``name=`` (the profile key;
+    default module.qualname), ``tags=``, ``dependencies=``, cold-start fallbacks
+    ``num_cpus=`` / ``memory=`` (bytes), ``max_attempts=``, and any Ray option
+    (passed through to every submission).
+    """
+    if fn is None:
+        return lambda f: AdaptiveFunction(f, **settings)
+    if settings:
+        raise InvalidInput("use @adaptive_remote or @adaptive_remote(**settings), not both")
+    return AdaptiveFunction(fn)

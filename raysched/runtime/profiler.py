@@ -1,0 +1,327 @@
+"""The profiler: records every attempt, trains the models, serves bundles to drivers.
+
+``Profiler`` is a plain class that tests drive directly with a fake clock and
+in-process executors; ``get_or_create_profiler`` is the one place that makes it
+a named, detached, restartable Ray actor (as Ray Data's autoscaling coordinator
+does).  The driver never waits on it to submit a task: it polls for bundles and
+uses the last one it has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..config import RayschedConfig
+from ..policy.models import ResourceModel, evaluate, holdout
+from ..policy.recipe import MODELLED, build_predictor
+from ..types import History
+from .session import NAMESPACE
+
+logger = logging.getLogger(__name__)
+
+PROFILER_NAME = "raysched_profiler"
+IMPORTED_HASH = "imported"
+
+#: Outcomes whose CPU and wall time describe a whole run of the function.
+_COMPLETE = {"ok"}
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """What a driver needs to predict one function locally: its history and served models."""
+
+    function: str
+    code_hash: str
+    version: int
+    history: History
+    models: Mapping[str, ResourceModel] = field(default_factory=dict)
+    max_peak_seen: float = 0.0
+    history_scope: str = "code"  # "code": rows of this code hash; "name": all rows of the name
+
+    @property
+    def n_history(self) -> int:
+        return len(self.history)
+
+
+def history_from_rows(rows: pd.DataFrame) -> History:
+    """The estimators' view of profile rows: memory samples, and CPU/wall of complete runs."""
+    if rows.empty:
+        return History.empty()
+    complete = rows["outcome"].isin(_COMPLETE).to_numpy()
+
+    def col(name: str) -> np.ndarray:
+        return pd.to_numeric(rows[name], errors="coerce").astype(float).to_numpy()
+
+    cpu = np.where(complete, col("cpu_cores"), np.nan)
+    wall = np.where(complete, col("wall_seconds"), np.nan)
+    disk = np.where(complete, np.nansum(np.vstack([col("read_bytes"), col("write_bytes")]), axis=0), np.nan)
+    disk = np.where(np.isnan(col("read_bytes")) & np.isnan(col("write_bytes")), np.nan, disk)
+    tags = tuple(tuple(t) if t is not None and not (isinstance(t, float) and math.isnan(t)) else () for t in rows["tags"])
+    return History(
+        input_size=col("input_size"),
+        memory=col("memory_sample_bytes"),
+        cpu=cpu,
+        wall=wall,
+        disk=disk,
+        tags=tags,
+        version=len(rows),
+    )
+
+
+class _FunctionState:
+    """Rows and models of one function name, loaded lazily from the store."""
+
+    def __init__(self, rows: pd.DataFrame):
+        self.rows = rows
+        self.version = 1
+        self.new_rows = 0
+        self.models: dict[str, ResourceModel] = {}
+        self.training: Future | None = None
+        self.trainings = 0
+
+
+class Profiler:
+    """Records attempt rows, trains per-function models in the background, serves bundles."""
+
+    def __init__(
+        self,
+        config: RayschedConfig,
+        store: Any = None,
+        registry: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        executor: Executor | None = None,
+    ):
+        from ..store.profiles import ProfileStore
+
+        self.config = config
+        self.store = store if store is not None else ProfileStore(config.home_path)
+        self._registry = registry
+        self._clock = clock
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysched-train")
+        self._lock = threading.RLock()
+        self._functions: dict[str, _FunctionState] = {}
+        self._last_record = clock()
+        self.rows_received = 0
+        self._predictor = build_predictor(config)
+
+    # --- the registry is created on first use: MLflow's import costs seconds ---------------
+    @property
+    def registry(self):
+        if self._registry is None:
+            from ..store.registry import ModelRegistry
+
+            self._registry = ModelRegistry(self.config.home_path)
+        return self._registry
+
+    def _state(self, function: str) -> _FunctionState:
+        with self._lock:
+            state = self._functions.get(function)
+            if state is None:
+                rows = self.store.read(function=function)
+                state = self._functions[function] = _FunctionState(rows.tail(self.config.history_window))
+                if (self.config.home_path / "mlflow.db").exists() or self._registry is not None:
+                    # Off the request path: importing MLflow alone takes seconds.
+                    state.training = self._executor.submit(self._load_served, function, state)
+            return state
+
+    def _load_served(self, function: str, state: _FunctionState) -> None:
+        """After a restart: the newest registered model of each resource that was served."""
+        models = {}
+        try:
+            for resource in MODELLED:
+                # Newest first; a version registered but judged worse than the one served
+                # then (meta "served": false) is skipped, as it was before the restart.
+                for entry in sorted(self.registry.versions(function, resource), key=lambda v: -int(v["version"])):
+                    artifact = self.registry.load(function, resource, int(entry["version"]))
+                    if artifact is not None and json.loads(artifact.meta_json).get("served", True):
+                        models[resource] = ResourceModel.from_artifact(artifact)
+                        break
+        except Exception:  # noqa: BLE001 - no registry yet, or an unreadable model: serve statistics
+            logger.exception("raysched: could not load registered models of %s", function)
+        with self._lock:
+            for resource, model in models.items():
+                state.models.setdefault(resource, model)  # a model trained meanwhile is newer
+            if models:
+                state.version += 1
+
+    # --- the write path -------------------------------------------------------------------------
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Store attempt rows (one Parquet part), then maybe start a background retrain."""
+        if not rows:
+            return 0
+        written = self.store.append(rows)
+        frame = pd.DataFrame(list(rows))
+        with self._lock:
+            self._last_record = self._clock()
+            self.rows_received += written
+            for function, part in frame.groupby("function", sort=False):
+                if function not in self._functions:
+                    continue  # loaded from the store (rows included) when first asked for
+                state = self._functions[function]
+                part = part.reindex(columns=state.rows.columns) if not state.rows.empty else part
+                state.rows = pd.concat([state.rows, part], ignore_index=True).tail(self.config.history_window)
+                state.version += 1
+                state.new_rows += len(part)
+            for function in frame["function"].unique():
+                self._maybe_train(function)
+        return written
+
+    def _maybe_train(self, function: str) -> None:
+        state = self._functions.get(function)
+        if state is None:
+            state = self._state(function)
+        if state.training is not None and not state.training.done():
+            return
+        usable = int(state.rows["memory_sample_bytes"].notna().sum()) if not state.rows.empty else 0
+        due = state.new_rows >= self.config.retrain_after_new_rows or (not state.models and state.trainings == 0)
+        if usable >= self.config.min_history_for_model and due:
+            state.new_rows = 0
+            state.training = self._executor.submit(self._train, function)
+
+    # --- training ----------------------------------------------------------------------------------
+    def _history(self, function: str, code_hash: str | None) -> tuple[History, str]:
+        state = self._state(function)
+        rows = state.rows
+        if code_hash is not None and not rows.empty:
+            own = rows[rows["code_hash"] == code_hash]
+            if len(own) >= self.config.min_history_for_stats:
+                return history_from_rows(own), "code"
+        return history_from_rows(rows), "name"
+
+    def _train(self, function: str, code_hash: str | None = None) -> dict[str, Any]:
+        """Fit, compare with the served model on the same holdout, log and register, maybe serve."""
+        started = time.perf_counter()
+        state = self._state(function)
+        with self._lock:
+            if code_hash is None and not state.rows.empty:
+                code_hash = str(state.rows["code_hash"].iloc[-1])
+        history, scope = self._history(function, code_hash)
+        trained = self._predictor.train(history)
+        summary: dict[str, Any] = {"function": function, "rows": len(history), "resources": {}}
+        for resource, model in trained.by_resource.items():
+            served = state.models.get(resource)
+            X_hold, y_hold = holdout(history, resource, self.config)
+            new_loss = model.metrics["pinball_loss"]
+            served_loss = evaluate(served, X_hold, y_hold)["pinball_loss"] if served is not None else math.inf
+            better = new_loss <= served_loss + 1e-12
+            params = {
+                "function": function,
+                "code_hash": code_hash or "",
+                "resource": resource,
+                "history_scope": scope,
+                "quantiles": ",".join(map(str, self.config.quantiles)),
+                "coverage_target": self.config.coverage,
+                "xgb_rounds": self.config.xgb_rounds,
+                "xgb_max_depth": self.config.xgb_max_depth,
+                "served": better,
+            }
+            metrics = {k: float(v) for k, v in model.metrics.items() if v is not None and math.isfinite(v)}
+            metrics["served_model_pinball_loss"] = served_loss if math.isfinite(served_loss) else -1.0
+            version = None
+            try:
+                artifact = self.registry.log_training(
+                    model.to_artifact(function, {"code_hash": code_hash, "served": better}), params, metrics
+                )
+                version = artifact.version
+            except Exception:  # noqa: BLE001 - MLflow down must not stop serving a better model
+                logger.exception("raysched: could not log the %s model of %s to MLflow", resource, function)
+            if better:
+                with self._lock:
+                    state.models[resource] = model.with_version(version) if version is not None else model
+                    state.version += 1
+            summary["resources"][resource] = {"version": version, "served": better, **metrics}
+        with self._lock:
+            state.trainings += 1
+        summary["seconds"] = time.perf_counter() - started
+        return summary
+
+    def train_now(self, function: str, code_hash: str | None = None) -> dict[str, Any]:
+        """Train synchronously (after any training already under way); for tests, the demo, the CLI."""
+        state = self._state(function)
+        pending = state.training
+        if pending is not None:
+            pending.result()
+        return self._train(function, code_hash)
+
+    # --- the read path ---------------------------------------------------------------------------
+    def bundle(self, function: str, code_hash: str, have_version: int = -1) -> Bundle | None:
+        """The function's bundle, or None when the caller's ``have_version`` is current."""
+        state = self._state(function)
+        with self._lock:
+            if have_version == state.version:
+                return None
+            history, scope = self._history(function, code_hash)
+            peaks = pd.to_numeric(state.rows.get("peak_rss_bytes", pd.Series(dtype=float)), errors="coerce")
+            max_peak = float(peaks.max()) if len(peaks) and peaks.notna().any() else 0.0
+            return Bundle(function, code_hash, state.version, history, dict(state.models), max_peak, scope)
+
+    def settle(self, min_wait_s: float = 0.0, quiet_s: float = 0.3, timeout_s: float = 10.0) -> int:
+        """Wait until no rows have arrived for ``quiet_s`` (rows in flight have landed)."""
+        deadline = self._clock() + timeout_s
+        time.sleep(min_wait_s)
+        while self._clock() < deadline:
+            with self._lock:
+                idle = self._clock() - self._last_record
+            if idle >= quiet_s:
+                break
+            time.sleep(min(quiet_s - idle, 0.05) + 0.01)
+        return self.rows_received
+
+    def wait_for_training(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for state in list(self._functions.values()):
+            if state.training is not None:
+                state.training.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "rows_received": self.rows_received,
+                "home": str(self.config.home_path),
+                "functions": {
+                    name: {
+                        "rows": len(s.rows),
+                        "version": s.version,
+                        "trainings": s.trainings,
+                        "models": {r: m.version for r, m in s.models.items()},
+                        "training": bool(s.training is not None and not s.training.done()),
+                    }
+                    for name, s in self._functions.items()
+                },
+            }
+
+    def ping(self) -> bool:
+        return True
+
+
+def get_or_create_profiler(config: RayschedConfig):
+    """The cluster's profiler actor: found by name, created on first use, restarted by Ray."""
+    import ray
+
+    from .session import ensure_ray
+
+    ensure_ray()
+    return (
+        ray.remote(Profiler)
+        .options(
+            name=PROFILER_NAME,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            max_restarts=-1,
+            max_task_retries=-1,
+            num_cpus=0,
+            max_concurrency=16,
+        )
+        .remote(config)
+    )

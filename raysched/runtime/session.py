@@ -1,0 +1,108 @@
+"""Process-wide runtime state: the config (built once), Ray start-up, the cluster's shape."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import ray
+
+from ..config import RayschedConfig
+from ..types import ClusterShape, NodeShape
+
+NAMESPACE = "raysched"
+
+_lock = threading.Lock()
+_config: RayschedConfig | None = None
+
+
+def get_config() -> RayschedConfig:
+    """The process's config: built once from the environment unless ``configure`` set one."""
+    global _config
+    with _lock:
+        if _config is None:
+            _config = _absolute(RayschedConfig.from_env())
+        return _config
+
+
+def _absolute(config: RayschedConfig) -> RayschedConfig:
+    # Workers and actors run with another working directory: ship an absolute home.
+    return config.replace(home=str(config.home_path))
+
+
+def configure(config: RayschedConfig | None = None, **changes: object) -> RayschedConfig:
+    """Set the process's config: a whole RayschedConfig, or changes to the current one."""
+    global _config
+    base = config or get_config()
+    new = _absolute(base.replace(**changes) if changes else base)
+    with _lock:
+        _config = new
+    from .client import reset_client  # the client caches bundles sized under the old config
+
+    reset_client()
+    return new
+
+
+def session_token() -> str | None:
+    """Identifies the current Ray session, so caches tied to one can tell a new one."""
+    if not ray.is_initialized():
+        return None
+    try:
+        return str(ray.get_runtime_context().get_job_id())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def ensure_ray() -> None:
+    """Connect to Ray if the user has not: ``ray.init()`` joins a running cluster or starts one."""
+    if ray.is_initialized():
+        return
+    # Ray >= 2.60 enables token authentication for a new local cluster unless told
+    # otherwise; a user who has not chosen gets Ray's default, a test sets it.
+    ray.init(namespace=NAMESPACE, log_to_driver=os.environ.get("RAYSCHED_LOG_TO_DRIVER", "1") == "1")
+
+
+class ClusterShapeCache:
+    """The schedulable capacity of each alive node, refreshed at most every ``ttl_s``.
+
+    ``ray.nodes()`` is one GCS round trip; sizing needs it on every submission, so
+    it is cached.  A node that joins or leaves is seen within ``ttl_s``.
+    """
+
+    def __init__(self, ttl_s: float = 5.0, clock=time.monotonic):
+        self._ttl = ttl_s
+        self._clock = clock
+        self._shape: ClusterShape | None = None
+        self._at = -float("inf")
+        self._lock = threading.Lock()
+
+    def get(self) -> ClusterShape:
+        now = self._clock()
+        with self._lock:
+            if self._shape is not None and now - self._at < self._ttl:
+                return self._shape
+        shape = read_cluster_shape()
+        with self._lock:
+            self._shape, self._at = shape, now
+        return shape
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._at = -float("inf")
+
+
+def read_cluster_shape() -> ClusterShape:
+    nodes = []
+    for node in ray.nodes():
+        if not node.get("Alive", node.get("alive", False)):
+            continue
+        resources = node.get("Resources", {})
+        nodes.append(
+            NodeShape(
+                node_id=node.get("NodeID", ""),
+                num_cpus=float(resources.get("CPU", 0.0)),
+                memory_bytes=int(resources.get("memory", 0)),
+            )
+        )
+    return ClusterShape(tuple(nodes))
