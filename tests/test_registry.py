@@ -1,0 +1,208 @@
+"""The MLflow model registry, embedded in the raysched home (SQLite + local artifacts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import xgboost as xgb
+from mlflow import MlflowClient
+from mlflow.tracking._tracking_service import utils as tracking_utils
+
+from raysched.errors import InvalidInput
+from raysched.store.registry import ModelRegistry, registered_name
+from raysched.types import ModelArtifact
+
+METRICS = {
+    "rows_train": 80,
+    "rows_holdout": 20,
+    "pinball_loss": 0.125,
+    "upper_coverage": 0.95,
+    "mean_over_allocation": 0.3,
+    "under_allocation_rate": 0.05,
+}
+
+
+def train(seed: int = 0, rounds: int = 5) -> tuple[xgb.Booster, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.random((200, 3))
+    y = 100 * x[:, 0] + 10 * rng.random(200) + seed
+    booster = xgb.train(
+        {"objective": "reg:quantileerror", "quantile_alpha": [0.1, 0.5, 0.9], "seed": seed},
+        xgb.DMatrix(x, label=y),
+        rounds,
+    )
+    return booster, x
+
+
+def artifact(function: str, booster: xgb.Booster, resource: str = "memory", **meta) -> ModelArtifact:
+    meta = {"features": ["f0", "f1", "f2"], "quantiles": [0.1, 0.5, 0.9], **meta}
+    return ModelArtifact(function, resource, bytes(booster.save_raw("ubj")), json.dumps(meta))
+
+
+def predict(raw: bytes, x: np.ndarray) -> np.ndarray:
+    booster = xgb.Booster()
+    booster.load_model(bytearray(raw))
+    return booster.predict(xgb.DMatrix(x))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> ModelRegistry:
+    # One registry for the module: creating the SQLite schema takes MLflow a few seconds.
+    return ModelRegistry(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture
+def clean_global_mlflow(monkeypatch, tmp_path):
+    """Run in an empty cwd with MLflow's process-wide tracking URI unset, and put it back after."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous = tracking_utils._tracking_uri
+    tracking_utils._tracking_uri = None
+    yield tmp_path
+    tracking_utils._tracking_uri = previous
+
+
+def test_log_and_load_round_trip(registry):
+    booster, x = train(seed=1)
+    logged = registry.log_training(artifact("mod.roundtrip", booster, code_hash="abc123"), {"rounds": 5}, METRICS)
+    assert logged.version == 1
+    loaded = registry.load("mod.roundtrip", "memory")
+    assert loaded is not None
+    assert (loaded.function, loaded.resource, loaded.version) == ("mod.roundtrip", "memory", 1)
+    assert json.loads(loaded.meta_json) == json.loads(logged.meta_json)
+    assert loaded.booster[:1] == b"{"  # UBJSON, not a pickle
+    expected = booster.predict(xgb.DMatrix(x))
+    assert expected.shape == (200, 3)
+    np.testing.assert_array_equal(predict(loaded.booster, x), expected)
+
+
+def test_versions_newest_and_by_number(registry):
+    first, x = train(seed=2)
+    second, _ = train(seed=3, rounds=8)
+    v1 = registry.log_training(artifact("mod.versions", first), {"rounds": 5}, {**METRICS, "pinball_loss": 0.5})
+    v2 = registry.log_training(artifact("mod.versions", second), {"rounds": 8}, {**METRICS, "pinball_loss": 0.25})
+    assert (v1.version, v2.version) == (1, 2)
+    versions = registry.versions("mod.versions", "memory")
+    assert [v["version"] for v in versions] == [1, 2]
+    assert [v["metrics"]["pinball_loss"] for v in versions] == [0.5, 0.25]
+    assert versions[0]["run_id"] != versions[1]["run_id"]
+    assert versions[0]["created"] <= versions[1]["created"] and versions[1]["created"].tzinfo is not None
+    newest = registry.load("mod.versions", "memory")
+    assert newest.version == 2
+    np.testing.assert_array_equal(predict(newest.booster, x), second.predict(xgb.DMatrix(x)))
+    oldest = registry.load("mod.versions", "memory", version=1)
+    assert oldest.version == 1
+    np.testing.assert_array_equal(predict(oldest.booster, x), first.predict(xgb.DMatrix(x)))
+    assert registry.load("mod.versions", "memory", version=7) is None
+    assert registry.load("mod.versions", "cpu") is None  # each resource is its own registered model
+
+
+def test_nothing_registered(registry):
+    assert registry.load("mod.never", "memory") is None
+    assert registry.versions("mod.never", "memory") == []
+
+
+def test_run_is_visible_to_a_fresh_client_at_the_documented_uri(registry):
+    booster, _ = train(seed=4)
+    registry.log_training(artifact("mod.visible", booster, resource="wall", code_hash="h42"), {"rounds": 5, "max_depth": 4}, METRICS)
+    uri = f"sqlite:///{registry.home}/mlflow.db"  # what `mlflow ui --backend-store-uri` gets
+    assert registry.tracking_uri == uri
+    assert Path(registry.home, "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("raysched")
+    assert experiment.artifact_location == (registry.home / "mlartifacts").as_uri()
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.function = 'mod.visible'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == "mod.visible/wall" and run.info.status == "FINISHED"
+    assert run.data.metrics == pytest.approx({k: float(v) for k, v in METRICS.items()})
+    assert run.data.params == {"rounds": "5", "max_depth": "4"}
+    assert {"function": "mod.visible", "resource": "wall", "code_hash": "h42"}.items() <= run.data.tags.items()
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["meta.json"]
+    (version,) = client.search_model_versions(f"name = '{registered_name('mod.visible', 'wall')}'")
+    assert version.run_id == run.info.run_id
+    model_dir = Path(mlflow.artifacts.download_artifacts(client.get_model_version_download_uri(version.name, version.version)))
+    files = {p.name for p in model_dir.iterdir()}
+    assert "model.ubj" in files and not any(f.endswith((".pkl", ".pickle")) for f in files)
+    assert "model_format: ubj" in (model_dir / "MLmodel").read_text()
+    assert str(model_dir).startswith(str(registry.home))  # the artifacts live in the home
+
+
+def test_registered_name_is_deterministic_safe_and_distinct():
+    assert registered_name("mod.f", "memory") == "raysched-mod.f-memory"
+    assert registered_name("mod.f", "memory") == registered_name("mod.f", "memory")
+    odd = registered_name("pkg.mod:Cls.<locals>/f", "cpu")
+    assert "/" not in odd and ":" not in odd and "<" not in odd
+    assert odd == registered_name("pkg.mod:Cls.<locals>/f", "cpu")
+    assert registered_name("a:b", "memory") != registered_name("a_b", "memory")
+    assert len(registered_name("x" * 500, "memory")) < 220
+
+
+def test_odd_function_names_register_and_load(registry):
+    booster, x = train(seed=5)
+    function = "pkg.mod:Cls.<locals>/f"
+    registry.log_training(artifact(function, booster), {}, METRICS)
+    loaded = registry.load(function, "memory")
+    assert loaded.function == function and loaded.version == 1
+    np.testing.assert_array_equal(predict(loaded.booster, x), booster.predict(xgb.DMatrix(x)))
+
+
+def test_bad_artifacts_and_metrics_are_rejected_before_anything_is_logged(registry):
+    booster, _ = train(seed=6)
+    good = artifact("mod.bad", booster)
+    with pytest.raises(InvalidInput, match="XGBoost"):
+        registry.log_training(ModelArtifact("mod.bad", "memory", b"not a model", good.meta_json), {}, METRICS)
+    with pytest.raises(InvalidInput, match="JSON"):
+        registry.log_training(ModelArtifact("mod.bad", "memory", good.booster, "{not json"), {}, METRICS)
+    with pytest.raises(InvalidInput, match="pinball_loss"):
+        registry.log_training(good, {}, {"pinball_loss": "low"})
+    assert registry.versions("mod.bad", "memory") == []
+    runs = registry.client.search_runs([registry.experiment_id], filter_string="tags.function = 'mod.bad'")
+    assert runs == []
+
+
+def test_global_mlflow_state_is_left_alone(registry, clean_global_mlflow):
+    cwd = clean_global_mlflow
+    booster, _ = train(seed=7)
+    registry.log_training(artifact("mod.global", booster), {}, METRICS)
+    assert registry.load("mod.global", "memory").version == 1
+    assert tracking_utils._tracking_uri is None  # still unset, not a resolved default
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert list(cwd.iterdir()) == []  # no ./mlruns, no ./mlflow.db
+
+    elsewhere = f"sqlite:///{cwd}/elsewhere.db"
+    mlflow.set_tracking_uri(elsewhere)
+    try:
+        registry.log_training(artifact("mod.global", booster), {}, METRICS)
+        assert mlflow.get_tracking_uri() == elsewhere
+        assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert registry.versions("mod.global", "memory")[-1]["version"] == 2
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_new_home_and_its_first_training_are_quiet_and_fast(tmp_path, capfd, caplog):
+    capfd.readouterr()
+    booster, _ = train(seed=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = ModelRegistry(tmp_path / "home")  # creates the SQLite schema: MLflow logs INFO lines
+        start = time.perf_counter()
+        registry.log_training(artifact("mod.quiet", booster), {"rounds": 5}, METRICS)
+        elapsed = time.perf_counter() - start
+        registry.load("mod.quiet", "memory")
+        registry.versions("mod.quiet", "memory")
+    out, err = capfd.readouterr()
+    assert elapsed < 5.0, f"log_training took {elapsed:.2f} s"
+    assert out == "" and err == "", (out, err)
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith(("mlflow", "alembic"))] == []
