@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from .types import GiB, MiB
 
@@ -95,6 +96,40 @@ class RayschedConfig:
     #: Worker-side profile rows are sent to the profiler at most this often.
     flush_interval_s: float = 0.2
 
+    # --- the live monitor: rules over the live samples of running attempts ---------------
+    #: Whether running attempts are reported to the monitor at all.
+    monitor_enabled: bool = True
+    #: Consecutive live samples a stopping condition must hold before the monitor stops
+    #: an attempt (hysteresis: a spike between two samples never stops a task).
+    monitor_sustain_samples: int = 3
+    #: Resident memory over the allocation x this factor: stop, resubmit on the next rung.
+    monitor_memory_tolerance: float = 1.2
+    #: A hard memory cap for every function (None: no cap). Over it a task is stopped and
+    #: fails with ResourceLimitExceeded, not retried.
+    memory_limit_bytes: int | None = None
+    #: Hard memory caps per function, ((name, bytes), ...), overriding the global cap; a
+    #: mapping is accepted and stored as a sorted tuple (the config stays hashable).
+    memory_limits: tuple[tuple[str, int], ...] = ()
+    #: Running past the predicted wall upper bound x this factor is slow: warned and counted.
+    monitor_wall_factor: float = 3.0
+    #: Cancel slow attempts instead of only warning.
+    monitor_cancel_slow: bool = False
+    #: Average cores below allocation x low or above allocation x high are recorded as events...
+    monitor_cpu_low_ratio: float = 0.25
+    monitor_cpu_high_ratio: float = 1.5
+    #: ...once the attempt has run this long (a start-up phase says little about its CPU use).
+    monitor_cpu_min_wall_s: float = 10.0
+    #: A node whose used memory reaches this fraction of its total stops its lowest-priority
+    #: task; below Ray's own memory monitor threshold (0.95) so that raysched picks the victim.
+    node_memory_threshold: float = 0.9
+    #: Consecutive high readings of a node before a task on it is stopped (and again
+    #: before the next one).
+    node_memory_sustain_readings: int = 2
+    #: Seconds between reads of a node's memory (Ray's reporter updates them every 5 s).
+    node_poll_interval_s: float = 5.0
+    #: The monitor forgets an attempt it has heard nothing of for this long.
+    monitor_stale_s: float = 60.0
+
     def __post_init__(self) -> None:
         problems = []
         if not self.home:
@@ -114,6 +149,20 @@ class RayschedConfig:
                 problems.append(f"{name} must be positive")
         if self.ladder_min_growth <= 1:
             problems.append("ladder_min_growth must be above 1, or the ladder cannot make progress")
+        if isinstance(self.memory_limits, Mapping):
+            object.__setattr__(self, "memory_limits", tuple(sorted((str(k), int(v)) for k, v in self.memory_limits.items())))
+        if self.memory_limit_bytes is not None and self.memory_limit_bytes <= 0:
+            problems.append("memory_limit_bytes must be positive (or None for no cap)")
+        if any(int(v) <= 0 for _, v in self.memory_limits):
+            problems.append("memory_limits must be positive")
+        if self.monitor_sustain_samples < 1 or self.node_memory_sustain_readings < 1:
+            problems.append("monitor_sustain_samples and node_memory_sustain_readings must be at least 1")
+        if self.monitor_memory_tolerance < 1:
+            problems.append("monitor_memory_tolerance must be at least 1 (a task may reach its allocation)")
+        if not 0 < self.node_memory_threshold <= 1:
+            problems.append("node_memory_threshold must be a fraction in (0, 1]")
+        if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:
+            problems.append("monitor_wall_factor must be positive and monitor_cpu_low_ratio < monitor_cpu_high_ratio")
         if problems:
             raise ValueError("invalid RayschedConfig: " + "; ".join(problems))
 

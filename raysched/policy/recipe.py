@@ -1,9 +1,10 @@
 """The one place that composes raysched's policy from the config.
 
-``build_predictor``, ``build_sizer`` and ``build_ladder`` each read the one
-``RayschedConfig`` and wire the small pieces of ``estimators``, ``sizing`` and
-``ladder`` together, with a comment per step.  The Ray runtime and the trace
-replay both call these, so a benchmark measures what users run.
+``build_predictor``, ``build_sizer``, ``build_ladder`` and ``build_rules`` each
+read the one ``RayschedConfig`` and wire the small pieces of ``estimators``,
+``sizing``, ``ladder`` and ``rules`` together, with a comment per step.  The
+Ray runtime and the trace replay both call these, so a benchmark measures what
+users run.
 
 Pure: imports neither ray, mlflow nor pyarrow.
 """
@@ -29,6 +30,15 @@ from .estimators import (
 )
 from .ladder import Ladder, LadderState, Rung
 from .models import ResourceModel, fit_resource_model
+from .rules import (
+    AttemptRule,
+    CpuOffAllocation,
+    MemoryOverAllocation,
+    MemoryOverHardCap,
+    NodePressure,
+    Rules,
+    WallOverPrediction,
+)
 from .samples import oom_bump
 from .sizing import AddMemoryMargin, AtLeast, FitLargestNode, RoundUp, Sizer
 
@@ -177,4 +187,35 @@ def build_ladder(config: RayschedConfig) -> Ladder:
     )
 
 
-__all__ = ["build_predictor", "build_sizer", "build_ladder", "Predictor", "TrainedModels", "LadderState", "Fallback"]
+@functools.lru_cache(maxsize=32)
+def build_rules(config: RayschedConfig) -> Rules:
+    n = config.monitor_sustain_samples
+    return Rules(
+        attempt_rules=(
+            # Precedence is the order: the first stop of a sample wins.
+            # 1. A hard cap (per function, else global) first: over it the call fails with
+            #    ResourceLimitExceeded; resubmitting it bigger would only break the cap again.
+            AttemptRule("memory_hard_limit", MemoryOverHardCap(config.memory_limit_bytes, dict(config.memory_limits)), n),
+            # 2. Resident memory past the allocation x 1.2 for n samples in a row: stop and
+            #    resubmit on the next ladder rung before it starves its node (a warning
+            #    instead when no larger rung exists: capped, or the last attempt).
+            AttemptRule("memory_over_allocation",
+                        MemoryOverAllocation(config.monitor_memory_tolerance, config.max_attempts), n),
+            # 3. Past the predicted wall upper bound x 3 (never judged on a fallback):
+            #    a warning and a metric; cancelled only when monitor_cancel_slow is set.
+            AttemptRule("wall_over_prediction",
+                        WallOverPrediction(config.monitor_wall_factor, config.monitor_cancel_slow), n),
+            # 4. Average cores below x0.25 or above x1.5 of the allocation after 10 s:
+            #    recorded as an event for the next sizing; nothing is stopped.
+            AttemptRule("cpu_off_allocation",
+                        CpuOffAllocation(config.monitor_cpu_low_ratio, config.monitor_cpu_high_ratio,
+                                         config.monitor_cpu_min_wall_s), n),
+        ),
+        # 5. A node at 90% of its memory for 2 readings in a row: its lowest-priority
+        #    task gives way (stopped and requeued unchanged), one at a time.
+        node_rule=NodePressure(config.node_memory_threshold, config.node_memory_sustain_readings),
+    )
+
+
+__all__ = ["build_predictor", "build_sizer", "build_ladder", "build_rules", "Predictor", "TrainedModels",
+           "LadderState", "Fallback", "Rules"]

@@ -1,0 +1,400 @@
+"""The live monitor's rules: what to do about a running attempt, decided from its live samples.
+
+Each rule is a small frozen piece with one job: a *check* looks at one live
+report of an attempt and says whether its condition holds (and what it would
+do); ``AttemptRule`` adds hysteresis (the condition must hold over N consecutive
+samples before a stop, so a spike between two samples never stops a task, and a
+rule never flaps); ``NodePressure`` picks which attempt on a node under memory
+pressure gives way.  ``recipe.build_rules`` composes them from the config, with
+a comment per step.
+
+Rules only decide.  A ``Decision`` says "stop this attempt and resubmit it on
+the next ladder rung", "stop it and fail with ResourceLimitExceeded", ...; the
+monitor records it and the worker applies it.  The state a rule needs between
+samples (streaks, what already fired) is an immutable ``AttemptState`` handed
+in and returned, so every rule is a pure function of its inputs and a test can
+replay any sequence of samples.
+
+Priorities: a higher ``priority`` number is more important; under node memory
+pressure the lowest number gives way first.
+
+Pure: imports neither ray, mlflow nor pyarrow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping, Protocol, Sequence
+
+from ..errors import ResourceLimitExceeded
+from ..types import Allocation, MiB
+
+# --- actions ----------------------------------------------------------------------------------
+
+NONE = "none"
+WARN = "warn"  # log it and count it; the attempt runs on
+RECORD_CPU = "record_cpu"  # CPU use far from the allocation: an event for the next sizing, nothing else
+STOP_AND_RESUBMIT = "stop_and_resubmit"  # stop it, resubmit on the next ladder rung
+STOP_LIMIT = "stop_limit"  # stop it, fail the call with ResourceLimitExceeded, no retry
+CANCEL = "cancel"  # stop it, the call ends cancelled
+REQUEUE_LOWEST_PRIORITY = "requeue_lowest_priority"  # stop it, resubmit unchanged: it gave way on its node
+
+ACTIONS = (NONE, WARN, RECORD_CPU, STOP_AND_RESUBMIT, STOP_LIMIT, CANCEL, REQUEUE_LOWEST_PRIORITY)
+#: Actions that end the attempt: once one is decided, nothing else is evaluated for it.
+STOPS = frozenset({STOP_AND_RESUBMIT, STOP_LIMIT, CANCEL, REQUEUE_LOWEST_PRIORITY})
+
+
+# --- what the rules see and say ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveReport:
+    """One live sample of a running attempt, with what it was predicted and allocated.
+
+    Memory in bytes, CPU in seconds of CPU time, wall in seconds, all totals of
+    the attempt so far (``rss_bytes`` is the resident size now, ``peak_rss_bytes``
+    the peak so far); ``timestamp`` is the sample's ``time.time()``.
+    ``prediction_source`` is the Prediction's source ("fallback", "history",
+    "model-vN"): a fallback's wall time is no prediction to judge a run by.
+    """
+
+    function: str
+    code_hash: str
+    call_id: str
+    attempt: int
+    node_id: str
+    priority: int
+    allocation: Allocation
+    predicted_memory_upper_bytes: float
+    predicted_wall_upper_s: float
+    prediction_source: str
+    rss_bytes: int
+    peak_rss_bytes: int
+    cpu_seconds: float
+    wall_seconds: float
+    read_bytes: int = 0
+    write_bytes: int = 0
+    timestamp: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """An attempt's identity: (call_id, attempt)."""
+        return (self.call_id, self.attempt)
+
+    @property
+    def cpu_cores(self) -> float:
+        """Average cores used so far: CPU seconds per wall second."""
+        return self.cpu_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class NodeMemory:
+    """One reading of a node's memory (bytes), as its metrics endpoint reports it."""
+
+    node_id: str
+    used_bytes: float
+    total_bytes: float
+    timestamp: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.used_bytes / self.total_bytes if self.total_bytes > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the monitor decided about one attempt, and why; one event row when not "none".
+
+    ``measured`` and ``allocated`` are in the rule's unit (bytes for memory,
+    seconds for wall, cores for CPU, a used fraction for node memory).
+    """
+
+    rule: str
+    action: str
+    function: str
+    call_id: str
+    attempt: int
+    measured: float = 0.0
+    allocated: float = 0.0
+    detail: str = ""
+    node_id: str = ""
+    code_hash: str = ""
+    timestamp: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown action {self.action!r}; expected one of {ACTIONS}")
+
+    @property
+    def stops(self) -> bool:
+        """Whether the attempt must stop."""
+        return self.action in STOPS
+
+    def limit_error(self) -> ResourceLimitExceeded:
+        """The error a call stopped at a hard limit fails with (``stop_limit`` decisions only)."""
+        if self.action != STOP_LIMIT:
+            raise ValueError(f"only a {STOP_LIMIT} decision is a limit error, not {self.action!r}")
+        return ResourceLimitExceeded(self.function, "memory", self.measured, self.allocated, self.attempt)
+
+    @staticmethod
+    def none(report: LiveReport) -> "Decision":
+        return Decision("", NONE, report.function, report.call_id, report.attempt,
+                        node_id=report.node_id, code_hash=report.code_hash, timestamp=report.timestamp)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A check's answer when its condition holds: the action it proposes, and the figures."""
+
+    action: str
+    measured: float
+    allocated: float
+    detail: str
+
+
+class Check(Protocol):
+    """Looks at one live report; a Finding when the condition holds, else None."""
+
+    def __call__(self, report: LiveReport) -> Finding | None: ...
+
+
+def _mib(value: float) -> str:
+    return f"{value / MiB:.0f} MiB"
+
+
+# --- checks: one condition each ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryOverAllocation:
+    """Resident memory past the allocation x tolerance: stop and resubmit one rung up.
+
+    When no larger rung exists (the allocation was capped to the largest node, or
+    this is the last attempt) stopping would only fail the call, so the check
+    warns instead and leaves Ray's own memory monitor as the backstop.
+    """
+
+    tolerance: float
+    max_attempts: int
+
+    def __call__(self, r: LiveReport) -> Finding | None:
+        allocated = float(r.allocation.memory_bytes)
+        limit = allocated * self.tolerance
+        if allocated <= 0 or r.rss_bytes <= limit:
+            return None
+        detail = f"resident {_mib(r.rss_bytes)} is over the allocation {_mib(allocated)} x {self.tolerance:g}"
+        if r.allocation.capped or r.attempt >= self.max_attempts:
+            why = "capped at the largest node" if r.allocation.capped else f"attempt {r.attempt} is the last"
+            return Finding(WARN, r.rss_bytes, allocated, f"{detail}; no larger rung ({why}), left running")
+        return Finding(STOP_AND_RESUBMIT, r.rss_bytes, allocated, f"{detail}; resubmit on the next rung")
+
+
+@dataclass(frozen=True)
+class MemoryOverHardCap:
+    """Resident memory past a hard cap: stop, fail with ResourceLimitExceeded, no retry.
+
+    ``per_function`` caps win over ``global_limit``; a function is looked up by
+    its full name, then by its last dotted part (``"mod.f"`` then ``"f"``).
+    """
+
+    global_limit: float | None
+    per_function: Mapping[str, float] = field(default_factory=dict)
+
+    def limit_for(self, function: str) -> float | None:
+        for name in (function, function.rsplit(".", 1)[-1]):
+            if name in self.per_function:
+                return float(self.per_function[name])
+        return float(self.global_limit) if self.global_limit is not None else None
+
+    def __call__(self, r: LiveReport) -> Finding | None:
+        limit = self.limit_for(r.function)
+        if limit is None or r.rss_bytes <= limit:
+            return None
+        return Finding(STOP_LIMIT, r.rss_bytes, limit,
+                       f"resident {_mib(r.rss_bytes)} is over the hard limit {_mib(limit)}; not retried")
+
+
+@dataclass(frozen=True)
+class WallOverPrediction:
+    """Running longer than the predicted wall upper bound x factor: warn, or cancel if configured.
+
+    A fallback prediction (no history) is the config's default, not a
+    prediction, so it judges nothing: a first run is never called slow.
+    """
+
+    factor: float
+    cancel: bool = False
+
+    def __call__(self, r: LiveReport) -> Finding | None:
+        if r.prediction_source.startswith("fallback") or r.predicted_wall_upper_s <= 0:
+            return None
+        limit = r.predicted_wall_upper_s * self.factor
+        if r.wall_seconds <= limit:
+            return None
+        detail = (f"running {r.wall_seconds:.1f} s, over the predicted upper bound "
+                  f"{r.predicted_wall_upper_s:.1f} s x {self.factor:g}")
+        return Finding(CANCEL if self.cancel else WARN, r.wall_seconds, r.predicted_wall_upper_s,
+                       detail + ("; cancelled" if self.cancel else ""))
+
+
+@dataclass(frozen=True)
+class CpuOffAllocation:
+    """Average cores far below or above the allocation, once past a start-up phase: record it."""
+
+    low_ratio: float
+    high_ratio: float
+    min_wall_s: float
+
+    def __call__(self, r: LiveReport) -> Finding | None:
+        allocated = float(r.allocation.num_cpus)
+        if r.wall_seconds < self.min_wall_s or allocated <= 0:
+            return None
+        used = r.cpu_cores
+        if used < allocated * self.low_ratio:
+            side = f"below {self.low_ratio:g} x"
+        elif used > allocated * self.high_ratio:
+            side = f"above {self.high_ratio:g} x"
+        else:
+            return None
+        return Finding(RECORD_CPU, used, allocated,
+                       f"using {used:.2f} cores, {side} the {allocated:g} allocated over {r.wall_seconds:.0f} s")
+
+
+# --- hysteresis and state ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptRule:
+    """A named check with hysteresis.
+
+    The check must hold on ``sustain`` consecutive samples before the rule
+    fires; one sample where it does not resets the count.  A rule fires at most
+    once per attempt.
+    """
+
+    name: str
+    check: Check
+    sustain: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sustain < 1:
+            raise ValueError(f"sustain must be at least 1, got {self.sustain}")
+
+
+@dataclass(frozen=True)
+class AttemptState:
+    """What the rules remember of one attempt between its samples."""
+
+    streaks: Mapping[str, int] = field(default_factory=dict)  # rule name -> consecutive samples held
+    fired: frozenset[str] = frozenset()  # rules that already fired for this attempt
+    stop: Decision | None = None  # the stop decided for it, if any: nothing more is evaluated
+    last_timestamp: float = float("-inf")  # of the newest sample evaluated
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What the node rule remembers of one node between its readings."""
+
+    streak: int = 0
+    last_timestamp: float = float("-inf")
+
+
+@dataclass(frozen=True)
+class NodePressure:
+    """A node's used memory at or above ``threshold`` (a fraction of its total) for
+    ``sustain`` consecutive readings: stop and requeue one attempt on it.
+
+    The one that gives way is the lowest priority first, never a higher one
+    while a lower one still runs there; among equals the one holding the most
+    memory (it relieves the node with the fewest stops), then by call id.  After
+    a stop the count starts again, so the node is re-measured before the next.
+    """
+
+    threshold: float
+    sustain: int = 1
+    name: str = "node_memory_pressure"
+
+    def victim(self, running: Iterable[LiveReport]) -> LiveReport | None:
+        candidates = sorted(running, key=lambda r: (r.priority, -r.rss_bytes, r.call_id, r.attempt))
+        return candidates[0] if candidates else None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The monitor's rules, in precedence order: the first stop of a sample wins."""
+
+    attempt_rules: tuple[AttemptRule, ...]
+    node_rule: NodePressure | None = None
+
+    def evaluate(self, state: AttemptState, report: LiveReport) -> tuple[AttemptState, tuple[Decision, ...]]:
+        """One sample of one attempt -> its new state and the decisions that fired (none: empty).
+
+        A sample not newer than the last one evaluated (a batch delivered twice,
+        or out of order) changes nothing, so reports are idempotent.
+        """
+        if state.stop is not None or report.timestamp <= state.last_timestamp:
+            return state, ()
+        streaks = dict(state.streaks)
+        fired = set(state.fired)
+        stop: Decision | None = None
+        decisions: list[Decision] = []
+        for rule in self.attempt_rules:
+            if rule.name in fired:
+                continue
+            finding = rule.check(report)
+            if finding is None:
+                streaks[rule.name] = 0
+                continue
+            streaks[rule.name] = streaks.get(rule.name, 0) + 1
+            needed = rule.sustain if finding.action in STOPS else 1
+            if streaks[rule.name] < needed or (stop is not None and finding.action in STOPS):
+                continue  # not held long enough yet; or an earlier rule already stops it
+            decision = Decision(rule.name, finding.action, report.function, report.call_id, report.attempt,
+                                finding.measured, finding.allocated, finding.detail, report.node_id,
+                                report.code_hash, report.timestamp)
+            fired.add(rule.name)
+            decisions.append(decision)
+            if decision.stops:
+                stop = decision
+        new_state = AttemptState(streaks=streaks, fired=frozenset(fired), stop=stop,
+                                 last_timestamp=report.timestamp)
+        return new_state, tuple(decisions)
+
+    def evaluate_node(
+        self, state: NodeState, reading: NodeMemory, running: Sequence[LiveReport]
+    ) -> tuple[NodeState, Decision | None]:
+        """One memory reading of a node, with the attempts still running there (not stopping).
+
+        Returns the node's new state and the requeue decision, if one fired.
+        """
+        rule = self.node_rule
+        if rule is None or reading.timestamp <= state.last_timestamp:
+            return state, None
+        if reading.fraction < rule.threshold:
+            return NodeState(0, reading.timestamp), None
+        streak = state.streak + 1
+        victim = rule.victim(r for r in running if r.node_id == reading.node_id)
+        if streak < rule.sustain or victim is None:
+            return NodeState(streak, reading.timestamp), None
+        decision = Decision(
+            rule.name, REQUEUE_LOWEST_PRIORITY, victim.function, victim.call_id, victim.attempt,
+            measured=reading.fraction, allocated=rule.threshold,
+            detail=(f"node {reading.node_id[:8]} at {reading.fraction:.0%} of {reading.total_bytes / MiB:.0f} MiB "
+                    f"(threshold {rule.threshold:.0%}); priority {victim.priority}, resident "
+                    f"{_mib(victim.rss_bytes)}, gives way first"),
+            node_id=reading.node_id, code_hash=victim.code_hash, timestamp=reading.timestamp,
+        )
+        return NodeState(0, reading.timestamp), decision  # count again before stopping another
+
+
+def with_stop(state: AttemptState, decision: Decision) -> AttemptState:
+    """An attempt's state once a stop was decided for it from outside its own rules (the node rule)."""
+    return replace(state, stop=state.stop or decision, fired=state.fired | {decision.rule})
+
+
+__all__ = [
+    "ACTIONS", "STOPS", "NONE", "WARN", "RECORD_CPU", "STOP_AND_RESUBMIT", "STOP_LIMIT", "CANCEL",
+    "REQUEUE_LOWEST_PRIORITY", "LiveReport", "NodeMemory", "Decision", "Finding", "Check",
+    "MemoryOverAllocation", "MemoryOverHardCap", "WallOverPrediction", "CpuOffAllocation",
+    "AttemptRule", "AttemptState", "NodeState", "NodePressure", "Rules", "with_stop",
+]

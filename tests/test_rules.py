@@ -1,0 +1,278 @@
+"""The live monitor's rules: pure, driven by hand-made samples on a fake clock. No Ray here."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from raysched.config import RayschedConfig
+from raysched.errors import ResourceLimitExceeded
+from raysched.policy import rules as R
+from raysched.policy.recipe import build_rules
+from raysched.policy.rules import AttemptRule, AttemptState, Decision, LiveReport, NodeMemory, NodeState, Rules
+from raysched.types import GiB, MiB, Allocation
+
+N = 3  # the sustain used throughout
+CFG = RayschedConfig(monitor_sustain_samples=N, node_memory_sustain_readings=N)
+
+
+class FakeClock:
+    """Sample timestamps: each call is one live interval later."""
+
+    def __init__(self, start: float = 1000.0, step: float = 0.5):
+        self.now, self.step = start, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def live(clock: FakeClock | None = None, **changes) -> LiveReport:
+    base = LiveReport(
+        function="mod.f", code_hash="h1", call_id="c1", attempt=1, node_id="node-a", priority=0,
+        allocation=Allocation(num_cpus=1.0, memory_bytes=1 * GiB), predicted_memory_upper_bytes=900 * MiB,
+        predicted_wall_upper_s=10.0, prediction_source="history", rss_bytes=500 * MiB, peak_rss_bytes=500 * MiB,
+        cpu_seconds=5.0, wall_seconds=5.0, timestamp=clock() if clock else 1.0,
+    )
+    return replace(base, **changes)
+
+
+def replay(rules: Rules, reports: list[LiveReport]) -> list[tuple[Decision, ...]]:
+    """The decisions of each sample, fed in order to one attempt's state."""
+    state, out = AttemptState(), []
+    for r in reports:
+        state, decisions = rules.evaluate(state, r)
+        out.append(decisions)
+    return out
+
+
+def actions(per_sample: list[tuple[Decision, ...]]) -> list[tuple[str, ...]]:
+    return [tuple(d.action for d in ds) for ds in per_sample]
+
+
+# --- each check on its own: a table ---------------------------------------------------------------
+
+OVER = int(1.3 * GiB)  # over 1 GiB x 1.2
+
+CHECKS = [
+    # (case, check, report changes, expected action or None)
+    ("under tolerance", R.MemoryOverAllocation(1.2, 4), dict(rss_bytes=int(1.15 * GiB)), None),
+    ("over tolerance", R.MemoryOverAllocation(1.2, 4), dict(rss_bytes=OVER), R.STOP_AND_RESUBMIT),
+    ("peak alone does not count", R.MemoryOverAllocation(1.2, 4), dict(peak_rss_bytes=2 * GiB), None),
+    ("over but capped: warn", R.MemoryOverAllocation(1.2, 4),
+     dict(rss_bytes=OVER, allocation=Allocation(1.0, 1 * GiB, capped=True)), R.WARN),
+    ("over on the last attempt: warn", R.MemoryOverAllocation(1.2, 4), dict(rss_bytes=OVER, attempt=4), R.WARN),
+    ("no cap configured", R.MemoryOverHardCap(None, {}), dict(rss_bytes=100 * GiB), None),
+    ("global cap", R.MemoryOverHardCap(2 * GiB, {}), dict(rss_bytes=3 * GiB), R.STOP_LIMIT),
+    ("per-function cap wins over global", R.MemoryOverHardCap(8 * GiB, {"mod.f": 2 * GiB}),
+     dict(rss_bytes=3 * GiB), R.STOP_LIMIT),
+    ("per-function cap by short name", R.MemoryOverHardCap(None, {"f": 2 * GiB}), dict(rss_bytes=3 * GiB), R.STOP_LIMIT),
+    ("another function's cap", R.MemoryOverHardCap(None, {"mod.g": 2 * GiB}), dict(rss_bytes=3 * GiB), None),
+    ("generous per-function cap beats a tight global", R.MemoryOverHardCap(1 * GiB, {"mod.f": 4 * GiB}),
+     dict(rss_bytes=3 * GiB), None),
+    ("wall within factor", R.WallOverPrediction(3.0), dict(wall_seconds=29.0), None),
+    ("wall past factor: warn", R.WallOverPrediction(3.0), dict(wall_seconds=31.0), R.WARN),
+    ("wall past factor: cancel", R.WallOverPrediction(3.0, cancel=True), dict(wall_seconds=31.0), R.CANCEL),
+    ("wall never judged on a fallback", R.WallOverPrediction(3.0, cancel=True),
+     dict(wall_seconds=1e6, prediction_source="fallback"), None),
+    ("cpu in range", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=12.0, wall_seconds=20.0), None),
+    ("cpu far below", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=2.0, wall_seconds=20.0), R.RECORD_CPU),
+    ("cpu far above", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=80.0, wall_seconds=20.0), R.RECORD_CPU),
+    ("cpu not judged in start-up", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=0.0, wall_seconds=5.0), None),
+]
+
+
+@pytest.mark.parametrize("case,check,changes,expected", CHECKS, ids=[c[0] for c in CHECKS])
+def test_each_check(case, check, changes, expected):
+    finding = check(live(**changes))
+    assert (finding.action if finding else None) == expected
+
+
+def test_findings_carry_the_figures_in_the_rules_units():
+    f = R.MemoryOverHardCap(2 * GiB)(live(rss_bytes=3 * GiB))
+    assert (f.measured, f.allocated) == (3 * GiB, 2 * GiB) and "3072 MiB" in f.detail and "2048 MiB" in f.detail
+    f = R.WallOverPrediction(3.0)(live(wall_seconds=31.0))
+    assert (f.measured, f.allocated) == (31.0, 10.0)
+    f = R.CpuOffAllocation(0.25, 1.5, 10.0)(live(cpu_seconds=2.0, wall_seconds=20.0, allocation=Allocation(2.0, GiB)))
+    assert (f.measured, f.allocated) == (0.1, 2.0)
+
+
+# --- hysteresis: stops need N consecutive samples -------------------------------------------------
+
+
+def over_allocation_rules(sustain: int = N) -> Rules:
+    return Rules((AttemptRule("memory_over_allocation", R.MemoryOverAllocation(1.2, 4), sustain),))
+
+
+@pytest.mark.parametrize(
+    "pattern,expected_stop_at",
+    [
+        ("OOc", None),  # held N-1 samples, then cleared: nothing at all
+        ("OOcOO", None),  # a clear sample resets the count
+        ("OOO", 2),  # held N samples: the Nth stops
+        ("OOcOOOO", 5),  # the count starts again after a clear sample
+        ("cccccc", None),
+    ],
+)
+def test_a_stop_needs_the_condition_over_n_consecutive_samples(pattern, expected_stop_at):
+    clock = FakeClock()
+    reports = [live(clock, rss_bytes=OVER if ch == "O" else 900 * MiB) for ch in pattern]
+    per_sample = replay(over_allocation_rules(), reports)
+    stops = [i for i, ds in enumerate(per_sample) if any(d.stops for d in ds)]
+    assert stops == ([] if expected_stop_at is None else [expected_stop_at])
+
+
+def test_n_minus_one_samples_then_clear_produces_no_action_with_the_default_recipe():
+    clock = FakeClock()
+    over = [live(clock, rss_bytes=OVER) for _ in range(CFG.monitor_sustain_samples - 1)]
+    cleared = [live(clock, rss_bytes=800 * MiB) for _ in range(5)]
+    assert all(ds == () for ds in replay(build_rules(CFG), over + cleared))
+
+
+def test_a_sample_seen_twice_or_late_changes_nothing():
+    clock = FakeClock()
+    a, b = live(clock, rss_bytes=OVER), live(clock, rss_bytes=OVER)
+    # A batch delivered twice (an actor call retried) and one arriving late count once.
+    per_sample = replay(over_allocation_rules(), [a, a, b, b, a])
+    assert all(ds == () for ds in per_sample)
+    c = live(clock, rss_bytes=OVER)
+    assert actions(replay(over_allocation_rules(), [a, b, b, c])) == [(), (), (), (R.STOP_AND_RESUBMIT,)]
+
+
+def test_after_a_stop_nothing_more_is_decided_and_warnings_fire_once():
+    clock = FakeClock()
+    rules = Rules((
+        AttemptRule("memory_over_allocation", R.MemoryOverAllocation(1.2, 4), N),
+        AttemptRule("wall_over_prediction", R.WallOverPrediction(3.0), N),
+    ))
+    reports = [live(clock, rss_bytes=OVER, wall_seconds=40.0 + i) for i in range(6)]
+    got = actions(replay(rules, reports))
+    # Warnings need no hysteresis (nothing is stopped) and fire once; the stop ends it.
+    assert got == [(R.WARN,), (), (R.STOP_AND_RESUBMIT,), (), (), ()]
+
+
+def test_the_hard_cap_takes_precedence_over_resubmission():
+    clock = FakeClock()
+    reports = [live(clock, rss_bytes=3 * GiB) for _ in range(N)]
+    got = replay(build_rules(CFG.replace(memory_limits={"mod.f": 2 * GiB})), reports)
+    assert actions(got) == [(), (), (R.STOP_LIMIT,)]
+    decision = got[-1][0]
+    assert decision.rule == "memory_hard_limit" and decision.stops
+    error = decision.limit_error()
+    assert isinstance(error, ResourceLimitExceeded)
+    assert (error.function, error.measured, error.limit, error.attempts) == ("mod.f", 3 * GiB, 2 * GiB, 1)
+    with pytest.raises(ValueError):
+        Decision("x", R.WARN, "f", "c", 1).limit_error()
+
+
+def test_decisions_name_the_attempt_and_where_it_ran():
+    clock = FakeClock()
+    got = replay(over_allocation_rules(1), [live(clock, rss_bytes=OVER, call_id="c9", attempt=2, node_id="node-z")])
+    d = got[0][0]
+    assert (d.function, d.code_hash, d.call_id, d.attempt, d.node_id) == ("mod.f", "h1", "c9", 2, "node-z")
+    assert d.timestamp == clock.now and d.measured == OVER and d.allocated == GiB
+    assert "resubmit on the next rung" in d.detail
+    with pytest.raises(ValueError, match="unknown action"):
+        Decision("x", "explode", "f", "c", 1)
+
+
+def test_wall_cancel_is_sustained_like_any_stop():
+    clock = FakeClock()
+    rules = build_rules(CFG.replace(monitor_cancel_slow=True))
+    slow = [live(clock, wall_seconds=31.0 + i, cpu_seconds=31.0 + i) for i in range(N)]
+    assert actions(replay(rules, slow)) == [(), (), (R.CANCEL,)]
+
+
+# --- node memory pressure: the lowest priority gives way first ----------------------------------------
+
+
+def running_on(node: str, *specs: tuple[str, int, int]) -> list[LiveReport]:
+    return [live(call_id=c, priority=p, rss_bytes=rss * MiB, node_id=node) for c, p, rss in specs]
+
+
+def readings(clock: FakeClock, fractions: str) -> list[NodeMemory]:
+    """'H' a reading at 95% of the node's memory, 'L' one at 50%."""
+    return [NodeMemory("node-a", (0.95 if ch == "H" else 0.5) * 64 * GiB, 64 * GiB, clock()) for ch in fractions]
+
+
+def replay_node(rules: Rules, reads: list[NodeMemory], running: list[LiveReport]) -> list[Decision | None]:
+    """Feed readings; a stopped attempt no longer counts as running, as in the monitor."""
+    state, out, running = NodeState(), [], list(running)
+    for reading in reads:
+        state, decision = rules.evaluate_node(state, reading, running)
+        out.append(decision)
+        if decision is not None:
+            running = [r for r in running if r.key != (decision.call_id, decision.attempt)]
+    return out
+
+
+def test_node_pressure_stops_lowest_priority_first_never_a_higher_one():
+    rules = build_rules(CFG)
+    running = running_on("node-a", ("high", 5, 100), ("low", 0, 100), ("mid", 2, 4000)) + \
+        running_on("node-b", ("elsewhere", -9, 100))
+    got = replay_node(rules, readings(FakeClock(), "H" * (3 * N + 2)), running)
+    victims = [d.call_id for d in got if d is not None]
+    # One every N readings, in priority order; the other node's task is never touched.
+    assert victims == ["low", "mid", "high"]
+    assert [i for i, d in enumerate(got) if d is not None] == [N - 1, 2 * N - 1, 3 * N - 1]
+    first = next(d for d in got if d is not None)
+    assert first.action == R.REQUEUE_LOWEST_PRIORITY and first.node_id == "node-a"
+    assert first.measured == pytest.approx(0.95) and first.allocated == CFG.node_memory_threshold
+    assert "priority 0" in first.detail
+
+
+def test_node_pressure_among_equals_the_biggest_gives_way():
+    running = running_on("node-a", ("small", 1, 100), ("big", 1, 3000), ("vip", 7, 9000))
+    got = replay_node(build_rules(CFG), readings(FakeClock(), "H" * N), running)
+    assert got[-1] is not None and got[-1].call_id == "big"
+
+
+@pytest.mark.parametrize("pattern", ["HHL", "HLHLHL", "HHLHH", "LLLLL"])
+def test_node_pressure_has_hysteresis(pattern):
+    running = running_on("node-a", ("low", 0, 100))
+    assert replay_node(build_rules(CFG), readings(FakeClock(), pattern), running) == [None] * len(pattern)
+
+
+def test_node_pressure_with_nothing_running_there_decides_nothing_and_stale_readings_are_ignored():
+    rules = build_rules(CFG)
+    clock = FakeClock()
+    assert replay_node(rules, readings(clock, "H" * (N + 2)), running_on("node-b", ("x", 0, 100))) == [None] * (N + 2)
+    reading = readings(clock, "H")[0]
+    state, _ = rules.evaluate_node(NodeState(), reading, [])
+    assert rules.evaluate_node(state, reading, []) == (state, None)  # the same reading again
+
+
+def test_with_stop_marks_an_attempt_stopped_from_outside():
+    clock = FakeClock()
+    d = Decision("node_memory_pressure", R.REQUEUE_LOWEST_PRIORITY, "mod.f", "c1", 1)
+    state = R.with_stop(AttemptState(), d)
+    assert state.stop == d
+    assert build_rules(CFG).evaluate(state, live(clock, rss_bytes=10 * GiB)) == (state, ())
+
+
+# --- the recipe ----------------------------------------------------------------------------------------
+
+
+def test_build_rules_follows_the_config():
+    rules = build_rules(RayschedConfig())
+    assert [r.name for r in rules.attempt_rules] == [
+        "memory_hard_limit", "memory_over_allocation", "wall_over_prediction", "cpu_off_allocation"]
+    assert {r.sustain for r in rules.attempt_rules} == {RayschedConfig().monitor_sustain_samples}
+    assert rules.node_rule.threshold == 0.9
+    cfg = RayschedConfig(memory_limit_bytes=8 * GiB, memory_limits={"mod.f": 2 * GiB}, monitor_memory_tolerance=1.5)
+    assert cfg.memory_limits == (("mod.f", 2 * GiB),) and hash(cfg)  # a mapping is stored hashable
+    cap = build_rules(cfg).attempt_rules[0].check
+    assert cap.limit_for("mod.f") == 2 * GiB and cap.limit_for("mod.g") == 8 * GiB
+    assert build_rules(cfg).attempt_rules[1].check.tolerance == 1.5
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(monitor_sustain_samples=0), dict(node_memory_threshold=1.5), dict(memory_limit_bytes=0),
+     dict(memory_limits={"f": -1}), dict(monitor_memory_tolerance=0.5),
+     dict(monitor_cpu_low_ratio=2.0, monitor_cpu_high_ratio=1.0)],
+)
+def test_bad_monitor_knobs_are_refused(changes):
+    with pytest.raises(ValueError, match="invalid RayschedConfig"):
+        RayschedConfig(**changes)
