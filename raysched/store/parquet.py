@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import errno
 import math
 import os
 import time
@@ -45,6 +46,7 @@ QUARANTINE = "quarantine"
 DEDUPE_COLUMN = "row_id"
 _STALE_TMP_SECONDS = 3600.0
 _READ_RETRIES = 20
+_NOT_THE_FILES_FAULT = {errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 _UTC = _dt.timezone.utc
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
 _US = _dt.timedelta(microseconds=1)
@@ -269,7 +271,12 @@ class ParquetTable:
                 missing = [i for i, v in enumerate(columns[f.name]) if v is None]
                 if missing:
                     raise InvalidInput(f"{self.name}: column {f.name!r} must not be null (row {missing[0]})")
-        arrays = [pa.array(columns[f.name], type=f.type) for f in self.schema]
+        arrays = []
+        for f in self.schema:
+            try:
+                arrays.append(pa.array(columns[f.name], type=f.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the checks above should have caught it
+                raise InvalidInput(f"{self.name}: column {f.name!r}: {e}") from None
         return pa.Table.from_arrays(arrays, schema=self._write_schema)
 
     def _write_part(self, table: pa.Table, time_ns: int | None = None) -> Path:
@@ -381,9 +388,10 @@ class ParquetTable:
             table = pf.read(columns=present, use_threads=False)
             if any(table.schema.field(c).type != self._read_schema.field(c).type for c in present):
                 table = self._conform(table, present)  # a cast that fails marks the part unreadable
-        except PermissionError as e:
-            raise StoreError(f"raysched store {self.name!r}: cannot read {path} ({e})") from e
         except Exception as e:
+            if isinstance(e, OSError) and e.errno in _NOT_THE_FILES_FAULT:
+                # No access, too many open files...: the part may be fine, so never quarantine it.
+                raise StoreError(f"raysched store {self.name!r}: cannot read {path} ({e})") from e
             if not path.exists():
                 raise _Vanished(name) from e
             return None, self._quarantine(path, e)
