@@ -67,7 +67,9 @@ def _settle() -> None:
     except ValueError:
         return
     flush = get_config().flush_interval_s
-    ray.get(profiler.settle.remote(min_wait_s=2 * flush + 0.2), timeout=60)
+    # A finished task's row waits up to one flush interval in its worker, then
+    # travels to the profiler: give it a generous second, then wait for quiet.
+    ray.get(profiler.settle.remote(min_wait_s=max(1.0, 3 * flush)), timeout=60)
 
 
 def profiles(f_or_name: Any = None, *, settle: bool = True):

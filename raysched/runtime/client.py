@@ -41,6 +41,11 @@ class ProfilerClient:
         handle_factory: Callable[[RayschedConfig], Any] = get_or_create_profiler,
         clock: Callable[[], float] = time.monotonic,
     ):
+        from ..store.profiles import ProfileStore
+
+        # Fail here, in the driver, with a clear StoreError if the home is unusable,
+        # rather than as a dead actor later.
+        ProfileStore(config.home_path)
         self.config = config
         self._handle_factory = handle_factory
         self._handle: Any = None
@@ -108,7 +113,7 @@ class ProfilerClient:
         """Block until the profiler has answered (after training, if asked): for predict() and tools."""
         key = (function, code_hash)
         if train:
-            ray.get(self.handle.settle.remote(min_wait_s=2 * self.config.flush_interval_s + 0.2), timeout=timeout)
+            ray.get(self.handle.settle.remote(min_wait_s=max(1.0, 3 * self.config.flush_interval_s)), timeout=timeout)
             ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
         with self._lock:
             self._pending.pop(key, None)

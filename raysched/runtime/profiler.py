@@ -111,6 +111,7 @@ class Profiler:
         self._lock = threading.RLock()
         self._functions: dict[str, _FunctionState] = {}
         self._last_record = clock()
+        self._in_flight = 0  # record calls writing right now
         self.rows_received = 0
         self._predictor = build_predictor(config)
 
@@ -159,10 +160,17 @@ class Profiler:
         """Store attempt rows (one Parquet part), then maybe start a background retrain."""
         if not rows:
             return 0
-        written = self.store.append(rows)
+        with self._lock:
+            self._in_flight += 1
+            self._last_record = self._clock()
+        try:
+            written = self.store.append(rows)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._last_record = self._clock()
         frame = pd.DataFrame(list(rows))
         with self._lock:
-            self._last_record = self._clock()
             self.rows_received += written
             for function, part in frame.groupby("function", sort=False):
                 if function not in self._functions:
@@ -272,7 +280,8 @@ class Profiler:
         while self._clock() < deadline:
             with self._lock:
                 idle = self._clock() - self._last_record
-            if idle >= quiet_s:
+                busy = self._in_flight > 0
+            if idle >= quiet_s and not busy:
                 break
             time.sleep(min(quiet_s - idle, 0.05) + 0.01)
         return self.rows_received

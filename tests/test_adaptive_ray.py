@@ -1,0 +1,180 @@
+"""@adaptive_remote on a real local Ray: ObjectRef semantics, options, profiles, learning, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+
+import raysched
+from raysched import InvalidInput, adaptive_remote
+from raysched.types import MiB
+
+pytestmark = pytest.mark.ray
+
+PROFILE_COLUMNS = [
+    "function", "code_hash", "attempt", "outcome", "input_size", "peak_rss_bytes", "cpu_seconds",
+    "wall_seconds", "read_bytes", "write_bytes", "allocated_num_cpus", "allocated_memory_bytes",
+    "predicted_memory_bytes", "timestamp",
+]
+
+
+@adaptive_remote
+def add_one(x):
+    return x + 1
+
+
+@adaptive_remote(tags=["unit"], memory=300 * MiB, num_cpus=0.5)
+def array_sum(a):
+    return float(np.asarray(a).sum())
+
+
+@adaptive_remote(name="grows_with_input")
+def grows(n_bytes):
+    block = np.ones(max(1, n_bytes // 8))
+    return int(block.nbytes)
+
+
+class Boom(ValueError):
+    pass
+
+
+@adaptive_remote
+def fails(x):
+    raise Boom(f"bad {x}")
+
+
+@ray.remote
+def plain_double(x):
+    return 2 * x
+
+
+def test_remote_returns_a_real_object_ref(ray_session):
+    ref = add_one.remote(41)
+    assert isinstance(ref, ray.ObjectRef)
+    ready, _ = ray.wait([ref], timeout=60)
+    assert ready == [ref]
+    assert ray.get(ref) == 42
+    # Another task, plain or adaptive, takes it as an argument.
+    assert ray.get(plain_double.remote(ref)) == 84
+    assert ray.get(add_one.remote(add_one.remote(1))) == 3
+
+
+def test_calling_directly_is_an_error_like_ray(ray_session):
+    with pytest.raises(TypeError, match="remote"):
+        add_one(1)
+
+
+def test_user_exception_keeps_its_type_and_is_recorded(ray_session):
+    with pytest.raises(Boom, match="bad 7"):
+        ray.get(fails.remote(7))
+    rows = raysched.profiles(fails)
+    assert list(rows["outcome"]) == ["error"]
+    assert "Boom" in rows["error"].iloc[0]
+
+
+def test_profiles_have_the_documented_columns_and_real_measurements(ray_session):
+    arr = np.ones(2_000_000)  # 16 MB
+    assert ray.get(array_sum.remote(arr)) == 2_000_000.0
+    rows = raysched.profiles(array_sum)
+    assert isinstance(rows, pd.DataFrame)
+    for column in PROFILE_COLUMNS:
+        assert column in rows.columns, column
+    row = rows.iloc[-1]
+    assert row["function"] == array_sum.name and row["code_hash"] == array_sum.code_hash
+    assert row["attempt"] == 1 and row["outcome"] == "ok"
+    assert row["input_size"] == arr.nbytes
+    assert row["peak_rss_bytes"] > 30 * MiB  # a Python worker with numpy is never smaller
+    assert row["wall_seconds"] > 0 and row["cpu_seconds"] >= 0
+    # Cold start: the decorator's fallbacks, with the margin and rounding.
+    assert row["allocated_num_cpus"] == 0.5
+    assert row["allocated_memory_bytes"] == 352 * MiB  # 300 MiB x 1.15 rounded up to 16 MiB
+    assert row["predicted_memory_bytes"] == 300 * MiB
+    assert list(row["tags"]) == ["unit"]
+
+
+def test_options_carry_metadata_and_explicit_resources_win(ray_session):
+    ref = array_sum.options(input_size=12345, tags=["extra"], priority=3, num_cpus=1, memory=200 * MiB).remote([1, 2])
+    assert ray.get(ref) == 3.0
+    row = raysched.profiles(array_sum).iloc[-1]
+    assert row["input_size"] == 12345
+    assert sorted(row["tags"]) == ["extra", "unit"]
+    assert row["priority"] == 3
+    assert row["allocated_num_cpus"] == 1.0 and row["allocated_memory_bytes"] == 200 * MiB
+
+
+def test_input_size_of_an_object_ref_argument_is_known(ray_session):
+    arr = np.ones(500_000)
+    ref = ray.put(arr)
+    assert ray.get(array_sum.remote(ref)) == 500_000.0
+    row = raysched.profiles(array_sum).iloc[-1]
+    assert row["input_size"] >= arr.nbytes
+
+
+def test_predict_uses_per_call_input_size(ray_session):
+    prediction = grows.options(input_size=10**6).predict(10**6)
+    for resource in ("memory", "cpu", "wall"):
+        est = prediction[resource]
+        assert est.lower <= est.target <= est.upper
+        assert est.n_history == 0
+    assert prediction.source == "fallback"
+
+
+def test_learns_from_history_then_from_the_model(ray_session):
+    sizes = [int(s) for s in np.linspace(8 * MiB, 160 * MiB, 36)]
+    first, rest = sizes[::7], [s for i, s in enumerate(sizes) if i % 7]  # 6 spread over the range
+    # An int argument has no size of its own: the caller says how big the input is.
+    ray.get([grows.options(input_size=s).remote(s) for s in first])
+    raysched.profiles(grows)  # let the rows land
+    small = grows.options(input_size=8 * MiB).predict(8 * MiB)
+    big = grows.options(input_size=160 * MiB).predict(160 * MiB)
+    assert len(raysched.profiles(grows)) == 6, raysched.profiles(grows)[["outcome", "input_size", "peak_rss_bytes", "memory_sample_bytes"]]
+    assert small.source == "history" and small.memory.n_history == 6
+    assert big.memory.target > small.memory.target + 80 * MiB  # scales with input size
+    ray.get([grows.options(input_size=s).remote(s) for s in rest])
+    grows.refresh(train=True)
+    learned = grows.options(input_size=160 * MiB).predict(160 * MiB)
+    assert learned.source.startswith("model-v")
+    assert learned.memory.target == pytest.approx(160 * MiB + 100 * MiB, rel=0.5)
+    # Warm submissions record the model as their source.
+    ray.get(grows.options(input_size=64 * MiB).remote(64 * MiB))
+    assert raysched.profiles(grows)["prediction_source"].iloc[-1].startswith("model-v")
+    # The training is in MLflow's registry, in XGBoost's own format.
+    from raysched.store.registry import ModelRegistry
+
+    versions = ModelRegistry(ray_session).versions("grows_with_input", "memory")
+    assert versions and all("pinball_loss" in v["metrics"] for v in versions)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: adaptive_remote(5),
+        lambda: adaptive_remote(memory="1GB")(lambda x: x),
+        lambda: adaptive_remote(memory=-5)(lambda x: x),
+        lambda: adaptive_remote(tags=[1, 2])(lambda x: x),
+        lambda: adaptive_remote(max_attempts=0)(lambda x: x),
+        lambda: add_one.options(input_size=-1),
+        lambda: add_one.options(input_size="big"),
+        lambda: add_one.options(tags=[None]),
+        lambda: add_one.options(memory=0),
+        lambda: add_one.options(priority="high"),
+    ],
+)
+def test_bad_input_is_a_clear_error(ray_session, make):
+    with pytest.raises(InvalidInput):
+        make()
+
+
+def test_corrupt_part_file_is_set_aside_and_other_rows_still_read(ray_session):
+    ray.get(add_one.remote(1))
+    before = len(raysched.profiles(add_one))
+    (ray_session / "profiles" / "part-0000000000000000001-1-deadbeef.parquet").write_bytes(b"not parquet at all")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        after = raysched.profiles(add_one)
+    assert len(after) == before
+    assert any("quarantine" in str(w.message) for w in caught)
