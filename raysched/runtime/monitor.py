@@ -1,0 +1,507 @@
+"""The live monitor: watches running attempts through their live samples and decides what to stop.
+
+Workers send batches of ``LiveReport`` (one per running attempt per live
+interval; tasks shorter than the interval never report).  ``Monitor`` keeps a
+small state per attempt, evaluates the rules ``recipe.build_rules`` composes,
+and keeps the decisions for workers to poll (``directives``); every decision
+other than "none" becomes one event row in the profile store and a metric.  It
+also reads the memory of the nodes that have running attempts from their
+metrics endpoints and, under pressure, has the lowest-priority attempt there
+give way.
+
+``Monitor`` is a plain class that tests drive with a fake clock and a
+temporary store; ``get_or_create_monitor`` is the one place that makes it a
+named, detached, restartable Ray actor (as ``profiler.get_or_create_profiler``).
+Rules only decide; the worker applies a stop (see ``Decision.stops``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from ..config import RayschedConfig
+from ..policy.recipe import build_rules
+from ..policy.rules import (
+    REQUEUE_LOWEST_PRIORITY,
+    STOP_AND_RESUBMIT,
+    AttemptState,
+    Decision,
+    LiveReport,
+    NodeMemory,
+    NodeState,
+    with_stop,
+)
+from .session import NAMESPACE
+
+logger = logging.getLogger(__name__)
+
+MONITOR_NAME = "raysched_monitor"
+#: Pending event rows kept while the store cannot be written; beyond it the oldest are dropped.
+MAX_PENDING_EVENTS = 10_000
+
+
+def report_from(spec: Any, sample: Any, node_id: str = "") -> LiveReport:
+    """A LiveReport from a worker's ``AttemptSpec`` and a ``measure.LiveSample``."""
+    prediction = spec.prediction
+    return LiveReport(
+        function=spec.function, code_hash=spec.code_hash, call_id=spec.call_id, attempt=spec.attempt,
+        node_id=node_id, priority=spec.priority, allocation=spec.allocation,
+        predicted_memory_upper_bytes=float(prediction.memory.upper),
+        predicted_wall_upper_s=float(prediction.wall.upper), prediction_source=prediction.source,
+        rss_bytes=int(sample.rss_bytes), peak_rss_bytes=int(sample.peak_rss_bytes),
+        cpu_seconds=float(sample.cpu_seconds), wall_seconds=float(sample.wall_seconds),
+        read_bytes=int(sample.read_bytes), write_bytes=int(sample.write_bytes), timestamp=float(sample.timestamp),
+    )
+
+
+# --- metrics: ray.util.metrics when in a Ray process, nothing otherwise --------------------------------
+
+
+class Metrics:
+    """The monitor's Prometheus metrics, created on first use; no-ops outside a Ray process.
+
+    Exported by Ray with its ``ray_`` prefix: ``ray_raysched_memory_predicted_upper_bytes``
+    and ``ray_raysched_memory_used_bytes`` (gauges per function: the newest sample's
+    prediction and resident memory), ``ray_raysched_monitor_decisions_total`` (per rule
+    and action), ``ray_raysched_stopped_attempts_total`` and
+    ``ray_raysched_resubmissions_total`` (per function), ``ray_raysched_node_memory_fraction``
+    (per node).
+    """
+
+    def __init__(self) -> None:
+        self._made: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._metrics())
+
+    def _metrics(self) -> dict[str, Any]:
+        if self._made is not None:
+            return self._made
+        with self._lock:
+            if self._made is not None:
+                return self._made
+            made: dict[str, Any] = {}
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    from ray.util.metrics import Counter, Gauge
+
+                    made = {
+                        "predicted": Gauge("raysched_memory_predicted_upper_bytes",
+                                           "Predicted memory upper bound of the newest sampled attempt",
+                                           tag_keys=("function",)),
+                        "used": Gauge("raysched_memory_used_bytes",
+                                      "Resident memory of the newest sampled attempt", tag_keys=("function",)),
+                        "decisions": Counter("raysched_monitor_decisions_total",
+                                             "Decisions of the live monitor other than none",
+                                             tag_keys=("rule", "action")),
+                        "stopped": Counter("raysched_stopped_attempts_total",
+                                           "Attempts the live monitor stopped", tag_keys=("function", "action")),
+                        "resubmitted": Counter("raysched_resubmissions_total",
+                                               "Attempts stopped to be resubmitted (next rung or requeued)",
+                                               tag_keys=("function",)),
+                        "node": Gauge("raysched_node_memory_fraction", "Used share of a node's memory",
+                                      tag_keys=("node_id",)),
+                    }
+            except Exception:  # noqa: BLE001 - metrics are never worth failing the monitor for
+                logger.exception("raysched: could not create the monitor's metrics")
+                made = {}
+            self._made = made
+            return made
+
+    def observe(self, report: LiveReport) -> None:
+        m = self._metrics()
+        if m:
+            tags = {"function": report.function}
+            m["predicted"].set(report.predicted_memory_upper_bytes, tags=tags)
+            m["used"].set(report.rss_bytes, tags=tags)
+
+    def decided(self, decision: Decision) -> None:
+        m = self._metrics()
+        if not m:
+            return
+        m["decisions"].inc(1, tags={"rule": decision.rule, "action": decision.action})
+        if decision.stops:
+            m["stopped"].inc(1, tags={"function": decision.function, "action": decision.action})
+        if decision.action in (STOP_AND_RESUBMIT, REQUEUE_LOWEST_PRIORITY):
+            m["resubmitted"].inc(1, tags={"function": decision.function})
+
+    def node(self, reading: NodeMemory) -> None:
+        m = self._metrics()
+        if m:
+            m["node"].set(reading.fraction, tags={"node_id": reading.node_id})
+
+
+# --- node memory: Ray's per-node Prometheus endpoint ----------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\S+)?\s*$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str, names: Iterable[str] | None = None) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of each sample line of Prometheus text exposition.
+
+    Comments, blank and unparsable lines are skipped; ``names`` keeps only those
+    metrics.  Enough for Ray's gauges, not a full implementation of the format.
+    """
+    wanted = set(names) if names is not None else None
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        name, raw_labels, raw_value = match.groups()
+        if wanted is not None and name not in wanted:
+            continue
+        try:
+            value = float(raw_value)
+        except ValueError:
+            continue
+        labels = {k: v.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+                  for k, v in _LABEL.findall(raw_labels or "")}
+        out.append((name, labels, value))
+    return out
+
+
+def node_memory_from_metrics(text: str, node_id: str, ip: str | None = None,
+                             timestamp: float = 0.0) -> NodeMemory | None:
+    """A node's memory from its metrics text: ``ray_node_mem_used`` / ``ray_node_mem_total``.
+
+    With ``ip``, only series of that node's address count (an endpoint may serve
+    several); None when either gauge is missing.
+    """
+    found: dict[str, float] = {}
+    for name, labels, value in parse_prometheus(text, ("ray_node_mem_used", "ray_node_mem_total")):
+        if ip is not None and labels.get("ip", ip) != ip:
+            continue
+        found[name] = value
+    if "ray_node_mem_used" not in found or not found.get("ray_node_mem_total"):
+        return None
+    return NodeMemory(node_id, found["ray_node_mem_used"], found["ray_node_mem_total"], timestamp)
+
+
+def fetch_metrics_text(address: str, timeout_s: float = 1.0) -> str:
+    """The Prometheus text a node's metrics agent serves at ``http://<address>/metrics``."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as response:  # noqa: S310
+        return response.read().decode("utf-8", errors="replace")
+
+
+class RayNodeReader:
+    """Reads a node's memory: its metrics address from ``ray.nodes()``, then the endpoint."""
+
+    def __init__(self, timeout_s: float = 1.0):
+        self._timeout = timeout_s
+        self._addresses: dict[str, tuple[str, int]] = {}
+
+    def _address(self, node_id: str) -> tuple[str, int] | None:
+        if node_id not in self._addresses:
+            import ray
+
+            for node in ray.nodes():  # refreshed when an unknown node shows up
+                if node.get("Alive") and node.get("MetricsExportPort"):
+                    self._addresses[node["NodeID"]] = (node["NodeManagerAddress"], int(node["MetricsExportPort"]))
+        return self._addresses.get(node_id)
+
+    def __call__(self, node_id: str) -> NodeMemory | None:
+        try:
+            address = self._address(node_id)
+            if address is None:
+                return None
+            ip, port = address
+            text = fetch_metrics_text(f"{ip}:{port}", self._timeout)
+            return node_memory_from_metrics(text, node_id, ip=ip, timestamp=time.time())
+        except Exception as exc:  # noqa: BLE001 - a node we cannot read is a node we do not judge
+            logger.debug("raysched: could not read the memory of node %s: %s", node_id, exc)
+            self._addresses.pop(node_id, None)
+            return None
+
+
+# --- the monitor ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Attempt:
+    state: AttemptState
+    last: LiveReport
+    seen: float  # the monitor's clock when it last heard of the attempt
+
+
+def event_row(decision: Decision) -> dict[str, Any]:
+    """One EVENT_SCHEMA row; its id is fixed by what it decides, so a re-decision after a restart dedupes."""
+    key = f"{decision.call_id}:{decision.attempt}:{decision.rule}:{decision.action}"
+    return {
+        "row_id": hashlib.sha1(key.encode()).hexdigest()[:32],
+        "function": decision.function,
+        "code_hash": decision.code_hash or None,
+        "call_id": decision.call_id,
+        "attempt": decision.attempt,
+        "rule": decision.rule,
+        "action": decision.action,
+        "measured": float(decision.measured),
+        "allocated": float(decision.allocated),
+        "detail": decision.detail,
+        "node_id": decision.node_id or None,
+        "timestamp": float(decision.timestamp),
+    }
+
+
+class Monitor:
+    """Evaluates the monitor's rules over batches of live reports; keeps directives for workers.
+
+    ``clock`` (monotonic seconds) drives forgetting silent attempts and the
+    pace of node reads; decisions carry their sample's own timestamp.
+    ``node_reader(node_id) -> NodeMemory | None`` reads a node's memory (None:
+    nodes are not watched); ``metrics`` defaults to ``Metrics()``.
+    """
+
+    def __init__(
+        self,
+        config: RayschedConfig,
+        store: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        node_reader: Callable[[str], NodeMemory | None] | None = None,
+        metrics: Any = None,
+    ):
+        from ..store.profiles import ProfileStore
+
+        self.config = config
+        self.rules = build_rules(config)
+        self.store = store if store is not None else ProfileStore(config.home_path)
+        self._clock = clock
+        self._node_reader = node_reader
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._lock = threading.RLock()
+        self._poll_lock = threading.Lock()
+        self._attempts: dict[tuple[str, int], _Attempt] = {}
+        self._newest: dict[str, int] = {}  # call_id -> newest attempt reported
+        self._nodes: dict[str, NodeState] = {}
+        self._pending: list[dict[str, Any]] = []
+        self._last_sweep = self._last_poll = clock()
+        self.reports_received = 0
+        self.decisions_made = 0
+
+    # --- workers send live reports ------------------------------------------------------------------
+    def report(self, samples: Sequence[LiveReport]) -> dict[str, Decision]:
+        """Evaluate a batch of live reports; returns the stops for the attempts in it, by call id.
+
+        An empty answer means: keep running.  The stops include ones decided
+        earlier for these attempts (a node's pressure), so a worker reporting
+        every interval learns of its stop in the reply, without polling.
+        """
+        now = self._clock()
+        decided: list[Decision] = []
+        with self._lock:
+            for report in samples:
+                self.reports_received += 1
+                decided += self._evaluate(report, now)
+            self._sweep(now)
+        if self._node_reader is not None and now - self._last_poll >= self.config.node_poll_interval_s:
+            decided += self.poll_nodes()
+        self._record(decided)
+        with self._lock:
+            out = {}
+            for report in samples:
+                attempt = self._attempts.get(report.key)
+                if attempt is not None and attempt.state.stop is not None:
+                    out[report.call_id] = attempt.state.stop
+            return out
+
+    def _evaluate(self, report: LiveReport, now: float) -> list[Decision]:
+        newest = self._newest.get(report.call_id)
+        if newest is not None and report.attempt < newest:
+            return []  # a late sample of an attempt already superseded
+        if newest is not None and report.attempt > newest:
+            self._attempts.pop((report.call_id, newest), None)  # that attempt has ended
+        self._newest[report.call_id] = report.attempt
+        entry = self._attempts.get(report.key)
+        state = entry.state if entry is not None else AttemptState()
+        new_state, decisions = self.rules.evaluate(state, report)
+        last = report if entry is None or report.timestamp >= entry.last.timestamp else entry.last
+        self._attempts[report.key] = _Attempt(new_state, last, now)
+        if new_state.stop is None:
+            self.metrics.observe(report)
+        return list(decisions)
+
+    def _sweep(self, now: float) -> None:
+        """Forget attempts silent for ``monitor_stale_s`` (ended, or their worker died)."""
+        stale_s = self.config.monitor_stale_s
+        if now - self._last_sweep < stale_s / 4:
+            return
+        self._last_sweep = now
+        for key in [k for k, a in self._attempts.items() if now - a.seen > stale_s]:
+            del self._attempts[key]
+            if self._newest.get(key[0]) == key[1]:
+                del self._newest[key[0]]
+        running_nodes = {a.last.node_id for a in self._attempts.values()}
+        for node_id in [n for n in self._nodes if n not in running_nodes]:
+            del self._nodes[node_id]
+
+    # --- nodes ---------------------------------------------------------------------------------------------
+    def check_node(self, reading: NodeMemory) -> Decision | None:
+        """Judge one memory reading of a node; the requeue it decides, if any, is recorded."""
+        decision = self._check_node(reading)
+        if decision is not None:
+            self._record([decision])
+        return decision
+
+    def _check_node(self, reading: NodeMemory) -> Decision | None:
+        self.metrics.node(reading)
+        with self._lock:
+            running = [a.last for a in self._attempts.values()
+                       if a.state.stop is None and a.last.node_id == reading.node_id]
+            state, decision = self.rules.evaluate_node(self._nodes.get(reading.node_id, NodeState()), reading, running)
+            self._nodes[reading.node_id] = state
+            if decision is not None:
+                key = (decision.call_id, decision.attempt)
+                entry = self._attempts[key]
+                self._attempts[key] = _Attempt(with_stop(entry.state, decision), entry.last, entry.seen)
+            return decision
+
+    def poll_nodes(self) -> list[Decision]:
+        """Read the memory of every node with a running attempt and judge it (one poll at a time)."""
+        if self._node_reader is None or not self._poll_lock.acquire(blocking=False):
+            return []
+        try:
+            self._last_poll = self._clock()
+            with self._lock:
+                nodes = sorted({a.last.node_id for a in self._attempts.values()
+                                if a.state.stop is None and a.last.node_id})
+            decisions = []
+            for node_id in nodes:
+                reading = self._node_reader(node_id)  # outside the lock: it may wait on the network
+                if reading is not None:
+                    decision = self._check_node(reading)
+                    if decision is not None:
+                        decisions.append(decision)
+            return decisions
+        finally:
+            self._poll_lock.release()
+
+    # --- what workers and users ask ---------------------------------------------------------------------
+    def directives(self, call_ids: Iterable[str]) -> dict[str, Decision]:
+        """For each call id the monitor knows: the stop decided for its newest attempt, else "none".
+
+        A worker compares the decision's ``attempt`` with its own; call ids the
+        monitor has not heard of (yet, or any more) are left out.
+        """
+        with self._lock:
+            out = {}
+            for call_id in call_ids:
+                attempt = self._newest.get(call_id)
+                entry = self._attempts.get((call_id, attempt)) if attempt is not None else None
+                if entry is not None:
+                    out[call_id] = entry.state.stop or Decision.none(entry.last)
+            return out
+
+    def forget(self, call_id: str, attempt: int | None = None) -> None:
+        """Drop an attempt (or every attempt of a call) that has ended."""
+        with self._lock:
+            for key in [k for k in self._attempts if k[0] == call_id and (attempt is None or k[1] == attempt)]:
+                del self._attempts[key]
+            if attempt is None or self._newest.get(call_id) == attempt:
+                self._newest.pop(call_id, None)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "attempts": len(self._attempts),
+                "stopping": sum(a.state.stop is not None for a in self._attempts.values()),
+                "nodes": len(self._nodes),
+                "reports_received": self.reports_received,
+                "decisions": self.decisions_made,
+                "pending_events": len(self._pending),
+            }
+
+    def ping(self) -> bool:
+        return True
+
+    # --- events and metrics --------------------------------------------------------------------------------
+    def _record(self, decisions: Sequence[Decision]) -> None:
+        """Count every non-"none" decision, log it, and write it (and any still pending) as events."""
+        decisions = [d for d in decisions if d.action != "none"]
+        for d in decisions:
+            self.metrics.decided(d)
+            log = logger.warning if d.action != "record_cpu" else logger.info
+            log("raysched monitor: %s %s (call %s, attempt %d): %s", d.action, d.function, d.call_id, d.attempt,
+                d.detail)
+        with self._lock:
+            self.decisions_made += len(decisions)
+            self._pending.extend(event_row(d) for d in decisions)
+            del self._pending[:-MAX_PENDING_EVENTS]
+            rows, self._pending = self._pending, []
+        if not rows:
+            return
+        try:
+            self.store.append_events(rows)
+        except Exception:  # noqa: BLE001 - an unwritable store must not stop the decisions; retry later
+            logger.exception("raysched: could not write %d monitor events; will retry", len(rows))
+            with self._lock:
+                self._pending[:0] = rows
+                del self._pending[:-MAX_PENDING_EVENTS]
+
+
+def get_or_create_monitor(config: RayschedConfig):
+    """The cluster's monitor actor: found by name, created on first use, restarted by Ray.
+
+    A restarted monitor starts with no state: workers report again within one
+    live interval and hysteresis counts afresh; events already written are
+    not duplicated (their row ids are fixed by what they decide).
+    """
+    import ray
+
+    from .session import ensure_ray
+
+    ensure_ray()
+    return (
+        ray.remote(Monitor)
+        .options(
+            name=MONITOR_NAME,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            max_restarts=-1,
+            max_task_retries=-1,
+            num_cpus=0,
+            max_concurrency=16,
+        )
+        .remote(config, node_reader=RayNodeReader())
+    )
+
+
+def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
+    """Every decision the live monitor recorded (of one function, or all), oldest first.
+
+    ``function`` is a name or an adaptive function; ``home`` defaults to the
+    configured raysched home.  Columns as ``store.schema.EVENT_SCHEMA``.
+    """
+    from ..store.profiles import ProfileStore
+    from .session import get_config
+
+    name = function if function is None or isinstance(function, str) else getattr(function, "name", None)
+    if function is not None and not isinstance(name, str):
+        from ..errors import InvalidInput
+
+        raise InvalidInput(f"expected an adaptive function or a function name, got {function!r}")
+    return ProfileStore(home if home is not None else get_config().home_path).events(function=name)
+
+
+__all__ = [
+    "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "MONITOR_NAME",
+    "report_from", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
+    "get_or_create_monitor", "events",
+]

@@ -1,0 +1,338 @@
+"""The live monitor as a plain class: a fake clock, a temporary ProfileStore, fake nodes. No Ray here."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from raysched.config import RayschedConfig
+from raysched.errors import InvalidInput, ResourceLimitExceeded
+from raysched.policy import rules as R
+from raysched.runtime.measure import LiveSample
+from raysched.runtime.monitor import (
+    Metrics,
+    Monitor,
+    event_row,
+    events,
+    node_memory_from_metrics,
+    parse_prometheus,
+    report_from,
+)
+from raysched.policy.rules import LiveReport, NodeMemory
+from raysched.store.profiles import ProfileStore
+from raysched.store.schema import EVENT_SCHEMA
+from raysched.types import GiB, MiB, Allocation, Estimate, Prediction
+
+N = 3
+
+
+class FakeClock:
+    def __init__(self, t: float = 100.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+
+    def observe(self, report):
+        self.calls.append(("observe", report.rss_bytes))
+
+    def decided(self, decision):
+        self.calls.append(("decided", decision.action))
+
+    def node(self, reading):
+        self.calls.append(("node", round(reading.fraction, 2)))
+
+
+class SpyStore:
+    """A real ProfileStore that counts event writes and can be told to fail."""
+
+    def __init__(self, home, fail: int = 0):
+        self.inner = ProfileStore(home)
+        self.writes = 0
+        self.fail = fail
+
+    def append_events(self, rows):
+        if self.fail:
+            self.fail -= 1
+            raise OSError("disk full")
+        self.writes += 1
+        return self.inner.append_events(rows)
+
+
+class Samples:
+    """Live reports of one attempt, each one live interval after the previous."""
+
+    def __init__(self, **base):
+        self.t = 1_700_000_000.0
+        self.base = dict(
+            function="mod.f", code_hash="h1", call_id="c1", attempt=1, node_id="node-a", priority=0,
+            allocation=Allocation(num_cpus=1.0, memory_bytes=1 * GiB), predicted_memory_upper_bytes=900 * MiB,
+            predicted_wall_upper_s=10.0, prediction_source="history", rss_bytes=500 * MiB, peak_rss_bytes=500 * MiB,
+            cpu_seconds=1.0, wall_seconds=1.0,
+        )
+        self.base.update(base)
+
+    def __call__(self, **changes) -> LiveReport:
+        self.t += 0.5
+        return LiveReport(**{**self.base, "timestamp": self.t, **changes})
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def monitor(tmp_path, clock):
+    cfg = RayschedConfig(home=str(tmp_path), monitor_sustain_samples=N, node_memory_sustain_readings=2)
+    return Monitor(cfg, store=SpyStore(tmp_path), clock=clock, metrics=RecordingMetrics())
+
+
+def test_a_stop_is_decided_after_n_samples_and_returned_to_the_worker(monitor, tmp_path):
+    s = Samples()
+    replies = [monitor.report([s(rss_bytes=int(1.5 * GiB))]) for _ in range(N)]
+    assert replies[:-1] == [{}, {}]  # N-1 samples: keep running
+    stop = replies[-1]["c1"]
+    assert (stop.rule, stop.action, stop.attempt) == ("memory_over_allocation", R.STOP_AND_RESUBMIT, 1)
+    # The worker may also poll; the stop stays until the attempt is gone.
+    assert monitor.directives(["c1", "unknown"]) == {"c1": stop}
+    assert monitor.report([s(rss_bytes=int(1.5 * GiB))]) == {"c1": stop}
+    # One event row, read back through raysched's events().
+    ev = events(home=str(tmp_path))
+    assert list(ev.columns) == EVENT_SCHEMA.names and len(ev) == 1
+    row = ev.iloc[0]
+    assert (row.function, row.code_hash, row.call_id, row.attempt, row.rule, row.action, row.node_id) == (
+        "mod.f", "h1", "c1", 1, "memory_over_allocation", "stop_and_resubmit", "node-a")
+    assert row.measured == 1.5 * GiB and row.allocated == 1 * GiB and "next rung" in row.detail
+    assert row.timestamp.timestamp() == pytest.approx(stop.timestamp)
+    assert monitor.metrics.calls.count(("decided", R.STOP_AND_RESUBMIT)) == 1
+
+
+def test_n_minus_one_samples_then_clear_is_no_decision_and_no_event(monitor, tmp_path):
+    s = Samples()
+    batches = [[s(rss_bytes=int(1.5 * GiB))] for _ in range(N - 1)] + [[s()] for _ in range(10)]
+    assert all(monitor.report(b) == {} for b in batches)
+    assert monitor.directives(["c1"])["c1"].action == R.NONE
+    assert monitor.store.writes == 0  # no events for "none"
+    assert events(home=str(tmp_path)).empty
+    assert not any(c[0] == "decided" for c in monitor.metrics.calls)
+    assert monitor.status()["reports_received"] == N - 1 + 10
+
+
+def test_a_batch_mixes_attempts_and_each_gets_its_own_answer(monitor, tmp_path):
+    over, fine = Samples(call_id="big"), Samples(call_id="ok", function="mod.g")
+    for _ in range(N):
+        reply = monitor.report([over(rss_bytes=2 * GiB), fine()])
+    assert set(reply) == {"big"}
+    d = monitor.directives(["big", "ok"])
+    assert d["big"].stops and d["ok"].action == R.NONE and d["ok"].function == "mod.g"
+    assert len(events("mod.f", home=str(tmp_path))) == 1 and events("mod.g", home=str(tmp_path)).empty
+    assert events(SimpleNamespace(name="mod.f"), home=str(tmp_path)).call_id.tolist() == ["big"]
+    with pytest.raises(InvalidInput):
+        events(42, home=str(tmp_path))
+
+
+def test_hard_cap_stops_with_the_limit_error(tmp_path, clock):
+    cfg = RayschedConfig(home=str(tmp_path), monitor_sustain_samples=N, memory_limits={"f": 2 * GiB})
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    s = Samples()
+    for _ in range(N):
+        reply = monitor.report([s(rss_bytes=3 * GiB)])
+    stop = reply["c1"]
+    assert stop.action == R.STOP_LIMIT
+    error = stop.limit_error()
+    assert isinstance(error, ResourceLimitExceeded) and error.limit == 2 * GiB and "not retried" in str(error)
+    assert events(home=str(tmp_path)).action.tolist() == [R.STOP_LIMIT]
+
+
+def test_warnings_and_cpu_records_are_events_but_not_stops(monitor, tmp_path):
+    s = Samples()
+    reply = monitor.report([s(wall_seconds=45.0, cpu_seconds=1.0)])
+    assert reply == {} and monitor.directives(["c1"])["c1"].action == R.NONE
+    assert sorted(events(home=str(tmp_path)).action) == [R.RECORD_CPU, R.WARN]
+    monitor.report([s(wall_seconds=46.0, cpu_seconds=1.0)])
+    assert len(events(home=str(tmp_path))) == 2  # once per attempt
+
+
+def test_a_batch_delivered_twice_changes_nothing_and_writes_no_duplicate(monitor, tmp_path):
+    s = Samples()
+    batches = [[s(rss_bytes=2 * GiB)] for _ in range(N)]
+    for b in batches:
+        monitor.report(b)
+    for b in batches:  # an actor call retried by Ray
+        monitor.report(b)
+    assert len(events(home=str(tmp_path))) == 1
+    # A monitor restarted with no state re-decides the same stop: the event dedupes on its id.
+    fresh = Monitor(monitor.config, store=ProfileStore(tmp_path), clock=FakeClock())
+    for b in batches:
+        fresh.report(b)
+    assert len(events(home=str(tmp_path))) == 1
+    assert event_row(fresh.directives(["c1"])["c1"])["row_id"] == events(home=str(tmp_path)).row_id.iloc[0]
+
+
+def test_a_newer_attempt_supersedes_the_stopped_one(monitor):
+    first = Samples()
+    for _ in range(N):
+        monitor.report([first(rss_bytes=2 * GiB)])
+    assert monitor.directives(["c1"])["c1"].attempt == 1
+    second = Samples(attempt=2, allocation=Allocation(1.0, 4 * GiB, rung=1))
+    assert monitor.report([second(rss_bytes=2 * GiB)]) == {}
+    d = monitor.directives(["c1"])["c1"]
+    assert (d.action, d.attempt) == (R.NONE, 2)
+    assert monitor.report([first(rss_bytes=2 * GiB)]) == {}  # a late sample of attempt 1 is ignored
+    assert monitor.status()["attempts"] == 1
+
+
+def test_silent_attempts_are_forgotten_on_the_clock(monitor, clock):
+    monitor.report([Samples(call_id="gone")()])
+    clock.advance(monitor.config.monitor_stale_s / 2)
+    monitor.report([Samples(call_id="alive")()])
+    clock.advance(monitor.config.monitor_stale_s / 2 + 1)
+    monitor.report([Samples(call_id="alive")()])
+    assert set(monitor.directives(["gone", "alive"])) == {"alive"}
+    monitor.forget("alive")
+    assert monitor.directives(["alive"]) == {}
+
+
+def test_an_unwritable_store_keeps_events_and_retries(tmp_path, clock):
+    cfg = RayschedConfig(home=str(tmp_path), monitor_sustain_samples=1)
+    monitor = Monitor(cfg, store=SpyStore(tmp_path, fail=1), clock=clock, metrics=RecordingMetrics())
+    monitor.report([Samples()(rss_bytes=2 * GiB)])  # the decision stands, the write fails
+    assert monitor.directives(["c1"])["c1"].stops and monitor.status()["pending_events"] == 1
+    monitor.report([Samples(call_id="c2")()])  # next batch: the pending row is written
+    assert monitor.status()["pending_events"] == 0 and len(events(home=str(tmp_path))) == 1
+
+
+# --- node memory pressure -----------------------------------------------------------------------------
+
+
+class FakeNodes:
+    def __init__(self):
+        self.fraction: dict[str, float] = {}
+        self.reads: list[str] = []
+        self.t = 0.0
+
+    def __call__(self, node_id: str) -> NodeMemory | None:
+        self.reads.append(node_id)
+        self.t += 1
+        if node_id not in self.fraction:
+            return None
+        return NodeMemory(node_id, self.fraction[node_id] * 64 * GiB, 64 * GiB, self.t)
+
+
+def test_node_pressure_requeues_the_lowest_priority_attempt_first(tmp_path, clock):
+    nodes = FakeNodes()
+    cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2, node_poll_interval_s=5.0)
+    monitor = Monitor(cfg, clock=clock, node_reader=nodes, metrics=RecordingMetrics())
+    vip, low, other = Samples(call_id="vip", priority=9), Samples(call_id="low", priority=1), \
+        Samples(call_id="other", priority=0, node_id="node-b")
+    nodes.fraction = {"node-a": 0.96, "node-b": 0.5}
+
+    def tick():
+        clock.advance(1.0)
+        return monitor.report([vip(), low(), other()])
+
+    replies = [tick() for _ in range(12)]
+    # Nodes are read every 5 s of the clock, only those with running attempts.
+    assert sorted(set(nodes.reads)) == ["node-a", "node-b"] and len(nodes.reads) == 2 * 2
+    stops = [(i, r) for i, r in enumerate(replies) if r]
+    assert [sorted(r) for _, r in stops] == [["low"]] * len(stops) and stops[0][0] == 9  # 2nd high read, at 10 s
+    d = stops[0][1]["low"]
+    assert d.action == R.REQUEUE_LOWEST_PRIORITY and d.node_id == "node-a" and d.measured == pytest.approx(0.96)
+    # Never a higher priority on the same node, never a task on a node under no pressure.
+    assert {c: d.action for c, d in monitor.directives(["vip", "other"]).items()} == {"vip": R.NONE, "other": R.NONE}
+    ev = events(home=str(tmp_path))
+    assert ev.action.tolist() == [R.REQUEUE_LOWEST_PRIORITY] and ev.call_id.tolist() == ["low"]
+    assert ("node", 0.96) in monitor.metrics.calls
+
+
+def test_check_node_directly_and_the_next_victim_waits_for_fresh_readings(tmp_path, clock):
+    cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    a, b = Samples(call_id="a", priority=3), Samples(call_id="b", priority=1)
+    monitor.report([a(), b()])
+    high = [NodeMemory("node-a", 0.97 * GiB, GiB, t) for t in (1.0, 2.0, 3.0, 4.0)]
+    got = [monitor.check_node(r) for r in high]
+    assert [d.call_id if d else None for d in got] == [None, "b", None, "a"]
+    assert monitor.check_node(high[-1]) is None  # the same reading again counts for nothing
+
+
+# --- metrics, the Prometheus text, the worker's side ------------------------------------------------------
+
+
+def test_metrics_are_no_ops_outside_ray():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray session is up in this process")
+    m = Metrics()
+    s = Samples()
+    m.observe(s())
+    m.decided(R.Decision("r", R.STOP_LIMIT, "f", "c", 1))
+    m.node(NodeMemory("n", 1, 2))
+    assert m.enabled is False
+
+
+# Captured from a Ray 2.60 node's metrics endpoint (http://<node ip>:<MetricsExportPort>/metrics),
+# plus a counter, a histogram bucket and an escaped label to keep the parser honest.
+RAY_METRICS = r'''
+# HELP ray_node_mem_used_host Host memory usage on a ray node
+# TYPE ray_node_mem_used_host gauge
+ray_node_mem_used_host{IsHeadNode="true",RayNodeType="head",SessionName="session_2026-11-28_17-48-19_492289_16174",Version="2.60.0",ip="192.0.2.2",otel_scope_name="ray._private.telemetry.open_telemetry_metric_recorder",otel_scope_schema_url="",otel_scope_version=""} 1.619283968e+09
+# HELP ray_node_mem_used Memory usage on a ray node
+# TYPE ray_node_mem_used gauge
+ray_node_mem_used{IsHeadNode="true",RayNodeType="head",SessionName="session_2026-11-28_17-48-19_492289_16174",Version="2.60.0",ip="192.0.2.2",otel_scope_name="ray._private.telemetry.open_telemetry_metric_recorder",otel_scope_schema_url="",otel_scope_version=""} 1.06733568e+09
+# HELP ray_node_mem_available Memory available on a ray node
+# TYPE ray_node_mem_available gauge
+ray_node_mem_available{IsHeadNode="true",RayNodeType="head",SessionName="session_2026-11-28_17-48-19_492289_16174",Version="2.60.0",ip="192.0.2.2",otel_scope_name="ray._private.telemetry.open_telemetry_metric_recorder",otel_scope_schema_url="",otel_scope_version=""} 2.4208728064e+10
+# HELP ray_node_mem_total Total memory on a ray node
+# TYPE ray_node_mem_total gauge
+ray_node_mem_total{IsHeadNode="true",RayNodeType="head",SessionName="session_2026-11-28_17-48-19_492289_16174",Version="2.60.0",ip="192.0.2.2",otel_scope_name="ray._private.telemetry.open_telemetry_metric_recorder",otel_scope_schema_url="",otel_scope_version=""} 2.5276063744e+10
+ray_tasks_total{State="FINISHED",Name="f \"quoted\"",ip="192.0.2.2"} 12
+ray_latency_bucket{le="+Inf"} 3
+this line is not a sample
+'''
+
+
+def test_parse_prometheus_text():
+    samples = parse_prometheus(RAY_METRICS)
+    names = [n for n, _, _ in samples]
+    assert names == ["ray_node_mem_used_host", "ray_node_mem_used", "ray_node_mem_available", "ray_node_mem_total",
+                     "ray_tasks_total", "ray_latency_bucket"]
+    _, labels, value = samples[4]
+    assert labels == {"State": "FINISHED", "Name": 'f "quoted"', "ip": "192.0.2.2"} and value == 12.0
+    assert samples[5][1] == {"le": "+Inf"}
+    assert parse_prometheus(RAY_METRICS, ["ray_node_mem_total"]) == [
+        ("ray_node_mem_total", samples[3][1], 2.5276063744e10)]
+
+
+def test_node_memory_from_a_captured_endpoint():
+    reading = node_memory_from_metrics(RAY_METRICS, "node-a", ip="192.0.2.2", timestamp=5.0)
+    assert reading == NodeMemory("node-a", 1.06733568e9, 2.5276063744e10, 5.0)
+    assert reading.fraction == pytest.approx(0.0422, abs=1e-4)
+    assert node_memory_from_metrics(RAY_METRICS, "node-a", ip="10.9.9.9") is None  # another node's series
+    assert node_memory_from_metrics("ray_node_mem_used 5\n", "n") is None  # no total
+    assert node_memory_from_metrics("ray_node_mem_used 5\nray_node_mem_total 0\n", "n") is None
+
+
+def test_report_from_a_worker_spec_and_live_sample():
+    est = lambda v: Estimate(v, v, v * 2, 0.95, 5, "history")  # noqa: E731
+    spec = SimpleNamespace(function="mod.f", code_hash="h", call_id="c", attempt=2, priority=4,
+                           allocation=Allocation(2.0, GiB, rung=1),
+                           prediction=Prediction(memory=est(100.0), cpu=est(1.0), wall=est(3.0), source="history"))
+    sample = LiveSample(rss_bytes=10, peak_rss_bytes=20, cpu_seconds=1.5, wall_seconds=2.0, read_bytes=3,
+                        write_bytes=4, timestamp=99.0)
+    r = report_from(spec, sample, "node-x")
+    assert r == LiveReport("mod.f", "h", "c", 2, "node-x", 4, Allocation(2.0, GiB, rung=1), 200.0, 6.0, "history",
+                           10, 20, 1.5, 2.0, 3, 4, 99.0)
+    assert r.key == ("c", 2) and r.cpu_cores == 0.75
+    assert replace(r, wall_seconds=0).cpu_cores == 0.0

@@ -1,0 +1,75 @@
+"""The monitor as a named, detached, restartable actor on a real local Ray."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from raysched.config import RayschedConfig  # noqa: E402
+from raysched.policy.rules import STOP_AND_RESUBMIT, LiveReport  # noqa: E402
+from raysched.runtime.monitor import MONITOR_NAME, RayNodeReader, events, get_or_create_monitor  # noqa: E402
+from raysched.runtime.session import NAMESPACE  # noqa: E402
+from raysched.types import GiB, MiB, Allocation  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 enables token auth otherwise
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def sample(t: float, rss: int) -> LiveReport:
+    return LiveReport(
+        function="mod.f", code_hash="h1", call_id="c1", attempt=1, node_id=ray.get_runtime_context().get_node_id(),
+        priority=0, allocation=Allocation(1.0, 256 * MiB), predicted_memory_upper_bytes=200 * MiB,
+        predicted_wall_upper_s=10.0, prediction_source="history", rss_bytes=rss, peak_rss_bytes=rss,
+        cpu_seconds=t, wall_seconds=t, timestamp=1_700_000_000.0 + t,
+    )
+
+
+def test_monitor_actor_decides_records_and_comes_back_after_a_kill(cluster, tmp_path):
+    cfg = RayschedConfig(home=str(tmp_path), monitor_sustain_samples=2)
+    monitor = get_or_create_monitor(cfg)
+    assert ray.get(monitor.report.remote([sample(1, 1 * GiB)]), timeout=60) == {}
+    reply = ray.get(monitor.report.remote([sample(2, 1 * GiB)]), timeout=30)
+    assert reply["c1"].action == STOP_AND_RESUBMIT  # a frozen Decision crosses the process boundary
+    assert ray.get(monitor.directives.remote(["c1"]))["c1"].action == STOP_AND_RESUBMIT
+    assert events(home=str(tmp_path)).action.tolist() == [STOP_AND_RESUBMIT]
+    # In a Ray process the metrics are real.
+    assert ray.get(monitor.__ray_call__.remote(lambda self: self.metrics.enabled)) is True
+
+    ray.kill(monitor, no_restart=False)
+    # Ray restarts it under the same name; the call waits for it (max_task_retries=-1).
+    assert ray.get(monitor.ping.remote(), timeout=60) is True
+    same = ray.get_actor(MONITOR_NAME, namespace=NAMESPACE)
+    assert same._actor_id == monitor._actor_id == get_or_create_monitor(cfg)._actor_id
+    # A restarted monitor starts empty: hysteresis counts afresh, and the re-decided
+    # stop is not written twice.
+    assert ray.get(monitor.directives.remote(["c1"])) == {}
+    ray.get(monitor.report.remote([sample(3, 1 * GiB)]))
+    assert ray.get(monitor.report.remote([sample(4, 1 * GiB)]))["c1"].action == STOP_AND_RESUBMIT
+    assert len(events(home=str(tmp_path))) == 1  # the same decision: its row id dedupes
+
+
+def test_node_memory_from_this_nodes_metrics_endpoint(cluster):
+    reader = RayNodeReader(timeout_s=2.0)
+    node_id = ray.get_runtime_context().get_node_id()
+    deadline = time.monotonic() + 15  # Ray's reporter publishes node stats every 5 s
+    reading = None
+    while reading is None and time.monotonic() < deadline:
+        reading = reader(node_id)
+        if reading is None:
+            time.sleep(0.5)
+    if reading is None:
+        pytest.skip("this node's metrics endpoint served no ray_node_mem_* within 15 s")
+    assert reading.node_id == node_id and reading.total_bytes > 0 and 0 < reading.fraction < 1
