@@ -196,13 +196,14 @@ def test_a_new_home_and_its_first_training_are_quiet_and_fast(tmp_path, capfd, c
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         registry = ModelRegistry(tmp_path / "home")  # creates the SQLite schema: MLflow logs INFO lines
-        start = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         registry.log_training(artifact("mod.quiet", booster), {"rounds": 5}, METRICS)
-        elapsed = time.perf_counter() - start
+        elapsed, elapsed_wall = time.process_time() - cpu, time.perf_counter() - wall
         registry.load("mod.quiet", "memory")
         registry.versions("mod.quiet", "memory")
     out, err = capfd.readouterr()
-    assert elapsed < 5.0, f"log_training took {elapsed:.2f} s"
+    # CPU time, so a busy machine does not fail it; about 0.2-1 s wall on an idle one.
+    assert elapsed < 5.0, f"log_training took {elapsed:.2f} CPU-s ({elapsed_wall:.2f} s)"
     assert out == "" and err == "", (out, err)
     assert [str(w.message) for w in caught] == []
     assert [r.getMessage() for r in caplog.records if r.name.startswith(("mlflow", "alembic"))] == []

@@ -382,13 +382,16 @@ def test_count_and_read_are_fast_enough(tmp_path):
     for _ in range(100):  # 50k rows over 100 parts, written directly to keep the test quick
         ids = pa.array([uuid.uuid4().hex for _ in range(500)])
         table._write_part(base.set_column(0, PROFILE_SCHEMA.field("row_id"), ids))
-    best = float("inf")
+    best_cpu = best_wall = float("inf")
     for _ in range(2):
-        start = time.perf_counter()
+        # CPU time of this process (all its threads): what the read costs, whatever else the
+        # machine runs; wall time on a shared box mostly measures the neighbours.
+        cpu, wall = time.process_time(), time.perf_counter()
         df = table.read()
-        best = min(best, time.perf_counter() - start)
-    assert len(df) == 50_000
-    assert best < 1.0, f"reading 50k rows over 100 parts took {best:.2f} s"
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+        best_wall = min(best_wall, time.perf_counter() - wall)
+    assert len(df) == 50_000 and df.row_id.nunique() == 50_000
+    assert best_cpu < 1.0, f"reading 50k rows over 100 parts took {best_cpu:.2f} CPU-s ({best_wall:.2f} s)"
 
 
 # ---------------------------------------------------------------- many processes
