@@ -336,3 +336,51 @@ def test_report_from_a_worker_spec_and_live_sample():
                            10, 20, 1.5, 2.0, 3, 4, 99.0)
     assert r.key == ("c", 2) and r.cpu_cores == 0.75
     assert replace(r, wall_seconds=0).cpu_cores == 0.0
+
+
+# --- the worker's side -----------------------------------------------------------------------------------
+
+
+class FakeMonitorCall:
+    """send/resolve over a plain Monitor, with answers that arrive only when released."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor, self.sent, self.ready, self.fail_send = monitor, [], False, False
+
+    def send(self, batch):
+        if self.fail_send:
+            raise ConnectionError("monitor restarting")
+        self.sent.append(list(batch))
+        return self.monitor.report(batch)
+
+    def resolve(self, answer):
+        return answer if self.ready else None
+
+
+def test_live_reporter_batches_never_waits_and_keeps_directives(monitor, clock):
+    from raysched.runtime.monitor import LiveReporter
+
+    call = FakeMonitorCall(monitor)
+    reporter = LiveReporter(call.send, call.resolve, interval_s=0.5, clock=clock)
+    a, b = Samples(call_id="a"), Samples(call_id="b")
+    call.fail_send = True
+    reporter.add(a(rss_bytes=2 * GiB))  # the monitor is away: kept for the next try
+    call.fail_send = False
+    clock.advance(0.5)
+    reporter.add(b())
+    assert [len(batch) for batch in call.sent] == [2]
+    for _ in range(N):
+        clock.advance(0.5)
+        reporter.add(a(rss_bytes=2 * GiB))  # the answer is not in yet: buffered, one batch in flight
+    assert len(call.sent) == 1 and reporter.directive("a", 1) is None
+    call.ready = True
+    clock.advance(0.5)
+    reporter.add(b())  # the first answer lands, the backlog goes out in one batch
+    assert [len(batch) for batch in call.sent] == [2, N + 1]
+    clock.advance(0.5)
+    reporter.add(b())  # ... and its answer: a's stop
+    stop = reporter.directive("a", 1)
+    assert stop is not None and stop.action == R.STOP_AND_RESUBMIT
+    assert reporter.directive("a", 2) is None and reporter.directive("b", 1) is None
+    reporter.forget("a")
+    assert reporter.directive("a", 1) is None

@@ -11,7 +11,13 @@ ray = pytest.importorskip("ray")
 
 from raysched.config import RayschedConfig  # noqa: E402
 from raysched.policy.rules import STOP_AND_RESUBMIT, LiveReport  # noqa: E402
-from raysched.runtime.monitor import MONITOR_NAME, RayNodeReader, events, get_or_create_monitor  # noqa: E402
+from raysched.runtime.monitor import (  # noqa: E402
+    MONITOR_NAME,
+    RayNodeReader,
+    events,
+    get_or_create_monitor,
+    ray_live_reporter,
+)
 from raysched.runtime.session import NAMESPACE  # noqa: E402
 from raysched.types import GiB, MiB, Allocation  # noqa: E402
 
@@ -59,6 +65,21 @@ def test_monitor_actor_decides_records_and_comes_back_after_a_kill(cluster, tmp_
     ray.get(monitor.report.remote([sample(3, 1 * GiB)]))
     assert ray.get(monitor.report.remote([sample(4, 1 * GiB)]))["c1"].action == STOP_AND_RESUBMIT
     assert len(events(home=str(tmp_path))) == 1  # the same decision: its row id dedupes
+
+
+def test_a_workers_live_reporter_learns_its_stop_without_waiting(cluster, tmp_path):
+    from dataclasses import replace
+
+    cfg = RayschedConfig(home=str(tmp_path), monitor_sustain_samples=2, live_interval_s=0.05)
+    reporter = ray_live_reporter(cfg)
+    deadline = time.monotonic() + 30
+    t = 10.0
+    while reporter.directive("c2", 1) is None and time.monotonic() < deadline:
+        t += 1
+        reporter.add(replace(sample(t, 1 * GiB), call_id="c2"))
+        time.sleep(0.05)
+    stop = reporter.directive("c2", 1)
+    assert stop is not None and stop.action == STOP_AND_RESUBMIT
 
 
 def test_node_memory_from_this_nodes_metrics_endpoint(cluster):

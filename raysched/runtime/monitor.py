@@ -455,6 +455,90 @@ class Monitor:
                 del self._pending[:-MAX_PENDING_EVENTS]
 
 
+# --- the worker's side: batch reports, keep the answers -----------------------------------------------
+
+
+class LiveReporter:
+    """Per worker process: batches live reports to the monitor and keeps its answers for free lookups.
+
+    ``add`` is called from the live sampler's callback for each running attempt;
+    at most every ``interval_s`` the buffered reports go out as one batch with
+    ``send(batch) -> pending``, and ``resolve(pending) -> dict | None`` (None: no
+    answer yet) is checked without waiting on later calls, so the sampler thread
+    never blocks on the monitor.  One batch is in flight at a time; while the
+    monitor is away (restarting) reports are buffered, the oldest dropped beyond
+    ``max_buffer``.  ``directive(call_id, attempt)`` is a dict lookup.
+    """
+
+    def __init__(self, send: Callable[[list[LiveReport]], Any], resolve: Callable[[Any], Mapping[str, Decision] | None],
+                 interval_s: float, clock: Callable[[], float] = time.monotonic, max_buffer: int = 1000):
+        self._send, self._resolve, self._interval, self._clock = send, resolve, interval_s, clock
+        self._max_buffer = max_buffer
+        self._lock = threading.Lock()
+        self._buffer: list[LiveReport] = []
+        self._pending: Any = None
+        self._last_send = float("-inf")
+        self._directives: dict[str, Decision] = {}
+
+    def add(self, report: LiveReport) -> None:
+        with self._lock:
+            self._buffer.append(report)
+            del self._buffer[:-self._max_buffer]
+            self._poll()
+            if self._pending is None and self._clock() - self._last_send >= self._interval:
+                batch, self._buffer = self._buffer, []
+                self._last_send = self._clock()
+                try:
+                    self._pending = self._send(batch)
+                except Exception as exc:  # noqa: BLE001 - no monitor: keep the reports for the next try
+                    logger.debug("raysched: could not reach the monitor: %s", exc)
+                    self._buffer[:0] = batch
+
+    def _poll(self) -> None:
+        if self._pending is None:
+            return
+        try:
+            answer = self._resolve(self._pending)
+        except Exception as exc:  # noqa: BLE001 - a lost batch: its attempts report again next tick
+            logger.debug("raysched: a monitor report failed: %s", exc)
+            answer = {}
+        if answer is not None:
+            self._pending = None
+            self._directives.update(answer)
+
+    def directive(self, call_id: str, attempt: int) -> Decision | None:
+        """The stop the monitor decided for this attempt, if any (as of the last answer received)."""
+        with self._lock:
+            self._poll()
+            decision = self._directives.get(call_id)
+        return decision if decision is not None and decision.attempt == attempt else None
+
+    def forget(self, call_id: str) -> None:
+        with self._lock:
+            self._directives.pop(call_id, None)
+
+
+def ray_live_reporter(config: RayschedConfig) -> LiveReporter:
+    """A LiveReporter sending to the cluster's monitor actor (looked up by name, created if missing)."""
+    import ray
+
+    handle: list[Any] = []
+
+    def send(batch: list[LiveReport]) -> Any:
+        if not handle:
+            try:
+                handle.append(ray.get_actor(MONITOR_NAME, namespace=NAMESPACE))
+            except ValueError:
+                handle.append(get_or_create_monitor(config))
+        return handle[0].report.remote(batch)
+
+    def resolve(ref: Any) -> Mapping[str, Decision] | None:
+        ready, _ = ray.wait([ref], timeout=0)
+        return ray.get(ready[0]) if ready else None
+
+    return LiveReporter(send, resolve, config.live_interval_s)
+
+
 def get_or_create_monitor(config: RayschedConfig):
     """The cluster's monitor actor: found by name, created on first use, restarted by Ray.
 
@@ -503,5 +587,5 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
 __all__ = [
     "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "MONITOR_NAME",
     "report_from", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
-    "get_or_create_monitor", "events",
+    "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter",
 ]
