@@ -1,0 +1,59 @@
+"""The ``raysched`` console script. Commands only parse and print; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="raysched")
+def main() -> None:
+    """raysched: an autopilot for Ray task resources.
+
+    Every @adaptive_remote task is measured in its worker, its profile stored
+    (Parquet, under RAYSCHED_HOME, default ./.raysched) and learnt from
+    (XGBoost quantile models tracked in MLflow), and its next call submitted
+    with the memory and CPU that similar calls used.
+    """
+
+
+@main.command()
+@click.option("--tasks", default=16, show_default=True, help="Tasks per round.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the task sizes.")
+def demo(tasks: int, seed: int) -> None:
+    """Run a batch of numpy tasks on a local Ray twice, cold then warm, and compare."""
+    from .demo import run_demo
+
+    run_demo(tasks=tasks, seed=seed, echo=click.echo)
+
+
+@main.command()
+@click.argument("function", required=False)
+@click.option("--limit", default=20, show_default=True, help="Rows to show (the newest).")
+def profiles(function: str | None, limit: int) -> None:
+    """Show recorded attempts (of one function, or all) from the profile store."""
+    import pandas as pd
+
+    from . import get_config
+    from .store.profiles import ProfileStore
+
+    frame = ProfileStore(get_config().home_path).read(function=function)
+    columns = ["function", "attempt", "outcome", "input_size", "peak_rss_bytes", "cpu_cores", "wall_seconds",
+               "allocated_memory_bytes", "allocated_num_cpus", "prediction_source"]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        click.echo(frame[columns].tail(limit).to_string() if len(frame) else "no profiles yet")
+
+
+def _add_replay_commands() -> None:
+    try:
+        from .replay.commands import eval_command, import_command
+    except ImportError:  # pragma: no cover - the replay package is part of raysched
+        return
+    main.add_command(eval_command, "eval")
+    main.add_command(import_command, "import")
+
+
+_add_replay_commands()
+
+if __name__ == "__main__":
+    main()
