@@ -60,6 +60,27 @@ class RayschedConfig:
     #: New rows of a function that trigger a background retrain.
     retrain_after_new_rows: int = 20
 
+    # --- cost-aware memory sizing (off by default; `raysched eval` measures both) -----
+    #: Size memory by the expected cost of a failure against the cost of waste
+    #: (policy.estimators.CostAwareEstimator) instead of a fixed-coverage upper bound.
+    #: It then comes before the model and the statistics in the memory chain, and the
+    #: ladder retries at the largest peak seen before doubling.
+    memory_cost_aware: bool = False
+    #: Runs of a function needed before the cost-aware sizing applies.
+    cost_min_history: int = 8
+    #: Input size must explain this share of the variance of log memory (Spearman
+    #: rho^2) before the cost-aware center follows it.
+    cost_min_size_correlation: float = 0.3
+    #: Share of runs, nearest in input size, whose residuals set the spread (at least cost_min_local).
+    cost_local_fraction: float = 0.3
+    cost_min_local: int = 8
+    #: A phantom run this share of the residual spread beyond the largest residual: the unseen tail.
+    cost_tail_allowance: float = 0.0
+    #: Never cover fewer than this share of the residuals, however cheap failures look.
+    cost_min_coverage: float = 0.75
+    #: Growth floor of the ladder under cost-aware sizing (the OOM bump already adds >= 20%).
+    cost_ladder_min_growth: float = 1.2
+
     # --- sizing: prediction -> Ray options -----------------------------------------
     #: Margin on top of the upper bound for memory, as the VPA recommender's 15%.
     memory_margin: float = 0.15

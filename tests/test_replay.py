@@ -346,3 +346,38 @@ def test_unit_parsers():
 def test_sniff_format():
     assert sniff_format(NEXTFLOW) == "nextflow"
     assert sniff_format(LOTARU) == "lotaru"
+
+
+# --------------------------------------------------------------------------- the cost-aware estimator (policy)
+
+
+def test_cost_aware_estimator_follows_a_saturating_input_size():
+    from raysched.config import RayschedConfig
+    from raysched.policy.recipe import build_predictor
+    from raysched.types import Features, History
+
+    # peak grows with input up to 10 GB, then stays there (as bwa's does)
+    sizes = np.geomspace(1e6, 1e11, 40)
+    peaks = np.minimum(1e9 * (1 + np.log10(sizes / 1e6) * 2), 10e9)
+    hist = History.from_columns({"input_size": sizes, "memory": peaks})
+    cfg = RayschedConfig(memory_cost_aware=True)
+    pred = build_predictor(cfg).predict(Features(input_size=int(1e11)), hist)
+    allocation = pred.memory.upper * (1 + cfg.memory_margin)
+    assert 10e9 <= allocation <= 10.5e9  # the plateau, not a line through it
+    small = build_predictor(cfg).predict(Features(input_size=int(1e6)), hist)
+    assert small.memory.upper * (1 + cfg.memory_margin) < 3e9
+
+
+def test_cost_aware_ladder_jumps_to_the_largest_peak_seen():
+    from raysched.config import RayschedConfig
+    from raysched.policy.recipe import LadderState, build_ladder
+    from raysched.types import GiB, Allocation, AttemptRecord, Estimate, Outcome, Prediction, Usage
+
+    cfg = RayschedConfig(memory_cost_aware=True)
+    est = Estimate(10 * GiB, 9 * GiB, 10 * GiB, 0.9, 30)
+    pred = Prediction(memory=est, cpu=Estimate(1, 1, 1, 0.9, 30), wall=Estimate(1, 1, 1, 0.9, 30))
+    failed = AttemptRecord(1, Allocation(1.0, int(11.5 * GiB)), Outcome.OOM_KILLED, Usage(peak_rss_bytes=int(11.5 * GiB)))
+    nxt = build_ladder(cfg).next_allocation(LadderState(pred, (failed,), max_peak_seen=12 * GiB))
+    # 12 GiB x 1.15 = 13.8 GiB (>= the x1.2 floor of 13.8 GiB), not 2 x 11.5 = 23 GiB
+    assert nxt.reason == "largest peak seen"
+    assert nxt.memory_bytes < 14.5 * GiB

@@ -209,3 +209,120 @@ class FirstOf:
             if est is not None and math.isfinite(est.upper):
                 return est
         return None
+
+
+# --- cost-aware memory sizing -------------------------------------------------------------------
+
+
+def _isotonic(y: np.ndarray) -> np.ndarray:
+    """Non-decreasing least-squares fit of ``y`` (pool-adjacent-violators), same length."""
+    means: list[float] = []
+    counts: list[int] = []
+    for v in y:
+        means.append(float(v))
+        counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            m2, c2 = means.pop(), counts.pop()
+            m1, c1 = means.pop(), counts.pop()
+            means.append((m1 * c1 + m2 * c2) / (c1 + c2))
+            counts.append(c1 + c2)
+    return np.repeat(np.array(means), np.array(counts))
+
+
+@dataclass(frozen=True)
+class CostAwareEstimator:
+    """Memory sized by the cost of a failure against the cost of waste.
+
+    1. Center: log(peak) as a non-decreasing (isotonic) function of log(input
+       size) when input size explains use (Spearman rho^2 >= ``min_correlation``;
+       memory rarely shrinks as input grows, and often saturates, which a line
+       cannot follow), else the median.
+    2. Residuals, calibrated: each run's log-residual comes from a fit on the
+       other folds (cross-fitted), so the spread is what a new run will see; only
+       the ``local_fraction`` of runs nearest in input size are used (errors are
+       not the same for small and large inputs); a phantom run
+       ``tail_allowance`` of the spread beyond the largest residual stands for
+       the tail not yet seen.
+    3. Allocation: among the candidate allocations ``center x exp(residual)``, the
+       one with the least expected waste, where a run that fits wastes
+       ``allocation - peak`` and a run that fails wastes the allocation plus the
+       retry at the ceiling (``center x exp(max residual)``) minus its peak (Tovar
+       et al.'s criterion, per input size), never covering fewer than
+       ``min_coverage`` of the residuals (failed attempts cost users time too).
+
+    The estimate's ``upper`` is that allocation divided by ``1 + margin`` (the
+    sizer adds the margin back), ``coverage`` the share of the residuals it
+    covers, ``target`` the center.
+    """
+
+    resource: str
+    min_history: int
+    min_correlation: float
+    local_fraction: float
+    min_local: int
+    tail_allowance: float
+    min_coverage: float
+    margin: float
+    folds: int = 5
+
+    def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
+        rows = usable_rows(ctx.history, self.resource)
+        n = rows.shape[0]
+        if n < self.min_history:
+            return None
+        log_use = np.log(ctx.history.column(self.resource)[rows])
+        sizes = ctx.history.input_size[rows]
+        known = np.isfinite(sizes) & (sizes >= 0)
+        use_size = (
+            x.input_size is not None
+            and known.sum() >= self.min_history
+            and _spearman(np.log1p(sizes[known]), log_use[known]) ** 2 >= self.min_correlation
+        )
+        if use_size:
+            ls, lu = np.log1p(sizes[known]), log_use[known]
+            order = np.argsort(ls, kind="stable")
+            xs, fit = ls[order], _isotonic(lu[order])
+            query = math.log1p(float(x.input_size))  # type: ignore[arg-type]
+            center = float(np.interp(query, xs, fit))
+            resid = self._cross_fitted(ls, lu)
+            k = max(self.min_local, int(math.ceil(len(resid) * self.local_fraction)))
+            if k < len(resid):
+                resid = resid[np.argsort(np.abs(ls - query), kind="stable")[:k]]
+        else:
+            center = float(np.median(log_use))
+            resid = log_use - center
+        spread = float(np.max(resid) - np.median(resid))
+        resid = np.sort(np.append(resid, np.max(resid) + self.tail_allowance * spread))
+        alloc = np.exp(center + resid)
+        ceiling = alloc[-1]
+        m = alloc.shape[0]
+        # expected waste per run of allocating alloc[i]: runs j <= i fit, runs j > i fail
+        # and rerun at the ceiling.
+        cum = np.cumsum(alloc)
+        fits = alloc * np.arange(1, m + 1) - cum
+        fails = (m - np.arange(1, m + 1)) * (alloc + ceiling) - (cum[-1] - cum)
+        first = min(m - 1, max(0, int(math.ceil(self.min_coverage * m)) - 1))
+        i = first + int(np.argmin((fits + fails)[first:]))
+        chosen = float(alloc[i])
+        target = min(math.exp(center), chosen)
+        upper = chosen / (1.0 + self.margin)
+        return Estimate(
+            target=min(target, upper),
+            lower=min(float(alloc[0]), target, upper),
+            upper=upper,
+            coverage=(i + 1) / m,
+            n_history=n,
+            source="history",
+        )
+
+    def _cross_fitted(self, ls: np.ndarray, lu: np.ndarray) -> np.ndarray:
+        n = ls.shape[0]
+        k = min(self.folds, n)
+        fold = np.arange(n) % k  # deterministic, interleaved in time
+        resid = np.empty(n)
+        for f in range(k):
+            test, train = fold == f, fold != f
+            order = np.argsort(ls[train], kind="stable")
+            xs, fit = ls[train][order], _isotonic(lu[train][order])
+            resid[test] = lu[test] - np.interp(ls[test], xs, fit)
+        return resid

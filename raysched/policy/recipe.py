@@ -19,6 +19,7 @@ from ..config import RayschedConfig
 from ..types import Estimate, Features, History, Prediction
 from .estimators import (
     ConstantEstimator,
+    CostAwareEstimator,
     EstimationContext,
     Estimator,
     Fallback,
@@ -114,7 +115,24 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
         min_correlation=config.min_input_size_correlation,
         coverage=config.coverage,
     )
-    steps: list[Estimator] = [
+    steps: list[Estimator] = []
+    if resource == "memory" and config.memory_cost_aware:
+        # 0. (opt-in) With a few runs, the allocation of least expected waste, failures
+        #    counted at their full cost (see CostAwareEstimator): it already weighs the
+        #    uncertainty, so it comes before the model's fixed-coverage bound.
+        steps.append(
+            CostAwareEstimator(
+                resource,
+                min_history=config.cost_min_history,
+                min_correlation=config.cost_min_size_correlation,
+                local_fraction=config.cost_local_fraction,
+                min_local=config.cost_min_local,
+                tail_allowance=config.cost_tail_allowance,
+                min_coverage=config.cost_min_coverage,
+                margin=config.memory_margin,
+            )
+        )
+    steps += [
         # 1. With enough history, the XGBoost quantile model whose upper quantile is
         #    conformally calibrated on held-out runs: already honest, no multiplier.
         QuantileModelEstimator(resource),
@@ -166,6 +184,26 @@ def build_sizer(config: RayschedConfig) -> Sizer:
 @functools.lru_cache(maxsize=32)
 def build_ladder(config: RayschedConfig) -> Ladder:
     margin = 1.0 + config.memory_margin
+    if config.memory_cost_aware:
+        return Ladder(
+            rungs=(
+                # Rung 1: the upper bound with the margin, for a first attempt that a
+                #   cap or an explicit request cut below the cost-aware allocation.
+                Rung("upper bound", lambda s: s.prediction.memory.upper * margin),
+                # Rung 2: jump to the ceiling, the largest peak recorded with the
+                #   margin: cost-aware sizing expects rare failures, and a failure
+                #   already cost a whole attempt, so the retry must fit.
+                Rung("largest peak seen", lambda s: s.max_peak_seen * margin if s.max_peak_seen > 0 else None),
+                # Rung 3: bigger than anything seen: twice the peak the killed attempt reached.
+                Rung("2 x observed peak", lambda s: 2.0 * s.observed_peak),
+                # Rung 4: all of the largest node.
+                Rung("largest node", lambda s: s.largest_node_bytes),
+            ),
+            max_attempts=config.max_attempts,
+            min_growth=config.cost_ladder_min_growth,
+            bump=functools.partial(oom_bump, config=config),
+            rounding_bytes=config.memory_rounding_bytes,
+        )
     return Ladder(
         rungs=(
             # Rung 1: the prediction's calibrated upper bound with the margin: the

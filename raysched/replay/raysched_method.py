@@ -9,7 +9,10 @@ is the runtime's bookkeeping, replayed:
 - a task type's history is the trace's history rows (peak memory, %cpu / 100 as
   cores, realtime as wall seconds, the input size), oldest first;
 - models are trained on that history, then retrained each time
-  ``config.retrain_after_new_rows`` new rows have arrived, as the profiler does;
+  ``config.retrain_after_new_rows`` new rows have arrived, as the profiler does
+  (lazily: a model that no estimator consults is never fitted, which is what makes
+  a replay of a whole workflow take seconds, not minutes);
+- only memory is scored, so only the memory chain is asked;
 - a failed attempt is an out-of-memory kill at the allocation: its attempt record
   says the peak reached the allocation, and (as the runtime stores it) it adds the
   OOM sample ``max(peak + 100 MiB, peak x 1.2)`` to the history;
@@ -23,13 +26,14 @@ and the adapter counts it in ``exhausted``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from ..config import RayschedConfig
-from ..types import Allocation, AttemptRecord, Features, History, Outcome, Usage
+from ..types import Allocation, AttemptRecord, Estimate, Features, History, Outcome, Prediction, Usage
 from .methods import Job, Method, TaskHistory, TaskSizer
 
 
@@ -59,6 +63,38 @@ class _Columns:
         )
 
 
+class _LazyModels(Mapping):
+    """The models of one retrain, fitted per resource on first use from the history of that moment."""
+
+    def __init__(self, sizer: "_RayschedSizer"):
+        self.history = sizer._current_history()
+        self.sizer = sizer
+        self.fitted: dict[str, object] = {}
+
+    def __getitem__(self, resource: str):
+        if resource not in self.fitted:
+            from ..policy.models import fit_resource_model
+
+            self.fitted[resource] = fit_resource_model(self.history, resource, self.sizer.config)
+            self.sizer.m.trainings += 1
+        model = self.fitted[resource]
+        if model is None:
+            raise KeyError(resource)
+        return model
+
+    def get(self, resource: str, default=None):
+        try:
+            return self[resource]
+        except KeyError:
+            return default
+
+    def __iter__(self):
+        return iter(("memory",))
+
+    def __len__(self) -> int:
+        return 1
+
+
 class _RayschedSizer(TaskSizer):
     def __init__(self, method: "RayschedMethod", history: TaskHistory):
         from ..policy.recipe import build_ladder, build_predictor
@@ -73,7 +109,7 @@ class _RayschedSizer(TaskSizer):
             self.cols.add(float(history.input_size[i]), float(history.peak_rss[i]), cpu, history.realtime_ms[i] / 1000.0)
         self.version = len(self.cols.memory)
         self._history: History | None = None
-        self.models = self.predictor.train(self._current_history())
+        self.models = _LazyModels(self)
         self.trained_at = len(self.cols.memory)
         self.max_peak = float(np.nanmax(history.peak_rss)) if len(history) else 0.0
         self._prediction = None
@@ -89,16 +125,22 @@ class _RayschedSizer(TaskSizer):
         self.version += 1
         self._history = None
         if len(self.cols.memory) - self.trained_at >= self.config.retrain_after_new_rows:
-            self.models = self.predictor.train(self._current_history())
+            self.models = _LazyModels(self)  # retrained on first use, from the history as of now
             self.trained_at = len(self.cols.memory)
-            self.m.trainings += 1
 
     # --- the TaskSizer protocol --------------------------------------------------------
     def first(self, job: Job) -> float:
         from ..policy.sizing import size
 
+        from ..policy.estimators import EstimationContext
+
         features = Features(input_size=int(job.input_size) if math.isfinite(job.input_size) else None)
-        self._prediction = self.predictor.predict(features, self._current_history(), self.models)
+        # Only memory is scored: the runtime's memory chain, with the models trained on
+        # the runtime's schedule (lazily: a model no estimator consults is never fitted).
+        ctx = EstimationContext(history=self._current_history(), models=self.models)
+        memory = self.predictor.chains["memory"].estimate(ctx, features)
+        cpu = Estimate(1.0, 1.0, 1.0, self.config.coverage, 0)
+        self._prediction = Prediction(memory=memory, cpu=cpu, wall=cpu, source=memory.source)
         self._first = size(self._prediction, self.config)
         return float(self._first.memory_bytes)
 

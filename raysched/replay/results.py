@@ -15,19 +15,19 @@ FLOOR = "oracle"
 
 def best_other(result: WorkflowResult) -> tuple[str, float] | None:
     """The baseline (not raysched, not the oracle) with the least wastage."""
-    others = [(t.wastage_gbh, m) for m, t in result.methods.items() if m not in (OURS, FLOOR)]
+    others = [(t.wastage_gbh, m) for m, t in result.methods.items() if not m.startswith(OURS) and m != FLOOR]
     if not others:
         return None
     w, m = min(others)
     return m, w
 
 
-def ratio(result: WorkflowResult) -> float | None:
+def ratio(result: WorkflowResult, ours_name: str = OURS) -> float | None:
     """raysched's wastage over the best other method's (below 1: raysched wastes less)."""
     bo = best_other(result)
-    if bo is None or OURS not in result.methods:
+    if bo is None or ours_name not in result.methods:
         return None
-    ours = result.methods[OURS].wastage_gbh
+    ours = result.methods[ours_name].wastage_gbh
     if bo[1] <= 0:
         return 1.0 if ours <= 0 else math.inf
     return ours / bo[1]
@@ -37,10 +37,11 @@ def to_json(results: Sequence[WorkflowResult], seed: int) -> dict[str, object]:
     out: dict[str, object] = {"seed": seed, "workflows": {}}
     for r in results:
         entry = r.as_dict()
-        rt = ratio(r)
         bo = best_other(r)
-        if rt is not None and bo is not None:
-            entry["raysched_vs_best_other"] = {"best_other": bo[0], "ratio": rt}
+        for ours in [m for m in r.methods if m.startswith(OURS)]:
+            rt = ratio(r, ours)
+            if rt is not None and bo is not None:
+                entry[f"{ours}_vs_best_other"] = {"best_other": bo[0], "ratio": rt}
         out["workflows"][r.name] = entry  # type: ignore[index]
     return out
 
@@ -65,17 +66,21 @@ def text_table(result: WorkflowResult) -> str:
             f"  {name:<16}{t.wastage_gbh:>13.2f}{t.failures:>10d}{t.tasks:>8d}{100 * t.failure_rate:>7.1f}%"
             f"{t.maq:>7.3f}{t.seconds:>9.2f}"
         )
-    rt, bo = ratio(result), best_other(result)
-    if rt is not None and bo is not None:
-        verdict = "wins (goal <= 0.75)" if rt <= 0.75 else ("better, short of the goal" if rt < 1 else "LOSES")
-        lines.append(f"  raysched / best other ({bo[0]}): {rt:.2f}  -> {verdict}")
+    bo = best_other(result)
+    for ours in [m for m in result.methods if m.startswith(OURS)]:
+        rt = ratio(result, ours)
+        if rt is not None and bo is not None:
+            verdict = "wins (goal <= 0.75)" if rt <= 0.75 else ("better, short of the goal" if rt < 1 else "LOSES")
+            lines.append(f"  {ours} / best other ({bo[0]}): {rt:.2f}  -> {verdict}")
     return "\n".join(lines)
 
 
 def markdown_table(results: Sequence[WorkflowResult], methods: Iterable[str]) -> str:
     """Wastage (GBh) per workflow and method, raysched / best other, failure rates."""
     methods = list(methods)
-    head = ["workflow", *methods, "best other", "raysched / best", "raysched fail %", "best other fail %", "raysched s"]
+    ours_names = [m for m in methods if m.startswith(OURS)]
+    head = ["workflow", *methods, "best other", *(f"{o} / best" for o in ours_names),
+            *(f"{o} fail %" for o in ours_names), "best other fail %", *(f"{o} s" for o in ours_names)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         bo = best_other(r)
@@ -83,13 +88,17 @@ def markdown_table(results: Sequence[WorkflowResult], methods: Iterable[str]) ->
         for m in methods:
             t = r.methods.get(m)
             cells.append("" if t is None else f"{t.wastage_gbh:.2f}")
-        rt = ratio(r)
-        ours = r.methods.get(OURS)
         cells.append(bo[0] if bo else "")
-        cells.append("" if rt is None else (f"**{rt:.2f}**" if rt <= 0.75 else f"{rt:.2f}"))
-        cells.append("" if ours is None else f"{100 * ours.failure_rate:.1f}")
+        for o in ours_names:
+            rt = ratio(r, o)
+            cells.append("" if rt is None else (f"**{rt:.2f}**" if rt <= 0.75 else f"{rt:.2f}"))
+        for o in ours_names:
+            t = r.methods.get(o)
+            cells.append("" if t is None else f"{100 * t.failure_rate:.1f}")
         cells.append("" if bo is None else f"{100 * r.methods[bo[0]].failure_rate:.1f}")
-        cells.append("" if ours is None else f"{ours.seconds:.1f}")
+        for o in ours_names:
+            t = r.methods.get(o)
+            cells.append("" if t is None else f"{t.seconds:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
