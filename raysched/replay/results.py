@@ -119,7 +119,7 @@ def plot(results: Sequence[WorkflowResult], path: str | Path) -> None:
     names = [r.name for r in results]
     n, k = len(names), len(methods)
     width = 0.8 / max(k, 1)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * n * max(k, 1) * 0.35 + 3), 5.5))
+    fig, ax = plt.subplots(figsize=(min(24.0, max(8.0, 0.5 * n + 3)), 6.0))
     colors = plt.get_cmap("tab10")
     x = np.arange(n)
     for j, m in enumerate(methods):
