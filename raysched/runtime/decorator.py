@@ -40,6 +40,12 @@ def _ref_size(value: Any) -> int | None:
         return None
 
 
+def _largest_memory_for(cluster, num_cpus: float) -> float | None:
+    """The most memory one node can give a task that needs ``num_cpus`` (a CPU-less head cannot)."""
+    sizes = [n.memory_bytes for n in cluster.nodes if n.num_cpus >= num_cpus]
+    return float(max(sizes)) if sizes else None
+
+
 class _CallOptions:
     """Validated per-call options: raysched's metadata, explicit sizes, Ray's other options."""
 
@@ -147,7 +153,7 @@ class AdaptiveFunction:
             allocation=allocation,
             config=self._config(client),
             max_peak_seen=bundle.max_peak_seen if bundle else 0.0,
-            largest_node_bytes=float(cluster.largest_memory_bytes) or None,
+            largest_node_bytes=_largest_memory_for(cluster, allocation.num_cpus),
             priority=options.priority,
             ray_options=tuple(sorted(options.ray_options.items())),
         )

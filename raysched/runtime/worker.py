@@ -363,7 +363,13 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         return run_measured(fn, next_spec, args, kwargs)
     failed = spec.prior + (AttemptRecord(spec.attempt, spec.allocation, outcome, usage, reason),)
     ladder = build_ladder(spec.config)
-    state = LadderState(spec.prediction, failed, spec.max_peak_seen, spec.largest_node_bytes)
+    # This retry keeps its own `memory` label while it waits for the next attempt
+    # (Ray releases a blocked task's CPU, not its memory), so the next attempt must
+    # fit beside it: cap the ladder at the largest node less that label.
+    room = None
+    if spec.largest_node_bytes:
+        room = max(spec.largest_node_bytes - spec.allocation.memory_bytes, spec.allocation.memory_bytes)
+    state = LadderState(spec.prediction, failed, spec.max_peak_seen, room)
     allocation = ladder.next_allocation(state)
     if allocation is None:
         raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
