@@ -57,8 +57,12 @@ class RayschedConfig:
     xgb_rounds: int = 120
     xgb_max_depth: int = 4
     xgb_learning_rate: float = 0.1
-    #: New rows of a function that trigger a background retrain.
+    #: New rows of a function that trigger a background retrain (and at least 10% of
+    #: the rows held, so a function with 2,000 rows retrains every 200, not every 20).
     retrain_after_new_rows: int = 20
+    #: Seconds between two trainings of one function: training competes with the
+    #: tasks for the same cores, so a burst of tiny tasks must not retrain non-stop.
+    min_retrain_interval_s: float = 30.0
 
     # --- cost-aware memory sizing (off by default; `raysched eval` measures both) -----
     #: Size memory by the expected cost of a failure against the cost of waste

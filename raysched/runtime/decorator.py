@@ -107,6 +107,7 @@ class AdaptiveFunction:
         self.max_attempts = max_attempts
         self._ray_options = dict(ray_options)
         self._remote: Any = None
+        self._bound: dict[tuple, Any] = {}
         self._config_for: tuple[Any, Any] | None = None
         functools.update_wrapper(self, fn)
 
@@ -157,9 +158,23 @@ class AdaptiveFunction:
             priority=options.priority,
             ray_options=tuple(sorted(options.ray_options.items())),
         )
+        return self._remote_with(remote_options(spec)).remote(spec, *args, **kwargs)
+
+    def _remote_with(self, options: dict[str, Any]) -> Any:
+        """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
         if self._remote is None:
             self._remote = ray.remote(make_entry(self._fn))
-        return self._remote.options(**remote_options(spec)).remote(spec, *args, **kwargs)
+        try:
+            key = tuple(sorted(options.items()))
+            hash(key)
+        except TypeError:  # an unhashable Ray option (a dict): no cache for this call
+            return self._remote.options(**options)
+        bound = self._bound.get(key)
+        if bound is None:
+            if len(self._bound) > 256:
+                self._bound.clear()
+            bound = self._bound[key] = self._remote.options(**options)
+        return bound
 
     # --- public API ------------------------------------------------------------------------------
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:

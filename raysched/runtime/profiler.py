@@ -88,6 +88,7 @@ class _FunctionState:
         self.models: dict[str, ResourceModel] = {}
         self.training: Future | None = None
         self.trainings = 0
+        self.last_trained = -float("inf")
 
 
 class Profiler:
@@ -191,9 +192,12 @@ class Profiler:
         if state.training is not None and not state.training.done():
             return
         usable = int(state.rows["memory_sample_bytes"].notna().sum()) if not state.rows.empty else 0
-        due = state.new_rows >= self.config.retrain_after_new_rows or (not state.models and state.trainings == 0)
-        if usable >= self.config.min_history_for_model and due:
+        enough_new = state.new_rows >= max(self.config.retrain_after_new_rows, 0.1 * len(state.rows))
+        rested = self._clock() - state.last_trained >= self.config.min_retrain_interval_s
+        first = not state.models and state.trainings == 0
+        if usable >= self.config.min_history_for_model and (first or (enough_new and rested)):
             state.new_rows = 0
+            state.last_trained = self._clock()
             state.training = self._executor.submit(self._train, function)
 
     # --- training ----------------------------------------------------------------------------------

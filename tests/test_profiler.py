@@ -1,0 +1,131 @@
+"""The profiler as a plain class: fake clock, inline executor, temp store, fake registry. No Ray."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from raysched.config import RayschedConfig
+from raysched.runtime.profiler import Profiler
+from raysched.store.profiles import ProfileStore
+from raysched.types import MiB
+
+
+class InlineExecutor:
+    """Runs submitted work at once, so a test sees training happen deterministically."""
+
+    def submit(self, fn, *args, **kwargs):
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+class FakeRegistry:
+    def __init__(self):
+        self.logged = []
+
+    def log_training(self, artifact, params, metrics):
+        self.logged.append((artifact, dict(params), dict(metrics)))
+        from dataclasses import replace
+
+        return replace(artifact, version=len(self.logged))
+
+    def versions(self, function, resource):
+        return []
+
+    def load(self, function, resource, version=None):
+        return None
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def rows(n, start=0, function="f", noise=0.0, seed=0):
+    rng = np.random.default_rng(seed + start)
+    out = []
+    for i in range(start, start + n):
+        size = int(rng.uniform(1, 100) * MiB)
+        peak = int(100 * MiB + 2 * size + rng.normal(0, noise * MiB))
+        out.append({
+            "row_id": uuid.uuid4().hex, "function": function, "code_hash": "h1", "call_id": f"c{i}",
+            "attempt": 1, "outcome": "ok", "timestamp": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+            "input_size": size, "peak_rss_bytes": peak, "memory_sample_bytes": peak,
+            "cpu_seconds": 1.0, "cpu_cores": 1.0, "wall_seconds": 1.0 + size / 1e8,
+            "read_bytes": 0, "write_bytes": 0,
+        })
+    return out
+
+
+@pytest.fixture
+def profiler(tmp_path):
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=30.0)
+    return Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
+                    executor=InlineExecutor())
+
+
+def test_bundle_carries_history_and_versions_move(profiler):
+    assert profiler.bundle("f", "h1").n_history == 0
+    profiler.record(rows(5))
+    bundle = profiler.bundle("f", "h1")
+    assert bundle.n_history == 5 and bundle.history_scope == "code"
+    assert profiler.bundle("f", "h1", have_version=bundle.version) is None  # nothing new
+    assert bundle.max_peak_seen > 100 * MiB
+
+
+def test_trains_once_enough_rows_then_throttles_by_clock(profiler):
+    profiler.bundle("f", "h1")
+    profiler.record(rows(29))
+    assert profiler.registry.logged == []  # 29 < min_history_for_model
+    profiler.record(rows(1, start=29))
+    first = {a.resource for a, _, _ in profiler.registry.logged}
+    assert {"memory", "cpu", "wall"} <= first
+    n = len(profiler.registry.logged)
+    profiler.record(rows(25, start=30))  # enough new rows, but within 30 s of the last training
+    assert len(profiler.registry.logged) == n
+    profiler._clock.now += 31
+    profiler.record(rows(1, start=55))
+    assert len(profiler.registry.logged) > n
+    params = profiler.registry.logged[-1][1]
+    metrics = profiler.registry.logged[-1][2]
+    assert {"pinball_loss", "upper_coverage", "mean_over_allocation", "under_allocation_rate", "rows_train"} <= set(metrics)
+    assert params["function"] == "f"
+
+
+def test_serves_a_new_model_only_if_no_worse_on_the_same_holdout(profiler):
+    profiler.bundle("f", "h1")
+    profiler.record(rows(40))
+    served = profiler.bundle("f", "h1").models["memory"]
+    assert served.version is not None
+    # Rows from a very different process: the new model differs; whichever is better on
+    # the newest holdout is served, and the served flag says which.
+    profiler.record(rows(40, start=40, noise=200.0, seed=9))
+    summary = profiler.train_now("f", "h1")
+    mem = summary["resources"]["memory"]
+    now_served = profiler.bundle("f", "h1").models["memory"]
+    assert (now_served.version == mem["version"]) == mem["served"]
+    meta = json.loads(profiler.registry.logged[-1][0].meta_json)
+    assert meta["served"] == mem["served"]
+
+
+def test_rows_survive_in_the_store_and_a_new_profiler_sees_them(profiler, tmp_path):
+    profiler.record(rows(7))
+    again = Profiler(profiler.config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
+                     executor=InlineExecutor())
+    assert again.bundle("f", "h1").n_history == 7
+
+
+def test_other_code_hash_falls_back_to_the_name_history(profiler):
+    profiler.record(rows(6))
+    bundle = profiler.bundle("f", "new-hash")
+    assert bundle.history_scope == "name" and bundle.n_history == 6
