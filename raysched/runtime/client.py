@@ -55,6 +55,7 @@ class ProfilerClient:
         self._pending: dict[tuple[str, str], Any] = {}
         self._next_refresh: dict[tuple[str, str], float] = {}
         self._predictions: OrderedDict[tuple, Prediction] = OrderedDict()
+        self._allocations: dict[tuple, Allocation] = {}
         self._predictor = build_predictor(config)
         self._sizer = build_sizer(config)
         self.cluster = ClusterShapeCache()
@@ -144,7 +145,14 @@ class ProfilerClient:
 
     def size(self, prediction: Prediction, explicit: dict[str, Any], function: str,
              cluster: ClusterShape | None) -> Allocation:
-        return self._sizer.size(prediction, cluster, explicit, function)
+        key = (prediction, tuple(sorted(explicit.items())), cluster, function)
+        allocation = self._allocations.get(key)
+        if allocation is None:
+            allocation = self._sizer.size(prediction, cluster, explicit, function)
+            if len(self._allocations) > _CACHE_SIZE:
+                self._allocations.clear()
+            self._allocations[key] = allocation
+        return allocation
 
 
 def _empty_history():

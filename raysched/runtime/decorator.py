@@ -20,7 +20,7 @@ from ..policy.features import call_features, validate_input_size, validate_memor
 from ..types import Prediction
 from .client import ProfilerClient, get_client
 from .codehash import code_hash, qualified_name
-from .worker import AttemptSpec, make_entry, remote_options
+from .worker import AttemptSpec, encode_spec, make_entry, remote_options
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -108,6 +108,7 @@ class AdaptiveFunction:
         self._ray_options = dict(ray_options)
         self._remote: Any = None
         self._bound: dict[tuple, Any] = {}
+        self._remote_config: Any = None
         self._config_for: tuple[Any, Any] | None = None
         functools.update_wrapper(self, fn)
 
@@ -152,18 +153,18 @@ class AdaptiveFunction:
             features=features,
             prediction=prediction,
             allocation=allocation,
-            config=self._config(client),
             max_peak_seen=bundle.max_peak_seen if bundle else 0.0,
             largest_node_bytes=_largest_memory_for(cluster, allocation.num_cpus),
             priority=options.priority,
             ray_options=tuple(sorted(options.ray_options.items())),
         )
-        return self._remote_with(remote_options(spec)).remote(spec, *args, **kwargs)
+        return self._remote_with(remote_options(spec), self._config(client)).remote(encode_spec(spec), *args, **kwargs)
 
-    def _remote_with(self, options: dict[str, Any]) -> Any:
+    def _remote_with(self, options: dict[str, Any], config: Any) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
-        if self._remote is None:
-            self._remote = ray.remote(make_entry(self._fn))
+        if self._remote is None or self._remote_config is not config:
+            # The config travels once, inside the exported entry function.
+            self._remote, self._remote_config, self._bound = ray.remote(make_entry(self._fn, config)), config, {}
         try:
             key = tuple(sorted(options.items()))
             hash(key)

@@ -103,6 +103,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 import threading
 import time
@@ -166,26 +167,31 @@ class LiveSample:
 # --------------------------------------------------------------------------- #
 
 
+def _status_field(data: bytes, key: bytes) -> int | None:
+    start = data.find(key)
+    if start < 0:
+        return None
+    end = data.find(b"\n", start + len(key))
+    return int(data[start + len(key): end if end >= 0 else None].split()[0]) * 1024
+
+
 def _read_status(pid: int) -> tuple[int | None, int | None]:
-    """(VmRSS, VmHWM) in bytes from /proc/<pid>/status; None where missing."""
-    rss = hwm = None
+    """(VmRSS, VmHWM) in bytes from /proc/<pid>/status; None where missing.
+
+    One read and two finds: this runs several times per task, and parsing the
+    file line by line cost more than everything else the wrapper does.
+    """
     with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-            elif line.startswith(b"VmHWM:"):
-                hwm = int(line.split()[1]) * 1024
-    return rss, hwm
+        data = f.read()
+    return _status_field(data, b"\nVmRSS:"), _status_field(data, b"\nVmHWM:")
 
 
 def _read_io(pid: int) -> tuple[int, int, int, int]:
     """(read_bytes, write_bytes, rchar, wchar) from /proc/<pid>/io."""
-    values: dict[str, int] = {}
     with open(f"/proc/{pid}/io", "rb") as f:
-        for line in f:
-            name, _, value = line.partition(b":")
-            values[name.decode()] = int(value)
-    return tuple(values.get(k, 0) for k in _IO_FIELDS)  # type: ignore[return-value]
+        data = f.read()
+    values = dict(line.split(b": ") for line in data.splitlines() if b": " in line)
+    return tuple(int(values.get(k.encode(), 0)) for k in _IO_FIELDS)  # type: ignore[return-value]
 
 
 def _reset_hwm(pid: int) -> None:
@@ -365,8 +371,11 @@ class AttemptMeter:
     def _self_cpu(self) -> tuple[float, float]:
         """(own user+sys, reaped children user+sys) in seconds."""
         if self._self:
-            t = os.times()
-            return t.user + t.system, t.children_user + t.children_system
+            # getrusage has microsecond resolution; os.times() counts 10 ms clock
+            # ticks, which made a 50 us task look like 0 or 200 cores.
+            own = resource.getrusage(resource.RUSAGE_SELF)
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
         import psutil
 
         t = psutil.Process(self.pid).cpu_times()
@@ -418,17 +427,26 @@ class AttemptMeter:
             self._started, self._stopped, self.usage = True, False, None
             self._t0 = self._clock()
             self.peak_method = "sampled"
+            rss_after = None
             try:
                 if _LINUX:
                     with _HWM_LOCK:
-                        _, hwm_before = _read_status(self.pid)
+                        others = [m for m in _HWM_METERS if m is not self and m.pid == self.pid and m._started]
+                        # The high-water mark before the reset matters only to other
+                        # meters running in this process (threaded actors); a plain
+                        # task worker has none and skips the read.
+                        hwm_before = _read_status(self.pid)[1] if others else None
                         self._hwm0 = hwm_before
                         if hwm_before is not None:
-                            for other in list(_HWM_METERS):
-                                if other is not self and other.pid == self.pid and other._started:
-                                    other._absorb_peak(hwm_before)
-                        _reset_hwm(self.pid)
-                        _, hwm_after = _read_status(self.pid)
+                            for other in others:
+                                other._absorb_peak(hwm_before)
+                        try:
+                            _reset_hwm(self.pid)
+                        except Exception:
+                            # No reset: the mark as it stands is the baseline growth is judged from.
+                            self._hwm0 = _read_status(self.pid)[1]
+                            raise
+                        rss_after, hwm_after = _read_status(self.pid)
                         if hwm_after is not None:
                             self.peak_method = "hwm"
                             _HWM_METERS.add(self)
@@ -436,7 +454,8 @@ class AttemptMeter:
                 logger.debug("raysched: VmHWM reset unavailable for pid %s (%s); sampling the peak",
                              self.pid, exc)
             try:
-                rss, _ = self._rss_hwm()
+                # The read right after the reset already has the RSS: no third read.
+                rss = rss_after if rss_after is not None else self._rss_hwm()[0]
                 self._start_rss = int(rss or 0)
             except Exception as exc:  # noqa: BLE001 - never raise into the task
                 self._warn("RSS", exc)
@@ -632,12 +651,14 @@ class LiveSampler:
     def register(self, key: Hashable, meter: AttemptMeter, on_sample: OnSample | None = None) -> None:
         """Sample ``meter`` every interval and pass each sample to ``on_sample(key, sample)``."""
         with self._cond:
+            was_idle = not self._entries
             self._entries[key] = (meter, on_sample)
             if self._thread is None or not self._thread.is_alive():
                 self._closed = False
                 self._thread = threading.Thread(target=self._run, name="raysched-live-sampler", daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
+            if was_idle:  # only an idle thread needs waking; a notify per task costs a GIL hand-off
+                self._cond.notify_all()
 
     def unregister(self, key: Hashable) -> None:
         with self._cond:

@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import logging
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 PROFILER_NAME = "raysched_profiler"
 LIVE_KV_NAMESPACE = "raysched_live"
+MIN_WALL_FOR_CORES = 0.05  # seconds
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class AttemptSpec:
     features: Features
     prediction: Prediction
     allocation: Allocation
-    config: RayschedConfig
+    #: Not shipped with every task: the entry function carries it (see ``make_entry``).
+    config: RayschedConfig | None = None
     prior: tuple[AttemptRecord, ...] = ()  # failed attempts of this call, oldest first
     max_peak_seen: float = 0.0
     largest_node_bytes: float | None = None
@@ -118,7 +121,9 @@ def attempt_row(
         "start_rss_bytes": usage.start_rss_bytes if usage is not None else None,
         "memory_sample_bytes": int(sample) if sample is not None else None,
         "cpu_seconds": usage.cpu_seconds if usage is not None else None,
-        "cpu_cores": usage.cpu_cores if usage is not None and usage.wall_seconds > 0 else None,
+        # Cores are CPU seconds per wall second; below MIN_WALL_FOR_CORES the ratio is
+        # mostly scheduler noise and would size a 50 us task at whole cores.
+        "cpu_cores": usage.cpu_cores if usage is not None and usage.wall_seconds >= MIN_WALL_FOR_CORES else None,
         "wall_seconds": usage.wall_seconds if usage is not None else None,
         "read_bytes": usage.read_bytes if usage is not None else None,
         "write_bytes": usage.write_bytes if usage is not None else None,
@@ -292,11 +297,17 @@ def _ray_attempt_number() -> int:
 # --- the entry point ---------------------------------------------------------------------------------------
 
 
+_NODE_ID: list[str] = []
+
+
 def _node_id() -> str:
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001
-        return ""
+    """This worker's node (a worker process never changes node)."""
+    if not _NODE_ID:
+        try:
+            _NODE_ID.append(ray.get_runtime_context().get_node_id())
+        except Exception:  # noqa: BLE001
+            return ""
+    return _NODE_ID[0]
 
 
 def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any]) -> Any:
@@ -384,12 +395,23 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         raise
 
 
-def make_entry(fn: Callable[..., Any]) -> Callable[..., Any]:
+def encode_spec(spec: AttemptSpec) -> bytes:
+    """The spec as the task's first argument: plain pickle, without the config.
+
+    cloudpickle (what Ray would use on the dataclass) costs several times more per
+    call than the standard pickler on these importable classes, and the config,
+    the largest part, travels once with the exported entry function instead.
+    """
+    return pickle.dumps(replace(spec, config=None) if spec.config is not None else spec, protocol=5)
+
+
+def make_entry(fn: Callable[..., Any], config: RayschedConfig) -> Callable[..., Any]:
     """The function Ray runs: the user's function behind the measuring wrapper."""
 
-    def entry(spec: AttemptSpec, *args: Any, **kwargs: Any) -> Any:
+    def entry(spec_bytes: bytes, *args: Any, **kwargs: Any) -> Any:
+        spec = replace(pickle.loads(spec_bytes), config=config)
         if _ray_attempt_number() > 0:
-            return recover(fn, spec, args, kwargs, _resubmitter(fn))
+            return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
         return run_measured(fn, spec, args, kwargs)
 
     entry.__name__ = getattr(fn, "__name__", "task")
@@ -412,12 +434,12 @@ def remote_options(spec: AttemptSpec) -> dict[str, Any]:
     return options
 
 
-def _resubmitter(fn: Callable[..., Any]) -> Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]:
+def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]:
     def resubmit(spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any]) -> Any:
         remote = _remote_cache.get(id(fn))
         if remote is None:
-            remote = _remote_cache[id(fn)] = ray.remote(make_entry(fn))
-        return remote.options(**remote_options(spec)).remote(spec, *args, **kwargs)
+            remote = _remote_cache[id(fn)] = ray.remote(make_entry(fn, config))
+        return remote.options(**remote_options(spec)).remote(encode_spec(spec), *args, **kwargs)
 
     return resubmit
 
