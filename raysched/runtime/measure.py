@@ -610,9 +610,10 @@ OnSample = Callable[[Hashable, LiveSample], None]
 class LiveSampler:
     """One daemon thread per process sampling the registered meters every ``interval_s``.
 
-    The thread starts on the first ``register`` and blocks (no wake-ups) while
-    nothing is registered, so a worker running only tiny tasks pays neither a
-    thread start per task nor a timer.  Exceptions from ``sample()`` or a
+    The thread starts on the first ``register`` and, while nothing is
+    registered, wakes only once per interval; ``register`` never wakes it, so a
+    worker running only tiny tasks pays neither a thread start nor a thread
+    hand-off per task.  Exceptions from ``sample()`` or a
     callback are logged and never stop the thread.  A callback already running
     when ``unregister`` is called may still complete after it returns.
     """
@@ -651,14 +652,12 @@ class LiveSampler:
     def register(self, key: Hashable, meter: AttemptMeter, on_sample: OnSample | None = None) -> None:
         """Sample ``meter`` every interval and pass each sample to ``on_sample(key, sample)``."""
         with self._cond:
-            was_idle = not self._entries
             self._entries[key] = (meter, on_sample)
             if self._thread is None or not self._thread.is_alive():
                 self._closed = False
                 self._thread = threading.Thread(target=self._run, name="raysched-live-sampler", daemon=True)
                 self._thread.start()
-            if was_idle:  # only an idle thread needs waking; a notify per task costs a GIL hand-off
-                self._cond.notify_all()
+
 
     def unregister(self, key: Hashable) -> None:
         with self._cond:
@@ -696,8 +695,11 @@ class LiveSampler:
     def _run(self) -> None:
         while True:
             with self._cond:
+                # Idle: a timed wait, not an untimed one, so that register() never has to
+                # wake the thread. Two wake-ups a second cost less than a GIL hand-off on
+                # every one of a thousand tiny tasks.
                 while not self._entries and not self._closed:
-                    self._cond.wait()  # idle: no wake-ups while nothing is registered
+                    self._cond.wait(self._interval)
                 if self._closed:
                     return
                 # Sleep one interval; a register() notify must not shorten it,

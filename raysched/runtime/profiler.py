@@ -60,13 +60,16 @@ def history_from_rows(rows: pd.DataFrame) -> History:
     complete = rows["outcome"].isin(_COMPLETE).to_numpy()
 
     def col(name: str) -> np.ndarray:
+        if name not in rows:
+            return np.full(len(rows), np.nan)
         return pd.to_numeric(rows[name], errors="coerce").astype(float).to_numpy()
 
     cpu = np.where(complete, col("cpu_cores"), np.nan)
     wall = np.where(complete, col("wall_seconds"), np.nan)
     disk = np.where(complete, np.nansum(np.vstack([col("read_bytes"), col("write_bytes")]), axis=0), np.nan)
     disk = np.where(np.isnan(col("read_bytes")) & np.isnan(col("write_bytes")), np.nan, disk)
-    tags = tuple(tuple(t) if t is not None and not (isinstance(t, float) and math.isnan(t)) else () for t in rows["tags"])
+    tag_column = rows["tags"] if "tags" in rows else [None] * len(rows)
+    tags = tuple(tuple(t) if t is not None and not (isinstance(t, float) and math.isnan(t)) else () for t in tag_column)
     return History(
         input_size=col("input_size"),
         memory=col("memory_sample_bytes"),
@@ -79,16 +82,43 @@ def history_from_rows(rows: pd.DataFrame) -> History:
 
 
 class _FunctionState:
-    """Rows and models of one function name, loaded lazily from the store."""
+    """Rows and models of one function name, loaded lazily from the store.
 
-    def __init__(self, rows: pd.DataFrame):
-        self.rows = rows
+    New rows are kept as the dicts they arrived as and merged into the frame only
+    when a bundle or a training needs it: a concat per batch cost more than the
+    Parquet write itself.
+    """
+
+    def __init__(self, rows: pd.DataFrame, window: int):
+        self._frame = rows
+        self._pending: list[Mapping[str, Any]] = []
+        self.window = window
+        self.n_rows = len(rows)
+        self.n_usable = int(rows["memory_sample_bytes"].notna().sum()) if len(rows) else 0
         self.version = 1
         self.new_rows = 0
         self.models: dict[str, ResourceModel] = {}
         self.training: Future | None = None
         self.trainings = 0
         self.last_trained = -float("inf")
+
+    def add(self, rows: list[Mapping[str, Any]]) -> None:
+        self._pending.extend(rows)
+        self.n_rows = min(self.window, self.n_rows + len(rows))
+        self.n_usable += sum(1 for r in rows if r.get("memory_sample_bytes") is not None)
+        self.new_rows += len(rows)
+        self.version += 1
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        if self._pending:
+            part = pd.DataFrame(self._pending)
+            self._pending = []
+            if not self._frame.empty:
+                part = part.reindex(columns=self._frame.columns)
+                part = pd.concat([self._frame, part], ignore_index=True)
+            self._frame = part.tail(self.window)
+        return self._frame
 
 
 class Profiler:
@@ -130,7 +160,8 @@ class Profiler:
             state = self._functions.get(function)
             if state is None:
                 rows = self.store.read(function=function)
-                state = self._functions[function] = _FunctionState(rows.tail(self.config.history_window))
+                state = self._functions[function] = _FunctionState(rows.tail(self.config.history_window),
+                                                                   self.config.history_window)
                 if (self.config.home_path / "mlflow.db").exists() or self._registry is not None:
                     # Off the request path: importing MLflow alone takes seconds.
                     state.training = self._executor.submit(self._load_served, function, state)
@@ -170,18 +201,16 @@ class Profiler:
             with self._lock:
                 self._in_flight -= 1
                 self._last_record = self._clock()
-        frame = pd.DataFrame(list(rows))
+        by_function: dict[str, list[Mapping[str, Any]]] = {}
+        for row in rows:
+            by_function.setdefault(row["function"], []).append(row)
         with self._lock:
             self.rows_received += written
-            for function, part in frame.groupby("function", sort=False):
-                if function not in self._functions:
-                    continue  # loaded from the store (rows included) when first asked for
-                state = self._functions[function]
-                part = part.reindex(columns=state.rows.columns) if not state.rows.empty else part
-                state.rows = pd.concat([state.rows, part], ignore_index=True).tail(self.config.history_window)
-                state.version += 1
-                state.new_rows += len(part)
-            for function in frame["function"].unique():
+            for function, part in by_function.items():
+                state = self._functions.get(function)
+                if state is not None:  # else loaded from the store (rows included) when first asked for
+                    state.add(part)
+            for function in by_function:
                 self._maybe_train(function)
         return written
 
@@ -191,8 +220,8 @@ class Profiler:
             state = self._state(function)
         if state.training is not None and not state.training.done():
             return
-        usable = int(state.rows["memory_sample_bytes"].notna().sum()) if not state.rows.empty else 0
-        enough_new = state.new_rows >= max(self.config.retrain_after_new_rows, 0.1 * len(state.rows))
+        usable = state.n_usable
+        enough_new = state.new_rows >= max(self.config.retrain_after_new_rows, 0.1 * state.n_rows)
         rested = self._clock() - state.last_trained >= self.config.min_retrain_interval_s
         first = not state.models and state.trainings == 0
         if usable >= self.config.min_history_for_model and (first or (enough_new and rested)):
@@ -303,7 +332,7 @@ class Profiler:
                 "home": str(self.config.home_path),
                 "functions": {
                     name: {
-                        "rows": len(s.rows),
+                        "rows": s.n_rows,
                         "version": s.version,
                         "trainings": s.trainings,
                         "models": {r: m.version for r, m in s.models.items()},
