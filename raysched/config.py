@@ -64,12 +64,13 @@ class RayschedConfig:
     #: tasks for the same cores, so a burst of tiny tasks must not retrain non-stop.
     min_retrain_interval_s: float = 30.0
 
-    # --- cost-aware memory sizing (off by default; `raysched eval` measures both) -----
+    # --- cost-aware memory sizing (the default; `raysched eval` measures both chains) -----
     #: Size memory by the expected cost of a failure against the cost of waste
     #: (policy.estimators.CostAwareEstimator) instead of a fixed-coverage upper bound.
     #: It then comes before the model and the statistics in the memory chain, and the
-    #: ladder retries at the largest peak seen before doubling.
-    memory_cost_aware: bool = False
+    #: ladder retries at the largest peak seen before doubling.  False: the
+    #: fixed-coverage chain (conformal model / p95 along the input-size line).
+    memory_cost_aware: bool = True
     #: Runs of a function needed before the cost-aware sizing applies.
     cost_min_history: int = 8
     #: Input size must explain this share of the variance of log memory (Spearman
@@ -84,6 +85,19 @@ class RayschedConfig:
     cost_min_coverage: float = 0.75
     #: Growth floor of the ladder under cost-aware sizing (the OOM bump already adds >= 20%).
     cost_ladder_min_growth: float = 1.2
+    #: Beyond the largest input seen, follow the log-log slope of use on input size
+    #: (clipped to [0, cost_max_slope]) instead of staying at the largest fitted use.
+    cost_extrapolate: bool = True
+    cost_max_slope: float = 1.0
+    #: Share of the runs, those with the largest inputs, that slope is fitted on.
+    cost_slope_fraction: float = 0.5
+    #: No allocation above the largest use seen (grown along that slope beyond the
+    #: range) times exp(cost_cap_allowance); None: no such cap.
+    cost_cap_allowance: float | None = 0.2
+    #: Beyond the largest input seen, widen the allocation by this much log memory per
+    #: unit of log input size past it (the residuals seen inside the range understate
+    #: the error of an extrapolation).
+    cost_extrapolation_widen: float = 0.0
 
     # --- sizing: prediction -> Ray options -----------------------------------------
     #: Margin on top of the upper bound for memory, as the VPA recommender's 15%.

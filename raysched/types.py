@@ -262,6 +262,10 @@ class History:
     ``max(peak + 100 MiB, peak x 1.2)`` (as the Kubernetes VPA recommender does,
     see ``policy.samples``).  Missing values are NaN.  ``version`` grows when rows
     are added, so a cache can tell a newer history from an older one.
+
+    ``censored`` marks the runs whose memory value is only a lower bound of what
+    they needed (killed for memory: the true peak is above it); None means no run
+    is censored, so existing callers need not pass it.
     """
 
     input_size: np.ndarray
@@ -271,6 +275,14 @@ class History:
     disk: np.ndarray
     tags: tuple[tuple[str, ...], ...] = ()
     version: int = 0
+    censored: np.ndarray | None = None
+
+    @property
+    def censored_mask(self) -> np.ndarray:
+        """A boolean array, one per run: True where the memory value is a lower bound."""
+        if self.censored is None:
+            return np.zeros(len(self), dtype=bool)
+        return np.asarray(self.censored, dtype=bool)
 
     def __len__(self) -> int:
         return int(self.memory.shape[0])
@@ -289,6 +301,7 @@ class History:
             disk=self.disk[-n:],
             tags=self.tags[-n:] if self.tags else (),
             version=self.version,
+            censored=self.censored[-n:] if self.censored is not None else None,
         )
 
     def append(self, other: "History") -> "History":
@@ -301,6 +314,8 @@ class History:
             tags=(self.tags or tuple(() for _ in range(len(self))))
             + (other.tags or tuple(() for _ in range(len(other)))),
             version=self.version + len(other),
+            censored=(None if self.censored is None and other.censored is None
+                      else np.concatenate([self.censored_mask, other.censored_mask])),
         )
 
     @staticmethod
@@ -323,6 +338,7 @@ class History:
 
         tags_col = columns.get("tags")
         tags = tuple(tuple(t) if t is not None else () for t in tags_col) if tags_col is not None else ()  # type: ignore[union-attr]
+        censored_col = columns.get("censored")
         return History(
             input_size=col("input_size"),
             memory=col("memory"),
@@ -331,6 +347,7 @@ class History:
             disk=col("disk"),
             tags=tags,
             version=version,
+            censored=np.array([bool(v) for v in censored_col], dtype=bool) if censored_col is not None else None,  # type: ignore[union-attr]
         )
 
 

@@ -30,6 +30,9 @@ from raysched.types import (
 )
 
 CFG = RayschedConfig()
+#: The fixed-coverage memory chain (conformal model / p95 along the input-size line), the
+#: default before cost-aware sizing; its tests keep pinning its behaviour.
+FIXED = CFG.replace(memory_cost_aware=False)
 
 
 def linear_history(n: int, seed: int = 0, noise: float = 5e6) -> History:
@@ -112,7 +115,7 @@ def test_cold_start_uses_user_fallback_then_default():
 
 def test_little_history_uses_max_scaled_by_input_size_with_confidence_multiplier():
     history = linear_history(10, noise=0)
-    predictor = build_predictor(CFG)
+    predictor = build_predictor(FIXED)
     small, big = predictor.predict(Features(input_size=1e6), history), predictor.predict(Features(input_size=1e8), history)
     assert small.source == "history" and small.memory.n_history == 10
     # Along the line 100 MB + 4 x size, widened by (1 + 1/10):
@@ -145,7 +148,7 @@ def test_confidence_multiplier_worked_numbers():
 
 def test_model_is_calibrated_and_reports_honest_coverage():
     history = linear_history(400, noise=2e7)
-    predictor = build_predictor(CFG)
+    predictor = build_predictor(FIXED)
     models = predictor.train(history)
     memory = models.get("memory")
     assert memory is not None
@@ -244,7 +247,7 @@ def failed(attempt: int, memory: int, peak: int | None, rung: int = 0) -> Attemp
 
 
 def test_ladder_climbs_rung_by_rung_as_a_table():
-    ladder = build_ladder(CFG)
+    ladder = build_ladder(FIXED)
     pred = prediction(1 * GiB)  # upper bound rung: 1.15 GiB
     state = LadderState(pred, (failed(1, 512 * MiB, 500 * MiB),), max_peak_seen=3 * GiB, largest_node_bytes=16 * GiB)
     names = [name for _, name, _ in ladder.describe(state)]
@@ -291,3 +294,87 @@ def test_home_comes_from_the_environment_only_in_from_env(monkeypatch, tmp_path)
     assert RayschedConfig.from_env().home_path == tmp_path.resolve()
     assert RayschedConfig().home == ".raysched"
     assert os.environ["RAYSCHED_HOME"] == str(tmp_path)
+
+
+# --- cost-aware memory sizing (the default memory chain) ---------------------------------------
+
+
+def test_history_censored_defaults_to_none_and_survives_tail_and_append():
+    h = History.from_columns({"memory": [1.0, 2.0, 3.0]})
+    assert h.censored is None and not h.censored_mask.any()
+    c = History.from_columns({"memory": [4.0, 5.0], "censored": [True, False]})
+    both = h.append(c)
+    assert both.censored_mask.tolist() == [False, False, False, True, False]
+    assert both.tail(2).censored_mask.tolist() == [True, False]
+
+
+def test_cost_aware_estimator_leaves_censored_runs_out():
+    from raysched.policy.estimators import CostAwareEstimator
+
+    est = CostAwareEstimator("memory", min_history=3, min_correlation=0.3, local_fraction=1.0, min_local=3,
+                             tail_allowance=0.0, min_coverage=1.0, margin=0.0)
+    plain = History.from_columns({"memory": [100.0, 100.0, 100.0]})
+    # A killed run recorded as the bumped sample 500 (censored) changes nothing...
+    killed = History.from_columns({"memory": [100.0, 100.0, 100.0, 500.0], "censored": [False, False, False, True]})
+    a = est.estimate(EstimationContext(plain), Features())
+    b = est.estimate(EstimationContext(killed), Features())
+    assert a.upper == pytest.approx(100.0) and b.upper == pytest.approx(100.0) and b.n_history == 3
+    # ...while the same row taken as a real peak sets the allocation (all of it must be covered).
+    c = est.estimate(EstimationContext(History.from_columns({"memory": [100.0, 100.0, 100.0, 500.0]})), Features())
+    assert c.upper == pytest.approx(500.0)
+
+
+def test_cost_aware_extrapolates_along_the_log_log_slope_beyond_the_largest_input():
+    from raysched.policy.estimators import CostAwareEstimator, _loglog_slope, _monotone_fit
+
+    # use = 1000 x size ** 0.5 exactly: slope 0.5 in log-log (log1p ~ log for these sizes)
+    sizes = np.geomspace(1e6, 1e8, 12)
+    ls, lu = np.log1p(sizes), np.log(1000 * np.sqrt(sizes))
+    assert _loglog_slope(ls, lu, 1.0) == pytest.approx(0.5, abs=1e-6)
+    assert _loglog_slope(ls, lu, 0.3) == 0.3  # clipped
+    # 100x beyond the largest input: the largest fitted use (1e7) x 100 ** 0.5 = 1e8;
+    # inside the range, the interpolated fit; below it, flat at the smallest
+    q = np.log1p(np.array([1e10, 1e7, 1e3]))
+    fit = np.exp(_monotone_fit(ls, lu, q, 0.5))
+    assert fit == pytest.approx([1e8, 1000 * math.sqrt(1e7), 1e6], rel=1e-3)
+    est = CostAwareEstimator("memory", min_history=8, min_correlation=0.3, local_fraction=0.3, min_local=8,
+                             tail_allowance=0.0, min_coverage=0.75, margin=0.0)
+    history = History.from_columns({"input_size": sizes, "memory": 1000 * np.sqrt(sizes)})
+    big = est.estimate(EstimationContext(history), Features(input_size=10**10))
+    assert big.upper == pytest.approx(1e8, rel=1e-3)
+    flat = CostAwareEstimator("memory", 8, 0.3, 0.3, 8, 0.0, 0.75, 0.0, extrapolate=False)
+    # Flat beyond the range: the largest use seen, times the largest cross-fitted residual (the
+    # largest run left out and predicted flat from its neighbour, one step of 10 ** (2/11)
+    # below it: sqrt(10 ** (2/11)) = 10 ** (1/11) = 1.2328), which the 75% floor must cover.
+    flat_est = flat.estimate(EstimationContext(history), Features(input_size=10**10))
+    assert flat_est.upper == pytest.approx(1e7 * 10 ** (1 / 11), rel=1e-3)
+
+
+def test_cost_aware_allocation_is_capped_near_the_largest_use_seen():
+    from raysched.policy.estimators import CostAwareEstimator
+
+    # Bimodal use at the same inputs (14 MB or 5.6 GB): log residuals are huge (e^6), so
+    # center x exp(max residual) would be far above anything ever seen; the cap keeps the
+    # allocation at the largest use x exp(0.2) = 5.6 GB x 1.2214 = 6.84 GB.
+    sizes = np.repeat(np.geomspace(1e6, 1e9, 10), 2)
+    uses = np.tile([14e6, 5.6e9], 10)
+    uses[:6] = 14e6  # small inputs use little: input size explains some of it
+    history = History.from_columns({"input_size": sizes, "memory": uses})
+    kw = dict(min_history=8, min_correlation=0.0, local_fraction=0.3, min_local=8, tail_allowance=0.0,
+              min_coverage=1.0, margin=0.0)
+    capped = CostAwareEstimator("memory", **kw, cap_allowance=0.2).estimate(EstimationContext(history), Features(input_size=10**9))
+    assert capped.upper == pytest.approx(5.6e9 * math.exp(0.2), rel=1e-6)
+    uncapped = CostAwareEstimator("memory", **kw).estimate(EstimationContext(history), Features(input_size=10**9))
+    assert uncapped.upper > 2 * capped.upper
+
+
+def test_default_memory_chain_is_cost_aware_and_model_still_serves_cpu():
+    assert CFG.memory_cost_aware
+    history = linear_history(400, noise=2e7)
+    predictor = build_predictor(CFG)
+    pred = predictor.predict(Features(input_size=5e7), history, predictor.train(history))
+    assert pred.memory.source == "history" and pred.cpu.source == "model"
+    # 300 MB at 5e7 (100 MB + 4 x size) with N(0, 20 MB) noise: the allocation sits above
+    # the center but far below the fixed chain's p95-plus-spread of large inputs
+    allocation = pred.memory.upper * (1 + CFG.memory_margin)
+    assert 300e6 < allocation < 400e6

@@ -26,7 +26,7 @@ def test_eval_writes_json_plot_and_markdown(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     methods = data["workflows"]["lotaru_small"]["methods"]
-    assert set(methods) == {"raysched", "raysched_cost", "presets", "tovar", "witt_percentile", "witt_lr", "vpa", "oracle"}
+    assert set(methods) == {"raysched", "raysched_fixed", "presets", "tovar", "witt_percentile", "witt_lr", "vpa", "oracle"}
     for m in methods.values():
         assert set(m) >= {"wastage_gbh", "failures", "tasks", "maq", "seconds"}
     assert methods["presets"]["wastage_gbh"] == pytest.approx(15.5)  # worked out in test_replay.py

@@ -38,15 +38,16 @@ def test_iwd_replay_is_fast_and_accounted():
 
     trace = _trace("nextflow/iwd.csv")
     t0 = time.perf_counter()
-    cost = RayschedMethod(RayschedConfig(memory_cost_aware=True))
-    cost.name = "raysched_cost"
-    result = replay_trace(trace, [RayschedMethod(), cost, *(c() for c in BASELINES.values())], seed=0)
+    fixed = RayschedMethod(RayschedConfig(memory_cost_aware=False))
+    fixed.name = "raysched_fixed"
+    result = replay_trace(trace, [RayschedMethod(), fixed, *(c() for c in BASELINES.values())], seed=0)
     assert time.perf_counter() - t0 < 60
     r = result.methods
     assert all(t.tasks == r["oracle"].tasks for t in r.values())
     assert r["oracle"].wastage_gbh == 0 and r["oracle"].maq == 1.0
     assert r["presets"].failures == 0  # the presets of this trace cover every peak
-    # cost-aware raysched beats every baseline on iwd with few failures
+    # raysched (cost-aware by default) meets the goal on iwd: at most 0.75 of the
+    # best baseline's wastage, under 5% failed attempts
     best = min(t.wastage_gbh for m, t in r.items() if not m.startswith("raysched") and m != "oracle")
-    assert r["raysched_cost"].wastage_gbh < best
-    assert r["raysched_cost"].failure_rate < 0.05
+    assert r["raysched"].wastage_gbh <= 0.75 * best
+    assert r["raysched"].failure_rate < 0.05

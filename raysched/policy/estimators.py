@@ -229,6 +229,36 @@ def _isotonic(y: np.ndarray) -> np.ndarray:
     return np.repeat(np.array(means), np.array(counts))
 
 
+def _loglog_slope(ls: np.ndarray, lu: np.ndarray, max_slope: float, fraction: float = 1.0) -> float:
+    """Least-squares slope of log use on log input size over the ``fraction`` of runs
+    with the largest inputs (at least 3), clipped to [0, max_slope]."""
+    k = max(3, int(math.ceil(ls.shape[0] * fraction)))
+    if k < ls.shape[0]:
+        top = np.argsort(ls, kind="stable")[-k:]
+        ls, lu = ls[top], lu[top]
+    if ls.shape[0] < 2 or np.ptp(ls) <= 0:
+        return 0.0
+    slope = float(np.polyfit(ls, lu, 1)[0])
+    return min(max(slope, 0.0), max_slope)
+
+
+def _monotone_fit(ls: np.ndarray, lu: np.ndarray, query: np.ndarray, slope: float) -> np.ndarray:
+    """The non-decreasing (isotonic) fit of ``lu`` on ``ls``, read at ``query``.
+
+    Inside the range of ``ls``: linear interpolation between the fitted points;
+    below it: the smallest fitted value (flat: use does not shrink further); above
+    it: the largest fitted value plus ``slope`` per unit of log size (a log-log
+    line, so that an input 10x larger than any seen is not sized as the largest).
+    """
+    order = np.argsort(ls, kind="stable")
+    xs, fit = ls[order], _isotonic(lu[order])
+    out = np.interp(query, xs, fit)
+    beyond = query > xs[-1]
+    if slope > 0 and np.any(beyond):
+        out = np.where(beyond, fit[-1] + slope * (query - xs[-1]), out)
+    return out
+
+
 @dataclass(frozen=True)
 class CostAwareEstimator:
     """Memory sized by the cost of a failure against the cost of waste.
@@ -236,19 +266,24 @@ class CostAwareEstimator:
     1. Center: log(peak) as a non-decreasing (isotonic) function of log(input
        size) when input size explains use (Spearman rho^2 >= ``min_correlation``;
        memory rarely shrinks as input grows, and often saturates, which a line
-       cannot follow), else the median.
+       cannot follow), else the median.  Beyond the largest input seen, the
+       center follows the log-log least-squares slope of the runs (clipped to
+       [0, ``max_slope``]) instead of staying flat.
     2. Residuals, calibrated: each run's log-residual comes from a fit on the
-       other folds (cross-fitted), so the spread is what a new run will see; only
-       the ``local_fraction`` of runs nearest in input size are used (errors are
-       not the same for small and large inputs); a phantom run
-       ``tail_allowance`` of the spread beyond the largest residual stands for
-       the tail not yet seen.
+       other folds (cross-fitted, with the same extrapolation), so the spread is
+       what a new run will see; only the ``local_fraction`` of runs nearest in
+       input size are used (errors are not the same for small and large inputs);
+       a phantom run ``tail_allowance`` of the spread beyond the largest
+       residual stands for the tail not yet seen.
     3. Allocation: among the candidate allocations ``center x exp(residual)``, the
        one with the least expected waste, where a run that fits wastes
        ``allocation - peak`` and a run that fails wastes the allocation plus the
        retry at the ceiling (``center x exp(max residual)``) minus its peak (Tovar
        et al.'s criterion, per input size), never covering fewer than
        ``min_coverage`` of the residuals (failed attempts cost users time too).
+
+    Runs killed for memory (``History.censored``) are left out: their value is a
+    bumped lower bound, and the same call's successful retry is in the history.
 
     The estimate's ``upper`` is that allocation divided by ``1 + margin`` (the
     sizer adds the margin back), ``coverage`` the share of the residuals it
@@ -264,9 +299,20 @@ class CostAwareEstimator:
     min_coverage: float
     margin: float
     folds: int = 5
+    #: Largest log-log slope beyond the largest input (1: use proportional to input).
+    max_slope: float = 1.0
+    #: Whether to follow the log-log slope beyond the largest input (False: flat).
+    extrapolate: bool = True
+    #: Share of runs, those with the largest inputs, the slope beyond the range is fitted on.
+    slope_fraction: float = 1.0
+    #: Log headroom over the cap (the largest use seen, grown beyond the range); inf: no cap.
+    cap_allowance: float = math.inf
+    #: Log widening of the allocation per unit of log input size beyond the largest input seen.
+    widen: float = 0.0
 
     def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
         rows = usable_rows(ctx.history, self.resource)
+        rows = rows[~ctx.history.censored_mask[rows]]
         n = rows.shape[0]
         if n < self.min_history:
             return None
@@ -280,20 +326,26 @@ class CostAwareEstimator:
         )
         if use_size:
             ls, lu = np.log1p(sizes[known]), log_use[known]
-            order = np.argsort(ls, kind="stable")
-            xs, fit = ls[order], _isotonic(lu[order])
+            slope = _loglog_slope(ls, lu, self.max_slope, self.slope_fraction) if self.extrapolate else 0.0
             query = math.log1p(float(x.input_size))  # type: ignore[arg-type]
-            center = float(np.interp(query, xs, fit))
-            resid = self._cross_fitted(ls, lu)
+            center = float(_monotone_fit(ls, lu, np.array([query]), slope)[0])
+            resid = self._cross_fitted(ls, lu, slope)
             k = max(self.min_local, int(math.ceil(len(resid) * self.local_fraction)))
             if k < len(resid):
                 resid = resid[np.argsort(np.abs(ls - query), kind="stable")[:k]]
+            # Beyond the largest input the local residuals understate the error: widen
+            # every candidate by ``widen`` per unit of log distance past the range.
+            beyond = max(0.0, query - float(np.max(ls)))
+            center += self.widen * beyond
+            # Never above the largest use seen, grown along the slope beyond the range.
+            cap = float(np.max(log_use)) + (slope + self.widen) * beyond
         else:
             center = float(np.median(log_use))
             resid = log_use - center
+            cap = float(np.max(log_use))
         spread = float(np.max(resid) - np.median(resid))
         resid = np.sort(np.append(resid, np.max(resid) + self.tail_allowance * spread))
-        alloc = np.exp(center + resid)
+        alloc = np.exp(np.minimum(center + resid, max(cap, center) + self.cap_allowance))
         ceiling = alloc[-1]
         m = alloc.shape[0]
         # expected waste per run of allocating alloc[i]: runs j <= i fit, runs j > i fail
@@ -315,14 +367,12 @@ class CostAwareEstimator:
             source="history",
         )
 
-    def _cross_fitted(self, ls: np.ndarray, lu: np.ndarray) -> np.ndarray:
+    def _cross_fitted(self, ls: np.ndarray, lu: np.ndarray, slope: float) -> np.ndarray:
         n = ls.shape[0]
         k = min(self.folds, n)
         fold = np.arange(n) % k  # deterministic, interleaved in time
         resid = np.empty(n)
         for f in range(k):
             test, train = fold == f, fold != f
-            order = np.argsort(ls[train], kind="stable")
-            xs, fit = ls[train][order], _isotonic(lu[train][order])
-            resid[test] = lu[test] - np.interp(ls[test], xs, fit)
+            resid[test] = lu[test] - _monotone_fit(ls[train], lu[train], ls[test], slope)
         return resid

@@ -12,6 +12,7 @@ Pure: imports neither ray, mlflow nor pyarrow.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -130,6 +131,11 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
                 tail_allowance=config.cost_tail_allowance,
                 min_coverage=config.cost_min_coverage,
                 margin=config.memory_margin,
+                max_slope=config.cost_max_slope,
+                extrapolate=config.cost_extrapolate,
+                slope_fraction=config.cost_slope_fraction,
+                cap_allowance=config.cost_cap_allowance if config.cost_cap_allowance is not None else math.inf,
+                widen=config.cost_extrapolation_widen,
             )
         )
     steps += [

@@ -14,7 +14,7 @@ import click
 from ..errors import RayschedError
 from .readers import FORMATS, TraceFormatError, expand_paths, read_trace
 
-METHOD_NAMES = ("raysched", "raysched_cost", "presets", "tovar", "witt_percentile", "witt_lr", "vpa", "oracle")
+METHOD_NAMES = ("raysched", "raysched_fixed", "presets", "tovar", "witt_percentile", "witt_lr", "vpa", "oracle")
 
 
 def _methods(names: list[str], config):
@@ -25,10 +25,11 @@ def _methods(names: list[str], config):
     for name in names:
         if name == "raysched":
             out.append(RayschedMethod(config))
-        elif name == "raysched_cost":
-            # the same runtime policy with cost-aware memory sizing switched on
-            m = RayschedMethod(config.replace(memory_cost_aware=True))
-            m.name = "raysched_cost"
+        elif name == "raysched_fixed":
+            # the same runtime policy with the fixed-coverage memory chain (the
+            # default before cost-aware sizing): for comparison
+            m = RayschedMethod(config.replace(memory_cost_aware=False))
+            m.name = "raysched_fixed"
             out.append(m)
         else:
             out.append(BASELINES[name]())

@@ -15,7 +15,8 @@ is the runtime's bookkeeping, replayed:
 - only memory is scored, so only the memory chain is asked;
 - a failed attempt is an out-of-memory kill at the allocation: its attempt record
   says the peak reached the allocation, and (as the runtime stores it) it adds the
-  OOM sample ``max(peak + 100 MiB, peak x 1.2)`` to the history;
+  OOM sample ``max(peak + 100 MiB, peak x 1.2)`` to the history, marked censored
+  (the true peak is above it; the cost-aware estimator leaves such rows out);
 - a finished job adds its true peak to the history.
 
 When the ladder gives up (``max_attempts``) a user's call would raise
@@ -43,12 +44,14 @@ class _Columns:
     memory: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
+    censored: list[bool] = field(default_factory=list)
 
-    def add(self, input_size: float, memory: float, cpu: float, wall: float) -> None:
+    def add(self, input_size: float, memory: float, cpu: float, wall: float, censored: bool = False) -> None:
         self.input_size.append(input_size)
         self.memory.append(memory)
         self.cpu.append(cpu)
         self.wall.append(wall)
+        self.censored.append(censored)
 
     def history(self, version: int) -> History:
         n = len(self.memory)
@@ -60,6 +63,7 @@ class _Columns:
             disk=np.full(n, np.nan),
             tags=(),
             version=version,
+            censored=np.asarray(self.censored, dtype=bool),
         )
 
 
@@ -120,8 +124,8 @@ class _RayschedSizer(TaskSizer):
             self._history = self.cols.history(self.version).tail(self.config.history_window)
         return self._history
 
-    def _add_row(self, input_size: float, memory: float, cpu: float, wall: float) -> None:
-        self.cols.add(input_size, memory, cpu, wall)
+    def _add_row(self, input_size: float, memory: float, cpu: float, wall: float, censored: bool = False) -> None:
+        self.cols.add(input_size, memory, cpu, wall, censored)
         self.version += 1
         self._history = None
         if len(self.cols.memory) - self.trained_at >= self.config.retrain_after_new_rows:
@@ -165,7 +169,7 @@ class _RayschedSizer(TaskSizer):
         if len(failed) == 1:
             self._allocs = []
         if self.m.record_oom_samples:
-            self._add_row(job.input_size, oom_bump(failed[-1], self.config), float("nan"), float("nan"))
+            self._add_row(job.input_size, oom_bump(failed[-1], self.config), float("nan"), float("nan"), censored=True)
         state = LadderState(
             prediction=self._prediction,
             attempts=tuple(attempts),

@@ -78,6 +78,7 @@ def history_from_rows(rows: pd.DataFrame) -> History:
         disk=disk,
         tags=tags,
         version=len(rows),
+        censored=(rows["outcome"] == "oom_killed").to_numpy(),  # the memory value is a bumped lower bound
     )
 
 
