@@ -17,6 +17,7 @@ from .errors import (
     PredictionTooLarge,
     RayschedError,
     ResourceLimitExceeded,
+    StoppedByMonitor,
     StoreError,
 )
 from .types import Allocation, Estimate, Features, Outcome, Prediction, Usage
@@ -76,10 +77,37 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     """Every recorded attempt of a function (or of all functions) as a pandas DataFrame."""
     from .store.profiles import ProfileStore
 
+    import time
+
     name = _function_name(f_or_name)
-    if settle:
-        _settle()
-    return ProfileStore(get_config().home_path).read(function=name)
+    store = ProfileStore(get_config().home_path)
+    if not settle:
+        return store.read(function=name)
+    _settle()
+    frame = store.read(function=name)
+    # Calls this driver submitted whose rows have not landed yet: wait a little
+    # longer for them (a row still in flight on a loaded machine), never for long,
+    # since a call still running has no row yet.
+    from .runtime.client import submitted_calls
+
+    expected = submitted_calls(name)
+    deadline = time.monotonic() + 3.0
+    while expected - set(frame["call_id"].dropna()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        frame = store.read(function=name)
+    return frame
+
+
+def events(f_or_name: Any = None):
+    """Every decision the live monitor recorded (of one function, or of all) as a pandas DataFrame.
+
+    One row per decision other than "none": the rule, the action (warn, record_cpu,
+    stop_and_resubmit, stop_limit, cancel, requeue_lowest_priority), the measured and
+    allocated figures, a readable detail, the call and attempt.  Oldest first.
+    """
+    from .runtime.monitor import events as _events
+
+    return _events(_function_name(f_or_name))
 
 
 __all__ = [
@@ -87,6 +115,7 @@ __all__ = [
     "configure",
     "get_config",
     "profiles",
+    "events",
     "RayschedConfig",
     "Prediction",
     "Estimate",
@@ -100,4 +129,5 @@ __all__ = [
     "PredictionTooLarge",
     "AttemptsExhausted",
     "ResourceLimitExceeded",
+    "StoppedByMonitor",
 ]

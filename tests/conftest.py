@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 
@@ -20,26 +21,36 @@ if _TESTS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 SHARED_TRACES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
 
+@contextlib.contextmanager
+def environment(**values: str):
+    """Set environment variables (and raysched's process config from them), then restore both."""
+    from raysched.runtime import client, session
+
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    session._config = None  # re-read RAYSCHED_HOME
+    client.reset_client()
+    try:
+        yield
+    finally:
+        client.reset_client()
+        session._config = None
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
     """A local Ray with 2 CPUs and a fresh RAYSCHED_HOME, shared by one test module."""
     import ray
 
-    import raysched
-    from raysched.runtime import client, session
-
     home = tmp_path_factory.mktemp("raysched_home")
-    old_home = os.environ.get("RAYSCHED_HOME")
-    os.environ["RAYSCHED_HOME"] = str(home)
-    session._config = None  # re-read RAYSCHED_HOME for this module
-    client.reset_client()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="raysched", log_to_driver=False)
-    yield home
-    ray.shutdown()
-    client.reset_client()
-    session._config = None
-    if old_home is None:
-        os.environ.pop("RAYSCHED_HOME", None)
-    else:
-        os.environ["RAYSCHED_HOME"] = old_home
-    _ = raysched
+    with environment(RAYSCHED_HOME=str(home)):
+        ray.init(num_cpus=2, include_dashboard=False, namespace="raysched", log_to_driver=False)
+        try:
+            yield home
+        finally:
+            ray.shutdown()

@@ -2,40 +2,32 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
 import raysched
 from raysched import PredictionTooLarge, adaptive_remote
-from raysched.runtime import client, session
 from raysched.types import GiB, MiB
+
+from conftest import environment
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    home = tmp_path_factory.mktemp("raysched_cluster_home")
-    old = os.environ.get("RAYSCHED_HOME")
-    os.environ["RAYSCHED_HOME"] = str(home)
-    session._config = None
-    client.reset_client()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "memory": 512 * MiB})
-    big = cluster.add_node(num_cpus=2, memory=3 * GiB)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)
-    yield big.node_id
-    ray.shutdown()
-    cluster.shutdown()
-    client.reset_client()
-    session._config = None
-    if old is None:
-        os.environ.pop("RAYSCHED_HOME", None)
-    else:
-        os.environ["RAYSCHED_HOME"] = old
+    """A head with 1 CPU and 512 MiB, and a worker node with 2 CPUs and 3 GiB."""
+    with environment(RAYSCHED_HOME=str(tmp_path_factory.mktemp("raysched_cluster_home"))):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "memory": 512 * MiB})
+        big = cluster.add_node(num_cpus=2, memory=3 * GiB)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)
+        try:
+            yield big.node_id
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 @adaptive_remote(memory=1 * GiB)

@@ -10,7 +10,6 @@ returns its value, exactly once.
 
 from __future__ import annotations
 
-import os
 import time
 
 import psutil
@@ -19,8 +18,9 @@ import ray
 
 import raysched
 from raysched import AttemptsExhausted, adaptive_remote
-from raysched.runtime import client, session
 from raysched.types import GiB, MiB
+
+from conftest import environment
 
 pytestmark = pytest.mark.ray
 
@@ -35,32 +35,27 @@ def strict_node(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     home = tmp_path_factory.mktemp("raysched_oom_home")
-    saved = {k: os.environ.get(k) for k in ("RAYSCHED_HOME", "RAY_memory_usage_threshold", "RAY_memory_monitor_refresh_ms")}
-    os.environ["RAYSCHED_HOME"] = str(home)
-    session._config = None
-    client.reset_client()
-    # The dashboard serves Ray's state API, which tells raysched why a worker died.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
-    time.sleep(2)
-    vm = psutil.virtual_memory()
-    used = (vm.total - vm.available) / vm.total
-    os.environ["RAY_memory_usage_threshold"] = f"{min(0.95, used + 2.0 * GiB / vm.total):.4f}"
-    os.environ["RAY_memory_monitor_refresh_ms"] = "100"
-    # Its raylet reads the strict threshold. Its `memory` label (3 GiB) is larger than the
-    # real room (~2 GiB): labels decide co-scheduling, the monitor decides kills.
-    cluster.add_node(num_cpus=2, memory=3 * GiB)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)
-    yield home
-    ray.shutdown()
-    cluster.shutdown()
-    client.reset_client()
-    session._config = None
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment(RAYSCHED_HOME=str(home)):
+        # The dashboard serves Ray's state API, which tells raysched why a worker died.
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+        time.sleep(2)
+        vm = psutil.virtual_memory()
+        used = (vm.total - vm.available) / vm.total
+        strict = {
+            "RAY_memory_usage_threshold": f"{min(0.95, used + 2.0 * GiB / vm.total):.4f}",
+            "RAY_memory_monitor_refresh_ms": "100",
+        }
+        with environment(**strict):
+            # Its raylet reads the strict threshold. Its `memory` label (3 GiB) is larger than the
+            # real room (~2 GiB): labels decide co-scheduling, the monitor decides kills.
+            cluster.add_node(num_cpus=2, memory=3 * GiB)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)
+        try:
+            yield home
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 @adaptive_remote(memory=400 * MiB, num_cpus=0.5)

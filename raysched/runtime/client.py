@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 import ray
@@ -184,3 +184,21 @@ def reset_client() -> None:
     global _client
     with _client_lock:
         _client = None
+
+
+#: Calls submitted by this driver, per function: ``profiles()`` waits briefly for
+#: their rows.  Bounded, so a long-running driver does not grow without end.
+_SUBMITTED: dict[str | None, "deque[str]"] = {}
+
+
+def note_submitted(function: str, call_id: str) -> None:
+    calls = _SUBMITTED.get(function)
+    if calls is None:
+        calls = _SUBMITTED[function] = deque(maxlen=10_000)
+    calls.append(call_id)
+
+
+def submitted_calls(function: str | None) -> set[str]:
+    if function is None:
+        return {c for calls in _SUBMITTED.values() for c in calls}
+    return set(_SUBMITTED.get(function, ()))

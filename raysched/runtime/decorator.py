@@ -18,7 +18,7 @@ from ..errors import InvalidInput
 from ..policy.estimators import Fallback
 from ..policy.features import call_features, validate_input_size, validate_memory, validate_num_cpus, validate_tags
 from ..types import Prediction
-from .client import ProfilerClient, get_client
+from .client import ProfilerClient, get_client, note_submitted
 from .codehash import code_hash, qualified_name
 from .worker import AttemptSpec, encode_spec, make_entry, remote_options
 
@@ -158,7 +158,9 @@ class AdaptiveFunction:
             priority=options.priority,
             ray_options=tuple(sorted(options.ray_options.items())),
         )
-        return self._remote_with(remote_options(spec), self._config(client)).remote(encode_spec(spec), *args, **kwargs)
+        ref = self._remote_with(remote_options(spec), self._config(client)).remote(encode_spec(spec), *args, **kwargs)
+        note_submitted(self.name, spec.call_id)
+        return ref
 
     def _remote_with(self, options: dict[str, Any], config: Any) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
