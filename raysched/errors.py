@@ -76,3 +76,17 @@ class ResourceLimitExceeded(RayschedError):
 
     def __reduce__(self):
         return (ResourceLimitExceeded, (self.function, self.resource, self.measured, self.limit, self.attempts))
+
+
+class StoppedByMonitor(RayschedError):
+    """The live monitor cancelled a running attempt (``monitor_cancel_slow``); it is not retried."""
+
+    def __init__(self, function: str, attempt: int, rule: str, detail: str):
+        self.function = function
+        self.attempt = attempt
+        self.rule = rule
+        self.detail = detail
+        super().__init__(f"{function}: attempt {attempt} was cancelled by raysched's monitor ({rule}): {detail}")
+
+    def __reduce__(self):
+        return (StoppedByMonitor, (self.function, self.attempt, self.rule, self.detail))
