@@ -168,6 +168,12 @@ class RayschedConfig:
     node_poll_interval_s: float = 5.0
     #: The monitor forgets an attempt it has heard nothing of for this long.
     monitor_stale_s: float = 60.0
+    #: A stopped attempt still running this many live intervals after the stop was raised
+    #: into its thread (stuck in C code, or it swallowed the exception) has its worker
+    #: killed (SIGKILL); Ray's retry of the task then applies the stop (runtime.worker).
+    monitor_hard_stop_intervals: float = 2.0
+    #: How long the retry after a worker's death waits for the monitor's directive.
+    monitor_directive_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -200,6 +206,8 @@ class RayschedConfig:
             problems.append("monitor_memory_tolerance must be at least 1 (a task may reach its allocation)")
         if not 0 < self.node_memory_threshold <= 1:
             problems.append("node_memory_threshold must be a fraction in (0, 1]")
+        if self.monitor_hard_stop_intervals <= 0 or self.monitor_directive_timeout_s <= 0:
+            problems.append("monitor_hard_stop_intervals and monitor_directive_timeout_s must be positive")
         if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:
             problems.append("monitor_wall_factor must be positive and monitor_cpu_low_ratio < monitor_cpu_high_ratio")
         if problems:

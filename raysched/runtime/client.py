@@ -65,11 +65,16 @@ class ProfilerClient:
         if self._handle is None:
             ensure_ray()
             self._handle = self._handle_factory(self.config)
+            if self.config.monitor_enabled and self._handle_factory is get_or_create_profiler:
+                # The live monitor comes up beside the profiler, in the background: no
+                # submission waits on it, and workers find it by name once it is there.
+                threading.Thread(target=_start_monitor, args=(self.config,), name="raysched-monitor-start",
+                                 daemon=True).start()
         return self._handle
 
-    def _request(self, key: tuple[str, str]) -> Any:
-        have = self._bundles[key].version if key in self._bundles else -1
-        return self.handle.bundle.remote(key[0], key[1], have)
+    def _request(self, key: tuple[str, str], reload: bool = False) -> Any:
+        have = -1 if reload or key not in self._bundles else self._bundles[key].version
+        return self.handle.bundle.remote(key[0], key[1], have, reload)
 
     def _take(self, key: tuple[str, str], ref: Any, timeout: float) -> bool:
         """Collect a bundle reply if it is ready within ``timeout``; True if it was."""
@@ -118,7 +123,7 @@ class ProfilerClient:
             ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
         with self._lock:
             self._pending.pop(key, None)
-            ref = self._request(key)
+            ref = self._request(key, reload=True)
             self._next_refresh[key] = self._clock() + self.config.refresh_interval_s
             self._take(key, ref, timeout)
             return self._bundles.get(key)
@@ -153,6 +158,16 @@ class ProfilerClient:
                 self._allocations.clear()
             self._allocations[key] = allocation
         return allocation
+
+
+def _start_monitor(config: RayschedConfig) -> None:
+    """Create the monitor actor (or find it) and hand it this driver's config (its caps and rules)."""
+    try:
+        from .monitor import get_or_create_monitor
+
+        get_or_create_monitor(config).reconfigure.remote(config)
+    except Exception as exc:  # noqa: BLE001 - tasks run unwatched without it
+        logger.warning("raysched: could not start the live monitor (%s); tasks run unwatched", exc)
 
 
 def _empty_history():

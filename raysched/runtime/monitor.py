@@ -430,6 +430,12 @@ class Monitor:
     def ping(self) -> bool:
         return True
 
+    def reconfigure(self, config: RayschedConfig) -> None:
+        """Judge from now on by ``config``'s rules (a driver's caps and thresholds); attempt state is kept."""
+        rules = build_rules(config)
+        with self._lock:
+            self.config, self.rules = config, rules
+
     # --- events and metrics --------------------------------------------------------------------------------
     def _record(self, decisions: Sequence[Decision]) -> None:
         """Count every non-"none" decision, log it, and write it (and any still pending) as events."""
@@ -534,7 +540,13 @@ def ray_live_reporter(config: RayschedConfig) -> LiveReporter:
 
     def resolve(ref: Any) -> Mapping[str, Decision] | None:
         ready, _ = ray.wait([ref], timeout=0)
-        return ray.get(ready[0]) if ready else None
+        if not ready:
+            return None
+        try:
+            return ray.get(ready[0])
+        except Exception:
+            handle.clear()  # a monitor killed for good: look it up (or create it) again next time
+            raise
 
     return LiveReporter(send, resolve, config.live_interval_s)
 

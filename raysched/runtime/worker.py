@@ -13,16 +13,37 @@ its use), asks the escalation ladder for the next allocation, submits the
 function with it, and returns that attempt's value as its own.  The user's
 ``ObjectRef`` therefore resolves to the value of the attempt that succeeded, or to
 ``AttemptsExhausted`` after ``max_attempts``.
+
+The live monitor (``runtime.monitor``) sees every attempt that runs longer than
+one live interval: the sampler thread's callback feeds this process's one
+``LiveReporter`` and looks up the monitor's answer (a dict lookup, never a
+wait).  A stop is applied to the running attempt in two steps: first an
+exception raised into the task's thread (``PyThreadState_SetAsyncExc``), which
+``run_measured`` turns into the action: ``stop_and_resubmit`` records the
+attempt as ``oom_killed`` and climbs the ladder as after a memory kill,
+``stop_limit`` records ``limit_stopped`` and fails with
+``ResourceLimitExceeded``, ``cancel`` records ``cancelled`` and fails with
+``StoppedByMonitor``, ``requeue_lowest_priority`` records ``cancelled`` and
+resubmits with the same allocation.  A task still running
+``monitor_hard_stop_intervals`` later (stuck in C code) has its worker killed
+with SIGKILL after a stop marker is written; Ray's retry runs ``recover``,
+which reads the marker (or asks the monitor) before guessing the cause and
+applies the same action.  Without a reachable monitor, tasks run unwatched and
+still record their rows.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import dataclasses
 import datetime as dt
+import gc
 import json
 import logging
 import os
 import pickle
+import signal
 import threading
 import time
 import uuid
@@ -32,7 +53,7 @@ from typing import Any, Callable, Mapping
 import ray
 
 from ..config import RayschedConfig
-from ..errors import AttemptsExhausted, RayschedError
+from ..errors import AttemptsExhausted, RayschedError, StoppedByMonitor
 from ..policy.ladder import LadderState
 from ..policy.recipe import build_ladder
 from ..policy.samples import memory_sample
@@ -162,11 +183,13 @@ class RowSink:
                 self._thread.start()
             self._cond.notify()
 
-    def flush(self) -> None:
+    def flush(self) -> Any:
+        """Send the buffered rows now; returns what ``send`` returned (a Ray ref, or None)."""
         with self._cond:
             rows, self._rows = self._rows, []
         if rows:
-            self._send(rows)
+            return self._send(rows)
+        return None
 
     def _run(self) -> None:
         while True:
@@ -187,17 +210,18 @@ _sink_lock = threading.Lock()
 def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
     handle: list[Any] = []
 
-    def send(rows: list[dict]) -> None:
+    def send(rows: list[dict]) -> Any:
         try:
             if not handle:
                 handle.append(ray.get_actor(PROFILER_NAME, namespace=NAMESPACE))
-            handle[0].record.remote(rows)
+            return handle[0].record.remote(rows)
         except Exception as exc:  # noqa: BLE001 - the actor is gone: write the rows ourselves
             handle.clear()
             logger.warning("raysched: profiler unreachable (%s); writing %d rows to the store directly", exc, len(rows))
             from ..store.profiles import ProfileStore
 
             ProfileStore(config.home_path).append(rows)
+            return None
 
     return send
 
@@ -220,18 +244,14 @@ def _kv():
     return internal_kv
 
 
-def _publish_live(spec: AttemptSpec) -> Callable[[Any, LiveSample], None]:
-    def publish(_key: Any, sample: LiveSample) -> None:
-        value = json.dumps(
-            {"peak_rss_bytes": sample.peak_rss_bytes, "cpu_seconds": sample.cpu_seconds,
-             "wall_seconds": sample.wall_seconds, "read_bytes": sample.read_bytes,
-             "write_bytes": sample.write_bytes, "timestamp": sample.timestamp}
-        ).encode()
-        _kv()._internal_kv_put(spec.live_key, value, overwrite=True, namespace=LIVE_KV_NAMESPACE)
-        published.add(spec.live_key)
-
-    published = _published
-    return publish
+def _publish_live(spec: AttemptSpec, sample: LiveSample) -> None:
+    value = json.dumps(
+        {"peak_rss_bytes": sample.peak_rss_bytes, "cpu_seconds": sample.cpu_seconds,
+         "wall_seconds": sample.wall_seconds, "read_bytes": sample.read_bytes,
+         "write_bytes": sample.write_bytes, "timestamp": sample.timestamp}
+    ).encode()
+    _kv()._internal_kv_put(spec.live_key, value, overwrite=True, namespace=LIVE_KV_NAMESPACE)
+    _published.add(spec.live_key)
 
 
 _published: set[str] = set()
@@ -250,8 +270,9 @@ def _last_live_usage(spec: AttemptSpec) -> Usage | None:
                  write_bytes=int(s["write_bytes"]))
 
 
-def _forget_live(spec: AttemptSpec) -> None:
-    if spec.live_key in _published:
+def _forget_live(spec: AttemptSpec, force: bool = False) -> None:
+    """Delete the attempt's live sample (``force``: also when another process published it)."""
+    if force or spec.live_key in _published:
         _published.discard(spec.live_key)
         try:
             _kv()._internal_kv_del(spec.live_key, namespace=LIVE_KV_NAMESPACE)
@@ -310,21 +331,206 @@ def _node_id() -> str:
     return _NODE_ID[0]
 
 
-def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any]) -> Any:
-    """Run one attempt of the user's function, measured; record its row whatever happens."""
+# --- the live monitor: reports out, stops in ------------------------------------------------------------
+
+_reporter: Any = None
+_reporter_pid: int | None = None
+_reporter_lock = threading.Lock()
+
+
+def get_reporter(config: RayschedConfig) -> Any:
+    """This worker process's one LiveReporter (None when the monitor is disabled)."""
+    global _reporter, _reporter_pid
+    if not config.monitor_enabled:
+        return None
+    with _reporter_lock:
+        if _reporter is None or _reporter_pid != os.getpid():
+            from .monitor import ray_live_reporter  # imported off the task's path: in the sampler thread
+
+            _reporter, _reporter_pid = ray_live_reporter(config), os.getpid()
+        return _reporter
+
+
+class _MonitorStop(BaseException):
+    """Raised into a task's thread when the monitor stops its attempt; ``run_measured`` catches it.
+
+    A BaseException, so that the user's ``except Exception`` does not swallow it.
+    """
+
+
+def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> int:
+    """Raise ``exc_type`` in a thread at its next bytecode (None: clear a pending one)."""
+    obj = ctypes.py_object(exc_type) if exc_type is not None else None
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), obj)
+
+
+@dataclass
+class _Running:
+    """One running attempt as the sampler thread sees it; ``lock`` orders a stop against the end."""
+
+    thread_id: int
+    spec: AttemptSpec
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    done: bool = False
+    stop: Any = None  # the monitor's Decision once raised into the thread
+    stop_at: float = 0.0  # time.monotonic() of that
+
+    def finish(self) -> Any:
+        """The attempt has ended (idempotent): no stop is raised into it any more; returns the stop, if any.
+
+        A stop raised just before the end may still be pending in the thread:
+        it is cleared, so that it cannot fire later in unrelated code.
+        """
+        with self.lock:
+            if not self.done:
+                self.done = True
+                if self.stop is not None:
+                    _set_async_exc(self.thread_id, None)
+            return self.stop
+
+
+_STOP_OUTCOMES = {
+    "stop_and_resubmit": Outcome.OOM_KILLED,
+    "stop_limit": Outcome.LIMIT_STOPPED,
+    "cancel": Outcome.CANCELLED,
+    "requeue_lowest_priority": Outcome.CANCELLED,
+}
+
+
+def _stop_reason(decision: Any, how: str = "stopped by raysched's monitor") -> str:
+    return f"{how} ({decision.rule}, {decision.action}): {decision.detail}"
+
+
+_KILLED_BY_RAYSCHED = "worker killed by raysched: it did not stop when its monitor asked"
+_DIED_BEFORE_STOP = "worker died before raysched's monitor could stop it"
+
+
+def _stop_key(spec: AttemptSpec) -> str:
+    return f"stop:{spec.live_key}"
+
+
+def _put_stop_marker(spec: AttemptSpec, decision: Any, recorded: bool) -> None:
+    """Tell a later Ray retry of this task that the monitor stopped this attempt (and whether its row is written)."""
+    value = json.dumps({"decision": dataclasses.asdict(decision), "recorded": recorded}).encode()
+    try:
+        _kv()._internal_kv_put(_stop_key(spec), value, overwrite=True, namespace=LIVE_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001 - the retry then asks the monitor
+        logger.warning("raysched: could not write the stop marker of %s", spec.live_key)
+
+
+def _stop_marker(spec: AttemptSpec) -> tuple[Any, bool] | None:
+    from ..policy.rules import Decision
+
+    try:
+        raw = _kv()._internal_kv_get(_stop_key(spec), namespace=LIVE_KV_NAMESPACE)
+        if not raw:
+            return None
+        found = json.loads(raw)
+        return Decision(**found["decision"]), bool(found["recorded"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _drop_stop_marker(spec: AttemptSpec) -> None:
+    try:
+        _kv()._internal_kv_del(_stop_key(spec), namespace=LIVE_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _monitor_directive(spec: AttemptSpec) -> Any:
+    """The stop the monitor decided for exactly this attempt, if it is reachable and decided one."""
+    from .monitor import MONITOR_NAME
+
+    if not spec.config.monitor_enabled:
+        return None
+    try:
+        monitor = ray.get_actor(MONITOR_NAME, namespace=NAMESPACE)
+        found = ray.get(monitor.directives.remote([spec.call_id]), timeout=spec.config.monitor_directive_timeout_s)
+    except Exception:  # noqa: BLE001 - no monitor, or restarting: the cause is guessed as before
+        return None
+    decision = found.get(spec.call_id)
+    return decision if decision is not None and decision.attempt == spec.attempt and decision.stops else None
+
+
+def _hard_stop(running: _Running) -> None:
+    """The attempt ignored its stop: leave a marker, send this process's rows, and kill the worker.
+
+    Called with ``running.lock`` held, so the task cannot end meanwhile.
+    """
+    spec = running.spec
+    logger.warning("raysched: attempt %s did not stop within %.1f s of the monitor's %s; killing its worker",
+                   spec.live_key, time.monotonic() - running.stop_at, running.stop.action)
+    _put_stop_marker(spec, running.stop, recorded=False)
+    try:
+        ref = get_sink(spec.config).flush()  # rows of earlier tasks of this worker must not die with it
+        if ref is not None:
+            ray.wait([ref], timeout=2.0)
+    except Exception:  # noqa: BLE001
+        logger.exception("raysched: could not flush profile rows before the kill")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _on_live(spec: AttemptSpec, running: _Running) -> Callable[[Any, LiveSample], None]:
+    """The sampler thread's callback: publish the sample, report it, apply a stop the monitor decided."""
+
+    def on_sample(_key: Any, sample: LiveSample) -> None:
+        try:
+            _publish_live(spec, sample)
+        except Exception:  # noqa: BLE001 - the retry then records the attempt without its last use
+            logger.debug("raysched: could not publish the live sample of %s", spec.live_key)
+        if running.stop is not None:
+            with running.lock:
+                waited = time.monotonic() - running.stop_at
+                if not running.done and waited >= spec.config.monitor_hard_stop_intervals * spec.config.live_interval_s:
+                    _hard_stop(running)
+            return
+        reporter = get_reporter(spec.config)
+        if reporter is None:
+            return
+        from .monitor import report_from
+
+        reporter.add(report_from(spec, sample, _node_id()))
+        decision = reporter.directive(spec.call_id, spec.attempt)
+        if decision is None or not decision.stops:
+            return
+        with running.lock:
+            if running.done or running.stop is not None:
+                return
+            running.stop, running.stop_at = decision, time.monotonic()
+            _set_async_exc(running.thread_id, _MonitorStop)
+
+    return on_sample
+
+
+def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any],
+                 resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any] | None = None) -> Any:
+    """Run one attempt of the user's function, measured; record its row whatever happens.
+
+    When the monitor stops the attempt, apply its action (see the module
+    docstring); ``resubmit`` submits the next attempt of a stopped one.
+    """
     sink = get_sink(spec.config)
     meter = AttemptMeter()
     started = time.time()
     meter.start()
     sampler = get_live_sampler(spec.config.live_interval_s)
-    sampler.register(spec.live_key, meter, _publish_live(spec))
-    outcome, error = Outcome.OK, ""
+    running = _Running(threading.get_ident(), spec)
+    outcome, error, stop, usage = Outcome.OK, "", None, None
     try:
-        return fn(*args, **kwargs)
+        sampler.register(spec.live_key, meter, _on_live(spec, running))
+        value = fn(*args, **kwargs)
+        running.finish()
+        return value
+    except _MonitorStop:
+        stop = running.finish()
+        outcome, error = _STOP_OUTCOMES[stop.action], _stop_reason(stop)
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError) as exc:
+        running.finish()
         outcome, error = Outcome.CANCELLED, repr(exc)
         raise
     except BaseException as exc:
+        running.finish()
         outcome, error = Outcome.ERROR, f"{type(exc).__name__}: {exc}"
         raise
     finally:
@@ -332,6 +538,61 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
         usage = meter.stop()
         sink.add(attempt_row(spec, outcome, usage, started, time.time(), error, _node_id(), os.getpid()))
         _forget_live(spec)
+        if _reporter is not None:
+            _reporter.forget(spec.call_id)
+    # Only a stop gets here.  The exception and its traceback (which held the user's
+    # frames and their memory) are gone; collect what cycles kept, before waiting on the next attempt.
+    gc.collect()
+    if stop.action in ("stop_limit", "cancel"):
+        _put_stop_marker(spec, stop, recorded=True)  # a Ray retry (retry_exceptions) must not rerun it
+    return _apply_stop(fn, spec, stop, usage, error, args, kwargs, resubmit or _resubmitter(fn, spec.config))
+
+
+def _apply_stop(fn: Callable[..., Any], spec: AttemptSpec, decision: Any, usage: Usage | None, reason: str,
+                args: tuple, kwargs: Mapping[str, Any],
+                resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]) -> Any:
+    """What follows a stopped attempt (its row is written): fail, or resubmit the next attempt."""
+    if decision.action == "stop_limit":
+        raise decision.limit_error()
+    if decision.action == "cancel":
+        raise StoppedByMonitor(spec.function, spec.attempt, decision.rule, decision.detail)
+    record = AttemptRecord(spec.attempt, spec.allocation, _STOP_OUTCOMES[decision.action], usage, reason)
+    same = decision.action == "requeue_lowest_priority"  # it gave way on its node: the same size again
+    return climb_and_resubmit(spec, record, args, kwargs, resubmit, same_allocation=same)
+
+
+def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: tuple, kwargs: Mapping[str, Any],
+                       resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any],
+                       same_allocation: bool = False) -> Any:
+    """Submit the next attempt of a call one ladder rung up (or as it was) and return its value.
+
+    Shared by the retry after a memory kill and by a stop of the monitor.
+    """
+    failed = spec.prior + (failed_attempt,)
+    if same_allocation:
+        if len(failed) >= spec.config.max_attempts:
+            raise AttemptsExhausted(spec.function, failed, "stopped by the monitor on every attempt")
+        allocation = spec.allocation
+    else:
+        ladder = build_ladder(spec.config)
+        # This task keeps its own `memory` label while it waits for the next attempt
+        # (Ray releases a blocked task's CPU, not its memory), so the next attempt must
+        # fit beside it: cap the ladder at the largest node less that label.
+        room = None
+        if spec.largest_node_bytes:
+            room = max(spec.largest_node_bytes - spec.allocation.memory_bytes, spec.allocation.memory_bytes)
+        allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room))
+        if allocation is None:
+            raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
+    next_spec = replace(spec, attempt=spec.attempt + 1, allocation=allocation, prior=failed)
+    ref = resubmit(next_spec, args, kwargs)
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise _unwrap(exc) from None
+    except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
+        ray.cancel(ref, force=True)
+        raise
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -342,8 +603,11 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any],
             resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]) -> Any:
-    """Ray is retrying this task because its worker died: find out why and act.
+    """Ray is retrying this task because its attempt died or raised: find out why and act.
 
+    - the monitor stopped the attempt (a stop marker left by its worker, else the
+      monitor's directive for it): record it if its worker could not, and apply
+      the stop's action: a hard limit or a cancel fails again, never reruns;
     - killed for memory (Ray says OUT_OF_MEMORY, or Ray cannot say): record the
       killed attempt with its last live use, climb the ladder, resubmit with the
       bigger allocation and return that attempt's value;
@@ -352,47 +616,47 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
     - any other death (the worker was killed, its node died): record it and run
       the function again here, with the same resources.
     """
+    marker = _stop_marker(spec)
+    decision, recorded = marker if marker is not None else (_monitor_directive(spec), False)
+    # A stop to resubmit that raysched did not get to apply (no marker: Ray's memory
+    # monitor, most likely, was faster) is a memory kill: the cause below says whose.
+    if decision is not None and (marker is not None or decision.action != "stop_and_resubmit"):
+        usage = _last_live_usage(spec)
+        reason = _stop_reason(decision, _KILLED_BY_RAYSCHED if marker is not None else _DIED_BEFORE_STOP)
+        if not recorded:
+            now = time.time()
+            started = now - (usage.wall_seconds if usage else 0.0)
+            outcome = _STOP_OUTCOMES[decision.action]
+            get_sink(spec.config).add(attempt_row(spec, outcome, usage, started, now, reason))
+            _forget_live(spec, force=True)
+            if decision.action in ("stop_limit", "cancel"):
+                _put_stop_marker(spec, decision, recorded=True)  # any further retry fails the same way
+        if decision.action not in ("stop_limit", "cancel"):
+            _drop_stop_marker(spec)
+        return _apply_stop(fn, spec, decision, usage, reason, args, kwargs, resubmit)
     attempt_number = _ray_attempt_number()
     task_id = ray.get_runtime_context().get_task_id() or ""
     cause = previous_attempt_cause(task_id, attempt_number)
-    if cause == "TASK_EXECUTION_EXCEPTION":
-        return run_measured(fn, spec, args, kwargs)
+    if cause == "TASK_EXECUTION_EXCEPTION" and decision is None:
+        return run_measured(fn, spec, args, kwargs, resubmit)
     usage = _last_live_usage(spec)
     now = time.time()
     started = now - (usage.wall_seconds if usage else 0.0)
-    memory_kill = cause in (None, "OUT_OF_MEMORY")
+    memory_kill = cause in (None, "OUT_OF_MEMORY") or decision is not None
     outcome = Outcome.OOM_KILLED if memory_kill else Outcome.ERROR
     reason = {None: "worker died; Ray's state API could not say why (no dashboard), treated as a memory kill",
               "OUT_OF_MEMORY": "killed by Ray's memory monitor"}.get(cause, f"worker died: {cause}")
+    if decision is not None:
+        reason += "; " + _stop_reason(decision, "raysched's monitor had decided to stop it")
     get_sink(spec.config).add(attempt_row(spec, outcome, usage, started, now, reason))
-    _forget_live(spec)
+    _forget_live(spec, force=True)
+    record = AttemptRecord(spec.attempt, spec.allocation, outcome, usage, reason)
     if not memory_kill:
-        next_spec = replace(spec, attempt=spec.attempt + 1,
-                            prior=spec.prior + (AttemptRecord(spec.attempt, spec.allocation, outcome, usage, reason),))
+        next_spec = replace(spec, attempt=spec.attempt + 1, prior=spec.prior + (record,))
         if next_spec.attempt > spec.config.max_attempts:
             raise AttemptsExhausted(spec.function, next_spec.prior, "workers kept dying")
-        return run_measured(fn, next_spec, args, kwargs)
-    failed = spec.prior + (AttemptRecord(spec.attempt, spec.allocation, outcome, usage, reason),)
-    ladder = build_ladder(spec.config)
-    # This retry keeps its own `memory` label while it waits for the next attempt
-    # (Ray releases a blocked task's CPU, not its memory), so the next attempt must
-    # fit beside it: cap the ladder at the largest node less that label.
-    room = None
-    if spec.largest_node_bytes:
-        room = max(spec.largest_node_bytes - spec.allocation.memory_bytes, spec.allocation.memory_bytes)
-    state = LadderState(spec.prediction, failed, spec.max_peak_seen, room)
-    allocation = ladder.next_allocation(state)
-    if allocation is None:
-        raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
-    next_spec = replace(spec, attempt=spec.attempt + 1, allocation=allocation, prior=failed)
-    ref = resubmit(next_spec, args, kwargs)
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        raise _unwrap(exc) from None
-    except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
-        ray.cancel(ref, force=True)
-        raise
+        return run_measured(fn, next_spec, args, kwargs, resubmit)
+    return climb_and_resubmit(spec, record, args, kwargs, resubmit)
 
 
 def encode_spec(spec: AttemptSpec) -> bytes:
@@ -412,7 +676,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig) -> Callable[..., 
         spec = replace(pickle.loads(spec_bytes), config=config)
         if _ray_attempt_number() > 0:
             return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
-        return run_measured(fn, spec, args, kwargs)
+        return run_measured(fn, spec, args, kwargs)  # the resubmitter is built only if the monitor stops it
 
     entry.__name__ = getattr(fn, "__name__", "task")
     entry.__qualname__ = getattr(fn, "__qualname__", entry.__name__)
