@@ -1,0 +1,242 @@
+"""Faults on a real Ray, with the live monitor wired into the worker.
+
+One Ray session for the module (its own fixture: always a fresh local cluster).  Each test asserts that every call it submits
+either returns its value exactly once or fails with a clear raysched error, and
+that every attempt left its profile row: per call, attempts 1..n, at most one
+``ok``, and the last row says how the call ended.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+import raysched
+from raysched import ResourceLimitExceeded, adaptive_remote
+from raysched.runtime.monitor import MONITOR_NAME
+from raysched.runtime.profiler import PROFILER_NAME
+from raysched.runtime.session import NAMESPACE
+from raysched.types import MiB
+
+pytestmark = pytest.mark.ray
+
+CAP = 300 * MiB
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    """A fresh local Ray (never one already running on the machine) and a fresh raysched home."""
+    from raysched.runtime import client, session
+
+    home = tmp_path_factory.mktemp("raysched_faults_home")
+    old_home = os.environ.get("RAYSCHED_HOME")
+    os.environ["RAYSCHED_HOME"] = str(home)
+    session._config = None
+    client.reset_client()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    # Sample every 0.2 s so the monitor decides in about a second; hard caps for the leaky functions.
+    raysched.configure(live_interval_s=0.2, memory_limits={"leaks_forever": CAP, "leaks_then_hangs_in_c": CAP})
+    try:
+        yield tmp_path_factory.mktemp("faults")
+    finally:
+        ray.shutdown()
+        client.reset_client()
+        session._config = None
+        if old_home is None:
+            os.environ.pop("RAYSCHED_HOME", None)
+        else:
+            os.environ["RAYSCHED_HOME"] = old_home
+
+
+def check_calls(function, refs, expected, timeout=120):
+    """Every call returned its value once; per call the rows are attempts 1..n ending in one ok."""
+    assert ray.get(refs, timeout=timeout) == expected
+    rows = raysched.profiles(function)
+    assert rows["call_id"].nunique() == len(refs), rows[["call_id", "attempt", "outcome"]]
+    for _, attempts in rows.groupby("call_id"):
+        attempts = attempts.sort_values("attempt")
+        assert list(attempts["attempt"]) == list(range(1, len(attempts) + 1)), attempts
+        assert list(attempts["outcome"]).count("ok") == 1 and attempts["outcome"].iloc[-1] == "ok", attempts
+    return rows
+
+
+def wait_for(predicate, timeout=30.0, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+# --- a task that grows without end stops at its hard cap --------------------------------------------------
+
+
+@adaptive_remote(memory=256 * MiB, num_cpus=0.5)
+def leaks_forever(step_mib: int) -> int:
+    import numpy as np
+
+    held = []
+    while True:  # Python runs between allocations: the stop is raised into this loop
+        held.append(np.ones(step_mib * MiB // 8))
+        time.sleep(0.02)
+
+
+@adaptive_remote(memory=256 * MiB, num_cpus=0.5)
+def leaks_then_hangs_in_c(mib: int) -> int:
+    import numpy as np
+
+    held = np.ones(mib * MiB // 8)
+    time.sleep(600)  # one C call: an exception raised into the thread waits for it to return
+    return int(held.nbytes)
+
+
+def test_a_leaky_task_ends_at_its_hard_cap_with_resource_limit_exceeded(faults):
+    started = time.monotonic()
+    with pytest.raises(ResourceLimitExceeded) as info:
+        ray.get(leaks_forever.remote(10), timeout=60)
+    elapsed = time.monotonic() - started
+    assert info.value.limit == CAP and info.value.measured > CAP and info.value.attempts == 1
+    assert elapsed < 30, f"stopped only after {elapsed:.1f} s"
+    rows = raysched.profiles(leaks_forever)
+    assert list(rows["outcome"]) == ["limit_stopped"], rows  # one attempt, not retried
+    assert "memory_hard_limit" in rows["error"].iloc[0]
+    assert rows["peak_rss_bytes"].iloc[0] > CAP
+    events = raysched.events(leaks_forever)
+    assert list(events["action"]) == ["stop_limit"]
+
+
+def test_a_task_stuck_in_c_code_past_its_cap_has_its_worker_killed_and_is_not_rerun(faults):
+    started = time.monotonic()
+    with pytest.raises(ResourceLimitExceeded):
+        ray.get(leaks_then_hangs_in_c.remote(400), timeout=90)
+    assert time.monotonic() - started < 60
+    rows = raysched.profiles(leaks_then_hangs_in_c)
+    # Recorded once, by Ray's retry of the task (the killed worker could not), and not rerun.
+    assert list(rows["outcome"]) == ["limit_stopped"], rows
+    assert "worker killed" in rows["error"].iloc[0]
+    assert rows["peak_rss_bytes"].iloc[0] > CAP
+
+
+# --- the monitor's own stop: over the allocation, resubmitted one rung up ---------------------------------
+
+
+@adaptive_remote(memory=128 * MiB, num_cpus=0.5)
+def outgrows_its_allocation(mib: int, hold_s: float) -> int:
+    import numpy as np
+
+    held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
+    for _ in range(int(hold_s / 0.05)):  # short sleeps: a stop raised into the thread lands within one
+        time.sleep(0.05)
+    return sum(h.nbytes for h in held) // MiB
+
+
+def test_over_its_allocation_a_task_is_stopped_and_resubmitted_one_rung_up(faults):
+    rows = check_calls(outgrows_its_allocation, [outgrows_its_allocation.remote(400, 1.5)], [400])
+    rows = rows.sort_values("attempt")
+    assert list(rows["outcome"]) == ["oom_killed", "ok"], rows[["attempt", "outcome", "error"]]
+    first, last = rows.iloc[0], rows.iloc[1]
+    assert "memory_over_allocation" in first["error"] and "stopped by raysched's monitor" in first["error"]
+    assert last["allocated_memory_bytes"] > 400 * MiB > first["allocated_memory_bytes"]
+    assert first["memory_sample_bytes"] > first["peak_rss_bytes"]  # learnt from as a bumped sample
+    assert "stop_and_resubmit" in set(raysched.events(outgrows_its_allocation)["action"])
+
+
+# --- the monitor actor killed mid-run -----------------------------------------------------------------------
+
+
+@adaptive_remote(memory=128 * MiB, num_cpus=0.5)
+def steady(seconds: float, value: int) -> int:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def test_the_monitor_killed_mid_run_comes_back_and_running_tasks_go_on(faults):
+    refs = [steady.remote(8.0, i) for i in range(4)]
+    assert wait_for(lambda: _named(MONITOR_NAME) is not None)
+    monitor = _named(MONITOR_NAME)
+    assert wait_for(lambda: ray.get(monitor.status.remote(), timeout=10)["reports_received"] > 0)
+    ray.kill(monitor, no_restart=False)
+    assert ray.get(monitor.ping.remote(), timeout=60) is True  # Ray restarts it under its name
+    # The running tasks' reporters find it again: the new instance hears from them.
+    assert wait_for(lambda: ray.get(monitor.status.remote(), timeout=10)["reports_received"] > 0, timeout=30)
+    check_calls(steady, refs, list(range(4)))
+
+
+def _named(name):
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+# --- the profiler actor killed mid-run ------------------------------------------------------------------------
+
+
+@adaptive_remote(memory=128 * MiB, num_cpus=0.25)
+def double(i: int) -> int:
+    return 2 * i
+
+
+def test_the_profiler_killed_mid_run_loses_no_row_and_comes_back_with_its_model(faults):
+    refs = [double.remote(i) for i in range(40)]
+    assert ray.get(refs, timeout=120) == [2 * i for i in range(40)]
+    double.refresh(train=True)  # 40 rows: a model is trained and registered
+    profiler = _named(PROFILER_NAME)
+    served = ray.get(profiler.status.remote())["functions"][double.name]["models"]
+    assert served and all(v is not None for v in served.values()), served
+    refs += [double.remote(i) for i in range(40, 60)]
+    ray.kill(profiler, no_restart=False)
+    refs += [double.remote(i) for i in range(60, 80)]  # submission goes on meanwhile
+    check_calls(double, refs, [2 * i for i in range(80)])
+    # The restarted profiler reloads the registered models in the background (MLflow's
+    # import takes seconds), then serves them.
+    def reloaded():
+        bundle = ray.get(profiler.bundle.remote(double.name, double.code_hash), timeout=60)
+        return {r: m.version for r, m in bundle.models.items()} == served
+
+    assert wait_for(reloaded, timeout=60, step=1.0)
+
+
+# --- a worker killed with SIGKILL mid-task --------------------------------------------------------------------
+
+
+@adaptive_remote(memory=128 * MiB, num_cpus=0.5)
+def first_attempt_hangs(marker: str, value: int) -> int:
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return value  # a later attempt
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    time.sleep(60)  # killed in here
+    return value
+
+
+def test_a_worker_killed_mid_task_is_recorded_and_the_call_reruns(faults):
+    from ray.experimental import internal_kv
+
+    from raysched.runtime.worker import LIVE_KV_NAMESPACE
+
+    def live_keys():
+        return {k for k in internal_kv._internal_kv_list("", namespace=LIVE_KV_NAMESPACE) if not k.startswith(b"stop:")}
+
+    before = live_keys()
+    marker = faults / "pid"
+    ref = first_attempt_hangs.remote(str(marker), 7)
+    assert wait_for(lambda: marker.exists() and marker.read_text().strip() != "", timeout=60)
+    # Its live sample is published, so that the retry knows what the attempt used.
+    assert wait_for(lambda: live_keys() - before, timeout=30)
+    time.sleep(0.5)
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    rows = check_calls(first_attempt_hangs, [ref], [7]).sort_values("attempt")
+    assert len(rows) == 2, rows[["attempt", "outcome", "error"]]
+    dead = rows.iloc[0]
+    assert dead["outcome"] in ("oom_killed", "error") and "worker died" in dead["error"]
+    assert dead["wall_seconds"] > 0  # its last live sample
