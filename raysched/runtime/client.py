@@ -65,16 +65,11 @@ class ProfilerClient:
         if self._handle is None:
             ensure_ray()
             self._handle = self._handle_factory(self.config)
-            if self.config.monitor_enabled and self._handle_factory is get_or_create_profiler:
-                # The live monitor comes up beside the profiler, in the background: no
-                # submission waits on it, and workers find it by name once it is there.
-                threading.Thread(target=_start_monitor, args=(self.config,), name="raysched-monitor-start",
-                                 daemon=True).start()
         return self._handle
 
-    def _request(self, key: tuple[str, str], reload: bool = False) -> Any:
-        have = -1 if reload or key not in self._bundles else self._bundles[key].version
-        return self.handle.bundle.remote(key[0], key[1], have, reload)
+    def _request(self, key: tuple[str, str]) -> Any:
+        have = self._bundles[key].version if key in self._bundles else -1
+        return self.handle.bundle.remote(key[0], key[1], have)
 
     def _take(self, key: tuple[str, str], ref: Any, timeout: float) -> bool:
         """Collect a bundle reply if it is ready within ``timeout``; True if it was."""
@@ -123,7 +118,7 @@ class ProfilerClient:
             ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
         with self._lock:
             self._pending.pop(key, None)
-            ref = self._request(key, reload=True)
+            ref = self._request(key)
             self._next_refresh[key] = self._clock() + self.config.refresh_interval_s
             self._take(key, ref, timeout)
             return self._bundles.get(key)
