@@ -65,6 +65,11 @@ class ProfilerClient:
         if self._handle is None:
             ensure_ray()
             self._handle = self._handle_factory(self.config)
+            if self.config.monitor_enabled and self._handle_factory is get_or_create_profiler:
+                # The live monitor comes up beside the profiler, in the background: no
+                # submission waits on it, and workers find it by name once it is there.
+                threading.Thread(target=_start_monitor, args=(self.config,), name="raysched-monitor-start",
+                                 daemon=True).start()
         return self._handle
 
     def _request(self, key: tuple[str, str]) -> Any:
