@@ -49,7 +49,8 @@ def ray_session(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("raysched_home")
     with environment(RAYSCHED_HOME=str(home)):
-        ray.init(num_cpus=2, include_dashboard=False, namespace="raysched", log_to_driver=False)
+        # address="local": always a new cluster, never one another process left running.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="raysched", log_to_driver=False)
         try:
             yield home
         finally:

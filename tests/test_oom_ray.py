@@ -25,6 +25,14 @@ from conftest import environment
 pytestmark = pytest.mark.ray
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def strict_node(tmp_path_factory):
     """A head node that runs nothing, and a worker node whose memory monitor is strict.
@@ -37,7 +45,8 @@ def strict_node(tmp_path_factory):
     home = tmp_path_factory.mktemp("raysched_oom_home")
     with environment(RAYSCHED_HOME=str(home)):
         # The dashboard serves Ray's state API, which tells raysched why a worker died.
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port()})
         time.sleep(2)
         vm = psutil.virtual_memory()
         used = (vm.total - vm.available) / vm.total

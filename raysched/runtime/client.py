@@ -72,9 +72,9 @@ class ProfilerClient:
                                  daemon=True).start()
         return self._handle
 
-    def _request(self, key: tuple[str, str]) -> Any:
-        have = self._bundles[key].version if key in self._bundles else -1
-        return self.handle.bundle.remote(key[0], key[1], have)
+    def _request(self, key: tuple[str, str], reload: bool = False) -> Any:
+        have = -1 if reload or key not in self._bundles else self._bundles[key].version
+        return self.handle.bundle.remote(key[0], key[1], have, reload)
 
     def _take(self, key: tuple[str, str], ref: Any, timeout: float) -> bool:
         """Collect a bundle reply if it is ready within ``timeout``; True if it was."""
@@ -123,7 +123,7 @@ class ProfilerClient:
             ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
         with self._lock:
             self._pending.pop(key, None)
-            ref = self._request(key)
+            ref = self._request(key, reload=True)
             self._next_refresh[key] = self._clock() + self.config.refresh_interval_s
             self._take(key, ref, timeout)
             return self._bundles.get(key)

@@ -110,6 +110,14 @@ class _FunctionState:
         self.new_rows += len(rows)
         self.version += 1
 
+    def replace_rows(self, rows: pd.DataFrame) -> None:
+        """The store's rows, newest last; rows still pending are in them already."""
+        if len(rows) != self.n_rows or self._pending:
+            self.version += 1
+        self._frame, self._pending = rows, []
+        self.n_rows = len(rows)
+        self.n_usable = int(rows["memory_sample_bytes"].notna().sum()) if len(rows) else 0
+
     @property
     def rows(self) -> pd.DataFrame:
         if self._pending:
@@ -296,9 +304,18 @@ class Profiler:
         return self._train(function, code_hash)
 
     # --- the read path ---------------------------------------------------------------------------
-    def bundle(self, function: str, code_hash: str, have_version: int = -1) -> Bundle | None:
-        """The function's bundle, or None when the caller's ``have_version`` is current."""
+    def bundle(self, function: str, code_hash: str, have_version: int = -1, reload: bool = False) -> Bundle | None:
+        """The function's bundle, or None when the caller's ``have_version`` is current.
+
+        ``reload`` re-reads the function's rows from the store first: rows that a
+        worker wrote there directly while this actor was unreachable (or restarting)
+        are then part of the history.  Queries ask for it; submissions never do.
+        """
         state = self._state(function)
+        if reload:
+            rows = self.store.read(function=function).tail(self.config.history_window)
+            with self._lock:
+                state.replace_rows(rows)
         with self._lock:
             if have_version == state.version:
                 return None
