@@ -558,25 +558,9 @@ def get_or_create_monitor(config: RayschedConfig):
     live interval and hysteresis counts afresh; events already written are
     not duplicated (their row ids are fixed by what they decide).
     """
-    import ray
+    from .session import get_or_create_actor
 
-    from .session import ensure_ray
-
-    ensure_ray()
-    return (
-        ray.remote(Monitor)
-        .options(
-            name=MONITOR_NAME,
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-            max_restarts=-1,
-            max_task_retries=-1,
-            num_cpus=0,
-            max_concurrency=16,
-        )
-        .remote(config, node_reader=RayNodeReader())
-    )
+    return get_or_create_actor(Monitor, MONITOR_NAME, config, node_reader=RayNodeReader())
 
 
 def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:

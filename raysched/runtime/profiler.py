@@ -25,7 +25,6 @@ from ..config import RayschedConfig
 from ..policy.models import ResourceModel, evaluate, holdout
 from ..policy.recipe import MODELLED, build_predictor
 from ..types import History
-from .session import NAMESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -366,22 +365,6 @@ class Profiler:
 
 def get_or_create_profiler(config: RayschedConfig):
     """The cluster's profiler actor: found by name, created on first use, restarted by Ray."""
-    import ray
+    from .session import get_or_create_actor
 
-    from .session import ensure_ray
-
-    ensure_ray()
-    return (
-        ray.remote(Profiler)
-        .options(
-            name=PROFILER_NAME,
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-            max_restarts=-1,
-            max_task_retries=-1,
-            num_cpus=0,
-            max_concurrency=16,
-        )
-        .remote(config)
-    )
+    return get_or_create_actor(Profiler, PROFILER_NAME, config)

@@ -106,3 +106,28 @@ def read_cluster_shape() -> ClusterShape:
             )
         )
     return ClusterShape(tuple(nodes))
+
+
+def get_or_create_actor(cls: type, name: str, *args: object, **kwargs: object):
+    """A cluster-wide service actor: found by name, created on first use, restarted by Ray.
+
+    Detached so that every driver of the cluster finds the same one; restarted
+    without end, and calls to it retried, so that a killed actor comes back and
+    no batch sent to it is dropped; no CPU of its own, so it never takes a slot a
+    task could use; threaded, so a slow call (a training) does not hold up others.
+    """
+    ensure_ray()
+    return (
+        ray.remote(cls)
+        .options(
+            name=name,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            max_restarts=-1,
+            max_task_retries=-1,
+            num_cpus=0,
+            max_concurrency=16,
+        )
+        .remote(*args, **kwargs)
+    )
