@@ -163,14 +163,12 @@ def test_io_counters_of_a_written_file(tmp_path):
     assert usage.write_bytes >= 0 and usage.read_bytes >= 0
 
 
-def test_sample_is_cheap_and_monotone():
+def test_samples_are_monotone():
+    # What a sample costs is measured in benchmarks/ (per-task overhead), not timed here.
     meter = AttemptMeter()
     meter.start()
-    t0 = time.perf_counter()
     samples = [meter.sample() for _ in range(50)]
-    per_sample = (time.perf_counter() - t0) / 50
     meter.stop()
-    assert per_sample < 0.005, f"{per_sample * 1e3:.2f} ms per sample"
     cpus = [s.cpu_seconds for s in samples]
     walls = [s.wall_seconds for s in samples]
     assert cpus == sorted(cpus) and walls == sorted(walls)

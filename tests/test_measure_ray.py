@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def ray_cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 enables token auth otherwise
-    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * MiB, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 * MiB, log_to_driver=False)
     try:
         yield
     finally:

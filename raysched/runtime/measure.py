@@ -175,27 +175,62 @@ def _status_field(data: bytes, key: bytes) -> int | None:
     return int(data[start + len(key): end if end >= 0 else None].split()[0]) * 1024
 
 
+#: Open descriptors of this process's own /proc files, reused with pread/pwrite:
+#: opening and closing them cost more than reading them, several times a task.
+_OWN_FDS: dict[str, int] = {}
+_OWN_FDS_PID: list[int] = []
+_OWN_FDS_LOCK = threading.Lock()
+
+
+def _own_fd(name: str, flags: int) -> int | None:
+    """A kept descriptor of /proc/<this pid>/<name>; None if it cannot be opened."""
+    pid = os.getpid()
+    with _OWN_FDS_LOCK:
+        if _OWN_FDS_PID != [pid]:  # a forked child must not read its parent's files
+            _OWN_FDS.clear()
+            _OWN_FDS_PID[:] = [pid]
+        fd = _OWN_FDS.get(name)
+        if fd is None:
+            try:
+                fd = _OWN_FDS[name] = os.open(f"/proc/{pid}/{name}", flags | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return None
+        return fd
+
+
+def _read_proc(pid: int, name: str) -> bytes:
+    if pid == os.getpid():
+        fd = _own_fd(name, os.O_RDONLY)
+        if fd is not None:
+            return os.pread(fd, 65536, 0)
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
 def _read_status(pid: int) -> tuple[int | None, int | None]:
     """(VmRSS, VmHWM) in bytes from /proc/<pid>/status; None where missing.
 
     One read and two finds: this runs several times per task, and parsing the
     file line by line cost more than everything else the wrapper does.
     """
-    with open(f"/proc/{pid}/status", "rb") as f:
-        data = f.read()
+    data = _read_proc(pid, "status")
     return _status_field(data, b"\nVmRSS:"), _status_field(data, b"\nVmHWM:")
 
 
 def _read_io(pid: int) -> tuple[int, int, int, int]:
     """(read_bytes, write_bytes, rchar, wchar) from /proc/<pid>/io."""
-    with open(f"/proc/{pid}/io", "rb") as f:
-        data = f.read()
+    data = _read_proc(pid, "io")
     values = dict(line.split(b": ") for line in data.splitlines() if b": " in line)
     return tuple(int(values.get(k.encode(), 0)) for k in _IO_FIELDS)  # type: ignore[return-value]
 
 
 def _reset_hwm(pid: int) -> None:
     """Restart the kernel's VmHWM from the current RSS (Linux >= 4.0)."""
+    if pid == os.getpid():
+        fd = _own_fd("clear_refs", os.O_WRONLY)
+        if fd is not None:
+            os.pwrite(fd, b"5", 0)
+            return
     with open(f"/proc/{pid}/clear_refs", "w") as f:
         f.write("5")
 
