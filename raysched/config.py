@@ -120,6 +120,9 @@ class RayschedConfig:
     max_attempts: int = 4
     #: Each rung grows the memory by at least this factor over the previous attempt.
     ladder_min_growth: float = 1.5
+    #: A bigger next attempt that has not started this many seconds after a memory kill
+    #: (queued behind the labels of other waiting calls) is run in the waiting task's slot.
+    handover_start_timeout_s: float = 20.0
     #: VPA's OOM bump: a killed attempt's peak becomes max(peak + oom_bump_bytes, peak x oom_bump_ratio).
     oom_bump_bytes: int = 100 * MiB
     oom_bump_ratio: float = 1.2

@@ -558,15 +558,23 @@ def _apply_stop(fn: Callable[..., Any], spec: AttemptSpec, decision: Any, usage:
         raise StoppedByMonitor(spec.function, spec.attempt, decision.rule, decision.detail)
     record = AttemptRecord(spec.attempt, spec.allocation, _STOP_OUTCOMES[decision.action], usage, reason)
     same = decision.action == "requeue_lowest_priority"  # it gave way on its node: the same size again
-    return climb_and_resubmit(spec, record, args, kwargs, resubmit, same_allocation=same)
+    return climb_and_resubmit(spec, record, args, kwargs, resubmit, same_allocation=same,
+                              run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
 
 
 def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: tuple, kwargs: Mapping[str, Any],
                        resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any],
-                       same_allocation: bool = False) -> Any:
+                       same_allocation: bool = False,
+                       run_here: Callable[[AttemptSpec], Any] | None = None) -> Any:
     """Submit the next attempt of a call one ladder rung up (or as it was) and return its value.
 
-    Shared by the retry after a memory kill and by a stop of the monitor.
+    Shared by the retry after a memory kill and by a stop of the monitor.  This
+    task keeps its own `memory` label while it waits, so when many calls on a full
+    node wait at once their labels can leave no room for any bigger attempt: a
+    next attempt that has not started within ``handover_start_timeout_s`` is
+    cancelled and run here instead, in this task's slot (``run_here``).  It may be
+    killed again, which costs an attempt: the call then ends, one way or the
+    other, within ``max_attempts`` instead of waiting for ever.
     """
     failed = spec.prior + (failed_attempt,)
     if same_allocation:
@@ -587,12 +595,33 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
     next_spec = replace(spec, attempt=spec.attempt + 1, allocation=allocation, prior=failed)
     ref = resubmit(next_spec, args, kwargs)
     try:
+        if run_here is not None and not _started_within(ref, next_spec, spec.config.handover_start_timeout_s):
+            ray.cancel(ref)  # still queued behind held labels: it will not run
+            logger.warning("raysched: %s attempt %d found no room for %d MiB within %.0f s; running it in place",
+                           spec.function, next_spec.attempt, allocation.memory_bytes // 2**20,
+                           spec.config.handover_start_timeout_s)
+            return run_here(replace(next_spec, allocation=spec.allocation))
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         raise _unwrap(exc) from None
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
         ray.cancel(ref, force=True)
         raise
+
+
+def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float) -> bool:
+    """True once the attempt behind ``ref`` has finished or published a live sample."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _ = ray.wait([ref], timeout=1.0)
+        if ready:
+            return True
+        try:
+            if _kv()._internal_kv_get(spec.live_key, namespace=LIVE_KV_NAMESPACE):
+                return True
+        except Exception:  # noqa: BLE001 - no KV: assume it runs rather than run twice
+            return True
+    return False
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -656,7 +685,8 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         if next_spec.attempt > spec.config.max_attempts:
             raise AttemptsExhausted(spec.function, next_spec.prior, "workers kept dying")
         return run_measured(fn, next_spec, args, kwargs, resubmit)
-    return climb_and_resubmit(spec, record, args, kwargs, resubmit)
+    return climb_and_resubmit(spec, record, args, kwargs, resubmit,
+                              run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
 
 
 def encode_spec(spec: AttemptSpec) -> bytes:

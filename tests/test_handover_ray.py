@@ -1,0 +1,58 @@
+"""No deadlock when many calls on a full node wait for bigger attempts at once.
+
+A call stopped for outgrowing its allocation waits for its bigger next attempt
+while still holding its own `memory` label. Eight such calls on a node whose
+`memory` resource is 1 GiB used to fill it with held labels, so no bigger attempt
+could ever be scheduled (0 of 8 done after 60 s). A next attempt that has not
+started within `handover_start_timeout_s` now runs in the waiting task's slot.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+import raysched
+from raysched import RayschedError, adaptive_remote
+from raysched.types import GiB, MiB
+
+from conftest import environment
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tight_node(tmp_path_factory):
+    with environment(RAYSCHED_HOME=str(tmp_path_factory.mktemp("raysched_handover_home"))):
+        ray.init(address="local", num_cpus=2, _memory=1 * GiB, include_dashboard=False, namespace="raysched",
+                 log_to_driver=False)
+        raysched.configure(live_interval_s=0.2, handover_start_timeout_s=5.0)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@adaptive_remote(memory=256 * MiB, num_cpus=0.25)
+def holds(mib: int) -> int:
+    import numpy as np
+
+    held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
+    for _ in range(60):  # 3 s in short sleeps, so that a stop lands
+        time.sleep(0.05)
+    return len(held)
+
+
+def test_waiting_calls_do_not_deadlock_on_held_labels(tight_node):
+    refs = [holds.remote(400) for _ in range(8)]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=150)
+    assert not pending, f"{len(pending)} of 8 calls still waiting after 150 s"
+    for ref in ready:
+        try:
+            assert ray.get(ref) == 8
+        except RayschedError:
+            pass  # a clear raysched error (attempts exhausted) is an allowed end, a hang is not
+    rows = raysched.profiles(holds)
+    assert rows.groupby("call_id")["outcome"].apply(lambda o: (o == "ok").sum() <= 1).all()
