@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -19,6 +20,16 @@ if _TESTS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
 
 SHARED_TRACES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+
+
+def wait_for(predicate, timeout=30.0, step=0.1):
+    """Poll ``predicate`` until it is true or ``timeout`` passes; whether it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
 
 
 @contextlib.contextmanager

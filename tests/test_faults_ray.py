@@ -16,6 +16,7 @@ import pytest
 import ray
 
 import raysched
+from conftest import wait_for
 from raysched import ResourceLimitExceeded, adaptive_remote
 from raysched.runtime.monitor import MONITOR_NAME
 from raysched.runtime.profiler import PROFILER_NAME
@@ -62,15 +63,6 @@ def check_calls(function, refs, expected, timeout=120):
         assert list(attempts["attempt"]) == list(range(1, len(attempts) + 1)), attempts
         assert list(attempts["outcome"]).count("ok") == 1 and attempts["outcome"].iloc[-1] == "ok", attempts
     return rows
-
-
-def wait_for(predicate, timeout=30.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 # --- a task that grows without end stops at its hard cap --------------------------------------------------

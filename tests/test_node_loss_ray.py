@@ -42,7 +42,7 @@ import time
 
 import pytest
 import ray
-from conftest import environment
+from conftest import environment, wait_for
 
 import raysched
 from raysched import RayschedError, adaptive_remote
@@ -92,15 +92,6 @@ def runs_for(seconds: float, value: int, marker_dir: str) -> int:
         time.sleep(0.05)
     os.rename(marker, marker + ".done")
     return value
-
-
-def wait_for(predicate, timeout=30.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def _markers(marker_dir):

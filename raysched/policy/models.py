@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -81,16 +81,8 @@ class ResourceModel:
         return np.exp(np.minimum(lower, target)), np.exp(target), np.exp(upper)
 
     def with_version(self, version: int) -> "ResourceModel":
-        return ResourceModel(
-            resource=self.resource,
-            quantiles=self.quantiles,
-            booster_raw=self.booster_raw,
-            offset=self.offset,
-            coverage_target=self.coverage_target,
-            n_train=self.n_train,
-            metrics=dict(self.metrics),
-            version=version,
-        )
+        # A fresh lazy-booster slot and lock: the copy must not share the original's.
+        return replace(self, metrics=dict(self.metrics), version=version, _booster=[], _lock=threading.Lock())
 
     # --- portable form, for the registry and for shipping to drivers --------------------
     def to_artifact(self, function: str, extra: Mapping[str, Any] | None = None) -> ModelArtifact:

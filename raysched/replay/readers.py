@@ -98,15 +98,21 @@ _DURATION_RE = re.compile(r"([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)", re.IGNORECASE)
 _DURATION_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0, "d": 86_400_000.0}
 
 
-def parse_memory(value: object) -> float:
-    """Bytes from a raw number or Nextflow's ``"4 GB"`` form (binary units); NaN if missing."""
+def _number_or_text(value: object) -> float | str:
+    """A number as float, a missing value (None, "", "-") as NaN, anything else as stripped text."""
     if value is None:
         return float("nan")
     if isinstance(value, (int, float, np.integer, np.floating)):
         return float(value)
     text = str(value).strip()
-    if text in ("", "-"):
-        return float("nan")
+    return float("nan") if text in ("", "-") else text
+
+
+def parse_memory(value: object) -> float:
+    """Bytes from a raw number or Nextflow's ``"4 GB"`` form (binary units); NaN if missing."""
+    text = _number_or_text(value)
+    if isinstance(text, float):
+        return text
     m = _MEMORY_RE.match(text)
     if not m:
         return float("nan")
@@ -115,13 +121,9 @@ def parse_memory(value: object) -> float:
 
 def parse_duration_ms(value: object) -> float:
     """Milliseconds from a raw number or Nextflow's ``"1h 2m 3.5s"`` / ``"120ms"`` form; NaN if missing."""
-    if value is None:
-        return float("nan")
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return float(value)
-    text = str(value).strip()
-    if text in ("", "-"):
-        return float("nan")
+    text = _number_or_text(value)
+    if isinstance(text, float):
+        return text
     try:
         return float(text)
     except ValueError:
