@@ -63,6 +63,12 @@ class RayschedConfig:
     #: Seconds between two trainings of one function: training competes with the
     #: tasks for the same cores, so a burst of tiny tasks must not retrain non-stop.
     min_retrain_interval_s: float = 30.0
+    #: A retrain costs at most this share of the task time it learns from: the CPU
+    #: seconds of the last training must be covered by ``train_cost_fraction`` x the
+    #: task seconds (wall x allocated CPUs) of the rows that arrived since.  Functions
+    #: of long tasks retrain as soon as the row and time limits allow; a stream of
+    #: millisecond tasks does not pay a second of XGBoost and MLflow every 30 s.
+    train_cost_fraction: float = 0.05
 
     # --- cost-aware memory sizing (the default; `raysched eval` measures both chains) -----
     #: Size memory by the expected cost of a failure against the cost of waste

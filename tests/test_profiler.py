@@ -102,6 +102,47 @@ def test_trains_once_enough_rows_then_throttles_by_clock(profiler):
     assert params["function"] == "f"
 
 
+def test_retrains_only_when_the_task_time_since_covers_the_training_cost(profiler, monkeypatch):
+    """A training may cost at most train_cost_fraction (5%) of the task seconds it learns from."""
+    import raysched.runtime.profiler as profiler_module
+
+    cpu = {"now": 0.0}
+    monkeypatch.setattr(profiler_module.time, "process_time", lambda: cpu["now"])
+    monkeypatch.setattr(profiler_module, "_IMPORTS_PAID", True)  # as after a first training
+
+    class CostlyPredictor:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def train(self, history):
+            cpu["now"] += 2.0  # what XGBoost and MLflow took
+            return self.inner.train(history)
+
+    monkeypatch.setattr(profiler, "_predictor", CostlyPredictor(profiler._predictor))
+    profiler.bundle("f", "h1")
+    profiler.record(rows(30))  # the first training is always allowed
+    assert profiler._functions["f"].last_training_cpu_s == pytest.approx(2.0)
+    n = len(profiler.registry.logged)
+
+    def tiny(batch):  # millisecond tasks: 1 ms x 1 CPU each
+        for r in batch:
+            r["wall_seconds"], r["allocated_num_cpus"] = 0.001, 1.0
+        return batch
+
+    profiler._clock.now += 31
+    profiler.record(tiny(rows(500, start=30)))  # enough rows and time, but 0.5 task-s x 5% << 2 CPU-s
+    assert len(profiler.registry.logged) == n
+    profiler._clock.now += 31
+    heavy = rows(60, start=530)
+    for r in heavy:
+        r["wall_seconds"], r["allocated_num_cpus"] = 0.5, 1.0
+    profiler.record(heavy)  # 60 x 0.5 s: 30.5 task-s x 5% = 1.5 CPU-s, still short of 2 ...
+    assert len(profiler.registry.logged) == n
+    profiler.record(rows(20, start=590))  # ... 20 runs of 1-2 s more cover it
+    assert profiler._functions["f"].task_seconds_since_training == 0.0
+    assert len(profiler.registry.logged) > n
+
+
 def test_serves_a_new_model_only_if_no_worse_on_the_same_holdout(profiler):
     profiler.bundle("f", "h1")
     profiler.record(rows(40))

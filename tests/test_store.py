@@ -451,3 +451,24 @@ def test_concurrent_writers_and_compaction_lose_no_rows(tmp_path):
     assert set(df.row_id) == expected
     store.profiles.compact(min_parts=2)
     assert len(parts(store)) == 1 and store.count() == 2000
+
+
+def test_plain_columns_take_the_fast_path_and_convert_as_the_checked_path_does(store):
+    """The per-column fast path (one type() pass) must write what the per-cell checks write."""
+    rows = [
+        row(timestamp=dt.datetime(2024, 5, 1, 12, tzinfo=UTC), started_at=dt.datetime(2024, 5, 1, 11, 59),
+            cpu_seconds=float("nan"), cpu_cores=2, tags=("x", "y"), arg_shapes=[], input_size=None),
+        row(timestamp=dt.datetime(2024, 5, 1, 14, tzinfo=dt.timezone(dt.timedelta(hours=2))), wall_seconds=3,
+            dependencies=["d"], worker_pid=12, error="boom", outcome="error"),
+    ]
+    table = store.profiles
+    fast = 0
+    for field in PROFILE_SCHEMA:
+        values = [r.get(field.name) for r in rows]
+        quick = table._fast_array(field, values)
+        if quick is not None:
+            fast += 1
+            assert quick.equals(table._checked_array(field, values)), field.name
+    assert fast == len(PROFILE_SCHEMA) - 1  # all but schema_version, which no row gives
+    assert table._fast_array(PROFILE_SCHEMA.field("attempt"), [1, True]) is None  # a bool is not an int
+    assert table._fast_array(PROFILE_SCHEMA.field("rung"), [70_000]) is None  # out of int16: checked path says so

@@ -35,7 +35,8 @@ def memory_sample(
     - stopped at a raysched hard limit: the peak as measured, unbumped;
     - cancelled, or an error with nothing measured: nothing.
     """
-    outcome = Outcome(outcome)
+    if not isinstance(outcome, Outcome):  # an Enum call costs more than the rest: only for strings
+        outcome = Outcome(outcome)
     peak = float(peak_rss_bytes) if peak_rss_bytes is not None and math.isfinite(peak_rss_bytes) else None
     if outcome in (Outcome.OOM_KILLED, Outcome.LIMIT_STOPPED):
         if outcome is Outcome.LIMIT_STOPPED:

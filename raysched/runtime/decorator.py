@@ -9,7 +9,7 @@ function behind a thin measuring wrapper.  The returned value is the task's own
 from __future__ import annotations
 
 import functools
-import uuid
+import os
 from typing import Any, Callable, Mapping
 
 import ray
@@ -20,7 +20,7 @@ from ..policy.features import call_features, validate_input_size, validate_memor
 from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
 from .codehash import code_hash, qualified_name
-from .worker import AttemptSpec, encode_spec, make_entry, remote_options
+from .worker import AttemptSpec, encode_call, encode_template, make_entry, remote_options
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -49,7 +49,7 @@ def _largest_memory_for(cluster, num_cpus: float) -> float | None:
 class _CallOptions:
     """Validated per-call options: raysched's metadata, explicit sizes, Ray's other options."""
 
-    __slots__ = ("input_size", "tags", "priority", "explicit", "ray_options")
+    __slots__ = ("input_size", "tags", "priority", "explicit", "ray_options", "key")
 
     def __init__(self, options: Mapping[str, Any], base_tags: tuple[str, ...], base_ray: Mapping[str, Any]):
         self.input_size = validate_input_size(options.get("input_size"))
@@ -67,6 +67,34 @@ class _CallOptions:
         ray_options = dict(base_ray)
         ray_options.update({k: v for k, v in options.items() if k not in _META_KEYS and k not in _SIZED_KEYS})
         self.ray_options = ray_options
+        # What makes two calls' plans equal besides their features; None: not cacheable.
+        self.key: tuple | None = (self.tags, priority, tuple(sorted(explicit.items())),
+                                  tuple(sorted(ray_options.items())))
+        try:
+            hash(self.key)
+        except TypeError:  # an unhashable Ray option (a dict, say)
+            self.key = None
+
+
+#: Plans kept per function (distinct features x options); cleared when full.
+_PLANS_MAX = 1024
+
+
+class _Plan:
+    """What every call with the same features and options is submitted with, while it is current.
+
+    A new bundle (new rows or models), a new view of the cluster or a new
+    config makes a new plan; within one, a call costs a dict lookup, a call
+    id and Ray's own submission.
+    """
+
+    __slots__ = ("bundle", "cluster", "config", "remote", "template")
+
+    def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes):
+        self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
+
+    def current(self, bundle: Any, cluster: Any, config: Any) -> bool:
+        return self.bundle is bundle and self.cluster is cluster and self.config is config
 
 
 class AdaptiveFunction:
@@ -110,6 +138,8 @@ class AdaptiveFunction:
         self._bound: dict[tuple, Any] = {}
         self._remote_config: Any = None
         self._config_for: tuple[Any, Any] | None = None
+        self._plans: dict[tuple, _Plan] = {}
+        self._default_options: _CallOptions | None = None
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -131,24 +161,39 @@ class AdaptiveFunction:
             self._config_for = (client.config, config)
         return self._config_for[1]
 
-    def _plan(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any], client: ProfilerClient):
-        features = call_features(
+    def _features(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]):
+        return call_features(
             args, kwargs, input_size=options.input_size, tags=options.tags,
             dependencies=self.dependencies, size_of_opaque=_ref_size,
         )
-        bundle = client.bundle(self.name, self.code_hash)
-        prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
-        return features, bundle, prediction
 
     def _submit(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> ray.ObjectRef:
         client = get_client()
-        features, bundle, prediction = self._plan(options, args, kwargs, client)
+        features = self._features(options, args, kwargs)
+        bundle = client.bundle(self.name, self.code_hash)
         cluster = client.cluster.get()
+        key = (features, options.key) if options.key is not None else None
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None or not plan.current(bundle, cluster, client.config):
+            plan = self._make_plan(options, features, bundle, cluster, client)
+            if key is not None:
+                if len(self._plans) >= _PLANS_MAX:
+                    self._plans.clear()
+                self._plans[key] = plan
+        call_id = os.urandom(16).hex()
+        ref = plan.remote.remote(encode_call(plan.template, call_id), *args, **kwargs)
+        note_submitted(self.name, call_id)
+        return ref
+
+    def _make_plan(self, options: _CallOptions, features: Any, bundle: Any, cluster: Any,
+                   client: ProfilerClient) -> "_Plan":
+        """Prediction, allocation, Ray options and the encoded spec, for every call with these features."""
+        prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
         allocation = client.size(prediction, options.explicit, self.name, cluster)
         spec = AttemptSpec(
             function=self.name,
             code_hash=self.code_hash,
-            call_id=uuid.uuid4().hex,
+            call_id="",
             attempt=1,
             features=features,
             prediction=prediction,
@@ -158,9 +203,8 @@ class AdaptiveFunction:
             priority=options.priority,
             ray_options=tuple(sorted(options.ray_options.items())),
         )
-        ref = self._remote_with(remote_options(spec), self._config(client)).remote(encode_spec(spec), *args, **kwargs)
-        note_submitted(self.name, spec.call_id)
-        return ref
+        remote = self._remote_with(remote_options(spec), self._config(client))
+        return _Plan(bundle, cluster, client.config, remote, encode_template(spec))
 
     def _remote_with(self, options: dict[str, Any], config: Any) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
@@ -181,7 +225,9 @@ class AdaptiveFunction:
 
     # --- public API ------------------------------------------------------------------------------
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
-        return self._submit(_CallOptions({}, self.tags, self._ray_options), args, kwargs)
+        if self._default_options is None:
+            self._default_options = _CallOptions({}, self.tags, self._ray_options)
+        return self._submit(self._default_options, args, kwargs)
 
     def options(self, **options: Any) -> "BoundCall":
         return BoundCall(self, _CallOptions(options, self.tags, self._ray_options))
@@ -192,7 +238,8 @@ class AdaptiveFunction:
     def _predict(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> Prediction:
         client = get_client()
         client.refresh(self.name, self.code_hash)  # a query, not a submission: it may wait for the newest
-        return self._plan(options, args, kwargs, client)[2]
+        bundle = client.bundle(self.name, self.code_hash)
+        return client.predict(self.name, self.code_hash, self._features(options, args, kwargs), self.fallback, bundle)
 
     def refresh(self, train: bool = False, timeout: float = 120.0) -> None:
         """Fetch the newest bundle now; with ``train=True`` train on every row first."""

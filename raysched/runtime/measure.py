@@ -25,7 +25,10 @@ What each figure of the ``Usage`` means
        (Linux >= 4.0), which restarts ``VmHWM`` from the current RSS, so a much
        bigger earlier task in the same worker does not leak into this figure.
        This is exact for the process itself: the kernel updates it on every
-       page fault, whatever the sampling rate (``peak_method == "hwm"``);
+       page fault, whatever the sampling rate (``peak_method == "hwm"``).  At
+       ``stop()`` it is read from ``getrusage``'s ``ru_maxrss`` where that
+       provably equals it (see ``AttemptMeter._hwm_from_rusage``), which spares
+       a read of ``/proc/self/status`` on every task;
     2. the largest *sampled* resident size of the process tree: the process's
        RSS plus the RSS of all its live descendants, summed at one sample.
        Samples are taken at ``start()``, at ``stop()`` and by the
@@ -139,6 +142,14 @@ except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
 _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 _IO_FIELDS = ("read_bytes", "write_bytes", "rchar", "wchar")
+
+#: How far ru_maxrss right after the VmHWM reset may exceed the RSS read just before
+#: it and still be taken for the reset mark (pages touched between the two reads).
+_RU_MAXRSS_SLACK = 256 * 1024
+
+#: [pid] once this process has seen VmHWM in its status after a reset: later attempts
+#: read the cheaper statm at start.
+_HWM_CONFIRMED: list[int] = []
 _ZERO_IO = (0, 0, 0, 0)
 
 
@@ -184,6 +195,9 @@ _OWN_FDS_LOCK = threading.Lock()
 
 def _own_fd(name: str, flags: int) -> int | None:
     """A kept descriptor of /proc/<this pid>/<name>; None if it cannot be opened."""
+    fd = _OWN_FDS.get(name)
+    if fd is not None and _OWN_FDS_PID == [os.getpid()]:
+        return fd  # the per-task path: no lock
     pid = os.getpid()
     with _OWN_FDS_LOCK:
         if _OWN_FDS_PID != [pid]:  # a forked child must not read its parent's files
@@ -217,9 +231,24 @@ def _read_status(pid: int) -> tuple[int | None, int | None]:
     return _status_field(data, b"\nVmRSS:"), _status_field(data, b"\nVmHWM:")
 
 
+#: The layout of /proc/<pid>/io since Linux 2.6.20: "rchar: N\nwchar: N\nsyscr: N\nsyscw: N\n
+#: read_bytes: N\nwrite_bytes: N\ncancelled_write_bytes: N\n".
+_IO_LAYOUT = (b"rchar:", b"wchar:", b"syscr:", b"syscw:", b"read_bytes:", b"write_bytes:")
+
+
+def _read_statm_rss(pid: int) -> int:
+    """Resident set size in bytes from /proc/<pid>/statm (the same figure as VmRSS)."""
+    return int(_read_proc(pid, "statm").split()[1]) * _PAGE_SIZE
+
+
 def _read_io(pid: int) -> tuple[int, int, int, int]:
     """(read_bytes, write_bytes, rchar, wchar) from /proc/<pid>/io."""
     data = _read_proc(pid, "io")
+    words = data.split()
+    # One split and positional fields when the file has its usual layout (this runs
+    # twice per task; a parse into a dict cost more than the read itself).
+    if len(words) >= 12 and tuple(words[0:12:2]) == _IO_LAYOUT:
+        return int(words[9]), int(words[11]), int(words[1]), int(words[3])
     values = dict(line.split(b": ") for line in data.splitlines() if b": " in line)
     return tuple(int(values.get(k.encode(), 0)) for k in _IO_FIELDS)  # type: ignore[return-value]
 
@@ -383,6 +412,7 @@ class AttemptMeter:
         self._peak_handed = 0  # high-water mark handed over by another meter's reset
         self._cpu_max = 0.0
         self._hwm0: int | None = None  # VmHWM before the reset (used if the reset fails)
+        self._ru_maxrss0: int | None = None  # getrusage's ru_maxrss right after the reset
 
     def _warn(self, what: str, exc: BaseException) -> None:
         """Log once per meter and figure; a warning only the first time in the process
@@ -403,25 +433,19 @@ class AttemptMeter:
 
     # -- raw readings ----------------------------------------------------------------
 
-    def _self_cpu(self) -> tuple[float, float]:
-        """(own user+sys, reaped children user+sys) in seconds."""
+    def _rusage(self) -> tuple[float, float, int | None, int]:
+        """(own user+sys s, reaped children's user+sys s, own ru_maxrss bytes or None, children's ru_maxrss bytes)."""
         if self._self:
             # getrusage has microsecond resolution; os.times() counts 10 ms clock
             # ticks, which made a 50 us task look like 0 or 200 cores.
             own = resource.getrusage(resource.RUSAGE_SELF)
             kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-            return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+            return (own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime,
+                    int(own.ru_maxrss) * _MAXRSS_UNIT, int(kids.ru_maxrss) * _MAXRSS_UNIT)
         import psutil
 
         t = psutil.Process(self.pid).cpu_times()
-        return t.user + t.system, getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
-
-    def _children_maxrss(self) -> int:
-        if not self._self:
-            return 0
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * _MAXRSS_UNIT
+        return t.user + t.system, getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0), None, 0
 
     def _rss_hwm(self) -> tuple[int | None, int | None]:
         if _LINUX:
@@ -466,7 +490,8 @@ class AttemptMeter:
             try:
                 if _LINUX:
                     with _HWM_LOCK:
-                        others = [m for m in _HWM_METERS if m is not self and m.pid == self.pid and m._started]
+                        others = ([m for m in _HWM_METERS if m is not self and m.pid == self.pid and m._started]
+                                  if _HWM_METERS else [])
                         # The high-water mark before the reset matters only to other
                         # meters running in this process (threaded actors); a plain
                         # task worker has none and skips the read.
@@ -481,8 +506,15 @@ class AttemptMeter:
                             # No reset: the mark as it stands is the baseline growth is judged from.
                             self._hwm0 = _read_status(self.pid)[1]
                             raise
-                        rss_after, hwm_after = _read_status(self.pid)
-                        if hwm_after is not None:
+                        if self._self and _HWM_CONFIRMED == [self.pid]:
+                            # VmHWM is known to exist here: statm has the RSS at a fifth of status's cost.
+                            rss_after, hwm_ok = _read_statm_rss(self.pid), True
+                        else:
+                            rss_after, hwm_after = _read_status(self.pid)
+                            hwm_ok = hwm_after is not None
+                            if hwm_ok and self._self:
+                                _HWM_CONFIRMED[:] = [self.pid]
+                        if hwm_ok:
                             self.peak_method = "hwm"
                             _HWM_METERS.add(self)
             except Exception as exc:  # noqa: BLE001 - OSError/ValueError expected; never raise
@@ -496,13 +528,9 @@ class AttemptMeter:
                 self._warn("RSS", exc)
             self._peak_self = self._start_rss
             try:
-                self._cpu0_self, self._cpu0_reaped = self._self_cpu()
+                self._cpu0_self, self._cpu0_reaped, self._ru_maxrss0, self._maxrss0_children = self._rusage()
             except Exception as exc:  # noqa: BLE001
                 self._warn("CPU time", exc)
-            try:
-                self._maxrss0_children = self._children_maxrss()
-            except Exception as exc:  # noqa: BLE001
-                self._warn("children's ru_maxrss", exc)
             try:
                 self._io0 = self._io()
                 self._io_ok = True
@@ -515,14 +543,34 @@ class AttemptMeter:
             self._start_rss += sum(c.rss for c in self._base_children.values())
             self._peak_tree = self._start_rss
 
-    def _measure(self) -> tuple[int, int, float, tuple[int, int, int, int]]:
-        """One sample under the lock: (tree rss now, peak so far, cpu so far, io so far)."""
+    def _hwm_from_rusage(self, ru_maxrss: int | None) -> int | None:
+        """The high-water mark since the reset, from ``getrusage``, when it provably is one.
+
+        ``ru_maxrss`` of a live process is the larger of the kernel's high-water
+        mark (which ``start()`` reset) and a constant left by the image before
+        ``exec`` (``signal->maxrss``).  Right after the reset it was either about
+        the RSS (the constant is below it, so it is the mark from then on) or
+        above it; in that case a value that has grown since is the mark too.
+        Otherwise (None) the caller reads ``/proc/self/status``.
+        """
+        if ru_maxrss is None or self._ru_maxrss0 is None or self.peak_method != "hwm":
+            return None
+        if self._ru_maxrss0 <= self._start_rss + _RU_MAXRSS_SLACK or ru_maxrss > self._ru_maxrss0:
+            return ru_maxrss
+        return None
+
+    def _measure(self, final: bool = False) -> tuple[int, int, float, tuple[int, int, int, int]]:
+        """One sample under the lock: (tree rss now, peak so far, cpu so far, io so far).
+
+        ``final`` (from ``stop()``): the current RSS is not needed when the
+        high-water mark has the peak, so a childless process skips the status read.
+        """
         # Read the process's own cumulative counters *before* enumerating
         # children: a child reaped in between is then missed once (transient,
         # absorbed by the monotone max) rather than counted twice.
-        cpu_self = cpu_reaped = None
+        cpu_self = cpu_reaped = ru_maxrss = maxrss_children = None
         try:
-            cpu_self, cpu_reaped = self._self_cpu()
+            cpu_self, cpu_reaped, ru_maxrss, maxrss_children = self._rusage()
         except Exception as exc:  # noqa: BLE001
             self._warn("CPU time", exc)
         io = _ZERO_IO
@@ -531,21 +579,19 @@ class AttemptMeter:
                 io = self._io()
             except Exception as exc:  # noqa: BLE001
                 self._warn("I/O counters", exc)
-        rss = hwm = None
-        try:
-            rss, hwm = self._rss_hwm()
-        except Exception as exc:  # noqa: BLE001
-            self._warn("RSS", exc)
         children: list[_Child] = []
         try:
             children = self._children()
         except Exception as exc:  # noqa: BLE001
             self._warn("child processes", exc)
-        maxrss_children = None
-        try:
-            maxrss_children = self._children_maxrss()
-        except Exception as exc:  # noqa: BLE001
-            self._warn("children's ru_maxrss", exc)
+        rss = hwm = None
+        if final and not children and not self._base_children:
+            hwm = self._hwm_from_rusage(ru_maxrss)
+        if hwm is None:
+            try:
+                rss, hwm = self._rss_hwm()
+            except Exception as exc:  # noqa: BLE001
+                self._warn("RSS", exc)
 
         # memory
         if rss is not None:
@@ -616,7 +662,7 @@ class AttemptMeter:
                 return self.usage
             wall = max(0.0, self._clock() - self._t0)
             try:
-                _, peak, cpu, io = self._measure()
+                _, peak, cpu, io = self._measure(final=True)
             except Exception as exc:  # noqa: BLE001
                 self._warn("usage", exc)
                 peak, cpu, io = max(self._peak_self, self._peak_tree), self._cpu_max, _ZERO_IO
@@ -766,6 +812,9 @@ def get_live_sampler(interval_s: float | None = None) -> LiveSampler:
     its own sampler.
     """
     global _SAMPLER, _SAMPLER_PID
+    sampler = _SAMPLER
+    if sampler is not None and _SAMPLER_PID == os.getpid() and (interval_s is None or interval_s >= sampler.interval_s):
+        return sampler  # every task after the first: no lock
     with _SAMPLER_LOCK:
         if _SAMPLER is None or _SAMPLER_PID != os.getpid():
             _SAMPLER = LiveSampler(DEFAULT_INTERVAL_S if interval_s is None else interval_s)
@@ -781,6 +830,7 @@ def _after_fork_in_child() -> None:
     _SAMPLER_LOCK = threading.Lock()
     _HWM_LOCK = threading.Lock()
     _HWM_METERS.clear()
+    _HWM_CONFIRMED.clear()
 
 
 if hasattr(os, "register_at_fork"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import threading
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -81,6 +82,18 @@ def history_from_rows(rows: pd.DataFrame) -> History:
     )
 
 
+#: Whether a training already ran in this process (and paid the imports).
+_IMPORTS_PAID = False
+
+
+def _task_seconds(row: Mapping[str, Any]) -> float:
+    """The cluster time an attempt held: wall seconds x the CPUs it was allocated (1 if unknown)."""
+    wall, cpus = row.get("wall_seconds"), row.get("allocated_num_cpus")
+    if not isinstance(wall, (int, float)) or not wall > 0:
+        return 0.0
+    return float(wall) * (float(cpus) if isinstance(cpus, (int, float)) and cpus > 0 else 1.0)
+
+
 class _FunctionState:
     """Rows and models of one function name, loaded lazily from the store.
 
@@ -101,12 +114,15 @@ class _FunctionState:
         self.training: Future | None = None
         self.trainings = 0
         self.last_trained = -float("inf")
+        self.last_training_cpu_s = 0.0  # CPU seconds the last training took
+        self.task_seconds_since_training = 0.0  # sum of wall x allocated CPUs of rows since
 
     def add(self, rows: list[Mapping[str, Any]]) -> None:
         self._pending.extend(rows)
         self.n_rows = min(self.window, self.n_rows + len(rows))
         self.n_usable += sum(1 for r in rows if r.get("memory_sample_bytes") is not None)
         self.new_rows += len(rows)
+        self.task_seconds_since_training += sum(_task_seconds(r) for r in rows)
         self.version += 1
 
     def replace_rows(self, rows: pd.DataFrame) -> None:
@@ -196,8 +212,13 @@ class Profiler:
                 state.version += 1
 
     # --- the write path -------------------------------------------------------------------------
-    def record(self, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Store attempt rows (one Parquet part), then maybe start a background retrain."""
+    def record(self, rows: Sequence[Mapping[str, Any]] | bytes) -> int:
+        """Store attempt rows (one Parquet part), then maybe start a background retrain.
+
+        Workers send their batches pickled (``bytes``), which Ray carries as is.
+        """
+        if isinstance(rows, (bytes, bytearray)):
+            rows = pickle.loads(rows)
         if not rows:
             return 0
         with self._lock:
@@ -231,9 +252,12 @@ class Profiler:
         usable = state.n_usable
         enough_new = state.new_rows >= max(self.config.retrain_after_new_rows, 0.1 * state.n_rows)
         rested = self._clock() - state.last_trained >= self.config.min_retrain_interval_s
+        affordable = (state.task_seconds_since_training * self.config.train_cost_fraction
+                      >= state.last_training_cpu_s)
         first = not state.models and state.trainings == 0
-        if usable >= self.config.min_history_for_model and (first or (enough_new and rested)):
+        if usable >= self.config.min_history_for_model and (first or (enough_new and rested and affordable)):
             state.new_rows = 0
+            state.task_seconds_since_training = 0.0
             state.last_trained = self._clock()
             state.training = self._executor.submit(self._train, function)
 
@@ -249,7 +273,7 @@ class Profiler:
 
     def _train(self, function: str, code_hash: str | None = None) -> dict[str, Any]:
         """Fit, compare with the served model on the same holdout, log and register, maybe serve."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         state = self._state(function)
         with self._lock:
             if code_hash is None and not state.rows.empty:
@@ -291,7 +315,14 @@ class Profiler:
             summary["resources"][resource] = {"version": version, "served": better, **metrics}
         with self._lock:
             state.trainings += 1
+            # Process CPU, so XGBoost's and MLflow's threads count (and rows recorded meanwhile:
+            # conservative).  The first training of a process also imports XGBoost and MLflow,
+            # seconds that later ones do not pay: it does not set the budget.
+            global _IMPORTS_PAID
+            state.last_training_cpu_s = time.process_time() - cpu_started if _IMPORTS_PAID else 0.0
+            _IMPORTS_PAID = True
         summary["seconds"] = time.perf_counter() - started
+        summary["cpu_seconds"] = state.last_training_cpu_s
         return summary
 
     def train_now(self, function: str, code_hash: str | None = None) -> dict[str, Any]:

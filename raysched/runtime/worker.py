@@ -38,6 +38,7 @@ import atexit
 import ctypes
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import json
 import logging
@@ -46,7 +47,6 @@ import pickle
 import signal
 import threading
 import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
@@ -91,6 +91,41 @@ class AttemptSpec:
     def live_key(self) -> str:
         return f"{self.call_id}:{self.attempt}"
 
+    def with_call_id(self, call_id: str) -> "AttemptSpec":
+        """This spec for another call: a copy of the instance dict, cached row part included.
+
+        ``dataclasses.replace`` would re-run ``__init__`` over every field; this runs
+        once per task in the worker, on a spec decoded from a cached template.
+        """
+        copy = object.__new__(AttemptSpec)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__["call_id"] = call_id
+        return copy
+
+    @functools.cached_property
+    def static_row(self) -> dict[str, Any]:
+        """The columns of this spec's profile rows that do not depend on the call or the run."""
+        pred, alloc, feats = self.prediction, self.allocation, self.features
+        return {
+            "function": self.function,
+            "code_hash": self.code_hash,
+            "attempt": self.attempt,
+            "input_size": feats.input_size,
+            "tags": feats.tags,
+            "arg_shapes": feats.arg_shapes,
+            "dependencies": feats.dependencies,
+            "priority": self.priority,
+            "prediction_source": pred.source,
+            "predicted_memory_bytes": int(pred.memory.target),
+            "predicted_memory_upper_bytes": int(pred.memory.upper),
+            "predicted_cpu": float(pred.cpu.target),
+            "predicted_wall_seconds": float(pred.wall.target),
+            "allocated_num_cpus": float(alloc.num_cpus),
+            "allocated_memory_bytes": int(alloc.memory_bytes),
+            "rung": alloc.rung,
+            "source": "ray",
+        }
+
 
 # --- rows ---------------------------------------------------------------------------------------
 
@@ -110,48 +145,32 @@ def attempt_row(
     worker_pid: int | None = None,
 ) -> dict[str, Any]:
     """One profile row (the store's PROFILE_SCHEMA) for one attempt."""
-    pred, alloc = spec.prediction, spec.allocation
     peak = usage.peak_rss_bytes if usage is not None else None
-    sample = memory_sample(outcome, peak, alloc.memory_bytes, spec.config)
-    return {
-        "row_id": uuid.uuid4().hex,
-        "function": spec.function,
-        "code_hash": spec.code_hash,
-        "call_id": spec.call_id,
-        "attempt": spec.attempt,
-        "outcome": outcome.value,
-        "error": error[:2000] or None,
-        "timestamp": _utc(ended_at),
-        "started_at": _utc(started_at),
-        "node_id": node_id or None,
-        "worker_pid": worker_pid,
-        "input_size": spec.features.input_size,
-        "tags": list(spec.features.tags),
-        "arg_shapes": list(spec.features.arg_shapes),
-        "dependencies": list(spec.features.dependencies),
-        "priority": spec.priority,
-        "prediction_source": pred.source,
-        "predicted_memory_bytes": int(pred.memory.target),
-        "predicted_memory_upper_bytes": int(pred.memory.upper),
-        "predicted_cpu": float(pred.cpu.target),
-        "predicted_wall_seconds": float(pred.wall.target),
-        "allocated_num_cpus": float(alloc.num_cpus),
-        "allocated_memory_bytes": int(alloc.memory_bytes),
-        "rung": alloc.rung,
-        "peak_rss_bytes": peak,
-        "start_rss_bytes": usage.start_rss_bytes if usage is not None else None,
-        "memory_sample_bytes": int(sample) if sample is not None else None,
-        "cpu_seconds": usage.cpu_seconds if usage is not None else None,
-        # Cores are CPU seconds per wall second; below MIN_WALL_FOR_CORES the ratio is
-        # mostly scheduler noise and would size a 50 us task at whole cores.
-        "cpu_cores": usage.cpu_cores if usage is not None and usage.wall_seconds >= MIN_WALL_FOR_CORES else None,
-        "wall_seconds": usage.wall_seconds if usage is not None else None,
-        "read_bytes": usage.read_bytes if usage is not None else None,
-        "write_bytes": usage.write_bytes if usage is not None else None,
-        "read_chars": usage.read_chars if usage is not None else None,
-        "write_chars": usage.write_chars if usage is not None else None,
-        "source": "ray",
-    }
+    sample = memory_sample(outcome, peak, spec.allocation.memory_bytes, spec.config)
+    row = dict(spec.static_row)
+    row["row_id"] = os.urandom(16).hex()
+    row["call_id"] = spec.call_id
+    row["outcome"] = outcome.value
+    row["error"] = error[:2000] or None
+    row["timestamp"] = _utc(ended_at)
+    row["started_at"] = _utc(started_at)
+    row["node_id"] = node_id or None
+    row["worker_pid"] = worker_pid
+    row["peak_rss_bytes"] = peak
+    row["memory_sample_bytes"] = int(sample) if sample is not None else None
+    if usage is None:
+        return row
+    row["start_rss_bytes"] = usage.start_rss_bytes
+    row["cpu_seconds"] = usage.cpu_seconds
+    # Cores are CPU seconds per wall second; below MIN_WALL_FOR_CORES the ratio is
+    # mostly scheduler noise and would size a 50 us task at whole cores.
+    row["cpu_cores"] = usage.cpu_cores if usage.wall_seconds >= MIN_WALL_FOR_CORES else None
+    row["wall_seconds"] = usage.wall_seconds
+    row["read_bytes"] = usage.read_bytes
+    row["write_bytes"] = usage.write_bytes
+    row["read_chars"] = usage.read_chars
+    row["write_chars"] = usage.write_chars
+    return row
 
 
 # --- the row sink: buffered, sent to the profiler actor off the task's path -----------------------
@@ -178,6 +197,8 @@ class RowSink:
     def add(self, row: dict) -> None:
         with self._cond:
             self._rows.append(row)
+            if len(self._rows) > 1:
+                return  # the flush thread was woken by the batch's first row
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="raysched-row-sink", daemon=True)
                 self._thread.start()
@@ -214,7 +235,9 @@ def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
         try:
             if not handle:
                 handle.append(ray.get_actor(PROFILER_NAME, namespace=NAMESPACE))
-            return handle[0].record.remote(rows)
+            # One plain pickle of the batch: Ray's own serialisation of a list of dicts
+            # (msgpack with a pickle per datetime) cost four times as much per row.
+            return handle[0].record.remote(pickle.dumps(rows, protocol=5))
         except Exception as exc:  # noqa: BLE001 - the actor is gone: write the rows ourselves
             handle.clear()
             logger.warning("raysched: profiler unreachable (%s); writing %d rows to the store directly", exc, len(rows))
@@ -228,6 +251,8 @@ def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
 
 def get_sink(config: RayschedConfig) -> RowSink:
     global _sink
+    if _sink is not None:
+        return _sink  # every task after the first: no lock
     with _sink_lock:
         if _sink is None:
             _sink = RowSink(config.flush_interval_s, _send_rows(config))
@@ -364,16 +389,18 @@ def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> int:
     return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), obj)
 
 
-@dataclass
 class _Running:
     """One running attempt as the sampler thread sees it; ``lock`` orders a stop against the end."""
 
-    thread_id: int
-    spec: AttemptSpec
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    done: bool = False
-    stop: Any = None  # the monitor's Decision once raised into the thread
-    stop_at: float = 0.0  # time.monotonic() of that
+    __slots__ = ("thread_id", "spec", "lock", "done", "stop", "stop_at")
+
+    def __init__(self, thread_id: int, spec: AttemptSpec):
+        self.thread_id = thread_id
+        self.spec = spec
+        self.lock = threading.Lock()
+        self.done = False
+        self.stop: Any = None  # the monitor's Decision once raised into the thread
+        self.stop_at = 0.0  # time.monotonic() of that
 
     def finish(self) -> Any:
         """The attempt has ended (idempotent): no stop is raised into it any more; returns the stop, if any.
@@ -689,21 +716,52 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
                               run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
 
 
-def encode_spec(spec: AttemptSpec) -> bytes:
-    """The spec as the task's first argument: plain pickle, without the config.
+def encode_template(spec: AttemptSpec) -> bytes:
+    """Everything of a spec but its call id and config, pickled: the same for every call of one plan.
 
-    cloudpickle (what Ray would use on the dataclass) costs several times more per
-    call than the standard pickler on these importable classes, and the config,
-    the largest part, travels once with the exported entry function instead.
+    Plain pickle: cloudpickle (what Ray would use on the dataclass) costs several
+    times more on these importable classes.  The config, the largest part,
+    travels once with the exported entry function instead.
     """
-    return pickle.dumps(replace(spec, config=None) if spec.config is not None else spec, protocol=5)
+    return pickle.dumps(replace(spec, call_id="", config=None), protocol=5)
+
+
+def encode_call(template: bytes, call_id: str) -> bytes:
+    """The task's first argument: the template, the call id, and the call id's length in one byte."""
+    cid = call_id.encode("ascii")
+    if len(cid) > 255:
+        raise ValueError(f"call id too long: {call_id!r}")
+    return template + cid + bytes((len(cid),))
+
+
+def encode_spec(spec: AttemptSpec) -> bytes:
+    return encode_call(encode_template(spec), spec.call_id)
+
+
+#: Decoded templates of this worker process: a task of a plan seen before costs a
+#: dict lookup and a copy instead of an unpickling (which cost ~0.1 ms per task).
+_TEMPLATES: dict[bytes, AttemptSpec] = {}
+_TEMPLATES_MAX = 256
+
+
+def decode_spec(data: bytes, config: RayschedConfig) -> AttemptSpec:
+    n = data[-1]
+    template, call_id = data[: -1 - n], data[-1 - n: -1].decode("ascii")
+    base = _TEMPLATES.get(template)
+    if base is None or base.config is not config:
+        base = replace(pickle.loads(template), config=config)
+        base.static_row  # computed once here, then copied with the instance dict to every call's spec
+        if len(_TEMPLATES) >= _TEMPLATES_MAX:
+            _TEMPLATES.clear()
+        _TEMPLATES[template] = base
+    return base.with_call_id(call_id)
 
 
 def make_entry(fn: Callable[..., Any], config: RayschedConfig) -> Callable[..., Any]:
     """The function Ray runs: the user's function behind the measuring wrapper."""
 
     def entry(spec_bytes: bytes, *args: Any, **kwargs: Any) -> Any:
-        spec = replace(pickle.loads(spec_bytes), config=config)
+        spec = decode_spec(spec_bytes, config)
         if _ray_attempt_number() > 0:
             return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
         return run_measured(fn, spec, args, kwargs)  # the resubmitter is built only if the monitor stops it

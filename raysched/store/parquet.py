@@ -164,6 +164,28 @@ def _converter(field: pa.Field) -> Callable[[Any], Any]:
     raise TypeError(f"ParquetTable does not support columns of type {t} (column {field.name!r})")
 
 
+_NONE = type(None)
+_STR_ONLY = frozenset({str})
+
+
+def _plain_types(t: pa.DataType) -> frozenset[type] | None:
+    """Python types whose values pyarrow converts to ``t`` exactly as ``_converter`` would."""
+    if pa.types.is_integer(t):
+        return frozenset({int, _NONE})  # bool is its own type: not here; range errors fall back
+    if pa.types.is_floating(t):
+        return frozenset({float, int, _NONE})
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return frozenset({str, _NONE})
+    if pa.types.is_timestamp(t):
+        return frozenset({_dt.datetime, _NONE})  # naive is taken as UTC, aware converted, as by _converter
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+            pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)):
+        return frozenset({list, tuple, _NONE})
+    if pa.types.is_boolean(t):
+        return frozenset({bool, _NONE})
+    return None
+
+
 def _pandas_dtype(t: pa.DataType) -> Any:
     """Integers read as pandas' nullable integer dtypes, so a column's dtype never depends on its nulls."""
     if pa.types.is_integer(t):
@@ -213,6 +235,9 @@ class ParquetTable:
         # Old parts may hold nulls where the current schema says not null; read leniently.
         self._read_schema = pa.schema([f.with_nullable(True) for f in schema], metadata=metadata)
         self._converters = {f.name: _converter(f) for f in schema}
+        self._known = frozenset(schema.names)
+        self._plain_types = {f.name: _plain_types(f.type) for f in schema}
+        self._list_columns = {f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
         self._allowed = {k: frozenset(v) for k, v in (allowed_values or {}).items()}
         unknown = set(self._allowed) - set(schema.names)
         if unknown:
@@ -239,45 +264,77 @@ class ParquetTable:
 
     def _to_table(self, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         names = self.schema.names
-        known = set(names)
-        columns: dict[str, list[Any]] = {n: [None] * len(rows) for n in names}
+        known = self._known
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping):
                 raise InvalidInput(f"{self.name}: row {i} must be a mapping of column to value, got {type(row).__name__}")
-            for key in row:
-                if key not in known:
-                    raise InvalidInput(
-                        f"{self.name}: unknown column {key!r} in row {i}; the columns are: {', '.join(names)}"
-                    )
-            for key, value in row.items():
-                if _is_missing(value):
-                    continue
-                try:
-                    converted = self._converters[key](value)
-                except _Bad as e:
-                    raise InvalidInput(
-                        f"{self.name}: column {key!r} expects {e}, got {value!r} ({type(value).__name__}) in row {i}"
-                    ) from None
-                allowed = self._allowed.get(key)
-                if allowed is not None and converted not in allowed:
-                    raise InvalidInput(
-                        f"{self.name}: column {key!r} must be one of {sorted(allowed)}, got {value!r} in row {i}"
-                    )
-                columns[key][i] = converted
-        if "schema_version" in columns:
-            columns["schema_version"] = [self.version if v is None else v for v in columns["schema_version"]]
-        for f in self.schema:
-            if not f.nullable:
-                missing = [i for i, v in enumerate(columns[f.name]) if v is None]
-                if missing:
-                    raise InvalidInput(f"{self.name}: column {f.name!r} must not be null (row {missing[0]})")
+            if not known.issuperset(row.keys()):
+                key = next(k for k in row if k not in known)
+                raise InvalidInput(
+                    f"{self.name}: unknown column {key!r} in row {i}; the columns are: {', '.join(names)}"
+                )
         arrays = []
         for f in self.schema:
-            try:
-                arrays.append(pa.array(columns[f.name], type=f.type))
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the checks above should have caught it
-                raise InvalidInput(f"{self.name}: column {f.name!r}: {e}") from None
+            values = [row.get(f.name) for row in rows]
+            array = self._fast_array(f, values)
+            if array is None:
+                array = self._checked_array(f, values)
+            arrays.append(array)
         return pa.Table.from_arrays(arrays, schema=self._write_schema)
+
+    def _fast_array(self, f: pa.Field, values: list[Any]) -> pa.Array | None:
+        """The column as pyarrow gets it, when every value has a plain type pyarrow converts exactly.
+
+        One pass of ``type()`` over the column instead of a checked conversion per
+        cell: the profiler stores every attempt of every task through here.  None
+        when any value needs the strict per-cell path (which also words the error).
+        """
+        plain = self._plain_types.get(f.name)
+        if plain is None or not plain.issuperset(map(type, values)):
+            return None
+        if f.name in self._list_columns and not _STR_ONLY.issuperset(
+                type(item) for v in values if v is not None for item in v):
+            return None
+        if f.name == "schema_version" or not f.nullable:
+            if any(v is None for v in values):
+                return None
+        allowed = self._allowed.get(f.name)
+        if allowed is not None and not allowed.issuperset(v for v in values if v is not None):
+            return None
+        try:
+            # from_pandas: a float NaN is a missing value, as in the checked path.
+            return pa.array(values, type=f.type, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+            return None  # out of range, say: the checked path says what and where
+
+    def _checked_array(self, f: pa.Field, values: list[Any]) -> pa.Array:
+        """The column converted one cell at a time, with a clear error for the first bad one."""
+        convert, allowed = self._converters[f.name], self._allowed.get(f.name)
+        column: list[Any] = [None] * len(values)
+        for i, value in enumerate(values):
+            if _is_missing(value):
+                continue
+            try:
+                converted = convert(value)
+            except _Bad as e:
+                raise InvalidInput(
+                    f"{self.name}: column {f.name!r} expects {e}, got {value!r} ({type(value).__name__}) in row {i}"
+                ) from None
+            if allowed is not None and converted not in allowed:
+                raise InvalidInput(
+                    f"{self.name}: column {f.name!r} must be one of {sorted(allowed)}, got {value!r} in row {i}"
+                )
+            column[i] = converted
+        if f.name == "schema_version":
+            column = [self.version if v is None else v for v in column]
+        if not f.nullable:
+            missing = [i for i, v in enumerate(column) if v is None]
+            if missing:
+                raise InvalidInput(f"{self.name}: column {f.name!r} must not be null (row {missing[0]})")
+        try:
+            return pa.array(column, type=f.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the checks above should have caught it
+            raise InvalidInput(f"{self.name}: column {f.name!r}: {e}") from None
 
     def _write_part(self, table: pa.Table, time_ns: int | None = None) -> Path:
         name = f"{PART_PREFIX}{time_ns or time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{PART_SUFFIX}"
