@@ -170,6 +170,9 @@ class RayschedConfig:
     #: A node whose used memory reaches this fraction of its total stops its lowest-priority
     #: task; below Ray's own memory monitor threshold (0.95) so that raysched picks the victim.
     node_memory_threshold: float = 0.9
+    #: Where a node's Ray memory monitor kills below that (``RAY_memory_usage_threshold``
+    #: lowered), raysched acts this far (a fraction of the node's memory) below Ray's threshold.
+    node_kill_margin: float = 0.03
     #: Consecutive high readings of a node before a task on it is stopped (and again
     #: before the next one).
     node_memory_sustain_readings: int = 2
@@ -215,6 +218,8 @@ class RayschedConfig:
             problems.append("monitor_memory_tolerance must be at least 1 (a task may reach its allocation)")
         if not 0 < self.node_memory_threshold <= 1:
             problems.append("node_memory_threshold must be a fraction in (0, 1]")
+        if not 0 <= self.node_kill_margin < 1:
+            problems.append("node_kill_margin must be a fraction in [0, 1)")
         if self.monitor_hard_stop_intervals <= 0 or self.monitor_directive_timeout_s <= 0:
             problems.append("monitor_hard_stop_intervals and monitor_directive_timeout_s must be positive")
         if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:

@@ -384,3 +384,26 @@ def test_live_reporter_batches_never_waits_and_keeps_directives(monitor, clock):
     assert reporter.directive("a", 2) is None and reporter.directive("b", 1) is None
     reporter.forget("a")
     assert reporter.directive("a", 1) is None
+
+
+def test_the_monitor_learns_each_nodes_ray_kill_threshold_from_its_workers_reports(tmp_path, clock):
+    """Workers inherit their raylet's RAY_memory_usage_threshold and report it; node readings use it."""
+    from raysched.runtime.monitor import ray_kill_threshold
+
+    assert ray_kill_threshold({"RAY_memory_usage_threshold": "0.3"}) == 0.3
+    assert ray_kill_threshold({}) is None
+    assert ray_kill_threshold({"RAY_memory_usage_threshold": "lots"}) is None
+    assert ray_kill_threshold({"RAY_memory_usage_threshold": "1.5"}) is None
+    nodes = FakeNodes()
+    cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2, node_poll_interval_s=5.0)
+    monitor = Monitor(cfg, clock=clock, node_reader=nodes, metrics=RecordingMetrics())
+    low = Samples(call_id="low", priority=1, node_kill_threshold=0.30)
+    nodes.fraction = {"node-a": 0.29}  # far below raysched's 0.9, just below Ray's 0.30
+
+    replies = []
+    for _ in range(12):
+        clock.advance(1.0)
+        replies.append(monitor.report([low()]))
+    stopped = [r["low"] for r in replies if r]
+    assert stopped and stopped[0].action == R.REQUEUE_LOWEST_PRIORITY
+    assert stopped[0].allocated == pytest.approx(0.30 - cfg.node_kill_margin)

@@ -10,6 +10,7 @@ returns its value, exactly once.
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -122,3 +123,15 @@ def test_after_max_attempts_a_clear_error_names_every_attempt(strict_node):
     assert "attempt 2: oom_killed" in text
     rows = raysched.profiles(always_too_big)
     assert list(rows["outcome"]) == ["oom_killed", "oom_killed"]
+
+
+def test_workers_on_the_strict_node_see_its_kill_threshold(strict_node):
+    """The node rule learns Ray's lowered threshold from what the node's workers inherited."""
+    from raysched.runtime.monitor import ray_kill_threshold
+
+    @ray.remote(num_cpus=0.5)
+    def seen() -> tuple[float | None, str | None]:
+        return ray_kill_threshold(), os.environ.get("RAY_memory_usage_threshold")
+
+    threshold, raw = ray.get(seen.remote(), timeout=60)
+    assert raw is not None and threshold == pytest.approx(float(raw)) and threshold < 0.95

@@ -276,3 +276,21 @@ def test_build_rules_follows_the_config():
 def test_bad_monitor_knobs_are_refused(changes):
     with pytest.raises(ValueError, match="invalid RayschedConfig"):
         RayschedConfig(**changes)
+
+
+def test_node_pressure_acts_below_a_lowered_ray_kill_threshold():
+    """A node whose Ray memory monitor kills at 30% must not wait for raysched's own 90%."""
+    rules = build_rules(CFG)
+    running = running_on("node-a", ("low", 0, 100))
+    clock = FakeClock()
+    lowered = [NodeMemory("node-a", 0.285 * 64 * GiB, 64 * GiB, clock(), kill_threshold=0.30) for _ in range(N)]
+    got = replay_node(rules, lowered, running)
+    assert got[-1] is not None and got[-1].call_id == "low"
+    assert got[-1].allocated == pytest.approx(0.30 - CFG.node_kill_margin)
+    assert "Ray kills at 30%" in got[-1].detail
+    # Below Ray's threshold less the margin: nothing; and Ray's default (0.95) leaves raysched's 0.9 in charge.
+    calm = [NodeMemory("node-a", 0.26 * 64 * GiB, 64 * GiB, clock(), kill_threshold=0.30) for _ in range(N)]
+    assert replay_node(rules, calm, running) == [None] * N
+    rule = rules.node_rule
+    assert rule.threshold_for(NodeMemory("n", 1, 2, kill_threshold=0.95)) == CFG.node_memory_threshold
+    assert rule.threshold_for(NodeMemory("n", 1, 2)) == CFG.node_memory_threshold

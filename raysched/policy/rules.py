@@ -75,6 +75,8 @@ class LiveReport:
     read_bytes: int = 0
     write_bytes: int = 0
     timestamp: float = 0.0
+    #: Ray's memory-monitor kill threshold on the reporting worker's node, if it knows it.
+    node_kill_threshold: float | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -95,6 +97,9 @@ class NodeMemory:
     used_bytes: float
     total_bytes: float
     timestamp: float = 0.0
+    #: The used fraction at which Ray's own memory monitor on this node starts killing
+    #: (``RAY_memory_usage_threshold`` as the node's workers inherited it); None: unknown.
+    kill_threshold: float | None = None
 
     @property
     def fraction(self) -> float:
@@ -312,7 +317,20 @@ class NodePressure:
 
     threshold: float
     sustain: int = 1
+    #: How far below Ray's own kill threshold (a fraction of the node's memory) to act,
+    #: when the node's threshold is known and lower than ``threshold``.
+    kill_margin: float = 0.03
     name: str = "node_memory_pressure"
+
+    def threshold_for(self, reading: NodeMemory) -> float:
+        """``threshold``, or just below Ray's kill threshold on that node if that comes first.
+
+        A node started with a lowered ``RAY_memory_usage_threshold`` (0.3, say)
+        would otherwise be killed by Ray long before raysched's 0.9 is reached.
+        """
+        if reading.kill_threshold is None:
+            return self.threshold
+        return max(0.0, min(self.threshold, reading.kill_threshold - self.kill_margin))
 
     def victim(self, running: Iterable[LiveReport]) -> LiveReport | None:
         candidates = sorted(running, key=lambda r: (r.priority, -r.rss_bytes, r.call_id, r.attempt))
@@ -370,7 +388,8 @@ class Rules:
         rule = self.node_rule
         if rule is None or reading.timestamp <= state.last_timestamp:
             return state, None
-        if reading.fraction < rule.threshold:
+        threshold = rule.threshold_for(reading)
+        if reading.fraction < threshold:
             return NodeState(0, reading.timestamp), None
         streak = state.streak + 1
         victim = rule.victim(r for r in running if r.node_id == reading.node_id)
@@ -378,9 +397,11 @@ class Rules:
             return NodeState(streak, reading.timestamp), None
         decision = Decision(
             rule.name, REQUEUE_LOWEST_PRIORITY, victim.function, victim.call_id, victim.attempt,
-            measured=reading.fraction, allocated=rule.threshold,
+            measured=reading.fraction, allocated=threshold,
             detail=(f"node {reading.node_id[:8]} at {reading.fraction:.0%} of {reading.total_bytes / MiB:.0f} MiB "
-                    f"(threshold {rule.threshold:.0%}); priority {victim.priority}, resident "
+                    f"(threshold {threshold:.0%}"
+                    + (f", Ray kills at {reading.kill_threshold:.0%}" if reading.kill_threshold is not None else "")
+                    + f"); priority {victim.priority}, resident "
                     f"{_mib(victim.rss_bytes)}, gives way first"),
             node_id=reading.node_id, code_hash=victim.code_hash, timestamp=reading.timestamp,
         )

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from ..config import RayschedConfig
 from ..policy.recipe import build_rules
@@ -60,7 +62,23 @@ def report_from(spec: Any, sample: Any, node_id: str = "") -> LiveReport:
         rss_bytes=int(sample.rss_bytes), peak_rss_bytes=int(sample.peak_rss_bytes),
         cpu_seconds=float(sample.cpu_seconds), wall_seconds=float(sample.wall_seconds),
         read_bytes=int(sample.read_bytes), write_bytes=int(sample.write_bytes), timestamp=float(sample.timestamp),
+        node_kill_threshold=ray_kill_threshold(),
     )
+
+
+def ray_kill_threshold(environ: Mapping[str, str] | None = None) -> float | None:
+    """Ray's memory-monitor threshold on this node, as this worker inherited it from its raylet.
+
+    A worker process inherits the raylet's environment, so ``RAY_memory_usage_threshold``
+    set when the node was started is visible here; None when unset (Ray's default,
+    0.95, is above raysched's own threshold) or not a fraction in (0, 1].
+    """
+    raw = (os.environ if environ is None else environ).get("RAY_memory_usage_threshold")
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 < value <= 1 else None
 
 
 # --- metrics: ray.util.metrics when in a Ray process, nothing otherwise --------------------------------
@@ -290,6 +308,7 @@ class Monitor:
         self._attempts: dict[tuple[str, int], _Attempt] = {}
         self._newest: dict[str, int] = {}  # call_id -> newest attempt reported
         self._nodes: dict[str, NodeState] = {}
+        self._kill_thresholds: dict[str, float] = {}  # node id -> Ray's kill threshold, as its workers report it
         self._pending: list[dict[str, Any]] = []
         self._last_sweep = self._last_poll = clock()
         self.reports_received = 0
@@ -308,6 +327,8 @@ class Monitor:
         with self._lock:
             for report in samples:
                 self.reports_received += 1
+                if report.node_kill_threshold is not None and report.node_id:
+                    self._kill_thresholds[report.node_id] = report.node_kill_threshold
                 decided += self._evaluate(report, now)
             self._sweep(now)
         if self._node_reader is not None and now - self._last_poll >= self.config.node_poll_interval_s:
@@ -362,6 +383,8 @@ class Monitor:
     def _check_node(self, reading: NodeMemory) -> Decision | None:
         self.metrics.node(reading)
         with self._lock:
+            if reading.kill_threshold is None and reading.node_id in self._kill_thresholds:
+                reading = replace(reading, kill_threshold=self._kill_thresholds[reading.node_id])
             running = [a.last for a in self._attempts.values()
                        if a.state.stop is None and a.last.node_id == reading.node_id]
             state, decision = self.rules.evaluate_node(self._nodes.get(reading.node_id, NodeState()), reading, running)
@@ -569,6 +592,7 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
     ``function`` is a name or an adaptive function; ``home`` defaults to the
     configured raysched home.  Columns as ``store.schema.EVENT_SCHEMA``.
     """
+    import pandas as pd  # here, not at the top: workers import this module for their live reports
     from ..store.profiles import ProfileStore
     from .session import get_config
 
@@ -582,6 +606,6 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
 
 __all__ = [
     "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "MONITOR_NAME",
-    "report_from", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
+    "report_from", "ray_kill_threshold", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
     "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter",
 ]
