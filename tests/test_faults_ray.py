@@ -232,3 +232,48 @@ def test_a_worker_killed_mid_task_is_recorded_and_the_call_reruns(faults):
     dead = rows.iloc[0]
     assert dead["outcome"] in ("oom_killed", "error") and "worker died" in dead["error"]
     assert dead["wall_seconds"] > 0  # its last live sample
+
+
+# --- node memory pressure: the lowest priority gives way first -----------------------------------------------
+
+
+@adaptive_remote(memory=128 * MiB, num_cpus=0.25, max_attempts=3)
+def busy_for(seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # Python between sleeps: a stop is raised into this loop
+        time.sleep(0.05)
+    return seconds
+
+
+def test_under_node_pressure_the_lowest_priority_call_gives_way_first(faults):
+    """The node rule on a real node: any reading counts as pressure (threshold 1%), read every second."""
+    raysched.configure(node_memory_threshold=0.01, node_memory_sustain_readings=1, node_poll_interval_s=1.0)
+    try:
+        vip = busy_for.options(priority=5).remote(6.0)
+        low = busy_for.options(priority=0).remote(6.0)
+        assert wait_for(lambda: len(raysched.events(busy_for)) > 0, timeout=90)
+        outcomes = []
+        for ref in (vip, low):
+            try:
+                outcomes.append(ray.get(ref, timeout=180))
+            except ray.exceptions.RayTaskError as exc:  # requeued on every attempt: a clear raysched error
+                assert isinstance(exc.cause, raysched.AttemptsExhausted), exc
+                outcomes.append(exc.cause)
+        rows = raysched.profiles(busy_for)
+        events = raysched.events(busy_for).sort_values("timestamp")
+    finally:
+        raysched.configure(node_memory_threshold=0.9, node_memory_sustain_readings=2, node_poll_interval_s=5.0)
+    first = events.iloc[0]
+    low_calls = set(rows.loc[rows["priority"] == 0, "call_id"])
+    assert first["action"] == "requeue_lowest_priority" and first["rule"] == "node_memory_pressure"
+    assert first["call_id"] in low_calls, (events[["call_id", "action", "detail"]], rows[["call_id", "priority"]])
+    assert "priority 0" in first["detail"]
+    # Every attempt has its row: the requeued ones cancelled with the same allocation, per call 1..n.
+    for _, attempts in rows.groupby("call_id"):
+        attempts = attempts.sort_values("attempt")
+        assert list(attempts["attempt"]) == list(range(1, len(attempts) + 1)), attempts
+        given_way = attempts[attempts["outcome"] == "cancelled"]
+        assert given_way["error"].str.contains("node_memory_pressure").all()
+        assert attempts["allocated_memory_bytes"].nunique() == 1  # requeued unchanged, not climbed
+        assert list(attempts["outcome"]).count("ok") <= 1
+    assert (rows.loc[rows["call_id"] == first["call_id"], "outcome"] == "cancelled").any()
