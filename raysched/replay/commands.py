@@ -17,7 +17,8 @@ from .readers import FORMATS, TraceFormatError, expand_paths, read_trace
 METHOD_NAMES = ("raysched", "raysched_fixed", "presets", "tovar", "witt_percentile", "witt_lr", "vpa", "oracle")
 
 
-def _methods(names: list[str], config):
+def methods_by_name(names: list[str], config):
+    """The replay methods of these names (see METHOD_NAMES), the raysched ones built from ``config``."""
     from .baselines import BASELINES
     from .raysched_method import RayschedMethod
 
@@ -83,7 +84,7 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
             raise click.ClickException(str(exc)) from None
         t0 = time.perf_counter()
         try:
-            result = replay_trace(trace, _methods(names, config), seed=seed, min_rows=min_rows)
+            result = replay_trace(trace, methods_by_name(names, config), seed=seed, min_rows=min_rows)
         except RayschedError as exc:
             raise click.ClickException(f"{path}: {exc}") from None
         results.append(result)
