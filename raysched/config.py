@@ -172,7 +172,8 @@ class RayschedConfig:
     node_memory_threshold: float = 0.9
     #: Where a node's Ray memory monitor kills below that (``RAY_memory_usage_threshold``
     #: lowered), raysched acts this far (a fraction of the node's memory) below Ray's threshold.
-    node_kill_margin: float = 0.03
+    #: None: judge by node_memory_threshold alone and leave such a node to Ray's killer.
+    node_kill_margin: float | None = 0.03
     #: Consecutive high readings of a node before a task on it is stopped (and again
     #: before the next one).
     node_memory_sustain_readings: int = 2
@@ -218,8 +219,8 @@ class RayschedConfig:
             problems.append("monitor_memory_tolerance must be at least 1 (a task may reach its allocation)")
         if not 0 < self.node_memory_threshold <= 1:
             problems.append("node_memory_threshold must be a fraction in (0, 1]")
-        if not 0 <= self.node_kill_margin < 1:
-            problems.append("node_kill_margin must be a fraction in [0, 1)")
+        if self.node_kill_margin is not None and not 0 <= self.node_kill_margin < 1:
+            problems.append("node_kill_margin must be a fraction in [0, 1), or None")
         if self.monitor_hard_stop_intervals <= 0 or self.monitor_directive_timeout_s <= 0:
             problems.append("monitor_hard_stop_intervals and monitor_directive_timeout_s must be positive")
         if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:

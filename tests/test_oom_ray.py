@@ -61,9 +61,16 @@ def strict_node(tmp_path_factory):
             cluster.add_node(num_cpus=2, memory=3 * GiB)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)
+        # What is tested here is raysched's answer to Ray's own kills: its node rule, which would
+        # act just below this node's threshold, stays out of the way (tests/test_faults_ray.py has it).
+        raysched.configure(node_kill_margin=None)
         try:
             yield home
         finally:
+            from raysched.runtime import client, session
+
+            session._config = None
+            client.reset_client()
             ray.shutdown()
             cluster.shutdown()
 

@@ -294,3 +294,5 @@ def test_node_pressure_acts_below_a_lowered_ray_kill_threshold():
     rule = rules.node_rule
     assert rule.threshold_for(NodeMemory("n", 1, 2, kill_threshold=0.95)) == CFG.node_memory_threshold
     assert rule.threshold_for(NodeMemory("n", 1, 2)) == CFG.node_memory_threshold
+    opted_out = build_rules(CFG.replace(node_kill_margin=None)).node_rule  # leave such nodes to Ray's killer
+    assert opted_out.threshold_for(NodeMemory("n", 1, 2, kill_threshold=0.30)) == CFG.node_memory_threshold

@@ -318,8 +318,8 @@ class NodePressure:
     threshold: float
     sustain: int = 1
     #: How far below Ray's own kill threshold (a fraction of the node's memory) to act,
-    #: when the node's threshold is known and lower than ``threshold``.
-    kill_margin: float = 0.03
+    #: when the node's threshold is known and lower than ``threshold``; None: ``threshold`` only.
+    kill_margin: float | None = 0.03
     name: str = "node_memory_pressure"
 
     def threshold_for(self, reading: NodeMemory) -> float:
@@ -328,7 +328,7 @@ class NodePressure:
         A node started with a lowered ``RAY_memory_usage_threshold`` (0.3, say)
         would otherwise be killed by Ray long before raysched's 0.9 is reached.
         """
-        if reading.kill_threshold is None:
+        if reading.kill_threshold is None or self.kill_margin is None:
             return self.threshold
         return max(0.0, min(self.threshold, reading.kill_threshold - self.kill_margin))
 
