@@ -277,3 +277,44 @@ def test_under_node_pressure_the_lowest_priority_call_gives_way_first(faults):
         assert attempts["allocated_memory_bytes"].nunique() == 1  # requeued unchanged, not climbed
         assert list(attempts["outcome"]).count("ok") <= 1
     assert (rows.loc[rows["call_id"] == first["call_id"], "outcome"] == "cancelled").any()
+
+
+# --- the task waiting for the next attempt dies ----------------------------------------------------------------
+
+
+@adaptive_remote(memory=256 * MiB, num_cpus=0.5)
+def grows_then_holds(marker: str, mib: int, hold_s: float) -> int:
+    import numpy as np
+
+    with open(marker, "a") as f:  # one line per attempt body: its worker's pid
+        f.write(f"{os.getpid()}\n")
+    blocks = []
+    for _ in range(mib // 50):
+        blocks.append(np.ones(50 * MiB // 8))
+        time.sleep(0.02)
+    deadline = time.monotonic() + hold_s
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return mib
+
+
+def test_a_task_killed_while_waiting_for_its_next_attempt_records_nothing_twice(faults):
+    """Attempt 1 is stopped over its allocation and its task waits for attempt 2; then that task dies.
+
+    Ray's retry of it must not record attempt 1 again nor reuse attempt 2's number.
+    """
+    marker = faults / "waiting_parent"
+    ref = grows_then_holds.remote(str(marker), 600, 6.0)
+    assert wait_for(lambda: marker.exists() and len(marker.read_text().split()) >= 2, timeout=90)
+    parent = int(marker.read_text().split()[0])  # attempt 1's worker: its task now waits for attempt 2
+    time.sleep(0.5)
+    os.kill(parent, signal.SIGKILL)
+    assert ray.get(ref, timeout=180) == 600
+    assert wait_for(lambda: len(raysched.profiles(grows_then_holds)) >= 2, timeout=30)
+    time.sleep(2)  # an orphaned attempt 2 may still record itself
+    rows = raysched.profiles(grows_then_holds).sort_values("attempt")
+    attempts = rows["attempt"].tolist()
+    assert len(attempts) == len(set(attempts)), rows[["attempt", "outcome", "error"]]
+    first = rows[rows["attempt"] == 1]
+    assert len(first) == 1 and first["outcome"].iloc[0] == "oom_killed"  # stopped by the monitor, recorded once
+    assert rows["outcome"].iloc[-1] == "ok" and rows["attempt"].iloc[-1] >= 3, rows[["attempt", "outcome"]]

@@ -620,12 +620,26 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
         if allocation is None:
             raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
     next_spec = replace(spec, attempt=spec.attempt + 1, allocation=allocation, prior=failed)
+    return _hand_over(spec, next_spec, args, kwargs, resubmit, run_here)
+
+
+def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any],
+               resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any],
+               run_here: Callable[[AttemptSpec], Any] | None) -> Any:
+    """Submit ``next_spec`` from the task of ``spec`` (whose row is written) and return its value.
+
+    While it waits, a marker in Ray's KV says that ``spec``'s attempt is recorded and
+    handed over: if Ray kills this waiting task (its memory monitor may), Ray's retry
+    reads it in ``recover`` and neither records the attempt again nor reuses the
+    next attempt's number (that attempt lost its owner with this task).
+    """
+    _put_handover(spec, next_spec)
     ref = resubmit(next_spec, args, kwargs)
     try:
         if run_here is not None and not _started_within(ref, next_spec, spec.config.handover_start_timeout_s):
             ray.cancel(ref)  # still queued behind held labels: it will not run
             logger.warning("raysched: %s attempt %d found no room for %d MiB within %.0f s; running it in place",
-                           spec.function, next_spec.attempt, allocation.memory_bytes // 2**20,
+                           spec.function, next_spec.attempt, next_spec.allocation.memory_bytes // 2**20,
                            spec.config.handover_start_timeout_s)
             return run_here(replace(next_spec, allocation=spec.allocation))
         return ray.get(ref)
@@ -634,6 +648,36 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
         ray.cancel(ref, force=True)
         raise
+    finally:
+        _drop_handover(spec)
+
+
+def _handover_key(spec: AttemptSpec) -> str:
+    return f"handover:{spec.live_key}"
+
+
+def _put_handover(spec: AttemptSpec, next_spec: AttemptSpec) -> None:
+    try:
+        _kv()._internal_kv_put(_handover_key(spec), encode_spec(next_spec), overwrite=True,
+                               namespace=LIVE_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001 - without it a retry may record this attempt twice, no worse
+        logger.warning("raysched: could not write the hand-over marker of %s", spec.live_key)
+
+
+def _handed_over(spec: AttemptSpec) -> AttemptSpec | None:
+    """The next attempt this attempt's task handed over to before it died, if it did."""
+    try:
+        raw = _kv()._internal_kv_get(_handover_key(spec), namespace=LIVE_KV_NAMESPACE)
+        return decode_spec(raw, spec.config) if raw else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _drop_handover(spec: AttemptSpec) -> None:
+    try:
+        _kv()._internal_kv_del(_handover_key(spec), namespace=LIVE_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float) -> bool:
@@ -672,6 +716,16 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
     - any other death (the worker was killed, its node died): record it and run
       the function again here, with the same resources.
     """
+    handed = _handed_over(spec)
+    if handed is not None:
+        # This attempt was recorded and handed over; then its task died while waiting, and
+        # the next attempt died with it as its owner (or runs on, orphaned, and records
+        # itself). Submit again under the following number, with the same allocation.
+        logger.warning("raysched: %s attempt %d died while waiting for attempt %d; submitting attempt %d",
+                       spec.function, spec.attempt, handed.attempt, handed.attempt + 1)
+        again = replace(handed, attempt=handed.attempt + 1)  # Ray's max_retries bounds how often this happens
+        return _hand_over(spec, again, args, kwargs, resubmit,
+                          run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
     marker = _stop_marker(spec)
     decision, recorded = marker if marker is not None else (_monitor_directive(spec), False)
     # A stop to resubmit that raysched did not get to apply (no marker: Ray's memory
