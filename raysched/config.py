@@ -179,6 +179,9 @@ class RayschedConfig:
     node_memory_sustain_readings: int = 2
     #: Seconds between reads of a node's memory (Ray's reporter updates them every 5 s).
     node_poll_interval_s: float = 5.0
+    #: Seconds between two judgements of a node from the memory readings its own workers
+    #: send with their live samples (fresh every live interval, unlike the endpoint's).
+    node_sample_interval_s: float = 1.0
     #: The monitor forgets an attempt it has heard nothing of for this long.
     monitor_stale_s: float = 60.0
     #: A stopped attempt still running this many live intervals after the stop was raised
@@ -221,6 +224,8 @@ class RayschedConfig:
             problems.append("node_memory_threshold must be a fraction in (0, 1]")
         if self.node_kill_margin is not None and not 0 <= self.node_kill_margin < 1:
             problems.append("node_kill_margin must be a fraction in [0, 1), or None")
+        if self.node_poll_interval_s <= 0 or self.node_sample_interval_s <= 0:
+            problems.append("node_poll_interval_s and node_sample_interval_s must be positive")
         if self.monitor_hard_stop_intervals <= 0 or self.monitor_directive_timeout_s <= 0:
             problems.append("monitor_hard_stop_intervals and monitor_directive_timeout_s must be positive")
         if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:

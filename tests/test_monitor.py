@@ -332,8 +332,12 @@ def test_report_from_a_worker_spec_and_live_sample():
     sample = LiveSample(rss_bytes=10, peak_rss_bytes=20, cpu_seconds=1.5, wall_seconds=2.0, read_bytes=3,
                         write_bytes=4, timestamp=99.0)
     r = report_from(spec, sample, "node-x")
-    assert r == LiveReport("mod.f", "h", "c", 2, "node-x", 4, Allocation(2.0, GiB, rung=1), 200.0, 6.0, "history",
-                           10, 20, 1.5, 2.0, 3, 4, 99.0)
+    # The node's memory rides along, read on this machine when the sample was reported.
+    assert 0 < r.node_used_bytes < r.node_total_bytes
+    assert r.node_memory().node_id == "node-x" and r.node_memory().timestamp == 99.0
+    assert replace(r, node_used_bytes=None, node_total_bytes=None, node_kill_threshold=None) == LiveReport(
+        "mod.f", "h", "c", 2, "node-x", 4, Allocation(2.0, GiB, rung=1), 200.0, 6.0, "history",
+        10, 20, 1.5, 2.0, 3, 4, 99.0)
     assert r.key == ("c", 2) and r.cpu_cores == 0.75
     assert replace(r, wall_seconds=0).cpu_cores == 0.0
 
@@ -407,3 +411,32 @@ def test_the_monitor_learns_each_nodes_ray_kill_threshold_from_its_workers_repor
     stopped = [r["low"] for r in replies if r]
     assert stopped and stopped[0].action == R.REQUEUE_LOWEST_PRIORITY
     assert stopped[0].allocated == pytest.approx(0.30 - cfg.node_kill_margin)
+
+
+def test_a_node_is_judged_every_second_from_its_workers_own_readings(tmp_path, clock):
+    """Without waiting for the metrics endpoint (~5 s): the workers' readings ride on their live samples."""
+    cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2, node_sample_interval_s=1.0)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())  # no endpoint reader at all
+    total = 64 * GiB
+    vip = Samples(call_id="vip", priority=9, node_used_bytes=0.5 * total, node_total_bytes=total)
+    low = Samples(call_id="low", priority=1, node_used_bytes=0.5 * total, node_total_bytes=total)
+    for _ in range(6):  # a calm node: nothing
+        clock.advance(0.5)
+        assert monitor.report([vip(), low()]) == {}
+    replies = []
+    for _ in range(6):  # the node fills up; samples every 0.5 s, the node judged once a second
+        clock.advance(0.5)
+        replies.append(monitor.report([vip(node_used_bytes=0.96 * total), low(node_used_bytes=0.96 * total)]))
+    stopped_at = [i for i, r in enumerate(replies) if r]
+    assert stopped_at and stopped_at[0] <= 3  # the 2nd high judgement, within ~2 s
+    first = replies[stopped_at[0]]
+    assert list(first) == ["low"] and first["low"].action == R.REQUEUE_LOWEST_PRIORITY
+    assert first["low"].measured == pytest.approx(0.96)
+    assert monitor.directives(["vip"])["vip"].action == R.NONE
+
+
+def test_node_memory_here_reads_this_machine():
+    from raysched.runtime.monitor import node_memory_here
+
+    here = node_memory_here()
+    assert 0 < here["node_used_bytes"] < here["node_total_bytes"]

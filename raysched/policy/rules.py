@@ -77,6 +77,17 @@ class LiveReport:
     timestamp: float = 0.0
     #: Ray's memory-monitor kill threshold on the reporting worker's node, if it knows it.
     node_kill_threshold: float | None = None
+    #: The node's used and total memory as the worker saw them at ``timestamp`` (used =
+    #: total - available, as Ray's memory monitor counts it); None: not measured.
+    node_used_bytes: float | None = None
+    node_total_bytes: float | None = None
+
+    def node_memory(self) -> "NodeMemory | None":
+        """The node reading this report carries, if any."""
+        if self.node_used_bytes is None or not self.node_total_bytes:
+            return None
+        return NodeMemory(self.node_id, self.node_used_bytes, self.node_total_bytes, self.timestamp,
+                          self.node_kill_threshold)
 
     @property
     def key(self) -> tuple[str, int]:

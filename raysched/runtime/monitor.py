@@ -62,8 +62,24 @@ def report_from(spec: Any, sample: Any, node_id: str = "") -> LiveReport:
         rss_bytes=int(sample.rss_bytes), peak_rss_bytes=int(sample.peak_rss_bytes),
         cpu_seconds=float(sample.cpu_seconds), wall_seconds=float(sample.wall_seconds),
         read_bytes=int(sample.read_bytes), write_bytes=int(sample.write_bytes), timestamp=float(sample.timestamp),
-        node_kill_threshold=ray_kill_threshold(),
+        node_kill_threshold=ray_kill_threshold(), **node_memory_here(),
     )
+
+
+def node_memory_here() -> dict[str, float]:
+    """This node's used and total memory now: used = total - available, as Ray's memory monitor counts.
+
+    Read in the worker with every live sample, so the node rule can judge a node
+    every second instead of waiting for its metrics endpoint (refreshed every ~5 s).
+    Empty when it cannot be read.
+    """
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return {"node_used_bytes": float(vm.total - vm.available), "node_total_bytes": float(vm.total)}
+    except Exception:  # noqa: BLE001 - the metrics endpoint still tells the monitor
+        return {}
 
 
 def ray_kill_threshold(environ: Mapping[str, str] | None = None) -> float | None:
@@ -309,6 +325,7 @@ class Monitor:
         self._newest: dict[str, int] = {}  # call_id -> newest attempt reported
         self._nodes: dict[str, NodeState] = {}
         self._kill_thresholds: dict[str, float] = {}  # node id -> Ray's kill threshold, as its workers report it
+        self._node_judged: dict[str, float] = {}  # node id -> clock of its last judgement from workers' readings
         self._pending: list[dict[str, Any]] = []
         self._last_sweep = self._last_poll = clock()
         self.reports_received = 0
@@ -324,13 +341,27 @@ class Monitor:
         """
         now = self._clock()
         decided: list[Decision] = []
+        fresh: dict[str, NodeMemory] = {}  # node id -> the newest reading its workers sent in this batch
         with self._lock:
             for report in samples:
                 self.reports_received += 1
                 if report.node_kill_threshold is not None and report.node_id:
                     self._kill_thresholds[report.node_id] = report.node_kill_threshold
                 decided += self._evaluate(report, now)
+                reading = report.node_memory() if report.node_id else None
+                if reading is not None and (report.node_id not in fresh
+                                            or reading.timestamp > fresh[report.node_id].timestamp):
+                    fresh[report.node_id] = reading
             self._sweep(now)
+            due = [r for node_id, r in sorted(fresh.items())
+                   if now - self._node_judged.get(node_id, float("-inf")) >= self.config.node_sample_interval_s]
+            for reading in due:
+                self._node_judged[reading.node_id] = now
+        # The workers' own readings: a node judged every node_sample_interval_s, not every ~5 s.
+        for reading in due:
+            decision = self._check_node(reading)
+            if decision is not None:
+                decided.append(decision)
         if self._node_reader is not None and now - self._last_poll >= self.config.node_poll_interval_s:
             decided += self.poll_nodes()
         self._record(decided)
@@ -606,6 +637,6 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
 
 __all__ = [
     "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "MONITOR_NAME",
-    "report_from", "ray_kill_threshold", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
+    "report_from", "ray_kill_threshold", "node_memory_here", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
     "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter",
 ]
