@@ -32,6 +32,15 @@ def wait_for(predicate, timeout=30.0, step=0.1):
     return False
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a second dashboard in one test session)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextlib.contextmanager
 def environment(**values: str):
     """Set environment variables (and raysched's process config from them), then restore both."""

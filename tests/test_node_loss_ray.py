@@ -42,7 +42,7 @@ import time
 
 import pytest
 import ray
-from conftest import environment, wait_for
+from conftest import environment, free_port, wait_for
 
 import raysched
 from raysched import RayschedError, adaptive_remote
@@ -54,14 +54,6 @@ CALLS = 8
 SECONDS = 3.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
     from ray.cluster_utils import Cluster
@@ -69,7 +61,7 @@ def two_workers(tmp_path_factory):
     home = tmp_path_factory.mktemp("raysched_node_loss_home")
     with environment(RAYSCHED_HOME=str(home)):
         cluster = Cluster(initialize_head=True,
-                          head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port()})
+                          head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
         workers = [cluster.add_node(num_cpus=2, memory=2 * GiB) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)

@@ -21,17 +21,9 @@ import raysched
 from raysched import AttemptsExhausted, adaptive_remote
 from raysched.types import GiB, MiB
 
-from conftest import environment
+from conftest import environment, free_port
 
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def strict_node(tmp_path_factory):
     with environment(RAYSCHED_HOME=str(home)):
         # The dashboard serves Ray's state API, which tells raysched why a worker died.
         cluster = Cluster(initialize_head=True,
-                          head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port()})
+                          head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
         time.sleep(2)
         vm = psutil.virtual_memory()
         used = (vm.total - vm.available) / vm.total
