@@ -142,6 +142,7 @@ except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
 _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 _IO_FIELDS = ("read_bytes", "write_bytes", "rchar", "wchar")
+_ZERO_IO = (0, 0, 0, 0)
 
 #: How far ru_maxrss right after the VmHWM reset may exceed the RSS read just before
 #: it and still be taken for the reset mark (pages touched between the two reads).
@@ -150,7 +151,6 @@ _RU_MAXRSS_SLACK = 256 * 1024
 #: [pid] once this process has seen VmHWM in its status after a reset: later attempts
 #: read the cheaper statm at start.
 _HWM_CONFIRMED: list[int] = []
-_ZERO_IO = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True)

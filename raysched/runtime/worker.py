@@ -269,6 +269,30 @@ def _kv():
     return internal_kv
 
 
+# Markers and live samples in Ray's KV are hints for a later retry: a KV that cannot be
+# reached costs the hint (logged by the caller where it matters), never the task.
+def _kv_put(key: str, value: bytes) -> bool:
+    try:
+        _kv()._internal_kv_put(key, value, overwrite=True, namespace=LIVE_KV_NAMESPACE)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _kv_get(key: str) -> bytes | None:
+    try:
+        return _kv()._internal_kv_get(key, namespace=LIVE_KV_NAMESPACE) or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _kv_del(key: str) -> None:
+    try:
+        _kv()._internal_kv_del(key, namespace=LIVE_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _publish_live(spec: AttemptSpec, sample: LiveSample) -> None:
     value = json.dumps(
         {"peak_rss_bytes": sample.peak_rss_bytes, "cpu_seconds": sample.cpu_seconds,
@@ -283,11 +307,8 @@ _published: set[str] = set()
 
 
 def _last_live_usage(spec: AttemptSpec) -> Usage | None:
-    try:
-        raw = _kv()._internal_kv_get(spec.live_key, namespace=LIVE_KV_NAMESPACE)
-    except Exception:  # noqa: BLE001
-        return None
-    if not raw:
+    raw = _kv_get(spec.live_key)
+    if raw is None:
         return None
     s = json.loads(raw)
     return Usage(peak_rss_bytes=int(s["peak_rss_bytes"]), cpu_seconds=float(s["cpu_seconds"]),
@@ -299,10 +320,7 @@ def _forget_live(spec: AttemptSpec, force: bool = False) -> None:
     """Delete the attempt's live sample (``force``: also when another process published it)."""
     if force or spec.live_key in _published:
         _published.discard(spec.live_key)
-        try:
-            _kv()._internal_kv_del(spec.live_key, namespace=LIVE_KV_NAMESPACE)
-        except Exception:  # noqa: BLE001
-            pass
+        _kv_del(spec.live_key)
 
 
 # --- why did the previous Ray attempt die? ------------------------------------------------------------
@@ -439,30 +457,25 @@ def _stop_key(spec: AttemptSpec) -> str:
 def _put_stop_marker(spec: AttemptSpec, decision: Any, recorded: bool) -> None:
     """Tell a later Ray retry of this task that the monitor stopped this attempt (and whether its row is written)."""
     value = json.dumps({"decision": dataclasses.asdict(decision), "recorded": recorded}).encode()
-    try:
-        _kv()._internal_kv_put(_stop_key(spec), value, overwrite=True, namespace=LIVE_KV_NAMESPACE)
-    except Exception:  # noqa: BLE001 - the retry then asks the monitor
+    if not _kv_put(_stop_key(spec), value):  # the retry then asks the monitor
         logger.warning("raysched: could not write the stop marker of %s", spec.live_key)
 
 
 def _stop_marker(spec: AttemptSpec) -> tuple[Any, bool] | None:
     from ..policy.rules import Decision
 
+    raw = _kv_get(_stop_key(spec))
+    if raw is None:
+        return None
     try:
-        raw = _kv()._internal_kv_get(_stop_key(spec), namespace=LIVE_KV_NAMESPACE)
-        if not raw:
-            return None
         found = json.loads(raw)
         return Decision(**found["decision"]), bool(found["recorded"])
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - an unreadable marker is no marker
         return None
 
 
 def _drop_stop_marker(spec: AttemptSpec) -> None:
-    try:
-        _kv()._internal_kv_del(_stop_key(spec), namespace=LIVE_KV_NAMESPACE)
-    except Exception:  # noqa: BLE001
-        pass
+    _kv_del(_stop_key(spec))
 
 
 def _monitor_directive(spec: AttemptSpec) -> Any:
@@ -657,27 +670,21 @@ def _handover_key(spec: AttemptSpec) -> str:
 
 
 def _put_handover(spec: AttemptSpec, next_spec: AttemptSpec) -> None:
-    try:
-        _kv()._internal_kv_put(_handover_key(spec), encode_spec(next_spec), overwrite=True,
-                               namespace=LIVE_KV_NAMESPACE)
-    except Exception:  # noqa: BLE001 - without it a retry may record this attempt twice, no worse
+    if not _kv_put(_handover_key(spec), encode_spec(next_spec)):  # a retry may then record it twice
         logger.warning("raysched: could not write the hand-over marker of %s", spec.live_key)
 
 
 def _handed_over(spec: AttemptSpec) -> AttemptSpec | None:
     """The next attempt this attempt's task handed over to before it died, if it did."""
+    raw = _kv_get(_handover_key(spec))
     try:
-        raw = _kv()._internal_kv_get(_handover_key(spec), namespace=LIVE_KV_NAMESPACE)
-        return decode_spec(raw, spec.config) if raw else None
-    except Exception:  # noqa: BLE001
+        return decode_spec(raw, spec.config) if raw is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable marker is no marker
         return None
 
 
 def _drop_handover(spec: AttemptSpec) -> None:
-    try:
-        _kv()._internal_kv_del(_handover_key(spec), namespace=LIVE_KV_NAMESPACE)
-    except Exception:  # noqa: BLE001
-        pass
+    _kv_del(_handover_key(spec))
 
 
 def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float) -> bool:
