@@ -170,3 +170,39 @@ def test_other_code_hash_falls_back_to_the_name_history(profiler):
     profiler.record(rows(6))
     bundle = profiler.bundle("f", "new-hash")
     assert bundle.history_scope == "name" and bundle.n_history == 6
+
+
+def test_history_read_while_rows_arrive_sees_whole_rows(profiler):
+    """Training reads the history on its own thread while `record` appends: the merge of
+    pending rows must not see a batch half appended (CI once failed with 'Length of values
+    (7) does not match length of index (9)')."""
+    import sys
+    import threading
+
+    profiler.record(rows(40))
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches as often as possible, to meet the race
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def keep_recording():
+        i = 40
+        while not stop.is_set():
+            profiler.record(rows(50, start=i))
+            i += 50
+
+    writer = threading.Thread(target=keep_recording)
+    writer.start()
+    try:
+        for _ in range(60):
+            try:
+                history, _scope = profiler._history("f", "h1")
+                assert len(history) >= 40
+            except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+                errors.append(exc)
+                break
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(switch)
+    assert not errors, errors[0]

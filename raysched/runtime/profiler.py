@@ -135,9 +135,10 @@ class _FunctionState:
 
     @property
     def rows(self) -> pd.DataFrame:
+        """Merges pending rows; callers hold the profiler's lock, as `add` runs on other threads."""
         if self._pending:
-            part = pd.DataFrame(self._pending)
-            self._pending = []
+            pending, self._pending = self._pending, []
+            part = pd.DataFrame(pending)
             if not self._frame.empty:
                 part = part.reindex(columns=self._frame.columns)
                 part = pd.concat([self._frame, part], ignore_index=True)
@@ -264,7 +265,8 @@ class Profiler:
     # --- training ----------------------------------------------------------------------------------
     def _history(self, function: str, code_hash: str | None) -> tuple[History, str]:
         state = self._state(function)
-        rows = state.rows
+        with self._lock:  # `record` appends to the pending rows from the actor's other threads
+            rows = state.rows
         if code_hash is not None and not rows.empty:
             own = rows[rows["code_hash"] == code_hash]
             if len(own) >= self.config.min_history_for_stats:
