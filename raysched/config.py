@@ -191,6 +191,16 @@ class RayschedConfig:
     #: How long the retry after a worker's death waits for the monitor's directive.
     monitor_directive_timeout_s: float = 2.0
 
+    # --- actors (``@adaptive_remote`` on a class) -------------------------------------------
+    #: A rescale for memory sizes the new actor for its resident memory x this factor
+    #: (and at least ladder_min_growth x its old allocation), before margin and rounding.
+    actor_memory_headroom: float = 1.5
+    #: An actor is rescaled at most this many times; past it the monitor only warns.
+    actor_max_rescales: int = 3
+    #: Consecutive live samples with CPU use off the allocation before an actor is
+    #: rescaled for its cores (longer than for memory: a CPU mismatch costs speed, not the node).
+    actor_cpu_sustain_samples: int = 10
+
     def __post_init__(self) -> None:
         problems = []
         if not self.home:
@@ -226,6 +236,9 @@ class RayschedConfig:
             problems.append("node_kill_margin must be a fraction in [0, 1), or None")
         if self.node_poll_interval_s <= 0 or self.node_sample_interval_s <= 0:
             problems.append("node_poll_interval_s and node_sample_interval_s must be positive")
+        if self.actor_memory_headroom <= 1 or self.actor_max_rescales < 0 or self.actor_cpu_sustain_samples < 1:
+            problems.append("actor_memory_headroom must be above 1, actor_max_rescales at least 0 and "
+                            "actor_cpu_sustain_samples at least 1")
         if self.monitor_hard_stop_intervals <= 0 or self.monitor_directive_timeout_s <= 0:
             problems.append("monitor_hard_stop_intervals and monitor_directive_timeout_s must be positive")
         if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:

@@ -296,3 +296,71 @@ def test_node_pressure_acts_below_a_lowered_ray_kill_threshold():
     assert rule.threshold_for(NodeMemory("n", 1, 2)) == CFG.node_memory_threshold
     opted_out = build_rules(CFG.replace(node_kill_margin=None)).node_rule  # leave such nodes to Ray's killer
     assert opted_out.threshold_for(NodeMemory("n", 1, 2, kill_threshold=0.30)) == CFG.node_memory_threshold
+
+
+# --- actors: the same checks, rescaling instead of resubmitting -----------------------------------
+
+
+def actor(clock: FakeClock | None = None, **changes) -> LiveReport:
+    return live(clock, **{"kind": R.ACTOR, "rescalable": True, "call_id": "actor-1:1",
+                          "allocation": Allocation(1.0, 256 * MiB), **changes})
+
+
+def test_an_actor_over_its_allocation_is_rescaled_after_n_samples_and_never_requeued():
+    clock = FakeClock()
+    rules = build_rules(CFG)
+    per_sample = replay(rules, [actor(clock, rss_bytes=400 * MiB) for _ in range(N + 2)])
+    assert actions(per_sample) == [(), ()] + [(R.RESCALE,)] + [(), ()]
+    # The node rule picks tasks only: an actor's state cannot be requeued.
+    node_rule = R.NodePressure(0.9)
+    assert node_rule.victim([actor(priority=-5), live(priority=3)]).kind == R.TASK
+    assert node_rule.victim([actor()]) is None
+
+
+@pytest.mark.parametrize(
+    "changes,why",
+    [
+        (dict(rescalable=False), "did not opt in"),
+        (dict(attempt=CFG.actor_max_rescales + 1), "rescaled 3 times already"),
+        # At the floor of a quarter core already: a smaller size would be the same size.
+        (dict(allocation=Allocation(0.25, 256 * MiB), cpu_seconds=0.1, wall_seconds=20.0), "no other size"),
+    ],
+)
+def test_an_actor_that_cannot_be_rescaled_is_warned_about_once_and_stays_judged(changes, why):
+    clock = FakeClock()
+    rss = 400 * MiB if "cpu_seconds" not in changes else 100 * MiB
+    reports = [actor(clock, rss_bytes=rss, **changes) for _ in range(CFG.actor_cpu_sustain_samples + 2)]
+    per_sample = replay(build_rules(CFG), reports)
+    fired = [d for ds in per_sample for d in ds]
+    assert [d.action for d in fired] == [R.WARN] and why in fired[0].detail
+    # A warning is no stop: the hard cap still watches it.
+    capped = build_rules(CFG.replace(memory_limit_bytes=rss // 2))
+    assert R.STOP_LIMIT in {d.action for ds in replay(capped, reports) for d in ds}
+
+
+def test_an_actor_off_its_cpu_is_rescaled_only_after_the_longer_cpu_streak():
+    clock = FakeClock()
+    idle = [actor(clock, cpu_seconds=0.5, wall_seconds=20.0 + i, rss_bytes=100 * MiB,
+                  allocation=Allocation(2.0, 256 * MiB)) for i in range(CFG.actor_cpu_sustain_samples + 1)]
+    per_sample = replay(build_rules(CFG), idle)
+    stops = [i for i, ds in enumerate(per_sample) if any(d.action == R.RESCALE for d in ds)]
+    assert stops == [CFG.actor_cpu_sustain_samples - 1]
+    # Tasks only record the same finding, at once, and nothing stops them.
+    task = replay(build_rules(CFG), [replace(r, kind=R.TASK) for r in idle])
+    assert actions(task)[0] == (R.RECORD_CPU,)
+
+
+def test_an_actor_being_replaced_still_stops_at_its_hard_cap():
+    clock = FakeClock()
+    rules = build_rules(CFG.replace(memory_limit_bytes=1 * GiB))
+    growing = [actor(clock, rss_bytes=(400 + 200 * i) * MiB) for i in range(8)]
+    state, decided = AttemptState(), []
+    for r in growing:
+        state, ds = rules.evaluate(state, r)
+        decided += ds
+    assert [d.action for d in decided] == [R.RESCALE, R.STOP_LIMIT]
+    assert state.stop.action == R.STOP_LIMIT  # the cap overrides the pending rescale
+    # A task's stop, by contrast, ends its evaluation.
+    task_state, _ = rules.evaluate(AttemptState(), live(clock))
+    task_state = R.with_stop(task_state, Decision("x", R.STOP_AND_RESUBMIT, "mod.f", "c1", 1))
+    assert rules.evaluate(task_state, live(clock, rss_bytes=5 * GiB)) == (task_state, ())

@@ -33,6 +33,7 @@ from .estimators import (
 from .ladder import Ladder, LadderState, Rung
 from .models import ResourceModel, fit_resource_model
 from .rules import (
+    AsRescale,
     AttemptRule,
     CpuOffAllocation,
     MemoryOverAllocation,
@@ -41,6 +42,7 @@ from .rules import (
     Rules,
     WallOverPrediction,
 )
+from .rescale import rescale_target
 from .samples import oom_bump
 from .sizing import AddMemoryMargin, AtLeast, FitLargestNode, RoundUp, Sizer
 
@@ -232,6 +234,17 @@ def build_ladder(config: RayschedConfig) -> Ladder:
 
 
 @functools.lru_cache(maxsize=32)
+def _rescale_changes(rule: str, config: RayschedConfig):
+    """Whether rescaling an actor for ``rule`` would give it another size (the cluster aside:
+    the driver caps to the largest node when it rescales)."""
+    sizer = build_sizer(config)
+
+    def changes(report, finding) -> bool:
+        return rescale_target(rule, finding.measured, report.allocation, sizer, config) is not None
+
+    return changes
+
+
 def build_rules(config: RayschedConfig) -> Rules:
     n = config.monitor_sustain_samples
     return Rules(
@@ -260,6 +273,25 @@ def build_rules(config: RayschedConfig) -> Rules:
         #    (stopped and requeued unchanged), one at a time.
         node_rule=NodePressure(config.node_memory_threshold, config.node_memory_sustain_readings,
                                config.node_kill_margin),
+        # Actors: one incarnation is judged as one attempt; an actor is never requeued by
+        # the node rule (its state lives in it) and is replaced, not resubmitted.
+        actor_rules=(
+            # A1. The same hard cap: over it the actor is stopped and calls through its handle
+            #     fail with ResourceLimitExceeded.
+            AttemptRule("memory_hard_limit", MemoryOverHardCap(config.memory_limit_bytes, dict(config.memory_limits)), n),
+            # A2. Resident memory past the allocation x 1.2 for n samples: rescale, to 1.5 x what
+            #     it holds (policy.rescale); a warning when capped or after actor_max_rescales.
+            AttemptRule("memory_over_allocation",
+                        AsRescale(MemoryOverAllocation(config.monitor_memory_tolerance, None),
+                                  config.actor_max_rescales, _rescale_changes("memory_over_allocation", config)), n),
+            # A3. Average cores below x0.25 or above x1.5 of the allocation after 10 s, for
+            #     actor_cpu_sustain_samples in a row: rescale to the cores it uses.
+            AttemptRule("cpu_off_allocation",
+                        AsRescale(CpuOffAllocation(config.monitor_cpu_low_ratio, config.monitor_cpu_high_ratio,
+                                                   config.monitor_cpu_min_wall_s), config.actor_max_rescales,
+                                  _rescale_changes("cpu_off_allocation", config)),
+                        config.actor_cpu_sustain_samples),
+        ),
     )
 
 

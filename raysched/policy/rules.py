@@ -24,7 +24,7 @@ Pure: imports neither ray, mlflow nor pyarrow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from ..errors import ResourceLimitExceeded
 from ..types import Allocation, MiB
@@ -38,10 +38,23 @@ STOP_AND_RESUBMIT = "stop_and_resubmit"  # stop it, resubmit on the next ladder 
 STOP_LIMIT = "stop_limit"  # stop it, fail the call with ResourceLimitExceeded, no retry
 CANCEL = "cancel"  # stop it, the call ends cancelled
 REQUEUE_LOWEST_PRIORITY = "requeue_lowest_priority"  # stop it, resubmit unchanged: it gave way on its node
+RESCALE = "rescale"  # an actor: replace it by one sized for what it uses (see policy.rescale)
 
-ACTIONS = (NONE, WARN, RECORD_CPU, STOP_AND_RESUBMIT, STOP_LIMIT, CANCEL, REQUEUE_LOWEST_PRIORITY)
-#: Actions that end the attempt: once one is decided, nothing else is evaluated for it.
-STOPS = frozenset({STOP_AND_RESUBMIT, STOP_LIMIT, CANCEL, REQUEUE_LOWEST_PRIORITY})
+ACTIONS = (NONE, WARN, RECORD_CPU, STOP_AND_RESUBMIT, STOP_LIMIT, CANCEL, REQUEUE_LOWEST_PRIORITY, RESCALE)
+#: Actions that end the attempt (for an actor: its incarnation): once one is decided,
+#: nothing else is evaluated for it.
+STOPS = frozenset({STOP_AND_RESUBMIT, STOP_LIMIT, CANCEL, REQUEUE_LOWEST_PRIORITY, RESCALE})
+
+#: What a live report is of: one attempt of a task, or one incarnation of an actor
+#: (its ``call_id`` is the actor's id across rescales, its ``attempt`` the incarnation).
+TASK = "task"
+ACTOR = "actor"
+
+#: Rule names of what the driver did about an actor's RESCALE decision, recorded as events
+#: beside the decision itself: the actor was replaced, or it was left as it is (it did not
+#: opt in to rescaling, or no other size would help).
+ACTOR_RESCALED = "actor_rescaled"
+ACTOR_RESCALE_SKIPPED = "actor_rescale_skipped"
 
 
 # --- what the rules see and say ----------------------------------------------------------------
@@ -81,6 +94,10 @@ class LiveReport:
     #: total - available, as Ray's memory monitor counts it); None: not measured.
     node_used_bytes: float | None = None
     node_total_bytes: float | None = None
+    #: TASK or ACTOR: actors are judged by ``Rules.actor_rules`` and never chosen by the node rule.
+    kind: str = TASK
+    #: An actor whose class opted in to being replaced by one of another size.
+    rescalable: bool = False
 
     def node_memory(self) -> "NodeMemory | None":
         """The node reading this report carries, if any."""
@@ -191,7 +208,7 @@ class MemoryOverAllocation:
     """
 
     tolerance: float
-    max_attempts: int
+    max_attempts: int | None  # None: no last attempt (an actor's rescales are counted by AsRescale)
 
     def __call__(self, r: LiveReport) -> Finding | None:
         allocated = float(r.allocation.memory_bytes)
@@ -199,7 +216,7 @@ class MemoryOverAllocation:
         if allocated <= 0 or r.rss_bytes <= limit:
             return None
         detail = f"resident {_mib(r.rss_bytes)} is over the allocation {_mib(allocated)} x {self.tolerance:g}"
-        if r.allocation.capped or r.attempt >= self.max_attempts:
+        if r.allocation.capped or (self.max_attempts is not None and r.attempt >= self.max_attempts):
             why = "capped at the largest node" if r.allocation.capped else f"attempt {r.attempt} is the last"
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; no larger rung ({why}), left running")
         return Finding(STOP_AND_RESUBMIT, r.rss_bytes, allocated, f"{detail}; resubmit on the next rung")
@@ -344,34 +361,77 @@ class NodePressure:
         return max(0.0, min(self.threshold, reading.kill_threshold - self.kill_margin))
 
     def victim(self, running: Iterable[LiveReport]) -> LiveReport | None:
-        candidates = sorted(running, key=lambda r: (r.priority, -r.rss_bytes, r.call_id, r.attempt))
+        # An actor cannot be requeued (its state lives in it): only tasks give way.
+        candidates = sorted((r for r in running if r.kind == TASK), key=lambda r: (r.priority, -r.rss_bytes, r.call_id, r.attempt))
         return candidates[0] if candidates else None
 
 
 @dataclass(frozen=True)
+class AsRescale:
+    """An actor's version of a check: where the task's check would stop and resubmit, or
+    record a CPU mismatch, the actor is rescaled instead; otherwise it is warned about
+    (its class did not opt in, it was rescaled ``max_rescales`` times, or ``changes`` says
+    no other size would differ), and its other findings pass through.
+
+    A warning, not a rescale that cannot happen: a rescale is a stop, after which the
+    incarnation is not judged any more, and its hard cap must still be.
+    """
+
+    check: Check
+    max_rescales: int
+    #: ``changes(report, finding)``: whether a rescale would give another size (None: assume so).
+    changes: Callable[[LiveReport, Finding], bool] | None = None
+
+    def __call__(self, r: LiveReport) -> Finding | None:
+        finding = self.check(r)
+        if finding is None or finding.action not in (STOP_AND_RESUBMIT, RECORD_CPU):
+            return finding
+        detail = finding.detail.replace("; resubmit on the next rung", "")
+        if not r.rescalable:
+            why = "its class did not opt in to rescaling (rescalable=True, or save/restore hooks)"
+        elif r.attempt > self.max_rescales:
+            why = f"rescaled {r.attempt - 1} times already"
+        elif self.changes is not None and not self.changes(r, finding):
+            why = "no other size would differ"
+        else:
+            return replace(finding, action=RESCALE, detail=f"{detail}; rescale the actor")
+        return replace(finding, action=WARN, detail=f"{detail}; left as is: {why}")
+
+
+@dataclass(frozen=True)
 class Rules:
-    """The monitor's rules, in precedence order: the first stop of a sample wins."""
+    """The monitor's rules, in precedence order: the first stop of a sample wins.
+
+    ``attempt_rules`` judge task attempts, ``actor_rules`` actor incarnations.
+    """
 
     attempt_rules: tuple[AttemptRule, ...]
     node_rule: NodePressure | None = None
+    actor_rules: tuple[AttemptRule, ...] = ()
 
     def evaluate(self, state: AttemptState, report: LiveReport) -> tuple[AttemptState, tuple[Decision, ...]]:
         """One sample of one attempt -> its new state and the decisions that fired (none: empty).
 
         A sample not newer than the last one evaluated (a batch delivered twice,
-        or out of order) changes nothing, so reports are idempotent.
+        or out of order) changes nothing, so reports are idempotent.  After a stop
+        nothing more is evaluated, except after a RESCALE: an actor runs on until
+        the calls queued before its replacement are done, so a hard limit
+        (STOP_LIMIT) still applies to it and overrides the rescale.
         """
-        if state.stop is not None or report.timestamp <= state.last_timestamp:
+        if report.timestamp <= state.last_timestamp:
+            return state, ()
+        rescaling = state.stop is not None and state.stop.action == RESCALE
+        if state.stop is not None and not rescaling:
             return state, ()
         streaks = dict(state.streaks)
         fired = set(state.fired)
         stop: Decision | None = None
         decisions: list[Decision] = []
-        for rule in self.attempt_rules:
+        for rule in self.actor_rules if report.kind == ACTOR else self.attempt_rules:
             if rule.name in fired:
                 continue
             finding = rule.check(report)
-            if finding is None:
+            if finding is None or (rescaling and finding.action != STOP_LIMIT):
                 streaks[rule.name] = 0
                 continue
             streaks[rule.name] = streaks.get(rule.name, 0) + 1
@@ -385,7 +445,7 @@ class Rules:
             decisions.append(decision)
             if decision.stops:
                 stop = decision
-        new_state = AttemptState(streaks=streaks, fired=frozenset(fired), stop=stop,
+        new_state = AttemptState(streaks=streaks, fired=frozenset(fired), stop=stop or state.stop,
                                  last_timestamp=report.timestamp)
         return new_state, tuple(decisions)
 
@@ -426,7 +486,7 @@ def with_stop(state: AttemptState, decision: Decision) -> AttemptState:
 
 __all__ = [
     "ACTIONS", "STOPS", "NONE", "WARN", "RECORD_CPU", "STOP_AND_RESUBMIT", "STOP_LIMIT", "CANCEL",
-    "REQUEUE_LOWEST_PRIORITY", "LiveReport", "NodeMemory", "Decision", "Finding", "Check",
+    "REQUEUE_LOWEST_PRIORITY", "RESCALE", "TASK", "ACTOR", "ACTOR_RESCALED", "ACTOR_RESCALE_SKIPPED", "AsRescale", "LiveReport", "NodeMemory", "Decision", "Finding", "Check",
     "MemoryOverAllocation", "MemoryOverHardCap", "WallOverPrediction", "CpuOffAllocation",
     "AttemptRule", "AttemptState", "NodeState", "NodePressure", "Rules", "with_stop",
 ]

@@ -99,19 +99,33 @@ class Sizer:
         function: str = "",
     ) -> Allocation:
         """The allocation for a prediction; options the user set explicitly win."""
-        ctx = SizingContext(function=function, cluster=cluster)
         request = Request(memory_bytes=prediction.memory.upper, num_cpus=prediction.cpu.target)
-        for step in self.steps:
-            request = step(request, ctx)
-        explicit = explicit or {}
-        memory = explicit.get("memory", request.memory_bytes)
-        cpus = explicit.get("num_cpus", request.num_cpus)
         reason = f"{prediction.source}: memory from the upper bound, CPU from the target"
+        explicit = explicit or {}
         if "memory" in explicit or "num_cpus" in explicit:
             reason += "; " + ", ".join(k for k in ("memory", "num_cpus") if k in explicit) + " set by the caller"
+        return self.size_request(request, cluster, explicit, function, reason)
+
+    def size_request(
+        self,
+        request: Request,
+        cluster: ClusterShape | None = None,
+        keep: Mapping[str, object] | None = None,
+        function: str = "",
+        reason: str = "",
+        rung: int = 0,
+    ) -> Allocation:
+        """The allocation for a raw request (before margin, floors and rounding); ``keep``'s
+        ``memory`` / ``num_cpus`` are taken as they are."""
+        ctx = SizingContext(function=function, cluster=cluster)
+        for step in self.steps:
+            request = step(request, ctx)
+        keep = keep or {}
+        memory = keep.get("memory", request.memory_bytes)
+        cpus = keep.get("num_cpus", request.num_cpus)
         if request.notes:
             reason += "; " + "; ".join(request.notes)
-        return Allocation(num_cpus=float(cpus), memory_bytes=int(memory), rung=0,  # type: ignore[arg-type]
+        return Allocation(num_cpus=float(cpus), memory_bytes=int(memory), rung=rung,  # type: ignore[arg-type]
                           capped=request.capped, reason=reason)
 
 

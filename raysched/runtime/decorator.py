@@ -120,8 +120,6 @@ class AdaptiveFunction:
     ):
         if not callable(fn):
             raise InvalidInput(f"adaptive_remote needs a function, got {fn!r} ({type(fn).__name__})")
-        if isinstance(fn, type):
-            raise InvalidInput("adaptive_remote on a class (an actor) is not supported yet; decorate a function")
         if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
             raise InvalidInput(f"max_attempts must be a positive integer, got {max_attempts!r}")
         if name is not None and (not isinstance(name, str) or not name.strip()):
@@ -260,16 +258,25 @@ class BoundCall:
         return self._fn._predict(self._options, args, kwargs)
 
 
+def _wrap(target: Any, settings: Mapping[str, Any]) -> Any:
+    if isinstance(target, type):
+        from .actors import AdaptiveActorClass
+
+        return AdaptiveActorClass(target, **settings)
+    return AdaptiveFunction(target, **settings)
+
+
 def adaptive_remote(fn: Callable[..., Any] | None = None, /, **settings: Any):
-    """Decorate a function to run as a Ray task sized from its past runs.
+    """Decorate a function to run as a Ray task, or a class as a Ray actor, sized from past runs.
 
     Bare (``@adaptive_remote``) or with settings: ``name=`` (the profile key;
     default module.qualname), ``tags=``, ``dependencies=``, cold-start fallbacks
-    ``num_cpus=`` / ``memory=`` (bytes), ``max_attempts=``, and any Ray option
-    (passed through to every submission).
+    ``num_cpus=`` / ``memory=`` (bytes), ``max_attempts=`` (tasks), ``rescalable=``
+    (classes: see ``runtime.actors``), and any Ray option (passed through to every
+    submission).
     """
     if fn is None:
-        return lambda f: AdaptiveFunction(f, **settings)
+        return lambda f: _wrap(f, settings)
     if settings:
         raise InvalidInput("use @adaptive_remote or @adaptive_remote(**settings), not both")
-    return AdaptiveFunction(fn)
+    return _wrap(fn, {})

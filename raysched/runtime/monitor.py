@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 from ..config import RayschedConfig
 from ..policy.recipe import build_rules
 from ..policy.rules import (
+    ACTOR_RESCALED,
     REQUEUE_LOWEST_PRIORITY,
     STOP_AND_RESUBMIT,
     AttemptState,
@@ -51,18 +52,22 @@ MONITOR_NAME = "raysched_monitor"
 MAX_PENDING_EVENTS = 10_000
 
 
-def report_from(spec: Any, sample: Any, node_id: str = "") -> LiveReport:
-    """A LiveReport from a worker's ``AttemptSpec`` and a ``measure.LiveSample``."""
+def report_from(spec: Any, sample: Any, node_id: str = "", kind: str = "task") -> LiveReport:
+    """A LiveReport from a worker's ``AttemptSpec`` and a ``measure.LiveSample`` (``kind``: task or actor)."""
     prediction = spec.prediction
+    # An actor's incarnations are judged apart: the one being replaced runs on (and stays
+    # under its hard cap) while its successor already reports.
+    call_id = spec.live_key if kind == "actor" else spec.call_id
     return LiveReport(
-        function=spec.function, code_hash=spec.code_hash, call_id=spec.call_id, attempt=spec.attempt,
+        function=spec.function, code_hash=spec.code_hash, call_id=call_id, attempt=spec.attempt,
         node_id=node_id, priority=spec.priority, allocation=spec.allocation,
         predicted_memory_upper_bytes=float(prediction.memory.upper),
         predicted_wall_upper_s=float(prediction.wall.upper), prediction_source=prediction.source,
         rss_bytes=int(sample.rss_bytes), peak_rss_bytes=int(sample.peak_rss_bytes),
         cpu_seconds=float(sample.cpu_seconds), wall_seconds=float(sample.wall_seconds),
         read_bytes=int(sample.read_bytes), write_bytes=int(sample.write_bytes), timestamp=float(sample.timestamp),
-        node_kill_threshold=ray_kill_threshold(), **node_memory_here(),
+        node_kill_threshold=ray_kill_threshold(), kind=kind, rescalable=bool(getattr(spec, "rescalable", False)),
+        **node_memory_here(),
     )
 
 
@@ -107,7 +112,8 @@ class Metrics:
     and ``ray_raysched_memory_used_bytes`` (gauges per function: the newest sample's
     prediction and resident memory), ``ray_raysched_monitor_decisions_total`` (per rule
     and action), ``ray_raysched_stopped_attempts_total`` and
-    ``ray_raysched_resubmissions_total`` (per function), ``ray_raysched_node_memory_fraction``
+    ``ray_raysched_resubmissions_total`` (per function), ``ray_raysched_actor_rescales_total``
+    (per function: actors replaced, counted from the driver's note), ``ray_raysched_node_memory_fraction``
     (per node).
     """
 
@@ -146,6 +152,8 @@ class Metrics:
                         "resubmitted": Counter("raysched_resubmissions_total",
                                                "Attempts stopped to be resubmitted (next rung or requeued)",
                                                tag_keys=("function",)),
+                        "rescaled": Counter("raysched_actor_rescales_total",
+                                            "Actors replaced by one of another size", tag_keys=("function",)),
                         "node": Gauge("raysched_node_memory_fraction", "Used share of a node's memory",
                                       tag_keys=("node_id",)),
                     }
@@ -171,6 +179,8 @@ class Metrics:
             m["stopped"].inc(1, tags={"function": decision.function, "action": decision.action})
         if decision.action in (STOP_AND_RESUBMIT, REQUEUE_LOWEST_PRIORITY):
             m["resubmitted"].inc(1, tags={"function": decision.function})
+        if decision.rule == ACTOR_RESCALED:
+            m["rescaled"].inc(1, tags={"function": decision.function})
 
     def node(self, reading: NodeMemory) -> None:
         m = self._metrics()
@@ -483,6 +493,10 @@ class Monitor:
 
     def ping(self) -> bool:
         return True
+
+    def note(self, decisions: Sequence[Decision]) -> None:
+        """Record decisions taken outside the monitor's rules (a driver rescaling an actor) as events."""
+        self._record(decisions)
 
     def reconfigure(self, config: RayschedConfig) -> None:
         """Judge from now on by ``config``'s rules (a driver's caps and thresholds); attempt state is kept."""

@@ -86,6 +86,7 @@ class AttemptSpec:
     largest_node_bytes: float | None = None
     priority: int = 0
     ray_options: tuple[tuple[str, Any], ...] = ()  # the caller's other Ray options, kept for resubmission
+    rescalable: bool = False  # an actor's incarnation whose class opted in to rescaling (tasks: unused)
 
     @property
     def live_key(self) -> str:

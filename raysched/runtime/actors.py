@@ -1,0 +1,564 @@
+"""``@adaptive_remote`` on a class: an actor sized from the past runs of its class, rescaled when its use diverges.
+
+An actor's *incarnation* is measured like a task's attempt: from the start of its
+``__init__`` to its end, in its own worker process (peak resident memory over
+its life, CPU seconds and average cores, wall seconds, I/O), and recorded as one
+profile row under the class's name and code hash.  The next actor of the class
+is sized from those rows by the same predictor and sizing chain as a task.
+
+While it lives, the actor's process reports live samples to the monitor like a
+running task (``kind="actor"``), and the monitor judges them by its actor rules
+(``recipe.build_rules``): past a hard cap the actor is stopped and calls through
+its handle fail with ``ResourceLimitExceeded``; memory past its allocation x
+tolerance, or CPU use far off its allocation, held over several samples, is a
+``rescale`` decision.
+
+The rescale itself is done by the driver that holds the handle, in a background
+thread (a submission never waits on it), and only for a class that opts in:
+``rescalable=True`` (its state can be rebuilt by ``__init__``), or both hooks
+``raysched_save_state(self) -> state`` and ``raysched_restore_state(self, state)``.
+The handle then
+
+1. asks the old actor for its state (queued after every call already sent to it),
+2. creates the new actor with the new size and the same constructor arguments,
+   and hands it the state as an ObjectRef (the driver does not wait for it),
+3. sends every later call to the new actor (Ray runs them after the restore),
+4. has the old actor record its row (outcome ``rescaled``) and exit once its
+   queue is done,
+
+and notes the rescale as an event.  Calls made before the switch finish on the
+old actor, calls after it run on the new one: none is lost or run twice.
+
+Limits: an actor that dies abruptly (SIGKILL, its node lost) records no row for
+that incarnation; Ray's own ``max_restarts`` is 0 unless the caller sets it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+import ray
+
+from ..config import RayschedConfig
+from ..errors import InvalidInput
+from ..policy.rules import ACTOR, ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, RESCALE, STOP_LIMIT, WARN, Decision
+from ..types import Allocation, Outcome, Usage
+from .measure import AttemptMeter, get_live_sampler
+from .session import NAMESPACE
+from .worker import AttemptSpec, _node_id, attempt_row, decode_spec, encode_spec, get_reporter, get_sink
+
+logger = logging.getLogger(__name__)
+
+SAVE_HOOK = "raysched_save_state"
+#: How long a replaced incarnation that died before finishing its queue is still asked
+#: about: the monitor's stop for it (a hard limit) says whether the actor must fail.
+_DEAD_INCARNATION_WATCH_S = 10.0
+RESTORE_HOOK = "raysched_restore_state"
+
+
+# --- inside the actor's process ------------------------------------------------------------------------
+
+
+class _Incarnation:
+    """One incarnation of an adaptive actor, measured in its process from ``__init__`` to its end."""
+
+    def __init__(self, spec: AttemptSpec):
+        self.spec = spec
+        self._lock = threading.Lock()
+        self._finished = False
+        self._meter = AttemptMeter()
+        self._started = time.time()
+        self._meter.start()
+        self._sampler = get_live_sampler(spec.config.live_interval_s)
+        self._sampler.register(spec.live_key, self._meter, self._on_sample)
+        atexit.register(self.finish, Outcome.OK, "the actor's process exited")
+
+    def _on_sample(self, _key: Any, sample: Any) -> None:
+        reporter = get_reporter(self.spec.config)
+        if reporter is None:
+            return
+        from .monitor import report_from
+
+        reporter.add(report_from(self.spec, sample, _node_id(), kind=ACTOR))
+        decision = reporter.directive(self.spec.live_key, self.spec.attempt)
+        if decision is not None and decision.action == STOP_LIMIT:
+            # A runaway: record what it reached, and end the process now, before the node's
+            # OOM killer picks a victim. The handle fails later calls with ResourceLimitExceeded.
+            logger.warning("raysched: actor %s over its hard limit (%s); stopping it", self.spec.function,
+                           decision.detail)
+            self.finish(Outcome.LIMIT_STOPPED, f"stopped by raysched's monitor ({decision.rule}): {decision.detail}",
+                        wait_s=5.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finish(self, outcome: Outcome, reason: str = "", wait_s: float = 0.0) -> Usage | None:
+        """Record this incarnation's row (once); with ``wait_s``, wait that long for it to be sent."""
+        with self._lock:
+            if self._finished:
+                return None
+            self._finished = True
+        self._sampler.unregister(self.spec.live_key)
+        usage = self._meter.stop()
+        sink = get_sink(self.spec.config)
+        sink.add(attempt_row(self.spec, outcome, usage, self._started, time.time(),
+                             reason if outcome is not Outcome.OK else "", _node_id(), os.getpid()))
+        ref = sink.flush()
+        if wait_s and ref is not None:
+            ray.wait([ref], timeout=wait_s)
+        return usage
+
+
+def make_actor_class(cls: type, config: RayschedConfig) -> type:
+    """``cls`` with raysched's measuring ``__init__`` and the methods its handle calls."""
+
+    class AdaptiveActor(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, _raysched_spec: bytes, *args: Any, **kwargs: Any):
+            self._raysched_incarnation = _Incarnation(decode_spec(_raysched_spec, config))
+            try:
+                super().__init__(*args, **kwargs)
+            except BaseException as exc:
+                self._raysched_incarnation.finish(Outcome.ERROR, f"{type(exc).__name__}: {exc}", wait_s=5.0)
+                raise
+
+        def _raysched_save(self) -> Any:
+            save = getattr(self, SAVE_HOOK, None)
+            return save() if save is not None else None
+
+        def _raysched_restore(self, state: Any) -> None:
+            restore = getattr(self, RESTORE_HOOK, None)
+            if restore is not None:
+                restore(state)
+
+        def _raysched_finish(self, outcome: str, reason: str = "") -> Usage | None:
+            return self._raysched_incarnation.finish(Outcome(outcome), reason, wait_s=5.0)
+
+    for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+        setattr(AdaptiveActor, attr, getattr(cls, attr, None))
+    return AdaptiveActor
+
+
+def actor_options(spec: AttemptSpec) -> dict[str, Any]:
+    """The Ray options one incarnation is created with: the caller's, then raysched's sizing."""
+    options = dict(spec.ray_options)
+    options.update(spec.allocation.ray_options())
+    options.setdefault("max_restarts", 0)  # raysched replaces an actor; Ray restarting it unchanged would not help
+    return options
+
+
+# --- in the driver --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """One replacement of an actor: when, from which size to which, and the decision behind it."""
+
+    incarnation: int  # of the new actor
+    old: Allocation
+    new: Allocation
+    decision: Decision
+    at: float  # time.time()
+
+
+class AdaptiveActorClass:
+    """A class run as a Ray actor with resources learnt from the past runs of the class.
+
+    ``Cls.remote(*args, **kwargs)`` returns an :class:`AdaptiveActorHandle`;
+    ``Cls.options(input_size=..., tags=..., priority=..., **ray_options)`` one with
+    per-actor metadata; ``Cls.predict(*args, **kwargs)`` the Prediction for such an
+    actor without creating it.
+    """
+
+    def __init__(self, cls: type, *, name: str | None = None, tags: Any = (), num_cpus: Any = None,
+                 memory: Any = None, dependencies: Any = (), rescalable: bool | None = None,
+                 max_attempts: Any = None, **ray_options: Any):
+        from ..policy.estimators import Fallback
+        from ..policy.features import validate_memory, validate_num_cpus, validate_tags
+        from .codehash import code_hash, qualified_name
+
+        if max_attempts is not None:
+            raise InvalidInput("max_attempts is for tasks; an actor is rescaled at most "
+                               "config.actor_max_rescales times")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise InvalidInput(f"name must be a non-empty string, got {name!r}")
+        has_save, has_restore = callable(getattr(cls, SAVE_HOOK, None)), callable(getattr(cls, RESTORE_HOOK, None))
+        if has_save != has_restore:
+            raise InvalidInput(f"{cls.__qualname__} defines {SAVE_HOOK if has_save else RESTORE_HOOK} without "
+                               f"{RESTORE_HOOK if has_save else SAVE_HOOK}: define both, or neither")
+        if rescalable is not None and not isinstance(rescalable, bool):
+            raise InvalidInput(f"rescalable must be True or False, got {rescalable!r}")
+        self._cls = cls
+        self.name = name or qualified_name(cls)
+        self.code_hash = code_hash(cls)
+        #: Whether the monitor may replace its actors: declared, or implied by the two hooks.
+        self.rescalable = has_save if rescalable is None else rescalable
+        self.fallback = Fallback(memory=validate_memory(memory), cpu=validate_num_cpus(num_cpus))
+        self.tags = validate_tags(tags)
+        self.dependencies = validate_tags(dependencies, "dependencies")
+        self._ray_options = dict(ray_options)
+        self._ray_class: Any = None
+        self._ray_class_config: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self.name}()', "
+                        f"use '{self.name.rsplit('.', 1)[-1]}.remote()'.")
+
+    def __repr__(self) -> str:
+        return f"AdaptiveActorClass({self.name}, code_hash={self.code_hash})"
+
+    def ray_class(self, config: RayschedConfig) -> Any:
+        """The Ray actor class behind every incarnation (one per config)."""
+        if self._ray_class is None or self._ray_class_config is not config:
+            self._ray_class = ray.remote(make_actor_class(self._cls, config))
+            self._ray_class_config = config
+        return self._ray_class
+
+    def _options(self, options: Mapping[str, Any]):
+        from .decorator import _CallOptions
+
+        return _CallOptions(options, self.tags, self._ray_options)
+
+    def _plan(self, options: Any, args: tuple, kwargs: Mapping[str, Any]):
+        """The first incarnation's spec, and the client and cluster it was sized with."""
+        from ..policy.features import call_features
+        from .client import get_client
+        from .decorator import _largest_memory_for, _ref_size
+
+        client = get_client()
+        features = call_features(args, kwargs, input_size=options.input_size, tags=options.tags,
+                                 dependencies=self.dependencies, size_of_opaque=_ref_size)
+        bundle = client.bundle(self.name, self.code_hash)
+        cluster = client.cluster.get()
+        prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
+        allocation = client.size(prediction, options.explicit, self.name, cluster)
+        spec = AttemptSpec(
+            function=self.name, code_hash=self.code_hash, call_id="actor-" + os.urandom(12).hex(), attempt=1,
+            features=features, prediction=prediction, allocation=allocation,
+            max_peak_seen=bundle.max_peak_seen if bundle else 0.0,
+            largest_node_bytes=_largest_memory_for(cluster, allocation.num_cpus),
+            priority=options.priority, ray_options=tuple(sorted(options.ray_options.items())),
+            rescalable=self.rescalable,
+        )
+        return client, spec
+
+    def _create(self, options: Any, args: tuple, kwargs: Mapping[str, Any]) -> "AdaptiveActorHandle":
+        client, spec = self._plan(options, args, kwargs)
+        return AdaptiveActorHandle(self, client, spec, args, dict(kwargs))
+
+    def remote(self, *args: Any, **kwargs: Any) -> "AdaptiveActorHandle":
+        return self._create(self._options({}), args, kwargs)
+
+    def options(self, **options: Any) -> "_BoundActorClass":
+        return _BoundActorClass(self, self._options(options))
+
+    def predict(self, *args: Any, **kwargs: Any):
+        from .client import get_client
+
+        get_client().refresh(self.name, self.code_hash)
+        return self._plan(self._options({}), args, kwargs)[1].prediction
+
+    def refresh(self, train: bool = False, timeout: float = 120.0) -> None:
+        """Fetch the newest bundle now; with ``train=True`` train on every row first."""
+        from .client import get_client
+
+        get_client().refresh(self.name, self.code_hash, train=train, timeout=timeout)
+
+
+class _BoundActorClass:
+    """``Cls.options(...)``: the same class with per-actor metadata and Ray options."""
+
+    def __init__(self, actor_class: AdaptiveActorClass, options: Any):
+        self._class, self._options = actor_class, options
+
+    def remote(self, *args: Any, **kwargs: Any) -> "AdaptiveActorHandle":
+        return self._class._create(self._options, args, kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        return self._class._plan(self._options, args, kwargs)[1].prediction
+
+
+class _Method:
+    """``handle.method``: ``.remote(...)`` sends the call to the actor's current incarnation."""
+
+    __slots__ = ("_handle", "_name", "_ray_options")
+
+    def __init__(self, handle: "AdaptiveActorHandle", name: str, ray_options: Mapping[str, Any] | None = None):
+        self._handle, self._name, self._ray_options = handle, name, dict(ray_options or {})
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._handle._call(self._name, self._ray_options, args, kwargs)
+
+    def options(self, **ray_options: Any) -> "_Method":
+        return _Method(self._handle, self._name, {**self._ray_options, **ray_options})
+
+
+class AdaptiveActorHandle:
+    """A handle to an adaptive actor; it follows the actor across rescales.
+
+    ``handle.method.remote(...)`` returns the method's ``ObjectRef`` as Ray's handle
+    does.  ``allocation`` and ``incarnation`` say what the actor runs with now,
+    ``rescales`` what changed, ``ray_handle`` is the current Ray ``ActorHandle``;
+    ``terminate()`` records the actor's row and ends it.
+    """
+
+    def __init__(self, actor_class: AdaptiveActorClass, client: Any, spec: AttemptSpec, args: tuple,
+                 kwargs: dict[str, Any]):
+        self._class = actor_class
+        self._client = client
+        self._config = client.config
+        self._lock = threading.RLock()
+        self._args, self._kwargs = args, kwargs  # kept: a rescale constructs the actor again
+        self._spec = spec
+        self._actor = self._start(spec)
+        self._stopped: BaseException | None = None
+        self._handled: set[tuple[int, str]] = set()  # (incarnation, rule) already acted on
+        #: Replaced incarnations still running the calls queued before the switch: live key ->
+        #: (their spec, the ref of their final row). Their hard cap still applies.
+        self._draining: dict[str, tuple[AttemptSpec, Any, float | None]] = {}
+        self.rescales: list[Rescale] = []
+        _watcher().watch(self)
+
+    def _start(self, spec: AttemptSpec) -> Any:
+        cls = self._class.ray_class(self._config)
+        return cls.options(**actor_options(spec)).remote(encode_spec(spec), *self._args, **self._kwargs)
+
+    # --- what the user sees ------------------------------------------------------------------------------
+    @property
+    def actor_id(self) -> str:
+        """raysched's id of this actor, the same across rescales (its rows' and events' ``call_id``)."""
+        return self._spec.call_id
+
+    @property
+    def incarnation(self) -> int:
+        return self._spec.attempt
+
+    @property
+    def allocation(self) -> Allocation:
+        return self._spec.allocation
+
+    @property
+    def prediction(self):
+        return self._spec.prediction
+
+    @property
+    def ray_handle(self) -> Any:
+        return self._actor
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if not callable(getattr(self._class._cls, name, None)):
+            raise AttributeError(f"{self._class.name} has no method {name!r}")
+        return _Method(self, name)
+
+    def __repr__(self) -> str:
+        a = self.allocation
+        return (f"AdaptiveActorHandle({self._class.name}, incarnation={self.incarnation}, "
+                f"num_cpus={a.num_cpus:g}, memory={a.memory_bytes // 2**20} MiB)")
+
+    def _call(self, name: str, ray_options: Mapping[str, Any], args: tuple, kwargs: Mapping[str, Any]) -> Any:
+        with self._lock:  # a rescale swaps the actor under this lock: a call goes wholly to one or the other
+            if self._stopped is not None:
+                raise self._stopped
+            method = getattr(self._actor, name)
+            if ray_options:
+                method = method.options(**ray_options)
+            return method.remote(*args, **kwargs)
+
+    def terminate(self) -> Any:
+        """Record the actor's row and end it after the calls already sent; returns the ref of its Usage."""
+        with self._lock:
+            _watcher().unwatch(self)
+            if self._stopped is not None:
+                return None
+            self._stopped = InvalidInput(f"actor {self._class.name} ({self.actor_id}) was terminated")
+            ref = self._actor._raysched_finish.remote(Outcome.OK.value, "terminated by its handle")
+            self._actor.__ray_terminate__.remote()
+            return ref
+
+    # --- what the watcher does ------------------------------------------------------------------------------
+    def _watch_keys(self) -> list[str]:
+        """The monitor's keys of this actor's incarnations still running: the current one, and
+        replaced ones still working through their queue (or dead, until the monitor says why)."""
+        with self._lock:
+            if self._draining:
+                refs = [entry[1] for entry in self._draining.values() if entry[2] is None]
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+                now = time.monotonic()
+                for key, (spec, ref, gone_at) in list(self._draining.items()):
+                    if gone_at is None and ref in done:
+                        try:
+                            ray.get(ref, timeout=0)
+                        except Exception:  # noqa: BLE001 - it died first: ask the monitor a while longer
+                            self._draining[key] = (spec, ref, now)
+                            continue
+                        del self._draining[key]  # finished its queue and recorded its row
+                    elif gone_at is not None and now - gone_at > _DEAD_INCARNATION_WATCH_S:
+                        logger.warning("raysched: actor %s incarnation %d died before finishing its queue",
+                                       spec.function, spec.attempt)
+                        del self._draining[key]
+            return [self._spec.live_key, *self._draining]
+
+    def _apply(self, decision: Decision) -> Rescale | None:
+        """Act on the monitor's decision for one of this actor's incarnations (the watcher's thread)."""
+        with self._lock:
+            spec = self._spec
+            key = (decision.attempt, decision.rule)
+            current = decision.attempt == spec.attempt
+            draining = any(entry[0].attempt == decision.attempt for entry in self._draining.values())
+            if self._stopped is not None or not (current or draining) or key in self._handled:
+                return None
+            self._handled.add(key)
+            if decision.action == STOP_LIMIT:
+                # Over its hard cap: the incarnation stops itself (runtime.actors._Incarnation).
+                # If it was being replaced, its state never reached its successor: end that too.
+                self._stopped = decision.limit_error()
+                _watcher().unwatch(self)
+                if not current:
+                    self._actor._raysched_finish.remote(Outcome.CANCELLED.value,
+                                                        "its predecessor's state was lost at its hard limit")
+                    self._actor.__ray_terminate__.remote()
+                return None
+            if decision.action != RESCALE or not current:
+                return None
+            from ..policy.recipe import build_sizer
+            from ..policy.rescale import rescale_target
+
+            target = rescale_target(decision.rule, decision.measured, spec.allocation, build_sizer(self._config),
+                                    self._config, self._client.cluster.get(), spec.function)
+            if target is None:  # capped by the largest node (the monitor judged without the cluster)
+                self._note(replace(decision, rule=ACTOR_RESCALE_SKIPPED, action=WARN,
+                                   detail=f"not rescaled: no other size would help; {decision.detail}"))
+                return None
+            old_actor, old_spec = self._actor, spec
+            new_spec = replace(spec, attempt=spec.attempt + 1, allocation=target)
+            state = old_actor._raysched_save.remote()  # after every call already sent to it
+            new_actor = self._start(new_spec)
+            new_actor._raysched_restore.remote(state)  # before every call sent from now on
+            self._actor, self._spec = new_actor, new_spec
+            finished = old_actor._raysched_finish.remote(Outcome.RESCALED.value,
+                                                         f"rescaled by raysched ({decision.rule}): {decision.detail}")
+            old_actor.__ray_terminate__.remote()
+            self._draining[old_spec.live_key] = (old_spec, finished, None)
+            done = Rescale(new_spec.attempt, old_spec.allocation, target, decision, time.time())
+            self.rescales.append(done)
+        logger.warning("raysched: actor %s rescaled: %s -> %s (%s)", spec.function, _size(old_spec.allocation),
+                       _size(target), decision.detail)
+        self._note(Decision(ACTOR_RESCALED, RESCALE, spec.function, new_spec.live_key, new_spec.attempt,
+                            measured=float(target.memory_bytes), allocated=float(old_spec.allocation.memory_bytes),
+                            detail=f"{_size(old_spec.allocation)} -> {_size(target)}: {target.reason}",
+                            node_id=decision.node_id, code_hash=spec.code_hash, timestamp=time.time()))
+        return done
+
+    def _note(self, decision: Decision) -> None:
+        """An event for what this driver did; fire-and-forget to the monitor."""
+        try:
+            from .monitor import MONITOR_NAME
+
+            ray.get_actor(MONITOR_NAME, namespace=NAMESPACE).note.remote([decision])
+        except Exception as exc:  # noqa: BLE001 - no monitor: the decision is logged only
+            logger.warning("raysched: could not record %s for %s: %s", decision.rule, decision.function, exc)
+
+
+def _size(a: Allocation) -> str:
+    return f"{a.num_cpus:g} CPU / {a.memory_bytes // 2**20} MiB"
+
+
+class ActorWatcher:
+    """The driver's one thread that asks the monitor about its adaptive actors and applies the answers.
+
+    Every ``interval_s`` it sends one ``directives`` request for the running
+    incarnations of all live handles (weakly held: a dropped handle is not
+    watched) and hands each stop or rescale to its handle.  ``directives(ids) -> {id: Decision}`` is injected, so a test can
+    drive it without Ray; it runs in its own thread, never on a submission's path.
+    """
+
+    def __init__(self, directives: Any, interval_s: float):
+        self._directives = directives
+        self._interval = interval_s
+        self._handles: "weakref.WeakValueDictionary[str, AdaptiveActorHandle]" = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, handle: Any) -> None:
+        with self._lock:
+            self._handles[handle.actor_id] = handle
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="raysched-actor-watcher", daemon=True)
+                self._thread.start()
+
+    def unwatch(self, handle: Any) -> None:
+        with self._lock:
+            self._handles.pop(handle.actor_id, None)
+
+    def check_once(self) -> list[Rescale]:
+        """Ask once and apply the answers; returns the rescales done."""
+        with self._lock:
+            handles = list(self._handles.values())
+        by_key = {key: handle for handle in handles for key in handle._watch_keys()}
+        if not by_key:
+            return []
+        done = []
+        for key, decision in self._directives(sorted(by_key)).items():
+            handle = by_key.get(key)
+            if handle is not None and decision.stops:
+                rescale = handle._apply(decision)
+                if rescale is not None:
+                    done.append(rescale)
+        return done
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            with self._lock:
+                if not self._handles or not ray.is_initialized():
+                    self._thread = None
+                    return
+            try:
+                self.check_once()
+            except SystemExit:  # Ray shutting down under a pending call: the driver is leaving
+                return
+            except Exception as exc:  # noqa: BLE001 - the monitor restarting: ask again next time
+                logger.debug("raysched: actor watcher: %s", exc)
+
+
+def _ray_directives(config: RayschedConfig):
+    handle: list[Any] = []
+
+    def directives(ids: list[str]) -> dict[str, Decision]:
+        from .monitor import MONITOR_NAME
+
+        if not handle:
+            handle.append(ray.get_actor(MONITOR_NAME, namespace=NAMESPACE))
+        try:
+            return ray.get(handle[0].directives.remote(ids), timeout=config.monitor_directive_timeout_s)
+        except Exception:
+            handle.clear()
+            raise
+
+    return directives
+
+
+_WATCHER: ActorWatcher | None = None
+_WATCHER_LOCK = threading.Lock()
+
+
+def _watcher() -> ActorWatcher:
+    global _WATCHER
+    with _WATCHER_LOCK:
+        if _WATCHER is None:
+            from .session import get_config
+
+            config = get_config()
+            _WATCHER = ActorWatcher(_ray_directives(config), config.live_interval_s)
+        return _WATCHER
+
+
+__all__ = ["AdaptiveActorClass", "AdaptiveActorHandle", "ActorWatcher", "Rescale", "make_actor_class",
+           "actor_options"]

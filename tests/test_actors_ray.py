@@ -1,0 +1,221 @@
+"""``@adaptive_remote`` on a class, on a real local Ray: sizing from past incarnations,
+measured rows, rescaling with state kept, opting out, and the hard cap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+import raysched
+from raysched import InvalidInput, ResourceLimitExceeded, adaptive_remote
+from raysched.types import MiB
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.ray
+
+CAP = 700 * MiB
+
+
+@pytest.fixture(scope="module", autouse=True)
+def actor_config(ray_session):
+    raysched.configure(live_interval_s=0.2, monitor_sustain_samples=2, memory_limits={"Leaky": CAP})
+    yield
+
+
+@adaptive_remote(memory=300 * MiB, num_cpus=0.5)
+class Holder:
+    """Holds a block of memory of the size it was asked for; stateless apart from it."""
+
+    def __init__(self, mib: int = 0):
+        self.block = np.ones(mib * MiB // 8) if mib else None
+
+    def nbytes(self) -> int:
+        return 0 if self.block is None else int(self.block.nbytes)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+@adaptive_remote(memory=200 * MiB)
+class Grower:
+    """Keeps a list (its state, saved and restored across a rescale) and may grow a buffer."""
+
+    def __init__(self):
+        self.items: list[int] = []
+        self.buffer = None
+
+    def add(self, x: int) -> int:
+        self.items.append(x)
+        return len(self.items)
+
+    def grow(self, mib: int) -> int:
+        self.buffer = np.ones(mib * MiB // 8)
+        return int(self.buffer.nbytes)
+
+    def raysched_save_state(self):
+        return list(self.items)
+
+    def raysched_restore_state(self, state):
+        self.items = state
+
+
+@adaptive_remote(memory=200 * MiB)
+class Unscalable:
+    def __init__(self):
+        self.buffer = None
+
+    def grow(self, mib: int) -> int:
+        self.buffer = np.ones(mib * MiB // 8)
+        return int(self.buffer.nbytes)
+
+    def ping(self) -> str:
+        return "pong"
+
+
+@adaptive_remote(memory=200 * MiB, rescalable=True)
+class Leaky:
+    def __init__(self):
+        self.blocks = []
+
+    def leak(self, mib_per_step: int, steps: int) -> int:
+        import time
+
+        for _ in range(steps):
+            self.blocks.append(np.ones(mib_per_step * MiB // 8))
+            time.sleep(0.05)
+        return len(self.blocks)
+
+
+def test_an_actor_runs_its_calls_and_records_one_row_with_its_real_use(ray_session):
+    handle = Holder.remote(120)
+    assert handle.prediction.source.startswith("fallback")
+    # The fallback is taken as an upper bound, with the margin and rounding a task's gets.
+    assert handle.allocation.num_cpus == 0.5 and 300 * MiB <= handle.allocation.memory_bytes <= 400 * MiB
+    assert ray.get(handle.nbytes.remote(), timeout=60) == 120 * MiB
+    with pytest.raises(AttributeError, match="no method"):
+        handle.missing
+    usage = ray.get(handle.terminate(), timeout=60)
+    assert usage.peak_rss_bytes - usage.start_rss_bytes >= 110 * MiB
+    with pytest.raises(InvalidInput, match="terminated"):
+        handle.nbytes.remote()
+    rows = raysched.profiles(Holder)
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert (row["outcome"], row["attempt"], row["call_id"]) == ("ok", 1, handle.actor_id)
+    assert row["allocated_memory_bytes"] == handle.allocation.memory_bytes and row["peak_rss_bytes"] >= 120 * MiB
+
+
+def test_the_next_actor_of_a_class_is_sized_from_its_past_incarnations(ray_session):
+    for _ in range(3):  # with the first test's row, past min_history_for_stats
+        ray.get(Holder.remote(120).terminate(), timeout=60)
+    assert wait_for(lambda: len(raysched.profiles(Holder)) >= 4, timeout=30), raysched.profiles(Holder)[["outcome", "attempt"]]
+    Holder.refresh()
+    handle = Holder.remote(120)
+    try:
+        # (Memory: these lives are too short for their cores to count, so CPU stays on the fallback.)
+        assert handle.prediction.memory.source == "history" and handle.prediction.memory.n_history >= 4
+        peak = raysched.profiles(Holder)["peak_rss_bytes"].max()
+        # Sized from what the incarnations held, with room above it, not from the fallback.
+        assert peak <= handle.allocation.memory_bytes <= 3 * peak
+    finally:
+        ray.get(handle.terminate(), timeout=60)
+
+
+def test_an_actor_that_outgrows_its_allocation_is_rescaled_and_keeps_its_state(ray_session):
+    handle = Grower.remote()
+    first_id, first_allocation = handle.ray_handle._actor_id, handle.allocation
+    assert [ray.get(handle.add.remote(i), timeout=60) for i in range(3)] == [1, 2, 3]
+    ray.get(handle.grow.remote(400), timeout=60)  # resident ~500 MiB against ~240 MiB allocated
+    assert wait_for(lambda: handle.incarnation == 2, timeout=60), "the monitor did not rescale the actor"
+    assert handle.ray_handle._actor_id != first_id
+    # Calls through the handle go on, on the new actor, with the state handed over.
+    assert ray.get(handle.add.remote(3), timeout=60) == 4
+    assert handle.allocation.memory_bytes >= 1.5 * 400 * MiB
+    (rescale,) = handle.rescales
+    assert rescale.old == first_allocation and rescale.decision.rule == "memory_over_allocation"
+    ray.get(handle.terminate(), timeout=60)
+    assert wait_for(lambda: len(raysched.profiles(Grower)) == 2, timeout=30)
+    rows = raysched.profiles(Grower).sort_values("attempt")
+    assert rows["outcome"].tolist() == ["rescaled", "ok"]
+    assert rows["attempt"].tolist() == [1, 2]
+    assert rows["peak_rss_bytes"].iloc[0] >= 400 * MiB
+    assert set(rows["call_id"]) == {handle.actor_id}
+    events = raysched.events(Grower)
+    assert {"rescale"} <= set(events["action"]) and "actor_rescaled" in set(events["rule"])
+
+
+@adaptive_remote(num_cpus=2, memory=200 * MiB, rescalable=True)
+class Idler:
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def test_an_idle_actor_is_rescaled_down_to_the_cores_it_uses(ray_session):
+    base = raysched.get_config()
+    raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # the monitor follows
+    try:
+        handle = Idler.remote()
+        first_pid, first_allocation = ray.get(handle.pid.remote(), timeout=60), handle.allocation
+        assert first_allocation.num_cpus == 2.0
+        assert wait_for(lambda: handle.incarnation == 2, timeout=60), raysched.events(Idler).T
+        assert handle.allocation.num_cpus == 0.25  # the floor: it used next to nothing
+        assert handle.allocation.memory_bytes == first_allocation.memory_bytes
+        assert ray.get(handle.pid.remote(), timeout=60) != first_pid  # a new actor answers
+        assert handle.rescales[0].decision.rule == "cpu_off_allocation"
+        ray.get(handle.terminate(), timeout=60)
+    finally:
+        raysched.configure(base)
+
+
+def test_an_actor_that_did_not_opt_in_is_warned_about_not_replaced(ray_session):
+    handle = Unscalable.remote()
+    ray.get(handle.grow.remote(400), timeout=60)
+    assert wait_for(lambda: any(raysched.events(Unscalable)["action"] == "warn"), timeout=30)
+    detail = raysched.events(Unscalable)["detail"].iloc[0]
+    assert "did not opt in" in detail
+    assert handle.incarnation == 1 and ray.get(handle.ping.remote(), timeout=30) == "pong"
+    ray.get(handle.terminate(), timeout=60)
+
+
+def test_a_leaky_actor_ends_at_its_hard_cap_and_its_handle_says_why(ray_session):
+    handle = Leaky.remote()
+    leaking = handle.leak.remote(20, 200)  # 4 GB over 10 s unless stopped
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(leaking, timeout=60)
+    assert wait_for(lambda: _fails_with_limit(handle), timeout=30), (handle._stopped, handle._handled,
+                                                                    raysched.events(Leaky).T)
+    # It passed its allocation first and was being replaced (the successor waited for its
+    # state behind the leaking call); the cap stopped it there, and the successor with it.
+    assert wait_for(lambda: 1 in set(raysched.profiles(Leaky)["attempt"]), timeout=30)
+    rows = raysched.profiles(Leaky).set_index("attempt")
+    assert rows.loc[1, "outcome"] == "limit_stopped"
+    assert CAP <= rows.loc[1, "peak_rss_bytes"] < CAP + 1024 * MiB
+    assert set(rows["outcome"]) <= {"limit_stopped", "cancelled"}
+    assert "stop_limit" in set(raysched.events(Leaky)["action"])
+
+
+def _fails_with_limit(handle) -> bool:
+    try:
+        handle.leak.remote(1, 1)
+    except ResourceLimitExceeded as exc:
+        return exc.limit == CAP
+    return False
+
+
+def test_bad_declarations_get_clear_errors(ray_session):
+    class OnlySave:
+        def raysched_save_state(self):
+            return None
+
+    with pytest.raises(InvalidInput, match="without raysched_restore_state"):
+        adaptive_remote(OnlySave)
+    with pytest.raises(InvalidInput, match="rescalable"):
+        adaptive_remote(rescalable="yes")(Unscalable._cls)
+    with pytest.raises(TypeError, match="remote"):
+        Holder()
