@@ -90,6 +90,11 @@ class Leaky:
         return len(self.blocks)
 
 
+@ray.remote
+def ask_nbytes(actor) -> int:
+    return ray.get(actor.nbytes.remote())
+
+
 def test_an_actor_runs_its_calls_and_records_one_row_with_its_real_use(ray_session):
     handle = Holder.remote(120)
     assert handle.prediction.source.startswith("fallback")
@@ -98,6 +103,8 @@ def test_an_actor_runs_its_calls_and_records_one_row_with_its_real_use(ray_sessi
     assert ray.get(handle.nbytes.remote(), timeout=60) == 120 * MiB
     with pytest.raises(AttributeError, match="no method"):
         handle.missing
+    # Passed to a task, the handle arrives as the actor's Ray handle.
+    assert ray.get(ask_nbytes.remote(handle), timeout=60) == 120 * MiB
     usage = ray.get(handle.terminate(), timeout=60)
     assert usage.peak_rss_bytes - usage.start_rss_bytes >= 110 * MiB
     with pytest.raises(InvalidInput, match="terminated"):

@@ -357,6 +357,12 @@ class AdaptiveActorHandle:
             raise AttributeError(f"{self._class.name} has no method {name!r}")
         return _Method(self, name)
 
+    def __reduce__(self):
+        # Passed to a task or another actor, the handle travels as the current incarnation's
+        # Ray ActorHandle: calls from there go to that actor, which a rescale ends once its
+        # queue is done (the rescale and its state hand-over are this driver's business).
+        return (_current_actor, (self._actor,))
+
     def __repr__(self) -> str:
         a = self.allocation
         return (f"AdaptiveActorHandle({self._class.name}, incarnation={self.incarnation}, "
@@ -464,6 +470,10 @@ class AdaptiveActorHandle:
             ray.get_actor(MONITOR_NAME, namespace=NAMESPACE).note.remote([decision])
         except Exception as exc:  # noqa: BLE001 - no monitor: the decision is logged only
             logger.warning("raysched: could not record %s for %s: %s", decision.rule, decision.function, exc)
+
+
+def _current_actor(actor: Any) -> Any:
+    return actor
 
 
 def _size(a: Allocation) -> str:
