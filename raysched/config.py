@@ -83,10 +83,10 @@ class RayschedConfig:
     #: rho^2) before the cost-aware center follows it.
     cost_min_size_correlation: float = 0.3
     #: Share of runs, nearest in input size, whose residuals set the spread (at least cost_min_local).
-    cost_local_fraction: float = 0.3
+    cost_local_fraction: float = 0.35
     cost_min_local: int = 8
     #: A phantom run this share of the residual spread beyond the largest residual: the unseen tail.
-    cost_tail_allowance: float = 0.0
+    cost_tail_allowance: float = 0.1
     #: Never cover fewer than this share of the residuals, however cheap failures look.
     cost_min_coverage: float = 0.75
     #: Growth floor of the ladder under cost-aware sizing (the OOM bump already adds >= 20%).
@@ -243,6 +243,10 @@ class RayschedConfig:
             problems.append("monitor_hard_stop_intervals and monitor_directive_timeout_s must be positive")
         if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:
             problems.append("monitor_wall_factor must be positive and monitor_cpu_low_ratio < monitor_cpu_high_ratio")
+        if not 0 < self.cost_min_coverage <= 1 or not 0 < self.cost_local_fraction <= 1:
+            problems.append("cost_min_coverage and cost_local_fraction must be fractions in (0, 1]")
+        if self.cost_tail_allowance < 0 or self.cost_min_history < 2 or self.cost_min_local < 2:
+            problems.append("cost_tail_allowance must be at least 0, cost_min_history and cost_min_local at least 2")
         if problems:
             raise ValueError("invalid RayschedConfig: " + "; ".join(problems))
 

@@ -53,6 +53,23 @@ def test_eval_malformed_is_a_clear_error_not_a_traceback(tmp_path):
     assert res.exit_code == 2 and "unknown method" in res.output
 
 
+def test_eval_set_replays_raysched_with_a_changed_config_and_refuses_bad_keys(tmp_path):
+    def wastage(*extra):
+        out = tmp_path / "r.json"
+        res = CliRunner().invoke(eval_command, [str(FIXTURES / "lotaru_small.csv"), "--methods", "raysched,tovar",
+                                                "--json", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        assert "goal (wastage <= 0.75" in res.output  # the summary line
+        return json.loads(out.read_text())["workflows"]["lotaru_small"]["methods"]["raysched"]["wastage_gbh"]
+
+    default = wastage()
+    assert wastage("--set", "memory_margin=1.0") > default  # twice the headroom wastes more
+    for bad, says in [("nope=1", "RayschedConfig field"), ("cost_min_coverage=2", "cost_min_coverage"),
+                      ("cost_tail_allowance=lots", "could not convert"), ("memory_cost_aware=maybe", "true or false")]:
+        res = CliRunner().invoke(eval_command, [str(FIXTURES / "lotaru_small.csv"), "--set", bad])
+        assert res.exit_code == 2 and says in res.output, (bad, res.output)
+
+
 def test_import_then_history_is_in_the_store(tmp_path):
     pytest.importorskip("pyarrow")
     from raysched.store.profiles import ProfileStore

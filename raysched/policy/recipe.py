@@ -233,7 +233,6 @@ def build_ladder(config: RayschedConfig) -> Ladder:
     )
 
 
-@functools.lru_cache(maxsize=32)
 def _rescale_changes(rule: str, config: RayschedConfig):
     """Whether rescaling an actor for ``rule`` would give it another size (the cluster aside:
     the driver caps to the largest node when it rescales)."""
@@ -245,6 +244,7 @@ def _rescale_changes(rule: str, config: RayschedConfig):
     return changes
 
 
+@functools.lru_cache(maxsize=32)
 def build_rules(config: RayschedConfig) -> Rules:
     n = config.monitor_sustain_samples
     return Rules(

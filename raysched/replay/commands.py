@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import click
 
@@ -45,6 +46,44 @@ def _parse_methods(value: str) -> list[str]:
     return names
 
 
+def parse_config_overrides(pairs: Iterable[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as RayschedConfig field changes, each value parsed by its field's type."""
+    import dataclasses
+
+    from ..config import RayschedConfig
+
+    fields = {f.name: f for f in dataclasses.fields(RayschedConfig)}
+    defaults = RayschedConfig()
+    changes: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE with KEY a RayschedConfig field "
+                                     f"(such as cost_tail_allowance)", param_hint="--set")
+        current = getattr(defaults, key)
+        text = raw.strip()
+        try:
+            if text.lower() in ("none", "null") and "None" in str(fields[key].type):
+                value: object = None
+            elif isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                value = text.lower() in ("true", "1")
+            elif isinstance(current, int) and not isinstance(current, bool):
+                value = int(text)
+            elif isinstance(current, float) or current is None:
+                value = float(text)
+            elif isinstance(current, str):
+                value = text
+            else:
+                raise ValueError(f"a {type(current).__name__} cannot be set from the command line")
+        except ValueError as exc:
+            raise click.BadParameter(f"{pair!r}: {exc}", param_hint="--set") from None
+        changes[key] = value
+    return changes
+
+
 @click.command("eval")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice([*FORMATS, "auto"]), default="auto", show_default=True,
@@ -58,7 +97,10 @@ def _parse_methods(value: str) -> list[str]:
               help="Comma-separated methods to replay.")
 @click.option("--min-rows", default=34, show_default=True,
               help="Task types with fewer usable rows are skipped (random split only).")
-def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_rows):
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Replay raysched with a RayschedConfig field changed (repeatable), "
+                   "e.g. --set cost_tail_allowance=0.")
+def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_rows, overrides):
     """Replay workflow traces (Sizey protocol) and compare raysched's sizing with the baselines.
 
     PATHS are trace files, or folders of them. Per task type with at least
@@ -69,13 +111,18 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
     """
     from ..config import RayschedConfig
     from .harness import replay_trace
-    from .results import markdown_table, plot, text_table, write_json
+    from .results import goal_summary, markdown_table, plot, text_table, write_json
 
     names = _parse_methods(methods)
     files = expand_paths(paths)
     if not files:
         raise click.UsageError("no trace files found in " + ", ".join(map(str, paths)))
-    config = RayschedConfig.from_env()
+    try:
+        config = RayschedConfig.from_env(**parse_config_overrides(overrides))
+    except (TypeError, ValueError) as exc:  # the config's own validation
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+    if overrides:
+        click.echo("raysched replayed with " + ", ".join(overrides) + "\n")
     results = []
     for path in files:
         try:
@@ -92,6 +139,9 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
         if trace.skipped:
             click.echo(f"  {trace.describe_skipped()}")
         click.echo(f"  replayed in {time.perf_counter() - t0:.1f} s\n")
+    summary = goal_summary(results)
+    if summary:
+        click.echo(summary)
     if json_path:
         write_json(results, json_path, seed)
         click.echo(f"wrote {json_path}")

@@ -75,6 +75,33 @@ def text_table(result: WorkflowResult) -> str:
     return "\n".join(lines)
 
 
+#: The issue's goal: wastage at most this share of the best other method's...
+GOAL_RATIO = 0.75
+#: ...with failed attempts under this share of the tasks.
+GOAL_FAILURES = 0.05
+
+
+def goal_summary(results: Sequence[WorkflowResult], ours_name: str = OURS) -> str:
+    """How many workflows meet the goal, and the medians of the ratio and of the failure rate."""
+    rows = []
+    for r in results:
+        rt = ratio(r, ours_name)
+        if rt is not None:
+            rows.append((r.name, rt, r.methods[ours_name].failure_rate))
+    if not rows:
+        return ""
+    met = [name for name, rt, f in rows if rt <= GOAL_RATIO and f < GOAL_FAILURES]
+    ratios = sorted(rt for _, rt, _ in rows)
+    fails = sorted(f for _, _, f in rows)
+    median = lambda v: (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2  # noqa: E731
+    return (f"{ours_name}: goal (wastage <= {GOAL_RATIO} x the best other's, failed attempts < "
+            f"{GOAL_FAILURES:.0%}) met on {len(met)} of {len(rows)} workflow(s)"
+            + (f": {', '.join(met)}" if met else "")
+            + f"; ratio <= {GOAL_RATIO} on {sum(rt <= GOAL_RATIO for rt in ratios)}, below 1 on "
+            f"{sum(rt < 1 for rt in ratios)}; median ratio {median(ratios):.2f}, median failed attempts "
+            f"{100 * median(fails):.1f}%")
+
+
 def markdown_table(results: Sequence[WorkflowResult], methods: Iterable[str]) -> str:
     """Wastage (GBh) per workflow and method, raysched / best other, failure rates."""
     methods = list(methods)
