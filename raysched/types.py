@@ -31,7 +31,6 @@ class Outcome(str, enum.Enum):
     OOM_KILLED = "oom_killed"  # Ray's memory monitor (or raysched's, before it) killed it for memory
     LIMIT_STOPPED = "limit_stopped"  # a raysched hard limit stopped it
     CANCELLED = "cancelled"
-    RESCALED = "rescaled"  # an actor's incarnation replaced by a new one of another size (its use is real)
 
     def __str__(self) -> str:  # so that f"{outcome}" prints "ok", not "Outcome.OK"
         return self.value

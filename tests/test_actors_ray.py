@@ -147,7 +147,8 @@ def test_an_actor_that_outgrows_its_allocation_is_rescaled_and_keeps_its_state(r
     ray.get(handle.terminate(), timeout=60)
     assert wait_for(lambda: len(raysched.profiles(Grower)) == 2, timeout=30)
     rows = raysched.profiles(Grower).sort_values("attempt")
-    assert rows["outcome"].tolist() == ["rescaled", "ok"]
+    assert rows["outcome"].tolist() == ["ok", "ok"]
+    assert rows["allocated_memory_bytes"].tolist() == [first_allocation.memory_bytes, handle.allocation.memory_bytes]
     assert rows["attempt"].tolist() == [1, 2]
     assert rows["peak_rss_bytes"].iloc[0] >= 400 * MiB
     assert set(rows["call_id"]) == {handle.actor_id}

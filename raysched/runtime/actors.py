@@ -23,8 +23,8 @@ The handle then
 2. creates the new actor with the new size and the same constructor arguments,
    and hands it the state as an ObjectRef (the driver does not wait for it),
 3. sends every later call to the new actor (Ray runs them after the restore),
-4. has the old actor record its row (outcome ``rescaled``) and exit once its
-   queue is done,
+4. has the old actor record its row (an ``ok`` one: what it used is real) and
+   exit once its queue is done,
 
 and notes the rescale as an event.  Calls made before the switch finish on the
 old actor, calls after it run on the new one: none is lost or run twice.
@@ -448,8 +448,8 @@ class AdaptiveActorHandle:
             new_actor = self._start(new_spec)
             new_actor._raysched_restore.remote(state)  # before every call sent from now on
             self._actor, self._spec = new_actor, new_spec
-            finished = old_actor._raysched_finish.remote(Outcome.RESCALED.value,
-                                                         f"rescaled by raysched ({decision.rule}): {decision.detail}")
+            # Its row is an ordinary "ok" one (outcomes are a fixed set); the rescale is an event.
+            finished = old_actor._raysched_finish.remote(Outcome.OK.value)
             old_actor.__ray_terminate__.remote()
             self._draining[old_spec.live_key] = (old_spec, finished, None)
             done = Rescale(new_spec.attempt, old_spec.allocation, target, decision, time.time())
