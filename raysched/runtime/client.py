@@ -49,6 +49,7 @@ class ProfilerClient:
         self.config = config
         self._handle_factory = handle_factory
         self._handle: Any = None
+        self._admission: Any = None
         self._clock = clock
         self._lock = threading.Lock()
         self._bundles: dict[tuple[str, str], Bundle] = {}
@@ -71,6 +72,15 @@ class ProfilerClient:
                 threading.Thread(target=_start_monitor, args=(self.config,), name="raysched-monitor-start",
                                  daemon=True).start()
         return self._handle
+
+    @property
+    def admission(self) -> Any:
+        """The cluster's admission queue actor (for calls submitted with a priority)."""
+        if self._admission is None:
+            from .admission import get_or_create_admission
+
+            self._admission = get_or_create_admission()
+        return self._admission
 
     def _request(self, key: tuple[str, str], reload: bool = False) -> Any:
         have = -1 if reload or key not in self._bundles else self._bundles[key].version

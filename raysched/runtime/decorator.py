@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import ray
@@ -49,12 +50,15 @@ def _largest_memory_for(cluster, num_cpus: float) -> float | None:
 class _CallOptions:
     """Validated per-call options: raysched's metadata, explicit sizes, Ray's other options."""
 
-    __slots__ = ("input_size", "tags", "priority", "explicit", "ray_options", "key")
+    __slots__ = ("input_size", "tags", "priority", "queued", "explicit", "ray_options", "key")
 
     def __init__(self, options: Mapping[str, Any], base_tags: tuple[str, ...], base_ray: Mapping[str, Any]):
         self.input_size = validate_input_size(options.get("input_size"))
         self.tags = tuple(sorted(set(base_tags) | set(validate_tags(options.get("tags")))))
-        priority = options.get("priority", 0)
+        # A call given a priority waits in raysched's admission queue (runtime.admission);
+        # one without goes straight to Ray.
+        self.queued = options.get("priority") is not None
+        priority = options.get("priority", 0) if self.queued else 0
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidInput(f"priority must be an integer, got {priority!r}")
         self.priority = priority
@@ -68,7 +72,7 @@ class _CallOptions:
         ray_options.update({k: v for k, v in options.items() if k not in _META_KEYS and k not in _SIZED_KEYS})
         self.ray_options = ray_options
         # What makes two calls' plans equal besides their features; None: not cacheable.
-        self.key: tuple | None = (self.tags, priority, tuple(sorted(explicit.items())),
+        self.key: tuple | None = (self.tags, priority, self.queued, tuple(sorted(explicit.items())),
                                   tuple(sorted(ray_options.items())))
         try:
             hash(self.key)
@@ -88,10 +92,11 @@ class _Plan:
     id and Ray's own submission.
     """
 
-    __slots__ = ("bundle", "cluster", "config", "remote", "template")
+    __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation")
 
-    def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes):
+    def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, allocation: Any):
         self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
+        self.allocation = allocation
 
     def current(self, bundle: Any, cluster: Any, config: Any) -> bool:
         return self.bundle is bundle and self.cluster is cluster and self.config is config
@@ -179,7 +184,16 @@ class AdaptiveFunction:
                     self._plans.clear()
                 self._plans[key] = plan
         call_id = os.urandom(16).hex()
-        ref = plan.remote.remote(encode_call(plan.template, call_id), *args, **kwargs)
+        if options.queued:
+            # The task waits for its admission (an argument Ray resolves before it starts);
+            # the queue frees its room when the task's own ref resolves.
+            queue = client.admission
+            admitted = queue.admit.remote(call_id, options.priority, plan.allocation.num_cpus,
+                                          plan.allocation.memory_bytes, time.time())
+            ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
+            queue.track.remote(call_id, [ref])
+        else:
+            ref = plan.remote.remote(encode_call(plan.template, call_id), *args, **kwargs)
         note_submitted(self.name, call_id)
         return ref
 
@@ -200,9 +214,10 @@ class AdaptiveFunction:
             largest_node_bytes=_largest_memory_for(cluster, allocation.num_cpus),
             priority=options.priority,
             ray_options=tuple(sorted(options.ray_options.items())),
+            queued=options.queued,
         )
         remote = self._remote_with(remote_options(spec), self._config(client))
-        return _Plan(bundle, cluster, client.config, remote, encode_template(spec))
+        return _Plan(bundle, cluster, client.config, remote, encode_template(spec), allocation)
 
     def _remote_with(self, options: dict[str, Any], config: Any) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""

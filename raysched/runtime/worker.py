@@ -87,6 +87,9 @@ class AttemptSpec:
     priority: int = 0
     ray_options: tuple[tuple[str, Any], ...] = ()  # the caller's other Ray options, kept for resubmission
     rescalable: bool = False  # an actor's incarnation whose class opted in to rescaling (tasks: unused)
+    #: Submitted behind raysched's admission queue: the task's first argument after the spec
+    #: is its admission, not the user's (resubmitted attempts are not queued again).
+    queued: bool = False
 
     @property
     def live_key(self) -> str:
@@ -824,6 +827,10 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig) -> Callable[..., 
 
     def entry(spec_bytes: bytes, *args: Any, **kwargs: Any) -> Any:
         spec = decode_spec(spec_bytes, config)
+        if spec.queued:
+            args = args[1:]  # the admission's value: the queue let this call start
+            spec = spec.with_call_id(spec.call_id)  # a copy (its cached row part kept)...
+            spec.__dict__["queued"] = False  # ...so that what it submits next is not queued again
         if _ray_attempt_number() > 0:
             return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
         return run_measured(fn, spec, args, kwargs)  # the resubmitter is built only if the monitor stops it

@@ -1,0 +1,64 @@
+"""The admission queue on a real local Ray (2 CPUs): calls given a priority start in priority
+order when the cluster is full, keep real ObjectRefs, and a cancelled waiting call frees its place."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+import raysched
+from raysched import adaptive_remote
+from raysched.runtime.admission import ADMISSION_NAME
+from raysched.runtime.session import NAMESPACE
+from raysched.types import MiB
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.ray
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB)
+def hold(label: str, seconds: float):
+    import time
+
+    start = time.time()
+    time.sleep(seconds)
+    return label, start
+
+
+def _queue_status():
+    return ray.get(ray.get_actor(ADMISSION_NAME, namespace=NAMESPACE).status.remote(), timeout=30)
+
+
+def test_calls_with_a_priority_start_highest_first_when_the_cluster_is_full(ray_session):
+    # 2 CPUs, 1 CPU per call: two low calls take the cluster...
+    first = [hold.options(priority=0).remote(f"low{i}", 1.0) for i in range(2)]
+    assert wait_for(lambda: _queue_status()["admitted"] == 2, timeout=60), _queue_status()
+    # ...then four more low calls and, last, two urgent ones queue behind them.
+    later = [hold.options(priority=0).remote(f"low{i}", 0.4) for i in range(2, 6)]
+    high = [hold.options(priority=5).remote(f"high{i}", 0.4) for i in range(2)]
+    assert all(isinstance(r, ray.ObjectRef) for r in first + later + high)
+    results = ray.get(first + later + high, timeout=120)
+    order = [label for label, _start in sorted(results, key=lambda r: r[1])]
+    # The urgent calls start as soon as the first slots free up, before every waiting low one.
+    assert set(order[:2]) == {"low0", "low1"} and set(order[2:4]) == {"high0", "high1"}, order
+    assert set(order[4:]) == {"low2", "low3", "low4", "low5"}, order
+    assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()
+    rows = raysched.profiles(hold)
+    assert sorted(rows["priority"].tolist()) == [0] * 6 + [5] * 2
+
+
+def test_a_call_cancelled_while_it_waits_frees_its_place_and_others_go_on(ray_session):
+    running = [hold.options(priority=1).remote(f"run{i}", 1.5) for i in range(2)]
+    waiting = hold.options(priority=1).remote("cancelled", 0.1)
+    after = hold.options(priority=1).remote("after", 0.1)
+    ray.cancel(waiting)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+        ray.get(waiting, timeout=60)
+    assert ray.get(after, timeout=60)[0] == "after"
+    ray.get(running, timeout=60)
+    assert wait_for(lambda: _queue_status()["admitted"] == 0 and _queue_status()["waiting"] == 0, timeout=30)
+    # Calls without a priority never touch the queue.
+    before = _queue_status()["admitted_total"]
+    assert ray.get(hold.remote("plain", 0.0), timeout=60)[0] == "plain"
+    assert _queue_status()["admitted_total"] == before
