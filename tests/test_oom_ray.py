@@ -108,7 +108,9 @@ def test_memory_kill_climbs_the_ladder_and_returns_the_value_once(strict_node):
         # The killed attempt's last live peak was recorded, and learnt from as a bumped sample.
         assert row["peak_rss_bytes"] > 300 * MiB
         assert row["memory_sample_bytes"] >= max(row["peak_rss_bytes"] + 100 * MiB, row["peak_rss_bytes"] * 1.2) - 1
-        assert "memory monitor" in row["error"]
+        # Killed by Ray's memory monitor, or (when raysched's own monitor saw it first and the
+        # task, asleep in C code, could not be stopped) by raysched: either way for memory.
+        assert "memory monitor" in row["error"] or "stop_and_resubmit" in row["error"], row["error"]
 
 
 def test_after_max_attempts_a_clear_error_names_every_attempt(strict_node):
