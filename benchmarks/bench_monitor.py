@@ -210,9 +210,15 @@ def proc_reading(pid: int | None) -> dict[str, float]:
 # --- one batch ------------------------------------------------------------------------------------------
 
 
+#: Extra per-call options of the raysched path: {"priority": 0} sends it through raysched's
+#: admission queue (``--raysched-order``).
+RAYSCHED_CALL_OPTIONS: dict = {}
+
+
 def submit(mode: str, sizes: list[int], hold_s: float, marker_dir: str, task_name: str, labels: dict[str, int]):
     if mode == "raysched":
-        return [adaptive_grow.options(input_size=mib * MiB, num_cpus=CPUS_PER_TASK, name=task_name)
+        return [adaptive_grow.options(input_size=mib * MiB, num_cpus=CPUS_PER_TASK, name=task_name,
+                                      **RAYSCHED_CALL_OPTIONS)
                 .remote(mib, hold_s, marker_dir) for mib in sizes]
     memory = labels[mode]
     return [plain_grow.options(memory=memory, num_cpus=CPUS_PER_TASK, name=task_name).remote(mib, hold_s, marker_dir)
@@ -446,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-wave", type=int, default=4,
                         help="the warm-up batch is submitted this many calls at a time (default 4; 0: all at once, "
                              "which can deadlock raysched's cold start: see benchmarks/README.md)")
+    parser.add_argument("--raysched-order", choices=["none", "first_submitted", "largest_first"], default="none",
+                        help="send raysched's calls through its admission queue (priority 0) in this order "
+                             "(default none: straight to Ray, as the issue's benchmark)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     args = parser.parse_args(argv)
@@ -457,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     warm_sizes = [warm_rng.choice(choices) for _ in range(args.tasks)]
     warm_sizes[0], warm_sizes[-1] = lo, hi  # the warm batch spans the whole range
 
+    if args.raysched_order != "none":
+        raysched.configure(admission_order=args.raysched_order)
+        RAYSCHED_CALL_OPTIONS["priority"] = 0
     adaptive_grow = raysched.adaptive_remote(name="bench_monitor.grow_and_hold", memory=args.guess_mib * MiB,
                                              num_cpus=CPUS_PER_TASK)(grow_and_hold)
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -191,6 +191,12 @@ class RayschedConfig:
     #: How long the retry after a worker's death waits for the monitor's directive.
     monitor_directive_timeout_s: float = 2.0
 
+    # --- the admission queue (calls submitted with a priority) --------------------------
+    #: How calls of equal priority are ordered: "first_submitted", or "largest_first"
+    #: (predicted memory x wall, largest first: the longest-processing-time rule; it did not
+    #: shorten the monitor benchmark's batch, see benchmarks/README.md).
+    admission_order: str = "first_submitted"
+
     # --- actors (``@adaptive_remote`` on a class) -------------------------------------------
     #: A rescale for memory sizes the new actor for its resident memory x this factor
     #: (and at least ladder_min_growth x its old allocation), before margin and rounding.
@@ -243,6 +249,8 @@ class RayschedConfig:
             problems.append("monitor_hard_stop_intervals and monitor_directive_timeout_s must be positive")
         if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:
             problems.append("monitor_wall_factor must be positive and monitor_cpu_low_ratio < monitor_cpu_high_ratio")
+        if self.admission_order not in ("first_submitted", "largest_first"):
+            problems.append(f"admission_order must be 'first_submitted' or 'largest_first', got {self.admission_order!r}")
         if not 0 < self.cost_min_coverage <= 1 or not 0 < self.cost_local_fraction <= 1:
             problems.append("cost_min_coverage and cost_local_fraction must be fractions in (0, 1]")
         if self.cost_tail_allowance < 0 or self.cost_min_history < 2 or self.cost_min_local < 2:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from raysched.policy.admission import AdmissionQueue, Request
+from raysched.policy.admission import FIRST_SUBMITTED, LARGEST_FIRST, AdmissionQueue, Request, order_key
 from raysched.runtime.admission import Admission
 from raysched.types import GiB
 
@@ -57,10 +57,29 @@ def test_a_call_cancelled_while_waiting_leaves_the_queue_and_offers_are_idempote
 
 def test_equal_priorities_go_by_the_submitters_clock_not_by_arrival():
     q = AdmissionQueue(Request(1.0, 8 * GiB))
-    q.offer("first-arrived", 0, ONE, submitted_at=10.0)
-    q.offer("late", 0, ONE, submitted_at=30.0)
-    q.offer("early", 0, ONE, submitted_at=20.0)  # sent before "late", reached the queue after it
+    key = lambda t: order_key(FIRST_SUBMITTED, t, 1 * GiB, 1.0)  # noqa: E731
+    q.offer("first-arrived", 0, ONE, key(10.0))
+    q.offer("late", 0, ONE, key(30.0))
+    q.offer("early", 0, ONE, key(20.0))  # sent before "late", reached the queue after it
     assert q.finish("first-arrived") == ["early"]
+
+
+def test_largest_first_admits_the_biggest_predicted_memory_seconds_first_within_a_priority():
+    q = AdmissionQueue(Request(1.0, 64 * GiB))
+    key = lambda mem, wall: order_key(LARGEST_FIRST, 0.0, mem, wall)  # noqa: E731
+    q.offer("running", 0, ONE, key(1 * GiB, 1.0))
+    q.offer("small", 0, ONE, key(1 * GiB, 1.0))
+    q.offer("long", 0, ONE, key(1 * GiB, 60.0))
+    q.offer("big", 0, ONE, key(8 * GiB, 2.0))
+    q.offer("urgent-small", 3, ONE, key(0.1 * GiB, 0.1))  # priority still comes first
+    assert [q.finish(t)[0] for t in ("running", "urgent-small", "long", "big")] == ["urgent-small", "long", "big",
+                                                                                      "small"]
+    try:
+        order_key("random", 0.0, 1.0, 1.0)
+    except ValueError as exc:
+        assert "largest_first" in str(exc)
+    else:
+        raise AssertionError("an unknown order must be refused")
 
 
 def test_a_new_capacity_admits_what_now_fits():

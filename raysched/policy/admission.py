@@ -37,8 +37,8 @@ class AdmissionQueue:
 
     def __init__(self, capacity: Request | None = None):
         self._capacity = capacity
-        # (-priority, submitted at, arrival, token, request): first come is by the submitter's
-        # clock, since calls can reach the queue out of order.
+        # (-priority, order key, arrival, token, request): the key is the submitter's (its
+        # clock, by default), since calls can reach the queue out of order.
         self._waiting: list[tuple[int, float, int, str, Request]] = []
         self._gone: set[str] = set()  # waiting tokens finished (cancelled) before admission
         self._admitted: dict[str, Request] = {}
@@ -58,11 +58,14 @@ class AdmissionQueue:
         return Request(sum(r.num_cpus for r in self._admitted.values()),
                        sum(r.memory_bytes for r in self._admitted.values()))
 
-    def offer(self, token: str, priority: int, request: Request, submitted_at: float = 0.0) -> list[str]:
-        """A call arrives; returns the tokens admitted now (it may be among them)."""
+    def offer(self, token: str, priority: int, request: Request, order_key: float = 0.0) -> list[str]:
+        """A call arrives; returns the tokens admitted now (it may be among them).
+
+        Among equal priorities the smaller ``order_key`` goes first (see ``order_key``).
+        """
         if token in self._admitted or any(entry[3] == token for entry in self._waiting):
             return []  # offered twice (a retried actor call): one place in the queue
-        heapq.heappush(self._waiting, (-priority, submitted_at, next(self._arrival), token, request))
+        heapq.heappush(self._waiting, (-priority, order_key, next(self._arrival), token, request))
         return self._admit()
 
     def finish(self, token: str) -> list[str]:
@@ -99,4 +102,25 @@ class AdmissionQueue:
         return out
 
 
-__all__ = ["AdmissionQueue", "Request"]
+FIRST_SUBMITTED = "first_submitted"
+LARGEST_FIRST = "largest_first"
+ORDERS = (FIRST_SUBMITTED, LARGEST_FIRST)
+
+
+def order_key(order: str, submitted_at: float, memory_bytes: float, wall_seconds: float) -> float:
+    """The key that orders calls of equal priority (smaller first).
+
+    - ``first_submitted``: the submitter's clock: first come, first served;
+    - ``largest_first``: the predicted memory-seconds (memory x wall), largest first,
+      the longest-processing-time rule: a batch whose big calls start first leaves
+      small ones for the end, which pack into the room that is left instead of one
+      big call running alone (ties by the clock's order are lost: the key is the size).
+    """
+    if order == FIRST_SUBMITTED:
+        return float(submitted_at)
+    if order == LARGEST_FIRST:
+        return -float(memory_bytes) * max(float(wall_seconds), 1e-3)
+    raise ValueError(f"unknown admission order {order!r}; expected one of {ORDERS}")
+
+
+__all__ = ["AdmissionQueue", "Request", "order_key", "ORDERS", "FIRST_SUBMITTED", "LARGEST_FIRST"]

@@ -80,16 +80,17 @@ class Admission:
                 self._wake(self._queue.set_capacity(capacity))
 
     async def admit(self, token: str, priority: int, num_cpus: float, memory_bytes: float,
-                    submitted_at: float = 0.0) -> bool:
+                    order_key: float = 0.0) -> bool:
         """Return once the call may start (its task takes this value as an argument).
 
-        ``submitted_at`` (the driver's ``time.time()``) orders calls of equal priority:
-        an async actor does not start calls in the order they were sent.
+        ``order_key`` (``policy.admission.order_key``, computed by the driver) orders calls
+        of equal priority; the driver's clock by default, since an async actor does not
+        start calls in the order they were sent.
         """
         self._refresh()
         event = self._events.setdefault(token, asyncio.Event())
         request = Request(float(num_cpus), float(memory_bytes))
-        self._wake(self._queue.offer(token, priority, request, submitted_at))
+        self._wake(self._queue.offer(token, priority, request, order_key))
         await event.wait()
         return True
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import ray
 
 from ..errors import InvalidInput
+from ..policy.admission import order_key
 from ..policy.estimators import Fallback
 from ..policy.features import call_features, validate_input_size, validate_memory, validate_num_cpus, validate_tags
 from ..types import Prediction
@@ -92,11 +93,16 @@ class _Plan:
     id and Ray's own submission.
     """
 
-    __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation")
+    __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation", "wall_seconds")
 
-    def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, allocation: Any):
+    def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, allocation: Any,
+                 wall_seconds: float = 0.0):
         self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
-        self.allocation = allocation
+        self.allocation, self.wall_seconds = allocation, wall_seconds
+
+    def order_key(self, now: float) -> float:
+        """Where a queued call of this plan goes among calls of its priority."""
+        return order_key(self.config.admission_order, now, self.allocation.memory_bytes, self.wall_seconds)
 
     def current(self, bundle: Any, cluster: Any, config: Any) -> bool:
         return self.bundle is bundle and self.cluster is cluster and self.config is config
@@ -189,7 +195,7 @@ class AdaptiveFunction:
             # the queue frees its room when the task's own ref resolves.
             queue = client.admission
             admitted = queue.admit.remote(call_id, options.priority, plan.allocation.num_cpus,
-                                          plan.allocation.memory_bytes, time.time())
+                                          plan.allocation.memory_bytes, plan.order_key(time.time()))
             ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
             queue.track.remote(call_id, [ref])
         else:
@@ -217,7 +223,8 @@ class AdaptiveFunction:
             queued=options.queued,
         )
         remote = self._remote_with(remote_options(spec), self._config(client))
-        return _Plan(bundle, cluster, client.config, remote, encode_template(spec), allocation)
+        return _Plan(bundle, cluster, client.config, remote, encode_template(spec), allocation,
+                     float(prediction.wall.target))
 
     def _remote_with(self, options: dict[str, Any], config: Any) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
