@@ -3,6 +3,8 @@ measured rows, rescaling with state kept, opting out, and the hard cap."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import ray
@@ -117,8 +119,13 @@ def test_an_actor_runs_its_calls_and_records_one_row_with_its_real_use(ray_sessi
 
 
 def test_the_next_actor_of_a_class_is_sized_from_its_past_incarnations(ray_session):
-    for _ in range(3):  # with the first test's row, past min_history_for_stats
+    for _ in range(2):  # with the first test's row and the dropped one below, past min_history_for_stats
         ray.get(Holder.remote(120).terminate(), timeout=60)
+    # A handle dropped without terminate() still has its actor record its row.
+    dropped = Holder.remote(120)
+    ray.get(dropped.nbytes.remote(), timeout=60)
+    del dropped
+    gc.collect()
     assert wait_for(lambda: len(raysched.profiles(Holder)) >= 4, timeout=30), raysched.profiles(Holder)[["outcome", "attempt"]]
     Holder.refresh()
     handle = Holder.remote(120)

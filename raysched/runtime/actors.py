@@ -29,13 +29,16 @@ The handle then
 and notes the rescale as an event.  Calls made before the switch finish on the
 old actor, calls after it run on the new one: none is lost or run twice.
 
-Limits: an actor that dies abruptly (SIGKILL, its node lost) records no row for
-that incarnation; Ray's own ``max_restarts`` is 0 unless the caller sets it.
+The row is recorded when the incarnation ends through its handle: ``terminate()``,
+a rescale, or the handle dropped (``__del__`` sends the actor one last call).
+Limits: an actor that dies abruptly (SIGKILL, its node lost), or still runs when
+its driver exits, records no row for that incarnation (Ray kills an exiting
+actor's process within ~100 ms, too soon for a row); Ray's own ``max_restarts`` is
+0 unless the caller sets it.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import signal
@@ -79,7 +82,8 @@ class _Incarnation:
         self._meter.start()
         self._sampler = get_live_sampler(spec.config.live_interval_s)
         self._sampler.register(spec.live_key, self._meter, self._on_sample)
-        atexit.register(self.finish, Outcome.OK, "the actor's process exited")
+        # No atexit hook: Ray kills an exiting actor's process within ~100 ms, before a row
+        # could be sent or written. The handle records the row instead (terminate, __del__).
 
     def _on_sample(self, _key: Any, sample: Any) -> None:
         reporter = get_reporter(self.spec.config)
@@ -356,6 +360,15 @@ class AdaptiveActorHandle:
         if not callable(getattr(self._class._cls, name, None)):
             raise AttributeError(f"{self._class.name} has no method {name!r}")
         return _Method(self, name)
+
+    def __del__(self) -> None:
+        # Dropped without terminate(): have the actor record its row first. Ray runs the
+        # calls already sent to an actor before it ends one whose handles are all gone.
+        try:
+            if self._stopped is None and ray.is_initialized():
+                self._actor._raysched_finish.remote(Outcome.OK.value)
+        except Exception:  # noqa: BLE001 - a driver shutting down: the row is lost, nothing else
+            pass
 
     def __reduce__(self):
         # Passed to a task or another actor, the handle travels as the current incarnation's
