@@ -128,6 +128,9 @@ def test_the_next_actor_of_a_class_is_sized_from_its_past_incarnations(ray_sessi
     gc.collect()
     assert wait_for(lambda: len(raysched.profiles(Holder)) >= 4, timeout=30), raysched.profiles(Holder)[["outcome", "attempt"]]
     Holder.refresh()
+    # predict() asks without creating an actor, with per-actor metadata too.
+    assert Holder.predict(120).memory.n_history >= 4
+    assert Holder.options(tags=["probe"]).predict(120).memory.source == "history"
     handle = Holder.remote(120)
     try:
         # (Memory: these lives are too short for their cores to count, so CPU stays on the fallback.)

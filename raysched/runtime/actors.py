@@ -262,10 +262,13 @@ class AdaptiveActorClass:
         return _BoundActorClass(self, self._options(options))
 
     def predict(self, *args: Any, **kwargs: Any):
+        return self._predict(self._options({}), args, kwargs)
+
+    def _predict(self, options: Any, args: tuple, kwargs: Mapping[str, Any]):
         from .client import get_client
 
-        get_client().refresh(self.name, self.code_hash)
-        return self._plan(self._options({}), args, kwargs)[1].prediction
+        get_client().refresh(self.name, self.code_hash)  # a query, not a creation: it may wait for the newest
+        return self._plan(options, args, kwargs)[1].prediction
 
     def refresh(self, train: bool = False, timeout: float = 120.0) -> None:
         """Fetch the newest bundle now; with ``train=True`` train on every row first."""
@@ -284,7 +287,7 @@ class _BoundActorClass:
         return self._class._create(self._options, args, kwargs)
 
     def predict(self, *args: Any, **kwargs: Any):
-        return self._class._plan(self._options, args, kwargs)[1].prediction
+        return self._class._predict(self._options, args, kwargs)
 
 
 class _Method:

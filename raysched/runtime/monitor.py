@@ -175,7 +175,7 @@ class Metrics:
         if not m:
             return
         m["decisions"].inc(1, tags={"rule": decision.rule, "action": decision.action})
-        if decision.stops:
+        if decision.stops and decision.rule != ACTOR_RESCALED:  # the note follows the stop already counted
             m["stopped"].inc(1, tags={"function": decision.function, "action": decision.action})
         if decision.action in (STOP_AND_RESUBMIT, REQUEUE_LOWEST_PRIORITY):
             m["resubmitted"].inc(1, tags={"function": decision.function})
