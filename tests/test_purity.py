@@ -60,5 +60,5 @@ def test_the_worker_side_stays_light():
     first task of every worker published its live use a second late.
     """
     worker_side = ["raysched.runtime.worker", "raysched.runtime.monitor", "raysched.runtime.measure",
-                   "raysched.runtime.actors"]
+                   "raysched.runtime.actor_worker"]
     assert loaded_in_a_fresh_python(worker_side, {"pandas", "pyarrow", "mlflow", "xgboost"}) == []

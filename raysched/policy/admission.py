@@ -40,6 +40,7 @@ class AdmissionQueue:
         # (-priority, order key, arrival, token, request): the key is the submitter's (its
         # clock, by default), since calls can reach the queue out of order.
         self._waiting: list[tuple[int, float, int, str, Request]] = []
+        self._queued: set[str] = set()  # the tokens in _waiting
         self._gone: set[str] = set()  # waiting tokens finished (cancelled) before admission
         self._admitted: dict[str, Request] = {}
         self._arrival = itertools.count()
@@ -63,14 +64,15 @@ class AdmissionQueue:
 
         Among equal priorities the smaller ``order_key`` goes first (see ``order_key``).
         """
-        if token in self._admitted or any(entry[3] == token for entry in self._waiting):
+        if token in self._admitted or token in self._queued:
             return []  # offered twice (a retried actor call): one place in the queue
         heapq.heappush(self._waiting, (-priority, order_key, next(self._arrival), token, request))
+        self._queued.add(token)
         return self._admit()
 
     def finish(self, token: str) -> list[str]:
         """A call ended (or was cancelled while waiting); returns the tokens admitted now."""
-        if self._admitted.pop(token, None) is None and any(entry[3] == token for entry in self._waiting):
+        if self._admitted.pop(token, None) is None and token in self._queued:
             self._gone.add(token)
         return self._admit()
 
@@ -90,13 +92,13 @@ class AdmissionQueue:
         out = []
         while self._waiting:
             token, request = self._waiting[0][3:]
-            if token in self._gone:
-                heapq.heappop(self._waiting)
-                self._gone.discard(token)
-                continue
-            if not self._fits(request):
+            if token not in self._gone and not self._fits(request):
                 break  # strict order: nothing lower passes a waiting higher call
             heapq.heappop(self._waiting)
+            self._queued.discard(token)
+            if token in self._gone:  # cancelled while it waited
+                self._gone.discard(token)
+                continue
             self._admitted[token] = request
             out.append(token)
         return out

@@ -42,7 +42,7 @@ from .rules import (
     Rules,
     WallOverPrediction,
 )
-from .rescale import rescale_target
+from .rescale import CPU_RULE, MEMORY_RULE, rescale_target
 from .samples import oom_bump
 from .sizing import AddMemoryMargin, AtLeast, FitLargestNode, RoundUp, Sizer
 
@@ -256,7 +256,7 @@ def build_rules(config: RayschedConfig) -> Rules:
             # 2. Resident memory past the allocation x 1.2 for n samples in a row: stop and
             #    resubmit on the next ladder rung before it starves its node (a warning
             #    instead when no larger rung exists: capped, or the last attempt).
-            AttemptRule("memory_over_allocation",
+            AttemptRule(MEMORY_RULE,
                         MemoryOverAllocation(config.monitor_memory_tolerance, config.max_attempts), n),
             # 3. Past the predicted wall upper bound x 3 (never judged on a fallback):
             #    a warning and a metric; cancelled only when monitor_cancel_slow is set.
@@ -264,7 +264,7 @@ def build_rules(config: RayschedConfig) -> Rules:
                         WallOverPrediction(config.monitor_wall_factor, config.monitor_cancel_slow), n),
             # 4. Average cores below x0.25 or above x1.5 of the allocation after 10 s:
             #    recorded as an event for the next sizing; nothing is stopped.
-            AttemptRule("cpu_off_allocation",
+            AttemptRule(CPU_RULE,
                         CpuOffAllocation(config.monitor_cpu_low_ratio, config.monitor_cpu_high_ratio,
                                          config.monitor_cpu_min_wall_s), n),
         ),
@@ -281,15 +281,15 @@ def build_rules(config: RayschedConfig) -> Rules:
             AttemptRule("memory_hard_limit", MemoryOverHardCap(config.memory_limit_bytes, dict(config.memory_limits)), n),
             # A2. Resident memory past the allocation x 1.2 for n samples: rescale, to 1.5 x what
             #     it holds (policy.rescale); a warning when capped or after actor_max_rescales.
-            AttemptRule("memory_over_allocation",
+            AttemptRule(MEMORY_RULE,
                         AsRescale(MemoryOverAllocation(config.monitor_memory_tolerance, None),
-                                  config.actor_max_rescales, _rescale_changes("memory_over_allocation", config)), n),
+                                  config.actor_max_rescales, _rescale_changes(MEMORY_RULE, config)), n),
             # A3. Average cores below x0.25 or above x1.5 of the allocation after 10 s, for
             #     actor_cpu_sustain_samples in a row: rescale to the cores it uses.
-            AttemptRule("cpu_off_allocation",
+            AttemptRule(CPU_RULE,
                         AsRescale(CpuOffAllocation(config.monitor_cpu_low_ratio, config.monitor_cpu_high_ratio,
                                                    config.monitor_cpu_min_wall_s), config.actor_max_rescales,
-                                  _rescale_changes("cpu_off_allocation", config)),
+                                  _rescale_changes(CPU_RULE, config)),
                         config.actor_cpu_sustain_samples),
         ),
     )

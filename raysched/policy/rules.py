@@ -362,7 +362,8 @@ class NodePressure:
 
     def victim(self, running: Iterable[LiveReport]) -> LiveReport | None:
         # An actor cannot be requeued (its state lives in it): only tasks give way.
-        candidates = sorted((r for r in running if r.kind == TASK), key=lambda r: (r.priority, -r.rss_bytes, r.call_id, r.attempt))
+        tasks = (r for r in running if r.kind == TASK)
+        candidates = sorted(tasks, key=lambda r: (r.priority, -r.rss_bytes, r.call_id, r.attempt))
         return candidates[0] if candidates else None
 
 

@@ -31,6 +31,8 @@ old actor, calls after it run on the new one: none is lost or run twice.
 
 The row is recorded when the incarnation ends through its handle: ``terminate()``,
 a rescale, or the handle dropped (``__del__`` sends the actor one last call).
+The code that runs inside the actor's process is in ``runtime.actor_worker``.
+
 Limits: an actor that dies abruptly (SIGKILL, its node lost), or still runs when
 its driver exits, records no row for that incarnation (Ray kills an exiting
 actor's process within ~100 ms, too soon for a row); Ray's own ``max_restarts`` is
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 import weakref
@@ -52,108 +53,18 @@ import ray
 
 from ..config import RayschedConfig
 from ..errors import InvalidInput
-from ..policy.rules import ACTOR, ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, RESCALE, STOP_LIMIT, WARN, Decision
-from ..types import Allocation, Outcome, Usage
-from .measure import AttemptMeter, get_live_sampler
+from ..policy.rules import ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, RESCALE, STOP_LIMIT, WARN, Decision
+from ..types import Allocation, Outcome
+from .actor_worker import RESTORE_HOOK, SAVE_HOOK, actor_options, make_actor_class
+from .decorator import _Adaptive
 from .session import NAMESPACE
-from .worker import AttemptSpec, _node_id, attempt_row, decode_spec, encode_spec, get_reporter, get_sink
+from .worker import AttemptSpec, encode_spec
 
 logger = logging.getLogger(__name__)
 
-SAVE_HOOK = "raysched_save_state"
 #: How long a replaced incarnation that died before finishing its queue is still asked
 #: about: the monitor's stop for it (a hard limit) says whether the actor must fail.
 _DEAD_INCARNATION_WATCH_S = 10.0
-RESTORE_HOOK = "raysched_restore_state"
-
-
-# --- inside the actor's process ------------------------------------------------------------------------
-
-
-class _Incarnation:
-    """One incarnation of an adaptive actor, measured in its process from ``__init__`` to its end."""
-
-    def __init__(self, spec: AttemptSpec):
-        self.spec = spec
-        self._lock = threading.Lock()
-        self._finished = False
-        self._meter = AttemptMeter()
-        self._started = time.time()
-        self._meter.start()
-        self._sampler = get_live_sampler(spec.config.live_interval_s)
-        self._sampler.register(spec.live_key, self._meter, self._on_sample)
-        # No atexit hook: Ray kills an exiting actor's process within ~100 ms, before a row
-        # could be sent or written. The handle records the row instead (terminate, __del__).
-
-    def _on_sample(self, _key: Any, sample: Any) -> None:
-        reporter = get_reporter(self.spec.config)
-        if reporter is None:
-            return
-        from .monitor import report_from
-
-        reporter.add(report_from(self.spec, sample, _node_id(), kind=ACTOR))
-        decision = reporter.directive(self.spec.live_key, self.spec.attempt)
-        if decision is not None and decision.action == STOP_LIMIT:
-            # A runaway: record what it reached, and end the process now, before the node's
-            # OOM killer picks a victim. The handle fails later calls with ResourceLimitExceeded.
-            logger.warning("raysched: actor %s over its hard limit (%s); stopping it", self.spec.function,
-                           decision.detail)
-            self.finish(Outcome.LIMIT_STOPPED, f"stopped by raysched's monitor ({decision.rule}): {decision.detail}",
-                        wait_s=5.0)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def finish(self, outcome: Outcome, reason: str = "", wait_s: float = 0.0) -> Usage | None:
-        """Record this incarnation's row (once); with ``wait_s``, wait that long for it to be sent."""
-        with self._lock:
-            if self._finished:
-                return None
-            self._finished = True
-        self._sampler.unregister(self.spec.live_key)
-        usage = self._meter.stop()
-        sink = get_sink(self.spec.config)
-        sink.add(attempt_row(self.spec, outcome, usage, self._started, time.time(),
-                             reason if outcome is not Outcome.OK else "", _node_id(), os.getpid()))
-        ref = sink.flush()
-        if wait_s and ref is not None:
-            ray.wait([ref], timeout=wait_s)
-        return usage
-
-
-def make_actor_class(cls: type, config: RayschedConfig) -> type:
-    """``cls`` with raysched's measuring ``__init__`` and the methods its handle calls."""
-
-    class AdaptiveActor(cls):  # type: ignore[misc, valid-type]
-        def __init__(self, _raysched_spec: bytes, *args: Any, **kwargs: Any):
-            self._raysched_incarnation = _Incarnation(decode_spec(_raysched_spec, config))
-            try:
-                super().__init__(*args, **kwargs)
-            except BaseException as exc:
-                self._raysched_incarnation.finish(Outcome.ERROR, f"{type(exc).__name__}: {exc}", wait_s=5.0)
-                raise
-
-        def _raysched_save(self) -> Any:
-            save = getattr(self, SAVE_HOOK, None)
-            return save() if save is not None else None
-
-        def _raysched_restore(self, state: Any) -> None:
-            restore = getattr(self, RESTORE_HOOK, None)
-            if restore is not None:
-                restore(state)
-
-        def _raysched_finish(self, outcome: str, reason: str = "") -> Usage | None:
-            return self._raysched_incarnation.finish(Outcome(outcome), reason, wait_s=5.0)
-
-    for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
-        setattr(AdaptiveActor, attr, getattr(cls, attr, None))
-    return AdaptiveActor
-
-
-def actor_options(spec: AttemptSpec) -> dict[str, Any]:
-    """The Ray options one incarnation is created with: the caller's, then raysched's sizing."""
-    options = dict(spec.ray_options)
-    options.update(spec.allocation.ray_options())
-    options.setdefault("max_restarts", 0)  # raysched replaces an actor; Ray restarting it unchanged would not help
-    return options
 
 
 # --- in the driver --------------------------------------------------------------------------------------
@@ -170,7 +81,7 @@ class Rescale:
     at: float  # time.time()
 
 
-class AdaptiveActorClass:
+class AdaptiveActorClass(_Adaptive):
     """A class run as a Ray actor with resources learnt from the past runs of the class.
 
     ``Cls.remote(*args, **kwargs)`` returns an :class:`AdaptiveActorHandle`;
@@ -182,30 +93,19 @@ class AdaptiveActorClass:
     def __init__(self, cls: type, *, name: str | None = None, tags: Any = (), num_cpus: Any = None,
                  memory: Any = None, dependencies: Any = (), rescalable: bool | None = None,
                  max_attempts: Any = None, **ray_options: Any):
-        from ..policy.estimators import Fallback
-        from ..policy.features import validate_memory, validate_num_cpus, validate_tags
-        from .codehash import code_hash, qualified_name
-
         if max_attempts is not None:
             raise InvalidInput("max_attempts is for tasks; an actor is rescaled at most "
                                "config.actor_max_rescales times")
-        if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise InvalidInput(f"name must be a non-empty string, got {name!r}")
         has_save, has_restore = callable(getattr(cls, SAVE_HOOK, None)), callable(getattr(cls, RESTORE_HOOK, None))
         if has_save != has_restore:
             raise InvalidInput(f"{cls.__qualname__} defines {SAVE_HOOK if has_save else RESTORE_HOOK} without "
                                f"{RESTORE_HOOK if has_save else SAVE_HOOK}: define both, or neither")
         if rescalable is not None and not isinstance(rescalable, bool):
             raise InvalidInput(f"rescalable must be True or False, got {rescalable!r}")
+        super().__init__(cls, name, tags, num_cpus, memory, dependencies, ray_options)
         self._cls = cls
-        self.name = name or qualified_name(cls)
-        self.code_hash = code_hash(cls)
         #: Whether the monitor may replace its actors: declared, or implied by the two hooks.
         self.rescalable = has_save if rescalable is None else rescalable
-        self.fallback = Fallback(memory=validate_memory(memory), cpu=validate_num_cpus(num_cpus))
-        self.tags = validate_tags(tags)
-        self.dependencies = validate_tags(dependencies, "dependencies")
-        self._ray_options = dict(ray_options)
         self._ray_class: Any = None
         self._ray_class_config: Any = None
 
@@ -223,32 +123,14 @@ class AdaptiveActorClass:
             self._ray_class_config = config
         return self._ray_class
 
-    def _options(self, options: Mapping[str, Any]):
-        from .decorator import _CallOptions
-
-        return _CallOptions(options, self.tags, self._ray_options)
-
     def _plan(self, options: Any, args: tuple, kwargs: Mapping[str, Any]):
-        """The first incarnation's spec, and the client and cluster it was sized with."""
-        from ..policy.features import call_features
+        """The first incarnation's spec, and the client it was sized with."""
         from .client import get_client
-        from .decorator import _largest_memory_for, _ref_size
 
         client = get_client()
-        features = call_features(args, kwargs, input_size=options.input_size, tags=options.tags,
-                                 dependencies=self.dependencies, size_of_opaque=_ref_size)
-        bundle = client.bundle(self.name, self.code_hash)
-        cluster = client.cluster.get()
-        prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
-        allocation = client.size(prediction, options.explicit, self.name, cluster)
-        spec = AttemptSpec(
-            function=self.name, code_hash=self.code_hash, call_id="actor-" + os.urandom(12).hex(), attempt=1,
-            features=features, prediction=prediction, allocation=allocation,
-            max_peak_seen=bundle.max_peak_seen if bundle else 0.0,
-            largest_node_bytes=_largest_memory_for(cluster, allocation.num_cpus),
-            priority=options.priority, ray_options=tuple(sorted(options.ray_options.items())),
-            rescalable=self.rescalable,
-        )
+        spec = self._first_spec(client, options, self._features(options, args, kwargs),
+                                client.bundle(self.name, self.code_hash), client.cluster.get(),
+                                call_id="actor-" + os.urandom(12).hex(), rescalable=self.rescalable)
         return client, spec
 
     def _create(self, options: Any, args: tuple, kwargs: Mapping[str, Any]) -> "AdaptiveActorHandle":
@@ -256,13 +138,13 @@ class AdaptiveActorClass:
         return AdaptiveActorHandle(self, client, spec, args, dict(kwargs))
 
     def remote(self, *args: Any, **kwargs: Any) -> "AdaptiveActorHandle":
-        return self._create(self._options({}), args, kwargs)
+        return self._create(self._call_options({}), args, kwargs)
 
     def options(self, **options: Any) -> "_BoundActorClass":
-        return _BoundActorClass(self, self._options(options))
+        return _BoundActorClass(self, self._call_options(options))
 
     def predict(self, *args: Any, **kwargs: Any):
-        return self._predict(self._options({}), args, kwargs)
+        return self._predict(self._call_options({}), args, kwargs)
 
     def _predict(self, options: Any, args: tuple, kwargs: Mapping[str, Any]):
         from .client import get_client

@@ -108,7 +108,53 @@ class _Plan:
         return self.bundle is bundle and self.cluster is cluster and self.config is config
 
 
-class AdaptiveFunction:
+class _Adaptive:
+    """What a function and an actor class decorated by ``adaptive_remote`` share: their
+    profile key, fallbacks, tags and dependencies, the features of a call, and the spec
+    of a first attempt (or incarnation) sized from the bundle the driver holds."""
+
+    def __init__(self, target: Any, name: Any, tags: Any, num_cpus: Any, memory: Any, dependencies: Any,
+                 ray_options: Mapping[str, Any]):
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise InvalidInput(f"name must be a non-empty string, got {name!r}")
+        self.name = name or qualified_name(target)
+        self.code_hash = code_hash(target)
+        self.fallback = Fallback(memory=validate_memory(memory), cpu=validate_num_cpus(num_cpus))
+        self.tags = validate_tags(tags)
+        self.dependencies = validate_tags(dependencies, "dependencies")
+        self._ray_options = dict(ray_options)
+
+    def _call_options(self, options: Mapping[str, Any]) -> _CallOptions:
+        return _CallOptions(options, self.tags, self._ray_options)
+
+    def _features(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]):
+        return call_features(
+            args, kwargs, input_size=options.input_size, tags=options.tags,
+            dependencies=self.dependencies, size_of_opaque=_ref_size,
+        )
+
+    def _first_spec(self, client: ProfilerClient, options: _CallOptions, features: Any, bundle: Any, cluster: Any,
+                    call_id: str = "", **extra: Any) -> AttemptSpec:
+        """The spec of a first attempt with these features: predicted, sized, with the caller's options."""
+        prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
+        allocation = client.size(prediction, options.explicit, self.name, cluster)
+        return AttemptSpec(
+            function=self.name,
+            code_hash=self.code_hash,
+            call_id=call_id,
+            attempt=1,
+            features=features,
+            prediction=prediction,
+            allocation=allocation,
+            max_peak_seen=bundle.max_peak_seen if bundle else 0.0,
+            largest_node_bytes=_largest_memory_for(cluster, allocation.num_cpus),
+            priority=options.priority,
+            ray_options=tuple(sorted(options.ray_options.items())),
+            **extra,
+        )
+
+
+class AdaptiveFunction(_Adaptive):
     """A function run as a Ray task with resources learnt from its past runs.
 
     Use it as ``@ray.remote``: ``f.remote(...)`` returns an ``ObjectRef``;
@@ -133,16 +179,9 @@ class AdaptiveFunction:
             raise InvalidInput(f"adaptive_remote needs a function, got {fn!r} ({type(fn).__name__})")
         if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
             raise InvalidInput(f"max_attempts must be a positive integer, got {max_attempts!r}")
-        if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise InvalidInput(f"name must be a non-empty string, got {name!r}")
+        super().__init__(fn, name, tags, num_cpus, memory, dependencies, ray_options)
         self._fn = fn
-        self.name = name or qualified_name(fn)
-        self.code_hash = code_hash(fn)
-        self.fallback = Fallback(memory=validate_memory(memory), cpu=validate_num_cpus(num_cpus))
-        self.tags = validate_tags(tags)
-        self.dependencies = validate_tags(dependencies, "dependencies")
         self.max_attempts = max_attempts
-        self._ray_options = dict(ray_options)
         self._remote: Any = None
         self._bound: dict[tuple, Any] = {}
         self._remote_config: Any = None
@@ -169,12 +208,6 @@ class AdaptiveFunction:
                 config = config.replace(max_attempts=self.max_attempts)
             self._config_for = (client.config, config)
         return self._config_for[1]
-
-    def _features(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]):
-        return call_features(
-            args, kwargs, input_size=options.input_size, tags=options.tags,
-            dependencies=self.dependencies, size_of_opaque=_ref_size,
-        )
 
     def _submit(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> ray.ObjectRef:
         client = get_client()
@@ -206,25 +239,10 @@ class AdaptiveFunction:
     def _make_plan(self, options: _CallOptions, features: Any, bundle: Any, cluster: Any,
                    client: ProfilerClient) -> "_Plan":
         """Prediction, allocation, Ray options and the encoded spec, for every call with these features."""
-        prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
-        allocation = client.size(prediction, options.explicit, self.name, cluster)
-        spec = AttemptSpec(
-            function=self.name,
-            code_hash=self.code_hash,
-            call_id="",
-            attempt=1,
-            features=features,
-            prediction=prediction,
-            allocation=allocation,
-            max_peak_seen=bundle.max_peak_seen if bundle else 0.0,
-            largest_node_bytes=_largest_memory_for(cluster, allocation.num_cpus),
-            priority=options.priority,
-            ray_options=tuple(sorted(options.ray_options.items())),
-            queued=options.queued,
-        )
+        spec = self._first_spec(client, options, features, bundle, cluster, queued=options.queued)
         remote = self._remote_with(remote_options(spec), self._config(client))
-        return _Plan(bundle, cluster, client.config, remote, encode_template(spec), allocation,
-                     float(prediction.wall.target))
+        return _Plan(bundle, cluster, client.config, remote, encode_template(spec), spec.allocation,
+                     float(spec.prediction.wall.target))
 
     def _remote_with(self, options: dict[str, Any], config: Any) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
@@ -246,14 +264,14 @@ class AdaptiveFunction:
     # --- public API ------------------------------------------------------------------------------
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         if self._default_options is None:
-            self._default_options = _CallOptions({}, self.tags, self._ray_options)
+            self._default_options = self._call_options({})
         return self._submit(self._default_options, args, kwargs)
 
     def options(self, **options: Any) -> "BoundCall":
-        return BoundCall(self, _CallOptions(options, self.tags, self._ray_options))
+        return BoundCall(self, self._call_options(options))
 
     def predict(self, *args: Any, **kwargs: Any) -> Prediction:
-        return self._predict(_CallOptions({}, self.tags, self._ray_options), args, kwargs)
+        return self._predict(self._call_options({}), args, kwargs)
 
     def _predict(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> Prediction:
         client = get_client()

@@ -1,0 +1,119 @@
+"""The part of an adaptive actor that runs inside its own process (see ``runtime.actors``).
+
+Light on purpose: a Ray worker imports this module to unpickle the actor class,
+so it imports neither pandas, pyarrow, MLflow nor the driver's client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import ray
+
+from ..config import RayschedConfig
+from ..policy.rules import ACTOR, STOP_LIMIT
+from ..types import Outcome, Usage
+from .measure import AttemptMeter, get_live_sampler
+from .worker import AttemptSpec, _node_id, attempt_row, decode_spec, get_reporter, get_sink
+
+logger = logging.getLogger(__name__)
+
+SAVE_HOOK = "raysched_save_state"
+RESTORE_HOOK = "raysched_restore_state"
+
+
+# --- inside the actor's process ------------------------------------------------------------------------
+
+
+class _Incarnation:
+    """One incarnation of an adaptive actor, measured in its process from ``__init__`` to its end."""
+
+    def __init__(self, spec: AttemptSpec):
+        self.spec = spec
+        self._lock = threading.Lock()
+        self._finished = False
+        self._meter = AttemptMeter()
+        self._started = time.time()
+        self._meter.start()
+        self._sampler = get_live_sampler(spec.config.live_interval_s)
+        self._sampler.register(spec.live_key, self._meter, self._on_sample)
+        # No atexit hook: Ray kills an exiting actor's process within ~100 ms, before a row
+        # could be sent or written. The handle records the row instead (terminate, __del__).
+
+    def _on_sample(self, _key: Any, sample: Any) -> None:
+        reporter = get_reporter(self.spec.config)
+        if reporter is None:
+            return
+        from .monitor import report_from
+
+        reporter.add(report_from(self.spec, sample, _node_id(), kind=ACTOR))
+        decision = reporter.directive(self.spec.live_key, self.spec.attempt)
+        if decision is not None and decision.action == STOP_LIMIT:
+            # A runaway: record what it reached, and end the process now, before the node's
+            # OOM killer picks a victim. The handle fails later calls with ResourceLimitExceeded.
+            logger.warning("raysched: actor %s over its hard limit (%s); stopping it", self.spec.function,
+                           decision.detail)
+            self.finish(Outcome.LIMIT_STOPPED, f"stopped by raysched's monitor ({decision.rule}): {decision.detail}",
+                        wait_s=5.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finish(self, outcome: Outcome, reason: str = "", wait_s: float = 0.0) -> Usage | None:
+        """Record this incarnation's row (once); with ``wait_s``, wait that long for it to be sent."""
+        with self._lock:
+            if self._finished:
+                return None
+            self._finished = True
+        self._sampler.unregister(self.spec.live_key)
+        usage = self._meter.stop()
+        sink = get_sink(self.spec.config)
+        sink.add(attempt_row(self.spec, outcome, usage, self._started, time.time(),
+                             reason if outcome is not Outcome.OK else "", _node_id(), os.getpid()))
+        ref = sink.flush()
+        if wait_s and ref is not None:
+            ray.wait([ref], timeout=wait_s)
+        return usage
+
+
+def make_actor_class(cls: type, config: RayschedConfig) -> type:
+    """``cls`` with raysched's measuring ``__init__`` and the methods its handle calls."""
+
+    class AdaptiveActor(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, _raysched_spec: bytes, *args: Any, **kwargs: Any):
+            self._raysched_incarnation = _Incarnation(decode_spec(_raysched_spec, config))
+            try:
+                super().__init__(*args, **kwargs)
+            except BaseException as exc:
+                self._raysched_incarnation.finish(Outcome.ERROR, f"{type(exc).__name__}: {exc}", wait_s=5.0)
+                raise
+
+        def _raysched_save(self) -> Any:
+            save = getattr(self, SAVE_HOOK, None)
+            return save() if save is not None else None
+
+        def _raysched_restore(self, state: Any) -> None:
+            restore = getattr(self, RESTORE_HOOK, None)
+            if restore is not None:
+                restore(state)
+
+        def _raysched_finish(self, outcome: str, reason: str = "") -> Usage | None:
+            return self._raysched_incarnation.finish(Outcome(outcome), reason, wait_s=5.0)
+
+    for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+        setattr(AdaptiveActor, attr, getattr(cls, attr, None))
+    return AdaptiveActor
+
+
+def actor_options(spec: AttemptSpec) -> dict[str, Any]:
+    """The Ray options one incarnation is created with: the caller's, then raysched's sizing."""
+    options = dict(spec.ray_options)
+    options.update(spec.allocation.ray_options())
+    options.setdefault("max_restarts", 0)  # raysched replaces an actor; Ray restarting it unchanged would not help
+    return options
+
+
+__all__ = ["make_actor_class", "actor_options", "SAVE_HOOK", "RESTORE_HOOK"]
