@@ -74,7 +74,9 @@ import ray  # noqa: E402
 import raysched  # noqa: E402
 from raysched.types import GiB, MiB  # noqa: E402
 
+#: The paths every run compares; ``--raysched-order`` adds "raysched_queued" (see submit()).
 MODES = ("guessed", "worst", "raysched")
+QUEUED = "raysched_queued"
 STEP_MIB = 50
 CPUS_PER_TASK = 0.25
 
@@ -154,6 +156,10 @@ def start_cluster(args: argparse.Namespace):
     threshold_bytes = baseline + int(args.room_gib * GiB) + allowance
     fraction = min(0.95, threshold_bytes / total)
     env = {"RAY_memory_usage_threshold": f"{fraction:.4f}", "RAY_memory_monitor_refresh_ms": "250"}
+    if args.idle_worker_s is not None:
+        # Ray kills idle workers above the node's CPU count after 1 s; a batch whose concurrency
+        # goes up and down then restarts them (~1-2 s each on 2 busy cores).
+        env["RAY_idle_worker_killing_time_threshold_ms"] = str(int(args.idle_worker_s * 1000))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -210,15 +216,12 @@ def proc_reading(pid: int | None) -> dict[str, float]:
 # --- one batch ------------------------------------------------------------------------------------------
 
 
-#: Extra per-call options of the raysched path: {"priority": 0} sends it through raysched's
-#: admission queue (``--raysched-order``).
-RAYSCHED_CALL_OPTIONS: dict = {}
-
-
 def submit(mode: str, sizes: list[int], hold_s: float, marker_dir: str, task_name: str, labels: dict[str, int]):
-    if mode == "raysched":
-        return [adaptive_grow.options(input_size=mib * MiB, num_cpus=CPUS_PER_TASK, name=task_name,
-                                      **RAYSCHED_CALL_OPTIONS)
+    if mode.startswith("raysched"):
+        # The queued path sends the same calls through raysched's admission queue (priority 0),
+        # which admits them in the configured order and backfills behind a big one that waits.
+        queue = {"priority": 0} if mode == QUEUED else {}
+        return [adaptive_grow.options(input_size=mib * MiB, num_cpus=CPUS_PER_TASK, name=task_name, **queue)
                 .remote(mib, hold_s, marker_dir) for mib in sizes]
     memory = labels[mode]
     return [plain_grow.options(memory=memory, num_cpus=CPUS_PER_TASK, name=task_name).remote(mib, hold_s, marker_dir)
@@ -235,13 +238,15 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
     before_calls = submitted_calls(adaptive_grow.name)
     room_at_start = threshold_bytes - used_bytes()
     mon0 = proc_reading(monitor_pid)
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     refs: list = []
     pending: list = []
     step = wave or len(sizes)
+    submit_s = 0.0
     for i in range(0, len(sizes), step):  # all at once, or in waves (the warm-up)
         chunk = submit(mode, sizes[i:i + step], args.hold_s, marker_dir, task_name, labels)
         refs += chunk
+        submit_s = submit_s if i else time.perf_counter() - t0  # the driver's submission of the first chunk
         _, late = ray.wait(chunk, num_returns=len(chunk), timeout=max(0.0, t0 + args.timeout_s - time.perf_counter()))
         pending += late
     ready = [r for r in refs if r not in pending]
@@ -263,16 +268,16 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
         ray.cancel(ref, force=True, recursive=True)
     result = {
         "mode": mode, "tag": tag, "task_name": task_name, "tasks": len(sizes), "seconds": elapsed,
-        "failed": failed, "unfinished": len(pending), "errors": errors[:5],
+        "failed": failed, "unfinished": len(pending), "errors": errors[:5], "submit_s": submit_s,
         "room_at_start_mib": room_at_start / MiB,
         "body_runs": len(os.listdir(marker_dir)),
-        **body_timeline(marker_dir, elapsed),
+        **body_timeline(marker_dir, elapsed, t0_wall),
         "monitor_cpu_s": (mon1.get("cpu_s", float("nan")) - mon0.get("cpu_s", float("nan"))),
         "monitor_rss_mib": mon1.get("rss_mib", float("nan")),
         "monitor_hwm_mib": mon1.get("hwm_mib", float("nan")),
     }
     result["monitor_cpu_pct"] = 100 * result["monitor_cpu_s"] / elapsed
-    if mode == "raysched":
+    if mode.startswith("raysched"):
         calls = submitted_calls(adaptive_grow.name) - before_calls
         rows = raysched.profiles(adaptive_grow)
         rows = rows[rows["call_id"].isin(calls)]
@@ -294,7 +299,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
     return result
 
 
-def body_timeline(marker_dir: str, elapsed: float) -> dict:
+def body_timeline(marker_dir: str, elapsed: float, t0_wall: float) -> dict:
     """From the markers: completed runs' (size, seconds), mean and peak number of completed runs at once.
 
     An attempt killed mid-run leaves only its start: it counts as an attempt, not here.
@@ -311,8 +316,15 @@ def body_timeline(marker_dir: str, elapsed: float) -> dict:
         running += step
         peak = max(peak, running)
     busy = sum(e - b for _, b, e in spans)
+    first = min((b for _, b, _ in spans), default=0.0)
     return {"mean_running": busy / elapsed if elapsed else float("nan"), "peak_running": peak,
-            "completed_runs": [(mib, e - b) for mib, b, e in spans]}
+            # From the first submission to the first body's start, and from the last body's end to
+            # the batch's end (its result back in the driver): what the batch spends outside bodies.
+            "first_start_s": first - t0_wall if spans else float("nan"),
+            "after_last_end_s": elapsed - (max(e for _, _, e in spans) - t0_wall) if spans else float("nan"),
+            "completed_runs": [(mib, e - b) for mib, b, e in spans],
+            # (size, start, end) of each body, seconds from the first start: the batch's timeline.
+            "spans": sorted((mib, round(b - first, 3), round(e - first, 3)) for mib, b, e in spans)}
 
 
 def ray_oom_kills(task_names: list[str]) -> dict[str, dict[str, int]]:
@@ -359,7 +371,8 @@ def oracle_seconds(run: dict, peak_by_mib: dict[int, float], room_bytes: int) ->
 def summarise(runs: list[dict[str, dict]], peak_by_mib: dict[int, float] | None = None,
               room_bytes: int | None = None) -> dict:
     summary = {}
-    for mode in MODES:
+    modes = list(runs[0])
+    for mode in modes:
         rs = [r[mode] for r in runs]
         summary[mode] = {
             "seconds": _med([x["seconds"] for x in rs]),
@@ -377,7 +390,7 @@ def summarise(runs: list[dict[str, dict]], peak_by_mib: dict[int, float] | None 
             "seconds_per_repeat": [x["seconds"] for x in rs],
         }
     worst = [r["worst"]["seconds"] for r in runs]
-    for mode in ("guessed", "raysched"):
+    for mode in [m for m in modes if m != "worst"]:
         mine = [r[mode]["seconds"] for r in runs]
         summary[mode]["ratio_to_worst"] = summary[mode]["seconds"] / summary["worst"]["seconds"]
         summary[mode]["paired_ratio_to_worst"] = _med([a / b for a, b in zip(mine, worst)])
@@ -386,12 +399,15 @@ def summarise(runs: list[dict[str, dict]], peak_by_mib: dict[int, float] | None 
         oracle = [oracle_seconds(r, peak_by_mib, room_bytes) for r in runs]
         summary["oracle"] = {"seconds": _med(oracle), "ratio_to_worst": _med([a / b for a, b in zip(oracle, worst)]),
                              "per_repeat": oracle}
-    rs = summary["raysched"]
-    complete = all(r["raysched"]["failed"] + r["raysched"]["unfinished"] == 0 for r in runs)
-    no_kills = all(r["raysched"]["oom_killed"] == 0 and r["raysched"].get("rows_killed_by_ray", 0) == 0 for r in runs)
-    summary["goal"] = {"no_ray_kills": no_kills, "all_calls_returned": complete,
-                       "ratio_to_worst": rs["ratio_to_worst"], "paired_ratio_to_worst": rs["paired_ratio_to_worst"],
-                       "met": no_kills and complete and rs["ratio_to_worst"] <= 0.7 and rs["paired_ratio_to_worst"] <= 0.7}
+    summary["goal"] = {}
+    for mode in [m for m in modes if m.startswith("raysched")]:
+        rs = summary[mode]
+        complete = all(r[mode]["failed"] + r[mode]["unfinished"] == 0 for r in runs)
+        no_kills = all(r[mode]["oom_killed"] == 0 and r[mode].get("rows_killed_by_ray", 0) == 0 for r in runs)
+        summary["goal"][mode] = {
+            "no_ray_kills": no_kills, "all_calls_returned": complete,
+            "ratio_to_worst": rs["ratio_to_worst"], "paired_ratio_to_worst": rs["paired_ratio_to_worst"],
+            "met": no_kills and complete and rs["ratio_to_worst"] <= 0.7 and rs["paired_ratio_to_worst"] <= 0.7}
     return summary
 
 
@@ -402,16 +418,17 @@ def print_table(summary: dict, runs: list, args: argparse.Namespace, setup: dict
           f"{len(runs)} repetitions")
     print(f"labels: guessed {setup['labels']['guessed'] / MiB:.0f} MiB, worst {setup['labels']['worst'] / MiB:.0f} MiB, "
           f"raysched predicted per task (cold fallback {args.guess_mib} MiB, warmed by {args.tasks} tasks)")
-    header = (f"{'path':<10} {'total s':>8} {'x worst':>8} {'paired':>7} {'Ray OOM kills':>13} {'mon. stops':>10} "
+    header = (f"{'path':<15} {'total s':>8} {'x worst':>8} {'paired':>7} {'Ray OOM kills':>13} {'mon. stops':>10} "
               f"{'attempts':>8} {'failed':>6} {'running':>9} {'room MiB':>8} {'monitor CPU s':>13} {'CPU %':>6} "
               f"{'monitor RSS MiB':>15}")
     print(header)
     print("-" * len(header))
-    for mode in MODES:
+    modes = list(runs[0])
+    for mode in modes:
         s = summary[mode]
         ratio = s.get("ratio_to_worst", 1.0)
         paired = s.get("paired_ratio_to_worst", 1.0)
-        print(f"{mode:<10} {s['seconds']:>8.1f} {ratio:>8.2f} {paired:>7.2f} {s['oom_killed']:>13.0f} "
+        print(f"{mode:<15} {s['seconds']:>8.1f} {ratio:>8.2f} {paired:>7.2f} {s['oom_killed']:>13.0f} "
               f"{s['monitor_stops']:>10.0f} {s['body_runs']:>8.0f} {s['failed_or_unfinished']:>6.0f} "
               f"{s['mean_running']:>5.1f}/{s['peak_running']:<3.0f} "
               f"{s['room_at_start_mib']:>8.0f} {s['monitor_cpu_s']:>13.2f} {s['monitor_cpu_pct']:>6.1f} "
@@ -419,7 +436,7 @@ def print_table(summary: dict, runs: list, args: argparse.Namespace, setup: dict
     print("-" * len(header))
     print("running = function bodies running at once, mean/peak; room = MiB left under the kill threshold at the "
           "batch's start; monitor = raysched's monitor actor during the batch")
-    for mode in MODES:
+    for mode in modes:
         s = summary[mode]
         print(f"{mode}: seconds per repetition {', '.join(f'{x:.1f}' for x in s['seconds_per_repeat'])}; "
               f"Ray OOM kills per repetition {s['oom_killed_per_repeat']}"
@@ -428,10 +445,12 @@ def print_table(summary: dict, runs: list, args: argparse.Namespace, setup: dict
         print(f"bound with perfect labels and packing (memory-seconds of the worst-case run's tasks at their own "
               f"peaks / the node's memory): {summary['oracle']['seconds']:.1f} s = "
               f"{summary['oracle']['ratio_to_worst']:.2f} x worst")
-    g = summary["goal"]
-    print(f"goal (raysched: no Ray OOM kill, every call returned, total time <= 0.7 x worst): "
-          f"kills {'none' if g['no_ray_kills'] else 'SOME'}, calls {'all returned' if g['all_calls_returned'] else 'NOT all'}, "
-          f"ratio {g['ratio_to_worst']:.2f} (paired {g['paired_ratio_to_worst']:.2f}) -> {'met' if g['met'] else 'NOT met'}")
+    for mode, g in summary["goal"].items():
+        print(f"goal ({mode}: no Ray OOM kill, every call returned, total time <= 0.7 x worst): "
+              f"kills {'none' if g['no_ray_kills'] else 'SOME'}, "
+              f"calls {'all returned' if g['all_calls_returned'] else 'NOT all'}, "
+              f"ratio {g['ratio_to_worst']:.2f} (paired {g['paired_ratio_to_worst']:.2f}) -> "
+              f"{'met' if g['met'] else 'NOT met'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,8 +472,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the warm-up batch is submitted this many calls at a time (default 4; 0: all at once, "
                              "which can deadlock raysched's cold start: see benchmarks/README.md)")
     parser.add_argument("--raysched-order", choices=["none", "first_submitted", "largest_first"], default="none",
-                        help="send raysched's calls through its admission queue (priority 0) in this order "
-                             "(default none: straight to Ray, as the issue's benchmark)")
+                        help="add a fourth path, raysched_queued: raysched's calls through its admission queue "
+                             "(priority 0) in this order (default none: only raysched straight to Ray)")
+    parser.add_argument("--idle-worker-s", type=float, default=None,
+                        help="the worker node keeps idle worker processes this long before Ray kills them "
+                             "(RAY_idle_worker_killing_time_threshold_ms; default: Ray's, 1 s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     args = parser.parse_args(argv)
@@ -466,9 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     warm_sizes = [warm_rng.choice(choices) for _ in range(args.tasks)]
     warm_sizes[0], warm_sizes[-1] = lo, hi  # the warm batch spans the whole range
 
+    modes = MODES
     if args.raysched_order != "none":
         raysched.configure(admission_order=args.raysched_order)
-        RAYSCHED_CALL_OPTIONS["priority"] = 0
+        modes = MODES + (QUEUED,)
     adaptive_grow = raysched.adaptive_remote(name="bench_monitor.grow_and_hold", memory=args.guess_mib * MiB,
                                              num_cpus=CPUS_PER_TASK)(grow_and_hold)
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -489,6 +512,15 @@ def main(argv: list[str] | None = None) -> int:
         biggest = float(warm_rows.loc[warm_rows["outcome"] == "ok", "peak_rss_bytes"].max())
         labels = {"guessed": args.guess_mib * MiB, "worst": int(-(-biggest // (64 * MiB)) * 64 * MiB)}
         setup["labels"] = labels
+        # What raysched predicts after the warm-up, for a few sizes: the memory it will ask for and
+        # the wall time the admission queue counts on (the upper bound).
+        setup["predictions"] = {}
+        for mib in sorted({lo, (lo + hi) // 2, hi}):
+            p = adaptive_grow.options(input_size=mib * MiB).predict(mib, args.hold_s, "")
+            setup["predictions"][mib] = {"memory_upper_mib": round(p.memory.upper / MiB), "wall_target_s":
+                                         round(p.wall.target, 2), "wall_upper_s": round(p.wall.upper, 2),
+                                         "source": p.source}
+        print("raysched's predictions after the warm-up:", setup["predictions"])
         setup["sizes"] = sizes
         setup["warm_sizes"] = warm_sizes
         setup["sizes_desc"] = f"{lo}..{hi} MiB (mean {statistics.mean(sizes):.0f})"
@@ -497,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t:.1f} s; largest peak {biggest / MiB:.0f} MiB -> worst-case label "
               f"{labels['worst'] / MiB:.0f} MiB", file=sys.stderr)
         for rep in range(args.repeats):
-            order = MODES[rep % 3:] + MODES[:rep % 3]
+            order = modes[rep % len(modes):] + modes[:rep % len(modes)]
             run = {}
             for mode in order:
                 settle_memory(setup["baseline_used_bytes"])
@@ -508,11 +540,11 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             runs.append(run)
         time.sleep(3)  # Ray's task events reach the GCS in batches
-        kills = ray_oom_kills(["bench_warm"] + [r[m]["task_name"] for r in runs for m in MODES])
+        kills = ray_oom_kills(["bench_warm"] + [r[m]["task_name"] for r in runs for m in modes])
         warm.update(kills["bench_warm"])
         warm["oom_killed"] = kills["bench_warm"]["oom_killed"]
         for r in runs:
-            for m in MODES:
+            for m in modes:
                 r[m].update(kills[r[m]["task_name"]])
         every = raysched.profiles(adaptive_grow)
         ok = every[every["outcome"] == "ok"]

@@ -196,6 +196,13 @@ class RayschedConfig:
     #: (predicted memory x wall, largest first: the longest-processing-time rule; it did not
     #: shorten the monitor benchmark's batch, see benchmarks/README.md).
     admission_order: str = "first_submitted"
+    #: Let a waiting call start ahead of a bigger one that waits for room, when by the
+    #: predictions (upper wall times) it does not delay that call (EASY backfilling,
+    #: policy/admission.py).  Off: strict order, room idles while the head call waits.
+    admission_backfill: bool = True
+    #: Calls reaching the queue within this many seconds of each other are ordered
+    #: together before any is admitted (a burst goes by priority, not by arrival).
+    admission_gather_s: float = 0.01
 
     # --- actors (``@adaptive_remote`` on a class) -------------------------------------------
     #: A rescale for memory sizes the new actor for its resident memory x this factor
@@ -251,6 +258,10 @@ class RayschedConfig:
             problems.append("monitor_wall_factor must be positive and monitor_cpu_low_ratio < monitor_cpu_high_ratio")
         if self.admission_order not in ("first_submitted", "largest_first"):
             problems.append(f"admission_order must be 'first_submitted' or 'largest_first', got {self.admission_order!r}")
+        if not isinstance(self.admission_backfill, bool):
+            problems.append(f"admission_backfill must be True or False, got {self.admission_backfill!r}")
+        if not 0 <= self.admission_gather_s <= 1:
+            problems.append(f"admission_gather_s must be between 0 and 1 second, got {self.admission_gather_s!r}")
         if not 0 < self.cost_min_coverage <= 1 or not 0 < self.cost_local_fraction <= 1:
             problems.append("cost_min_coverage and cost_local_fraction must be fractions in (0, 1]")
         if self.cost_tail_allowance < 0 or self.cost_min_history < 2 or self.cost_min_local < 2:

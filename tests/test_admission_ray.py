@@ -62,3 +62,52 @@ def test_a_call_cancelled_while_it_waits_frees_its_place_and_others_go_on(ray_se
     before = _queue_status()["admitted_total"]
     assert ray.get(hold.remote("plain", 0.0), timeout=60)[0] == "plain"
     assert _queue_status()["admitted_total"] == before
+
+
+# --- backfill behind a big waiting call, and a priority given by the decorator ----------------
+
+
+@adaptive_remote(num_cpus=1, memory=50 * MiB, priority=0)
+def long_call(label: str, seconds: float):
+    import time
+
+    start = time.time()
+    time.sleep(seconds)
+    return label, start, time.time()
+
+
+@adaptive_remote(num_cpus=1, memory=50 * MiB, priority=0)
+def short_call(label: str, seconds: float):
+    import time
+
+    start = time.time()
+    time.sleep(seconds)
+    return label, start, time.time()
+
+
+def test_a_short_call_backfills_beside_a_big_one_that_waits_and_does_not_delay_it(ray_session):
+    # Past runs give both functions a predicted wall time (the queue counts on it).
+    # Three runs each (min_history_for_stats), two at a time.
+    ray.get([long_call.remote("warm", 1.5) for _ in range(3)] + [short_call.remote("warm", 0.1) for _ in range(3)],
+            timeout=120)
+    for f in (long_call, short_call):
+        assert wait_for(lambda f=f: len(raysched.profiles(f)) >= 3, timeout=60)
+        f.refresh()
+    assert long_call.predict("x", 1.5).wall.n_history >= 3 and short_call.predict("x", 0.1).wall.n_history >= 3
+    before = _queue_status()
+    assert before["admitted"] == 0 and before["admitted_total"] >= 6  # the decorator's priority queues every call
+
+    a = long_call.remote("A", 1.5)  # 1 of the 2 CPUs
+    assert wait_for(lambda: _queue_status()["admitted"] == 1, timeout=60)
+    big = long_call.options(num_cpus=2).remote("B", 0.2)  # needs both: waits until A ends
+    small = short_call.remote("S", 0.1)  # fits now and ends long before A does
+    (_, a_start, a_end), (_, b_start, _), (_, s_start, s_end) = ray.get([a, big, small], timeout=120)
+    assert s_start < b_start and s_end <= b_start + 0.05, (s_start, s_end, b_start)
+    assert b_start >= a_end - 0.05  # the big call did wait for its room...
+    assert b_start - a_end < 5.0  # ...and started once A ended, not after anything else
+    assert _queue_status()["backfilled_total"] >= before["backfilled_total"] + 1
+
+
+def test_a_bad_priority_on_the_decorator_is_refused_at_once():
+    with pytest.raises(raysched.InvalidInput, match="priority"):
+        adaptive_remote(priority="high")(lambda: None)

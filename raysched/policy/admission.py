@@ -2,48 +2,101 @@
 
 Ray starts queued tasks roughly first come, first served: a burst of low-priority
 work submitted first holds every slot until it is done, and an urgent call
-submitted after it waits for all of it.  Calls submitted with a ``priority``
-wait here instead, and are admitted to Ray in priority order (highest first,
-then first submitted) while the resources that admitted calls hold, plus the
-call's own, fit the cluster's capacity.
+submitted after it waits for all of it.  Ray also lets a task that does not fit
+yet hold back the smaller ones queued behind it (measured: a batch of mixed
+memory sizes runs like a strict first-in-first-out queue, see
+benchmarks/README.md), so the node's memory idles while a big task waits for
+room.  Calls submitted with a ``priority`` wait here instead, and are admitted
+to Ray in priority order (highest first, then by ``order_key``) while the
+resources that admitted calls hold, plus the call's own, fit the cluster.
 
-Strict order, no backfill: while a higher-priority call waits for room, no
-lower-priority call is admitted past it, even a smaller one that would fit
-(a stream of small low-priority calls must not starve a big urgent one).
+**Backfill, EASY style** (the Argonne scheduler of Lifka 1995, Slurm's
+``sched/backfill``).  When the first waiting call (the *head*) does not fit,
+the queue works out when it will, from the predicted ends of the calls
+admitted before it (admitted at + predicted upper wall time): the *shadow
+time*, and the room left over at that time once the head has its share (the
+*extra*).  A later call may then start now if it fits now and either ends by
+the shadow time or fits in the extra: by the predictions, it never delays the
+head.  So a stream of small low-priority calls cannot starve a big urgent one,
+and the room a waiting big call cannot use yet is not wasted.  A call whose
+wall time is unknown never ends "by the shadow time"; when an admitted call's
+end is unknown the head's start cannot be told, and nothing passes it.  A call
+running past its predicted end counts as ending now.  Only the head is
+protected (EASY): a backfilled call may delay the second waiting call.
+
 When nothing is admitted at all, the head call is admitted whatever its
 size: a call bigger than the whole cluster is Ray's to refuse or cap, not
 the queue's to hold for ever.
 
-Pure: imports neither ray, mlflow nor pyarrow.
+Pure: imports neither ray, mlflow nor pyarrow.  Time is the caller's clock
+(``now``), so tests and replays drive it.
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import itertools
+import math
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Request:
-    """What one call asks of the cluster (the sized allocation)."""
+    """What one call asks of the cluster (the sized allocation), and for how long.
+
+    ``wall_seconds`` is the predicted upper bound of the call's run time; ``inf``
+    when unknown (such a call is never backfilled on the strength of its end).
+    """
 
     num_cpus: float
     memory_bytes: float
+    wall_seconds: float = math.inf
+
+    def __add__(self, other: "Request") -> "Request":
+        return Request(self.num_cpus + other.num_cpus, self.memory_bytes + other.memory_bytes)
+
+    def __sub__(self, other: "Request") -> "Request":
+        return Request(self.num_cpus - other.num_cpus, self.memory_bytes - other.memory_bytes)
+
+    def within(self, room: "Request") -> bool:
+        """Whether this request's CPUs and memory fit in ``room``."""
+        return self.num_cpus <= room.num_cpus + 1e-9 and self.memory_bytes <= room.memory_bytes
+
+
+_NOTHING = Request(0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    sort_key: tuple  # (-priority, order key, arrival): unique, so entries never compare further
+    token: str
+    request: Request
+
+    def __lt__(self, other: "_Waiting") -> bool:
+        return self.sort_key < other.sort_key
 
 
 class AdmissionQueue:
-    """Calls waiting for room, by priority; calls admitted and not yet finished, with what they hold."""
+    """Calls waiting for room, by priority; calls admitted and not yet finished, with what they hold.
 
-    def __init__(self, capacity: Request | None = None):
+    ``backfill``: let later calls use room the head call cannot use yet (EASY, above);
+    ``backfill_depth``: how many waiting calls behind the head one pass looks at
+    (Slurm's ``bf_max_job_test``: a pass stays cheap with thousands waiting).
+    """
+
+    def __init__(self, capacity: Request | None = None, backfill: bool = True, backfill_depth: int = 256):
         self._capacity = capacity
-        # (-priority, order key, arrival, token, request): the key is the submitter's (its
-        # clock, by default), since calls can reach the queue out of order.
-        self._waiting: list[tuple[int, float, int, str, Request]] = []
+        self._backfill = backfill
+        self._depth = max(0, int(backfill_depth))
+        # Sorted by (-priority, order key, arrival): the key is the submitter's (its clock,
+        # by default), since calls can reach the queue out of order.
+        self._waiting: list[_Waiting] = []
         self._queued: set[str] = set()  # the tokens in _waiting
         self._gone: set[str] = set()  # waiting tokens finished (cancelled) before admission
-        self._admitted: dict[str, Request] = {}
+        self._admitted: dict[str, tuple[Request, float]] = {}  # token -> (request, admitted at)
+        self._held = _NOTHING
         self._arrival = itertools.count()
+        self.backfilled_total = 0
 
     @property
     def capacity(self) -> Request | None:
@@ -56,52 +109,110 @@ class AdmissionQueue:
         return len(self._admitted)
 
     def held(self) -> Request:
-        return Request(sum(r.num_cpus for r in self._admitted.values()),
-                       sum(r.memory_bytes for r in self._admitted.values()))
+        return self._held
 
-    def offer(self, token: str, priority: int, request: Request, order_key: float = 0.0) -> list[str]:
-        """A call arrives; returns the tokens admitted now (it may be among them).
+    def is_admitted(self, token: str) -> bool:
+        return token in self._admitted
+
+    def add(self, token: str, priority: int, request: Request, order_key: float = 0.0) -> bool:
+        """Queue a call without admitting anything (``admit`` does); False if it is already known.
 
         Among equal priorities the smaller ``order_key`` goes first (see ``order_key``).
         """
         if token in self._admitted or token in self._queued:
-            return []  # offered twice (a retried actor call): one place in the queue
-        heapq.heappush(self._waiting, (-priority, order_key, next(self._arrival), token, request))
+            return False  # offered twice (a retried actor call): one place in the queue
+        bisect.insort(self._waiting, _Waiting((-priority, order_key, next(self._arrival)), token, request))
         self._queued.add(token)
-        return self._admit()
+        return True
 
-    def finish(self, token: str) -> list[str]:
+    def offer(self, token: str, priority: int, request: Request, order_key: float = 0.0,
+              now: float = 0.0) -> list[str]:
+        """A call arrives; returns the tokens admitted now (it may be among them)."""
+        return self.admit(now) if self.add(token, priority, request, order_key) else []
+
+    def finish(self, token: str, now: float = 0.0) -> list[str]:
         """A call ended (or was cancelled while waiting); returns the tokens admitted now."""
-        if self._admitted.pop(token, None) is None and token in self._queued:
+        held = self._admitted.pop(token, None)
+        if held is not None:
+            self._held = self._held - held[0] if self._admitted else _NOTHING  # no drift once empty
+        elif token in self._queued:
             self._gone.add(token)
-        return self._admit()
+        return self.admit(now)
 
-    def set_capacity(self, capacity: Request) -> list[str]:
+    def set_capacity(self, capacity: Request, now: float = 0.0) -> list[str]:
         """The cluster's capacity changed (a node joined or left); returns the tokens admitted now."""
         self._capacity = capacity
-        return self._admit()
+        return self.admit(now)
 
     def _fits(self, request: Request) -> bool:
         if self._capacity is None or not self._admitted:
             return True
-        held = self.held()
-        return (held.num_cpus + request.num_cpus <= self._capacity.num_cpus + 1e-9
-                and held.memory_bytes + request.memory_bytes <= self._capacity.memory_bytes)
+        return (self._held + request).within(self._capacity)
 
-    def _admit(self) -> list[str]:
-        out = []
-        while self._waiting:
-            token, request = self._waiting[0][3:]
-            if token not in self._gone and not self._fits(request):
-                break  # strict order: nothing lower passes a waiting higher call
-            heapq.heappop(self._waiting)
-            self._queued.discard(token)
+    def _reservation(self, head: Request, now: float) -> tuple[float, Request] | None:
+        """When the head call will fit, by the admitted calls' predicted ends, and the room
+        left over then beside it; None when that cannot be told (an end is unknown)."""
+        assert self._capacity is not None
+        free = self._capacity - self._held
+        ends = sorted(((max(at + request.wall_seconds, now), request) for request, at in self._admitted.values()),
+                      key=lambda end_request: end_request[0])
+        for end, request in ends:
+            if math.isinf(end):
+                return None
+            free = free + request
+            if head.within(free):
+                return end, free - head
+        # Bigger than the whole cluster: it runs alone once everything else has ended.
+        return (ends[-1][0], _NOTHING) if ends else None
+
+    def admit(self, now: float = 0.0) -> list[str]:
+        """Admit what may start now, in order, backfilling behind a head that does not fit."""
+        out: list[str] = []
+        kept: list[_Waiting] = []
+        reservation: tuple[float, Request] | None = None
+        blocked = False  # the head is waiting for room
+        looked = 0
+        for index, entry in enumerate(self._waiting):
+            token, request = entry.token, entry.request
             if token in self._gone:  # cancelled while it waited
                 self._gone.discard(token)
+                self._queued.discard(token)
                 continue
-            self._admitted[token] = request
+            if blocked:
+                looked += 1
+                if reservation is None or looked > self._depth:
+                    kept.extend(e for e in self._waiting[index:] if not self._drop_if_gone(e))
+                    break
+                shadow, extra = reservation
+                if not self._fits(request):
+                    kept.append(entry)
+                    continue
+                if now + request.wall_seconds <= shadow:
+                    pass  # done before the head can start: it takes nothing from it
+                elif request.within(extra):
+                    reservation = (shadow, extra - request)  # runs on beside the head
+                else:
+                    kept.append(entry)
+                    continue
+                self.backfilled_total += 1
+            elif not self._fits(request):
+                blocked = True
+                kept.append(entry)
+                reservation = self._reservation(request, now) if self._backfill else None
+                continue
+            self._queued.discard(token)
+            self._admitted[token] = (request, now)
+            self._held = self._held + request
             out.append(token)
+        self._waiting = kept
         return out
+
+    def _drop_if_gone(self, entry: _Waiting) -> bool:
+        if entry.token in self._gone:
+            self._gone.discard(entry.token)
+            self._queued.discard(entry.token)
+            return True
+        return False
 
 
 FIRST_SUBMITTED = "first_submitted"

@@ -12,9 +12,14 @@ than a message from the worker keeps the accounting right when a worker dies.
 
 Calls submitted without ``priority`` do not pass through the queue: the happy
 path costs nothing for them.  The capacity is the cluster's CPU and ``memory``
-resources (``ray.cluster_resources()``, read again every ``refresh_s``);
-calls that bypass the queue are not counted in it, so mixing both can admit
-more than fits, which Ray then queues as usual.
+resources of the nodes that have CPUs (a CPU-less head's ``memory`` cannot
+host a task; read again every ``refresh_s``); calls that bypass the queue are
+not counted in it, so mixing both can admit more than fits, which Ray then
+queues as usual.  Each call brings its predicted upper wall time, so the
+queue can backfill behind a big call that waits for room
+(``policy.admission``).  Calls that arrive within ``gather_s`` of each other
+are ordered together before any is admitted: a burst submitted in a loop is
+admitted by priority and ``order_key``, not by which message came first.
 """
 
 from __future__ import annotations
@@ -32,30 +37,40 @@ ADMISSION_NAME = "raysched_admission"
 
 
 def ray_capacity() -> Request | None:
-    """The cluster's schedulable CPUs and memory, as Ray reports them."""
+    """The CPUs and ``memory`` of the live nodes that have CPUs, as Ray reports them."""
     import ray
 
-    total = ray.cluster_resources()
-    if not total.get("CPU"):
-        return None
-    return Request(float(total["CPU"]), float(total.get("memory", float("inf"))))
+    cpus = memory = 0.0
+    for node in ray.nodes():
+        resources = node.get("Resources") or {}
+        if node.get("Alive") and resources.get("CPU", 0) > 0:
+            cpus += float(resources["CPU"])
+            memory += float(resources.get("memory", float("inf")))
+    return Request(cpus, memory) if cpus > 0 else None
 
 
 class Admission:
     """Admits waiting calls in priority order as admitted ones finish. Plain class; async methods.
 
-    ``capacity()`` returns the cluster's capacity (None: unknown, admit one at a
-    time); it is read again when older than ``refresh_s`` on the ``clock``.
+    ``capacity()`` returns the cluster's capacity (None: unknown, every call is
+    admitted and Ray queues them); it is read again when older than ``refresh_s``
+    on the ``clock``.  ``backfill`` as in ``policy.admission.AdmissionQueue``;
+    ``gather_s``: the queue admits once no call has arrived for this long (at most
+    10 x ``gather_s`` after the burst's first call), so a burst is ordered as a
+    whole (0: only the calls already delivered to the actor).
     """
 
     def __init__(self, capacity: Callable[[], Request | None] = ray_capacity, refresh_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, backfill: bool = True, gather_s: float = 0.01):
         self._capacity_fn = capacity
         self._refresh_s = refresh_s
         self._clock = clock
-        self._queue = AdmissionQueue(self._read_capacity())
+        self._gather_s = max(0.0, float(gather_s))
+        self._queue = AdmissionQueue(self._read_capacity(), backfill=backfill)
         self._read_at = clock()
         self._events: dict[str, asyncio.Event] = {}
+        self._pass_pending = False
+        self._first_arrival = self._last_arrival = 0.0  # of the burst being gathered (the loop's time)
         self.admitted_total = 0
 
     def _read_capacity(self) -> Request | None:
@@ -77,20 +92,38 @@ class Admission:
             self._read_at = self._clock()
             capacity = self._read_capacity()
             if capacity is not None and capacity != self._queue.capacity:
-                self._wake(self._queue.set_capacity(capacity))
+                self._wake(self._queue.set_capacity(capacity, self._clock()))
+
+    def _admit_pass(self) -> None:
+        # Wait on while calls keep arriving (a burst still being sent), up to 10 x gather_s.
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_arrival
+        if quiet < self._gather_s and loop.time() - self._first_arrival < 10 * self._gather_s:
+            loop.call_later(self._gather_s - quiet, self._admit_pass)
+            return
+        self._pass_pending = False
+        self._refresh()
+        self._wake(self._queue.admit(self._clock()))
 
     async def admit(self, token: str, priority: int, num_cpus: float, memory_bytes: float,
-                    order_key: float = 0.0) -> bool:
+                    order_key: float = 0.0, wall_seconds: float = float("inf")) -> bool:
         """Return once the call may start (its task takes this value as an argument).
 
         ``order_key`` (``policy.admission.order_key``, computed by the driver) orders calls
         of equal priority; the driver's clock by default, since an async actor does not
-        start calls in the order they were sent.
+        start calls in the order they were sent.  ``wall_seconds``: the call's predicted
+        upper wall time (inf: unknown), which lets the queue backfill.
         """
-        self._refresh()
+        if self._queue.is_admitted(token):
+            return True  # asked again (a retried call): it was admitted already
         event = self._events.setdefault(token, asyncio.Event())
-        request = Request(float(num_cpus), float(memory_bytes))
-        self._wake(self._queue.offer(token, priority, request, order_key))
+        request = Request(float(num_cpus), float(memory_bytes), float(wall_seconds))
+        if self._queue.add(token, priority, request, order_key):
+            loop = asyncio.get_running_loop()
+            self._last_arrival = loop.time()
+            if not self._pass_pending:  # one admission pass for the whole burst
+                self._pass_pending, self._first_arrival = True, self._last_arrival
+                loop.call_later(self._gather_s, self._admit_pass)
         await event.wait()
         return True
 
@@ -104,13 +137,13 @@ class Admission:
 
     def finish(self, token: str) -> None:
         self._refresh()
-        self._wake(self._queue.finish(token))
+        self._wake(self._queue.finish(token, self._clock()))
 
     def status(self) -> dict[str, Any]:
         capacity = self._queue.capacity
         held = self._queue.held()
         return {"waiting": self._queue.waiting(), "admitted": self._queue.admitted(),
-                "admitted_total": self.admitted_total,
+                "admitted_total": self.admitted_total, "backfilled_total": self._queue.backfilled_total,
                 "capacity_cpus": capacity.num_cpus if capacity else None,
                 "held_cpus": held.num_cpus, "held_memory_bytes": held.memory_bytes}
 
@@ -118,12 +151,14 @@ class Admission:
         return True
 
 
-def get_or_create_admission() -> Any:
+def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01) -> Any:
     """The cluster's admission actor: found by name, created on first use, restarted by Ray.
 
     Async, so that thousands of waiting calls cost coroutines, not threads. A
     restarted actor starts empty: Ray retries the pending ``admit`` and ``track``
-    calls, so every waiting call queues again.
+    calls, so every waiting call queues again.  ``backfill`` and ``gather_s`` are
+    the creating driver's (``RayschedConfig.admission_backfill``,
+    ``admission_gather_s``); a driver that finds the actor uses it as it is.
     """
     import ray
 
@@ -134,7 +169,7 @@ def get_or_create_admission() -> Any:
         ray.remote(Admission)
         .options(name=ADMISSION_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                  max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=100_000)
-        .remote()
+        .remote(backfill=backfill, gather_s=gather_s)
     )
 
 

@@ -79,7 +79,7 @@ class ProfilerClient:
         if self._admission is None:
             from .admission import get_or_create_admission
 
-            self._admission = get_or_create_admission()
+            self._admission = get_or_create_admission(self.config.admission_backfill, self.config.admission_gather_s)
         return self._admission
 
     def _request(self, key: tuple[str, str], reload: bool = False) -> Any:

@@ -42,6 +42,15 @@ def _ref_size(value: Any) -> int | None:
         return None
 
 
+def _known_wall(prediction: Any) -> float:
+    """The predicted upper wall time of a call, or inf when no past run stands behind it
+    (a fallback's wall time is a guess the admission queue must not count on)."""
+    wall = prediction.wall
+    if wall is None or wall.n_history <= 0 or not 0 < wall.upper < float("inf"):
+        return float("inf")
+    return float(wall.upper)
+
+
 def _largest_memory_for(cluster, num_cpus: float) -> float | None:
     """The most memory one node can give a task that needs ``num_cpus`` (a CPU-less head cannot)."""
     sizes = [n.memory_bytes for n in cluster.nodes if n.num_cpus >= num_cpus]
@@ -56,10 +65,11 @@ class _CallOptions:
     def __init__(self, options: Mapping[str, Any], base_tags: tuple[str, ...], base_ray: Mapping[str, Any]):
         self.input_size = validate_input_size(options.get("input_size"))
         self.tags = tuple(sorted(set(base_tags) | set(validate_tags(options.get("tags")))))
-        # A call given a priority waits in raysched's admission queue (runtime.admission);
-        # one without goes straight to Ray.
-        self.queued = options.get("priority") is not None
-        priority = options.get("priority", 0) if self.queued else 0
+        # A call given a priority (per call, or for every call by the decorator) waits in
+        # raysched's admission queue (runtime.admission); one without goes straight to Ray.
+        priority = options.get("priority", base_ray.get("priority"))
+        self.queued = priority is not None
+        priority = priority if self.queued else 0
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidInput(f"priority must be an integer, got {priority!r}")
         self.priority = priority
@@ -69,7 +79,7 @@ class _CallOptions:
         if options.get("num_cpus") is not None:
             explicit["num_cpus"] = validate_num_cpus(options["num_cpus"])
         self.explicit = explicit
-        ray_options = dict(base_ray)
+        ray_options = {k: v for k, v in base_ray.items() if k not in _META_KEYS}
         ray_options.update({k: v for k, v in options.items() if k not in _META_KEYS and k not in _SIZED_KEYS})
         self.ray_options = ray_options
         # What makes two calls' plans equal besides their features; None: not cacheable.
@@ -93,12 +103,14 @@ class _Plan:
     id and Ray's own submission.
     """
 
-    __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation", "wall_seconds")
+    __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation", "wall_seconds", "wall_upper")
 
     def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, allocation: Any,
-                 wall_seconds: float = 0.0):
+                 wall_seconds: float = 0.0, wall_upper: float = float("inf")):
         self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
-        self.allocation, self.wall_seconds = allocation, wall_seconds
+        # The predicted wall time orders a queued call (largest_first); its upper bound is
+        # how long the admission queue counts on the call holding its room (backfill).
+        self.allocation, self.wall_seconds, self.wall_upper = allocation, wall_seconds, wall_upper
 
     def order_key(self, now: float) -> float:
         """Where a queued call of this plan goes among calls of its priority."""
@@ -187,7 +199,7 @@ class AdaptiveFunction(_Adaptive):
         self._remote_config: Any = None
         self._config_for: tuple[Any, Any] | None = None
         self._plans: dict[tuple, _Plan] = {}
-        self._default_options: _CallOptions | None = None
+        self._default_options = self._call_options({})  # checks the decorator's own options now
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -228,7 +240,7 @@ class AdaptiveFunction(_Adaptive):
             # the queue frees its room when the task's own ref resolves.
             queue = client.admission
             admitted = queue.admit.remote(call_id, options.priority, plan.allocation.num_cpus,
-                                          plan.allocation.memory_bytes, plan.order_key(time.time()))
+                                          plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper)
             ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
             queue.track.remote(call_id, [ref])
         else:
@@ -242,7 +254,7 @@ class AdaptiveFunction(_Adaptive):
         spec = self._first_spec(client, options, features, bundle, cluster, queued=options.queued)
         remote = self._remote_with(remote_options(spec), self._config(client))
         return _Plan(bundle, cluster, client.config, remote, encode_template(spec), spec.allocation,
-                     float(spec.prediction.wall.target))
+                     float(spec.prediction.wall.target), _known_wall(spec.prediction))
 
     def _remote_with(self, options: dict[str, Any], config: Any) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
@@ -263,8 +275,6 @@ class AdaptiveFunction(_Adaptive):
 
     # --- public API ------------------------------------------------------------------------------
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
-        if self._default_options is None:
-            self._default_options = self._call_options({})
         return self._submit(self._default_options, args, kwargs)
 
     def options(self, **options: Any) -> "BoundCall":
