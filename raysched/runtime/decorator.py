@@ -94,6 +94,10 @@ class _CallOptions:
 #: Plans kept per function (distinct features x options); cleared when full.
 _PLANS_MAX = 1024
 
+#: Argument types that ``call_features`` neither sizes nor describes beyond their name
+#: (exact types: a subclass, or a numpy scalar with its shape, takes the general path).
+_SCALAR_TYPES = frozenset({int, float, bool, complex, type(None)})
+
 
 class _Plan:
     """What every call with the same features and options is submitted with, while it is current.
@@ -135,11 +139,25 @@ class _Adaptive:
         self.tags = validate_tags(tags)
         self.dependencies = validate_tags(dependencies, "dependencies")
         self._ray_options = dict(ray_options)
+        self._scalar_features: dict[tuple, Any] = {}
 
     def _call_options(self, options: Mapping[str, Any]) -> _CallOptions:
         return _CallOptions(options, self.tags, self._ray_options)
 
     def _features(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]):
+        if not kwargs and all(type(a) in _SCALAR_TYPES for a in args):
+            # Scalars have no size and are described by their type alone: the features of
+            # such a call follow from the types and the options, so they are made once.
+            key = (options.input_size, options.tags, tuple(map(type, args)))
+            features = self._scalar_features.get(key)
+            if features is None:
+                if len(self._scalar_features) >= _PLANS_MAX:
+                    self._scalar_features.clear()
+                features = self._scalar_features[key] = self._derive_features(options, args, kwargs)
+            return features
+        return self._derive_features(options, args, kwargs)
+
+    def _derive_features(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]):
         return call_features(
             args, kwargs, input_size=options.input_size, tags=options.tags,
             dependencies=self.dependencies, size_of_opaque=_ref_size,

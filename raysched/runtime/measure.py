@@ -482,7 +482,8 @@ class AttemptMeter:
     def start(self) -> None:
         """Begin the attempt: reset VmHWM and remember the starting counters."""
         with self._lock:
-            self._reset_state()
+            if self._started:  # a meter started again; a new one is in its initial state already
+                self._reset_state()
             self._started, self._stopped, self.usage = True, False, None
             self._t0 = self._clock()
             self.peak_method = "sampled"
@@ -705,6 +706,7 @@ class LiveSampler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._live = False  # the thread runs and is not closed: register takes the lock-free path
         #: Completed sampling passes (for tests and diagnostics).
         self.ticks = 0
 
@@ -732,21 +734,29 @@ class LiveSampler:
 
     def register(self, key: Hashable, meter: AttemptMeter, on_sample: OnSample | None = None) -> None:
         """Sample ``meter`` every interval and pass each sample to ``on_sample(key, sample)``."""
+        entry = (meter, on_sample)
+        if self._live:
+            # Once the thread runs, a registration is one dict store (atomic under the GIL;
+            # the thread copies the dict under its lock): no lock and no thread check per task.
+            self._entries[key] = entry
+            if self._live:
+                return
+            # close() ran meanwhile and may have cleared it: register again, restarting the thread.
         with self._cond:
-            self._entries[key] = (meter, on_sample)
+            self._entries[key] = entry
             if self._thread is None or not self._thread.is_alive():
                 self._closed = False
                 self._thread = threading.Thread(target=self._run, name="raysched-live-sampler", daemon=True)
                 self._thread.start()
-
+            self._live = not self._closed  # a closed thread still exiting: the next register looks again
 
     def unregister(self, key: Hashable) -> None:
-        with self._cond:
-            self._entries.pop(key, None)
+        self._entries.pop(key, None)  # one dict operation, atomic under the GIL
 
     def close(self) -> None:
         """Stop the thread (it exits at its next wake-up); ``register`` restarts it."""
         with self._cond:
+            self._live = False
             self._closed = True
             self._entries.clear()
             self._cond.notify_all()
