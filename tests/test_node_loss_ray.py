@@ -130,6 +130,12 @@ def test_a_node_lost_mid_run_loses_no_call_and_no_row(two_workers, tmp_path):
     rerun = {value for value, node, _ in _markers(marker_dir) if node != lost_id and value in on_lost}
     assert rerun == on_lost
 
+    # Rows come in eventually: the profiler actor may have been on the lost node, and a batch
+    # sent while Ray restarts it arrives when Ray retries the call (max_task_retries=-1),
+    # which can be after the calls have returned.
+    expected_rows = CALLS + len(on_lost)  # one per call, plus each dead attempt recorded by its retry
+    assert wait_for(lambda: len(raysched.profiles(runs_for)) >= expected_rows, timeout=60), \
+        raysched.profiles(runs_for)[["call_id", "attempt", "outcome", "error"]]
     rows = raysched.profiles(runs_for)
     assert rows["call_id"].nunique() == CALLS, rows[["call_id", "attempt", "outcome", "error"]]
     retried = set()
@@ -148,4 +154,4 @@ def test_a_node_lost_mid_run_loses_no_call_and_no_row(two_workers, tmp_path):
     # A dead attempt recorded for exactly the calls that were running on the lost node.
     assert retried == on_lost, rows[["input_size", "attempt", "outcome", "error"]]
     assert (rows["outcome"] == "ok").sum() == CALLS
-    assert time.monotonic() - started < 90
+    assert time.monotonic() - started < 150
