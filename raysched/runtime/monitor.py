@@ -637,7 +637,6 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
     ``function`` is a name or an adaptive function; ``home`` defaults to the
     configured raysched home.  Columns as ``store.schema.EVENT_SCHEMA``.
     """
-    import pandas as pd  # here, not at the top: workers import this module for their live reports
     from ..store.profiles import ProfileStore
     from .session import get_config
 
