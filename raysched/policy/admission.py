@@ -173,15 +173,15 @@ class AdmissionQueue:
         blocked = False  # the head is waiting for room
         looked = 0
         for index, entry in enumerate(self._waiting):
-            token, request = entry.token, entry.request
-            if token in self._gone:  # cancelled while it waited
-                self._gone.discard(token)
-                self._queued.discard(token)
+            if self._drop_if_gone(entry):  # cancelled while it waited
                 continue
+            token, request = entry.token, entry.request
             if blocked:
                 looked += 1
                 if reservation is None or looked > self._depth:
-                    kept.extend(e for e in self._waiting[index:] if not self._drop_if_gone(e))
+                    # The rest stays as it is (a copy in C, not a look at each call): a call
+                    # cancelled back there is dropped once a pass reaches it.
+                    kept.extend(self._waiting[index:])
                     break
                 shadow, extra = reservation
                 if not self._fits(request):
@@ -208,6 +208,7 @@ class AdmissionQueue:
         return out
 
     def _drop_if_gone(self, entry: _Waiting) -> bool:
+        """Forget a waiting call that finished (was cancelled) before admission; True if it had."""
         if entry.token in self._gone:
             self._gone.discard(entry.token)
             self._queued.discard(entry.token)
