@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 import ray
+
+from conftest import wait_for
 
 import raysched
 from raysched import InvalidInput, adaptive_remote
@@ -169,11 +172,32 @@ def test_learns_from_history_then_from_the_model(ray_session):
         lambda: add_one.options(tags=[None]),
         lambda: add_one.options(memory=0),
         lambda: add_one.options(priority="high"),
+        # Ray's own option checks, made when the decorator or .options() runs
+        lambda: adaptive_remote(num_gpu=1)(lambda x: x),
+        lambda: adaptive_remote(max_retries="many")(lambda x: x),
+        lambda: add_one.options(max_calls=1),  # Ray takes max_calls only where the function is made
+        lambda: add_one.options(scheduling_strategy=42),
     ],
 )
 def test_bad_input_is_a_clear_error(ray_session, make):
     with pytest.raises(InvalidInput):
         make()
+
+
+@adaptive_remote(max_calls=1)
+def pid_once(_):
+    return os.getpid()
+
+
+def test_max_calls_is_applied_where_ray_takes_it(ray_session):
+    """Ray refuses max_calls in .options(): raysched puts it on the remote function, so each
+    call gets a fresh worker process, and every call is still measured and recorded."""
+    pids = [ray.get(pid_once.remote(i)) for i in range(3)]
+    assert len(set(pids)) == 3, pids
+    assert wait_for(lambda: len(raysched.profiles(pid_once)) >= 3, timeout=30)
+    rows = raysched.profiles(pid_once)
+    assert sorted(rows["worker_pid"]) == sorted(pids)
+    assert (rows["outcome"] == "ok").all()
 
 
 def test_corrupt_part_file_is_set_aside_and_other_rows_still_read(ray_session):

@@ -19,7 +19,7 @@ from ..config import RayschedConfig
 from ..policy.rules import ACTOR, STOP_LIMIT
 from ..types import Outcome, Usage
 from .measure import AttemptMeter, get_live_sampler
-from .worker import AttemptSpec, _node_id, attempt_row, decode_spec, get_reporter, get_sink
+from .worker import ACTOR_DEFINITION_OPTIONS, AttemptSpec, _node_id, attempt_row, decode_spec, get_reporter, get_sink
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
 
 def actor_options(spec: AttemptSpec) -> dict[str, Any]:
     """The Ray options one incarnation is created with: the caller's, then raysched's sizing."""
-    options = dict(spec.ray_options)
+    options = {k: v for k, v in spec.ray_options if k not in ACTOR_DEFINITION_OPTIONS}
     options.update(spec.allocation.ray_options())
     options.setdefault("max_restarts", 0)  # raysched replaces an actor; Ray restarting it unchanged would not help
     return options

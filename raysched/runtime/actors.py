@@ -57,6 +57,7 @@ from ..policy.rules import ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, RESCALE, STOP_
 from ..types import Allocation, Outcome
 from .actor_worker import RESTORE_HOOK, SAVE_HOOK, actor_options, make_actor_class
 from .decorator import _Adaptive
+from .worker import ACTOR_DEFINITION_OPTIONS, definition_options, ray_remote
 from .session import NAMESPACE
 from .worker import AttemptSpec, encode_spec
 
@@ -90,6 +91,8 @@ class AdaptiveActorClass(_Adaptive):
     actor without creating it.
     """
 
+    _ray_kind = "actor"
+
     def __init__(self, cls: type, *, name: str | None = None, tags: Any = (), num_cpus: Any = None,
                  memory: Any = None, dependencies: Any = (), rescalable: bool | None = None,
                  max_attempts: Any = None, **ray_options: Any):
@@ -119,7 +122,8 @@ class AdaptiveActorClass(_Adaptive):
     def ray_class(self, config: RayschedConfig) -> Any:
         """The Ray actor class behind every incarnation (one per config)."""
         if self._ray_class is None or self._ray_class_config is not config:
-            self._ray_class = ray.remote(make_actor_class(self._cls, config))
+            definition = definition_options(self._ray_options, ACTOR_DEFINITION_OPTIONS)
+            self._ray_class = ray_remote(make_actor_class(self._cls, config), definition)
             self._ray_class_config = config
         return self._ray_class
 

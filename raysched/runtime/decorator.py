@@ -22,7 +22,8 @@ from ..policy.features import call_features, validate_input_size, validate_memor
 from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
 from .codehash import code_hash, qualified_name
-from .worker import AttemptSpec, encode_call, encode_template, make_entry, remote_options
+from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, definition_options, encode_call,
+                     encode_template, make_entry, ray_remote, remote_options)
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -40,6 +41,34 @@ def _ref_size(value: Any) -> int | None:
         return int(size) if size else None
     except Exception:  # noqa: BLE001 - not yet created, or owned elsewhere: unknown
         return None
+
+
+def _ray_option_validator(kind: str) -> Callable[[dict, bool], None] | None:
+    """Ray's own check of task or actor options (its module moved between Ray versions)."""
+    for module in ("ray._common.ray_option_utils", "ray._private.ray_option_utils"):
+        try:
+            utils = __import__(module, fromlist=["validate_task_options"])
+            return utils.validate_task_options if kind == "task" else utils.validate_actor_options
+        except (ImportError, AttributeError):
+            continue
+    return None  # pragma: no cover - Ray checks them at submission instead
+
+
+def _check_ray_options(kind: str, options: Mapping[str, Any], in_options: bool) -> None:
+    """Refuse a Ray option Ray would refuse, now, as raysched's InvalidInput: a typo in the
+    decorator fails where it is written, not at the first submission of a batch."""
+    definition_only = TASK_DEFINITION_OPTIONS if kind == "task" else ACTOR_DEFINITION_OPTIONS
+    if in_options:
+        for key in definition_only:
+            if key in options:
+                raise InvalidInput(f"{key} can only be set in @adaptive_remote(...), not per call in .options()")
+    validate = _ray_option_validator(kind)
+    if validate is None:
+        return
+    try:
+        validate({k: v for k, v in options.items() if k not in _META_KEYS and k not in _SIZED_KEYS}, False)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"invalid Ray option: {exc}") from exc
 
 
 def _known_wall(prediction: Any) -> float:
@@ -129,6 +158,9 @@ class _Adaptive:
     profile key, fallbacks, tags and dependencies, the features of a call, and the spec
     of a first attempt (or incarnation) sized from the bundle the driver holds."""
 
+    #: Which of Ray's option sets applies: "task" (functions) or "actor" (classes).
+    _ray_kind = "task"
+
     def __init__(self, target: Any, name: Any, tags: Any, num_cpus: Any, memory: Any, dependencies: Any,
                  ray_options: Mapping[str, Any]):
         if name is not None and (not isinstance(name, str) or not name.strip()):
@@ -138,10 +170,13 @@ class _Adaptive:
         self.fallback = Fallback(memory=validate_memory(memory), cpu=validate_num_cpus(num_cpus))
         self.tags = validate_tags(tags)
         self.dependencies = validate_tags(dependencies, "dependencies")
+        _check_ray_options(self._ray_kind, ray_options, in_options=False)
         self._ray_options = dict(ray_options)
         self._scalar_features: dict[tuple, Any] = {}
 
     def _call_options(self, options: Mapping[str, Any]) -> _CallOptions:
+        if options:
+            _check_ray_options(self._ray_kind, options, in_options=True)
         return _CallOptions(options, self.tags, self._ray_options)
 
     def _features(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]):
@@ -278,7 +313,9 @@ class AdaptiveFunction(_Adaptive):
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
         if self._remote is None or self._remote_config is not config:
             # The config travels once, inside the exported entry function.
-            self._remote, self._remote_config, self._bound = ray.remote(make_entry(self._fn, config)), config, {}
+            definition = definition_options(self._ray_options)  # max_calls: Ray takes it only here
+            self._remote = ray_remote(make_entry(self._fn, config), definition)
+            self._remote_config, self._bound = config, {}
         try:
             key = tuple(sorted(options.items()))
             hash(key)

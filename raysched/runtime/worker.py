@@ -221,13 +221,21 @@ class RowSink:
                 self._thread.start()
             self._cond.notify()
 
-    def flush(self) -> Any:
-        """Send the buffered rows now; returns what ``send`` returned (a Ray ref, or None)."""
+    def flush(self, wait_s: float = 0.0) -> Any:
+        """Send the buffered rows now; returns what ``send`` returned (a Ray ref, or None).
+
+        ``wait_s`` > 0: also wait up to that long until the profiler has taken them
+        (a worker process about to exit must not leave them in flight).
+        """
         with self._cond:
             items, self._rows = self._rows, []
-        if items:
-            return self._send(_build_rows(items))
-        return None
+        sent = self._send(_build_rows(items)) if items else None
+        if wait_s > 0 and isinstance(sent, ray.ObjectRef):
+            try:
+                ray.wait([sent], timeout=wait_s)
+            except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
+                logger.debug("raysched: could not wait for the profiler to take the last rows", exc_info=True)
+        return sent
 
     def _run(self) -> None:
         while True:
@@ -859,10 +867,18 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig) -> Callable[..., 
             args = args[1:]  # the admission's value: the queue let this call start
             spec = spec.with_call_id(spec.call_id)  # a copy (its cached row part kept)...
             spec.__dict__["queued"] = False  # ...so that what it submits next is not queued again
-        if _ray_attempt_number() > 0:
-            return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
-        return run_measured(fn, spec, args, kwargs)  # the resubmitter is built only if the monitor stops it
+        calls[0] += 1
+        try:
+            if _ray_attempt_number() > 0:
+                return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
+            return run_measured(fn, spec, args, kwargs)  # the resubmitter is built only if the monitor stops it
+        finally:
+            if calls[0] >= _max_calls(spec):
+                # Ray ends this worker process as soon as the task returns (max_calls):
+                # the buffered rows must reach the profiler first.
+                get_sink(config).flush(wait_s=_LAST_FLUSH_WAIT_S)
 
+    calls = [0]  # runs of this function in this worker process, as Ray counts them for max_calls
     entry.__name__ = getattr(fn, "__name__", "task")
     entry.__qualname__ = getattr(fn, "__qualname__", entry.__name__)
     entry.__module__ = getattr(fn, "__module__", __name__)
@@ -870,12 +886,40 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig) -> Callable[..., 
     return entry
 
 
-_remote_cache: dict[int, Any] = {}
+_remote_cache: dict[tuple, Any] = {}
+
+#: How long the last call of a worker process (``max_calls``) waits for its rows to be taken.
+_LAST_FLUSH_WAIT_S = 10.0
+
+
+def _max_calls(spec: AttemptSpec) -> float:
+    """The ``max_calls`` the function was made with (inf: Ray keeps the worker)."""
+    for key, value in spec.ray_options:
+        if key == "max_calls" and value:
+            return int(value)
+    return float("inf")
+
+
+#: Options Ray takes only where a remote function or an actor class is made
+#: (``ray.remote(...)``), never in ``.options()``: raysched applies them there.
+TASK_DEFINITION_OPTIONS = ("max_calls",)
+ACTOR_DEFINITION_OPTIONS = ("concurrency_groups",)
+
+
+def definition_options(ray_options: Any, keys: tuple[str, ...] = TASK_DEFINITION_OPTIONS) -> dict[str, Any]:
+    """The options among ``ray_options`` (a mapping or pairs) that go to ``ray.remote(...)``."""
+    return {k: v for k, v in dict(ray_options).items() if k in keys}
+
+
+def ray_remote(target: Any, definition: Mapping[str, Any]) -> Any:
+    """``ray.remote`` of a function or class with its definition-only options (Ray refuses
+    ``ray.remote()`` with no argument at all)."""
+    return ray.remote(**definition)(target) if definition else ray.remote(target)
 
 
 def remote_options(spec: AttemptSpec) -> dict[str, Any]:
     """The Ray options an attempt is submitted with: the caller's, then raysched's sizing."""
-    options = dict(spec.ray_options)
+    options = {k: v for k, v in spec.ray_options if k not in TASK_DEFINITION_OPTIONS}
     options.update(spec.allocation.ray_options())
     # At least one Ray retry: it is how a memory-killed attempt hands over to the ladder.
     options["max_retries"] = max(1, int(options.get("max_retries", 3)))
@@ -885,9 +929,11 @@ def remote_options(spec: AttemptSpec) -> dict[str, Any]:
 
 def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]:
     def resubmit(spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any]) -> Any:
-        remote = _remote_cache.get(id(fn))
+        definition = definition_options(spec.ray_options)
+        key = (id(fn), tuple(sorted(definition.items())))
+        remote = _remote_cache.get(key)
         if remote is None:
-            remote = _remote_cache[id(fn)] = ray.remote(make_entry(fn, config))
+            remote = _remote_cache[key] = ray_remote(make_entry(fn, config), definition)
         return remote.options(**remote_options(spec)).remote(encode_spec(spec), *args, **kwargs)
 
     return resubmit
