@@ -136,14 +136,13 @@ def start_cluster(args: argparse.Namespace):
     # raysched's profiler and monitor come up now (on the head: the worker node does not exist yet),
     # so that their memory is part of the baseline the threshold is set above.
     from raysched.runtime.client import get_client
-    from raysched.runtime.monitor import MONITOR_NAME
-    from raysched.runtime.session import NAMESPACE
+    from raysched.runtime.session import NAMESPACE, monitor_name
 
     ray.get(get_client().handle.ping.remote(), timeout=120)
     deadline = time.monotonic() + 60
     while True:
         try:
-            ray.get(ray.get_actor(MONITOR_NAME, namespace=NAMESPACE).ping.remote(), timeout=30)
+            ray.get(ray.get_actor(monitor_name(raysched.get_config()), namespace=NAMESPACE).ping.remote(), timeout=30)
             break
         except ValueError:
             if time.monotonic() > deadline:

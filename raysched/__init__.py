@@ -60,11 +60,10 @@ def _settle() -> None:
 
     if not ray.is_initialized():
         return
-    from .runtime.profiler import PROFILER_NAME
-    from .runtime.session import NAMESPACE
+    from .runtime.session import NAMESPACE, profiler_name
 
     try:
-        profiler = ray.get_actor(PROFILER_NAME, namespace=NAMESPACE)
+        profiler = ray.get_actor(profiler_name(get_config()), namespace=NAMESPACE)
     except ValueError:
         return
     flush = get_config().flush_interval_s

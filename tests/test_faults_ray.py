@@ -18,9 +18,7 @@ import ray
 import raysched
 from conftest import wait_for
 from raysched import ResourceLimitExceeded, adaptive_remote
-from raysched.runtime.monitor import MONITOR_NAME
-from raysched.runtime.profiler import PROFILER_NAME
-from raysched.runtime.session import NAMESPACE
+from raysched.runtime.session import NAMESPACE, monitor_name, profiler_name
 from raysched.types import MiB
 
 pytestmark = pytest.mark.ray
@@ -151,8 +149,8 @@ def steady(seconds: float, value: int) -> int:
 
 def test_the_monitor_killed_mid_run_comes_back_and_running_tasks_go_on(faults):
     refs = [steady.remote(8.0, i) for i in range(4)]
-    assert wait_for(lambda: _named(MONITOR_NAME) is not None)
-    monitor = _named(MONITOR_NAME)
+    assert wait_for(lambda: _named(monitor_name(raysched.get_config())) is not None)
+    monitor = _named(monitor_name(raysched.get_config()))
     assert wait_for(lambda: ray.get(monitor.status.remote(), timeout=10)["reports_received"] > 0)
     ray.kill(monitor, no_restart=False)
     assert ray.get(monitor.ping.remote(), timeout=60) is True  # Ray restarts it under its name
@@ -180,7 +178,7 @@ def test_the_profiler_killed_mid_run_loses_no_row_and_comes_back_with_its_model(
     refs = [double.remote(i) for i in range(40)]
     assert ray.get(refs, timeout=120) == [2 * i for i in range(40)]
     double.refresh(train=True)  # 40 rows: a model is trained and registered
-    profiler = _named(PROFILER_NAME)
+    profiler = _named(profiler_name(raysched.get_config()))
     served = ray.get(profiler.status.remote())["functions"][double.name]["models"]
     assert served and all(v is not None for v in served.values()), served
     refs += [double.remote(i) for i in range(40, 60)]

@@ -12,13 +12,12 @@ ray = pytest.importorskip("ray")
 from raysched.config import RayschedConfig  # noqa: E402
 from raysched.policy.rules import STOP_AND_RESUBMIT, LiveReport  # noqa: E402
 from raysched.runtime.monitor import (  # noqa: E402
-    MONITOR_NAME,
     RayNodeReader,
     events,
     get_or_create_monitor,
     ray_live_reporter,
 )
-from raysched.runtime.session import NAMESPACE  # noqa: E402
+from raysched.runtime.session import NAMESPACE, monitor_name  # noqa: E402
 from raysched.types import GiB, MiB, Allocation  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -57,7 +56,7 @@ def test_monitor_actor_decides_records_and_comes_back_after_a_kill(cluster, tmp_
     ray.kill(monitor, no_restart=False)
     # Ray restarts it under the same name; the call waits for it (max_task_retries=-1).
     assert ray.get(monitor.ping.remote(), timeout=60) is True
-    same = ray.get_actor(MONITOR_NAME, namespace=NAMESPACE)
+    same = ray.get_actor(monitor_name(cfg), namespace=NAMESPACE)
     assert same._actor_id == monitor._actor_id == get_or_create_monitor(cfg)._actor_id
     # A restarted monitor starts empty: hysteresis counts afresh, and the re-decided
     # stop is not written twice.

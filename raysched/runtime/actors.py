@@ -58,7 +58,7 @@ from ..types import Allocation, Outcome
 from .actor_worker import RESTORE_HOOK, SAVE_HOOK, actor_options, make_actor_class
 from .decorator import _Adaptive
 from .worker import ACTOR_DEFINITION_OPTIONS, definition_options, ray_remote
-from .session import NAMESPACE
+from .session import NAMESPACE, monitor_name
 from .worker import AttemptSpec, encode_spec
 
 logger = logging.getLogger(__name__)
@@ -367,9 +367,7 @@ class AdaptiveActorHandle:
     def _note(self, decision: Decision) -> None:
         """An event for what this driver did; fire-and-forget to the monitor."""
         try:
-            from .monitor import MONITOR_NAME
-
-            ray.get_actor(MONITOR_NAME, namespace=NAMESPACE).note.remote([decision])
+            ray.get_actor(monitor_name(self._config), namespace=NAMESPACE).note.remote([decision])
         except Exception as exc:  # noqa: BLE001 - no monitor: the decision is logged only
             logger.warning("raysched: could not record %s for %s: %s", decision.rule, decision.function, exc)
 
@@ -444,10 +442,8 @@ def _ray_directives(config: RayschedConfig):
     handle: list[Any] = []
 
     def directives(ids: list[str]) -> dict[str, Decision]:
-        from .monitor import MONITOR_NAME
-
         if not handle:
-            handle.append(ray.get_actor(MONITOR_NAME, namespace=NAMESPACE))
+            handle.append(ray.get_actor(monitor_name(config), namespace=NAMESPACE))
         try:
             return ray.get(handle[0].directives.remote(ids), timeout=config.monitor_directive_timeout_s)
         except Exception:

@@ -43,11 +43,12 @@ from ..policy.rules import (
     NodeState,
     with_stop,
 )
-from .session import NAMESPACE
+from .session import MONITOR_BASE, NAMESPACE, monitor_name
 
 logger = logging.getLogger(__name__)
 
-MONITOR_NAME = "raysched_monitor"
+#: Base name; the actor of a home is ``session.monitor_name(config)``.
+MONITOR_NAME = MONITOR_BASE
 #: Pending event rows kept while the store cannot be written; beyond it the oldest are dropped.
 MAX_PENDING_EVENTS = 10_000
 
@@ -601,7 +602,7 @@ def ray_live_reporter(config: RayschedConfig) -> LiveReporter:
     def send(batch: list[LiveReport]) -> Any:
         if not handle:
             try:
-                handle.append(ray.get_actor(MONITOR_NAME, namespace=NAMESPACE))
+                handle.append(ray.get_actor(monitor_name(config), namespace=NAMESPACE))
             except ValueError:
                 handle.append(get_or_create_monitor(config))
         return handle[0].report.remote(batch)
@@ -620,7 +621,7 @@ def ray_live_reporter(config: RayschedConfig) -> LiveReporter:
 
 
 def get_or_create_monitor(config: RayschedConfig):
-    """The cluster's monitor actor: found by name, created on first use, restarted by Ray.
+    """The monitor actor of the config's home: found by name, created on first use, restarted by Ray.
 
     A restarted monitor starts with no state: workers report again within one
     live interval and hysteresis counts afresh; events already written are
@@ -628,7 +629,7 @@ def get_or_create_monitor(config: RayschedConfig):
     """
     from .session import get_or_create_actor
 
-    return get_or_create_actor(Monitor, MONITOR_NAME, config, node_reader=RayNodeReader())
+    return get_or_create_actor(Monitor, monitor_name(config), config, node_reader=RayNodeReader())
 
 
 def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:

@@ -26,10 +26,12 @@ from ..config import RayschedConfig
 from ..policy.models import ResourceModel, evaluate, holdout
 from ..policy.recipe import MODELLED, build_predictor
 from ..types import History
+from .session import PROFILER_BASE, profiler_name
 
 logger = logging.getLogger(__name__)
 
-PROFILER_NAME = "raysched_profiler"
+#: Base name; the actor of a home is ``session.profiler_name(config)``.
+PROFILER_NAME = PROFILER_BASE
 IMPORTED_HASH = "imported"
 
 #: Outcomes whose CPU and wall time describe a whole run of the function.
@@ -397,7 +399,7 @@ class Profiler:
 
 
 def get_or_create_profiler(config: RayschedConfig):
-    """The cluster's profiler actor: found by name, created on first use, restarted by Ray."""
+    """The profiler actor of the config's home: found by name, created on first use, restarted by Ray."""
     from .session import get_or_create_actor
 
-    return get_or_create_actor(Profiler, PROFILER_NAME, config)
+    return get_or_create_actor(Profiler, profiler_name(config), config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import threading
 import time
@@ -12,6 +14,35 @@ from ..config import RayschedConfig
 from ..types import ClusterShape, NodeShape
 
 NAMESPACE = "raysched"
+
+#: Base names of the service actors that belong to one raysched home (see ``service_name``).
+PROFILER_BASE = "raysched_profiler"
+MONITOR_BASE = "raysched_monitor"
+
+
+def service_name(base: str, config: RayschedConfig) -> str:
+    """The Ray name of a service actor of the config's home.
+
+    Each home (``RAYSCHED_HOME``) has its own profiler and monitor, found by a name
+    derived from the home's absolute path: drivers (or Ray Jobs) that share a home
+    share what was learnt, and a driver with another home never writes into, or
+    predicts from, a store it did not name.  The admission queue counts the
+    cluster's resources and stays one per cluster.
+    """
+    return f"{base}-{_home_key(str(config.home_path))}"
+
+
+@functools.lru_cache(maxsize=64)
+def _home_key(home: str) -> str:
+    return hashlib.sha1(home.encode()).hexdigest()[:12]
+
+
+def profiler_name(config: RayschedConfig) -> str:
+    return service_name(PROFILER_BASE, config)
+
+
+def monitor_name(config: RayschedConfig) -> str:
+    return service_name(MONITOR_BASE, config)
 
 _lock = threading.Lock()
 _config: RayschedConfig | None = None

@@ -59,11 +59,10 @@ from ..policy.recipe import build_ladder
 from ..policy.samples import memory_sample
 from ..types import Allocation, AttemptRecord, Features, Outcome, Prediction, Usage
 from .measure import AttemptMeter, LiveSample, get_live_sampler
-from .session import NAMESPACE
+from .session import NAMESPACE, monitor_name, profiler_name
 
 logger = logging.getLogger(__name__)
 
-PROFILER_NAME = "raysched_profiler"
 LIVE_KV_NAMESPACE = "raysched_live"
 MIN_WALL_FOR_CORES = 0.05  # seconds
 
@@ -274,7 +273,7 @@ def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
     def send(rows: list[dict]) -> Any:
         try:
             if not handle:
-                handle.append(ray.get_actor(PROFILER_NAME, namespace=NAMESPACE))
+                handle.append(ray.get_actor(profiler_name(config), namespace=NAMESPACE))
             # One plain pickle of the batch: Ray's own serialisation of a list of dicts
             # (msgpack with a pickle per datetime) cost four times as much per row.
             return handle[0].record.remote(pickle.dumps(rows, protocol=5))
@@ -520,12 +519,10 @@ def _drop_stop_marker(spec: AttemptSpec) -> None:
 
 def _monitor_directive(spec: AttemptSpec) -> Any:
     """The stop the monitor decided for exactly this attempt, if it is reachable and decided one."""
-    from .monitor import MONITOR_NAME
-
     if not spec.config.monitor_enabled:
         return None
     try:
-        monitor = ray.get_actor(MONITOR_NAME, namespace=NAMESPACE)
+        monitor = ray.get_actor(monitor_name(spec.config), namespace=NAMESPACE)
         found = ray.get(monitor.directives.remote([spec.call_id]), timeout=spec.config.monitor_directive_timeout_s)
     except Exception:  # noqa: BLE001 - no monitor, or restarting: the cause is guessed as before
         return None
