@@ -108,7 +108,7 @@ class RayschedConfig:
     #: scores (the log residual of each of the runs with the largest inputs, held out,
     #: per unit of log distance past the curve fitted on the others) times the distance
     #: past the range: a conformal offset for extrapolation; 0: off.
-    cost_extrapolation_quantile: float = 0.0
+    cost_extrapolation_quantile: float = 0.9
 
     # --- sizing: prediction -> Ray options -----------------------------------------
     #: Margin on top of the upper bound for memory, as the VPA recommender's 15%.
