@@ -105,9 +105,10 @@ class RayschedConfig:
     #: the error of an extrapolation).
     cost_extrapolation_widen: float = 0.0
     #: Beyond the largest input seen, also widen it by this quantile of leave-largest-out
-    #: scores (the log residual of each of the runs with the largest inputs, held out,
-    #: per unit of log distance past the curve fitted on the others) times the distance
-    #: past the range: a conformal offset for extrapolation; 0: off.
+    #: scores (how far each of the runs with the largest inputs, held out, rose above the
+    #: curve fitted on the others plus their largest local residual, per unit of log
+    #: distance past their range) times the distance past the range: a conformal offset
+    #: for extrapolation; 0: off.
     cost_extrapolation_quantile: float = 0.9
 
     # --- sizing: prediction -> Ray options -----------------------------------------
