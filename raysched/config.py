@@ -104,6 +104,12 @@ class RayschedConfig:
     #: unit of log input size past it (the residuals seen inside the range understate
     #: the error of an extrapolation).
     cost_extrapolation_widen: float = 0.0
+    #: Beyond the largest input seen, also widen it by this quantile of leave-largest-out
+    #: scores (how far each of the runs with the largest inputs, held out, rose above the
+    #: curve fitted on the others plus their largest local residual, per unit of log
+    #: distance past their range) times the distance past the range: a conformal offset
+    #: for extrapolation; 0: off.
+    cost_extrapolation_quantile: float = 0.9
 
     # --- sizing: prediction -> Ray options -----------------------------------------
     #: Margin on top of the upper bound for memory, as the VPA recommender's 15%.
@@ -267,6 +273,9 @@ class RayschedConfig:
             problems.append("cost_min_coverage and cost_local_fraction must be fractions in (0, 1]")
         if self.cost_tail_allowance < 0 or self.cost_min_history < 2 or self.cost_min_local < 2:
             problems.append("cost_tail_allowance must be at least 0, cost_min_history and cost_min_local at least 2")
+        if not 0 <= self.cost_extrapolation_quantile <= 1 or self.cost_extrapolation_widen < 0:
+            problems.append("cost_extrapolation_quantile must be in [0, 1] (0: off) and cost_extrapolation_widen "
+                            "at least 0")
         if problems:
             raise ValueError("invalid RayschedConfig: " + "; ".join(problems))
 

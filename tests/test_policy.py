@@ -378,3 +378,72 @@ def test_default_memory_chain_is_cost_aware_and_model_still_serves_cpu():
     # the center but far below the fixed chain's p95-plus-spread of large inputs
     allocation = pred.memory.upper * (1 + CFG.memory_margin)
     assert 300e6 < allocation < 400e6
+
+
+def _steepening_history() -> tuple[np.ndarray, np.ndarray]:
+    # 1 GB up to inputs of 1e8, then proportional to the input: the curve fitted on the
+    # runs below the top bends upwards late, so lines fitted on the runs seen understate
+    # the use of a larger input.
+    sizes = np.geomspace(1e6, 1e9, 30)
+    rng = np.random.default_rng(0)
+    use = np.where(sizes < 1e8, 1e9, 1e9 * sizes / 1e8) * np.exp(rng.normal(0, 0.02, sizes.shape[0]))
+    return sizes, use
+
+
+def _cost_aware(q: float):
+    from raysched.policy.estimators import CostAwareEstimator
+
+    return CostAwareEstimator("memory", min_history=8, min_correlation=0.3, local_fraction=0.35, min_local=8,
+                              tail_allowance=0.1, min_coverage=0.75, margin=0.15, slope_fraction=0.5,
+                              cap_allowance=0.2, extrapolation_quantile=q)
+
+
+def test_leave_largest_out_scores_see_use_growing_faster_than_the_fit():
+    from raysched.policy.estimators import _extrapolation_scores, _loglog_slope
+
+    sizes, use = _steepening_history()
+    ls, lu = np.log1p(sizes), np.log(use)
+    scores = _extrapolation_scores(ls, lu, lambda x, y: _loglog_slope(x, y, 1.0, 0.5), lambda x, y, s: 0.0)
+    # hold-outs of the top 10%, 20% and 30% of 30 runs: 3 + 6 + 9 scores, mostly positive
+    assert scores.shape[0] == 18 and np.median(scores) > 0.3
+    # a pure power law extrapolates exactly: no held-out run rises above the fit
+    exact = _extrapolation_scores(ls, 0.5 * ls, lambda x, y: _loglog_slope(x, y, 1.0, 0.5), lambda x, y, s: 0.0)
+    assert np.all(exact <= 1e-9)
+    # too few runs of distinct sizes to hold any out: no scores
+    assert _extrapolation_scores(ls[:3], lu[:3], lambda x, y: 0.0, lambda x, y, s: 0.0).shape[0] == 0
+    assert _extrapolation_scores(np.ones(10), lu[:10], lambda x, y: 0.0, lambda x, y, s: 0.0).shape[0] == 0
+
+
+def test_extrapolation_offset_widens_beyond_the_range_and_leaves_the_range_alone():
+    sizes, use = _steepening_history()
+    ctx = EstimationContext(History.from_columns({"input_size": sizes, "memory": use}))
+    off, on = _cost_aware(0.0), _cost_aware(0.9)
+    # 3x past the largest input the use keeps growing in proportion (30 GB): the fitted
+    # slope and the local residuals alone allocate less; the offset covers it.
+    truth = 1e9 * 3e9 / 1e8
+    a_off = off.estimate(ctx, Features(input_size=3 * 10**9)).upper * 1.15
+    a_on = on.estimate(ctx, Features(input_size=3 * 10**9)).upper * 1.15
+    assert a_off < truth < a_on
+    # the further past the range, the wider
+    far_off = off.estimate(ctx, Features(input_size=10**10)).upper
+    far_on = on.estimate(ctx, Features(input_size=10**10)).upper
+    assert far_on / far_off > a_on / a_off > 1
+    # inside the range (and below it) nothing changes
+    for x in (10**7, 5 * 10**8, 10**9):
+        assert on.estimate(ctx, Features(input_size=x)) == off.estimate(ctx, Features(input_size=x))
+    # a power law the curve already extrapolates exactly: no offset
+    exact = EstimationContext(History.from_columns({"input_size": sizes, "memory": 1000 * np.sqrt(sizes)}))
+    assert on.estimate(exact, Features(input_size=10**10)) == off.estimate(exact, Features(input_size=10**10))
+
+
+def test_extrapolation_quantile_is_wired_and_validated():
+    from raysched.policy.estimators import CostAwareEstimator, FirstOf, WithMinimum
+
+    chain = build_predictor(CFG.replace(cost_extrapolation_quantile=0.8)).chains["memory"]
+    assert isinstance(chain, WithMinimum) and isinstance(chain.inner, FirstOf)
+    cost = chain.inner.estimators[0]
+    assert isinstance(cost, CostAwareEstimator) and cost.extrapolation_quantile == 0.8
+    CFG.replace(cost_extrapolation_quantile=0.0)  # off is valid
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="cost_extrapolation_quantile"):
+            CFG.replace(cost_extrapolation_quantile=bad)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -259,6 +259,43 @@ def _monotone_fit(ls: np.ndarray, lu: np.ndarray, query: np.ndarray, slope: floa
     return out
 
 
+def _extrapolation_scores(
+    ls: np.ndarray,
+    lu: np.ndarray,
+    slope_of: Callable[[np.ndarray, np.ndarray], float],
+    covered_of: Callable[[np.ndarray, np.ndarray, float], float],
+    hold_fractions: tuple[float, ...] = (0.1, 0.2, 0.3),
+    min_train: int = 3,
+    min_distance: float = 0.1,
+) -> np.ndarray:
+    """Leave-largest-out scores of the extrapolation error, per unit of log distance.
+
+    For each share in ``hold_fractions``, the runs with the largest inputs are held
+    out (at least one, and every run of the smallest held-out size), and the curve
+    is fitted on the rest (``_monotone_fit`` with the slope ``slope_of(kept)``).
+    Each held-out run scores how far its log use rose above that curve plus
+    ``covered_of(kept, slope)`` (the log headroom the residuals of the kept runs
+    already give), divided by its distance past the kept runs' largest log input
+    (at least ``min_distance``, so that noise just past the range does not make a
+    steep score).  Empty when no split keeps ``min_train`` runs of distinct sizes.
+    """
+    order = np.argsort(ls, kind="stable")
+    xs, ys = ls[order], lu[order]
+    n = xs.shape[0]
+    scores: list[np.ndarray] = []
+    for k in sorted({max(1, int(math.ceil(n * f))) for f in hold_fractions}):
+        if k >= n:
+            continue
+        keep = xs < xs[n - k]
+        if keep.sum() < min_train or np.ptp(xs[keep]) <= 0:
+            continue
+        held = ~keep
+        slope = slope_of(xs[keep], ys[keep])
+        fitted = _monotone_fit(xs[keep], ys[keep], xs[held], slope) + covered_of(xs[keep], ys[keep], slope)
+        scores.append((ys[held] - fitted) / np.maximum(xs[held] - xs[keep][-1], min_distance))
+    return np.concatenate(scores) if scores else np.empty(0)
+
+
 @dataclass(frozen=True)
 class CostAwareEstimator:
     """Memory sized by the cost of a failure against the cost of waste.
@@ -309,6 +346,10 @@ class CostAwareEstimator:
     cap_allowance: float = math.inf
     #: Log widening of the allocation per unit of log input size beyond the largest input seen.
     widen: float = 0.0
+    #: Beyond the largest input seen, widen the allocation by this quantile of the
+    #: leave-largest-out extrapolation scores (``_extrapolation_scores``) times the
+    #: log distance past the range; 0: off.
+    extrapolation_quantile: float = 0.0
 
     def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
         rows = usable_rows(ctx.history, self.resource)
@@ -336,9 +377,10 @@ class CostAwareEstimator:
             # Beyond the largest input the local residuals understate the error: widen
             # every candidate by ``widen`` per unit of log distance past the range.
             beyond = max(0.0, query - float(np.max(ls)))
-            center += self.widen * beyond
+            widen = self.widen + self._extrapolation_widen(ls, lu) if beyond > 0 else self.widen
+            center += widen * beyond
             # Never above the largest use seen, grown along the slope beyond the range.
-            cap = float(np.max(log_use)) + (slope + self.widen) * beyond
+            cap = float(np.max(log_use)) + (slope + widen) * beyond
         else:
             center = float(np.median(log_use))
             resid = log_use - center
@@ -366,6 +408,28 @@ class CostAwareEstimator:
             n_history=n,
             source="history",
         )
+
+    def _extrapolation_widen(self, ls: np.ndarray, lu: np.ndarray) -> float:
+        """Log widening per unit of log distance past the range: the
+        ``extrapolation_quantile`` of the leave-largest-out scores (how far held-out
+        largest runs rose above the curve fitted without them, past the largest
+        local residual of the runs kept), at least 0; 0 when off."""
+        if self.extrapolation_quantile <= 0:
+            return 0.0
+
+        def slope_of(x: np.ndarray, y: np.ndarray) -> float:
+            return _loglog_slope(x, y, self.max_slope, self.slope_fraction) if self.extrapolate else 0.0
+
+        def covered_of(x: np.ndarray, y: np.ndarray, slope: float) -> float:
+            # the largest cross-fitted residual of the local share nearest the top (x is sorted)
+            resid = self._cross_fitted(x, y, slope)
+            k = max(self.min_local, int(math.ceil(len(resid) * self.local_fraction)))
+            return float(np.max(resid[-k:]))
+
+        scores = _extrapolation_scores(ls, lu, slope_of, covered_of)
+        if scores.shape[0] == 0:
+            return 0.0
+        return max(0.0, float(np.quantile(scores, self.extrapolation_quantile)))
 
     def _cross_fitted(self, ls: np.ndarray, lu: np.ndarray, slope: float) -> np.ndarray:
         n = ls.shape[0]

@@ -138,6 +138,7 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
                 slope_fraction=config.cost_slope_fraction,
                 cap_allowance=config.cost_cap_allowance if config.cost_cap_allowance is not None else math.inf,
                 widen=config.cost_extrapolation_widen,
+                extrapolation_quantile=config.cost_extrapolation_quantile,
             )
         )
     steps += [
