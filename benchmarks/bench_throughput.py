@@ -47,12 +47,33 @@ import raysched  # noqa: E402
 
 @ray.remote
 def plain_inc(x):
-    return x + 1
+    return (x if isinstance(x, int) else len(x)) + 1
 
 
 @raysched.adaptive_remote
 def raysched_inc(x):
-    return x + 1
+    return (x if isinstance(x, int) else len(x)) + 1
+
+
+#: What call i passes: ``i`` (the default, ``--inputs scalars``), or with ``--inputs arrays``
+#: a float64 array of 1..50,000 elements (seeded), so that every call has its own input
+#: size and raysched predicts for it (the plan cache of scalar calls does not help).
+_ARRAYS: list = []
+
+
+def arg(i: int):
+    return _ARRAYS[i % len(_ARRAYS)] if _ARRAYS else i
+
+
+def expected(i: int) -> int:
+    return (len(_ARRAYS[i % len(_ARRAYS)]) if _ARRAYS else i) + 1
+
+
+def use_arrays(seed: int = 0, count: int = 4096) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    _ARRAYS[:] = [np.ones(int(n)) for n in rng.integers(1, 50_001, size=count)]
 
 
 PATHS = {"plain": plain_inc, "raysched": raysched_inc}
@@ -113,11 +134,11 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], tasks: int) -> 
 
 def run_batch(fn, n: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    refs = [fn.remote(i) for i in range(n)]
+    refs = [fn.remote(arg(i)) for i in range(n)]
     t1 = time.perf_counter()
     values = ray.get(refs)
     t2 = time.perf_counter()
-    assert values[-1] == n, values[-1]
+    assert values[-1] == expected(n - 1), values[-1]
     return {
         "batch_tasks_per_s": n / (t2 - t0),
         "batch_seconds": t2 - t0,
@@ -128,7 +149,7 @@ def run_batch(fn, n: int) -> dict[str, float]:
 def run_sequential(fn, n: int) -> dict[str, float]:
     t0 = time.perf_counter()
     for i in range(n):
-        assert ray.get(fn.remote(i)) == i + 1
+        assert ray.get(fn.remote(arg(i))) == expected(i)
     t1 = time.perf_counter()
     return {"seq_tasks_per_s": n / (t1 - t0), "seq_latency_ms": (t1 - t0) / n * 1e3}
 
@@ -152,15 +173,15 @@ def quiesce() -> float:
 def warm_up(n: int) -> dict[str, float]:
     t0 = time.perf_counter()
     for fn in PATHS.values():
-        ray.get([fn.remote(i) for i in range(n)])  # workers started, functions exported
+        ray.get([fn.remote(arg(i)) for i in range(n)])  # workers started, functions exported
         for i in range(20):
-            ray.get(fn.remote(i))
+            ray.get(fn.remote(arg(i)))
     # raysched: enough rows for the model, trained and registered (MLflow imported in the
     # actor), and the driver holds a bundle with the models in it.
     raysched_inc.refresh(train=True, timeout=300)
     quiesce()
     for _ in range(2):  # one more round of rows, so refreshes happen as in steady state
-        ray.get([raysched_inc.remote(i) for i in range(n)])
+        ray.get([raysched_inc.remote(arg(i)) for i in range(n)])
         quiesce()
     return time.perf_counter() - t0
 
@@ -262,8 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-after-rows", type=int, default=None, metavar="N",
                         help="diagnostic: set raysched's retrain_after_new_rows (default: raysched's own, 20); "
                              "a large N keeps the profiler from retraining during the measured runs")
+    parser.add_argument("--inputs", choices=("scalars", "arrays"), default="scalars",
+                        help="what each call passes: its index (default), or a numpy array of its own size")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     args = parser.parse_args(argv)
+    if args.inputs == "arrays":
+        use_arrays()
     if min(args.tasks, args.repeats, args.sequential_tasks, args.warmup_tasks) < 1:
         parser.error("counts must be positive")
 

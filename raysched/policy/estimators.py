@@ -13,8 +13,10 @@ Pure: imports neither ray, mlflow nor pyarrow.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Any, Callable, Hashable, Mapping, Protocol
 
 import numpy as np
 
@@ -296,6 +298,48 @@ def _extrapolation_scores(
     return np.concatenate(scores) if scores else np.empty(0)
 
 
+#: Work an estimator does on a history whatever the call (fits, cross-fitted residuals),
+#: kept while the history lives: a driver sizes many calls from one bundle's history,
+#: and redoing it per call cost ~0.6 ms of every submission with a new input size.
+_HISTORY_FITS: "weakref.WeakKeyDictionary[History, dict]" = weakref.WeakKeyDictionary()
+_HISTORY_FITS_LOCK = threading.Lock()
+
+
+def _per_history(history: History, key: Hashable, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per (history, key) while the history object lives."""
+    with _HISTORY_FITS_LOCK:
+        found = _HISTORY_FITS.get(history)
+        if found is not None and key in found:
+            return found[key]
+    value = make()  # outside the lock: two threads may both compute it, with the same result
+    with _HISTORY_FITS_LOCK:
+        _HISTORY_FITS.setdefault(history, {})[key] = value
+    return value
+
+
+@dataclass(frozen=True)
+class _SizeFit:
+    """What CostAwareEstimator learns from a history about use against input size."""
+
+    n: int  # usable, uncensored runs
+    log_use: np.ndarray  # of those runs
+    use_size: bool  # input size explains use (Spearman rho^2 >= min_correlation)
+    ls: np.ndarray | None = None  # log1p(input size) of the runs with a known size
+    lu: np.ndarray | None = None  # their log use
+    slope: float = 0.0  # log-log slope beyond the largest input
+    curve_x: np.ndarray | None = None  # the isotonic fit: sorted ls...
+    curve_y: np.ndarray | None = None  # ...and the fitted log use there
+    resid: np.ndarray | None = None  # cross-fitted log residuals, in the order of ls
+    extrapolation_widen: list = field(default_factory=list)  # computed on the first call past the range
+
+    def center(self, query: float) -> float:
+        """``_monotone_fit(ls, lu, [query], slope)``, from the fit made once."""
+        assert self.curve_x is not None and self.curve_y is not None
+        if query > self.curve_x[-1] and self.slope > 0:
+            return float(self.curve_y[-1] + self.slope * (query - self.curve_x[-1]))
+        return float(np.interp(query, self.curve_x, self.curve_y))
+
+
 @dataclass(frozen=True)
 class CostAwareEstimator:
     """Memory sized by the cost of a failure against the cost of waste.
@@ -351,33 +395,48 @@ class CostAwareEstimator:
     #: log distance past the range; 0: off.
     extrapolation_quantile: float = 0.0
 
-    def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
-        rows = usable_rows(ctx.history, self.resource)
-        rows = rows[~ctx.history.censored_mask[rows]]
+    def _fit(self, history: History) -> _SizeFit:
+        """Everything of the estimate that depends on the history alone."""
+        rows = usable_rows(history, self.resource)
+        rows = rows[~history.censored_mask[rows]]
         n = rows.shape[0]
         if n < self.min_history:
-            return None
-        log_use = np.log(ctx.history.column(self.resource)[rows])
-        sizes = ctx.history.input_size[rows]
+            return _SizeFit(n, np.empty(0), False)
+        log_use = np.log(history.column(self.resource)[rows])
+        sizes = history.input_size[rows]
         known = np.isfinite(sizes) & (sizes >= 0)
-        use_size = (
-            x.input_size is not None
-            and known.sum() >= self.min_history
-            and _spearman(np.log1p(sizes[known]), log_use[known]) ** 2 >= self.min_correlation
-        )
-        if use_size:
-            ls, lu = np.log1p(sizes[known]), log_use[known]
-            slope = _loglog_slope(ls, lu, self.max_slope, self.slope_fraction) if self.extrapolate else 0.0
-            query = math.log1p(float(x.input_size))  # type: ignore[arg-type]
-            center = float(_monotone_fit(ls, lu, np.array([query]), slope)[0])
-            resid = self._cross_fitted(ls, lu, slope)
+        if not (known.sum() >= self.min_history
+                and _spearman(np.log1p(sizes[known]), log_use[known]) ** 2 >= self.min_correlation):
+            return _SizeFit(n, log_use, False)
+        ls, lu = np.log1p(sizes[known]), log_use[known]
+        slope = _loglog_slope(ls, lu, self.max_slope, self.slope_fraction) if self.extrapolate else 0.0
+        order = np.argsort(ls, kind="stable")
+        return _SizeFit(n, log_use, True, ls, lu, slope, ls[order], _isotonic(lu[order]),
+                        self._cross_fitted(ls, lu, slope))
+
+    def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
+        fit: _SizeFit = _per_history(ctx.history, self, lambda: self._fit(ctx.history))
+        n, log_use = fit.n, fit.log_use
+        if n < self.min_history:
+            return None
+        if fit.use_size and x.input_size is not None:
+            ls, lu, slope = fit.ls, fit.lu, fit.slope
+            assert ls is not None and lu is not None and fit.resid is not None
+            query = math.log1p(float(x.input_size))
+            center = fit.center(query)
+            resid = fit.resid
             k = max(self.min_local, int(math.ceil(len(resid) * self.local_fraction)))
             if k < len(resid):
                 resid = resid[np.argsort(np.abs(ls - query), kind="stable")[:k]]
             # Beyond the largest input the local residuals understate the error: widen
             # every candidate by ``widen`` per unit of log distance past the range.
-            beyond = max(0.0, query - float(np.max(ls)))
-            widen = self.widen + self._extrapolation_widen(ls, lu) if beyond > 0 else self.widen
+            beyond = max(0.0, query - float(fit.curve_x[-1]))  # type: ignore[index]
+            if beyond > 0:
+                if not fit.extrapolation_widen:
+                    fit.extrapolation_widen.append(self._extrapolation_widen(ls, lu))
+                widen = self.widen + fit.extrapolation_widen[0]
+            else:
+                widen = self.widen
             center += widen * beyond
             # Never above the largest use seen, grown along the slope beyond the range.
             cap = float(np.max(log_use)) + (slope + widen) * beyond

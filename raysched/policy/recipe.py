@@ -87,19 +87,34 @@ class Predictor:
         models: TrainedModels | Mapping[str, ResourceModel] | None = None,
         fallback: Fallback | None = None,
     ) -> Prediction:
+        return compose(self.estimates(features, history, models, fallback))
+
+    def estimates(
+        self,
+        features: Features,
+        history: History | None = None,
+        models: TrainedModels | Mapping[str, ResourceModel] | None = None,
+        fallback: Fallback | None = None,
+        resources: tuple[str, ...] = MODELLED,
+    ) -> dict[str, Estimate | None]:
+        """The estimates of some resources only (``compose`` makes a Prediction of all four)."""
         by_resource = models.by_resource if isinstance(models, TrainedModels) else (models or {})
         ctx = EstimationContext(history=history if history is not None else History.empty(),
                                 models=by_resource, fallback=fallback or Fallback())
-        estimates: dict[str, Estimate | None] = {r: self.chains[r].estimate(ctx, features) for r in PREDICTED}
-        disk = self.chains["disk"].estimate(ctx, features)
-        sources = [e.source for e in estimates.values() if e is not None]
-        return Prediction(
-            memory=estimates["memory"],  # type: ignore[arg-type]
-            cpu=estimates["cpu"],  # type: ignore[arg-type]
-            wall=estimates["wall"],  # type: ignore[arg-type]
-            disk=disk,
-            source=_weakest(sources),
-        )
+        return {r: self.chains[r].estimate(ctx, features) for r in resources}
+
+
+def compose(estimates: Mapping[str, Estimate | None]) -> Prediction:
+    """A Prediction from the estimates of memory, cpu, wall (never None: they have
+    defaults) and disk (None without history); its source is the least informed one."""
+    sources = [estimates[r].source for r in PREDICTED if estimates[r] is not None]  # type: ignore[union-attr]
+    return Prediction(
+        memory=estimates["memory"],  # type: ignore[arg-type]
+        cpu=estimates["cpu"],  # type: ignore[arg-type]
+        wall=estimates["wall"],  # type: ignore[arg-type]
+        disk=estimates["disk"],
+        source=_weakest(sources),
+    )
 
 
 def _weakest(sources: list[str]) -> str:

@@ -11,6 +11,7 @@ first bundle: once per function, never per task.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import threading
@@ -22,7 +23,7 @@ import ray
 
 from ..config import RayschedConfig
 from ..policy.estimators import Fallback
-from ..policy.recipe import build_predictor, build_sizer
+from ..policy.recipe import build_predictor, build_sizer, compose
 from ..types import Allocation, ClusterShape, Features, Prediction
 from .profiler import Bundle, get_or_create_profiler
 from .session import ClusterShapeCache, ensure_ray, get_config, session_token
@@ -30,8 +31,13 @@ from .session import ClusterShapeCache, ensure_ray, get_config, session_token
 logger = logging.getLogger(__name__)
 
 #: Predictions are cached per bundle version and input size on a log scale with
-#: this many buckets per doubling: sizes within ~1.4% share a prediction.
+#: this many buckets per doubling: sizes within ~1.4% share a memory prediction...
 _SIZE_BUCKETS_PER_DOUBLING = 50
+#: ...and sizes within ~19% their CPU, wall and disk ones: a model's prediction costs
+#: ~0.5 ms (XGBoost's per-call overhead) and CPUs are rounded anyway, while memory
+#: is what a too-coarse bucket would waste.
+_COARSE_BUCKETS_PER_DOUBLING = 4
+_COARSE_RESOURCES = ("cpu", "wall", "disk")
 _CACHE_SIZE = 4096
 
 
@@ -56,7 +62,7 @@ class ProfilerClient:
         self._bundles: dict[tuple[str, str], Bundle] = {}
         self._pending: dict[tuple[str, str], Any] = {}
         self._next_refresh: dict[tuple[str, str], float] = {}
-        self._predictions: OrderedDict[tuple, Prediction] = OrderedDict()
+        self._predictions: OrderedDict[tuple, Any] = OrderedDict()  # Predictions, and estimate dicts of coarse buckets
         self._allocations: dict[tuple, Allocation] = {}
         self._predictor = build_predictor(config)
         self._sizer = build_sizer(config)
@@ -100,7 +106,7 @@ class ProfilerClient:
             return True
         self._pending.pop(key, None)
         if bundle is not None:
-            self._bundles[key] = bundle
+            self._bundles[key] = _keep_loaded_models(self._bundles.get(key), bundle)
         elif key not in self._bundles:
             self._bundles[key] = Bundle(key[0], key[1], -1, _empty_history())
         return True
@@ -146,22 +152,29 @@ class ProfilerClient:
     def predict(self, function: str, code_hash: str, features: Features, fallback: Fallback,
                 bundle: Bundle | None) -> Prediction:
         size = features.input_size
-        bucket = None if size is None else round(math.log2(1 + size) * _SIZE_BUCKETS_PER_DOUBLING)
-        key = (function, code_hash, bundle.version if bundle else None, bucket, features.tags, fallback)
+        log_size = None if size is None else math.log2(1 + size)
+        version = bundle.version if bundle else None
+        bucket = None if log_size is None else round(log_size * _SIZE_BUCKETS_PER_DOUBLING)
+        key = (function, code_hash, version, bucket, features.tags, fallback)
         cached = self._predictions.get(key)
         if cached is not None:
             self._predictions.move_to_end(key)
             return cached
-        prediction = self._predictor.predict(
-            features,
-            bundle.history if bundle else None,
-            bundle.models if bundle else None,
-            fallback,
-        )
-        self._predictions[key] = prediction
+        history, models = (bundle.history, bundle.models) if bundle else (None, None)
+        coarse_bucket = None if log_size is None else round(log_size * _COARSE_BUCKETS_PER_DOUBLING)
+        coarse_key = ("coarse", function, code_hash, version, coarse_bucket, features.tags, fallback)
+        others = self._predictions.get(coarse_key)
+        if others is None:
+            others = self._predictor.estimates(features, history, models, fallback, _COARSE_RESOURCES)
+            self._remember(coarse_key, others)
+        prediction = compose({**others, **self._predictor.estimates(features, history, models, fallback, ("memory",))})
+        self._remember(key, prediction)
+        return prediction
+
+    def _remember(self, key: tuple, value: Any) -> None:
+        self._predictions[key] = value
         if len(self._predictions) > _CACHE_SIZE:
             self._predictions.popitem(last=False)
-        return prediction
 
     def size(self, prediction: Prediction, explicit: dict[str, Any], function: str,
              cluster: ClusterShape | None) -> Allocation:
@@ -173,6 +186,24 @@ class ProfilerClient:
                 self._allocations.clear()
             self._allocations[key] = allocation
         return allocation
+
+
+def _keep_loaded_models(old: Bundle | None, new: Bundle) -> Bundle:
+    """The new bundle, with the models it shares with the old one kept as the old objects.
+
+    A bundle arrives whenever rows were added (every refresh of a busy function), each
+    time with fresh copies of the same models: loading a Booster again cost ~10 ms on
+    the first prediction after every refresh.
+    """
+    if old is None or not old.models or not new.models:
+        return new
+    models, kept = dict(new.models), False
+    for resource, model in new.models.items():
+        held = old.models.get(resource)
+        if held is not None and held is not model and held.version == model.version \
+                and held.offset == model.offset and held.booster_raw == model.booster_raw:
+            models[resource], kept = held, True
+    return dataclasses.replace(new, models=models) if kept else new
 
 
 class _Reply:
