@@ -83,6 +83,17 @@ def test_bundle_carries_history_and_versions_move(profiler):
     assert bundle.max_peak_seen > 100 * MiB
 
 
+def test_missing_calls_names_the_calls_whose_rows_have_not_arrived(profiler):
+    """What refresh(train=True) waits on: rows of the driver's calls, received or in the store."""
+    assert profiler.missing_calls("f", ["c0", "c1"]) == ["c0", "c1"]
+    profiler.record(rows(2))  # c0, c1
+    assert profiler.missing_calls("f", ["c0", "c1", "c2"]) == ["c2"]
+    assert profiler.missing_calls("g", ["c0"]) == ["c0"]  # another function's rows do not count
+    fresh = Profiler(profiler.config, store=profiler.store, registry=FakeRegistry(), clock=Clock(),
+                     executor=InlineExecutor())
+    assert fresh.missing_calls("f", ["c1", "c9"]) == ["c9"]  # read back from the store
+
+
 def test_trains_once_enough_rows_then_throttles_by_clock(profiler):
     profiler.bundle("f", "h1")
     profiler.record(rows(29))

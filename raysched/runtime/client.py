@@ -39,6 +39,10 @@ _SIZE_BUCKETS_PER_DOUBLING = 50
 _COARSE_BUCKETS_PER_DOUBLING = 4
 _COARSE_RESOURCES = ("cpu", "wall", "disk")
 _CACHE_SIZE = 4096
+#: ``refresh(train=True)`` waits up to this long for the rows of this driver's last
+#: ``_ROWS_WAIT_CALLS`` calls of the function before it trains.
+_ROWS_WAIT_S = 10.0
+_ROWS_WAIT_CALLS = 500
 
 
 class ProfilerClient:
@@ -141,6 +145,7 @@ class ProfilerClient:
         key = (function, code_hash)
         if train:
             ray.get(self.handle.settle.remote(min_wait_s=max(1.0, 3 * self.config.flush_interval_s)), timeout=timeout)
+            self._wait_for_rows(function, min(timeout, _ROWS_WAIT_S))
             ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
         with self._lock:
             self._pending.pop(key, None)
@@ -148,6 +153,19 @@ class ProfilerClient:
             self._next_refresh[key] = self._clock() + self.config.refresh_interval_s
             self._take(key, reply, timeout)
             return self._bundles.get(key)
+
+    def _wait_for_rows(self, function: str, timeout: float) -> None:
+        """Wait (at most ``timeout``) until the profiler holds a row of each of this driver's
+        latest calls of ``function``: a quiet profiler is not proof, since a loaded worker
+        can send its batch late.  A call still running has no row yet: then the wait ends
+        at ``timeout``, and training goes on with what arrived."""
+        expected = recent_calls(function, _ROWS_WAIT_CALLS)
+        deadline = self._clock() + timeout
+        while expected:
+            expected = ray.get(self.handle.missing_calls.remote(function, expected), timeout=timeout + 30)
+            if not expected or self._clock() >= deadline:
+                return
+            time.sleep(0.2)
 
     def predict(self, function: str, code_hash: str, features: Features, fallback: Fallback,
                 bundle: Bundle | None) -> Prediction:
@@ -268,6 +286,12 @@ def note_submitted(function: str, call_id: str) -> None:
     if calls is None:
         calls = _SUBMITTED[function] = deque(maxlen=10_000)
     calls.append(call_id)
+
+
+def recent_calls(function: str, n: int) -> list[str]:
+    """The last ``n`` calls of ``function`` this driver submitted, oldest first."""
+    calls = _SUBMITTED.get(function)
+    return list(calls)[-n:] if calls else []
 
 
 def submitted_calls(function: str | None) -> set[str]:

@@ -371,6 +371,14 @@ class Profiler:
             time.sleep(min(quiet_s - idle, 0.05) + 0.01)
         return self.rows_received
 
+    def missing_calls(self, function: str, call_ids: Sequence[str]) -> list[str]:
+        """Those of ``call_ids`` that no row of ``function`` held here names yet."""
+        state = self._state(function)
+        with self._lock:
+            rows = state.rows
+            have = set(rows["call_id"].dropna()) if "call_id" in rows else set()
+        return [c for c in call_ids if c not in have]
+
     def wait_for_training(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         for state in list(self._functions.values()):
