@@ -189,15 +189,27 @@ class RowSink:
     and the row is built at the flush, for the whole batch at once: built one at
     a time, at the end of each task, rows cost a tiny task several times more
     (each one touched cold code and memory between two tasks of Ray's).
-    The send is fire-and-forget: the profiler actor is restarted by Ray if it dies
-    and Ray retries the call (``max_task_retries=-1``), and the store de-duplicates
-    rows by ``row_id``.  Without a reachable profiler the rows go straight to the
-    Parquet store under the home folder, so the task's record is never dropped.
+    The profiler actor is restarted by Ray if it dies and Ray retries the call
+    (``max_task_retries=-1``), and the store de-duplicates rows by ``row_id``.
+    Without a reachable profiler the rows go straight to the Parquet store under
+    the home folder, so the task's record is never dropped.  Ray ends a worker
+    that has been idle for a second unless it owns an object or has a call in
+    flight, so from a batch's first row until the profiler has taken it the
+    flush thread holds an object of its own and then waits for the call: a batch
+    is never cut off by the idle worker being ended (seen in CI: one row of 36).
     """
 
-    def __init__(self, flush_interval_s: float, send: Callable[[list[dict]], None]):
+    def __init__(self, flush_interval_s: float, send: Callable[[list[dict]], None],
+                 hold: Callable[[], Any] | None = None, send_wait_s: float = 0.0):
         self._interval = flush_interval_s
         self._send = send
+        # Ray ends a worker that has been idle for a second, unless it owns an object or
+        # has a call in flight: from the first buffered row until the profiler has taken
+        # the batch, the flush thread holds an object (``hold``) and then waits for the
+        # call (up to ``send_wait_s``), so that an idle worker's last rows are not lost.
+        self._hold = hold
+        self._held: Any = None
+        self._send_wait_s = send_wait_s
         self._rows: list[Any] = []  # row dicts, and argument tuples of attempt_row
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -241,11 +253,16 @@ class RowSink:
             with self._cond:
                 while not self._rows:
                     self._cond.wait()
+            try:
+                self._held = self._hold() if self._hold is not None else None
+            except Exception:  # noqa: BLE001 - no guard: the batch is still sent
+                logger.debug("raysched: could not hold an object while rows are buffered", exc_info=True)
             time.sleep(self._interval)  # let a burst of rows gather into one batch
             try:
-                self.flush()
+                self.flush(wait_s=self._send_wait_s)
             except Exception:  # noqa: BLE001 - a lost batch is logged, the thread lives on
                 logger.exception("raysched: could not send profile rows")
+            self._held = None  # the batch is taken (or given up on): the worker may idle out
 
 
 def _build_rows(items: list[Any]) -> list[dict]:
@@ -264,6 +281,8 @@ def _build_rows(items: list[Any]) -> list[dict]:
 
 
 _sink: RowSink | None = None
+#: How long the flush thread (and a worker at exit) waits for the profiler to take a batch.
+_SEND_WAIT_S = 30.0
 _sink_lock = threading.Lock()
 
 
@@ -294,8 +313,9 @@ def get_sink(config: RayschedConfig) -> RowSink:
         return _sink  # every task after the first: no lock
     with _sink_lock:
         if _sink is None:
-            _sink = RowSink(config.flush_interval_s, _send_rows(config))
-            atexit.register(_sink.flush)
+            _sink = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None),
+                            send_wait_s=_SEND_WAIT_S)
+            atexit.register(_sink.flush, wait_s=_SEND_WAIT_S)
         return _sink
 
 
