@@ -43,6 +43,7 @@ def _ref_size(value: Any) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=2)
 def _ray_option_validator(kind: str) -> Callable[[dict, bool], None] | None:
     """Ray's own check of task or actor options (its module moved between Ray versions)."""
     for module in ("ray._common.ray_option_utils", "ray._private.ray_option_utils"):
