@@ -346,7 +346,8 @@ class AdaptiveFunction(_Adaptive):
         return client.predict(self.name, self.code_hash, self._features(options, args, kwargs), self.fallback, bundle)
 
     def refresh(self, train: bool = False, timeout: float = 120.0) -> None:
-        """Fetch the newest bundle now; with ``train=True`` train on every row first."""
+        """Fetch the newest bundle now; with ``train=True`` train on every row first
+        (waiting up to 10 s for rows of this driver's calls that are still on their way)."""
         get_client().refresh(self.name, self.code_hash, train=train, timeout=timeout)
 
 
