@@ -104,6 +104,27 @@ async def _settle():
         await asyncio.sleep(0)
 
 
+def test_a_call_whose_end_arrives_before_it_is_never_queued():
+    """A call cancelled at once: the async service may take its end before its arrival."""
+    q = AdmissionQueue(Request(1.0, 8 * GiB))
+    assert q.finish("x") == []
+    assert q.add("x", 0, ONE) is False and q.add("x", 0, ONE) is False  # a retried add too
+    assert q.waiting() == 0 and q.admitted() == 0 and not q.is_waiting("x")
+    assert q.offer("y", 0, ONE) == ["y"]  # nothing of "x" holds room
+
+    service = Admission(capacity=lambda: Request(1.0, 8 * GiB), clock=Clock(), gather_s=0.0)
+
+    async def scenario():
+        ended = asyncio.get_running_loop().create_future()
+        ended.set_exception(RuntimeError("cancelled"))
+        await service.track("z", [ended])  # the end first...
+        assert await asyncio.wait_for(service.admit("z", 0, 1.0, 1 * GiB), 1.0) is True  # ...then the arrival
+        status = service.status()
+        assert status["waiting"] == 0 and status["admitted"] == 0 and status["admitted_total"] == 0
+
+    asyncio.run(scenario())
+
+
 def test_the_service_releases_waiters_in_order_as_tracked_calls_end():
     capacity = [Request(1.0, 8 * GiB)]
     clock = Clock()

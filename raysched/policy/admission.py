@@ -64,6 +64,8 @@ class Request:
 
 
 _NOTHING = Request(0.0, 0.0)
+#: How many calls that ended before they were added the queue remembers (the oldest go first).
+_ENDED_EARLY_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class AdmissionQueue:
         self._queued: set[str] = set()  # the tokens in _waiting
         self._gone: set[str] = set()  # waiting tokens finished (cancelled) before admission
         self._admitted: dict[str, tuple[Request, float]] = {}  # token -> (request, admitted at)
+        # Calls that finished before they were added (a call cancelled at once: its end can
+        # reach the queue before its arrival does); an add of one of these is refused.
+        self._ended_early: dict[str, None] = {}
         self._held = _NOTHING
         self._arrival = itertools.count()
         self.backfilled_total = 0
@@ -119,6 +124,8 @@ class AdmissionQueue:
 
         Among equal priorities the smaller ``order_key`` goes first (see ``order_key``).
         """
+        if token in self._ended_early:
+            return False  # it has ended already: nothing to admit (kept: a retried add is refused too)
         if token in self._admitted or token in self._queued:
             return False  # offered twice (a retried actor call): one place in the queue
         bisect.insort(self._waiting, _Waiting((-priority, order_key, next(self._arrival)), token, request))
@@ -137,7 +144,14 @@ class AdmissionQueue:
             self._held = self._held - held[0] if self._admitted else _NOTHING  # no drift once empty
         elif token in self._queued:
             self._gone.add(token)
+        else:
+            self._ended_early[token] = None
+            if len(self._ended_early) > _ENDED_EARLY_MAX:
+                del self._ended_early[next(iter(self._ended_early))]
         return self.admit(now)
+
+    def is_waiting(self, token: str) -> bool:
+        return token in self._queued and token not in self._gone
 
     def set_capacity(self, capacity: Request, now: float = 0.0) -> list[str]:
         """The cluster's capacity changed (a node joined or left); returns the tokens admitted now."""

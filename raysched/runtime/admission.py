@@ -116,9 +116,14 @@ class Admission:
         """
         if self._queue.is_admitted(token):
             return True  # asked again (a retried call): it was admitted already
-        event = self._events.setdefault(token, asyncio.Event())
         request = Request(float(num_cpus), float(memory_bytes), float(wall_seconds))
-        if self._queue.add(token, priority, request, order_key):
+        added = self._queue.add(token, priority, request, order_key)
+        if not added and not self._queue.is_waiting(token):
+            # Its end (``track``: cancelled at once) was delivered before this call: an
+            # async actor does not run calls in the order they were sent.
+            return True
+        event = self._events.setdefault(token, asyncio.Event())
+        if added:
             loop = asyncio.get_running_loop()
             self._last_arrival = loop.time()
             if not self._pass_pending:  # one admission pass for the whole burst
