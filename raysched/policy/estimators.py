@@ -252,8 +252,17 @@ def _monotone_fit(ls: np.ndarray, lu: np.ndarray, query: np.ndarray, slope: floa
     it: the largest fitted value plus ``slope`` per unit of log size (a log-log
     line, so that an input 10x larger than any seen is not sized as the largest).
     """
+    return _read_curve(*_isotonic_curve(ls, lu), query, slope)
+
+
+def _isotonic_curve(ls: np.ndarray, lu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The isotonic fit of ``lu`` on ``ls``: the sorted ``ls`` and the fitted values there."""
     order = np.argsort(ls, kind="stable")
-    xs, fit = ls[order], _isotonic(lu[order])
+    return ls[order], _isotonic(lu[order])
+
+
+def _read_curve(xs: np.ndarray, fit: np.ndarray, query: np.ndarray, slope: float) -> np.ndarray:
+    """An isotonic curve read at ``query``, extended along ``slope`` past its end (see ``_monotone_fit``)."""
     out = np.interp(query, xs, fit)
     beyond = query > xs[-1]
     if slope > 0 and np.any(beyond):
@@ -333,11 +342,9 @@ class _SizeFit:
     extrapolation_widen: list = field(default_factory=list)  # computed on the first call past the range
 
     def center(self, query: float) -> float:
-        """``_monotone_fit(ls, lu, [query], slope)``, from the fit made once."""
+        """``_monotone_fit(ls, lu, [query], slope)``, from the curve fitted once."""
         assert self.curve_x is not None and self.curve_y is not None
-        if query > self.curve_x[-1] and self.slope > 0:
-            return float(self.curve_y[-1] + self.slope * (query - self.curve_x[-1]))
-        return float(np.interp(query, self.curve_x, self.curve_y))
+        return float(_read_curve(self.curve_x, self.curve_y, np.array([query]), self.slope)[0])
 
 
 @dataclass(frozen=True)
@@ -410,9 +417,7 @@ class CostAwareEstimator:
             return _SizeFit(n, log_use, False)
         ls, lu = np.log1p(sizes[known]), log_use[known]
         slope = _loglog_slope(ls, lu, self.max_slope, self.slope_fraction) if self.extrapolate else 0.0
-        order = np.argsort(ls, kind="stable")
-        return _SizeFit(n, log_use, True, ls, lu, slope, ls[order], _isotonic(lu[order]),
-                        self._cross_fitted(ls, lu, slope))
+        return _SizeFit(n, log_use, True, ls, lu, slope, *_isotonic_curve(ls, lu), self._cross_fitted(ls, lu, slope))
 
     def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
         fit: _SizeFit = _per_history(ctx.history, self, lambda: self._fit(ctx.history))
