@@ -315,7 +315,7 @@ class AdaptiveFunction(_Adaptive):
         if self._remote is None or self._remote_config is not config:
             # The config travels once, inside the exported entry function.
             definition = definition_options(self._ray_options)  # max_calls: Ray takes it only here
-            self._remote = ray_remote(make_entry(self._fn, config), definition)
+            self._remote = ray_remote(make_entry(self._fn, config, definition.get("max_calls")), definition)
             self._remote_config, self._bound = config, {}
         try:
             key = tuple(sorted(options.items()))

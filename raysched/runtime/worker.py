@@ -875,8 +875,13 @@ def decode_spec(data: bytes, config: RayschedConfig) -> AttemptSpec:
     return base.with_call_id(call_id)
 
 
-def make_entry(fn: Callable[..., Any], config: RayschedConfig) -> Callable[..., Any]:
-    """The function Ray runs: the user's function behind the measuring wrapper."""
+def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | None = None) -> Callable[..., Any]:
+    """The function Ray runs: the user's function behind the measuring wrapper.
+
+    ``max_calls``: the one the remote function is made with (Ray ends the worker
+    process after that many runs; its last run sends its rows first).
+    """
+    last_call = max_calls or float("inf")
 
     def entry(spec_bytes: bytes, *args: Any, **kwargs: Any) -> Any:
         spec = decode_spec(spec_bytes, config)
@@ -890,7 +895,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig) -> Callable[..., 
                 return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
             return run_measured(fn, spec, args, kwargs)  # the resubmitter is built only if the monitor stops it
         finally:
-            if calls[0] >= _max_calls(spec):
+            if calls[0] >= last_call:
                 # Ray ends this worker process as soon as the task returns (max_calls):
                 # the buffered rows must reach the profiler first.
                 get_sink(config).flush(wait_s=_LAST_FLUSH_WAIT_S)
@@ -907,14 +912,6 @@ _remote_cache: dict[tuple, Any] = {}
 
 #: How long the last call of a worker process (``max_calls``) waits for its rows to be taken.
 _LAST_FLUSH_WAIT_S = 10.0
-
-
-def _max_calls(spec: AttemptSpec) -> float:
-    """The ``max_calls`` the function was made with (inf: Ray keeps the worker)."""
-    for key, value in spec.ray_options:
-        if key == "max_calls" and value:
-            return int(value)
-    return float("inf")
 
 
 #: Options Ray takes only where a remote function or an actor class is made
@@ -950,7 +947,7 @@ def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[At
         key = (id(fn), tuple(sorted(definition.items())))
         remote = _remote_cache.get(key)
         if remote is None:
-            remote = _remote_cache[key] = ray_remote(make_entry(fn, config), definition)
+            remote = _remote_cache[key] = ray_remote(make_entry(fn, config, definition.get("max_calls")), definition)
         return remote.options(**remote_options(spec)).remote(encode_spec(spec), *args, **kwargs)
 
     return resubmit
