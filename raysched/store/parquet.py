@@ -275,7 +275,8 @@ class ParquetTable:
                 )
         arrays = []
         for f in self.schema:
-            values = [row.get(f.name) for row in rows]
+            name = f.name  # a pyarrow property: a new str at every access, so not once per row
+            values = [row.get(name) for row in rows]
             array = self._fast_array(f, values)
             if array is None:
                 array = self._checked_array(f, values)
