@@ -217,3 +217,27 @@ def test_history_read_while_rows_arrive_sees_whole_rows(profiler):
         writer.join()
         sys.setswitchinterval(switch)
     assert not errors, errors[0]
+
+
+def test_settle_waits_while_a_record_call_is_writing_even_after_the_quiet_time(profiler):
+    """A record call waits for its group commit (up to an interval): settle must wait it out."""
+    import threading
+    import time
+
+    gate = threading.Event()
+    real_append = profiler.store.append
+
+    def slow_append(rows):
+        gate.wait(5)
+        return real_append(rows)
+
+    profiler.store.append = slow_append
+    profiler._clock = time.monotonic  # settle measures quiet time on the profiler's clock
+    profiler._last_record = time.monotonic()
+    writer = threading.Thread(target=profiler.record, args=(rows(3),))
+    writer.start()
+    threading.Timer(0.6, gate.set).start()  # still writing well past quiet_s
+    started = time.monotonic()
+    assert profiler.settle(quiet_s=0.1, timeout_s=5) == 3
+    assert time.monotonic() - started >= 0.5
+    writer.join(5)

@@ -31,11 +31,11 @@ def test_a_batch_is_sent_once_and_an_object_is_held_from_its_first_row_until_it_
         sent.append(rows)
         return None
 
-    sink = RowSink(0.05, send, hold=hold, send_wait_s=1.0)
+    sink = RowSink(0.05, send, hold=hold)
     sink.add({"row_id": "a"})
     sink.add({"row_id": "b"})
     assert wait_for(lambda: holds, timeout=5)
-    assert "released" not in events  # still buffered or on its way: the worker owns an object
+    assert "released" not in events  # still buffered or being sent: the worker owns an object
     gate.set()
     assert wait_for(lambda: "released" in events, timeout=5)
     assert sent == [[{"row_id": "a"}, {"row_id": "b"}]]  # one batch, every row
@@ -51,3 +51,41 @@ def test_flush_without_ray_returns_what_send_returned():
     sink.add({"row_id": "a"})
     assert sink.flush(wait_s=1.0) == 1  # not an ObjectRef: nothing to wait on
     assert sink.flush() is None  # nothing buffered
+
+
+def test_the_next_batch_goes_while_the_last_is_in_flight_and_refs_are_kept_until_taken():
+    """The profiler takes a while under load (group commit): the sink must not wait for it
+    to send the next batch, and must drop a batch's ref once it is taken (an owned ref
+    would keep Ray from ending the idle worker)."""
+    sent: list[list[dict]] = []
+    not_taken: set[int] = set()
+    lock = threading.Lock()
+
+    def send(rows):
+        with lock:
+            sent.append(rows)
+            token = len(sent)
+            not_taken.add(token)
+        return token
+
+    def unfinished(refs):
+        with lock:
+            return [r for r in refs if r in not_taken]
+
+    sink = RowSink(0.05, send, unfinished=unfinished)
+    sink.add({"row_id": "a"})
+    assert wait_for(lambda: len(sent) == 1, timeout=5)
+    sink.add({"row_id": "b"})
+    assert wait_for(lambda: len(sent) == 2, timeout=5)  # batch 1 is still in flight
+    assert sink.in_flight == 2
+    with lock:
+        not_taken.discard(1)
+    assert wait_for(lambda: sink.in_flight == 1, timeout=5)  # the flush thread polls
+    # flush(wait_s) waits for every batch in flight, not only its own, and gives up at the deadline.
+    sink.add({"row_id": "c"})
+    assert sink.flush(wait_s=0.2) == 3
+    assert sink.in_flight == 2 and sent[2] == [{"row_id": "c"}]
+    threading.Timer(0.1, lambda: not_taken.clear()).start()
+    sink.flush(wait_s=5.0)
+    assert sink.in_flight == 0
+    assert [r["row_id"] for batch in sent for r in batch] == ["a", "b", "c"]

@@ -13,8 +13,6 @@ import threading
 import time
 from typing import Any
 
-import ray
-
 from ..config import RayschedConfig
 from ..policy.rules import ACTOR, STOP_LIMIT
 from ..types import Outcome, Usage
@@ -73,9 +71,7 @@ class _Incarnation:
         sink = get_sink(self.spec.config)
         sink.add(attempt_row(self.spec, outcome, usage, self._started, time.time(),
                              reason if outcome is not Outcome.OK else "", _node_id(), os.getpid()))
-        ref = sink.flush()
-        if wait_s and ref is not None:
-            ray.wait([ref], timeout=wait_s)
+        sink.flush(wait_s=wait_s)
         return usage
 
 

@@ -25,14 +25,18 @@ import pandas as pd
 from ..config import RayschedConfig
 from ..policy.models import ResourceModel, evaluate, holdout
 from ..policy.recipe import MODELLED, build_predictor
+from ..store.group_commit import GroupCommit
 from ..types import History
-from .session import PROFILER_BASE, profiler_name
+from .session import PROFILER_BASE, RECORD_GROUP, profiler_name
 
 logger = logging.getLogger(__name__)
 
 #: Base name; the actor of a home is ``session.profiler_name(config)``.
 PROFILER_NAME = PROFILER_BASE
 IMPORTED_HASH = "imported"
+#: Threads of the actor's ``record`` pool: a worker's call waits there for its group commit
+#: (up to ``profile_commit_interval_s``), so those calls get threads of their own.
+RECORD_THREADS = 64
 
 #: Outcomes whose CPU and wall time describe a whole run of the function.
 _COMPLETE = {"ok"}
@@ -172,6 +176,8 @@ class Profiler:
         self._in_flight = 0  # record calls writing right now
         self.rows_received = 0
         self._predictor = build_predictor(config)
+        # Batches from many workers become one Parquet part per commit interval under load.
+        self._commit = GroupCommit(lambda rows: self.store.append(rows), config.profile_commit_interval_s)
 
     # --- the registry is created on first use: MLflow's import costs seconds ---------------
     @property
@@ -216,9 +222,13 @@ class Profiler:
 
     # --- the write path -------------------------------------------------------------------------
     def record(self, rows: Sequence[Mapping[str, Any]] | bytes) -> int:
-        """Store attempt rows (one Parquet part), then maybe start a background retrain.
+        """Store attempt rows, then maybe start a background retrain.
 
         Workers send their batches pickled (``bytes``), which Ray carries as is.
+        Returns once the rows are written: together with the batches of other
+        callers, one Parquet part per ``profile_commit_interval_s`` under load
+        (``store.group_commit``).  Called in the actor's ``record`` concurrency
+        group, so that callers waiting for a commit never hold up a bundle request.
         """
         if isinstance(rows, (bytes, bytearray)):
             rows = pickle.loads(rows)
@@ -228,7 +238,7 @@ class Profiler:
             self._in_flight += 1
             self._last_record = self._clock()
         try:
-            written = self.store.append(rows)
+            written = self._commit.submit(rows)
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -368,7 +378,7 @@ class Profiler:
                 busy = self._in_flight > 0
             if idle >= quiet_s and not busy:
                 break
-            time.sleep(min(quiet_s - idle, 0.05) + 0.01)
+            time.sleep(max(0.0, min(quiet_s - idle, 0.05)) + 0.01)  # busy: rows are being written
         return self.rows_received
 
     def missing_calls(self, function: str, call_ids: Sequence[str]) -> list[str]:
@@ -410,4 +420,5 @@ def get_or_create_profiler(config: RayschedConfig):
     """The profiler actor of the config's home: found by name, created on first use, restarted by Ray."""
     from .session import get_or_create_actor
 
-    return get_or_create_actor(Profiler, profiler_name(config), config)
+    return get_or_create_actor(Profiler, profiler_name(config), config,
+                               concurrency_groups={RECORD_GROUP: RECORD_THREADS})

@@ -7,6 +7,7 @@ import hashlib
 import os
 import threading
 import time
+from typing import Mapping
 
 import ray
 
@@ -18,6 +19,8 @@ NAMESPACE = "raysched"
 #: Base names of the service actors that belong to one raysched home (see ``service_name``).
 PROFILER_BASE = "raysched_profiler"
 MONITOR_BASE = "raysched_monitor"
+#: The profiler's concurrency group that workers send their rows to (``Profiler.record``).
+RECORD_GROUP = "record"
 
 
 def service_name(base: str, config: RayschedConfig) -> str:
@@ -139,17 +142,21 @@ def read_cluster_shape() -> ClusterShape:
     return ClusterShape(tuple(nodes))
 
 
-def get_or_create_actor(cls: type, name: str, *args: object, **kwargs: object):
+def get_or_create_actor(cls: type, name: str, *args: object,
+                        concurrency_groups: Mapping[str, int] | None = None, **kwargs: object):
     """A cluster-wide service actor: found by name, created on first use, restarted by Ray.
 
     Detached so that every driver of the cluster finds the same one; restarted
     without end, and calls to it retried, so that a killed actor comes back and
     no batch sent to it is dropped; no CPU of its own, so it never takes a slot a
     task could use; threaded, so a slow call (a training) does not hold up others.
+    ``concurrency_groups``: extra thread pools (name: threads) that callers pick
+    with ``.options(concurrency_group=name)``; the other calls share 16 threads.
     """
     ensure_ray()
+    remote = ray.remote(concurrency_groups=dict(concurrency_groups)) if concurrency_groups else ray.remote
     return (
-        ray.remote(cls)
+        remote(cls)
         .options(
             name=name,
             namespace=NAMESPACE,

@@ -59,7 +59,7 @@ from ..policy.recipe import build_ladder
 from ..policy.samples import memory_sample
 from ..types import Allocation, AttemptRecord, Features, Outcome, Prediction, Usage
 from .measure import AttemptMeter, LiveSample, get_live_sampler
-from .session import NAMESPACE, monitor_name, profiler_name
+from .session import NAMESPACE, RECORD_GROUP, monitor_name, profiler_name
 
 logger = logging.getLogger(__name__)
 
@@ -192,25 +192,33 @@ class RowSink:
     The profiler actor is restarted by Ray if it dies and Ray retries the call
     (``max_task_retries=-1``), and the store de-duplicates rows by ``row_id``.
     Without a reachable profiler the rows go straight to the Parquet store under
-    the home folder, so the task's record is never dropped.  Ray ends a worker
-    that has been idle for a second unless it owns an object or has a call in
-    flight, so from a batch's first row until the profiler has taken it the
-    flush thread holds an object of its own and then waits for the call: a batch
-    is never cut off by the idle worker being ended (seen in CI: one row of 36).
+    the home folder, so the task's record is never dropped.
+
+    Ray ends a worker that has been idle for a second unless it owns an object or
+    has a call in flight.  From a batch's first row until it is sent, the flush
+    thread holds an object of its own (``hold``); from then on the call is in
+    flight, and the thread keeps its ref until the profiler has taken the batch
+    (``unfinished`` says which refs are not done yet).  A batch is so never cut off
+    by an idle worker being ended (seen in CI: one row of 36).  The thread does not
+    wait for one batch to be taken before it sends the next: the profiler writes
+    batches together (group commit) and takes a while under load, and rows waiting
+    in a worker are the ones a killed worker loses.
     """
 
-    def __init__(self, flush_interval_s: float, send: Callable[[list[dict]], None],
-                 hold: Callable[[], Any] | None = None, send_wait_s: float = 0.0):
+    #: How often the flush thread looks whether the batches in flight were taken.
+    POLL_S = 0.05
+
+    def __init__(self, flush_interval_s: float, send: Callable[[list[dict]], Any],
+                 hold: Callable[[], Any] | None = None,
+                 unfinished: Callable[[list[Any]], list[Any]] | None = None):
         self._interval = flush_interval_s
         self._send = send
-        # Ray ends a worker that has been idle for a second, unless it owns an object or
-        # has a call in flight: from the first buffered row until the profiler has taken
-        # the batch, the flush thread holds an object (``hold``) and then waits for the
-        # call (up to ``send_wait_s``), so that an idle worker's last rows are not lost.
         self._hold = hold
         self._held: Any = None
-        self._send_wait_s = send_wait_s
+        self._unfinished = unfinished or _unfinished_refs
         self._rows: list[Any] = []  # row dicts, and argument tuples of attempt_row
+        self._first_at = 0.0  # when the oldest buffered row arrived
+        self._in_flight: list[Any] = []  # refs of batches sent and not yet taken
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -227,42 +235,96 @@ class RowSink:
             self._rows.append(item)
             if len(self._rows) > 1:
                 return  # the flush thread was woken by the batch's first row
+            self._first_at = time.monotonic()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="raysched-row-sink", daemon=True)
                 self._thread.start()
             self._cond.notify()
 
+    @property
+    def in_flight(self) -> int:
+        """Batches sent that the profiler has not taken yet."""
+        with self._cond:
+            return len(self._in_flight)
+
     def flush(self, wait_s: float = 0.0) -> Any:
         """Send the buffered rows now; returns what ``send`` returned (a Ray ref, or None).
 
         ``wait_s`` > 0: also wait up to that long until the profiler has taken them
-        (a worker process about to exit must not leave them in flight).
+        and every batch sent before (a worker process about to exit must not leave
+        them in flight).
         """
         with self._cond:
             items, self._rows = self._rows, []
         sent = self._send(_build_rows(items)) if items else None
-        if wait_s > 0 and isinstance(sent, ray.ObjectRef):
-            try:
-                ray.wait([sent], timeout=wait_s)
-            except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
-                logger.debug("raysched: could not wait for the profiler to take the last rows", exc_info=True)
+        with self._cond:
+            if sent is not None:
+                self._in_flight.append(sent)
+            pending = list(self._in_flight)
+        if wait_s > 0 and pending:
+            deadline = time.monotonic() + wait_s
+            while pending and time.monotonic() < deadline:
+                try:
+                    pending = self._unfinished(pending)
+                except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
+                    logger.debug("raysched: could not wait for the profiler to take the last rows", exc_info=True)
+                    break
+                if pending:
+                    time.sleep(self.POLL_S)
+            self._forget_taken()
         return sent
+
+    def _forget_taken(self) -> None:
+        """Drop the refs of batches the profiler has taken (an owned ref keeps the worker from idling out)."""
+        with self._cond:
+            refs = list(self._in_flight)
+        if not refs:
+            return
+        try:
+            left = set(self._unfinished(refs))
+        except Exception:  # noqa: BLE001 - look again at the next poll
+            logger.debug("raysched: could not check the batches in flight", exc_info=True)
+            return
+        looked_at = set(refs)
+        with self._cond:
+            self._in_flight = [r for r in self._in_flight if r in left or r not in looked_at]
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._rows:
+                while not self._rows and not self._in_flight:
                     self._cond.wait()
-            try:
-                self._held = self._hold() if self._hold is not None else None
-            except Exception:  # noqa: BLE001 - no guard: the batch is still sent
-                logger.debug("raysched: could not hold an object while rows are buffered", exc_info=True)
-            time.sleep(self._interval)  # let a burst of rows gather into one batch
-            try:
-                self.flush(wait_s=self._send_wait_s)
-            except Exception:  # noqa: BLE001 - a lost batch is logged, the thread lives on
-                logger.exception("raysched: could not send profile rows")
-            self._held = None  # the batch is taken (or given up on): the worker may idle out
+                due = self._first_at + self._interval if self._rows else None
+            if due is not None:
+                if self._held is None and self._hold is not None:
+                    try:
+                        self._held = self._hold()
+                    except Exception:  # noqa: BLE001 - no guard: the batch is still sent
+                        logger.debug("raysched: could not hold an object while rows are buffered", exc_info=True)
+                if time.monotonic() >= due:
+                    try:
+                        self.flush()
+                    except Exception:  # noqa: BLE001 - a lost batch is logged, the thread lives on
+                        logger.exception("raysched: could not send profile rows")
+                    self._held = None  # the batch's call is in flight now (or given up on)
+            self._forget_taken()
+            # Sleep until the next batch is due (a row arriving meanwhile does not shorten a
+            # batch's gathering), or until the next look at the batches in flight.
+            with self._cond:
+                nap = self._first_at + self._interval - time.monotonic() if self._rows else None
+                if self._in_flight:
+                    nap = self.POLL_S if nap is None else min(nap, self.POLL_S)
+            if nap is not None and nap > 0:
+                time.sleep(nap)
+
+
+def _unfinished_refs(sent: list[Any]) -> list[Any]:
+    """Those of ``sent`` (what ``send`` returned: Ray refs of batches in flight) not done yet."""
+    refs = [r for r in sent if isinstance(r, ray.ObjectRef)]
+    if not refs:
+        return []
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    return pending
 
 
 def _build_rows(items: list[Any]) -> list[dict]:
@@ -281,7 +343,7 @@ def _build_rows(items: list[Any]) -> list[dict]:
 
 
 _sink: RowSink | None = None
-#: How long the flush thread (and a worker at exit) waits for the profiler to take a batch.
+#: How long a worker at exit waits for the profiler to take its last batches.
 _SEND_WAIT_S = 30.0
 _sink_lock = threading.Lock()
 
@@ -292,10 +354,11 @@ def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
     def send(rows: list[dict]) -> Any:
         try:
             if not handle:
-                handle.append(ray.get_actor(profiler_name(config), namespace=NAMESPACE))
+                actor = ray.get_actor(profiler_name(config), namespace=NAMESPACE)
+                handle.append(actor.record.options(concurrency_group=RECORD_GROUP))
             # One plain pickle of the batch: Ray's own serialisation of a list of dicts
             # (msgpack with a pickle per datetime) cost four times as much per row.
-            return handle[0].record.remote(pickle.dumps(rows, protocol=5))
+            return handle[0].remote(pickle.dumps(rows, protocol=5))
         except Exception as exc:  # noqa: BLE001 - the actor is gone: write the rows ourselves
             handle.clear()
             logger.warning("raysched: profiler unreachable (%s); writing %d rows to the store directly", exc, len(rows))
@@ -313,8 +376,7 @@ def get_sink(config: RayschedConfig) -> RowSink:
         return _sink  # every task after the first: no lock
     with _sink_lock:
         if _sink is None:
-            _sink = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None),
-                            send_wait_s=_SEND_WAIT_S)
+            _sink = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None))
             atexit.register(_sink.flush, wait_s=_SEND_WAIT_S)
         return _sink
 
@@ -560,9 +622,7 @@ def _hard_stop(running: _Running) -> None:
                    spec.live_key, time.monotonic() - running.stop_at, running.stop.action)
     _put_stop_marker(spec, running.stop, recorded=False)
     try:
-        ref = get_sink(spec.config).flush()  # rows of earlier tasks of this worker must not die with it
-        if ref is not None:
-            ray.wait([ref], timeout=2.0)
+        get_sink(spec.config).flush(wait_s=2.0)  # rows of earlier tasks of this worker must not die with it
     except Exception:  # noqa: BLE001
         logger.exception("raysched: could not flush profile rows before the kill")
     os.kill(os.getpid(), signal.SIGKILL)
