@@ -219,6 +219,83 @@ def test_history_read_while_rows_arrive_sees_whole_rows(profiler):
     assert not errors, errors[0]
 
 
+# --- the driver's client: bundles arrive without a submission ever waiting for them -----------------
+
+
+class _FakeRef:
+    """What ``handle.bundle.remote`` returns: completed by the test, as Ray completes a reply."""
+
+    def __init__(self):
+        self.raw: Future = Future()
+
+    def future(self):
+        return self.raw
+
+
+class _FakeHandle:
+    def __init__(self):
+        self.replies: list[tuple[tuple, _FakeRef]] = []
+        handle = self
+
+        class _Bundle:
+            @staticmethod
+            def remote(*args):
+                ref = _FakeRef()
+                handle.replies.append((args, ref))
+                return ref
+
+        self.bundle = _Bundle()
+
+
+def test_the_client_loads_new_models_in_the_background_and_submissions_use_the_last_bundle_meanwhile(
+        profiler, monkeypatch):
+    """The first model a driver sees imports XGBoost (2.5 s here): that must never happen
+    inside a submission."""
+    import pickle
+    import threading
+    import time
+
+    from raysched.policy import models
+    from raysched.runtime.client import ProfilerClient
+
+    clock = Clock()
+    client = ProfilerClient(profiler.config, handle_factory=lambda config: None, clock=clock)
+    client._handle = handle = _FakeHandle()
+
+    def reply(i):
+        args, ref = handle.replies[i]
+        # As Ray carries it: pickled, so the models arrive without a loaded Booster.
+        ref.raw.set_result(pickle.loads(pickle.dumps(profiler.bundle(args[0], args[1], args[2]))))
+
+    threading.Timer(0.05, reply, args=(0,)).start()
+    first = client.bundle("f", "h1")  # a function's very first call waits for its first bundle
+    assert first is not None and not first.models
+
+    profiler.record(rows(40))  # trains (inline): the profiler now serves models
+    clock.now += profiler.config.refresh_interval_s + 1
+    assert client.bundle("f", "h1") is first  # a refresh is due: requested, not waited for
+
+    real_xgb, loading = models._xgb, threading.Event()
+
+    def slow_xgb():
+        loading.set()
+        time.sleep(1.0)  # as slow as a first import
+        return real_xgb()
+
+    monkeypatch.setattr(models, "_xgb", slow_xgb)
+    reply(1)
+    assert loading.wait(5)
+    started = time.monotonic()
+    assert client.bundle("f", "h1") is first  # the models are still loading: the last bundle
+    assert time.monotonic() - started < 0.5
+    deadline = time.monotonic() + 10
+    while client.bundle("f", "h1") is first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    newer = client.bundle("f", "h1")
+    assert newer is not first and set(newer.models) >= {"memory"}
+    assert all(m._booster for m in newer.models.values())  # loaded before it was handed over
+
+
 def test_settle_waits_while_a_record_call_is_writing_even_after_the_quiet_time(profiler):
     """A record call waits for its group commit (up to an interval): settle must wait it out."""
     import threading

@@ -95,7 +95,7 @@ class ProfilerClient:
 
     def _request(self, key: tuple[str, str], reload: bool = False) -> "_Reply":
         have = -1 if reload or key not in self._bundles else self._bundles[key].version
-        return _Reply(self.handle.bundle.remote(key[0], key[1], have, reload))
+        return _Reply(self.handle.bundle.remote(key[0], key[1], have, reload), lambda: self._bundles.get(key))
 
     def _take(self, key: tuple[str, str], reply: "_Reply", timeout: float) -> bool:
         """Collect a bundle reply if it is ready within ``timeout``; True if it was."""
@@ -224,15 +224,43 @@ def _keep_loaded_models(old: Bundle | None, new: Bundle) -> Bundle:
     return dataclasses.replace(new, models=models) if kept else new
 
 
+#: Loads the models of bundles that arrive, off the submit path (one thread: loads are rare).
+_MODEL_LOADER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysched-model-load")
+
+
 class _Reply:
     """A bundle request in flight: its ref (kept, so the reply is not dropped) and a future
-    that Ray completes when the reply arrives."""
+    completed once the reply has arrived and the models it brings are loaded.
+
+    The loading runs in a background thread: the first model a driver process sees
+    imports XGBoost (seconds: it pulls in scikit-learn and SciPy), and a submission
+    must never wait for that.  Until the future is done, submissions use the last
+    bundle held.  ``held`` returns that bundle: models the new bundle shares with it
+    are kept as they are, already loaded.
+    """
 
     __slots__ = ("ref", "future")
 
-    def __init__(self, ref: Any):
+    def __init__(self, ref: Any, held: Callable[[], Bundle | None] = lambda: None):
         self.ref = ref
-        self.future = ref.future()
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        # Ray runs done-callbacks on its own thread: hand the loading over at once.
+        ref.future().add_done_callback(lambda raw: _MODEL_LOADER.submit(self._load, raw, held))
+
+    def _load(self, raw: concurrent.futures.Future, held: Callable[[], Bundle | None]) -> None:
+        try:
+            bundle = raw.result()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the reply
+            self.future.set_exception(exc)
+            return
+        try:
+            if bundle is not None:
+                bundle = _keep_loaded_models(held(), bundle)
+                for model in bundle.models.values():
+                    model.booster()
+        except Exception:  # noqa: BLE001 - a model that does not load says so when it predicts
+            logger.debug("raysched: could not load the models of %s ahead of use", bundle.function, exc_info=True)
+        self.future.set_result(bundle)
 
 
 def _start_monitor(config: RayschedConfig) -> None:
