@@ -205,8 +205,11 @@ class RowSink:
     in a worker are the ones a killed worker loses.
     """
 
-    #: How often the flush thread looks whether the batches in flight were taken.
-    POLL_S = 0.05
+    #: How often the flush thread looks whether the batches in flight were taken (each look
+    #: is a ``ray.wait``; a ref dropped a little late only delays an idle worker's end)...
+    POLL_S = 0.25
+    #: ...and how often ``flush(wait_s)`` does, at a worker's exit.
+    WAIT_POLL_S = 0.02
 
     def __init__(self, flush_interval_s: float, send: Callable[[list[dict]], Any],
                  hold: Callable[[], Any] | None = None,
@@ -270,7 +273,7 @@ class RowSink:
                     logger.debug("raysched: could not wait for the profiler to take the last rows", exc_info=True)
                     break
                 if pending:
-                    time.sleep(self.POLL_S)
+                    time.sleep(self.WAIT_POLL_S)
             self._forget_taken()
         return sent
 
