@@ -200,6 +200,29 @@ def test_max_calls_is_applied_where_ray_takes_it(ray_session):
     assert (rows["outcome"] == "ok").all()
 
 
+@adaptive_remote
+def short_wait(i):
+    import time
+
+    time.sleep(0.02)  # 20 ms, mostly waiting: too short for cores of its own
+    return i
+
+
+def test_short_calls_are_sized_from_their_pooled_cores(ray_session):
+    """Calls under 50 ms record no cores each; once they add up to a second of wall time
+    the pooled ratio sizes the next calls (I/O-bound: the minimum fraction of a core)."""
+    assert ray.get([short_wait.remote(i) for i in range(80)]) == list(range(80))
+    assert wait_for(lambda: len(raysched.profiles(short_wait)) >= 80, timeout=30)
+    assert raysched.profiles(short_wait)["cpu_cores"].isna().all()
+    short_wait.refresh()
+    prediction = short_wait.predict(0)
+    assert prediction.cpu.n_history >= 80 and prediction.cpu.target < 0.25, prediction.cpu
+    assert ray.get([short_wait.remote(i) for i in range(5)]) == list(range(5))
+    assert wait_for(lambda: len(raysched.profiles(short_wait)) >= 85, timeout=30)
+    later = raysched.profiles(short_wait).tail(5)
+    assert (later["allocated_num_cpus"] == raysched.get_config().min_num_cpus).all(), later["allocated_num_cpus"]
+
+
 def test_corrupt_part_file_is_set_aside_and_other_rows_still_read(ray_session):
     ray.get(add_one.remote(1))
     before = len(raysched.profiles(add_one))

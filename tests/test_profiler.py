@@ -318,3 +318,26 @@ def test_settle_waits_while_a_record_call_is_writing_even_after_the_quiet_time(p
     assert profiler.settle(quiet_s=0.1, timeout_s=5) == 3
     assert time.monotonic() - started >= 0.5
     writer.join(5)
+
+
+def test_calls_too_short_for_cores_of_their_own_get_the_pooled_cores_capped_at_one():
+    """A call under MIN_WALL_FOR_CORES records no cores (one ratio is noise); pooled over
+    a second of such calls, CPU seconds per wall second size them, never above one core."""
+    import pandas as pd
+
+    from raysched.runtime.profiler import history_from_rows
+
+    def short_calls(n, wall, cpu_seconds, start=0):
+        out = rows(n, start=start)
+        for r in out:
+            r.update(wall_seconds=wall, cpu_seconds=cpu_seconds, cpu_cores=None)
+        return out
+
+    io_bound = history_from_rows(pd.DataFrame(short_calls(200, 0.01, 0.002)))  # 2 s of wall at 0.2 cores
+    assert np.allclose(io_bound.cpu, 0.2)
+    too_few = history_from_rows(pd.DataFrame(short_calls(50, 0.01, 0.002)))  # 0.5 s of wall: not yet
+    assert np.isnan(too_few.cpu).all()
+    busy = history_from_rows(pd.DataFrame(short_calls(200, 0.01, 0.015)))  # Ray's threads counted too
+    assert np.allclose(busy.cpu, 1.0)
+    mixed = history_from_rows(pd.DataFrame(rows(5, start=500) + short_calls(200, 0.01, 0.002)))
+    assert np.allclose(mixed.cpu[:5], 1.0) and np.allclose(mixed.cpu[5:], 0.2)  # own cores kept
