@@ -110,7 +110,7 @@ class ProfilerClient:
             return True
         self._pending.pop(key, None)
         if bundle is not None:
-            self._bundles[key] = _keep_loaded_models(self._bundles.get(key), bundle)
+            self._bundles[key] = bundle  # its shared models already swapped for the loaded ones (_Reply)
         elif key not in self._bundles:
             self._bundles[key] = Bundle(key[0], key[1], -1, _empty_history())
         return True
@@ -241,7 +241,7 @@ class _Reply:
 
     __slots__ = ("ref", "future")
 
-    def __init__(self, ref: Any, held: Callable[[], Bundle | None] = lambda: None):
+    def __init__(self, ref: Any, held: Callable[[], Bundle | None]):
         self.ref = ref
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         # Ray runs done-callbacks on its own thread: hand the loading over at once.

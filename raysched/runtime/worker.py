@@ -266,31 +266,26 @@ class RowSink:
             pending = list(self._in_flight)
         if wait_s > 0 and pending:
             deadline = time.monotonic() + wait_s
-            while pending and time.monotonic() < deadline:
-                try:
-                    pending = self._unfinished(pending)
-                except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
-                    logger.debug("raysched: could not wait for the profiler to take the last rows", exc_info=True)
-                    break
-                if pending:
-                    time.sleep(self.WAIT_POLL_S)
-            self._forget_taken()
+            while self._forget_taken() and time.monotonic() < deadline:
+                time.sleep(self.WAIT_POLL_S)
         return sent
 
-    def _forget_taken(self) -> None:
-        """Drop the refs of batches the profiler has taken (an owned ref keeps the worker from idling out)."""
+    def _forget_taken(self) -> bool:
+        """Drop the refs of batches the profiler has taken (an owned ref keeps the worker from
+        idling out); True while some batch is still in flight (or could not be checked)."""
         with self._cond:
             refs = list(self._in_flight)
         if not refs:
-            return
+            return False
         try:
             left = set(self._unfinished(refs))
-        except Exception:  # noqa: BLE001 - look again at the next poll
+        except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
             logger.debug("raysched: could not check the batches in flight", exc_info=True)
-            return
+            return False
         looked_at = set(refs)
         with self._cond:
             self._in_flight = [r for r in self._in_flight if r in left or r not in looked_at]
+            return bool(self._in_flight)
 
     def _run(self) -> None:
         while True:

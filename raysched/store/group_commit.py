@@ -59,7 +59,6 @@ class GroupCommit:
         self._open: _Batch | None = None  # the batch that new submissions join, led by its first
         self._writing = False
         self._last_write_started = -float("inf")
-        self.writes = 0  # how many combined writes ran (for tests and status)
 
     def submit(self, items: Sequence[Any]) -> int:
         """Write ``items`` (with whatever else is gathered); returns how many of them were written.
@@ -99,7 +98,6 @@ class GroupCommit:
             with self._cond:
                 self._writing = False
                 batch.done = True
-                self.writes += 1
                 self._cond.notify_all()
 
     def _write_batch(self, submissions: list[_Submission]) -> None:
