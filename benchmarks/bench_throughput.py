@@ -1,11 +1,14 @@
 """Throughput of tiny tasks: ``@raysched.adaptive_remote`` against plain ``@ray.remote`` (issue 2).
 
-One Ray session (``num_cpus=2``), one fresh ``RAYSCHED_HOME``.  Both paths are
-warmed up first (worker processes started, functions exported, raysched's
-profiler actor created, its models trained and the driver's first bundle
-fetched), so the figures are steady state.  Then, ``--repeats`` times, with the
-order of the two paths alternated each repetition (plain first, then raysched
-first, ...) so that drift in the machine's load hits both:
+One Ray session (``num_cpus=2``), one fresh ``RAYSCHED_HOME``, three paths side by
+side: plain Ray, raysched as configured by default (a worker measures one call in
+``short_call_measure_every`` of a function whose calls proved tiny, and counts the
+others: ``policy/thinning.py``), and raysched with ``measure_every_call=True`` (a
+full measurement and a row for every call).  Every path is warmed up first
+(worker processes started, functions exported, raysched's profiler actor
+created, its models trained and the driver's first bundle fetched), so the
+figures are steady state.  Then, ``--repeats`` times, with the order of the
+paths rotated each repetition so that drift in the machine's load hits all:
 
 * all at once: ``--tasks`` calls of ``return x + 1`` submitted in a list
   comprehension, then one ``ray.get`` of all refs: tasks/s, and the time of the
@@ -55,6 +58,11 @@ def raysched_inc(x):
     return (x if isinstance(x, int) else len(x)) + 1
 
 
+@raysched.adaptive_remote(measure_every_call=True)
+def raysched_every_inc(x):
+    return (x if isinstance(x, int) else len(x)) + 1
+
+
 #: What call i passes: ``i`` (the default, ``--inputs scalars``), or with ``--inputs arrays``
 #: a float64 array of 1..50,000 elements (seeded), so that every call has its own input
 #: size and raysched predicts for it (the plan cache of scalar calls does not help).
@@ -76,7 +84,9 @@ def use_arrays(seed: int = 0, count: int = 4096) -> None:
     _ARRAYS[:] = [np.ones(int(n)) for n in rng.integers(1, 50_001, size=count)]
 
 
-PATHS = {"plain": plain_inc, "raysched": raysched_inc}
+PATHS = {"plain": plain_inc, "raysched": raysched_inc, "raysched_every": raysched_every_inc}
+#: The raysched paths, each compared with plain.
+ARMS = ("raysched", "raysched_every")
 
 
 # --- CPU accounting: every process of this session ---------------------------------------------------
@@ -178,10 +188,12 @@ def warm_up(n: int) -> dict[str, float]:
             ray.get(fn.remote(arg(i)))
     # raysched: enough rows for the model, trained and registered (MLflow imported in the
     # actor), and the driver holds a bundle with the models in it.
-    raysched_inc.refresh(train=True, timeout=300)
+    for fn in (raysched_inc, raysched_every_inc):
+        fn.refresh(train=True, timeout=300)
     quiesce()
     for _ in range(2):  # one more round of rows, so refreshes happen as in steady state
-        ray.get([raysched_inc.remote(arg(i)) for i in range(n)])
+        for fn in (raysched_inc, raysched_every_inc):
+            ray.get([fn.remote(arg(i)) for i in range(n)])
         quiesce()
     return time.perf_counter() - t0
 
@@ -190,12 +202,12 @@ def one_path(name: str, tasks: int, seq_tasks: int) -> dict[str, float]:
     fn = PATHS[name]
     cpu0 = session_cpu()
     result = run_batch(fn, tasks)
-    if name == "raysched":
+    if name in ARMS:
         result["batch_tail_s"] = quiesce()
     # CPU of the all-at-once run, including raysched's background tail (rows stored, retraining)
     result.update(cpu_delta(cpu0, session_cpu(), tasks))
     result.update(run_sequential(fn, seq_tasks))
-    if name == "raysched":
+    if name in ARMS:
         result["seq_tail_s"] = quiesce()
     return result
 
@@ -217,37 +229,45 @@ METRICS = [
 ]
 
 
+ARM_LABELS = {
+    "raysched": "the default: calls that proved tiny are thinned, one in short_call_measure_every measured",
+    "raysched_every": "measure_every_call=True: every call measured, a row each",
+}
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("inf") if a else 1.0
 
 
-def summarise(runs: list[dict[str, dict[str, float]]]) -> dict:
+def summarise(runs: list[dict[str, dict[str, float]]], arm: str = "raysched") -> dict:
+    """Figures of one raysched path (``arm``) against plain."""
     summary: dict = {}
     for key, _, _ in METRICS:
         plain = [r["plain"][key] for r in runs]
-        rs = [r["raysched"][key] for r in runs]
+        rs = [r[arm][key] for r in runs]
         summary[key] = {
             "plain_median": statistics.median(plain),
             "raysched_median": statistics.median(rs),
             "ratio_of_medians": _ratio(statistics.median(rs), statistics.median(plain)),
-            # per repetition, plain and raysched ran back to back: the median of the paired ratios
+            # per repetition, the paths ran back to back: the median of the paired ratios
             "median_paired_ratio": statistics.median(_ratio(b, a) for a, b in zip(plain, rs)),
             "plain": plain,
             "raysched": rs,
         }
-    added = [r["raysched"]["seq_latency_ms"] - r["plain"]["seq_latency_ms"] for r in runs]
+    added = [r[arm]["seq_latency_ms"] - r["plain"]["seq_latency_ms"] for r in runs]
     summary["added_latency_ms"] = {"median_paired": statistics.median(added), "per_repeat": added}
-    added_submit = [r["raysched"]["submit_us_per_call"] - r["plain"]["submit_us_per_call"] for r in runs]
+    added_submit = [r[arm]["submit_us_per_call"] - r["plain"]["submit_us_per_call"] for r in runs]
     summary["added_submit_us_per_call"] = {"median_paired": statistics.median(added_submit), "per_repeat": added_submit}
     summary["background_tail_s"] = {
-        "batch_median": statistics.median(r["raysched"]["batch_tail_s"] for r in runs),
-        "seq_median": statistics.median(r["raysched"]["seq_tail_s"] for r in runs),
+        "batch_median": statistics.median(r[arm]["batch_tail_s"] for r in runs),
+        "seq_median": statistics.median(r[arm]["seq_tail_s"] for r in runs),
     }
     return summary
 
 
-def print_table(summary: dict, args: argparse.Namespace) -> None:
+def print_table(summary: dict, args: argparse.Namespace, arm: str = "raysched") -> None:
     print()
+    print(f"[{arm}: {ARM_LABELS[arm]}]")
     print(f"tiny tasks (return x + 1); all at once: {args.tasks} tasks, one by one: {args.sequential_tasks} tasks; "
           f"medians of {args.repeats} interleaved repetitions")
     print("ratio = raysched/plain of the medians; paired = median over repetitions of the same ratio "
@@ -301,20 +321,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warm-up done in {warm_s:.1f} s (workers started, functions exported, "
               f"profiler created, model trained, bundle fetched)", file=sys.stderr)
         runs = []
+        names = list(PATHS)
         for rep in range(args.repeats):
-            order = ["plain", "raysched"] if rep % 2 == 0 else ["raysched", "plain"]
+            order = names[rep % len(names):] + names[:rep % len(names)]  # rotated each repetition
             run = {name: one_path(name, args.tasks, args.sequential_tasks) for name in order}
             runs.append(run)
             print(f"repeat {rep + 1}/{args.repeats} ({' then '.join(order)}): "
                   + "; ".join(f"{n} {run[n]['batch_tasks_per_s']:.0f}/s batch, "
-                              f"{run[n]['seq_latency_ms']:.2f} ms seq" for n in ("plain", "raysched")),
+                              f"{run[n]['seq_latency_ms']:.2f} ms seq" for n in names),
                   file=sys.stderr)
         status = ray.get(profiler_handle().status.remote())
     finally:
         ray.shutdown()
         shutil.rmtree(_HOME, ignore_errors=True)
-    summary = summarise(runs)
-    print_table(summary, args)
+    summaries = {arm: summarise(runs, arm) for arm in ARMS}
+    for arm in ARMS:
+        print_table(summaries[arm], args, arm)
+    summary = summaries["raysched"]
     load_after = os.getloadavg()
     print(f"load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
           f"after: {', '.join(f'{x:.2f}' for x in load_after)}; cpus: {os.cpu_count()}")
@@ -333,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_s": warm_s,
                 "profiler_status": status,
                 "summary": summary,
+                "summary_every_call_measured": summaries["raysched_every"],
                 "runs": runs,
             }, out, indent=2, default=str)
     return 0

@@ -167,6 +167,8 @@ def test_learns_from_history_then_from_the_model(ray_session):
         lambda: adaptive_remote(memory=-5)(lambda x: x),
         lambda: adaptive_remote(tags=[1, 2])(lambda x: x),
         lambda: adaptive_remote(max_attempts=0)(lambda x: x),
+        lambda: adaptive_remote(measure_every_call="yes")(lambda x: x),
+        lambda: adaptive_remote(measure_every_call=True)(type("Counter", (), {})),  # tasks only
         lambda: add_one.options(input_size=-1),
         lambda: add_one.options(input_size="big"),
         lambda: add_one.options(tags=[None]),
@@ -221,6 +223,53 @@ def test_short_calls_are_sized_from_their_pooled_cores(ray_session):
     assert wait_for(lambda: len(raysched.profiles(short_wait)) >= 85, timeout=30)
     later = raysched.profiles(short_wait).tail(5)
     assert (later["allocated_num_cpus"] == raysched.get_config().min_num_cpus).all(), later["allocated_num_cpus"]
+
+
+@adaptive_remote
+def tiny(x):
+    if x < 0:
+        import time
+
+        time.sleep(-x)
+    return x + 1
+
+
+@adaptive_remote(measure_every_call=True)
+def tiny_audited(x):
+    return x + 1
+
+
+def test_tiny_calls_are_thinned_and_every_call_is_still_counted(ray_session):
+    """Once a worker's calls of a function were short 5 times in a row, it measures only one
+    in 1,000 and counts the others into the rows it sends (``calls``); a counted call that
+    then runs long is measured in full from its first live sample: its row has its use,
+    with the wall time from its start."""
+    base = raysched.get_config()
+    raysched.configure(short_call_streak=5, short_call_measure_every=1000)
+    try:
+        assert ray.get([tiny.remote(i) for i in range(300)]) == list(range(1, 301))
+        for i in range(40):  # one by one: every worker that ran them is thinning now
+            assert ray.get(tiny.remote(i)) == i + 1
+        assert ray.get(tiny.remote(-1.25)) == -0.25
+        assert wait_for(lambda: raysched.profiles(tiny)["calls"].sum() == 341, timeout=30)
+        rows = raysched.profiles(tiny)
+        assert (rows["outcome"] == "ok").all()
+        counted = rows[rows["calls"] > 1]
+        # Counts go into a measured row of the same batch, or into a row of their own.
+        assert len(counted) and counted["peak_rss_bytes"].isna().any()
+        assert len(rows) < 341 / 4, "calls were not thinned"
+        slow = rows[rows["wall_seconds"] >= 1.25]
+        assert len(slow) == 1 and slow["wall_seconds"].iloc[0] < 5
+        assert slow["peak_rss_bytes"].notna().all() and slow["cpu_seconds"].notna().all()
+        # It ran in a worker that was counting, not measuring, this function's calls.
+        assert slow["worker_pid"].iloc[0] in set(counted["worker_pid"])
+        # A function that opted out keeps a fully measured row per call.
+        assert ray.get([tiny_audited.remote(i) for i in range(100)]) == list(range(1, 101))
+        assert wait_for(lambda: len(raysched.profiles(tiny_audited)) == 100, timeout=30)
+        audited = raysched.profiles(tiny_audited)
+        assert (audited["calls"] == 1).all() and audited["peak_rss_bytes"].notna().all()
+    finally:
+        raysched.configure(base)
 
 
 def test_corrupt_part_file_is_set_aside_and_other_rows_still_read(ray_session):

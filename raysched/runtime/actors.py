@@ -95,10 +95,13 @@ class AdaptiveActorClass(_Adaptive):
 
     def __init__(self, cls: type, *, name: str | None = None, tags: Any = (), num_cpus: Any = None,
                  memory: Any = None, dependencies: Any = (), rescalable: bool | None = None,
-                 max_attempts: Any = None, **ray_options: Any):
+                 max_attempts: Any = None, measure_every_call: Any = None, **ray_options: Any):
         if max_attempts is not None:
             raise InvalidInput("max_attempts is for tasks; an actor is rescaled at most "
                                "config.actor_max_rescales times")
+        if measure_every_call is not None:
+            raise InvalidInput("measure_every_call is for tasks; an actor is measured as a whole, "
+                               "one row per incarnation")
         has_save, has_restore = callable(getattr(cls, SAVE_HOOK, None)), callable(getattr(cls, RESTORE_HOOK, None))
         if has_save != has_restore:
             raise InvalidInput(f"{cls.__qualname__} defines {SAVE_HOOK if has_save else RESTORE_HOOK} without "

@@ -239,15 +239,20 @@ class AdaptiveFunction(_Adaptive):
         memory: Any = None,
         max_attempts: int | None = None,
         dependencies: Any = (),
+        measure_every_call: bool = False,
         **ray_options: Any,
     ):
         if not callable(fn):
             raise InvalidInput(f"adaptive_remote needs a function, got {fn!r} ({type(fn).__name__})")
         if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
             raise InvalidInput(f"max_attempts must be a positive integer, got {max_attempts!r}")
+        if not isinstance(measure_every_call, bool):
+            raise InvalidInput(f"measure_every_call must be True or False, got {measure_every_call!r}")
         super().__init__(fn, name, tags, num_cpus, memory, dependencies, ray_options)
         self._fn = fn
         self.max_attempts = max_attempts
+        #: Never thin this function's short calls (policy/thinning.py): a row for every call.
+        self.measure_every_call = measure_every_call
         self._remote: Any = None
         self._bound: dict[tuple, Any] = {}
         self._remote_config: Any = None
@@ -267,11 +272,13 @@ class AdaptiveFunction(_Adaptive):
 
     # --- the one path every call takes ---------------------------------------------------------
     def _config(self, client: ProfilerClient):
-        # The function's own max_attempts goes into the config it ships; built once per client.
+        # The function's own settings go into the config it ships; built once per client.
         if self._config_for is None or self._config_for[0] is not client.config:
             config = client.config
             if self.max_attempts is not None:
                 config = config.replace(max_attempts=self.max_attempts)
+            if self.measure_every_call:
+                config = config.replace(short_call_measure_every=1)
             self._config_for = (client.config, config)
         return self._config_for[1]
 
@@ -378,9 +385,10 @@ def adaptive_remote(fn: Callable[..., Any] | None = None, /, **settings: Any):
 
     Bare (``@adaptive_remote``) or with settings: ``name=`` (the profile key;
     default module.qualname), ``tags=``, ``dependencies=``, cold-start fallbacks
-    ``num_cpus=`` / ``memory=`` (bytes), ``max_attempts=`` (tasks), ``rescalable=``
-    (classes: see ``runtime.actors``), and any Ray option (passed through to every
-    submission).
+    ``num_cpus=`` / ``memory=`` (bytes), ``max_attempts=`` (tasks),
+    ``measure_every_call=True`` (tasks: a fully measured row for every call, even
+    once its calls prove tiny; see ``policy.thinning``), ``rescalable=`` (classes:
+    see ``runtime.actors``), and any Ray option (passed through to every submission).
     """
     if fn is None:
         return lambda f: _wrap(f, settings)

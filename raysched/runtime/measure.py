@@ -104,6 +104,7 @@ registered meter -- which also feeds the sampled peak (2) -- and hands the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -121,6 +122,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AttemptMeter",
+    "DeferredMeter",
     "LiveSample",
     "LiveSampler",
     "get_live_sampler",
@@ -680,6 +682,68 @@ class AttemptMeter:
             self._stopped = True
             _HWM_METERS.discard(self)
             return self.usage
+
+
+class DeferredMeter:
+    """Times a call, and measures it in full only if it runs on to a live sample.
+
+    The meter of a call that ``policy.thinning`` chose not to measure: ``start()``
+    and ``stop()`` read one clock each.  When the :class:`LiveSampler` samples it
+    (the call has run for up to one live interval), it starts an
+    :class:`AttemptMeter` then and answers with that meter's figures from then on,
+    so a thinned call that turns out long is watched and limited like any other.
+    Its ``Usage`` then misses what happened before that first sample: the I/O of
+    the first interval, and a peak that rose and fell within it (what the call
+    still holds counts: it is in the resident set when the full meter starts).
+    ``wall_seconds`` is from the call's start, and ``cpu_seconds`` is the measured
+    CPU time scaled up to it (the first interval taken at the rate measured
+    after it), so that cores stay CPU seconds per wall second.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._t0 = 0.0
+        self._offset = 0.0  # wall time before the full meter started
+        self._meter: AttemptMeter | None = None
+        self._stopped = False
+        #: Wall seconds of the call, once stopped.
+        self.wall_seconds = 0.0
+
+    @property
+    def escalated(self) -> bool:
+        """Whether a live sample started a full meter for this call."""
+        return self._meter is not None
+
+    def start(self) -> None:
+        self._t0 = self._clock()
+
+    def sample(self) -> LiveSample:
+        with self._lock:
+            meter = self._meter
+            if meter is None:
+                if self._stopped:
+                    return LiveSample(0, 0, 0.0, self.wall_seconds, 0, 0, time.time())
+                meter = AttemptMeter(clock=self._clock)
+                meter.start()
+                self._offset = max(0.0, self._clock() - self._t0)
+                self._meter = meter
+        sample = meter.sample()
+        wall = sample.wall_seconds + self._offset
+        scale = wall / sample.wall_seconds if sample.wall_seconds > 0 else 1.0
+        return dataclasses.replace(sample, wall_seconds=wall, cpu_seconds=sample.cpu_seconds * scale)
+
+    def stop(self) -> Usage | None:
+        """The call's Usage if a full meter ran (wall from the call's start), else None."""
+        with self._lock:
+            self._stopped = True
+            meter = self._meter
+        self.wall_seconds = max(0.0, self._clock() - self._t0)
+        if meter is None:
+            return None
+        usage = meter.stop()
+        scale = self.wall_seconds / usage.wall_seconds if usage.wall_seconds > 0 else 1.0
+        return dataclasses.replace(usage, wall_seconds=self.wall_seconds, cpu_seconds=usage.cpu_seconds * scale)
 
 
 # --------------------------------------------------------------------------- #

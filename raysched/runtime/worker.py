@@ -57,8 +57,9 @@ from ..errors import AttemptsExhausted, RayschedError, StoppedByMonitor
 from ..policy.ladder import LadderState
 from ..policy.recipe import build_ladder
 from ..policy.samples import memory_sample
+from ..policy.thinning import ShortCallThinning, thinning_from_config
 from ..types import Allocation, AttemptRecord, Features, Outcome, Prediction, Usage
-from .measure import AttemptMeter, LiveSample, get_live_sampler
+from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
 from .session import NAMESPACE, RECORD_GROUP, monitor_name, profiler_name
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ def attempt_row(
     row["worker_pid"] = worker_pid
     row["peak_rss_bytes"] = peak
     row["memory_sample_bytes"] = int(sample) if sample is not None else None
+    row["calls"] = 1
     if usage is None:
         return row
     row["start_rss_bytes"] = usage.start_rss_bytes
@@ -219,7 +221,8 @@ class RowSink:
         self._hold = hold
         self._held: Any = None
         self._unfinished = unfinished or _unfinished_refs
-        self._rows: list[Any] = []  # row dicts, and argument tuples of attempt_row
+        self._rows: list[Any] = []  # row dicts, argument tuples of attempt_row, and _Tally
+        self._tallies: dict[str, _Tally] = {}  # the batch's counts of unmeasured calls, by code hash
         self._first_at = 0.0  # when the oldest buffered row arrived
         self._in_flight: list[Any] = []  # refs of batches sent and not yet taken
         self._cond = threading.Condition()
@@ -233,16 +236,34 @@ class RowSink:
         """Buffer the row ``attempt_row`` makes of these (built at the flush)."""
         self._buffer((spec, outcome, usage, started_at, ended_at, error, node_id, worker_pid))
 
+    def add_unmeasured(self, spec: AttemptSpec, started_at: float, ended_at: float) -> None:
+        """Count a call that ran and returned but was not measured (``policy.thinning``).
+
+        At the flush the batch's count is added to the ``calls`` of a measured ok row
+        of the same function in the batch, or becomes a row of its own that stands
+        for the counted calls only (no call id, no usage).
+        """
+        with self._cond:
+            tally = self._tallies.get(spec.code_hash)
+            if tally is None:
+                tally = self._tallies[spec.code_hash] = _Tally(spec, started_at)
+                self._append_locked(tally)
+            tally.calls += 1
+            tally.last_ended = ended_at
+
     def _buffer(self, item: Any) -> None:
         with self._cond:
-            self._rows.append(item)
-            if len(self._rows) > 1:
-                return  # the flush thread was woken by the batch's first row
-            self._first_at = time.monotonic()
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="raysched-row-sink", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+            self._append_locked(item)
+
+    def _append_locked(self, item: Any) -> None:
+        self._rows.append(item)
+        if len(self._rows) > 1:
+            return  # the flush thread was woken by the batch's first row
+        self._first_at = time.monotonic()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="raysched-row-sink", daemon=True)
+            self._thread.start()
+        self._cond.notify()
 
     @property
     def in_flight(self) -> int:
@@ -258,7 +279,7 @@ class RowSink:
         them in flight).
         """
         with self._cond:
-            items, self._rows = self._rows, []
+            items, self._rows, self._tallies = self._rows, [], {}
         sent = self._send(_build_rows(items)) if items else None
         with self._cond:
             if sent is not None:
@@ -325,18 +346,54 @@ def _unfinished_refs(sent: list[Any]) -> list[Any]:
     return pending
 
 
+class _Tally:
+    """The calls of one function counted, not measured, in one batch (``RowSink.add_unmeasured``)."""
+
+    __slots__ = ("spec", "calls", "first_started", "last_ended")
+
+    def __init__(self, spec: AttemptSpec, started_at: float):
+        self.spec = spec
+        self.calls = 0
+        self.first_started = started_at
+        self.last_ended = started_at
+
+    def row(self, row_id: str) -> dict[str, Any]:
+        """A row of its own, for a batch with no measured row of the function to add the count to."""
+        row = attempt_row(self.spec, Outcome.OK, None, self.first_started, self.last_ended, row_id=row_id)
+        row["call_id"] = None  # it stands for several calls
+        row["calls"] = self.calls
+        return row
+
+
 def _build_rows(items: list[Any]) -> list[dict]:
-    """The rows of a batch: dicts as they are, attempts' arguments made into rows (one random read for all ids)."""
+    """The rows of a batch: dicts as they are, attempts' arguments made into rows (one random read for
+    all ids), counts of unmeasured calls added to the last measured ok row of their function."""
     ids = os.urandom(16 * len(items)).hex()
     rows = []
+    tallies = []
+    last_ok: dict[str, dict] = {}  # code hash -> the batch's last measured ok row of the function
     for i, item in enumerate(items):
+        if type(item) is _Tally:
+            tallies.append((i, item))
+            continue
         if type(item) is tuple:
             try:
                 item = attempt_row(*item, row_id=ids[32 * i: 32 * i + 32])
             except Exception:  # noqa: BLE001 - one bad row must not cost the batch
                 logger.exception("raysched: could not build the profile row of %s", getattr(item[0], "live_key", "?"))
                 continue
+            if item["outcome"] == "ok":
+                last_ok[item["code_hash"]] = item
         rows.append(item)
+    for i, tally in tallies:
+        into = last_ok.get(tally.spec.code_hash)
+        if into is not None:
+            into["calls"] += tally.calls
+            continue
+        try:
+            rows.append(tally.row(ids[32 * i: 32 * i + 32]))
+        except Exception:  # noqa: BLE001
+            logger.exception("raysched: could not build the count row of %s", tally.spec.function)
     return rows
 
 
@@ -659,14 +716,19 @@ def _on_live(spec: AttemptSpec, running: _Running) -> Callable[[Any, LiveSample]
 
 
 def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any],
-                 resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any] | None = None) -> Any:
+                 resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any] | None = None,
+                 thinning: ShortCallThinning | None = None) -> Any:
     """Run one attempt of the user's function, measured; record its row whatever happens.
 
     When the monitor stops the attempt, apply its action (see the module
     docstring); ``resubmit`` submits the next attempt of a stopped one.
+    ``thinning``: the function's measure-or-count state in this process; a call it
+    does not measure is timed, watched from its first live sample on
+    (``DeferredMeter``), and if it returns in time only counted.
     """
     sink = get_sink(spec.config)
-    meter = AttemptMeter()
+    measured = thinning is None or thinning.measure_next()
+    meter = AttemptMeter() if measured else DeferredMeter()
     started = time.time()
     meter.start()
     sampler = get_live_sampler(spec.config.live_interval_s)
@@ -691,7 +753,14 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     finally:
         sampler.unregister(spec.live_key)
         usage = meter.stop()
-        sink.add_attempt(spec, outcome, usage, started, time.time(), error, _node_id(), os.getpid())
+        if usage is None and outcome is Outcome.OK:
+            sink.add_unmeasured(spec, started, time.time())
+        else:
+            sink.add_attempt(spec, outcome, usage, started, time.time(), error, _node_id(), os.getpid())
+        if thinning is not None:
+            wall = usage.wall_seconds if usage is not None else meter.wall_seconds
+            growth = usage.task_rss_bytes if usage is not None and measured else None
+            thinning.observe(measured, outcome is Outcome.OK, wall, growth)
         _forget_live(spec)
         if _reporter is not None:
             _reporter.forget(spec.call_id)
@@ -951,7 +1020,12 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
         try:
             if _ray_attempt_number() > 0:
                 return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
-            return run_measured(fn, spec, args, kwargs)  # the resubmitter is built only if the monitor stops it
+            if spec.attempt == 1 and config.short_call_measure_every > 1:
+                if not thinning:
+                    thinning.append(thinning_from_config(config))  # in the worker, on its first call
+                # the resubmitter is built only if the monitor stops it
+                return run_measured(fn, spec, args, kwargs, thinning=thinning[0])
+            return run_measured(fn, spec, args, kwargs)
         finally:
             if calls[0] >= last_call:
                 # Ray ends this worker process as soon as the task returns (max_calls):
@@ -959,6 +1033,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
                 get_sink(config).flush(wait_s=_LAST_FLUSH_WAIT_S)
 
     calls = [0]  # runs of this function in this worker process, as Ray counts them for max_calls
+    thinning: list[ShortCallThinning] = []  # which of its first attempts this process measures in full
     entry.__name__ = getattr(fn, "__name__", "task")
     entry.__qualname__ = getattr(fn, "__qualname__", entry.__name__)
     entry.__module__ = getattr(fn, "__module__", __name__)

@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from ..types import Outcome
 
-SCHEMA_VERSION = 1
+#: 2: ``calls`` (the calls a row stands for, when short calls are thinned).
+SCHEMA_VERSION = 2
 #: Key of the schema version in a Parquet file's (and a pa.Schema's) metadata.
 SCHEMA_VERSION_KEY = b"raysched.schema_version"
 
@@ -70,6 +71,11 @@ PROFILE_SCHEMA: pa.Schema = _schema(
         pa.field("read_chars", pa.int64()),
         pa.field("write_chars", pa.int64()),
         pa.field("source", pa.string()),  # "ray" for measured rows, "import:nextflow" / "import:lotaru"...
+        # The calls this row stands for: 1, or 1 + the calls of a thinned function that
+        # were counted, not measured, since its previous row (policy/thinning.py); a row
+        # with no call_id and no usage stands for counted calls only.  Null (rows written
+        # before schema 2, imported rows) means 1.
+        pa.field("calls", pa.int32()),
     ]
 )
 

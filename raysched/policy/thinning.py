@@ -1,0 +1,82 @@
+"""Which calls of a function a worker measures in full: all of them, until they prove tiny.
+
+Measuring an attempt (peak RSS with children, CPU, I/O) costs about 0.2 ms of a
+core, and a profile row about as much again downstream (benchmarks/README.md,
+"Where the added CPU goes").  For a call that runs for seconds that is nothing;
+for a stream of 1 ms calls it is a fifth of the work, spent to learn the same
+figures over and over.  So once a function's calls in one worker process have
+been short and small ``short_call_streak`` times in a row (fully measured), the
+worker measures only one call in ``short_call_measure_every`` of it; the others
+are timed (a clock read at each end) and counted into the next recorded row's
+``calls`` column, so the store still accounts for every call.
+
+Anything unusual ends the thinning at once, and the calls after it are measured
+in full again until a new streak builds up: a call that fails, lasts longer than
+``short_call_wall_s`` or, measured, grows the process by more than
+``short_call_rss_bytes``.  A thinned call that runs on past one live interval is
+not left unwatched either: the runtime starts a full meter for it at its first
+live sample (``runtime.measure.DeferredMeter``), so the monitor and its hard
+limits see it as they see any other attempt.
+
+Pure: imports neither ray, mlflow nor pyarrow, and keeps no clock of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import RayschedConfig
+
+__all__ = ["ShortCallThinning", "thinning_from_config"]
+
+
+@dataclass
+class ShortCallThinning:
+    """The measure-or-count decision for the calls of one function in one process.
+
+    ``measure_next()`` before a call, ``observe(...)`` after it.  Not thread-safe by
+    design: a task worker runs one task at a time (threaded actors do not use it).
+    """
+
+    #: A call no longer than this (seconds, wall) counts as short...
+    wall_s: float
+    #: ...if, when measured, it grew the process's resident set by at most this.
+    rss_bytes: int
+    #: Short calls in a row (the first ``streak`` of them measured) before thinning starts.
+    streak: int
+    #: Once thinning, one call in this many is measured; 1 measures every call.
+    every: int
+
+    def __post_init__(self) -> None:
+        self._short_in_a_row = 0
+        self._unmeasured_since = 0  # calls counted, not measured, since the last measured one
+
+    @property
+    def thinning(self) -> bool:
+        """Whether calls are being thinned now."""
+        return self.every > 1 and self._short_in_a_row >= self.streak
+
+    def measure_next(self) -> bool:
+        """Whether the next call is measured in full."""
+        return not self.thinning or self._unmeasured_since + 1 >= self.every
+
+    def observe(self, measured: bool, ok: bool, wall_s: float, rss_growth_bytes: int | None = None) -> None:
+        """What a call did: measured or only timed, whether it returned, its wall time and,
+        measured, how much it grew the process (peak minus start RSS)."""
+        short = ok and wall_s <= self.wall_s and (rss_growth_bytes is None or rss_growth_bytes <= self.rss_bytes)
+        if not short:
+            self._short_in_a_row = 0
+            self._unmeasured_since = 0
+            return
+        self._short_in_a_row = min(self._short_in_a_row + 1, self.streak)
+        self._unmeasured_since = 0 if measured else self._unmeasured_since + 1
+
+
+def thinning_from_config(config: RayschedConfig) -> ShortCallThinning:
+    """A fresh decision state from the config's ``short_call_*`` knobs."""
+    return ShortCallThinning(
+        wall_s=config.short_call_wall_s,
+        rss_bytes=config.short_call_rss_bytes,
+        streak=config.short_call_streak,
+        every=config.short_call_measure_every,
+    )

@@ -1,0 +1,141 @@
+"""Thinning of tiny calls: the pure decision, the deferred meter and the row sink's counts (no Ray)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from raysched.config import RayschedConfig
+from raysched.policy.thinning import ShortCallThinning, thinning_from_config
+from raysched.runtime.measure import DeferredMeter, LiveSampler
+from raysched.runtime.worker import AttemptSpec, RowSink, _build_rows
+from raysched.types import Allocation, Estimate, Features, MiB, Outcome, Prediction, Usage
+
+
+def drive(thinning: ShortCallThinning, calls: list[tuple[bool, float, int]]) -> str:
+    """Run (ok, wall_s, rss growth) calls through the decision; 'M' for a measured call, '.' for a counted one."""
+    out = []
+    for ok, wall, growth in calls:
+        measured = thinning.measure_next()
+        out.append("M" if measured else ".")
+        thinning.observe(measured, ok, wall, growth if measured else None)
+    return "".join(out)
+
+
+SHORT = (True, 0.001, 0)
+
+
+def test_calls_are_measured_until_a_streak_of_short_ones_then_one_in_k():
+    thinning = ShortCallThinning(wall_s=0.005, rss_bytes=MiB, streak=3, every=4)
+    assert drive(thinning, [SHORT] * 15) == "MMM...M...M...M"
+
+
+def test_anything_unusual_ends_the_thinning_until_a_new_streak():
+    for unusual in [(False, 0.001, 0), (True, 0.5, 0)]:  # an error, a long call
+        for before in (3, 4):  # the unusual call counted, or measured
+            thinning = ShortCallThinning(wall_s=0.005, rss_bytes=MiB, streak=2, every=3)
+            assert drive(thinning, [SHORT] * before + [unusual] + [SHORT] * 5) == "MM..M"[: before + 1] + "MM..M"
+    # A measured call that grew the process past the bound ends it too; a counted one cannot tell.
+    thinning = ShortCallThinning(wall_s=0.005, rss_bytes=MiB, streak=2, every=3)
+    assert drive(thinning, [SHORT] * 4 + [(True, 0.001, 2 * MiB)] + [SHORT] * 3) == "MM..M" + "MM."
+
+
+def test_every_one_measures_every_call_and_the_config_builds_it():
+    assert drive(ShortCallThinning(wall_s=1.0, rss_bytes=MiB, streak=1, every=1), [SHORT] * 20) == "M" * 20
+    thinning = thinning_from_config(RayschedConfig(short_call_streak=7, short_call_measure_every=3))
+    assert (thinning.streak, thinning.every, thinning.wall_s) == (7, 3, RayschedConfig().short_call_wall_s)
+    with pytest.raises(ValueError, match="short_call_measure_every"):
+        RayschedConfig(short_call_measure_every=0)
+
+
+def test_a_deferred_meter_only_times_a_call_that_is_never_sampled():
+    meter = DeferredMeter()
+    meter.start()
+    time.sleep(0.02)
+    assert meter.stop() is None
+    assert not meter.escalated and 0.02 <= meter.wall_seconds < 1.0
+
+
+def test_a_deferred_meter_measures_in_full_from_its_first_live_sample():
+    """A thinned call that runs on is watched like any other: the sampler's first look
+    starts a full meter, and what the call holds by then is in its peak."""
+    sampler = LiveSampler(interval_s=0.05)
+    seen = []
+    meter = DeferredMeter()
+    meter.start()
+    sampler.register("call", meter, lambda key, sample: seen.append(sample))
+    try:
+        held = np.ones(64 * MiB // 8)  # allocated before the first sample
+        deadline = time.monotonic() + 0.4
+        while time.monotonic() < deadline:  # busy: CPU time to measure
+            pass
+        assert seen and meter.escalated
+    finally:
+        sampler.unregister("call")
+        sampler.close()
+    usage = meter.stop()
+    assert isinstance(usage, Usage)
+    assert usage.wall_seconds >= 0.4 and usage.wall_seconds == meter.wall_seconds  # from the call's start
+    assert usage.peak_rss_bytes >= usage.start_rss_bytes >= 64 * MiB  # it still held the array
+    assert 0.5 <= usage.cpu_cores <= 1.5  # CPU scaled to the whole call: about one busy core
+    assert seen[-1].wall_seconds >= seen[0].wall_seconds > 0
+    del held
+
+
+def spec(name: str, code_hash: str) -> AttemptSpec:
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    prediction = Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback")
+    return AttemptSpec(function=name, code_hash=code_hash, call_id="c0", attempt=1,
+                       features=Features(input_size=0), prediction=prediction,
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=64 * MiB),
+                       config=RayschedConfig())
+
+
+def test_counted_calls_are_added_to_a_measured_row_of_their_function_or_get_a_row_of_their_own():
+    f, g = spec("f", "hash-f"), spec("g", "hash-g")
+    sink = RowSink(60.0, lambda rows: None)
+    usage = Usage(peak_rss_bytes=100 * MiB, start_rss_bytes=90 * MiB, cpu_seconds=0.001, wall_seconds=0.001)
+    for _ in range(3):
+        sink.add_unmeasured(f, 1.0, 2.0)
+    sink.add_attempt(f, Outcome.OK, usage, 2.0, 3.0)  # measured after the counted ones
+    sink.add_attempt(f, Outcome.ERROR, None, 3.0, 4.0, "boom")  # an error is never a count
+    for _ in range(5):
+        sink.add_unmeasured(g, 5.0, 6.0)  # no measured row of g in this batch
+    rows = _build_rows(sink._rows)
+    by = {(r["function"], r["outcome"]): r for r in rows}
+    assert len(rows) == 3
+    assert by["f", "ok"]["calls"] == 4 and by["f", "ok"]["peak_rss_bytes"] == 100 * MiB
+    assert by["f", "error"]["calls"] == 1
+    counted = by["g", "ok"]
+    assert counted["calls"] == 5 and counted["call_id"] is None
+    assert counted["peak_rss_bytes"] is None and counted["memory_sample_bytes"] is None
+    assert sum(r["calls"] for r in rows) == 3 + 1 + 1 + 5  # every call accounted for
+
+
+def test_a_flush_starts_a_new_count():
+    sent = []
+    sink = RowSink(60.0, lambda rows: sent.append(rows))
+    f = spec("f", "hash-f")
+    sink.add_unmeasured(f, 1.0, 2.0)
+    sink.flush()
+    sink.add_unmeasured(f, 3.0, 4.0)
+    sink.add_unmeasured(f, 3.0, 5.0)
+    sink.flush()
+    assert [[r["calls"] for r in batch] for batch in sent] == [[1], [2]]
+    assert sent[1][0]["timestamp"].timestamp() == 5.0 and sent[1][0]["started_at"].timestamp() == 3.0
+
+
+def test_profiles_does_not_wait_for_rows_of_calls_that_were_counted():
+    """``raysched.profiles`` waits a little for rows of calls this driver submitted; a counted
+    call has no row of its own, and the counts in ``calls`` stand for it."""
+    import pandas as pd
+
+    from raysched import _calls_in_flight
+
+    frame = pd.DataFrame({"call_id": ["a", None, "c"], "calls": pd.array([3, 2, None], dtype="Int64")})
+    # b, d, e, f have no row of their own; rows a and the count row stand for 2 + 2 more calls
+    assert _calls_in_flight(frame, {"a", "b", "c", "d", "e", "f"}) == 0
+    assert _calls_in_flight(frame, {"a", "b", "c", "d", "e", "f", "g"}) == 1  # one still on its way
+    assert _calls_in_flight(frame.drop(columns="calls"), {"a", "b"}) == 1  # rows of before schema 2
