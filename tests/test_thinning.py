@@ -139,3 +139,14 @@ def test_profiles_does_not_wait_for_rows_of_calls_that_were_counted():
     assert _calls_in_flight(frame, {"a", "b", "c", "d", "e", "f"}) == 0
     assert _calls_in_flight(frame, {"a", "b", "c", "d", "e", "f", "g"}) == 1  # one still on its way
     assert _calls_in_flight(frame.drop(columns="calls"), {"a", "b"}) == 1  # rows of before schema 2
+
+
+def test_the_profilers_training_budget_counts_the_calls_a_row_stands_for():
+    """Retraining is paid for by the task time that arrived (train_cost_fraction): a measured
+    row of a thinned function stands for the calls counted with it."""
+    from raysched.runtime.profiler import _task_seconds
+
+    row = {"wall_seconds": 0.002, "allocated_num_cpus": 0.5}
+    assert _task_seconds(row) == pytest.approx(0.001)
+    assert _task_seconds({**row, "calls": 10}) == pytest.approx(0.01)
+    assert _task_seconds({"calls": 10, "allocated_num_cpus": 1.0}) == 0.0  # a count row: no wall
