@@ -322,7 +322,8 @@ def test_settle_waits_while_a_record_call_is_writing_even_after_the_quiet_time(p
 
 def test_calls_too_short_for_cores_of_their_own_get_the_pooled_cores_capped_at_one():
     """A call under MIN_WALL_FOR_CORES records no cores (one ratio is noise); pooled over
-    a second of such calls, CPU seconds per wall second size them, never above one core."""
+    a second of such calls, CPU seconds per wall second size them (Ray's own work on each
+    call included), never above one core."""
     import pandas as pd
 
     from raysched.runtime.profiler import history_from_rows
@@ -333,11 +334,21 @@ def test_calls_too_short_for_cores_of_their_own_get_the_pooled_cores_capped_at_o
             r.update(wall_seconds=wall, cpu_seconds=cpu_seconds, cpu_cores=None)
         return out
 
-    io_bound = history_from_rows(pd.DataFrame(short_calls(200, 0.01, 0.002)))  # 2 s of wall at 0.2 cores
-    assert np.allclose(io_bound.cpu, 0.2)
+    # Each call is charged Ray's own ~1 ms of CPU on it too (policy.samples.RAY_TASK_OVERHEAD_S).
+    io_bound = history_from_rows(pd.DataFrame(short_calls(200, 0.01, 0.001)))  # 2 s of wall, 0.1 cores
+    assert np.allclose(io_bound.cpu, (0.001 + 0.001) / (0.01 + 0.001))
+    waiting = history_from_rows(pd.DataFrame(short_calls(100, 0.02, 0.0002)))  # 20 ms, mostly waiting
+    assert np.all(waiting.cpu < 0.06)
     too_few = history_from_rows(pd.DataFrame(short_calls(50, 0.01, 0.002)))  # 0.5 s of wall: not yet
     assert np.isnan(too_few.cpu).all()
     busy = history_from_rows(pd.DataFrame(short_calls(200, 0.01, 0.015)))  # Ray's threads counted too
     assert np.allclose(busy.cpu, 1.0)
-    mixed = history_from_rows(pd.DataFrame(rows(5, start=500) + short_calls(200, 0.01, 0.002)))
-    assert np.allclose(mixed.cpu[:5], 1.0) and np.allclose(mixed.cpu[5:], 0.2)  # own cores kept
+    # 1 ms calls: mostly Ray's own work, and packing them only made Ray start more workers
+    # than cores: they keep the fallback request, whatever the few that waited 50 ms say.
+    waited = rows(3, start=900)
+    for r in waited:
+        r.update(wall_seconds=0.06, cpu_seconds=0.0006, cpu_cores=0.01)
+    tiny = history_from_rows(pd.DataFrame(short_calls(1500, 0.001, 0.0001) + waited))
+    assert np.isnan(tiny.cpu).all()
+    mixed = history_from_rows(pd.DataFrame(rows(5, start=500) + short_calls(200, 0.01, 0.001)))
+    assert np.allclose(mixed.cpu[:5], 1.0) and np.allclose(mixed.cpu[5:], 2 / 11)  # own cores kept

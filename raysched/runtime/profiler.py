@@ -25,6 +25,7 @@ import pandas as pd
 from ..config import RayschedConfig
 from ..policy.models import ResourceModel, evaluate, holdout
 from ..policy.recipe import MODELLED, build_predictor
+from ..policy.samples import pooled_short_cores
 from ..store.group_commit import GroupCommit
 from ..types import History
 from .session import PROFILER_BASE, RECORD_GROUP, profiler_name
@@ -59,26 +60,6 @@ class Bundle:
         return len(self.history)
 
 
-#: Short calls' pooled cores count once their wall seconds add up to this much.
-POOLED_CORES_MIN_WALL_S = 1.0
-
-
-def _with_pooled_short_cores(cores: np.ndarray, cpu_seconds: np.ndarray, wall: np.ndarray) -> np.ndarray:
-    """Cores for the complete calls too short to have their own (``worker.MIN_WALL_FOR_CORES``).
-
-    The ratio of one short call is noise, but their CPU seconds over their wall seconds,
-    pooled, are a fair figure once the wall seconds add up: without it a function of only
-    short calls kept the fallback CPU request for ever.  Capped at one core: in a window
-    of a few ms the process's CPU also counts Ray's own threads, so the pool may size
-    short calls down (an I/O-bound call gets a fraction of a core), never up.
-    """
-    short = np.isnan(cores) & ~np.isnan(cpu_seconds) & (np.nan_to_num(wall) > 0)
-    if not short.any() or wall[short].sum() < POOLED_CORES_MIN_WALL_S:
-        return cores
-    pooled = min(1.0, float(cpu_seconds[short].sum() / wall[short].sum()))
-    return np.where(short, pooled, cores)
-
-
 def history_from_rows(rows: pd.DataFrame) -> History:
     """The estimators' view of profile rows: memory samples, and CPU/wall of complete runs."""
     if rows.empty:
@@ -92,7 +73,7 @@ def history_from_rows(rows: pd.DataFrame) -> History:
 
     cpu = np.where(complete, col("cpu_cores"), np.nan)
     wall = np.where(complete, col("wall_seconds"), np.nan)
-    cpu = _with_pooled_short_cores(cpu, np.where(complete, col("cpu_seconds"), np.nan), wall)
+    cpu = pooled_short_cores(cpu, np.where(complete, col("cpu_seconds"), np.nan), wall)
     disk = np.where(complete, np.nansum(np.vstack([col("read_bytes"), col("write_bytes")]), axis=0), np.nan)
     disk = np.where(np.isnan(col("read_bytes")) & np.isnan(col("write_bytes")), np.nan, disk)
     tag_column = rows["tags"] if "tags" in rows else [None] * len(rows)
