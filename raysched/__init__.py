@@ -72,20 +72,6 @@ def _settle() -> None:
     ray.get(profiler.settle.remote(min_wait_s=max(1.0, 3 * flush)), timeout=60)
 
 
-def _calls_in_flight(frame: Any, submitted: set[str]) -> int:
-    """How many of the calls this driver submitted may still have a row on its way.
-
-    A call of a thinned function (``policy.thinning``) may have no row of its own,
-    only a count in another row's ``calls``: every counted call of the frame is
-    taken for one of the missing ones (so a wait may end early, never run long).
-    """
-    missing = len(submitted - set(frame["call_id"].dropna()))
-    if not missing:
-        return 0
-    counted = int(frame["calls"].fillna(1).sum()) - int(frame["call_id"].notna().sum()) if "calls" in frame else 0
-    return missing - counted
-
-
 def profiles(f_or_name: Any = None, *, settle: bool = True):
     """Every recorded attempt of a function (or of all functions) as a pandas DataFrame.
 
@@ -93,7 +79,7 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     (``RayschedConfig.short_call_*``): ``calls`` says how many calls a row stands
     for (null in rows written before it existed: one).
     """
-    from .store.profiles import ProfileStore
+    from .store.profiles import ProfileStore, calls_without_rows
 
     import time
 
@@ -110,7 +96,7 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
 
     expected = submitted_calls(name)
     deadline = time.monotonic() + 3.0
-    while _calls_in_flight(frame, expected) > 0 and time.monotonic() < deadline:
+    while calls_without_rows(frame, list(expected)) and time.monotonic() < deadline:
         time.sleep(0.25)
         frame = store.read(function=name)
     return frame

@@ -157,7 +157,7 @@ class RayschedConfig:
     #: process were short (at most short_call_wall_s of wall time, growing the process by
     #: at most short_call_rss_bytes) short_call_streak times in a row, only one call in
     #: short_call_measure_every is measured in full; the others are timed and counted in
-    #: the next recorded row's ``calls``.  Measuring costs ~0.2 ms of a core per call: a
+    #: the ``calls`` of a row the worker sends.  Measuring costs ~0.2 ms of a core per call: a
     #: fifth of plain Ray's cost for a 1 ms task.  short_call_measure_every=1 measures
     #: every call.
     short_call_wall_s: float = 0.005

@@ -129,18 +129,19 @@ def test_a_flush_starts_a_new_count():
     assert sent[1][0]["timestamp"].timestamp() == 5.0 and sent[1][0]["started_at"].timestamp() == 3.0
 
 
-def test_profiles_does_not_wait_for_rows_of_calls_that_were_counted():
-    """``raysched.profiles`` waits a little for rows of calls this driver submitted; a counted
-    call has no row of its own, and the counts in ``calls`` stand for it."""
+def test_no_one_waits_for_rows_of_calls_that_were_counted():
+    """``raysched.profiles`` and a training's ``refresh`` wait a little for rows of calls this
+    driver submitted; a counted call has no row of its own, and the counts in ``calls``
+    stand for it."""
     import pandas as pd
 
-    from raysched import _calls_in_flight
+    from raysched.store.profiles import calls_without_rows
 
     frame = pd.DataFrame({"call_id": ["a", None, "c"], "calls": pd.array([3, 2, None], dtype="Int64")})
     # b, d, e, f have no row of their own; rows a and the count row stand for 2 + 2 more calls
-    assert _calls_in_flight(frame, {"a", "b", "c", "d", "e", "f"}) == 0
-    assert _calls_in_flight(frame, {"a", "b", "c", "d", "e", "f", "g"}) == 1  # one still on its way
-    assert _calls_in_flight(frame.drop(columns="calls"), {"a", "b"}) == 1  # rows of before schema 2
+    assert calls_without_rows(frame, ["a", "b", "c", "d", "e", "f"]) == []
+    assert len(calls_without_rows(frame, ["a", "b", "c", "d", "e", "f", "g"])) == 1  # one still on its way
+    assert calls_without_rows(frame.drop(columns="calls"), ["a", "b"]) == ["b"]  # rows of before schema 2
 
 
 def test_the_profilers_training_budget_counts_the_calls_a_row_stands_for():

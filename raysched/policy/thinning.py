@@ -7,8 +7,9 @@ for a stream of 1 ms calls it is a fifth of the work, spent to learn the same
 figures over and over.  So once a function's calls in one worker process have
 been short and small ``short_call_streak`` times in a row (fully measured), the
 worker measures only one call in ``short_call_measure_every`` of it; the others
-are timed (a clock read at each end) and counted into the next recorded row's
-``calls`` column, so the store still accounts for every call.
+are timed (a clock read at each end) and counted in the ``calls`` column of a
+row of the same batch the worker sends, so the store still accounts for every
+call.
 
 Anything unusual ends the thinning at once, and the calls after it are measured
 in full again until a new streak builds up: a call that fails, lasts longer than

@@ -27,6 +27,7 @@ from ..policy.models import ResourceModel, evaluate, holdout
 from ..policy.recipe import MODELLED, build_predictor
 from ..policy.samples import pooled_short_cores
 from ..store.group_commit import GroupCommit
+from ..store.profiles import calls_without_rows
 from ..types import History
 from .session import PROFILER_BASE, RECORD_GROUP, profiler_name
 
@@ -387,12 +388,11 @@ class Profiler:
         return self.rows_received
 
     def missing_calls(self, function: str, call_ids: Sequence[str]) -> list[str]:
-        """Those of ``call_ids`` that no row of ``function`` held here names yet."""
+        """Those of ``call_ids`` that no row of ``function`` held here accounts for yet."""
         state = self._state(function)
         with self._lock:
             rows = state.rows
-            have = set(rows["call_id"].dropna()) if "call_id" in rows else set()
-        return [c for c in call_ids if c not in have]
+        return calls_without_rows(rows, call_ids)
 
     def wait_for_training(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s

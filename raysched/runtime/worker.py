@@ -6,7 +6,7 @@ row, and returns the function's value as the task's own value, so the
 ``ObjectRef`` the user holds is the real one.  Once a function's calls in this
 process proved tiny, most of them cost less still: ``policy.thinning`` picks one
 in ``short_call_measure_every`` to measure, and the others are only timed and
-counted into the next row's ``calls`` (``RowSink.add_unmeasured``).
+counted in the ``calls`` of a row of the same batch (``RowSink.add_unmeasured``).
 
 Extra work happens only after a failure.  raysched submits every task with
 ``max_retries >= 1``, so when Ray's memory monitor kills an attempt, Ray runs the

@@ -23,6 +23,22 @@ PROFILES_DIR = "profiles"
 EVENTS_DIR = "events"
 
 
+def calls_without_rows(rows: pd.DataFrame, call_ids: Sequence[str]) -> list[str]:
+    """Those of ``call_ids`` whose rows may still be on their way to ``rows``.
+
+    A call of a thinned function (``policy.thinning``) may have no row of its own,
+    only a count in another row's ``calls``: every counted call of ``rows`` is
+    taken for one of the missing ones (so a wait for the rest may end early, never
+    run long).  The newest missing calls are the ones kept.
+    """
+    have = set(rows["call_id"].dropna()) if "call_id" in rows else set()
+    missing = [c for c in call_ids if c not in have]
+    if not missing or "calls" not in rows:
+        return missing
+    counted = int(rows["calls"].fillna(1).sum()) - int(rows["call_id"].notna().sum())
+    return missing[max(0, counted):]
+
+
 class ProfileStore:
     """Profile rows and monitor events of one raysched home.
 

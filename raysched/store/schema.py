@@ -72,7 +72,7 @@ PROFILE_SCHEMA: pa.Schema = _schema(
         pa.field("write_chars", pa.int64()),
         pa.field("source", pa.string()),  # "ray" for measured rows, "import:nextflow" / "import:lotaru"...
         # The calls this row stands for: 1, or 1 + the calls of a thinned function that
-        # were counted, not measured, since its previous row (policy/thinning.py); a row
+        # its worker counted, not measured, in the same batch (policy/thinning.py); a row
         # with no call_id and no usage stands for counted calls only.  Null (rows written
         # before schema 2, imported rows) means 1.
         pa.field("calls", pa.int32()),
