@@ -96,7 +96,7 @@ def spec(name: str, code_hash: str) -> AttemptSpec:
 
 
 def test_counted_calls_are_added_to_a_measured_row_of_their_function_or_get_a_row_of_their_own():
-    f, g = spec("f", "hash-f"), spec("g", "hash-g")
+    f, g = spec("f", "hash-f"), spec("g", "hash-f")  # one code under two names: two counts
     sink = RowSink(60.0, lambda rows: None)
     usage = Usage(peak_rss_bytes=100 * MiB, start_rss_bytes=90 * MiB, cpu_seconds=0.001, wall_seconds=0.001)
     for _ in range(3):

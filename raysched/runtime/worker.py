@@ -225,7 +225,7 @@ class RowSink:
         self._held: Any = None
         self._unfinished = unfinished or _unfinished_refs
         self._rows: list[Any] = []  # row dicts, argument tuples of attempt_row, and _Tally
-        self._tallies: dict[str, _Tally] = {}  # the batch's counts of unmeasured calls, by code hash
+        self._tallies: dict[tuple[str, str], _Tally] = {}  # the batch's counts of unmeasured calls, by function
         self._first_at = 0.0  # when the oldest buffered row arrived
         self._in_flight: list[Any] = []  # refs of batches sent and not yet taken
         self._cond = threading.Condition()
@@ -247,9 +247,10 @@ class RowSink:
         for the counted calls only (no call id, no usage).
         """
         with self._cond:
-            tally = self._tallies.get(spec.code_hash)
+            key = (spec.function, spec.code_hash)  # one code may serve under two names
+            tally = self._tallies.get(key)
             if tally is None:
-                tally = self._tallies[spec.code_hash] = _Tally(spec, started_at)
+                tally = self._tallies[key] = _Tally(spec, started_at)
                 self._append_locked(tally)
             tally.calls += 1
             tally.last_ended = ended_at
@@ -374,7 +375,7 @@ def _build_rows(items: list[Any]) -> list[dict]:
     ids = os.urandom(16 * len(items)).hex()
     rows = []
     tallies = []
-    last_ok: dict[str, dict] = {}  # code hash -> the batch's last measured ok row of the function
+    last_ok: dict[tuple[str, str], dict] = {}  # (function, code hash) -> the batch's last measured ok row
     for i, item in enumerate(items):
         if type(item) is _Tally:
             tallies.append((i, item))
@@ -386,10 +387,10 @@ def _build_rows(items: list[Any]) -> list[dict]:
                 logger.exception("raysched: could not build the profile row of %s", getattr(item[0], "live_key", "?"))
                 continue
             if item["outcome"] == "ok":
-                last_ok[item["code_hash"]] = item
+                last_ok[item["function"], item["code_hash"]] = item
         rows.append(item)
     for i, tally in tallies:
-        into = last_ok.get(tally.spec.code_hash)
+        into = last_ok.get((tally.spec.function, tally.spec.code_hash))
         if into is not None:
             into["calls"] += tally.calls
             continue
