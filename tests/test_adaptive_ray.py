@@ -215,7 +215,10 @@ def test_short_calls_are_sized_from_their_pooled_cores(ray_session):
     the pooled ratio sizes the next calls (I/O-bound: the minimum fraction of a core)."""
     assert ray.get([short_wait.remote(i) for i in range(80)]) == list(range(80))
     assert wait_for(lambda: len(raysched.profiles(short_wait)) >= 80, timeout=30)
-    assert raysched.profiles(short_wait)["cpu_cores"].isna().all()
+    rows = raysched.profiles(short_wait)
+    short = rows["wall_seconds"] < 0.05  # a 20 ms sleep preempted past 50 ms has cores of its own
+    assert short.sum() >= 70 and rows.loc[short, "cpu_cores"].isna().all()
+    assert rows.loc[~short, "cpu_cores"].notna().all()
     short_wait.refresh()
     prediction = short_wait.predict(0)
     assert prediction.cpu.n_history >= 80 and prediction.cpu.target < 0.25, prediction.cpu
