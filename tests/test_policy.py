@@ -447,3 +447,36 @@ def test_extrapolation_quantile_is_wired_and_validated():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="cost_extrapolation_quantile"):
             CFG.replace(cost_extrapolation_quantile=bad)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_nearest_runs_are_those_of_a_stable_sort_ties_included(seed):
+    # The cost-aware estimator picks the runs nearest a call's input size on every
+    # call; the linear-time pick must be the very runs a stable sort would give.
+    from raysched.policy.estimators import _nearest
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 300))
+    sizes = rng.choice(rng.integers(0, 50, max(1, n // 3)), n).astype(float)  # many ties
+    values = np.arange(n, dtype=float)  # each run's own index, so the set says which runs
+    query = float(rng.integers(-5, 60))
+    for k in {1, max(1, n // 3), n - 1} - {0}:
+        distance = np.abs(sizes - query)
+        expected = np.sort(values[np.argsort(distance, kind="stable")[:k]])
+        assert np.array_equal(np.sort(_nearest(values, distance, k)), expected)
+
+
+def test_history_statistics_are_fitted_once_per_history_and_read_per_call():
+    # A driver sizes many calls from one history: the line is fitted once, and a new
+    # history (rows arrived) gets a fit of its own.
+    est = PercentileEstimator("memory", percentile=95.0, min_history=3, min_correlation=0.3, coverage=0.95)
+    sizes = np.array([1e6, 2e6, 3e6, 4e6, 5e6])
+    first = History.from_columns({"input_size": sizes, "memory": 1e8 + 10 * sizes})
+    ctx = EstimationContext(history=first, models={}, fallback=Fallback())
+    small, large = (est.estimate(ctx, Features(input_size=s)) for s in (1e6, 9e6))
+    assert small.upper == pytest.approx(1e8 + 1e7) and large.upper == pytest.approx(1e8 + 9e7)
+    unsized = est.estimate(ctx, Features(input_size=None))
+    assert unsized.upper == pytest.approx(1e8 + 5e7)  # the max of 5 runs
+    second = History.from_columns({"input_size": sizes, "memory": 2e8 + 10 * sizes})
+    moved = est.estimate(EstimationContext(history=second, models={}, fallback=Fallback()), Features(input_size=1e6))
+    assert moved.upper == pytest.approx(2e8 + 1e7)

@@ -98,28 +98,43 @@ class PercentileEstimator:
     max_below: int = 20
 
     def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
-        rows = usable_rows(ctx.history, self.resource)
+        fit = _per_history(ctx.history, self, lambda: self._fit(ctx.history))
+        if fit is None:
+            return None
+        n, line_fit, unsized = fit
+        if x.input_size is not None and line_fit is not None:
+            slope, intercept, median, upper_resid, lower_resid = line_fit
+            line = intercept + slope * float(x.input_size)
+            target = max(line + median, 0.0)
+            upper = max(line + upper_resid, target)
+            lower = min(max(line + lower_resid, 0.0), target)
+            return Estimate(target, lower, upper, self.coverage, n, "history")
+        return unsized
+
+    def _fit(self, history: History) -> tuple[int, tuple[float, ...] | None, Estimate] | None:
+        """Everything of the estimate that depends on the history alone (a driver sizes many
+        calls from one history): the line on input size with its residuals' statistics,
+        if input size explains use, and the estimate of a call without an input size."""
+        rows = usable_rows(history, self.resource)
         n = rows.shape[0]
         if n < self.min_history:
             return None
-        values = ctx.history.column(self.resource)[rows]
-        sizes = ctx.history.input_size[rows]
+        values = history.column(self.resource)[rows]
+        sizes = history.input_size[rows]
         upper_pct = 100.0 if n < self.max_below else self.percentile
         lower_pct = 100.0 - self.percentile
         known = np.isfinite(sizes)
-        if x.input_size is not None and known.sum() >= self.min_history:
+        line_fit = None
+        if known.sum() >= self.min_history:
             s, v = sizes[known], values[known]
             if _spearman(s, v) ** 2 >= self.min_correlation:
                 slope, intercept = np.polyfit(s, v, 1)
                 slope = max(float(slope), 0.0)  # use never shrinks as input grows
-                line = intercept + slope * float(x.input_size)
                 resid = v - (intercept + slope * s)
-                target = max(line + float(np.median(resid)), 0.0)
-                upper = max(line + float(np.percentile(resid, upper_pct)), target)
-                lower = min(max(line + float(np.percentile(resid, lower_pct)), 0.0), target)
-                return Estimate(target, lower, upper, self.coverage, n, "history")
+                line_fit = (slope, float(intercept), float(np.median(resid)),
+                            float(np.percentile(resid, upper_pct)), float(np.percentile(resid, lower_pct)))
         target = float(np.median(values))
-        return Estimate(
+        unsized = Estimate(
             target=target,
             lower=min(float(np.percentile(values, lower_pct)), target),
             upper=max(float(np.percentile(values, upper_pct)), target),
@@ -127,6 +142,7 @@ class PercentileEstimator:
             n_history=n,
             source="history",
         )
+        return n, line_fit, unsized
 
 
 @dataclass(frozen=True)
@@ -307,6 +323,18 @@ def _extrapolation_scores(
     return np.concatenate(scores) if scores else np.empty(0)
 
 
+def _nearest(values: np.ndarray, distance: np.ndarray, k: int) -> np.ndarray:
+    """The ``values`` of the ``k`` smallest distances (ties: the earliest runs), in no order.
+
+    The same runs as ``values[np.argsort(distance, kind="stable")[:k]]``, in linear
+    time: a driver does this on every call with a new input size.
+    """
+    kth = np.partition(distance, k - 1)[k - 1]
+    closer = distance < kth
+    ties = np.flatnonzero(distance == kth)[: k - int(np.count_nonzero(closer))]
+    return np.concatenate([values[closer], values[ties]])
+
+
 #: Work an estimator does on a history whatever the call (fits, cross-fitted residuals),
 #: kept while the history lives: a driver sizes many calls from one bundle's history,
 #: and redoing it per call cost ~0.6 ms of every submission with a new input size.
@@ -340,6 +368,7 @@ class _SizeFit:
     curve_y: np.ndarray | None = None  # ...and the fitted log use there
     resid: np.ndarray | None = None  # cross-fitted log residuals, in the order of ls
     extrapolation_widen: list = field(default_factory=list)  # computed on the first call past the range
+    unsized: list = field(default_factory=list)  # the estimate of a call sized without its input size, once
 
     def center(self, query: float) -> float:
         """``_monotone_fit(ls, lu, [query], slope)``, from the curve fitted once."""
@@ -424,33 +453,40 @@ class CostAwareEstimator:
         n, log_use = fit.n, fit.log_use
         if n < self.min_history:
             return None
-        if fit.use_size and x.input_size is not None:
-            ls, lu, slope = fit.ls, fit.lu, fit.slope
-            assert ls is not None and lu is not None and fit.resid is not None
-            query = math.log1p(float(x.input_size))
-            center = fit.center(query)
-            resid = fit.resid
-            k = max(self.min_local, int(math.ceil(len(resid) * self.local_fraction)))
-            if k < len(resid):
-                resid = resid[np.argsort(np.abs(ls - query), kind="stable")[:k]]
-            # Beyond the largest input the local residuals understate the error: widen
-            # every candidate by ``widen`` per unit of log distance past the range.
-            beyond = max(0.0, query - float(fit.curve_x[-1]))  # type: ignore[index]
-            if beyond > 0:
-                if not fit.extrapolation_widen:
-                    fit.extrapolation_widen.append(self._extrapolation_widen(ls, lu))
-                widen = self.widen + fit.extrapolation_widen[0]
-            else:
-                widen = self.widen
-            center += widen * beyond
-            # Never above the largest use seen, grown along the slope beyond the range.
-            cap = float(np.max(log_use)) + (slope + widen) * beyond
+        if not (fit.use_size and x.input_size is not None):
+            # Nothing of the call matters: one estimate per history.
+            if not fit.unsized:
+                center = float(np.median(log_use))
+                fit.unsized.append(self._choose(center, np.sort(log_use - center), float(np.max(log_use)), n))
+            return fit.unsized[0]
+        ls, lu, slope = fit.ls, fit.lu, fit.slope
+        assert ls is not None and lu is not None and fit.resid is not None
+        query = math.log1p(float(x.input_size))
+        center = fit.center(query)
+        resid = fit.resid
+        k = max(self.min_local, int(math.ceil(len(resid) * self.local_fraction)))
+        if k < len(resid):
+            resid = _nearest(resid, np.abs(ls - query), k)
+        # Beyond the largest input the local residuals understate the error: widen
+        # every candidate by ``widen`` per unit of log distance past the range.
+        beyond = max(0.0, query - float(fit.curve_x[-1]))  # type: ignore[index]
+        if beyond > 0:
+            if not fit.extrapolation_widen:
+                fit.extrapolation_widen.append(self._extrapolation_widen(ls, lu))
+            widen = self.widen + fit.extrapolation_widen[0]
         else:
-            center = float(np.median(log_use))
-            resid = log_use - center
-            cap = float(np.max(log_use))
-        spread = float(np.max(resid) - np.median(resid))
-        resid = np.sort(np.append(resid, np.max(resid) + self.tail_allowance * spread))
+            widen = self.widen
+        center += widen * beyond
+        # Never above the largest use seen, grown along the slope beyond the range.
+        cap = float(np.max(log_use)) + (slope + widen) * beyond
+        return self._choose(center, np.sort(resid), cap, n)
+
+    def _choose(self, center: float, resid: np.ndarray, cap: float, n: int) -> Estimate:
+        """The allocation of least expected waste, given the center and the sorted log residuals."""
+        m = resid.shape[0]
+        median = float(resid[m // 2]) if m % 2 else float((resid[m // 2 - 1] + resid[m // 2]) / 2)
+        spread = float(resid[-1]) - median
+        resid = np.append(resid, float(resid[-1]) + self.tail_allowance * spread)  # still sorted
         alloc = np.exp(np.minimum(center + resid, max(cap, center) + self.cap_allowance))
         ceiling = alloc[-1]
         m = alloc.shape[0]
