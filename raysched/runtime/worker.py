@@ -842,7 +842,14 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
             logger.warning("raysched: %s attempt %d found no room for %d MiB within %.0f s; running it in place",
                            spec.function, next_spec.attempt, next_spec.allocation.memory_bytes // 2**20,
                            spec.config.handover_start_timeout_s)
-            return run_here(replace(next_spec, allocation=spec.allocation))
+            # Judged by the allocation the ladder gave it, not by this task's smaller label:
+            # under that label it would only be stopped again at the same point. The waiting
+            # tasks whose labels fill the node hold little memory, and the monitor's node rule
+            # still watches the node itself.
+            held = spec.allocation.memory_bytes // 2**20
+            note = f"run in place of attempt {spec.attempt}, under its {held} MiB label"
+            in_place = replace(next_spec.allocation, reason="; ".join(filter(None, (next_spec.allocation.reason, note))))
+            return run_here(replace(next_spec, allocation=in_place))
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         raise _unwrap(exc) from None
