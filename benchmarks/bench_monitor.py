@@ -341,12 +341,34 @@ def ray_oom_kills(task_names: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def settle_memory(baseline_used: int, timeout_s: float = 15.0) -> None:
-    """Wait (a little) for the previous batch's memory to be freed, so the next one starts from the same room."""
-    deadline = time.monotonic() + timeout_s
+def held_labels() -> dict[str, float]:
+    """The cluster's `memory` (MiB) and CPUs that tasks hold now, as the GCS sees them."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return {"memory_mib": (total.get("memory", 0.0) - free.get("memory", 0.0)) / MiB,
+            "cpus": total.get("CPU", 0.0) - free.get("CPU", 0.0)}
+
+
+def settle_memory(baseline_used: int, baseline_held: dict[str, float], timeout_s: float = 15.0,
+                  labels_timeout_s: float = 60.0) -> dict[str, float]:
+    """Wait for the previous batch's memory to be freed, and its labels released, so that the
+    next batch starts from the same room; returns the labels still held when the wait ended
+    and how long it took. (A batch that followed a guessed one whose workers Ray killed found
+    labels still held; see benchmarks/README.md.)"""
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
     time.sleep(1.0)
     while used_bytes() > baseline_used + 1.0 * GiB and time.monotonic() < deadline:
         time.sleep(0.25)
+    held = held_labels()
+    first = dict(held)
+    deadline = time.monotonic() + labels_timeout_s
+    while ((held["memory_mib"] > baseline_held["memory_mib"] + 1 or held["cpus"] > baseline_held["cpus"] + 0.01)
+           and time.monotonic() < deadline):
+        time.sleep(0.25)
+        held = held_labels()
+    return {"held_memory_mib_after_batch": first["memory_mib"], "held_cpus_after_batch": first["cpus"],
+            "held_memory_mib_at_start": held["memory_mib"], "held_cpus_at_start": held["cpus"],
+            "settle_s": time.monotonic() - t0}
 
 
 # --- reporting -------------------------------------------------------------------------------------------
@@ -497,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     started = time.perf_counter()
     cluster, _node, setup = start_cluster(args)
+    setup["held_at_setup"] = held_labels()  # raysched's actors' own, if any: the settled state
     runs: list[dict[str, dict]] = []
     try:
         print(f"cluster up in {time.perf_counter() - started:.1f} s: threshold {setup['threshold_fraction']:.4f} of "
@@ -531,11 +554,15 @@ def main(argv: list[str] | None = None) -> int:
             order = modes[rep % len(modes):] + modes[:rep % len(modes)]
             run = {}
             for mode in order:
-                settle_memory(setup["baseline_used_bytes"])
+                settled = settle_memory(setup["baseline_used_bytes"], setup["held_at_setup"])
                 run[mode] = run_batch(mode, sizes, args, labels, f"{mode}_r{rep}", setup["threshold_bytes"])
+                run[mode].update(settled)
                 print(f"repeat {rep + 1}/{args.repeats} {mode}: {run[mode]['seconds']:.1f} s, "
                       f"{run[mode]['body_runs']} runs, {run[mode]['failed']} failed, "
-                      f"{run[mode]['unfinished']} unfinished, room at start {run[mode]['room_at_start_mib']:.0f} MiB",
+                      f"{run[mode]['unfinished']} unfinished, room at start {run[mode]['room_at_start_mib']:.0f} MiB; "
+                      f"labels held after the batch before: {settled['held_memory_mib_after_batch']:.0f} MiB / "
+                      f"{settled['held_cpus_after_batch']:g} CPU, at start {settled['held_memory_mib_at_start']:.0f} MiB "
+                      f"(settled in {settled['settle_s']:.1f} s)",
                       file=sys.stderr)
             runs.append(run)
         time.sleep(3)  # Ray's task events reach the GCS in batches
