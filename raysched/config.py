@@ -135,6 +135,10 @@ class RayschedConfig:
     #: A bigger next attempt that has not started this many seconds after a memory kill
     #: (queued behind the labels of other waiting calls) is run in the waiting task's slot.
     handover_start_timeout_s: float = 20.0
+    #: Sooner, after this many seconds, when the `memory` it needs is held by raysched's own
+    #: waiting calls (the cluster's free memory plus their labels would fit it): they wait
+    #: for attempts that cannot start beside them, so waiting longer cannot help.
+    handover_held_room_s: float = 3.0
     #: VPA's OOM bump: a killed attempt's peak becomes max(peak + oom_bump_bytes, peak x oom_bump_ratio).
     oom_bump_bytes: int = 100 * MiB
     oom_bump_ratio: float = 1.2
@@ -244,6 +248,8 @@ class RayschedConfig:
             problems.append(f"oversize_policy must be 'cap' or 'error', got {self.oversize_policy!r}")
         if self.max_attempts < 1:
             problems.append("max_attempts must be at least 1")
+        if not (self.handover_start_timeout_s >= 0 and self.handover_held_room_s >= 0):
+            problems.append("handover_start_timeout_s and handover_held_room_s must not be negative")
         if not 0 < self.coverage < 1:
             problems.append("coverage must be between 0 and 1")
         if not self.quantiles or any(not 0 < q < 1 for q in self.quantiles):

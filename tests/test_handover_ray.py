@@ -58,3 +58,20 @@ def test_waiting_calls_do_not_deadlock_on_held_labels(tight_node):
     assert rows.groupby("call_id")["attempt"].max().max() <= 2, rows[["call_id", "attempt", "outcome"]]
     second = rows[rows["attempt"] == 2]
     assert len(second) and (second["allocated_memory_bytes"] > 256 * MiB).all()
+
+
+def test_a_next_attempt_blocked_by_raysched_own_waiting_calls_runs_in_place_soon(tight_node):
+    # The same eight calls, but a patient timeout: only the check that the room is held by
+    # raysched's own waiting calls (handover_held_room_s, 3 s) can end them early. Without
+    # it, two waves of stopped calls wait 60 s each (more than 120 s in all).
+    raysched.configure(live_interval_s=0.2, handover_start_timeout_s=60.0)
+    try:
+        start = time.monotonic()
+        refs = [holds.remote(400) for _ in range(8)]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=100)
+        elapsed = time.monotonic() - start
+        assert not pending, f"{len(pending)} of 8 calls still waiting after {elapsed:.0f} s"
+        assert [ray.get(ref) for ref in ready] == [8] * 8
+        assert elapsed < 100
+    finally:
+        raysched.configure(live_interval_s=0.2, handover_start_timeout_s=5.0)

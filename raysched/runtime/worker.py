@@ -837,11 +837,11 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
     _put_handover(spec, next_spec)
     ref = resubmit(next_spec, args, kwargs)
     try:
-        if run_here is not None and not _started_within(ref, next_spec, spec.config.handover_start_timeout_s):
+        if run_here is not None and not _started_within(ref, next_spec, spec.config.handover_start_timeout_s,
+                                                        spec.config.handover_held_room_s, _handover_key(spec)):
             ray.cancel(ref)  # still queued behind held labels: it will not run
-            logger.warning("raysched: %s attempt %d found no room for %d MiB within %.0f s; running it in place",
-                           spec.function, next_spec.attempt, next_spec.allocation.memory_bytes // 2**20,
-                           spec.config.handover_start_timeout_s)
+            logger.warning("raysched: %s attempt %d found no room for %d MiB; running it in place",
+                           spec.function, next_spec.attempt, next_spec.allocation.memory_bytes // 2**20)
             # Judged by the allocation the ladder gave it, not by this task's smaller label:
             # under that label it would only be stopped again at the same point. The waiting
             # tasks whose labels fill the node hold little memory, and the monitor's node rule
@@ -861,7 +861,34 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
 
 
 def _handover_key(spec: AttemptSpec) -> str:
-    return f"handover:{spec.live_key}"
+    # The waiting task's own label ends the key, so that one listing of the markers
+    # says how much `memory` raysched's waiting calls hold (``_room_held_by_waiting``).
+    return f"{_HANDOVER_PREFIX}{spec.live_key}:{int(spec.allocation.memory_bytes)}"
+
+
+_HANDOVER_PREFIX = "handover:"
+
+
+def _room_held_by_waiting(need: float, own_key: str) -> bool:
+    """True when the cluster has too little free `memory` for ``need``, but would have
+    enough if raysched's other waiting calls released their labels: they wait for
+    attempts that cannot start beside them, so the next attempt never will either."""
+    try:
+        free = float(ray.available_resources().get("memory", 0.0))
+        if free >= need:
+            return False  # the room exists (perhaps split across nodes): let Ray place it
+        keys = _kv()._internal_kv_list(_HANDOVER_PREFIX, namespace=LIVE_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001 - no answer: wait for the timeout instead
+        return False
+    own = own_key.encode()
+    held = 0
+    for key in keys:
+        if key != own:
+            try:
+                held += int(key.rsplit(b":", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return free + held >= need
 
 
 def _put_handover(spec: AttemptSpec, next_spec: AttemptSpec) -> None:
@@ -882,9 +909,15 @@ def _drop_handover(spec: AttemptSpec) -> None:
     _kv_del(_handover_key(spec))
 
 
-def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float) -> bool:
-    """True once the attempt behind ``ref`` has finished or published a live sample."""
+def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float, held_room_s: float | None = None,
+                    own_key: str = "") -> bool:
+    """True once the attempt behind ``ref`` has finished or published a live sample;
+    False after ``timeout_s`` without either, or once the room it needs has been held by
+    raysched's other waiting calls (``_room_held_by_waiting``) for ``held_room_s`` in a
+    row. (In a row: an attempt just granted holds its own label before its first
+    sample, and then looks like one that has no room.)"""
     deadline = time.monotonic() + timeout_s
+    held_since: float | None = None
     while time.monotonic() < deadline:
         ready, _ = ray.wait([ref], timeout=1.0)
         if ready:
@@ -894,6 +927,14 @@ def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float) -> bool:
                 return True
         except Exception:  # noqa: BLE001 - no KV: assume it runs rather than run twice
             return True
+        if held_room_s is not None:
+            now = time.monotonic()
+            if not _room_held_by_waiting(spec.allocation.memory_bytes, own_key):
+                held_since = None
+            elif held_since is None:
+                held_since = now
+            elif now - held_since >= held_room_s:
+                return False
     return False
 
 
