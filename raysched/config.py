@@ -132,8 +132,9 @@ class RayschedConfig:
     max_attempts: int = 4
     #: Each rung grows the memory by at least this factor over the previous attempt.
     ladder_min_growth: float = 1.5
-    #: A bigger next attempt that has not started this many seconds after a memory kill
-    #: (queued behind the labels of other waiting calls) is run in the waiting task's slot.
+    #: A bigger next attempt that has not started this many seconds after a memory kill or
+    #: a monitor stop (queued behind the labels of other waiting calls) is run in the
+    #: waiting task's slot.
     handover_start_timeout_s: float = 20.0
     #: Sooner, after this many seconds, when the `memory` it needs is held by raysched's own
     #: waiting calls (the cluster's free memory plus their labels would fit it): they wait

@@ -483,8 +483,8 @@ class CostAwareEstimator:
 
     def _choose(self, center: float, resid: np.ndarray, cap: float, n: int) -> Estimate:
         """The allocation of least expected waste, given the center and the sorted log residuals."""
-        m = resid.shape[0]
-        median = float(resid[m // 2]) if m % 2 else float((resid[m // 2 - 1] + resid[m // 2]) / 2)
+        k = resid.shape[0]
+        median = float(resid[k // 2]) if k % 2 else float((resid[k // 2 - 1] + resid[k // 2]) / 2)
         spread = float(resid[-1]) - median
         resid = np.append(resid, float(resid[-1]) + self.tail_allowance * spread)  # still sorted
         alloc = np.exp(np.minimum(center + resid, max(cap, center) + self.cap_allowance))

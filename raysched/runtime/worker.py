@@ -860,13 +860,13 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
         _drop_handover(spec)
 
 
+_HANDOVER_PREFIX = "handover:"
+
+
 def _handover_key(spec: AttemptSpec) -> str:
     # The waiting task's own label ends the key, so that one listing of the markers
     # says how much `memory` raysched's waiting calls hold (``_room_held_by_waiting``).
     return f"{_HANDOVER_PREFIX}{spec.live_key}:{int(spec.allocation.memory_bytes)}"
-
-
-_HANDOVER_PREFIX = "handover:"
 
 
 def _room_held_by_waiting(need: float, own_key: str) -> bool:
@@ -909,8 +909,7 @@ def _drop_handover(spec: AttemptSpec) -> None:
     _kv_del(_handover_key(spec))
 
 
-def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float, held_room_s: float | None = None,
-                    own_key: str = "") -> bool:
+def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float, held_room_s: float, own_key: str) -> bool:
     """True once the attempt behind ``ref`` has finished or published a live sample;
     False after ``timeout_s`` without either, or once the room it needs has been held by
     raysched's other waiting calls (``_room_held_by_waiting``) for ``held_room_s`` in a
@@ -927,14 +926,13 @@ def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float, held_room_s: 
                 return True
         except Exception:  # noqa: BLE001 - no KV: assume it runs rather than run twice
             return True
-        if held_room_s is not None:
-            now = time.monotonic()
-            if not _room_held_by_waiting(spec.allocation.memory_bytes, own_key):
-                held_since = None
-            elif held_since is None:
-                held_since = now
-            elif now - held_since >= held_room_s:
-                return False
+        now = time.monotonic()
+        if not _room_held_by_waiting(spec.allocation.memory_bytes, own_key):
+            held_since = None
+        elif held_since is None:
+            held_since = now
+        elif now - held_since >= held_room_s:
+            return False
     return False
 
 
