@@ -31,3 +31,26 @@ def test_calls_with_other_arguments_take_the_general_path():
         assert scalar_task._features(options, args, kwargs) == scalar_task._derive_features(options, args, kwargs)
     assert scalar_task._features(options, (np.float64(1.0),), {}).arg_shapes != ("float",)
     assert scalar_task._features(options, (b"abc",), {}).input_size == 3
+
+
+def test_generator_and_async_functions_are_refused_where_they_are_decorated():
+    # A generator's items after the first would be lost without an error, and an
+    # async def task fails only when it runs: both are refused at once, as Ray refuses async.
+    import pytest
+
+    from raysched.errors import InvalidInput
+
+    def numbers(n):
+        yield from range(n)
+
+    async def later(x):
+        return x
+
+    async def stream(n):
+        yield n
+
+    for fn, says in ((numbers, "generator"), (later, "async def"), (stream, "async def")):
+        with pytest.raises(InvalidInput, match=says):
+            adaptive_remote(fn)
+        with pytest.raises(InvalidInput, match=says):
+            adaptive_remote(memory=2**28)(fn)

@@ -9,6 +9,7 @@ function behind a thin measuring wrapper.  The returned value is the task's own
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -220,6 +221,28 @@ class _Adaptive:
         )
 
 
+def _refuse_unsupported_kind(fn: Callable[..., Any]) -> None:
+    """Refuse, where it is decorated, a function whose calls raysched would get wrong.
+
+    An ``async def`` function: Ray refuses it as a task too. A generator: raysched's
+    measuring wrapper returns the user's value, so Ray would see a plain function
+    returning one generator object, and the items after the first would be lost
+    without an error; its escalation ladder hands a killed attempt's value over as one
+    value, not as a stream.
+    """
+    name = getattr(fn, "__qualname__", repr(fn))
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise InvalidInput(
+            f"{name} is an 'async def' function: Ray does not run those as tasks, and neither does "
+            f"adaptive_remote. Wrap it in a plain function that calls asyncio.run(...), or use an actor."
+        )
+    if inspect.isgeneratorfunction(fn):
+        raise InvalidInput(
+            f"{name} is a generator function: adaptive_remote does not run generator tasks "
+            f"(num_returns='streaming' or 'dynamic'); decorate it with @ray.remote, or return a list."
+        )
+
+
 class AdaptiveFunction(_Adaptive):
     """A function run as a Ray task with resources learnt from its past runs.
 
@@ -244,6 +267,7 @@ class AdaptiveFunction(_Adaptive):
     ):
         if not callable(fn):
             raise InvalidInput(f"adaptive_remote needs a function, got {fn!r} ({type(fn).__name__})")
+        _refuse_unsupported_kind(fn)
         if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
             raise InvalidInput(f"max_attempts must be a positive integer, got {max_attempts!r}")
         if not isinstance(measure_every_call, bool):
