@@ -284,3 +284,31 @@ def test_corrupt_part_file_is_set_aside_and_other_rows_still_read(ray_session):
         after = raysched.profiles(add_one)
     assert len(after) == before
     assert any("quarantine" in str(w.message) for w in caught)
+
+
+@ray.remote
+def run_inside_group(x):
+    # a plain task placed in a group that captures its children: raysched's call inherits it
+    return ray.get(add_one.remote(x))
+
+
+def test_calls_run_inside_placement_groups(ray_session):
+    # Bundles rarely hold `memory`: raysched's labels are cut to the bundle, or Ray
+    # would refuse the task ("cannot fit into any bundles").
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"CPU": 0.5}, {"CPU": 0.5, "memory": 200 * MiB}])
+    ray.get(group.ready(), timeout=30)
+    try:
+        for index in (0, 1, -1):
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+            assert ray.get(array_sum.options(scheduling_strategy=strategy).remote(np.ones(10)), timeout=60) == 10.0
+        captured = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        assert ray.get(run_inside_group.options(scheduling_strategy=captured, num_cpus=0).remote(1), timeout=60) == 2
+        # array_sum asks 300 MiB and 0.5 CPU: the labels fit the bundle, the allocation is kept
+        rows = raysched.profiles(array_sum)
+        assert (rows["outcome"] == "ok").sum() >= 3
+        assert (rows["allocated_memory_bytes"] >= 300 * MiB).all()
+    finally:
+        remove_placement_group(group)

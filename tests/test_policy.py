@@ -229,6 +229,19 @@ def test_oversize_is_capped_or_an_error_as_configured():
         build_sizer(CFG.replace(oversize_policy="error")).size(prediction(10 * GiB), cluster, function="f")
 
 
+def test_labels_in_a_placement_group_fit_its_bundle():
+    from raysched.policy.sizing import fit_bundle
+
+    cpu_only = [{"CPU": 1.0}, {"CPU": 2.0}]
+    assert fit_bundle(1.0, 1 * GiB, cpu_only, 0) == (1.0, 0)  # no memory label: the bundle holds none
+    assert fit_bundle(1.5, 1 * GiB, cpu_only, 0) == (1.0, 0)
+    assert fit_bundle(1.5, 1 * GiB, cpu_only, -1) == (1.5, 0)  # any bundle: the one that holds the most
+    with_memory = [{"CPU": 1.0, "memory": 512 * MiB}, {"CPU": 1.0, "memory": 2 * GiB}]
+    assert fit_bundle(0.5, 1 * GiB, with_memory, 0) == (0.5, 512 * MiB)
+    assert fit_bundle(0.5, 1 * GiB, with_memory, -1) == (0.5, 1 * GiB)  # fits bundle 1 as it is
+    assert fit_bundle(0.5, 1 * GiB, [], -1) == (0.5, 1 * GiB)
+
+
 # --- samples and ladder ---------------------------------------------------------------------------------
 
 

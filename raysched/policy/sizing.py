@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from ..config import RayschedConfig
 from ..errors import PredictionTooLarge
@@ -140,3 +140,24 @@ def size(
     from .recipe import build_sizer
 
     return build_sizer(config).size(prediction, cluster, explicit, function)
+
+
+def fit_bundle(num_cpus: float, memory_bytes: int, bundles: Sequence[Mapping[str, float]],
+               index: int = -1) -> tuple[float, int]:
+    """The ``num_cpus`` and ``memory`` labels of a task placed in a placement group.
+
+    The group's bundles are the user's reservation, and Ray refuses a task whose
+    request fits none of them (most bundles hold no ``memory`` at all): each label is
+    cut to what the bundle holds (``index``, or for -1 the bundle that holds the most
+    of the request, memory first). raysched still judges the attempt by its
+    allocation; only the labels Ray counts shrink. Memory 0 means no ``memory`` label.
+    """
+    candidates = [bundles[index]] if 0 <= index < len(bundles) else list(bundles)
+    if not candidates:
+        return num_cpus, memory_bytes
+
+    def fitted(bundle: Mapping[str, float]) -> tuple[float, int]:
+        return (min(num_cpus, float(bundle.get("CPU", 0.0))),
+                int(min(memory_bytes, float(bundle.get("memory", 0.0)))))
+
+    return max((fitted(b) for b in candidates), key=lambda cpus_memory: (cpus_memory[1], cpus_memory[0]))

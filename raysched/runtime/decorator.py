@@ -23,8 +23,8 @@ from ..policy.features import call_features, validate_input_size, validate_memor
 from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
 from .codehash import code_hash, qualified_name
-from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, definition_options, encode_call,
-                     encode_template, make_entry, ray_remote, remote_options)
+from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, captured_placement_group,
+                     definition_options, encode_call, encode_template, make_entry, ray_remote, remote_options)
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -311,7 +311,8 @@ class AdaptiveFunction(_Adaptive):
         features = self._features(options, args, kwargs)
         bundle = client.bundle(self.name, self.code_hash)
         cluster = client.cluster.get()
-        key = (features, options.key) if options.key is not None else None
+        # Inside a task that captures its children into a placement group, labels fit its bundles.
+        key = (features, options.key, captured_placement_group()) if options.key is not None else None
         plan = self._plans.get(key) if key is not None else None
         if plan is None or not plan.current(bundle, cluster, client.config):
             plan = self._make_plan(options, features, bundle, cluster, client)

@@ -60,6 +60,7 @@ from ..errors import AttemptsExhausted, RayschedError, StoppedByMonitor
 from ..policy.ladder import LadderState
 from ..policy.recipe import build_ladder
 from ..policy.samples import memory_sample
+from ..policy.sizing import fit_bundle
 from ..policy.thinning import ShortCallThinning, thinning_from_config
 from ..types import Allocation, AttemptRecord, Features, Outcome, Prediction, Usage
 from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
@@ -1114,10 +1115,63 @@ def ray_remote(target: Any, definition: Mapping[str, Any]) -> Any:
     return ray.remote(**definition)(target) if definition else ray.remote(target)
 
 
+def _placement_group_target(options: Mapping[str, Any]) -> tuple[Any, int] | None:
+    """The placement group (and bundle index) Ray will place a task with these options
+    in, if any: as Ray's own ``RemoteFunction._remote`` decides it, a captured parent's
+    group included."""
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = options.get("scheduling_strategy")
+    if isinstance(strategy, PlacementGroupSchedulingStrategy):
+        group, index = strategy.placement_group, strategy.placement_group_bundle_index
+        capture = strategy.placement_group_capture_child_tasks
+    elif strategy is None:
+        group = options.get("placement_group", "default")
+        index = options.get("placement_group_bundle_index", -1)
+        capture = options.get("placement_group_capture_child_tasks")
+    else:
+        return None  # another strategy (SPREAD, node affinity...): no group
+    if isinstance(group, str) and group == "default":
+        if capture is None:
+            capture = ray._private.worker.global_worker.should_capture_child_tasks_in_placement_group
+        group = get_current_placement_group() if capture else None
+    if group is None or group.is_empty:
+        return None
+    return group, int(index if index is not None else -1)
+
+
+def captured_placement_group() -> str | None:
+    """The id of the placement group this process's tasks capture their children into,
+    if any (None on a driver): a plan made here is only good inside it."""
+    worker = ray._private.worker.global_worker
+    if not getattr(worker, "should_capture_child_tasks_in_placement_group", False):
+        return None
+    group_id = worker.placement_group_id
+    return None if group_id.is_nil() else group_id.hex()
+
+
+def fit_placement_group(options: dict[str, Any]) -> None:
+    """Cut raysched's ``num_cpus`` / ``memory`` labels in ``options`` to the bundle of the
+    placement group Ray will place the task or actor in, if any: the bundle is the
+    reservation, and labels larger than it (a memory label where the bundle has none)
+    would make Ray refuse the submission."""
+    target = _placement_group_target(options)
+    if target is None or "num_cpus" not in options or "memory" not in options:
+        return
+    group, index = target
+    options["num_cpus"], memory = fit_bundle(options["num_cpus"], options["memory"], group.bundle_specs, index)
+    if memory > 0:
+        options["memory"] = memory
+    else:
+        del options["memory"]
+
+
 def remote_options(spec: AttemptSpec) -> dict[str, Any]:
     """The Ray options an attempt is submitted with: the caller's, then raysched's sizing."""
     options = {k: v for k, v in spec.ray_options if k not in TASK_DEFINITION_OPTIONS}
     options.update(spec.allocation.ray_options())
+    fit_placement_group(options)
     # At least one Ray retry: it is how a memory-killed attempt hands over to the ladder.
     options["max_retries"] = max(1, int(options.get("max_retries", 3)))
     options.setdefault("name", spec.function.rsplit(".", 1)[-1])
