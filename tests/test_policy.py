@@ -74,6 +74,24 @@ def test_folder_path_is_the_sum_of_its_files(tmp_path):
     assert features.size_of(tmp_path) == 300
 
 
+def test_a_folder_is_walked_once_while_it_is_unchanged(tmp_path, monkeypatch):
+    # Every call of a map over one data folder names it: walking it per submission cost
+    # tens of ms a call. A folder whose own entries change is walked again.
+    for i in range(3):
+        (tmp_path / f"f{i}").write_bytes(b"y" * 100)
+    walks = []
+    walk = features._walk_size
+    monkeypatch.setattr(features, "_walk_size", lambda path: walks.append(path) or walk(path))
+    monkeypatch.setattr(features, "_DIR_SIZES", {})
+    assert [features.size_of(str(tmp_path)) for _ in range(50)] == [300] * 50
+    assert len(walks) == 1
+    (tmp_path / "f3").write_bytes(b"y" * 50)
+    os.utime(tmp_path, ns=(1, 1))  # the folder's mtime changed (set apart from the clock's granularity)
+    assert features.size_of(str(tmp_path)) == 350 and len(walks) == 2
+    monkeypatch.setattr(features, "_DIR_SIZE_TTL_S", 0.0)  # and a kept size expires
+    assert features.size_of(str(tmp_path)) == 350 and len(walks) == 3
+
+
 @pytest.mark.parametrize("bad", [-1, "10", float("nan"), True, [1]])
 def test_bad_input_size_is_a_clear_error(bad):
     with pytest.raises(InvalidInput, match="input_size"):

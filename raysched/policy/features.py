@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import stat
+import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -94,8 +96,32 @@ def _path_size(path: str) -> int | None:
         st = os.stat(path)
     except (OSError, ValueError):
         return None
-    if not os.path.isdir(path):
+    if not stat.S_ISDIR(st.st_mode):
         return int(st.st_size)
+    # A folder named by every call of a map would be walked on every submission (tens of
+    # ms for a few thousand files): its size is kept while the folder itself is
+    # unchanged, for at most _DIR_SIZE_TTL_S (a file changed deeper down does not touch
+    # the folder's own mtime).
+    key = (path, st.st_dev, st.st_ino, st.st_mtime_ns)
+    now = time.monotonic()
+    known = _DIR_SIZES.get(key)
+    if known is not None and now - known[1] < _DIR_SIZE_TTL_S:
+        return known[0]
+    total = _walk_size(path)
+    if len(_DIR_SIZES) >= _DIR_SIZES_MAX:
+        _DIR_SIZES.clear()
+    _DIR_SIZES[key] = (total, now)
+    return total
+
+
+#: Folder sizes by (path, device, inode, mtime): (bytes, when walked).
+_DIR_SIZES: dict[tuple, tuple[int, float]] = {}
+_DIR_SIZES_MAX = 1024
+_DIR_SIZE_TTL_S = 30.0
+
+
+def _walk_size(path: str) -> int:
+    """Bytes of the files under a folder (the first ``_MAX_DIR_FILES`` of them)."""
     total, seen = 0, 0
     for root, _dirs, files in os.walk(path):
         for name in files:
