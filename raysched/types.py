@@ -149,6 +149,10 @@ class Allocation:
     ``rung`` is the escalation-ladder step that produced it (0: the first
     submission, sized from the prediction), ``capped`` whether the largest node
     limited it, and ``reason`` one human sentence on why this size.
+    ``memory_is_task_only``: the memory is the caller's figure (a cold-start
+    fallback, or ``memory=`` set explicitly), which means the task's own memory, as
+    Ray's ``memory`` label does; raysched's own sizes are measured peaks of the whole
+    worker process, the interpreter and Ray included.
     """
 
     num_cpus: float
@@ -156,6 +160,7 @@ class Allocation:
     rung: int = 0
     capped: bool = False
     reason: str = ""
+    memory_is_task_only: bool = False
 
     def ray_options(self) -> dict[str, float | int]:
         return {"num_cpus": self.num_cpus, "memory": int(self.memory_bytes)}

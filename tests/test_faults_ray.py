@@ -136,6 +136,24 @@ def test_over_its_allocation_a_task_is_stopped_and_resubmitted_one_rung_up(fault
     assert "stop_and_resubmit" in set(raysched.events(outgrows_its_allocation)["action"])
 
 
+@adaptive_remote(memory=64 * MiB, num_cpus=0.5)
+def allocates_nothing(seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seconds
+
+
+def test_a_callers_memory_is_the_tasks_own_not_its_workers(faults):
+    # memory=64 MiB means what Ray's label means: the task's own memory. It is sized to
+    # 80 MiB; x1.2 is below the RSS of any Ray worker before its task starts (130-180
+    # MiB), so judging the whole process by it stopped and reran a task that allocated
+    # nothing. The worker's start is added for the caller's figure.
+    rows = check_calls(allocates_nothing, [allocates_nothing.remote(1.5) for _ in range(2)], [1.5, 1.5])
+    assert list(rows["attempt"]) == [1, 1] and (rows["start_rss_bytes"] > 96 * MiB).all(), rows
+    assert "stop_and_resubmit" not in set(raysched.events(allocates_nothing).get("action", []))
+
+
 # --- the monitor actor killed mid-run -----------------------------------------------------------------------
 
 

@@ -235,6 +235,11 @@ def test_sizing_adds_margin_rounds_and_respects_floors():
 def test_explicit_options_win_over_the_prediction():
     alloc = build_sizer(CFG).size(prediction(10 * GiB), explicit={"memory": 123 * MiB})
     assert alloc.memory_bytes == 123 * MiB and "set by the caller" in alloc.reason
+    # the caller's figure is the task's own memory (the monitor adds the worker's start to it)
+    assert alloc.memory_is_task_only and not build_sizer(CFG).size(prediction(10 * GiB)).memory_is_task_only
+    fallback = Prediction(memory=Estimate(GiB, GiB, GiB, 0.95, 0, "fallback"), cpu=Estimate(1, 1, 1, 0.95, 0, "fallback"),
+                          wall=Estimate(1, 1, 1, 0.95, 0, "fallback"), source="fallback")
+    assert build_sizer(CFG).size(fallback).memory_is_task_only
 
 
 def test_oversize_is_capped_or_an_error_as_configured():

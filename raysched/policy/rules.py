@@ -98,6 +98,9 @@ class LiveReport:
     kind: str = TASK
     #: An actor whose class opted in to being replaced by one of another size.
     rescalable: bool = False
+    #: The process tree's resident size when the attempt began (the interpreter, Ray,
+    #: what earlier tasks left): part of ``rss_bytes`` that is not the task's.
+    start_rss_bytes: int = 0
 
     def node_memory(self) -> "NodeMemory | None":
         """The node reading this report carries, if any."""
@@ -212,10 +215,17 @@ class MemoryOverAllocation:
 
     def __call__(self, r: LiveReport) -> Finding | None:
         allocated = float(r.allocation.memory_bytes)
-        limit = allocated * self.tolerance
-        if allocated <= 0 or r.rss_bytes <= limit:
+        if allocated <= 0:
             return None
-        detail = f"resident {_mib(r.rss_bytes)} is over the allocation {_mib(allocated)} x {self.tolerance:g}"
+        # The caller's own figure (a fallback, or memory= given) means the task's memory, as
+        # Ray's label does: the worker held start_rss_bytes before the task began (130-180
+        # MiB), and judging the whole process by it stopped tasks that allocated nothing.
+        worker = float(r.start_rss_bytes) if r.allocation.memory_is_task_only else 0.0
+        limit = (allocated + worker) * self.tolerance
+        if r.rss_bytes <= limit:
+            return None
+        over = f"{_mib(allocated)} + the worker's {_mib(worker)} at the start" if worker else _mib(allocated)
+        detail = f"resident {_mib(r.rss_bytes)} is over the allocation {over} x {self.tolerance:g}"
         if r.allocation.capped or (self.max_attempts is not None and r.attempt >= self.max_attempts):
             why = "capped at the largest node" if r.allocation.capped else f"attempt {r.attempt} is the last"
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; no larger rung ({why}), left running")

@@ -104,7 +104,10 @@ class Sizer:
         explicit = explicit or {}
         if "memory" in explicit or "num_cpus" in explicit:
             reason += "; " + ", ".join(k for k in ("memory", "num_cpus") if k in explicit) + " set by the caller"
-        return self.size_request(request, cluster, explicit, function, reason)
+        allocation = self.size_request(request, cluster, explicit, function, reason)
+        if "memory" in explicit or prediction.memory.source == "fallback":
+            allocation = replace(allocation, memory_is_task_only=True)
+        return allocation
 
     def size_request(
         self,

@@ -162,7 +162,8 @@ class LiveSample:
     ``rss_bytes`` is the resident size of the process tree now (process plus
     live descendants), ``peak_rss_bytes`` the attempt's peak so far (same
     definition as ``Usage.peak_rss_bytes``), ``cpu_seconds`` / ``wall_seconds``
-    / ``read_bytes`` / ``write_bytes`` the attempt's totals so far.
+    / ``read_bytes`` / ``write_bytes`` the attempt's totals so far;
+    ``start_rss_bytes`` the process tree's resident size when the attempt began.
     """
 
     rss_bytes: int
@@ -172,6 +173,7 @@ class LiveSample:
     read_bytes: int
     write_bytes: int
     timestamp: float
+    start_rss_bytes: int = 0
 
 
 # --------------------------------------------------------------------------- #
@@ -642,7 +644,7 @@ class AttemptMeter:
             if self._stopped and self.usage is not None:
                 u = self.usage
                 return LiveSample(u.peak_rss_bytes, u.peak_rss_bytes, u.cpu_seconds, u.wall_seconds,
-                                  u.read_bytes, u.write_bytes, now)
+                                  u.read_bytes, u.write_bytes, now, u.start_rss_bytes)
             if not self._started:
                 return LiveSample(0, 0, 0.0, 0.0, 0, 0, now)
             try:
@@ -651,7 +653,7 @@ class AttemptMeter:
                 self._warn("sample", exc)
                 rss, peak, cpu, io = self._start_rss, max(self._peak_self, self._peak_tree), self._cpu_max, _ZERO_IO
             return LiveSample(int(rss), int(peak), float(cpu), max(0.0, self._clock() - self._t0),
-                              int(io[0]), int(io[1]), now)
+                              int(io[0]), int(io[1]), now, int(self._start_rss))
 
     def stop(self) -> Usage:
         """End the attempt and return its Usage (idempotent: a second call returns the same)."""
