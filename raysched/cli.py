@@ -29,15 +29,19 @@ def demo(tasks: int, seed: int) -> None:
 
 @main.command()
 @click.argument("function", required=False)
-@click.option("--limit", default=20, show_default=True, help="Rows to show (the newest).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show (the newest).")
 def profiles(function: str | None, limit: int) -> None:
     """Show recorded attempts (of one function, or all) from the profile store."""
     import pandas as pd
 
     from . import get_config
-    from .store.profiles import ProfileStore
+    from .store.profiles import PROFILES_DIR, ProfileStore
 
-    frame = ProfileStore(get_config().home_path).read(function=function)
+    home = get_config().home_path
+    if not (home / PROFILES_DIR).is_dir():  # a query: it must not create a home where none is
+        click.echo(f"no profiles yet (no store at {home}; RAYSCHED_HOME names another)")
+        return
+    frame = ProfileStore(home).read(function=function)
     columns = ["function", "attempt", "outcome", "input_size", "peak_rss_bytes", "cpu_cores", "wall_seconds",
                "allocated_memory_bytes", "allocated_num_cpus", "prediction_source"]
     with pd.option_context("display.width", 200, "display.max_columns", 20):

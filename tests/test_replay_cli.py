@@ -78,9 +78,12 @@ def test_import_then_history_is_in_the_store(tmp_path):
     args = [str(FIXTURES / "nextflow_small.csv"), "--format", "nextflow", "--home", str(home)]
     res = CliRunner().invoke(import_command, args)
     assert res.exit_code == 0, res.output
-    assert "45 row(s)" in res.output and "skipped 4 row(s)" in res.output
-    # importing twice keeps one copy
-    CliRunner().invoke(import_command, args)
+    assert "45 new row(s)" in res.output and "skipped 4 row(s)" in res.output
+    parts = len(ProfileStore(home).profiles.parts())
+    # importing twice keeps one copy, writes nothing and says so
+    again = CliRunner().invoke(import_command, args)
+    assert again.exit_code == 0 and "imported 0 new row(s)" in again.output, again.output
+    assert "imported before" in again.output and len(ProfileStore(home).profiles.parts()) == parts
     df = ProfileStore(home).read(function="align")
     assert len(df) == 40
     row = df.iloc[0]
@@ -120,4 +123,18 @@ def test_import_shared_trace(tmp_path):
         pytest.skip(f"{path} is absent (the shared traces are not part of a clone)")
     res = CliRunner().invoke(import_command, [str(path), "--home", str(tmp_path / "h")])
     assert res.exit_code == 0, res.output
-    assert "imported 1661 row(s)" in res.output
+    assert "imported 1661 new row(s)" in res.output
+
+
+def test_profiles_command_reads_without_creating_a_home_and_refuses_a_bad_limit(tmp_path, monkeypatch):
+    from raysched.cli import main
+    from raysched.runtime import session
+
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(session, "_config", None)
+    res = CliRunner().invoke(main, ["profiles"])
+    assert res.exit_code == 0 and "no profiles yet" in res.output, res.output
+    assert not (tmp_path / "nowhere").exists()
+    res = CliRunner().invoke(main, ["profiles", "--limit", "-1"])
+    assert res.exit_code == 2 and "--limit" in res.output
+    monkeypatch.setattr(session, "_config", None)

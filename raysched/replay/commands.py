@@ -181,12 +181,13 @@ def import_command(paths, fmt, home):
         except (TraceFormatError, RayschedError) as exc:
             raise click.ClickException(str(exc)) from None
         total += written
-        click.echo(f"{path}: {written} row(s) of {len(per_type)} task type(s) into {config.home_path}")
+        click.echo(f"{path}: {written} new row(s) of {len(per_type)} task type(s) into {config.home_path}"
+                   + ("" if written else " (all of its rows were imported before)"))
         for name, n in sorted(per_type.items()):
             click.echo(f"  {n:6d}  {name}")
         if trace.skipped:
             click.echo(f"  {trace.describe_skipped()}")
-    click.echo(f"imported {total} row(s)")
+    click.echo(f"imported {total} new row(s)")
 
 
 __all__ = ["eval_command", "import_command"]

@@ -68,17 +68,21 @@ def trace_rows(trace: Trace, now: datetime | None = None) -> list[dict[str, obje
 
 
 def import_trace(trace: Trace, home: str | Path) -> tuple[int, dict[str, int]]:
-    """Append a trace's rows to the profile store at ``home``; (rows written, rows per task type)."""
+    """Append the trace's rows that the profile store at ``home`` does not hold yet
+    (row ids are derived from the file and row); (rows written, new rows per task type)."""
     from ..store.profiles import ProfileStore
 
     rows = trace_rows(trace)
-    per_type: dict[str, int] = {}
-    for row in rows:
-        per_type[row["function"]] = per_type.get(row["function"], 0) + 1  # type: ignore[index]
     if not rows:
-        return 0, per_type
+        return 0, {}
     try:
-        written = ProfileStore(home).append(rows)
+        store = ProfileStore(home)
+        held = set(store.profiles.read_table(columns=["row_id"]).column("row_id").to_pylist())
+        rows = [row for row in rows if row["row_id"] not in held]
+        per_type: dict[str, int] = {}
+        for row in rows:
+            per_type[row["function"]] = per_type.get(row["function"], 0) + 1  # type: ignore[index]
+        written = store.append(rows) if rows else 0
     except StoreError:
         raise
     except OSError as exc:
