@@ -286,10 +286,15 @@ def test_corrupt_part_file_is_set_aside_and_other_rows_still_read(ray_session):
     assert any("quarantine" in str(w.message) for w in caught)
 
 
+@adaptive_remote(memory=300 * MiB, num_cpus=0.5)
+def sum_in_group(a):
+    return float(np.asarray(a).sum())
+
+
 @ray.remote
 def run_inside_group(x):
     # a plain task placed in a group that captures its children: raysched's call inherits it
-    return ray.get(add_one.remote(x))
+    return ray.get(sum_in_group.remote([x, 1]))
 
 
 def test_calls_run_inside_placement_groups(ray_session):
@@ -303,12 +308,12 @@ def test_calls_run_inside_placement_groups(ray_session):
     try:
         for index in (0, 1, -1):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-            assert ray.get(array_sum.options(scheduling_strategy=strategy).remote(np.ones(10)), timeout=60) == 10.0
+            assert ray.get(sum_in_group.options(scheduling_strategy=strategy).remote(np.ones(10)), timeout=60) == 10.0
         captured = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
-        assert ray.get(run_inside_group.options(scheduling_strategy=captured, num_cpus=0).remote(1), timeout=60) == 2
-        # array_sum asks 300 MiB and 0.5 CPU: the labels fit the bundle, the allocation is kept
-        rows = raysched.profiles(array_sum)
-        assert (rows["outcome"] == "ok").sum() >= 3
-        assert (rows["allocated_memory_bytes"] >= 300 * MiB).all()
+        assert ray.get(run_inside_group.options(scheduling_strategy=captured, num_cpus=0).remote(1), timeout=60) == 2.0
+        # 300 MiB and 0.5 CPU asked: the labels fit the bundle, the allocation is kept
+        rows = raysched.profiles(sum_in_group)
+        assert len(rows) == 4 and (rows["outcome"] == "ok").all(), rows
+        assert (rows["allocated_memory_bytes"] >= 300 * MiB).all(), rows["allocated_memory_bytes"]
     finally:
         remove_placement_group(group)
