@@ -9,13 +9,16 @@ in ``short_call_measure_every`` to measure, and the others are only timed and
 counted in the ``calls`` of a row of the same batch (``RowSink.add_unmeasured``).
 
 Extra work happens only after a failure.  raysched submits every task with
-``max_retries >= 1``, so when Ray's memory monitor kills an attempt, Ray runs the
-same task again in a fresh worker.  That retry does not rerun the function with
+one Ray retry more than the caller's ``max_retries`` leaves (``remote_options``),
+so when Ray's memory monitor kills an attempt, Ray runs the same task again in a
+fresh worker.  That retry does not rerun the function with
 the same resources: it records the killed attempt (with the last live sample of
 its use), asks the escalation ladder for the next allocation, submits the
 function with it, and returns that attempt's value as its own.  The user's
 ``ObjectRef`` therefore resolves to the value of the attempt that succeeded, or to
-``AttemptsExhausted`` after ``max_attempts``.
+``AttemptsExhausted`` after ``max_attempts``.  A worker that died for another
+reason is recorded and the function rerun in the retry, as plain Ray would, while
+the caller's ``max_retries`` allows (``WorkerDied`` once it does not).
 
 The live monitor (``runtime.monitor``) sees every attempt that runs longer than
 one live interval: the sampler thread's callback feeds this process's one
@@ -94,6 +97,10 @@ class AttemptSpec:
     #: Submitted behind raysched's admission queue: the task's first argument after the spec
     #: is its admission, not the user's (resubmitted attempts are not queued again).
     queued: bool = False
+    #: Reruns of this call so far after failures that were not raysched's business (a worker
+    #: death that was neither a memory kill nor a monitor stop, an exception retried under
+    #: ``retry_exceptions``): counted against the caller's ``max_retries`` (``retry_budget``).
+    reruns: int = 0
 
     @property
     def live_key(self) -> str:
@@ -937,6 +944,31 @@ def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float, held_room_s: 
     return False
 
 
+class WorkerDied(RayschedError, ray.exceptions.WorkerCrashedError):
+    """A call's worker died (not for memory, not stopped by raysched) and the caller's
+    ``max_retries`` allows no further rerun: Ray's ``WorkerCrashedError``, with what happened.
+
+    Defined here rather than in ``raysched.errors``, which must not import Ray.
+    """
+
+    def __init__(self, function: str, attempt: int, reason: str, max_retries: int, reruns: int):
+        self.function = function
+        self.attempt = attempt
+        self.reason = reason
+        self.max_retries = max_retries
+        self.reruns = reruns
+        allowed = ("forbids a rerun" if max_retries == 0
+                   else f"allows no rerun after {reruns} rerun(s) after such deaths")
+        super().__init__(f"{function}: the worker running attempt {attempt} died ({reason}); "
+                         f"max_retries={max_retries} {allowed}")
+
+    def __str__(self) -> str:  # WorkerCrashedError's own __str__ is a fixed text
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):
+        return (WorkerDied, (self.function, self.attempt, self.reason, self.max_retries, self.reruns))
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """The user's or raysched's own exception inside Ray's wrapping, so nesting adds no layers."""
     cause = getattr(exc, "cause", None)
@@ -955,9 +987,15 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
       bigger allocation and return that attempt's value;
     - an exception the user asked Ray to retry (``retry_exceptions``): the failed
       attempt already recorded itself; run again;
-    - any other death (the worker was killed, its node died): record it and run
-      the function again here, with the same resources.
+    - any other death (the worker was killed, its node died): record it and, if the
+      caller's ``max_retries`` allows one more rerun (``retry_budget``), run the
+      function again here with the same resources, else fail with ``WorkerDied``.
+
+    ``spec`` is the attempt the task was submitted with; when this task already ran a
+    later attempt here (``_run_again_here``), that one is the attempt that failed.
     """
+    task_spec = spec
+    spec = _last_run_here(task_spec) or task_spec
     handed = _handed_over(spec)
     if handed is not None:
         # This attempt was recorded and handed over; then its task died while waiting, and
@@ -990,7 +1028,9 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
     task_id = ray.get_runtime_context().get_task_id() or ""
     cause = previous_attempt_cause(task_id, attempt_number)
     if cause == "TASK_EXECUTION_EXCEPTION" and decision is None:
-        return run_measured(fn, spec, args, kwargs, resubmit)
+        # Ray retries it within the caller's budget (``remote_options``); counted so that
+        # the call's later tasks get only what is left of it.
+        return _run_again_here(fn, task_spec, replace(spec, reruns=spec.reruns + 1), args, kwargs, resubmit)
     usage = _last_live_usage(spec)
     now = time.time()
     started = now - (usage.wall_seconds if usage else 0.0)
@@ -1000,16 +1040,57 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
               "OUT_OF_MEMORY": "killed by Ray's memory monitor"}.get(cause, f"worker died: {cause}")
     if decision is not None:
         reason += "; " + _stop_reason(decision, "raysched's monitor had decided to stop it")
-    get_sink(spec.config).add(attempt_row(spec, outcome, usage, started, now, reason))
+    sink = get_sink(spec.config)
+    sink.add(attempt_row(spec, outcome, usage, started, now, reason))
     _forget_live(spec, force=True)
     record = AttemptRecord(spec.attempt, spec.allocation, outcome, usage, reason)
     if not memory_kill:
-        next_spec = replace(spec, attempt=spec.attempt + 1, prior=spec.prior + (record,))
+        budget = retry_budget(spec)
+        if 0 <= budget <= spec.reruns:
+            sink.flush(wait_s=_RECOVER_FLUSH_WAIT_S)  # the call ends here: its last row first
+            raise WorkerDied(spec.function, spec.attempt, reason, budget, spec.reruns)
+        next_spec = replace(spec, attempt=spec.attempt + 1, prior=spec.prior + (record,), reruns=spec.reruns + 1)
         if next_spec.attempt > spec.config.max_attempts:
+            sink.flush(wait_s=_RECOVER_FLUSH_WAIT_S)
             raise AttemptsExhausted(spec.function, next_spec.prior, "workers kept dying")
-        return run_measured(fn, next_spec, args, kwargs, resubmit)
+        return _run_again_here(fn, task_spec, next_spec, args, kwargs, resubmit)
     return climb_and_resubmit(spec, record, args, kwargs, resubmit,
                               run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
+
+
+#: How long ``recover`` waits for the profiler to take a failed attempt's row before it
+#: reruns the function here (a rerun that kills this process again would lose the row).
+_RECOVER_FLUSH_WAIT_S = 5.0
+
+
+def _run_here_key(task_spec: AttemptSpec) -> str:
+    return f"rerun:{task_spec.live_key}"
+
+
+def _run_again_here(fn: Callable[..., Any], task_spec: AttemptSpec, spec: AttemptSpec, args: tuple,
+                    kwargs: Mapping[str, Any], resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]) -> Any:
+    """Run ``spec``'s attempt in this task (submitted for ``task_spec``'s) after a failure.
+
+    The failed attempt's row is sent first and waited for: the rerun may kill this
+    process again.  A marker in Ray's KV says which attempt this task runs now, so that
+    the Ray retry after another death records that attempt, not the task's first one,
+    and counts its reruns against ``max_retries`` (``_last_run_here``).
+    """
+    get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)
+    if not _kv_put(_run_here_key(task_spec), encode_spec(spec)):
+        logger.warning("raysched: could not write the rerun marker of %s", task_spec.live_key)
+    value = run_measured(fn, spec, args, kwargs, resubmit)
+    _kv_del(_run_here_key(task_spec))  # kept after an exception: a retry_exceptions rerun reads it
+    return value
+
+
+def _last_run_here(task_spec: AttemptSpec) -> AttemptSpec | None:
+    """The attempt this task last ran after a failure (``_run_again_here``), if it did."""
+    raw = _kv_get(_run_here_key(task_spec))
+    try:
+        return decode_spec(raw, task_spec.config) if raw is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable marker is no marker
+        return None
 
 
 def encode_template(spec: AttemptSpec) -> bytes:
@@ -1172,10 +1253,36 @@ def remote_options(spec: AttemptSpec) -> dict[str, Any]:
     options = {k: v for k, v in spec.ray_options if k not in TASK_DEFINITION_OPTIONS}
     options.update(spec.allocation.ray_options())
     fit_placement_group(options)
-    # At least one Ray retry: it is how a memory-killed attempt hands over to the ladder.
-    options["max_retries"] = max(1, int(options.get("max_retries", 3)))
+    budget = retry_budget(spec)
+    if budget >= 0:
+        left = max(0, budget - spec.reruns)
+        if left and options.get("retry_exceptions"):
+            # Ray counts retried exceptions against max_retries too, and raysched cannot
+            # refuse a retry Ray grants: no spare retry, so that exceptions rerun exactly
+            # as often as the caller asked.
+            options["max_retries"] = left
+        else:
+            # One Ray retry more than the caller's budget: it is how a memory-killed attempt
+            # hands over to the ladder, and how the death that spends the budget is recorded
+            # (``recover`` then fails the call instead of rerunning it).
+            options["max_retries"] = left + 1
+            if not left:
+                options["retry_exceptions"] = False
     options.setdefault("name", spec.function.rsplit(".", 1)[-1])
     return options
+
+
+#: Ray's own default ``max_retries`` for tasks.
+RAY_DEFAULT_MAX_RETRIES = 3
+
+
+def retry_budget(spec: AttemptSpec) -> int:
+    """The caller's ``max_retries`` (Ray's default if not given; -1: unlimited): how often a
+    call may be rerun after failures that are not raysched's business (``AttemptSpec.reruns``)."""
+    for key, value in spec.ray_options:
+        if key == "max_retries":
+            return int(value)
+    return RAY_DEFAULT_MAX_RETRIES
 
 
 def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]:

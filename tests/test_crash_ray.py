@@ -1,0 +1,97 @@
+"""Workers that die for reasons that are not raysched's business: the caller's retry budget holds.
+
+Its own Ray session, with the dashboard: Ray's state API (which the dashboard serves)
+is how raysched tells a crashed worker from a memory kill; without it, every
+unexplained death is treated as a memory kill (README, "Killed for memory").
+Each call is compared with the same function under plain ``ray.remote``: raysched
+must never run it more often, and every attempt that ran leaves its row.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+import raysched
+from raysched import adaptive_remote
+from raysched.types import MiB
+
+from conftest import environment, free_port
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def dashboard_session(tmp_path_factory):
+    home = tmp_path_factory.mktemp("raysched_crash_home")
+    with environment(RAYSCHED_HOME=str(home)):
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=free_port(),
+                 namespace="raysched", log_to_driver=False)
+        try:
+            yield tmp_path_factory.mktemp("crash")
+        finally:
+            ray.shutdown()
+
+
+def crash(path: str) -> None:
+    """Count the run in ``path``, then end the worker process as a segfaulting library would."""
+    with open(path, "a") as f:
+        f.write("x")
+    os._exit(1)
+
+
+def raise_value_error(path: str) -> None:
+    with open(path, "a") as f:
+        f.write("x")
+    raise ValueError("always")
+
+
+def runs_of(remote_function, path) -> tuple[int, BaseException]:
+    """How often one call of ``remote_function`` ran before ``ray.get`` raised, and what it raised."""
+    path.write_text("")
+    with pytest.raises(Exception) as raised:
+        ray.get(remote_function.remote(str(path)), timeout=120)
+    return len(path.read_text()), raised.value
+
+
+def failed_rows(function):
+    rows = raysched.profiles(function).sort_values("attempt")
+    assert rows["call_id"].nunique() == 1, rows[["call_id", "attempt", "outcome"]]
+    return rows
+
+
+@pytest.mark.parametrize("case", ["options_max_retries_0", "decorator_max_retries_0", "default_max_retries"])
+def test_a_crashing_worker_reruns_as_often_as_plain_ray_and_every_death_is_recorded(dashboard_session, case):
+    retries = {"options_max_retries_0": 0, "decorator_max_retries_0": 0, "default_max_retries": 3}[case]
+    plain_runs, plain_error = runs_of(ray.remote(max_retries=retries)(crash), dashboard_session / f"plain_{case}")
+    assert isinstance(plain_error, ray.exceptions.WorkerCrashedError) and plain_runs == retries + 1
+
+    if case == "options_max_retries_0":
+        function = adaptive_remote(name=f"crash_{case}", memory=128 * MiB)(crash)
+        call = function.options(max_retries=0)
+    elif case == "decorator_max_retries_0":
+        function = call = adaptive_remote(name=f"crash_{case}", memory=128 * MiB, max_retries=0)(crash)
+    else:
+        function = call = adaptive_remote(name=f"crash_{case}", memory=128 * MiB)(crash)
+    runs, error = runs_of(call, dashboard_session / case)
+    assert runs == plain_runs, error
+    assert isinstance(error, ray.exceptions.WorkerCrashedError), repr(error)
+    assert isinstance(error, raysched.RayschedError) and f"max_retries={retries}" in str(error), str(error)
+
+    rows = failed_rows(function)
+    assert list(rows["attempt"]) == list(range(1, runs + 1)), rows[["attempt", "outcome", "error"]]
+    assert set(rows["outcome"]) == {"error"}, rows[["attempt", "outcome", "error"]]
+    assert rows["error"].str.contains("worker died").all(), rows["error"].tolist()
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_retried_exceptions_rerun_as_often_as_plain_ray(dashboard_session, retries):
+    plain_runs, _ = runs_of(ray.remote(max_retries=retries, retry_exceptions=True)(raise_value_error),
+                            dashboard_session / f"plain_raise_{retries}")
+    function = adaptive_remote(name=f"raise_{retries}", memory=128 * MiB, max_retries=retries,
+                               retry_exceptions=True)(raise_value_error)
+    runs, error = runs_of(function, dashboard_session / f"raise_{retries}")
+    assert isinstance(error, ValueError)
+    assert runs == plain_runs == retries + 1
