@@ -258,8 +258,11 @@ def test_tiny_calls_are_thinned_and_every_call_is_still_counted(ray_session):
         rows = raysched.profiles(tiny)
         assert (rows["outcome"] == "ok").all()
         counted = rows[rows["calls"] > 1]
-        # Counts go into a measured row of the same batch, or into a row of their own.
-        assert len(counted) and counted["peak_rss_bytes"].isna().any()
+        # Counts go into a measured row of the same batch, or (when its batch has none, which
+        # depends on timing) into a row of their own that carries no use and no call id.
+        assert len(counted)
+        own = rows[rows["peak_rss_bytes"].isna()]
+        assert (own["calls"] >= 1).all() and own["call_id"].fillna("").eq("").all(), own
         assert len(rows) < 341 / 4, "calls were not thinned"
         slow = rows[rows["wall_seconds"] >= 1.25]
         assert len(slow) == 1 and slow["wall_seconds"].iloc[0] < 5
