@@ -226,6 +226,50 @@ def _fails_with_limit(handle) -> bool:
     return False
 
 
+@adaptive_remote(memory=200 * MiB, num_cpus=0.5)
+class Worker:
+    """A class whose methods carry the names a handle used to own."""
+
+    def terminate(self):
+        return "user terminate"
+
+    def prediction(self):
+        return "user prediction"
+
+    def allocation(self):
+        return "user allocation"
+
+    def incarnation(self):
+        return "user incarnation"
+
+    def rescales(self):
+        return "user rescales"
+
+    def actor_id(self):
+        return "user actor_id"
+
+    def ray_handle(self):
+        return "user ray_handle"
+
+
+def test_user_methods_win_over_the_handles_names_and_raysched_keeps_its_own(ray_session):
+    handle = Worker.remote()
+    names = ["terminate", "prediction", "allocation", "incarnation", "rescales", "actor_id", "ray_handle"]
+    assert ray.get([getattr(handle, name).remote() for name in names], timeout=60) == [f"user {n}" for n in names]
+    with pytest.raises(TypeError, match=r"handle\.raysched\.terminate"):
+        handle.terminate()  # the user's method, called without .remote(): not raysched's terminate
+    assert handle.raysched.incarnation == 1 and handle.raysched.allocation.num_cpus == 0.5
+    assert handle.raysched.rescales == [] and handle.raysched.prediction.source.startswith("fallback")
+    assert handle.raysched.ray_handle._actor_id.hex() and handle.raysched.actor_id.startswith("actor-")
+    ray.get(handle.raysched.terminate(), timeout=60)
+    with pytest.raises(InvalidInput, match="terminated"):
+        handle.terminate.remote()
+    # A class without such methods still sees the old names on the handle.
+    other = Holder.remote()
+    assert other.allocation is other.raysched.allocation and other.actor_id == other.raysched.actor_id
+    ray.get(other.terminate(), timeout=60)
+
+
 def test_bad_declarations_get_clear_errors(ray_session):
     class OnlySave:
         def raysched_save_state(self):
@@ -237,3 +281,10 @@ def test_bad_declarations_get_clear_errors(ray_session):
         adaptive_remote(rescalable="yes")(Unscalable._cls)
     with pytest.raises(TypeError, match="remote"):
         Holder()
+
+    class OwnRaysched:
+        def raysched(self):
+            return None
+
+    with pytest.raises(InvalidInput, match="raysched.*rename"):
+        adaptive_remote(OwnRaysched)

@@ -29,7 +29,7 @@ The handle then
 and notes the rescale as an event.  Calls made before the switch finish on the
 old actor, calls after it run on the new one: none is lost or run twice.
 
-The row is recorded when the incarnation ends through its handle: ``terminate()``,
+The row is recorded when the incarnation ends through its handle: ``raysched.terminate()``,
 a rescale, or the handle dropped (``__del__`` sends the actor one last call).
 The code that runs inside the actor's process is in ``runtime.actor_worker``.
 
@@ -106,6 +106,9 @@ class AdaptiveActorClass(_Adaptive):
         if has_save != has_restore:
             raise InvalidInput(f"{cls.__qualname__} defines {SAVE_HOOK if has_save else RESTORE_HOOK} without "
                                f"{RESTORE_HOOK if has_save else SAVE_HOOK}: define both, or neither")
+        if callable(getattr(cls, API_ATTRIBUTE, None)):
+            raise InvalidInput(f"{cls.__qualname__} defines a method {API_ATTRIBUTE!r}: on an adaptive actor's handle "
+                               f"that name is raysched's own (handle.{API_ATTRIBUTE}.allocation, ...); rename it")
         if rescalable is not None and not isinstance(rescalable, bool):
             raise InvalidInput(f"rescalable must be True or False, got {rescalable!r}")
         super().__init__(cls, name, tags, num_cpus, memory, dependencies, ray_options)
@@ -193,14 +196,81 @@ class _Method:
     def options(self, **ray_options: Any) -> "_Method":
         return _Method(self._handle, self._name, {**self._ray_options, **ray_options})
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hint = (f" (raysched's own {self._name} is handle.{API_ATTRIBUTE}.{self._name})"
+                if self._name in _LEGACY_ATTRIBUTES else "")
+        raise TypeError(f"Actor methods cannot be called directly. Instead of running "
+                        f"'object.{self._name}()', try 'object.{self._name}.remote()'{hint}.")
+
+
+#: The one attribute of a handle that is raysched's, not the user's: ``handle.raysched``.
+#: A class that defines a method of that name is refused (its handle could not reach both).
+API_ATTRIBUTE = "raysched"
+#: Attributes a handle had before ``handle.raysched``: still answered, as aliases of
+#: ``handle.raysched.<name>``, for a class that has no method of that name (a method wins).
+_LEGACY_ATTRIBUTES = frozenset({"actor_id", "incarnation", "allocation", "prediction", "ray_handle", "rescales",
+                                "terminate"})
+
+
+class AdaptiveActorAPI:
+    """raysched's side of an adaptive actor's handle, ``handle.raysched``.
+
+    Kept out of the handle's own namespace so that a user method of any other name
+    (``terminate``, ``prediction``, ...) is called as with Ray's handle.
+    """
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: "AdaptiveActorHandle"):
+        self._handle = handle
+
+    @property
+    def actor_id(self) -> str:
+        """raysched's id of this actor, the same across rescales (its rows' and events' ``call_id``)."""
+        return self._handle._spec.call_id
+
+    @property
+    def incarnation(self) -> int:
+        """1 for the first actor, +1 per rescale."""
+        return self._handle._spec.attempt
+
+    @property
+    def allocation(self) -> Allocation:
+        """What the current incarnation was created with."""
+        return self._handle._spec.allocation
+
+    @property
+    def prediction(self):
+        """The Prediction the first incarnation was sized from."""
+        return self._handle._spec.prediction
+
+    @property
+    def ray_handle(self) -> Any:
+        """The current incarnation's Ray ``ActorHandle``."""
+        return self._handle._actor
+
+    @property
+    def rescales(self) -> list[Rescale]:
+        """Every rescale of this actor, oldest first."""
+        return self._handle._rescales
+
+    def terminate(self) -> Any:
+        """Record the actor's row and end it after the calls already sent; returns the ref of its Usage."""
+        return self._handle._terminate()
+
+    def __repr__(self) -> str:
+        return f"AdaptiveActorAPI({self._handle!r})"
+
 
 class AdaptiveActorHandle:
     """A handle to an adaptive actor; it follows the actor across rescales.
 
     ``handle.method.remote(...)`` returns the method's ``ObjectRef`` as Ray's handle
-    does.  ``allocation`` and ``incarnation`` say what the actor runs with now,
-    ``rescales`` what changed, ``ray_handle`` is the current Ray ``ActorHandle``;
-    ``terminate()`` records the actor's row and ends it.
+    does, for every method of the class.  raysched's own API is ``handle.raysched``:
+    ``allocation`` and ``incarnation`` say what the actor runs with now, ``rescales``
+    what changed, ``ray_handle`` is the current Ray ``ActorHandle``; ``terminate()``
+    records the actor's row and ends it.  Those names also work on the handle itself
+    (``handle.allocation``) unless the class has a method of that name.
     """
 
     def __init__(self, actor_class: AdaptiveActorClass, client: Any, spec: AttemptSpec, args: tuple,
@@ -217,41 +287,32 @@ class AdaptiveActorHandle:
         #: Replaced incarnations still running the calls queued before the switch: live key ->
         #: (their spec, the ref of their final row). Their hard cap still applies.
         self._draining: dict[str, tuple[AttemptSpec, Any, float | None]] = {}
-        self.rescales: list[Rescale] = []
+        self._rescales: list[Rescale] = []
+        self._api = AdaptiveActorAPI(self)
         _watcher().watch(self)
 
     def _start(self, spec: AttemptSpec) -> Any:
         cls = self._class.ray_class(self._config)
         return cls.options(**actor_options(spec)).remote(encode_spec(spec), *self._args, **self._kwargs)
 
-    # --- what the user sees ------------------------------------------------------------------------------
     @property
-    def actor_id(self) -> str:
-        """raysched's id of this actor, the same across rescales (its rows' and events' ``call_id``)."""
+    def _raysched_actor_id(self) -> str:
         return self._spec.call_id
 
+    # --- what the user sees ------------------------------------------------------------------------------
     @property
-    def incarnation(self) -> int:
-        return self._spec.attempt
+    def raysched(self) -> AdaptiveActorAPI:
+        """raysched's API of this handle (a property: no user method can hide it)."""
+        return self._api
 
-    @property
-    def allocation(self) -> Allocation:
-        return self._spec.allocation
-
-    @property
-    def prediction(self):
-        return self._spec.prediction
-
-    @property
-    def ray_handle(self) -> Any:
-        return self._actor
-
-    def __getattr__(self, name: str) -> _Method:
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        if not callable(getattr(self._class._cls, name, None)):
-            raise AttributeError(f"{self._class.name} has no method {name!r}")
-        return _Method(self, name)
+        if callable(getattr(self._class._cls, name, None)):
+            return _Method(self, name)  # the user's method wins over an alias below
+        if name in _LEGACY_ATTRIBUTES:
+            return getattr(self._api, name)
+        raise AttributeError(f"{self._class.name} has no method {name!r}")
 
     def __del__(self) -> None:
         # Dropped without terminate(): have the actor record its row first. Ray runs the
@@ -269,8 +330,8 @@ class AdaptiveActorHandle:
         return (_current_actor, (self._actor,))
 
     def __repr__(self) -> str:
-        a = self.allocation
-        return (f"AdaptiveActorHandle({self._class.name}, incarnation={self.incarnation}, "
+        a = self._spec.allocation
+        return (f"AdaptiveActorHandle({self._class.name}, incarnation={self._spec.attempt}, "
                 f"num_cpus={a.num_cpus:g}, memory={a.memory_bytes // 2**20} MiB)")
 
     def _call(self, name: str, ray_options: Mapping[str, Any], args: tuple, kwargs: Mapping[str, Any]) -> Any:
@@ -282,13 +343,12 @@ class AdaptiveActorHandle:
                 method = method.options(**ray_options)
             return method.remote(*args, **kwargs)
 
-    def terminate(self) -> Any:
-        """Record the actor's row and end it after the calls already sent; returns the ref of its Usage."""
+    def _terminate(self) -> Any:
         with self._lock:
             _watcher().unwatch(self)
             if self._stopped is not None:
                 return None
-            self._stopped = InvalidInput(f"actor {self._class.name} ({self.actor_id}) was terminated")
+            self._stopped = InvalidInput(f"actor {self._class.name} ({self._spec.call_id}) was terminated")
             ref = self._actor._raysched_finish.remote(Outcome.OK.value, "terminated by its handle")
             self._actor.__ray_terminate__.remote()
             return ref
@@ -358,7 +418,7 @@ class AdaptiveActorHandle:
             old_actor.__ray_terminate__.remote()
             self._draining[old_spec.live_key] = (old_spec, finished, None)
             done = Rescale(new_spec.attempt, old_spec.allocation, target, decision, time.time())
-            self.rescales.append(done)
+            self._rescales.append(done)
         logger.warning("raysched: actor %s rescaled: %s -> %s (%s)", spec.function, _size(old_spec.allocation),
                        _size(target), decision.detail)
         self._note(Decision(ACTOR_RESCALED, RESCALE, spec.function, new_spec.live_key, new_spec.attempt,
@@ -401,14 +461,14 @@ class ActorWatcher:
 
     def watch(self, handle: Any) -> None:
         with self._lock:
-            self._handles[handle.actor_id] = handle
+            self._handles[handle._raysched_actor_id] = handle
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="raysched-actor-watcher", daemon=True)
                 self._thread.start()
 
     def unwatch(self, handle: Any) -> None:
         with self._lock:
-            self._handles.pop(handle.actor_id, None)
+            self._handles.pop(handle._raysched_actor_id, None)
 
     def check_once(self) -> list[Rescale]:
         """Ask once and apply the answers; returns the rescales done."""
