@@ -11,6 +11,7 @@ import ray
 
 import raysched
 from raysched import InvalidInput, ResourceLimitExceeded, adaptive_remote
+from raysched.policy.rules import RESCALE, Decision
 from raysched.types import MiB
 
 from conftest import wait_for
@@ -189,6 +190,37 @@ def test_an_idle_actor_is_rescaled_down_to_the_cores_it_uses(ray_session):
         ray.get(handle.terminate(), timeout=60)
     finally:
         raysched.configure(base)
+
+
+def test_ray_kill_ends_an_adaptive_actor_and_no_rescale_brings_it_back(ray_session):
+    handle = Idler.remote()
+    assert isinstance(handle, ray.actor.ActorHandle)
+    killed = handle.raysched.ray_handle
+    ray.get(handle.pid.remote(), timeout=60)
+    ray.kill(handle)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.pid.remote(), timeout=60)
+    # A rescale the monitor decided from its last samples, arriving after the kill.
+    late = Decision("cpu_off_allocation", RESCALE, Idler.name, handle.raysched.actor_id, 1, measured=0.01,
+                    allocated=2.0, detail="idle")
+    assert handle._apply(late) is None
+    assert handle.raysched.incarnation == 1 and handle.raysched.ray_handle is killed
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.pid.remote(), timeout=60)
+    assert wait_for(lambda: "not rescaled: the actor is dead" in " ".join(raysched.events(Idler)["detail"]))
+    # A named, detached one: killed, its name is free again, as with Ray.
+    named = Holder.options(name="raysched-kill-probe", lifetime="detached").remote()
+    assert ray.get(ray.get_actor("raysched-kill-probe").nbytes.remote(), timeout=60) == 0
+    ray.kill(named)
+    assert wait_for(lambda: _no_actor_named("raysched-kill-probe"), timeout=30)
+
+
+def _no_actor_named(name: str) -> bool:
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return True
+    return False
 
 
 def test_an_actor_that_did_not_opt_in_is_warned_about_not_replaced(ray_session):

@@ -262,8 +262,14 @@ class AdaptiveActorAPI:
         return f"AdaptiveActorAPI({self._handle!r})"
 
 
-class AdaptiveActorHandle:
+class AdaptiveActorHandle(ray.actor.ActorHandle):
     """A handle to an adaptive actor; it follows the actor across rescales.
+
+    A Ray ``ActorHandle`` to Ray's own functions: ``ray.kill(handle)`` kills the current
+    incarnation (and a rescale never replaces a dead one); passed to a task or another
+    actor, or ``ray.put``, it arrives as the current incarnation's Ray handle.  None of
+    Ray's ``ActorHandle`` state is set: Ray reads only ``_ray_actor_id`` (kill) and
+    ``_serialization_helper`` (a task's argument), both the current incarnation's.
 
     ``handle.method.remote(...)`` returns the method's ``ObjectRef`` as Ray's handle
     does, for every method of the class.  raysched's own API is ``handle.raysched``:
@@ -328,6 +334,25 @@ class AdaptiveActorHandle:
         # Ray ActorHandle: calls from there go to that actor, which a rescale ends once its
         # queue is done (the rescale and its state hand-over are this driver's business).
         return (_current_actor, (self._actor,))
+
+    # --- what Ray reads of an ActorHandle -------------------------------------------------------------------
+    @property
+    def _ray_actor_id(self) -> Any:
+        """The current incarnation's actor id: what ``ray.kill`` kills."""
+        with self._lock:
+            return self._actor._ray_actor_id
+
+    def _serialization_helper(self) -> Any:
+        # Ray serializes an ActorHandle that is a task's argument (not nested in another
+        # object) or ray.put's value by this, not by __reduce__: the same hand-over.
+        return self._actor._serialization_helper()
+
+    __eq__ = object.__eq__  # one handle is one actor across rescales; Ray's compare actor ids
+    __hash__ = object.__hash__
+
+    def __dir__(self) -> list[str]:
+        methods = [n for n in dir(self._class._cls) if not n.startswith("_") and callable(getattr(self._class._cls, n))]
+        return sorted({*methods, API_ATTRIBUTE})
 
     def __repr__(self) -> str:
         a = self._spec.allocation
@@ -398,6 +423,13 @@ class AdaptiveActorHandle:
                 return None
             if decision.action != RESCALE or not current:
                 return None
+            if _is_dead(self._actor):
+                # ray.kill(handle), or its process ended: a rescale would bring it back.
+                _watcher().unwatch(self)
+                self._note(replace(decision, rule=ACTOR_RESCALE_SKIPPED, action=WARN,
+                                   detail=f"not rescaled: the actor is dead (ray.kill, or its process ended); "
+                                          f"{decision.detail}"))
+                return None
             from ..policy.recipe import build_sizer
             from ..policy.rescale import rescale_target
 
@@ -437,6 +469,17 @@ class AdaptiveActorHandle:
 
 def _current_actor(actor: Any) -> Any:
     return actor
+
+
+def _is_dead(actor: Any) -> bool:
+    """Whether Ray's GCS has this actor dead; asked there, not of the driver's copy of its
+    state, which learns of a ``ray.kill`` only a moment after the call returns."""
+    try:
+        info = ray._private.state.actors(actor._actor_id.hex())
+    except Exception as exc:  # noqa: BLE001 - the GCS not answering: act as before, on the decision
+        logger.debug("raysched: could not look up actor %s: %s", actor, exc)
+        return False
+    return bool(info) and info.get("State") == "DEAD"
 
 
 def _size(a: Allocation) -> str:
