@@ -223,6 +223,37 @@ def _no_actor_named(name: str) -> bool:
     return False
 
 
+@adaptive_remote(memory=100 * MiB)
+class Light:
+    def ping(self) -> str:
+        return "pong"
+
+
+@ray.remote
+def plain_task() -> int:
+    return 1
+
+
+def test_actors_given_no_cpus_hold_none_while_they_run_as_plain_ray_actors(ray_session):
+    # More actors than the cluster's 2 CPUs, and a task beside them: Ray's default for an
+    # actor is 1 CPU to be placed and none while it runs.
+    actors = [Light.remote() for _ in range(3)]
+    try:
+        assert ray.get([a.ping.remote() for a in actors], timeout=60) == ["pong"] * 3
+        assert ray.get(plain_task.remote(), timeout=60) == 1
+        assert all(a.raysched.allocation.num_cpus == 0 for a in actors)
+        assert "Ray's actor default" in actors[0].raysched.allocation.reason
+        # Asked for, CPUs are held for the actor's life, as with Ray.
+        held = Light.options(num_cpus=1).remote()
+        ray.get(held.ping.remote(), timeout=60)
+        assert held.raysched.allocation.num_cpus == 1
+        assert wait_for(lambda: ray.available_resources().get("CPU", 0) == 1, timeout=10), ray.available_resources()
+        ray.get(held.raysched.terminate(), timeout=60)
+    finally:
+        for a in actors:
+            ray.get(a.raysched.terminate(), timeout=60)
+
+
 def test_an_actor_that_did_not_opt_in_is_warned_about_not_replaced(ray_session):
     handle = Unscalable.remote()
     ray.get(handle.grow.remote(400), timeout=60)

@@ -141,6 +141,14 @@ class AdaptiveActorClass(_Adaptive):
         spec = self._first_spec(client, options, self._features(options, args, kwargs),
                                 client.bundle(self.name, self.code_hash), client.cluster.get(),
                                 call_id="actor-" + os.urandom(12).hex(), rescalable=self.rescalable)
+        if self.fallback.cpu is None and "num_cpus" not in options.explicit and spec.prediction.cpu.n_history == 0:
+            # Nothing says how many cores it needs: as a plain Ray actor, 1 CPU to be placed
+            # and none while it runs. Holding the fallback's CPU for its whole life would let
+            # N idle actors on N CPUs starve every other actor and task.
+            allocation = replace(spec.allocation, num_cpus=0.0,
+                                 reason=f"{spec.allocation.reason}; CPU: Ray's actor default (1 to be placed, "
+                                        f"0 while it runs)")
+            spec = replace(spec, allocation=allocation, ray_default_cpus=True)
         return client, spec
 
     def _create(self, options: Any, args: tuple, kwargs: Mapping[str, Any]) -> "AdaptiveActorHandle":
