@@ -192,6 +192,28 @@ def test_an_idle_actor_is_rescaled_down_to_the_cores_it_uses(ray_session):
         raysched.configure(base)
 
 
+def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
+    base = raysched.get_config()
+    raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # idle: a rescale decision
+    try:
+        handle = Idler.options(name="raysched-named-idler", lifetime="detached").remote()
+        first_pid = ray.get(handle.pid.remote(), timeout=60)
+
+        def skipped():
+            events = raysched.events(Idler)
+            mine = events[events["call_id"].str.startswith(handle.raysched.actor_id)]
+            return mine[mine["rule"] == "actor_rescale_skipped"]["detail"].tolist()
+
+        assert wait_for(skipped, timeout=30), raysched.events(Idler).T
+        assert "a named actor ('raysched-named-idler') is never replaced" in skipped()[0]
+        assert handle.raysched.incarnation == 1 and handle.raysched.rescales == []
+        assert ray.get(handle.pid.remote(), timeout=30) == first_pid
+        assert ray.get(ray.get_actor("raysched-named-idler").pid.remote(), timeout=30) == first_pid
+        ray.get(handle.raysched.terminate(), timeout=60)
+    finally:
+        raysched.configure(base)
+
+
 def test_ray_kill_ends_an_adaptive_actor_and_no_rescale_brings_it_back(ray_session):
     handle = Idler.remote()
     assert isinstance(handle, ray.actor.ActorHandle)

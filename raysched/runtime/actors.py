@@ -434,9 +434,15 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             if _is_dead(self._actor):
                 # ray.kill(handle), or its process ended: a rescale would bring it back.
                 _watcher().unwatch(self)
-                self._note(replace(decision, rule=ACTOR_RESCALE_SKIPPED, action=WARN,
-                                   detail=f"not rescaled: the actor is dead (ray.kill, or its process ended); "
-                                          f"{decision.detail}"))
+                self._skip(decision, "the actor is dead (ray.kill, or its process ended)")
+                return None
+            name = dict(spec.ray_options).get("name")
+            if name:
+                # Ray lets one live actor hold a name: a successor could take it only once the old
+                # actor has ended, holding back every call sent meanwhile; and the handles others
+                # got by ray.get_actor(name) would not follow it.
+                self._skip(decision, f"a named actor ({name!r}) is never replaced: the new actor could not take "
+                                     f"its name while the old one lives", warn=True)
                 return None
             from ..policy.recipe import build_sizer
             from ..policy.rescale import rescale_target
@@ -444,13 +450,16 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             target = rescale_target(decision.rule, decision.measured, spec.allocation, build_sizer(self._config),
                                     self._config, self._client.cluster.get(), spec.function)
             if target is None:  # capped by the largest node (the monitor judged without the cluster)
-                self._note(replace(decision, rule=ACTOR_RESCALE_SKIPPED, action=WARN,
-                                   detail=f"not rescaled: no other size would help; {decision.detail}"))
+                self._skip(decision, "no other size would help")
                 return None
             old_actor, old_spec = self._actor, spec
             new_spec = replace(spec, attempt=spec.attempt + 1, allocation=target)
+            try:
+                new_actor = self._start(new_spec)
+            except Exception as exc:  # noqa: BLE001 - e.g. an option Ray takes for one actor only
+                self._skip(decision, f"creating its successor failed: {type(exc).__name__}: {exc}", warn=True)
+                return None
             state = old_actor._raysched_save.remote()  # after every call already sent to it
-            new_actor = self._start(new_spec)
             new_actor._raysched_restore.remote(state)  # before every call sent from now on
             self._actor, self._spec = new_actor, new_spec
             # Its row is an ordinary "ok" one (outcomes are a fixed set); the rescale is an event.
@@ -466,6 +475,13 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                             detail=f"{_size(old_spec.allocation)} -> {_size(target)}: {target.reason}",
                             node_id=decision.node_id, code_hash=spec.code_hash, timestamp=time.time()))
         return done
+
+    def _skip(self, decision: Decision, why: str, warn: bool = False) -> None:
+        """Leave the actor as it is: an event that says why, and with ``warn`` a warning too."""
+        if warn:
+            logger.warning("raysched: actor %s not rescaled: %s (%s)", decision.function, why, decision.detail)
+        self._note(replace(decision, rule=ACTOR_RESCALE_SKIPPED, action=WARN,
+                           detail=f"not rescaled: {why}; {decision.detail}"))
 
     def _note(self, decision: Decision) -> None:
         """An event for what this driver did; fire-and-forget to the monitor."""
