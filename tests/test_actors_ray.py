@@ -4,6 +4,7 @@ measured rows, rescaling with state kept, opting out, and the hard cap."""
 from __future__ import annotations
 
 import gc
+import time
 
 import numpy as np
 import pytest
@@ -192,6 +193,18 @@ def test_an_idle_actor_is_rescaled_down_to_the_cores_it_uses(ray_session):
         raysched.configure(base)
 
 
+def test_a_rescale_waits_a_moment_after_ray_kill_could_have_read_the_actor_id(ray_session):
+    handle = Idler.remote()
+    ray.get(handle.pid.remote(), timeout=60)
+    handle._ray_actor_id  # what ray.kill reads just before it kills
+    idle = Decision("cpu_off_allocation", RESCALE, Idler.name, handle.raysched.actor_id, 1, measured=0.01,
+                    allocated=2.0, detail="idle")
+    assert handle._apply(idle) is None and handle.raysched.incarnation == 1
+    time.sleep(1.1)  # no kill came: the same decision, given again, is applied
+    assert handle._apply(idle) is not None and handle.raysched.incarnation == 2
+    ray.get(handle.raysched.terminate(), timeout=60)
+
+
 def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
     base = raysched.get_config()
     raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # idle: a rescale decision
@@ -222,7 +235,8 @@ def test_ray_kill_ends_an_adaptive_actor_and_no_rescale_brings_it_back(ray_sessi
     ray.kill(handle)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(handle.pid.remote(), timeout=60)
-    # A rescale the monitor decided from its last samples, arriving after the kill.
+    # A rescale the monitor decided from its last samples, applied after the kill.
+    time.sleep(1.1)  # (one applied at once waits for a kill that may be on its way: test_a_rescale_waits_...)
     late = Decision("cpu_off_allocation", RESCALE, Idler.name, handle.raysched.actor_id, 1, measured=0.01,
                     allocated=2.0, detail="idle")
     assert handle._apply(late) is None

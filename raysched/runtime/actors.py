@@ -66,6 +66,9 @@ logger = logging.getLogger(__name__)
 #: How long a replaced incarnation that died before finishing its queue is still asked
 #: about: the monitor's stop for it (a hard limit) says whether the actor must fail.
 _DEAD_INCARNATION_WATCH_S = 10.0
+#: How long after ``ray.kill`` read a handle's actor id a rescale waits (the kill lands in
+#: milliseconds; the monitor gives the same decision again at the watcher's next round).
+_KILL_SETTLE_S = 1.0
 
 
 # --- in the driver --------------------------------------------------------------------------------------
@@ -297,6 +300,7 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         self._spec = spec
         self._actor = self._start(spec)
         self._stopped: BaseException | None = None
+        self._id_read_at = float("-inf")  # when Ray (ray.kill) last read the current actor's id
         self._handled: set[tuple[int, str]] = set()  # (incarnation, rule) already acted on
         #: Replaced incarnations still running the calls queued before the switch: live key ->
         #: (their spec, the ref of their final row). Their hard cap still applies.
@@ -348,6 +352,9 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
     def _ray_actor_id(self) -> Any:
         """The current incarnation's actor id: what ``ray.kill`` kills."""
         with self._lock:
+            # ray.kill reads it just before it kills: a rescale waits until the kill has landed
+            # (then it finds the actor dead), or it could replace the actor being killed.
+            self._id_read_at = time.monotonic()
             return self._actor._ray_actor_id
 
     def _serialization_helper(self) -> Any:
@@ -418,6 +425,8 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             draining = any(entry[0].attempt == decision.attempt for entry in self._draining.values())
             if self._stopped is not None or not (current or draining) or key in self._handled:
                 return None
+            if decision.action == RESCALE and time.monotonic() - self._id_read_at < _KILL_SETTLE_S:
+                return None  # a ray.kill may be on its way: the monitor still says so next round
             self._handled.add(key)
             if decision.action == STOP_LIMIT:
                 # Over its hard cap: the incarnation stops itself (runtime.actors._Incarnation).
