@@ -4,7 +4,9 @@ An actor's *incarnation* is measured like a task's attempt: from the start of it
 ``__init__`` to its end, in its own worker process (peak resident memory over
 its life, CPU seconds and average cores, wall seconds, I/O), and recorded as one
 profile row under the class's name and code hash.  The next actor of the class
-is sized from those rows by the same predictor and sizing chain as a task.
+is sized from those rows by the same predictor and sizing chain as a task; one
+given no ``num_cpus`` and with no CPU history takes Ray's default for an actor
+(1 CPU to be placed, none while it runs).
 
 While it lives, the actor's process reports live samples to the monitor like a
 running task (``kind="actor"``), and the monitor judges them by its actor rules
@@ -607,5 +609,5 @@ def _watcher() -> ActorWatcher:
         return _WATCHER
 
 
-__all__ = ["AdaptiveActorClass", "AdaptiveActorHandle", "ActorWatcher", "Rescale", "make_actor_class",
+__all__ = ["AdaptiveActorClass", "AdaptiveActorHandle", "AdaptiveActorAPI", "ActorWatcher", "Rescale", "make_actor_class",
            "actor_options"]
