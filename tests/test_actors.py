@@ -43,7 +43,7 @@ def test_a_rescale_fits_the_largest_node_and_none_when_it_already_fills_it():
 
 class FakeHandle:
     def __init__(self, actor_id: str, keys: list[str]):
-        self.actor_id, self.keys, self.applied = actor_id, keys, []
+        self._raysched_actor_id, self.keys, self.applied = actor_id, keys, []
 
     def _watch_keys(self):
         return list(self.keys)

@@ -4,6 +4,7 @@ measured rows, rescaling with state kept, opting out, and the hard cap."""
 from __future__ import annotations
 
 import gc
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import ray
 
 import raysched
 from raysched import InvalidInput, ResourceLimitExceeded, adaptive_remote
+from raysched.policy.rules import RESCALE, Decision
 from raysched.types import MiB
 
 from conftest import wait_for
@@ -191,6 +193,103 @@ def test_an_idle_actor_is_rescaled_down_to_the_cores_it_uses(ray_session):
         raysched.configure(base)
 
 
+def test_a_rescale_waits_a_moment_after_ray_kill_could_have_read_the_actor_id(ray_session):
+    handle = Idler.remote()
+    ray.get(handle.pid.remote(), timeout=60)
+    handle._ray_actor_id  # what ray.kill reads just before it kills
+    idle = Decision("cpu_off_allocation", RESCALE, Idler.name, handle.raysched.actor_id, 1, measured=0.01,
+                    allocated=2.0, detail="idle")
+    assert handle._apply(idle) is None and handle.raysched.incarnation == 1
+    time.sleep(1.1)  # no kill came: the same decision, given again, is applied
+    assert handle._apply(idle) is not None and handle.raysched.incarnation == 2
+    ray.get(handle.raysched.terminate(), timeout=60)
+
+
+def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
+    base = raysched.get_config()
+    raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # idle: a rescale decision
+    try:
+        handle = Idler.options(name="raysched-named-idler", lifetime="detached").remote()
+        first_pid = ray.get(handle.pid.remote(), timeout=60)
+
+        def skipped():
+            events = raysched.events(Idler)
+            mine = events[events["call_id"].str.startswith(handle.raysched.actor_id)]
+            return mine[mine["rule"] == "actor_rescale_skipped"]["detail"].tolist()
+
+        assert wait_for(skipped, timeout=30), raysched.events(Idler).T
+        assert "a named actor ('raysched-named-idler') is never replaced" in skipped()[0]
+        assert handle.raysched.incarnation == 1 and handle.raysched.rescales == []
+        assert ray.get(handle.pid.remote(), timeout=30) == first_pid
+        assert ray.get(ray.get_actor("raysched-named-idler").pid.remote(), timeout=30) == first_pid
+        ray.get(handle.raysched.terminate(), timeout=60)
+    finally:
+        raysched.configure(base)
+
+
+def test_ray_kill_ends_an_adaptive_actor_and_no_rescale_brings_it_back(ray_session):
+    handle = Idler.remote()
+    assert isinstance(handle, ray.actor.ActorHandle)
+    killed = handle.raysched.ray_handle
+    ray.get(handle.pid.remote(), timeout=60)
+    ray.kill(handle)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.pid.remote(), timeout=60)
+    # A rescale the monitor decided from its last samples, applied after the kill.
+    time.sleep(1.1)  # (one applied at once waits for a kill that may be on its way: test_a_rescale_waits_...)
+    late = Decision("cpu_off_allocation", RESCALE, Idler.name, handle.raysched.actor_id, 1, measured=0.01,
+                    allocated=2.0, detail="idle")
+    assert handle._apply(late) is None
+    assert handle.raysched.incarnation == 1 and handle.raysched.ray_handle is killed
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.pid.remote(), timeout=60)
+    assert wait_for(lambda: "not rescaled: the actor is dead" in " ".join(raysched.events(Idler)["detail"]))
+    # A named, detached one: killed, its name is free again, as with Ray.
+    named = Holder.options(name="raysched-kill-probe", lifetime="detached").remote()
+    assert ray.get(ray.get_actor("raysched-kill-probe").nbytes.remote(), timeout=60) == 0
+    ray.kill(named)
+    assert wait_for(lambda: _no_actor_named("raysched-kill-probe"), timeout=30)
+
+
+def _no_actor_named(name: str) -> bool:
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return True
+    return False
+
+
+@adaptive_remote(memory=100 * MiB)
+class Light:
+    def ping(self) -> str:
+        return "pong"
+
+
+@ray.remote
+def plain_task() -> int:
+    return 1
+
+
+def test_actors_given_no_cpus_hold_none_while_they_run_as_plain_ray_actors(ray_session):
+    # More actors than the cluster's 2 CPUs, and a task beside them: Ray's default for an
+    # actor is 1 CPU to be placed and none while it runs.
+    actors = [Light.remote() for _ in range(3)]
+    try:
+        assert ray.get([a.ping.remote() for a in actors], timeout=60) == ["pong"] * 3
+        assert ray.get(plain_task.remote(), timeout=60) == 1
+        assert all(a.raysched.allocation.num_cpus == 0 for a in actors)
+        assert "Ray's actor default" in actors[0].raysched.allocation.reason
+        # Asked for, CPUs are held for the actor's life, as with Ray.
+        held = Light.options(num_cpus=1).remote()
+        ray.get(held.ping.remote(), timeout=60)
+        assert held.raysched.allocation.num_cpus == 1
+        assert wait_for(lambda: ray.available_resources().get("CPU", 0) == 1, timeout=10), ray.available_resources()
+        ray.get(held.raysched.terminate(), timeout=60)
+    finally:
+        for a in actors:
+            ray.get(a.raysched.terminate(), timeout=60)
+
+
 def test_an_actor_that_did_not_opt_in_is_warned_about_not_replaced(ray_session):
     handle = Unscalable.remote()
     ray.get(handle.grow.remote(400), timeout=60)
@@ -226,6 +325,50 @@ def _fails_with_limit(handle) -> bool:
     return False
 
 
+@adaptive_remote(memory=200 * MiB, num_cpus=0.5)
+class Worker:
+    """A class whose methods carry the names a handle used to own."""
+
+    def terminate(self):
+        return "user terminate"
+
+    def prediction(self):
+        return "user prediction"
+
+    def allocation(self):
+        return "user allocation"
+
+    def incarnation(self):
+        return "user incarnation"
+
+    def rescales(self):
+        return "user rescales"
+
+    def actor_id(self):
+        return "user actor_id"
+
+    def ray_handle(self):
+        return "user ray_handle"
+
+
+def test_user_methods_win_over_the_handles_names_and_raysched_keeps_its_own(ray_session):
+    handle = Worker.remote()
+    names = ["terminate", "prediction", "allocation", "incarnation", "rescales", "actor_id", "ray_handle"]
+    assert ray.get([getattr(handle, name).remote() for name in names], timeout=60) == [f"user {n}" for n in names]
+    with pytest.raises(TypeError, match=r"handle\.raysched\.terminate"):
+        handle.terminate()  # the user's method, called without .remote(): not raysched's terminate
+    assert handle.raysched.incarnation == 1 and handle.raysched.allocation.num_cpus == 0.5
+    assert handle.raysched.rescales == [] and handle.raysched.prediction.source.startswith("fallback")
+    assert handle.raysched.ray_handle._actor_id.hex() and handle.raysched.actor_id.startswith("actor-")
+    ray.get(handle.raysched.terminate(), timeout=60)
+    with pytest.raises(InvalidInput, match="terminated"):
+        handle.terminate.remote()
+    # A class without such methods still sees the old names on the handle.
+    other = Holder.remote()
+    assert other.allocation is other.raysched.allocation and other.actor_id == other.raysched.actor_id
+    ray.get(other.terminate(), timeout=60)
+
+
 def test_bad_declarations_get_clear_errors(ray_session):
     class OnlySave:
         def raysched_save_state(self):
@@ -237,3 +380,10 @@ def test_bad_declarations_get_clear_errors(ray_session):
         adaptive_remote(rescalable="yes")(Unscalable._cls)
     with pytest.raises(TypeError, match="remote"):
         Holder()
+
+    class OwnRaysched:
+        def raysched(self):
+            return None
+
+    with pytest.raises(InvalidInput, match="raysched.*rename"):
+        adaptive_remote(OwnRaysched)

@@ -108,6 +108,8 @@ def actor_options(spec: AttemptSpec) -> dict[str, Any]:
     """The Ray options one incarnation is created with: the caller's, then raysched's sizing."""
     options = {k: v for k, v in spec.ray_options if k not in ACTOR_DEFINITION_OPTIONS}
     options.update(spec.allocation.ray_options())
+    if spec.ray_default_cpus:
+        del options["num_cpus"]  # Ray's own default for an actor, not 0 CPUs to be placed with
     options.setdefault("max_restarts", 0)  # raysched replaces an actor; Ray restarting it unchanged would not help
     return options
 

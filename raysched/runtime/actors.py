@@ -4,7 +4,9 @@ An actor's *incarnation* is measured like a task's attempt: from the start of it
 ``__init__`` to its end, in its own worker process (peak resident memory over
 its life, CPU seconds and average cores, wall seconds, I/O), and recorded as one
 profile row under the class's name and code hash.  The next actor of the class
-is sized from those rows by the same predictor and sizing chain as a task.
+is sized from those rows by the same predictor and sizing chain as a task; one
+given no ``num_cpus`` and with no CPU history takes Ray's default for an actor
+(1 CPU to be placed, none while it runs).
 
 While it lives, the actor's process reports live samples to the monitor like a
 running task (``kind="actor"``), and the monitor judges them by its actor rules
@@ -29,7 +31,7 @@ The handle then
 and notes the rescale as an event.  Calls made before the switch finish on the
 old actor, calls after it run on the new one: none is lost or run twice.
 
-The row is recorded when the incarnation ends through its handle: ``terminate()``,
+The row is recorded when the incarnation ends through its handle: ``raysched.terminate()``,
 a rescale, or the handle dropped (``__del__`` sends the actor one last call).
 The code that runs inside the actor's process is in ``runtime.actor_worker``.
 
@@ -66,6 +68,9 @@ logger = logging.getLogger(__name__)
 #: How long a replaced incarnation that died before finishing its queue is still asked
 #: about: the monitor's stop for it (a hard limit) says whether the actor must fail.
 _DEAD_INCARNATION_WATCH_S = 10.0
+#: How long after ``ray.kill`` read a handle's actor id a rescale waits (the kill lands in
+#: milliseconds; the monitor gives the same decision again at the watcher's next round).
+_KILL_SETTLE_S = 1.0
 
 
 # --- in the driver --------------------------------------------------------------------------------------
@@ -106,6 +111,9 @@ class AdaptiveActorClass(_Adaptive):
         if has_save != has_restore:
             raise InvalidInput(f"{cls.__qualname__} defines {SAVE_HOOK if has_save else RESTORE_HOOK} without "
                                f"{RESTORE_HOOK if has_save else SAVE_HOOK}: define both, or neither")
+        if callable(getattr(cls, API_ATTRIBUTE, None)):
+            raise InvalidInput(f"{cls.__qualname__} defines a method {API_ATTRIBUTE!r}: on an adaptive actor's handle "
+                               f"that name is raysched's own (handle.{API_ATTRIBUTE}.allocation, ...); rename it")
         if rescalable is not None and not isinstance(rescalable, bool):
             raise InvalidInput(f"rescalable must be True or False, got {rescalable!r}")
         super().__init__(cls, name, tags, num_cpus, memory, dependencies, ray_options)
@@ -138,6 +146,14 @@ class AdaptiveActorClass(_Adaptive):
         spec = self._first_spec(client, options, self._features(options, args, kwargs),
                                 client.bundle(self.name, self.code_hash), client.cluster.get(),
                                 call_id="actor-" + os.urandom(12).hex(), rescalable=self.rescalable)
+        if self.fallback.cpu is None and "num_cpus" not in options.explicit and spec.prediction.cpu.n_history == 0:
+            # Nothing says how many cores it needs: as a plain Ray actor, 1 CPU to be placed
+            # and none while it runs. Holding the fallback's CPU for its whole life would let
+            # N idle actors on N CPUs starve every other actor and task.
+            allocation = replace(spec.allocation, num_cpus=0.0,
+                                 reason=f"{spec.allocation.reason}; CPU: Ray's actor default (1 to be placed, "
+                                        f"0 while it runs)")
+            spec = replace(spec, allocation=allocation, ray_default_cpus=True)
         return client, spec
 
     def _create(self, options: Any, args: tuple, kwargs: Mapping[str, Any]) -> "AdaptiveActorHandle":
@@ -193,14 +209,87 @@ class _Method:
     def options(self, **ray_options: Any) -> "_Method":
         return _Method(self._handle, self._name, {**self._ray_options, **ray_options})
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hint = (f" (raysched's own {self._name} is handle.{API_ATTRIBUTE}.{self._name})"
+                if self._name in _LEGACY_ATTRIBUTES else "")
+        raise TypeError(f"Actor methods cannot be called directly. Instead of running "
+                        f"'object.{self._name}()', try 'object.{self._name}.remote()'{hint}.")
 
-class AdaptiveActorHandle:
+
+#: The one attribute of a handle that is raysched's, not the user's: ``handle.raysched``.
+#: A class that defines a method of that name is refused (its handle could not reach both).
+API_ATTRIBUTE = "raysched"
+#: Attributes a handle had before ``handle.raysched``: still answered, as aliases of
+#: ``handle.raysched.<name>``, for a class that has no method of that name (a method wins).
+_LEGACY_ATTRIBUTES = frozenset({"actor_id", "incarnation", "allocation", "prediction", "ray_handle", "rescales",
+                                "terminate"})
+
+
+class AdaptiveActorAPI:
+    """raysched's side of an adaptive actor's handle, ``handle.raysched``.
+
+    Kept out of the handle's own namespace so that a user method of any other name
+    (``terminate``, ``prediction``, ...) is called as with Ray's handle.
+    """
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: "AdaptiveActorHandle"):
+        self._handle = handle
+
+    @property
+    def actor_id(self) -> str:
+        """raysched's id of this actor, the same across rescales (its rows' and events' ``call_id``)."""
+        return self._handle._spec.call_id
+
+    @property
+    def incarnation(self) -> int:
+        """1 for the first actor, +1 per rescale."""
+        return self._handle._spec.attempt
+
+    @property
+    def allocation(self) -> Allocation:
+        """What the current incarnation was created with."""
+        return self._handle._spec.allocation
+
+    @property
+    def prediction(self):
+        """The Prediction the first incarnation was sized from."""
+        return self._handle._spec.prediction
+
+    @property
+    def ray_handle(self) -> Any:
+        """The current incarnation's Ray ``ActorHandle``."""
+        return self._handle._actor
+
+    @property
+    def rescales(self) -> list[Rescale]:
+        """Every rescale of this actor, oldest first."""
+        return self._handle._rescales
+
+    def terminate(self) -> Any:
+        """Record the actor's row and end it after the calls already sent; returns the ref of its Usage."""
+        return self._handle._terminate()
+
+    def __repr__(self) -> str:
+        return f"AdaptiveActorAPI({self._handle!r})"
+
+
+class AdaptiveActorHandle(ray.actor.ActorHandle):
     """A handle to an adaptive actor; it follows the actor across rescales.
 
+    A Ray ``ActorHandle`` to Ray's own functions: ``ray.kill(handle)`` kills the current
+    incarnation (and a rescale never replaces a dead one); passed to a task or another
+    actor, or ``ray.put``, it arrives as the current incarnation's Ray handle.  None of
+    Ray's ``ActorHandle`` state is set: Ray reads only ``_ray_actor_id`` (kill) and
+    ``_serialization_helper`` (a task's argument), both the current incarnation's.
+
     ``handle.method.remote(...)`` returns the method's ``ObjectRef`` as Ray's handle
-    does.  ``allocation`` and ``incarnation`` say what the actor runs with now,
-    ``rescales`` what changed, ``ray_handle`` is the current Ray ``ActorHandle``;
-    ``terminate()`` records the actor's row and ends it.
+    does, for every method of the class.  raysched's own API is ``handle.raysched``:
+    ``allocation`` and ``incarnation`` say what the actor runs with now, ``rescales``
+    what changed, ``ray_handle`` is the current Ray ``ActorHandle``; ``terminate()``
+    records the actor's row and ends it.  Those names also work on the handle itself
+    (``handle.allocation``) unless the class has a method of that name.
     """
 
     def __init__(self, actor_class: AdaptiveActorClass, client: Any, spec: AttemptSpec, args: tuple,
@@ -213,45 +302,37 @@ class AdaptiveActorHandle:
         self._spec = spec
         self._actor = self._start(spec)
         self._stopped: BaseException | None = None
+        self._id_read_at = float("-inf")  # when Ray (ray.kill) last read the current actor's id
         self._handled: set[tuple[int, str]] = set()  # (incarnation, rule) already acted on
         #: Replaced incarnations still running the calls queued before the switch: live key ->
         #: (their spec, the ref of their final row). Their hard cap still applies.
         self._draining: dict[str, tuple[AttemptSpec, Any, float | None]] = {}
-        self.rescales: list[Rescale] = []
+        self._rescales: list[Rescale] = []
+        self._api = AdaptiveActorAPI(self)
         _watcher().watch(self)
 
     def _start(self, spec: AttemptSpec) -> Any:
         cls = self._class.ray_class(self._config)
         return cls.options(**actor_options(spec)).remote(encode_spec(spec), *self._args, **self._kwargs)
 
-    # --- what the user sees ------------------------------------------------------------------------------
     @property
-    def actor_id(self) -> str:
-        """raysched's id of this actor, the same across rescales (its rows' and events' ``call_id``)."""
+    def _raysched_actor_id(self) -> str:
         return self._spec.call_id
 
+    # --- what the user sees ------------------------------------------------------------------------------
     @property
-    def incarnation(self) -> int:
-        return self._spec.attempt
+    def raysched(self) -> AdaptiveActorAPI:
+        """raysched's API of this handle (a property: no user method can hide it)."""
+        return self._api
 
-    @property
-    def allocation(self) -> Allocation:
-        return self._spec.allocation
-
-    @property
-    def prediction(self):
-        return self._spec.prediction
-
-    @property
-    def ray_handle(self) -> Any:
-        return self._actor
-
-    def __getattr__(self, name: str) -> _Method:
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        if not callable(getattr(self._class._cls, name, None)):
-            raise AttributeError(f"{self._class.name} has no method {name!r}")
-        return _Method(self, name)
+        if callable(getattr(self._class._cls, name, None)):
+            return _Method(self, name)  # the user's method wins over an alias below
+        if name in _LEGACY_ATTRIBUTES:
+            return getattr(self._api, name)
+        raise AttributeError(f"{self._class.name} has no method {name!r}")
 
     def __del__(self) -> None:
         # Dropped without terminate(): have the actor record its row first. Ray runs the
@@ -268,9 +349,31 @@ class AdaptiveActorHandle:
         # queue is done (the rescale and its state hand-over are this driver's business).
         return (_current_actor, (self._actor,))
 
+    # --- what Ray reads of an ActorHandle -------------------------------------------------------------------
+    @property
+    def _ray_actor_id(self) -> Any:
+        """The current incarnation's actor id: what ``ray.kill`` kills."""
+        with self._lock:
+            # ray.kill reads it just before it kills: a rescale waits until the kill has landed
+            # (then it finds the actor dead), or it could replace the actor being killed.
+            self._id_read_at = time.monotonic()
+            return self._actor._ray_actor_id
+
+    def _serialization_helper(self) -> Any:
+        # Ray serializes an ActorHandle that is a task's argument (not nested in another
+        # object) or ray.put's value by this, not by __reduce__: the same hand-over.
+        return self._actor._serialization_helper()
+
+    __eq__ = object.__eq__  # one handle is one actor across rescales; Ray's compare actor ids
+    __hash__ = object.__hash__
+
+    def __dir__(self) -> list[str]:
+        methods = [n for n in dir(self._class._cls) if not n.startswith("_") and callable(getattr(self._class._cls, n))]
+        return sorted({*methods, API_ATTRIBUTE})
+
     def __repr__(self) -> str:
-        a = self.allocation
-        return (f"AdaptiveActorHandle({self._class.name}, incarnation={self.incarnation}, "
+        a = self._spec.allocation
+        return (f"AdaptiveActorHandle({self._class.name}, incarnation={self._spec.attempt}, "
                 f"num_cpus={a.num_cpus:g}, memory={a.memory_bytes // 2**20} MiB)")
 
     def _call(self, name: str, ray_options: Mapping[str, Any], args: tuple, kwargs: Mapping[str, Any]) -> Any:
@@ -282,13 +385,12 @@ class AdaptiveActorHandle:
                 method = method.options(**ray_options)
             return method.remote(*args, **kwargs)
 
-    def terminate(self) -> Any:
-        """Record the actor's row and end it after the calls already sent; returns the ref of its Usage."""
+    def _terminate(self) -> Any:
         with self._lock:
             _watcher().unwatch(self)
             if self._stopped is not None:
                 return None
-            self._stopped = InvalidInput(f"actor {self._class.name} ({self.actor_id}) was terminated")
+            self._stopped = InvalidInput(f"actor {self._class.name} ({self._spec.call_id}) was terminated")
             ref = self._actor._raysched_finish.remote(Outcome.OK.value, "terminated by its handle")
             self._actor.__ray_terminate__.remote()
             return ref
@@ -325,6 +427,8 @@ class AdaptiveActorHandle:
             draining = any(entry[0].attempt == decision.attempt for entry in self._draining.values())
             if self._stopped is not None or not (current or draining) or key in self._handled:
                 return None
+            if decision.action == RESCALE and time.monotonic() - self._id_read_at < _KILL_SETTLE_S:
+                return None  # a ray.kill may be on its way: the monitor still says so next round
             self._handled.add(key)
             if decision.action == STOP_LIMIT:
                 # Over its hard cap: the incarnation stops itself (runtime.actors._Incarnation).
@@ -338,19 +442,35 @@ class AdaptiveActorHandle:
                 return None
             if decision.action != RESCALE or not current:
                 return None
+            if _is_dead(self._actor):
+                # ray.kill(handle), or its process ended: a rescale would bring it back.
+                _watcher().unwatch(self)
+                self._skip(decision, "the actor is dead (ray.kill, or its process ended)")
+                return None
+            name = dict(spec.ray_options).get("name")
+            if name:
+                # Ray lets one live actor hold a name: a successor could take it only once the old
+                # actor has ended, holding back every call sent meanwhile; and the handles others
+                # got by ray.get_actor(name) would not follow it.
+                self._skip(decision, f"a named actor ({name!r}) is never replaced: the new actor could not take "
+                                     f"its name while the old one lives", warn=True)
+                return None
             from ..policy.recipe import build_sizer
             from ..policy.rescale import rescale_target
 
             target = rescale_target(decision.rule, decision.measured, spec.allocation, build_sizer(self._config),
                                     self._config, self._client.cluster.get(), spec.function)
             if target is None:  # capped by the largest node (the monitor judged without the cluster)
-                self._note(replace(decision, rule=ACTOR_RESCALE_SKIPPED, action=WARN,
-                                   detail=f"not rescaled: no other size would help; {decision.detail}"))
+                self._skip(decision, "no other size would help")
                 return None
             old_actor, old_spec = self._actor, spec
             new_spec = replace(spec, attempt=spec.attempt + 1, allocation=target)
+            try:
+                new_actor = self._start(new_spec)
+            except Exception as exc:  # noqa: BLE001 - e.g. an option Ray takes for one actor only
+                self._skip(decision, f"creating its successor failed: {type(exc).__name__}: {exc}", warn=True)
+                return None
             state = old_actor._raysched_save.remote()  # after every call already sent to it
-            new_actor = self._start(new_spec)
             new_actor._raysched_restore.remote(state)  # before every call sent from now on
             self._actor, self._spec = new_actor, new_spec
             # Its row is an ordinary "ok" one (outcomes are a fixed set); the rescale is an event.
@@ -358,7 +478,7 @@ class AdaptiveActorHandle:
             old_actor.__ray_terminate__.remote()
             self._draining[old_spec.live_key] = (old_spec, finished, None)
             done = Rescale(new_spec.attempt, old_spec.allocation, target, decision, time.time())
-            self.rescales.append(done)
+            self._rescales.append(done)
         logger.warning("raysched: actor %s rescaled: %s -> %s (%s)", spec.function, _size(old_spec.allocation),
                        _size(target), decision.detail)
         self._note(Decision(ACTOR_RESCALED, RESCALE, spec.function, new_spec.live_key, new_spec.attempt,
@@ -366,6 +486,13 @@ class AdaptiveActorHandle:
                             detail=f"{_size(old_spec.allocation)} -> {_size(target)}: {target.reason}",
                             node_id=decision.node_id, code_hash=spec.code_hash, timestamp=time.time()))
         return done
+
+    def _skip(self, decision: Decision, why: str, warn: bool = False) -> None:
+        """Leave the actor as it is: an event that says why, and with ``warn`` a warning too."""
+        if warn:
+            logger.warning("raysched: actor %s not rescaled: %s (%s)", decision.function, why, decision.detail)
+        self._note(replace(decision, rule=ACTOR_RESCALE_SKIPPED, action=WARN,
+                           detail=f"not rescaled: {why}; {decision.detail}"))
 
     def _note(self, decision: Decision) -> None:
         """An event for what this driver did; fire-and-forget to the monitor."""
@@ -377,6 +504,17 @@ class AdaptiveActorHandle:
 
 def _current_actor(actor: Any) -> Any:
     return actor
+
+
+def _is_dead(actor: Any) -> bool:
+    """Whether Ray's GCS has this actor dead; asked there, not of the driver's copy of its
+    state, which learns of a ``ray.kill`` only a moment after the call returns."""
+    try:
+        info = ray._private.state.actors(actor._actor_id.hex())
+    except Exception as exc:  # noqa: BLE001 - the GCS not answering: act as before, on the decision
+        logger.debug("raysched: could not look up actor %s: %s", actor, exc)
+        return False
+    return bool(info) and info.get("State") == "DEAD"
 
 
 def _size(a: Allocation) -> str:
@@ -401,14 +539,14 @@ class ActorWatcher:
 
     def watch(self, handle: Any) -> None:
         with self._lock:
-            self._handles[handle.actor_id] = handle
+            self._handles[handle._raysched_actor_id] = handle
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="raysched-actor-watcher", daemon=True)
                 self._thread.start()
 
     def unwatch(self, handle: Any) -> None:
         with self._lock:
-            self._handles.pop(handle.actor_id, None)
+            self._handles.pop(handle._raysched_actor_id, None)
 
     def check_once(self) -> list[Rescale]:
         """Ask once and apply the answers; returns the rescales done."""
@@ -471,5 +609,5 @@ def _watcher() -> ActorWatcher:
         return _WATCHER
 
 
-__all__ = ["AdaptiveActorClass", "AdaptiveActorHandle", "ActorWatcher", "Rescale", "make_actor_class",
+__all__ = ["AdaptiveActorClass", "AdaptiveActorHandle", "AdaptiveActorAPI", "ActorWatcher", "Rescale", "make_actor_class",
            "actor_options"]

@@ -94,6 +94,9 @@ class AttemptSpec:
     priority: int = 0
     ray_options: tuple[tuple[str, Any], ...] = ()  # the caller's other Ray options, kept for resubmission
     rescalable: bool = False  # an actor's incarnation whose class opted in to rescaling (tasks: unused)
+    #: An actor given no num_cpus, with no CPU history: it takes Ray's default for an actor
+    #: (1 CPU to be placed, none while it runs), which its allocation's 0 CPUs record (tasks: unused).
+    ray_default_cpus: bool = False
     #: Submitted behind raysched's admission queue: the task's first argument after the spec
     #: is its admission, not the user's (resubmitted attempts are not queued again).
     queued: bool = False
