@@ -290,6 +290,25 @@ def test_actors_given_no_cpus_hold_none_while_they_run_as_plain_ray_actors(ray_s
             ray.get(a.raysched.terminate(), timeout=60)
 
 
+def test_actors_run_inside_placement_groups(ray_session):
+    # The bundle is the reservation: raysched's memory label (most bundles hold none)
+    # and CPUs are cut to it, or Ray would refuse to create the actor.
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"CPU": 1}])
+    ray.get(group.ready(), timeout=30)
+    try:
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+        for actor in (Light.options(scheduling_strategy=strategy).remote(),      # Ray's default CPU
+                      Holder.options(scheduling_strategy=strategy).remote()):    # 0.5 CPU, 300 MiB
+            assert ray.get(actor.raysched.ray_handle.__ray_ready__.remote(), timeout=60)
+            assert actor.raysched.allocation.memory_bytes >= 100 * MiB  # raysched's allocation is kept
+            ray.get(actor.raysched.terminate(), timeout=60)
+    finally:
+        remove_placement_group(group)
+
+
 def test_an_actor_that_did_not_opt_in_is_warned_about_not_replaced(ray_session):
     handle = Unscalable.remote()
     ray.get(handle.grow.remote(400), timeout=60)

@@ -17,7 +17,8 @@ from ..config import RayschedConfig
 from ..policy.rules import ACTOR, STOP_LIMIT
 from ..types import Outcome, Usage
 from .measure import AttemptMeter, get_live_sampler
-from .worker import ACTOR_DEFINITION_OPTIONS, AttemptSpec, _node_id, attempt_row, decode_spec, get_reporter, get_sink
+from .worker import (ACTOR_DEFINITION_OPTIONS, AttemptSpec, _node_id, attempt_row, decode_spec, fit_placement_group,
+                     get_reporter, get_sink)
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def actor_options(spec: AttemptSpec) -> dict[str, Any]:
     options.update(spec.allocation.ray_options())
     if spec.ray_default_cpus:
         del options["num_cpus"]  # Ray's own default for an actor, not 0 CPUs to be placed with
+    fit_placement_group(options)
     options.setdefault("max_restarts", 0)  # raysched replaces an actor; Ray restarting it unchanged would not help
     return options
 

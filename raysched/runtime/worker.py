@@ -1240,11 +1240,16 @@ def fit_placement_group(options: dict[str, Any]) -> None:
     placement group Ray will place the task or actor in, if any: the bundle is the
     reservation, and labels larger than it (a memory label where the bundle has none)
     would make Ray refuse the submission."""
+    if "memory" not in options:
+        return
     target = _placement_group_target(options)
-    if target is None or "num_cpus" not in options or "memory" not in options:
+    if target is None:
         return
     group, index = target
-    options["num_cpus"], memory = fit_bundle(options["num_cpus"], options["memory"], group.bundle_specs, index)
+    # an actor left at Ray's default CPU has no num_cpus here: only its memory is fitted
+    cpus, memory = fit_bundle(options.get("num_cpus", 0.0), options["memory"], group.bundle_specs, index)
+    if "num_cpus" in options:
+        options["num_cpus"] = cpus
     if memory > 0:
         options["memory"] = memory
     else:
