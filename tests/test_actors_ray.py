@@ -309,6 +309,25 @@ def test_actors_run_inside_placement_groups(ray_session):
         remove_placement_group(group)
 
 
+@adaptive_remote(memory=200 * MiB)
+class Waiter:
+    async def wait(self, seconds: float) -> bool:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+        # Ray warns once per process of a "blocking ray.get inside async actor", for a
+        # ray.get in any thread: raysched's own threads must not set it off.
+        return bool(ray._private.worker.blocking_get_inside_async_warned)
+
+
+def test_an_async_actors_watched_calls_set_off_no_blocking_get_warning(ray_session):
+    waiter = Waiter.remote()
+    try:
+        assert ray.get([waiter.wait.remote(2.0) for _ in range(2)], timeout=60) == [False, False]
+    finally:
+        ray.get(waiter.raysched.terminate(), timeout=60)
+
+
 def test_an_actor_that_did_not_opt_in_is_warned_about_not_replaced(ray_session):
     handle = Unscalable.remote()
     ray.get(handle.grow.remote(400), timeout=60)

@@ -613,7 +613,10 @@ def ray_live_reporter(config: RayschedConfig) -> LiveReporter:
         if not ready:
             return None
         try:
-            return ray.get(ready[0])
+            # A ready ref's future, not ray.get: in an async actor's process Ray warns of a
+            # "blocking ray.get inside async actor" for any thread's ray.get, and this one
+            # (the sampler thread's) is not the user's and never blocks.
+            return ready[0].future().result(timeout=10.0)
         except Exception:
             handle.clear()  # a monitor killed for good: look it up (or create it) again next time
             raise
