@@ -309,6 +309,34 @@ def test_actors_run_inside_placement_groups(ray_session):
         remove_placement_group(group)
 
 
+@adaptive_remote
+class Bare:
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_an_actor_given_no_memory_holds_no_label_until_its_class_has_history(ray_session):
+    # The default fallback (1 GiB) held for life by each of a few light actors would keep
+    # them from fitting a small node; a plain Ray actor holds no memory label.
+    before = ray.available_resources().get("memory", 0)
+    actors = [Bare.remote() for _ in range(3)]
+    try:
+        assert ray.get([a.ping.remote() for a in actors], timeout=60) == ["pong"] * 3
+        assert all(a.raysched.allocation.memory_bytes == 0 for a in actors)
+        assert ray.available_resources().get("memory", 0) > before - 100 * MiB
+    finally:
+        for a in actors:
+            ray.get(a.raysched.terminate(), timeout=60)
+    assert wait_for(lambda: len(raysched.profiles(Bare)) >= 1, timeout=30)
+    Bare.refresh()
+    sized = Bare.remote()  # its class's rows size it now
+    try:
+        assert ray.get(sized.ping.remote(), timeout=60) == "pong"
+        assert sized.raysched.allocation.memory_bytes > 0
+    finally:
+        ray.get(sized.raysched.terminate(), timeout=60)
+
+
 @adaptive_remote(memory=200 * MiB)
 class Waiter:
     async def wait(self, seconds: float) -> bool:

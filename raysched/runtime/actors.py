@@ -154,6 +154,13 @@ class AdaptiveActorClass(_Adaptive):
                                  reason=f"{spec.allocation.reason}; CPU: Ray's actor default (1 to be placed, "
                                         f"0 while it runs)")
             spec = replace(spec, allocation=allocation, ray_default_cpus=True)
+        if self.fallback.memory is None and "memory" not in options.explicit and spec.prediction.memory.n_history == 0:
+            # Nor how much memory: as a plain Ray actor, no `memory` label. The default
+            # fallback (1 GiB) held for an actor's whole life would keep a handful of
+            # light actors from fitting a node. Its first incarnation's row sizes the next.
+            allocation = replace(spec.allocation, memory_bytes=0, memory_is_task_only=False,
+                                 reason=f"{spec.allocation.reason}; memory: Ray's actor default (no label)")
+            spec = replace(spec, allocation=allocation)
         return client, spec
 
     def _create(self, options: Any, args: tuple, kwargs: Mapping[str, Any]) -> "AdaptiveActorHandle":
