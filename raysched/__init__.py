@@ -92,13 +92,16 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     # Calls this driver submitted whose rows have not landed yet: wait a little
     # longer for them (a row still in flight on a loaded machine), never for long,
     # since a call still running has no row yet.
-    from .runtime.client import submitted_calls
+    from .runtime.client import forget_calls, submitted_calls
 
-    expected = submitted_calls(name)
+    expected = list(submitted_calls(name))
     deadline = time.monotonic() + 3.0
-    while calls_without_rows(frame, list(expected)) and time.monotonic() < deadline:
+    while calls_without_rows(frame, expected) and time.monotonic() < deadline:
         time.sleep(0.25)
         frame = store.read(function=name)
+    # Those with rows, and those given up on: a call cancelled before it started, or
+    # killed with its worker, never gets a row, and every later call would wait it out.
+    forget_calls(name, expected)
     return frame
 
 

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import ray
 
@@ -162,9 +162,12 @@ class ProfilerClient:
         expected = recent_calls(function, _ROWS_WAIT_CALLS)
         deadline = self._clock() + timeout
         while expected:
-            expected = ray.get(self.handle.missing_calls.remote(function, expected), timeout=timeout + 30)
-            if not expected or self._clock() >= deadline:
+            missing = ray.get(self.handle.missing_calls.remote(function, expected), timeout=timeout + 30)
+            # Calls with rows, and at the deadline those still without (see ``forget_calls``).
+            forget_calls(function, expected if self._clock() >= deadline else set(expected) - set(missing))
+            if not missing or self._clock() >= deadline:
                 return
+            expected = missing
             time.sleep(0.2)
 
     def predict(self, function: str, code_hash: str, features: Features, fallback: Fallback,
@@ -304,25 +307,53 @@ def reset_client() -> None:
         _client = None
 
 
-#: Calls submitted by this driver, per function: ``profiles()`` waits briefly for
-#: their rows.  Bounded, so a long-running driver does not grow without end.
+#: Calls submitted by this driver, per function, whose rows no wait has seen (or given
+#: up on) yet: ``profiles()`` waits briefly for their rows.  Bounded, so a
+#: long-running driver does not grow without end.
 _SUBMITTED: dict[str | None, "deque[str]"] = {}
+_SUBMITTED_MAX = 10_000
+_SUBMITTED_LOCK = threading.Lock()
 
 
 def note_submitted(function: str, call_id: str) -> None:
-    calls = _SUBMITTED.get(function)
-    if calls is None:
-        calls = _SUBMITTED[function] = deque(maxlen=10_000)
-    calls.append(call_id)
+    with _SUBMITTED_LOCK:
+        calls = _SUBMITTED.get(function)
+        if calls is None:
+            calls = _SUBMITTED[function] = deque(maxlen=_SUBMITTED_MAX)
+        calls.append(call_id)
 
 
 def recent_calls(function: str, n: int) -> list[str]:
-    """The last ``n`` calls of ``function`` this driver submitted, oldest first."""
-    calls = _SUBMITTED.get(function)
-    return list(calls)[-n:] if calls else []
+    """The last ``n`` calls of ``function`` still waited for (``_SUBMITTED``), oldest first."""
+    with _SUBMITTED_LOCK:
+        calls = _SUBMITTED.get(function)
+        return list(calls)[-n:] if calls else []
 
 
 def submitted_calls(function: str | None) -> set[str]:
-    if function is None:
-        return {c for calls in _SUBMITTED.values() for c in calls}
-    return set(_SUBMITTED.get(function, ()))
+    """The calls of ``function`` (None: of every function) still waited for (``_SUBMITTED``)."""
+    with _SUBMITTED_LOCK:
+        if function is None:
+            return {c for calls in _SUBMITTED.values() for c in calls}
+        return set(_SUBMITTED.get(function, ()))
+
+
+def forget_calls(function: str | None, call_ids: Iterable[str] | None = None) -> None:
+    """Stop waiting for these calls' rows (of ``function``, or of any function; None: all calls).
+
+    A wait forgets the calls whose rows it saw, and those it gave up on: a call
+    cancelled before it started, force-cancelled or crashed never gets a row, and
+    every later wait would otherwise wait it out in full.
+    """
+    with _SUBMITTED_LOCK:
+        functions = list(_SUBMITTED) if function is None else [function]
+        if call_ids is None:
+            for name in functions:
+                _SUBMITTED.pop(name, None)
+            return
+        drop = set(call_ids)
+        for name in functions:
+            calls = _SUBMITTED.get(name)
+            if calls and drop:
+                _SUBMITTED[name] = deque((c for c in calls if c not in drop), maxlen=_SUBMITTED_MAX)
+
