@@ -66,10 +66,11 @@ def _settle() -> None:
         profiler = ray.get_actor(profiler_name(get_config()), namespace=NAMESPACE)
     except ValueError:
         return
-    flush = get_config().flush_interval_s
+    from .runtime.client import rows_sent_within_s
+
     # A finished task's row waits up to one flush interval in its worker, then
     # travels to the profiler: give it a generous second, then wait for quiet.
-    ray.get(profiler.settle.remote(min_wait_s=max(1.0, 3 * flush)), timeout=60)
+    ray.get(profiler.settle.remote(min_wait_s=rows_sent_within_s(get_config())), timeout=60)
 
 
 def profiles(f_or_name: Any = None, *, settle: bool = True):
@@ -105,6 +106,20 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     return frame
 
 
+def flush(timeout_s: float = 10.0) -> bool:
+    """Wait (at most ``timeout_s``) until the rows of this process's finished calls are stored.
+
+    Ray's shutdown kills the workers that still hold rows (up to ``flush_interval_s``) and
+    the profiler that is writing them: ``ray.shutdown()`` and the process's exit call this
+    themselves (up to ``RayschedConfig.shutdown_flush_timeout_s``).  Calls still running,
+    or that never get a row (cancelled before they started, killed with their worker),
+    are given up on once the profiler is quiet.  True if every call has its row.
+    """
+    from .runtime.client import flush as _flush
+
+    return _flush(timeout_s)
+
+
 def events(f_or_name: Any = None):
     """Every decision the live monitor recorded (of one function, or of all) as a pandas DataFrame.
 
@@ -122,6 +137,7 @@ __all__ = [
     "configure",
     "get_config",
     "profiles",
+    "flush",
     "events",
     "RayschedConfig",
     "Prediction",
