@@ -1,7 +1,7 @@
-"""Ray shut down in a driver process: ``ray.shutdown()`` keeps the rows of the calls that
-finished before it.
+"""Ray shut down and started again in one driver process: ``ray.shutdown()`` keeps the rows of
+the calls that finished before it, and raysched follows the new session.
 
-Each test starts and shuts down its own local cluster (what it tests), so the module
+Each test starts and shuts down its own local clusters (what it tests), so the module
 cannot share one Ray session.
 """
 
@@ -16,7 +16,7 @@ from conftest import environment
 
 import raysched
 from raysched import adaptive_remote
-from raysched.runtime.session import NAMESPACE
+from raysched.runtime.session import NAMESPACE, profiler_name, session_token
 from raysched.store.profiles import ProfileStore
 
 pytestmark = pytest.mark.ray
@@ -63,3 +63,20 @@ def test_shutdown_keeps_the_rows_of_finished_calls_without_waiting_for_running_o
     assert len(ProfileStore(home).read(function=square.name)) == 6
     del still_running
 
+
+def test_a_new_ray_session_in_the_same_process_gets_its_own_profiler_and_the_history(home):
+    """The first job of every new local cluster has the same id: the session name tells them apart."""
+    start_ray()
+    ray.get([square.remote(i) for i in range(5)])
+    first_session = session_token()
+    ray.shutdown()
+    start_ray()
+    assert session_token() != first_session
+    assert ray.get([square.remote(i) for i in range(3)]) == [0, 1, 4]
+    # The client found no stale handle: the profiler runs in the new cluster.
+    ray.get_actor(profiler_name(raysched.get_config()), namespace=NAMESPACE)
+    prediction = square.predict(3)
+    assert prediction.memory.source == "history" and prediction.memory.n_history >= 5
+    assert len(raysched.profiles(square)) == 8
+    # ray.shutdown was wrapped once, in the first session only.
+    assert not getattr(ray.shutdown.__wrapped__, "_raysched_flushes", False)

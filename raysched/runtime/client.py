@@ -298,6 +298,9 @@ def get_client() -> ProfilerClient:
     token = session_token()
     with _client_lock:
         if _client is None or token != _client_session:
+            if _client_session is not None and token != _client_session:
+                # Calls of the ended session that have no row by now never get one.
+                forget_calls(None)
             _client, _client_session = ProfilerClient(get_config()), token
             _flush_at_shutdown()
         return _client
