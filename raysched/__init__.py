@@ -66,10 +66,11 @@ def _settle() -> None:
         profiler = ray.get_actor(profiler_name(get_config()), namespace=NAMESPACE)
     except ValueError:
         return
-    flush = get_config().flush_interval_s
+    from .runtime.client import rows_sent_within_s
+
     # A finished task's row waits up to one flush interval in its worker, then
     # travels to the profiler: give it a generous second, then wait for quiet.
-    ray.get(profiler.settle.remote(min_wait_s=max(1.0, 3 * flush)), timeout=60)
+    ray.get(profiler.settle.remote(min_wait_s=rows_sent_within_s(get_config())), timeout=60)
 
 
 def profiles(f_or_name: Any = None, *, settle: bool = True):
@@ -92,14 +93,31 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     # Calls this driver submitted whose rows have not landed yet: wait a little
     # longer for them (a row still in flight on a loaded machine), never for long,
     # since a call still running has no row yet.
-    from .runtime.client import submitted_calls
+    from .runtime.client import forget_calls, submitted_calls
 
-    expected = submitted_calls(name)
+    expected = list(submitted_calls(name))
     deadline = time.monotonic() + 3.0
-    while calls_without_rows(frame, list(expected)) and time.monotonic() < deadline:
+    while calls_without_rows(frame, expected) and time.monotonic() < deadline:
         time.sleep(0.25)
         frame = store.read(function=name)
+    # Those with rows, and those given up on: a call cancelled before it started, or
+    # killed with its worker, never gets a row, and every later call would wait it out.
+    forget_calls(name, expected)
     return frame
+
+
+def flush(timeout_s: float = 10.0) -> bool:
+    """Wait (at most ``timeout_s``) until the rows of this process's finished calls are stored.
+
+    Ray's shutdown kills the workers that still hold rows (up to ``flush_interval_s``) and
+    the profiler that is writing them: ``ray.shutdown()`` and the process's exit call this
+    themselves (up to ``RayschedConfig.shutdown_flush_timeout_s``).  Calls still running,
+    or that never get a row (cancelled before they started, killed with their worker),
+    are given up on once the profiler is quiet.  True if every call has its row.
+    """
+    from .runtime.client import flush as _flush
+
+    return _flush(timeout_s)
 
 
 def events(f_or_name: Any = None):
@@ -119,6 +137,7 @@ __all__ = [
     "configure",
     "get_config",
     "profiles",
+    "flush",
     "events",
     "RayschedConfig",
     "Prediction",

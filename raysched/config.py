@@ -154,6 +154,9 @@ class RayschedConfig:
     live_interval_s: float = 0.5
     #: Worker-side profile rows are sent to the profiler at most this often.
     flush_interval_s: float = 0.2
+    #: How long ``ray.shutdown()`` (and the driver's exit) waits at most, before Ray tears
+    #: down, for the rows of the calls that finished to be stored (``raysched.flush``); 0: not at all.
+    shutdown_flush_timeout_s: float = 5.0
     #: The profiler writes the batches that arrive together as one Parquet part, at most
     #: one write per this many seconds while batches keep coming (group commit; a quiet
     #: profiler writes at once).  A part costs about as much for 50 rows as for 500.
@@ -262,6 +265,8 @@ class RayschedConfig:
                 problems.append(f"{name} must be positive")
         if not (self.flush_interval_s > 0 and self.profile_commit_interval_s >= 0):
             problems.append("flush_interval_s must be positive and profile_commit_interval_s not negative")
+        if not self.shutdown_flush_timeout_s >= 0:
+            problems.append("shutdown_flush_timeout_s must not be negative")
         if not (self.short_call_wall_s >= 0 and self.short_call_rss_bytes >= 0 and self.short_call_streak >= 1
                 and self.short_call_measure_every >= 1):
             problems.append("short_call_wall_s and short_call_rss_bytes must not be negative, short_call_streak "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import numpy as np
@@ -53,6 +54,12 @@ def fails(x):
 @ray.remote
 def plain_double(x):
     return 2 * x
+
+
+@adaptive_remote
+def naps(seconds):
+    time.sleep(seconds)
+    return seconds
 
 
 def test_remote_returns_a_real_object_ref(ray_session):
@@ -320,3 +327,20 @@ def test_calls_run_inside_placement_groups(ray_session):
         assert (rows["allocated_memory_bytes"] >= 300 * MiB).all(), rows["allocated_memory_bytes"]
     finally:
         remove_placement_group(group)
+
+
+def test_a_call_cancelled_before_it_started_makes_profiles_wait_once_at_most(ray_session):
+    """profiles() waits for rows of this driver's calls; one cancelled while queued never
+    gets one, and every later profiles() waited out the whole deadline (3 s) for it."""
+    ray.get([naps.remote(0.1) for _ in range(2)])
+    blockers = [naps.options(num_cpus=1).remote(3) for _ in range(2)]  # the cluster's 2 CPUs
+    time.sleep(0.5)
+    queued = naps.remote(1)
+    time.sleep(0.3)
+    ray.cancel(queued)
+    assert ray.get(blockers) == [3, 3]
+    raysched.profiles(naps)
+    started = time.monotonic()
+    rows = raysched.profiles(naps)
+    assert time.monotonic() - started < 2.5  # the settle (1 s and a quiet profiler), not 1 + 3 s
+    assert len(rows) == 4 and (rows["outcome"] == "ok").all()

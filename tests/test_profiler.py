@@ -94,6 +94,15 @@ def test_missing_calls_names_the_calls_whose_rows_have_not_arrived(profiler):
     assert fresh.missing_calls("f", ["c1", "c9"]) == ["c9"]  # read back from the store
 
 
+def test_unrecorded_names_missing_calls_per_function_and_says_when_no_rows_came_for_a_while(profiler):
+    """What a flush (at ray.shutdown) waits on: rows of the driver's calls, and a quiet profiler."""
+    profiler.record(rows(2))  # c0, c1 of f, at the clock's now
+    missing, quiet = profiler.unrecorded({"f": ["c0", "c1", "c2"], "g": ["c0"]}, quiet_s=0.5)
+    assert missing == {"f": ["c2"], "g": ["c0"]} and not quiet  # rows came just now
+    profiler._clock.now += 0.5
+    assert profiler.unrecorded({"f": ["c0", "c1"]}, quiet_s=0.5) == ({}, True)
+
+
 def test_trains_once_enough_rows_then_throttles_by_clock(profiler):
     profiler.bundle("f", "h1")
     profiler.record(rows(29))

@@ -60,7 +60,7 @@ from ..types import Allocation, Outcome
 from .actor_worker import RESTORE_HOOK, SAVE_HOOK, actor_options, make_actor_class
 from .decorator import _Adaptive
 from .worker import ACTOR_DEFINITION_OPTIONS, definition_options, ray_remote
-from .session import NAMESPACE, monitor_name
+from .session import NAMESPACE, monitor_name, session_token
 from .worker import AttemptSpec, encode_spec
 
 logger = logging.getLogger(__name__)
@@ -588,8 +588,13 @@ class ActorWatcher:
 
 def _ray_directives(config: RayschedConfig):
     handle: list[Any] = []
+    session: list[str | None] = [None]
 
     def directives(ids: list[str]) -> dict[str, Decision]:
+        token = session_token()
+        if session[0] != token:  # Ray restarted in this process: the old handle is of a dead cluster
+            handle.clear()
+            session[0] = token
         if not handle:
             handle.append(ray.get_actor(monitor_name(config), namespace=NAMESPACE))
         try:

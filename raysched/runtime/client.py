@@ -10,14 +10,16 @@ first bundle: once per function, never per task.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import ray
 
@@ -144,7 +146,7 @@ class ProfilerClient:
         """Block until the profiler has answered (after training, if asked): for predict() and tools."""
         key = (function, code_hash)
         if train:
-            ray.get(self.handle.settle.remote(min_wait_s=max(1.0, 3 * self.config.flush_interval_s)), timeout=timeout)
+            ray.get(self.handle.settle.remote(min_wait_s=rows_sent_within_s(self.config)), timeout=timeout)
             self._wait_for_rows(function, min(timeout, _ROWS_WAIT_S))
             ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
         with self._lock:
@@ -162,9 +164,12 @@ class ProfilerClient:
         expected = recent_calls(function, _ROWS_WAIT_CALLS)
         deadline = self._clock() + timeout
         while expected:
-            expected = ray.get(self.handle.missing_calls.remote(function, expected), timeout=timeout + 30)
-            if not expected or self._clock() >= deadline:
+            missing = ray.get(self.handle.missing_calls.remote(function, expected), timeout=timeout + 30)
+            # Calls with rows, and at the deadline those still without (see ``forget_calls``).
+            forget_calls(function, expected if self._clock() >= deadline else set(expected) - set(missing))
+            if not missing or self._clock() >= deadline:
                 return
+            expected = missing
             time.sleep(0.2)
 
     def predict(self, function: str, code_hash: str, features: Features, fallback: Fallback,
@@ -293,7 +298,11 @@ def get_client() -> ProfilerClient:
     token = session_token()
     with _client_lock:
         if _client is None or token != _client_session:
+            if _client_session is not None and token != _client_session:
+                # Calls of the ended session that have no row by now never get one.
+                forget_calls(None)
             _client, _client_session = ProfilerClient(get_config()), token
+            _flush_at_shutdown()
         return _client
 
 
@@ -304,25 +313,151 @@ def reset_client() -> None:
         _client = None
 
 
-#: Calls submitted by this driver, per function: ``profiles()`` waits briefly for
-#: their rows.  Bounded, so a long-running driver does not grow without end.
+#: Calls submitted by this driver, per function, whose rows no wait has seen (or given
+#: up on) yet: ``profiles()`` and ``flush()`` wait briefly for their rows.  Bounded, so a
+#: long-running driver does not grow without end.
 _SUBMITTED: dict[str | None, "deque[str]"] = {}
+_SUBMITTED_MAX = 10_000
+_SUBMITTED_LOCK = threading.Lock()
 
 
 def note_submitted(function: str, call_id: str) -> None:
-    calls = _SUBMITTED.get(function)
-    if calls is None:
-        calls = _SUBMITTED[function] = deque(maxlen=10_000)
-    calls.append(call_id)
+    with _SUBMITTED_LOCK:
+        calls = _SUBMITTED.get(function)
+        if calls is None:
+            calls = _SUBMITTED[function] = deque(maxlen=_SUBMITTED_MAX)
+        calls.append(call_id)
 
 
 def recent_calls(function: str, n: int) -> list[str]:
-    """The last ``n`` calls of ``function`` this driver submitted, oldest first."""
-    calls = _SUBMITTED.get(function)
-    return list(calls)[-n:] if calls else []
+    """The last ``n`` calls of ``function`` still waited for (``_SUBMITTED``), oldest first."""
+    with _SUBMITTED_LOCK:
+        calls = _SUBMITTED.get(function)
+        return list(calls)[-n:] if calls else []
 
 
 def submitted_calls(function: str | None) -> set[str]:
-    if function is None:
-        return {c for calls in _SUBMITTED.values() for c in calls}
-    return set(_SUBMITTED.get(function, ()))
+    """The calls of ``function`` (None: of every function) still waited for (``_SUBMITTED``)."""
+    with _SUBMITTED_LOCK:
+        if function is None:
+            return {c for calls in _SUBMITTED.values() for c in calls}
+        return set(_SUBMITTED.get(function, ()))
+
+
+def forget_calls(function: str | None, call_ids: Iterable[str] | None = None) -> None:
+    """Stop waiting for these calls' rows (of ``function``, or of any function; None: all calls).
+
+    A wait forgets the calls whose rows it saw, and those it gave up on: a call
+    cancelled before it started, force-cancelled or crashed never gets a row, and
+    every later wait would otherwise wait it out in full.
+    """
+    with _SUBMITTED_LOCK:
+        functions = list(_SUBMITTED) if function is None else [function]
+        if call_ids is None:
+            for name in functions:
+                _SUBMITTED.pop(name, None)
+            return
+        drop = set(call_ids)
+        for name in functions:
+            calls = _SUBMITTED.get(name)
+            if calls and drop:
+                _SUBMITTED[name] = deque((c for c in calls if c not in drop), maxlen=_SUBMITTED_MAX)
+
+
+def rows_sent_within_s(config: RayschedConfig) -> float:
+    """How long after a call ends its worker has surely sent its row (one flush interval, with room)."""
+    return max(1.0, 3 * config.flush_interval_s)
+
+
+#: How often ``flush`` asks the profiler which calls still lack rows...
+_FLUSH_POLL_S = 0.1
+#: ...and how long the profiler must have taken no rows, once the workers have sent theirs
+#: (``rows_sent_within_s``), before a flush gives up on the calls left: still running,
+#: or cancelled, crashed, killed with their worker.
+_FLUSH_QUIET_S = 0.5
+
+
+def flush(timeout_s: float) -> bool:
+    """Wait (at most ``timeout_s``) until the profiler has stored the rows of this
+    process's finished calls; True if every call it is waiting for has its row.
+
+    The last ``_ROWS_WAIT_CALLS`` calls of each function are waited for: until they
+    all have rows, or, once their workers have sent what they hold, until the
+    profiler is quiet (the calls left are still running, or never get a row).
+    """
+    with _SUBMITTED_LOCK:
+        calls = {f: list(ids)[-_ROWS_WAIT_CALLS:] for f, ids in _SUBMITTED.items() if ids}
+    if not calls:
+        return True
+    if not ray.is_initialized():
+        return False
+    from .session import NAMESPACE, profiler_name
+
+    config = get_config()
+    try:
+        profiler = ray.get_actor(profiler_name(config), namespace=NAMESPACE)
+    except Exception:  # noqa: BLE001 - no profiler: workers write their rows to the store themselves
+        return False
+    started = time.monotonic()
+    deadline, sent_by = started + timeout_s, started + rows_sent_within_s(config)
+    while True:
+        try:
+            missing, quiet = ray.get(profiler.unrecorded.remote(calls, _FLUSH_QUIET_S),
+                                     timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as exc:  # noqa: BLE001 - a profiler restarting, or busy past the timeout
+            logger.debug("raysched: flush: %s", exc)
+            return False
+        for function, ids in calls.items():
+            left = set(missing.get(function, ()))
+            forget_calls(function, [c for c in ids if c not in left])
+        if not missing:
+            return True
+        now = time.monotonic()
+        if now >= deadline or (quiet and now >= sent_by):
+            for function, ids in missing.items():
+                forget_calls(function, ids)
+            return False
+        calls = missing
+        time.sleep(_FLUSH_POLL_S)
+
+
+def _is_driver() -> bool:
+    """Whether this process is a driver (a script, a Ray Job, a Ray Client), not a worker."""
+    try:
+        from ray._private.worker import WORKER_MODE, global_worker
+
+        return global_worker.mode != WORKER_MODE
+    except Exception:  # noqa: BLE001 - Ray's internals moved: treat it as a driver
+        return True
+
+
+def _flush_before_shutdown() -> None:
+    """Keep the rows of the calls that finished: Ray kills the workers holding them (up to
+    one flush interval) and the profiler writing them (up to a commit interval)."""
+    try:
+        timeout = get_config().shutdown_flush_timeout_s
+        if timeout > 0 and ray.is_initialized():
+            flush(timeout)
+    except BaseException as exc:  # noqa: BLE001 - a shutdown must go on, even after a Ctrl-C here
+        logger.debug("raysched: flush before shutdown: %s", exc)
+
+
+def _flush_at_shutdown() -> None:
+    """Flush before ``ray.shutdown()`` and before the process exits (once per process).
+
+    Ray has no shutdown hook: ``ray.shutdown`` is wrapped.  At a plain exit Ray's own
+    atexit handler calls its original ``shutdown``; the handler registered here runs
+    before it (atexit runs the last registered first).
+    """
+    if getattr(ray.shutdown, "_raysched_flushes", False) or not _is_driver():
+        return
+    original = ray.shutdown
+
+    @functools.wraps(original)
+    def shutdown(*args: Any, **kwargs: Any) -> Any:
+        _flush_before_shutdown()
+        return original(*args, **kwargs)
+
+    shutdown._raysched_flushes = True  # type: ignore[attr-defined]
+    ray.shutdown = shutdown
+    atexit.register(_flush_before_shutdown)

@@ -394,6 +394,18 @@ class Profiler:
             rows = state.rows
         return calls_without_rows(rows, call_ids)
 
+    def unrecorded(self, calls: Mapping[str, Sequence[str]], quiet_s: float = 0.3) -> tuple[dict[str, list[str]], bool]:
+        """Per function, those of its ``calls`` that no row held here accounts for yet; and
+        whether the profiler is quiet: no rows arrived for ``quiet_s`` and none are being written."""
+        missing = {}
+        for function, call_ids in calls.items():
+            left = self.missing_calls(function, call_ids)
+            if left:
+                missing[function] = left
+        with self._lock:
+            quiet = self._in_flight == 0 and self._clock() - self._last_record >= quiet_s
+        return missing, quiet
+
     def wait_for_training(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         for state in list(self._functions.values()):

@@ -79,13 +79,21 @@ def configure(config: RayschedConfig | None = None, **changes: object) -> Raysch
 
 
 def session_token() -> str | None:
-    """Identifies the current Ray session, so caches tied to one can tell a new one."""
+    """Identifies the current Ray session, so caches tied to one can tell a new one.
+
+    The cluster's session name (unique per start of a cluster) and the job: the job
+    id alone is ``01000000`` for the first driver of every new local cluster, so a
+    ``ray.shutdown()`` and ``ray.init()`` in one process kept handles of the dead one.
+    """
     if not ray.is_initialized():
         return None
-    try:
-        return str(ray.get_runtime_context().get_job_id())
-    except Exception:  # noqa: BLE001
-        return None
+    parts = []
+    for part in ("get_session_name", "get_job_id"):
+        try:
+            parts.append(str(getattr(ray.get_runtime_context(), part)()))
+        except Exception:  # noqa: BLE001 - not every kind of connection (Ray Client) has both
+            parts.append("")
+    return "/".join(parts) if any(parts) else None
 
 
 def ensure_ray() -> None:
