@@ -233,8 +233,9 @@ def test_ray_kill_ends_an_adaptive_actor_and_no_rescale_brings_it_back(ray_sessi
     killed = handle.raysched.ray_handle
     ray.get(handle.pid.remote(), timeout=60)
     ray.kill(handle)
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(handle.pid.remote(), timeout=60)
+    # Ray's kill travels through the GCS while a call goes straight to the actor: with plain
+    # Ray too, a call sent right after ray.kill runs now and then (1 in 20 here).
+    assert wait_for(lambda: _call_fails(handle), timeout=30)
     # A rescale the monitor decided from its last samples, applied after the kill.
     time.sleep(1.1)  # (one applied at once waits for a kill that may be on its way: test_a_rescale_waits_...)
     late = Decision("cpu_off_allocation", RESCALE, Idler.name, handle.raysched.actor_id, 1, measured=0.01,
@@ -249,6 +250,14 @@ def test_ray_kill_ends_an_adaptive_actor_and_no_rescale_brings_it_back(ray_sessi
     assert ray.get(ray.get_actor("raysched-kill-probe").nbytes.remote(), timeout=60) == 0
     ray.kill(named)
     assert wait_for(lambda: _no_actor_named("raysched-kill-probe"), timeout=30)
+
+
+def _call_fails(handle) -> bool:
+    try:
+        ray.get(handle.pid.remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
 
 
 def _no_actor_named(name: str) -> bool:
