@@ -907,13 +907,18 @@ def _put_handover(spec: AttemptSpec, next_spec: AttemptSpec) -> None:
         logger.warning("raysched: could not write the hand-over marker of %s", spec.live_key)
 
 
-def _handed_over(spec: AttemptSpec) -> AttemptSpec | None:
-    """The next attempt this attempt's task handed over to before it died, if it did."""
-    raw = _kv_get(_handover_key(spec))
+def _spec_marker(key: str, config: RayschedConfig | None) -> AttemptSpec | None:
+    """The attempt spec a marker in Ray's KV holds, if there is a readable one."""
+    raw = _kv_get(key)
     try:
-        return decode_spec(raw, spec.config) if raw is not None else None
+        return decode_spec(raw, config) if raw is not None else None
     except Exception:  # noqa: BLE001 - an unreadable marker is no marker
         return None
+
+
+def _handed_over(spec: AttemptSpec) -> AttemptSpec | None:
+    """The next attempt this attempt's task handed over to before it died, if it did."""
+    return _spec_marker(_handover_key(spec), spec.config)
 
 
 def _drop_handover(spec: AttemptSpec) -> None:
@@ -1089,11 +1094,7 @@ def _run_again_here(fn: Callable[..., Any], task_spec: AttemptSpec, spec: Attemp
 
 def _last_run_here(task_spec: AttemptSpec) -> AttemptSpec | None:
     """The attempt this task last ran after a failure (``_run_again_here``), if it did."""
-    raw = _kv_get(_run_here_key(task_spec))
-    try:
-        return decode_spec(raw, task_spec.config) if raw is not None else None
-    except Exception:  # noqa: BLE001 - an unreadable marker is no marker
-        return None
+    return _spec_marker(_run_here_key(task_spec), task_spec.config)
 
 
 def encode_template(spec: AttemptSpec) -> bytes:
