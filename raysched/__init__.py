@@ -132,6 +132,16 @@ def events(f_or_name: Any = None):
     return _events(_function_name(f_or_name))
 
 
+def __getattr__(name: str) -> Any:
+    # Errors that subclass Ray's own are defined where Ray is imported; exported lazily,
+    # so that ``import raysched`` (and the pure policy) does not import Ray.
+    if name == "WorkerDied":
+        from .runtime.worker import WorkerDied
+
+        return WorkerDied
+    raise AttributeError(f"module 'raysched' has no attribute {name!r}")
+
+
 __all__ = [
     "adaptive_remote",
     "configure",
@@ -153,4 +163,5 @@ __all__ = [
     "AttemptsExhausted",
     "ResourceLimitExceeded",
     "StoppedByMonitor",
+    "WorkerDied",
 ]

@@ -78,7 +78,8 @@ def test_a_crashing_worker_reruns_as_often_as_plain_ray_and_every_death_is_recor
     runs, error = runs_of(call, dashboard_session / case)
     assert runs == plain_runs, error
     assert isinstance(error, ray.exceptions.WorkerCrashedError), repr(error)
-    assert isinstance(error, raysched.RayschedError) and f"max_retries={retries}" in str(error), str(error)
+    assert isinstance(error, raysched.WorkerDied) and isinstance(error, raysched.RayschedError), repr(error)
+    assert f"max_retries={retries}" in str(error), str(error)
 
     rows = failed_rows(function)
     assert list(rows["attempt"]) == list(range(1, runs + 1)), rows[["attempt", "outcome", "error"]]
