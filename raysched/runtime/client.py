@@ -162,15 +162,8 @@ class ProfilerClient:
         can send its batch late.  A call still running has no row yet: then the wait ends
         at ``timeout``, and training goes on with what arrived."""
         expected = recent_calls(function, _ROWS_WAIT_CALLS)
-        deadline = self._clock() + timeout
-        while expected:
-            missing = ray.get(self.handle.missing_calls.remote(function, expected), timeout=timeout + 30)
-            # Calls with rows, and at the deadline those still without (see ``forget_calls``).
-            forget_calls(function, expected if self._clock() >= deadline else set(expected) - set(missing))
-            if not missing or self._clock() >= deadline:
-                return
-            expected = missing
-            time.sleep(0.2)
+        if expected:
+            _await_rows(self.handle, {function: expected}, timeout, give_up_when_quiet_after=None)
 
     def predict(self, function: str, code_hash: str, features: Features, fallback: Fallback,
                 bundle: Bundle | None) -> Prediction:
@@ -398,14 +391,25 @@ def flush(timeout_s: float) -> bool:
         profiler = ray.get_actor(profiler_name(config), namespace=NAMESPACE)
     except Exception:  # noqa: BLE001 - no profiler: workers write their rows to the store themselves
         return False
+    return _await_rows(profiler, calls, timeout_s, give_up_when_quiet_after=rows_sent_within_s(config))
+
+
+def _await_rows(profiler: Any, calls: dict[str, list[str]], timeout_s: float,
+                give_up_when_quiet_after: float | None) -> bool:
+    """Poll the profiler until it holds a row of each of ``calls`` (per function); True
+    if it does. Gives up at ``timeout_s`` or, when ``give_up_when_quiet_after`` is set,
+    once the profiler is quiet that many seconds in (the calls left are still running,
+    or never get a row). Every call seen with a row, or given up on, is forgotten
+    (``forget_calls``)."""
     started = time.monotonic()
-    deadline, sent_by = started + timeout_s, started + rows_sent_within_s(config)
+    deadline = started + timeout_s
+    quiet_by = started + give_up_when_quiet_after if give_up_when_quiet_after is not None else math.inf
     while True:
         try:
             missing, quiet = ray.get(profiler.unrecorded.remote(calls, _FLUSH_QUIET_S),
                                      timeout=max(0.1, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - a profiler restarting, or busy past the timeout
-            logger.debug("raysched: flush: %s", exc)
+            logger.debug("raysched: waiting for rows: %s", exc)
             return False
         for function, ids in calls.items():
             left = set(missing.get(function, ()))
@@ -413,7 +417,7 @@ def flush(timeout_s: float) -> bool:
         if not missing:
             return True
         now = time.monotonic()
-        if now >= deadline or (quiet and now >= sent_by):
+        if now >= deadline or (quiet and now >= quiet_by):
             for function, ids in missing.items():
                 forget_calls(function, ids)
             return False

@@ -68,7 +68,7 @@ def report_from(spec: Any, sample: Any, node_id: str = "", kind: str = "task") -
         cpu_seconds=float(sample.cpu_seconds), wall_seconds=float(sample.wall_seconds),
         read_bytes=int(sample.read_bytes), write_bytes=int(sample.write_bytes), timestamp=float(sample.timestamp),
         node_kill_threshold=ray_kill_threshold(), kind=kind, rescalable=bool(getattr(spec, "rescalable", False)),
-        start_rss_bytes=int(getattr(sample, "start_rss_bytes", 0)),
+        start_rss_bytes=int(sample.start_rss_bytes),
         **node_memory_here(),
     )
 

@@ -1288,10 +1288,7 @@ RAY_DEFAULT_MAX_RETRIES = 3
 def retry_budget(spec: AttemptSpec) -> int:
     """The caller's ``max_retries`` (Ray's default if not given; -1: unlimited): how often a
     call may be rerun after failures that are not raysched's business (``AttemptSpec.reruns``)."""
-    for key, value in spec.ray_options:
-        if key == "max_retries":
-            return int(value)
-    return RAY_DEFAULT_MAX_RETRIES
+    return int(dict(spec.ray_options).get("max_retries", RAY_DEFAULT_MAX_RETRIES))
 
 
 def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]:
