@@ -48,6 +48,24 @@ def profiles(function: str | None, limit: int) -> None:
         click.echo(frame[columns].tail(limit).to_string() if len(frame) else "no profiles yet")
 
 
+@main.command()
+@click.option("--all", "merge_all", is_flag=True, help="Merge every part into one (rewrites every row).")
+def compact(merge_all: bool) -> None:
+    """Merge the profile store's Parquet parts (the profiler also does this as it writes)."""
+    from . import get_config
+    from .store.profiles import PROFILES_DIR, ProfileStore
+
+    home = get_config().home_path
+    if not (home / PROFILES_DIR).is_dir():
+        click.echo(f"no profiles yet (no store at {home}; RAYSCHED_HOME names another)")
+        return
+    store = ProfileStore(home)
+    before = len(store.profiles.parts()) + len(store.event_table.parts())
+    removed = store.compact(min_parts=2) if merge_all else store.tidy(max(2, get_config().store_tidy_fanout or 10))
+    after = len(store.profiles.parts()) + len(store.event_table.parts())
+    click.echo(f"{before} part file(s) -> {after} ({removed} merged away) under {home}")
+
+
 def _add_replay_commands() -> None:
     try:
         from .replay.commands import eval_command, import_command

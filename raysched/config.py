@@ -161,6 +161,11 @@ class RayschedConfig:
     #: one write per this many seconds while batches keep coming (group commit; a quiet
     #: profiler writes at once).  A part costs about as much for 50 rows as for 500.
     profile_commit_interval_s: float = 0.5
+    #: The profiler merges this many or more adjacent Parquet parts of one size tier
+    #: into one, in the background (``ParquetTable.tidy``): a long run of many tiny tasks
+    #: writes two parts a second, and every read opens each part. 0: never (merge with
+    #: ``raysched compact``).
+    store_tidy_fanout: int = 10
     #: Thinning of tiny calls (policy/thinning.py): once a function's calls in one worker
     #: process were short (at most short_call_wall_s of wall time, growing the process by
     #: at most short_call_rss_bytes) short_call_streak times in a row, only one call in
@@ -265,6 +270,9 @@ class RayschedConfig:
                 problems.append(f"{name} must be positive")
         if not (self.flush_interval_s > 0 and self.profile_commit_interval_s >= 0):
             problems.append("flush_interval_s must be positive and profile_commit_interval_s not negative")
+        if isinstance(self.store_tidy_fanout, bool) or not isinstance(self.store_tidy_fanout, int) or \
+                self.store_tidy_fanout == 1 or self.store_tidy_fanout < 0:
+            problems.append("store_tidy_fanout must be 0 (never) or an integer of at least 2")
         if not self.shutdown_flush_timeout_s >= 0:
             problems.append("shutdown_flush_timeout_s must not be negative")
         if not (self.short_call_wall_s >= 0 and self.short_call_rss_bytes >= 0 and self.short_call_streak >= 1

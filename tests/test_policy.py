@@ -323,6 +323,10 @@ def test_config_rejects_nonsense():
         RayschedConfig(oversize_policy="maybe")
     with pytest.raises(ValueError, match="max_attempts"):
         RayschedConfig(max_attempts=0)
+    for fanout in (1, -2, 2.5, True):
+        with pytest.raises(ValueError, match="store_tidy_fanout"):
+            RayschedConfig(store_tidy_fanout=fanout)
+    assert RayschedConfig(store_tidy_fanout=0).store_tidy_fanout == 0  # never
 
 
 def test_home_comes_from_the_environment_only_in_from_env(monkeypatch, tmp_path):

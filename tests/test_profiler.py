@@ -83,6 +83,25 @@ def test_bundle_carries_history_and_versions_move(profiler):
     assert bundle.max_peak_seen > 100 * MiB
 
 
+def test_the_profiler_merges_the_parts_it_writes_as_it_goes(tmp_path):
+    """Each record is a Parquet part; merged in the background, a long run does not leave
+    thousands for every read to open, and no row is lost or reordered."""
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, store_tidy_fanout=3,
+                            profile_commit_interval_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
+                        executor=InlineExecutor(), tidy_executor=InlineExecutor())
+    for batch in range(60):
+        profiler.record(rows(5, start=5 * batch))
+    parts = profiler.store.profiles.parts()
+    assert len(parts) <= 12 and profiler.status()["parts_merged"] >= 48, len(parts)
+    assert list(profiler.store.read("f").call_id) == [f"c{i}" for i in range(300)]
+    off = Profiler(config.replace(store_tidy_fanout=0), store=ProfileStore(tmp_path / "off"), registry=FakeRegistry(),
+                   clock=Clock(), executor=InlineExecutor(), tidy_executor=InlineExecutor())
+    for batch in range(10):
+        off.record(rows(5, start=5 * batch))
+    assert len(off.store.profiles.parts()) == 10
+
+
 def test_missing_calls_names_the_calls_whose_rows_have_not_arrived(profiler):
     """What refresh(train=True) waits on: rows of the driver's calls, received or in the store."""
     assert profiler.missing_calls("f", ["c0", "c1"]) == ["c0", "c1"]

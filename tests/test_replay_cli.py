@@ -138,3 +138,25 @@ def test_profiles_command_reads_without_creating_a_home_and_refuses_a_bad_limit(
     res = CliRunner().invoke(main, ["profiles", "--limit", "-1"])
     assert res.exit_code == 2 and "--limit" in res.output
     monkeypatch.setattr(session, "_config", None)
+
+
+def test_compact_command_merges_the_stores_parts(tmp_path, monkeypatch):
+    from raysched.cli import main
+    from raysched.runtime import session
+    from raysched.store.profiles import ProfileStore
+
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path / "h"))
+    monkeypatch.setattr(session, "_config", None)
+    res = CliRunner().invoke(main, ["compact"])
+    assert res.exit_code == 0 and "no profiles yet" in res.output and not (tmp_path / "h").exists()
+    store = ProfileStore(tmp_path / "h")
+    for i in range(25):
+        store.append([{"row_id": f"r{i}", "function": "f", "code_hash": "h", "attempt": 1, "outcome": "ok",
+                       "timestamp": 1_700_000_000.0 + i}])
+    res = CliRunner().invoke(main, ["compact"])
+    assert res.exit_code == 0 and "25 part file(s) -> " in res.output, res.output
+    assert len(store.profiles.parts()) < 25
+    res = CliRunner().invoke(main, ["compact", "--all"])
+    assert res.exit_code == 0 and "-> 1 " in res.output, res.output
+    assert list(store.read().row_id) == [f"r{i}" for i in range(25)]
+    monkeypatch.setattr(session, "_config", None)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysched.errors import InvalidInput, StoreError
-from raysched.store.parquet import ParquetTable
+from raysched.store.parquet import ParquetTable, newest_mergeable_run, size_tier
 from raysched.store.profiles import ProfileStore
 from raysched.store.schema import (
     EVENT_SCHEMA,
@@ -335,6 +335,54 @@ def test_compact_merges_parts_and_keeps_every_row(store):
     assert pq.read_metadata(parts(store)[0]).num_rows == 30  # duplicates dropped on disk too
     store.append([row(row_id="r0-0", peak_rss_bytes=8)])  # written after the compaction: still the last
     assert store.read().set_index("row_id").loc["r0-0", "peak_rss_bytes"] == 8
+
+
+def test_size_tiers_pick_the_newest_run_of_adjacent_parts_of_one_tier():
+    unit = 100
+    assert [size_tier(n, 10, unit) for n in (0, 99, 100, 999, 1000, 10_000)] == [0, 0, 1, 1, 2, 3]
+    # fanout 4: tiers end at 100, 400, 1600, 6400 bytes. Oldest first: a tier-3 part, four
+    # tier-1 parts, four tier-0 parts
+    sizes = [5000, 300, 200, 350, 150, 10, 20, 30, 40]
+    assert newest_mergeable_run(sizes, 4, unit) == (5, 9)  # the newest run first
+    assert newest_mergeable_run(sizes[:-1], 4, unit) == (1, 5)  # three tier-0 parts are not a run yet
+    assert newest_mergeable_run([10, 500, 10, 500, 10], 2, unit) is None  # never across another tier
+    assert newest_mergeable_run([], 2, unit) is None
+
+
+def test_tidy_keeps_the_part_count_logarithmic_and_every_row_in_write_order(store):
+    """A long run writes a part per commit; merged as it goes, a read opens a few parts, not thousands."""
+    table = store.profiles
+    assert table.tidy(fanout=4) == 0  # nothing to merge yet
+    rng = np.random.default_rng(0)  # figures that do not compress away, as measured ones do not
+    for i in range(120):
+        store.append([row(row_id=f"r{i:03d}-{j}", call_id=uuid.uuid4().hex, peak_rss_bytes=int(rng.integers(1 << 30)),
+                          cpu_seconds=float(rng.random())) for j in range(20)])
+        store.append_events([{"row_id": f"e{i}", "function": "mod.f", "rule": "r", "action": "warn",
+                              "timestamp": 1_700_000_000.0}])
+        if i % 4 == 3:
+            table.tidy(fanout=4, unit_bytes=8 * 1024)
+    # Tiers of 8 KiB x 4^k (one append is tier 0): at most 3 parts per tier stay.
+    assert len(parts(store)) <= 12, [p.stat().st_size for p in parts(store)]
+    read = store.read()
+    assert len(read) == 2400 and list(read.row_id) == [f"r{i:03d}-{j}" for i in range(120) for j in range(20)]
+    # Adjacent parts only: a tier's parts are older than the smaller tiers' parts.
+    sizes = [p.stat().st_size for p in parts(store)]
+    tiers = [size_tier(n, 4, 8 * 1024) for n in sizes]
+    assert tiers == sorted(tiers, reverse=True) and max(tiers) >= 2, tiers  # merged parts were merged again
+    assert store.tidy(fanout=4) > 0 and len(store.events()) == 120  # the event table too
+    with pytest.raises(InvalidInput, match="fanout"):
+        table.tidy(fanout=1)
+
+
+def test_tidy_merges_only_adjacent_parts_so_the_last_written_row_still_wins(store):
+    store.append([row(row_id="x", peak_rss_bytes=1)])
+    for i in range(3):
+        store.append([row(row_id=f"r{i}")])
+    store.append([row(row_id="x", peak_rss_bytes=2)])  # a retried batch, written later
+    assert store.profiles.tidy(fanout=2) == 5
+    assert store.read().set_index("row_id").loc["x", "peak_rss_bytes"] == 2
+    store.append([row(row_id="x", peak_rss_bytes=3)])
+    assert store.read().set_index("row_id").loc["x", "peak_rss_bytes"] == 3
 
 
 def test_compact_never_deletes_a_part_it_did_not_merge(store, monkeypatch):

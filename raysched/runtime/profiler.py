@@ -168,6 +168,7 @@ class Profiler:
         registry: Any = None,
         clock: Callable[[], float] = time.monotonic,
         executor: Executor | None = None,
+        tidy_executor: Executor | None = None,
     ):
         from ..store.profiles import ProfileStore
 
@@ -184,6 +185,12 @@ class Profiler:
         self._predictor = build_predictor(config)
         # Batches from many workers become one Parquet part per commit interval under load.
         self._commit = GroupCommit(lambda rows: self.store.append(rows), config.profile_commit_interval_s)
+        # Every commit is a Parquet part: they are merged in the background (store.tidy), on
+        # a thread of its own so that neither a training nor a record call waits for it.
+        self._tidy_executor = tidy_executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysched-tidy")
+        self._tidying: Future | None = None
+        self._records_since_tidy = 0
+        self.parts_merged = 0
 
     # --- the registry is created on first use: MLflow's import costs seconds ---------------
     @property
@@ -260,7 +267,30 @@ class Profiler:
                     state.add(part)
             for function in by_function:
                 self._maybe_train(function)
+            self._maybe_tidy()
         return written
+
+    def _maybe_tidy(self) -> None:
+        """Every ``store_tidy_fanout`` record calls, merge the store's parts unless a merge still runs
+        (a look costs one listing of the folder; most find nothing to merge)."""
+        fanout = self.config.store_tidy_fanout
+        self._records_since_tidy += 1
+        if not fanout or self._records_since_tidy < fanout:
+            return
+        if self._tidying is not None and not self._tidying.done():
+            return
+        self._records_since_tidy = 0
+        self._tidying = self._tidy_executor.submit(self._tidy, fanout)
+
+    def _tidy(self, fanout: int) -> int:
+        try:
+            merged = self.store.tidy(fanout)
+        except Exception:  # noqa: BLE001 - the parts stay as they are; reads are only slower
+            logger.exception("raysched: could not merge the profile store's parts")
+            return 0
+        with self._lock:
+            self.parts_merged += merged
+        return merged
 
     def _maybe_train(self, function: str) -> None:
         state = self._functions.get(function)
@@ -416,6 +446,7 @@ class Profiler:
         with self._lock:
             return {
                 "rows_received": self.rows_received,
+                "parts_merged": self.parts_merged,
                 "home": str(self.config.home_path),
                 "functions": {
                     name: {

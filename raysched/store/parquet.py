@@ -207,6 +207,30 @@ def _time_of(part_name: str) -> int:
         return 0
 
 
+def size_tier(size_bytes: int, fanout: int, unit_bytes: int) -> int:
+    """0 under ``unit_bytes``, then one more per factor of ``fanout``."""
+    tier, bound = 0, unit_bytes
+    while size_bytes >= bound:
+        tier, bound = tier + 1, bound * fanout
+    return tier
+
+
+def newest_mergeable_run(sizes: Sequence[int], fanout: int, unit_bytes: int) -> tuple[int, int] | None:
+    """[start, end) of the newest run of at least ``fanout`` adjacent parts of one size tier
+    (``sizes`` oldest first), or None. Only adjacent parts are merged, so the rows keep
+    their write order."""
+    end = len(sizes)
+    while end > 0:
+        tier = size_tier(sizes[end - 1], fanout, unit_bytes)
+        start = end - 1
+        while start > 0 and size_tier(sizes[start - 1], fanout, unit_bytes) == tier:
+            start -= 1
+        if end - start >= fanout:
+            return start, end
+        end = start
+    return None
+
+
 class ParquetTable:
     """An append-only table: a folder of immutable Parquet part files sharing one schema.
 
@@ -577,10 +601,29 @@ class ParquetTable:
         vanished part list again).  One compaction at a time per folder (a lock
         file); a second one returns 0 at once.
         """
-        if min_parts < 2:
-            min_parts = 2
+        min_parts = max(2, min_parts)
         if len(self._part_names()) < min_parts:
             return 0
+        return self._under_compaction_lock(lambda: self._merge_all(min_parts))
+
+    def tidy(self, fanout: int = 10, unit_bytes: int = 1 << 20) -> int:
+        """Merge runs of similar-sized parts, so that the part count stays logarithmic. Returns parts removed.
+
+        Every append is a part, so a long run leaves thousands, and a read opens each one
+        (about a millisecond apiece). A full ``compact`` rewrites every row each time;
+        this merges only ``fanout`` or more *adjacent* parts of one size tier (tier k:
+        under ``unit_bytes`` x fanout^k bytes on disk), newest run first, and repeats as
+        merged parts fill the next tier. A row is rewritten once per tier (a handful of
+        times in all), parts stay in write order (a run's merged part takes its newest
+        time), and at most about fanout parts per tier remain. Same safety as ``compact``.
+        """
+        if fanout < 2:
+            raise InvalidInput(f"{self.name}: tidy needs a fanout of at least 2, got {fanout!r}")
+        if len(self._part_names()) < fanout:
+            return 0
+        return self._under_compaction_lock(lambda: self._tidy_locked(fanout, unit_bytes))
+
+    def _under_compaction_lock(self, merge: Callable[[], int]) -> int:
         lock_path = self.folder / ".compact.lock"
         try:
             lock = open(lock_path, "a+b")
@@ -593,16 +636,36 @@ class ParquetTable:
                 except BlockingIOError:
                     return 0
             try:
-                return self._compact_locked(min_parts)
+                self._remove_stale_tmp()
+                return merge()
             finally:
                 if fcntl is not None:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def _compact_locked(self, min_parts: int) -> int:
-        self._remove_stale_tmp()
+    def _merge_all(self, min_parts: int) -> int:
         names = self._part_names()
-        if len(names) < min_parts:
-            return 0
+        return self._merge(names) if len(names) >= min_parts else 0
+
+    def _tidy_locked(self, fanout: int, unit_bytes: int) -> int:
+        removed = 0
+        while True:
+            names = self._part_names()
+            sizes = []
+            for name in names:
+                try:
+                    sizes.append((self.folder / name).stat().st_size)
+                except FileNotFoundError:  # only a compaction deletes parts, and this one holds the lock
+                    sizes.append(0)
+            run = newest_mergeable_run(sizes, fanout, unit_bytes)
+            if run is None:
+                return removed
+            merged = self._merge(names[run[0]:run[1]])
+            if merged == 0:
+                return removed  # nothing readable to merge there: do not loop on it
+            removed += merged
+
+    def _merge(self, names: Sequence[str]) -> int:
+        """Write the rows of ``names`` (adjacent parts, oldest first) as one part, then delete them."""
         columns = list(self.schema.names)
         merged: list[str] = []
         tables: list[pa.Table] = []
@@ -618,7 +681,7 @@ class ParquetTable:
                 merged.append(name)
                 tables.append(table)
         for message in messages:
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
         if len(merged) < 2:
             return 0
         table = self._concat(tables, columns)
@@ -638,7 +701,7 @@ class ParquetTable:
                     f"raysched store {self.name!r}: merged {name} but could not delete it ({e}); "
                     "its rows are de-duplicated on read",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         return removed
 

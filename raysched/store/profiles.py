@@ -111,6 +111,10 @@ class ProfileStore:
         """Compact both tables; returns the part files removed."""
         return self.profiles.compact(min_parts) + self.event_table.compact(min_parts)
 
+    def tidy(self, fanout: int = 10) -> int:
+        """Merge runs of similar-sized parts of both tables (``ParquetTable.tidy``); returns parts removed."""
+        return self.profiles.tidy(fanout) + self.event_table.tidy(fanout)
+
 
 def _filters(**values: Any) -> dict[str, Any] | None:
     filters = {k: v for k, v in values.items() if v is not None}
