@@ -14,15 +14,19 @@ paths rotated each repetition so that drift in the machine's load hits all:
   comprehension, then one ``ray.get`` of all refs: tasks/s, and the time of the
   submit loop alone (driver-side cost per call);
 * one by one: submit one, ``ray.get`` it, ``--sequential-tasks`` times:
-  tasks/s and latency per task.
+  tasks/s and latency per task;
+* sustained: batches of ``--tasks`` back to back for ``--sustained-s`` seconds:
+  tasks/s with raysched's background work (rows stored, parts merged,
+  retraining) competing for the cores, as in a long pipeline.
 
 After each raysched run the script waits for the profiler to have stored every
 row and finished any retraining the run started, so that raysched's background
 work does not spill into the next (possibly plain) run; that wait is reported
-as "background tail" and is not counted in any throughput.
+as "background tail" and is not counted in the all-at-once and one-by-one
+throughputs (it is in the sustained one).
 
 Run:  python benchmarks/bench_throughput.py [--tasks 2000] [--repeats 5]
-          [--sequential-tasks 500] [--json out.json]
+          [--sequential-tasks 500] [--sustained-s 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -164,6 +168,18 @@ def run_sequential(fn, n: int) -> dict[str, float]:
     return {"seq_tasks_per_s": n / (t1 - t0), "seq_latency_ms": (t1 - t0) / n * 1e3}
 
 
+def run_sustained(fn, n: int, seconds: float) -> dict[str, float]:
+    """Batches of ``n`` back to back for ``seconds``: raysched's background work (rows stored,
+    parts merged, retraining) competes with the tasks, as in a long pipeline."""
+    done = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        values = ray.get([fn.remote(arg(i)) for i in range(n)])
+        assert values[-1] == expected(n - 1), values[-1]
+        done += n
+    return {"sustained_tasks_per_s": done / (time.perf_counter() - t0)}
+
+
 def profiler_handle():
     from raysched.runtime.client import get_client
 
@@ -198,7 +214,7 @@ def warm_up(n: int) -> dict[str, float]:
     return time.perf_counter() - t0
 
 
-def one_path(name: str, tasks: int, seq_tasks: int) -> dict[str, float]:
+def one_path(name: str, tasks: int, seq_tasks: int, sustained_s: float = 0.0) -> dict[str, float]:
     fn = PATHS[name]
     cpu0 = session_cpu()
     result = run_batch(fn, tasks)
@@ -209,6 +225,10 @@ def one_path(name: str, tasks: int, seq_tasks: int) -> dict[str, float]:
     result.update(run_sequential(fn, seq_tasks))
     if name in ARMS:
         result["seq_tail_s"] = quiesce()
+    if sustained_s > 0:
+        result.update(run_sustained(fn, tasks, sustained_s))
+        if name in ARMS:
+            quiesce()
     return result
 
 
@@ -219,6 +239,7 @@ METRICS = [
     # key, label, higher-is-better
     ("batch_tasks_per_s", "all at once: tasks/s", True),
     ("submit_us_per_call", "all at once: submit loop, us/call", False),
+    ("sustained_tasks_per_s", "sustained (back to back): tasks/s", True),
     ("seq_tasks_per_s", "one by one: tasks/s", True),
     ("seq_latency_ms", "one by one: latency, ms/task", False),
     ("cpu_ms_per_task_total", "all at once: CPU ms/task, all procs", False),
@@ -243,6 +264,8 @@ def summarise(runs: list[dict[str, dict[str, float]]], arm: str = "raysched") ->
     """Figures of one raysched path (``arm``) against plain."""
     summary: dict = {}
     for key, _, _ in METRICS:
+        if key not in runs[0]["plain"]:
+            continue  # not measured in this run (--sustained-s 0)
         plain = [r["plain"][key] for r in runs]
         rs = [r[arm][key] for r in runs]
         summary[key] = {
@@ -276,6 +299,8 @@ def print_table(summary: dict, args: argparse.Namespace, arm: str = "raysched") 
     print(header)
     print("-" * len(header))
     for key, label, _ in METRICS:
+        if key not in summary:
+            continue
         s = summary[key]
         fmt = ".3f" if key.startswith("cpu_") else ".1f"
         print(f"{label:<36} {s['plain_median']:>10{fmt}} {s['raysched_median']:>10{fmt}} "
@@ -290,6 +315,9 @@ def print_table(summary: dict, args: argparse.Namespace, arm: str = "raysched") 
           f"{summary['background_tail_s']['seq_median']:.2f} s")
     goal = summary["batch_tasks_per_s"]["ratio_of_medians"]
     print(f"goal (all at once, raysched/plain >= 0.8): {goal:.2f} -> {'met' if goal >= 0.8 else 'NOT met'}")
+    if "sustained_tasks_per_s" in summary:
+        held = summary["sustained_tasks_per_s"]["ratio_of_medians"]
+        print(f"sustained for {args.sustained_s:g} s, raysched/plain: {held:.2f} -> {'met' if held >= 0.8 else 'NOT met'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                              "a large N keeps the profiler from retraining during the measured runs")
     parser.add_argument("--inputs", choices=("scalars", "arrays"), default="scalars",
                         help="what each call passes: its index (default), or a numpy array of its own size")
+    parser.add_argument("--sustained-s", type=float, default=5.0, metavar="S",
+                        help="also run batches of --tasks back to back for S seconds per path, background work "
+                             "included (default 5; 0: skip)")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     args = parser.parse_args(argv)
     if args.inputs == "arrays":
@@ -324,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list(PATHS)
         for rep in range(args.repeats):
             order = names[rep % len(names):] + names[:rep % len(names)]  # rotated each repetition
-            run = {name: one_path(name, args.tasks, args.sequential_tasks) for name in order}
+            run = {name: one_path(name, args.tasks, args.sequential_tasks, args.sustained_s) for name in order}
             runs.append(run)
             print(f"repeat {rep + 1}/{args.repeats} ({' then '.join(order)}): "
                   + "; ".join(f"{n} {run[n]['batch_tasks_per_s']:.0f}/s batch, "
