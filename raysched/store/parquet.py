@@ -606,7 +606,7 @@ class ParquetTable:
             return 0
         return self._under_compaction_lock(lambda: self._merge_all(min_parts))
 
-    def tidy(self, fanout: int = 10, unit_bytes: int = 1 << 20) -> int:
+    def tidy(self, fanout: int = 10, unit_bytes: int = 64 << 10) -> int:
         """Merge runs of similar-sized parts, so that the part count stays logarithmic. Returns parts removed.
 
         Every append is a part, so a long run leaves thousands, and a read opens each one
