@@ -147,6 +147,11 @@ class RayschedConfig:
     # --- the driver -------------------------------------------------------------------
     #: Seconds between the driver's non-blocking refreshes of its model bundle.
     refresh_interval_s: float = 2.0
+    #: The profiler builds a function's bundle (its history, 10-30 ms) at most once per this
+    #: many seconds while only rows changed, and every process that submits the function
+    #: (drivers, and tasks that submit tasks) gets that one. A new model, or a query
+    #: (``predict``, ``refresh``), always gets a fresh one. 0: build one per request.
+    bundle_max_age_s: float = 1.0
     #: How long a first call of a function may wait for its first bundle (once per
     #: function per driver process, never per task).
     first_bundle_timeout_s: float = 10.0
@@ -273,6 +278,8 @@ class RayschedConfig:
         if isinstance(self.store_tidy_fanout, bool) or not isinstance(self.store_tidy_fanout, int) or \
                 self.store_tidy_fanout == 1 or self.store_tidy_fanout < 0:
             problems.append("store_tidy_fanout must be 0 (never) or an integer of at least 2")
+        if not self.bundle_max_age_s >= 0:
+            problems.append("bundle_max_age_s must not be negative")
         if not self.shutdown_flush_timeout_s >= 0:
             problems.append("shutdown_flush_timeout_s must not be negative")
         if not (self.short_call_wall_s >= 0 and self.short_call_rss_bytes >= 0 and self.short_call_streak >= 1

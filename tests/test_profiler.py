@@ -68,8 +68,9 @@ def rows(n, start=0, function="f", noise=0.0, seed=0):
 
 @pytest.fixture
 def profiler(tmp_path):
+    # bundle_max_age_s=0: every bundle is built anew, so a test sees its rows at once (sharing: below)
     config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
-                            min_retrain_interval_s=30.0)
+                            min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
     return Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
                     executor=InlineExecutor())
 
@@ -100,6 +101,28 @@ def test_the_profiler_merges_the_parts_it_writes_as_it_goes(tmp_path):
     for batch in range(10):
         off.record(rows(5, start=5 * batch))
     assert len(off.store.profiles.parts()) == 10
+
+
+def test_processes_asking_within_bundle_max_age_share_one_bundle_until_a_model_or_a_query_changes_it(tmp_path):
+    """Every process that submits a function asks for its bundle every 2 s, and a build costs
+    10-30 ms: with many submitting processes the profiler would do little else."""
+    clock = Clock()
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=0.0, bundle_max_age_s=1.0, profile_commit_interval_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=clock,
+                        executor=InlineExecutor())
+    profiler.record(rows(10))
+    first = profiler.bundle("f", "h1")
+    profiler.record(rows(5, start=10))
+    assert profiler.bundle("f", "h1") is first and first.n_history == 10  # only rows came: shared
+    assert profiler.bundle("f", "h1", have_version=first.version) is None  # the asker holds it already
+    assert profiler.bundle("f", "h1", reload=True).n_history == 15  # a query is always fresh
+    profiler.record(rows(5, start=15))
+    clock.now += 1.0
+    aged = profiler.bundle("f", "h1")
+    assert aged.n_history == 20 and aged is not first  # older than bundle_max_age_s: rebuilt
+    profiler.record(rows(20, start=20))  # 40 rows: the first model is trained and served
+    assert profiler.bundle("f", "h1").models, "a new model is served at once, however young the bundle"
 
 
 def test_missing_calls_names_the_calls_whose_rows_have_not_arrived(profiler):

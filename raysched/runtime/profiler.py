@@ -123,6 +123,8 @@ class _FunctionState:
         self.version = 1
         self.new_rows = 0
         self.models: dict[str, ResourceModel] = {}
+        #: code hash -> (clock time it was built, the bundle): shared by the processes that ask
+        self.bundles: dict[str | None, tuple[float, Bundle]] = {}
         self.training: Future | None = None
         self.trainings = 0
         self.last_trained = -float("inf")
@@ -399,10 +401,19 @@ class Profiler:
         with self._lock:
             if have_version == state.version:
                 return None
+            now = self._clock()
+            built_at, cached = state.bundles.get(code_hash, (None, None))
+            if cached is not None and not reload and (
+                    cached.version == state.version
+                    or (now - built_at < self.config.bundle_max_age_s and cached.models == state.models)):
+                # Only rows came since (or nothing): many processes asking within a second share one build.
+                return None if have_version == cached.version else cached
             history, scope = self._history(function, code_hash)
             peaks = pd.to_numeric(state.rows.get("peak_rss_bytes", pd.Series(dtype=float)), errors="coerce")
             max_peak = float(peaks.max()) if len(peaks) and peaks.notna().any() else 0.0
-            return Bundle(function, code_hash, state.version, history, dict(state.models), max_peak, scope)
+            bundle = Bundle(function, code_hash, state.version, history, dict(state.models), max_peak, scope)
+            state.bundles[code_hash] = (now, bundle)
+            return bundle
 
     def settle(self, min_wait_s: float = 0.0, quiet_s: float = 0.3, timeout_s: float = 10.0) -> int:
         """Wait until no rows have arrived for ``quiet_s`` (rows in flight have landed)."""
