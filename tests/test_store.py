@@ -385,6 +385,26 @@ def test_tidy_merges_only_adjacent_parts_so_the_last_written_row_still_wins(stor
     assert store.read().set_index("row_id").loc["x", "peak_rss_bytes"] == 3
 
 
+def test_read_recent_is_the_tail_of_read_and_opens_only_the_parts_that_hold_it(store, monkeypatch):
+    for i in range(12):
+        store.append([row(row_id=f"r{i}-{j}", function="f" if j % 2 else "g", call_id=f"c{i}-{j}") for j in range(4)])
+    store.append([row(row_id="r11-1", function="f", call_id="again")])  # a retried batch: the last write wins
+    opened = []
+    original = ParquetTable._read_part
+    monkeypatch.setattr(ParquetTable, "_read_part", lambda self, name, cols: opened.append(name) or original(self, name, cols))
+    for n, function in ((0, "f"), (1, "f"), (3, "f"), (5, None), (24, "f"), (100, "f"), (7, "nobody")):
+        expected = store.read(function)
+        expected = expected.iloc[max(0, len(expected) - n):].reset_index(drop=True)
+        opened.clear()
+        got = store.read_recent(n, function)
+        pd.testing.assert_frame_equal(got, expected)
+        if n == 3:
+            assert len(opened) == 3, opened  # the newest part (one row of f) and the two before it
+    assert list(store.read_recent(2, "f").call_id) == ["c11-3", "again"]
+    with pytest.raises(InvalidInput, match="row count"):
+        store.read_recent(-1, "f")
+
+
 def test_compact_never_deletes_a_part_it_did_not_merge(store, monkeypatch):
     for i in range(4):
         store.append([row(row_id=f"r{i}")])

@@ -207,9 +207,8 @@ class Profiler:
         with self._lock:
             state = self._functions.get(function)
             if state is None:
-                rows = self.store.read(function=function)
-                state = self._functions[function] = _FunctionState(rows.tail(self.config.history_window),
-                                                                   self.config.history_window)
+                rows = self.store.read_recent(self.config.history_window, function=function)
+                state = self._functions[function] = _FunctionState(rows, self.config.history_window)
                 if (self.config.home_path / "mlflow.db").exists() or self._registry is not None:
                     # Off the request path: importing MLflow alone takes seconds.
                     state.training = self._executor.submit(self._load_served, function, state)
@@ -395,7 +394,7 @@ class Profiler:
         """
         state = self._state(function)
         if reload:
-            rows = self.store.read(function=function).tail(self.config.history_window)
+            rows = self.store.read_recent(self.config.history_window, function=function)
             with self._lock:
                 state.replace_rows(rows)
         with self._lock:

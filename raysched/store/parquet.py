@@ -585,6 +585,53 @@ class ParquetTable:
         table = self._read_table(filters=filters)
         return table.to_pandas(types_mapper=_pandas_dtype)
 
+    def read_recent(self, n: int, filters: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """The last ``n`` rows ``read(filters)`` would give, reading parts newest first only
+        until it has them: a history window costs the parts that hold it, not the whole table."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidInput(f"{self.name}: read_recent needs a row count of at least 0, got {n!r}")
+        columns = list(self.schema.names)
+        expression = self._expression(filters)
+        for _ in range(_READ_RETRIES):
+            names = self._part_names()
+            newest_first: list[pa.Table] = []
+            messages: list[str] = []
+            table = self._read_schema.empty_table()
+            vanished = False
+            have = 0
+            for name in reversed(names):
+                if have >= n:
+                    break
+                try:
+                    part, message = self._read_part(name, columns)
+                except _Vanished:  # a compaction merged it: list again (see _read_parts)
+                    vanished = True
+                    break
+                if message:
+                    messages.append(message)
+                if part is None:
+                    continue
+                part = self._concat([part], columns)
+                if expression is not None:
+                    part = part.filter(expression)
+                newest_first.append(part)
+                have += part.num_rows
+                if have >= n:  # enough, unless duplicates of a retried batch were among them
+                    table = self._concat(newest_first[::-1], columns)
+                    table = _dedupe(table) if self._has_row_id and table.num_rows else table
+                    have = table.num_rows
+            if not vanished:
+                break
+        else:
+            raise StoreError(f"raysched store {self.name!r}: parts kept vanishing while reading {self.folder}")
+        for message in messages:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if have < n or table.num_rows == 0:  # every part read: de-duplicate what was gathered
+            table = self._concat(newest_first[::-1], columns)
+            table = _dedupe(table) if self._has_row_id and table.num_rows else table
+        table = table.slice(max(0, table.num_rows - n))
+        return table.to_pandas(types_mapper=_pandas_dtype)
+
     def count(self) -> int:
         """How many distinct rows the table holds (what ``len(read())`` would be)."""
         if self._has_row_id:

@@ -75,6 +75,10 @@ class ProfileStore:
         """
         return self.profiles.read(_filters(function=function, code_hash=code_hash))
 
+    def read_recent(self, n: int, function: str | None = None, code_hash: str | None = None) -> pd.DataFrame:
+        """The newest ``n`` of the rows ``read`` gives, without reading older parts than it needs."""
+        return self.profiles.read_recent(n, _filters(function=function, code_hash=code_hash))
+
     def events(self, function: str | None = None) -> pd.DataFrame:
         """Monitor events, oldest written first, optionally of one function."""
         return self.event_table.read(_filters(function=function))
