@@ -29,8 +29,8 @@ class PredictionTooLarge(RayschedError):
         self.largest_memory = largest_memory
         self.largest_cpus = largest_cpus
         super().__init__(
-            f"{function}: needs {memory_bytes / MiB:.0f} MiB and {num_cpus:g} CPU, but the largest node offers "
-            f"{largest_memory / MiB:.0f} MiB and {largest_cpus:g} CPU. Add a bigger node, or set "
+            f"{function}: needs {memory_bytes / MiB:.0f} MiB and {num_cpus:g} CPU, but the largest node that can "
+            f"run it offers {largest_memory / MiB:.0f} MiB and {largest_cpus:g} CPU. Add a bigger node, or set "
             f"oversize_policy='cap' to run it capped."
         )
 

@@ -248,8 +248,22 @@ def test_oversize_is_capped_or_an_error_as_configured():
     assert capped.capped and capped.memory_bytes == 4 * GiB
     fits = build_sizer(CFG).size(prediction(2 * GiB), cluster)
     assert not fits.capped and fits.memory_bytes > 2 * GiB
-    with pytest.raises(PredictionTooLarge, match="largest node offers 4096 MiB"):
+    with pytest.raises(PredictionTooLarge, match="largest node that can run it offers 4096 MiB"):
         build_sizer(CFG.replace(oversize_policy="error")).size(prediction(10 * GiB), cluster, function="f")
+
+
+def test_oversize_never_lands_on_a_cpu_less_head_however_much_memory_it_has():
+    """Ray advises a head with num_cpus=0; its memory resource is still the machine's."""
+    head, small, big = NodeShape("head", 0, 23 * GiB), NodeShape("small", 1, 1 * GiB), NodeShape("big", 1, 3 * GiB)
+    cluster = ClusterShape((head, small, big))
+    capped = build_sizer(CFG).size(prediction(8 * GiB, cpu=1.0), cluster)
+    assert capped.capped and capped.memory_bytes == 3 * GiB and capped.num_cpus == 1.0
+    with pytest.raises(PredictionTooLarge, match="can run it offers 3072 MiB and 1 CPU"):
+        build_sizer(CFG.replace(oversize_policy="error")).size(prediction(8 * GiB, cpu=1.0), cluster, function="f")
+    # More CPUs than any node: capped to the node with the most CPUs, then the most memory there
+    wide = ClusterShape((head, NodeShape("a", 2, 2 * GiB), NodeShape("b", 2, 1 * GiB)))
+    capped = build_sizer(CFG).size(prediction(8 * GiB, cpu=4.0), wide)
+    assert (capped.num_cpus, capped.memory_bytes) == (2.0, 2 * GiB)
 
 
 def test_labels_in_a_placement_group_fit_its_bundle():

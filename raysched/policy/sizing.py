@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 from ..config import RayschedConfig
 from ..errors import PredictionTooLarge
-from ..types import Allocation, ClusterShape, Prediction
+from ..types import Allocation, ClusterShape, NodeShape, Prediction
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class RoundUp:
 
 @dataclass(frozen=True)
 class FitLargestNode:
-    """Cap a request to the largest node, or raise PredictionTooLarge, as configured."""
+    """Cap a request to the largest node that can run it, or raise PredictionTooLarge, as configured."""
 
     policy: str  # "cap" or "error"
 
@@ -78,13 +78,23 @@ class FitLargestNode:
         # A node that fits both at once, not the largest of each on different nodes.
         if any(n.memory_bytes >= r.memory_bytes and n.num_cpus >= r.num_cpus for n in cluster.nodes):
             return r
+        best = _largest_node_for(cluster, r.num_cpus)
         if self.policy == "error":
-            raise PredictionTooLarge(ctx.function, int(r.memory_bytes), r.num_cpus,
-                                     cluster.largest_memory_bytes, cluster.largest_num_cpus)
-        best = max(cluster.nodes, key=lambda n: (min(1.0, n.memory_bytes / max(r.memory_bytes, 1)), n.num_cpus))
+            raise PredictionTooLarge(ctx.function, int(r.memory_bytes), r.num_cpus, best.memory_bytes, best.num_cpus)
         return replace(r, memory_bytes=min(r.memory_bytes, best.memory_bytes),
                        num_cpus=min(r.num_cpus, best.num_cpus), capped=True,
                        notes=r.notes + (f"capped to node {best.node_id[:8]}",))
+
+
+def _largest_node_for(cluster: ClusterShape, num_cpus: float) -> NodeShape:
+    """The node with the most memory among those with the CPUs ``num_cpus`` asks for (or, if
+    none has that many, among those with the most CPUs). A CPU-less node (a head kept free
+    of tasks, as Ray advises) never runs a task that asks for a CPU, however much memory it has."""
+    enough = [n for n in cluster.nodes if n.num_cpus >= num_cpus]
+    if not enough:
+        most = max(n.num_cpus for n in cluster.nodes)
+        enough = [n for n in cluster.nodes if n.num_cpus == most]
+    return max(enough, key=lambda n: (n.memory_bytes, n.num_cpus))
 
 
 @dataclass(frozen=True)
