@@ -136,6 +136,24 @@ def test_over_its_allocation_a_task_is_stopped_and_resubmitted_one_rung_up(fault
     assert "stop_and_resubmit" in set(raysched.events(outgrows_its_allocation)["action"])
 
 
+@adaptive_remote(memory=128 * MiB, num_cpus=0.5, num_returns=2)
+def outgrows_with_two_values(mib: int, hold_s: float) -> tuple[int, str]:
+    import numpy as np
+
+    held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
+    for _ in range(int(hold_s / 0.05)):
+        time.sleep(0.05)
+    return sum(h.nbytes for h in held) // MiB, "second"
+
+
+def test_a_call_with_two_return_values_is_resubmitted_and_returns_both(faults):
+    """The next attempt's submission gives a list of refs under num_returns=2, not one."""
+    first, second = outgrows_with_two_values.remote(400, 1.5)
+    assert ray.get([first, second], timeout=120) == [400, "second"]
+    rows = raysched.profiles(outgrows_with_two_values).sort_values("attempt")
+    assert list(rows["outcome"]) == ["oom_killed", "ok"], rows[["attempt", "outcome", "error"]]
+
+
 @adaptive_remote(memory=64 * MiB, num_cpus=0.5)
 def allocates_nothing(seconds: float) -> float:
     deadline = time.monotonic() + seconds

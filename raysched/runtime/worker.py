@@ -846,7 +846,10 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
     next attempt's number (that attempt lost its owner with this task).
     """
     _put_handover(spec, next_spec)
-    ref = resubmit(next_spec, args, kwargs)
+    returned = resubmit(next_spec, args, kwargs)
+    # One ref, or a list of them under num_returns > 1 (a task makes them all at once, so the
+    # first says when it started or ended); ray.get of the list is this task's values, in order.
+    ref = returned[0] if isinstance(returned, list) else returned
     try:
         if run_here is not None and not _started_within(ref, next_spec, spec.config.handover_start_timeout_s,
                                                         spec.config.handover_held_room_s, _handover_key(spec)):
@@ -861,7 +864,7 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
             note = f"run in place of attempt {spec.attempt}, under its {held} MiB label"
             in_place = replace(next_spec.allocation, reason="; ".join(filter(None, (next_spec.allocation.reason, note))))
             return run_here(replace(next_spec, allocation=in_place))
-        return ray.get(ref)
+        return ray.get(returned)
     except ray.exceptions.RayTaskError as exc:
         raise _unwrap(exc) from None
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
@@ -1298,7 +1301,10 @@ def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[At
         remote = _remote_cache.get(key)
         if remote is None:
             remote = _remote_cache[key] = ray_remote(make_entry(fn, config, definition.get("max_calls")), definition)
-        return remote.options(**remote_options(spec)).remote(encode_spec(spec), *args, **kwargs)
+        options = remote_options(spec)
+        if options.get("num_returns") == 0:
+            options["num_returns"] = 1  # the task that hands over waits on this attempt: it needs a ref
+        return remote.options(**options).remote(encode_spec(spec), *args, **kwargs)
 
     return resubmit
 
