@@ -8,10 +8,11 @@ place, called once by the runtime (or replaced by the user's own instance via
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .types import GiB, MiB
 
@@ -255,75 +256,51 @@ class RayschedConfig:
     actor_cpu_sustain_samples: int = 10
 
     def __post_init__(self) -> None:
-        problems = []
+        # Types first: a string where a number belongs would make every range check below
+        # a TypeError far from its cause (or, for a flag, silently true).
+        problems = _type_problems(self)
+        if problems:
+            raise ValueError("invalid RayschedConfig: " + "; ".join(problems))
         if not self.home:
             problems.append("home must name a folder")
+        for names, test, wanted in _RANGES:
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not test(value):
+                    problems.append(f"{name} must be {wanted}, got {value!r}")
         if self.oversize_policy not in ("cap", "error"):
             problems.append(f"oversize_policy must be 'cap' or 'error', got {self.oversize_policy!r}")
-        if self.max_attempts < 1:
-            problems.append("max_attempts must be at least 1")
-        if not (self.handover_start_timeout_s >= 0 and self.handover_held_room_s >= 0):
-            problems.append("handover_start_timeout_s and handover_held_room_s must not be negative")
         if not 0 < self.coverage < 1:
             problems.append("coverage must be between 0 and 1")
-        if not self.quantiles or any(not 0 < q < 1 for q in self.quantiles):
-            problems.append("quantiles must lie strictly between 0 and 1")
-        if list(self.quantiles) != sorted(self.quantiles):
-            problems.append("quantiles must be sorted")
-        for name in ("default_memory_bytes", "min_memory_bytes", "memory_rounding_bytes"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if not (self.flush_interval_s > 0 and self.profile_commit_interval_s >= 0):
-            problems.append("flush_interval_s must be positive and profile_commit_interval_s not negative")
-        if isinstance(self.store_tidy_fanout, bool) or not isinstance(self.store_tidy_fanout, int) or \
-                self.store_tidy_fanout == 1 or self.store_tidy_fanout < 0:
+        if len(self.quantiles) < 3 or any(not 0 < q < 1 for q in self.quantiles):
+            problems.append("quantiles must be at least three (lower, target, upper), strictly between 0 and 1")
+        if list(self.quantiles) != sorted(set(self.quantiles)):
+            problems.append("quantiles must be sorted and distinct")
+        if self.store_tidy_fanout == 1 or self.store_tidy_fanout < 0:
             problems.append("store_tidy_fanout must be 0 (never) or an integer of at least 2")
-        if not self.bundle_max_age_s >= 0:
-            problems.append("bundle_max_age_s must not be negative")
-        if not self.shutdown_flush_timeout_s >= 0:
-            problems.append("shutdown_flush_timeout_s must not be negative")
-        if not (self.short_call_wall_s >= 0 and self.short_call_rss_bytes >= 0 and self.short_call_streak >= 1
-                and self.short_call_measure_every >= 1):
-            problems.append("short_call_wall_s and short_call_rss_bytes must not be negative, short_call_streak "
-                            "and short_call_measure_every must be at least 1")
-        if self.ladder_min_growth <= 1:
-            problems.append("ladder_min_growth must be above 1, or the ladder cannot make progress")
+        if self.ladder_min_growth <= 1 or self.cost_ladder_min_growth <= 1:
+            problems.append("ladder_min_growth and cost_ladder_min_growth must be above 1, or the ladder cannot "
+                            "make progress")
         if isinstance(self.memory_limits, Mapping):
             object.__setattr__(self, "memory_limits", tuple(sorted((str(k), int(v)) for k, v in self.memory_limits.items())))
-        if self.memory_limit_bytes is not None and self.memory_limit_bytes <= 0:
-            problems.append("memory_limit_bytes must be positive (or None for no cap)")
         if any(int(v) <= 0 for _, v in self.memory_limits):
             problems.append("memory_limits must be positive")
-        if self.monitor_sustain_samples < 1 or self.node_memory_sustain_readings < 1:
-            problems.append("monitor_sustain_samples and node_memory_sustain_readings must be at least 1")
         if self.monitor_memory_tolerance < 1:
             problems.append("monitor_memory_tolerance must be at least 1 (a task may reach its allocation)")
         if not 0 < self.node_memory_threshold <= 1:
             problems.append("node_memory_threshold must be a fraction in (0, 1]")
         if self.node_kill_margin is not None and not 0 <= self.node_kill_margin < 1:
             problems.append("node_kill_margin must be a fraction in [0, 1), or None")
-        if self.node_poll_interval_s <= 0 or self.node_sample_interval_s <= 0:
-            problems.append("node_poll_interval_s and node_sample_interval_s must be positive")
-        if self.actor_memory_headroom <= 1 or self.actor_max_rescales < 0 or self.actor_cpu_sustain_samples < 1:
-            problems.append("actor_memory_headroom must be above 1, actor_max_rescales at least 0 and "
-                            "actor_cpu_sustain_samples at least 1")
-        if self.monitor_hard_stop_intervals <= 0 or self.monitor_directive_timeout_s <= 0:
-            problems.append("monitor_hard_stop_intervals and monitor_directive_timeout_s must be positive")
-        if self.monitor_wall_factor <= 0 or not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:
-            problems.append("monitor_wall_factor must be positive and monitor_cpu_low_ratio < monitor_cpu_high_ratio")
+        if self.actor_memory_headroom <= 1:
+            problems.append("actor_memory_headroom must be above 1")
+        if not 0 <= self.monitor_cpu_low_ratio < self.monitor_cpu_high_ratio:
+            problems.append("monitor_cpu_low_ratio must be at least 0 and below monitor_cpu_high_ratio")
         if self.admission_order not in ("first_submitted", "largest_first"):
             problems.append(f"admission_order must be 'first_submitted' or 'largest_first', got {self.admission_order!r}")
-        if not isinstance(self.admission_backfill, bool):
-            problems.append(f"admission_backfill must be True or False, got {self.admission_backfill!r}")
         if not 0 <= self.admission_gather_s <= 1:
             problems.append(f"admission_gather_s must be between 0 and 1 second, got {self.admission_gather_s!r}")
-        if not 0 < self.cost_min_coverage <= 1 or not 0 < self.cost_local_fraction <= 1:
-            problems.append("cost_min_coverage and cost_local_fraction must be fractions in (0, 1]")
-        if self.cost_tail_allowance < 0 or self.cost_min_history < 2 or self.cost_min_local < 2:
-            problems.append("cost_tail_allowance must be at least 0, cost_min_history and cost_min_local at least 2")
-        if not 0 <= self.cost_extrapolation_quantile <= 1 or self.cost_extrapolation_widen < 0:
-            problems.append("cost_extrapolation_quantile must be in [0, 1] (0: off) and cost_extrapolation_widen "
-                            "at least 0")
+        if not 0 <= self.cost_extrapolation_quantile <= 1:
+            problems.append("cost_extrapolation_quantile must be in [0, 1] (0: off)")
         if problems:
             raise ValueError("invalid RayschedConfig: " + "; ".join(problems))
 
@@ -342,3 +319,78 @@ class RayschedConfig:
             values["home"] = os.environ[HOME_ENV]
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _is_int(v: object) -> bool:
+    """An integer, or a number with an integral value (``1.5 * GiB`` bytes); never a bool."""
+    return not isinstance(v, bool) and (isinstance(v, numbers.Integral)
+                                        or (isinstance(v, numbers.Real) and float(v).is_integer()))
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v  # not NaN
+
+
+#: What an annotation of RayschedConfig asks of a value, how to say it, and the plain Python value kept.
+_TYPES = {
+    "int": (_is_int, "an integer", int),
+    "float": (_is_number, "a number", float),
+    "bool": (lambda v: isinstance(v, bool), "True or False", bool),
+    "str": (lambda v: isinstance(v, str), "a string", str),
+}
+
+
+def _type_problems(config: RayschedConfig) -> list[str]:
+    """What is of the wrong type; values of the right one are kept as plain ints and floats
+    (numpy's included), so that the config pickles and compares as itself everywhere."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind = str(f.type)
+        if kind.endswith(" | None"):
+            if value is None:
+                continue
+            kind = kind[: -len(" | None")]
+        check = _TYPES.get(kind)
+        if check is None:
+            continue
+        if not check[0](value):
+            problems.append(f"{f.name} must be {check[1]}, got {value!r}")
+        elif type(value) is not check[2]:
+            object.__setattr__(config, f.name, check[2](value))
+    if not isinstance(config.quantiles, (tuple, list)) or not all(_is_number(q) for q in config.quantiles):
+        problems.append(f"quantiles must be a sequence of numbers, got {config.quantiles!r}")
+    limits = config.memory_limits
+    pairs = limits.items() if isinstance(limits, Mapping) else limits
+    try:
+        bad = [p for p in pairs if len(p) != 2 or not isinstance(p[0], str) or not _is_int(p[1])]
+    except TypeError:
+        bad = [limits]
+    if bad:
+        problems.append(f"memory_limits must map function names to bytes (integers), got {limits!r}")
+    return problems
+
+
+#: (fields, test, what the test wants): the ranges RayschedConfig checks.
+_RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
+    (("default_memory_bytes", "min_memory_bytes", "memory_rounding_bytes", "cpu_rounding", "live_interval_s",
+      "flush_interval_s", "xgb_learning_rate", "confidence_scale", "cost_max_slope", "monitor_stale_s",
+      "monitor_wall_factor", "monitor_hard_stop_intervals", "monitor_directive_timeout_s", "node_poll_interval_s",
+      "node_sample_interval_s", "memory_limit_bytes"), lambda v: v > 0, "positive"),
+    (("default_num_cpus", "default_wall_seconds", "min_num_cpus", "memory_margin", "confidence_exponent",
+      "min_retrain_interval_s", "train_cost_fraction", "refresh_interval_s", "bundle_max_age_s",
+      "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "oom_bump_bytes",
+      "shutdown_flush_timeout_s", "profile_commit_interval_s", "short_call_wall_s", "short_call_rss_bytes",
+      "monitor_cpu_min_wall_s", "cost_tail_allowance", "cost_cap_allowance", "cost_extrapolation_widen",
+      "actor_max_rescales"), lambda v: v >= 0, "at least 0"),
+    (("min_history_for_stats", "min_history_for_model", "history_window", "xgb_rounds", "xgb_max_depth",
+      "retrain_after_new_rows", "max_attempts", "short_call_streak", "short_call_measure_every",
+      "monitor_sustain_samples", "node_memory_sustain_readings", "actor_cpu_sustain_samples"),
+     lambda v: v >= 1, "at least 1"),
+    (("cost_min_history", "cost_min_local"), lambda v: v >= 2, "at least 2"),
+    (("holdout_fraction",), lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
+    (("stat_percentile",), lambda v: 0 < v <= 100, "a percentile in (0, 100]"),
+    (("min_input_size_correlation", "cost_min_size_correlation"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("cost_slope_fraction", "cost_local_fraction", "cost_min_coverage"), lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    (("oom_bump_ratio",), lambda v: v >= 1, "at least 1"),
+)

@@ -343,6 +343,38 @@ def test_config_rejects_nonsense():
     assert RayschedConfig(store_tidy_fanout=0).store_tidy_fanout == 0  # never
 
 
+
+@pytest.mark.parametrize("change, message", [
+    ({"cpu_rounding": 0}, "cpu_rounding must be positive"),  # was a ZeroDivisionError at the first .remote()
+    ({"live_interval_s": 0}, "live_interval_s must be positive"),  # was a failure of every task, in its worker
+    ({"default_num_cpus": -2}, "default_num_cpus must be at least 0"),
+    ({"memory_margin": -0.9}, "memory_margin must be at least 0"),  # was a silent 112 MiB for a 1 GiB fallback
+    ({"monitor_enabled": "false"}, "monitor_enabled must be True or False"),  # was taken as True
+    ({"max_attempts": "3"}, "max_attempts must be an integer"),  # was a TypeError from a comparison
+    ({"memory_limit_bytes": "1GiB"}, "memory_limit_bytes must be an integer"),
+    ({"memory_limits": {"f": "1GiB"}}, "memory_limits must map function names to bytes"),
+    ({"history_window": 0}, "history_window must be at least 1"),
+    ({"stat_percentile": 150}, "stat_percentile must be a percentile"),
+    ({"holdout_fraction": 1.5}, "holdout_fraction must be a fraction"),
+    ({"quantiles": (0.5,)}, "quantiles must be at least three"),
+    ({"memory_rounding_bytes": 1.5}, "memory_rounding_bytes must be an integer"),
+    ({"coverage": float("nan")}, "coverage must be a number"),
+])
+def test_config_names_a_bad_value_where_it_is_set(change, message):
+    with pytest.raises(ValueError, match="invalid RayschedConfig: .*" + message):
+        RayschedConfig(**change)
+
+
+def test_config_keeps_plain_numbers_of_any_numeric_type():
+    import numpy as np
+
+    config = RayschedConfig(default_memory_bytes=1.5 * GiB, memory_limit_bytes=np.int64(2 * GiB),
+                            default_num_cpus=np.float32(2), memory_limits={"f": GiB})
+    assert type(config.default_memory_bytes) is int and config.default_memory_bytes == 3 * GiB // 2
+    assert type(config.memory_limit_bytes) is int and type(config.default_num_cpus) is float
+    assert config.memory_limits == (("f", GiB),)
+
+
 def test_home_comes_from_the_environment_only_in_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path))
     assert RayschedConfig.from_env().home_path == tmp_path.resolve()
