@@ -340,7 +340,12 @@ def test_a_call_cancelled_before_it_started_makes_profiles_wait_once_at_most(ray
     ray.cancel(queued)
     assert ray.get(blockers) == [3, 3]
     raysched.profiles(naps)
-    started = time.monotonic()
-    rows = raysched.profiles(naps)
-    assert time.monotonic() - started < 2.5  # the settle (1 s and a quiet profiler), not 1 + 3 s
+    settles = []
+    original = raysched._settle
+    raysched._settle = lambda: settles.append(1) or original()
+    try:
+        rows = raysched.profiles(naps)
+    finally:
+        raysched._settle = original
+    assert settles == []  # every call has its row or was given up on: nothing to wait for at all
     assert len(rows) == 4 and (rows["outcome"] == "ok").all()

@@ -125,6 +125,19 @@ def test_processes_asking_within_bundle_max_age_share_one_bundle_until_a_model_o
     assert profiler.bundle("f", "h1").models, "a new model is served at once, however young the bundle"
 
 
+def test_rows_nobody_asks_for_are_held_up_to_the_window_only(tmp_path):
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, history_window=50,
+                            profile_commit_interval_s=0.0, bundle_max_age_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
+                        executor=InlineExecutor(), tidy_executor=InlineExecutor())
+    profiler.bundle("f", "h1")  # the function's state is loaded: later rows are kept in memory
+    for batch in range(40):
+        profiler.record(rows(10, start=10 * batch))
+    state = profiler._functions["f"]
+    assert len(state._pending) <= 100  # 400 rows recorded, no bundle asked for meanwhile
+    assert list(state.rows["call_id"]) == [f"c{i}" for i in range(350, 400)]  # the window, exactly
+
+
 def test_missing_calls_names_the_calls_whose_rows_have_not_arrived(profiler):
     """What refresh(train=True) waits on: rows of the driver's calls, received or in the store."""
     assert profiler.missing_calls("f", ["c0", "c1"]) == ["c0", "c1"]

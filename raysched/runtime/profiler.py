@@ -133,6 +133,10 @@ class _FunctionState:
 
     def add(self, rows: list[Mapping[str, Any]]) -> None:
         self._pending.extend(rows)
+        if len(self._pending) > 2 * self.window:
+            # Nobody asked for a bundle for a while (the function's drivers are gone): the
+            # frame would keep only the newest `window` rows anyway, so hold no more than that.
+            del self._pending[: len(self._pending) - self.window]
         self.n_rows = min(self.window, self.n_rows + len(rows))
         self.n_usable += sum(1 for r in rows if r.get("memory_sample_bytes") is not None)
         self.new_rows += len(rows)
