@@ -92,8 +92,11 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     from .runtime.client import forget_calls, submitted_calls
 
     expected = list(submitted_calls(name))
-    if not calls_without_rows(frame, expected):
-        return frame  # every call this process made has its row (or none is waited for): no wait
+    if not expected:
+        # No call of this process since the last look (which waited for their rows): nothing
+        # to wait for. (A call with one row may have more on the way, after a retry: so a
+        # call once submitted is waited for once, even if a row of it is in.)
+        return frame
     _settle()
     frame = store.read(function=name)
     # Calls this driver submitted whose rows have not landed yet: wait a little

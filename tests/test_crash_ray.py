@@ -96,3 +96,6 @@ def test_retried_exceptions_rerun_as_often_as_plain_ray(dashboard_session, retri
     runs, error = runs_of(function, dashboard_session / f"raise_{retries}")
     assert isinstance(error, ValueError)
     assert runs == plain_runs == retries + 1
+    rows = failed_rows(function)  # one row per run, numbered as the runs were
+    assert list(rows["attempt"]) == list(range(1, runs + 1)), rows[["attempt", "outcome", "error"]]
+    assert set(rows["outcome"]) == {"error"} and rows["error"].str.contains("ValueError").all()

@@ -1041,7 +1041,9 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
     if cause == "TASK_EXECUTION_EXCEPTION" and decision is None:
         # Ray retries it within the caller's budget (``remote_options``); counted so that
         # the call's later tasks get only what is left of it.
-        return _run_again_here(fn, task_spec, replace(spec, reruns=spec.reruns + 1), args, kwargs, resubmit)
+        # A new attempt number (its row, live samples and markers are its own), not a ladder rung.
+        return _run_again_here(fn, task_spec, replace(spec, attempt=spec.attempt + 1, reruns=spec.reruns + 1),
+                               args, kwargs, resubmit)
     usage = _last_live_usage(spec)
     now = time.time()
     started = now - (usage.wall_seconds if usage else 0.0)
