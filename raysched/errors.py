@@ -20,24 +20,34 @@ class StoreError(RayschedError):
 
 
 class PredictionTooLarge(RayschedError):
-    """A request exceeds every node of the cluster and the config says not to cap it."""
+    """A request exceeds every node that may run it and the config says not to cap it.
 
-    def __init__(self, function: str, memory_bytes: int, num_cpus: float, largest_memory: int, largest_cpus: float):
+    ``node_id`` is the largest of those nodes (the one a capped request would go to);
+    ``scope`` which nodes the call's Ray options allow ("" for every node).
+    """
+
+    def __init__(self, function: str, memory_bytes: int, num_cpus: float, largest_memory: int, largest_cpus: float,
+                 node_id: str = "", scope: str = ""):
         self.function = function
         self.memory_bytes = memory_bytes
         self.num_cpus = num_cpus
         self.largest_memory = largest_memory
         self.largest_cpus = largest_cpus
+        self.node_id = node_id
+        self.scope = scope
+        which = f" (node {node_id}" + (f"; its Ray options allow only {scope}" if scope else "") + ")" if node_id else ""
+        advice = "Pin it to a bigger node" if scope else "Add a bigger node"
         super().__init__(
             f"{function}: needs {memory_bytes / MiB:.0f} MiB and {num_cpus:g} CPU, but the largest node that can "
-            f"run it offers {largest_memory / MiB:.0f} MiB and {largest_cpus:g} CPU. Add a bigger node, or set "
+            f"run it offers {largest_memory / MiB:.0f} MiB and {largest_cpus:g} CPU{which}. {advice}, or set "
             f"oversize_policy='cap' to run it capped."
         )
 
     def __reduce__(self):  # keep the exception picklable across Ray processes
         return (
             PredictionTooLarge,
-            (self.function, self.memory_bytes, self.num_cpus, self.largest_memory, self.largest_cpus),
+            (self.function, self.memory_bytes, self.num_cpus, self.largest_memory, self.largest_cpus,
+             self.node_id, self.scope),
         )
 
 

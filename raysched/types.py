@@ -208,18 +208,53 @@ class Usage:
 
 @dataclass(frozen=True)
 class NodeShape:
-    """The schedulable resources of one Ray node."""
+    """The schedulable resources of one Ray node.
+
+    ``resources``: its other resources (``GPU``, custom ones, ``node:<ip>``...) as
+    (name, amount) pairs sorted by name, so that the shape stays hashable.
+    """
 
     node_id: str
     num_cpus: float
     memory_bytes: int
+    resources: tuple[tuple[str, float], ...] = ()
+
+    def amount(self, resource: str) -> float:
+        """How much of ``resource`` the node has (0 if none)."""
+        for name, amount in self.resources:
+            if name == resource:
+                return amount
+        return 0.0
 
 
 @dataclass(frozen=True)
 class ClusterShape:
-    """What sizing needs to know of the cluster: its nodes' capacities."""
+    """What sizing needs to know of the cluster: its nodes' capacities.
+
+    ``scope`` is empty for the whole cluster; for the shape ``eligible`` returns, it
+    says which nodes it keeps (for a reason or an error message).
+    """
 
     nodes: tuple[NodeShape, ...] = ()
+    scope: str = ""
+
+    def eligible(self, node_id: str | None = None,
+                 demands: "Mapping[str, float] | tuple[tuple[str, float], ...]" = ()) -> "ClusterShape":
+        """The nodes a task or actor may run on: only ``node_id`` if given (a hard node
+        affinity), and only those with at least ``demands`` (resource name -> amount, as
+        Ray's ``num_gpus`` (``GPU``) and ``resources={...}``). Unrestricted: this shape
+        itself. No node may be eligible: the shape is then empty, and sizing leaves Ray
+        to report the task as infeasible."""
+        pairs = demands.items() if isinstance(demands, Mapping) else demands
+        wanted = tuple(sorted((str(name), float(amount)) for name, amount in pairs if amount and amount > 0))
+        if node_id is None and not wanted:
+            return self
+        nodes = tuple(
+            n for n in self.nodes
+            if (node_id is None or n.node_id == node_id) and all(n.amount(r) >= a for r, a in wanted)
+        )
+        scope = ([f"node {node_id[:8]}"] if node_id is not None else []) + [f"{r}>={a:g}" for r, a in wanted]
+        return ClusterShape(nodes, scope=", ".join(([self.scope] if self.scope else []) + scope))
 
     @property
     def largest_memory_bytes(self) -> int:

@@ -1,10 +1,12 @@
-"""A multi-node ray.cluster_utils.Cluster where one node is too small for a predicted task."""
+"""A multi-node ray.cluster_utils.Cluster where one node is too small for a predicted task, and
+calls pinned to that node by their Ray options."""
 
 from __future__ import annotations
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import raysched
 from raysched import PredictionTooLarge, adaptive_remote
@@ -17,10 +19,12 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    """A head with 1 CPU and 512 MiB, a worker node with 2 CPUs and 3 GiB, and a node with no
-    CPU and 6 GiB (as a head kept free of tasks has: Ray still counts its memory)."""
+    """A head with 1 CPU, 512 MiB and a custom resource (``gpu_like``), a worker node with 2 CPUs
+    and 3 GiB, and a node with no CPU and 6 GiB (as a head kept free of tasks has: Ray still
+    counts its memory)."""
     with environment(RAYSCHED_HOME=str(tmp_path_factory.mktemp("raysched_cluster_home"))):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "memory": 512 * MiB})
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "memory": 512 * MiB,
+                                                                "resources": {"gpu_like": 1}})
         big = cluster.add_node(num_cpus=2, memory=3 * GiB)
         cluster.add_node(num_cpus=0, memory=6 * GiB)
         cluster.wait_for_nodes()
@@ -30,6 +34,12 @@ def two_nodes(tmp_path_factory):
         finally:
             ray.shutdown()
             cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_head(two_nodes):
+    """The head's node id: the only node with ``gpu_like``."""
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("gpu_like"))
 
 
 @adaptive_remote(memory=1 * GiB)
@@ -62,5 +72,64 @@ def test_or_a_clear_error_when_configured(two_nodes):
     try:
         with pytest.raises(PredictionTooLarge, match="largest node that can run it offers 3072 MiB"):
             needs_more_than_any_node.remote()
+    finally:
+        raysched.configure(oversize_policy="cap")
+
+
+# No fallback given: the default (1 GiB + 15%) is more than the head's 512 MiB. One function
+# per case, so that no row of an earlier case sizes a later one.
+@adaptive_remote
+def pinned_by_affinity():
+    return ray.get_runtime_context().get_node_id()
+
+
+@adaptive_remote
+def pinned_by_resource():
+    return ray.get_runtime_context().get_node_id()
+
+
+@adaptive_remote
+def softly_pinned():
+    return ray.get_runtime_context().get_node_id()
+
+
+@adaptive_remote
+def pinned_and_refused():
+    return ray.get_runtime_context().get_node_id()
+
+
+@adaptive_remote(memory=1 * GiB)
+class PinnedActor:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+
+def test_a_call_pinned_to_a_small_node_is_capped_to_that_node(two_nodes, small_head):
+    """A hard node affinity or a resource only the small head has restricts the nodes sizing
+    fits the request to (plain Ray runs these calls there); a soft affinity does not."""
+    hard = NodeAffinitySchedulingStrategy(small_head, soft=False)
+    assert ray.get(pinned_by_affinity.options(scheduling_strategy=hard).remote(), timeout=60) == small_head
+    assert ray.get(pinned_by_resource.options(resources={"gpu_like": 1}).remote(), timeout=60) == small_head
+    for fn in (pinned_by_affinity, pinned_by_resource):
+        row = raysched.profiles(fn).iloc[-1]
+        assert row["outcome"] == "ok" and row["node_id"] == small_head
+        assert row["allocated_memory_bytes"] == 512 * MiB and row["allocated_num_cpus"] == 1.0
+    # Soft: Ray may run it elsewhere, so it is sized for the whole cluster and runs on the big node
+    soft = NodeAffinitySchedulingStrategy(small_head, soft=True)
+    assert ray.get(softly_pinned.options(scheduling_strategy=soft).remote(), timeout=60) == two_nodes
+    assert raysched.profiles(softly_pinned).iloc[-1]["allocated_memory_bytes"] > 1 * GiB
+    # An actor pinned to the head is created there, its memory label capped to the head's
+    actor = PinnedActor.options(scheduling_strategy=hard).remote()
+    try:
+        assert ray.get(actor.node.remote(), timeout=60) == small_head
+    finally:
+        ray.kill(actor)
+
+
+def test_a_pinned_call_too_big_for_its_node_names_it_when_configured(two_nodes, small_head):
+    raysched.configure(oversize_policy="error")
+    try:
+        with pytest.raises(PredictionTooLarge, match=f"offers 512 MiB and 1 CPU \\(node {small_head}"):
+            pinned_and_refused.options(scheduling_strategy=NodeAffinitySchedulingStrategy(small_head, soft=False)).remote()
     finally:
         raysched.configure(oversize_policy="cap")

@@ -54,3 +54,57 @@ def test_generator_and_async_functions_are_refused_where_they_are_decorated():
             adaptive_remote(fn)
         with pytest.raises(InvalidInput, match=says):
             adaptive_remote(memory=2**28)(fn)
+
+
+class _SizingClient:
+    """What ``_first_spec`` asks of the profiler client: a prediction (the default fallback's) and its sizing."""
+
+    def __init__(self):
+        from raysched.config import RayschedConfig
+        from raysched.policy.recipe import build_sizer
+
+        self.sizer = build_sizer(RayschedConfig())
+
+    def predict(self, name, code_hash, features, fallback, bundle):
+        from raysched.types import GiB, Estimate, Prediction
+
+        estimate = Estimate(GiB, GiB, GiB, 0.95, 0, "fallback")  # the default fallback: 1 GiB, 1 CPU
+        one = Estimate(1, 1, 1, 0.95, 0, "fallback")
+        return Prediction(memory=estimate, cpu=one, wall=one, source="fallback")
+
+    def size(self, prediction, explicit, name, cluster):
+        return self.sizer.size(prediction, cluster, explicit, name)
+
+
+def test_a_call_pinned_by_its_ray_options_is_sized_for_the_nodes_they_allow():
+    """A hard node affinity, custom resources or num_gpus restrict the nodes sizing (and the
+    ladder's largest-node rung) considers; a soft node affinity does not."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raysched.runtime.worker import node_constraints
+    from raysched.types import GiB, ClusterShape, NodeShape
+
+    small_id, big_id = "ab" * 28, "cd" * 28
+    cluster = ClusterShape((NodeShape("ef" * 28, 0, 8 * GiB), NodeShape(small_id, 1, 1 * GiB, (("gpu_like", 1.0),)),
+                            NodeShape(big_id, 2, 3 * GiB, (("GPU", 1.0),))))
+    hard = NodeAffinitySchedulingStrategy(small_id, soft=False)
+    soft = NodeAffinitySchedulingStrategy(small_id, soft=True)
+    assert node_constraints({"scheduling_strategy": hard}) == (small_id, ())
+    assert node_constraints({"scheduling_strategy": soft, "num_gpus": 0}) == (None, ())
+    assert node_constraints({"resources": {"b": 2, "a": 0.5}, "num_gpus": 1}) == (None, (("GPU", 1.0), ("a", 0.5),
+                                                                                       ("b", 2.0)))
+    client = _SizingClient()
+
+    def first(**options):
+        call = scalar_task._call_options(options)
+        return scalar_task._first_spec(client, call, scalar_task._features(call, (), {}), None, cluster)
+
+    unpinned = first()
+    assert not unpinned.allocation.capped and unpinned.largest_node_bytes == 3 * GiB
+    assert first(scheduling_strategy=soft).allocation == unpinned.allocation
+    for spec in (first(scheduling_strategy=hard), first(resources={"gpu_like": 1})):
+        assert spec.allocation.capped and spec.allocation.memory_bytes == 1 * GiB
+        assert spec.largest_node_bytes == 1 * GiB  # the ladder's last rung: the pinned node
+    assert first(num_gpus=1).largest_node_bytes == 3 * GiB
+    nowhere = first(resources={"gpu_like": 2})  # no node has it: left for Ray to report
+    assert nowhere.allocation == unpinned.allocation and nowhere.largest_node_bytes is None

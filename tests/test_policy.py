@@ -266,6 +266,39 @@ def test_oversize_never_lands_on_a_cpu_less_head_however_much_memory_it_has():
     assert (capped.num_cpus, capped.memory_bytes) == (2.0, 2 * GiB)
 
 
+def test_a_pinned_request_is_fitted_to_the_nodes_its_options_allow():
+    """A call pinned to a node (a hard node affinity) or asking for a resource only some
+    nodes have is capped to those nodes, not to the largest node of the cluster."""
+    head = NodeShape("head", 0, 23 * GiB)
+    small = NodeShape("small", 1, 1 * GiB, (("gpu_like", 1.0),))
+    big = NodeShape("big", 2, 3 * GiB, (("GPU", 2.0),))
+    cluster = ClusterShape((head, small, big))
+    assert cluster.eligible() is cluster and cluster.eligible(None, {"gpu_like": 0}) is cluster
+    assert cluster.eligible("small").nodes == (small,)
+    assert cluster.eligible(None, {"gpu_like": 1}).nodes == (small,)
+    assert cluster.eligible(None, (("GPU", 1.0),)).nodes == (big,)
+    assert cluster.eligible(None, {"GPU": 4}).nodes == ()  # none: Ray will say it is infeasible
+    assert cluster.eligible("small", {"GPU": 1}).nodes == ()
+    assert small.amount("gpu_like") == 1.0 and small.amount("GPU") == 0.0
+    hash(cluster.eligible("small"))  # a cache key
+
+    fallback_like = prediction(GiB * 1.0, cpu=1.0)  # + 15% margin: more than the small node has
+    whole = build_sizer(CFG).size(fallback_like, cluster)
+    assert not whole.capped and whole.memory_bytes > 1 * GiB
+    for pinned in (cluster.eligible("small"), cluster.eligible(None, {"gpu_like": 1})):
+        capped = build_sizer(CFG).size(fallback_like, pinned)
+        assert capped.capped and (capped.memory_bytes, capped.num_cpus) == (1 * GiB, 1.0)
+        assert "capped to node small" in capped.reason and "its options allow" in capped.reason
+        with pytest.raises(PredictionTooLarge, match=r"offers 1024 MiB and 1 CPU \(node small; its Ray options allow only"):
+            build_sizer(CFG.replace(oversize_policy="error")).size(fallback_like, pinned, function="f")
+    # No eligible node: the request is left as it is (Ray reports the task as infeasible)
+    nowhere = build_sizer(CFG).size(fallback_like, cluster.eligible(None, {"GPU": 4}))
+    assert nowhere == whole
+    # Pinned to the CPU-less head: no CPU there for it, so no size is made up (not 0 CPUs)
+    assert build_sizer(CFG).size(prediction(GiB * 30, cpu=1.0), cluster.eligible("head")) == \
+        build_sizer(CFG).size(prediction(GiB * 30, cpu=1.0))
+
+
 def test_labels_in_a_placement_group_fit_its_bundle():
     from raysched.policy.sizing import fit_bundle
 

@@ -67,7 +67,11 @@ class RoundUp:
 
 @dataclass(frozen=True)
 class FitLargestNode:
-    """Cap a request to the largest node that can run it, or raise PredictionTooLarge, as configured."""
+    """Cap a request to the largest node that can run it, or raise PredictionTooLarge, as configured.
+
+    The cluster is the nodes the caller's options allow (``ClusterShape.eligible``: a
+    task pinned to a node is fitted to that node). None eligible: the request is left
+    as it is, and Ray reports the task as infeasible."""
 
     policy: str  # "cap" or "error"
 
@@ -79,22 +83,27 @@ class FitLargestNode:
         if any(n.memory_bytes >= r.memory_bytes and n.num_cpus >= r.num_cpus for n in cluster.nodes):
             return r
         best = _largest_node_for(cluster, r.num_cpus)
+        if best is None:
+            return r  # only CPU-less nodes for a task that asks for CPU: Ray reports it, as it would without raysched
         if self.policy == "error":
-            raise PredictionTooLarge(ctx.function, int(r.memory_bytes), r.num_cpus, best.memory_bytes, best.num_cpus)
+            raise PredictionTooLarge(ctx.function, int(r.memory_bytes), r.num_cpus, best.memory_bytes, best.num_cpus,
+                                     best.node_id, cluster.scope)
+        allowed = f" (its options allow {cluster.scope})" if cluster.scope else ""
         return replace(r, memory_bytes=min(r.memory_bytes, best.memory_bytes),
                        num_cpus=min(r.num_cpus, best.num_cpus), capped=True,
-                       notes=r.notes + (f"capped to node {best.node_id[:8]}",))
+                       notes=r.notes + (f"capped to node {best.node_id[:8]}{allowed}",))
 
 
-def _largest_node_for(cluster: ClusterShape, num_cpus: float) -> NodeShape:
+def _largest_node_for(cluster: ClusterShape, num_cpus: float) -> NodeShape | None:
     """The node with the most memory among those with the CPUs ``num_cpus`` asks for (or, if
     none has that many, among those with the most CPUs). A CPU-less node (a head kept free
-    of tasks, as Ray advises) never runs a task that asks for a CPU, however much memory it has."""
+    of tasks, as Ray advises) never runs a task that asks for a CPU, however much memory it
+    has: None if every node is CPU-less (say a call pinned to such a head)."""
     enough = [n for n in cluster.nodes if n.num_cpus >= num_cpus]
     if not enough:
         most = max(n.num_cpus for n in cluster.nodes)
-        enough = [n for n in cluster.nodes if n.num_cpus == most]
-    return max(enough, key=lambda n: (n.memory_bytes, n.num_cpus))
+        enough = [n for n in cluster.nodes if n.num_cpus == most and n.num_cpus > 0]
+    return max(enough, key=lambda n: (n.memory_bytes, n.num_cpus)) if enough else None
 
 
 @dataclass(frozen=True)

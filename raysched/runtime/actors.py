@@ -61,7 +61,7 @@ from .actor_worker import RESTORE_HOOK, SAVE_HOOK, actor_options, make_actor_cla
 from .decorator import _Adaptive
 from .worker import ACTOR_DEFINITION_OPTIONS, definition_options, ray_remote
 from .session import NAMESPACE, monitor_name, session_token
-from .worker import AttemptSpec, encode_spec
+from .worker import AttemptSpec, eligible_cluster, encode_spec
 
 logger = logging.getLogger(__name__)
 
@@ -465,8 +465,9 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             from ..policy.recipe import build_sizer
             from ..policy.rescale import rescale_target
 
+            cluster = eligible_cluster(self._client.cluster.get(), spec.ray_options)  # a pinned actor: its node
             target = rescale_target(decision.rule, decision.measured, spec.allocation, build_sizer(self._config),
-                                    self._config, self._client.cluster.get(), spec.function)
+                                    self._config, cluster, spec.function)
             if target is None:  # capped by the largest node (the monitor judged without the cluster)
                 self._skip(decision, "no other size would help")
                 return None

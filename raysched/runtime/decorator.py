@@ -24,7 +24,8 @@ from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
 from .codehash import code_hash, qualified_name
 from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, captured_placement_group,
-                     definition_options, encode_call, encode_template, make_entry, ray_remote, remote_options)
+                     definition_options, eligible_cluster, encode_call, encode_template, make_entry, ray_remote,
+                     remote_options)
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -83,7 +84,8 @@ def _known_wall(prediction: Any) -> float:
 
 
 def _largest_memory_for(cluster, num_cpus: float) -> float | None:
-    """The most memory one node can give a task that needs ``num_cpus`` (a CPU-less head cannot)."""
+    """The most memory one node (of those the call may run on) can give a task that needs
+    ``num_cpus`` (a CPU-less head cannot)."""
     sizes = [n.memory_bytes for n in cluster.nodes if n.num_cpus >= num_cpus]
     return float(max(sizes)) if sizes else None
 
@@ -204,6 +206,8 @@ class _Adaptive:
                     call_id: str = "", **extra: Any) -> AttemptSpec:
         """The spec of a first attempt with these features: predicted, sized, with the caller's options."""
         prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
+        # Sized for the nodes the caller's options let it run on (a pinned call: that node).
+        cluster = eligible_cluster(cluster, options.ray_options)
         allocation = client.size(prediction, options.explicit, self.name, cluster)
         return AttemptSpec(
             function=self.name,

@@ -145,6 +145,8 @@ def read_cluster_shape() -> ClusterShape:
                 node_id=node.get("NodeID", ""),
                 num_cpus=float(resources.get("CPU", 0.0)),
                 memory_bytes=int(resources.get("memory", 0)),
+                resources=tuple(sorted((str(name), float(amount)) for name, amount in resources.items()
+                                       if name not in ("CPU", "memory"))),
             )
         )
     return ClusterShape(tuple(nodes))

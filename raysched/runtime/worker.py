@@ -65,7 +65,7 @@ from ..policy.recipe import build_ladder
 from ..policy.samples import memory_sample
 from ..policy.sizing import fit_bundle
 from ..policy.thinning import ShortCallThinning, thinning_from_config
-from ..types import Allocation, AttemptRecord, Features, Outcome, Prediction, Usage
+from ..types import Allocation, AttemptRecord, ClusterShape, Features, Outcome, Prediction, Usage
 from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
 from .session import NAMESPACE, RECORD_GROUP, monitor_name, profiler_name
 
@@ -1229,6 +1229,31 @@ def _placement_group_target(options: Mapping[str, Any]) -> tuple[Any, int] | Non
     if group is None or group.is_empty:
         return None
     return group, int(index if index is not None else -1)
+
+
+def node_constraints(options: Mapping[str, Any]) -> tuple[str | None, tuple[tuple[str, float], ...]]:
+    """What in a task's or actor's Ray options restricts the nodes it may run on: the node of
+    a hard ``NodeAffinitySchedulingStrategy`` (None: none, or a soft one, which Ray may leave
+    for another node), and the resources asked for besides CPU and memory (``num_gpus`` as
+    ``GPU``, ``resources={...}``), as sorted (name, amount) pairs."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    strategy = options.get("scheduling_strategy")
+    node_id = strategy.node_id if isinstance(strategy, NodeAffinitySchedulingStrategy) and not strategy.soft else None
+    demands = dict(options.get("resources") or {})
+    if options.get("num_gpus"):
+        demands["GPU"] = options["num_gpus"]
+    return node_id, tuple(sorted((str(k), float(v)) for k, v in demands.items() if v))
+
+
+def eligible_cluster(cluster: ClusterShape | None, options: Mapping[str, Any]) -> ClusterShape | None:
+    """The part of ``cluster`` a task or actor with these Ray options (a mapping or pairs) may
+    run on, which sizing fits its request to: a call pinned to a node asks for no more than
+    that node has."""
+    if cluster is None:
+        return None
+    node_id, demands = node_constraints(dict(options))
+    return cluster.eligible(node_id, demands)
 
 
 def captured_placement_group() -> str | None:
