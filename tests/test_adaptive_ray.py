@@ -122,6 +122,19 @@ def test_input_size_of_an_object_ref_argument_is_known(ray_session):
     assert ray.get(array_sum.remote(ref)) == 500_000.0
     row = raysched.profiles(array_sum).iloc[-1]
     assert row["input_size"] >= arr.nbytes
+    # Looked up once per object: the same object passed again costs no round trip, and the
+    # lookup holds no reference to it (Ray frees it once the caller drops it).
+    from raysched.runtime import decorator
+
+    lookups = []
+    original = ray.experimental.get_object_locations
+    ray.experimental.get_object_locations = lambda *a, **k: lookups.append(1) or original(*a, **k)
+    try:
+        assert ray.get([array_sum.remote(ref) for _ in range(3)]) == [500_000.0] * 3
+    finally:
+        ray.experimental.get_object_locations = original
+    assert lookups == [] and decorator._REF_SIZES[ref.binary()] >= arr.nbytes
+    assert all(type(k) is bytes for k in decorator._REF_SIZES)
 
 
 def test_predict_uses_per_call_input_size(ray_session):
