@@ -108,3 +108,24 @@ def test_a_call_pinned_by_its_ray_options_is_sized_for_the_nodes_they_allow():
     assert first(num_gpus=1).largest_node_bytes == 3 * GiB
     nowhere = first(resources={"gpu_like": 2})  # no node has it: left for Ray to report
     assert nowhere.allocation == unpinned.allocation and nowhere.largest_node_bytes is None
+
+
+def test_equal_ray_options_have_equal_keys_so_calls_share_a_plan():
+    """A dict option (resources, runtime_env) or a strategy made anew per call was never found
+    in the plan cache: every such call was predicted and sized again."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raysched.runtime.decorator import _CallOptions, option_key
+
+    node = "ab" * 28
+
+    def options(soft=False, env="1"):
+        return {"resources": {"x": 1.0, "y": 2.0}, "runtime_env": {"env_vars": {"A": env}},
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=soft)}
+
+    first, again = _CallOptions(options(), (), {}), _CallOptions(dict(reversed(list(options().items()))), (), {})
+    assert first.key is not None and first.key == again.key and hash(first.key) == hash(again.key)
+    assert _CallOptions(options(soft=True), (), {}).key != first.key
+    assert _CallOptions(options(env="2"), (), {}).key != first.key
+    assert option_key({"resources": {"x": 1}}) != option_key({"resources": {"x": 2}})
+    assert option_key({"odd": {1, 2}}) is None and _CallOptions({"odd": [{1}]}, (), {}).key is None  # no cache

@@ -92,6 +92,33 @@ def _check_ray_options(kind: str, options: Mapping[str, Any], in_options: bool) 
         raise InvalidInput(f"invalid Ray option: {exc}") from exc
 
 
+def option_key(options: Mapping[str, Any]) -> tuple | None:
+    """A hashable stand-in for Ray options, equal for equal options; None if one cannot be compared.
+
+    ``resources={...}`` is a dict, and a scheduling strategy made anew for each call is a
+    new object: keyed as they are, neither would ever find the plan or the ``.options()``
+    wrapper made for an equal call, and each such call would be predicted and sized again.
+    """
+    try:
+        return tuple(sorted((str(k), _frozen(v)) for k, v in options.items()))
+    except TypeError:
+        return None
+
+
+def _frozen(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        return ("dict",) + tuple(sorted((str(k), _frozen(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_frozen(v, depth + 1) for v in value)
+    if type(value).__module__.startswith("ray.util.scheduling_strategies") and depth < 4:
+        # Ray's strategies are plain holders of their arguments (a node id, a placement group...)
+        return (type(value).__qualname__,) + _frozen(vars(value), depth + 1)
+    hash(value)  # anything else by its own equality (a placement group: by its id); TypeError if none
+    return value
+
+
 def _known_wall(prediction: Any) -> float:
     """The predicted upper wall time of a call, or inf when no past run stands behind it
     (a fallback's wall time is a guess the admission queue must not count on)."""
@@ -135,10 +162,8 @@ class _CallOptions:
         self.ray_options = ray_options
         # What makes two calls' plans equal besides their features; None: not cacheable.
         self.key: tuple | None = (self.tags, priority, self.queued, tuple(sorted(explicit.items())),
-                                  tuple(sorted(ray_options.items())))
-        try:
-            hash(self.key)
-        except TypeError:  # an unhashable Ray option (a dict, say)
+                                  option_key(ray_options))
+        if self.key[-1] is None:  # an option that cannot be told equal to another's
             self.key = None
 
 
@@ -371,10 +396,8 @@ class AdaptiveFunction(_Adaptive):
             definition = definition_options(self._ray_options)  # max_calls: Ray takes it only here
             self._remote = ray_remote(make_entry(self._fn, config, definition.get("max_calls")), definition)
             self._remote_config, self._bound = config, {}
-        try:
-            key = tuple(sorted(options.items()))
-            hash(key)
-        except TypeError:  # an unhashable Ray option (a dict): no cache for this call
+        key = option_key(options)
+        if key is None:  # an option that cannot be told equal to another's: no cache for this call
             return self._remote.options(**options)
         bound = self._bound.get(key)
         if bound is None:
