@@ -343,9 +343,12 @@ def test_size_tiers_pick_the_newest_run_of_adjacent_parts_of_one_tier():
     # fanout 4: tiers end at 100, 400, 1600, 6400 bytes. Oldest first: a tier-3 part, four
     # tier-1 parts, four tier-0 parts
     sizes = [5000, 300, 200, 350, 150, 10, 20, 30, 40]
-    assert newest_mergeable_run(sizes, 4, unit) == (5, 9)  # the newest run first
-    assert newest_mergeable_run(sizes[:-1], 4, unit) == (1, 5)  # three tier-0 parts are not a run yet
-    assert newest_mergeable_run([10, 500, 10, 500, 10], 2, unit) is None  # never across another tier
+    assert newest_mergeable_run(sizes, 4, unit) == (5, 9)  # the lowest tier's newest run first
+    # three tier-0 parts are not a run yet: the tier-1 run takes them along
+    assert newest_mergeable_run(sizes[:-1], 4, unit) == (1, 8)
+    # parts that straddle a tier's bound merge together, never with a bigger tier's part
+    assert newest_mergeable_run([5000, 10, 150, 10, 150, 10], 5, unit) == (1, 6)
+    assert newest_mergeable_run([5000, 10, 150, 10, 150], 5, unit) is None
     assert newest_mergeable_run([], 2, unit) is None
 
 

@@ -216,18 +216,30 @@ def size_tier(size_bytes: int, fanout: int, unit_bytes: int) -> int:
 
 
 def newest_mergeable_run(sizes: Sequence[int], fanout: int, unit_bytes: int) -> tuple[int, int] | None:
-    """[start, end) of the newest run of at least ``fanout`` adjacent parts of one size tier
-    (``sizes`` oldest first), or None. Only adjacent parts are merged, so the rows keep
-    their write order."""
-    end = len(sizes)
-    while end > 0:
-        tier = size_tier(sizes[end - 1], fanout, unit_bytes)
-        start = end - 1
-        while start > 0 and size_tier(sizes[start - 1], fanout, unit_bytes) == tier:
-            start -= 1
-        if end - start >= fanout:
-            return start, end
-        end = start
+    """[start, end) of the parts to merge next (``sizes`` oldest first), or None.
+
+    For the lowest tier t that has one, the newest run of at least ``fanout`` adjacent
+    parts each of tier t or below, none of them more than half of the run's bytes.
+    (Group commits straddle a tier's bound, so parts of tiers 0 and 1 alternate: runs of
+    one exact tier would rarely be ``fanout`` long. The half: a merge at least doubles its
+    largest part, so a row is rewritten a logarithmic number of times, never each time a
+    few small parts pile up beside a big one.) Only adjacent parts are merged, so the
+    rows keep their write order.
+    """
+    tiers = [size_tier(n, fanout, unit_bytes) for n in sizes]
+    for tier in sorted(set(tiers)):
+        end = len(tiers)
+        while end > 0:
+            if tiers[end - 1] > tier:
+                end -= 1
+                continue
+            start = end - 1
+            while start > 0 and tiers[start - 1] <= tier:
+                start -= 1
+            run = sizes[start:end]
+            if len(run) >= fanout and 2 * max(run) <= sum(run):
+                return start, end
+            end = start
     return None
 
 
@@ -658,9 +670,10 @@ class ParquetTable:
 
         Every append is a part, so a long run leaves thousands, and a read opens each one
         (about a millisecond apiece). A full ``compact`` rewrites every row each time;
-        this merges only ``fanout`` or more *adjacent* parts of one size tier (tier k:
-        under ``unit_bytes`` x fanout^k bytes on disk), newest run first, and repeats as
-        merged parts fill the next tier. A row is rewritten once per tier (a handful of
+        this merges only ``fanout`` or more *adjacent* parts of the lowest size tier it can
+        (tier k: under ``unit_bytes`` x fanout^k bytes on disk; smaller parts among them
+        are merged with them), newest run first, and repeats as merged parts fill the
+        next tier. A row is rewritten once per tier (a handful of
         times in all), parts stay in write order (a run's merged part takes its newest
         time), and at most about fanout parts per tier remain. Same safety as ``compact``.
         """
