@@ -416,3 +416,38 @@ def test_calls_too_short_for_cores_of_their_own_get_the_pooled_cores_capped_at_o
     assert np.isnan(tiny.cpu).all()
     mixed = history_from_rows(pd.DataFrame(rows(5, start=500) + short_calls(200, 0.01, 0.001)))
     assert np.allclose(mixed.cpu[:5], 1.0) and np.allclose(mixed.cpu[5:], 2 / 11)  # own cores kept
+
+
+class _FailingRegistry(FakeRegistry):
+    def log_training(self, artifact, params, metrics):
+        raise RuntimeError("database disk image is malformed")
+
+
+def test_a_training_mlflow_could_not_log_still_serves_its_model_and_tells_the_caller(tmp_path, monkeypatch, caplog):
+    """A corrupted mlflow.db showed only in the profiler actor's log."""
+    import logging
+
+    from raysched.runtime import client as client_module
+    from raysched.runtime.client import ProfilerClient
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, min_retrain_interval_s=1e9,
+                            profile_commit_interval_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=_FailingRegistry(), clock=Clock(),
+                        executor=InlineExecutor())
+    profiler.record(rows(40))
+    summary = profiler.train_now("f", "h1")
+    assert any("database disk image is malformed" in e for e in summary["mlflow_errors"]), summary
+    assert profiler.bundle("f", "h1").models  # served all the same
+
+    # What the driver's refresh(train=True) (and so f.refresh, the demo) does with it
+    handle = _FakeHandle()
+    handle.settle = handle.train_now = type("M", (), {"remote": staticmethod(lambda *a, **k: summary)})
+    client = ProfilerClient(config, handle_factory=lambda config: None, clock=Clock())
+    client._handle = handle
+    monkeypatch.setattr(client_module.ray, "get", lambda value, timeout=None: value)
+    import threading
+
+    threading.Timer(0.05, lambda: handle.replies[-1][1].raw.set_result(profiler.bundle("f", "h1", -1))).start()
+    with caplog.at_level(logging.WARNING, logger="raysched.runtime.client"):
+        client.refresh("f", "h1", train=True, timeout=5)
+    assert "could not be logged to MLflow" in caplog.text and "malformed" in caplog.text

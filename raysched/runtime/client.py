@@ -148,7 +148,10 @@ class ProfilerClient:
         if train:
             ray.get(self.handle.settle.remote(min_wait_s=rows_sent_within_s(self.config)), timeout=timeout)
             self._wait_for_rows(function, min(timeout, _ROWS_WAIT_S))
-            ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
+            trained = ray.get(self.handle.train_now.remote(function, code_hash), timeout=timeout)
+            for error in (trained or {}).get("mlflow_errors", ()):
+                logger.warning("raysched: %s was trained and its model is served, but it could not be logged "
+                               "to MLflow under %s (%s)", function, self.config.home_path, error)
         with self._lock:
             self._pending.pop(key, None)
             reply = self._request(key, reload=True)

@@ -361,8 +361,10 @@ class Profiler:
                     model.to_artifact(function, {"code_hash": code_hash, "served": better}), params, metrics
                 )
                 version = artifact.version
-            except Exception:  # noqa: BLE001 - MLflow down must not stop serving a better model
+            except Exception as exc:  # noqa: BLE001 - MLflow down must not stop serving a better model
                 logger.exception("raysched: could not log the %s model of %s to MLflow", resource, function)
+                # Said to whoever asked for this training too: the actor's log is not where one looks.
+                summary.setdefault("mlflow_errors", []).append(f"{resource}: {type(exc).__name__}: {exc}")
             if better:
                 with self._lock:
                     state.models[resource] = model.with_version(version) if version is not None else model
