@@ -303,3 +303,44 @@ def test_backfill_and_largest_first_shorten_a_batch_of_mixed_sizes():
     # with backfill; perfect packing of the memory-seconds would take 14.1 s.
     assert fifo_easy < 0.96 * fifo_strict, (fifo_easy, fifo_strict)
     assert largest_easy < fifo_easy, (largest_easy, fifo_easy)
+
+
+def test_a_call_joins_the_queue_only_once_its_object_ref_inputs_exist():
+    """A consumer given a higher priority than its producers was admitted first, held the
+    room while Ray waited for its inputs, and the producers never got any: a hang."""
+    capacity = [Request(2.0, 8 * GiB)]
+    existing: set[str] = set()
+    service = Admission(capacity=lambda: capacity[0], refresh_s=5.0, clock=Clock(), gather_s=0.0,
+                        ready=lambda refs: {r for r in refs if r in existing}, inputs_poll_s=0.001)
+
+    async def scenario():
+        started: list[str] = []
+
+        async def call(token, priority, inputs=()):
+            await service.admit(token, priority, 1.0, 1 * GiB, inputs=inputs)
+            started.append(token)
+
+        tasks = [asyncio.create_task(call(f"consume{i}", 5, [[f"out{i}", "shared"]])) for i in range(2)]
+        tasks += [asyncio.create_task(call(f"produce{i}", 0)) for i in range(2)]
+        await asyncio.sleep(0.02)
+        assert started == ["produce0", "produce1"]  # the producers run; the consumers wait for their inputs
+        assert service.status()["awaiting_inputs"] == 2 and service.status()["admitted"] == 2
+        existing.update({"out0", "shared"})  # producer 0's output exists (and the input both share)
+        await service.track("produce0", [_done()])
+        await asyncio.sleep(0.02)
+        assert started == ["produce0", "produce1", "consume0"]
+        # A call that ends (is cancelled) while it waits for its inputs never takes room.
+        await service.track("consume1", [_done()])
+        existing.add("out1")
+        await service.track("produce1", [_done()])
+        await asyncio.sleep(0.02)
+        assert service.status()["awaiting_inputs"] == 0 and service.status()["admitted"] == 1  # consume0 only
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+def _done():
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future

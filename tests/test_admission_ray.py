@@ -111,3 +111,26 @@ def test_a_short_call_backfills_beside_a_big_one_that_waits_and_does_not_delay_i
 def test_a_bad_priority_on_the_decorator_is_refused_at_once():
     with pytest.raises(raysched.InvalidInput, match="priority"):
         adaptive_remote(priority="high")(lambda: None)
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB)
+def produce(i: int) -> int:
+    import time
+
+    time.sleep(0.3)
+    return i
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB)
+def consume(x: int) -> int:
+    return 10 * x
+
+
+def test_a_consumer_with_a_higher_priority_than_its_producers_does_not_hang_the_queue(ray_session):
+    """Draining a pipeline by giving its later stage the higher priority: the consumers were
+    admitted first, held both CPUs while Ray waited for their inputs, and the producers never ran."""
+    made = [produce.options(priority=0).remote(i) for i in range(2)]
+    used = [consume.options(priority=5).remote(x) for x in made]
+    assert ray.get(used, timeout=60) == [0, 10]
+    assert wait_for(lambda: _queue_status()["admitted"] == 0 and _queue_status()["awaiting_inputs"] == 0,
+                    timeout=30), _queue_status()

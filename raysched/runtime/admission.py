@@ -20,6 +20,11 @@ queue can backfill behind a big call that waits for room
 (``policy.admission``).  Calls that arrive within ``gather_s`` of each other
 are ordered together before any is admitted: a burst submitted in a loop is
 admitted by priority and ``order_key``, not by which message came first.
+
+A call whose arguments include ObjectRefs (the outputs of other calls) joins the
+queue only once they exist, as Ray starts a task only then: admitted before, it
+would hold room it cannot use, and if the calls that make its inputs queue
+behind it (a consumer given a higher priority than its producers), for ever.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ from ..policy.admission import AdmissionQueue, Request
 logger = logging.getLogger(__name__)
 
 ADMISSION_NAME = "raysched_admission"
+
+
+def ray_ready(refs: Sequence[Any]) -> set[Any]:
+    """Those of ``refs`` (distinct ObjectRefs) that exist now, without fetching them here."""
+    import ray
+
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0, fetch_local=False)
+    return set(ready)
 
 
 def ray_capacity() -> Request | None:
@@ -61,7 +74,8 @@ class Admission:
     """
 
     def __init__(self, capacity: Callable[[], Request | None] = ray_capacity, refresh_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic, backfill: bool = True, gather_s: float = 0.01):
+                 clock: Callable[[], float] = time.monotonic, backfill: bool = True, gather_s: float = 0.01,
+                 ready: Callable[[Sequence[Any]], set[Any]] = ray_ready, inputs_poll_s: float = 0.05):
         self._capacity_fn = capacity
         self._refresh_s = refresh_s
         self._clock = clock
@@ -72,6 +86,12 @@ class Admission:
         self._pass_pending = False
         self._first_arrival = self._last_arrival = 0.0  # of the burst being gathered (the loop's time)
         self.admitted_total = 0
+        # Calls whose ObjectRef arguments do not exist yet: one watcher looks at all of them
+        # every ``inputs_poll_s`` (one ray.wait, in a thread), not one poll per call.
+        self._ready_fn = ready
+        self._inputs_poll_s = inputs_poll_s
+        self._awaiting_inputs: dict[str, tuple[list[Any], asyncio.Event]] = {}
+        self._inputs_watcher: asyncio.Future | None = None
 
     def _read_capacity(self) -> Request | None:
         try:
@@ -106,16 +126,24 @@ class Admission:
         self._wake(self._queue.admit(self._clock()))
 
     async def admit(self, token: str, priority: int, num_cpus: float, memory_bytes: float,
-                    order_key: float = 0.0, wall_seconds: float = float("inf")) -> bool:
+                    order_key: float = 0.0, wall_seconds: float = float("inf"),
+                    inputs: Sequence[Sequence[Any]] = ()) -> bool:
         """Return once the call may start (its task takes this value as an argument).
 
         ``order_key`` (``policy.admission.order_key``, computed by the driver) orders calls
         of equal priority; the driver's clock by default, since an async actor does not
         start calls in the order they were sent.  ``wall_seconds``: the call's predicted
-        upper wall time (inf: unknown), which lets the queue backfill.
+        upper wall time (inf: unknown), which lets the queue backfill.  ``inputs``: the
+        call's ObjectRef arguments, in a list inside a list (so that Ray passes them as
+        they are): the call is queued once they all exist.
         """
         if self._queue.is_admitted(token):
             return True  # asked again (a retried call): it was admitted already
+        refs = list(dict.fromkeys(inputs[0])) if inputs else []
+        if refs:
+            await self._inputs_exist(token, refs)
+            if self._queue.is_admitted(token):
+                return True
         request = Request(float(num_cpus), float(memory_bytes), float(wall_seconds))
         added = self._queue.add(token, priority, request, order_key)
         if not added and not self._queue.is_waiting(token):
@@ -132,6 +160,32 @@ class Admission:
         await event.wait()
         return True
 
+    async def _inputs_exist(self, token: str, refs: list[Any]) -> None:
+        event = asyncio.Event()
+        self._awaiting_inputs[token] = (refs, event)
+        if self._inputs_watcher is None or self._inputs_watcher.done():
+            self._inputs_watcher = asyncio.ensure_future(self._watch_inputs())
+        await event.wait()
+
+    async def _watch_inputs(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._awaiting_inputs:
+            refs = list(dict.fromkeys(r for rs, _ in self._awaiting_inputs.values() for r in rs))
+            try:
+                ready = await loop.run_in_executor(None, self._ready_fn, refs)
+            except Exception as exc:  # noqa: BLE001 - unknown: queue them, Ray still waits for the inputs
+                logger.warning("raysched admission: cannot tell whether calls' inputs exist (%s)", exc)
+                ready = set(refs)
+            for token, (rs, event) in list(self._awaiting_inputs.items()):
+                left = [r for r in rs if r not in ready]
+                if left:
+                    self._awaiting_inputs[token] = (left, event)
+                else:
+                    del self._awaiting_inputs[token]
+                    event.set()
+            if self._awaiting_inputs:
+                await asyncio.sleep(self._inputs_poll_s)
+
     async def track(self, token: str, refs: Sequence[Any]) -> None:
         """Wait for the call's ObjectRef (passed in a list, so Ray does not resolve it), then free its room."""
         try:
@@ -141,6 +195,9 @@ class Admission:
         self.finish(token)
 
     def finish(self, token: str) -> None:
+        awaiting = self._awaiting_inputs.pop(token, None)
+        if awaiting is not None:
+            awaiting[1].set()  # ended (cancelled) before its inputs existed: it never queues (_ended_early)
         self._refresh()
         self._wake(self._queue.finish(token, self._clock()))
 
@@ -148,6 +205,7 @@ class Admission:
         capacity = self._queue.capacity
         held = self._queue.held()
         return {"waiting": self._queue.waiting(), "admitted": self._queue.admitted(),
+                "awaiting_inputs": len(self._awaiting_inputs),
                 "admitted_total": self.admitted_total, "backfilled_total": self._queue.backfilled_total,
                 "capacity_cpus": capacity.num_cpus if capacity else None,
                 "held_cpus": held.num_cpus, "held_memory_bytes": held.memory_bytes}

@@ -372,8 +372,12 @@ class AdaptiveFunction(_Adaptive):
             # The task waits for its admission (an argument Ray resolves before it starts);
             # the queue frees its room when the task's own ref resolves.
             queue = client.admission
+            # Its ObjectRef arguments, nested so that Ray hands them over unresolved: the queue
+            # counts the call only once they exist (Ray resolves only top-level ones, as here).
+            inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, ray.ObjectRef)]
             admitted = queue.admit.remote(call_id, options.priority, plan.allocation.num_cpus,
-                                          plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper)
+                                          plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper,
+                                          [inputs] if inputs else ())
             ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
             queue.track.remote(call_id, [ref])
         else:
