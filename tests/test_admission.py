@@ -45,6 +45,18 @@ def test_memory_counts_too_and_an_oversized_call_runs_alone():
     assert q.offer("huge", 0, Request(16.0, 64 * GiB)) == ["huge"]  # nothing admitted: never held for ever
 
 
+def test_a_call_bigger_than_the_whole_capacity_passes_through_and_blocks_nobody():
+    """Ray keeps such a task pending; admitted and held, it blocked every other call for good."""
+    q = AdmissionQueue(Request(2.0, 8 * GiB))
+    assert q.offer("bad", 5, Request(3.0, 1 * GiB)) == ["bad"]  # 3 CPUs of 2: through at once
+    assert q.held() == Request(0.0, 0.0)
+    assert [q.offer(f"good{i}", 1, ONE) for i in range(3)] == [["good0"], ["good1"], []]
+    assert q.finish("good0") == ["good2"]
+    assert q.finish("bad") == [] and q.admitted() == 2
+    # With the room full, it passes all the same: the queue can never make room for it.
+    assert q.offer("wide", 0, Request(1.0, 16 * GiB)) == ["wide"]
+
+
 def test_a_call_cancelled_while_waiting_leaves_the_queue_and_offers_are_idempotent():
     q = AdmissionQueue(Request(1.0, 8 * GiB))
     q.offer("a", 0, ONE)

@@ -134,3 +134,12 @@ def test_a_consumer_with_a_higher_priority_than_its_producers_does_not_hang_the_
     assert ray.get(used, timeout=60) == [0, 10]
     assert wait_for(lambda: _queue_status()["admitted"] == 0 and _queue_status()["awaiting_inputs"] == 0,
                     timeout=30), _queue_status()
+
+
+def test_a_call_no_node_can_run_does_not_block_the_queue(ray_session):
+    """3 CPUs asked on a 2-CPU cluster: Ray keeps it pending; the queue must not wait for it."""
+    impossible = hold.options(priority=5, num_cpus=3).remote("never", 0.1)
+    fine = [hold.options(priority=1).remote(f"fine{i}", 0.1) for i in range(4)]
+    assert sorted(label for label, _ in ray.get(fine, timeout=60)) == [f"fine{i}" for i in range(4)]
+    ray.cancel(impossible)
+    assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()

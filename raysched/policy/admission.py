@@ -24,9 +24,10 @@ end is unknown the head's start cannot be told, and nothing passes it.  A call
 running past its predicted end counts as ending now.  Only the head is
 protected (EASY): a backfilled call may delay the second waiting call.
 
-When nothing is admitted at all, the head call is admitted whatever its
-size: a call bigger than the whole cluster is Ray's to refuse or cap, not
-the queue's to hold for ever.
+A call bigger than the whole capacity (an explicit ``num_cpus`` more than all the
+nodes have together, say) passes through at once and holds nothing: no room the
+queue frees would ever do, and Ray keeps it pending until the cluster grows, as it
+would without raysched. (Admitted and held, it blocked every other call for good.)
 
 Pure: imports neither ray, mlflow nor pyarrow.  Time is the caller's clock
 (``now``), so tests and replays drive it.
@@ -64,6 +65,9 @@ class Request:
 
 
 _NOTHING = Request(0.0, 0.0)
+#: What a call bigger than the whole capacity holds once admitted: nothing, and it ends at once
+#: as far as backfilling is concerned.
+_PASSED_THROUGH = Request(0.0, 0.0, 0.0)
 #: How many calls that ended before they were added the queue remembers (the oldest go first).
 _ENDED_EARLY_MAX = 10_000
 
@@ -176,7 +180,7 @@ class AdmissionQueue:
             free = free + request
             if head.within(free):
                 return end, free - head
-        # Bigger than the whole cluster: it runs alone once everything else has ended.
+        # Not reached for a call bigger than the whole capacity (it passes through, see admit).
         return (ends[-1][0], _NOTHING) if ends else None
 
     def admit(self, now: float = 0.0) -> list[str]:
@@ -190,6 +194,14 @@ class AdmissionQueue:
             if self._drop_if_gone(entry):  # cancelled while it waited
                 continue
             token, request = entry.token, entry.request
+            if self._capacity is not None and not request.within(self._capacity):
+                # More than all the nodes hold together: no room the queue frees will ever do,
+                # and Ray keeps such a task pending until the cluster grows. Held here, it
+                # would block every other call for good; it passes through, holding nothing.
+                self._queued.discard(token)
+                self._admitted[token] = (_PASSED_THROUGH, now)
+                out.append(token)
+                continue
             if blocked:
                 looked += 1
                 if reservation is None or looked > self._depth:
