@@ -18,8 +18,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--tasks", default=16, show_default=True, help="Tasks per round.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the task sizes.")
+@click.option("--tasks", default=16, show_default=True, type=click.IntRange(min=1), help="Tasks per round.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the task sizes.")
 def demo(tasks: int, seed: int) -> None:
     """Run a batch of numpy tasks on a local Ray twice, cold then warm, and compare."""
     from .demo import run_demo
@@ -39,9 +39,20 @@ def profiles(function: str | None, limit: int) -> None:
 
     home = get_config().home_path
     if not (home / PROFILES_DIR).is_dir():  # a query: it must not create a home where none is
-        click.echo(f"no profiles yet (no store at {home}; RAYSCHED_HOME names another)")
+        click.echo(_no_store(home))
         return
-    frame = ProfileStore(home).read(function=function)
+    store = ProfileStore(home)
+    frame = store.read(function=function)
+    if function is not None and not len(frame):
+        # Functions are stored as module.qualname: a bare name, or a near miss, gets the names there are.
+        known = sorted(set(store.functions()["function"]))
+        ending = [n for n in known if n.rsplit(".", 1)[-1] == function]
+        if len(ending) == 1:
+            click.echo(f"(showing {ending[0]}: functions are stored by module and name)")
+            frame = store.read(function=ending[0])
+        else:
+            click.echo(f"no profiles of {function!r}; the store has: " + (", ".join(ending or known) or "none"))
+            return
     columns = ["function", "attempt", "outcome", "input_size", "peak_rss_bytes", "cpu_cores", "wall_seconds",
                "allocated_memory_bytes", "allocated_num_cpus", "prediction_source"]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -57,13 +68,22 @@ def compact(merge_all: bool) -> None:
 
     home = get_config().home_path
     if not (home / PROFILES_DIR).is_dir():
-        click.echo(f"no profiles yet (no store at {home}; RAYSCHED_HOME names another)")
+        click.echo(_no_store(home))
         return
     store = ProfileStore(home)
     before = len(store.profiles.parts()) + len(store.event_table.parts())
     removed = store.compact(min_parts=2) if merge_all else store.tidy(max(2, get_config().store_tidy_fanout or 10))
     after = len(store.profiles.parts()) + len(store.event_table.parts())
     click.echo(f"{before} part file(s) -> {after} ({removed} merged away) under {home}")
+
+
+def _no_store(home) -> str:
+    import os
+
+    from .config import HOME_ENV
+
+    where = f"{HOME_ENV}={os.environ[HOME_ENV]}" if os.environ.get(HOME_ENV) else f"the default home (set {HOME_ENV})"
+    return f"no profiles yet: no store at {home} ({where})"
 
 
 def _add_replay_commands() -> None:

@@ -160,3 +160,42 @@ def test_compact_command_merges_the_stores_parts(tmp_path, monkeypatch):
     assert res.exit_code == 0 and "-> 1 " in res.output, res.output
     assert list(store.read().row_id) == [f"r{i}" for i in range(25)]
     monkeypatch.setattr(session, "_config", None)
+
+
+def test_a_folder_with_a_bad_file_is_done_but_for_it_and_says_so(tmp_path):
+    """The first bad file of a folder stopped the import (and the replay) half done."""
+    import shutil
+
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "nextflow_small.csv", folder / "b_good.csv")
+    (folder / "a_empty.csv").write_text("")
+    header = (FIXTURES / "nextflow_small.csv").read_text().splitlines()[0]
+    (folder / "c_header_only.csv").write_text(header + "\n")
+    res = CliRunner().invoke(import_command, [str(folder), "--home", str(tmp_path / "h")])
+    assert res.exit_code == 1, res.output
+    assert "b_good.csv: " in res.output and "new row(s)" in res.output
+    assert "c_header_only.csv: 0 new row(s) of 0 task type(s)" in res.output and "(it has no rows)" in res.output
+    assert "1 file(s) skipped, every other one done" in res.output and "a_empty.csv" in res.output
+    res = CliRunner().invoke(eval_command, [str(folder), "--methods", "raysched,presets,oracle"])
+    assert res.exit_code == 1 and "1 file(s) skipped" in res.output, res.output
+    assert "met on" in res.output and "of 1 workflow(s)" in res.output  # the header-only one does not count
+
+
+def test_profiles_of_a_bare_function_name_finds_its_module_or_names_what_there_is(tmp_path, monkeypatch):
+    from raysched.cli import main
+    from raysched.runtime import session
+    from raysched.store.profiles import ProfileStore
+
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path / "h"))
+    monkeypatch.setattr(session, "_config", None)
+    store = ProfileStore(tmp_path / "h")
+    store.append([{"row_id": f"r{i}", "function": f, "code_hash": "h", "attempt": 1, "outcome": "ok",
+                   "timestamp": 1_700_000_000.0} for i, f in enumerate(["__main__.aggregate", "jobs.crunch"])])
+    res = CliRunner().invoke(main, ["profiles", "aggregate"])
+    assert res.exit_code == 0 and "showing __main__.aggregate" in res.output and "no profiles" not in res.output
+    res = CliRunner().invoke(main, ["profiles", "agregate"])
+    assert "no profiles of 'agregate'; the store has: __main__.aggregate, jobs.crunch" in res.output
+    res = CliRunner().invoke(main, ["demo", "--tasks", "0"])
+    assert res.exit_code == 2 and "--tasks" in res.output  # refused before a cluster is started
+    monkeypatch.setattr(session, "_config", None)

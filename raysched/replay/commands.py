@@ -124,16 +124,17 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
     if overrides:
         click.echo("raysched replayed with " + ", ".join(overrides) + "\n")
     results = []
+    unreadable: list[str] = []
     for path in files:
-        try:
-            trace = read_trace(path, fmt)
-        except TraceFormatError as exc:
-            raise click.ClickException(str(exc)) from None
         t0 = time.perf_counter()
         try:
+            trace = read_trace(path, fmt)
             result = replay_trace(trace, methods_by_name(names, config), seed=seed, min_rows=min_rows)
-        except RayschedError as exc:
-            raise click.ClickException(f"{path}: {exc}") from None
+        except (TraceFormatError, RayschedError) as exc:
+            if len(files) == 1:
+                raise click.ClickException(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+            unreadable.append(_skip(path, exc))  # one bad file of a folder: the others are still replayed
+            continue
         results.append(result)
         click.echo(text_table(result))
         if trace.skipped:
@@ -142,6 +143,7 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
     summary = goal_summary(results)
     if summary:
         click.echo(summary)
+    _report_skipped(unreadable)
     if json_path:
         write_json(results, json_path, seed)
         click.echo(f"wrote {json_path}")
@@ -174,20 +176,38 @@ def import_command(paths, fmt, home):
     if not files:
         raise click.UsageError("no trace files found in " + ", ".join(map(str, paths)))
     total = 0
+    unreadable: list[str] = []
     for path in files:
         try:
             trace = read_trace(path, fmt)
             written, per_type = import_trace(trace, config.home_path)
         except (TraceFormatError, RayschedError) as exc:
-            raise click.ClickException(str(exc)) from None
+            if len(files) == 1:
+                raise click.ClickException(str(exc)) from None
+            unreadable.append(_skip(path, exc))  # one bad file of a folder: the others are still imported
+            continue
         total += written
-        click.echo(f"{path}: {written} new row(s) of {len(per_type)} task type(s) into {config.home_path}"
-                   + ("" if written else " (all of its rows were imported before)"))
+        why = "" if written else (" (all of its rows were imported before)" if len(trace.rows) else " (it has no rows)")
+        click.echo(f"{path}: {written} new row(s) of {len(per_type)} task type(s) into {config.home_path}{why}")
         for name, n in sorted(per_type.items()):
             click.echo(f"  {n:6d}  {name}")
         if trace.skipped:
             click.echo(f"  {trace.describe_skipped()}")
     click.echo(f"imported {total} new row(s)")
+    _report_skipped(unreadable)
+
+
+def _skip(path: Path, exc: Exception) -> str:
+    message = f"{path}: skipped: {exc}"
+    click.echo(message, err=True)
+    return message
+
+
+def _report_skipped(unreadable: list[str]) -> None:
+    """After every readable file was done: say which were not, and fail the command."""
+    if unreadable:
+        raise click.ClickException(f"{len(unreadable)} file(s) skipped, every other one done:\n  "
+                                   + "\n  ".join(unreadable))
 
 
 __all__ = ["eval_command", "import_command"]

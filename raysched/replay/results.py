@@ -85,6 +85,8 @@ def goal_summary(results: Sequence[WorkflowResult], ours_name: str = OURS) -> st
     """How many workflows meet the goal, and the medians of the ratio and of the failure rate."""
     rows = []
     for r in results:
+        if ours_name in r.methods and r.methods[ours_name].tasks == 0:
+            continue  # nothing was replayed (a header-only trace, or every type too small)
         rt = ratio(r, ours_name)
         if rt is not None:
             rows.append((r.name, rt, r.methods[ours_name].failure_rate))
