@@ -318,6 +318,17 @@ def test_actors_run_inside_placement_groups(ray_session):
         remove_placement_group(group)
 
 
+def test_rays_own_actor_methods_reach_the_current_incarnation(ray_session):
+    handle = Light.remote()
+    assert ray.get(handle.__ray_ready__.remote(), timeout=60) is True
+    assert ray.get(handle.__ray_call__.remote(lambda actor: actor.ping()), timeout=60) == "pong"
+    # Ray's graceful exit through the handle: the actor records its row first, as with terminate().
+    handle.__ray_terminate__.remote()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.ping.remote(), timeout=60)
+    assert wait_for(lambda: handle.raysched.actor_id in set(raysched.profiles(Light)["call_id"]), timeout=30)
+
+
 @adaptive_remote
 class Bare:
     def ping(self) -> str:

@@ -230,6 +230,9 @@ API_ATTRIBUTE = "raysched"
 #: ``handle.raysched.<name>``, for a class that has no method of that name (a method wins).
 _LEGACY_ATTRIBUTES = frozenset({"actor_id", "incarnation", "allocation", "prediction", "ray_handle", "rescales",
                                 "terminate"})
+#: Methods Ray adds to every actor (``handle.__ray_ready__.remote()`` is the usual wait until
+#: it is up): sent, as on Ray's handle, to the current incarnation.
+_RAY_ACTOR_METHODS = frozenset({"__ray_ready__", "__ray_terminate__", "__ray_call__"})
 
 
 class AdaptiveActorAPI:
@@ -333,6 +336,8 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         return self._api
 
     def __getattr__(self, name: str) -> Any:
+        if name in _RAY_ACTOR_METHODS:
+            return _Method(self, name)
         if name.startswith("_"):
             raise AttributeError(name)
         if callable(getattr(self._class._cls, name, None)):
@@ -387,6 +392,11 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         with self._lock:  # a rescale swaps the actor under this lock: a call goes wholly to one or the other
             if self._stopped is not None:
                 raise self._stopped
+            if name == "__ray_terminate__":
+                # Ray's graceful exit, asked through this handle: the actor records its row first
+                # (after its exit Ray gives it no time to), and no rescale brings it back.
+                _watcher().unwatch(self)
+                self._actor._raysched_finish.remote(Outcome.OK.value, "terminated by __ray_terminate__")
             method = getattr(self._actor, name)
             if ray_options:
                 method = method.options(**ray_options)
