@@ -24,7 +24,7 @@ CAP = 700 * MiB
 
 @pytest.fixture(scope="module", autouse=True)
 def actor_config(ray_session):
-    raysched.configure(live_interval_s=0.2, monitor_sustain_samples=2, memory_limits={"Leaky": CAP})
+    raysched.configure(live_interval_s=0.2, monitor_sustain_samples=2, memory_limits={"Leaky": CAP, "Squatter": CAP})
     yield
 
 
@@ -409,6 +409,52 @@ def _fails_with_limit(handle) -> bool:
     except ResourceLimitExceeded as exc:
         return exc.limit == CAP
     return False
+
+
+@adaptive_remote(memory=200 * MiB)
+class Squatter:
+    def __init__(self):
+        self.blocks = []
+
+    def leak(self, mib_per_step: int, steps: int) -> int:
+        import time
+
+        for _ in range(steps):
+            self.blocks.append(np.ones(mib_per_step * MiB // 8))
+            time.sleep(0.05)
+        return len(self.blocks)
+
+    def ping(self) -> str:
+        return "pong"
+
+
+@ray.remote
+def ping_through(actor) -> str:
+    return ray.get(actor.ping.remote())
+
+
+def test_dropping_a_handle_does_not_end_the_watch_of_an_actor_that_lives_on(ray_session):
+    # A detached, named actor made by a setup step that keeps no handle: the usual Ray service.
+    Squatter.options(name="raysched-squatter", lifetime="detached").remote()
+    gc.collect()
+    service = ray.get_actor("raysched-squatter")
+    assert ray.get(service.ping.remote(), timeout=60) == "pong"
+    # Still measured and held to its hard cap: stopped at it, not left to run 1.2 GB past it.
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(service.leak.remote(20, 60), timeout=60)
+    assert wait_for(lambda: "limit_stopped" in set(raysched.profiles(Squatter)["outcome"]), timeout=30)
+    row = raysched.profiles(Squatter).iloc[0]
+    assert len(raysched.profiles(Squatter)) == 1 and row["peak_rss_bytes"] >= CAP  # no early row at the drop
+    # An anonymous actor whose handle was passed to a task: another holder may keep it alive.
+    passed = Squatter.remote()
+    actor_id, ray_handle = passed.raysched.actor_id, passed.raysched.ray_handle
+    assert ray.get(ping_through.remote(passed), timeout=60) == "pong"
+    del passed
+    gc.collect()
+    time.sleep(1.5)  # a row, had the drop ended its measurement, would be written by now
+    assert actor_id not in set(raysched.profiles(Squatter)["call_id"])
+    assert ray.get(ray_handle.ping.remote(), timeout=60) == "pong"
+    ray.kill(ray_handle)
 
 
 @adaptive_remote(memory=200 * MiB, num_cpus=0.5)

@@ -32,7 +32,8 @@ and notes the rescale as an event.  Calls made before the switch finish on the
 old actor, calls after it run on the new one: none is lost or run twice.
 
 The row is recorded when the incarnation ends through its handle: ``raysched.terminate()``,
-a rescale, or the handle dropped (``__del__`` sends the actor one last call).
+a rescale, or the handle dropped (``__del__`` sends the actor one last call).  A handle's
+drop does not end a detached, named or passed-on actor's measurement: it may live on.
 The code that runs inside the actor's process is in ``runtime.actor_worker``.
 
 Limits: an actor that dies abruptly (SIGKILL, its node lost), or still runs when
@@ -309,6 +310,9 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         self._config = client.config
         self._lock = threading.RLock()
         self._args, self._kwargs = args, kwargs  # kept: a rescale constructs the actor again
+        #: Whether this handle was passed on (to a task, another actor, ray.put): the actor may then
+        #: outlive it, so dropping it does not end the actor's measurement (``__del__``).
+        self._passed = False
         self._spec = spec
         self._actor = self._start(spec)
         self._stopped: BaseException | None = None
@@ -350,15 +354,23 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         # Dropped without terminate(): have the actor record its row first. Ray runs the
         # calls already sent to an actor before it ends one whose handles are all gone.
         try:
-            if self._stopped is None and ray.is_initialized():
+            if self._stopped is None and not self._outlives_handle() and ray.is_initialized():
                 self._actor._raysched_finish.remote(Outcome.OK.value)
         except Exception:  # noqa: BLE001 - a driver shutting down: the row is lost, nothing else
             pass
+
+    def _outlives_handle(self) -> bool:
+        """Whether the actor may live on once this handle is gone: detached, named (others reach
+        it by ray.get_actor or get_if_exists), or passed on. Such an actor keeps being measured
+        and held to its hard cap; its row is recorded by ``terminate()``, or lost with its process."""
+        options = dict(self._spec.ray_options)
+        return self._passed or bool(options.get("name")) or options.get("lifetime") == "detached"
 
     def __reduce__(self):
         # Passed to a task or another actor, the handle travels as the current incarnation's
         # Ray ActorHandle: calls from there go to that actor, which a rescale ends once its
         # queue is done (the rescale and its state hand-over are this driver's business).
+        self._passed = True
         return (_current_actor, (self._actor,))
 
     # --- what Ray reads of an ActorHandle -------------------------------------------------------------------
@@ -374,6 +386,7 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
     def _serialization_helper(self) -> Any:
         # Ray serializes an ActorHandle that is a task's argument (not nested in another
         # object) or ray.put's value by this, not by __reduce__: the same hand-over.
+        self._passed = True
         return self._actor._serialization_helper()
 
     __eq__ = object.__eq__  # one handle is one actor across rescales; Ray's compare actor ids
