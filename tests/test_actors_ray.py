@@ -205,6 +205,42 @@ def test_a_rescale_waits_a_moment_after_ray_kill_could_have_read_the_actor_id(ra
     ray.get(handle.raysched.terminate(), timeout=60)
 
 
+@adaptive_remote(memory=200 * MiB, max_concurrency=4)
+class ThreadedTally:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self) -> int:
+        self.n += 1
+        return self.n
+
+    def raysched_save_state(self):
+        return self.n
+
+    def raysched_restore_state(self, state):
+        self.n = state
+
+
+@adaptive_remote(memory=200 * MiB)
+class AsyncTally(ThreadedTally._cls):
+    async def inc(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def test_an_actor_that_runs_calls_at_once_and_hands_over_state_is_not_replaced(ray_session):
+    # Its save and restore would race the calls around them, losing their effects silently.
+    for cls, why in ((ThreadedTally, "a threaded actor (max_concurrency=4)"), (AsyncTally, "an async actor")):
+        handle = cls.remote()
+        assert ray.get(handle.inc.remote(), timeout=60) == 1
+        grown = Decision("memory_over_allocation", RESCALE, cls.name, handle.raysched.actor_id, 1,
+                         measured=600 * MiB, allocated=200 * MiB, detail="grown")
+        assert handle._apply(grown) is None and handle.raysched.incarnation == 1
+        assert ray.get(handle.inc.remote(), timeout=60) == 2
+        assert wait_for(lambda: why in " ".join(raysched.events(cls)["detail"]), timeout=30), raysched.events(cls).T
+        ray.get(handle.raysched.terminate(), timeout=60)
+
+
 def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
     base = raysched.get_config()
     raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # idle: a rescale decision

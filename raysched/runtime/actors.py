@@ -29,7 +29,9 @@ The handle then
    exit once its queue is done,
 
 and notes the rescale as an event.  Calls made before the switch finish on the
-old actor, calls after it run on the new one: none is lost or run twice.
+old actor, calls after it run on the new one: none is lost or run twice.  That order
+holds only for an actor that runs one call at a time: an async or threaded one with
+the hooks is not replaced (``actor_rescale_skipped``).
 
 The row is recorded when the incarnation ends through its handle: ``raysched.terminate()``,
 a rescale, or the handle dropped (``__del__`` sends the actor one last call).  A handle's
@@ -44,6 +46,7 @@ actor's process within ~100 ms, too soon for a row); Ray's own ``max_restarts`` 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -121,6 +124,11 @@ class AdaptiveActorClass(_Adaptive):
         self._cls = cls
         #: Whether the monitor may replace its actors: declared, or implied by the two hooks.
         self.rescalable = has_save if rescalable is None else rescalable
+        #: Whether a rescale hands the old actor's state to the new one (the two hooks).
+        self.hands_over_state = has_save
+        #: Whether Ray runs its calls as coroutines on one event loop (an async actor).
+        self.is_async = any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+                            for _, f in inspect.getmembers(cls, inspect.isfunction))
         self._ray_class: Any = None
         self._ray_class_config: Any = None
 
@@ -485,6 +493,14 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 self._skip(decision, f"a named actor ({name!r}) is never replaced: the new actor could not take "
                                      f"its name while the old one lives", warn=True)
                 return None
+            concurrency = _concurrency(self._class, spec.ray_options)
+            if concurrency and self._class.hands_over_state:
+                # The hand-over relies on Ray's call order: the save after every call already
+                # sent, the restore before every later one. An actor that runs calls at once
+                # (threads, coroutines) breaks both, and its calls' effects would be lost silently.
+                self._skip(decision, f"{concurrency}: its state could not be handed over without losing "
+                                     f"the effects of calls running meanwhile", warn=True)
+                return None
             from ..policy.recipe import build_sizer
             from ..policy.rescale import rescale_target
 
@@ -531,6 +547,18 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             ray.get_actor(monitor_name(self._config), namespace=NAMESPACE).note.remote([decision])
         except Exception as exc:  # noqa: BLE001 - no monitor: the decision is logged only
             logger.warning("raysched: could not record %s for %s: %s", decision.rule, decision.function, exc)
+
+
+def _concurrency(actor_class: AdaptiveActorClass, ray_options: Any) -> str:
+    """How the actor runs several calls at once ("" if it runs one at a time, in order)."""
+    options = dict(ray_options)
+    if actor_class.is_async:
+        return "an async actor interleaves its calls"
+    if (options.get("max_concurrency") or 1) > 1:
+        return f"a threaded actor (max_concurrency={options['max_concurrency']}) runs calls at once"
+    if options.get("concurrency_groups"):
+        return "an actor with concurrency groups runs calls at once"
+    return ""
 
 
 def _current_actor(actor: Any) -> Any:
