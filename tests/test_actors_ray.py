@@ -24,7 +24,7 @@ CAP = 700 * MiB
 
 @pytest.fixture(scope="module", autouse=True)
 def actor_config(ray_session):
-    raysched.configure(live_interval_s=0.2, monitor_sustain_samples=2, memory_limits={"Leaky": CAP})
+    raysched.configure(live_interval_s=0.2, monitor_sustain_samples=2, memory_limits={"Leaky": CAP, "Squatter": CAP})
     yield
 
 
@@ -205,6 +205,42 @@ def test_a_rescale_waits_a_moment_after_ray_kill_could_have_read_the_actor_id(ra
     ray.get(handle.raysched.terminate(), timeout=60)
 
 
+@adaptive_remote(memory=200 * MiB, max_concurrency=4)
+class ThreadedTally:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self) -> int:
+        self.n += 1
+        return self.n
+
+    def raysched_save_state(self):
+        return self.n
+
+    def raysched_restore_state(self, state):
+        self.n = state
+
+
+@adaptive_remote(memory=200 * MiB)
+class AsyncTally(ThreadedTally._cls):
+    async def inc(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def test_an_actor_that_runs_calls_at_once_and_hands_over_state_is_not_replaced(ray_session):
+    # Its save and restore would race the calls around them, losing their effects silently.
+    for cls, why in ((ThreadedTally, "a threaded actor (max_concurrency=4)"), (AsyncTally, "an async actor")):
+        handle = cls.remote()
+        assert ray.get(handle.inc.remote(), timeout=60) == 1
+        grown = Decision("memory_over_allocation", RESCALE, cls.name, handle.raysched.actor_id, 1,
+                         measured=600 * MiB, allocated=200 * MiB, detail="grown")
+        assert handle._apply(grown) is None and handle.raysched.incarnation == 1
+        assert ray.get(handle.inc.remote(), timeout=60) == 2
+        assert wait_for(lambda: why in " ".join(raysched.events(cls)["detail"]), timeout=30), raysched.events(cls).T
+        ray.get(handle.raysched.terminate(), timeout=60)
+
+
 def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
     base = raysched.get_config()
     raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # idle: a rescale decision
@@ -318,6 +354,17 @@ def test_actors_run_inside_placement_groups(ray_session):
         remove_placement_group(group)
 
 
+def test_rays_own_actor_methods_reach_the_current_incarnation(ray_session):
+    handle = Light.remote()
+    assert ray.get(handle.__ray_ready__.remote(), timeout=60) is True
+    assert ray.get(handle.__ray_call__.remote(lambda actor: actor.ping()), timeout=60) == "pong"
+    # Ray's graceful exit through the handle: the actor records its row first, as with terminate().
+    handle.__ray_terminate__.remote()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.ping.remote(), timeout=60)
+    assert wait_for(lambda: handle.raysched.actor_id in set(raysched.profiles(Light)["call_id"]), timeout=30)
+
+
 @adaptive_remote
 class Bare:
     def ping(self) -> str:
@@ -398,6 +445,52 @@ def _fails_with_limit(handle) -> bool:
     except ResourceLimitExceeded as exc:
         return exc.limit == CAP
     return False
+
+
+@adaptive_remote(memory=200 * MiB)
+class Squatter:
+    def __init__(self):
+        self.blocks = []
+
+    def leak(self, mib_per_step: int, steps: int) -> int:
+        import time
+
+        for _ in range(steps):
+            self.blocks.append(np.ones(mib_per_step * MiB // 8))
+            time.sleep(0.05)
+        return len(self.blocks)
+
+    def ping(self) -> str:
+        return "pong"
+
+
+@ray.remote
+def ping_through(actor) -> str:
+    return ray.get(actor.ping.remote())
+
+
+def test_dropping_a_handle_does_not_end_the_watch_of_an_actor_that_lives_on(ray_session):
+    # A detached, named actor made by a setup step that keeps no handle: the usual Ray service.
+    Squatter.options(name="raysched-squatter", lifetime="detached").remote()
+    gc.collect()
+    service = ray.get_actor("raysched-squatter")
+    assert ray.get(service.ping.remote(), timeout=60) == "pong"
+    # Still measured and held to its hard cap: stopped at it, not left to run 1.2 GB past it.
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(service.leak.remote(20, 60), timeout=60)
+    assert wait_for(lambda: "limit_stopped" in set(raysched.profiles(Squatter)["outcome"]), timeout=30)
+    row = raysched.profiles(Squatter).iloc[0]
+    assert len(raysched.profiles(Squatter)) == 1 and row["peak_rss_bytes"] >= CAP  # no early row at the drop
+    # An anonymous actor whose handle was passed to a task: another holder may keep it alive.
+    passed = Squatter.remote()
+    actor_id, ray_handle = passed.raysched.actor_id, passed.raysched.ray_handle
+    assert ray.get(ping_through.remote(passed), timeout=60) == "pong"
+    del passed
+    gc.collect()
+    time.sleep(1.5)  # a row, had the drop ended its measurement, would be written by now
+    assert actor_id not in set(raysched.profiles(Squatter)["call_id"])
+    assert ray.get(ray_handle.ping.remote(), timeout=60) == "pong"
+    ray.kill(ray_handle)
 
 
 @adaptive_remote(memory=200 * MiB, num_cpus=0.5)

@@ -29,10 +29,13 @@ The handle then
    exit once its queue is done,
 
 and notes the rescale as an event.  Calls made before the switch finish on the
-old actor, calls after it run on the new one: none is lost or run twice.
+old actor, calls after it run on the new one: none is lost or run twice.  That order
+holds only for an actor that runs one call at a time: an async or threaded one with
+the hooks is not replaced (``actor_rescale_skipped``).
 
 The row is recorded when the incarnation ends through its handle: ``raysched.terminate()``,
-a rescale, or the handle dropped (``__del__`` sends the actor one last call).
+a rescale, or the handle dropped (``__del__`` sends the actor one last call).  A handle's
+drop does not end a detached, named or passed-on actor's measurement: it may live on.
 The code that runs inside the actor's process is in ``runtime.actor_worker``.
 
 Limits: an actor that dies abruptly (SIGKILL, its node lost), or still runs when
@@ -43,6 +46,7 @@ actor's process within ~100 ms, too soon for a row); Ray's own ``max_restarts`` 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -120,6 +124,11 @@ class AdaptiveActorClass(_Adaptive):
         self._cls = cls
         #: Whether the monitor may replace its actors: declared, or implied by the two hooks.
         self.rescalable = has_save if rescalable is None else rescalable
+        #: Whether a rescale hands the old actor's state to the new one (the two hooks).
+        self.hands_over_state = has_save
+        #: Whether Ray runs its calls as coroutines on one event loop (an async actor).
+        self.is_async = any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+                            for _, f in inspect.getmembers(cls, inspect.isfunction))
         self._ray_class: Any = None
         self._ray_class_config: Any = None
 
@@ -230,6 +239,9 @@ API_ATTRIBUTE = "raysched"
 #: ``handle.raysched.<name>``, for a class that has no method of that name (a method wins).
 _LEGACY_ATTRIBUTES = frozenset({"actor_id", "incarnation", "allocation", "prediction", "ray_handle", "rescales",
                                 "terminate"})
+#: Methods Ray adds to every actor (``handle.__ray_ready__.remote()`` is the usual wait until
+#: it is up): sent, as on Ray's handle, to the current incarnation.
+_RAY_ACTOR_METHODS = frozenset({"__ray_ready__", "__ray_terminate__", "__ray_call__"})
 
 
 class AdaptiveActorAPI:
@@ -306,6 +318,9 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         self._config = client.config
         self._lock = threading.RLock()
         self._args, self._kwargs = args, kwargs  # kept: a rescale constructs the actor again
+        #: Whether this handle was passed on (to a task, another actor, ray.put): the actor may then
+        #: outlive it, so dropping it does not end the actor's measurement (``__del__``).
+        self._passed = False
         self._spec = spec
         self._actor = self._start(spec)
         self._stopped: BaseException | None = None
@@ -333,6 +348,8 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         return self._api
 
     def __getattr__(self, name: str) -> Any:
+        if name in _RAY_ACTOR_METHODS:
+            return _Method(self, name)
         if name.startswith("_"):
             raise AttributeError(name)
         if callable(getattr(self._class._cls, name, None)):
@@ -345,15 +362,23 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         # Dropped without terminate(): have the actor record its row first. Ray runs the
         # calls already sent to an actor before it ends one whose handles are all gone.
         try:
-            if self._stopped is None and ray.is_initialized():
+            if self._stopped is None and not self._outlives_handle() and ray.is_initialized():
                 self._actor._raysched_finish.remote(Outcome.OK.value)
         except Exception:  # noqa: BLE001 - a driver shutting down: the row is lost, nothing else
             pass
+
+    def _outlives_handle(self) -> bool:
+        """Whether the actor may live on once this handle is gone: detached, named (others reach
+        it by ray.get_actor or get_if_exists), or passed on. Such an actor keeps being measured
+        and held to its hard cap; its row is recorded by ``terminate()``, or lost with its process."""
+        options = dict(self._spec.ray_options)
+        return self._passed or bool(options.get("name")) or options.get("lifetime") == "detached"
 
     def __reduce__(self):
         # Passed to a task or another actor, the handle travels as the current incarnation's
         # Ray ActorHandle: calls from there go to that actor, which a rescale ends once its
         # queue is done (the rescale and its state hand-over are this driver's business).
+        self._passed = True
         return (_current_actor, (self._actor,))
 
     # --- what Ray reads of an ActorHandle -------------------------------------------------------------------
@@ -369,6 +394,7 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
     def _serialization_helper(self) -> Any:
         # Ray serializes an ActorHandle that is a task's argument (not nested in another
         # object) or ray.put's value by this, not by __reduce__: the same hand-over.
+        self._passed = True
         return self._actor._serialization_helper()
 
     __eq__ = object.__eq__  # one handle is one actor across rescales; Ray's compare actor ids
@@ -387,6 +413,11 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         with self._lock:  # a rescale swaps the actor under this lock: a call goes wholly to one or the other
             if self._stopped is not None:
                 raise self._stopped
+            if name == "__ray_terminate__":
+                # Ray's graceful exit, asked through this handle: the actor records its row first
+                # (after its exit Ray gives it no time to), and no rescale brings it back.
+                _watcher().unwatch(self)
+                self._actor._raysched_finish.remote(Outcome.OK.value, "terminated by __ray_terminate__")
             method = getattr(self._actor, name)
             if ray_options:
                 method = method.options(**ray_options)
@@ -462,6 +493,14 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 self._skip(decision, f"a named actor ({name!r}) is never replaced: the new actor could not take "
                                      f"its name while the old one lives", warn=True)
                 return None
+            concurrency = _concurrency(self._class, spec.ray_options)
+            if concurrency and self._class.hands_over_state:
+                # The hand-over relies on Ray's call order: the save after every call already
+                # sent, the restore before every later one. An actor that runs calls at once
+                # (threads, coroutines) breaks both, and its calls' effects would be lost silently.
+                self._skip(decision, f"{concurrency}: its state could not be handed over without losing "
+                                     f"the effects of calls running meanwhile", warn=True)
+                return None
             from ..policy.recipe import build_sizer
             from ..policy.rescale import rescale_target
 
@@ -508,6 +547,18 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             ray.get_actor(monitor_name(self._config), namespace=NAMESPACE).note.remote([decision])
         except Exception as exc:  # noqa: BLE001 - no monitor: the decision is logged only
             logger.warning("raysched: could not record %s for %s: %s", decision.rule, decision.function, exc)
+
+
+def _concurrency(actor_class: AdaptiveActorClass, ray_options: Any) -> str:
+    """How the actor runs several calls at once ("" if it runs one at a time, in order)."""
+    options = dict(ray_options)
+    if actor_class.is_async:
+        return "an async actor interleaves its calls"
+    if (options.get("max_concurrency") or 1) > 1:
+        return f"a threaded actor (max_concurrency={options['max_concurrency']}) runs calls at once"
+    if options.get("concurrency_groups"):
+        return "an actor with concurrency groups runs calls at once"
+    return ""
 
 
 def _current_actor(actor: Any) -> Any:
