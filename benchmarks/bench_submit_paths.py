@@ -1,0 +1,127 @@
+"""Driver-side cost of two common submission shapes: plain ``@ray.remote`` against raysched.
+
+Two cases, each with plain Ray and ``@raysched.adaptive_remote`` side by side in one
+Ray session (``num_cpus=2``, ``RAY_AUTH_MODE=disabled``, a fresh temporary
+``RAYSCHED_HOME``):
+
+* ``shared-ref``: every call takes the same ``ray.put`` array (a model or a table
+  shared by a batch). raysched derives the call's input size from Ray's record of
+  the object, a round trip to its owner, which it now makes once per object.
+* ``options``: every call passes ``.options(runtime_env={...})``, a dict option, built
+  anew per call. raysched keys its plan cache on the options' values, so equal
+  options find the plan made for the first call.
+
+Per case and path: ``--calls`` submissions in a list comprehension (the submit loop's
+time per call), then one ``ray.get`` of all refs (tasks/s over both), ``--repeats``
+times, the paths alternating; medians, and raysched/plain.
+
+Run:  python benchmarks/bench_submit_paths.py [--calls 1000] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+_HOME = tempfile.mkdtemp(prefix="raysched-bench-")
+os.environ["RAYSCHED_HOME"] = _HOME
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+import raysched  # noqa: E402
+
+
+@ray.remote
+def plain_first(a):
+    return float(a[0])
+
+
+@raysched.adaptive_remote
+def raysched_first(a):
+    return float(a[0])
+
+
+@ray.remote
+def plain_echo(x):
+    return x
+
+
+@raysched.adaptive_remote
+def raysched_echo(x):
+    return x
+
+
+def env() -> dict:
+    return {"env_vars": {"RAYSCHED_BENCH": "1"}}
+
+
+def cases(shared: ray.ObjectRef) -> dict[str, dict[str, object]]:
+    """case -> path -> a function of the call's index that submits it."""
+    return {
+        "shared-ref": {"plain": lambda i: plain_first.remote(shared),
+                       "raysched": lambda i: raysched_first.remote(shared)},
+        "options": {"plain": lambda i: plain_echo.options(runtime_env=env()).remote(i),
+                    "raysched": lambda i: raysched_echo.options(runtime_env=env()).remote(i)},
+    }
+
+
+def one_run(submit, calls: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    refs = [submit(i) for i in range(calls)]
+    t1 = time.perf_counter()
+    ray.get(refs)
+    t2 = time.perf_counter()
+    return {"submit_us_per_call": (t1 - t0) / calls * 1e6, "tasks_per_s": calls / (t2 - t0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=1000, help="submissions per run (default 1000)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per case and path (default 5)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.repeats < 1:
+        parser.error("counts must be positive")
+    ray.init(num_cpus=2, include_dashboard=False)
+    out: dict[str, object] = {"command": " ".join(sys.argv), "calls": args.calls, "repeats": args.repeats,
+                              "load_before": os.getloadavg(), "cases": {}}
+    try:
+        shared = ray.put(np.ones(100_000))
+        for case, paths in cases(shared).items():
+            for submit in paths.values():  # warm-up: workers, exported functions, the first plan
+                ray.get([submit(i) for i in range(200)])
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+            for rep in range(args.repeats):
+                order = list(paths) if rep % 2 == 0 else list(reversed(paths))
+                for name in order:
+                    runs[name].append(one_run(paths[name], args.calls))
+            summary = {}
+            for key in ("submit_us_per_call", "tasks_per_s"):
+                medians = {name: statistics.median(r[key] for r in runs[name]) for name in paths}
+                summary[key] = {**medians, "ratio": medians["raysched"] / medians["plain"]}
+            out["cases"][case] = {"runs": runs, "summary": summary}  # type: ignore[index]
+            s = summary
+            print(f"{case:10s} submit us/call: plain {s['submit_us_per_call']['plain']:.0f}, raysched "
+                  f"{s['submit_us_per_call']['raysched']:.0f} (x{s['submit_us_per_call']['ratio']:.2f}); tasks/s: "
+                  f"plain {s['tasks_per_s']['plain']:.0f}, raysched {s['tasks_per_s']['raysched']:.0f} "
+                  f"({s['tasks_per_s']['ratio']:.2f} of plain); medians of {args.repeats}")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(_HOME, ignore_errors=True)
+    out["load_after"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
