@@ -440,3 +440,15 @@ def test_node_memory_here_reads_this_machine():
 
     here = node_memory_here()
     assert 0 < here["node_used_bytes"] < here["node_total_bytes"]
+
+
+def test_a_decision_the_driver_took_is_an_event_but_not_logged_again(monitor, tmp_path, caplog):
+    """The monitor's lines reach the driver too: an echo of the driver's own rescale read as a second one."""
+    import logging
+
+    rescaled = R.Decision(R.ACTOR_RESCALED, R.RESCALE, "mod.Acc", "actor-1:2", 2, detail="240 MiB -> 1440 MiB")
+    with caplog.at_level(logging.INFO, logger="raysched.runtime.monitor"):
+        monitor.note([rescaled])
+    assert "mod.Acc" not in caplog.text
+    events = ProfileStore(tmp_path).events()
+    assert list(events["rule"]) == [R.ACTOR_RESCALED]

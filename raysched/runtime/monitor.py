@@ -497,8 +497,11 @@ class Monitor:
         return True
 
     def note(self, decisions: Sequence[Decision]) -> None:
-        """Record decisions taken outside the monitor's rules (a driver rescaling an actor) as events."""
-        self._record(decisions)
+        """Record decisions taken outside the monitor's rules (a driver rescaling an actor) as events.
+
+        Not logged again here: whoever took them has said so where its user reads it (the
+        monitor's lines reach the driver too, and read as a second rescale)."""
+        self._record(decisions, log=False)
 
     def reconfigure(self, config: RayschedConfig) -> None:
         """Judge from now on by ``config``'s rules (a driver's caps and thresholds); attempt state is kept."""
@@ -507,14 +510,15 @@ class Monitor:
             self.config, self.rules = config, rules
 
     # --- events and metrics --------------------------------------------------------------------------------
-    def _record(self, decisions: Sequence[Decision]) -> None:
-        """Count every non-"none" decision, log it, and write it (and any still pending) as events."""
+    def _record(self, decisions: Sequence[Decision], log: bool = True) -> None:
+        """Count every non-"none" decision, log it (``log``), and write it (and any still pending) as events."""
         decisions = [d for d in decisions if d.action != "none"]
         for d in decisions:
             self.metrics.decided(d)
-            log = logger.warning if d.action != "record_cpu" else logger.info
-            log("raysched monitor: %s %s (call %s, attempt %d): %s", d.action, d.function, d.call_id, d.attempt,
-                d.detail)
+            if log:
+                level = logging.WARNING if d.action != "record_cpu" else logging.INFO
+                logger.log(level, "raysched monitor: %s %s (call %s, attempt %d): %s", d.action, d.function,
+                           d.call_id, d.attempt, d.detail)
         with self._lock:
             self.decisions_made += len(decisions)
             self._pending.extend(event_row(d) for d in decisions)
