@@ -70,6 +70,20 @@ def test_eval_set_replays_raysched_with_a_changed_config_and_refuses_bad_keys(tm
         assert res.exit_code == 2 and says in res.output, (bad, res.output)
 
 
+def test_a_store_imported_with_name_based_ids_takes_the_same_file_again_as_nothing_new(tmp_path):
+    """Row ids were made from the file's name before content digests: no duplicate after an upgrade."""
+    from raysched.replay import importer
+    from raysched.replay.readers import read_trace
+    from raysched.store.profiles import ProfileStore
+
+    trace = read_trace(FIXTURES / "nextflow_small.csv", "nextflow")
+    rows = importer.trace_rows(trace)
+    for row, r in zip(rows, trace.rows.itertuples(index=False)):
+        row["row_id"] = importer._legacy_row_id(trace, r)  # as an earlier raysched wrote them
+    ProfileStore(tmp_path / "h").append(rows)
+    assert importer.import_trace(trace, tmp_path / "h") == (0, {})
+
+
 def test_import_then_history_is_in_the_store(tmp_path):
     pytest.importorskip("pyarrow")
     from raysched.store.profiles import ProfileStore
@@ -84,6 +98,13 @@ def test_import_then_history_is_in_the_store(tmp_path):
     again = CliRunner().invoke(import_command, args)
     assert again.exit_code == 0 and "imported 0 new row(s)" in again.output, again.output
     assert "imported before" in again.output and len(ProfileStore(home).profiles.parts()) == parts
+    # ...and so does a copy under another name (ids come from the content, not the name)
+    import shutil
+
+    copy = tmp_path / "renamed.csv"
+    shutil.copy(FIXTURES / "nextflow_small.csv", copy)
+    renamed = CliRunner().invoke(import_command, [str(copy), "--format", "nextflow", "--home", str(home)])
+    assert renamed.exit_code == 0 and "imported 0 new row(s)" in renamed.output, renamed.output
     df = ProfileStore(home).read(function="align")
     assert len(df) == 40
     row = df.iloc[0]

@@ -166,7 +166,7 @@ def import_command(paths, fmt, home):
 
     A Ray function registered under a task type's name (for example
     @adaptive_remote(name="fastqc")) then starts with a prediction from the
-    imported runs. Importing the same file twice does not duplicate rows.
+    imported runs. Importing the same file twice, or a copy of it, does not duplicate rows.
     """
     from ..config import RayschedConfig
     from .importer import import_trace

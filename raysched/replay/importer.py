@@ -4,12 +4,13 @@ Each usable trace row becomes one successful attempt of the function named after
 its task type (``function`` = ``process`` / ``Task``), with ``code_hash`` =
 ``"imported"`` (the runtime treats such rows as history for any code of that
 name) and ``source`` = ``"import:<format>"``.  Row ids are derived from the file's
-name and the row's position and values, so importing the same trace twice
-writes the same ids and the store keeps one copy.
+content and the row's position and values, so importing the same trace twice, or
+a copy of it under another name, writes nothing new.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -30,6 +31,25 @@ def _float_or_none(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def _content_digest(path: str | Path) -> str:
+    """The file's content as a short digest (its name, if it cannot be read again)."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return Path(path).name
+    return digest.hexdigest()
+
+
+def _legacy_row_id(trace: Trace, r: object) -> str:
+    """The id a row of this trace had when ids were made from the file's name (before content
+    digests): a store that imported the file then must not take it again."""
+    key = f"{trace.format}:{Path(trace.path).name}:{r.row}:{r.task_type}:{r.peak_rss:.0f}:{r.realtime_ms:.0f}"  # type: ignore[attr-defined]
+    return uuid.uuid5(_NAMESPACE, key).hex
+
+
 def trace_rows(trace: Trace, now: datetime | None = None) -> list[dict[str, object]]:
     """The profile rows of a trace (see ``raysched.store.schema.PROFILE_SCHEMA``)."""
     from ..store.schema import SCHEMA_VERSION
@@ -37,8 +57,10 @@ def trace_rows(trace: Trace, now: datetime | None = None) -> list[dict[str, obje
     now = now or datetime.now(timezone.utc)
     n = len(trace.rows)
     rows = []
+    source = _content_digest(trace.path)
     for i, r in enumerate(trace.rows.itertuples(index=False)):
-        key = f"{trace.format}:{Path(trace.path).name}:{r.row}:{r.task_type}:{r.peak_rss:.0f}:{r.realtime_ms:.0f}"
+        # By the file's content, not its name: a copy under another name is the same runs.
+        key = f"{trace.format}:{source}:{r.row}:{r.task_type}:{r.peak_rss:.0f}:{r.realtime_ms:.0f}"
         wall = r.realtime_ms / 1000.0
         cores = r.cpu_pct / 100.0 if math.isfinite(r.cpu_pct) else None
         # File order is kept as time order (oldest first), all before the import itself.
@@ -78,7 +100,8 @@ def import_trace(trace: Trace, home: str | Path) -> tuple[int, dict[str, int]]:
     try:
         store = ProfileStore(home)
         held = set(store.profiles.read_table(columns=["row_id"]).column("row_id").to_pylist())
-        rows = [row for row in rows if row["row_id"] not in held]
+        legacy = [_legacy_row_id(trace, r) for r in trace.rows.itertuples(index=False)]
+        rows = [row for row, old_id in zip(rows, legacy) if row["row_id"] not in held and old_id not in held]
         per_type: dict[str, int] = {}
         for row in rows:
             per_type[row["function"]] = per_type.get(row["function"], 0) + 1  # type: ignore[index]
