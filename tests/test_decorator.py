@@ -106,6 +106,13 @@ def test_a_call_pinned_by_its_ray_options_is_sized_for_the_nodes_they_allow():
         assert spec.allocation.capped and spec.allocation.memory_bytes == 1 * GiB
         assert spec.largest_node_bytes == 1 * GiB  # the ladder's last rung: the pinned node
     assert first(num_gpus=1).largest_node_bytes == 3 * GiB
+    assert node_constraints({"accelerator_type": "A100"}) == (None, (("accelerator_type:A100", 0.001),))
+    a100 = ClusterShape(cluster.nodes[:2] + (NodeShape(big_id, 2, 3 * GiB, (("accelerator_type:A100", 1.0),)),))
+    call = scalar_task._call_options({"accelerator_type": "A100"})
+    assert scalar_task._first_spec(client, call, scalar_task._features(call, (), {}), None,
+                                   ClusterShape(a100.nodes[:2])).largest_node_bytes is None  # no A100 node
+    assert scalar_task._first_spec(client, call, scalar_task._features(call, (), {}), None,
+                                   a100).largest_node_bytes == 3 * GiB
     nowhere = first(resources={"gpu_like": 2})  # no node has it: left for Ray to report
     assert nowhere.allocation == unpinned.allocation and nowhere.largest_node_bytes is None
 

@@ -1243,6 +1243,9 @@ def node_constraints(options: Mapping[str, Any]) -> tuple[str | None, tuple[tupl
     demands = dict(options.get("resources") or {})
     if options.get("num_gpus"):
         demands["GPU"] = options["num_gpus"]
+    if options.get("accelerator_type"):
+        # Ray asks for a sliver of the node resource it names each node's accelerator by.
+        demands[f"accelerator_type:{options['accelerator_type']}"] = 0.001
     return node_id, tuple(sorted((str(k), float(v)) for k, v in demands.items() if v))
 
 
