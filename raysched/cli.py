@@ -82,7 +82,8 @@ def _no_store(home) -> str:
 
     from .config import HOME_ENV
 
-    where = f"{HOME_ENV}={os.environ[HOME_ENV]}" if os.environ.get(HOME_ENV) else f"the default home (set {HOME_ENV})"
+    where = (f"{HOME_ENV}={os.environ[HOME_ENV]}" if os.environ.get(HOME_ENV)
+             else f"the default home; set {HOME_ENV} to read another")
     return f"no profiles yet: no store at {home} ({where})"
 
 
