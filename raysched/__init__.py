@@ -80,12 +80,22 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     (``RayschedConfig.short_call_*``): ``calls`` says how many calls a row stands
     for (null in rows written before it existed: one).
     """
-    from .store.profiles import ProfileStore, calls_without_rows
-
-    import time
+    from .store.profiles import ProfileStore
 
     name = _function_name(f_or_name)
     store = ProfileStore(get_config().home_path)
+    frame = _read_profiles(store, name, settle)
+    if isinstance(f_or_name, str):  # a name typed by hand (a function passed is its exact name)
+        _hint_if_unknown(store, name, frame)
+    return frame
+
+
+def _read_profiles(store: Any, name: str | None, settle: bool):
+    """The rows of ``name``; with ``settle``, once those of this process's recent calls are in."""
+    from .store.profiles import calls_without_rows
+
+    import time
+
     frame = store.read(function=name)
     if not settle:
         return frame
@@ -110,6 +120,19 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     # killed with its worker, never gets a row, and every later call would wait it out.
     forget_calls(name, expected)
     return frame
+
+
+def _hint_if_unknown(store: Any, name: str | None, frame: Any) -> None:
+    """No rows for a bare name: functions are stored as module.qualname, so say which it may mean."""
+    if name is None or len(frame) or not len(store.profiles.parts()):
+        return
+    known = sorted(set(store.functions()["function"]))
+    meant = [n for n in known if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1] and n != name]
+    if meant:
+        import warnings
+
+        warnings.warn(f"raysched.profiles: no rows of {name!r}; functions are stored by module and name: "
+                      f"{', '.join(meant)}", UserWarning, stacklevel=3)
 
 
 def flush(timeout_s: float = 10.0) -> bool:

@@ -543,3 +543,20 @@ def test_plain_columns_take_the_fast_path_and_convert_as_the_checked_path_does(s
     assert fast == len(PROFILE_SCHEMA) - 1  # all but schema_version, which no row gives
     assert table._fast_array(PROFILE_SCHEMA.field("attempt"), [1, True]) is None  # a bool is not an int
     assert table._fast_array(PROFILE_SCHEMA.field("rung"), [70_000]) is None  # out of int16: checked path says so
+
+
+def test_profiles_of_a_bare_name_warns_with_the_stored_names_it_may_mean(tmp_path, monkeypatch):
+    """A bare name gave an empty frame and no word: functions are stored as module.qualname."""
+    import raysched
+    from raysched.runtime import session
+
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path))
+    monkeypatch.setattr(session, "_config", None)
+    ProfileStore(tmp_path).append([row(function="__main__.aggregate"), row(function="jobs.crunch")])
+    with pytest.warns(UserWarning, match=r"no rows of 'aggregate'.*__main__\.aggregate"):
+        assert raysched.profiles("aggregate", settle=False).empty
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(raysched.profiles("__main__.aggregate", settle=False)) == 1  # the exact name: no word
+        assert raysched.profiles("nothing", settle=False).empty  # nothing it may mean: no word either
+    monkeypatch.setattr(session, "_config", None)
