@@ -80,18 +80,23 @@ class Unscalable:
         return "pong"
 
 
+def _grow(blocks: list, mib_per_step: int, steps: int) -> int:
+    """What the leaky actors' ``leak`` does: a step of memory every 50 ms, kept."""
+    import time
+
+    for _ in range(steps):
+        blocks.append(np.ones(mib_per_step * MiB // 8))
+        time.sleep(0.05)
+    return len(blocks)
+
+
 @adaptive_remote(memory=200 * MiB, rescalable=True)
 class Leaky:
     def __init__(self):
         self.blocks = []
 
     def leak(self, mib_per_step: int, steps: int) -> int:
-        import time
-
-        for _ in range(steps):
-            self.blocks.append(np.ones(mib_per_step * MiB // 8))
-            time.sleep(0.05)
-        return len(self.blocks)
+        return _grow(self.blocks, mib_per_step, steps)
 
 
 @ray.remote
@@ -453,12 +458,7 @@ class Squatter:
         self.blocks = []
 
     def leak(self, mib_per_step: int, steps: int) -> int:
-        import time
-
-        for _ in range(steps):
-            self.blocks.append(np.ones(mib_per_step * MiB // 8))
-            time.sleep(0.05)
-        return len(self.blocks)
+        return _grow(self.blocks, mib_per_step, steps)
 
     def ping(self) -> str:
         return "pong"

@@ -82,7 +82,7 @@ class FitLargestNode:
         # A node that fits both at once, not the largest of each on different nodes.
         if any(n.memory_bytes >= r.memory_bytes and n.num_cpus >= r.num_cpus for n in cluster.nodes):
             return r
-        best = _largest_node_for(cluster, r.num_cpus)
+        best = largest_node_for(cluster, r.num_cpus)
         if best is None:
             return r  # only CPU-less nodes for a task that asks for CPU: Ray reports it, as it would without raysched
         if self.policy == "error":
@@ -94,13 +94,13 @@ class FitLargestNode:
                        notes=r.notes + (f"capped to node {best.node_id[:8]}{allowed}",))
 
 
-def _largest_node_for(cluster: ClusterShape, num_cpus: float) -> NodeShape | None:
+def largest_node_for(cluster: ClusterShape, num_cpus: float) -> NodeShape | None:
     """The node with the most memory among those with the CPUs ``num_cpus`` asks for (or, if
     none has that many, among those with the most CPUs). A CPU-less node (a head kept free
     of tasks, as Ray advises) never runs a task that asks for a CPU, however much memory it
     has: None if every node is CPU-less (say a call pinned to such a head)."""
     enough = [n for n in cluster.nodes if n.num_cpus >= num_cpus]
-    if not enough:
+    if not enough and cluster.nodes:
         most = max(n.num_cpus for n in cluster.nodes)
         enough = [n for n in cluster.nodes if n.num_cpus == most and n.num_cpus > 0]
     return max(enough, key=lambda n: (n.memory_bytes, n.num_cpus)) if enough else None

@@ -21,6 +21,7 @@ from ..errors import InvalidInput
 from ..policy.admission import order_key
 from ..policy.estimators import Fallback
 from ..policy.features import call_features, validate_input_size, validate_memory, validate_num_cpus, validate_tags
+from ..policy.sizing import largest_node_for
 from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
 from .codehash import code_hash, qualified_name
@@ -130,9 +131,9 @@ def _known_wall(prediction: Any) -> float:
 
 def _largest_memory_for(cluster, num_cpus: float) -> float | None:
     """The most memory one node (of those the call may run on) can give a task that needs
-    ``num_cpus`` (a CPU-less head cannot)."""
-    sizes = [n.memory_bytes for n in cluster.nodes if n.num_cpus >= num_cpus]
-    return float(max(sizes)) if sizes else None
+    ``num_cpus``: the node sizing caps to (``policy.sizing.largest_node_for``)."""
+    node = largest_node_for(cluster, num_cpus)
+    return float(node.memory_bytes) if node is not None else None
 
 
 class _CallOptions:

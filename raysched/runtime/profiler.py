@@ -410,6 +410,7 @@ class Profiler:
             built_at, cached = state.bundles.get(code_hash, (None, None))
             if cached is not None and not reload and (
                     cached.version == state.version
+                    # (models compare by identity: a model served since makes a new bundle at once)
                     or (now - built_at < self.config.bundle_max_age_s and cached.models == state.models)):
                 # Only rows came since (or nothing): many processes asking within a second share one build.
                 return None if have_version == cached.version else cached

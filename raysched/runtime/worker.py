@@ -1235,7 +1235,7 @@ def node_constraints(options: Mapping[str, Any]) -> tuple[str | None, tuple[tupl
     """What in a task's or actor's Ray options restricts the nodes it may run on: the node of
     a hard ``NodeAffinitySchedulingStrategy`` (None: none, or a soft one, which Ray may leave
     for another node), and the resources asked for besides CPU and memory (``num_gpus`` as
-    ``GPU``, ``resources={...}``), as sorted (name, amount) pairs."""
+    ``GPU``, ``accelerator_type``, ``resources={...}``), as sorted (name, amount) pairs."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     strategy = options.get("scheduling_strategy")
