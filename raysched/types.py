@@ -211,13 +211,16 @@ class NodeShape:
     """The schedulable resources of one Ray node.
 
     ``resources``: its other resources (``GPU``, custom ones, ``node:<ip>``...) as
-    (name, amount) pairs sorted by name, so that the shape stays hashable.
+    (name, amount) pairs sorted by name, and ``labels`` its node labels (``ray start
+    --labels``, ``ray.io/...``) as (key, value) pairs sorted by key, so that the shape
+    stays hashable.
     """
 
     node_id: str
     num_cpus: float
     memory_bytes: int
     resources: tuple[tuple[str, float], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
 
     def amount(self, resource: str) -> float:
         """How much of ``resource`` the node has (0 if none)."""
@@ -225,6 +228,54 @@ class NodeShape:
             if name == resource:
                 return amount
         return 0.0
+
+    def label(self, key: str) -> str | None:
+        """The node's value of label ``key`` (None if it has no such label)."""
+        for name, value in self.labels:
+            if name == key:
+                return value
+        return None
+
+    def satisfies(self, selector: "tuple[LabelTerm, ...]") -> bool:
+        """Whether the node's labels satisfy every term of one label selector."""
+        return all(term.holds(self.label(term.key)) for term in selector)
+
+
+@dataclass(frozen=True)
+class LabelTerm:
+    """One term of a Ray label selector, as Ray's scheduler judges it: the label ``key``
+    has one of ``values`` (not: has none of them; a node without the label has none), or,
+    with ``values`` None, the label exists (not: does not).
+
+    Ray 2.60 splits ``in(a, b)`` at the commas without trimming the spaces (so ``b``
+    never equals `` b``); a later Ray may trim. A term holds here only if it holds
+    either way: a node counted in may then be smaller than Ray allows, never one Ray
+    refuses, which would leave a request capped to it unschedulable.
+    """
+
+    key: str
+    negated: bool = False
+    values: tuple[str, ...] | None = None
+
+    @classmethod
+    def parse(cls, key: str, expression: str) -> "LabelTerm":
+        """A ``label_selector`` entry: ``v``, ``!v``, ``in(v1,v2)`` or ``!in(v1,v2)``."""
+        negated = expression.startswith("!")
+        body = expression[1:] if negated else expression
+        values = body[3:-1].split(",") if body.startswith("in(") and body.endswith(")") else [body]
+        return cls(key, negated, tuple(values))
+
+    def holds(self, value: str | None) -> bool:
+        if self.values is None:
+            return (value is not None) != self.negated
+        return all((value in values) != self.negated
+                   for values in (set(self.values), {v.strip() for v in self.values}))
+
+    def __str__(self) -> str:
+        if self.values is None:
+            return f"{self.key} {'does not exist' if self.negated else 'exists'}"
+        shown = self.values[0] if len(self.values) == 1 else f"in({','.join(self.values)})"
+        return f"{self.key}: {'!' if self.negated else ''}{shown}"
 
 
 @dataclass(frozen=True)
@@ -239,21 +290,28 @@ class ClusterShape:
     scope: str = ""
 
     def eligible(self, node_id: str | None = None,
-                 demands: "Mapping[str, float] | tuple[tuple[str, float], ...]" = ()) -> "ClusterShape":
+                 demands: "Mapping[str, float] | tuple[tuple[str, float], ...]" = (),
+                 selectors: "tuple[tuple[LabelTerm, ...], ...]" = ()) -> "ClusterShape":
         """The nodes a task or actor may run on: only ``node_id`` if given (a hard node
-        affinity), and only those with at least ``demands`` (resource name -> amount, as
-        Ray's ``num_gpus`` (``GPU``) and ``resources={...}``). Unrestricted: this shape
-        itself. No node may be eligible: the shape is then empty, and sizing leaves Ray
-        to report the task as infeasible."""
+        affinity), only those with at least ``demands`` (resource name -> amount, as
+        Ray's ``num_gpus`` (``GPU``) and ``resources={...}``), and only those whose labels
+        satisfy one of ``selectors`` (each a tuple of terms: Ray's ``label_selector``, then
+        those of its ``fallback_strategy``; Ray falls back to the next when no node
+        satisfies one, so any of them may be where it runs).
+        Unrestricted: this shape itself. No node may be eligible: the shape is then
+        empty, and sizing leaves Ray to report the task as infeasible."""
         pairs = demands.items() if isinstance(demands, Mapping) else demands
         wanted = tuple(sorted((str(name), float(amount)) for name, amount in pairs if amount and amount > 0))
-        if node_id is None and not wanted:
+        if node_id is None and not wanted and not selectors:
             return self
         nodes = tuple(
             n for n in self.nodes
             if (node_id is None or n.node_id == node_id) and all(n.amount(r) >= a for r, a in wanted)
+            and (not selectors or any(n.satisfies(selector) for selector in selectors))
         )
         scope = ([f"node {node_id[:8]}"] if node_id is not None else []) + [f"{r}>={a:g}" for r, a in wanted]
+        if selectors:
+            scope.append("labels " + " or ".join("{" + ", ".join(map(str, selector)) + "}" for selector in selectors))
         return ClusterShape(nodes, scope=", ".join(([self.scope] if self.scope else []) + scope))
 
     @property

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.scheduling_strategies import In, NodeAffinitySchedulingStrategy, NodeLabelSchedulingStrategy
 
 import raysched
 from raysched import PredictionTooLarge, adaptive_remote
@@ -19,13 +19,14 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    """A head with 1 CPU, 512 MiB and a custom resource (``gpu_like``), a worker node with 2 CPUs
-    and 3 GiB, and a node with no CPU and 6 GiB (as a head kept free of tasks has: Ray still
-    counts its memory)."""
+    """A head with 1 CPU, 512 MiB, a custom resource (``gpu_like``) and the label ``tier=small``, a
+    worker node with 2 CPUs, 3 GiB and ``tier=big``, and a node with no CPU, 6 GiB and no label
+    (as a head kept free of tasks has: Ray still counts its memory)."""
     with environment(RAYSCHED_HOME=str(tmp_path_factory.mktemp("raysched_cluster_home"))):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "memory": 512 * MiB,
-                                                                "resources": {"gpu_like": 1}})
-        big = cluster.add_node(num_cpus=2, memory=3 * GiB)
+                                                                "resources": {"gpu_like": 1},
+                                                                "labels": {"tier": "small"}})
+        big = cluster.add_node(num_cpus=2, memory=3 * GiB, labels={"tier": "big"})
         cluster.add_node(num_cpus=0, memory=6 * GiB)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)
@@ -120,6 +121,49 @@ def test_a_call_pinned_to_a_small_node_is_capped_to_that_node(two_nodes, small_h
     assert raysched.profiles(softly_pinned).iloc[-1]["allocated_memory_bytes"] > 1 * GiB
     # An actor pinned to the head is created there, its memory label capped to the head's
     actor = PinnedActor.options(scheduling_strategy=hard).remote()
+    try:
+        assert ray.get(actor.node.remote(), timeout=60) == small_head
+    finally:
+        ray.kill(actor)
+
+
+@adaptive_remote
+def pinned_by_label():
+    return ray.get_runtime_context().get_node_id()
+
+
+@adaptive_remote
+def pinned_by_fallback_label():
+    return ray.get_runtime_context().get_node_id()
+
+
+@adaptive_remote(memory=1 * GiB)
+class LabelledActor:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+
+def test_a_call_whose_label_selector_picks_the_small_node_is_capped_to_it(two_nodes, small_head):
+    """``label_selector`` (and the selectors of ``fallback_strategy``) restrict the nodes as
+    a hard affinity does: sized for the whole cluster (the cold default, 1 GiB + 15%), the
+    call would ask for more than the only node it may run on has, and never start."""
+    assert ray.get(pinned_by_label.options(label_selector={"tier": "small"}).remote(), timeout=60) == small_head
+    # "!big": the head, or the CPU-less node (no label); only the head has the CPU
+    assert ray.get(pinned_by_label.options(label_selector={"tier": "!big"}).remote(), timeout=60) == small_head
+    # No node is tier=huge, so Ray falls back to the next selector
+    fallback = dict(label_selector={"tier": "huge"}, fallback_strategy=[{"label_selector": {"tier": "in(small)"}}])
+    assert ray.get(pinned_by_fallback_label.options(**fallback).remote(), timeout=60) == small_head
+    # The older NodeLabelSchedulingStrategy, whose hard terms Ray still enforces
+    by_strategy = NodeLabelSchedulingStrategy({"tier": In("small")})
+    assert ray.get(pinned_by_label.options(scheduling_strategy=by_strategy).remote(), timeout=60) == small_head
+    for fn in (pinned_by_label, pinned_by_fallback_label):
+        rows = raysched.profiles(fn)
+        assert (rows["outcome"] == "ok").all() and (rows["node_id"] == small_head).all()
+        assert (rows["allocated_memory_bytes"] == 512 * MiB).all()
+    # A label that takes the big node leaves the request as it was sized for the cluster
+    assert ray.get(pinned_by_label.options(label_selector={"tier": "big"}).remote(), timeout=60) == two_nodes
+    assert raysched.profiles(pinned_by_label).iloc[-1]["allocated_memory_bytes"] > 512 * MiB
+    actor = LabelledActor.options(label_selector={"tier": "small"}).remote()
     try:
         assert ray.get(actor.node.remote(), timeout=60) == small_head
     finally:

@@ -115,8 +115,35 @@ def test_a_call_pinned_by_its_ray_options_is_sized_for_the_nodes_they_allow():
                                    a100).largest_node_bytes == 3 * GiB
     nowhere = first(resources={"gpu_like": 2})  # no node has it: left for Ray to report
     assert nowhere.allocation == unpinned.allocation and nowhere.largest_node_bytes is None
+    labelled = ClusterShape(tuple(NodeShape(n.node_id, n.num_cpus, n.memory_bytes, n.resources,
+                                            (("size", n.node_id[:2]),)) for n in cluster.nodes))
+    call = scalar_task._call_options({"label_selector": {"size": "ab"}})
+    spec = scalar_task._first_spec(client, call, scalar_task._features(call, (), {}), None, labelled)
+    assert spec.allocation.capped and spec.allocation.memory_bytes == 1 * GiB and spec.largest_node_bytes == 1 * GiB
 
 
+def test_label_selectors_are_read_from_the_options_with_their_fallbacks():
+    from ray.util.scheduling_strategies import DoesNotExist, Exists, In, NodeLabelSchedulingStrategy, NotIn
+
+    from raysched.runtime.worker import label_selectors
+    from raysched.types import LabelTerm
+
+    assert label_selectors({}) == () and label_selectors({"label_selector": {}}) == ()
+    assert label_selectors({"label_selector": {"b": "!x", "a": "in(y,z)"}}) == \
+        ((LabelTerm("a", False, ("y", "z")), LabelTerm("b", True, ("x",))),)
+    assert label_selectors({"label_selector": {"a": "x"}, "fallback_strategy": [{"label_selector": {"a": "y"}}, {}]}) \
+        == ((LabelTerm.parse("a", "x"),), (LabelTerm.parse("a", "y"),), ())
+    assert label_selectors({"fallback_strategy": [{"label_selector": {"a": "y"}}]}) == ((), (LabelTerm.parse("a", "y"),))
+    # The older NodeLabelSchedulingStrategy: its hard terms hold wherever the call may run; soft ones do not restrict
+    strategy = NodeLabelSchedulingStrategy({"z": In("a", "b"), "y": NotIn("c"), "x": Exists(), "w": DoesNotExist()},
+                                           soft={"v": In("d")})
+    assert label_selectors({"scheduling_strategy": strategy}) == ((
+        LabelTerm("w", True, None), LabelTerm("x", False, None), LabelTerm("y", True, ("c",)), LabelTerm("z", False, ("a", "b")),
+    ),)
+    assert label_selectors({"scheduling_strategy": NodeLabelSchedulingStrategy({}, soft={"v": In("d")})}) == ()
+    both = label_selectors({"scheduling_strategy": NodeLabelSchedulingStrategy({"x": Exists()}),
+                            "label_selector": {"a": "1"}})
+    assert both == ((LabelTerm.parse("a", "1"), LabelTerm("x")),)
 def test_equal_ray_options_have_equal_keys_so_calls_share_a_plan():
     """A dict option (resources, runtime_env) or a strategy made anew per call was never found
     in the plan cache: every such call was predicted and sized again."""

@@ -23,6 +23,7 @@ from raysched.types import (
     Estimate,
     Features,
     History,
+    LabelTerm,
     NodeShape,
     Outcome,
     Prediction,
@@ -297,6 +298,46 @@ def test_a_pinned_request_is_fitted_to_the_nodes_its_options_allow():
     # Pinned to the CPU-less head: no CPU there for it, so no size is made up (not 0 CPUs)
     assert build_sizer(CFG).size(prediction(GiB * 30, cpu=1.0), cluster.eligible("head")) == \
         build_sizer(CFG).size(prediction(GiB * 30, cpu=1.0))
+
+
+def test_label_selectors_keep_the_nodes_ray_would_run_the_call_on():
+    """Ray's label selector: ``v`` and ``in(...)`` need the label to have one of the values,
+    ``!v`` and ``!in(...)`` need it not to (a node without the label passes); a fallback
+    strategy's selectors add the nodes Ray falls back to."""
+    a = NodeShape("a", 1, 1 * GiB, labels=(("zone", "a"),))
+    b = NodeShape("b", 2, 3 * GiB, labels=(("tier", "big"), ("zone", "b")))
+    bare = NodeShape("bare", 4, 8 * GiB)
+    cluster = ClusterShape((a, b, bare))
+    assert b.label("zone") == "b" and bare.label("zone") is None
+
+    def kept(*selectors):
+        terms = tuple(tuple(LabelTerm.parse(k, v) for k, v in s.items()) for s in selectors)
+        return [n.node_id for n in cluster.eligible(None, (), terms).nodes]
+
+    assert kept({"zone": "a"}) == ["a"]
+    assert kept({"zone": "!a"}) == ["b", "bare"]
+    assert kept({"zone": "in(a,b)"}) == ["a", "b"]
+    assert kept({"zone": "!in(a,b)"}) == ["bare"]
+    assert kept({"zone": "b", "tier": "big"}) == ["b"] and kept({"zone": "a", "tier": "big"}) == []
+    assert kept({"tier": "!big"}) == ["a", "bare"]
+    assert kept({"zone": ""}) == []  # Ray schedules such a call nowhere
+    assert kept({}) == ["a", "b", "bare"]
+    # Ray 2.60 reads "in(a, b)" as "a" and " b"; a later Ray may read "b": only what holds
+    # both ways is kept, so a request is never capped to a node Ray refuses.
+    assert kept({"zone": "in(a, b)"}) == ["a"] and kept({"zone": "!in(a, b)"}) == ["bare"]
+    # fallbacks: any selector's nodes
+    assert kept({"zone": "none"}, {"zone": "a"}) == ["a"] and kept({"zone": "b"}, {"zone": "a"}) == ["a", "b"]
+    assert kept({"zone": "none"}, {}) == ["a", "b", "bare"]  # a step with no selector: any node
+    # NodeLabelSchedulingStrategy's Exists / DoesNotExist
+    assert [n.node_id for n in cluster.eligible(None, (), ((LabelTerm("tier"),),)).nodes] == ["b"]
+    assert [n.node_id for n in cluster.eligible(None, (), ((LabelTerm("zone", negated=True),),)).nodes] == ["bare"]
+    shape = cluster.eligible(None, (), ((LabelTerm.parse("zone", "a"),), (LabelTerm.parse("tier", "!in(x,y)"),)))
+    assert shape.scope == "labels {zone: a} or {tier: !in(x,y)}"
+    shape = cluster.eligible(None, (), ((LabelTerm.parse("zone", "a"),),))
+    assert shape.scope == "labels {zone: a}" and shape.largest_memory_bytes == 1 * GiB
+    hash(shape)  # a cache key
+    capped = build_sizer(CFG).size(prediction(GiB * 2.0, cpu=1.0), shape)
+    assert capped.capped and capped.memory_bytes == 1 * GiB and "labels {zone: a}" in capped.reason
 
 
 def test_labels_in_a_placement_group_fit_its_bundle():

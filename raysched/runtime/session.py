@@ -147,6 +147,7 @@ def read_cluster_shape() -> ClusterShape:
                 memory_bytes=int(resources.get("memory", 0)),
                 resources=tuple(sorted((str(name), float(amount)) for name, amount in resources.items()
                                        if name not in ("CPU", "memory"))),
+                labels=tuple(sorted((str(k), str(v)) for k, v in (node.get("Labels") or {}).items())),
             )
         )
     return ClusterShape(tuple(nodes))

@@ -65,7 +65,7 @@ from ..policy.recipe import build_ladder
 from ..policy.samples import memory_sample
 from ..policy.sizing import fit_bundle
 from ..policy.thinning import ShortCallThinning, thinning_from_config
-from ..types import Allocation, AttemptRecord, ClusterShape, Features, Outcome, Prediction, Usage
+from ..types import Allocation, AttemptRecord, ClusterShape, Features, LabelTerm, Outcome, Prediction, Usage
 from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
 from .session import NAMESPACE, RECORD_GROUP, monitor_name, profiler_name
 
@@ -1249,14 +1249,41 @@ def node_constraints(options: Mapping[str, Any]) -> tuple[str | None, tuple[tupl
     return node_id, tuple(sorted((str(k), float(v)) for k, v in demands.items() if v))
 
 
+def label_selectors(options: Mapping[str, Any]) -> tuple[tuple[LabelTerm, ...], ...]:
+    """The label selectors a task's or actor's options put on its node, each a tuple of
+    terms sorted by key: its ``label_selector`` and then those of its ``fallback_strategy``
+    (Ray tries them in order), each with the hard terms of a ``NodeLabelSchedulingStrategy``
+    added (all must hold); () when there are none."""
+    from ray.util.scheduling_strategies import DoesNotExist, Exists, NodeLabelSchedulingStrategy, NotIn
+
+    selectors = [options.get("label_selector")]
+    selectors += [(step or {}).get("label_selector") for step in options.get("fallback_strategy") or ()]
+    strategy = options.get("scheduling_strategy")
+    hard = strategy.hard if isinstance(strategy, NodeLabelSchedulingStrategy) else []
+    if not any(selectors) and not hard:
+        return ()
+    hard_terms = tuple(
+        LabelTerm(str(e.key), isinstance(e.operator, (NotIn, DoesNotExist)),
+                  None if isinstance(e.operator, (Exists, DoesNotExist)) else tuple(map(str, e.operator.values)))
+        for e in hard
+    )
+    # A step without a selector (or an empty one) lets the call run on any node its hard terms allow.
+    return tuple(
+        tuple(sorted(tuple(LabelTerm.parse(str(k), str(v)) for k, v in (selector or {}).items()) + hard_terms,
+                     key=lambda term: term.key))
+        for selector in selectors
+    )
+
+
 def eligible_cluster(cluster: ClusterShape | None, options: Mapping[str, Any]) -> ClusterShape | None:
     """The part of ``cluster`` a task or actor with these Ray options (a mapping or pairs) may
-    run on, which sizing fits its request to: a call pinned to a node asks for no more than
-    that node has."""
+    run on, which sizing fits its request to: a call pinned to a node, or to nodes with
+    some labels, asks for no more than they have."""
     if cluster is None:
         return None
-    node_id, demands = node_constraints(dict(options))
-    return cluster.eligible(node_id, demands)
+    options = dict(options)
+    node_id, demands = node_constraints(options)
+    return cluster.eligible(node_id, demands, label_selectors(options))
 
 
 def captured_placement_group() -> str | None:
