@@ -408,6 +408,41 @@ def test_read_recent_is_the_tail_of_read_and_opens_only_the_parts_that_hold_it(s
         store.read_recent(-1, "f")
 
 
+def test_reads_list_the_parts_again_when_a_compaction_merges_them_meanwhile(store, monkeypatch):
+    """A part merged and deleted between the listing and its read: both readers list again
+    and find the merged part; no row is lost or read twice."""
+    for i in range(6):
+        store.append([row(row_id=f"r{i}-{j}", function="f", call_id=f"c{i}-{j}") for j in range(3)])
+    expected = store.read("f")
+    original = ParquetTable._part_names
+    listings = []
+    compacting = []
+
+    def list_then_compact(self):
+        names = original(self)
+        if compacting:  # the compaction's own listings
+            return names
+        listings.append(names)
+        if len(listings) == 1:
+            compacting.append(True)
+            assert self.compact(min_parts=2) > 0  # every listed part is gone before it is read
+            compacting.clear()
+        return names
+
+    monkeypatch.setattr(ParquetTable, "_part_names", list_then_compact)
+    pd.testing.assert_frame_equal(store.read("f"), expected)
+    assert len(listings) == 2 and len(listings[1]) == 1
+    for n in (4, 18):
+        listings.clear()
+        for i in range(2):
+            store.append([row(row_id=f"n{n}-{i}", function="f", call_id=f"n{n}-{i}")])
+        compacting.append(True)  # this read is not the one under test
+        whole = store.read("f")
+        compacting.clear()
+        pd.testing.assert_frame_equal(store.read_recent(n, "f"), whole.iloc[len(whole) - n:].reset_index(drop=True))
+        assert len(listings) == 2 and len(listings[1]) == 1
+
+
 def test_compact_never_deletes_a_part_it_did_not_merge(store, monkeypatch):
     for i in range(4):
         store.append([row(row_id=f"r{i}")])

@@ -23,7 +23,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,7 @@ QUARANTINE = "quarantine"
 DEDUPE_COLUMN = "row_id"
 _STALE_TMP_SECONDS = 3600.0
 _READ_RETRIES = 20
+_T = TypeVar("_T")
 _NOT_THE_FILES_FAULT = {errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 _UTC = _dt.timezone.utc
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
@@ -491,31 +492,40 @@ class ParquetTable:
             return None, self._quarantine(path, e)
         return table, None
 
+    def _relisting(self, read: Callable[[list[str]], _T]) -> _T:
+        """``read(part names)``, called again on a fresh listing while a part vanishes under
+        it (a compaction merged and deleted parts after they were listed: the new listing
+        has its merged part, and de-duplication on row_id covers parts read both ways)."""
+        for _ in range(_READ_RETRIES):
+            try:
+                return read(self._part_names())
+            except _Vanished:
+                continue
+        raise StoreError(f"raysched store {self.name!r}: parts kept vanishing while reading {self.folder}")
+
     def _read_parts(self, columns: Sequence[str]) -> tuple[list[pa.Table], list[str]]:
         """The readable parts' tables, oldest first, and the warnings to emit."""
-        done: dict[str, pa.Table | None] = {}
+        done: dict[str, pa.Table | None] = {}  # kept across listings: a part is read once
         messages: list[str] = []
-        for _ in range(_READ_RETRIES):
-            names = self._part_names()
-            vanished = False
+
+        def read(names: list[str]) -> list[pa.Table]:
+            vanished: _Vanished | None = None
             for n in names:
                 if n in done:
                     continue
                 try:
                     table, message = self._read_part(n, columns)
-                except _Vanished:
-                    vanished = True
+                except _Vanished as e:
+                    vanished = e  # read the others first
                     continue
                 done[n] = table
                 if message:
                     messages.append(message)
-            if not vanished:
-                break
-            # A compaction merged and deleted parts after we listed them: list again to find its
-            # merged part (de-duplication on row_id covers the parts we read both ways).
-        else:
-            raise StoreError(f"raysched store {self.name!r}: parts kept vanishing while reading {self.folder}")
-        return [t for t in (done.get(n) for n in names) if t is not None], messages
+            if vanished is not None:
+                raise vanished
+            return [t for t in (done.get(n) for n in names) if t is not None]
+
+        return self._relisting(read), messages
 
     def _read_table(
         self, columns: Sequence[str] | None = None, filters: Mapping[str, Any] | None = None
@@ -604,21 +614,16 @@ class ParquetTable:
             raise InvalidInput(f"{self.name}: read_recent needs a row count of at least 0, got {n!r}")
         columns = list(self.schema.names)
         expression = self._expression(filters)
-        for _ in range(_READ_RETRIES):
-            names = self._part_names()
+
+        def read(names: list[str]) -> tuple[pa.Table, list[str]]:
             newest_first: list[pa.Table] = []
             messages: list[str] = []
-            table = self._read_schema.empty_table()
-            vanished = False
+            table = None
             have = 0
             for name in reversed(names):
                 if have >= n:
                     break
-                try:
-                    part, message = self._read_part(name, columns)
-                except _Vanished:  # a compaction merged it: list again (see _read_parts)
-                    vanished = True
-                    break
+                part, message = self._read_part(name, columns)  # _Vanished: listed again
                 if message:
                     messages.append(message)
                 if part is None:
@@ -632,15 +637,14 @@ class ParquetTable:
                     table = self._concat(newest_first[::-1], columns)
                     table = _dedupe(table) if self._has_row_id and table.num_rows else table
                     have = table.num_rows
-            if not vanished:
-                break
-        else:
-            raise StoreError(f"raysched store {self.name!r}: parts kept vanishing while reading {self.folder}")
+            if table is None or have < n:  # every part read: de-duplicate what was gathered
+                table = self._concat(newest_first[::-1], columns)
+                table = _dedupe(table) if self._has_row_id and table.num_rows else table
+            return table, messages
+
+        table, messages = self._relisting(read)
         for message in messages:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-        if have < n or table.num_rows == 0:  # every part read: de-duplicate what was gathered
-            table = self._concat(newest_first[::-1], columns)
-            table = _dedupe(table) if self._has_row_id and table.num_rows else table
         table = table.slice(max(0, table.num_rows - n))
         return table.to_pandas(types_mapper=_pandas_dtype)
 
