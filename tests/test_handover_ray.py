@@ -75,3 +75,55 @@ def test_a_next_attempt_blocked_by_raysched_own_waiting_calls_runs_in_place_soon
         assert elapsed < 100
     finally:
         raysched.configure(live_interval_s=0.2, handover_start_timeout_s=5.0)
+
+
+@adaptive_remote(memory=64 * MiB, num_cpus=0.25)
+def dies_in_place(mib: int, runs_file: str, dies_on: tuple) -> int:
+    import os
+
+    import numpy as np
+
+    with open(runs_file, "a") as f:
+        f.write("run\n")
+    with open(runs_file) as f:
+        if len(f.readlines()) in dies_on:
+            os._exit(1)  # the attempt run in place dies, and the waiting task with it
+    held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
+    for _ in range(60):
+        time.sleep(0.05)
+    return len(held)
+
+
+@ray.remote(num_cpus=0, memory=700 * MiB)
+class _HoldsTheRoom:
+    def ready(self) -> bool:
+        return True
+
+
+def test_an_attempt_run_in_place_that_dies_is_recorded_and_climbed_from(tight_node, tmp_path):
+    """Another label fills the node, so the call's later attempts run in place of the
+    waiting first one, and one dies there. Ray's retry used to take it for a death while
+    waiting: it submitted another attempt with the same allocation and recorded nothing
+    of the one that ran (with Ray's endless retries of memory kills, for ever)."""
+    from raysched import AttemptsExhausted
+
+    blocker = _HoldsTheRoom.remote()
+    try:
+        assert ray.get(blocker.ready.remote(), timeout=60)
+        runs = tmp_path / "runs"
+        assert ray.get(dies_in_place.remote(200, str(runs), (2,)), timeout=120) == 4
+        assert runs.read_text().count("run") == 3
+        rows = raysched.profiles(dies_in_place).sort_values("attempt")
+        assert list(rows["attempt"]) == [1, 2, 3], rows[["attempt", "outcome", "error"]]
+        died = rows.iloc[1]
+        assert died["outcome"] == "oom_killed" and "treated as a memory kill" in died["error"]
+        assert rows.iloc[2]["outcome"] == "ok"
+        assert rows.iloc[2]["allocated_memory_bytes"] > died["allocated_memory_bytes"]
+        # Dying in place every time: the call ends within max_attempts (4), each attempt a row
+        with pytest.raises(AttemptsExhausted):
+            ray.get(dies_in_place.remote(200, str(tmp_path / "again"), (2, 3, 4, 5, 6)), timeout=120)
+        assert (tmp_path / "again").read_text().count("run") <= 4
+        rows = raysched.profiles(dies_in_place)
+        assert rows.groupby("call_id")["attempt"].max().max() <= 4
+    finally:
+        ray.kill(blocker)

@@ -41,6 +41,7 @@ still record their rows.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import ctypes
 import dataclasses
 import datetime as dt
@@ -827,7 +828,10 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
         # fit beside it: cap the ladder at the largest node less that label.
         room = None
         if spec.largest_node_bytes:
-            room = max(spec.largest_node_bytes - spec.allocation.memory_bytes, spec.allocation.memory_bytes)
+            # The label this Ray task holds: an attempt run in place holds its waiting task's.
+            task = _TASK_SPEC.get()
+            held = (task or spec).allocation.memory_bytes
+            room = max(spec.largest_node_bytes - held, held)
         allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room))
         if allocation is None:
             raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
@@ -862,8 +866,9 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
             # still watches the node itself.
             held = spec.allocation.memory_bytes // 2**20
             note = f"run in place of attempt {spec.attempt}, under its {held} MiB label"
-            in_place = replace(next_spec.allocation, reason="; ".join(filter(None, (next_spec.allocation.reason, note))))
-            return run_here(replace(next_spec, allocation=in_place))
+            in_place = replace(next_spec, allocation=replace(
+                next_spec.allocation, reason="; ".join(filter(None, (next_spec.allocation.reason, note)))))
+            return _run_in_place(spec, in_place, run_here)
         return ray.get(returned)
     except ray.exceptions.RayTaskError as exc:
         raise _unwrap(exc) from None
@@ -872,6 +877,26 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
         raise
     finally:
         _drop_handover(spec)
+
+
+def _run_in_place(spec: AttemptSpec, in_place: AttemptSpec, run_here: Callable[[AttemptSpec], Any]) -> Any:
+    """Run the next attempt in this (waiting) task, as this task's own attempt.
+
+    It is no longer handed over: if it is killed (for memory, most likely) it kills this
+    task, and Ray's retry must record it and climb from it (``recover`` reads the rerun
+    marker), not submit another attempt with the same allocation (as after a death while
+    waiting), which Ray's unbounded retries of memory kills repeated for ever.
+    """
+    task_spec = _TASK_SPEC.get()
+    marked = task_spec is not None and _kv_put(_run_here_key(task_spec), encode_spec(in_place))
+    if marked:
+        _drop_handover(spec)
+    # The waiting attempt's row first: the attempt run here may kill this process.
+    get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)
+    value = run_here(in_place)
+    if marked:
+        _kv_del(_run_here_key(task_spec))  # kept after an exception, as by _run_again_here
+    return value
 
 
 _HANDOVER_PREFIX = "handover:"
@@ -1012,9 +1037,15 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         # This attempt was recorded and handed over; then its task died while waiting, and
         # the next attempt died with it as its owner (or runs on, orphaned, and records
         # itself). Submit again under the following number, with the same allocation.
+        if handed.attempt >= spec.config.max_attempts:
+            # Ray retries a task its memory monitor killed without end: the call's attempts bound it.
+            _drop_handover(spec)
+            lost = AttemptRecord(handed.attempt, handed.allocation, Outcome.ERROR, None,
+                                 f"lost with attempt {spec.attempt}'s task, which died while waiting for it")
+            raise AttemptsExhausted(spec.function, handed.prior + (lost,), "tasks kept dying while they waited")
         logger.warning("raysched: %s attempt %d died while waiting for attempt %d; submitting attempt %d",
                        spec.function, spec.attempt, handed.attempt, handed.attempt + 1)
-        again = replace(handed, attempt=handed.attempt + 1)  # Ray's max_retries bounds how often this happens
+        again = replace(handed, attempt=handed.attempt + 1)
         return _hand_over(spec, again, args, kwargs, resubmit,
                           run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
     marker = _stop_marker(spec)
@@ -1158,6 +1189,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
             spec = spec.with_call_id(spec.call_id)  # a copy (its cached row part kept)...
             spec.__dict__["queued"] = False  # ...so that what it submits next is not queued again
         calls[0] += 1
+        token = _enter_task(spec)
         try:
             if _ray_attempt_number() > 0:
                 return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
@@ -1168,6 +1200,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
                 return run_measured(fn, spec, args, kwargs, thinning=thinning[0])
             return run_measured(fn, spec, args, kwargs)
         finally:
+            _leave_task(token)
             if calls[0] >= last_call:
                 # Ray ends this worker process as soon as the task returns (max_calls):
                 # the buffered rows must reach the profiler first.
@@ -1183,6 +1216,20 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
 
 
 _remote_cache: dict[tuple, Any] = {}
+
+#: The spec the running Ray task was submitted with (set by ``make_entry``'s entry): an
+#: attempt run in place of a waiting one is marked as this task's own (``_hand_over``).
+_TASK_SPEC: contextvars.ContextVar[AttemptSpec | None] = contextvars.ContextVar("raysched_task_spec", default=None)
+
+
+# Functions, not the variable itself, in ``entry``: Ray pickles that closure by value, and a
+# ContextVar does not pickle.
+def _enter_task(spec: AttemptSpec) -> contextvars.Token:
+    return _TASK_SPEC.set(spec)
+
+
+def _leave_task(token: contextvars.Token) -> None:
+    _TASK_SPEC.reset(token)
 
 #: How long the last call of a worker process (``max_calls``) waits for its rows to be taken.
 _LAST_FLUSH_WAIT_S = 10.0
