@@ -192,7 +192,7 @@ def test_learns_from_history_then_from_the_model(ray_session):
         lambda: add_one.options(input_size=-1),
         lambda: add_one.options(input_size="big"),
         lambda: add_one.options(tags=[None]),
-        lambda: add_one.options(memory=0),
+        lambda: add_one.options(memory=-1),
         lambda: add_one.options(priority="high"),
         # Ray's own option checks, made when the decorator or .options() runs
         lambda: adaptive_remote(num_gpu=1)(lambda x: x),
@@ -204,6 +204,49 @@ def test_learns_from_history_then_from_the_model(ray_session):
 def test_bad_input_is_a_clear_error(ray_session, make):
     with pytest.raises(InvalidInput):
         make()
+
+
+@adaptive_remote(memory=0)
+def no_label(x):
+    return x
+
+
+class _UnreadableError(Exception):
+    def __str__(self):
+        raise RuntimeError("no message for you")
+
+
+@adaptive_remote
+def raises_unreadable():
+    raise _UnreadableError()
+
+
+def test_wrong_arguments_fail_at_remote_as_in_ray_and_run_nothing(ray_session):
+    before = len(raysched.profiles(add_one))
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        add_one.remote(1, 2)
+    with pytest.raises(TypeError, match="missing a required argument: 'x'"):
+        add_one.options(input_size=5).remote()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'y'"):
+        add_one.remote(1, y=2)
+    assert len(raysched.profiles(add_one)) == before  # nothing ran, nothing recorded
+
+
+def test_memory_zero_asks_no_memory_label_as_in_ray(ray_session):
+    """``.options(memory=0)`` is Ray's way to ask no label; as a fallback it starts cold without one."""
+    assert ray.get([no_label.remote(1), add_one.options(memory=0).remote(1)], timeout=60) == [1, 2]
+    cold = raysched.profiles(no_label).iloc[-1]
+    assert cold["allocated_memory_bytes"] == 0 and cold["outcome"] == "ok"
+    explicit = raysched.profiles(add_one).iloc[-1]
+    assert explicit["allocated_memory_bytes"] == 0
+
+
+def test_an_exception_whose_message_raises_is_recorded_as_an_error(ray_session):
+    """Its f-string raised before the outcome was set, and the attempt was recorded as ok."""
+    with pytest.raises(ray.exceptions.RayTaskError):  # what plain Ray raises for it too (a RuntimeError)
+        ray.get(raises_unreadable.remote(), timeout=60)
+    row = raysched.profiles(raises_unreadable).iloc[-1]
+    assert row["outcome"] == "error" and row["error"] == "_UnreadableError (its message could not be read)"
 
 
 @adaptive_remote(max_calls=1)

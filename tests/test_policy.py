@@ -105,9 +105,10 @@ def test_tags_must_be_strings(bad):
         features.validate_tags(bad)
 
 
-def test_memory_must_be_positive():
+def test_memory_must_be_a_non_negative_number_and_zero_is_no_label():
+    assert features.validate_memory(0) == 0  # as Ray's memory=0: no label at all
     with pytest.raises(InvalidInput):
-        features.validate_memory(0)
+        features.validate_memory(-1)
     with pytest.raises(InvalidInput):
         features.validate_memory("1GB")
     assert features.validate_memory(1.5e9) == 1500000000

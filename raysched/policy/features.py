@@ -56,11 +56,8 @@ def validate_input_size(value: Any, what: str = "input_size") -> int | None:
 
 
 def validate_memory(value: Any, what: str = "memory") -> int | None:
-    """None, or a positive number of bytes (as Ray's ``memory`` option)."""
-    size = validate_input_size(value, what)
-    if size == 0:
-        raise InvalidInput(f"{what} must be positive, got 0")
-    return size
+    """None, or a non-negative number of bytes (as Ray's ``memory`` option: 0 asks no label)."""
+    return validate_input_size(value, what)
 
 
 def validate_num_cpus(value: Any, what: str = "num_cpus") -> float | None:

@@ -252,7 +252,11 @@ class _Adaptive:
         prediction = client.predict(self.name, self.code_hash, features, self.fallback, bundle)
         # Sized for the nodes the caller's options let it run on (a pinned call: that node).
         cluster = eligible_cluster(cluster, options.ray_options)
-        allocation = client.size(prediction, options.explicit, self.name, cluster)
+        explicit = options.explicit
+        if self.fallback.memory == 0 and prediction.memory.source == "fallback" and "memory" not in explicit:
+            # A fallback of memory=0 is Ray's memory=0: no label at all until there is history.
+            explicit = {**explicit, "memory": 0}
+        allocation = client.size(prediction, explicit, self.name, cluster)
         return AttemptSpec(
             function=self.name,
             code_hash=self.code_hash,
@@ -322,6 +326,10 @@ class AdaptiveFunction(_Adaptive):
             raise InvalidInput(f"measure_every_call must be True or False, got {measure_every_call!r}")
         super().__init__(fn, name, tags, num_cpus, memory, dependencies, ray_options)
         self._fn = fn
+        try:  # Ray checks a call's arguments at .remote(): so does raysched, before anything runs
+            self._signature: inspect.Signature | None = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin without one: the worker's call will say
+            self._signature = None
         self.max_attempts = max_attempts
         #: Never thin this function's short calls (policy/thinning.py): a row for every call.
         self.measure_every_call = measure_every_call
@@ -355,6 +363,11 @@ class AdaptiveFunction(_Adaptive):
         return self._config_for[1]
 
     def _submit(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> ray.ObjectRef:
+        if self._signature is not None:
+            try:
+                self._signature.bind(*args, **kwargs)
+            except TypeError as exc:  # as Ray's own check says it, with nothing submitted or recorded
+                raise TypeError(str(exc)) from None
         client = get_client()
         features = self._features(options, args, kwargs)
         bundle = client.bundle(self.name, self.code_hash)

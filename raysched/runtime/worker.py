@@ -760,11 +760,13 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
         outcome, error = _STOP_OUTCOMES[stop.action], _stop_reason(stop)
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError) as exc:
         running.finish()
-        outcome, error = Outcome.CANCELLED, repr(exc)
+        outcome = Outcome.CANCELLED
+        error = _describe(exc, repr)
         raise
     except BaseException as exc:
         running.finish()
-        outcome, error = Outcome.ERROR, f"{type(exc).__name__}: {exc}"
+        outcome = Outcome.ERROR  # before the text: a user's __str__ may raise
+        error = _describe(exc, lambda e: f"{type(e).__name__}: {e}")
         raise
     finally:
         sampler.unregister(spec.live_key)
@@ -786,6 +788,14 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     if stop.action in ("stop_limit", "cancel"):
         _put_stop_marker(spec, stop, recorded=True)  # a Ray retry (retry_exceptions) must not rerun it
     return _apply_stop(fn, spec, stop, usage, error, args, kwargs, resubmit or _resubmitter(fn, spec.config))
+
+
+def _describe(exc: BaseException, text: Callable[[BaseException], str]) -> str:
+    """``text(exc)``, or the exception's type name when its own ``__str__``/``__repr__`` raises."""
+    try:
+        return text(exc)
+    except Exception:  # noqa: BLE001 - the user's exception class, not ours
+        return f"{type(exc).__name__} (its message could not be read)"
 
 
 def _apply_stop(fn: Callable[..., Any], spec: AttemptSpec, decision: Any, usage: Usage | None, reason: str,
