@@ -28,7 +28,9 @@ class RayschedConfig:
 
     # --- cold start: what a call gets with no usable history -----------------
     #: Memory for a function with no history and no user fallback. Conservative on
-    #: purpose: under-requesting gets a task killed, over-requesting only idles.
+    #: purpose: under-requesting gets a task killed, over-requesting only idles. 0: no
+    #: memory label at all (plain Ray's default) until there is history; tasks that block
+    #: on their children hold their labels while they wait, which can fill a node.
     default_memory_bytes: int = 1 * GiB
     default_num_cpus: float = 1.0
     default_wall_seconds: float = 60.0
@@ -373,11 +375,11 @@ def _type_problems(config: RayschedConfig) -> list[str]:
 
 #: (fields, test, what the test wants): the ranges RayschedConfig checks.
 _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
-    (("default_memory_bytes", "min_memory_bytes", "memory_rounding_bytes", "cpu_rounding", "live_interval_s",
+    (("min_memory_bytes", "memory_rounding_bytes", "cpu_rounding", "live_interval_s",
       "flush_interval_s", "xgb_learning_rate", "confidence_scale", "cost_max_slope", "monitor_stale_s",
       "monitor_wall_factor", "monitor_hard_stop_intervals", "monitor_directive_timeout_s", "node_poll_interval_s",
       "node_sample_interval_s", "memory_limit_bytes"), lambda v: v > 0, "positive"),
-    (("default_num_cpus", "default_wall_seconds", "min_num_cpus", "memory_margin", "confidence_exponent",
+    (("default_memory_bytes", "default_num_cpus", "default_wall_seconds", "min_num_cpus", "memory_margin", "confidence_exponent",
       "min_retrain_interval_s", "train_cost_fraction", "refresh_interval_s", "bundle_max_age_s",
       "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "oom_bump_bytes",
       "shutdown_flush_timeout_s", "profile_commit_interval_s", "short_call_wall_s", "short_call_rss_bytes",

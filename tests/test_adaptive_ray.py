@@ -15,7 +15,7 @@ from conftest import wait_for
 
 import raysched
 from raysched import InvalidInput, adaptive_remote
-from raysched.types import MiB
+from raysched.types import GiB, MiB
 
 pytestmark = pytest.mark.ray
 
@@ -239,6 +239,25 @@ def test_memory_zero_asks_no_memory_label_as_in_ray(ray_session):
     assert cold["allocated_memory_bytes"] == 0 and cold["outcome"] == "ok"
     explicit = raysched.profiles(add_one).iloc[-1]
     assert explicit["allocated_memory_bytes"] == 0
+
+
+@adaptive_remote
+def nests(n):
+    return 0 if n == 0 else ray.get(nests.remote(n - 1)) + 1
+
+
+def test_a_default_memory_of_zero_leaves_cold_calls_unlabelled(ray_session):
+    """Parents blocked on their children keep their labels: with the 1 GiB default, a nested
+    program fills a 16 GiB node at depth 14 and stops there. With default_memory_bytes=0
+    cold calls ask no memory label, as in plain Ray. The calls the tasks make count too: a
+    worker takes the config of the driver whose task it runs (it read its environment's)."""
+    raysched.configure(default_memory_bytes=0)
+    try:
+        assert ray.get(nests.remote(3), timeout=120) == 3
+    finally:
+        raysched.configure(default_memory_bytes=GiB)
+    rows = raysched.profiles(nests)
+    assert len(rows) == 4 and (rows["allocated_memory_bytes"] == 0).all() and (rows["outcome"] == "ok").all()
 
 
 def test_an_exception_whose_message_raises_is_recorded_as_an_error(ray_session):

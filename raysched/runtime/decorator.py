@@ -253,8 +253,9 @@ class _Adaptive:
         # Sized for the nodes the caller's options let it run on (a pinned call: that node).
         cluster = eligible_cluster(cluster, options.ray_options)
         explicit = options.explicit
-        if self.fallback.memory == 0 and prediction.memory.source == "fallback" and "memory" not in explicit:
-            # A fallback of memory=0 is Ray's memory=0: no label at all until there is history.
+        declared = self.fallback.memory if self.fallback.memory is not None else client.config.default_memory_bytes
+        if declared == 0 and prediction.memory.source == "fallback" and "memory" not in explicit:
+            # A fallback (or default) of memory=0 is Ray's memory=0: no label until there is history.
             explicit = {**explicit, "memory": 0}
         allocation = client.size(prediction, explicit, self.name, cluster)
         return AttemptSpec(
@@ -403,16 +404,17 @@ class AdaptiveFunction(_Adaptive):
                    client: ProfilerClient) -> "_Plan":
         """Prediction, allocation, Ray options and the encoded spec, for every call with these features."""
         spec = self._first_spec(client, options, features, bundle, cluster, queued=options.queued)
-        remote = self._remote_with(remote_options(spec), self._config(client))
+        remote = self._remote_with(remote_options(spec), self._config(client), client)
         return _Plan(bundle, cluster, client.config, remote, encode_template(spec), spec.allocation,
                      float(spec.prediction.wall.target), _known_wall(spec.prediction))
 
-    def _remote_with(self, options: dict[str, Any], config: Any) -> Any:
+    def _remote_with(self, options: dict[str, Any], config: Any, client: ProfilerClient) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""
         if self._remote is None or self._remote_config is not config:
             # The config travels once, inside the exported entry function.
             definition = definition_options(self._ray_options)  # max_calls: Ray takes it only here
-            self._remote = ray_remote(make_entry(self._fn, config, definition.get("max_calls")), definition)
+            self._remote = ray_remote(make_entry(self._fn, config, definition.get("max_calls"), client.config),
+                                      definition)
             self._remote_config, self._bound = config, {}
         key = option_key(options)
         if key is None:  # an option that cannot be told equal to another's: no cache for this call

@@ -49,6 +49,7 @@ def monitor_name(config: RayschedConfig) -> str:
 
 _lock = threading.Lock()
 _config: RayschedConfig | None = None
+_configured_here = False  # configure() was called in this process
 
 
 def get_config() -> RayschedConfig:
@@ -67,15 +68,30 @@ def _absolute(config: RayschedConfig) -> RayschedConfig:
 
 def configure(config: RayschedConfig | None = None, **changes: object) -> RayschedConfig:
     """Set the process's config: a whole RayschedConfig, or changes to the current one."""
-    global _config
+    global _config, _configured_here
     base = config or get_config()
     new = _absolute(base.replace(**changes) if changes else base)
     with _lock:
         _config = new
+        _configured_here = True
     from .client import reset_client  # the client caches bundles sized under the old config
 
     reset_client()
     return new
+
+
+def adopt_config(config: RayschedConfig) -> None:
+    """In a worker, take the config of the driver whose task runs here (it travels with the
+    task): calls this task submits are then sized as the driver configured them, not from
+    the environment's defaults. A process that called ``configure`` itself keeps its own."""
+    global _config
+    with _lock:
+        if _configured_here or _config == config:
+            return
+        _config = config
+    from .client import reset_client
+
+    reset_client()
 
 
 def session_token() -> str | None:

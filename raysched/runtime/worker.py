@@ -68,7 +68,7 @@ from ..policy.sizing import fit_bundle
 from ..policy.thinning import ShortCallThinning, thinning_from_config
 from ..types import Allocation, AttemptRecord, ClusterShape, Features, LabelTerm, Outcome, Prediction, Usage
 from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
-from .session import NAMESPACE, RECORD_GROUP, monitor_name, profiler_name
+from .session import NAMESPACE, RECORD_GROUP, adopt_config, get_config, monitor_name, profiler_name
 
 logger = logging.getLogger(__name__)
 
@@ -1184,15 +1184,21 @@ def decode_spec(data: bytes, config: RayschedConfig) -> AttemptSpec:
     return base.with_call_id(call_id)
 
 
-def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | None = None) -> Callable[..., Any]:
+def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | None = None,
+               base: RayschedConfig | None = None) -> Callable[..., Any]:
     """The function Ray runs: the user's function behind the measuring wrapper.
 
+    ``config`` is the function's (with its own ``max_attempts``...), ``base`` the submitting
+    process's config, which the worker adopts for the calls the task submits in turn.
     ``max_calls``: the one the remote function is made with (Ray ends the worker
     process after that many runs; its last run sends its rows first).
     """
     last_call = max_calls or float("inf")
 
     def entry(spec_bytes: bytes, *args: Any, **kwargs: Any) -> Any:
+        if base is not None and not adopted:
+            adopt_config(base)
+            adopted.append(True)
         spec = decode_spec(spec_bytes, config)
         if spec.queued:
             args = args[1:]  # the admission's value: the queue let this call start
@@ -1216,6 +1222,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
                 # the buffered rows must reach the profiler first.
                 get_sink(config).flush(wait_s=_LAST_FLUSH_WAIT_S)
 
+    adopted: list[bool] = []  # the base config was adopted in this process
     calls = [0]  # runs of this function in this worker process, as Ray counts them for max_calls
     thinning: list[ShortCallThinning] = []  # which of its first attempts this process measures in full
     entry.__name__ = getattr(fn, "__name__", "task")
@@ -1414,7 +1421,8 @@ def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[At
         key = (id(fn), tuple(sorted(definition.items())))
         remote = _remote_cache.get(key)
         if remote is None:
-            remote = _remote_cache[key] = ray_remote(make_entry(fn, config, definition.get("max_calls")), definition)
+            remote = _remote_cache[key] = ray_remote(make_entry(fn, config, definition.get("max_calls"), get_config()),
+                                                     definition)
         options = remote_options(spec)
         if options.get("num_returns") == 0:
             options["num_returns"] = 1  # the task that hands over waits on this attempt: it needs a ref
