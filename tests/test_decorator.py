@@ -63,7 +63,8 @@ class _SizingClient:
         from raysched.config import RayschedConfig
         from raysched.policy.recipe import build_sizer
 
-        self.sizer = build_sizer(RayschedConfig())
+        self.config = RayschedConfig()
+        self.sizer = build_sizer(self.config)
 
     def predict(self, name, code_hash, features, fallback, bundle):
         from raysched.types import GiB, Estimate, Prediction

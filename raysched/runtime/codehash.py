@@ -1,12 +1,17 @@
 """A stable hash of a function's code: profile rows of different code never mix.
 
 The hash covers the bytecode, constants (nested code objects included), the
-names it uses, default arguments and closure values that are plain data.  It is
-the same in every process and every run for the same code (no ``id()``, no
+names it uses, default arguments and closure values that are plain data or
+functions (the function a decorator wraps, by its own code), and, for a function
+wrapped with ``functools.wraps``, the wrapper's code as well as the wrapped one's.
+It is the same in every process and every run for the same code (no ``id()``, no
 salted ``hash()``), and changes when the code, a constant or such a closure value
-changes.  Values that are not plain data (objects, modules, other functions) are
-represented by their type's qualified name only: their identity is not the
-function's code.
+changes.  Other values (objects, modules) are represented by their type's
+qualified name only: their identity is not the function's code.
+
+The name (``qualified_name``) is module.qualname; lambdas and functions defined
+inside functions share theirs with others (every lambda of a module, every closure
+a factory makes), so their names carry a short hash of their code.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ def _feed_value(h: "hashlib._Hash", value: Any, depth: int = 0) -> None:
         for item in items:
             _feed_value(h, item, depth + 1)
         h.update(b"]")
+    elif isinstance(value, types.FunctionType) and depth < _MAX_DEPTH:
+        h.update(b"fn(")  # a function a closure holds (what a decorator wraps): its code counts
+        _feed_function(h, value, depth + 1)
+        h.update(b")")
     elif isinstance(value, dict) and depth < _MAX_DEPTH:
         h.update(b"dict{")
         for key in sorted(value, key=repr):
@@ -61,23 +70,37 @@ def code_hash(fn: Callable[..., Any]) -> str:
                 h.update(name.encode())
                 h.update(code_hash(target).encode())
         return h.hexdigest()
-    target = inspect.unwrap(fn)
-    code = getattr(target, "__code__", None)
-    if code is None:  # a builtin or a callable object: its type and name are all we have
+    if getattr(inspect.unwrap(fn), "__code__", None) is None:
+        # a builtin or a callable object: its type and name are all we have
         h.update(f"{type(fn).__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
         return h.hexdigest()
-    _feed_code(h, code)
-    _feed_value(h, getattr(target, "__defaults__", None) or ())
-    _feed_value(h, dict(getattr(target, "__kwdefaults__", None) or {}))
-    for cell in getattr(target, "__closure__", None) or ():
+    layer, seen = fn, 0
+    while layer is not None and seen < _MAX_DEPTH * 4:  # functools.wraps layers: each one's code counts
+        _feed_function(h, layer, 0)
+        layer, seen = getattr(layer, "__wrapped__", None), seen + 1
+    return h.hexdigest()
+
+
+def _feed_function(h: "hashlib._Hash", fn: Any, depth: int) -> None:
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        h.update(f"<{type(fn).__module__}.{getattr(fn, '__qualname__', '?')}>;".encode())
+        return
+    _feed_code(h, code, depth)
+    _feed_value(h, getattr(fn, "__defaults__", None) or (), depth)
+    _feed_value(h, dict(getattr(fn, "__kwdefaults__", None) or {}), depth)
+    for cell in getattr(fn, "__closure__", None) or ():
         try:
-            _feed_value(h, cell.cell_contents)
+            _feed_value(h, cell.cell_contents, depth)
         except ValueError:  # an empty cell
             h.update(b"<empty>")
-    return h.hexdigest()
 
 
 def qualified_name(fn: Callable[..., Any]) -> str:
     module = getattr(fn, "__module__", None) or "?"
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__qualname__
+    if "<lambda>" in name or "<locals>" in name:
+        # Shared by every lambda of the module, every closure a factory makes: one name
+        # would pool their histories and models, so the code tells them apart.
+        return f"{module}.{name}#{code_hash(fn)[:8]}"
     return f"{module}.{name}"

@@ -277,6 +277,7 @@ class _Adaptive:
 def _refuse_unsupported_kind(fn: Callable[..., Any]) -> None:
     """Refuse, where it is decorated, a function whose calls raysched would get wrong.
 
+    Not a function (a ``functools.partial``, a callable object): Ray refuses those.
     An ``async def`` function: Ray refuses it as a task too. A generator: raysched's
     measuring wrapper returns the user's value, so Ray would see a plain function
     returning one generator object, and the items after the first would be lost
@@ -284,6 +285,14 @@ def _refuse_unsupported_kind(fn: Callable[..., Any]) -> None:
     value, not as a stream.
     """
     name = getattr(fn, "__qualname__", repr(fn))
+    if not inspect.isroutine(fn):
+        # Ray refuses these too. Their profile key would be their type's: every partial, and
+        # every instance of a class, would share one history whatever they compute.
+        raise InvalidInput(
+            f"adaptive_remote takes a function or a class, as ray.remote does; got a "
+            f"{type(fn).__module__}.{type(fn).__qualname__} (a functools.partial or a callable object): "
+            "call it from a def and decorate that"
+        )
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise InvalidInput(
             f"{name} is an 'async def' function: Ray does not run those as tasks, and neither does "

@@ -1,0 +1,124 @@
+"""The profile key of a function: its name and a hash of its code.
+
+Stable across processes and runs for the same code, different when the code (or a constant,
+or a plain-data or function value its closure holds) differs; functions that share a name
+(lambdas, closures of one factory) are told apart by their code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysched import InvalidInput, adaptive_remote
+from raysched.runtime.codehash import code_hash, qualified_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def double(x):
+    return 2 * x
+
+
+def double_again(x):
+    return 2 * x
+
+
+def triple(x):
+    return 3 * x
+
+
+def make(k):
+    def step():
+        return k
+
+    return step
+
+
+def logged(fn):  # a decorator without functools.wraps
+    def wrapper(*a, **kw):
+        return fn(*a, **kw)
+
+    return wrapper
+
+
+def wrapped_lightly(fn):
+    @functools.wraps(fn)
+    def wrapper(*a):
+        return fn(*a)
+
+    return wrapper
+
+
+def wrapped_heavily(fn):
+    @functools.wraps(fn)
+    def wrapper(*a):
+        ballast = bytearray(10**8)  # noqa: F841 - what the wrapper costs is part of the task
+        return fn(*a)
+
+    return wrapper
+
+
+def test_same_code_same_hash_other_code_other_hash():
+    assert code_hash(double) == code_hash(double)
+    assert code_hash(double) == code_hash(double_again)  # same code under another name: the name tells
+    assert code_hash(double) != code_hash(triple)  # a constant differs
+    assert len(code_hash(double)) == 16 and qualified_name(double) == f"{__name__}.double"
+
+
+def test_the_hash_is_the_same_in_another_process():
+    code = "from tests.test_codehash import double, make; from raysched.runtime.codehash import code_hash; " \
+           "print(code_hash(double), code_hash(make(3)))"
+    here = [code_hash(double), code_hash(make(3))]
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split()
+        assert out == here
+
+
+def test_closures_of_one_factory_are_told_apart_by_what_they_hold():
+    assert code_hash(make(1)) == code_hash(make(1)) and qualified_name(make(1)) == qualified_name(make(1))
+    assert code_hash(make(1)) != code_hash(make(2))
+    # one name would pool their histories and models
+    assert qualified_name(make(1)) != qualified_name(make(2))
+    assert qualified_name(make(1)).startswith(f"{__name__}.make.<locals>.step#")
+    heavy, light = (lambda n: [0] * n), (lambda x: x + 1)
+    assert qualified_name(heavy) != qualified_name(light) and "<lambda>#" in qualified_name(heavy)
+
+
+def test_a_wrapper_counts_the_function_it_wraps_and_its_own_code():
+    # Without functools.wraps: every decorated function was logged.<locals>.wrapper with one hash.
+    assert code_hash(logged(double)) != code_hash(logged(triple))
+    assert qualified_name(logged(double)) != qualified_name(logged(triple))
+    # With functools.wraps: the name is the wrapped function's, and the wrapper's code counts too.
+    assert qualified_name(wrapped_lightly(double)) == qualified_name(double)
+    assert code_hash(wrapped_lightly(double)) != code_hash(wrapped_heavily(double))
+    assert code_hash(wrapped_lightly(double)) == code_hash(wrapped_lightly(double))
+
+    def outer():  # a function whose closure holds itself (recursion through a closure): the hash ends
+        def f(n):
+            return f(n - 1) if n else 0
+
+        return f
+
+    assert code_hash(outer()) == code_hash(outer())
+
+
+class Scaler:
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, x):
+        return self.k * x
+
+
+@pytest.mark.parametrize("target", [functools.partial(double, 2), Scaler(2)], ids=["partial", "callable object"])
+def test_partials_and_callable_objects_are_refused_as_ray_refuses_them(target):
+    """Their key was their type's: every partial, every Scaler, one history."""
+    with pytest.raises(InvalidInput, match="takes a function or a class, as ray.remote does"):
+        adaptive_remote(target)
