@@ -60,11 +60,13 @@ def job_cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
     from ray.job_submission import JobSubmissionClient
 
-    port = free_port()
+    port, client_port = free_port(), free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        "ray_client_server_port": client_port})
     job_dir = tmp_path_factory.mktemp("job")
     (job_dir / "job.py").write_text(JOB)
+    (job_dir / "client_port").write_text(str(client_port))
     try:
         client = JobSubmissionClient(f"http://127.0.0.1:{port}")
         yield client, job_dir
@@ -122,3 +124,33 @@ def test_jobs_sharing_a_home_share_what_was_learnt_and_another_home_stays_apart(
     assert allocated[0] < allocated[-1], allocated
     used = (rows_a["peak_rss_bytes"] - rows_a["start_rss_bytes"]).astype(float)
     assert used[rows_a["input_size"] == 80 * MiB].iloc[0] > 70 * MiB
+
+
+def test_a_driver_over_ray_client_gets_a_clear_error(job_cluster, tmp_path):
+    """Over ``ray://`` the first call failed deep inside raysched with an AttributeError."""
+    import subprocess
+    from pathlib import Path
+
+    _, job_dir = job_cluster
+    port = (job_dir / "client_port").read_text()
+    script = textwrap.dedent(f"""
+        import ray, raysched
+        ray.init("ray://127.0.0.1:{port}")
+        @ray.remote
+        def plain(x):
+            return x + 1
+        assert ray.get(plain.remote(1)) == 2  # Ray Client itself works
+        @raysched.adaptive_remote
+        def f(x):
+            return x + 1
+        try:
+            f.remote(1)
+        except raysched.RayschedError as exc:
+            print("REFUSED", exc)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "RAYSCHED_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert "REFUSED raysched does not run over Ray Client" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "ray job submit" in out.stdout

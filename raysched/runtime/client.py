@@ -22,8 +22,10 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
 import ray
+from ray.util.client import ray as _CLIENT_MODE  # Ray Client's connection state
 
 from ..config import RayschedConfig
+from ..errors import RayschedError
 from ..policy.estimators import Fallback
 from ..policy.recipe import build_predictor, build_sizer, compose
 from ..types import Allocation, ClusterShape, Features, Prediction
@@ -291,6 +293,8 @@ def get_client() -> ProfilerClient:
     """The driver's client, renewed when Ray was restarted (a new session, a new actor)."""
     global _client, _client_session
     ensure_ray()
+    if _CLIENT_MODE.is_connected():  # 0.3 us
+        _refuse_ray_client()
     token = session_token()
     with _client_lock:
         if _client is None or token != _client_session:
@@ -300,6 +304,17 @@ def get_client() -> ProfilerClient:
             _client, _client_session = ProfilerClient(get_config()), token
             _flush_at_shutdown()
         return _client
+
+
+def _refuse_ray_client() -> None:
+    """Ray Client (``ray.init("ray://...")``) runs the driver's Ray API through a proxy that
+    has none of the worker internals raysched's submission path reads (the core worker,
+    placement-group capture, object locations, the internal KV): refuse it clearly."""
+    raise RayschedError(
+        "raysched does not run over Ray Client (ray.init('ray://...')): submit the driver to the "
+        "cluster with `ray job submit` (see the README's 'On a cluster, and with Ray Jobs'), or run it "
+        "on a node of the cluster with ray.init(address='auto')"
+    )
 
 
 def reset_client() -> None:
