@@ -127,3 +127,49 @@ def test_an_attempt_run_in_place_that_dies_is_recorded_and_climbed_from(tight_no
         assert rows.groupby("call_id")["attempt"].max().max() <= 4
     finally:
         ray.kill(blocker)
+
+
+@adaptive_remote(memory=64 * MiB, num_cpus=0.25)
+def grows_then_waits(mib: int, deaf: bool) -> int:
+    import numpy as np
+
+    held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # a soft cancel lands between the short sleeps...
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            if not deaf:
+                raise
+            # ...unless the task does not take it (as C code that never returns to Python)
+    return len(held)
+
+
+@pytest.mark.parametrize("deaf", [False, True], ids=["takes the interrupt", "ignores it"])
+def test_a_soft_cancel_of_a_call_on_its_second_attempt_records_that_attempt_as_cancelled(tight_node, deaf):
+    """The waiting first task, interrupted, force-killed the running second attempt at once,
+    which then recorded nothing. It now cancels it softly, so that it records itself; one
+    that does not stop within 5 s is killed and recorded by the waiting task."""
+    earlier = set(raysched.profiles(grows_then_waits, settle=False)["call_id"])
+    ref = grows_then_waits.remote(250, deaf)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = raysched.profiles(grows_then_waits, settle=False)
+        rows = rows[~rows["call_id"].isin(earlier)]
+        if len(rows) and (rows["attempt"] == 1).any():
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # the second attempt runs, in a task of its own
+    ray.cancel(ref)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+        ray.get(ref, timeout=60)
+    call = rows["call_id"].iloc[-1]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = raysched.profiles(grows_then_waits, settle=False)
+        rows = rows[rows["call_id"] == call]
+        if (rows["attempt"] == 2).any():
+            break
+        time.sleep(0.5)
+    by_attempt = rows.set_index("attempt")["outcome"].to_dict()
+    assert by_attempt == {1: "oom_killed", 2: "cancelled"}, rows[["attempt", "outcome", "error"]]

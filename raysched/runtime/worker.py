@@ -883,10 +883,42 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
     except ray.exceptions.RayTaskError as exc:
         raise _unwrap(exc) from None
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
-        ray.cancel(ref, force=True)
+        # The call was cancelled while this task waited: cancel the attempt softly first, so
+        # that it records itself as cancelled (a forced cancel kills its worker, row and all).
+        ray.cancel(ref)
+        if not _ended_within(next_spec, _CANCEL_GRACE_S):
+            # It did not take the interrupt (stuck in C code, or it caught it): killed with its
+            # worker, it records nothing, so this task records it, with its last live use.
+            ray.cancel(ref, force=True)
+            usage = _last_live_usage(next_spec)
+            now = time.time()
+            get_sink(spec.config).add(attempt_row(
+                next_spec, Outcome.CANCELLED, usage, now - (usage.wall_seconds if usage else 0.0), now,
+                f"cancelled; it did not stop within {_CANCEL_GRACE_S:g} s of a soft cancel and was killed"))
+            _forget_live(next_spec, force=True)
         raise
     finally:
         _drop_handover(spec)
+
+
+#: How long a cancelled call's waiting task lets the running attempt take a soft cancel.
+_CANCEL_GRACE_S = 5.0
+
+
+def _ended_within(spec: AttemptSpec, timeout_s: float) -> bool:
+    """Whether the running attempt ``spec`` ends within ``timeout_s``: its live sample is gone
+    from Ray's KV (its worker deletes it once its row is written). Not by its ObjectRef: Ray
+    fills that with the cancellation at once, while the task may still run."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if _kv()._internal_kv_get(spec.live_key, namespace=LIVE_KV_NAMESPACE) is None:
+                return True
+        except Exception:  # noqa: BLE001 - no KV: judge by the clock
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _run_in_place(spec: AttemptSpec, in_place: AttemptSpec, run_here: Callable[[AttemptSpec], Any]) -> Any:
