@@ -260,6 +260,20 @@ def test_a_default_memory_of_zero_leaves_cold_calls_unlabelled(ray_session):
     assert len(rows) == 4 and (rows["allocated_memory_bytes"] == 0).all() and (rows["outcome"] == "ok").all()
 
 
+@pytest.mark.filterwarnings("ignore:DAGNode.execute:DeprecationWarning")  # Ray 2.60 deprecates it; it works
+def test_bind_builds_a_ray_dag_whose_calls_raysched_sizes_and_measures(ray_session):
+    from ray.dag import InputNode
+
+    before = len(raysched.profiles(add_one))
+    with InputNode() as start:
+        dag = plain_double.bind(add_one.options(input_size=8).bind(add_one.bind(start)))
+    assert ray.get(dag.execute(3), timeout=60) == 10  # (3 + 1 + 1) x 2
+    assert ray.get(add_one.bind(41).execute(), timeout=60) == 42
+    rows = raysched.profiles(add_one)
+    assert len(rows) == before + 3 and (rows["outcome"].iloc[before:] == "ok").all()
+    assert 8 in set(rows["input_size"].iloc[before:])  # the options bound with it count
+
+
 def test_an_exception_whose_message_raises_is_recorded_as_an_error(ray_session):
     """Its f-string raised before the outcome was set, and the attempt was recorded as ok."""
     with pytest.raises(ray.exceptions.RayTaskError):  # what plain Ray raises for it too (a RuntimeError)

@@ -440,7 +440,12 @@ class AdaptiveFunction(_Adaptive):
         return self._submit(self._default_options, args, kwargs)
 
     def options(self, **options: Any) -> "BoundCall":
-        return BoundCall(self, self._call_options(options))
+        return BoundCall(self, self._call_options(options), options)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        """A node of a Ray DAG (``ray.dag``), as ``ray.remote`` functions have: run by
+        ``.execute()``, each call sized and measured as ``.remote()`` would."""
+        return _adaptive_node(self, args, kwargs, {})
 
     def predict(self, *args: Any, **kwargs: Any) -> Prediction:
         return self._predict(self._call_options({}), args, kwargs)
@@ -460,15 +465,42 @@ class AdaptiveFunction(_Adaptive):
 class BoundCall:
     """``f.options(...)``: the same function with per-call metadata and Ray options."""
 
-    def __init__(self, fn: AdaptiveFunction, options: _CallOptions):
+    def __init__(self, fn: AdaptiveFunction, options: _CallOptions, raw: Mapping[str, Any] | None = None):
         self._fn = fn
         self._options = options
+        self._raw = dict(raw or {})
 
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         return self._fn._submit(self._options, args, kwargs)
 
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        return _adaptive_node(self._fn, args, kwargs, self._raw)
+
     def predict(self, *args: Any, **kwargs: Any) -> Prediction:
         return self._fn._predict(self._options, args, kwargs)
+
+
+def _adaptive_node(fn: AdaptiveFunction, args: Any, kwargs: Mapping[str, Any], options: Mapping[str, Any],
+                   other_args_to_resolve: Mapping[str, Any] | None = None) -> Any:
+    """Ray's ``FunctionNode`` for a raysched function (Ray's own would run the body with a
+    plain ``ray.remote``, bypassing raysched). The class is made at the first ``bind``:
+    ``ray.dag`` costs 10 ms to import, which a program without DAGs should not pay."""
+    if not _NODE_CLASS:
+        from ray.dag.function_node import FunctionNode
+
+        class AdaptiveFunctionNode(FunctionNode):
+            def _copy_impl(self, new_args, new_kwargs, new_options, new_other_args_to_resolve):
+                return _adaptive_node(self._body, new_args, new_kwargs, new_options, new_other_args_to_resolve)
+
+            def _execute_impl(self, *_args, **_kwargs):
+                return self._body.options(**self._bound_options).remote(*self._bound_args, **self._bound_kwargs)
+
+        _NODE_CLASS.append(AdaptiveFunctionNode)
+    return _NODE_CLASS[0](fn, list(args), dict(kwargs), dict(options),
+                          other_args_to_resolve=dict(other_args_to_resolve) if other_args_to_resolve else None)
+
+
+_NODE_CLASS: list[type] = []
 
 
 def _wrap(target: Any, settings: Mapping[str, Any]) -> Any:
