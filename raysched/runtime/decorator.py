@@ -351,6 +351,22 @@ class AdaptiveFunction(_Adaptive):
         self._default_options = self._call_options({})  # checks the decorator's own options now
         functools.update_wrapper(self, fn)
 
+    #: What this process learnt and built for its own submissions (plans holding bundles and
+    #: models, Ray remote functions): not sent when the function travels to a task that calls
+    #: it (a warm one pickled to about a megabyte); the receiving process builds its own.
+    _LOCAL_CACHES = ("_remote", "_bound", "_remote_config", "_config_for", "_plans", "_scalar_features")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in self._LOCAL_CACHES:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._remote = self._remote_config = self._config_for = None
+        self._bound, self._plans, self._scalar_features = {}, {}, {}
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
             f"Remote functions cannot be called directly. Instead of running '{self.name}()', "
