@@ -155,7 +155,10 @@ def test_learns_from_history_then_from_the_model(ray_session):
     small = grows.options(input_size=8 * MiB).predict(8 * MiB)
     big = grows.options(input_size=160 * MiB).predict(160 * MiB)
     assert len(raysched.profiles(grows)) == 6, raysched.profiles(grows)[["outcome", "input_size", "peak_rss_bytes", "memory_sample_bytes"]]
-    assert small.source == "history" and small.memory.n_history == 6
+    # Memory from the 6 runs. (Not the prediction's overall source: that is the least informed
+    # resource's, and CPU cores are recorded only for runs of 50 ms or more, which these
+    # calls are not on a fast machine: then CPU, and the overall source, are the fallback.)
+    assert small.memory.source == "history" and small.memory.n_history == 6
     assert big.memory.target > small.memory.target + 80 * MiB  # scales with input size
     ray.get([grows.options(input_size=s).remote(s) for s in rest])
     grows.refresh(train=True)
@@ -169,7 +172,7 @@ def test_learns_from_history_then_from_the_model(ray_session):
     # A warm submission is sized from what was learnt, not from the 1 GiB cold default.
     ray.get(grows.options(input_size=64 * MiB).remote(64 * MiB))
     warm = raysched.profiles(grows).iloc[-1]
-    assert warm["prediction_source"] == "history"
+    assert warm["predicted_memory_bytes"] < 512 * MiB  # (its overall source may be CPU's fallback, see above)
     assert warm["allocated_memory_bytes"] < 512 * MiB
     assert warm["peak_rss_bytes"] <= warm["allocated_memory_bytes"] * 1.1
     # The training is in MLflow's registry, in XGBoost's own format.
