@@ -429,8 +429,14 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             if self._stopped is not None:
                 return None
             self._stopped = InvalidInput(f"actor {self._class.name} ({self._spec.call_id}) was terminated")
-            ref = self._actor._raysched_finish.remote(Outcome.OK.value, "terminated by its handle")
-            self._actor.__ray_terminate__.remote()
+            actor = self._actor
+            ref = actor._raysched_finish.remote(Outcome.OK.value, "terminated by its handle")
+            if _concurrency(self._class, self._spec.ray_options):
+                # Its calls run at once: sent now, the end could overtake the row's recording
+                # (whose ref then failed with ActorDiedError). End it once the row is in.
+                threading.Thread(target=_end_after, args=(actor, ref), name="raysched-actor-end", daemon=True).start()
+            else:
+                actor.__ray_terminate__.remote()  # runs after the recording: calls run in order
             return ref
 
     # --- what the watcher does ------------------------------------------------------------------------------
@@ -559,6 +565,15 @@ def _concurrency(actor_class: AdaptiveActorClass, ray_options: Any) -> str:
     if options.get("concurrency_groups"):
         return "an actor with concurrency groups runs calls at once"
     return ""
+
+
+def _end_after(actor: Any, ref: Any, timeout_s: float = 60.0) -> None:
+    """End ``actor`` once ``ref`` (its row's recording) has resolved, or after ``timeout_s``."""
+    try:
+        ray.wait([ref], timeout=timeout_s)
+        actor.__ray_terminate__.remote()
+    except Exception as exc:  # noqa: BLE001 - a thread: say it, never raise
+        logger.warning("raysched: could not end actor %s: %s", actor, exc)
 
 
 def _current_actor(actor: Any) -> Any:
