@@ -555,3 +555,30 @@ def test_bad_declarations_get_clear_errors(ray_session):
 
     with pytest.raises(InvalidInput, match="raysched.*rename"):
         adaptive_remote(OwnRaysched)
+
+
+@adaptive_remote
+def submitted_by_an_actor(x):
+    return x + 1
+
+
+@adaptive_remote
+class Submitter:
+    def run(self, x):
+        return ray.get(submitted_by_an_actor.remote(x))
+
+
+def test_calls_an_actor_submits_are_sized_as_its_driver_configured(ray_session):
+    """The actor's process read its config from the environment, not from its driver."""
+    base = raysched.get_config()
+    raysched.configure(default_memory_bytes=0)  # cold calls: no memory label
+    try:
+        handle = Submitter.remote()
+        assert ray.get(handle.run.remote(1), timeout=60) == 2
+        ray.get(handle.raysched.terminate(), timeout=60)
+    finally:
+        raysched.configure(base)
+    # submitted by the actor, not by this driver: profiles() does not wait for its row
+    assert wait_for(lambda: len(raysched.profiles(submitted_by_an_actor)) == 1, timeout=30)
+    row = raysched.profiles(submitted_by_an_actor).iloc[-1]
+    assert row["outcome"] == "ok" and row["allocated_memory_bytes"] == 0

@@ -17,6 +17,7 @@ from ..config import RayschedConfig
 from ..policy.rules import ACTOR, STOP_LIMIT
 from ..types import Outcome, Usage
 from .measure import AttemptMeter, get_live_sampler
+from .session import adopt_config
 from .worker import (ACTOR_DEFINITION_OPTIONS, AttemptSpec, _node_id, attempt_row, decode_spec, fit_placement_group,
                      get_reporter, get_sink)
 
@@ -81,6 +82,7 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
 
     class AdaptiveActor(cls):  # type: ignore[misc, valid-type]
         def __init__(self, _raysched_spec: bytes, *args: Any, **kwargs: Any):
+            adopt_config(config)  # the calls the actor submits are sized as its driver configured them
             self._raysched_incarnation = _Incarnation(decode_spec(_raysched_spec, config))
             try:
                 super().__init__(*args, **kwargs)
