@@ -838,9 +838,7 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
         # fit beside it: cap the ladder at the largest node less that label.
         room = None
         if spec.largest_node_bytes:
-            # The label this Ray task holds: an attempt run in place holds its waiting task's.
-            task = _TASK_SPEC.get()
-            held = (task or spec).allocation.memory_bytes
+            held = _held_label(spec)
             room = max(spec.largest_node_bytes - held, held)
         allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room))
         if allocation is None:
@@ -944,10 +942,16 @@ def _run_in_place(spec: AttemptSpec, in_place: AttemptSpec, run_here: Callable[[
 _HANDOVER_PREFIX = "handover:"
 
 
+def _held_label(spec: AttemptSpec) -> float:
+    """The `memory` label the Ray task running ``spec`` holds: its own, or, for an attempt
+    run in place of a waiting one, the waiting task's (what Ray counts)."""
+    return (_TASK_SPEC.get() or spec).allocation.memory_bytes
+
+
 def _handover_key(spec: AttemptSpec) -> str:
     # The waiting task's own label ends the key, so that one listing of the markers
     # says how much `memory` raysched's waiting calls hold (``_room_held_by_waiting``).
-    return f"{_HANDOVER_PREFIX}{spec.live_key}:{int(spec.allocation.memory_bytes)}"
+    return f"{_HANDOVER_PREFIX}{spec.live_key}:{int(_held_label(spec))}"
 
 
 def _room_held_by_waiting(need: float, own_key: str) -> bool:

@@ -620,6 +620,11 @@ class ParquetTable:
             messages: list[str] = []
             table = None
             have = 0
+
+            def gathered() -> pa.Table:  # the parts read so far, oldest first, de-duplicated
+                t = self._concat(newest_first[::-1], columns)
+                return _dedupe(t) if self._has_row_id and t.num_rows else t
+
             for name in reversed(names):
                 if have >= n:
                     break
@@ -634,12 +639,10 @@ class ParquetTable:
                 newest_first.append(part)
                 have += part.num_rows
                 if have >= n:  # enough, unless duplicates of a retried batch were among them
-                    table = self._concat(newest_first[::-1], columns)
-                    table = _dedupe(table) if self._has_row_id and table.num_rows else table
+                    table = gathered()
                     have = table.num_rows
-            if table is None or have < n:  # every part read: de-duplicate what was gathered
-                table = self._concat(newest_first[::-1], columns)
-                table = _dedupe(table) if self._has_row_id and table.num_rows else table
+            if table is None or have < n:  # every part read
+                table = gathered()
             return table, messages
 
         table, messages = self._relisting(read)
