@@ -170,11 +170,12 @@ class Allocation:
 class Usage:
     """What one attempt used, measured inside its worker.
 
-    - ``peak_rss_bytes``: the highest resident set size of the worker process
-      during this attempt (its kernel high-water mark, reset when the attempt
-      starts) plus the peak of the child processes it started;
-    - ``start_rss_bytes``: the worker's resident size when the attempt began
-      (the interpreter, Ray and whatever earlier tasks left behind);
+    - ``peak_rss_bytes``: the highest private resident size (RSS minus shared
+      pages: Ray's object store read zero-copy, mapped files) of the worker
+      process during this attempt (from its kernel high-water mark, reset when
+      the attempt starts) plus the peak of the child processes it started;
+    - ``start_rss_bytes``: the worker's private resident size when the attempt
+      began (the interpreter, Ray and whatever earlier tasks left behind);
     - ``cpu_seconds``: user + system CPU time of the process and its children;
     - ``wall_seconds``: elapsed time of the user's function;
     - ``read_bytes`` / ``write_bytes``: bytes that reached the block layer

@@ -137,6 +137,27 @@ def test_input_size_of_an_object_ref_argument_is_known(ray_session):
     assert all(type(k) is bytes for k in decorator._REF_SIZES)
 
 
+@adaptive_remote(memory=64 * MiB, max_attempts=2)
+def reads_zero_copy(a, seconds):
+    total = float(a.sum())  # touches every page of the argument, where the object store holds it
+    time.sleep(seconds)  # long enough for the monitor's samples in a row
+    return total
+
+
+def test_an_argument_read_zero_copy_is_not_the_tasks_memory(ray_session):
+    # Ray maps a numpy argument out of the object store: its pages are shared memory,
+    # which the node holds once whichever task reads it, and which Ray's memory monitor
+    # does not count against the task.  Counted as the task's own, they made the monitor
+    # stop this call as "growing past its allocation" and resubmit it with ~5x the label.
+    arr = np.ones(300 * MiB // 8)
+    ref = ray.put(arr)
+    assert ray.get(reads_zero_copy.remote(ref, 2.5), timeout=120) == float(arr.size)
+    rows = raysched.profiles(reads_zero_copy)
+    assert rows.attempt.tolist() == [1] and rows.outcome.tolist() == ["ok"], rows
+    assert rows.peak_rss_bytes.iloc[0] - rows.start_rss_bytes.iloc[0] < 40 * MiB, rows.iloc[0]
+    assert raysched.events(reads_zero_copy).empty
+
+
 def test_predict_uses_per_call_input_size(ray_session):
     prediction = grows.options(input_size=10**6).predict(10**6)
     for resource in ("memory", "cpu", "wall"):

@@ -36,7 +36,7 @@ def allocate_and_measure(n_mib: int):
 
     from raysched.runtime.measure import AttemptMeter, _read_status
 
-    _, lifetime_hwm = _read_status(os.getpid())  # what a naive per-process peak would report
+    _, lifetime_hwm, _ = _read_status(os.getpid())  # what a naive per-process peak would report
     meter = AttemptMeter()
     meter.start()
     block = np.ones(n_mib * 1024 * 1024 // 8)  # writes, so touches, every page

@@ -10,10 +10,21 @@ between :meth:`AttemptMeter.start` and :meth:`AttemptMeter.stop` as a
 What each figure of the ``Usage`` means
 ---------------------------------------
 
+Memory is **private resident memory**: the resident set (RSS) minus its shared
+part (``RssFile + RssShmem``; ``statm``'s *shared*, top's SHR), which Ray's docs
+name the measure of a worker's heap.  The shared part is pages of Ray's object
+store the process mapped (a numpy argument read zero-copy, an object it put) and
+of files (the interpreter's libraries, memory-mapped data): the node holds them
+once whichever process maps them, the object store has a capacity of its own, and
+Ray's memory monitor does not count them against a worker (it kills by private
+pages, ``Private_Clean + Private_Dirty`` of ``smaps_rollup``).  Counted as the
+task's own, a 1 GiB argument read in place would size every later call 1 GiB too
+large, and raysched's monitor would take it for growth past the allocation.
+
 ``start_rss_bytes``
-    Resident set size (``VmRSS``) of the worker process when the attempt began:
+    Private resident size of the worker process when the attempt began:
     the interpreter, Ray, imported modules and whatever earlier tasks left
-    behind -- plus the RSS of descendants already alive at that moment (none,
+    behind -- plus that of descendants already alive at that moment (none,
     in a plain Ray worker).  ``Usage.task_rss_bytes`` (peak minus start) is
     what the attempt added.
 
@@ -21,21 +32,31 @@ What each figure of the ``Usage`` means
     The largest of
 
     1. the worker process's kernel high-water mark ``VmHWM`` since the start of
-       the attempt.  ``start()`` writes ``5`` to ``/proc/self/clear_refs``
-       (Linux >= 4.0), which restarts ``VmHWM`` from the current RSS, so a much
-       bigger earlier task in the same worker does not leak into this figure.
-       This is exact for the process itself: the kernel updates it on every
-       page fault, whatever the sampling rate (``peak_method == "hwm"``).  At
-       ``stop()`` it is read from ``getrusage``'s ``ru_maxrss`` where that
-       provably equals it (see ``AttemptMeter._hwm_from_rusage``), which spares
-       a read of ``/proc/self/status`` on every task;
-    2. the largest *sampled* resident size of the process tree: the process's
-       RSS plus the RSS of all its live descendants, summed at one sample.
+       the attempt, minus the shared pages resident when it is read.  ``start()``
+       writes ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0), which restarts
+       ``VmHWM`` from the current RSS, so a much bigger earlier task in the same
+       worker does not leak into this figure.  The kernel updates the mark on
+       every page fault, whatever the sampling rate (``peak_method == "hwm"``),
+       but for the whole RSS: no private-only mark exists.  Shared pages only
+       accumulate in a worker (it keeps the object store mapped), so the mark
+       minus the shared pages of the reading is exact when none arrived after
+       the peak, and the largest such figure over all readings (start, every
+       live sample, stop) is kept.  A private peak that was freed before shared
+       pages arrived *within one live interval* is under-counted by them (a task
+       that allocates, frees, then reads a large argument, all within 0.5 s).
+       At ``stop()`` the mark is read from ``getrusage``'s ``ru_maxrss`` where
+       that provably equals it (see ``AttemptMeter._hwm_from_rusage``), which
+       spares a read of ``/proc/self/status`` on every task (``statm``, a fifth
+       of its cost, gives the shared part);
+    2. the largest *sampled* private resident size of the process tree: the
+       process's plus that of all its live descendants (their ``statm``),
+       summed at one sample.
        Samples are taken at ``start()``, at ``stop()`` and by the
        :class:`LiveSampler` thread every ``interval_s`` (0.5 s by default)
        while the attempt is registered with it.  A child whose peak falls
        between two samples is under-counted; the sum counts pages shared by
-       a parent and its forked children once per process (RSS, not PSS);
+       a parent and its forked children after a write once per process
+       (copy-on-write pages become private; private RSS, not PSS);
     3. for children that exited (and were reaped) during the attempt: the
        process's own peak (1, or its sampled peak) **plus** the largest
        ``ru_maxrss`` of a reaped child (``getrusage(RUSAGE_CHILDREN)``), but
@@ -43,11 +64,10 @@ What each figure of the ``Usage`` means
        ``ru_maxrss`` is a lifetime maximum over every child the worker ever
        reaped and cannot be reset: a short-lived child smaller than one an
        earlier task already ran is only seen through sampling (2).  Adding the
-       two peaks is an upper bound, since they need not have coincided.
+       two peaks is an upper bound, since they need not have coincided, and
+       the child's figure is its whole RSS (the kernel keeps no private one).
 
-    RSS includes shared pages the process touched, e.g. Ray object-store
-    buffers read zero-copy (numpy arguments) and memory of Ray's own threads
-    in the worker.  Where ``/proc/self/clear_refs`` is not writable or
+    Private RSS includes the memory of Ray's own threads in the worker.  Where ``/proc/self/clear_refs`` is not writable or
     ``VmHWM`` is missing (non-Linux, gVisor or locked-down containers), (1)
     is replaced by the sampled RSS of the process itself
     (``peak_method == "sampled"``), which misses peaks shorter than the
@@ -225,14 +245,18 @@ def _read_proc(pid: int, name: str) -> bytes:
         return f.read()
 
 
-def _read_status(pid: int) -> tuple[int | None, int | None]:
-    """(VmRSS, VmHWM) in bytes from /proc/<pid>/status; None where missing.
+def _read_status(pid: int) -> tuple[int | None, int | None, int]:
+    """(private RSS, VmHWM, shared RSS) in bytes from /proc/<pid>/status; None where missing.
 
-    One read and two finds: this runs several times per task, and parsing the
-    file line by line cost more than everything else the wrapper does.
+    Private is ``VmRSS`` minus the shared part, ``RssFile + RssShmem`` (kernels
+    before 4.5 lack those two fields: shared is then 0).  One read and a few
+    finds: this runs several times per task, and parsing the file line by line
+    cost more than everything else the wrapper does.
     """
     data = _read_proc(pid, "status")
-    return _status_field(data, b"\nVmRSS:"), _status_field(data, b"\nVmHWM:")
+    rss = _status_field(data, b"\nVmRSS:")
+    shared = (_status_field(data, b"\nRssFile:") or 0) + (_status_field(data, b"\nRssShmem:") or 0)
+    return (rss - shared if rss is not None else None), _status_field(data, b"\nVmHWM:"), shared
 
 
 #: The layout of /proc/<pid>/io since Linux 2.6.20: "rchar: N\nwchar: N\nsyscr: N\nsyscw: N\n
@@ -240,9 +264,13 @@ def _read_status(pid: int) -> tuple[int | None, int | None]:
 _IO_LAYOUT = (b"rchar:", b"wchar:", b"syscr:", b"syscw:", b"read_bytes:", b"write_bytes:")
 
 
-def _read_statm_rss(pid: int) -> int:
-    """Resident set size in bytes from /proc/<pid>/statm (the same figure as VmRSS)."""
-    return int(_read_proc(pid, "statm").split()[1]) * _PAGE_SIZE
+def _read_statm(pid: int) -> tuple[int, int]:
+    """(private RSS, shared RSS) in bytes from /proc/<pid>/statm: ``resident - shared``
+    and ``shared`` (the same figures as status's VmRSS - RssFile - RssShmem, at a fifth
+    of its cost)."""
+    words = _read_proc(pid, "statm").split()
+    resident, shared = int(words[1]) * _PAGE_SIZE, int(words[2]) * _PAGE_SIZE
+    return resident - shared, shared
 
 
 def _read_io(pid: int) -> tuple[int, int, int, int]:
@@ -276,7 +304,7 @@ class _Child:
     ppid: int
     starttime: int  # clock ticks since boot: with pid, identifies the process
     cpu: float  # utime + stime + cutime + cstime, seconds
-    rss: int  # bytes
+    rss: int  # private resident bytes (resident minus shared)
     io: tuple[int, int, int, int]
 
     @property
@@ -317,6 +345,10 @@ def _descendants_linux(root: int) -> list[_Child]:
         pid = todo.pop()
         ppid, cpu, starttime, rss = stats[pid]
         try:
+            rss = _read_statm(pid)[0]  # private, as for the process itself (stat has the whole RSS)
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
             io = _read_io(pid)
         except (OSError, ValueError):
             io = _ZERO_IO
@@ -334,7 +366,8 @@ def _descendants_psutil(root: int) -> list[_Child]:
             with proc.oneshot():
                 t = proc.cpu_times()
                 cpu = t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
-                rss = proc.memory_info().rss
+                mem = proc.memory_info()
+                rss = mem.rss - getattr(mem, "shared", 0)
                 try:
                     c = proc.io_counters()
                     io = (
@@ -404,6 +437,7 @@ class AttemptMeter:
     def _reset_state(self) -> None:
         self._t0 = 0.0
         self._start_rss = 0
+        self._start_total = 0  # the process's whole RSS (private + shared) at start
         self._cpu0_self = 0.0
         self._cpu0_reaped = 0.0
         self._maxrss0_children = 0
@@ -451,7 +485,8 @@ class AttemptMeter:
         t = psutil.Process(self.pid).cpu_times()
         return t.user + t.system, getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0), None, 0
 
-    def _rss_hwm(self) -> tuple[int | None, int | None]:
+    def _rss_hwm(self) -> tuple[int | None, int | None, int]:
+        """(private RSS, VmHWM or None, shared RSS) of the process, in bytes."""
         if _LINUX:
             try:
                 return _read_status(self.pid)
@@ -459,7 +494,9 @@ class AttemptMeter:
                 self._warn("VmRSS/VmHWM", exc)
         import psutil
 
-        return int(psutil.Process(self.pid).memory_info().rss), None
+        mem = psutil.Process(self.pid).memory_info()
+        shared = int(getattr(mem, "shared", 0))  # Linux only
+        return int(mem.rss) - shared, None, shared
 
     def _io(self) -> tuple[int, int, int, int]:
         if _LINUX:
@@ -500,11 +537,11 @@ class AttemptMeter:
                         # The high-water mark before the reset matters only to other
                         # meters running in this process (threaded actors); a plain
                         # task worker has none and skips the read.
-                        hwm_before = _read_status(self.pid)[1] if others else None
+                        _, hwm_before, shared_before = _read_status(self.pid) if others else (None, None, 0)
                         self._hwm0 = hwm_before
                         if hwm_before is not None:
                             for other in others:
-                                other._absorb_peak(hwm_before)
+                                other._absorb_peak(hwm_before - shared_before)
                         try:
                             _reset_hwm(self.pid)
                         except Exception:
@@ -513,9 +550,9 @@ class AttemptMeter:
                             raise
                         if self._self and _HWM_CONFIRMED == [self.pid]:
                             # VmHWM is known to exist here: statm has the RSS at a fifth of status's cost.
-                            rss_after, hwm_ok = _read_statm_rss(self.pid), True
+                            (rss_after, shared_after), hwm_ok = _read_statm(self.pid), True
                         else:
-                            rss_after, hwm_after = _read_status(self.pid)
+                            rss_after, hwm_after, shared_after = _read_status(self.pid)
                             hwm_ok = hwm_after is not None
                             if hwm_ok and self._self:
                                 _HWM_CONFIRMED[:] = [self.pid]
@@ -527,8 +564,10 @@ class AttemptMeter:
                              self.pid, exc)
             try:
                 # The read right after the reset already has the RSS: no third read.
-                rss = rss_after if rss_after is not None else self._rss_hwm()[0]
-                self._start_rss = int(rss or 0)
+                if rss_after is None:
+                    rss_after, _, shared_after = self._rss_hwm()
+                self._start_rss = int(rss_after or 0)
+                self._start_total = self._start_rss + int(shared_after or 0)
             except Exception as exc:  # noqa: BLE001 - never raise into the task
                 self._warn("RSS", exc)
             self._peak_self = self._start_rss
@@ -560,7 +599,7 @@ class AttemptMeter:
         """
         if ru_maxrss is None or self._ru_maxrss0 is None or self.peak_method != "hwm":
             return None
-        if self._ru_maxrss0 <= self._start_rss + _RU_MAXRSS_SLACK or ru_maxrss > self._ru_maxrss0:
+        if self._ru_maxrss0 <= self._start_total + _RU_MAXRSS_SLACK or ru_maxrss > self._ru_maxrss0:
             return ru_maxrss
         return None
 
@@ -590,23 +629,31 @@ class AttemptMeter:
         except Exception as exc:  # noqa: BLE001
             self._warn("child processes", exc)
         rss = hwm = None
-        if final and not children and not self._base_children:
-            hwm = self._hwm_from_rusage(ru_maxrss)
-        if hwm is None:
-            try:
-                rss, hwm = self._rss_hwm()
-            except Exception as exc:  # noqa: BLE001
-                self._warn("RSS", exc)
+        shared = 0
+        try:
+            if final and not children and not self._base_children:
+                hwm = self._hwm_from_rusage(ru_maxrss)
+                if hwm is not None and _LINUX:
+                    rss, shared = _read_statm(self.pid)  # the shared part, to take off the mark
+                elif hwm is not None:
+                    rss, _, shared = self._rss_hwm()
+            if hwm is None:
+                rss, hwm, shared = self._rss_hwm()
+        except Exception as exc:  # noqa: BLE001
+            self._warn("RSS", exc)
 
-        # memory
+        # memory: private figures.  The kernel's mark counts shared pages too; those resident
+        # now are taken off it.  Shared pages only accumulate in a worker (it keeps the object
+        # store mapped), so at an earlier reading the mark minus the shared pages of then was
+        # at least as close: the largest over all readings is kept.
         if rss is not None:
             self._peak_self = max(self._peak_self, rss)
         if hwm is not None:
             if self.peak_method == "hwm":
-                self._peak_self = max(self._peak_self, hwm)
+                self._peak_self = max(self._peak_self, hwm - shared)
             elif self._hwm0 is not None and hwm > self._hwm0:
                 # Not reset, but a lifetime maximum that grew was reached during the attempt.
-                self._peak_self = max(self._peak_self, hwm)
+                self._peak_self = max(self._peak_self, hwm - shared)
         self._peak_self = max(self._peak_self, self._peak_handed)
         live = {c.key: c for c in children}
         tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
