@@ -67,6 +67,10 @@ def test_input_size_is_derived_from_arrays_frames_bytes_strings_and_files(tmp_pa
     assert features.derive_input_size((object(),), {}, size_of_opaque=lambda o: 77) == 77
     # A long list is sized from a prefix and extrapolated.
     assert features.size_of([b"ab"] * 1000) == 2000
+    # Numbers are parameters alone, data in a container: 8 bytes each, as packed.
+    assert features.size_of(3.5) is None
+    assert features.size_of([1.0] * 100_000) == 800_000
+    assert features.derive_input_size(([1, 2, 3], {"a": 1.5, "b": "xy"}), {}) == 24 + 8 + 2
 
 
 def test_folder_path_is_the_sum_of_its_files(tmp_path):

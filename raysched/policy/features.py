@@ -132,6 +132,10 @@ def _walk_size(path: str) -> int:
     return total
 
 
+#: Bytes a number inside a list, tuple, set or mapping counts for.
+_PACKED_NUMBER = 8
+
+
 def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0) -> int | None:
     """Best-effort size in bytes of one argument; None when nothing about it is sized."""
     if value is None or isinstance(value, (bool, numbers.Number)):
@@ -172,7 +176,10 @@ def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0) -
     else:
         return None
     items = [item for _, item in zip(range(_MAX_ITEMS), container)]
-    sizes = [size_of(item, size_of_opaque, _depth + 1) for item in items]
+    # Inside a container a number is data, 8 bytes as packed (a list of a million floats
+    # is a big input); alone, it is a parameter and has no size.
+    sizes = [_PACKED_NUMBER if isinstance(item, numbers.Number) else size_of(item, size_of_opaque, _depth + 1)
+             for item in items]
     known = [s for s in sizes if s is not None]
     if not known:
         return None
