@@ -262,7 +262,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
                 errors.append(f"wrong value {value} for {mib}")
         except Exception as exc:  # noqa: BLE001 - counted and reported
             failed += 1
-            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            errors.append(f"{type(exc).__name__}: {str(exc)[-1500:]}")  # the cause is at the end
     for ref in pending:
         ray.cancel(ref, force=True, recursive=True)
     result = {

@@ -86,6 +86,16 @@ def test_user_exception_keeps_its_type_and_is_recorded(ray_session):
     assert "Boom" in rows["error"].iloc[0]
 
 
+def test_the_traceback_of_a_users_error_starts_at_the_users_code_as_in_ray(ray_session):
+    # Plain Ray shows the task's traceback from the user's function on; raysched's entry
+    # and measuring wrapper used to stand in front of it.
+    with pytest.raises(Boom) as caught:
+        ray.get(fails.remote(8))
+    shown = str(caught.value)
+    assert 'raise Boom(f"bad {x}")' in shown and "test_adaptive_ray.py" in shown, shown
+    assert "raysched/runtime" not in shown, shown
+
+
 def test_profiles_have_the_documented_columns_and_real_measurements(ray_session):
     arr = np.ones(2_000_000)  # 16 MB
     assert ray.get(array_sum.remote(arr)) == 2_000_000.0

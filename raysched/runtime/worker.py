@@ -1251,6 +1251,9 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
                 # the resubmitter is built only if the monitor stops it
                 return run_measured(fn, spec, args, kwargs, thinning=thinning[0])
             return run_measured(fn, spec, args, kwargs)
+        except BaseException as exc:
+            _drop_own_frames(exc)
+            raise
         finally:
             _leave_task(token)
             if calls[0] >= last_call:
@@ -1269,6 +1272,24 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
 
 
 _remote_cache: dict[tuple, Any] = {}
+
+#: The folder of the raysched package: a frame whose code is in it is raysched's own.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _drop_own_frames(exc: BaseException) -> None:
+    """Start the traceback of the user's error at the user's code, as plain Ray shows it.
+
+    Ray drops its executor's frame from the traceback it shows; raysched's entry and
+    measuring wrapper stood between it and the user's function.  Only the frames in
+    front of the first frame outside raysched are dropped: an error raised by
+    raysched itself keeps its whole traceback.
+    """
+    first = tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    if tb is not None and tb is not first:
+        exc.__traceback__ = tb
 
 #: The spec the running Ray task was submitted with (set by ``make_entry``'s entry): an
 #: attempt run in place of a waiting one is marked as this task's own (``_hand_over``).
