@@ -491,3 +491,66 @@ def test_a_call_cancelled_before_it_started_makes_profiles_wait_once_at_most(ray
         raysched._settle = original
     assert settles == []  # every call has its row or was given up on: nothing to wait for at all
     assert len(rows) == 4 and (rows["outcome"] == "ok").all()
+
+
+# --- exceptions Ray retries, and exits, in a session without the dashboard ---------------------------
+
+
+def _raise_counted(path: str) -> None:
+    with open(path, "a") as f:
+        f.write("x")
+    raise ValueError("always")
+
+
+def _exit_counted(path: str) -> None:
+    with open(path, "a") as f:
+        f.write("x")
+    raise SystemExit(3)
+
+
+def _live_keys() -> list[bytes]:
+    from ray.experimental import internal_kv
+
+    from raysched.runtime.worker import LIVE_KV_NAMESPACE
+
+    return internal_kv._internal_kv_list("", namespace=LIVE_KV_NAMESPACE)
+
+
+def test_retried_exceptions_without_the_dashboard_rerun_as_in_ray_and_leave_no_keys(ray_session, tmp_path):
+    # Without the dashboard Ray's state API cannot say why an attempt's task was retried;
+    # raysched saw the exception itself. It used to take the retry for a memory kill: the
+    # ladder climbed (to 15 GiB), each rung waited out the hand-over, and the call ran once
+    # more than under plain Ray. And every such call left a marker in Ray's KV for good.
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    with pytest.raises(ValueError):
+        ray.get(ray.remote(max_retries=2, retry_exceptions=True)(_raise_counted).remote(str(plain)), timeout=120)
+    function = adaptive_remote(name="raises_without_dashboard", memory=128 * MiB, max_retries=2,
+                               retry_exceptions=True)(_raise_counted)
+    mine = tmp_path / "mine"
+    mine.write_text("")
+    started = time.monotonic()
+    with pytest.raises(ValueError):
+        ray.get(function.remote(str(mine)), timeout=120)
+    assert len(mine.read_text()) == len(plain.read_text()) == 3
+    assert time.monotonic() - started < 15  # no hand-over timeouts
+    rows = raysched.profiles(function).sort_values("attempt")
+    assert list(rows["attempt"]) == [1, 2, 3] and set(rows["outcome"]) == {"error"}, rows[["attempt", "outcome"]]
+    assert rows["allocated_memory_bytes"].nunique() == 1, rows["allocated_memory_bytes"]
+    markers = lambda: [k for k in _live_keys() if k.startswith((b"rerun:", b"raised:"))]  # noqa: E731
+    assert wait_for(lambda: not markers(), timeout=10), markers()
+
+
+def test_a_call_that_exits_keeps_its_row_and_fails_as_a_dead_worker(ray_session, tmp_path):
+    # sys.exit() in a task ends its worker process: the rows it buffered died with it, and
+    # without the dashboard Ray's retry (raysched always leaves one) took it for a memory kill.
+    function = adaptive_remote(name="exits", memory=128 * MiB, max_retries=0)(_exit_counted)
+    runs = tmp_path / "runs"
+    runs.write_text("")
+    with pytest.raises(ray.exceptions.WorkerCrashedError) as raised:
+        ray.get(function.remote(str(runs)), timeout=120)
+    assert isinstance(raised.value, raysched.WorkerDied) and "sys.exit" in str(raised.value), str(raised.value)
+    assert len(runs.read_text()) == 1
+    rows = raysched.profiles(function)
+    assert list(rows["attempt"]) == [1] and list(rows["outcome"]) == ["error"], rows[["attempt", "outcome", "error"]]
+    assert "SystemExit" in rows["error"].iloc[0]

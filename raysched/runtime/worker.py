@@ -750,6 +750,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     sampler = get_live_sampler(spec.config.live_interval_s)
     running = _Running(threading.get_ident(), spec)
     outcome, error, stop, usage = Outcome.OK, "", None, None
+    ending: BaseException | None = None  # the user's exception, or a SystemExit
     try:
         sampler.register(spec.live_key, meter, _on_live(spec, running))
         value = fn(*args, **kwargs)
@@ -767,6 +768,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
         running.finish()
         outcome = Outcome.ERROR  # before the text: a user's __str__ may raise
         error = _describe(exc, lambda e: f"{type(e).__name__}: {e}")
+        ending = exc
         raise
     finally:
         sampler.unregister(spec.live_key)
@@ -775,6 +777,8 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
             sink.add_unmeasured(spec, started, time.time())
         else:
             sink.add_attempt(spec, outcome, usage, started, time.time(), error, _node_id(), os.getpid())
+        if ending is not None:
+            _note_ending(spec, ending, sink)
         if thinning is not None:
             wall = usage.wall_seconds if usage is not None else meter.wall_seconds
             growth = usage.task_rss_bytes if usage is not None and measured else None
@@ -788,6 +792,47 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     if stop.action in ("stop_limit", "cancel"):
         _put_stop_marker(spec, stop, recorded=True)  # a Ray retry (retry_exceptions) must not rerun it
     return _apply_stop(fn, spec, stop, usage, error, args, kwargs, resubmit or _resubmitter(fn, spec.config))
+
+
+def ray_retries(spec: AttemptSpec, exc: BaseException) -> bool:
+    """Whether Ray will run this attempt's task again after ``exc``: ``retry_exceptions``
+    (True, or a list of types) takes it, and the caller's ``max_retries`` has room for it
+    (``remote_options`` gives the task only what is left of it; reruns spent it)."""
+    wanted = dict(spec.ray_options).get("retry_exceptions")
+    if not wanted or not isinstance(exc, Exception):
+        return False  # a SystemExit ends the worker: that is a death, not a retried exception
+    if isinstance(wanted, (list, tuple)) and not isinstance(exc, tuple(wanted)):
+        return False
+    budget = retry_budget(spec)
+    return budget < 0 or spec.reruns < budget
+
+
+#: What an attempt's worker saw end it, for Ray's retry of its task: an exception Ray
+#: retries (Ray's state API's own name for it), or the function's ``sys.exit()``.
+_RAISED, _EXITED = "TASK_EXECUTION_EXCEPTION", "EXITED"
+
+
+def _raised_key(task_spec: AttemptSpec, ray_attempt: int) -> str:
+    return f"raised:{task_spec.live_key}:{ray_attempt}"
+
+
+def _note_ending(spec: AttemptSpec, exc: BaseException, sink: "RowSink") -> None:
+    """After the user's exception: tell Ray's retry that it was one, or save the rows before an exit.
+
+    Ray's retry of the task (``recover``) would otherwise learn the cause only from Ray's
+    state API, which needs the dashboard: without it, an exception retried under
+    ``retry_exceptions`` looked like a memory kill, and the ladder climbed for it.
+    """
+    task_spec = _TASK_SPEC.get()
+    if isinstance(exc, SystemExit):
+        # The worker process ends with it. Ray's retry (raysched always leaves it one) must not
+        # take the exit for a memory kill; and rows still buffered, of earlier calls too, would die.
+        if task_spec is not None:
+            _kv_put(_raised_key(task_spec, _ray_attempt_number()), _EXITED.encode())
+        sink.flush(wait_s=_RECOVER_FLUSH_WAIT_S)
+        return
+    if task_spec is not None and ray_retries(spec, exc):
+        _kv_put(_raised_key(task_spec, _ray_attempt_number()), _RAISED.encode())
 
 
 def _describe(exc: BaseException, text: Callable[[BaseException], str]) -> str:
@@ -933,10 +978,9 @@ def _run_in_place(spec: AttemptSpec, in_place: AttemptSpec, run_here: Callable[[
         _drop_handover(spec)
     # The waiting attempt's row first: the attempt run here may kill this process.
     get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)
-    value = run_here(in_place)
-    if marked:
-        _kv_del(_run_here_key(task_spec))  # kept after an exception, as by _run_again_here
-    return value
+    if not marked:
+        return run_here(in_place)
+    return _run_marked(task_spec, in_place, lambda: run_here(in_place))
 
 
 _HANDOVER_PREFIX = "handover:"
@@ -1113,8 +1157,14 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
             _drop_stop_marker(spec)
         return _apply_stop(fn, spec, decision, usage, reason, args, kwargs, resubmit)
     attempt_number = _ray_attempt_number()
-    task_id = ray.get_runtime_context().get_task_id() or ""
-    cause = previous_attempt_cause(task_id, attempt_number)
+    raised = _raised_key(task_spec, attempt_number - 1)
+    seen = _kv_get(raised)
+    if seen is not None:
+        _kv_del(raised)
+        cause: str | None = seen.decode()  # raysched saw it raise or exit (and recorded it)
+    else:
+        task_id = ray.get_runtime_context().get_task_id() or ""
+        cause = previous_attempt_cause(task_id, attempt_number)
     if cause == "TASK_EXECUTION_EXCEPTION" and decision is None:
         # Ray retries it within the caller's budget (``remote_options``); counted so that
         # the call's later tasks get only what is left of it.
@@ -1127,11 +1177,13 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
     memory_kill = cause in (None, "OUT_OF_MEMORY") or decision is not None
     outcome = Outcome.OOM_KILLED if memory_kill else Outcome.ERROR
     reason = {None: "worker died; Ray's state API could not say why (no dashboard), treated as a memory kill",
-              "OUT_OF_MEMORY": "killed by Ray's memory monitor"}.get(cause, f"worker died: {cause}")
+              "OUT_OF_MEMORY": "killed by Ray's memory monitor",
+              _EXITED: "the function called sys.exit(), which ended its worker"}.get(cause, f"worker died: {cause}")
     if decision is not None:
         reason += "; " + _stop_reason(decision, "raysched's monitor had decided to stop it")
     sink = get_sink(spec.config)
-    sink.add(attempt_row(spec, outcome, usage, started, now, reason))
+    if cause != _EXITED:  # an exit's attempt wrote its own row before it ended the worker
+        sink.add(attempt_row(spec, outcome, usage, started, now, reason))
     _forget_live(spec, force=True)
     record = AttemptRecord(spec.attempt, spec.allocation, outcome, usage, reason)
     if not memory_kill:
@@ -1169,8 +1221,19 @@ def _run_again_here(fn: Callable[..., Any], task_spec: AttemptSpec, spec: Attemp
     get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)
     if not _kv_put(_run_here_key(task_spec), encode_spec(spec)):
         logger.warning("raysched: could not write the rerun marker of %s", task_spec.live_key)
-    value = run_measured(fn, spec, args, kwargs, resubmit)
-    _kv_del(_run_here_key(task_spec))  # kept after an exception: a retry_exceptions rerun reads it
+    return _run_marked(task_spec, spec, lambda: run_measured(fn, spec, args, kwargs, resubmit))
+
+
+def _run_marked(task_spec: AttemptSpec, spec: AttemptSpec, run: Callable[[], Any]) -> Any:
+    """``run()`` the attempt ``spec`` under this task's rerun marker, dropped once no retry of
+    the task will read it: after a return, or an exception Ray does not retry."""
+    try:
+        value = run()
+    except Exception as exc:
+        if not ray_retries(spec, exc):
+            _kv_del(_run_here_key(task_spec))
+        raise  # kept otherwise: the retry_exceptions rerun reads it
+    _kv_del(_run_here_key(task_spec))
     return value
 
 
