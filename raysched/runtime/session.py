@@ -113,12 +113,48 @@ def session_token() -> str | None:
 
 
 def ensure_ray() -> None:
-    """Connect to Ray if the user has not: ``ray.init()`` joins a running cluster or starts one."""
-    if ray.is_initialized():
-        return
-    # Ray >= 2.60 enables token authentication for a new local cluster unless told
-    # otherwise; a user who has not chosen gets Ray's default, a test sets it.
-    ray.init(namespace=NAMESPACE, log_to_driver=os.environ.get("RAYSCHED_LOG_TO_DRIVER", "1") == "1")
+    """Connect to Ray if the user has not: ``ray.init()`` joins a running cluster or starts one.
+
+    Under a lock, and checked again inside it: threads that make their first calls
+    together would otherwise each call ``ray.init()``, and all but one fail ("Perhaps you
+    called ray.init twice by accident?").  Off the main thread, ``ray.init()`` runs in a
+    thread of its own that lives as long as the process: the processes of a cluster it
+    starts end with the thread that started them (a parent-death signal), so a cluster
+    started by the first call of a worker thread died when that thread ended, under the
+    calls of the others.
+    """
+    if ray.is_initialized() and not _init_lock.locked():
+        return  # (Ray says it is initialised part of the way through ray.init: wait for its end)
+    with _init_lock:
+        if ray.is_initialized():
+            return
+        # Ray >= 2.60 enables token authentication for a new local cluster unless told
+        # otherwise; a user who has not chosen gets Ray's default, a test sets it.
+        options = {"namespace": NAMESPACE, "log_to_driver": os.environ.get("RAYSCHED_LOG_TO_DRIVER", "1") == "1"}
+        if threading.current_thread() is threading.main_thread():
+            ray.init(**options)
+            return
+        started = threading.Event()
+        failed: list[BaseException] = []
+
+        def init_and_stay() -> None:
+            try:
+                ray.init(**options)
+            except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
+                failed.append(exc)
+            finally:
+                started.set()
+            if not failed:
+                threading.Event().wait()  # for the life of the process
+
+        threading.Thread(target=init_and_stay, name="raysched-ray-init", daemon=True).start()
+        started.wait()
+        if failed:
+            raise failed[0]
+
+
+# Not Ray's own auto-init lock: ray.init() calls Ray APIs that take it while it is held here.
+_init_lock = threading.Lock()
 
 
 class ClusterShapeCache:
