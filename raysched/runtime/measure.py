@@ -520,6 +520,13 @@ class AttemptMeter:
         """RSS of the process (and its live descendants) when ``start()`` ran."""
         return self._start_rss
 
+    def rebase_start(self, start_rss: int | None) -> None:
+        """Take ``start_rss`` (read before ``start()``, when the call began) as the start, if lower."""
+        if start_rss is None:
+            return
+        with self._lock:
+            self._start_rss = min(self._start_rss, int(start_rss)) if self._start_rss else int(start_rss)
+
     def start(self) -> None:
         """Begin the attempt: reset VmHWM and remember the starting counters."""
         with self._lock:
@@ -743,7 +750,8 @@ class DeferredMeter:
     so a thinned call that turns out long is watched and limited like any other.
     Its ``Usage`` then misses what happened before that first sample: the I/O of
     the first interval, and a peak that rose and fell within it (what the call
-    still holds counts: it is in the resident set when the full meter starts).
+    still holds counts: it is in the resident set when the full meter starts, and
+    its start is the private RSS read when the call began).
     ``wall_seconds`` is from the call's start, and ``cpu_seconds`` is the measured
     CPU time scaled up to it (the first interval taken at the rate measured
     after it), so that cores stay CPU seconds per wall second.
@@ -753,6 +761,7 @@ class DeferredMeter:
         self._clock = clock
         self._lock = threading.Lock()
         self._t0 = 0.0
+        self._start_rss: int | None = None  # private RSS of the process when the call began
         self._offset = 0.0  # wall time before the full meter started
         self._meter: AttemptMeter | None = None
         self._stopped = False
@@ -766,6 +775,12 @@ class DeferredMeter:
 
     def start(self) -> None:
         self._t0 = self._clock()
+        # One cheap read (statm): a call that runs on is judged by what it added since here,
+        # not since its first sample (a caller's ``memory`` is the task's own, over this).
+        try:
+            self._start_rss = _read_statm(os.getpid())[0] if _LINUX else None
+        except (OSError, ValueError, IndexError):
+            self._start_rss = None
 
     def sample(self) -> LiveSample:
         with self._lock:
@@ -775,6 +790,7 @@ class DeferredMeter:
                     return LiveSample(0, 0, 0.0, self.wall_seconds, 0, 0, time.time())
                 meter = AttemptMeter(clock=self._clock)
                 meter.start()
+                meter.rebase_start(self._start_rss)
                 self._offset = max(0.0, self._clock() - self._t0)
                 self._meter = meter
         sample = meter.sample()
