@@ -164,3 +164,14 @@ def test_equal_ray_options_have_equal_keys_so_calls_share_a_plan():
     assert _CallOptions(options(env="2"), (), {}).key != first.key
     assert option_key({"resources": {"x": 1}}) != option_key({"resources": {"x": 2}})
     assert option_key({"odd": {1, 2}}) is None and _CallOptions({"odd": [{1}]}, (), {}).key is None  # no cache
+
+
+def test_an_empty_runtime_env_per_call_keeps_the_decorators_as_in_ray():
+    from raysched.runtime.decorator import _CallOptions
+
+    env = {"env_vars": {"WHERE": "decorator"}}
+    for empty in (None, {}):
+        assert _CallOptions({"runtime_env": empty}, (), {"runtime_env": env}).ray_options["runtime_env"] == env
+    other = {"env_vars": {"WHERE": "call"}}
+    assert _CallOptions({"runtime_env": other}, (), {"runtime_env": env}).ray_options["runtime_env"] == other
+    assert _CallOptions({"runtime_env": None}, (), {}).ray_options["runtime_env"] is None

@@ -159,7 +159,10 @@ class _CallOptions:
             explicit["num_cpus"] = validate_num_cpus(options["num_cpus"])
         self.explicit = explicit
         ray_options = {k: v for k, v in base_ray.items() if k not in _META_KEYS}
-        ray_options.update({k: v for k, v in options.items() if k not in _META_KEYS and k not in _SIZED_KEYS})
+        per_call = {k: v for k, v in options.items() if k not in _META_KEYS and k not in _SIZED_KEYS}
+        if "runtime_env" in per_call and not per_call["runtime_env"] and ray_options.get("runtime_env"):
+            del per_call["runtime_env"]  # as in Ray: an empty one in .options() keeps the decorator's
+        ray_options.update(per_call)
         self.ray_options = ray_options
         # What makes two calls' plans equal besides their features; None: not cacheable.
         self.key: tuple | None = (self.tags, priority, self.queued, tuple(sorted(explicit.items())),
