@@ -136,6 +136,34 @@ def test_over_its_allocation_a_task_is_stopped_and_resubmitted_one_rung_up(fault
     assert "stop_and_resubmit" in set(raysched.events(outgrows_its_allocation)["action"])
 
 
+def _fail_in_user_code(attempt: int) -> None:
+    raise ValueError(f"failed on attempt {attempt}")
+
+
+@adaptive_remote(memory=128 * MiB, num_cpus=0.5)
+def outgrows_then_fails(marker: str) -> int:
+    import numpy as np
+
+    if os.path.exists(marker):  # the resubmitted attempt fails in the user's own code
+        _fail_in_user_code(2)
+    open(marker, "w").close()
+    held = [np.ones(50 * MiB // 8) for _ in range(8)]
+    for _ in range(30):
+        time.sleep(0.05)
+    return len(held)
+
+
+def test_an_error_of_a_resubmitted_attempt_shows_the_users_traceback(faults):
+    # The waiting task re-raised the later attempt's bare cause: the traceback then held only
+    # raysched's frames (_hand_over), and the user's file and line were gone.
+    with pytest.raises(ValueError, match="failed on attempt 2") as caught:
+        ray.get(outgrows_then_fails.remote(str(faults / "outgrows_then_fails")), timeout=120)
+    shown = str(caught.value)
+    assert "in _fail_in_user_code" in shown and "in outgrows_then_fails" in shown, shown
+    assert "raysched/runtime" not in shown, shown
+    assert list(raysched.profiles(outgrows_then_fails).sort_values("attempt")["outcome"]) == ["oom_killed", "error"]
+
+
 @adaptive_remote(memory=128 * MiB, num_cpus=0.5, num_returns=2)
 def outgrows_with_two_values(mib: int, hold_s: float) -> tuple[int, str]:
     import numpy as np

@@ -924,7 +924,10 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
             return _run_in_place(spec, in_place, run_here)
         return ray.get(returned)
     except ray.exceptions.RayTaskError as exc:
-        raise _unwrap(exc) from None
+        # As it is: its text has the attempt's own traceback, the user's frames (its cause
+        # alone, re-raised here, had only this task's raysched frames). It is the user's
+        # error type too (Ray makes it an instance of its cause's class).
+        raise exc.with_traceback(None) from None
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):
         # The call was cancelled while this task waited: cancel the attempt softly first, so
         # that it records itself as cancelled (a forced cancel kills its worker, row and all).
@@ -1346,12 +1349,13 @@ def _drop_own_frames(exc: BaseException) -> None:
     Ray drops its executor's frame from the traceback it shows; raysched's entry and
     measuring wrapper stood between it and the user's function.  Only the frames in
     front of the first frame outside raysched are dropped: an error raised by
-    raysched itself keeps its whole traceback.
+    raysched itself keeps its whole traceback.  A later attempt's error (a
+    ``RayTaskError``, whose text holds that attempt's traceback) loses them all.
     """
     first = tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         tb = tb.tb_next
-    if tb is not None and tb is not first:
+    if tb is not first and (tb is not None or isinstance(exc, ray.exceptions.RayTaskError)):
         exc.__traceback__ = tb
 
 #: The spec the running Ray task was submitted with (set by ``make_entry``'s entry): an
