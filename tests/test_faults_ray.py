@@ -303,6 +303,8 @@ def test_a_worker_killed_mid_task_is_recorded_and_the_call_reruns(faults):
     dead = rows.iloc[0]
     assert dead["outcome"] in ("oom_killed", "error") and "worker died" in dead["error"]
     assert dead["wall_seconds"] > 0  # its last live sample
+    # ...with the worker's size at its start: peak - start is what the attempt added
+    assert 0 < dead["start_rss_bytes"] <= dead["peak_rss_bytes"], dead
 
 
 # --- node memory pressure: the lowest priority gives way first -----------------------------------------------

@@ -489,7 +489,8 @@ def _publish_live(spec: AttemptSpec, sample: LiveSample) -> None:
     value = json.dumps(
         {"peak_rss_bytes": sample.peak_rss_bytes, "cpu_seconds": sample.cpu_seconds,
          "wall_seconds": sample.wall_seconds, "read_bytes": sample.read_bytes,
-         "write_bytes": sample.write_bytes, "timestamp": sample.timestamp}
+         "write_bytes": sample.write_bytes, "timestamp": sample.timestamp,
+         "start_rss_bytes": sample.start_rss_bytes}
     ).encode()
     _kv()._internal_kv_put(spec.live_key, value, overwrite=True, namespace=LIVE_KV_NAMESPACE)
     _published.add(spec.live_key)
@@ -505,7 +506,7 @@ def _last_live_usage(spec: AttemptSpec) -> Usage | None:
     s = json.loads(raw)
     return Usage(peak_rss_bytes=int(s["peak_rss_bytes"]), cpu_seconds=float(s["cpu_seconds"]),
                  wall_seconds=float(s["wall_seconds"]), read_bytes=int(s["read_bytes"]),
-                 write_bytes=int(s["write_bytes"]))
+                 write_bytes=int(s["write_bytes"]), start_rss_bytes=int(s.get("start_rss_bytes", 0)))
 
 
 def _forget_live(spec: AttemptSpec, force: bool = False) -> None:
