@@ -231,10 +231,20 @@ def test_node_pressure_stops_lowest_priority_first_never_a_higher_one():
     assert "priority 0" in first.detail
 
 
-def test_node_pressure_among_equals_the_biggest_gives_way():
+def test_node_pressure_among_equals_the_biggest_gives_way_when_none_is_enough():
     running = running_on("node-a", ("small", 1, 100), ("big", 1, 3000), ("vip", 7, 9000))
     got = replay_node(build_rules(CFG), readings(FakeClock(), "H" * N), running)
     assert got[-1] is not None and got[-1].call_id == "big"
+
+
+def test_node_pressure_among_equals_that_relieve_the_node_the_newest_gives_way():
+    # 95% of 64 GiB against a 90% threshold: 3.2 GiB too much. Both 4 GiB tasks relieve it
+    # alone; the one that started last loses the least work (a stop restarts it from scratch).
+    old, new, small = (live(call_id=c, priority=1, rss_bytes=rss * MiB, node_id="node-a", wall_seconds=wall)
+                       for c, rss, wall in [("a-old", 4096, 30.0), ("b-new", 4096, 2.0), ("c-small", 100, 0.5)])
+    rules = build_rules(CFG.replace(node_memory_threshold=0.9))
+    got = replay_node(rules, readings(FakeClock(), "H" * N), [old, new, small])
+    assert got[-1] is not None and got[-1].call_id == "b-new"
 
 
 @pytest.mark.parametrize("pattern", ["HHL", "HLHLHL", "HHLHH", "LLLLL"])

@@ -348,9 +348,12 @@ class NodePressure:
     ``sustain`` consecutive readings: stop and requeue one attempt on it.
 
     The one that gives way is the lowest priority first, never a higher one
-    while a lower one still runs there; among equals the one holding the most
-    memory (it relieves the node with the fewest stops), then by call id.  After
-    a stop the count starts again, so the node is re-measured before the next.
+    while a lower one still runs there.  Among equals, the one that started last
+    of those whose memory alone brings the node back under the threshold: it
+    relieves the node with one stop and loses the least work (a stop restarts an
+    attempt from scratch; Ray's own killer also picks the newest task).  If none
+    is that big, the one holding the most memory.  Then by call id.  After a stop
+    the count starts again, so the node is re-measured before the next.
     """
 
     threshold: float
@@ -370,11 +373,18 @@ class NodePressure:
             return self.threshold
         return max(0.0, min(self.threshold, reading.kill_threshold - self.kill_margin))
 
-    def victim(self, running: Iterable[LiveReport]) -> LiveReport | None:
+    def victim(self, running: Iterable[LiveReport], excess_bytes: float = 0.0) -> LiveReport | None:
+        """The attempt that gives way; ``excess_bytes``: how far the node is over its threshold."""
         # An actor cannot be requeued (its state lives in it): only tasks give way.
-        tasks = (r for r in running if r.kind == TASK)
-        candidates = sorted(tasks, key=lambda r: (r.priority, -r.rss_bytes, r.call_id, r.attempt))
-        return candidates[0] if candidates else None
+        tasks = [r for r in running if r.kind == TASK]
+        if not tasks:
+            return None
+        lowest = min(r.priority for r in tasks)
+        equals = [r for r in tasks if r.priority == lowest]
+        enough = [r for r in equals if r.rss_bytes >= excess_bytes]
+        if enough:
+            return min(enough, key=lambda r: (r.wall_seconds, r.call_id, r.attempt))
+        return min(equals, key=lambda r: (-r.rss_bytes, r.call_id, r.attempt))
 
 
 @dataclass(frozen=True)
@@ -474,7 +484,8 @@ class Rules:
         if reading.fraction < threshold:
             return NodeState(0, reading.timestamp), None
         streak = state.streak + 1
-        victim = rule.victim(r for r in running if r.node_id == reading.node_id)
+        excess = reading.used_bytes - threshold * reading.total_bytes
+        victim = rule.victim((r for r in running if r.node_id == reading.node_id), excess)
         if streak < rule.sustain or victim is None:
             return NodeState(streak, reading.timestamp), None
         decision = Decision(
