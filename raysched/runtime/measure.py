@@ -67,18 +67,19 @@ large, and raysched's monitor would take it for growth past the allocation.
        two peaks is an upper bound, since they need not have coincided, and
        the child's figure is its whole RSS (the kernel keeps no private one).
 
-    Private RSS includes the memory of Ray's own threads in the worker.  Where ``/proc/self/clear_refs`` is not writable or
-    ``VmHWM`` is missing (non-Linux, gVisor or locked-down containers), (1)
-    is replaced by the sampled RSS of the process itself
-    (``peak_method == "sampled"``), which misses peaks shorter than the
-    sampling interval: expect an under-estimate for tasks with a brief spike.
-    (If ``VmHWM`` is readable but not resettable, it is still used whenever it
-    rises above its value at start, since it can only have done so during the
-    attempt: only a spike below an earlier task's peak is then missed.)
-    If another attempt starts in the same process while this one runs
-    (threaded or async actors), its reset would hide this attempt's earlier
-    peak; the meter hands the high-water mark read just before the reset to
-    every other running meter of the process, so that is not lost.
+    Private RSS includes the memory of Ray's own threads in the worker.  Where
+    ``/proc/self/clear_refs`` is not writable or ``VmHWM`` is missing
+    (non-Linux, gVisor or locked-down containers), (1) is replaced by the
+    sampled RSS of the process itself (``peak_method == "sampled"``), which
+    misses peaks shorter than the sampling interval: expect an under-estimate
+    for tasks with a brief spike. (If ``VmHWM`` is readable but not
+    resettable, it is still used whenever it rises above its value at start,
+    since it can only have done so during the attempt: only a spike below an
+    earlier task's peak is then missed.) If another attempt starts in the same
+    process while this one runs (threaded or async actors), its reset would
+    hide this attempt's earlier peak; the meter hands the high-water mark read
+    just before the reset to every other running meter of the process, so that
+    is not lost.
 
 ``cpu_seconds``
     User + system CPU time, during the attempt, of the process (all its

@@ -795,7 +795,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     return _apply_stop(fn, spec, stop, usage, error, args, kwargs, resubmit or _resubmitter(fn, spec.config))
 
 
-def ray_retries(spec: AttemptSpec, exc: BaseException) -> bool:
+def _ray_retries(spec: AttemptSpec, exc: BaseException) -> bool:
     """Whether Ray will run this attempt's task again after ``exc``: ``retry_exceptions``
     (True, or a list of types) takes it, and the caller's ``max_retries`` has room for it
     (``remote_options`` gives the task only what is left of it; reruns spent it)."""
@@ -832,7 +832,7 @@ def _note_ending(spec: AttemptSpec, exc: BaseException, sink: "RowSink") -> None
             _kv_put(_raised_key(task_spec, _ray_attempt_number()), _EXITED.encode())
         sink.flush(wait_s=_RECOVER_FLUSH_WAIT_S)
         return
-    if task_spec is not None and ray_retries(spec, exc):
+    if task_spec is not None and _ray_retries(spec, exc):
         _kv_put(_raised_key(task_spec, _ray_attempt_number()), _RAISED.encode())
 
 
@@ -1234,7 +1234,7 @@ def _run_marked(task_spec: AttemptSpec, spec: AttemptSpec, run: Callable[[], Any
     try:
         value = run()
     except Exception as exc:
-        if not ray_retries(spec, exc):
+        if not _ray_retries(spec, exc):
             _kv_del(_run_here_key(task_spec))
         raise  # kept otherwise: the retry_exceptions rerun reads it
     _kv_del(_run_here_key(task_spec))
@@ -1358,6 +1358,7 @@ def _drop_own_frames(exc: BaseException) -> None:
         tb = tb.tb_next
     if tb is not first and (tb is not None or isinstance(exc, ray.exceptions.RayTaskError)):
         exc.__traceback__ = tb
+
 
 #: The spec the running Ray task was submitted with (set by ``make_entry``'s entry): an
 #: attempt run in place of a waiting one is marked as this task's own (``_hand_over``).
