@@ -123,8 +123,8 @@ def ensure_ray() -> None:
     started by the first call of a worker thread died when that thread ended, under the
     calls of the others.
     """
-    if ray.is_initialized() and not _init_lock.locked():
-        return  # (Ray says it is initialised part of the way through ray.init: wait for its end)
+    if ray.is_initialized():
+        return
     with _init_lock:
         if ray.is_initialized():
             return
