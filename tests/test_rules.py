@@ -270,6 +270,59 @@ def test_with_stop_marks_an_attempt_stopped_from_outside():
     assert build_rules(CFG).evaluate(state, live(clock, rss_bytes=10 * GiB)) == (state, ())
 
 
+def climbing_node(label_gib: float, source: str, seconds: int = 7) -> list[tuple[NodeMemory, list[LiveReport]]]:
+    """A 16 GiB node whose Ray kills at half of it (8 GiB): 4 GiB of other processes and two
+    tasks that each grow by 0.5 GiB/s from 0.2 GiB up to their ``label_gib`` label; a
+    worker's reading every second."""
+    out = []
+    for t in range(seconds):
+        rss = min(0.2 + 0.5 * t, label_gib)
+        tasks = [live(call_id=c, priority=0, node_id="node-a", rss_bytes=int(rss * GiB), wall_seconds=t + w,
+                      allocation=Allocation(1.0, int(label_gib * GiB)), timestamp=1000.0 + t) for c, w in (("a", 1), ("b", 0))]
+        reading = NodeMemory("node-a", (4 + 2 * rss) * GiB, 16 * GiB, 1000.0 + t, kill_threshold=0.5, source=source)
+        out.append((reading, tasks))
+    return out
+
+
+def first_stop(config: RayschedConfig, trace) -> tuple[int, Decision] | None:
+    rules, state = build_rules(config), NodeState()
+    for t, (reading, running) in enumerate(trace):
+        state, decision = rules.evaluate_node(state, reading, running)
+        if decision is not None:
+            return t, decision
+    return None
+
+
+def test_a_node_climbing_fast_is_relieved_before_ray_kills_not_after():
+    """Tasks growing 1 GiB/s together: waiting for two readings over the threshold (7.52 GiB,
+    3 points under Ray's 8 GiB) meant the first was already past Ray's line."""
+    default = RayschedConfig()
+    assert build_rules(default).node_rule.lead_s == 2 * 1.0 + 0.5  # two readings 1 s apart + a live interval
+    trace = climbing_node(3.5, R.WORKER_READING)
+    t, decision = first_stop(default, trace)
+    reading = trace[t][0]
+    # Stopped at t=3 (7.4 GiB, still under the threshold): the node was going to pass 8 GiB.
+    assert t == 3 and reading.used_bytes < 8 * GiB and decision.action == R.REQUEUE_LOWEST_PRIORITY
+    assert decision.call_id == "b" and "going to" in decision.detail  # the newer task gives way
+    # Judging each reading as it is, the first high reading (t=4, 8.4 GiB) is past Ray's line already.
+    t_plain, _ = first_stop(default.replace(node_memory_projection=False), trace)
+    assert t_plain == 5 and trace[4][0].used_bytes > 8 * GiB
+    # A metrics endpoint's reading may be 5 s old: no growth rate is taken from it.
+    assert first_stop(default, climbing_node(3.5, R.METRICS_READING))[0] == 5
+
+
+def test_a_node_climbing_to_labels_that_fit_is_left_alone():
+    """The same climb, but the tasks' labels (1.5 GiB each) end the node at 7 GiB: the growth
+    is projected no further than the labels allow, so nothing is stopped (unbounded, the
+    rate of 1 GiB/s x 2.5 s would have read 6.4 GiB at t=2 as 8.9 GiB)."""
+    trace = climbing_node(1.5, R.WORKER_READING, seconds=10)
+    assert max(r.used_bytes for r, _ in trace) == 7 * GiB
+    assert first_stop(RayschedConfig(), trace) is None
+    rule = build_rules(RayschedConfig()).node_rule
+    reading, running = trace[2]
+    assert rule.projected_bytes(trace[1][0], reading, running) == pytest.approx(reading.used_bytes + 2 * 0.3 * GiB)
+
+
 # --- the recipe ----------------------------------------------------------------------------------------
 
 

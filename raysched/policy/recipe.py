@@ -260,6 +260,18 @@ def _rescale_changes(rule: str, config: RayschedConfig):
     return changes
 
 
+def _node_lead_s(config: RayschedConfig) -> float:
+    """Seconds from a node reading until a stop decided on a later one takes effect (0: off).
+
+    A reading that does not count leaves the next one, a reading interval later, to
+    start the count; then ``sustain - 1`` more readings; then the stop reaches its
+    worker in the reply to the worker's next live sample.
+    """
+    if not config.node_memory_projection:
+        return 0.0
+    return config.node_memory_sustain_readings * config.node_sample_interval_s + config.live_interval_s
+
+
 @functools.lru_cache(maxsize=32)
 def build_rules(config: RayschedConfig) -> Rules:
     n = config.monitor_sustain_samples
@@ -286,9 +298,11 @@ def build_rules(config: RayschedConfig) -> Rules:
         ),
         # 5. A node at 90% of its memory (or 3 points below Ray's own kill threshold there,
         #    if that is lower) for 2 readings in a row: its lowest-priority task gives way
-        #    (stopped and requeued unchanged), one at a time.
+        #    (stopped and requeued unchanged), one at a time.  A reading counts as high too
+        #    when the node, growing on, would pass Ray's kill threshold before a stop could
+        #    take effect: 2 readings 1 s apart plus a live interval (_node_lead_s).
         node_rule=NodePressure(config.node_memory_threshold, config.node_memory_sustain_readings,
-                               config.node_kill_margin),
+                               config.node_kill_margin, lead_s=_node_lead_s(config)),
         # Actors: one incarnation is judged as one attempt; an actor is never requeued by
         # the node rule (its state lives in it) and is replaced, not resubmitted.
         actor_rules=(

@@ -107,7 +107,19 @@ class LiveReport:
         if self.node_used_bytes is None or not self.node_total_bytes:
             return None
         return NodeMemory(self.node_id, self.node_used_bytes, self.node_total_bytes, self.timestamp,
-                          self.node_kill_threshold)
+                          self.node_kill_threshold, source=WORKER_READING)
+
+    @property
+    def memory_headroom_bytes(self) -> float:
+        """How much more the attempt is expected to hold: its label less what it holds now (>= 0).
+
+        A caller's own figure is the task's memory alone (``memory_is_task_only``),
+        on top of what the worker held when the attempt began.
+        """
+        label = float(self.allocation.memory_bytes)
+        if self.allocation.memory_is_task_only:
+            label += float(self.start_rss_bytes)
+        return max(0.0, label - float(self.rss_bytes))
 
     @property
     def key(self) -> tuple[str, int]:
@@ -120,9 +132,20 @@ class LiveReport:
         return self.cpu_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
+#: Where a node reading comes from.  A worker reads the node's memory as it sends a live
+#: sample (fresh then); a node's metrics endpoint serves what Ray's reporter gathered up to
+#: ~5 s before, too stale to tell how fast the node grows.
+WORKER_READING = "worker"
+METRICS_READING = "metrics"
+
+#: Ray's memory monitor kills at this used fraction of a node unless its raylet was started
+#: with another ``RAY_memory_usage_threshold``.
+RAY_DEFAULT_KILL_THRESHOLD = 0.95
+
+
 @dataclass(frozen=True)
 class NodeMemory:
-    """One reading of a node's memory (bytes), as its metrics endpoint reports it."""
+    """One reading of a node's memory (bytes): used = total - available, as Ray counts it."""
 
     node_id: str
     used_bytes: float
@@ -131,6 +154,8 @@ class NodeMemory:
     #: The used fraction at which Ray's own memory monitor on this node starts killing
     #: (``RAY_memory_usage_threshold`` as the node's workers inherited it); None: unknown.
     kill_threshold: float | None = None
+    #: WORKER_READING or METRICS_READING: only two workers' readings tell a growth rate.
+    source: str = METRICS_READING
 
     @property
     def fraction(self) -> float:
@@ -340,6 +365,8 @@ class NodeState:
 
     streak: int = 0
     last_timestamp: float = float("-inf")
+    #: The last reading itself, if a worker sent it (the start of the next growth rate).
+    last_reading: "NodeMemory | None" = None
 
 
 @dataclass(frozen=True)
@@ -361,6 +388,12 @@ class NodePressure:
     #: How far below Ray's own kill threshold (a fraction of the node's memory) to act,
     #: when the node's threshold is known and lower than ``threshold``; None: ``threshold`` only.
     kill_margin: float | None = 0.03
+    #: Seconds from a reading until a stop decided on the next one takes effect.  A reading
+    #: whose node, growing as fast as since the last reading (but no further than its
+    #: attempts' labels allow), would pass Ray's kill threshold within that time counts as
+    #: a high one: the count starts a reading earlier, and the victim is judged by where
+    #: the node is going.  0: judge each reading as it is.
+    lead_s: float = 0.0
     name: str = "node_memory_pressure"
 
     def threshold_for(self, reading: NodeMemory) -> float:
@@ -373,15 +406,38 @@ class NodePressure:
             return self.threshold
         return max(0.0, min(self.threshold, reading.kill_threshold - self.kill_margin))
 
+    def projected_bytes(self, previous: "NodeMemory | None", reading: NodeMemory,
+                        running: Sequence[LiveReport]) -> float:
+        """The node's used memory ``lead_s`` after ``reading``, growing as since ``previous``.
+
+        The growth is capped by how much more the node's attempts are expected to
+        hold (each up to its label): a batch of tasks that climbs fast and then
+        holds does not count as a node that climbs without end.  Other processes'
+        growth is not projected.  Only two workers' readings tell a rate.
+        """
+        if (self.lead_s <= 0 or previous is None or reading.source != WORKER_READING
+                or previous.source != WORKER_READING or reading.timestamp <= previous.timestamp):
+            return reading.used_bytes
+        rate = (reading.used_bytes - previous.used_bytes) / (reading.timestamp - previous.timestamp)
+        if rate <= 0:
+            return reading.used_bytes
+        headroom = sum(r.memory_headroom_bytes for r in running)
+        return reading.used_bytes + min(rate * self.lead_s, headroom)
+
     def victim(self, running: Iterable[LiveReport], excess_bytes: float = 0.0) -> LiveReport | None:
-        """The attempt that gives way; ``excess_bytes``: how far the node is over its threshold."""
+        """The attempt that gives way; ``excess_bytes``: how far the node is (or is going) over its threshold.
+
+        A stop relieves the node of what the attempt holds and of what it would
+        still grow by (up to its label) when the node is judged by where it is going.
+        """
         # An actor cannot be requeued (its state lives in it): only tasks give way.
         tasks = [r for r in running if r.kind == TASK]
         if not tasks:
             return None
         lowest = min(r.priority for r in tasks)
         equals = [r for r in tasks if r.priority == lowest]
-        enough = [r for r in equals if r.rss_bytes >= excess_bytes]
+        growth = self.lead_s > 0
+        enough = [r for r in equals if r.rss_bytes + (r.memory_headroom_bytes if growth else 0.0) >= excess_bytes]
         if enough:
             return min(enough, key=lambda r: (r.wall_seconds, r.call_id, r.attempt))
         return min(equals, key=lambda r: (-r.rss_bytes, r.call_id, r.attempt))
@@ -480,25 +536,33 @@ class Rules:
         rule = self.node_rule
         if rule is None or reading.timestamp <= state.last_timestamp:
             return state, None
+        here = [r for r in running if r.node_id == reading.node_id]
+        remembered = reading if reading.source == WORKER_READING else state.last_reading
         threshold = rule.threshold_for(reading)
-        if reading.fraction < threshold:
-            return NodeState(0, reading.timestamp), None
+        projected = rule.projected_bytes(state.last_reading, reading, here)
+        kill_line = reading.kill_threshold if reading.kill_threshold is not None else RAY_DEFAULT_KILL_THRESHOLD
+        going_over = projected >= kill_line * reading.total_bytes
+        if reading.fraction < threshold and not going_over:
+            return NodeState(0, reading.timestamp, remembered), None
         streak = state.streak + 1
-        excess = reading.used_bytes - threshold * reading.total_bytes
-        victim = rule.victim((r for r in running if r.node_id == reading.node_id), excess)
+        excess = max(reading.used_bytes, projected) - threshold * reading.total_bytes
+        victim = rule.victim(here, excess)
         if streak < rule.sustain or victim is None:
-            return NodeState(streak, reading.timestamp), None
+            return NodeState(streak, reading.timestamp, remembered), None
+        where = f"at {reading.fraction:.0%}"
+        if going_over:
+            where += f", going to {projected / reading.total_bytes:.0%} within {rule.lead_s:g} s,"
         decision = Decision(
             rule.name, REQUEUE_LOWEST_PRIORITY, victim.function, victim.call_id, victim.attempt,
             measured=reading.fraction, allocated=threshold,
-            detail=(f"node {reading.node_id[:8]} at {reading.fraction:.0%} of {reading.total_bytes / MiB:.0f} MiB "
+            detail=(f"node {reading.node_id[:8]} {where} of {reading.total_bytes / MiB:.0f} MiB "
                     f"(threshold {threshold:.0%}"
                     + (f", Ray kills at {reading.kill_threshold:.0%}" if reading.kill_threshold is not None else "")
                     + f"); priority {victim.priority}, resident "
                     f"{_mib(victim.rss_bytes)}, gives way first"),
             node_id=reading.node_id, code_hash=victim.code_hash, timestamp=reading.timestamp,
         )
-        return NodeState(0, reading.timestamp), decision  # count again before stopping another
+        return NodeState(0, reading.timestamp, remembered), decision  # count again before stopping another
 
 
 def with_stop(state: AttemptState, decision: Decision) -> AttemptState:

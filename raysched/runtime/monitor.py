@@ -38,6 +38,7 @@ from ..policy.rules import (
     STOP_AND_RESUBMIT,
     AttemptState,
     Decision,
+    METRICS_READING,
     LiveReport,
     NodeMemory,
     NodeState,
@@ -238,7 +239,8 @@ def node_memory_from_metrics(text: str, node_id: str, ip: str | None = None,
         found[name] = value
     if "ray_node_mem_used" not in found or not found.get("ray_node_mem_total"):
         return None
-    return NodeMemory(node_id, found["ray_node_mem_used"], found["ray_node_mem_total"], timestamp)
+    return NodeMemory(node_id, found["ray_node_mem_used"], found["ray_node_mem_total"], timestamp,
+                      source=METRICS_READING)
 
 
 def fetch_metrics_text(address: str, timeout_s: float = 1.0) -> str:
