@@ -49,6 +49,7 @@ Run:  python benchmarks/bench_monitor.py [--tasks 20] [--repeats 3] [--json out.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import json
 import math
@@ -499,8 +500,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="the worker node keeps idle worker processes this long before Ray kills them "
                              "(RAY_idle_worker_killing_time_threshold_ms; default: Ray's, 1 s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", action="append", default=[], metavar="KNOB=VALUE",
+                        help="a RayschedConfig knob for the raysched paths, as a Python literal "
+                             "(node_kill_margin=0.01); repeatable")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     args = parser.parse_args(argv)
+    knobs = {}
+    for item in args.config:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--config {item!r}: expected KNOB=VALUE")
+        try:
+            knobs[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parser.error(f"--config {item!r}: {value!r} is not a Python literal")
+    if knobs:
+        raysched.configure(**knobs)  # an unknown knob or a bad value is refused here, before any cluster
     lo, hi, step = (int(x) for x in args.sizes.split(":"))
     rng = random.Random(args.seed)
     choices = list(range(lo, hi + 1, step))

@@ -8,6 +8,7 @@ place, called once by the runtime (or replaced by the user's own instance via
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 import os
 from dataclasses import dataclass
@@ -317,6 +318,13 @@ class RayschedConfig:
         return Path(self.home).expanduser().resolve()
 
     def replace(self, **changes: object) -> "RayschedConfig":
+        """A copy with ``changes``; a knob that does not exist is named, with the closest ones."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            names = [f.name for f in dataclasses.fields(self)]
+            hints = {name: difflib.get_close_matches(name, names, n=3) for name in unknown}
+            raise TypeError("RayschedConfig has no knob " + "; ".join(
+                f"{name!r}" + (f" (did you mean {', '.join(hints[name])}?)" if hints[name] else "") for name in unknown))
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod

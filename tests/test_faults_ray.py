@@ -311,19 +311,36 @@ def test_a_worker_killed_mid_task_is_recorded_and_the_call_reruns(faults):
 
 
 @adaptive_remote(memory=128 * MiB, num_cpus=0.25, max_attempts=3)
-def busy_for(seconds: float) -> float:
+def busy_for(marker: str, seconds: float) -> float:
+    with open(marker, "a") as f:  # one line per attempt body
+        f.write("started\n")
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:  # Python between sleeps: a stop is raised into this loop
         time.sleep(0.05)
     return seconds
 
 
+def _judge_nodes_by(**changes) -> None:
+    """The driver's config, and the monitor's rules now (a client hands them over only when it starts)."""
+    from raysched.runtime.monitor import get_or_create_monitor
+
+    config = raysched.configure(**changes)
+    ray.get(get_or_create_monitor(config).reconfigure.remote(config), timeout=60)
+
+
 def test_under_node_pressure_the_lowest_priority_call_gives_way_first(faults):
-    """The node rule on a real node: any reading counts as pressure (threshold 1%), read every second."""
-    raysched.configure(node_memory_threshold=0.01, node_memory_sustain_readings=1, node_poll_interval_s=1.0)
+    """The node rule on a real node: any reading counts as pressure (threshold 1%), read every second.
+
+    The pressure starts once both calls run: before that, the one running alone is the
+    lowest priority on its node, whatever its number (this test failed when run alone, on
+    a cold worker pool where the important call started first).
+    """
+    vip_marker, low_marker = faults / "busy_vip", faults / "busy_low"
+    vip = busy_for.options(priority=5).remote(str(vip_marker), 8.0)
+    low = busy_for.options(priority=0).remote(str(low_marker), 8.0)
+    assert wait_for(lambda: vip_marker.exists() and low_marker.exists(), timeout=90)
+    _judge_nodes_by(node_memory_threshold=0.01, node_memory_sustain_readings=1, node_poll_interval_s=1.0)
     try:
-        vip = busy_for.options(priority=5).remote(6.0)
-        low = busy_for.options(priority=0).remote(6.0)
         assert wait_for(lambda: len(raysched.events(busy_for)) > 0, timeout=90)
         outcomes = []
         for ref in (vip, low):
@@ -335,7 +352,7 @@ def test_under_node_pressure_the_lowest_priority_call_gives_way_first(faults):
         rows = raysched.profiles(busy_for)
         events = raysched.events(busy_for).sort_values("timestamp")
     finally:
-        raysched.configure(node_memory_threshold=0.9, node_memory_sustain_readings=2, node_poll_interval_s=5.0)
+        _judge_nodes_by(node_memory_threshold=0.9, node_memory_sustain_readings=2, node_poll_interval_s=5.0)
     first = events.iloc[0]
     low_calls = set(rows.loc[rows["priority"] == 0, "call_id"])
     assert first["action"] == "requeue_lowest_priority" and first["rule"] == "node_memory_pressure"

@@ -422,6 +422,13 @@ def test_config_rejects_nonsense():
     assert RayschedConfig(store_tidy_fanout=0).store_tidy_fanout == 0  # never
 
 
+def test_a_misspelt_knob_is_named_with_the_ones_meant():
+    """``raysched.configure`` goes through ``replace``: dataclasses' own error named no alternative."""
+    with pytest.raises(TypeError, match=r"no knob 'node_kill_margn' \(did you mean node_kill_margin\?\)"):
+        RayschedConfig().replace(node_kill_margn=0.01)
+    with pytest.raises(TypeError, match=r"no knob 'zzz'$"):
+        RayschedConfig().replace(zzz=1, max_attempts=2)
+
 
 @pytest.mark.parametrize("change, message", [
     ({"cpu_rounding": 0}, "cpu_rounding must be positive"),  # was a ZeroDivisionError at the first .remote()
