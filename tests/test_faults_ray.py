@@ -331,14 +331,20 @@ def _judge_nodes_by(**changes) -> None:
 def test_under_node_pressure_the_lowest_priority_call_gives_way_first(faults):
     """The node rule on a real node: any reading counts as pressure (threshold 1%), read every second.
 
-    The pressure starts once both calls run: before that, the one running alone is the
-    lowest priority on its node, whatever its number (this test failed when run alone, on
-    a cold worker pool where the important call started first).
+    The pressure starts once the monitor has heard of both calls: before that, the one it
+    knows of is the lowest priority on its node, whatever its number (this test failed
+    when run alone: on a cold worker pool the important call reported first).
     """
+    from raysched.runtime.monitor import get_or_create_monitor
+    from raysched.runtime.session import get_config
+
+    monitor = get_or_create_monitor(get_config())
+    running = lambda: ray.get(monitor.status.remote(), timeout=30)["running_by_function"]  # noqa: E731
     vip_marker, low_marker = faults / "busy_vip", faults / "busy_low"
     vip = busy_for.options(priority=5).remote(str(vip_marker), 8.0)
     low = busy_for.options(priority=0).remote(str(low_marker), 8.0)
     assert wait_for(lambda: vip_marker.exists() and low_marker.exists(), timeout=90)
+    assert wait_for(lambda: sum(n for f, n in running().items() if f.endswith("busy_for")) == 2, timeout=30)
     _judge_nodes_by(node_memory_threshold=0.01, node_memory_sustain_readings=1, node_poll_interval_s=1.0)
     try:
         assert wait_for(lambda: len(raysched.events(busy_for)) > 0, timeout=90)

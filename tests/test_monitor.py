@@ -191,6 +191,7 @@ def test_a_newer_attempt_supersedes_the_stopped_one(monitor):
     assert (d.action, d.attempt) == (R.NONE, 2)
     assert monitor.report([first(rss_bytes=2 * GiB)]) == {}  # a late sample of attempt 1 is ignored
     assert monitor.status()["attempts"] == 1
+    assert monitor.status()["running_by_function"] == {second().function: 1}  # attempt 1 ended, 2 runs
 
 
 def test_silent_attempts_are_forgotten_on_the_clock(monitor, clock):

@@ -486,9 +486,16 @@ class Monitor:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
+            running: dict[str, int] = {}
+            for attempt in self._attempts.values():
+                if attempt.state.stop is None:
+                    running[attempt.last.function] = running.get(attempt.last.function, 0) + 1
             return {
                 "attempts": len(self._attempts),
                 "stopping": sum(a.state.stop is not None for a in self._attempts.values()),
+                # Attempts reporting and not stopped, by function (an attempt that ended is
+                # forgotten once silent for monitor_stale_s).
+                "running_by_function": running,
                 "nodes": len(self._nodes),
                 "reports_received": self.reports_received,
                 "decisions": self.decisions_made,
