@@ -34,11 +34,11 @@ from ..config import RayschedConfig
 from ..policy.recipe import build_rules
 from ..policy.rules import (
     ACTOR_RESCALED,
+    METRICS_READING,
     REQUEUE_LOWEST_PRIORITY,
     STOP_AND_RESUBMIT,
     AttemptState,
     Decision,
-    METRICS_READING,
     LiveReport,
     NodeMemory,
     NodeState,
