@@ -436,6 +436,31 @@ def test_a_node_is_judged_every_second_from_its_workers_own_readings(tmp_path, c
     assert monitor.directives(["vip"])["vip"].action == R.NONE
 
 
+@pytest.mark.parametrize("projection", [True, False])
+def test_a_climbing_node_is_relieved_from_its_workers_readings_before_ray_kills(tmp_path, clock, projection):
+    """Two tasks on a 16 GiB node whose Ray kills at 50%, the node climbing 1 GiB/s: the workers'
+    readings carry the rate, and the monitor keeps the last one between its judgements."""
+    cfg = RayschedConfig(home=str(tmp_path), node_memory_projection=projection)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    total, label = 16 * GiB, int(3.5 * GiB)
+    tasks = [Samples(call_id=c, priority=0, node_total_bytes=total, node_kill_threshold=0.5,
+                     allocation=Allocation(1.0, label), wall_seconds=w) for c, w in (("a", 9.0), ("b", 1.0))]
+    first_stop = None
+    for tick in range(14):  # a live sample every 0.5 s; each task grows 0.25 GiB per sample
+        clock.advance(0.5)
+        rss = min(0.2 * GiB + tick * 0.25 * GiB, label)
+        used = 4 * GiB + 2 * rss
+        reply = monitor.report([t(rss_bytes=int(rss), node_used_bytes=used) for t in tasks])
+        if reply and first_stop is None:
+            first_stop = (used, reply)
+    assert first_stop is not None
+    used, reply = first_stop
+    if projection:  # decided while the node is still under Ray's 8 GiB, and the newer task gives way
+        assert used < 8 * GiB and list(reply) == ["b"] and "going to" in reply["b"].detail
+    else:  # judged by each reading as it is, the stop comes once the node is past Ray's line
+        assert used > 8 * GiB and "going to" not in reply["b"].detail
+
+
 def test_node_memory_here_reads_this_machine():
     from raysched.runtime.monitor import node_memory_here
 

@@ -541,7 +541,7 @@ class Rules:
         threshold = rule.threshold_for(reading)
         projected = rule.projected_bytes(state.last_reading, reading, here)
         kill_line = reading.kill_threshold if reading.kill_threshold is not None else RAY_DEFAULT_KILL_THRESHOLD
-        going_over = projected >= kill_line * reading.total_bytes
+        going_over = projected > reading.used_bytes and projected >= kill_line * reading.total_bytes
         if reading.fraction < threshold and not going_over:
             return NodeState(0, reading.timestamp, remembered), None
         streak = state.streak + 1
