@@ -403,7 +403,7 @@ def test_the_monitor_learns_each_nodes_ray_kill_threshold_from_its_workers_repor
     cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2, node_poll_interval_s=5.0)
     monitor = Monitor(cfg, clock=clock, node_reader=nodes, metrics=RecordingMetrics())
     low = Samples(call_id="low", priority=1, node_kill_threshold=0.30)
-    nodes.fraction = {"node-a": 0.29}  # far below raysched's 0.9, just below Ray's 0.30
+    nodes.fraction = {"node-a": 0.295}  # far below raysched's 0.9, just below Ray's 0.30
 
     replies = []
     for _ in range(12):

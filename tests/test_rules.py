@@ -294,8 +294,8 @@ def first_stop(config: RayschedConfig, trace) -> tuple[int, Decision] | None:
 
 
 def test_a_node_climbing_fast_is_relieved_before_ray_kills_not_after():
-    """Tasks growing 1 GiB/s together: waiting for two readings over the threshold (7.52 GiB,
-    3 points under Ray's 8 GiB) meant the first was already past Ray's line."""
+    """Tasks growing 1 GiB/s together: waiting for two readings over the threshold (7.84 GiB,
+    1 point under Ray's 8 GiB) meant the first was already past Ray's line."""
     default = RayschedConfig()
     assert build_rules(default).node_rule.lead_s == 2 * 1.0 + 0.5  # two readings 1 s apart + a live interval
     trace = climbing_node(3.5, R.WORKER_READING)
@@ -355,7 +355,7 @@ def test_node_pressure_acts_below_a_lowered_ray_kill_threshold():
     rules = build_rules(CFG)
     running = running_on("node-a", ("low", 0, 100))
     clock = FakeClock()
-    lowered = [NodeMemory("node-a", 0.285 * 64 * GiB, 64 * GiB, clock(), kill_threshold=0.30) for _ in range(N)]
+    lowered = [NodeMemory("node-a", 0.295 * 64 * GiB, 64 * GiB, clock(), kill_threshold=0.30) for _ in range(N)]
     got = replay_node(rules, lowered, running)
     assert got[-1] is not None and got[-1].call_id == "low"
     assert got[-1].allocated == pytest.approx(0.30 - CFG.node_kill_margin)

@@ -296,7 +296,7 @@ def build_rules(config: RayschedConfig) -> Rules:
                         CpuOffAllocation(config.monitor_cpu_low_ratio, config.monitor_cpu_high_ratio,
                                          config.monitor_cpu_min_wall_s), n),
         ),
-        # 5. A node at 90% of its memory (or 3 points below Ray's own kill threshold there,
+        # 5. A node at 90% of its memory (or 1 point below Ray's own kill threshold there,
         #    if that is lower) for 2 readings in a row: its lowest-priority task gives way
         #    (stopped and requeued unchanged), one at a time.  A reading counts as high too
         #    when the node, growing on, would pass Ray's kill threshold before a stop could

@@ -387,7 +387,7 @@ class NodePressure:
     sustain: int = 1
     #: How far below Ray's own kill threshold (a fraction of the node's memory) to act,
     #: when the node's threshold is known and lower than ``threshold``; None: ``threshold`` only.
-    kill_margin: float | None = 0.03
+    kill_margin: float | None = 0.01
     #: Seconds from a reading until a stop decided on the next one takes effect.  A reading
     #: whose node, growing as fast as since the last reading (but no further than its
     #: attempts' labels allow), would pass Ray's kill threshold within that time counts as
