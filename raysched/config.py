@@ -218,8 +218,8 @@ class RayschedConfig:
     #: None: judge by node_memory_threshold alone and leave such a node to Ray's killer.
     #: One point: a growing node is judged by where it is going (node_memory_projection),
     #: so the margin only covers what that does not see; at 3 points (720 MiB of a 23.5 GiB
-    #: machine) the monitor benchmark requeued a task in 9 of 12 batches, at 1 point in 4
-    #: of 12, with no Ray OOM kill either way (benchmarks/README.md).
+    #: machine) the monitor benchmark requeued a task in 9 of 12 batches, at 1 point in 7
+    #: of 24 (benchmarks/README.md).
     node_kill_margin: float | None = 0.01
     #: Consecutive high readings of a node before a task on it is stopped (and again
     #: before the next one).
