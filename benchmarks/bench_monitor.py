@@ -515,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, SyntaxError):
             parser.error(f"--config {item!r}: {value!r} is not a Python literal")
     if knobs:
-        raysched.configure(**knobs)  # an unknown knob or a bad value is refused here, before any cluster
+        try:  # an unknown knob or a bad value is refused here, before any cluster starts
+            raysched.configure(**knobs)
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--config: {exc}")
     lo, hi, step = (int(x) for x in args.sizes.split(":"))
     rng = random.Random(args.seed)
     choices = list(range(lo, hi + 1, step))
