@@ -39,6 +39,20 @@ SCRIPT = textwrap.dedent("""
     [t.join() for t in threads]
     print(sorted(results), errors)
     ray.shutdown()
+
+    # Ray started again from a thread, and shut down again: the thread that keeps each
+    # session's processes alive ends with its session.
+    runner = threading.Thread(target=first_call, args=(9,))
+    barrier = threading.Barrier(1)
+    runner.start(); runner.join()
+    keepers = lambda: [t for t in threading.enumerate() if t.name == "raysched-ray-init"]
+    alive_during = len(keepers())
+    ray.shutdown()
+    import time
+    deadline = time.monotonic() + 10
+    while keepers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print("keepers", alive_during, len(keepers()), results[-1], errors)
 """)
 
 
@@ -54,4 +68,8 @@ def test_threads_making_their_first_calls_together_start_ray_once(tmp_path):
         done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300,
                               cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "[0, 1, 4, 9, 16, 25, 36, 49] []", done.stdout[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == "[0, 1, 4, 9, 16, 25, 36, 49] []", done.stdout[-2000:]
+    # While Ray ran from a thread's first call, one keeper; after ray.shutdown(), none
+    # (one was kept for the life of the process per start: they piled up).
+    assert lines[-1] == "keepers 1 0 81 []", done.stdout[-2000:]

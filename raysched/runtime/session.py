@@ -144,8 +144,15 @@ def ensure_ray() -> None:
                 failed.append(exc)
             finally:
                 started.set()
-            if not failed:
-                threading.Event().wait()  # for the life of the process
+            if failed:
+                return
+            # As long as this Ray session lasts: after ray.shutdown() what it started is
+            # gone, and a thread kept for good per re-initialisation would pile up.
+            token = session_token()
+            if token is None:  # no way to tell when the session ends: for the life of the process
+                threading.Event().wait()
+            while _still_connected_to(token):
+                time.sleep(_KEEPER_POLL_S)
 
         threading.Thread(target=init_and_stay, name="raysched-ray-init", daemon=True).start()
         started.wait()
@@ -155,6 +162,15 @@ def ensure_ray() -> None:
 
 # Not Ray's own auto-init lock: ray.init() calls Ray APIs that take it while it is held here.
 _init_lock = threading.Lock()
+_KEEPER_POLL_S = 1.0
+
+
+def _still_connected_to(token: str | None) -> bool:
+    """Whether this process is still in the Ray session ``token`` names (asked again if unsure)."""
+    try:
+        return ray.is_initialized() and session_token() == token
+    except Exception:  # noqa: BLE001 - a shutdown under way: the next look tells
+        return True
 
 
 class ClusterShapeCache:
