@@ -309,6 +309,9 @@ def test_a_node_climbing_fast_is_relieved_before_ray_kills_not_after():
     assert t_plain == 5 and trace[4][0].used_bytes > 8 * GiB
     # A metrics endpoint's reading may be 5 s old: no growth rate is taken from it.
     assert first_stop(default, climbing_node(3.5, R.METRICS_READING))[0] == 5
+    # A node with a lowered threshold that the config leaves to Ray's killer (node_kill_margin
+    # None) is left to it by the projection too: the climb ends at 65%, under the 90% judged by.
+    assert first_stop(default.replace(node_kill_margin=None), trace) is None
 
 
 def test_a_node_climbing_to_labels_that_fit_is_left_alone():

@@ -406,6 +406,16 @@ class NodePressure:
             return self.threshold
         return max(0.0, min(self.threshold, reading.kill_threshold - self.kill_margin))
 
+    def kill_line_for(self, reading: NodeMemory) -> float:
+        """The used fraction at which Ray kills on the reading's node, as far as this rule heeds it.
+
+        A node whose lowered threshold the rule was told to leave to Ray's killer
+        (``kill_margin`` None) is judged against Ray's default, as by ``threshold`` alone.
+        """
+        if reading.kill_threshold is None or self.kill_margin is None:
+            return RAY_DEFAULT_KILL_THRESHOLD
+        return reading.kill_threshold
+
     def projected_bytes(self, previous: "NodeMemory | None", reading: NodeMemory,
                         running: Sequence[LiveReport]) -> float:
         """The node's used memory ``lead_s`` after ``reading``, growing as since ``previous``.
@@ -540,8 +550,7 @@ class Rules:
         remembered = reading if reading.source == WORKER_READING else state.last_reading
         threshold = rule.threshold_for(reading)
         projected = rule.projected_bytes(state.last_reading, reading, here)
-        kill_line = reading.kill_threshold if reading.kill_threshold is not None else RAY_DEFAULT_KILL_THRESHOLD
-        going_over = projected > reading.used_bytes and projected >= kill_line * reading.total_bytes
+        going_over = projected > reading.used_bytes and projected >= rule.kill_line_for(reading) * reading.total_bytes
         if reading.fraction < threshold and not going_over:
             return NodeState(0, reading.timestamp, remembered), None
         streak = state.streak + 1
