@@ -42,6 +42,18 @@ class RoundResult:
     over_gib: float
     under_tasks: int
     seconds: float
+    #: The largest shortfall of a task's request below its peak (MiB), and as a share of that request.
+    under_worst_mib: float = 0.0
+    under_worst_share: float = 0.0
+
+
+def allocation_summary(allocated_and_peak: list[tuple[float, float]]) -> tuple[float, int, float, float]:
+    """Over-allocation (GiB summed over tasks), the tasks whose peak passed their request, and the
+    largest such shortfall in MiB and as a share of its request, from (allocated, peak) bytes."""
+    over = sum(max(0.0, alloc - peak) for alloc, peak in allocated_and_peak) / 2**30
+    short = [(peak - alloc, alloc) for alloc, peak in allocated_and_peak if peak > alloc]
+    worst, request = max(short, default=(0.0, 0.0))
+    return over, len(short), worst / MiB, (worst / request if request > 0 else 0.0)
 
 
 def _round(name: str, work, sizes: list[tuple[int, int]]) -> RoundResult:
@@ -50,24 +62,23 @@ def _round(name: str, work, sizes: list[tuple[int, int]]) -> RoundResult:
     import raysched
 
     start = time.perf_counter()
-    predictions = [None] * len(sizes)
     refs = [work.options(input_size=n * 256 * 8).remote(n, t) for n, t in sizes]
     ray.get(refs)
     seconds = time.perf_counter() - start
     rows = raysched.profiles(work).tail(len(sizes))
     # Rows land in the order tasks finished: match them to tasks by input size.
     by_size = {int(r["input_size"]): r for _, r in rows.iterrows()}
-    table, over, under = [], 0.0, 0
-    for (n, t), pred in zip(sizes, predictions):
+    table, allocated_and_peak = [], []
+    for n, t in sizes:
         row = by_size[n * 256 * 8]
         peak = float(row["peak_rss_bytes"])
         alloc = float(row["allocated_memory_bytes"])
-        over += max(0.0, alloc - peak) / 2**30
-        under += int(peak > alloc)
+        allocated_and_peak.append((alloc, peak))
         table.append((n, t, str(row["prediction_source"]), float(row["predicted_memory_upper_bytes"]) / MiB,
                       alloc / MiB, peak / MiB, float(row["predicted_cpu"]), float(row["allocated_num_cpus"]),
                       float(row["cpu_cores"] or 0.0)))
-    return RoundResult(name, table, over, under, seconds)
+    over, under, worst_mib, worst_share = allocation_summary(allocated_and_peak)
+    return RoundResult(name, table, over, under, seconds, worst_mib, worst_share)
 
 
 def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
@@ -103,7 +114,9 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
             echo(f"{n:>8} {t:>3} {source:>10} {pred_mem:>9.0f} {alloc:>9.0f} {peak:>9.0f}"
                  f" {pred_cpu:>8.2f} {alloc_cpu:>9.2f} {used_cpu:>8.2f}")
         echo(f"  over-allocation: {result.over_gib:.2f} GiB of memory requested beyond peak use, summed over tasks;"
-             f" under-allocation: {result.under_tasks} of {len(result.table)} tasks used more than requested")
+             f" under-allocation: {result.under_tasks} of {len(result.table)} tasks used more than requested"
+             + (f" (the most: {result.under_worst_mib:.0f} MiB, {result.under_worst_share:.1%} of its request)"
+                if result.under_tasks else ""))
     if len(results) == 2 and results[0].over_gib > 0:
         echo(f"\nWarm over-allocation is {results[1].over_gib / results[0].over_gib:.0%} of cold;"
              f" under-allocated tasks: {results[0].under_tasks} cold, {results[1].under_tasks} warm.")

@@ -220,3 +220,15 @@ def test_profiles_of_a_bare_function_name_finds_its_module_or_names_what_there_i
     res = CliRunner().invoke(main, ["demo", "--tasks", "0"])
     assert res.exit_code == 2 and "--tasks" in res.output  # refused before a cluster is started
     monkeypatch.setattr(session, "_config", None)
+
+
+def test_the_demo_says_how_far_an_under_allocated_task_went_over():
+    """'4 of 16 tasks used more than requested' read like a failure when each was 1-3 MiB over."""
+    from raysched.demo import allocation_summary
+    from raysched.types import GiB, MiB
+
+    pairs = [(1 * GiB, 700 * MiB), (368 * MiB, 371 * MiB), (200 * MiB, 210 * MiB), (512 * MiB, 512 * MiB)]
+    over, under, worst_mib, worst_share = allocation_summary(pairs)
+    assert over == pytest.approx(324 / 1024)  # only the first asked for more than it used
+    assert under == 2 and worst_mib == pytest.approx(10) and worst_share == pytest.approx(0.05)
+    assert allocation_summary([]) == (0.0, 0, 0.0, 0.0)
