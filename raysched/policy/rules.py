@@ -110,16 +110,23 @@ class LiveReport:
                           self.node_kill_threshold, source=WORKER_READING)
 
     @property
-    def memory_headroom_bytes(self) -> float:
-        """How much more the attempt is expected to hold: its label less what it holds now (>= 0).
+    def memory_label_bytes(self) -> float:
+        """What the attempt may hold by its ``memory`` label, in the terms of ``rss_bytes``.
 
-        A caller's own figure is the task's memory alone (``memory_is_task_only``),
-        on top of what the worker held when the attempt began.
+        raysched's own sizes are peaks of the whole worker process; a caller's own
+        figure (``memory_is_task_only``: a fallback, or ``memory=`` given) is the task's
+        memory alone, as Ray's label is, on top of what the worker held when the attempt
+        began (130-180 MiB: judging the whole process by it stopped tasks that allocated nothing).
         """
         label = float(self.allocation.memory_bytes)
         if self.allocation.memory_is_task_only:
             label += float(self.start_rss_bytes)
-        return max(0.0, label - float(self.rss_bytes))
+        return label
+
+    @property
+    def memory_headroom_bytes(self) -> float:
+        """How much more the attempt is expected to hold: its label less what it holds now (>= 0)."""
+        return max(0.0, self.memory_label_bytes - float(self.rss_bytes))
 
     @property
     def key(self) -> tuple[str, int]:
@@ -242,11 +249,8 @@ class MemoryOverAllocation:
         allocated = float(r.allocation.memory_bytes)
         if allocated <= 0:
             return None
-        # The caller's own figure (a fallback, or memory= given) means the task's memory, as
-        # Ray's label does: the worker held start_rss_bytes before the task began (130-180
-        # MiB), and judging the whole process by it stopped tasks that allocated nothing.
-        worker = float(r.start_rss_bytes) if r.allocation.memory_is_task_only else 0.0
-        limit = (allocated + worker) * self.tolerance
+        worker = r.memory_label_bytes - allocated  # the worker's start size, for a caller's own figure
+        limit = r.memory_label_bytes * self.tolerance
         if r.rss_bytes <= limit:
             return None
         over = f"{_mib(allocated)} + the worker's {_mib(worker)} at the start" if worker else _mib(allocated)

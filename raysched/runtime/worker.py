@@ -1169,7 +1169,7 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
     else:
         task_id = ray.get_runtime_context().get_task_id() or ""
         cause = previous_attempt_cause(task_id, attempt_number)
-    if cause == "TASK_EXECUTION_EXCEPTION" and decision is None:
+    if cause == _RAISED and decision is None:
         # Ray retries it within the caller's budget (``remote_options``); counted so that
         # the call's later tasks get only what is left of it.
         # A new attempt number (its row, live samples and markers are its own), not a ladder rung.
