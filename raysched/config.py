@@ -235,6 +235,9 @@ class RayschedConfig:
     #: Seconds between two judgements of a node from the memory readings its own workers
     #: send with their live samples (fresh every live interval, unlike the endpoint's).
     node_sample_interval_s: float = 1.0
+    #: A node's room for the admission queue (the memory its tasks' labels may add up to and
+    #: keep it under the threshold above) is the least its readings of this many seconds told.
+    node_room_window_s: float = 5.0
     #: The monitor forgets an attempt it has heard nothing of for this long.
     monitor_stale_s: float = 60.0
     #: A stopped attempt still running this many live intervals after the stop was raised
@@ -257,6 +260,11 @@ class RayschedConfig:
     #: Calls reaching the queue within this many seconds of each other are ordered
     #: together before any is admitted (a burst goes by priority, not by arrival).
     admission_gather_s: float = 0.01
+    #: Admit calls against each node's room under its memory threshold as the monitor last
+    #: measured it (its label capped by it), not only its ``memory`` label: a label is fixed
+    #: when the node starts, and tasks whose labels fit it can still pass Ray's kill
+    #: threshold when other programs use more (policy/admission.py).  False: labels only.
+    admission_node_room: bool = True
 
     # --- actors (``@adaptive_remote`` on a class) -------------------------------------------
     #: A rescale for memory sizes the new actor for its resident memory x this factor
@@ -396,7 +404,7 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
     (("min_memory_bytes", "memory_rounding_bytes", "cpu_rounding", "live_interval_s",
       "flush_interval_s", "xgb_learning_rate", "confidence_scale", "cost_max_slope", "monitor_stale_s",
       "monitor_wall_factor", "monitor_hard_stop_intervals", "monitor_directive_timeout_s", "node_poll_interval_s",
-      "node_sample_interval_s", "memory_limit_bytes"), lambda v: v > 0, "positive"),
+      "node_sample_interval_s", "node_room_window_s", "memory_limit_bytes"), lambda v: v > 0, "positive"),
     (("default_memory_bytes", "default_num_cpus", "default_wall_seconds", "min_num_cpus", "memory_margin", "confidence_exponent",
       "min_retrain_interval_s", "train_cost_fraction", "refresh_interval_s", "bundle_max_age_s",
       "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "oom_bump_bytes",

@@ -6,7 +6,15 @@ from __future__ import annotations
 import asyncio
 import math
 
-from raysched.policy.admission import FIRST_SUBMITTED, LARGEST_FIRST, AdmissionQueue, Request, order_key
+from raysched.policy.admission import (
+    FIRST_SUBMITTED,
+    LARGEST_FIRST,
+    AdmissionQueue,
+    Request,
+    order_key,
+    pooled_capacity,
+    pooled_labels,
+)
 from raysched.runtime.admission import Admission
 from raysched.types import GiB
 
@@ -55,6 +63,29 @@ def test_a_call_bigger_than_the_whole_capacity_passes_through_and_blocks_nobody(
     assert q.finish("bad") == [] and q.admitted() == 2
     # With the room full, it passes all the same: the queue can never make room for it.
     assert q.offer("wide", 0, Request(1.0, 16 * GiB)) == ["wide"]
+
+
+def test_each_nodes_label_is_capped_by_its_room_and_a_node_without_one_counts_by_its_label():
+    nodes = {"a": Request(2.0, 4 * GiB), "b": Request(4.0, 8 * GiB), "c": Request(1.0, 2 * GiB)}
+    rooms = {"a": 3 * GiB, "b": 16 * GiB, "gone": 1 * GiB}  # "c": no reading; "gone": a node Ray no longer has
+    assert pooled_capacity(nodes, rooms) == Request(7.0, (3 + 8 + 2) * GiB)
+    assert pooled_capacity(nodes, {"a": -1 * GiB}) == Request(7.0, (0 + 8 + 2) * GiB)  # over its line: no room
+    assert pooled_labels(nodes) == Request(7.0, 14 * GiB)
+    assert pooled_capacity({}, rooms) is None
+
+
+def test_a_call_bigger_than_the_room_but_within_the_labels_waits_to_run_alone():
+    """The room is what the node can give now; passed through as if no room would ever do, the
+    call ran beside others on a node already short of memory."""
+    q = AdmissionQueue()
+    q.set_capacity(Request(2.0, 2 * GiB), ceiling=Request(2.0, 4 * GiB))
+    assert q.offer("small", 0, Request(0.5, 1 * GiB)) == ["small"]
+    assert q.offer("big", 0, Request(0.5, 3 * GiB)) == []  # 3 GiB > the 2 GiB room: it waits...
+    assert q.finish("small") == ["big"]  # ...until it can run alone
+    assert q.offer("after", 0, Request(0.5, 0.5 * GiB)) == []  # it holds the room while it runs
+    assert q.offer("wide", 0, Request(0.5, 5 * GiB)) == ["wide"]  # beyond the labels: passes through
+    q.finish("big")
+    assert q.admitted() == 2  # "after" and "wide"
 
 
 def test_a_call_cancelled_while_waiting_leaves_the_queue_and_offers_are_idempotent():
@@ -124,7 +155,7 @@ def test_a_call_whose_end_arrives_before_it_is_never_queued():
     assert q.waiting() == 0 and q.admitted() == 0 and not q.is_waiting("x")
     assert q.offer("y", 0, ONE) == ["y"]  # nothing of "x" holds room
 
-    service = Admission(capacity=lambda: Request(1.0, 8 * GiB), clock=Clock(), gather_s=0.0)
+    service = Admission(capacity=lambda: {"n": Request(1.0, 8 * GiB)}, clock=Clock(), gather_s=0.0)
 
     async def scenario():
         ended = asyncio.get_running_loop().create_future()
@@ -140,7 +171,7 @@ def test_a_call_whose_end_arrives_before_it_is_never_queued():
 def test_the_service_releases_waiters_in_order_as_tracked_calls_end():
     capacity = [Request(1.0, 8 * GiB)]
     clock = Clock()
-    service = Admission(capacity=lambda: capacity[0], refresh_s=5.0, clock=clock, gather_s=0.0)
+    service = Admission(capacity=lambda: {"n": capacity[0]}, refresh_s=5.0, clock=clock, gather_s=0.0)
 
     async def scenario():
         started: list[str] = []
@@ -176,7 +207,7 @@ def test_the_service_releases_waiters_in_order_as_tracked_calls_end():
 
 
 def test_the_service_orders_a_burst_by_priority_not_by_which_message_came_first():
-    service = Admission(capacity=lambda: Request(1.0, 8 * GiB), clock=Clock(), gather_s=0.05)
+    service = Admission(capacity=lambda: {"n": Request(1.0, 8 * GiB)}, clock=Clock(), gather_s=0.05)
 
     async def scenario():
         started: list[str] = []
@@ -322,7 +353,7 @@ def test_a_call_joins_the_queue_only_once_its_object_ref_inputs_exist():
     room while Ray waited for its inputs, and the producers never got any: a hang."""
     capacity = [Request(2.0, 8 * GiB)]
     existing: set[str] = set()
-    service = Admission(capacity=lambda: capacity[0], refresh_s=5.0, clock=Clock(), gather_s=0.0,
+    service = Admission(capacity=lambda: {"n": capacity[0]}, refresh_s=5.0, clock=Clock(), gather_s=0.0,
                         ready=lambda refs: {r for r in refs if r in existing}, inputs_poll_s=0.001)
 
     async def scenario():
@@ -356,3 +387,52 @@ def _done():
     future = asyncio.get_running_loop().create_future()
     future.set_result(None)
     return future
+
+
+def test_the_service_admits_against_the_monitors_rooms_and_falls_back_to_labels():
+    """Two calls whose labels fit the node's 4 GiB label but not its 2 GiB room start one at a
+    time; the rooms are read before the first admission, and again once older than refresh_s."""
+    clock = Clock()
+    asked: list[list[str]] = []
+    room = {"n": 2 * GiB}
+
+    async def rooms(node_ids):
+        asked.append(list(node_ids))
+        await asyncio.sleep(0.01)  # an actor call: the first pass must wait for it
+        if room is None:
+            raise RuntimeError("no monitor")
+        return dict(room)
+
+    service = Admission(capacity=lambda: {"n": Request(2.0, 4 * GiB)}, refresh_s=5.0, clock=clock,
+                        gather_s=0.0, rooms=rooms)
+
+    async def scenario():
+        started: list[str] = []
+
+        async def call(token):
+            await service.admit(token, 0, 0.5, 1.5 * GiB)
+            started.append(token)
+
+        tasks = [asyncio.create_task(call(t)) for t in ("a", "b")]
+        await asyncio.sleep(0.05)
+        assert started == ["a"] and asked == [["n"]]
+        status = service.status()
+        assert (status["capacity_memory_bytes"], status["label_memory_bytes"]) == (2 * GiB, 4 * GiB)
+        assert status["node_rooms"] == {"n": 2 * GiB}
+        service.finish("a")
+        await asyncio.sleep(0.05)
+        assert started == ["a", "b"] and len(asked) == 1  # not read again within refresh_s
+        # The monitor gone: after refresh_s, the labels alone.
+        nonlocal room
+        room = None
+        clock.now += 6.0
+        tasks += [asyncio.create_task(call(t)) for t in ("c", "d")]
+        await asyncio.sleep(0.05)
+        assert started == ["a", "b", "c"]  # "b" still holds 1.5 GiB of the 4
+        assert len(asked) == 2 and service.status()["capacity_memory_bytes"] == 4 * GiB
+        service.finish("b")
+        await asyncio.sleep(0.01)
+        assert started == ["a", "b", "c", "d"]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())

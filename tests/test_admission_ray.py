@@ -26,6 +26,14 @@ def hold(label: str, seconds: float):
     return label, start
 
 
+def _named(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
 def _queue_status():
     return ray.get(ray.get_actor(ADMISSION_NAME, namespace=NAMESPACE).status.remote(), timeout=30)
 
@@ -143,3 +151,51 @@ def test_a_call_no_node_can_run_does_not_block_the_queue(ray_session):
     assert sorted(label for label, _ in ray.get(fine, timeout=60)) == [f"fine{i}" for i in range(4)]
     ray.cancel(impossible)
     assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()
+
+
+@adaptive_remote(num_cpus=0.5, memory=800 * MiB)
+def labelled(label: str, seconds: float):
+    import time
+
+    start = time.time()
+    time.sleep(seconds)
+    return label, start, time.time()
+
+
+def test_calls_whose_labels_fit_the_node_but_not_its_room_start_one_at_a_time(ray_session):
+    """The node's ``memory`` label has room for both 800 MiB calls; what the machine really has
+    under the monitor's threshold (set 1 GiB above what it uses now) has room for one: the queue
+    admits against that, from the monitor's reading, and the second call starts once the first ends."""
+    import threading
+    import time
+
+    import psutil
+
+    from raysched.runtime.session import monitor_name
+    from raysched.types import GiB
+
+    from raysched.runtime.client import get_client
+
+    config = raysched.get_config()
+    get_client().handle  # the profiler, and the monitor beside it, in the background...
+    for thread in threading.enumerate():
+        if thread.name == "raysched-monitor-start":
+            thread.join(timeout=60)  # ...which hands the monitor this driver's config: not after ours
+    assert wait_for(lambda: _named(monitor_name(config)), timeout=60)
+    monitor = ray.get_actor(monitor_name(config), namespace=NAMESPACE)
+    ray.get(monitor.ping.remote(), timeout=60)
+    time.sleep(1.0)  # (a threaded actor: its first reconfigure is done by now)
+    vm = psutil.virtual_memory()
+    strict = config.replace(node_memory_threshold=(vm.total - vm.available + 1 * GiB) / vm.total)
+    ray.get(monitor.reconfigure.remote(strict), timeout=30)
+    try:
+        time.sleep(5.5)  # the queue's last read of the rooms grows old: the next burst reads them first
+        calls = [labelled.options(priority=0).remote(f"call{i}", 1.0) for i in range(2)]
+        (_, first_start, first_end), (_, second_start, _) = sorted(ray.get(calls, timeout=120), key=lambda r: r[1])
+        status = _queue_status()
+        assert second_start >= first_end - 0.05, (first_start, first_end, second_start, status)
+        assert status["label_memory_bytes"] > 2 * 800 * MiB  # the labels alone would admit both at once
+        [room] = status["node_rooms"].values()
+        assert room < 1.6 * GiB and status["capacity_memory_bytes"] == pytest.approx(room), status
+    finally:
+        ray.get(monitor.reconfigure.remote(config), timeout=30)

@@ -478,3 +478,48 @@ def test_a_decision_the_driver_took_is_an_event_but_not_logged_again(monitor, tm
     assert "mod.Acc" not in caplog.text
     events = ProfileStore(tmp_path).events()
     assert list(events["rule"]) == [R.ACTOR_RESCALED]
+
+
+def test_a_nodes_room_comes_from_its_workers_readings_least_of_the_window(tmp_path, clock):
+    """What the node uses besides raysched's attempts, from the workers' own readings; an attempt
+    whose last sample is older than the reading (it ended) is not taken off; the least room of
+    the window is given, so one reading taken as an attempt ends opens no room that is not there."""
+    cfg = RayschedConfig(home=str(tmp_path), node_room_window_s=5.0)
+    reads: list[str] = []
+
+    def node_reader(node_id):
+        reads.append(node_id)
+        return NodeMemory(node_id, 3 * GiB, 16 * GiB, source=R.METRICS_READING)
+
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics(), node_reader=node_reader)
+    line = (0.5 - cfg.node_kill_margin) * 16 * GiB  # Ray kills at 50%
+    a = Samples(call_id="a", node_total_bytes=16 * GiB, node_kill_threshold=0.5)
+    b = Samples(call_id="b", node_total_bytes=16 * GiB, node_kill_threshold=0.5)
+    # Two attempts of 1 GiB each, the node at 6 GiB: everything else holds 4 GiB.
+    monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=6 * GiB), b(rss_bytes=1 * GiB, node_used_bytes=6 * GiB)])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}
+    # "b" ends (its memory freed, its last sample stays); "a"'s next reading, 1 s on, is not
+    # set against "b"'s old sample: 5 GiB used, 1 GiB of it "a"'s.
+    clock.advance(1.0)
+    a.t += 0.5
+    monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=5 * GiB)])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}
+    # Other programs grow by 1 GiB: the room shrinks at once (the least of the window)...
+    clock.advance(1.0)
+    monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=6 * GiB)])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}
+    # ...and grows back only once that reading has left the window.
+    clock.advance(1.0)
+    monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=5 * GiB)])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}
+    clock.advance(5.5)  # (the monitor's own poll of the endpoint comes due: not set against the attempts)
+    monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=5 * GiB)])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}
+    # A node where nothing has run for a window is read from its endpoint (the kill threshold
+    # its workers reported is kept); one without any reading is left out.
+    clock.advance(6.0)
+    polled = len(reads)
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 3 * GiB)}
+    assert len(reads) == polled + 1
+    quiet = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    assert quiet.node_rooms(["node-a"]) == {}

@@ -373,6 +373,18 @@ def test_node_pressure_acts_below_a_lowered_ray_kill_threshold():
     assert opted_out.threshold_for(NodeMemory("n", 1, 2, kill_threshold=0.30)) == CFG.node_memory_threshold
 
 
+def test_a_nodes_room_is_its_threshold_less_what_anything_but_its_running_attempts_uses():
+    rule = build_rules(CFG).node_rule
+    running = running_on("node-a", ("a", 0, 1024), ("b", 0, 512)) + running_on("node-b", ("c", 0, 4096))
+    # Ray kills at 50% of 16 GiB: raysched's line is a point below (7.84 GiB); the node uses
+    # 6 GiB, 1.5 GiB of it the attempts': everything else holds 4.5 GiB.
+    reading = NodeMemory("node-a", 6 * GiB, 16 * GiB, kill_threshold=0.5)
+    assert rule.room_bytes(reading, running) == pytest.approx((0.5 - CFG.node_kill_margin) * 16 * GiB - 4.5 * GiB)
+    # No lowered threshold: raysched's own 90%; and a node past its line has no room at all.
+    assert rule.room_bytes(NodeMemory("node-a", 6 * GiB, 16 * GiB), []) == pytest.approx(0.9 * 16 * GiB - 6 * GiB)
+    assert rule.room_bytes(NodeMemory("node-a", 15 * GiB, 16 * GiB), []) == 0.0
+
+
 # --- actors: the same checks, rescaling instead of resubmitting -----------------------------------
 
 

@@ -29,6 +29,14 @@ nodes have together, say) passes through at once and holds nothing: no room the
 queue frees would ever do, and Ray keeps it pending until the cluster grows, as it
 would without raysched. (Admitted and held, it blocked every other call for good.)
 
+**Room, not only labels.**  A node's ``memory`` resource is a label fixed when the
+node starts; Ray's memory monitor kills by what the node really uses, which other
+programs' growth can push up.  The capacity the queue admits against can be each
+node's label capped by its *room*, the memory its tasks may still hold and keep the
+node under its kill threshold (``pooled_capacity``); the *ceiling* stays the labels.
+A call bigger than the room but within the ceiling waits until it can run alone
+(anything fits an empty queue), instead of passing through as if no room would do.
+
 Pure: imports neither ray, mlflow nor pyarrow.  Time is the caller's clock
 (``now``), so tests and replays drive it.
 """
@@ -39,6 +47,7 @@ import bisect
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class AdmissionQueue:
 
     def __init__(self, capacity: Request | None = None, backfill: bool = True, backfill_depth: int = 256):
         self._capacity = capacity
+        self._ceiling: Request | None = None  # None: the capacity (see set_capacity)
         self._backfill = backfill
         self._depth = max(0, int(backfill_depth))
         # Sorted by (-priority, order key, arrival): the key is the submitter's (its clock,
@@ -157,10 +167,19 @@ class AdmissionQueue:
     def is_waiting(self, token: str) -> bool:
         return token in self._queued and token not in self._gone
 
-    def set_capacity(self, capacity: Request, now: float = 0.0) -> list[str]:
-        """The cluster's capacity changed (a node joined or left); returns the tokens admitted now."""
+    def set_capacity(self, capacity: Request, now: float = 0.0, ceiling: Request | None = None) -> list[str]:
+        """The cluster's capacity changed (a node joined or left, or its room); returns the tokens admitted now.
+
+        ``ceiling``: the most the cluster could ever give (its nodes' labels; by default
+        the capacity): a call beyond it passes through; one beyond the capacity only waits.
+        """
         self._capacity = capacity
+        self._ceiling = ceiling
         return self.admit(now)
+
+    @property
+    def ceiling(self) -> Request | None:
+        return self._ceiling if self._ceiling is not None else self._capacity
 
     def _fits(self, request: Request) -> bool:
         if self._capacity is None or not self._admitted:
@@ -180,7 +199,8 @@ class AdmissionQueue:
             free = free + request
             if head.within(free):
                 return end, free - head
-        # Not reached for a call bigger than the whole capacity (it passes through, see admit).
+        # A head bigger than the capacity (within the ceiling: bigger than the room) starts
+        # alone, once every admitted call has ended.
         return (ends[-1][0], _NOTHING) if ends else None
 
     def admit(self, now: float = 0.0) -> list[str]:
@@ -194,7 +214,7 @@ class AdmissionQueue:
             if self._drop_if_gone(entry):  # cancelled while it waited
                 continue
             token, request = entry.token, entry.request
-            if self._capacity is not None and not request.within(self._capacity):
+            if self.ceiling is not None and not request.within(self.ceiling):
                 # More than all the nodes hold together: no room the queue frees will ever do,
                 # and Ray keeps such a task pending until the cluster grows. Held here, it
                 # would block every other call for good; it passes through, holding nothing.
@@ -263,4 +283,25 @@ def order_key(order: str, submitted_at: float, memory_bytes: float, wall_seconds
     raise ValueError(f"unknown admission order {order!r}; expected one of {ORDERS}")
 
 
-__all__ = ["AdmissionQueue", "Request", "order_key", "ORDERS", "FIRST_SUBMITTED", "LARGEST_FIRST"]
+def pooled_capacity(nodes: Mapping[str, Request], rooms: Mapping[str, float]) -> Request | None:
+    """What the queue admits against: every node's CPUs, and its ``memory`` label capped by its room.
+
+    ``nodes``: node id -> the node's CPUs and memory label; ``rooms``: node id -> the
+    memory its tasks may hold and keep it under its kill threshold (a node without one
+    counts by its label alone).  Pooled over the nodes, as the queue is; None without nodes.
+    """
+    if not nodes:
+        return None
+    cpus = sum(n.num_cpus for n in nodes.values())
+    memory = sum(min(n.memory_bytes, max(0.0, rooms[node_id])) if node_id in rooms else n.memory_bytes
+                 for node_id, n in nodes.items())
+    return Request(cpus, memory)
+
+
+def pooled_labels(nodes: Mapping[str, Request]) -> Request | None:
+    """The nodes' CPUs and memory labels together: the most the cluster could ever give."""
+    return pooled_capacity(nodes, {})
+
+
+__all__ = ["AdmissionQueue", "Request", "order_key", "pooled_capacity", "pooled_labels", "ORDERS",
+           "FIRST_SUBMITTED", "LARGEST_FIRST"]

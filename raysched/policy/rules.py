@@ -438,6 +438,22 @@ class NodePressure:
         headroom = sum(r.memory_headroom_bytes for r in running)
         return reading.used_bytes + min(rate * self.lead_s, headroom)
 
+    def room_bytes(self, reading: NodeMemory, running: Iterable[LiveReport]) -> float:
+        """How much the labels of the node's tasks may add up to and keep it under this rule's threshold.
+
+        What the node uses for anything but raysched's running attempts (the raylet,
+        idle workers, other programs, tasks raysched does not see) is the reading
+        less the attempts' resident sizes; the room is the threshold's share of the
+        node less that (>= 0).  An admission queue that keeps the labels of what it
+        admits to a node within it keeps the node from where this rule, and Ray's
+        killer below it, would act, as long as the calls keep to their labels: a
+        node's ``memory`` resource is a label fixed at its start, which other
+        programs' growth does not shrink.  ``running``: the attempts on the reading's
+        node, sampled about when it was taken.
+        """
+        others = reading.used_bytes - sum(r.rss_bytes for r in running if r.node_id == reading.node_id)
+        return max(0.0, self.threshold_for(reading) * reading.total_bytes - others)
+
     def victim(self, running: Iterable[LiveReport], excess_bytes: float = 0.0) -> LiveReport | None:
         """The attempt that gives way; ``excess_bytes``: how far the node is (or is going) over its threshold.
 

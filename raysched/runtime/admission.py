@@ -13,9 +13,13 @@ than a message from the worker keeps the accounting right when a worker dies.
 Calls submitted without ``priority`` do not pass through the queue: the happy
 path costs nothing for them.  The capacity is the cluster's CPU and ``memory``
 resources of the nodes that have CPUs (a CPU-less head's ``memory`` cannot
-host a task; read again every ``refresh_s``); calls that bypass the queue are
-not counted in it, so mixing both can admit more than fits, which Ray then
-queues as usual.  Each call brings its predicted upper wall time, so the
+host a task), each node's ``memory`` capped by its room under its memory
+threshold as the monitor last measured it (``Monitor.node_rooms``: a label is
+fixed when the node starts, and calls whose labels fit it can still pass Ray's
+kill threshold when other programs use more); read again every ``refresh_s``,
+and before the first admission of a burst that comes after a pause.  Calls that
+bypass the queue are not counted in it, so mixing both can admit more than
+fits, which Ray then queues as usual.  Each call brings its predicted upper wall time, so the
 queue can backfill behind a big call that waits for room
 (``policy.admission``).  Calls that arrive within ``gather_s`` of each other
 are ordered together before any is admitted: a burst submitted in a loop is
@@ -32,9 +36,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
-from ..policy.admission import AdmissionQueue, Request
+from ..policy.admission import AdmissionQueue, Request, pooled_capacity, pooled_labels
 
 logger = logging.getLogger(__name__)
 
@@ -49,39 +53,64 @@ def ray_ready(refs: Sequence[Any]) -> set[Any]:
     return set(ready)
 
 
-def ray_capacity() -> Request | None:
-    """The CPUs and ``memory`` of the live nodes that have CPUs, as Ray reports them."""
+def ray_node_capacities() -> dict[str, Request]:
+    """The CPUs and ``memory`` of each live node that has CPUs, by node id, as Ray reports them."""
     import ray
 
-    cpus = memory = 0.0
+    nodes = {}
     for node in ray.nodes():
         resources = node.get("Resources") or {}
         if node.get("Alive") and resources.get("CPU", 0) > 0:
-            cpus += float(resources["CPU"])
-            memory += float(resources.get("memory", float("inf")))
-    return Request(cpus, memory) if cpus > 0 else None
+            nodes[node["NodeID"]] = Request(float(resources["CPU"]), float(resources.get("memory", float("inf"))))
+    return nodes
+
+
+def monitor_rooms(monitor_name: str) -> Callable[[Sequence[str]], Awaitable[Mapping[str, float]]]:
+    """Asks the monitor actor of that name for the nodes' rooms (``Monitor.node_rooms``)."""
+
+    async def rooms(node_ids: Sequence[str]) -> Mapping[str, float]:
+        import ray
+
+        from .session import NAMESPACE
+
+        monitor = ray.get_actor(monitor_name, namespace=NAMESPACE)
+        return await monitor.node_rooms.remote(list(node_ids))
+
+    return rooms
 
 
 class Admission:
     """Admits waiting calls in priority order as admitted ones finish. Plain class; async methods.
 
-    ``capacity()`` returns the cluster's capacity (None: unknown, every call is
-    admitted and Ray queues them); it is read again when older than ``refresh_s``
-    on the ``clock``.  ``backfill`` as in ``policy.admission.AdmissionQueue``;
+    ``capacity()`` returns each node's CPUs and ``memory`` label by node id (none:
+    unknown, every call is admitted and Ray queues them); ``rooms(node_ids)``, if
+    given, is awaited for each node's room under its memory threshold (node id ->
+    bytes; a node left out counts by its label; no answer within ``rooms_timeout_s``:
+    labels only).  Both are read again when older than ``refresh_s`` on the ``clock``.
+    ``backfill`` as in ``policy.admission.AdmissionQueue``;
     ``gather_s``: the queue admits once no call has arrived for this long (at most
     10 x ``gather_s`` after the burst's first call), so a burst is ordered as a
     whole (0: only the calls already delivered to the actor).
     """
 
-    def __init__(self, capacity: Callable[[], Request | None] = ray_capacity, refresh_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic, backfill: bool = True, gather_s: float = 0.01,
-                 ready: Callable[[Sequence[Any]], set[Any]] = ray_ready, inputs_poll_s: float = 0.05):
+    def __init__(self, capacity: Callable[[], Mapping[str, Request]] = ray_node_capacities,
+                 refresh_s: float = 5.0, clock: Callable[[], float] = time.monotonic, backfill: bool = True,
+                 gather_s: float = 0.01, ready: Callable[[Sequence[Any]], set[Any]] = ray_ready,
+                 inputs_poll_s: float = 0.05,
+                 rooms: Callable[[Sequence[str]], Awaitable[Mapping[str, float]]] | None = None,
+                 rooms_timeout_s: float = 2.0):
         self._capacity_fn = capacity
+        self._rooms_fn = rooms
+        self._rooms_timeout_s = rooms_timeout_s
         self._refresh_s = refresh_s
         self._clock = clock
         self._gather_s = max(0.0, float(gather_s))
-        self._queue = AdmissionQueue(self._read_capacity(), backfill=backfill)
-        self._read_at = clock()
+        self._nodes = self._read_nodes() or {}
+        self._rooms: Mapping[str, float] = {}
+        self._queue = AdmissionQueue(pooled_labels(self._nodes), backfill=backfill)
+        # The rooms are not read here (an actor's constructor cannot await): the first pass reads them.
+        self._read_at = float("-inf") if rooms is not None else clock()
+        self._refreshing: asyncio.Future | None = None
         self._events: dict[str, asyncio.Event] = {}
         self._pass_pending = False
         self._first_arrival = self._last_arrival = 0.0  # of the burst being gathered (the loop's time)
@@ -93,7 +122,7 @@ class Admission:
         self._awaiting_inputs: dict[str, tuple[list[Any], asyncio.Event]] = {}
         self._inputs_watcher: asyncio.Future | None = None
 
-    def _read_capacity(self) -> Request | None:
+    def _read_nodes(self) -> Mapping[str, Request] | None:
         try:
             return self._capacity_fn()
         except Exception as exc:  # noqa: BLE001 - keep the last known capacity
@@ -107,12 +136,35 @@ class Admission:
             if event is not None:
                 event.set()
 
-    def _refresh(self) -> None:
-        if self._clock() - self._read_at >= self._refresh_s:
+    def _refresh(self) -> bool:
+        """Start reading the capacity again if it is older than ``refresh_s``; True while a read is on.
+
+        The read ends with an admission pass, on the new capacity.
+        """
+        if self._refreshing is None and self._clock() - self._read_at >= self._refresh_s:
             self._read_at = self._clock()
-            capacity = self._read_capacity()
-            if capacity is not None and capacity != self._queue.capacity:
-                self._wake(self._queue.set_capacity(capacity, self._clock()))
+            self._refreshing = asyncio.ensure_future(self._read_capacity())
+        return self._refreshing is not None
+
+    async def _read_capacity(self) -> None:
+        try:
+            nodes = self._read_nodes()
+            if nodes is not None:
+                self._nodes = nodes
+            if self._rooms_fn is not None and self._nodes:
+                try:
+                    self._rooms = dict(await asyncio.wait_for(self._rooms_fn(list(self._nodes)),
+                                                              self._rooms_timeout_s))
+                except Exception as exc:  # noqa: BLE001 - no monitor (yet): the labels alone
+                    logger.debug("raysched admission: no node rooms from the monitor (%s)", exc)
+                    self._rooms = {}
+        finally:
+            self._refreshing = None
+        capacity = pooled_capacity(self._nodes, self._rooms)
+        if capacity is not None:
+            self._wake(self._queue.set_capacity(capacity, self._clock(), ceiling=pooled_labels(self._nodes)))
+        else:
+            self._wake(self._queue.admit(self._clock()))
 
     def _admit_pass(self) -> None:
         # Wait on while calls keep arriving (a burst still being sent), up to 10 x gather_s.
@@ -122,7 +174,8 @@ class Admission:
             loop.call_later(self._gather_s - quiet, self._admit_pass)
             return
         self._pass_pending = False
-        self._refresh()
+        if self._refresh():
+            return  # the read that is on admits once it has the capacity
         self._wake(self._queue.admit(self._clock()))
 
     async def admit(self, token: str, priority: int, num_cpus: float, memory_bytes: float,
@@ -198,30 +251,37 @@ class Admission:
         awaiting = self._awaiting_inputs.pop(token, None)
         if awaiting is not None:
             awaiting[1].set()  # ended (cancelled) before its inputs existed: it never queues (_ended_early)
-        self._refresh()
+        self._refresh()  # a read that ends admits again, on the new capacity
         self._wake(self._queue.finish(token, self._clock()))
 
     def status(self) -> dict[str, Any]:
-        capacity = self._queue.capacity
+        capacity, ceiling = self._queue.capacity, self._queue.ceiling
         held = self._queue.held()
         return {"waiting": self._queue.waiting(), "admitted": self._queue.admitted(),
                 "awaiting_inputs": len(self._awaiting_inputs),
                 "admitted_total": self.admitted_total, "backfilled_total": self._queue.backfilled_total,
                 "capacity_cpus": capacity.num_cpus if capacity else None,
+                # What admitted calls' labels may add up to (the nodes' labels capped by
+                # their rooms), and the labels alone.
+                "capacity_memory_bytes": capacity.memory_bytes if capacity else None,
+                "label_memory_bytes": ceiling.memory_bytes if ceiling else None,
+                "node_rooms": dict(self._rooms),
                 "held_cpus": held.num_cpus, "held_memory_bytes": held.memory_bytes}
 
     def ping(self) -> bool:
         return True
 
 
-def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01) -> Any:
+def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monitor: str | None = None) -> Any:
     """The cluster's admission actor: found by name, created on first use, restarted by Ray.
 
     Async, so that thousands of waiting calls cost coroutines, not threads. A
     restarted actor starts empty: Ray retries the pending ``admit`` and ``track``
-    calls, so every waiting call queues again.  ``backfill`` and ``gather_s`` are
-    the creating driver's (``RayschedConfig.admission_backfill``,
-    ``admission_gather_s``); a driver that finds the actor uses it as it is.
+    calls, so every waiting call queues again.  ``backfill``, ``gather_s`` and
+    ``monitor`` (the name of the monitor actor whose node rooms cap the capacity;
+    None: labels only) are the creating driver's (``RayschedConfig.admission_backfill``,
+    ``admission_gather_s``, ``admission_node_room``); a driver that finds the actor
+    uses it as it is.
     """
     import ray
 
@@ -232,8 +292,8 @@ def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01) -> An
         ray.remote(Admission)
         .options(name=ADMISSION_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                  max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=100_000)
-        .remote(backfill=backfill, gather_s=gather_s)
+        .remote(backfill=backfill, gather_s=gather_s, rooms=monitor_rooms(monitor) if monitor else None)
     )
 
 
-__all__ = ["Admission", "get_or_create_admission", "ray_capacity", "ADMISSION_NAME"]
+__all__ = ["Admission", "get_or_create_admission", "monitor_rooms", "ray_node_capacities", "ADMISSION_NAME"]

@@ -30,7 +30,7 @@ from ..policy.estimators import Fallback
 from ..policy.recipe import build_predictor, build_sizer, compose
 from ..types import Allocation, ClusterShape, Features, Prediction
 from .profiler import Bundle, get_or_create_profiler
-from .session import ClusterShapeCache, ensure_ray, get_config, session_token
+from .session import ClusterShapeCache, ensure_ray, get_config, monitor_name, session_token
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class ProfilerClient:
         if self._admission is None:
             from .admission import get_or_create_admission
 
-            self._admission = get_or_create_admission(self.config.admission_backfill, self.config.admission_gather_s)
+            rooms = self.config.admission_node_room and self.config.monitor_enabled
+            self._admission = get_or_create_admission(self.config.admission_backfill, self.config.admission_gather_s,
+                                                      monitor=monitor_name(self.config) if rooms else None)
         return self._admission
 
     def _request(self, key: tuple[str, str], reload: bool = False) -> "_Reply":

@@ -7,7 +7,9 @@ and keeps the decisions for workers to poll (``directives``); every decision
 other than "none" becomes one event row in the profile store and a metric.  It
 also reads the memory of the nodes that have running attempts from their
 metrics endpoints and, under pressure, has the lowest-priority attempt there
-give way.
+give way.  From the same readings it keeps each node's *room* (the memory its
+tasks' labels may add up to and keep it under the node rule's threshold), which
+the admission queue admits against (``node_rooms``).
 
 ``Monitor`` is a plain class that tests drive with a fake clock and a
 temporary store; ``get_or_create_monitor`` is the one place that makes it a
@@ -340,6 +342,8 @@ class Monitor:
         self._nodes: dict[str, NodeState] = {}
         self._kill_thresholds: dict[str, float] = {}  # node id -> Ray's kill threshold, as its workers report it
         self._node_judged: dict[str, float] = {}  # node id -> clock of its last judgement from workers' readings
+        # node id -> (clock, room bytes) of its recent readings, newest last (see node_rooms)
+        self._rooms: dict[str, list[tuple[float, float]]] = {}
         self._pending: list[dict[str, Any]] = []
         self._last_sweep = self._last_poll = clock()
         self.reports_received = 0
@@ -430,6 +434,7 @@ class Monitor:
         with self._lock:
             if reading.kill_threshold is None and reading.node_id in self._kill_thresholds:
                 reading = replace(reading, kill_threshold=self._kill_thresholds[reading.node_id])
+            self._note_room(reading)
             running = [a.last for a in self._attempts.values()
                        if a.state.stop is None and a.last.node_id == reading.node_id]
             state, decision = self.rules.evaluate_node(self._nodes.get(reading.node_id, NodeState()), reading, running)
@@ -439,6 +444,59 @@ class Monitor:
                 entry = self._attempts[key]
                 self._attempts[key] = _Attempt(with_stop(entry.state, decision), entry.last, entry.seen)
             return decision
+
+    def _note_room(self, reading: NodeMemory) -> None:
+        """Keep the node's room as this reading tells it (under the lock).
+
+        The attempts taken off the reading are the node's that reported within 1.5
+        live intervals of it, stopped or not: they hold their memory until they end,
+        and an attempt that ended stops reporting.  A reading from the metrics
+        endpoint is ~5 s old, too old to set against the attempts' samples: it
+        counts only while no attempt has reported from the node for a window.
+        """
+        rule = self.rules.node_rule
+        if rule is None:
+            return
+        now = self._clock()
+        attempts = [a for a in self._attempts.values() if a.last.node_id == reading.node_id]
+        if reading.source == METRICS_READING:
+            if any(now - a.seen < self.config.node_room_window_s for a in attempts):
+                return
+            here: list[LiveReport] = []
+        else:
+            near = 1.5 * self.config.live_interval_s
+            here = [a.last for a in attempts if abs(a.last.timestamp - reading.timestamp) <= near]
+        kept = [(t, room) for t, room in self._rooms.get(reading.node_id, ()) if now - t < self.config.node_room_window_s]
+        self._rooms[reading.node_id] = kept + [(now, rule.room_bytes(reading, here))]
+
+    def node_rooms(self, node_ids: Sequence[str]) -> dict[str, float]:
+        """Each node's room (bytes) for the admission queue: the least its readings of the
+        last ``node_room_window_s`` told, so that one reading taken as an attempt ended
+        (its memory freed, its last sample still counted) does not open room that is not there.
+
+        A node with no recent reading and no attempt running there is read now from its
+        metrics endpoint (if the monitor has a reader); a node left without a reading
+        is left out (the queue counts it by its label).
+        """
+        now = self._clock()
+        window = self.config.node_room_window_s
+        for node_id in node_ids:
+            with self._lock:
+                known = any(now - t < window for t, _ in self._rooms.get(node_id, ()))
+            if not known and self._node_reader is not None:
+                reading = self._node_reader(node_id)  # outside the lock: it may wait on the network
+                if reading is not None:
+                    with self._lock:
+                        if reading.kill_threshold is None and node_id in self._kill_thresholds:
+                            reading = replace(reading, kill_threshold=self._kill_thresholds[node_id])
+                        self._note_room(reading)
+        with self._lock:
+            rooms = {}
+            for node_id in node_ids:
+                recent = [room for t, room in self._rooms.get(node_id, ()) if now - t < window]
+                if recent:
+                    rooms[node_id] = min(recent)
+            return rooms
 
     def poll_nodes(self) -> list[Decision]:
         """Read the memory of every node with a running attempt and judge it (one poll at a time)."""
