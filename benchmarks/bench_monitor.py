@@ -238,6 +238,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
     before_calls = submitted_calls(adaptive_grow.name)
     room_at_start = threshold_bytes - used_bytes()
     mon0 = proc_reading(monitor_pid)
+    queue_watch = QueueWatch() if mode == QUEUED else None
     t0, t0_wall = time.perf_counter(), time.time()
     refs: list = []
     pending: list = []
@@ -251,6 +252,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
         pending += late
     ready = [r for r in refs if r not in pending]
     elapsed = time.perf_counter() - t0
+    queue_seen = queue_watch.stop() if queue_watch is not None else {}
     mon1 = proc_reading(monitor_pid)
     failed, errors = 0, []
     for ref, mib in zip(refs, sizes):
@@ -277,6 +279,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
         "monitor_hwm_mib": mon1.get("hwm_mib", float("nan")),
     }
     result["monitor_cpu_pct"] = 100 * result["monitor_cpu_s"] / elapsed
+    result.update(queue_seen)
     if mode.startswith("raysched"):
         calls = submitted_calls(adaptive_grow.name) - before_calls
         rows = raysched.profiles(adaptive_grow)
@@ -297,6 +300,42 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
                                 .round(0).to_dict() if len(rows) else {},
         })
     return result
+
+
+class QueueWatch:
+    """Samples the admission queue's status every 0.25 s while a queued batch runs: the room it
+    admitted against (the node's, as the monitor measured it) and the expected peaks admitted calls held."""
+
+    def __init__(self, interval_s: float = 0.25):
+        import threading
+
+        from raysched.runtime.admission import ADMISSION_NAME
+        from raysched.runtime.session import NAMESPACE
+
+        self._samples: list[tuple[float, float, float]] = []
+        self._done = threading.Event()
+        self._name, self._namespace, self._interval = ADMISSION_NAME, NAMESPACE, interval_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                status = ray.get(ray.get_actor(self._name, namespace=self._namespace).status.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - not created yet
+                continue
+            if status.get("capacity_room_bytes") is not None:
+                self._samples.append((status["capacity_room_bytes"] / MiB, status["capacity_memory_bytes"] / MiB,
+                                      status["held_peak_bytes"] / MiB))
+
+    def stop(self) -> dict:
+        self._done.set()
+        self._thread.join(timeout=10)
+        if not self._samples:
+            return {}
+        capacity = [c for c, _, _ in self._samples]
+        return {"queue_room_mib": {"min": min(capacity), "median": _med(capacity), "max": max(capacity)},
+                "queue_label_mib": self._samples[-1][1], "queue_held_peak_mib_max": max(h for _, _, h in self._samples)}
 
 
 def body_timeline(marker_dir: str, elapsed: float, t0_wall: float) -> dict:
@@ -580,7 +619,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{run[mode]['unfinished']} unfinished, room at start {run[mode]['room_at_start_mib']:.0f} MiB; "
                       f"labels held after the batch before: {settled['held_memory_mib_after_batch']:.0f} MiB / "
                       f"{settled['held_cpus_after_batch']:g} CPU, at start {settled['held_memory_mib_at_start']:.0f} MiB "
-                      f"(settled in {settled['settle_s']:.1f} s)",
+                      f"(settled in {settled['settle_s']:.1f} s)"
+                      + (f"; the queue's room {run[mode]['queue_room_mib']['min']:.0f}-"
+                         f"{run[mode]['queue_room_mib']['max']:.0f} MiB (median "
+                         f"{run[mode]['queue_room_mib']['median']:.0f}; labels {run[mode]['queue_label_mib']:.0f} MiB), "
+                         f"expected peaks held at most {run[mode]['queue_held_peak_mib_max']:.0f} MiB"
+                         if "queue_room_mib" in run[mode] else ""),
                       file=sys.stderr)
             runs.append(run)
         time.sleep(3)  # Ray's task events reach the GCS in batches

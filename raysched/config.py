@@ -235,8 +235,8 @@ class RayschedConfig:
     #: Seconds between two judgements of a node from the memory readings its own workers
     #: send with their live samples (fresh every live interval, unlike the endpoint's).
     node_sample_interval_s: float = 1.0
-    #: A node's room for the admission queue (the memory its tasks' labels may add up to and
-    #: keep it under the threshold above) is the least its readings of this many seconds told.
+    #: A node's room for the admission queue (the memory its tasks may hold together and keep
+    #: it under the threshold above) is the median of what its readings of this many seconds told.
     node_room_window_s: float = 5.0
     #: The monitor forgets an attempt it has heard nothing of for this long.
     monitor_stale_s: float = 60.0
@@ -260,10 +260,11 @@ class RayschedConfig:
     #: Calls reaching the queue within this many seconds of each other are ordered
     #: together before any is admitted (a burst goes by priority, not by arrival).
     admission_gather_s: float = 0.01
-    #: Admit calls against each node's room under its memory threshold as the monitor last
-    #: measured it (its label capped by it), not only its ``memory`` label: a label is fixed
-    #: when the node starts, and tasks whose labels fit it can still pass Ray's kill
-    #: threshold when other programs use more (policy/admission.py).  False: labels only.
+    #: Admit calls only while their expected peaks (their predictions' upper bounds) fit each
+    #: node's room under its memory threshold as the monitor last measured it, as well as
+    #: their labels its ``memory`` label: a label is fixed when the node starts, and tasks
+    #: whose labels fit it can still pass Ray's kill threshold when other programs use more
+    #: (policy/admission.py).  False: labels only.
     admission_node_room: bool = True
 
     # --- actors (``@adaptive_remote`` on a class) -------------------------------------------

@@ -11,6 +11,7 @@ from raysched.policy.admission import (
     LARGEST_FIRST,
     AdmissionQueue,
     Request,
+    expected_peak_bytes,
     order_key,
     pooled_capacity,
     pooled_labels,
@@ -65,20 +66,29 @@ def test_a_call_bigger_than_the_whole_capacity_passes_through_and_blocks_nobody(
     assert q.offer("wide", 0, Request(1.0, 16 * GiB)) == ["wide"]
 
 
-def test_each_nodes_label_is_capped_by_its_room_and_a_node_without_one_counts_by_its_label():
+def test_the_capacity_pools_the_nodes_labels_and_their_rooms_a_node_without_one_by_its_label():
     nodes = {"a": Request(2.0, 4 * GiB), "b": Request(4.0, 8 * GiB), "c": Request(1.0, 2 * GiB)}
     rooms = {"a": 3 * GiB, "b": 16 * GiB, "gone": 1 * GiB}  # "c": no reading; "gone": a node Ray no longer has
-    assert pooled_capacity(nodes, rooms) == Request(7.0, (3 + 8 + 2) * GiB)
-    assert pooled_capacity(nodes, {"a": -1 * GiB}) == Request(7.0, (0 + 8 + 2) * GiB)  # over its line: no room
-    assert pooled_labels(nodes) == Request(7.0, 14 * GiB)
+    assert pooled_capacity(nodes, rooms) == Request(7.0, 14 * GiB, peak_bytes=(3 + 16 + 2) * GiB)
+    assert pooled_capacity(nodes, {"a": -1 * GiB}).peak_bytes == (0 + 8 + 2) * GiB  # over its line: no room
+    assert pooled_labels(nodes) == Request(7.0, 14 * GiB, peak_bytes=math.inf)
     assert pooled_capacity({}, rooms) is None
+    assert Request(1.0, 2 * GiB).peak_bytes == 2 * GiB  # a call's expected peak is its label unless told
+    assert expected_peak_bytes(1.5 * GiB, label_is_callers=False) == 1.5 * GiB
+    assert expected_peak_bytes(1.5 * GiB, label_is_callers=True) is None  # memory=, or the fallback
 
 
-def test_a_call_bigger_than_the_room_but_within_the_labels_waits_to_run_alone():
-    """The room is what the node can give now; passed through as if no room would ever do, the
-    call ran beside others on a node already short of memory."""
+def test_calls_must_fit_the_labels_and_the_room_and_one_bigger_than_the_room_waits_to_run_alone():
+    """The room is what the nodes can give now: passed through as if no room would ever do, a call
+    bigger than it ran beside others on a node already short of memory."""
     q = AdmissionQueue()
-    q.set_capacity(Request(2.0, 2 * GiB), ceiling=Request(2.0, 4 * GiB))
+    q.set_capacity(Request(2.0, 4 * GiB, peak_bytes=2 * GiB), ceiling=Request(2.0, 4 * GiB, peak_bytes=math.inf))
+    # Expected peaks below the labels (the sizing's margin): three fit the labels, two the room.
+    call = Request(0.5, 1.2 * GiB, peak_bytes=1 * GiB)
+    assert [q.offer(t, 0, call) for t in ("a", "b", "c")] == [["a"], ["b"], []]
+    assert q.held() == Request(1.0, 2.4 * GiB, peak_bytes=2 * GiB)
+    assert q.finish("a") == ["c"]
+    q.finish("b"), q.finish("c")
     assert q.offer("small", 0, Request(0.5, 1 * GiB)) == ["small"]
     assert q.offer("big", 0, Request(0.5, 3 * GiB)) == []  # 3 GiB > the 2 GiB room: it waits...
     assert q.finish("small") == ["big"]  # ...until it can run alone
@@ -390,8 +400,8 @@ def _done():
 
 
 def test_the_service_admits_against_the_monitors_rooms_and_falls_back_to_labels():
-    """Two calls whose labels fit the node's 4 GiB label but not its 2 GiB room start one at a
-    time; the rooms are read before the first admission, and again once older than refresh_s."""
+    """Two calls that fit the node's 4 GiB label but not its 2 GiB room start one at a time; the
+    rooms are read before the first admission, and again once older than refresh_s."""
     clock = Clock()
     asked: list[list[str]] = []
     room = {"n": 2 * GiB}
@@ -417,8 +427,8 @@ def test_the_service_admits_against_the_monitors_rooms_and_falls_back_to_labels(
         await asyncio.sleep(0.05)
         assert started == ["a"] and asked == [["n"]]
         status = service.status()
-        assert (status["capacity_memory_bytes"], status["label_memory_bytes"]) == (2 * GiB, 4 * GiB)
-        assert status["node_rooms"] == {"n": 2 * GiB}
+        assert (status["capacity_room_bytes"], status["capacity_memory_bytes"]) == (2 * GiB, 4 * GiB)
+        assert status["node_rooms"] == {"n": 2 * GiB} and status["held_peak_bytes"] == 1.5 * GiB
         service.finish("a")
         await asyncio.sleep(0.05)
         assert started == ["a", "b"] and len(asked) == 1  # not read again within refresh_s
@@ -429,7 +439,7 @@ def test_the_service_admits_against_the_monitors_rooms_and_falls_back_to_labels(
         tasks += [asyncio.create_task(call(t)) for t in ("c", "d")]
         await asyncio.sleep(0.05)
         assert started == ["a", "b", "c"]  # "b" still holds 1.5 GiB of the 4
-        assert len(asked) == 2 and service.status()["capacity_memory_bytes"] == 4 * GiB
+        assert len(asked) == 2 and service.status()["capacity_room_bytes"] == 4 * GiB
         service.finish("b")
         await asyncio.sleep(0.01)
         assert started == ["a", "b", "c", "d"]

@@ -107,6 +107,11 @@ def test_a_short_call_backfills_beside_a_big_one_that_waits_and_does_not_delay_i
 
     a = long_call.remote("A", 1.5)  # 1 of the 2 CPUs
     assert wait_for(lambda: _queue_status()["admitted"] == 1, timeout=60)
+    # Sized from its history, it counts against the node's room by its prediction's upper
+    # bound: its label less the sizing's margin.
+    held = _queue_status()
+    upper = long_call.predict("A", 1.5).memory.upper
+    assert held["held_peak_bytes"] == pytest.approx(upper) and upper < held["held_memory_bytes"], held
     big = long_call.options(num_cpus=2).remote("B", 0.2)  # needs both: waits until A ends
     small = short_call.remote("S", 0.1)  # fits now and ends long before A does
     (_, a_start, a_end), (_, b_start, _), (_, s_start, s_end) = ray.get([a, big, small], timeout=120)
@@ -194,8 +199,8 @@ def test_calls_whose_labels_fit_the_node_but_not_its_room_start_one_at_a_time(ra
         (_, first_start, first_end), (_, second_start, _) = sorted(ray.get(calls, timeout=120), key=lambda r: r[1])
         status = _queue_status()
         assert second_start >= first_end - 0.05, (first_start, first_end, second_start, status)
-        assert status["label_memory_bytes"] > 2 * 800 * MiB  # the labels alone would admit both at once
+        assert status["capacity_memory_bytes"] > 2 * 800 * MiB  # the labels alone would admit both at once
         [room] = status["node_rooms"].values()
-        assert room < 1.6 * GiB and status["capacity_memory_bytes"] == pytest.approx(room), status
+        assert room < 1.6 * GiB and status["capacity_room_bytes"] == pytest.approx(room), status
     finally:
         ray.get(monitor.reconfigure.remote(config), timeout=30)

@@ -480,10 +480,10 @@ def test_a_decision_the_driver_took_is_an_event_but_not_logged_again(monitor, tm
     assert list(events["rule"]) == [R.ACTOR_RESCALED]
 
 
-def test_a_nodes_room_comes_from_its_workers_readings_least_of_the_window(tmp_path, clock):
+def test_a_nodes_room_comes_from_its_workers_readings_median_of_the_window(tmp_path, clock):
     """What the node uses besides raysched's attempts, from the workers' own readings; an attempt
-    whose last sample is older than the reading (it ended) is not taken off; the least room of
-    the window is given, so one reading taken as an attempt ends opens no room that is not there."""
+    whose last sample is older than the reading (it ended) is not taken off; the median of the
+    window is given, so that one reading's error moves it little."""
     cfg = RayschedConfig(home=str(tmp_path), node_room_window_s=5.0)
     reads: list[str] = []
 
@@ -504,14 +504,14 @@ def test_a_nodes_room_comes_from_its_workers_readings_least_of_the_window(tmp_pa
     a.t += 0.5
     monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=5 * GiB)])
     assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}
-    # Other programs grow by 1 GiB: the room shrinks at once (the least of the window)...
+    # One reading 1 GiB off moves the median little; a change that lasts moves it.
     clock.advance(1.0)
     monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=6 * GiB)])
-    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}
-    # ...and grows back only once that reading has left the window.
-    clock.advance(1.0)
-    monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=5 * GiB)])
-    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}
+    for _ in range(2):
+        clock.advance(1.0)
+        monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=6 * GiB)])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}  # 3 of the 5
     clock.advance(5.5)  # (the monitor's own poll of the endpoint comes due: not set against the attempts)
     monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=5 * GiB)])
     assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}
@@ -523,3 +523,29 @@ def test_a_nodes_room_comes_from_its_workers_readings_least_of_the_window(tmp_pa
     assert len(reads) == polled + 1
     quiet = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
     assert quiet.node_rooms(["node-a"]) == {}
+
+
+def test_a_reading_is_set_against_what_the_other_attempts_held_at_its_time(tmp_path, clock):
+    """Two tasks growing 1 GiB/s whose workers sample a quarter of a second apart: "a"'s reading
+    is set against "b"'s size then, between its samples, not against its last one; judged by
+    "b"'s last sample alone, everything else would look 256 MiB off."""
+    cfg = RayschedConfig(home=str(tmp_path), node_room_window_s=5.0)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    line = cfg.node_memory_threshold * 16 * GiB
+    others = 4 * GiB  # everything but the two tasks
+    base = dict(node_total_bytes=16 * GiB, node_used_bytes=None)
+    t0 = 1_700_000_000.0
+
+    def size(t):  # both grow 1 GiB/s from 0.25 GiB at t0
+        return int(0.25 * GiB + (t - t0) * GiB)
+
+    a, b = Samples(call_id="a", **base), Samples(call_id="b", **base)
+    for step in range(5):
+        tb, ta = t0 + 0.5 * step - 0.25, t0 + 0.5 * step
+        clock.advance(0.25)
+        monitor.report([b(timestamp=tb, rss_bytes=size(tb))])  # "b"'s worker sends no reading
+        if step < 4:
+            clock.advance(0.25)
+            used_a = others + size(ta) + size(ta)  # at ta, "b" is as big as "a"
+            monitor.report([a(timestamp=ta, rss_bytes=size(ta), node_used_bytes=used_a)])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - others, rel=1e-6)}

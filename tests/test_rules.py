@@ -375,14 +375,24 @@ def test_node_pressure_acts_below_a_lowered_ray_kill_threshold():
 
 def test_a_nodes_room_is_its_threshold_less_what_anything_but_its_running_attempts_uses():
     rule = build_rules(CFG).node_rule
-    running = running_on("node-a", ("a", 0, 1024), ("b", 0, 512)) + running_on("node-b", ("c", 0, 4096))
     # Ray kills at 50% of 16 GiB: raysched's line is a point below (7.84 GiB); the node uses
     # 6 GiB, 1.5 GiB of it the attempts': everything else holds 4.5 GiB.
     reading = NodeMemory("node-a", 6 * GiB, 16 * GiB, kill_threshold=0.5)
-    assert rule.room_bytes(reading, running) == pytest.approx((0.5 - CFG.node_kill_margin) * 16 * GiB - 4.5 * GiB)
+    assert rule.room_bytes(reading, 1.5 * GiB) == pytest.approx((0.5 - CFG.node_kill_margin) * 16 * GiB - 4.5 * GiB)
     # No lowered threshold: raysched's own 90%; and a node past its line has no room at all.
-    assert rule.room_bytes(NodeMemory("node-a", 6 * GiB, 16 * GiB), []) == pytest.approx(0.9 * 16 * GiB - 6 * GiB)
-    assert rule.room_bytes(NodeMemory("node-a", 15 * GiB, 16 * GiB), []) == 0.0
+    assert rule.room_bytes(NodeMemory("node-a", 6 * GiB, 16 * GiB), 0.0) == pytest.approx(0.9 * 16 * GiB - 6 * GiB)
+    assert rule.room_bytes(NodeMemory("node-a", 15 * GiB, 16 * GiB), 0.0) == 0.0
+
+
+def test_an_attempts_size_at_a_reading_is_read_off_the_line_between_its_samples():
+    samples = [(10.0, 100.0), (10.5, 600.0), (11.0, 1100.0), (11.5, 1100.0)]
+    assert R.resident_at(samples, 10.25, near=0.75) == pytest.approx(350.0)  # growing 1,000 a second
+    assert R.resident_at(samples, 11.2, near=0.75) == pytest.approx(1100.0)
+    assert R.resident_at(samples, 9.5, near=0.75) == 100.0  # just before its first sample
+    assert R.resident_at(samples, 12.0, near=0.75) == 1100.0  # just after its last
+    assert R.resident_at(samples, 9.0, near=0.75) == 0.0  # not started yet
+    assert R.resident_at(samples, 12.5, near=0.75) == 0.0  # ended: freed
+    assert R.resident_at([], 10.0, near=0.75) == 0.0
 
 
 # --- actors: the same checks, rescaling instead of resubmitting -----------------------------------

@@ -30,12 +30,15 @@ queue frees would ever do, and Ray keeps it pending until the cluster grows, as 
 would without raysched. (Admitted and held, it blocked every other call for good.)
 
 **Room, not only labels.**  A node's ``memory`` resource is a label fixed when the
-node starts; Ray's memory monitor kills by what the node really uses, which other
-programs' growth can push up.  The capacity the queue admits against can be each
-node's label capped by its *room*, the memory its tasks may still hold and keep the
-node under its kill threshold (``pooled_capacity``); the *ceiling* stays the labels.
-A call bigger than the room but within the ceiling waits until it can run alone
-(anything fits an empty queue), instead of passing through as if no room would do.
+node starts, and Ray books calls' labels against it; Ray's memory monitor kills by
+what the node really uses, which other programs' growth can push up.  So the queue
+counts memory twice: the labels of admitted calls against the nodes' labels (else Ray
+only queues them), and what they are expected to hold at most (their predictions'
+upper bounds, without the sizing's margin) against the nodes' *room*, the memory
+their tasks may hold and keep them under their memory threshold
+(``pooled_capacity``).  The *ceiling* is the labels alone: a call bigger than the room
+but within the labels waits until it can run alone (anything fits an empty queue),
+instead of passing through as if no room would ever do.
 
 Pure: imports neither ray, mlflow nor pyarrow.  Time is the caller's clock
 (``now``), so tests and replays drive it.
@@ -54,23 +57,36 @@ from typing import Mapping
 class Request:
     """What one call asks of the cluster (the sized allocation), and for how long.
 
-    ``wall_seconds`` is the predicted upper bound of the call's run time; ``inf``
-    when unknown (such a call is never backfilled on the strength of its end).
+    ``memory_bytes`` is the call's ``memory`` label, what Ray books on a node;
+    ``peak_bytes`` the most it is expected to really hold (its prediction's upper
+    bound; by default its label), what the node's room must have (see "Room, not
+    only labels").  ``wall_seconds`` is the predicted upper bound of the call's run
+    time; ``inf`` when unknown (such a call is never backfilled on the strength of
+    its end).  As a capacity, ``memory_bytes`` is the nodes' labels and
+    ``peak_bytes`` their rooms.
     """
 
     num_cpus: float
     memory_bytes: float
     wall_seconds: float = math.inf
+    peak_bytes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.peak_bytes is None:
+            object.__setattr__(self, "peak_bytes", self.memory_bytes)
 
     def __add__(self, other: "Request") -> "Request":
-        return Request(self.num_cpus + other.num_cpus, self.memory_bytes + other.memory_bytes)
+        return Request(self.num_cpus + other.num_cpus, self.memory_bytes + other.memory_bytes,
+                       peak_bytes=self.peak_bytes + other.peak_bytes)
 
     def __sub__(self, other: "Request") -> "Request":
-        return Request(self.num_cpus - other.num_cpus, self.memory_bytes - other.memory_bytes)
+        return Request(self.num_cpus - other.num_cpus, self.memory_bytes - other.memory_bytes,
+                       peak_bytes=self.peak_bytes - other.peak_bytes)
 
     def within(self, room: "Request") -> bool:
-        """Whether this request's CPUs and memory fit in ``room``."""
-        return self.num_cpus <= room.num_cpus + 1e-9 and self.memory_bytes <= room.memory_bytes
+        """Whether this request's CPUs, label and expected peak fit in ``room``."""
+        return (self.num_cpus <= room.num_cpus + 1e-9 and self.memory_bytes <= room.memory_bytes
+                and self.peak_bytes <= room.peak_bytes)
 
 
 _NOTHING = Request(0.0, 0.0)
@@ -283,25 +299,42 @@ def order_key(order: str, submitted_at: float, memory_bytes: float, wall_seconds
     raise ValueError(f"unknown admission order {order!r}; expected one of {ORDERS}")
 
 
+def expected_peak_bytes(memory_upper_bytes: float, label_is_callers: bool) -> float | None:
+    """What a call is expected to hold at most, as the queue counts it against the nodes' rooms.
+
+    Its prediction's upper bound (the label less the sizing's margin and rounding),
+    when the label is raysched's own; a caller's own figure (``memory=``, or the cold
+    fallback) is taken as it is: None, the label.
+    """
+    if label_is_callers or not math.isfinite(memory_upper_bytes) or memory_upper_bytes <= 0:
+        return None
+    return float(memory_upper_bytes)
+
+
 def pooled_capacity(nodes: Mapping[str, Request], rooms: Mapping[str, float]) -> Request | None:
-    """What the queue admits against: every node's CPUs, and its ``memory`` label capped by its room.
+    """What the queue admits against, pooled over the nodes: their CPUs, their ``memory``
+    labels, and their rooms (``peak_bytes``).
 
     ``nodes``: node id -> the node's CPUs and memory label; ``rooms``: node id -> the
-    memory its tasks may hold and keep it under its kill threshold (a node without one
-    counts by its label alone).  Pooled over the nodes, as the queue is; None without nodes.
+    memory its tasks may hold and keep it under its memory threshold (a node without
+    one counts its label as its room).  None without nodes.
     """
     if not nodes:
         return None
-    cpus = sum(n.num_cpus for n in nodes.values())
-    memory = sum(min(n.memory_bytes, max(0.0, rooms[node_id])) if node_id in rooms else n.memory_bytes
-                 for node_id, n in nodes.items())
-    return Request(cpus, memory)
+    return Request(sum(n.num_cpus for n in nodes.values()), sum(n.memory_bytes for n in nodes.values()),
+                   peak_bytes=sum(max(0.0, rooms[node_id]) if node_id in rooms else n.memory_bytes
+                                  for node_id, n in nodes.items()))
 
 
 def pooled_labels(nodes: Mapping[str, Request]) -> Request | None:
-    """The nodes' CPUs and memory labels together: the most the cluster could ever give."""
-    return pooled_capacity(nodes, {})
+    """The nodes' CPUs and memory labels together, with no limit on room: the most the
+    cluster could ever give one call (a call beyond it passes through; one beyond the
+    room only waits to run alone)."""
+    if not nodes:
+        return None
+    return Request(sum(n.num_cpus for n in nodes.values()), sum(n.memory_bytes for n in nodes.values()),
+                   peak_bytes=math.inf)
 
 
-__all__ = ["AdmissionQueue", "Request", "order_key", "pooled_capacity", "pooled_labels", "ORDERS",
+__all__ = ["AdmissionQueue", "Request", "order_key", "expected_peak_bytes", "pooled_capacity", "pooled_labels", "ORDERS",
            "FIRST_SUBMITTED", "LARGEST_FIRST"]

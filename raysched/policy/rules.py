@@ -169,6 +169,26 @@ class NodeMemory:
         return self.used_bytes / self.total_bytes if self.total_bytes > 0 else 0.0
 
 
+def resident_at(samples: Sequence[tuple[float, float]], t: float, near: float) -> float:
+    """An attempt's resident size at time ``t`` from its samples ((timestamp, bytes), oldest first).
+
+    Between two samples, on the line between them: a task that grows 1 GB/s moves
+    by 500 MiB in one live interval, and its last sample alone, set against a node
+    reading taken up to an interval before or after it, put a node's room out by
+    as much.  Within ``near`` before its first sample or after its last, that
+    sample's size; further out, 0: it had not started, or it has ended (its
+    memory freed, its worker silent).
+    """
+    if not samples or t < samples[0][0] - near or t > samples[-1][0] + near:
+        return 0.0
+    if t <= samples[0][0]:
+        return float(samples[0][1])
+    for (t0, b0), (t1, b1) in zip(samples, samples[1:]):
+        if t0 <= t <= t1:
+            return float(b0) if t1 <= t0 else float(b0) + (float(b1) - float(b0)) * (t - t0) / (t1 - t0)
+    return float(samples[-1][1])
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the monitor decided about one attempt, and why; one event row when not "none".
@@ -438,20 +458,19 @@ class NodePressure:
         headroom = sum(r.memory_headroom_bytes for r in running)
         return reading.used_bytes + min(rate * self.lead_s, headroom)
 
-    def room_bytes(self, reading: NodeMemory, running: Iterable[LiveReport]) -> float:
-        """How much the labels of the node's tasks may add up to and keep it under this rule's threshold.
+    def room_bytes(self, reading: NodeMemory, attempts_bytes: float) -> float:
+        """How much the node's tasks may hold together and keep it under this rule's threshold.
 
         What the node uses for anything but raysched's running attempts (the raylet,
         idle workers, other programs, tasks raysched does not see) is the reading
-        less the attempts' resident sizes; the room is the threshold's share of the
-        node less that (>= 0).  An admission queue that keeps the labels of what it
-        admits to a node within it keeps the node from where this rule, and Ray's
-        killer below it, would act, as long as the calls keep to their labels: a
-        node's ``memory`` resource is a label fixed at its start, which other
-        programs' growth does not shrink.  ``running``: the attempts on the reading's
-        node, sampled about when it was taken.
+        less ``attempts_bytes``, what its attempts held then (``resident_at``); the
+        room is the threshold's share of the node less that (>= 0).  An admission
+        queue that keeps the expected peaks of what it admits to a node within it
+        keeps the node from where this rule, and Ray's killer above it, would act,
+        as long as the calls keep to their predictions: a node's ``memory`` resource
+        is a label fixed at its start, which other programs' growth does not shrink.
         """
-        others = reading.used_bytes - sum(r.rss_bytes for r in running if r.node_id == reading.node_id)
+        others = reading.used_bytes - attempts_bytes
         return max(0.0, self.threshold_for(reading) * reading.total_bytes - others)
 
     def victim(self, running: Iterable[LiveReport], excess_bytes: float = 0.0) -> LiveReport | None:
@@ -603,5 +622,5 @@ __all__ = [
     "ACTIONS", "STOPS", "NONE", "WARN", "RECORD_CPU", "STOP_AND_RESUBMIT", "STOP_LIMIT", "CANCEL",
     "REQUEUE_LOWEST_PRIORITY", "RESCALE", "TASK", "ACTOR", "ACTOR_RESCALED", "ACTOR_RESCALE_SKIPPED", "AsRescale", "LiveReport", "NodeMemory", "Decision", "Finding", "Check",
     "MemoryOverAllocation", "MemoryOverHardCap", "WallOverPrediction", "CpuOffAllocation",
-    "AttemptRule", "AttemptState", "NodeState", "NodePressure", "Rules", "with_stop",
+    "AttemptRule", "AttemptState", "NodeState", "NodePressure", "Rules", "resident_at", "with_stop",
 ]

@@ -11,19 +11,19 @@ the next call in priority order is admitted.  Tracking the ObjectRef rather
 than a message from the worker keeps the accounting right when a worker dies.
 
 Calls submitted without ``priority`` do not pass through the queue: the happy
-path costs nothing for them.  The capacity is the cluster's CPU and ``memory``
-resources of the nodes that have CPUs (a CPU-less head's ``memory`` cannot
-host a task), each node's ``memory`` capped by its room under its memory
-threshold as the monitor last measured it (``Monitor.node_rooms``: a label is
+path costs nothing for them.  The capacity is the CPUs and ``memory`` labels of
+the nodes that have CPUs (a CPU-less head's ``memory`` cannot host a task), and
+each node's room under its memory threshold as the monitor last measured it
+(``Monitor.node_rooms``), which the calls' expected peaks must fit: a label is
 fixed when the node starts, and calls whose labels fit it can still pass Ray's
-kill threshold when other programs use more); read again every ``refresh_s``,
-and before the first admission of a burst that comes after a pause.  Calls that
-bypass the queue are not counted in it, so mixing both can admit more than
-fits, which Ray then queues as usual.  Each call brings its predicted upper wall time, so the
-queue can backfill behind a big call that waits for room
-(``policy.admission``).  Calls that arrive within ``gather_s`` of each other
-are ordered together before any is admitted: a burst submitted in a loop is
-admitted by priority and ``order_key``, not by which message came first.
+kill threshold when other programs use more.  Both are read again every
+``refresh_s``, and before the first admission of a burst after a pause.  Calls
+that bypass the queue are not counted in it, so mixing both can admit more than
+fits, which Ray then queues as usual.  Each call brings its predicted upper wall
+time, so the queue can backfill behind a big call that waits for room
+(``policy.admission``).  Calls that arrive within ``gather_s`` of each other are
+ordered together before any is admitted: a burst submitted in a loop is admitted
+by priority and ``order_key``, not by which message came first.
 
 A call whose arguments include ObjectRefs (the outputs of other calls) joins the
 queue only once they exist, as Ray starts a task only then: admitted before, it
@@ -107,7 +107,7 @@ class Admission:
         self._gather_s = max(0.0, float(gather_s))
         self._nodes = self._read_nodes() or {}
         self._rooms: Mapping[str, float] = {}
-        self._queue = AdmissionQueue(pooled_labels(self._nodes), backfill=backfill)
+        self._queue = AdmissionQueue(pooled_capacity(self._nodes, {}), backfill=backfill)
         # The rooms are not read here (an actor's constructor cannot await): the first pass reads them.
         self._read_at = float("-inf") if rooms is not None else clock()
         self._refreshing: asyncio.Future | None = None
@@ -180,7 +180,7 @@ class Admission:
 
     async def admit(self, token: str, priority: int, num_cpus: float, memory_bytes: float,
                     order_key: float = 0.0, wall_seconds: float = float("inf"),
-                    inputs: Sequence[Sequence[Any]] = ()) -> bool:
+                    inputs: Sequence[Sequence[Any]] = (), peak_bytes: float | None = None) -> bool:
         """Return once the call may start (its task takes this value as an argument).
 
         ``order_key`` (``policy.admission.order_key``, computed by the driver) orders calls
@@ -188,7 +188,9 @@ class Admission:
         start calls in the order they were sent.  ``wall_seconds``: the call's predicted
         upper wall time (inf: unknown), which lets the queue backfill.  ``inputs``: the
         call's ObjectRef arguments, in a list inside a list (so that Ray passes them as
-        they are): the call is queued once they all exist.
+        they are): the call is queued once they all exist.  ``peak_bytes``: the most the
+        call is expected to hold (its prediction's upper bound; None: its label), counted
+        against the nodes' rooms.
         """
         if self._queue.is_admitted(token):
             return True  # asked again (a retried call): it was admitted already
@@ -197,7 +199,8 @@ class Admission:
             await self._inputs_exist(token, refs)
             if self._queue.is_admitted(token):
                 return True
-        request = Request(float(num_cpus), float(memory_bytes), float(wall_seconds))
+        request = Request(float(num_cpus), float(memory_bytes), float(wall_seconds),
+                          None if peak_bytes is None else float(peak_bytes))
         added = self._queue.add(token, priority, request, order_key)
         if not added and not self._queue.is_waiting(token):
             # Its end (``track``: cancelled at once) was delivered before this call: an
@@ -255,18 +258,19 @@ class Admission:
         self._wake(self._queue.finish(token, self._clock()))
 
     def status(self) -> dict[str, Any]:
-        capacity, ceiling = self._queue.capacity, self._queue.ceiling
+        capacity = self._queue.capacity
         held = self._queue.held()
         return {"waiting": self._queue.waiting(), "admitted": self._queue.admitted(),
                 "awaiting_inputs": len(self._awaiting_inputs),
                 "admitted_total": self.admitted_total, "backfilled_total": self._queue.backfilled_total,
                 "capacity_cpus": capacity.num_cpus if capacity else None,
-                # What admitted calls' labels may add up to (the nodes' labels capped by
-                # their rooms), and the labels alone.
+                # What admitted calls' labels may add up to (the nodes' labels), and what they
+                # are expected to hold at most (the nodes' rooms; a node without one: its label).
                 "capacity_memory_bytes": capacity.memory_bytes if capacity else None,
-                "label_memory_bytes": ceiling.memory_bytes if ceiling else None,
+                "capacity_room_bytes": capacity.peak_bytes if capacity else None,
                 "node_rooms": dict(self._rooms),
-                "held_cpus": held.num_cpus, "held_memory_bytes": held.memory_bytes}
+                "held_cpus": held.num_cpus, "held_memory_bytes": held.memory_bytes,
+                "held_peak_bytes": held.peak_bytes}
 
     def ping(self) -> bool:
         return True

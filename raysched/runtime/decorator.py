@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import ray
 
 from ..errors import InvalidInput
-from ..policy.admission import order_key
+from ..policy.admission import expected_peak_bytes, order_key
 from ..policy.estimators import Fallback
 from ..policy.features import call_features, validate_input_size, validate_memory, validate_num_cpus, validate_tags
 from ..policy.sizing import largest_node_for
@@ -187,14 +187,17 @@ class _Plan:
     id and Ray's own submission.
     """
 
-    __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation", "wall_seconds", "wall_upper")
+    __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation", "wall_seconds", "wall_upper",
+                 "peak_bytes")
 
     def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, allocation: Any,
-                 wall_seconds: float = 0.0, wall_upper: float = float("inf")):
+                 wall_seconds: float = 0.0, wall_upper: float = float("inf"), peak_bytes: float | None = None):
         self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
         # The predicted wall time orders a queued call (largest_first); its upper bound is
         # how long the admission queue counts on the call holding its room (backfill).
         self.allocation, self.wall_seconds, self.wall_upper = allocation, wall_seconds, wall_upper
+        # What the queue counts the call to hold against the nodes' rooms (None: its label).
+        self.peak_bytes = peak_bytes
 
     def order_key(self, now: float) -> float:
         """Where a queued call of this plan goes among calls of its priority."""
@@ -420,7 +423,7 @@ class AdaptiveFunction(_Adaptive):
             inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, ray.ObjectRef)]
             admitted = queue.admit.remote(call_id, options.priority, plan.allocation.num_cpus,
                                           plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper,
-                                          [inputs] if inputs else ())
+                                          [inputs] if inputs else (), plan.peak_bytes)
             ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
             queue.track.remote(call_id, [ref])
         else:
@@ -433,8 +436,9 @@ class AdaptiveFunction(_Adaptive):
         """Prediction, allocation, Ray options and the encoded spec, for every call with these features."""
         spec = self._first_spec(client, options, features, bundle, cluster, queued=options.queued)
         remote = self._remote_with(remote_options(spec), self._config(client), client)
+        peak = expected_peak_bytes(spec.prediction.memory.upper, spec.allocation.memory_is_task_only)
         return _Plan(bundle, cluster, client.config, remote, encode_template(spec), spec.allocation,
-                     float(spec.prediction.wall.target), _known_wall(spec.prediction))
+                     float(spec.prediction.wall.target), _known_wall(spec.prediction), peak)
 
     def _remote_with(self, options: dict[str, Any], config: Any, client: ProfilerClient) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""

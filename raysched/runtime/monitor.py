@@ -23,10 +23,12 @@ import hashlib
 import logging
 import os
 import re
+import statistics
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ from ..policy.rules import (
     LiveReport,
     NodeMemory,
     NodeState,
+    resident_at,
     with_stop,
 )
 from .session import MONITOR_BASE, NAMESPACE, monitor_name
@@ -284,11 +287,18 @@ class RayNodeReader:
 # --- the monitor ------------------------------------------------------------------------------------------
 
 
+#: Samples of an attempt's resident size kept for working out a node's room (a few live
+#: intervals: the room's window is set against readings of the last few seconds).
+_ROOM_SAMPLES = 16
+
+
 @dataclass
 class _Attempt:
     state: AttemptState
     last: LiveReport
     seen: float  # the monitor's clock when it last heard of the attempt
+    # (timestamp, rss_bytes) of its newest samples, oldest first (see node_rooms)
+    samples: deque = field(default_factory=lambda: deque(maxlen=_ROOM_SAMPLES))
 
 
 def event_row(decision: Decision) -> dict[str, Any]:
@@ -342,8 +352,8 @@ class Monitor:
         self._nodes: dict[str, NodeState] = {}
         self._kill_thresholds: dict[str, float] = {}  # node id -> Ray's kill threshold, as its workers report it
         self._node_judged: dict[str, float] = {}  # node id -> clock of its last judgement from workers' readings
-        # node id -> (clock, room bytes) of its recent readings, newest last (see node_rooms)
-        self._rooms: dict[str, list[tuple[float, float]]] = {}
+        # node id -> (clock, reading) of its recent readings, newest last (see node_rooms)
+        self._room_readings: dict[str, list[tuple[float, NodeMemory]]] = {}
         self._pending: list[dict[str, Any]] = []
         self._last_sweep = self._last_poll = clock()
         self.reports_received = 0
@@ -402,7 +412,10 @@ class Monitor:
         state = entry.state if entry is not None else AttemptState()
         new_state, decisions = self.rules.evaluate(state, report)
         last = report if entry is None or report.timestamp >= entry.last.timestamp else entry.last
-        self._attempts[report.key] = _Attempt(new_state, last, now)
+        samples = entry.samples if entry is not None else deque(maxlen=_ROOM_SAMPLES)
+        if not samples or report.timestamp > samples[-1][0]:
+            samples.append((report.timestamp, report.rss_bytes))
+        self._attempts[report.key] = _Attempt(new_state, last, now, samples)
         if new_state.stop is None:
             self.metrics.observe(report)
         return list(decisions)
@@ -442,47 +455,47 @@ class Monitor:
             if decision is not None:
                 key = (decision.call_id, decision.attempt)
                 entry = self._attempts[key]
-                self._attempts[key] = _Attempt(with_stop(entry.state, decision), entry.last, entry.seen)
+                self._attempts[key] = _Attempt(with_stop(entry.state, decision), entry.last, entry.seen, entry.samples)
             return decision
 
     def _note_room(self, reading: NodeMemory) -> None:
-        """Keep the node's room as this reading tells it (under the lock).
+        """Keep the reading for the node's room (under the lock; see ``node_rooms``).
 
-        The attempts taken off the reading are the node's that reported within 1.5
-        live intervals of it, stopped or not: they hold their memory until they end,
-        and an attempt that ended stops reporting.  A reading from the metrics
-        endpoint is ~5 s old, too old to set against the attempts' samples: it
-        counts only while no attempt has reported from the node for a window.
+        A reading from the metrics endpoint is ~5 s old, too old to set against the
+        attempts' samples: it is kept only while no attempt has reported from the
+        node for a window (then nothing of raysched's runs there to take off).
+        """
+        if self.rules.node_rule is None:
+            return
+        now = self._clock()
+        window = self.config.node_room_window_s
+        if reading.source == METRICS_READING and any(
+                now - a.seen < window for a in self._attempts.values() if a.last.node_id == reading.node_id):
+            return
+        kept = [(t, r) for t, r in self._room_readings.get(reading.node_id, ()) if now - t < window]
+        self._room_readings[reading.node_id] = kept + [(now, reading)]
+
+    def node_rooms(self, node_ids: Sequence[str]) -> dict[str, float]:
+        """Each node's room (bytes) for the admission queue (``NodePressure.room_bytes``): the
+        median over its readings of the last ``node_room_window_s``.
+
+        Each worker's reading is set against what the node's attempts held at its
+        time, from their samples on either side of it (``resident_at``): the samples
+        of different workers are up to a live interval apart, and a task growing
+        ~1 GB/s moves by 500 MiB in one.  The median, so that one reading's error
+        (an attempt that ended between samples) moves it little.  A node with no
+        recent reading and no attempt running there is read now from its metrics
+        endpoint (if the monitor has a reader); a node left without a reading is
+        left out (the queue counts it by its label).
         """
         rule = self.rules.node_rule
         if rule is None:
-            return
-        now = self._clock()
-        attempts = [a for a in self._attempts.values() if a.last.node_id == reading.node_id]
-        if reading.source == METRICS_READING:
-            if any(now - a.seen < self.config.node_room_window_s for a in attempts):
-                return
-            here: list[LiveReport] = []
-        else:
-            near = 1.5 * self.config.live_interval_s
-            here = [a.last for a in attempts if abs(a.last.timestamp - reading.timestamp) <= near]
-        kept = [(t, room) for t, room in self._rooms.get(reading.node_id, ()) if now - t < self.config.node_room_window_s]
-        self._rooms[reading.node_id] = kept + [(now, rule.room_bytes(reading, here))]
-
-    def node_rooms(self, node_ids: Sequence[str]) -> dict[str, float]:
-        """Each node's room (bytes) for the admission queue: the least its readings of the
-        last ``node_room_window_s`` told, so that one reading taken as an attempt ended
-        (its memory freed, its last sample still counted) does not open room that is not there.
-
-        A node with no recent reading and no attempt running there is read now from its
-        metrics endpoint (if the monitor has a reader); a node left without a reading
-        is left out (the queue counts it by its label).
-        """
+            return {}
         now = self._clock()
         window = self.config.node_room_window_s
         for node_id in node_ids:
             with self._lock:
-                known = any(now - t < window for t, _ in self._rooms.get(node_id, ()))
+                known = any(now - t < window for t, _ in self._room_readings.get(node_id, ()))
             if not known and self._node_reader is not None:
                 reading = self._node_reader(node_id)  # outside the lock: it may wait on the network
                 if reading is not None:
@@ -490,12 +503,16 @@ class Monitor:
                         if reading.kill_threshold is None and node_id in self._kill_thresholds:
                             reading = replace(reading, kill_threshold=self._kill_thresholds[node_id])
                         self._note_room(reading)
+        near = 1.5 * self.config.live_interval_s
         with self._lock:
             rooms = {}
             for node_id in node_ids:
-                recent = [room for t, room in self._rooms.get(node_id, ()) if now - t < window]
+                samples = [list(a.samples) for a in self._attempts.values() if a.last.node_id == node_id]
+                recent = [rule.room_bytes(r, 0.0 if r.source == METRICS_READING
+                                          else sum(resident_at(s, r.timestamp, near) for s in samples))
+                          for t, r in self._room_readings.get(node_id, ()) if now - t < window]
                 if recent:
-                    rooms[node_id] = min(recent)
+                    rooms[node_id] = statistics.median(recent)
             return rooms
 
     def poll_nodes(self) -> list[Decision]:
