@@ -549,3 +549,42 @@ def test_a_reading_is_set_against_what_the_other_attempts_held_at_its_time(tmp_p
             used_a = others + size(ta) + size(ta)  # at ta, "b" is as big as "a"
             monitor.report([a(timestamp=ta, rss_bytes=size(ta), node_used_bytes=used_a)])
     assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - others, rel=1e-6)}
+
+
+def test_an_attempt_that_ended_frees_its_room_at_its_end_and_is_no_victim(tmp_path, clock):
+    """A worker says when a watched attempt ends: readings after that no longer count its memory
+    (freed), readings before still do; the node rule no longer picks it."""
+    from raysched.runtime.monitor import LiveReporter
+
+    cfg = RayschedConfig(home=str(tmp_path), node_room_window_s=5.0)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    ends: list = []
+    call = FakeMonitorCall(monitor)
+    call.ready = True
+
+    def send_ended(batch):
+        ends.extend(batch)
+        monitor.ended(batch)
+
+    reporter = LiveReporter(call.send, call.resolve, interval_s=0.0, clock=clock, send_ended=send_ended)
+    line = cfg.node_memory_threshold * 16 * GiB
+    a = Samples(call_id="a", node_total_bytes=16 * GiB)
+    big = Samples(call_id="big", node_total_bytes=16 * GiB)
+    reporter.add(big(rss_bytes=3 * GiB, node_used_bytes=8 * GiB))
+    clock.advance(0.1)
+    reporter.add(a(rss_bytes=1 * GiB, node_used_bytes=8 * GiB))  # everything else: 4 GiB
+    reporter.ended("big", 1, big.t + 0.1)  # "big" ends right after: its 3 GiB are freed
+    reporter.ended("never-reported", 1, big.t)  # too short to be watched: the monitor never hears of it
+    assert ends == [("big", 1, big.t + 0.1)]
+    assert monitor.status()["running_by_function"] == {"mod.f": 1}
+    clock.advance(1.0)
+    a.t += 0.1
+    reporter.add(a(rss_bytes=1 * GiB, node_used_bytes=5 * GiB))  # within 0.75 s of big's last sample
+    # Both readings say everything else holds 4 GiB: the first counts "big" (still running
+    # then), the second does not (it had ended), though its last sample is near.
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}
+    # The node rule no longer sees it: a node over its line stops "a", not the ended "big".
+    for _ in range(3):
+        clock.advance(1.0)
+        reply = monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=15.5 * GiB)])
+    assert list(reply) == ["a"]

@@ -393,6 +393,9 @@ def test_an_attempts_size_at_a_reading_is_read_off_the_line_between_its_samples(
     assert R.resident_at(samples, 9.0, near=0.75) == 0.0  # not started yet
     assert R.resident_at(samples, 12.5, near=0.75) == 0.0  # ended: freed
     assert R.resident_at([], 10.0, near=0.75) == 0.0
+    # Its worker said when it ended: its last size until then, whether sooner or later than near.
+    assert R.resident_at(samples, 11.6, near=0.75, ended_at=11.55) == 0.0
+    assert R.resident_at(samples, 12.5, near=0.75, ended_at=13.0) == 1100.0
 
 
 # --- actors: the same checks, rescaling instead of resubmitting -----------------------------------

@@ -169,18 +169,23 @@ class NodeMemory:
         return self.used_bytes / self.total_bytes if self.total_bytes > 0 else 0.0
 
 
-def resident_at(samples: Sequence[tuple[float, float]], t: float, near: float) -> float:
+def resident_at(samples: Sequence[tuple[float, float]], t: float, near: float,
+                ended_at: float | None = None) -> float:
     """An attempt's resident size at time ``t`` from its samples ((timestamp, bytes), oldest first).
 
     Between two samples, on the line between them: a task that grows 1 GB/s moves
     by 500 MiB in one live interval, and its last sample alone, set against a node
     reading taken up to an interval before or after it, put a node's room out by
-    as much.  Within ``near`` before its first sample or after its last, that
-    sample's size; further out, 0: it had not started, or it has ended (its
-    memory freed, its worker silent).
+    as much.  Within ``near`` before its first sample, that sample's size; after
+    its last, that sample's size until ``ended_at`` (when its worker said it
+    ended), or for ``near`` if it has not said.  Further out, 0: it had not
+    started, or it has ended (its memory freed).
     """
-    if not samples or t < samples[0][0] - near or t > samples[-1][0] + near:
+    if not samples or t < samples[0][0] - near:
         return 0.0
+    if t > samples[-1][0]:
+        end = ended_at if ended_at is not None else samples[-1][0] + near
+        return float(samples[-1][1]) if t < end else 0.0
     if t <= samples[0][0]:
         return float(samples[0][1])
     for (t0, b0), (t1, b1) in zip(samples, samples[1:]):

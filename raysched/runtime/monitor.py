@@ -299,6 +299,7 @@ class _Attempt:
     seen: float  # the monitor's clock when it last heard of the attempt
     # (timestamp, rss_bytes) of its newest samples, oldest first (see node_rooms)
     samples: deque = field(default_factory=lambda: deque(maxlen=_ROOM_SAMPLES))
+    ended_at: float | None = None  # when its worker said it ended (the worker's time.time())
 
 
 def event_row(decision: Decision) -> dict[str, Any]:
@@ -415,7 +416,8 @@ class Monitor:
         samples = entry.samples if entry is not None else deque(maxlen=_ROOM_SAMPLES)
         if not samples or report.timestamp > samples[-1][0]:
             samples.append((report.timestamp, report.rss_bytes))
-        self._attempts[report.key] = _Attempt(new_state, last, now, samples)
+        self._attempts[report.key] = _Attempt(new_state, last, now, samples,
+                                              entry.ended_at if entry is not None else None)
         if new_state.stop is None:
             self.metrics.observe(report)
         return list(decisions)
@@ -449,13 +451,14 @@ class Monitor:
                 reading = replace(reading, kill_threshold=self._kill_thresholds[reading.node_id])
             self._note_room(reading)
             running = [a.last for a in self._attempts.values()
-                       if a.state.stop is None and a.last.node_id == reading.node_id]
+                       if a.state.stop is None and a.ended_at is None and a.last.node_id == reading.node_id]
             state, decision = self.rules.evaluate_node(self._nodes.get(reading.node_id, NodeState()), reading, running)
             self._nodes[reading.node_id] = state
             if decision is not None:
                 key = (decision.call_id, decision.attempt)
                 entry = self._attempts[key]
-                self._attempts[key] = _Attempt(with_stop(entry.state, decision), entry.last, entry.seen, entry.samples)
+                self._attempts[key] = _Attempt(with_stop(entry.state, decision), entry.last, entry.seen, entry.samples,
+                                               entry.ended_at)
             return decision
 
     def _note_room(self, reading: NodeMemory) -> None:
@@ -507,9 +510,9 @@ class Monitor:
         with self._lock:
             rooms = {}
             for node_id in node_ids:
-                samples = [list(a.samples) for a in self._attempts.values() if a.last.node_id == node_id]
+                held = [(list(a.samples), a.ended_at) for a in self._attempts.values() if a.last.node_id == node_id]
                 recent = [rule.room_bytes(r, 0.0 if r.source == METRICS_READING
-                                          else sum(resident_at(s, r.timestamp, near) for s in samples))
+                                          else sum(resident_at(s, r.timestamp, near, end) for s, end in held))
                           for t, r in self._room_readings.get(node_id, ()) if now - t < window]
                 if recent:
                     rooms[node_id] = statistics.median(recent)
@@ -534,6 +537,20 @@ class Monitor:
             return decisions
         finally:
             self._poll_lock.release()
+
+    def ended(self, ends: Sequence[tuple[str, int, float]]) -> None:
+        """Workers say that attempts they reported have ended: (call id, attempt, time.time()).
+
+        The node rule no longer picks them, and a node's room no longer counts their
+        memory after that time (it is freed); they are forgotten once silent for
+        ``monitor_stale_s``, as the rest, so that readings taken before their end
+        still count them.
+        """
+        with self._lock:
+            for call_id, attempt, at in ends:
+                entry = self._attempts.get((call_id, int(attempt)))
+                if entry is not None:
+                    entry.ended_at = float(at)
 
     # --- what workers and users ask ---------------------------------------------------------------------
     def directives(self, call_ids: Iterable[str]) -> dict[str, Decision]:
@@ -563,13 +580,13 @@ class Monitor:
         with self._lock:
             running: dict[str, int] = {}
             for attempt in self._attempts.values():
-                if attempt.state.stop is None:
+                if attempt.state.stop is None and attempt.ended_at is None:
                     running[attempt.last.function] = running.get(attempt.last.function, 0) + 1
             return {
                 "attempts": len(self._attempts),
                 "stopping": sum(a.state.stop is not None for a in self._attempts.values()),
-                # Attempts reporting and not stopped, by function (an attempt that ended is
-                # forgotten once silent for monitor_stale_s).
+                # Attempts reporting, not stopped and not ended, by function (an attempt
+                # whose worker died is forgotten once silent for monitor_stale_s).
                 "running_by_function": running,
                 "nodes": len(self._nodes),
                 "reports_received": self.reports_received,
@@ -632,12 +649,18 @@ class LiveReporter:
     never blocks on the monitor.  One batch is in flight at a time; while the
     monitor is away (restarting) reports are buffered, the oldest dropped beyond
     ``max_buffer``.  ``directive(call_id, attempt)`` is a dict lookup.
+    ``ended(call_id, attempt, at)`` tells the monitor at once, with
+    ``send_ended(ends)`` (no answer awaited), that an attempt it had reports of
+    has ended: its memory is free from then on (``Monitor.ended``).
     """
 
     def __init__(self, send: Callable[[list[LiveReport]], Any], resolve: Callable[[Any], Mapping[str, Decision] | None],
-                 interval_s: float, clock: Callable[[], float] = time.monotonic, max_buffer: int = 1000):
+                 interval_s: float, clock: Callable[[], float] = time.monotonic, max_buffer: int = 1000,
+                 send_ended: Callable[[list[tuple[str, int, float]]], Any] | None = None):
         self._send, self._resolve, self._interval, self._clock = send, resolve, interval_s, clock
+        self._send_ended = send_ended
         self._max_buffer = max_buffer
+        self._reported: set[tuple[str, int]] = set()  # attempts this process has reported and not ended
         self._lock = threading.Lock()
         self._buffer: list[LiveReport] = []
         self._pending: Any = None
@@ -646,6 +669,7 @@ class LiveReporter:
 
     def add(self, report: LiveReport) -> None:
         with self._lock:
+            self._reported.add(report.key)
             self._buffer.append(report)
             del self._buffer[:-self._max_buffer]
             self._poll()
@@ -681,6 +705,18 @@ class LiveReporter:
         with self._lock:
             self._directives.pop(call_id, None)
 
+    def ended(self, call_id: str, attempt: int, at: float) -> None:
+        """The attempt has ended at ``at`` (time.time()); the monitor hears it if it heard of the attempt."""
+        with self._lock:
+            if (call_id, attempt) not in self._reported:
+                return  # never reported (shorter than an interval): the monitor does not know it
+            self._reported.discard((call_id, attempt))
+        if self._send_ended is not None:
+            try:
+                self._send_ended([(call_id, attempt, at)])
+            except Exception as exc:  # noqa: BLE001 - the monitor counts it ended once silent
+                logger.debug("raysched: could not tell the monitor of an attempt's end: %s", exc)
+
 
 def ray_live_reporter(config: RayschedConfig) -> LiveReporter:
     """A LiveReporter sending to the cluster's monitor actor (looked up by name, created if missing)."""
@@ -688,13 +724,19 @@ def ray_live_reporter(config: RayschedConfig) -> LiveReporter:
 
     handle: list[Any] = []
 
-    def send(batch: list[LiveReport]) -> Any:
+    def monitor() -> Any:
         if not handle:
             try:
                 handle.append(ray.get_actor(monitor_name(config), namespace=NAMESPACE))
             except ValueError:
                 handle.append(get_or_create_monitor(config))
-        return handle[0].report.remote(batch)
+        return handle[0]
+
+    def send(batch: list[LiveReport]) -> Any:
+        return monitor().report.remote(batch)
+
+    def send_ended(ends: list[tuple[str, int, float]]) -> Any:
+        return monitor().ended.remote(ends)
 
     def resolve(ref: Any) -> Mapping[str, Decision] | None:
         ready, _ = ray.wait([ref], timeout=0)
@@ -709,7 +751,7 @@ def ray_live_reporter(config: RayschedConfig) -> LiveReporter:
             handle.clear()  # a monitor killed for good: look it up (or create it) again next time
             raise
 
-    return LiveReporter(send, resolve, config.live_interval_s)
+    return LiveReporter(send, resolve, config.live_interval_s, send_ended=send_ended)
 
 
 def get_or_create_monitor(config: RayschedConfig):
