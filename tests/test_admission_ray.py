@@ -204,3 +204,18 @@ def test_calls_whose_labels_fit_the_node_but_not_its_room_start_one_at_a_time(ra
         assert room < 1.6 * GiB and status["capacity_room_bytes"] == pytest.approx(room), status
     finally:
         ray.get(monitor.reconfigure.remote(config), timeout=30)
+
+
+def test_the_monitor_hears_at_once_that_a_watched_task_ended(ray_session):
+    """Its memory is free at once; the monitor had counted it running until its silence ran out (60 s)."""
+    from raysched.runtime.client import get_client
+    from raysched.runtime.session import monitor_name
+
+    get_client().handle
+    assert wait_for(lambda: _named(monitor_name(raysched.get_config())), timeout=60)
+    monitor = ray.get_actor(monitor_name(raysched.get_config()), namespace=NAMESPACE)
+    running = lambda: ray.get(monitor.status.remote(), timeout=30)["running_by_function"]  # noqa: E731
+    ref = labelled.remote("watched", 1.5)  # three live samples or so
+    assert wait_for(lambda: running().get(labelled.name) == 1, timeout=60), running()
+    ray.get(ref, timeout=60)
+    assert wait_for(lambda: labelled.name not in running(), timeout=5), running()
