@@ -39,6 +39,7 @@ from ..policy.recipe import build_rules
 from ..policy.rules import (
     ACTOR_RESCALED,
     METRICS_READING,
+    WORKER_READING,
     REQUEUE_LOWEST_PRIORITY,
     STOP_AND_RESUBMIT,
     AttemptState,
@@ -462,60 +463,55 @@ class Monitor:
             return decision
 
     def _note_room(self, reading: NodeMemory) -> None:
-        """Keep the reading for the node's room (under the lock; see ``node_rooms``).
+        """Keep a worker's reading for the node's room (under the lock; see ``node_rooms``).
 
-        A reading from the metrics endpoint is ~5 s old, too old to set against the
-        attempts' samples: it is kept only while no attempt has reported from the
-        node for a window (then nothing of raysched's runs there to take off).
+        Only workers' readings: they are the measure Ray's memory monitor kills by
+        (total - available).  A node's metrics endpoint serves another, and an older
+        one: where Ray reads memory from a cgroup it reports that cgroup's use (here
+        55 MiB where total - available was 512 MiB), and a room from it let a batch
+        start with more than the node had (two Ray OOM kills in the monitor benchmark).
         """
-        if self.rules.node_rule is None:
+        if self.rules.node_rule is None or reading.source != WORKER_READING:
             return
         now = self._clock()
         window = self.config.node_room_window_s
-        if reading.source == METRICS_READING and any(
-                now - a.seen < window for a in self._attempts.values() if a.last.node_id == reading.node_id):
-            return
-        kept = [(t, r) for t, r in self._room_readings.get(reading.node_id, ()) if now - t < window]
-        self._room_readings[reading.node_id] = kept + [(now, reading)]
+        readings = self._room_readings.setdefault(reading.node_id, [])
+        readings[:] = [(t, r) for t, r in readings if now - t < window] + [(now, reading)]
+
+    def _others_at(self, reading: NodeMemory) -> float:
+        """What the node used at the reading besides raysched's attempts there (under the lock)."""
+        near = 1.5 * self.config.live_interval_s
+        held = sum(resident_at(list(a.samples), reading.timestamp, near, a.ended_at)
+                   for a in self._attempts.values() if a.last.node_id == reading.node_id)
+        return reading.used_bytes - held
 
     def node_rooms(self, node_ids: Sequence[str]) -> dict[str, float]:
-        """Each node's room (bytes) for the admission queue (``NodePressure.room_bytes``): the
-        median over its readings of the last ``node_room_window_s``.
+        """Each node's room (bytes) for the admission queue (``NodePressure.room_bytes``).
 
-        Each worker's reading is set against what the node's attempts held at its
-        time, from their samples on either side of it (``resident_at``): the samples
-        of different workers are up to a live interval apart, and a task growing
-        ~1 GB/s moves by 500 MiB in one.  The median, so that one reading's error
-        (an attempt that ended between samples) moves it little.  A node with no
-        recent reading and no attempt running there is read now from its metrics
-        endpoint (if the monitor has a reader); a node left without a reading is
-        left out (the queue counts it by its label).
+        The median over its workers' readings of the last ``node_room_window_s``,
+        each set against what the node's attempts held at its time, from their
+        samples on either side of it (``resident_at``): the samples of different
+        workers are up to a live interval apart, and a task growing ~1 GB/s moves by
+        500 MiB in one.  The median, so that one reading's error moves it little.
+        A node no worker has read within the window (nothing of raysched's runs
+        there now) has the room its last window of readings told, for up to
+        ``monitor_stale_s`` (its attempts' samples are kept as long); a node without
+        either is left out (the queue counts it by its label).
         """
         rule = self.rules.node_rule
         if rule is None:
             return {}
         now = self._clock()
         window = self.config.node_room_window_s
-        for node_id in node_ids:
-            with self._lock:
-                known = any(now - t < window for t, _ in self._room_readings.get(node_id, ()))
-            if not known and self._node_reader is not None:
-                reading = self._node_reader(node_id)  # outside the lock: it may wait on the network
-                if reading is not None:
-                    with self._lock:
-                        if reading.kill_threshold is None and node_id in self._kill_thresholds:
-                            reading = replace(reading, kill_threshold=self._kill_thresholds[node_id])
-                        self._note_room(reading)
-        near = 1.5 * self.config.live_interval_s
         with self._lock:
             rooms = {}
             for node_id in node_ids:
-                held = [(list(a.samples), a.ended_at) for a in self._attempts.values() if a.last.node_id == node_id]
-                recent = [rule.room_bytes(r, 0.0 if r.source == METRICS_READING
-                                          else sum(resident_at(s, r.timestamp, near, end) for s, end in held))
-                          for t, r in self._room_readings.get(node_id, ()) if now - t < window]
-                if recent:
-                    rooms[node_id] = statistics.median(recent)
+                readings = self._room_readings.get(node_id, [])
+                if not readings or now - readings[-1][0] >= self.config.monitor_stale_s:
+                    continue
+                recent = [r for t, r in readings if now - t < window] or [r for _, r in readings]
+                rooms[node_id] = statistics.median(rule.room_bytes(r, r.used_bytes - self._others_at(r))
+                                                   for r in recent)
             return rooms
 
     def poll_nodes(self) -> list[Decision]:
