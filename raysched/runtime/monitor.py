@@ -7,9 +7,10 @@ and keeps the decisions for workers to poll (``directives``); every decision
 other than "none" becomes one event row in the profile store and a metric.  It
 also reads the memory of the nodes that have running attempts from their
 metrics endpoints and, under pressure, has the lowest-priority attempt there
-give way.  From the same readings it keeps each node's *room* (the memory its
-tasks' labels may add up to and keep it under the node rule's threshold), which
-the admission queue admits against (``node_rooms``).
+give way.  From its workers' readings it works out each node's *room* (the
+memory its tasks may hold together and keep it under the node rule's threshold),
+which the admission queue admits against (``node_rooms``); workers say when an
+attempt ends (``ended``), so that its memory leaves the room at once.
 
 ``Monitor`` is a plain class that tests drive with a fake clock and a
 temporary store; ``get_or_create_monitor`` is the one place that makes it a
@@ -478,12 +479,11 @@ class Monitor:
         readings = self._room_readings.setdefault(reading.node_id, [])
         readings[:] = [(t, r) for t, r in readings if now - t < window] + [(now, reading)]
 
-    def _others_at(self, reading: NodeMemory) -> float:
-        """What the node used at the reading besides raysched's attempts there (under the lock)."""
+    def _held_at(self, reading: NodeMemory) -> float:
+        """What raysched's attempts on the reading's node held at its time (under the lock)."""
         near = 1.5 * self.config.live_interval_s
-        held = sum(resident_at(list(a.samples), reading.timestamp, near, a.ended_at)
+        return sum(resident_at(list(a.samples), reading.timestamp, near, a.ended_at)
                    for a in self._attempts.values() if a.last.node_id == reading.node_id)
-        return reading.used_bytes - held
 
     def node_rooms(self, node_ids: Sequence[str]) -> dict[str, float]:
         """Each node's room (bytes) for the admission queue (``NodePressure.room_bytes``).
@@ -510,8 +510,7 @@ class Monitor:
                 if not readings or now - readings[-1][0] >= self.config.monitor_stale_s:
                     continue
                 recent = [r for t, r in readings if now - t < window] or [r for _, r in readings]
-                rooms[node_id] = statistics.median(rule.room_bytes(r, r.used_bytes - self._others_at(r))
-                                                   for r in recent)
+                rooms[node_id] = statistics.median(rule.room_bytes(r, self._held_at(r)) for r in recent)
             return rooms
 
     def poll_nodes(self) -> list[Decision]:
