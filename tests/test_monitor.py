@@ -444,7 +444,8 @@ def test_a_climbing_node_is_relieved_from_its_workers_readings_before_ray_kills(
     monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
     total, label = 16 * GiB, int(3.5 * GiB)
     tasks = [Samples(call_id=c, priority=0, node_total_bytes=total, node_kill_threshold=0.5,
-                     allocation=Allocation(1.0, label), wall_seconds=w) for c, w in (("a", 9.0), ("b", 1.0))]
+                     allocation=Allocation(1.0, int(1.15 * label)), predicted_memory_upper_bytes=label,
+                     wall_seconds=w) for c, w in (("a", 9.0), ("b", 1.0))]
     first_stop = None
     for tick in range(14):  # a live sample every 0.5 s; each task grows 0.25 GiB per sample
         clock.advance(0.5)

@@ -272,13 +272,14 @@ def test_with_stop_marks_an_attempt_stopped_from_outside():
 
 def climbing_node(label_gib: float, source: str, seconds: int = 7) -> list[tuple[NodeMemory, list[LiveReport]]]:
     """A 16 GiB node whose Ray kills at half of it (8 GiB): 4 GiB of other processes and two
-    tasks that each grow by 0.5 GiB/s from 0.2 GiB up to their ``label_gib`` label; a
-    worker's reading every second."""
+    tasks that each grow by 0.5 GiB/s from 0.2 GiB up to ``label_gib``, their predictions'
+    upper bound (their labels 15% more); a worker's reading every second."""
     out = []
     for t in range(seconds):
         rss = min(0.2 + 0.5 * t, label_gib)
         tasks = [live(call_id=c, priority=0, node_id="node-a", rss_bytes=int(rss * GiB), wall_seconds=t + w,
-                      allocation=Allocation(1.0, int(label_gib * GiB)), timestamp=1000.0 + t) for c, w in (("a", 1), ("b", 0))]
+                      allocation=Allocation(1.0, int(1.15 * label_gib * GiB)),
+                      predicted_memory_upper_bytes=label_gib * GiB, timestamp=1000.0 + t) for c, w in (("a", 1), ("b", 0))]
         reading = NodeMemory("node-a", (4 + 2 * rss) * GiB, 16 * GiB, 1000.0 + t, kill_threshold=0.5, source=source)
         out.append((reading, tasks))
     return out
@@ -314,19 +315,29 @@ def test_a_node_climbing_fast_is_relieved_before_ray_kills_not_after():
     assert first_stop(default.replace(node_kill_margin=None), trace) is None
 
 
-def test_a_node_climbing_to_labels_that_fit_is_left_alone():
-    """The same climb, but the tasks' labels (1.5 GiB each) end the node at 7 GiB: the growth
-    is projected no further than the labels allow, so nothing is stopped (unbounded, the
-    rate of 1 GiB/s x 2.5 s would have read 6.4 GiB at t=2 as 8.9 GiB)."""
-    trace = climbing_node(1.5, R.WORKER_READING, seconds=10)
-    assert max(r.used_bytes for r, _ in trace) == 7 * GiB
+def test_a_node_climbing_to_expected_peaks_that_fit_is_left_alone():
+    """The same climb, but the tasks' expected peaks (their predictions' upper bounds, 1.85 GiB
+    each) end the node at 7.7 GiB, under its 7.84 GiB threshold: the growth is projected no
+    further than they allow, so nothing is stopped.  Unbounded, the rate of 1 GiB/s x 2.5 s
+    would have read 6.4 GiB at t=2 as 8.9 GiB; bounded by the labels (15% more: 8.26 GiB),
+    past Ray's 8 GiB too. The admission queue fills a node's room by the upper bounds."""
+    trace = climbing_node(1.85, R.WORKER_READING, seconds=10)
+    assert max(r.used_bytes for r, _ in trace) == pytest.approx(7.7 * GiB)
     assert first_stop(RayschedConfig(), trace) is None
     rule = build_rules(RayschedConfig()).node_rule
     reading, running = trace[2]
-    assert rule.projected_bytes(trace[1][0], reading, running) == pytest.approx(reading.used_bytes + 2 * 0.3 * GiB)
+    assert rule.projected_bytes(trace[1][0], reading, running) == pytest.approx(reading.used_bytes + 2 * 0.65 * GiB)
+    by_labels = [(r, [replace(x, predicted_memory_upper_bytes=float(x.allocation.memory_bytes)) for x in xs])
+                 for r, xs in trace]
+    assert first_stop(RayschedConfig(), by_labels) is not None
 
 
-# --- the recipe ----------------------------------------------------------------------------------------
+def test_an_attempt_is_expected_to_hold_its_upper_bound_or_a_callers_own_figure():
+    sized = live(allocation=Allocation(1.0, 1 * GiB), predicted_memory_upper_bytes=900 * MiB, rss_bytes=500 * MiB)
+    assert sized.expected_peak_bytes == 900 * MiB and sized.memory_headroom_bytes == 400 * MiB
+    own = replace(sized, allocation=Allocation(1.0, 1 * GiB, memory_is_task_only=True), start_rss_bytes=150 * MiB)
+    assert own.expected_peak_bytes == (1024 + 150) * MiB  # memory= is the task's: on top of the worker
+    assert replace(sized, rss_bytes=2 * GiB).memory_headroom_bytes == 0.0
 
 
 def test_build_rules_follows_the_config():

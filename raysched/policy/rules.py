@@ -124,9 +124,24 @@ class LiveReport:
         return label
 
     @property
+    def expected_peak_bytes(self) -> float:
+        """The most the attempt is expected to hold, in the terms of ``rss_bytes``.
+
+        Its prediction's upper bound where raysched sized it (its label less the
+        sizing's margin: what the admission queue counts it by against a node's
+        room); a caller's own figure as its label says.  Judged by its label, a node
+        whose queue admitted expected peaks up to its room looked set to pass its
+        kill threshold whenever its tasks climbed together.
+        """
+        upper = float(self.predicted_memory_upper_bytes)
+        if self.allocation.memory_is_task_only or not 0 < upper < float("inf"):
+            return self.memory_label_bytes
+        return upper
+
+    @property
     def memory_headroom_bytes(self) -> float:
-        """How much more the attempt is expected to hold: its label less what it holds now (>= 0)."""
-        return max(0.0, self.memory_label_bytes - float(self.rss_bytes))
+        """How much more the attempt is expected to hold: its expected peak less what it holds now (>= 0)."""
+        return max(0.0, self.expected_peak_bytes - float(self.rss_bytes))
 
     @property
     def key(self) -> tuple[str, int]:
