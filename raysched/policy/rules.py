@@ -434,7 +434,7 @@ class NodePressure:
     kill_margin: float | None = 0.01
     #: Seconds from a reading until a stop decided on the next one takes effect.  A reading
     #: whose node, growing as fast as since the last reading (but no further than its
-    #: attempts' labels allow), would pass Ray's kill threshold within that time counts as
+    #: attempts' expected peaks allow), would pass Ray's kill threshold within that time counts as
     #: a high one: the count starts a reading earlier, and the victim is judged by where
     #: the node is going.  0: judge each reading as it is.
     lead_s: float = 0.0
@@ -465,9 +465,9 @@ class NodePressure:
         """The node's used memory ``lead_s`` after ``reading``, growing as since ``previous``.
 
         The growth is capped by how much more the node's attempts are expected to
-        hold (each up to its label): a batch of tasks that climbs fast and then
-        holds does not count as a node that climbs without end.  Other processes'
-        growth is not projected.  Only two workers' readings tell a rate.
+        hold (each up to ``LiveReport.expected_peak_bytes``): a batch of tasks that
+        climbs fast and then holds does not count as a node that climbs without end.
+        Other processes' growth is not projected.  Only two workers' readings tell a rate.
         """
         if (self.lead_s <= 0 or previous is None or reading.source != WORKER_READING
                 or previous.source != WORKER_READING or reading.timestamp <= previous.timestamp):
@@ -497,7 +497,7 @@ class NodePressure:
         """The attempt that gives way; ``excess_bytes``: how far the node is (or is going) over its threshold.
 
         A stop relieves the node of what the attempt holds and of what it would
-        still grow by (up to its label) when the node is judged by where it is going.
+        still grow by (up to its expected peak) when the node is judged by where it is going.
         """
         # An actor cannot be requeued (its state lives in it): only tasks give way.
         tasks = [r for r in running if r.kind == TASK]
