@@ -330,10 +330,8 @@ def pooled_labels(nodes: Mapping[str, Request]) -> Request | None:
     """The nodes' CPUs and memory labels together, with no limit on room: the most the
     cluster could ever give one call (a call beyond it passes through; one beyond the
     room only waits to run alone)."""
-    if not nodes:
-        return None
-    return Request(sum(n.num_cpus for n in nodes.values()), sum(n.memory_bytes for n in nodes.values()),
-                   peak_bytes=math.inf)
+    capacity = pooled_capacity(nodes, {})
+    return None if capacity is None else Request(capacity.num_cpus, capacity.memory_bytes, peak_bytes=math.inf)
 
 
 __all__ = ["AdmissionQueue", "Request", "order_key", "expected_peak_bytes", "pooled_capacity", "pooled_labels", "ORDERS",

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from ..errors import ResourceLimitExceeded
 from ..types import Allocation, MiB
+from .admission import expected_peak_bytes
 
 # --- actions ----------------------------------------------------------------------------------
 
@@ -133,10 +134,8 @@ class LiveReport:
         whose queue admitted expected peaks up to its room looked set to pass its
         kill threshold whenever its tasks climbed together.
         """
-        upper = float(self.predicted_memory_upper_bytes)
-        if self.allocation.memory_is_task_only or not 0 < upper < float("inf"):
-            return self.memory_label_bytes
-        return upper
+        peak = expected_peak_bytes(self.predicted_memory_upper_bytes, self.allocation.memory_is_task_only)
+        return self.memory_label_bytes if peak is None else peak
 
     @property
     def memory_headroom_bytes(self) -> float:

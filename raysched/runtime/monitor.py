@@ -414,12 +414,14 @@ class Monitor:
         entry = self._attempts.get(report.key)
         state = entry.state if entry is not None else AttemptState()
         new_state, decisions = self.rules.evaluate(state, report)
-        last = report if entry is None or report.timestamp >= entry.last.timestamp else entry.last
-        samples = entry.samples if entry is not None else deque(maxlen=_ROOM_SAMPLES)
-        if not samples or report.timestamp > samples[-1][0]:
-            samples.append((report.timestamp, report.rss_bytes))
-        self._attempts[report.key] = _Attempt(new_state, last, now, samples,
-                                              entry.ended_at if entry is not None else None)
+        if entry is None:
+            entry = self._attempts[report.key] = _Attempt(new_state, report, now)
+        else:
+            entry.state, entry.seen = new_state, now
+            if report.timestamp >= entry.last.timestamp:
+                entry.last = report
+        if not entry.samples or report.timestamp > entry.samples[-1][0]:
+            entry.samples.append((report.timestamp, report.rss_bytes))
         if new_state.stop is None:
             self.metrics.observe(report)
         return list(decisions)
@@ -459,8 +461,7 @@ class Monitor:
             if decision is not None:
                 key = (decision.call_id, decision.attempt)
                 entry = self._attempts[key]
-                self._attempts[key] = _Attempt(with_stop(entry.state, decision), entry.last, entry.seen, entry.samples,
-                                               entry.ended_at)
+                entry.state = with_stop(entry.state, decision)
             return decision
 
     def _note_room(self, reading: NodeMemory) -> None:
