@@ -543,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a RayschedConfig knob for the raysched paths, as a Python literal "
                              "(node_kill_margin=0.01); repeatable")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
+    parser.add_argument("--profiles-out", metavar="FILE",
+                        help="write raysched's profile rows of the run (warm-up included) to FILE as Parquet")
     args = parser.parse_args(argv)
     knobs = {}
     for item in args.config:
@@ -638,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = every[every["outcome"] == "ok"]
         peak_by_mib = {int(k): float(v) for k, v in
                        ok.groupby(ok["input_size"] // MiB)["peak_rss_bytes"].median().items()}
+        if args.profiles_out:
+            every.to_parquet(args.profiles_out)
         profiler = proc_reading(actor_pid("Profiler"))
         monitor = proc_reading(actor_pid("Monitor"))
     finally:
