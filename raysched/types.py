@@ -9,6 +9,7 @@ This module is pure: it imports neither ray, mlflow nor pyarrow.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ class Estimate:
     should cover with probability ``coverage`` (calibrated on held-out runs where
     a model is behind it), ``n_history`` how many past runs stand behind it.
     Units: bytes for memory and disk, cores for cpu, seconds for wall.
+
+    ``margin`` is the share the sizer adds over ``upper`` for a memory request:
+    None for the config's ``memory_margin``.  An estimator that already chose the
+    allocation itself, weighing a failure against waste (``CostAwareEstimator``),
+    says 0, so that ``upper`` is what it expects the call to hold at most, as it is
+    for every other estimator; the admission queue and the monitor count a call by it.
     """
 
     target: float
@@ -79,6 +86,7 @@ class Estimate:
     coverage: float
     n_history: int
     source: str = "fallback"
+    margin: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("target", "lower", "upper", "coverage"):
@@ -95,16 +103,16 @@ class Estimate:
             raise ValueError(
                 f"Estimate bounds out of order: lower={self.lower} target={self.target} upper={self.upper}"
             )
+        if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"Estimate.margin must be None or a non-negative number, got {self.margin!r}")
 
     def scaled(self, factor: float, source: str | None = None) -> "Estimate":
-        return Estimate(
-            target=self.target * factor,
-            lower=self.lower * factor,
-            upper=self.upper * factor,
-            coverage=self.coverage,
-            n_history=self.n_history,
-            source=source or self.source,
-        )
+        return dataclasses.replace(self, target=self.target * factor, lower=self.lower * factor,
+                                   upper=self.upper * factor, source=source or self.source)
+
+    def margin_or(self, default: float) -> float:
+        """The share a memory request adds over ``upper``: this estimate's own, else ``default``."""
+        return default if self.margin is None else self.margin
 
 
 @dataclass(frozen=True)

@@ -484,7 +484,7 @@ def test_cost_aware_estimator_leaves_censored_runs_out():
     from raysched.policy.estimators import CostAwareEstimator
 
     est = CostAwareEstimator("memory", min_history=3, min_correlation=0.3, local_fraction=1.0, min_local=3,
-                             tail_allowance=0.0, min_coverage=1.0, margin=0.0)
+                             tail_allowance=0.0, min_coverage=1.0)
     plain = History.from_columns({"memory": [100.0, 100.0, 100.0]})
     # A killed run recorded as the bumped sample 500 (censored) changes nothing...
     killed = History.from_columns({"memory": [100.0, 100.0, 100.0, 500.0], "censored": [False, False, False, True]})
@@ -510,11 +510,11 @@ def test_cost_aware_extrapolates_along_the_log_log_slope_beyond_the_largest_inpu
     fit = np.exp(_monotone_fit(ls, lu, q, 0.5))
     assert fit == pytest.approx([1e8, 1000 * math.sqrt(1e7), 1e6], rel=1e-3)
     est = CostAwareEstimator("memory", min_history=8, min_correlation=0.3, local_fraction=0.3, min_local=8,
-                             tail_allowance=0.0, min_coverage=0.75, margin=0.0)
+                             tail_allowance=0.0, min_coverage=0.75)
     history = History.from_columns({"input_size": sizes, "memory": 1000 * np.sqrt(sizes)})
     big = est.estimate(EstimationContext(history), Features(input_size=10**10))
     assert big.upper == pytest.approx(1e8, rel=1e-3)
-    flat = CostAwareEstimator("memory", 8, 0.3, 0.3, 8, 0.0, 0.75, 0.0, extrapolate=False)
+    flat = CostAwareEstimator("memory", 8, 0.3, 0.3, 8, 0.0, 0.75, extrapolate=False)
     # Flat beyond the range: the largest use seen, times the largest cross-fitted residual (the
     # largest run left out and predicted flat from its neighbour, one step of 10 ** (2/11)
     # below it: sqrt(10 ** (2/11)) = 10 ** (1/11) = 1.2328), which the 75% floor must cover.
@@ -533,7 +533,7 @@ def test_cost_aware_allocation_is_capped_near_the_largest_use_seen():
     uses[:6] = 14e6  # small inputs use little: input size explains some of it
     history = History.from_columns({"input_size": sizes, "memory": uses})
     kw = dict(min_history=8, min_correlation=0.0, local_fraction=0.3, min_local=8, tail_allowance=0.0,
-              min_coverage=1.0, margin=0.0)
+              min_coverage=1.0)
     capped = CostAwareEstimator("memory", **kw, cap_allowance=0.2).estimate(EstimationContext(history), Features(input_size=10**9))
     assert capped.upper == pytest.approx(5.6e9 * math.exp(0.2), rel=1e-6)
     uncapped = CostAwareEstimator("memory", **kw).estimate(EstimationContext(history), Features(input_size=10**9))
@@ -548,8 +548,40 @@ def test_default_memory_chain_is_cost_aware_and_model_still_serves_cpu():
     assert pred.memory.source == "history" and pred.cpu.source == "model"
     # 300 MB at 5e7 (100 MB + 4 x size) with N(0, 20 MB) noise: the allocation sits above
     # the center but far below the fixed chain's p95-plus-spread of large inputs
-    allocation = pred.memory.upper * (1 + CFG.memory_margin)
+    from raysched.policy.recipe import requested_memory
+
+    allocation = requested_memory(pred.memory, CFG.memory_margin)
     assert 300e6 < allocation < 400e6
+
+
+def test_a_cost_aware_estimate_is_the_allocation_it_chose_and_bounds_the_peak():
+    # The monitor benchmark's history: a call of N MiB peaks at N + 96 MiB, every time.
+    # The cost-aware estimate's upper bound is the allocation it chose (margin 0), so it
+    # covers the peak, and what the admission queue and the monitor count a call by is
+    # that; it was the allocation / 1.15, 194 MiB under the real peak of a 1,400 MiB call.
+    from raysched.policy.admission import expected_peak_bytes
+    from raysched.policy.recipe import requested_memory
+    from raysched.policy.sizing import size
+
+    sizes = [200, 800, 1200, 1400, 300, 800, 700, 300, 900, 400, 1000, 800, 400, 500, 1200, 500, 700, 1200, 900, 1400]
+    history = History.from_columns({"input_size": [n * MiB for n in sizes],
+                                    "memory": [(n + 96) * MiB for n in sizes]})
+    predictor = build_predictor(CFG)
+    for n in (200, 800, 1400):
+        pred = predictor.predict(Features(input_size=n * MiB), history)
+        assert pred.memory.source == "history" and pred.memory.margin == 0.0
+        assert pred.memory.upper >= (n + 96) * MiB  # it bounds the peak
+        allocation = size(pred, CFG)
+        assert allocation.memory_bytes == math.ceil(pred.memory.upper / (16 * MiB)) * 16 * MiB  # no margin on top
+        assert requested_memory(pred.memory, CFG.memory_margin) == pred.memory.upper
+        assert expected_peak_bytes(pred.memory.upper, allocation.memory_is_task_only) == pred.memory.upper
+    # An estimate without its own margin still gets the config's 15%.
+    plain = Estimate(1 * GiB, 1 * GiB, 1 * GiB, 0.9, 30)
+    assert requested_memory(plain, CFG.memory_margin) == pytest.approx(1.15 * GiB)
+    assert size(Prediction(memory=plain, cpu=plain.scaled(1 / GiB), wall=plain.scaled(1 / GiB)), CFG).memory_bytes \
+        == math.ceil(1.15 * GiB / (16 * MiB)) * 16 * MiB
+    with pytest.raises(ValueError, match="margin"):
+        Estimate(1.0, 1.0, 1.0, 0.9, 3, margin=-0.1)
 
 
 def _steepening_history() -> tuple[np.ndarray, np.ndarray]:
@@ -566,7 +598,7 @@ def _cost_aware(q: float):
     from raysched.policy.estimators import CostAwareEstimator
 
     return CostAwareEstimator("memory", min_history=8, min_correlation=0.3, local_fraction=0.35, min_local=8,
-                              tail_allowance=0.1, min_coverage=0.75, margin=0.15, slope_fraction=0.5,
+                              tail_allowance=0.1, min_coverage=0.75, slope_fraction=0.5,
                               cap_allowance=0.2, extrapolation_quantile=q)
 
 
@@ -593,8 +625,8 @@ def test_extrapolation_offset_widens_beyond_the_range_and_leaves_the_range_alone
     # 3x past the largest input the use keeps growing in proportion (30 GB): the fitted
     # slope and the local residuals alone allocate less; the offset covers it.
     truth = 1e9 * 3e9 / 1e8
-    a_off = off.estimate(ctx, Features(input_size=3 * 10**9)).upper * 1.15
-    a_on = on.estimate(ctx, Features(input_size=3 * 10**9)).upper * 1.15
+    a_off = off.estimate(ctx, Features(input_size=3 * 10**9)).upper  # the allocation itself: margin 0
+    a_on = on.estimate(ctx, Features(input_size=3 * 10**9)).upper
     assert a_off < truth < a_on
     # the further past the range, the wider
     far_off = off.estimate(ctx, Features(input_size=10**10)).upper

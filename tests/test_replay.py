@@ -353,7 +353,7 @@ def test_sniff_format():
 
 def test_cost_aware_estimator_follows_a_saturating_input_size():
     from raysched.config import RayschedConfig
-    from raysched.policy.recipe import build_predictor
+    from raysched.policy.recipe import build_predictor, requested_memory
     from raysched.types import Features, History
 
     # peak grows with input up to 10 GB, then stays there (as bwa's does)
@@ -362,10 +362,10 @@ def test_cost_aware_estimator_follows_a_saturating_input_size():
     hist = History.from_columns({"input_size": sizes, "memory": peaks})
     cfg = RayschedConfig(memory_cost_aware=True)
     pred = build_predictor(cfg).predict(Features(input_size=int(1e11)), hist)
-    allocation = pred.memory.upper * (1 + cfg.memory_margin)
+    allocation = requested_memory(pred.memory, cfg.memory_margin)
     assert 10e9 <= allocation <= 10.5e9  # the plateau, not a line through it
     small = build_predictor(cfg).predict(Features(input_size=int(1e6)), hist)
-    assert small.memory.upper * (1 + cfg.memory_margin) < 3e9
+    assert requested_memory(small.memory, cfg.memory_margin) < 3e9
 
 
 def test_cost_aware_ladder_jumps_to_the_largest_peak_seen():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Mapping, Protocol
 
 import numpy as np
@@ -180,7 +180,7 @@ class WithConfidenceMultiplier:
         if est is None or est.n_history <= 0:
             return est
         factor = (1.0 + self.scale / est.n_history) ** self.exponent
-        return Estimate(est.target, est.lower, est.upper * factor, est.coverage, est.n_history, est.source)
+        return replace(est, upper=est.upper * factor)
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ class WithMinimum:
         if est.target >= self.minimum:
             return est
         m = self.minimum
-        return Estimate(m, est.lower, max(est.upper, m), est.coverage, est.n_history, est.source)
+        return replace(est, target=m, upper=max(est.upper, m))
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class WithCap:
         if est is None or est.upper <= self.cap:
             return est
         c = self.cap
-        return Estimate(min(est.target, c), min(est.lower, c), c, est.coverage, est.n_history, est.source)
+        return replace(est, target=min(est.target, c), lower=min(est.lower, c), upper=c)
 
 
 @dataclass(frozen=True)
@@ -402,9 +402,10 @@ class CostAwareEstimator:
     Runs killed for memory (``History.censored``) are left out: their value is a
     bumped lower bound, and the same call's successful retry is in the history.
 
-    The estimate's ``upper`` is that allocation divided by ``1 + margin`` (the
-    sizer adds the margin back), ``coverage`` the share of the residuals it
-    covers, ``target`` the center.
+    The estimate's ``upper`` is that allocation, with ``margin`` 0: the sizer adds
+    no margin over it (the choice already weighs what a failure costs), and the
+    admission queue and the monitor count the call by what it chose.  ``coverage``
+    is the share of the residuals it covers, ``target`` the center.
     """
 
     resource: str
@@ -414,7 +415,6 @@ class CostAwareEstimator:
     min_local: int
     tail_allowance: float
     min_coverage: float
-    margin: float
     folds: int = 5
     #: Largest log-log slope beyond the largest input (1: use proportional to input).
     max_slope: float = 1.0
@@ -499,14 +499,14 @@ class CostAwareEstimator:
         i = first + int(np.argmin((fits + fails)[first:]))
         chosen = float(alloc[i])
         target = min(math.exp(center), chosen)
-        upper = chosen / (1.0 + self.margin)
         return Estimate(
-            target=min(target, upper),
-            lower=min(float(alloc[0]), target, upper),
-            upper=upper,
+            target=target,
+            lower=min(float(alloc[0]), target),
+            upper=chosen,
             coverage=(i + 1) / m,
             n_history=n,
             source="history",
+            margin=0.0,
         )
 
     def _extrapolation_widen(self, ls: np.ndarray, lu: np.ndarray) -> float:

@@ -147,7 +147,6 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
                 min_local=config.cost_min_local,
                 tail_allowance=config.cost_tail_allowance,
                 min_coverage=config.cost_min_coverage,
-                margin=config.memory_margin,
                 max_slope=config.cost_max_slope,
                 extrapolate=config.cost_extrapolate,
                 slope_fraction=config.cost_slope_fraction,
@@ -192,7 +191,8 @@ def build_sizer(config: RayschedConfig) -> Sizer:
     return Sizer(
         steps=(
             # 1. Memory: the calibrated upper bound plus the margin (15%: VPA's), so
-            #    that a run at the bound does not sit at the edge of its request.
+            #    that a run at the bound does not sit at the edge of its request; an
+            #    estimate that chose its allocation itself (cost-aware) carries margin 0.
             AddMemoryMargin(config.memory_margin),
             # 2. Floors: 64 MiB and a quarter core; Ray schedules nothing smaller usefully.
             AtLeast(config.min_memory_bytes, config.min_num_cpus),
@@ -211,9 +211,9 @@ def build_ladder(config: RayschedConfig) -> Ladder:
     if config.memory_cost_aware:
         return Ladder(
             rungs=(
-                # Rung 1: the upper bound with the margin, for a first attempt that a
+                # Rung 1: the upper bound with its margin (none for a cost-aware one), for a first attempt that a
                 #   cap or an explicit request cut below the cost-aware allocation.
-                Rung("upper bound", lambda s: s.prediction.memory.upper * margin),
+                Rung("upper bound", lambda s: requested_memory(s.prediction.memory, config.memory_margin)),
                 # Rung 2: jump to the ceiling, the largest peak recorded with the
                 #   margin: cost-aware sizing expects rare failures, and a failure
                 #   already cost a whole attempt, so the retry must fit.
@@ -232,7 +232,7 @@ def build_ladder(config: RayschedConfig) -> Ladder:
         rungs=(
             # Rung 1: the prediction's calibrated upper bound with the margin: the
             #   first allocation may have been cut by an explicit or capped request.
-            Rung("upper bound", lambda s: s.prediction.memory.upper * margin),
+            Rung("upper bound", lambda s: requested_memory(s.prediction.memory, config.memory_margin)),
             # Rung 2: twice the peak the killed attempt reached: it died still growing.
             Rung("2 x observed peak", lambda s: 2.0 * s.observed_peak),
             # Rung 3: the largest peak ever recorded for this function, with the margin.
@@ -247,6 +247,12 @@ def build_ladder(config: RayschedConfig) -> Ladder:
         bump=functools.partial(oom_bump, config=config),
         rounding_bytes=config.memory_rounding_bytes,
     )
+
+
+def requested_memory(estimate: Estimate, default_margin: float) -> float:
+    """What a memory estimate asks for before floors and rounding: its upper bound plus
+    its own margin, or ``default_margin`` (the config's) when it has none."""
+    return estimate.upper * (1.0 + estimate.margin_or(default_margin))
 
 
 def _rescale_changes(rule: str, config: RayschedConfig):

@@ -24,6 +24,8 @@ class Request:
     num_cpus: float
     capped: bool = False
     notes: tuple[str, ...] = ()
+    #: The margin over ``memory_bytes`` the estimate asks for (``Estimate.margin``); None: the sizer's.
+    memory_margin: float | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class AddMemoryMargin:
     margin: float
 
     def __call__(self, r: Request, ctx: SizingContext) -> Request:
-        return replace(r, memory_bytes=r.memory_bytes * (1.0 + self.margin))
+        margin = self.margin if r.memory_margin is None else r.memory_margin
+        return replace(r, memory_bytes=r.memory_bytes * (1.0 + margin))
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ class Sizer:
         function: str = "",
     ) -> Allocation:
         """The allocation for a prediction; options the user set explicitly win."""
-        request = Request(memory_bytes=prediction.memory.upper, num_cpus=prediction.cpu.target)
+        request = Request(memory_bytes=prediction.memory.upper, num_cpus=prediction.cpu.target,
+                          memory_margin=prediction.memory.margin)
         reason = f"{prediction.source}: memory from the upper bound, CPU from the target"
         explicit = explicit or {}
         if "memory" in explicit or "num_cpus" in explicit:
