@@ -338,17 +338,28 @@ class QueueWatch:
                 "queue_label_mib": self._samples[-1][1], "queue_held_peak_mib_max": max(h for _, _, h in self._samples)}
 
 
+#: Worker pids that ran a body in an earlier batch.
+_PIDS_SEEN: set[int] = set()
+
+
 def body_timeline(marker_dir: str, elapsed: float, t0_wall: float) -> dict:
     """From the markers: completed runs' (size, seconds), mean and peak number of completed runs at once.
 
     An attempt killed mid-run leaves only its start: it counts as an attempt, not here.
     """
     spans = []
+    starts = []  # (start, pid) of every run, completed or not
     for name in os.listdir(marker_dir):
         with open(os.path.join(marker_dir, name)) as f:
             fields = f.read().split()
+        starts.append((float(fields[1]), int(name.split("-", 1)[0])))
         if len(fields) >= 3:
             spans.append((int(fields[0]), float(fields[1]), float(fields[2])))
+    # The first three bodies: seconds after the first submission, and whether their worker
+    # process had run a body of an earlier batch (else Ray started it, or it sat idle since).
+    first_bodies = [{"start_s": round(b - t0_wall, 3), "pid": pid, "worker_seen_before": pid in _PIDS_SEEN}
+                    for b, pid in sorted(starts)[:3]]
+    _PIDS_SEEN.update(pid for _, pid in starts)
     points = sorted([(b, 1) for _, b, _ in spans] + [(e, -1) for _, _, e in spans])
     running = peak = 0
     for _, step in points:
@@ -360,6 +371,7 @@ def body_timeline(marker_dir: str, elapsed: float, t0_wall: float) -> dict:
             # From the first submission to the first body's start, and from the last body's end to
             # the batch's end (its result back in the driver): what the batch spends outside bodies.
             "first_start_s": first - t0_wall if spans else float("nan"),
+            "first_bodies": first_bodies,
             "after_last_end_s": elapsed - (max(e for _, _, e in spans) - t0_wall) if spans else float("nan"),
             "completed_runs": [(mib, e - b) for mib, b, e in spans],
             # (size, start, end) of each body, seconds from the first start: the batch's timeline.
@@ -377,8 +389,23 @@ def ray_oom_kills(task_names: list[str]) -> dict[str, dict[str, int]]:
             "ray_attempts": len(rows),
             "oom_killed": sum(1 for r in rows if (r.error_type or "") == "OUT_OF_MEMORY"),
             "other_failures": sum(1 for r in rows if r.state == "FAILED" and (r.error_type or "") != "OUT_OF_MEMORY"),
+            "first_started": first_started(rows),
         }
     return out
+
+
+def first_started(rows, n: int = 3) -> list[dict]:
+    """The ``n`` attempts that started first: seconds from the batch's first task event to each
+    of their states (where a batch's start is spent: waiting for a node, a worker, or running),
+    and the worker's pid."""
+    timelines = [({e["state"]: e["created_ms"] / 1000 for e in (r.events or [])}, r.worker_pid) for r in rows]
+    timelines = [(t, pid) for t, pid in timelines if t]
+    if not timelines:
+        return []
+    base = min(min(t.values()) for t, _ in timelines)
+    firsts = sorted(timelines, key=lambda tp: tp[0].get("RUNNING", float("inf")))[:n]
+    return [{"worker_pid": pid, **{state: round(at - base, 3) for state, at in sorted(t.items(), key=lambda kv: kv[1])}}
+            for t, pid in firsts]
 
 
 def held_labels() -> dict[str, float]:
