@@ -352,7 +352,8 @@ def body_timeline(marker_dir: str, elapsed: float, t0_wall: float) -> dict:
     for name in os.listdir(marker_dir):
         with open(os.path.join(marker_dir, name)) as f:
             fields = f.read().split()
-        starts.append((float(fields[1]), int(name.split("-", 1)[0])))
+        if len(fields) >= 2:  # a run killed as it began may have left its marker empty
+            starts.append((float(fields[1]), int(name.split("-", 1)[0])))
         if len(fields) >= 3:
             spans.append((int(fields[0]), float(fields[1]), float(fields[2])))
     # The first three bodies: seconds after the first submission, and whether their worker
