@@ -211,8 +211,8 @@ def build_ladder(config: RayschedConfig) -> Ladder:
     if config.memory_cost_aware:
         return Ladder(
             rungs=(
-                # Rung 1: the upper bound with its margin (none for a cost-aware one), for a first attempt that a
-                #   cap or an explicit request cut below the cost-aware allocation.
+                # Rung 1: the upper bound with its margin (a cost-aware one has none), for
+                #   a first attempt that a cap or an explicit request cut below it.
                 Rung("upper bound", lambda s: requested_memory(s.prediction.memory, config.memory_margin)),
                 # Rung 2: jump to the ceiling, the largest peak recorded with the
                 #   margin: cost-aware sizing expects rare failures, and a failure
