@@ -156,6 +156,11 @@ def start_cluster(args: argparse.Namespace):
     threshold_bytes = baseline + int(args.room_gib * GiB) + allowance
     fraction = min(0.95, threshold_bytes / total)
     env = {"RAY_memory_usage_threshold": f"{fraction:.4f}", "RAY_memory_monitor_refresh_ms": "250"}
+    if not args.numpy_hugepages:
+        # numpy asks for transparent huge pages for big arrays (madvise); on this machine's kernel
+        # the first big allocations after a batch freed its memory are then ~2x slower (a
+        # 1.4 GB climb: 4.5 s, later ones 1.5 s; without: 2.0 s each): benchmarks/README.md.
+        env["NUMPY_MADVISE_HUGEPAGE"] = "0"
     if args.idle_worker_s is not None:
         # Ray kills idle workers above the node's CPU count after 1 s; a batch whose concurrency
         # goes up and down then restarts them (~1-2 s each on 2 busy cores).
@@ -566,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-worker-s", type=float, default=None,
                         help="the worker node keeps idle worker processes this long before Ray kills them "
                              "(RAY_idle_worker_killing_time_threshold_ms; default: Ray's, 1 s)")
+    parser.add_argument("--numpy-hugepages", choices=["on", "off"], default="on",
+                        help="whether the tasks' numpy asks for transparent huge pages (its default: on; "
+                             "off sets NUMPY_MADVISE_HUGEPAGE=0 on the worker node)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", action="append", default=[], metavar="KNOB=VALUE",
                         help="a RayschedConfig knob for the raysched paths, as a Python literal "
@@ -574,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles-out", metavar="FILE",
                         help="write raysched's profile rows of the run (warm-up included) to FILE as Parquet")
     args = parser.parse_args(argv)
+    args.numpy_hugepages = args.numpy_hugepages == "on"
     knobs = {}
     for item in args.config:
         name, sep, value = item.partition("=")
