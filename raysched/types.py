@@ -9,10 +9,9 @@ This module is pure: it imports neither ray, mlflow nor pyarrow.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -107,8 +106,8 @@ class Estimate:
             raise ValueError(f"Estimate.margin must be None or a non-negative number, got {self.margin!r}")
 
     def scaled(self, factor: float, source: str | None = None) -> "Estimate":
-        return dataclasses.replace(self, target=self.target * factor, lower=self.lower * factor,
-                                   upper=self.upper * factor, source=source or self.source)
+        return replace(self, target=self.target * factor, lower=self.lower * factor, upper=self.upper * factor,
+                       source=source or self.source)
 
     def margin_or(self, default: float) -> float:
         """The share a memory request adds over ``upper``: this estimate's own, else ``default``."""
