@@ -225,8 +225,9 @@ class RayschedConfig:
     #: before the next one).
     node_memory_sustain_readings: int = 2
     #: Judge a growing node by where it will be when a stop decided on a later reading takes
-    #: effect (it grows as since its last reading, at most by what its attempts' expected peaks,
-    #: their predictions' upper bounds, still allow): a reading that would then be past Ray's kill threshold counts as a high one.
+    #: effect (it grows as since its last reading, at most by what its attempts' expected
+    #: peaks, their predictions' upper bounds, still allow): a reading that would then be
+    #: past Ray's kill threshold counts as a high one.
     #: False: judge each reading as it is (tasks growing ~1 GB/s then pass Ray's threshold
     #: between the two readings the rule waits for).
     node_memory_projection: bool = True

@@ -387,7 +387,7 @@ def test_live_reporter_batches_never_waits_and_keeps_directives(monitor, clock):
     stop = reporter.directive("a", 1)
     assert stop is not None and stop.action == R.STOP_AND_RESUBMIT
     assert reporter.directive("a", 2) is None and reporter.directive("b", 1) is None
-    reporter.forget("a")
+    reporter.ended("a", 1, 0.0)
     assert reporter.directive("a", 1) is None
 
 

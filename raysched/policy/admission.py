@@ -34,7 +34,7 @@ node starts, and Ray books calls' labels against it; Ray's memory monitor kills 
 what the node really uses, which other programs' growth can push up.  So the queue
 counts memory twice: the labels of admitted calls against the nodes' labels (else Ray
 only queues them), and what they are expected to hold at most (their predictions'
-upper bounds, without the sizing's margin) against the nodes' *room*, the memory
+upper bounds, ``expected_peak_bytes``) against the nodes' *room*, the memory
 their tasks may hold and keep them under their memory threshold
 (``pooled_capacity``).  The *ceiling* is the labels alone: a call bigger than the room
 but within the labels waits until it can run alone (anything fits an empty queue),
@@ -302,8 +302,8 @@ def order_key(order: str, submitted_at: float, memory_bytes: float, wall_seconds
 def expected_peak_bytes(memory_upper_bytes: float, label_is_callers: bool) -> float | None:
     """What a call is expected to hold at most, as the queue counts it against the nodes' rooms.
 
-    Its prediction's upper bound (the label less the sizing's margin and rounding),
-    when the label is raysched's own; a caller's own figure (``memory=``, or the cold
+    Its prediction's upper bound (a cost-aware estimate's chosen allocation; another
+    estimate's bound, without the sizing's margin), when the label is raysched's own; a caller's own figure (``memory=``, or the cold
     fallback) is taken as it is: None, the label.
     """
     if label_is_callers or not math.isfinite(memory_upper_bytes) or memory_upper_bytes <= 0:

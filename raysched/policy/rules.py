@@ -128,9 +128,9 @@ class LiveReport:
     def expected_peak_bytes(self) -> float:
         """The most the attempt is expected to hold, in the terms of ``rss_bytes``.
 
-        Its prediction's upper bound where raysched sized it (its label less the
-        sizing's margin: what the admission queue counts it by against a node's
-        room); a caller's own figure as its label says.  Judged by its label, a node
+        Its prediction's upper bound where raysched sized it (what the admission
+        queue counts it by against a node's room: ``policy.admission.expected_peak_bytes``);
+        a caller's own figure as its label says.  Judged by its label, a node
         whose queue admitted expected peaks up to its room looked set to pass its
         kill threshold whenever its tasks climbed together.
         """

@@ -645,9 +645,9 @@ class LiveReporter:
     never blocks on the monitor.  One batch is in flight at a time; while the
     monitor is away (restarting) reports are buffered, the oldest dropped beyond
     ``max_buffer``.  ``directive(call_id, attempt)`` is a dict lookup.
-    ``ended(call_id, attempt, at)`` tells the monitor at once, with
-    ``send_ended(ends)`` (no answer awaited), that an attempt it had reports of
-    has ended: its memory is free from then on (``Monitor.ended``).
+    ``ended(call_id, attempt, at)`` drops the attempt's directive and tells the
+    monitor at once, with ``send_ended(ends)`` (no answer awaited), that an attempt
+    it had reports of has ended: its memory is free from then on (``Monitor.ended``).
     """
 
     def __init__(self, send: Callable[[list[LiveReport]], Any], resolve: Callable[[Any], Mapping[str, Decision] | None],
@@ -697,13 +697,11 @@ class LiveReporter:
             decision = self._directives.get(call_id)
         return decision if decision is not None and decision.attempt == attempt else None
 
-    def forget(self, call_id: str) -> None:
+    def ended(self, call_id: str, attempt: int, at: float) -> None:
+        """The attempt has ended at ``at`` (time.time()): its directive is dropped, and the
+        monitor hears of the end if it heard of the attempt."""
         with self._lock:
             self._directives.pop(call_id, None)
-
-    def ended(self, call_id: str, attempt: int, at: float) -> None:
-        """The attempt has ended at ``at`` (time.time()); the monitor hears it if it heard of the attempt."""
-        with self._lock:
             if (call_id, attempt) not in self._reported:
                 return  # never reported (shorter than an interval): the monitor does not know it
             self._reported.discard((call_id, attempt))

@@ -786,7 +786,6 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
             thinning.observe(measured, outcome is Outcome.OK, wall, growth)
         _forget_live(spec)
         if _reporter is not None:
-            _reporter.forget(spec.call_id)
             _reporter.ended(spec.call_id, spec.attempt, time.time())  # its memory is free now
     # Only a stop gets here.  The exception and its traceback (which held the user's
     # frames and their memory) are gone; collect what cycles kept, before waiting on the next attempt.
