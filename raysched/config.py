@@ -144,6 +144,16 @@ class RayschedConfig:
     #: waiting calls (the cluster's free memory plus their labels would fit it): they wait
     #: for attempts that cannot start beside them, so waiting longer cannot help.
     handover_held_room_s: float = 3.0
+    #: A call that gave way on its node (the node rule's requeue) waits in its own task,
+    #: under the `memory` label it holds (the size its next attempt needs), until the monitor
+    #: has found room on that node for its expected peak, beside the expected peaks of what
+    #: runs there, in every answer for this many seconds (an attempt that just started
+    #: reports within a live interval); then it runs its next attempt there. At most
+    #: handover_start_timeout_s. It is resubmitted to Ray instead when another node has its
+    #: labels free, or the monitor cannot tell. None: always resubmitted, as a memory kill's
+    #: next attempt is; it then needs a second label beside the one its task keeps while it
+    #: waits (Ray gives back a blocked task's CPU, not its memory).
+    requeue_room_hold_s: float | None = 1.0
     #: VPA's OOM bump: a killed attempt's peak becomes max(peak + oom_bump_bytes, peak x oom_bump_ratio).
     oom_bump_bytes: int = 100 * MiB
     oom_bump_ratio: float = 1.2
@@ -409,7 +419,7 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
       "node_sample_interval_s", "node_room_window_s", "memory_limit_bytes"), lambda v: v > 0, "positive"),
     (("default_memory_bytes", "default_num_cpus", "default_wall_seconds", "min_num_cpus", "memory_margin", "confidence_exponent",
       "min_retrain_interval_s", "train_cost_fraction", "refresh_interval_s", "bundle_max_age_s",
-      "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "oom_bump_bytes",
+      "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "requeue_room_hold_s", "oom_bump_bytes",
       "shutdown_flush_timeout_s", "profile_commit_interval_s", "short_call_wall_s", "short_call_rss_bytes",
       "monitor_cpu_min_wall_s", "cost_tail_allowance", "cost_cap_allowance", "cost_extrapolation_widen",
       "actor_max_rescales"), lambda v: v >= 0, "at least 0"),

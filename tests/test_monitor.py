@@ -268,6 +268,49 @@ def test_check_node_directly_and_the_next_victim_waits_for_fresh_readings(tmp_pa
     assert monitor.check_node(high[-1]) is None  # the same reading again counts for nothing
 
 
+def test_a_call_that_gave_way_resumes_once_its_node_has_room_for_it_held_then_promised(tmp_path, clock):
+    """``may_resume``: room on the node for the stopped attempt's expected peak, beside the expected
+    peaks of what runs there, in every answer for requeue_room_hold_s; a yes promises that room,
+    so another call waiting there is told of it less, until the promise runs out."""
+    cfg = RayschedConfig(home=str(tmp_path), node_room_window_s=5.0, requeue_room_hold_s=1.0, live_interval_s=0.5,
+                         node_memory_sustain_readings=1)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    line = cfg.node_memory_threshold * 16 * GiB  # the room: line - 4 GiB everything else holds
+    node = dict(node_total_bytes=16 * GiB)
+    a = Samples(call_id="a", priority=0, predicted_memory_upper_bytes=900 * MiB, **node)
+    c = Samples(call_id="c", priority=1, predicted_memory_upper_bytes=2 * GiB, **node)
+    big = Samples(call_id="big", priority=5, predicted_memory_upper_bytes=line - 4 * GiB - 2.5 * GiB,
+                  allocation=Allocation(num_cpus=1.0, memory_bytes=12 * GiB), **node)
+    used = 4 * GiB + 500 * MiB + 500 * MiB + 3 * GiB
+    monitor.report([s(rss_bytes=r, node_used_bytes=used) for s, r in ((a, 500 * MiB), (c, 500 * MiB), (big, 3 * GiB))])
+    assert monitor.may_resume("a", 1) is None  # not stopped
+    assert monitor.may_resume("nobody", 1) is None  # never heard of
+    # Two high readings (from the endpoint: they do not count for the room) stop "a", then "c".
+    stops = [monitor.check_node(NodeMemory("node-a", 15.5 * GiB, 16 * GiB, big.t + dt)) for dt in (1.0, 2.0)]
+    assert [d.call_id for d in stops] == ["a", "c"]
+
+    def ask(call_id):
+        clock.advance(0.5)
+        return monitor.may_resume(call_id, 1)
+
+    # "big" may still grow to its expected peak: 2.5 GiB left, "a" (900 MiB) fits, "c" (2 GiB) too;
+    # but not while "big" holds more than that (its worker sends no node reading here).
+    assert ask("a") is False  # fits, not yet for a whole second
+    monitor.report([big(rss_bytes=int(line - 4 * GiB - 0.5 * GiB))])
+    assert ask("a") is False  # 0.5 GiB left: the second starts again
+    monitor.report([big(rss_bytes=3 * GiB)])
+    assert [ask("a") for _ in range(2)] == [False, False]
+    assert ask("a") is True
+    # The room promised to "a" (900 MiB) leaves 1.6 GiB: "c" does not fit, until the promise runs
+    # out (4 live intervals; "a"'s next attempt never reported), and then only after its own second.
+    assert [ask("c") for _ in range(3)] == [False, False, False]
+    assert [ask("c") for _ in range(3)] == [False, False, True]
+    a2 = Samples(call_id="a", attempt=2, priority=0, predicted_memory_upper_bytes=900 * MiB, **node)
+    monitor.report([a2(rss_bytes=400 * MiB, node_used_bytes=used)])
+    assert monitor.may_resume("a", 1) is None  # superseded: its next attempt runs
+    assert monitor.may_resume("a", 2) is None
+
+
 # --- metrics, the Prometheus text, the worker's side ------------------------------------------------------
 
 
@@ -587,3 +630,34 @@ def test_an_attempt_that_ended_frees_its_room_at_its_end_and_is_no_victim(tmp_pa
         clock.advance(1.0)
         reply = monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=15.5 * GiB)])
     assert list(reply) == ["a"]
+
+
+def test_a_call_that_gave_way_is_resubmitted_only_where_another_node_has_its_labels_free(monkeypatch):
+    """The worker's choice after a requeue: wait for room on its node, unless another node has the
+    call's CPUs, `memory` and custom resources free now (or its options place it themselves)."""
+    pytest.importorskip("ray")
+    import ray._private.state
+
+    from raysched.runtime import worker
+    from raysched.types import Features
+    from raysched.runtime.worker import AttemptSpec
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+
+    def spec(**ray_options):
+        return AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                           prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                           allocation=Allocation(num_cpus=1.0, memory_bytes=2 * GiB), config=RayschedConfig(),
+                           ray_options=tuple(ray_options.items()))
+
+    free = {"here": {"CPU": 2.0, "memory": 8.0 * GiB}, "there": {"CPU": 1.0, "memory": 1.0 * GiB, "ssd": 1.0}}
+    monkeypatch.setattr(ray._private.state, "available_resources_per_node", lambda: free)
+    monkeypatch.setattr(worker, "_node_id", lambda: "here")
+    assert not worker._free_labels_elsewhere(spec())  # only this node has 2 GiB free
+    free["there"]["memory"] = 2.0 * GiB
+    assert worker._free_labels_elsewhere(spec())
+    assert worker._free_labels_elsewhere(spec(resources={"ssd": 1.0}))
+    assert not worker._free_labels_elsewhere(spec(resources={"ssd": 2.0}))
+    assert not worker._free_labels_elsewhere(spec(scheduling_strategy="SPREAD"))
+    monkeypatch.setattr(ray._private.state, "available_resources_per_node", lambda: 1 / 0)
+    assert not worker._free_labels_elsewhere(spec())  # cannot tell: wait here

@@ -511,6 +511,18 @@ class NodePressure:
         return min(equals, key=lambda r: (-r.rss_bytes, r.call_id, r.attempt))
 
 
+def room_left_bytes(room_bytes: float, running: Iterable[LiveReport], promised_bytes: float = 0.0) -> float:
+    """What a node's room (``NodePressure.room_bytes``) leaves for one more attempt.
+
+    Less, for each attempt running there, the most it is expected to hold: its
+    expected peak, or what it holds now if that is more (it is already past its
+    prediction, and the memory rule watches it).  Less ``promised_bytes``: room
+    already promised to attempts about to start there, which have not reported yet.
+    """
+    held = sum(max(float(r.rss_bytes), r.expected_peak_bytes) for r in running)
+    return room_bytes - held - promised_bytes
+
+
 @dataclass(frozen=True)
 class AsRescale:
     """An actor's version of a check: where the task's check would stop and resubmit, or
@@ -641,5 +653,5 @@ __all__ = [
     "ACTIONS", "STOPS", "NONE", "WARN", "RECORD_CPU", "STOP_AND_RESUBMIT", "STOP_LIMIT", "CANCEL",
     "REQUEUE_LOWEST_PRIORITY", "RESCALE", "TASK", "ACTOR", "ACTOR_RESCALED", "ACTOR_RESCALE_SKIPPED", "AsRescale", "LiveReport", "NodeMemory", "Decision", "Finding", "Check",
     "MemoryOverAllocation", "MemoryOverHardCap", "WallOverPrediction", "CpuOffAllocation",
-    "AttemptRule", "AttemptState", "NodeState", "NodePressure", "Rules", "resident_at", "with_stop",
+    "AttemptRule", "AttemptState", "NodeState", "NodePressure", "Rules", "resident_at", "room_left_bytes", "with_stop",
 ]

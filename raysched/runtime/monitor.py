@@ -49,6 +49,7 @@ from ..policy.rules import (
     NodeMemory,
     NodeState,
     resident_at,
+    room_left_bytes,
     with_stop,
 )
 from .session import MONITOR_BASE, NAMESPACE, monitor_name
@@ -289,6 +290,10 @@ class RayNodeReader:
 # --- the monitor ------------------------------------------------------------------------------------------
 
 
+#: Room promised to a call that gave way (``Monitor.may_resume``) is held for it this many
+#: live intervals at most: its next attempt reports within about two.
+_PROMISE_INTERVALS = 4
+
 #: Samples of an attempt's resident size kept for working out a node's room (a few live
 #: intervals: the room's window is set against readings of the last few seconds).
 _ROOM_SAMPLES = 16
@@ -357,6 +362,10 @@ class Monitor:
         self._node_judged: dict[str, float] = {}  # node id -> clock of its last judgement from workers' readings
         # node id -> (clock, reading) of its recent readings, newest last (see node_rooms)
         self._room_readings: dict[str, list[tuple[float, NodeMemory]]] = {}
+        # (call id, attempt that gave way) -> (node id, expected peak, clock): room promised to
+        # its next attempt (see may_resume); and since when its room has fit, answer after answer
+        self._promised: dict[tuple[str, int], tuple[str, float, float]] = {}
+        self._fits_since: dict[tuple[str, int], float] = {}
         self._pending: list[dict[str, Any]] = []
         self._last_sweep = self._last_poll = clock()
         self.reports_received = 0
@@ -513,6 +522,48 @@ class Monitor:
                 recent = [r for t, r in readings if now - t < window] or [r for _, r in readings]
                 rooms[node_id] = statistics.median(rule.room_bytes(r, self._held_at(r)) for r in recent)
             return rooms
+
+    def may_resume(self, call_id: str, attempt: int) -> bool | None:
+        """Whether the call whose ``attempt`` gave way on its node may run its next attempt there now.
+
+        Yes once its expected peak has fit in what the node's room leaves
+        (``policy.rules.room_left_bytes``: the room less the expected peaks of the
+        attempts running there, and less room promised to others) in every answer for
+        ``requeue_room_hold_s``: an attempt that just started is not counted until it
+        reports, within a live interval.  A yes promises the room: other calls asking
+        are told of it less this one's expected peak until its next attempt reports, or
+        for ``_PROMISE_INTERVALS`` live intervals, so that two calls waiting on one
+        node do not start into the same room.
+
+        None: the monitor cannot tell (it knows nothing of that attempt, no stop of it,
+        no reading of its node); the worker then resubmits the call to Ray.
+        """
+        key = (call_id, int(attempt))
+        now = self._clock()
+        with self._lock:
+            entry = self._attempts.get(key)
+            if entry is None or entry.state.stop is None or not entry.last.node_id:
+                return None
+            node_id, need = entry.last.node_id, entry.last.expected_peak_bytes
+            room = self.node_rooms([node_id]).get(node_id)
+            if room is None:
+                return None
+            ttl = _PROMISE_INTERVALS * self.config.live_interval_s
+            self._promised = {k: p for k, p in self._promised.items()
+                              if now - p[2] < ttl and self._newest.get(k[0], k[1]) <= k[1]}
+            self._fits_since = {k: t for k, t in self._fits_since.items() if now - t < self.config.monitor_stale_s}
+            promised = sum(p[1] for k, p in self._promised.items() if p[0] == node_id and k != key)
+            running = [a.last for a in self._attempts.values()
+                       if a.state.stop is None and a.ended_at is None and a.last.node_id == node_id]
+            if room_left_bytes(room, running, promised) < need:
+                self._fits_since.pop(key, None)
+                return False
+            since = self._fits_since.setdefault(key, now)
+            if now - since < (self.config.requeue_room_hold_s or 0.0):
+                return False
+            del self._fits_since[key]
+            self._promised[key] = (node_id, need, now)
+            return True
 
     def poll_nodes(self) -> list[Decision]:
         """Read the memory of every node with a running attempt and judge it (one poll at a time)."""

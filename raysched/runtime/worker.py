@@ -890,7 +890,76 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
         if allocation is None:
             raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
     next_spec = replace(spec, attempt=spec.attempt + 1, allocation=allocation, prior=failed)
+    if same_allocation and run_here is not None:
+        waited = _wait_for_room_here(spec, next_spec)
+        if waited is not None:
+            note = f"gave way on its node; run in place of attempt {spec.attempt} after {waited:.1f} s waiting for room"
+            logger.info("raysched: %s attempt %d %s", spec.function, next_spec.attempt, note)
+            in_place = replace(next_spec, allocation=replace(
+                allocation, reason="; ".join(filter(None, (allocation.reason, note)))))
+            return _run_in_place(spec, in_place, run_here)
     return _hand_over(spec, next_spec, args, kwargs, resubmit, run_here)
+
+
+def _wait_for_room_here(spec: AttemptSpec, next_spec: AttemptSpec) -> float | None:
+    """For a call that gave way on its node: wait in this task until the monitor promises room
+    for it there (``Monitor.may_resume``); the seconds waited, or None to resubmit it instead.
+
+    This task holds the `memory` label its next attempt needs (the same size). Resubmitted,
+    that attempt would need a second one beside it while this task waits (Ray gives back a
+    blocked task's CPU, not its memory), and on a full node it waited, up to
+    ``handover_start_timeout_s``, while Ray filled each freed label with smaller calls.
+    Here it waits for the node's real room instead, at most as long, and then runs.
+
+    None (resubmitted): waiting is off (``requeue_room_hold_s``), another node has its labels
+    free now (it may start there at once), or the monitor cannot tell.  While it waits, the
+    hand-over marker says that the attempt that gave way is recorded (``recover``).
+    """
+    config = spec.config
+    if (config.requeue_room_hold_s is None or not config.monitor_enabled
+            or _held_label(spec) < next_spec.allocation.memory_bytes or _free_labels_elsewhere(next_spec)):
+        return None
+    try:
+        monitor = ray.get_actor(monitor_name(config), namespace=NAMESPACE)
+    except Exception:  # noqa: BLE001 - no monitor: resubmit
+        return None
+    _put_handover(spec, next_spec)
+    start = time.monotonic()
+    try:
+        while True:
+            try:
+                answer = ray.get(monitor.may_resume.remote(spec.call_id, spec.attempt),
+                                 timeout=config.monitor_directive_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                answer = None  # restarting, it has forgotten the attempt anyway
+            waited = time.monotonic() - start
+            if answer is None:
+                _drop_handover(spec)  # resubmitted: _hand_over writes it again
+                return None
+            if answer or waited >= config.handover_start_timeout_s:
+                return waited
+            time.sleep(min(config.live_interval_s / 2, max(0.0, config.handover_start_timeout_s - waited)))
+    except BaseException:  # cancelled while it waited: no attempt of its own runs
+        _drop_handover(spec)
+        raise
+
+
+def _free_labels_elsewhere(spec: AttemptSpec) -> bool:
+    """Whether a node other than this one has the CPUs, `memory` and custom resources of the
+    allocation free now.  Not for a call placed by its own options (a placement group, a
+    scheduling strategy): Ray puts its next attempt where they say, whatever is free elsewhere."""
+    options = dict(spec.ray_options)
+    if options.get("placement_group") not in (None, "default") or options.get("scheduling_strategy") not in (None, "DEFAULT"):
+        return False
+    wanted = {"CPU": spec.allocation.num_cpus, "memory": float(spec.allocation.memory_bytes)}
+    wanted.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+    try:
+        here = _node_id()
+        per_node = ray._private.state.available_resources_per_node()
+    except Exception:  # noqa: BLE001 - cannot tell: wait here
+        return False
+    return any(node != here and all(free.get(k, 0.0) >= v for k, v in wanted.items() if v > 0)
+               for node, free in per_node.items())
 
 
 def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any],
