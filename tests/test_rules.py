@@ -247,6 +247,26 @@ def test_node_pressure_among_equals_that_relieve_the_node_the_newest_gives_way()
     assert got[-1] is not None and got[-1].call_id == "b-new"
 
 
+def test_node_pressure_among_tasks_that_started_together_the_smallest_that_relieves_the_node_gives_way():
+    # A batch's first three tasks start together and overshoot the node by 3.2 GiB: each would
+    # relieve it alone, and each has lost as little work; the smallest needs the least room to
+    # start again (it waits for it under its own label). One that started a live interval before
+    # is not among them, however small.
+    def task(call_id, expected_gib, wall):
+        return live(call_id=call_id, priority=1, rss_bytes=4096 * MiB, node_id="node-a", wall_seconds=wall,
+                    predicted_memory_upper_bytes=expected_gib * GiB)
+
+    cfg = CFG.replace(node_memory_threshold=0.9, live_interval_s=0.5)
+    big, mid, small, earlier = task("a-big", 12, 0.30), task("b-mid", 8, 0.32), task("c-small", 5, 0.35), \
+        task("d-earlier", 4.5, 0.9)
+    got = replay_node(build_rules(cfg), readings(FakeClock(), "H" * N), [big, mid, small, earlier])
+    assert got[-1] is not None and got[-1].call_id == "c-small"
+    # Without that allowance, the newest alone: as before.
+    got = replay_node(build_rules(cfg.replace(live_interval_s=0.01)), readings(FakeClock(), "H" * N),
+                      [big, mid, small, earlier])
+    assert got[-1] is not None and got[-1].call_id == "a-big"
+
+
 @pytest.mark.parametrize("pattern", ["HHL", "HLHLHL", "HHLHH", "LLLLL"])
 def test_node_pressure_has_hysteresis(pattern):
     running = running_on("node-a", ("low", 0, 100))

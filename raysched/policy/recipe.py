@@ -306,9 +306,12 @@ def build_rules(config: RayschedConfig) -> Rules:
         #    if that is lower) for 2 readings in a row: its lowest-priority task gives way
         #    (stopped and requeued unchanged), one at a time.  A reading counts as high too
         #    when the node, growing on, would pass Ray's kill threshold before a stop could
-        #    take effect: 2 readings 1 s apart plus a live interval (_node_lead_s).
+        #    take effect: 2 readings 1 s apart plus a live interval (_node_lead_s).  Of the
+        #    tasks that started within a live interval of the newest one that is enough to
+        #    relieve the node, the smallest gives way.
         node_rule=NodePressure(config.node_memory_threshold, config.node_memory_sustain_readings,
-                               config.node_kill_margin, lead_s=_node_lead_s(config)),
+                               config.node_kill_margin, lead_s=_node_lead_s(config),
+                               started_together_s=config.live_interval_s),
         # Actors: one incarnation is judged as one attempt; an actor is never requeued by
         # the node rule (its state lives in it) and is replaced, not resubmitted.
         actor_rules=(

@@ -421,9 +421,13 @@ class NodePressure:
     while a lower one still runs there.  Among equals, the one that started last
     of those whose memory alone brings the node back under the threshold: it
     relieves the node with one stop and loses the least work (a stop restarts an
-    attempt from scratch; Ray's own killer also picks the newest task).  If none
-    is that big, the one holding the most memory.  Then by call id.  After a stop
-    the count starts again, so the node is re-measured before the next.
+    attempt from scratch; Ray's own killer also picks the newest task).  Of those
+    that started within ``started_together_s`` of it (they lose about as much), the
+    one expected to hold the least: it relieves the node as well, and its next
+    attempt needs the least room to start (it waits for that room on the node, under
+    its own label, which idles meanwhile).  If none is big enough, the one holding
+    the most memory.  Then by call id.  After a stop the count starts again, so the
+    node is re-measured before the next.
     """
 
     threshold: float
@@ -437,6 +441,8 @@ class NodePressure:
     #: a high one: the count starts a reading earlier, and the victim is judged by where
     #: the node is going.  0: judge each reading as it is.
     lead_s: float = 0.0
+    #: Attempts that started this close together count as started together (see above).
+    started_together_s: float = 0.0
     name: str = "node_memory_pressure"
 
     def threshold_for(self, reading: NodeMemory) -> float:
@@ -507,7 +513,9 @@ class NodePressure:
         growth = self.lead_s > 0
         enough = [r for r in equals if r.rss_bytes + (r.memory_headroom_bytes if growth else 0.0) >= excess_bytes]
         if enough:
-            return min(enough, key=lambda r: (r.wall_seconds, r.call_id, r.attempt))
+            newest = min(r.wall_seconds for r in enough)
+            together = [r for r in enough if r.wall_seconds - newest <= self.started_together_s]
+            return min(together, key=lambda r: (r.expected_peak_bytes, r.wall_seconds, r.call_id, r.attempt))
         return min(equals, key=lambda r: (-r.rss_bytes, r.call_id, r.attempt))
 
 
