@@ -930,8 +930,10 @@ def _wait_for_room_here(spec: AttemptSpec, next_spec: AttemptSpec) -> float | No
             try:
                 answer = ray.get(monitor.may_resume.remote(spec.call_id, spec.attempt),
                                  timeout=config.monitor_directive_timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                answer = None  # restarting, it has forgotten the attempt anyway
+            except ray.exceptions.TaskCancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - restarting, or gone: it has forgotten the attempt anyway
+                answer = None
             waited = time.monotonic() - start
             if answer is None:
                 _drop_handover(spec)  # resubmitted: _hand_over writes it again
