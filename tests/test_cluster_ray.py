@@ -1,5 +1,6 @@
-"""A multi-node ray.cluster_utils.Cluster where one node is too small for a predicted task, and
-calls pinned to that node by their Ray options."""
+"""A multi-node ray.cluster_utils.Cluster where one node is too small for a predicted task,
+calls pinned to that node by their Ray options, and a call that gives way on its node while
+another has room for it."""
 
 from __future__ import annotations
 
@@ -177,3 +178,49 @@ def test_a_pinned_call_too_big_for_its_node_names_it_when_configured(two_nodes, 
             pinned_and_refused.options(scheduling_strategy=NodeAffinitySchedulingStrategy(small_head, soft=False)).remote()
     finally:
         raysched.configure(oversize_policy="cap")
+
+
+@adaptive_remote(memory=256 * MiB, num_cpus=1, max_attempts=4)
+def busy_on_some_node(marker: str, seconds: float) -> str:
+    import time
+
+    with open(marker, "a") as f:  # one line per attempt body
+        f.write("started\n")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # Python between sleeps: a stop is raised into this loop
+        time.sleep(0.05)
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_a_call_that_gives_way_while_another_node_has_room_is_resubmitted_not_held(two_nodes, tmp_path):
+    """The node rule (every reading counts as pressure, for as long as it takes to stop one
+    attempt) stops the call; another node has its CPU and `memory` free, so its next attempt
+    is resubmitted to Ray (another worker process), not waited for in place."""
+    from raysched.runtime.monitor import get_or_create_monitor
+    from raysched.runtime.session import get_config
+
+    from conftest import wait_for
+
+    monitor = get_or_create_monitor(get_config())
+    status = lambda: ray.get(monitor.status.remote(), timeout=30)  # noqa: E731
+    marker = tmp_path / "busy"
+    ref = busy_on_some_node.remote(str(marker), 6.0)
+    assert wait_for(lambda: marker.exists(), timeout=90)
+    assert wait_for(lambda: sum(n for f, n in status()["running_by_function"].items()
+                                if f.endswith("busy_on_some_node")) == 1, timeout=30)
+
+    def judge_nodes_by(**changes):
+        config = raysched.configure(**changes)
+        ray.get(monitor.reconfigure.remote(config), timeout=60)
+
+    before = status()["decisions"]
+    judge_nodes_by(node_memory_threshold=0.01, node_memory_sustain_readings=1, node_poll_interval_s=1.0)
+    try:
+        assert wait_for(lambda: status()["decisions"] > before, timeout=60, step=0.05)
+    finally:
+        judge_nodes_by(node_memory_threshold=0.9, node_memory_sustain_readings=2, node_poll_interval_s=5.0)
+    assert ray.get(ref, timeout=120) in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    rows = raysched.profiles(busy_on_some_node).sort_values("attempt")
+    assert rows["outcome"].iloc[0] == "cancelled" and "node_memory_pressure" in rows["error"].iloc[0]
+    assert rows["outcome"].iloc[-1] == "ok"
+    assert rows["worker_pid"].iloc[1] != rows["worker_pid"].iloc[0], rows[["attempt", "worker_pid", "node_id"]]

@@ -659,5 +659,6 @@ def test_a_call_that_gave_way_is_resubmitted_only_where_another_node_has_its_lab
     assert worker._free_labels_elsewhere(spec(resources={"ssd": 1.0}))
     assert not worker._free_labels_elsewhere(spec(resources={"ssd": 2.0}))
     assert not worker._free_labels_elsewhere(spec(scheduling_strategy="SPREAD"))
+    assert not worker._free_labels_elsewhere(spec(label_selector={"tier": "small"}))
     monkeypatch.setattr(ray._private.state, "available_resources_per_node", lambda: 1 / 0)
     assert not worker._free_labels_elsewhere(spec())  # cannot tell: wait here

@@ -949,9 +949,12 @@ def _wait_for_room_here(spec: AttemptSpec, next_spec: AttemptSpec) -> float | No
 def _free_labels_elsewhere(spec: AttemptSpec) -> bool:
     """Whether a node other than this one has the CPUs, `memory` and custom resources of the
     allocation free now.  Not for a call placed by its own options (a placement group, a
-    scheduling strategy): Ray puts its next attempt where they say, whatever is free elsewhere."""
+    scheduling strategy, a label selector): Ray puts its next attempt where they say,
+    whatever is free elsewhere."""
     options = dict(spec.ray_options)
-    if options.get("placement_group") not in (None, "default") or options.get("scheduling_strategy") not in (None, "DEFAULT"):
+    if (options.get("placement_group") not in (None, "default")
+            or options.get("scheduling_strategy") not in (None, "DEFAULT")
+            or options.get("label_selector") or options.get("fallback_strategy")):
         return False
     wanted = {"CPU": spec.allocation.num_cpus, "memory": float(spec.allocation.memory_bytes)}
     wanted.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
