@@ -13,7 +13,7 @@ import raysched
 from raysched import PredictionTooLarge, adaptive_remote
 from raysched.types import GiB, MiB
 
-from conftest import environment
+from conftest import environment, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -198,8 +198,6 @@ def test_a_call_that_gives_way_while_another_node_has_room_is_resubmitted_not_he
     is resubmitted to Ray (another worker process), not waited for in place."""
     from raysched.runtime.monitor import get_or_create_monitor
     from raysched.runtime.session import get_config
-
-    from conftest import wait_for
 
     monitor = get_or_create_monitor(get_config())
     status = lambda: ray.get(monitor.status.remote(), timeout=30)  # noqa: E731

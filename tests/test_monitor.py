@@ -23,7 +23,7 @@ from raysched.runtime.monitor import (
 from raysched.policy.rules import LiveReport, NodeMemory
 from raysched.store.profiles import ProfileStore
 from raysched.store.schema import EVENT_SCHEMA
-from raysched.types import GiB, MiB, Allocation, Estimate, Prediction
+from raysched.types import GiB, MiB, Allocation, Estimate, Features, Prediction
 
 N = 3
 
@@ -639,7 +639,6 @@ def test_a_call_that_gave_way_is_resubmitted_only_where_another_node_has_its_lab
     import ray._private.state
 
     from raysched.runtime import worker
-    from raysched.types import Features
     from raysched.runtime.worker import AttemptSpec
 
     estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
