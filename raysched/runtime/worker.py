@@ -940,7 +940,8 @@ def _wait_for_room_here(spec: AttemptSpec, next_spec: AttemptSpec) -> float | No
                 return None
             if answer or waited >= config.handover_start_timeout_s:
                 return waited
-            time.sleep(min(config.live_interval_s / 2, max(0.0, config.handover_start_timeout_s - waited)))
+            # Once per live interval: the monitor's view of the node changes no faster.
+            time.sleep(min(config.live_interval_s, max(0.0, config.handover_start_timeout_s - waited)))
     except BaseException:  # cancelled while it waited: no attempt of its own runs
         _drop_handover(spec)
         raise
