@@ -661,3 +661,64 @@ def test_a_call_that_gave_way_is_resubmitted_only_where_another_node_has_its_lab
     assert not worker._free_labels_elsewhere(spec(label_selector={"tier": "small"}))
     monkeypatch.setattr(ray._private.state, "available_resources_per_node", lambda: 1 / 0)
     assert not worker._free_labels_elsewhere(spec())  # cannot tell: wait here
+
+
+def test_a_call_that_gave_way_waits_for_the_monitors_yes_and_resubmits_when_it_cannot_tell(monkeypatch):
+    """The worker's wait (``_wait_for_room_here``) against a fake monitor and a fake KV: it
+    returns once the monitor says yes, or at handover_start_timeout_s; None (resubmit) when the
+    monitor cannot tell; while it waits the hand-over marker is up, and it is taken down when
+    the wait ends by None or by a cancellation."""
+    pytest.importorskip("ray")
+    import ray
+
+    from raysched.runtime import worker
+    from raysched.runtime.worker import AttemptSpec
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    cfg = RayschedConfig(live_interval_s=0.01, handover_start_timeout_s=0.3)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=GiB), config=cfg)
+    next_spec = replace(spec, attempt=2)
+    kv: dict[str, bytes] = {}
+    asked: list[tuple[str, int]] = []
+    answers: list = []
+
+    class FakeMonitor:
+        class may_resume:  # noqa: N801 - as Ray's actor method handle
+            @staticmethod
+            def remote(call_id, attempt):
+                asked.append((call_id, attempt))
+                answer = answers.pop(0) if answers else False
+                if isinstance(answer, BaseException):
+                    raise answer
+                return answer
+
+    monkeypatch.setattr(worker, "_free_labels_elsewhere", lambda s: False)
+    monkeypatch.setattr(worker, "_kv_put", lambda key, value: kv.__setitem__(key, value) or True)
+    monkeypatch.setattr(worker, "_kv_del", lambda key: kv.pop(key, None))
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace=None: FakeMonitor)
+    monkeypatch.setattr(ray, "get", lambda answer, timeout=None: answer)
+    marker = worker._handover_key(spec)
+
+    answers[:] = [False, False, True]
+    waited = worker._wait_for_room_here(spec, next_spec)
+    assert waited is not None and waited < 0.3 and asked == [("c0", 1)] * 3
+    assert marker in kv  # still up: the attempt run in place takes it down (_run_in_place)
+    kv.clear()
+    answers[:] = []  # never yes: it runs after the timeout
+    assert worker._wait_for_room_here(spec, next_spec) >= 0.3
+    kv.clear()
+    answers[:] = [False, None]  # the monitor forgot the attempt: resubmit
+    assert worker._wait_for_room_here(spec, next_spec) is None and marker not in kv
+    answers[:] = [RuntimeError("actor restarting")]
+    assert worker._wait_for_room_here(spec, next_spec) is None and marker not in kv
+    answers[:] = [False, KeyboardInterrupt()]  # cancelled while it waits
+    with pytest.raises(KeyboardInterrupt):
+        worker._wait_for_room_here(spec, next_spec)
+    assert marker not in kv
+    # Off, or the call's task holds a smaller label than its next attempt needs: resubmit at once.
+    asked.clear()
+    assert worker._wait_for_room_here(replace(spec, config=cfg.replace(requeue_room_hold_s=None)), next_spec) is None
+    bigger = replace(next_spec, allocation=Allocation(num_cpus=1.0, memory_bytes=2 * GiB))
+    assert worker._wait_for_room_here(spec, bigger) is None and asked == []
