@@ -303,8 +303,9 @@ def expected_peak_bytes(memory_upper_bytes: float, label_is_callers: bool) -> fl
     """What a call is expected to hold at most, as the queue counts it against the nodes' rooms.
 
     Its prediction's upper bound (a cost-aware estimate's chosen allocation; another
-    estimate's bound, without the sizing's margin), when the label is raysched's own; a caller's own figure (``memory=``, or the cold
-    fallback) is taken as it is: None, the label.
+    estimate's bound, without the sizing's margin), when the label is raysched's own; a
+    caller's own figure (``memory=``, or the cold fallback) is taken as it is: None, the
+    label.
     """
     if label_is_callers or not math.isfinite(memory_upper_bytes) or memory_upper_bytes <= 0:
         return None

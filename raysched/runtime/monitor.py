@@ -463,8 +463,7 @@ class Monitor:
             if reading.kill_threshold is None and reading.node_id in self._kill_thresholds:
                 reading = replace(reading, kill_threshold=self._kill_thresholds[reading.node_id])
             self._note_room(reading)
-            running = [a.last for a in self._attempts.values()
-                       if a.state.stop is None and a.ended_at is None and a.last.node_id == reading.node_id]
+            running = self._running_on(reading.node_id)
             state, decision = self.rules.evaluate_node(self._nodes.get(reading.node_id, NodeState()), reading, running)
             self._nodes[reading.node_id] = state
             if decision is not None:
@@ -472,6 +471,11 @@ class Monitor:
                 entry = self._attempts[key]
                 entry.state = with_stop(entry.state, decision)
             return decision
+
+    def _running_on(self, node_id: str) -> list[LiveReport]:
+        """The last reports of the attempts still running on a node: not stopped, not ended (under the lock)."""
+        return [a.last for a in self._attempts.values()
+                if a.state.stop is None and a.ended_at is None and a.last.node_id == node_id]
 
     def _note_room(self, reading: NodeMemory) -> None:
         """Keep a worker's reading for the node's room (under the lock; see ``node_rooms``).
@@ -553,9 +557,7 @@ class Monitor:
                               if now - p[2] < ttl and self._newest.get(k[0], k[1]) <= k[1]}
             self._fits_since = {k: t for k, t in self._fits_since.items() if now - t < self.config.monitor_stale_s}
             promised = sum(p[1] for k, p in self._promised.items() if p[0] == node_id and k != key)
-            running = [a.last for a in self._attempts.values()
-                       if a.state.stop is None and a.ended_at is None and a.last.node_id == node_id]
-            if room_left_bytes(room, running, promised) < need:
+            if room_left_bytes(room, self._running_on(node_id), promised) < need:
                 self._fits_since.pop(key, None)
                 return False
             since = self._fits_since.setdefault(key, now)
