@@ -175,3 +175,46 @@ def test_an_empty_runtime_env_per_call_keeps_the_decorators_as_in_ray():
     other = {"env_vars": {"WHERE": "call"}}
     assert _CallOptions({"runtime_env": other}, (), {"runtime_env": env}).ray_options["runtime_env"] == other
     assert _CallOptions({"runtime_env": None}, (), {}).ray_options["runtime_env"] is None
+
+
+def test_figures_past_what_the_store_can_hold_are_refused_where_they_are_written():
+    """A byte count past int64 or a priority past int32 cannot be stored: refused at the
+    decorator or .options(), not discovered when the batch of rows it is in is written."""
+    import numpy as np
+    import pytest
+
+    from raysched.errors import InvalidInput
+
+    def f(x):
+        return x
+
+    for make, says in (
+        (lambda: adaptive_remote(memory=2**70)(f), "at most 2\\*\\*63 - 1 bytes"),
+        (lambda: adaptive_remote(priority=2**40)(f), "between -2\\*\\*31 and 2\\*\\*31 - 1"),
+        (lambda: adaptive_remote(f).options(input_size=2**64), "input_size must be at most"),
+        (lambda: adaptive_remote(f).options(memory=float(2**63)), "memory must be at most"),
+        (lambda: adaptive_remote(f).options(priority=-(2**31) - 1), "priority must be between"),
+        (lambda: adaptive_remote(f).options(priority=2.0), "priority must be an integer"),
+    ):
+        with pytest.raises(InvalidInput, match=says):
+            make()
+    g = adaptive_remote(f)
+    g.options(input_size=2**63 - 1, memory=2**40, priority=np.int64(2**31 - 1))  # the largest that fit
+
+
+def test_an_estimate_past_int64_is_stored_as_the_largest_byte_count_and_its_row_kept(tmp_path):
+    """A huge input extrapolated along a slope can predict more bytes than int64 holds."""
+    from raysched.config import RayschedConfig
+    from raysched.runtime.worker import AttemptSpec, attempt_row
+    from raysched.store.profiles import ProfileStore
+    from raysched.types import Allocation, Estimate, Features, Outcome, Prediction
+
+    huge = Estimate(target=1e30, lower=1e29, upper=float("inf"), coverage=0.9, n_history=8)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=2**62),
+                       prediction=Prediction(memory=huge, cpu=huge, wall=huge, source="history"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=2**40), config=RayschedConfig())
+    row = attempt_row(spec, Outcome.OK, None, 1.0, 2.0)
+    assert row["predicted_memory_bytes"] == row["predicted_memory_upper_bytes"] == 2**63 - 1
+    store = ProfileStore(tmp_path)
+    assert store.append([row]) == 1
+    assert store.read("f").predicted_memory_bytes.iloc[0] == 2**63 - 1

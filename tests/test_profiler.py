@@ -84,6 +84,25 @@ def test_bundle_carries_history_and_versions_move(profiler):
     assert bundle.max_peak_seen > 100 * MiB
 
 
+def test_a_row_the_store_refuses_is_set_aside_and_costs_no_other_row_of_its_batch(profiler, tmp_path, caplog):
+    """A worker's batch is one write: a row out of its column's range (a priority past int32
+    here) used to fail the whole batch, and the worker only logged it at debug level."""
+    batch = rows(6)
+    batch[2]["priority"] = 2**40
+    with caplog.at_level("WARNING", logger="raysched.store.profiles"):
+        assert profiler.record(batch) == 5
+    stored = profiler.store.read("f")
+    assert sorted(stored.call_id) == sorted(r["call_id"] for i, r in enumerate(batch) if i != 2)
+    assert profiler.bundle("f", "h1").n_history == 5  # nor is it in the history the actor holds
+    (aside,) = (tmp_path / "profiles" / "quarantine").glob("rejected-*.jsonl")
+    (kept,) = [json.loads(line) for line in aside.read_text().splitlines()]
+    assert kept["row"]["call_id"] == "c2" and kept["row"]["priority"] == 2**40
+    assert "'priority'" in kept["error"] and "int32" in kept["error"]
+    assert "1 profile row(s) of 6 could not be stored" in caplog.text and str(aside) in caplog.text
+    assert profiler.record(rows(3, start=10)) == 3  # and the next batch is stored as usual
+    assert len(profiler.store.read("f")) == 8
+
+
 def test_the_profiler_merges_the_parts_it_writes_as_it_goes(tmp_path):
     """Each record is a Parquet part; merged in the background, a long run does not leave
     thousands for every read to open, and no row is lost or reordered."""
@@ -366,13 +385,13 @@ def test_settle_waits_while_a_record_call_is_writing_even_after_the_quiet_time(p
     import time
 
     gate = threading.Event()
-    real_append = profiler.store.append
+    real_append = profiler.store.append_keeping_valid
 
     def slow_append(rows):
         gate.wait(5)
         return real_append(rows)
 
-    profiler.store.append = slow_append
+    profiler.store.append_keeping_valid = slow_append
     profiler._clock = time.monotonic  # settle measures quiet time on the profiler's clock
     profiler._last_record = time.monotonic()
     writer = threading.Thread(target=profiler.record, args=(rows(3),))

@@ -6,6 +6,7 @@ import threading
 
 from conftest import wait_for
 
+from raysched.errors import StoreError
 from raysched.runtime.worker import RowSink
 
 
@@ -89,3 +90,25 @@ def test_the_next_batch_goes_while_the_last_is_in_flight_and_refs_are_kept_until
     sink.flush(wait_s=5.0)
     assert sink.in_flight == 0
     assert [r["row_id"] for batch in sent for r in batch] == ["a", "b", "c"]
+
+
+def test_a_batch_the_profiler_could_not_store_is_a_warning_in_the_worker(caplog):
+    """The profiler's error came back on the batch's ref, which the worker dropped unread:
+    rows were lost without a word above debug level."""
+    failed = {2: StoreError("raysched store 'profiles': cannot write part (No space left on device)")}
+    sent: list[list[dict]] = []
+
+    def send(rows):
+        sent.append(rows)
+        return len(sent)
+
+    sink = RowSink(60.0, send, unfinished=lambda refs: [], failure=failed.get)
+    with caplog.at_level("WARNING", logger="raysched.runtime.worker"):
+        sink.add({"row_id": "a"})
+        sink.flush(wait_s=1.0)
+        assert "could not store" not in caplog.text  # batch 1 was stored
+        sink.add({"row_id": "b"})
+        sink.flush(wait_s=1.0)
+    assert sink.in_flight == 0
+    assert "could not store a batch of this worker's profile rows" in caplog.text
+    assert "No space left on device" in caplog.text

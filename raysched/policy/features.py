@@ -42,8 +42,14 @@ FEATURE_NAMES: tuple[str, ...] = (
 # --- validation: bad input gets a clear error -----------------------------------------
 
 
+#: The largest byte count raysched records: the profile store's byte columns are int64.
+MAX_BYTES = 2**63 - 1
+#: Priorities are stored as int32.
+MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+
+
 def validate_input_size(value: Any, what: str = "input_size") -> int | None:
-    """None, or a non-negative integer number of bytes."""
+    """None, or a non-negative integer number of bytes (at most ``MAX_BYTES``)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -52,12 +58,23 @@ def validate_input_size(value: Any, what: str = "input_size") -> int | None:
         raise InvalidInput(f"{what} must be finite, got {value!r}")
     if value < 0:
         raise InvalidInput(f"{what} must be non-negative, got {value!r}")
+    if value > MAX_BYTES:
+        raise InvalidInput(f"{what} must be at most 2**63 - 1 bytes, got {value!r}")
     return int(value)
 
 
 def validate_memory(value: Any, what: str = "memory") -> int | None:
     """None, or a non-negative number of bytes (as Ray's ``memory`` option: 0 asks no label)."""
     return validate_input_size(value, what)
+
+
+def validate_priority(value: Any, what: str = "priority") -> int:
+    """An integer that fits the store's int32 column (larger runs first in the admission queue)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInput(f"{what} must be an integer, got {value!r}")
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidInput(f"{what} must be between -2**31 and 2**31 - 1, got {value!r}")
+    return int(value)
 
 
 def validate_num_cpus(value: Any, what: str = "num_cpus") -> float | None:

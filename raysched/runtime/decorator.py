@@ -20,7 +20,8 @@ import ray
 from ..errors import InvalidInput
 from ..policy.admission import expected_peak_bytes, order_key
 from ..policy.estimators import Fallback
-from ..policy.features import call_features, validate_input_size, validate_memory, validate_num_cpus, validate_tags
+from ..policy.features import (call_features, validate_input_size, validate_memory, validate_num_cpus, validate_priority,
+                               validate_tags)
 from ..policy.sizing import largest_node_for
 from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
@@ -148,9 +149,7 @@ class _CallOptions:
         # raysched's admission queue (runtime.admission); one without goes straight to Ray.
         priority = options.get("priority", base_ray.get("priority"))
         self.queued = priority is not None
-        priority = priority if self.queued else 0
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidInput(f"priority must be an integer, got {priority!r}")
+        priority = validate_priority(priority) if self.queued else 0
         self.priority = priority
         explicit: dict[str, Any] = {}
         if options.get("memory") is not None:
@@ -224,6 +223,8 @@ class _Adaptive:
         self.fallback = Fallback(memory=validate_memory(memory), cpu=validate_num_cpus(num_cpus))
         self.tags = validate_tags(tags)
         self.dependencies = validate_tags(dependencies, "dependencies")
+        if ray_options.get("priority") is not None:
+            validate_priority(ray_options["priority"])  # where it is written, not at the first call
         _check_ray_options(self._ray_kind, ray_options, in_options=False)
         self._ray_options = dict(ray_options)
         self._scalar_features: dict[tuple, Any] = {}

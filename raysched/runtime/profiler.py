@@ -196,7 +196,8 @@ class Profiler:
         self.rows_received = 0
         self._predictor = build_predictor(config)
         # Batches from many workers become one Parquet part per commit interval under load.
-        self._commit = GroupCommit(lambda rows: self.store.append(rows), config.profile_commit_interval_s)
+        self._commit = GroupCommit(self._write_rows, config.profile_commit_interval_s)
+        self._rejected: set[int] = set()  # ids of rows just set aside by the store (``_write_rows``)
         # Every commit is a Parquet part: they are merged in the background (store.tidy), on
         # a thread of its own so that neither a training nor a record call waits for it.
         self._tidy_executor = tidy_executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysched-tidy")
@@ -268,6 +269,12 @@ class Profiler:
                 self._in_flight -= 1
                 self._last_record = self._clock()
         by_function: dict[str, list[Mapping[str, Any]]] = {}
+        with self._lock:
+            if self._rejected:
+                ids = set(map(id, rows))
+                rows = [row for row in rows if id(row) not in self._rejected]
+                self._rejected -= ids
+                written = len(rows)  # a shared commit counts a whole submission as written
         for row in rows:
             by_function.setdefault(row["function"], []).append(row)
         with self._lock:
@@ -279,6 +286,15 @@ class Profiler:
             for function in by_function:
                 self._maybe_train(function)
             self._maybe_tidy()
+        return written
+
+    def _write_rows(self, rows: list[Mapping[str, Any]]) -> int:
+        """The group commit's write: a row the store refuses is set aside there, and kept out
+        of the history this actor holds."""
+        written, rejected = self.store.append_keeping_valid(rows)
+        if rejected:
+            with self._lock:
+                self._rejected.update(map(id, rejected))
         return written
 
     def _maybe_tidy(self) -> None:

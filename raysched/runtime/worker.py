@@ -61,6 +61,7 @@ import ray
 
 from ..config import RayschedConfig
 from ..errors import AttemptsExhausted, RayschedError, StoppedByMonitor
+from ..policy.features import MAX_BYTES
 from ..policy.ladder import LadderState
 from ..policy.recipe import build_ladder
 from ..policy.samples import memory_sample
@@ -135,15 +136,24 @@ class AttemptSpec:
             "dependencies": feats.dependencies,
             "priority": self.priority,
             "prediction_source": pred.source,
-            "predicted_memory_bytes": int(pred.memory.target),
-            "predicted_memory_upper_bytes": int(pred.memory.upper),
+            "predicted_memory_bytes": _stored_bytes(pred.memory.target),
+            "predicted_memory_upper_bytes": _stored_bytes(pred.memory.upper),
             "predicted_cpu": float(pred.cpu.target),
             "predicted_wall_seconds": float(pred.wall.target),
             "allocated_num_cpus": float(alloc.num_cpus),
-            "allocated_memory_bytes": int(alloc.memory_bytes),
+            "allocated_memory_bytes": _stored_bytes(alloc.memory_bytes),
             "rung": alloc.rung,
             "source": "ray",
         }
+
+
+def _stored_bytes(value: float) -> int | None:
+    """A byte count as the store's int64 columns take it: NaN is unknown, and a figure past
+    int64 (an estimate extrapolated from a huge input) is stored as the largest one, so
+    that the row is kept."""
+    if value != value:
+        return None
+    return int(min(value, MAX_BYTES))
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -230,12 +240,14 @@ class RowSink:
 
     def __init__(self, flush_interval_s: float, send: Callable[[list[dict]], Any],
                  hold: Callable[[], Any] | None = None,
-                 unfinished: Callable[[list[Any]], list[Any]] | None = None):
+                 unfinished: Callable[[list[Any]], list[Any]] | None = None,
+                 failure: Callable[[Any], BaseException | None] | None = None):
         self._interval = flush_interval_s
         self._send = send
         self._hold = hold
         self._held: Any = None
         self._unfinished = unfinished or _unfinished_refs
+        self._failure = failure or _batch_failure
         self._rows: list[Any] = []  # row dicts, argument tuples of attempt_row, and _Tally
         self._tallies: dict[tuple[str, str], _Tally] = {}  # the batch's counts of unmeasured calls, by function
         self._first_at = 0.0  # when the oldest buffered row arrived
@@ -319,10 +331,23 @@ class RowSink:
         except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
             logger.debug("raysched: could not check the batches in flight", exc_info=True)
             return False
+        for ref in refs:
+            if ref not in left:
+                self._warn_if_failed(ref)
         looked_at = set(refs)
         with self._cond:
             self._in_flight = [r for r in self._in_flight if r in left or r not in looked_at]
             return bool(self._in_flight)
+
+    def _warn_if_failed(self, ref: Any) -> None:
+        """A batch the profiler took but could not store (its folder unwritable, say) is said
+        out loud: those rows are lost, and the user should know why."""
+        try:
+            error = self._failure(ref)
+        except Exception:  # noqa: BLE001
+            return
+        if error is not None:
+            logger.warning("raysched: the profiler could not store a batch of this worker's profile rows: %s", error)
 
     def _run(self) -> None:
         while True:
@@ -351,6 +376,19 @@ class RowSink:
                     nap = self.POLL_S if nap is None else min(nap, self.POLL_S)
             if nap is not None and nap > 0:
                 time.sleep(nap)
+
+
+def _batch_failure(ref: Any) -> BaseException | None:
+    """The error of a batch's ``record`` call that has finished, or None when it stored the rows."""
+    if not isinstance(ref, ray.ObjectRef):
+        return None
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.GetTimeoutError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - what the profiler raised, as Ray hands it back
+        return exc
+    return None
 
 
 def _unfinished_refs(sent: list[Any]) -> list[Any]:
@@ -435,7 +473,7 @@ def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
             logger.warning("raysched: profiler unreachable (%s); writing %d rows to the store directly", exc, len(rows))
             from ..store.profiles import ProfileStore
 
-            ProfileStore(config.home_path).append(rows)
+            ProfileStore(config.home_path).append_keeping_valid(rows)
             return None
 
     return send

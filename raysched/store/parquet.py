@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import json
 import errno
 import math
 import os
@@ -409,6 +410,41 @@ class ParquetTable:
         table = self._to_table(rows)
         self._write_part(table)
         return len(rows)
+
+    def append_valid(self, rows: Sequence[Mapping[str, Any]]) -> tuple[int, list[tuple[Mapping[str, Any], str]]]:
+        """Write the rows that fit the schema as one part; set none of them aside for another's fault.
+
+        Returns how many were written and, for each row that does not fit, the row
+        and why (``append`` would have refused them all).
+        """
+        rows = list(rows)
+        try:
+            return self.append(rows), []
+        except InvalidInput:
+            pass
+        good: list[Mapping[str, Any]] = []
+        bad: list[tuple[Mapping[str, Any], str]] = []
+        for row in rows:  # only on this rare path: a table of one row each
+            try:
+                self._to_table([row])
+            except InvalidInput as e:
+                bad.append((row, str(e).replace(" in row 0", "").replace(" (row 0)", "")))
+            else:
+                good.append(row)
+        return (self.append(good) if good else 0), bad
+
+    def set_aside(self, rejected: Sequence[tuple[Mapping[str, Any], str]]) -> Path:
+        """Keep rows the table refused, with why, as JSON lines in its quarantine folder."""
+        target_dir = self.folder / QUARANTINE
+        target = target_dir / f"rejected-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        try:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            with open(target, "w", encoding="utf-8") as f:
+                for row, why in rejected:
+                    f.write(json.dumps({"error": why, "row": dict(row)}, default=str) + "\n")
+        except OSError as e:
+            raise StoreError(f"raysched store {self.name!r}: cannot write {target} ({e})") from e
+        return target
 
     # ------------------------------------------------------------------ reading
 

@@ -11,6 +11,7 @@ ProfileStore on the same home; nothing is cached between calls.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +19,8 @@ import pandas as pd
 
 from .parquet import ParquetTable
 from .schema import EVENT_SCHEMA, PROFILE_ALLOWED_VALUES, PROFILE_SCHEMA
+
+logger = logging.getLogger(__name__)
 
 PROFILES_DIR = "profiles"
 EVENTS_DIR = "events"
@@ -61,6 +64,22 @@ class ProfileStore:
     def append(self, rows: Sequence[Mapping[str, Any]]) -> int:
         """Write attempt rows (one part file, all or nothing). Returns how many were written."""
         return self.profiles.append(rows)
+
+    def append_keeping_valid(self, rows: Sequence[Mapping[str, Any]]) -> tuple[int, list[Mapping[str, Any]]]:
+        """Write attempt rows as ``append`` does, but a row that does not fit the schema (a
+        figure past its column's range, say) costs only itself: it is set aside, with why, in
+        ``profiles/quarantine/rejected-*.jsonl`` and named in a warning, and the rest are written.
+        The runtime stores every batch from its workers through here.  Returns how many rows
+        were written, and the rows set aside."""
+        written, rejected = self.profiles.append_valid(rows)
+        if rejected:
+            where = self.profiles.set_aside(rejected)
+            logger.warning(
+                "raysched: %d profile row(s) of %d could not be stored (%s: %s); set aside in %s. "
+                "The other %d were stored.",
+                len(rejected), len(rejected) + written, rejected[0][0].get("function"), rejected[0][1], where, written,
+            )
+        return written, [row for row, _ in rejected]
 
     def append_events(self, rows: Sequence[Mapping[str, Any]]) -> int:
         """Write monitor events (one part file, all or nothing). Returns how many were written."""
