@@ -10,6 +10,7 @@ asks the kernel for huge pages for big arrays: ``madvise``) and with
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def pair(env: dict[str, str], steps: int) -> list[float]:
 
 
 def main() -> None:
-    steps = 28  # 1.4 GB
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=1400, help="what each process grows to, MiB (default 1400)")
+    steps = max(1, parser.parse_args().mib // 50)  # blocks of 50 MiB
     for path in ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys/kernel/mm/transparent_hugepage/defrag"):
         try:
             with open(path) as f:

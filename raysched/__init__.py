@@ -83,7 +83,7 @@ def profiles(f_or_name: Any = None, *, settle: bool = True):
     from .store.profiles import ProfileStore
 
     name = _function_name(f_or_name)
-    store = ProfileStore(get_config().home_path)
+    store = ProfileStore(get_config().home_path, writable=False)
     frame = _read_profiles(store, name, settle)
     if isinstance(f_or_name, str):  # a name typed by hand (a function passed is its exact name)
         _hint_if_unknown(store, name, frame)

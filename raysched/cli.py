@@ -35,17 +35,21 @@ def profiles(function: str | None, limit: int) -> None:
     import pandas as pd
 
     from . import get_config
+    from .errors import RayschedError
     from .store.profiles import PROFILES_DIR, ProfileStore
 
     home = get_config().home_path
     if not (home / PROFILES_DIR).is_dir():  # a query: it must not create a home where none is
         click.echo(_no_store(home))
         return
-    store = ProfileStore(home)
-    frame = store.read(function=function)
+    try:
+        store = ProfileStore(home, writable=False)
+        frame = store.read(function=function)
+        known = sorted(set(store.functions()["function"])) if function is not None and not len(frame) else []
+    except RayschedError as exc:
+        raise click.ClickException(str(exc)) from None
     if function is not None and not len(frame):
         # Functions are stored as module.qualname: a bare name, or a near miss, gets the names there are.
-        known = sorted(set(store.functions()["function"]))
         ending = [n for n in known if n.rsplit(".", 1)[-1] == function]
         if len(ending) == 1:
             click.echo(f"(showing {ending[0]}: functions are stored by module and name)")
@@ -64,16 +68,20 @@ def profiles(function: str | None, limit: int) -> None:
 def compact(merge_all: bool) -> None:
     """Merge the profile store's Parquet parts (the profiler also does this as it writes)."""
     from . import get_config
+    from .errors import RayschedError
     from .store.profiles import PROFILES_DIR, ProfileStore
 
     home = get_config().home_path
     if not (home / PROFILES_DIR).is_dir():
         click.echo(_no_store(home))
         return
-    store = ProfileStore(home)
-    before = len(store.profiles.parts()) + len(store.event_table.parts())
-    removed = store.compact(min_parts=2) if merge_all else store.tidy(max(2, get_config().store_tidy_fanout or 10))
-    after = len(store.profiles.parts()) + len(store.event_table.parts())
+    try:
+        store = ProfileStore(home)
+        before = len(store.profiles.parts()) + len(store.event_table.parts())
+        removed = store.compact(min_parts=2) if merge_all else store.tidy(max(2, get_config().store_tidy_fanout or 10))
+        after = len(store.profiles.parts()) + len(store.event_table.parts())
+    except RayschedError as exc:  # an unwritable home, say: its rows are still there to read
+        raise click.ClickException(str(exc)) from None
     click.echo(f"{before} part file(s) -> {after} ({removed} merged away) under {home}")
 
 

@@ -124,7 +124,7 @@ def test_nextflow_fixture_skips_and_counts():
     assert len(trace.rows) == 45
     assert trace.skipped == {
         "without peak_rss": 1,
-        "with zero realtime": 1,
+        "with zero or negative realtime": 1,
         "without realtime": 1,
         "with status FAILED": 1,
     }
@@ -298,8 +298,8 @@ def test_dashes_zero_runtimes_and_garbage_are_skipped_with_counts(tmp_path):
     assert len(trace.rows) == 1
     assert trace.skipped == {
         "without peak_rss": 3,
-        "with zero realtime": 1,
-        "with zero peak_rss": 1,
+        "with zero or negative realtime": 1,
+        "with zero or negative peak_rss": 1,
         "without a task type": 1,
     }
     row = trace.rows.iloc[0]
@@ -307,6 +307,32 @@ def test_dashes_zero_runtimes_and_garbage_are_skipped_with_counts(tmp_path):
     # and replaying it does not crash: the lone type is too small and is skipped with its count
     result = replay_trace(trace, [Presets()], seed=0)
     assert result.skipped_types == {"A": 1} and result.methods["presets"].tasks == 0
+
+
+def test_infinite_and_out_of_range_figures_are_skipped_with_counts_or_read_as_unknown(tmp_path):
+    """inf read as a number went on to crash the importer (timedelta, int) and XGBoost."""
+    text = (
+        "process,status,peak_rss,realtime,memory,rchar\n"
+        "A,COMPLETED,100,10,200,5\n"
+        "A,COMPLETED,inf,10,200,5\n"  # infinite peak
+        "A,COMPLETED,100,1e30,200,5\n"  # a realtime past any task's
+        "A,COMPLETED,1e400,10,200,5\n"  # overflows to inf
+        "A,COMPLETED,-5,10,200,5\n"  # negative peak
+        "A,COMPLETED,100,10,inf,1e400\n"  # kept: its preset and input size unknown
+    )
+    trace = read_trace(_write(tmp_path, "t.csv", text), "nextflow")
+    assert trace.skipped == {"with infinite peak_rss": 2, "with realtime over a year": 1,
+                             "with zero or negative peak_rss": 1}
+    assert len(trace.rows) == 2
+    last = trace.rows.iloc[1]
+    assert math.isnan(last["memory"]) and math.isnan(last["input_size"])
+
+
+def test_a_trailing_delimiter_on_every_row_does_not_shift_the_columns(tmp_path):
+    text = "process,status,peak_rss,realtime\nA,COMPLETED,100,10,\nB,COMPLETED,200,20,\n"
+    trace = read_trace(_write(tmp_path, "t.csv", text), "nextflow")
+    assert list(trace.rows["task_type"]) == ["A", "B"] and list(trace.rows["peak_rss"]) == [100.0, 200.0]
+    assert not trace.skipped
 
 
 def test_a_trace_with_no_usable_rows_replays_to_zero(tmp_path):

@@ -53,6 +53,39 @@ def test_eval_malformed_is_a_clear_error_not_a_traceback(tmp_path):
     assert res.exit_code == 2 and "unknown method" in res.output
 
 
+def test_eval_refuses_bad_options_and_unwritable_outputs_before_it_replays(tmp_path, monkeypatch):
+    from raysched.replay import commands
+
+    replayed = []
+    monkeypatch.setattr("raysched.replay.harness.replay_trace", lambda *a, **k: replayed.append(a))
+    trace = str(FIXTURES / "lotaru_small.csv")
+    (tmp_path / "file").write_text("")
+    for extra, says in [(["--seed", "-1"], "--seed"), (["--methods", ","], "at least one method"),
+                        (["--json", str(tmp_path / "file" / "r.json")], "is a file, not a folder"),
+                        (["--plot", "/proc/no/r.png"], "cannot write /proc/no/r.png"),
+                        (["--markdown", str(tmp_path)], "directory")]:
+        res = CliRunner().invoke(commands.eval_command, [trace, *extra])
+        assert res.exit_code == 2 and says in res.output, (extra, res.output)
+    assert not replayed and not list(tmp_path.glob("r.*"))
+
+
+def test_eval_of_a_trace_with_nothing_to_replay_says_so_and_fails(tmp_path):
+    """It printed a table of zeros, "raysched / best other (presets): 1.00 -> LOSES", and exited 0."""
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("process,peak_rss,realtime\nA,100,10\nA,120,12\n")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(eval_command, [str(tiny), "--format", "nextflow", "--json", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "nothing to replay" in res.output and "nothing was replayed" in res.output
+    assert "LOSES" not in res.output and not out.exists()
+    only_train = tmp_path / "train.csv"
+    text = (FIXTURES / "lotaru_small.csv").read_text().splitlines()
+    label = text[0].split(",").index("Label")
+    only_train.write_text("\n".join([text[0]] + [r for r in text[1:] if r.split(",")[label].startswith("train")]) + "\n")
+    res = CliRunner().invoke(eval_command, [str(only_train), "--format", "lotaru"])
+    assert res.exit_code == 1 and "without both history and online rows" in res.output, res.output
+
+
 def test_eval_set_replays_raysched_with_a_changed_config_and_refuses_bad_keys(tmp_path):
     def wastage(*extra):
         out = tmp_path / "r.json"
@@ -159,6 +192,44 @@ def test_profiles_command_reads_without_creating_a_home_and_refuses_a_bad_limit(
     res = CliRunner().invoke(main, ["profiles", "--limit", "-1"])
     assert res.exit_code == 2 and "--limit" in res.output
     monkeypatch.setattr(session, "_config", None)
+
+
+def test_a_home_this_process_cannot_write_is_still_read_and_a_write_says_why(tmp_path, monkeypatch):
+    """Reading demanded a writable home: raysched.profiles() and `raysched profiles` raised
+    StoreError (the CLI with a traceback) on a home whose rows were all there."""
+    import os
+
+    import raysched
+    from raysched.cli import main
+    from raysched.runtime import session
+
+    home = tmp_path / "h"
+    res = CliRunner().invoke(import_command, [str(FIXTURES / "nextflow_small.csv"), "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    monkeypatch.setenv("RAYSCHED_HOME", str(home))
+    monkeypatch.setattr(session, "_config", None)
+    os.chmod(home / "profiles", 0o555)
+    if os.access(home / "profiles", os.W_OK):  # root writes it anyway: refuse the writes as the kernel would
+        from raysched.errors import StoreError
+        from raysched.store.parquet import ParquetTable
+
+        def refuse(table, *args, **kwargs):
+            raise StoreError(f"raysched store {table.name!r}: cannot create or write the folder {table.folder} "
+                             f"([Errno 13] Permission denied)")
+
+        monkeypatch.setattr(ParquetTable, "_ensure_writable", refuse)
+        monkeypatch.setattr(ParquetTable, "_write_part", refuse)
+    try:
+        assert len(raysched.profiles("align", settle=False)) > 0
+        assert len(raysched.events()) == 0
+        res = CliRunner().invoke(main, ["profiles", "align"])
+        assert res.exit_code == 0 and "align" in res.output, res.output
+        res = CliRunner().invoke(main, ["compact", "--all"])
+        assert res.exit_code == 1 and "cannot create or write the folder" in res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+    finally:
+        os.chmod(home / "profiles", 0o755)
+        monkeypatch.setattr(session, "_config", None)
 
 
 def test_compact_command_merges_the_stores_parts(tmp_path, monkeypatch):

@@ -40,6 +40,8 @@ def methods_by_name(names: list[str], config):
 
 def _parse_methods(value: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.BadParameter(f"name at least one method; choose from {', '.join(METHOD_NAMES)}")
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown:
         raise click.BadParameter(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
@@ -88,7 +90,8 @@ def parse_config_overrides(pairs: Iterable[str]) -> dict[str, object]:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice([*FORMATS, "auto"]), default="auto", show_default=True,
               help="Trace format; 'auto' tells nextflow from lotaru by the header.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the 30/70 split and of the online order.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the 30/70 split and of the online order.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of wastage.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -121,6 +124,9 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
         config = RayschedConfig.from_env(**parse_config_overrides(overrides))
     except (TypeError, ValueError) as exc:  # the config's own validation
         raise click.BadParameter(str(exc), param_hint="--set") from None
+    for option, out in (("--json", json_path), ("--plot", plot_path), ("--markdown", md_path)):
+        if out is not None:
+            _check_writable(out, option)  # before the replay, which can take a minute
     if overrides:
         click.echo("raysched replayed with " + ", ".join(overrides) + "\n")
     results = []
@@ -143,17 +149,26 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
     summary = goal_summary(results)
     if summary:
         click.echo(summary)
+    replayed = [r for r in results if any(t.tasks for t in r.methods.values())]
+    if replayed:
+        try:
+            if json_path:
+                write_json(results, json_path, seed)
+                click.echo(f"wrote {json_path}")
+            if md_path:
+                Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(md_path).write_text(markdown_table(results, [n for n in names]) + "\n")
+                click.echo(f"wrote {md_path}")
+            if plot_path:
+                plot(results, plot_path)
+                click.echo(f"wrote {plot_path}")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the results: {exc}") from None
+    if results and not replayed and not unreadable:
+        raise click.ClickException(
+            f"nothing was replayed: no task type of {'this trace' if len(results) == 1 else 'these traces'} has "
+            f"enough usable rows (--min-rows {min_rows}; for lotaru, both history and online rows)")
     _report_skipped(unreadable)
-    if json_path:
-        write_json(results, json_path, seed)
-        click.echo(f"wrote {json_path}")
-    if md_path:
-        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(md_path).write_text(markdown_table(results, [n for n in names]) + "\n")
-        click.echo(f"wrote {md_path}")
-    if plot_path:
-        plot(results, plot_path)
-        click.echo(f"wrote {plot_path}")
 
 
 @click.command("import")
@@ -195,6 +210,21 @@ def import_command(paths, fmt, home):
             click.echo(f"  {trace.describe_skipped()}")
     click.echo(f"imported {total} new row(s)")
     _report_skipped(unreadable)
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail now, with the option's name, if ``path`` cannot be written (leaving nothing behind)."""
+    existed = path.exists()
+    if path.parent.exists() and not path.parent.is_dir():
+        raise click.BadParameter(f"cannot write {path}: {path.parent} is a file, not a folder", param_hint=option)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {path}: {exc.strerror or exc}", param_hint=option) from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def _skip(path: Path, exc: Exception) -> str:

@@ -169,7 +169,8 @@ def _read_table(path: Path, fmt: str) -> pd.DataFrame:
             header = fh.readline()
         # Nextflow writes a tab-separated trace.txt by default; the published traces are CSV.
         sep = "\t" if header.count("\t") > header.count(",") else ","
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=["-", ""])
+        # index_col=False: a trailing delimiter on every data row must not make the first column the index.
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=["-", ""], index_col=False)
     except pd.errors.EmptyDataError:
         raise TraceFormatError(f"{path}: empty file, not a {fmt} trace") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
@@ -187,6 +188,9 @@ def _require(frame: pd.DataFrame, path: Path, fmt: str, required: Iterable[str])
         )
 
 
+_MAX_REALTIME_MS = 365 * 24 * 3600 * 1000.0
+
+
 def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skipped: dict[str, int]) -> Trace:
     out["row"] = np.arange(len(out))
     keep = np.ones(len(out), dtype=bool)
@@ -200,16 +204,23 @@ def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skippe
 
     drop(out["task_type"].isna().to_numpy() | (out["task_type"].astype(str).str.strip() == "").to_numpy(), "without a task type")
     drop(out["peak_rss"].isna().to_numpy(), "without peak_rss")
-    drop((out["peak_rss"] <= 0).to_numpy(), "with zero peak_rss")
+    drop((out["peak_rss"] <= 0).to_numpy(), "with zero or negative peak_rss")
+    drop(np.isinf(out["peak_rss"].to_numpy(float)), "with infinite peak_rss")
     drop(out["realtime_ms"].isna().to_numpy(), "without realtime")
-    drop((out["realtime_ms"] <= 0).to_numpy(), "with zero realtime")
+    drop((out["realtime_ms"] <= 0).to_numpy(), "with zero or negative realtime")
+    # A year: what no task of a trace runs for, and what keeps every figure finite downstream.
+    drop(~(out["realtime_ms"].to_numpy(float) < _MAX_REALTIME_MS), "with realtime over a year")
+    drop((out["peak_rss"].to_numpy(float) >= 2.0**63), "with peak_rss past 2**63 bytes")
     rows = out[keep].reset_index(drop=True)
     rows["task_type"] = rows["task_type"].astype(str).str.strip()
     for col in ("peak_rss", "realtime_ms", "input_size", "memory", "cpus", "cpu_pct"):
         rows[col] = rows[col].astype(float)
     # Memory presets of zero or less mean "no limit set": treat them as missing.
     rows.loc[rows["memory"] <= 0, "memory"] = np.nan
-    rows.loc[rows["input_size"] < 0, "input_size"] = np.nan
+    # An input size that cannot be one (negative, infinite, past int64) is unknown, not a reason to drop the run.
+    bad_input = (rows["input_size"] < 0) | ~(rows["input_size"] < 2.0**63)
+    rows.loc[bad_input & rows["input_size"].notna(), "input_size"] = np.nan
+    rows.loc[~(rows["memory"] < 2.0**63) & rows["memory"].notna(), "memory"] = np.nan
     return Trace(name=path.stem, path=str(path), format=fmt, rows=rows[list(COLUMNS)], skipped=skipped)
 
 

@@ -25,8 +25,8 @@ def best_other(result: WorkflowResult) -> tuple[str, float] | None:
 def ratio(result: WorkflowResult, ours_name: str = OURS) -> float | None:
     """raysched's wastage over the best other method's (below 1: raysched wastes less)."""
     bo = best_other(result)
-    if bo is None or ours_name not in result.methods:
-        return None
+    if bo is None or ours_name not in result.methods or result.methods[ours_name].tasks == 0:
+        return None  # nothing replayed: no ratio, rather than a 1.0 that reads as a tie
     ours = result.methods[ours_name].wastage_gbh
     if bo[1] <= 0:
         return 1.0 if ours <= 0 else math.inf
@@ -55,12 +55,17 @@ def write_json(results: Sequence[WorkflowResult], path: str | Path, seed: int) -
 
 def text_table(result: WorkflowResult) -> str:
     """One workflow: a row per method."""
+    # A lotaru trace is split by its own labels: a type it skips lacks history or online rows.
+    too_small = "without both history and online rows" if result.format == "lotaru" else "too small"
     lines = [
         f"{result.name} ({result.format}, seed {result.seed}): {result.task_types} task type(s) replayed"
-        + (f", {len(result.skipped_types)} too small" if result.skipped_types else "")
+        + (f", {len(result.skipped_types)} {too_small}" if result.skipped_types else "")
         + (f", {sum(result.skipped_rows.values())} row(s) skipped" if result.skipped_rows else ""),
         f"  {'method':<16}{'wastage GBh':>13}{'failures':>10}{'tasks':>8}{'fail %':>8}{'MAQ':>7}{'seconds':>9}",
     ]
+    if not any(t.tasks for t in result.methods.values()):
+        lines[1:] = ["  nothing to replay"]
+        return "\n".join(lines)
     for name, t in result.methods.items():
         lines.append(
             f"  {name:<16}{t.wastage_gbh:>13.2f}{t.failures:>10d}{t.tasks:>8d}{100 * t.failure_rate:>7.1f}%"

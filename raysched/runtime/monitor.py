@@ -827,7 +827,7 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
         from ..errors import InvalidInput
 
         raise InvalidInput(f"expected an adaptive function or a function name, got {function!r}")
-    return ProfileStore(home if home is not None else get_config().home_path).events(function=name)
+    return ProfileStore(home if home is not None else get_config().home_path, writable=False).events(function=name)
 
 
 __all__ = [

@@ -261,6 +261,7 @@ class ParquetTable:
         *,
         name: str,
         allowed_values: Mapping[str, Collection[str]] | None = None,
+        check_writable: bool = True,
     ) -> None:
         self.folder = Path(folder).expanduser()
         self.schema = schema
@@ -281,7 +282,8 @@ class ParquetTable:
         if unknown:
             raise ValueError(f"allowed_values names columns not in the schema: {sorted(unknown)}")
         self._has_row_id = DEDUPE_COLUMN in schema.names
-        self._ensure_writable()
+        if check_writable:  # a reader of someone else's (read-only) home skips it; a write still says why it fails
+            self._ensure_writable()
 
     def __repr__(self) -> str:
         return f"ParquetTable({self.name!r}, {str(self.folder)!r})"

@@ -51,12 +51,14 @@ class ProfileStore:
     may be datetimes (naive means UTC) or epoch seconds.
     """
 
-    def __init__(self, home: str | Path) -> None:
+    def __init__(self, home: str | Path, writable: bool = True) -> None:
+        """``writable=False``: only to read, so a home this process may not write is no error."""
         self.home = Path(home).expanduser()
         self.profiles = ParquetTable(
-            self.home / PROFILES_DIR, PROFILE_SCHEMA, name="profiles", allowed_values=PROFILE_ALLOWED_VALUES
+            self.home / PROFILES_DIR, PROFILE_SCHEMA, name="profiles", allowed_values=PROFILE_ALLOWED_VALUES,
+            check_writable=writable,
         )
-        self.event_table = ParquetTable(self.home / EVENTS_DIR, EVENT_SCHEMA, name="events")
+        self.event_table = ParquetTable(self.home / EVENTS_DIR, EVENT_SCHEMA, name="events", check_writable=writable)
 
     def __repr__(self) -> str:
         return f"ProfileStore({str(self.home)!r})"
