@@ -293,6 +293,18 @@ def test_part_from_a_newer_schema_version_is_skipped_not_quarantined(store):
     assert path.exists() and not (store.home / "profiles" / "quarantine").exists()
 
 
+def test_a_parquet_file_of_another_table_among_the_parts_is_quarantined_not_read_as_no_rows(store):
+    """It read silently as zero rows; a file in the folder that is no part of the table is
+    most likely something copied there by mistake, and the user should hear of it."""
+    store.append([row(row_id="mine")])
+    other = pa.table({"sample": ["a", "b"], "reads": [10, 20]})
+    path = _write_foreign_part(store.home / "profiles", other, None)
+    with pytest.warns(RuntimeWarning, match="no row_id, function, code_hash column.*not a part of this table"):
+        df = store.read()
+    assert list(df.row_id) == ["mine"]
+    assert (store.home / "profiles" / "quarantine" / path.name).exists() and not path.exists()
+
+
 def test_part_from_an_older_schema_version_reads_with_missing_columns_null(store):
     older = pa.table(
         {

@@ -282,6 +282,7 @@ class ParquetTable:
         if unknown:
             raise ValueError(f"allowed_values names columns not in the schema: {sorted(unknown)}")
         self._has_row_id = DEDUPE_COLUMN in schema.names
+        self._required = [f.name for f in schema if not f.nullable]  # every part of this table has them
         if check_writable:  # a reader of someone else's (read-only) home skips it; a write still says why it fails
             self._ensure_writable()
 
@@ -517,6 +518,9 @@ class ParquetTable:
                     f"raysched store {self.name!r}: skipping {path}: it was written with schema version "
                     f"{version}, newer than this code's version {self.version}. Upgrade raysched to read it."
                 )
+            lacking = [c for c in self._required if c not in file_schema.names]
+            if lacking:  # a Parquet file, but not one of this table's parts
+                raise ValueError(f"it has no {', '.join(lacking)} column(s): not a part of this table")
             present = [c for c in columns if c in file_schema.names]
             table = pf.read(columns=present, use_threads=False)
             if any(table.schema.field(c).type != self._read_schema.field(c).type for c in present):
