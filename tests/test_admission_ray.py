@@ -222,3 +222,56 @@ def test_the_monitor_hears_at_once_that_a_watched_task_ended(ray_session):
     assert wait_for(lambda: running().get(labelled.name) == 1, timeout=60), running()
     ray.get(ref, timeout=60)
     assert wait_for(lambda: labelled.name not in running(), timeout=5), running()
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB, priority=0)
+def leaf(x: int) -> int:
+    return x * x
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB, priority=0)
+def parent(x: int) -> int:
+    return sum(ray.get([leaf.remote(x), leaf.remote(x + 1)]))
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB, priority=10)
+def consume_list(refs: list) -> int:
+    return sum(ray.get(refs))
+
+
+def test_calls_that_wait_on_calls_with_a_priority_do_not_deadlock_the_queue(ray_session):
+    """Both deadlocked (found by an audit): the queue counted a parent's CPU while it was
+    blocked in ray.get on its queued children (Ray gives that CPU back), and a consumer of
+    higher priority was admitted before producers whose refs it got inside a list."""
+    before = _queue_status()["admitted_total"] if _named(ADMISSION_NAME) else 0
+    assert ray.get([parent.remote(1), parent.remote(3)], timeout=60) == [1 + 4, 9 + 16]
+    assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()
+    # Children of an admitted call went straight to Ray: only the two parents passed the queue.
+    assert _queue_status()["admitted_total"] - before == 2
+    assert wait_for(lambda: raysched.profiles(leaf, settle=False)["calls"].fillna(1).sum() == 4, timeout=30)
+    made = [[leaf.remote(i) for i in range(2 * j, 2 * j + 2)] for j in range(2)]
+    assert ray.get([consume_list.remote(refs) for refs in made], timeout=60) == [0 + 1, 4 + 9]
+    assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB)
+def pair(x: int):
+    return x, -x
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB)
+def touch(path: str) -> None:
+    with open(path, "a") as f:
+        f.write("ran\n")
+
+
+def test_a_queued_call_of_several_or_no_return_values_runs_and_frees_its_room(ray_session, tmp_path):
+    """With num_returns=2 Ray gives a list of refs, with 0 none: the queue tracked neither
+    (a TypeError swallowed), so calls hung or never ran."""
+    refs = [pair.options(num_returns=2, priority=0).remote(i) for i in range(6)]
+    assert all(isinstance(r, list) and len(r) == 2 for r in refs)
+    assert ray.get([r for pair_refs in refs for r in pair_refs], timeout=60) == [v for i in range(6) for v in (i, -i)]
+    marker = tmp_path / "touched"
+    assert all(touch.options(num_returns=0, priority=0).remote(str(marker)) is None for _ in range(3))
+    assert wait_for(lambda: marker.exists() and marker.read_text().count("ran") == 3, timeout=60)
+    assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()

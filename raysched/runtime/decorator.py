@@ -27,8 +27,8 @@ from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
 from .codehash import code_hash, qualified_name
 from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, captured_placement_group,
-                     definition_options, eligible_cluster, encode_call, encode_template, make_entry, ray_remote,
-                     remote_options)
+                     definition_options, eligible_cluster, encode_call, encode_template, in_admitted_call, make_entry,
+                     ray_remote, remote_options)
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -140,7 +140,7 @@ def _largest_memory_for(cluster, num_cpus: float) -> float | None:
 class _CallOptions:
     """Validated per-call options: raysched's metadata, explicit sizes, Ray's other options."""
 
-    __slots__ = ("input_size", "tags", "priority", "queued", "explicit", "ray_options", "key")
+    __slots__ = ("input_size", "tags", "priority", "queued", "explicit", "ray_options", "key", "_straight")
 
     def __init__(self, options: Mapping[str, Any], base_tags: tuple[str, ...], base_ray: Mapping[str, Any]):
         self.input_size = validate_input_size(options.get("input_size"))
@@ -168,6 +168,39 @@ class _CallOptions:
                                   option_key(ray_options))
         if self.key[-1] is None:  # an option that cannot be told equal to another's
             self.key = None
+        self._straight: _CallOptions | None = None
+
+    def straight(self) -> "_CallOptions":
+        """These options for a call that bypasses the admission queue (``in_admitted_call``)."""
+        if self._straight is None:
+            copy = object.__new__(_CallOptions)
+            for name in self.__slots__:
+                setattr(copy, name, getattr(self, name))
+            copy.queued = False
+            copy.key = None if self.key is None else (self.key[0], self.key[1], False, *self.key[3:])
+            copy._straight = copy
+            self._straight = copy
+        return self._straight
+
+
+#: How many items of a list, tuple or dict argument are looked at for ObjectRefs.
+_REF_SCAN_ITEMS = 256
+
+
+def _ref_inputs(args: tuple, kwargs: Mapping[str, Any]) -> list[Any]:
+    """The ObjectRefs a queued call takes: its arguments, and the items of its list, tuple and
+    dict arguments (one level down, as its input size is read).  Ray resolves only the first
+    kind before the task starts; a task given the second kind waits for them in ``ray.get``,
+    and admitted before they exist it would hold room that the calls making them need."""
+    refs = []
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, ray.ObjectRef):
+            refs.append(arg)
+        elif type(arg) in (list, tuple):
+            refs.extend(a for a in arg[:_REF_SCAN_ITEMS] if isinstance(a, ray.ObjectRef))
+        elif type(arg) is dict:
+            refs.extend(a for a in list(arg.values())[:_REF_SCAN_ITEMS] if isinstance(a, ray.ObjectRef))
+    return refs
 
 
 #: Plans kept per function (distinct features x options); cleared when full.
@@ -187,16 +220,20 @@ class _Plan:
     """
 
     __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation", "wall_seconds", "wall_upper",
-                 "peak_bytes")
+                 "peak_bytes", "returns_nothing")
 
     def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, allocation: Any,
-                 wall_seconds: float = 0.0, wall_upper: float = float("inf"), peak_bytes: float | None = None):
+                 wall_seconds: float = 0.0, wall_upper: float = float("inf"), peak_bytes: float | None = None,
+                 returns_nothing: bool = False):
         self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
         # The predicted wall time orders a queued call (largest_first); its upper bound is
         # how long the admission queue counts on the call holding its room (backfill).
         self.allocation, self.wall_seconds, self.wall_upper = allocation, wall_seconds, wall_upper
         # What the queue counts the call to hold against the nodes' rooms (None: its label).
         self.peak_bytes = peak_bytes
+        # A queued call of num_returns=0 is submitted with one return, for the queue to see it
+        # end; its caller gets None, as from Ray.
+        self.returns_nothing = returns_nothing
 
     def order_key(self, now: float) -> float:
         """Where a queued call of this plan goes among calls of its priority."""
@@ -401,6 +438,8 @@ class AdaptiveFunction(_Adaptive):
                 self._signature.bind(*args, **kwargs)
             except TypeError as exc:  # as Ray's own check says it, with nothing submitted or recorded
                 raise TypeError(str(exc)) from None
+        if options.queued and in_admitted_call():
+            options = options.straight()  # a child of an admitted call: see in_admitted_call
         client = get_client()
         features = self._features(options, args, kwargs)
         bundle = client.bundle(self.name, self.code_hash)
@@ -421,12 +460,16 @@ class AdaptiveFunction(_Adaptive):
             queue = client.admission
             # Its ObjectRef arguments, nested so that Ray hands them over unresolved: the queue
             # counts the call only once they exist (Ray resolves only top-level ones, as here).
-            inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, ray.ObjectRef)]
+            inputs = _ref_inputs(args, kwargs)
             admitted = queue.admit.remote(call_id, options.priority, plan.allocation.num_cpus,
                                           plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper,
                                           [inputs] if inputs else (), plan.peak_bytes)
             ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
-            queue.track.remote(call_id, [ref])
+            # The call ends when its (first) return value exists: with num_returns=k Ray gives
+            # a list of refs, with num_returns=0 none, and the plan asked for one (_make_plan).
+            queue.track.remote(call_id, [ref[0] if isinstance(ref, list) else ref])
+            if plan.returns_nothing:
+                ref = None
         else:
             ref = plan.remote.remote(encode_call(plan.template, call_id), *args, **kwargs)
         note_submitted(self.name, call_id)
@@ -436,10 +479,14 @@ class AdaptiveFunction(_Adaptive):
                    client: ProfilerClient) -> "_Plan":
         """Prediction, allocation, Ray options and the encoded spec, for every call with these features."""
         spec = self._first_spec(client, options, features, bundle, cluster, queued=options.queued)
-        remote = self._remote_with(remote_options(spec), self._config(client), client)
+        ray_options = remote_options(spec)
+        returns_nothing = options.queued and ray_options.get("num_returns") == 0
+        if returns_nothing:
+            ray_options["num_returns"] = 1
+        remote = self._remote_with(ray_options, self._config(client), client)
         peak = expected_peak_bytes(spec.prediction.memory.upper, spec.allocation.memory_is_task_only)
         return _Plan(bundle, cluster, client.config, remote, encode_template(spec), spec.allocation,
-                     float(spec.prediction.wall.target), _known_wall(spec.prediction), peak)
+                     float(spec.prediction.wall.target), _known_wall(spec.prediction), peak, returns_nothing)
 
     def _remote_with(self, options: dict[str, Any], config: Any, client: ProfilerClient) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""

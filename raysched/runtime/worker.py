@@ -102,6 +102,9 @@ class AttemptSpec:
     #: Submitted behind raysched's admission queue: the task's first argument after the spec
     #: is its admission, not the user's (resubmitted attempts are not queued again).
     queued: bool = False
+    #: A call the admission queue let start (this attempt or an earlier one): the calls it makes
+    #: go straight to Ray (``in_admitted_call``).
+    admitted: bool = False
     #: Reruns of this call so far after failures that were not raysched's business (a worker
     #: death that was neither a memory kill nor a monitor stop, an exception retried under
     #: ``retry_exceptions``): counted against the caller's ``max_retries`` (``retry_budget``).
@@ -1420,6 +1423,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
             args = args[1:]  # the admission's value: the queue let this call start
             spec = spec.with_call_id(spec.call_id)  # a copy (its cached row part kept)...
             spec.__dict__["queued"] = False  # ...so that what it submits next is not queued again
+            spec.__dict__["admitted"] = True  # (its next attempts keep it: made by dataclasses.replace)
         calls[0] += 1
         token = _enter_task(spec)
         try:
@@ -1486,6 +1490,18 @@ def _enter_task(spec: AttemptSpec) -> contextvars.Token:
 
 def _leave_task(token: contextvars.Token) -> None:
     _TASK_SPEC.reset(token)
+
+
+def in_admitted_call() -> bool:
+    """Whether this runs in (the task thread of) a call the admission queue let start.
+
+    The queue counts an admitted call's room until the call ends.  A call blocked in
+    ``ray.get`` on calls it submitted keeps that room there, though Ray gives its CPU
+    back, so children queued behind it could wait for ever: they go straight to Ray,
+    which accounts for the blocked parent itself.
+    """
+    spec = _TASK_SPEC.get()
+    return spec is not None and spec.admitted
 
 #: How long the last call of a worker process (``max_calls``) waits for its rows to be taken.
 _LAST_FLUSH_WAIT_S = 10.0
