@@ -582,3 +582,38 @@ def test_calls_an_actor_submits_are_sized_as_its_driver_configured(ray_session):
     assert wait_for(lambda: len(raysched.profiles(submitted_by_an_actor)) == 1, timeout=30)
     row = raysched.profiles(submitted_by_an_actor).iloc[-1]
     assert row["outcome"] == "ok" and row["allocated_memory_bytes"] == 0
+
+
+@adaptive_remote(memory=100 * MiB, num_cpus=1)
+class Counter:
+    def __init__(self, start: int):
+        self.n = start
+
+    def _bump(self) -> int:  # a method with a leading underscore: Ray's handle calls it
+        self.n += 1
+        return self.n
+
+    def value(self) -> int:
+        return self.n
+
+
+def test_an_actor_handle_behaves_as_rays_at_the_edges(ray_session):
+    """Found by an audit: constructor arguments were checked only when the actor died of
+    them, _private methods could not be called, and a dropped handle kept its actor (and its
+    CPU) until the next garbage collection: the handle and its API object were a cycle."""
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        Counter.remote(1, 2, 3)
+    with pytest.raises(TypeError, match="missing a required argument"):
+        Counter.remote()
+    handle = Counter.remote(5)
+    assert ray.get(handle._bump.remote(), timeout=60) == 6 and ray.get(handle.value.remote(), timeout=60) == 6
+    with pytest.raises(AttributeError):
+        handle._no_such_method
+    total = ray.cluster_resources()["CPU"]
+    assert wait_for(lambda: ray.available_resources().get("CPU", 0) <= total - 1, timeout=30)
+    gc.disable()  # the handle must go by reference counting alone
+    try:
+        del handle
+        assert wait_for(lambda: ray.available_resources().get("CPU", 0) >= total, timeout=20), ray.available_resources()
+    finally:
+        gc.enable()

@@ -570,3 +570,12 @@ def test_a_workers_first_call_does_not_wait_for_the_drivers_libraries(ray_sessio
     # An env var of its own gives the call a fresh worker process.
     loaded = ray.get(modules_at_start.options(runtime_env={"env_vars": {"RAYSCHED_TEST_FRESH": "1"}}).remote())
     assert loaded == []
+
+
+@adaptive_remote
+def takes_spec_bytes(x, spec_bytes=0):
+    return x, spec_bytes
+
+
+def test_a_parameter_named_as_raysched_own_first_argument_can_be_passed_by_keyword(ray_session):
+    assert ray.get(takes_spec_bytes.remote(1, spec_bytes=5), timeout=60) == (1, 5)

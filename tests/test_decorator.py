@@ -218,3 +218,10 @@ def test_an_estimate_past_int64_is_stored_as_the_largest_byte_count_and_its_row_
     store = ProfileStore(tmp_path)
     assert store.append([row]) == 1
     assert store.read("f").predicted_memory_bytes.iloc[0] == 2**63 - 1
+
+
+def test_a_task_is_named_as_ray_names_it_without_the_hash_that_tells_nested_functions_apart():
+    from raysched.runtime.worker import ray_task_name
+
+    assert ray_task_name("mod.outer.<locals>.step#5f9cbf98") == "step"
+    assert ray_task_name("mod.<lambda>#0a1b2c3d") == "<lambda>" and ray_task_name("mod.plain") == "plain"

@@ -81,7 +81,7 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
     """``cls`` with raysched's measuring ``__init__`` and the methods its handle calls."""
 
     class AdaptiveActor(cls):  # type: ignore[misc, valid-type]
-        def __init__(self, _raysched_spec: bytes, *args: Any, **kwargs: Any):
+        def __init__(self, _raysched_spec: bytes, /, *args: Any, **kwargs: Any):  # the user's may use the name
             adopt_config(config)  # the calls the actor submits are sized as its driver configured them
             self._raysched_incarnation = _Incarnation(decode_spec(_raysched_spec, config))
             try:

@@ -131,6 +131,10 @@ class AdaptiveActorClass(_Adaptive):
                             for _, f in inspect.getmembers(cls, inspect.isfunction))
         self._ray_class: Any = None
         self._ray_class_config: Any = None
+        try:  # Ray checks the constructor's arguments at .remote(): so does raysched
+            self._signature: inspect.Signature | None = inspect.signature(cls)
+        except (TypeError, ValueError):
+            self._signature = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self.name}()', "
@@ -173,6 +177,11 @@ class AdaptiveActorClass(_Adaptive):
         return client, spec
 
     def _create(self, options: Any, args: tuple, kwargs: Mapping[str, Any]) -> "AdaptiveActorHandle":
+        if self._signature is not None:
+            try:
+                self._signature.bind(*args, **kwargs)
+            except TypeError as exc:  # as Ray says it, with no actor started and nothing recorded
+                raise TypeError(str(exc)) from None
         client, spec = self._plan(options, args, kwargs)
         return AdaptiveActorHandle(self, client, spec, args, dict(kwargs))
 
@@ -330,7 +339,6 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         #: (their spec, the ref of their final row). Their hard cap still applies.
         self._draining: dict[str, tuple[AttemptSpec, Any, float | None]] = {}
         self._rescales: list[Rescale] = []
-        self._api = AdaptiveActorAPI(self)
         _watcher().watch(self)
 
     def _start(self, spec: AttemptSpec) -> Any:
@@ -344,18 +352,23 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
     # --- what the user sees ------------------------------------------------------------------------------
     @property
     def raysched(self) -> AdaptiveActorAPI:
-        """raysched's API of this handle (a property: no user method can hide it)."""
-        return self._api
+        """raysched's API of this handle (a property: no user method can hide it). Made anew on each
+        access: kept on the handle, it and the handle would be a cycle, and a dropped handle would
+        end its actor only at the next garbage collection instead of at once, as Ray's does."""
+        return AdaptiveActorAPI(self)
 
     def __getattr__(self, name: str) -> Any:
         if name in _RAY_ACTOR_METHODS:
             return _Method(self, name)
+        cls = self.__dict__.get("_class")  # absent while __init__ runs (or after it failed)
+        if cls is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
+        if callable(getattr(cls._cls, name, None)):
+            return _Method(self, name)  # the user's method (a _private one too, as on Ray's handle) wins
         if name.startswith("_"):
             raise AttributeError(name)
-        if callable(getattr(self._class._cls, name, None)):
-            return _Method(self, name)  # the user's method wins over an alias below
         if name in _LEGACY_ATTRIBUTES:
-            return getattr(self._api, name)
+            return getattr(self.raysched, name)
         raise AttributeError(f"{self._class.name} has no method {name!r}")
 
     def __del__(self) -> None:

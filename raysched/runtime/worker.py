@@ -1414,7 +1414,8 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
     """
     last_call = max_calls or float("inf")
 
-    def entry(spec_bytes: bytes, *args: Any, **kwargs: Any) -> Any:
+    def entry(spec_bytes: bytes, /, *args: Any, **kwargs: Any) -> Any:  # positional-only: a user's
+        # function may have a parameter of that name, passed by keyword
         if base is not None and not adopted:
             adopt_config(base)
             adopted.append(True)
@@ -1656,8 +1657,14 @@ def remote_options(spec: AttemptSpec) -> dict[str, Any]:
             options["max_retries"] = left + 1
             if not left:
                 options["retry_exceptions"] = False
-    options.setdefault("name", spec.function.rsplit(".", 1)[-1])
+    options.setdefault("name", ray_task_name(spec.function))
     return options
+
+
+def ray_task_name(function: str) -> str:
+    """As Ray names a task: the function's own name, without its module, nor the hash raysched
+    adds to tell apart nested functions of one name (``codehash.qualified_name``)."""
+    return function.rsplit(".", 1)[-1].split("#", 1)[0]
 
 
 #: Ray's own default ``max_retries`` for tasks.
