@@ -14,6 +14,7 @@ from .config import RayschedConfig
 from .errors import (
     AttemptsExhausted,
     InvalidInput,
+    InvalidRayOption,
     PredictionTooLarge,
     RayschedError,
     ResourceLimitExceeded,
@@ -187,6 +188,7 @@ __all__ = [
     "Outcome",
     "RayschedError",
     "InvalidInput",
+    "InvalidRayOption",
     "StoreError",
     "PredictionTooLarge",
     "AttemptsExhausted",

@@ -15,6 +15,11 @@ class InvalidInput(RayschedError, ValueError):
     """A caller passed something raysched cannot use (bad input_size, tags, memory...)."""
 
 
+class InvalidRayOption(InvalidInput, TypeError):
+    """A Ray option Ray itself would refuse with a TypeError (``max_retries="x"``): still one,
+    so that code written for plain Ray's ``except TypeError`` catches it."""
+
+
 class StoreError(RayschedError):
     """The profile store cannot be read or written (for example an unwritable home)."""
 

@@ -225,3 +225,19 @@ def test_a_task_is_named_as_ray_names_it_without_the_hash_that_tells_nested_func
 
     assert ray_task_name("mod.outer.<locals>.step#5f9cbf98") == "step"
     assert ray_task_name("mod.<lambda>#0a1b2c3d") == "<lambda>" and ray_task_name("mod.plain") == "plain"
+
+
+def test_a_ray_option_ray_refuses_with_a_type_error_is_still_a_type_error():
+    """Code written for plain Ray's ``except TypeError`` keeps catching it."""
+    import pytest
+
+    from raysched.errors import InvalidInput, InvalidRayOption
+
+    def f(x):
+        return x
+
+    with pytest.raises(TypeError, match="invalid Ray option") as caught:
+        adaptive_remote(max_retries="many")(f)
+    assert isinstance(caught.value, InvalidRayOption) and isinstance(caught.value, InvalidInput)
+    with pytest.raises(TypeError):
+        adaptive_remote(f).options(max_retries="x")

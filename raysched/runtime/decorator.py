@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import ray
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, InvalidRayOption
 from ..policy.admission import expected_peak_bytes, order_key
 from ..policy.estimators import Fallback
 from ..policy.features import (call_features, validate_input_size, validate_memory, validate_num_cpus, validate_priority,
@@ -90,7 +90,9 @@ def _check_ray_options(kind: str, options: Mapping[str, Any], in_options: bool) 
         return
     try:
         validate({k: v for k, v in options.items() if k not in _META_KEYS and k not in _SIZED_KEYS}, False)
-    except (ValueError, TypeError) as exc:
+    except TypeError as exc:
+        raise InvalidRayOption(f"invalid Ray option: {exc}") from exc
+    except ValueError as exc:
         raise InvalidInput(f"invalid Ray option: {exc}") from exc
 
 
