@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -722,3 +723,35 @@ def test_a_call_that_gave_way_waits_for_the_monitors_yes_and_resubmits_when_it_c
     assert worker._wait_for_room_here(replace(spec, config=cfg.replace(requeue_room_hold_s=None)), next_spec) is None
     bigger = replace(next_spec, allocation=Allocation(num_cpus=1.0, memory_bytes=2 * GiB))
     assert worker._wait_for_room_here(spec, bigger) is None and asked == []
+
+
+def test_a_handed_over_attempt_that_died_as_it_started_counts_as_started_and_is_not_run_twice(monkeypatch):
+    """An attempt whose task died before its first live sample (a crash at once) looked
+    like one that never got room: the waiting task ran it a second time in its own place
+    after handover_start_timeout_s, beside the dead task's retry. Its task now marks its start."""
+    pytest.importorskip("ray")
+    import ray
+
+    from raysched.runtime import worker
+    from raysched.runtime.worker import AttemptSpec
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=2, features=Features(input_size=0),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=GiB), config=RayschedConfig())
+    kv: dict[str, bytes] = {}
+
+    class FakeKV:
+        @staticmethod
+        def _internal_kv_get(key, namespace=None):
+            return kv.get(key)
+
+    monkeypatch.setattr(worker, "_kv", lambda: FakeKV)
+    monkeypatch.setattr(worker, "_kv_put", lambda key, value: kv.__setitem__(key, value) or True)
+    monkeypatch.setattr(worker, "_room_held_by_waiting", lambda need, own_key: False)
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: ([], refs))  # its ref: still pending (a retry runs)
+    started = time.monotonic()
+    assert not worker._started_within("ref", spec, 0.3, 3.0, "own")  # no sample, no mark: not started
+    assert time.monotonic() - started >= 0.3
+    worker._mark_started(spec)  # what its task's entry does first
+    assert worker._started_within("ref", spec, 30.0, 3.0, "own")

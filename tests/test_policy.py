@@ -404,6 +404,21 @@ def test_ladder_skips_rungs_that_do_not_grow_and_caps_at_the_largest_node():
     assert ladder.next_allocation(state) is None  # nothing bigger exists
 
 
+def test_a_rung_rounded_up_never_passes_the_node_it_must_fit():
+    """13,172 MiB of room left rounded up to 13,184 MiB: the attempt could not start beside
+    the call's waiting tasks, and waited for a room that never came."""
+    ladder = build_ladder(CFG.replace(max_attempts=10))
+    room = 13172 * MiB  # not a multiple of the 16 MiB rounding
+    state = LadderState(prediction(100 * MiB), (failed(1, 8 * GiB, 6.6 * GiB),), max_peak_seen=0,
+                        largest_node_bytes=room)
+    nxt = ladder.next_allocation(state)  # 2 x 6.6 GiB = 13,516.8 MiB: over the room, capped
+    assert nxt.memory_bytes == room
+    state = LadderState(prediction(100 * MiB), (failed(1, 8 * GiB, 6585 * MiB),), max_peak_seen=0,
+                        largest_node_bytes=room)
+    nxt = ladder.next_allocation(state)  # 2 x 6,585 MiB = 13,170 MiB: under it, rounded up past it
+    assert nxt.memory_bytes == room
+
+
 def test_ladder_without_measured_peak_grows_from_the_allocation():
     ladder = build_ladder(CFG)
     state = LadderState(prediction(64 * MiB), (failed(1, 256 * MiB, None),))

@@ -87,9 +87,12 @@ class Ladder:
         capped = largest is not None and chosen_value > largest
         if capped:
             chosen_value, chosen_name = float(largest), chosen_name + ", capped at the largest node"
+        memory = int(chosen_value) if capped else self._round(chosen_value)
+        if largest is not None and memory > largest:
+            memory = int(largest)  # rounded up past the node it must fit
         return Allocation(
             num_cpus=last.num_cpus,
-            memory_bytes=self._round(chosen_value) if not capped else int(chosen_value),
+            memory_bytes=memory,
             rung=chosen_rung if chosen_rung is not None else last.rung,
             capped=capped,
             reason=chosen_name,

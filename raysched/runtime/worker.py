@@ -921,12 +921,13 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
     else:
         ladder = build_ladder(spec.config)
         # This task keeps its own `memory` label while it waits for the next attempt
-        # (Ray releases a blocked task's CPU, not its memory), so the next attempt must
-        # fit beside it: cap the ladder at the largest node less that label.
+        # (Ray releases a blocked task's CPU, not its memory), and so do the call's earlier
+        # tasks that wait for it in turn: the next attempt must fit beside them all, so the
+        # ladder is capped at the largest node less those labels.
         room = None
         if spec.largest_node_bytes:
             held = _held_label(spec)
-            room = max(spec.largest_node_bytes - held, held)
+            room = max(spec.largest_node_bytes - held - _labels_of_waiting_tasks(spec.call_id), held)
         allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room))
         if allocation is None:
             raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
@@ -1062,6 +1063,7 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
         raise
     finally:
         _drop_handover(spec)
+        _kv_del(_started_key(next_spec))
 
 
 #: How long a cancelled call's waiting task lets the running attempt take a soft cancel.
@@ -1104,6 +1106,8 @@ def _run_in_place(spec: AttemptSpec, in_place: AttemptSpec, run_here: Callable[[
 
 
 _HANDOVER_PREFIX = "handover:"
+#: A handed-over attempt whose task has begun (``_mark_started``).
+_STARTED_PREFIX = "started:"
 
 
 def _held_label(spec: AttemptSpec) -> float:
@@ -1116,6 +1120,22 @@ def _handover_key(spec: AttemptSpec) -> str:
     # The waiting task's own label ends the key, so that one listing of the markers
     # says how much `memory` raysched's waiting calls hold (``_room_held_by_waiting``).
     return f"{_HANDOVER_PREFIX}{spec.live_key}:{int(_held_label(spec))}"
+
+
+def _labels_of_waiting_tasks(call_id: str) -> float:
+    """The `memory` labels the call's tasks that wait for a later attempt of it hold (their
+    hand-over markers; 0 when the KV cannot say)."""
+    try:
+        keys = _kv()._internal_kv_list(f"{_HANDOVER_PREFIX}{call_id}:", namespace=LIVE_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001
+        return 0.0
+    held = 0.0
+    for key in keys:
+        try:
+            held += int(key.rsplit(b":", 1)[1])
+        except (IndexError, ValueError):
+            continue
+    return held
 
 
 def _room_held_by_waiting(need: float, own_key: str) -> bool:
@@ -1163,6 +1183,17 @@ def _drop_handover(spec: AttemptSpec) -> None:
     _kv_del(_handover_key(spec))
 
 
+def _started_key(spec: AttemptSpec) -> str:
+    return f"{_STARTED_PREFIX}{spec.live_key}"
+
+
+def _mark_started(spec: AttemptSpec) -> None:
+    """A handed-over attempt's task has begun. Its first live sample says so too, but an
+    attempt that dies before it (a crash as it starts) sends none: the waiting task would
+    then take it for one that never got room, and run it a second time in its place."""
+    _kv_put(_started_key(spec), b"1")
+
+
 def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float, held_room_s: float, own_key: str) -> bool:
     """True once the attempt behind ``ref`` has finished or published a live sample;
     False after ``timeout_s`` without either, or once the room it needs has been held by
@@ -1176,7 +1207,8 @@ def _started_within(ref: Any, spec: AttemptSpec, timeout_s: float, held_room_s: 
         if ready:
             return True
         try:
-            if _kv()._internal_kv_get(spec.live_key, namespace=LIVE_KV_NAMESPACE):
+            if (_kv()._internal_kv_get(spec.live_key, namespace=LIVE_KV_NAMESPACE)
+                    or _kv()._internal_kv_get(_started_key(spec), namespace=LIVE_KV_NAMESPACE)):
                 return True
         except Exception:  # noqa: BLE001 - no KV: assume it runs rather than run twice
             return True
@@ -1427,6 +1459,8 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
             spec.__dict__["admitted"] = True  # (its next attempts keep it: made by dataclasses.replace)
         calls[0] += 1
         token = _enter_task(spec)
+        if spec.attempt > 1:
+            _mark_started(spec)  # for the task that handed it over and waits (``_started_within``)
         try:
             if _ray_attempt_number() > 0:
                 return recover(fn, spec, args, kwargs, _resubmitter(fn, config))
