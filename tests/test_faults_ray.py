@@ -20,6 +20,7 @@ import raysched
 from conftest import wait_for
 from raysched import ResourceLimitExceeded, adaptive_remote
 from raysched.runtime.session import NAMESPACE, monitor_name, profiler_name
+from raysched.store.profiles import ProfileStore
 from raysched.types import MiB
 
 pytestmark = pytest.mark.ray
@@ -418,3 +419,50 @@ def test_a_task_killed_while_waiting_for_its_next_attempt_records_nothing_twice(
     first = rows[rows["attempt"] == 1]
     assert len(first) == 1 and first["outcome"].iloc[0] == "oom_killed"  # stopped by the monitor, recorded once
     assert rows["outcome"].iloc[-1] == "ok" and rows["attempt"].iloc[-1] >= 3, rows[["attempt", "outcome"]]
+
+
+@adaptive_remote(memory=256 * MiB, num_cpus=0.5)
+def grows_to(mib: int) -> int:
+    import numpy as np
+
+    held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
+    time.sleep(1.5)
+    return len(held)
+
+
+@adaptive_remote(num_cpus=0.5)
+def tiny_step(x: int) -> int:
+    return x + 1
+
+
+def test_configure_after_tasks_ran_moves_rows_caps_and_training_to_the_new_config(faults, tmp_path):
+    """Found by an audit: workers kept the row sink and the live reporter of the first config
+    their tasks brought, so after configure(home=B) rows still went to home A and a hard cap
+    set there was never applied; and a profiler that already existed kept training by the
+    config it was created with."""
+    from raysched.runtime import session
+    from raysched.runtime.profiler import get_or_create_profiler
+
+    base = session.get_config()
+    assert ray.get([tiny_step.remote(i) for i in range(4)], timeout=60) == [1, 2, 3, 4]
+    home_a = base.home_path
+    home_b = tmp_path / "b"
+    try:
+        raysched.configure(home=str(home_b), memory_limits={"grows_to": CAP})
+        assert ray.get([tiny_step.remote(i) for i in range(3)], timeout=60) == [1, 2, 3]
+        assert wait_for(lambda: len(ProfileStore(home_b).read(tiny_step.name)) == 3, timeout=30)
+        assert len(ProfileStore(home_a).read(tiny_step.name)) == 4  # nothing more went to A
+        with pytest.raises(ResourceLimitExceeded):
+            ray.get(grows_to.remote(600), timeout=60)  # the cap of B's config, seen by B's monitor
+        # B's profiler exists now; a configure() that changes how it trains reaches it.
+        raysched.configure(min_history_for_model=5, retrain_after_new_rows=1, min_retrain_interval_s=0.0)
+        assert ray.get([tiny_step.remote(i) for i in range(8)], timeout=60) == list(range(1, 9))
+        profiler = get_or_create_profiler(session.get_config())
+
+        def trained() -> bool:
+            status = ray.get(profiler.status.remote(), timeout=30)["functions"].get(tiny_step.name, {})
+            return bool(status.get("models"))
+
+        assert wait_for(trained, timeout=60), ray.get(profiler.status.remote(), timeout=30)
+    finally:
+        raysched.configure(base)

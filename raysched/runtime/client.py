@@ -30,7 +30,7 @@ from ..policy.estimators import Fallback
 from ..policy.recipe import build_predictor, build_sizer, compose
 from ..types import Allocation, ClusterShape, Features, Prediction
 from .profiler import Bundle, get_or_create_profiler
-from .session import ClusterShapeCache, ensure_ray, get_config, monitor_name, session_token
+from .session import ClusterShapeCache, configured_here, ensure_ray, get_config, monitor_name, session_token
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class ProfilerClient:
         if self._handle is None:
             ensure_ray()
             self._handle = self._handle_factory(self.config)
+            if configured_here() and self._handle_factory is get_or_create_profiler:
+                # The actor may predate this process's configure(...): it trains by this config from now on.
+                self._handle.reconfigure.remote(self.config)
             if self.config.monitor_enabled and self._handle_factory is get_or_create_profiler:
                 # The live monitor comes up beside the profiler, in the background: no
                 # submission waits on it, and workers find it by name once it is there.

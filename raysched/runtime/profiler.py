@@ -288,6 +288,15 @@ class Profiler:
             self._maybe_tidy()
         return written
 
+    def reconfigure(self, config: RayschedConfig) -> None:
+        """Train and predict by ``config`` from now on: a driver's ``configure(...)`` made after
+        this actor started (the actor outlives the driver that created it). Rows, histories and
+        served models are kept."""
+        predictor = build_predictor(config)
+        with self._lock:
+            self.config, self._predictor = config, predictor
+            self._commit.interval_s = float(config.profile_commit_interval_s)
+
     def _write_rows(self, rows: list[Mapping[str, Any]]) -> int:
         """The group commit's write: a row the store refuses is set aside there, and kept out
         of the history this actor holds."""

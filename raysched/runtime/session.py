@@ -81,6 +81,12 @@ def configure(config: RayschedConfig | None = None, **changes: object) -> Raysch
     return new
 
 
+def configured_here() -> bool:
+    """Whether this process set its config with ``configure`` (rather than taking the defaults,
+    the environment's, or a driver's that its task brought)."""
+    return _configured_here
+
+
 def adopt_config(config: RayschedConfig) -> None:
     """In a worker, take the config of the driver whose task runs here (it travels with the
     task): calls this task submits are then sized as the driver configured them, not from

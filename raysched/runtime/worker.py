@@ -454,7 +454,6 @@ def _build_rows(items: list[Any]) -> list[dict]:
     return rows
 
 
-_sink: RowSink | None = None
 #: How long a worker at exit waits for the profiler to take its last batches.
 _SEND_WAIT_S = 30.0
 _sink_lock = threading.Lock()
@@ -482,15 +481,34 @@ def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
     return send
 
 
+#: This process's sinks, one per profiler (per home): a driver that calls ``configure(home=...)``
+#: after tasks ran gets workers whose later tasks carry the new config, and their rows must go
+#: to the new home's profiler, not to the one the worker's first task named.
+_sinks: dict[str, RowSink] = {}
+#: id(config) -> (config, its sink): the lookup of every task after a config's first.
+_sink_by_config: dict[int, tuple[RayschedConfig, RowSink]] = {}
+
+
 def get_sink(config: RayschedConfig) -> RowSink:
-    global _sink
-    if _sink is not None:
-        return _sink  # every task after the first: no lock
+    hit = _sink_by_config.get(id(config))
+    if hit is not None and hit[0] is config:
+        return hit[1]  # no lock
     with _sink_lock:
-        if _sink is None:
-            _sink = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None))
-            atexit.register(_sink.flush, wait_s=_SEND_WAIT_S)
-        return _sink
+        key = profiler_name(config)
+        sink = _sinks.get(key)
+        if sink is None:
+            sink = _sinks[key] = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None))
+            atexit.register(sink.flush, wait_s=_SEND_WAIT_S)
+        _sink_by_config[id(config)] = (config, sink)
+        return sink
+
+
+def flush_all_sinks(wait_s: float) -> None:
+    """Send every sink's rows now and wait up to ``wait_s`` for them (this process is about to end)."""
+    with _sink_lock:
+        sinks = list(_sinks.values())
+    for sink in sinks:
+        sink.flush(wait_s=wait_s)
 
 
 # --- live samples: the last known use of an attempt, for the retry that follows a kill -----------
@@ -610,22 +628,36 @@ def _node_id() -> str:
 
 # --- the live monitor: reports out, stops in ------------------------------------------------------------
 
-_reporter: Any = None
+_reporters: dict[str, Any] = {}  # this process's LiveReporters, one per monitor (per home), as the sinks
+_reporter_by_config: dict[int, tuple[RayschedConfig, Any]] = {}
 _reporter_pid: int | None = None
 _reporter_lock = threading.Lock()
 
 
-def get_reporter(config: RayschedConfig) -> Any:
-    """This worker process's one LiveReporter (None when the monitor is disabled)."""
-    global _reporter, _reporter_pid
+def get_reporter(config: RayschedConfig, create: bool = True) -> Any:
+    """This worker process's LiveReporter to the monitor of ``config``'s home (None when the
+    monitor is disabled, or, with ``create=False``, when none was made yet)."""
+    global _reporter_pid
     if not config.monitor_enabled:
         return None
+    hit = _reporter_by_config.get(id(config))
+    if hit is not None and hit[0] is config and _reporter_pid == os.getpid():
+        return hit[1]
+    if not create:
+        return None
     with _reporter_lock:
-        if _reporter is None or _reporter_pid != os.getpid():
+        if _reporter_pid != os.getpid():  # a forked process: its parent's reporters are not its own
+            _reporters.clear()
+            _reporter_by_config.clear()
+            _reporter_pid = os.getpid()
+        key = monitor_name(config)
+        reporter = _reporters.get(key)
+        if reporter is None:
             from .monitor import ray_live_reporter  # imported off the task's path: in the sampler thread
 
-            _reporter, _reporter_pid = ray_live_reporter(config), os.getpid()
-        return _reporter
+            reporter = _reporters[key] = ray_live_reporter(config)
+        _reporter_by_config[id(config)] = (config, reporter)
+        return reporter
 
 
 class _MonitorStop(BaseException):
@@ -735,7 +767,7 @@ def _hard_stop(running: _Running) -> None:
                    spec.live_key, time.monotonic() - running.stop_at, running.stop.action)
     _put_stop_marker(spec, running.stop, recorded=False)
     try:
-        get_sink(spec.config).flush(wait_s=2.0)  # rows of earlier tasks of this worker must not die with it
+        flush_all_sinks(wait_s=2.0)  # rows of earlier tasks of this worker must not die with it
     except Exception:  # noqa: BLE001
         logger.exception("raysched: could not flush profile rows before the kill")
     os.kill(os.getpid(), signal.SIGKILL)
@@ -826,8 +858,9 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
             growth = usage.task_rss_bytes if usage is not None and measured else None
             thinning.observe(measured, outcome is Outcome.OK, wall, growth)
         _forget_live(spec)
-        if _reporter is not None:
-            _reporter.ended(spec.call_id, spec.attempt, time.time())  # its memory is free now
+        reporter = get_reporter(spec.config, create=False)
+        if reporter is not None:
+            reporter.ended(spec.call_id, spec.attempt, time.time())  # its memory is free now
     # Only a stop gets here.  The exception and its traceback (which held the user's
     # frames and their memory) are gone; collect what cycles kept, before waiting on the next attempt.
     gc.collect()
@@ -1478,7 +1511,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
             if calls[0] >= last_call:
                 # Ray ends this worker process as soon as the task returns (max_calls):
                 # the buffered rows must reach the profiler first.
-                get_sink(config).flush(wait_s=_LAST_FLUSH_WAIT_S)
+                flush_all_sinks(wait_s=_LAST_FLUSH_WAIT_S)
 
     adopted: list[bool] = []  # the base config was adopted in this process
     calls = [0]  # runs of this function in this worker process, as Ray counts them for max_calls
