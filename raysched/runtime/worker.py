@@ -55,7 +55,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ray
 
@@ -1155,20 +1155,25 @@ def _handover_key(spec: AttemptSpec) -> str:
     return f"{_HANDOVER_PREFIX}{spec.live_key}:{int(_held_label(spec))}"
 
 
+def _labels_in(keys: Iterable[bytes], skip: bytes | None = None) -> float:
+    """The `memory` labels that hand-over markers' keys end with (``_handover_key``), summed."""
+    held = 0.0
+    for key in keys:
+        if key != skip:
+            try:
+                held += int(key.rsplit(b":", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return held
+
+
 def _labels_of_waiting_tasks(call_id: str) -> float:
     """The `memory` labels the call's tasks that wait for a later attempt of it hold (their
     hand-over markers; 0 when the KV cannot say)."""
     try:
-        keys = _kv()._internal_kv_list(f"{_HANDOVER_PREFIX}{call_id}:", namespace=LIVE_KV_NAMESPACE)
+        return _labels_in(_kv()._internal_kv_list(f"{_HANDOVER_PREFIX}{call_id}:", namespace=LIVE_KV_NAMESPACE))
     except Exception:  # noqa: BLE001
         return 0.0
-    held = 0.0
-    for key in keys:
-        try:
-            held += int(key.rsplit(b":", 1)[1])
-        except (IndexError, ValueError):
-            continue
-    return held
 
 
 def _room_held_by_waiting(need: float, own_key: str) -> bool:
@@ -1182,15 +1187,7 @@ def _room_held_by_waiting(need: float, own_key: str) -> bool:
         keys = _kv()._internal_kv_list(_HANDOVER_PREFIX, namespace=LIVE_KV_NAMESPACE)
     except Exception:  # noqa: BLE001 - no answer: wait for the timeout instead
         return False
-    own = own_key.encode()
-    held = 0
-    for key in keys:
-        if key != own:
-            try:
-                held += int(key.rsplit(b":", 1)[1])
-            except (IndexError, ValueError):
-                continue
-    return free + held >= need
+    return free + _labels_in(keys, skip=own_key.encode()) >= need
 
 
 def _put_handover(spec: AttemptSpec, next_spec: AttemptSpec) -> None:
