@@ -27,8 +27,8 @@ from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
 from .codehash import code_hash, qualified_name
 from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, captured_placement_group,
-                     definition_options, eligible_cluster, encode_call, encode_template, in_admitted_call, make_entry,
-                     ray_remote, remote_options)
+                     ask_a_return, definition_options, eligible_cluster, encode_call, encode_template, in_admitted_call,
+                     make_entry, ray_remote, remote_options)
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -482,9 +482,7 @@ class AdaptiveFunction(_Adaptive):
         """Prediction, allocation, Ray options and the encoded spec, for every call with these features."""
         spec = self._first_spec(client, options, features, bundle, cluster, queued=options.queued)
         ray_options = remote_options(spec)
-        returns_nothing = options.queued and ray_options.get("num_returns") == 0
-        if returns_nothing:
-            ray_options["num_returns"] = 1
+        returns_nothing = options.queued and ask_a_return(ray_options)  # the queue tracks its end
         remote = self._remote_with(ray_options, self._config(client), client)
         peak = expected_peak_bytes(spec.prediction.memory.upper, spec.allocation.memory_is_task_only)
         return _Plan(bundle, cluster, client.config, remote, encode_template(spec), spec.allocation,

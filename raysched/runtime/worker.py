@@ -1725,6 +1725,15 @@ def remote_options(spec: AttemptSpec) -> dict[str, Any]:
     return options
 
 
+def ask_a_return(options: dict[str, Any]) -> bool:
+    """Give a task the caller asked no return of (``num_returns=0``) one, so that raysched can
+    see it end (its caller is still handed None); True when it did."""
+    if options.get("num_returns") == 0:
+        options["num_returns"] = 1
+        return True
+    return False
+
+
 def ray_task_name(function: str) -> str:
     """As Ray names a task: the function's own name, without its module, nor the hash raysched
     adds to tell apart nested functions of one name (``codehash.qualified_name``)."""
@@ -1750,8 +1759,7 @@ def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[At
             remote = _remote_cache[key] = ray_remote(make_entry(fn, config, definition.get("max_calls"), get_config()),
                                                      definition)
         options = remote_options(spec)
-        if options.get("num_returns") == 0:
-            options["num_returns"] = 1  # the task that hands over waits on this attempt: it needs a ref
+        ask_a_return(options)  # the task that hands over waits on this attempt: it needs a ref
         return remote.options(**options).remote(encode_spec(spec), *args, **kwargs)
 
     return resubmit
