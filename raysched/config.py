@@ -114,6 +114,12 @@ class RayschedConfig:
     #: distance past their range) times the distance past the range: a conformal offset
     #: for extrapolation; 0: off.
     cost_extrapolation_quantile: float = 0.9
+    #: What a failed attempt costs beyond its own run, in seconds of its allocation: the
+    #: kill is detected, a new worker starts, the inputs are fetched again, the retry waits
+    #: for room, and the caller waits for all of it.  A failure of a 10 s task then weighs
+    #: seven times its run, one of an hour-long task 1.02 times, so short tasks are sized
+    #: to fit at almost no cost in waste (benchmarks/README.md, "A failure's fixed cost").
+    cost_failure_overhead_s: float = 60.0
 
     # --- sizing: prediction -> Ray options -----------------------------------------
     #: Margin on top of the upper bound for memory, as the VPA recommender's 15%.
@@ -422,6 +428,7 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
       "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "requeue_room_hold_s", "oom_bump_bytes",
       "shutdown_flush_timeout_s", "profile_commit_interval_s", "short_call_wall_s", "short_call_rss_bytes",
       "monitor_cpu_min_wall_s", "cost_tail_allowance", "cost_cap_allowance", "cost_extrapolation_widen",
+      "cost_failure_overhead_s",
       "actor_max_rescales"), lambda v: v >= 0, "at least 0"),
     (("min_history_for_stats", "min_history_for_model", "history_window", "xgb_rounds", "xgb_max_depth",
       "retrain_after_new_rows", "max_attempts", "short_call_streak", "short_call_measure_every",

@@ -699,3 +699,41 @@ def test_history_statistics_are_fitted_once_per_history_and_read_per_call():
     second = History.from_columns({"input_size": sizes, "memory": 2e8 + 10 * sizes})
     moved = est.estimate(EstimationContext(history=second, models={}, fallback=Fallback()), Features(input_size=1e6))
     assert moved.upper == pytest.approx(2e8 + 1e7)
+
+
+def test_a_failures_fixed_cost_makes_short_runs_fit_and_leaves_long_runs_as_they_were():
+    from raysched.policy.estimators import CostAwareEstimator
+
+    # 20 runs of one function: 18 peak at 100-105 MB, 2 at 200 MB.  Without a fixed cost
+    # per failure the least expected waste leaves those two to fail: a retry of 2 runs in
+    # 20 wastes less than 95 MB more on every run.
+    peaks = np.append(np.linspace(100e6, 105e6, 18), [200e6, 200e6])
+
+    def chosen(wall_s: float, overhead_s: float) -> Estimate:
+        est = CostAwareEstimator("memory", min_history=8, min_correlation=0.3, local_fraction=1.0, min_local=8,
+                                 tail_allowance=0.0, min_coverage=0.5, failure_overhead_s=overhead_s)
+        history = History.from_columns({"memory": peaks, "wall": np.full(20, wall_s)})
+        return est.estimate(EstimationContext(history), Features())
+
+    off = chosen(10.0, 0.0)
+    assert off.coverage < 1 and off.upper < peaks.max()
+    # 1 s runs: a failure's minute outweighs any waste; every run seen must fit.
+    short = chosen(1.0, 60.0)
+    assert short.coverage == 1.0 and short.upper == pytest.approx(peaks.max())
+    # Day-long runs: a minute more per failure changes nothing.
+    assert chosen(86400.0, 60.0).upper == off.upper
+    # Unknown wall times (imported rows without runtimes, killed attempts): no fixed cost.
+    assert chosen(float("nan"), 60.0).upper == off.upper
+    # In between, the choice only rises with the fixed cost's share of a run.
+    uppers = [chosen(w, 60.0).upper for w in (3600.0, 600.0, 60.0, 10.0, 1.0)]
+    assert uppers == sorted(uppers) and uppers[0] < uppers[-1]
+
+
+def test_the_default_charges_a_failure_a_minute_and_the_config_refuses_a_negative_one():
+    from raysched.policy.estimators import CostAwareEstimator
+
+    cost = build_predictor(CFG).chains["memory"].inner.estimators[0]
+    assert isinstance(cost, CostAwareEstimator) and cost.failure_overhead_s == CFG.cost_failure_overhead_s == 60.0
+    CFG.replace(cost_failure_overhead_s=0.0)  # off is valid
+    with pytest.raises(ValueError, match="cost_failure_overhead_s"):
+        CFG.replace(cost_failure_overhead_s=-1.0)

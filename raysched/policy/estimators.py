@@ -367,6 +367,7 @@ class _SizeFit:
     curve_x: np.ndarray | None = None  # the isotonic fit: sorted ls...
     curve_y: np.ndarray | None = None  # ...and the fitted log use there
     resid: np.ndarray | None = None  # cross-fitted log residuals, in the order of ls
+    wall: np.ndarray | None = None  # wall seconds of the runs (of those with a known size when sized)
     extrapolation_widen: list = field(default_factory=list)  # computed on the first call past the range
     unsized: list = field(default_factory=list)  # the estimate of a call sized without its input size, once
 
@@ -396,7 +397,9 @@ class CostAwareEstimator:
        one with the least expected waste, where a run that fits wastes
        ``allocation - peak`` and a run that fails wastes the allocation plus the
        retry at the ceiling (``center x exp(max residual)``) minus its peak (Tovar
-       et al.'s criterion, per input size), never covering fewer than
+       et al.'s criterion, per input size), plus the failure's fixed cost
+       (``failure_overhead_s`` of the allocation, set against the median wall time
+       of the runs whose residuals are used), never covering fewer than
        ``min_coverage`` of the residuals (failed attempts cost users time too).
 
     Runs killed for memory (``History.censored``) are left out: their value is a
@@ -430,6 +433,9 @@ class CostAwareEstimator:
     #: leave-largest-out extrapolation scores (``_extrapolation_scores``) times the
     #: log distance past the range; 0: off.
     extrapolation_quantile: float = 0.0
+    #: Seconds a failed attempt costs beyond its own run (the kill is detected, a rerun
+    #: started and its inputs fetched again), charged at the failed allocation; 0: none.
+    failure_overhead_s: float = 0.0
 
     def _fit(self, history: History) -> _SizeFit:
         """Everything of the estimate that depends on the history alone."""
@@ -443,10 +449,11 @@ class CostAwareEstimator:
         known = np.isfinite(sizes) & (sizes >= 0)
         if not (known.sum() >= self.min_history
                 and _spearman(np.log1p(sizes[known]), log_use[known]) ** 2 >= self.min_correlation):
-            return _SizeFit(n, log_use, False)
+            return _SizeFit(n, log_use, False, wall=history.wall[rows])
         ls, lu = np.log1p(sizes[known]), log_use[known]
         slope = _loglog_slope(ls, lu, self.max_slope, self.slope_fraction) if self.extrapolate else 0.0
-        return _SizeFit(n, log_use, True, ls, lu, slope, *_isotonic_curve(ls, lu), self._cross_fitted(ls, lu, slope))
+        return _SizeFit(n, log_use, True, ls, lu, slope, *_isotonic_curve(ls, lu), self._cross_fitted(ls, lu, slope),
+                        wall=history.wall[rows][known])
 
     def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
         fit: _SizeFit = _per_history(ctx.history, self, lambda: self._fit(ctx.history))
@@ -457,16 +464,20 @@ class CostAwareEstimator:
             # Nothing of the call matters: one estimate per history.
             if not fit.unsized:
                 center = float(np.median(log_use))
-                fit.unsized.append(self._choose(center, np.sort(log_use - center), float(np.max(log_use)), n))
+                fit.unsized.append(self._choose(center, np.sort(log_use - center), float(np.max(log_use)), n,
+                                                self._overhead(fit.wall)))
             return fit.unsized[0]
         ls, lu, slope = fit.ls, fit.lu, fit.slope
         assert ls is not None and lu is not None and fit.resid is not None
         query = math.log1p(float(x.input_size))
         center = fit.center(query)
-        resid = fit.resid
+        resid, wall = fit.resid, fit.wall
         k = max(self.min_local, int(math.ceil(len(resid) * self.local_fraction)))
         if k < len(resid):
-            resid = _nearest(resid, np.abs(ls - query), k)
+            distance = np.abs(ls - query)
+            resid = _nearest(resid, distance, k)
+            if self.failure_overhead_s > 0:
+                wall = _nearest(wall, distance, k)
         # Beyond the largest input the local residuals understate the error: widen
         # every candidate by ``widen`` per unit of log distance past the range.
         beyond = max(0.0, query - float(fit.curve_x[-1]))  # type: ignore[index]
@@ -479,9 +490,19 @@ class CostAwareEstimator:
         center += widen * beyond
         # Never above the largest use seen, grown along the slope beyond the range.
         cap = float(np.max(log_use)) + (slope + widen) * beyond
-        return self._choose(center, np.sort(resid), cap, n)
+        return self._choose(center, np.sort(resid), cap, n, self._overhead(wall))
 
-    def _choose(self, center: float, resid: np.ndarray, cap: float, n: int) -> Estimate:
+    def _overhead(self, wall: np.ndarray | None) -> float:
+        """A failure's fixed cost as a share of one run: ``failure_overhead_s`` over the
+        median wall time of ``wall`` (0 when off, or when no run's wall time is known)."""
+        if self.failure_overhead_s <= 0 or wall is None:
+            return 0.0
+        known = wall[np.isfinite(wall) & (wall > 0)]
+        if known.shape[0] == 0:
+            return 0.0
+        return self.failure_overhead_s / float(np.median(known))
+
+    def _choose(self, center: float, resid: np.ndarray, cap: float, n: int, overhead: float = 0.0) -> Estimate:
         """The allocation of least expected waste, given the center and the sorted log residuals."""
         k = resid.shape[0]
         median = float(resid[k // 2]) if k % 2 else float((resid[k // 2 - 1] + resid[k // 2]) / 2)
@@ -491,10 +512,11 @@ class CostAwareEstimator:
         ceiling = alloc[-1]
         m = alloc.shape[0]
         # expected waste per run of allocating alloc[i]: runs j <= i fit, runs j > i fail
-        # and rerun at the ceiling.
+        # (their allocation held for the run and, as the failure's fixed cost, for
+        # ``overhead`` runs more) and rerun at the ceiling.
         cum = np.cumsum(alloc)
         fits = alloc * np.arange(1, m + 1) - cum
-        fails = (m - np.arange(1, m + 1)) * (alloc + ceiling) - (cum[-1] - cum)
+        fails = (m - np.arange(1, m + 1)) * (alloc * (1.0 + overhead) + ceiling) - (cum[-1] - cum)
         first = min(m - 1, max(0, int(math.ceil(self.min_coverage * m)) - 1))
         i = first + int(np.argmin((fits + fails)[first:]))
         chosen = float(alloc[i])

@@ -153,6 +153,7 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
                 cap_allowance=config.cost_cap_allowance if config.cost_cap_allowance is not None else math.inf,
                 widen=config.cost_extrapolation_widen,
                 extrapolation_quantile=config.cost_extrapolation_quantile,
+                failure_overhead_s=config.cost_failure_overhead_s,
             )
         )
     steps += [
