@@ -222,3 +222,32 @@ def test_a_call_that_gives_way_while_another_node_has_room_is_resubmitted_not_he
     assert rows["outcome"].iloc[0] == "cancelled" and "node_memory_pressure" in rows["error"].iloc[0]
     assert rows["outcome"].iloc[-1] == "ok"
     assert rows["worker_pid"].iloc[1] != rows["worker_pid"].iloc[0], rows[["attempt", "worker_pid", "node_id"]]
+
+
+@ray.remote(num_cpus=0)
+def start_services_here(home: str) -> str:
+    """What a worker's live reporter or row sink does when the service actors are missing."""
+    from raysched.runtime.monitor import get_or_create_monitor
+    from raysched.runtime.profiler import get_or_create_profiler
+
+    config = raysched.RayschedConfig(home=home)
+    for handle in (get_or_create_monitor(config), get_or_create_profiler(config)):
+        ray.get(handle.__ray_ready__.remote(), timeout=60)
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_the_service_actors_live_on_the_head_whichever_node_creates_them(two_nodes, small_head, tmp_path):
+    # Created from a task on the big worker node (Ray would place them beside it), the
+    # profiler and the monitor still land on the head: the store is on one disk, and the
+    # loss of a worker node takes neither.
+    home = str(tmp_path / "home_of_a_worker_node")
+    node = ray.get(start_services_here.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(two_nodes, soft=False)).remote(home), timeout=120)
+    assert node == two_nodes != small_head
+    from raysched.runtime.session import NAMESPACE, monitor_name, profiler_name
+
+    config = raysched.RayschedConfig(home=home)
+    for name in (monitor_name(config), profiler_name(config)):
+        handle = ray.get_actor(name, namespace=NAMESPACE)
+        assert ray._private.state.actors(handle._actor_id.hex())["Address"]["NodeID"] == small_head, name
+        ray.kill(handle, no_restart=True)

@@ -563,7 +563,8 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
     def _note(self, decision: Decision) -> None:
         """An event for what this driver did; fire-and-forget to the monitor."""
         try:
-            ray.get_actor(monitor_name(self._config), namespace=NAMESPACE).note.remote([decision])
+            monitor = ray.get_actor(monitor_name(self._config), namespace=NAMESPACE)
+            monitor.note.remote([decision])  # sent while the handle is held (see client._start_monitor)
         except Exception as exc:  # noqa: BLE001 - no monitor: the decision is logged only
             logger.warning("raysched: could not record %s for %s: %s", decision.rule, decision.function, exc)
 

@@ -276,7 +276,10 @@ def _start_monitor(config: RayschedConfig) -> None:
     try:
         from .monitor import get_or_create_monitor
 
-        get_or_create_monitor(config).reconfigure.remote(config)
+        # The handle is held while the call is sent: Ray 2.40 loses the call of a
+        # handle dropped at once ("Lost reference to actor").
+        monitor = get_or_create_monitor(config)
+        monitor.reconfigure.remote(config)
     except Exception as exc:  # noqa: BLE001 - tasks run unwatched without it
         logger.warning("raysched: could not start the live monitor (%s); tasks run unwatched", exc)
 

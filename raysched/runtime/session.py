@@ -231,14 +231,21 @@ def read_cluster_shape() -> ClusterShape:
     return ClusterShape(tuple(nodes))
 
 
+#: A resource only the head node has (Ray's ``HEAD_NODE_RESOURCE_NAME``).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
 def get_or_create_actor(cls: type, name: str, *args: object,
                         concurrency_groups: Mapping[str, int] | None = None, **kwargs: object):
     """A cluster-wide service actor: found by name, created on first use, restarted by Ray.
 
     Detached so that every driver of the cluster finds the same one; restarted
     without end, and calls to it retried, so that a killed actor comes back and
-    no batch sent to it is dropped; no CPU of its own, so it never takes a slot a
-    task could use; threaded, so a slow call (a training) does not hold up others.
+    no batch sent to it is dropped; on the head node (as Ray Train's state actor),
+    so that the profile store and the MLflow files are on one disk whichever driver
+    created the actor and wherever Ray restarts it, and no worker node's loss takes
+    it; no CPU of its own, so it never takes a slot a task could use; threaded, so
+    a slow call (a training) does not hold up others.
     ``concurrency_groups``: extra thread pools (name: threads) that callers pick
     with ``.options(concurrency_group=name)``; the other calls share 16 threads.
     """
@@ -254,6 +261,7 @@ def get_or_create_actor(cls: type, name: str, *args: object,
             max_restarts=-1,
             max_task_retries=-1,
             num_cpus=0,
+            resources={HEAD_NODE_RESOURCE: 0.001},
             max_concurrency=16,
         )
         .remote(*args, **kwargs)
