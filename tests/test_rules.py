@@ -175,6 +175,24 @@ def test_the_hard_cap_takes_precedence_over_resubmission():
         Decision("x", R.WARN, "f", "c", 1).limit_error()
 
 
+def test_a_leak_that_passes_its_allocation_first_and_the_cap_later_still_fails_at_the_cap():
+    # A leak: over the allocation x 1.2 from the first sample, over the 2 GiB cap from the
+    # second.  The resubmit rule's streak completes first (sample 3), when the cap's is at
+    # 2; the stop it decides on is the cap's: resubmitting bigger would break the cap again
+    # (it ran the function twice, the second attempt allocated far above the cap).
+    clock = FakeClock()
+    reports = [live(clock, rss_bytes=OVER)] + [live(clock, rss_bytes=int(2.5 * GiB)) for _ in range(N)]
+    got = replay(build_rules(CFG.replace(memory_limits={"mod.f": 2 * GiB})), reports)
+    assert actions(got) == [(), (), (R.STOP_LIMIT,), ()]
+    decision = got[2][0]
+    assert decision.rule == "memory_hard_limit" and decision.allocated == 2 * GiB
+    assert "decided when memory_over_allocation had held for 3 samples" in decision.detail
+    # Under the cap, the same sustained growth is resubmitted as before.
+    under = [live(clock, rss_bytes=OVER) for _ in range(N)]
+    assert actions(replay(build_rules(CFG.replace(memory_limits={"mod.f": 2 * GiB})), under)) == \
+        [(), (), (R.STOP_AND_RESUBMIT,)]
+
+
 def test_decisions_name_the_attempt_and_where_it_ran():
     clock = FakeClock()
     got = replay(over_allocation_rules(1), [live(clock, rss_bytes=OVER, call_id="c9", attempt=2, node_id="node-z")])

@@ -284,7 +284,8 @@ def build_rules(config: RayschedConfig) -> Rules:
     n = config.monitor_sustain_samples
     return Rules(
         attempt_rules=(
-            # Precedence is the order: the first stop of a sample wins.
+            # Precedence is the order: of the rules whose stop condition holds on the sample
+            # that stops an attempt (one rule's for n samples in a row), the first decides.
             # 1. A hard cap (per function, else global) first: over it the call fails with
             #    ResourceLimitExceeded; resubmitting it bigger would only break the cap again.
             AttemptRule("memory_hard_limit", MemoryOverHardCap(config.memory_limit_bytes, dict(config.memory_limits)), n),

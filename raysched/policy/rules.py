@@ -565,7 +565,12 @@ class AsRescale:
 
 @dataclass(frozen=True)
 class Rules:
-    """The monitor's rules, in precedence order: the first stop of a sample wins.
+    """The monitor's rules, in precedence order.
+
+    A rule's stop needs its condition to hold on ``sustain`` samples in a row (hysteresis
+    decides *whether* to stop); the first rule, in this order, whose stop condition holds
+    on the sample that stops the attempt decides *how* (a leak over its allocation and
+    over the hard cap fails at the cap, even if the cap's own streak is shorter).
 
     ``attempt_rules`` judge task attempts, ``actor_rules`` actor incarnations.
     """
@@ -592,6 +597,7 @@ class Rules:
         fired = set(state.fired)
         stop: Decision | None = None
         decisions: list[Decision] = []
+        first_stop: tuple[AttemptRule, Finding] | None = None  # of this sample, held long enough or not
         for rule in self.actor_rules if report.kind == ACTOR else self.attempt_rules:
             if rule.name in fired:
                 continue
@@ -600,9 +606,19 @@ class Rules:
                 streaks[rule.name] = 0
                 continue
             streaks[rule.name] = streaks.get(rule.name, 0) + 1
+            if finding.action in STOPS and first_stop is None:
+                first_stop = (rule, finding)
             needed = rule.sustain if finding.action in STOPS else 1
             if streaks[rule.name] < needed or (stop is not None and finding.action in STOPS):
                 continue  # not held long enough yet; or an earlier rule already stops it
+            if finding.action in STOPS and first_stop[0] is not rule:  # type: ignore[index]
+                # Hysteresis decides whether to stop, precedence how: the first rule whose
+                # condition holds on the sample that stops the attempt says what the stop
+                # is.  A leak past its allocation and past the hard cap on the same
+                # sample fails at the cap; resubmitting it bigger would break the cap again.
+                held_for = f"; decided when {rule.name} had held for {needed} samples"
+                rule, finding = first_stop  # type: ignore[misc]
+                finding = replace(finding, detail=finding.detail + held_for)
             decision = Decision(rule.name, finding.action, report.function, report.call_id, report.attempt,
                                 finding.measured, finding.allocated, finding.detail, report.node_id,
                                 report.code_hash, report.timestamp)
