@@ -40,7 +40,8 @@ def faults(tmp_path_factory):
     client.reset_client()
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
     # Sample every 0.2 s so the monitor decides in about a second; hard caps for the leaky functions.
-    raysched.configure(live_interval_s=0.2, memory_limits={"leaks_forever": CAP, "leaks_then_hangs_in_c": CAP})
+    raysched.configure(live_interval_s=0.2, memory_limits={"leaks_forever": CAP, "leaks_then_hangs_in_c": CAP,
+                                                           "leaks_in_a_child": CAP})
     try:
         yield tmp_path_factory.mktemp("faults")
     finally:
@@ -112,6 +113,47 @@ def test_a_task_stuck_in_c_code_past_its_cap_has_its_worker_killed_and_is_not_re
     assert list(rows["outcome"]) == ["limit_stopped"], rows
     assert "worker killed" in rows["error"].iloc[0]
     assert rows["peak_rss_bytes"].iloc[0] > CAP
+
+
+def _leak_then_hold(pid_file: str) -> None:
+    import numpy as np
+
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    held = []
+    for _ in range(100):  # up to 1,000 MiB (bounded: a child that is not stopped must not fill the machine)
+        held.append(np.ones(10 * MiB // 8))
+        time.sleep(0.02)
+    time.sleep(120)
+
+
+@adaptive_remote(memory=256 * MiB, num_cpus=0.5)
+def leaks_in_a_child(pid_file: str) -> int:
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_leak_then_hold, args=(pid_file,))
+    child.start()
+    child.join()  # blocked in C: a stop raised into this thread waits for the child to end
+    return child.exitcode
+
+
+def test_a_task_whose_child_leaks_past_the_cap_ends_and_its_child_with_it(faults):
+    # The leak is in a forked child while the task waits for it: the cap counts the child
+    # (the process tree), and the stop must end the child too, or it held its memory, kept
+    # the worker's socket, and the call hung.
+    import psutil
+
+    pid_file = str(faults / "leaking_child.pid")
+    started = time.monotonic()
+    with pytest.raises(ResourceLimitExceeded) as info:
+        ray.get(leaks_in_a_child.remote(pid_file), timeout=90)
+    assert time.monotonic() - started < 60
+    assert info.value.attempts == 1 and info.value.measured > CAP
+    child = int(open(pid_file).read())
+    assert wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+                    timeout=10), "the leaking child outlived its stopped task"
+    rows = raysched.profiles(leaks_in_a_child)
+    assert list(rows["outcome"]) == ["limit_stopped"], rows
 
 
 # --- the monitor's own stop: over the allocation, resubmitted one rung up ---------------------------------

@@ -18,8 +18,8 @@ from ..policy.rules import ACTOR, STOP_LIMIT
 from ..types import Outcome, Usage
 from .measure import AttemptMeter, get_live_sampler
 from .session import adopt_config
-from .worker import (ACTOR_DEFINITION_OPTIONS, AttemptSpec, _node_id, attempt_row, decode_spec, fit_placement_group,
-                     get_reporter, get_sink)
+from .worker import (ACTOR_DEFINITION_OPTIONS, AttemptSpec, _node_id, attempt_row, decode_spec, end_child_processes,
+                     fit_placement_group, get_reporter, get_sink)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class _Incarnation:
                            decision.detail)
             self.finish(Outcome.LIMIT_STOPPED, f"stopped by raysched's monitor ({decision.rule}): {decision.detail}",
                         wait_s=5.0)
+            end_child_processes(self._started, grace_s=0.0)  # they would outlive it, holding their memory
             os.kill(os.getpid(), signal.SIGKILL)
 
     def finish(self, outcome: Outcome, reason: str = "", wait_s: float = 0.0) -> Usage | None:

@@ -327,6 +327,29 @@ def _stat_linux(pid: int) -> tuple[int, float, int, int] | None:
     return ppid, cpu, int(rest[19]), int(rest[21]) * _PAGE_SIZE
 
 
+def started_since(pid: int, since: float, slack_s: float = 0.05) -> bool:
+    """Whether process ``pid`` started at or after ``since`` (a ``time.time()``), to ``slack_s``.
+
+    On Linux by its start in clock ticks since boot (``/proc/<pid>/stat``) against
+    ``CLOCK_BOOTTIME``: psutil's ``create_time()`` adds the boot time, known to a
+    whole second and off from ``time.time()`` by a fraction of one (0.36 s on the
+    development machine), more than the gap between a task's start and its child's.
+    Elsewhere by ``create_time()``, a second's slack more.
+    """
+    if sys.platform.startswith("linux"):
+        stat = _stat_linux(pid)
+        if stat is None:
+            return False
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - since)
+        return stat[2] / _CLK_TCK >= since_boot - slack_s
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() >= since - slack_s - 1.0
+    except psutil.Error:
+        return False
+
+
 def _descendants_linux(root: int) -> list[_Child]:
     """Live descendants of ``root`` by one pass over /proc (O(processes on the node))."""
     parents: dict[int, list[int]] = {}

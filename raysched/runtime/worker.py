@@ -676,11 +676,12 @@ def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> int:
 class _Running:
     """One running attempt as the sampler thread sees it; ``lock`` orders a stop against the end."""
 
-    __slots__ = ("thread_id", "spec", "lock", "done", "stop", "stop_at")
+    __slots__ = ("thread_id", "spec", "started_at", "lock", "done", "stop", "stop_at")
 
-    def __init__(self, thread_id: int, spec: AttemptSpec):
+    def __init__(self, thread_id: int, spec: AttemptSpec, started_at: float):
         self.thread_id = thread_id
         self.spec = spec
+        self.started_at = started_at  # time.time() at the attempt's start: its child processes came later
         self.lock = threading.Lock()
         self.done = False
         self.stop: Any = None  # the monitor's Decision once raised into the thread
@@ -770,7 +771,44 @@ def _hard_stop(running: _Running) -> None:
         flush_all_sinks(wait_s=2.0)  # rows of earlier tasks of this worker must not die with it
     except Exception:  # noqa: BLE001
         logger.exception("raysched: could not flush profile rows before the kill")
+    # Its children would outlive the worker, holding their memory (and a forked child the
+    # worker's socket, so that Ray would not see the worker die).
+    end_child_processes(running.started_at, grace_s=0.0)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def end_child_processes(since: float, grace_s: float = 0.5) -> int:
+    """End the processes this worker started (directly or not) since ``since`` (``time.time()``):
+    SIGTERM, then SIGKILL for those still alive after ``grace_s``.  Returns how many there were.
+
+    A stopped attempt's children are part of it: left running, a leaking child kept
+    growing after its task failed at its hard cap, and one its task waited for
+    (``Process.join()``, blocked in C) kept the stop from ever reaching the task.
+    Processes started before the attempt (a pool an earlier task left) are not its own.
+    """
+    import psutil
+
+    from .measure import started_since
+
+    try:
+        children = [c for c in psutil.Process().children(recursive=True) if started_since(c.pid, since)]
+    except psutil.Error:
+        return 0
+    for child in children:
+        try:
+            child.send_signal(signal.SIGKILL if grace_s <= 0 else signal.SIGTERM)
+        except psutil.Error:
+            pass
+    if grace_s > 0 and children:
+        _, alive = psutil.wait_procs(children, timeout=grace_s)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    if children:
+        logger.info("raysched: ended %d child process(es) of a stopped attempt", len(children))
+    return len(children)
 
 
 def _on_live(spec: AttemptSpec, running: _Running) -> Callable[[Any, LiveSample], None]:
@@ -801,6 +839,9 @@ def _on_live(spec: AttemptSpec, running: _Running) -> Callable[[Any, LiveSample]
                 return
             running.stop, running.stop_at = decision, time.monotonic()
             _set_async_exc(running.thread_id, _MonitorStop)
+        # Outside the lock (it waits for them): the attempt's children end with it, and a
+        # task blocked waiting for one of them gets back to Python, where the stop is raised.
+        end_child_processes(running.started_at)
 
     return on_sample
 
@@ -822,7 +863,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     started = time.time()
     meter.start()
     sampler = get_live_sampler(spec.config.live_interval_s)
-    running = _Running(threading.get_ident(), spec)
+    running = _Running(threading.get_ident(), spec, started)
     outcome, error, stop, usage = Outcome.OK, "", None, None
     ending: BaseException | None = None  # the user's exception, or a SystemExit
     try:
@@ -864,6 +905,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     # Only a stop gets here.  The exception and its traceback (which held the user's
     # frames and their memory) are gone; collect what cycles kept, before waiting on the next attempt.
     gc.collect()
+    end_child_processes(started)  # any it started after the stop was raised (a pool refilling itself)
     if stop.action in ("stop_limit", "cancel"):
         _put_stop_marker(spec, stop, recorded=True)  # a Ray retry (retry_exceptions) must not rerun it
     return _apply_stop(fn, spec, stop, usage, error, args, kwargs, resubmit or _resubmitter(fn, spec.config))
