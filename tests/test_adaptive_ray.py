@@ -541,6 +541,41 @@ def test_retried_exceptions_without_the_dashboard_rerun_as_in_ray_and_leave_no_k
     assert wait_for(lambda: not markers(), timeout=10), markers()
 
 
+class Transient(Exception):
+    pass
+
+
+# As a class defined in the driver's script is: pickled by reference to a ``__main__`` that a
+# worker does not have.  Options naming it made every call fail before the user's code ran.
+Transient.__module__ = "__main__"
+
+
+def _transient_once(path: str, x: int) -> int:
+    with open(path, "a") as f:
+        f.write("x")
+    if len(open(path).read()) == 1:
+        raise Transient("the first run fails")
+    return 2 * x
+
+
+_transient_once.__module__ = "__main__"  # a function of the script too: pickled by value, with the class
+
+
+def test_retry_exceptions_naming_a_class_of_the_drivers_script_works_as_in_ray(ray_session, tmp_path):
+    plain = tmp_path / "plain"
+    assert ray.get(ray.remote(max_retries=2, retry_exceptions=[Transient])(_transient_once)
+                   .remote(str(plain), 21), timeout=120) == 42
+    function = adaptive_remote(name="retries_a_main_class", memory=128 * MiB, max_retries=2,
+                               retry_exceptions=[Transient])(_transient_once)
+    mine = tmp_path / "mine"
+    assert ray.get(function.remote(str(mine), 21), timeout=120) == 42
+    again = tmp_path / "again"  # and per call, through .options()
+    assert ray.get(function.options(retry_exceptions=[Transient, KeyError]).remote(str(again), 5), timeout=120) == 10
+    assert len(mine.read_text()) == len(plain.read_text()) == len(again.read_text()) == 2
+    rows = raysched.profiles(function)
+    assert sorted(rows["outcome"]) == ["error", "error", "ok", "ok"], rows[["attempt", "outcome"]]
+
+
 def test_a_call_that_exits_keeps_its_row_and_fails_as_a_dead_worker(ray_session, tmp_path):
     # sys.exit() in a task ends its worker process: the rows it buffered died with it, and
     # without the dashboard Ray's retry (raysched always leaves one) took it for a memory kill.

@@ -1471,9 +1471,36 @@ def encode_template(spec: AttemptSpec) -> bytes:
 
     Plain pickle: cloudpickle (what Ray would use on the dataclass) costs several
     times more on these importable classes.  The config, the largest part,
-    travels once with the exported entry function instead.
+    travels once with the exported entry function instead.  Ray options may hold
+    the user's own classes (``retry_exceptions=[Transient]``): one defined in the
+    driver's script pickles by reference to ``__main__``, which a worker does not
+    have, so such a spec, and any plain pickle refuses, goes by value with Ray's
+    cloudpickle (its output is read by ``pickle.loads`` as well).
     """
-    return pickle.dumps(replace(spec, call_id="", config=None), protocol=5)
+    template = replace(spec, call_id="", config=None)
+    if not _by_value_needed(spec.ray_options):
+        try:
+            return pickle.dumps(template, protocol=5)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            pass  # a class or function defined inside a function
+    from ray import cloudpickle
+
+    return cloudpickle.dumps(template, protocol=5)
+
+
+def _by_value_needed(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` holds a class, function or object of the driver's ``__main__``."""
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        return False
+    if getattr(value, "__module__", None) == "__main__" or type(value).__module__ == "__main__":
+        return True
+    if depth >= 4:
+        return False
+    if isinstance(value, dict):
+        value = list(value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_by_value_needed(v, depth + 1) for v in value)
+    return False
 
 
 def encode_call(template: bytes, call_id: str) -> bytes:
