@@ -275,3 +275,16 @@ def test_a_queued_call_of_several_or_no_return_values_runs_and_frees_its_room(ra
     assert all(touch.options(num_returns=0, priority=0).remote(str(marker)) is None for _ in range(3))
     assert wait_for(lambda: marker.exists() and marker.read_text().count("ran") == 3, timeout=60)
     assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()
+
+
+def test_a_call_ray_refuses_to_submit_holds_no_room_in_the_queue(ray_session):
+    # An argument Ray cannot serialise fails .remote() as in plain Ray; the queue had been
+    # asked to admit the call first, and held its room for ever: later calls never started.
+    import threading
+
+    for _ in range(3):  # 3 CPUs' worth on a 2-CPU cluster
+        with pytest.raises(TypeError):
+            hold.options(priority=0).remote(threading.Lock(), 0.1)
+    assert ray.get(hold.options(priority=0).remote("after", 0.1), timeout=60)[0] == "after"
+    assert wait_for(lambda: _queue_status()["admitted"] == 0 and _queue_status()["waiting"] == 0,
+                    timeout=30), _queue_status()

@@ -466,7 +466,13 @@ class AdaptiveFunction(_Adaptive):
             admitted = queue.admit.remote(call_id, options.priority, plan.allocation.num_cpus,
                                           plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper,
                                           [inputs] if inputs else (), plan.peak_bytes)
-            ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
+            try:
+                ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
+            except BaseException:
+                # Ray refused the submission (an argument it cannot serialise...): the call never
+                # existed, and the queue must not hold its room for ever.
+                queue.finish.remote(call_id)
+                raise
             # The call ends when its (first) return value exists: with num_returns=k Ray gives
             # a list of refs, with num_returns=0 none, and the plan asked for one (_make_plan).
             queue.track.remote(call_id, [ref[0] if isinstance(ref, list) else ref])
