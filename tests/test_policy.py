@@ -737,3 +737,18 @@ def test_the_default_charges_a_failure_a_minute_and_the_config_refuses_a_negativ
     CFG.replace(cost_failure_overhead_s=0.0)  # off is valid
     with pytest.raises(ValueError, match="cost_failure_overhead_s"):
         CFG.replace(cost_failure_overhead_s=-1.0)
+
+
+def test_an_argument_whose_attribute_probe_raises_is_unsized_not_a_failed_submission():
+    class AttrDict:  # __getattr__ raising KeyError, as attribute-dict and proxy objects do
+        def __init__(self, fields):
+            self._f = fields
+
+        def __getattr__(self, name):
+            return self.__dict__["_f"][name]
+
+    odd = AttrDict({"a": 1})
+    assert features.derive_input_size((odd, b"12345"), {}) == 5
+    assert features.describe_args((odd,), {"k": odd}) == ("AttrDict", "k=AttrDict")
+    with pytest.raises(KeyError):
+        features.size_of(odd)  # the probe itself raises: the callers above must not

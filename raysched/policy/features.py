@@ -208,9 +208,19 @@ def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0) -
 
 def derive_input_size(args: Sequence[Any], kwargs: Mapping[str, Any], size_of_opaque: SizeOf | None = None) -> int | None:
     """Sum of the sizes of all arguments that can be sized; None if none can."""
-    sizes = [size_of(a, size_of_opaque) for a in args] + [size_of(v, size_of_opaque) for v in kwargs.values()]
+    sizes = [_size_or_none(a, size_of_opaque) for a in args] + [_size_or_none(v, size_of_opaque) for v in kwargs.values()]
     known = [s for s in sizes if s is not None]
     return sum(known) if known else None
+
+
+def _size_or_none(value: Any, size_of_opaque: SizeOf | None) -> int | None:
+    """``size_of``, or None when probing the argument raises: Ray would pass it as it is, so
+    its size is unknown, not a failed submission (an attribute-dict's ``__getattr__`` raises
+    KeyError where ``getattr(value, "nbytes", None)`` expects AttributeError)."""
+    try:
+        return size_of(value, size_of_opaque)
+    except Exception:  # noqa: BLE001 - an odd object must never break submission
+        return None
 
 
 def describe_arg(value: Any) -> str:
@@ -227,8 +237,16 @@ def describe_arg(value: Any) -> str:
 
 
 def describe_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, ...]:
-    described = [describe_arg(a) for a in args] + [f"{k}={describe_arg(v)}" for k, v in sorted(kwargs.items())]
+    described = [_described(a) for a in args] + [f"{k}={_described(v)}" for k, v in sorted(kwargs.items())]
     return tuple(described[:_MAX_SHAPES])
+
+
+def _described(value: Any) -> str:
+    """``describe_arg``, or the type's name when probing the argument raises."""
+    try:
+        return describe_arg(value)
+    except Exception:  # noqa: BLE001 - as in _size_or_none
+        return type(value).__name__
 
 
 def call_features(
