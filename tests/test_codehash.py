@@ -81,6 +81,22 @@ def test_the_hash_is_the_same_in_another_process():
         assert out == here
 
 
+def test_a_closure_over_a_long_list_of_data_is_hashed_whole_and_the_same_in_another_process():
+    # Hashed by its pickle past 10,000 items: every item still counts, and across processes
+    # (PYTHONHASHSEED) the hash holds, as for short lists.
+    long = make(list(range(50_000)))
+    changed = list(range(50_000))
+    changed[25_000] = -1
+    assert code_hash(long) == code_hash(make(list(range(50_000)))) != code_hash(make(changed))
+    assert code_hash(make(tuple(range(50_000)))) != code_hash(long)  # a tuple is not a list
+    code = "from tests.test_codehash import make; from raysched.runtime.codehash import code_hash; " \
+           "print(code_hash(make(list(range(50_000)))), code_hash(make(['a'] * 20_000 + [{1, 2}])))"
+    here = [code_hash(long), code_hash(make(["a"] * 20_000 + [{1, 2}]))]  # a set inside: item by item
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONHASHSEED": "3"}).stdout.split()
+    assert out == here
+
+
 def test_closures_of_one_factory_are_told_apart_by_what_they_hold():
     assert code_hash(make(1)) == code_hash(make(1)) and qualified_name(make(1)) == qualified_name(make(1))
     assert code_hash(make(1)) != code_hash(make(2))

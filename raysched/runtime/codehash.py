@@ -23,6 +23,10 @@ from typing import Any, Callable
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
 _MAX_DEPTH = 4
+#: A list or tuple longer than this is hashed by its pickle (C speed; pickles of plain data
+#: are the same in every process), not item by item: a closure over 3 million numbers took
+#: 1.2 s to decorate, against 0.06 s under plain Ray.
+_BULK_ITEMS = 10_000
 
 
 def _feed_value(h: "hashlib._Hash", value: Any, depth: int = 0) -> None:
@@ -30,6 +34,8 @@ def _feed_value(h: "hashlib._Hash", value: Any, depth: int = 0) -> None:
         h.update(f"{type(value).__name__}:{value!r};".encode())
     elif isinstance(value, types.CodeType):
         _feed_code(h, value, depth + 1)
+    elif type(value) in (tuple, list) and len(value) > _BULK_ITEMS and _feed_bulk(h, value):
+        pass
     elif isinstance(value, (tuple, list, frozenset, set)) and depth < _MAX_DEPTH:
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         h.update(f"{type(value).__name__}[".encode())
@@ -49,6 +55,18 @@ def _feed_value(h: "hashlib._Hash", value: Any, depth: int = 0) -> None:
     else:
         kind = type(value)
         h.update(f"<{kind.__module__}.{kind.__qualname__}>;".encode())
+
+
+def _feed_bulk(h: "hashlib._Hash", value: list | tuple) -> bool:
+    """Feed a long list or tuple of plain data as its pickle; False (nothing fed) if it holds anything else."""
+    import pickle
+
+    if not all(type(item) in _PLAIN for item in value):  # functions, sets...: item by item
+        return False
+    h.update(f"{type(value).__name__}#{len(value)}[".encode())
+    h.update(hashlib.blake2b(pickle.dumps(value, protocol=5), digest_size=16).digest())
+    h.update(b"]")
+    return True
 
 
 def _feed_code(h: "hashlib._Hash", code: types.CodeType, depth: int = 0) -> None:
