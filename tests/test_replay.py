@@ -374,6 +374,26 @@ def test_sniff_format():
     assert sniff_format(LOTARU) == "lotaru"
 
 
+def test_a_trace_with_nextflows_default_fields_reads_its_process_from_the_task_name(tmp_path):
+    # trace.fields by default: no `process`, but `name` = process + " (tag)"; tab-separated, human units.
+    text = ("task_id\thash\tnative_id\tname\tstatus\texit\tsubmit\tduration\trealtime\t%cpu\tpeak_rss\t"
+            "peak_vmem\trchar\twchar\n"
+            "1\tab/cdef12\t101\tNFCORE_RNASEQ:RNASEQ:FASTQC (sample1)\tCOMPLETED\t0\t2026-01-01 10:00:00.000\t"
+            "1m 3s\t1m 1s\t164.0%\t386.8 MB\t1 GB\t2.1 GB\t10 MB\n"
+            "2\tab/cdef13\t102\tNFCORE_RNASEQ:RNASEQ:FASTQC (sample (2))\tCOMPLETED\t0\t2026-01-01 10:00:01.000\t"
+            "2m\t1m 50s\t150.0%\t412 MB\t1 GB\t3.5 GB\t10 MB\n"
+            "3\tab/cdef14\t103\tMULTIQC\tCOMPLETED\t0\t2026-01-01 10:09:00.000\t20s\t18s\t90.0%\t200 MB\t"
+            "500 MB\t50 MB\t5 MB\n")
+    path = _write(tmp_path, "trace.txt", text)
+    assert sniff_format(path) == "nextflow"
+    trace = read_trace(path, "auto")
+    assert list(trace.rows["task_type"]) == ["NFCORE_RNASEQ:RNASEQ:FASTQC"] * 2 + ["MULTIQC"]
+    assert trace.rows["peak_rss"].iloc[0] == pytest.approx(386.8 * 2**20, rel=1e-6)
+    assert trace.rows["input_size"].iloc[0] == pytest.approx(2.1 * 2**30, rel=1e-6)
+    with pytest.raises(TraceFormatError, match="process \\(or name\\), peak_rss and realtime"):
+        sniff_format(_write(tmp_path, "other.txt", "task_id\tname\tstatus\n1\tx\tCOMPLETED\n"))
+
+
 # --------------------------------------------------------------------------- the cost-aware estimator (policy)
 
 

@@ -228,6 +228,11 @@ def read_nextflow(path: str | Path) -> Trace:
     """Read a Nextflow trace file; only COMPLETED rows are ground truth (others are skipped, counted)."""
     path = Path(path)
     frame = _read_table(path, "nextflow")
+    if "process" not in frame.columns and "name" in frame.columns:
+        # Nextflow's default trace fields have no `process`: a task's `name` is its process
+        # and, in brackets, its tag ("NFCORE_RNASEQ:RNASEQ:FASTQC (sample1)").
+        # A process name has no spaces: everything from the first " (" on is the tag.
+        frame = frame.assign(process=frame["name"].astype(str).str.split(" (", n=1, regex=False).str[0].str.strip())
     _require(frame, path, "nextflow", ("process", "peak_rss", "realtime"))
     skipped: dict[str, int] = {}
     if "status" in frame.columns:
@@ -301,7 +306,8 @@ _READERS = {"nextflow": read_nextflow, "lotaru": read_lotaru}
 
 
 def sniff_format(path: str | Path) -> str:
-    """Guess a file's format from its header line (``Label``+``Task`` -> lotaru, ``process`` -> nextflow)."""
+    """Guess a file's format from its header line (``Label``+``Task`` -> lotaru; ``process``, or
+    Nextflow's default ``name`` with ``peak_rss`` and ``realtime`` -> nextflow)."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -311,10 +317,14 @@ def sniff_format(path: str | Path) -> str:
     names = {h.strip().strip('"') for h in re.split(r"[,\t]", header)}
     if {"Label", "Task"} <= names:
         return "lotaru"
-    if "process" in names:
+    if "process" in names or {"name", "peak_rss", "realtime"} <= names:
         return "nextflow"
+    if not header.strip():
+        raise TraceFormatError(f"{path}: empty file, not a trace")
     raise TraceFormatError(
-        f"{path}: cannot tell the trace format from its header; pass --format ({'|'.join(FORMATS)})"
+        f"{path}: cannot tell the trace format from its header; pass --format ({'|'.join(FORMATS)}). "
+        "A Nextflow trace needs process (or name), peak_rss and realtime, and rchar for input sizes; "
+        "a Lotaru trace Task, Label, Realtime and peak_rss"
     )
 
 
