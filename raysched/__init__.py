@@ -123,7 +123,7 @@ def _read_profiles(store: Any, name: str | None, settle: bool):
     return frame
 
 
-def _hint_if_unknown(store: Any, name: str | None, frame: Any) -> None:
+def _hint_if_unknown(store: Any, name: str | None, frame: Any, what: str = "profiles") -> None:
     """No rows for a bare name: functions are stored as module.qualname, so say which it may mean."""
     if name is None or len(frame) or not len(store.profiles.parts()):
         return
@@ -132,7 +132,7 @@ def _hint_if_unknown(store: Any, name: str | None, frame: Any) -> None:
     if meant:
         import warnings
 
-        warnings.warn(f"raysched.profiles: no rows of {name!r}; functions are stored by module and name: "
+        warnings.warn(f"raysched.{what}: no rows of {name!r}; functions are stored by module and name: "
                       f"{', '.join(meant)}", UserWarning, stacklevel=3)
 
 
@@ -158,8 +158,13 @@ def events(f_or_name: Any = None):
     allocated figures, a readable detail, the call and attempt.  Oldest first.
     """
     from .runtime.monitor import events as _events
+    from .store.profiles import ProfileStore
 
-    return _events(_function_name(f_or_name))
+    name = _function_name(f_or_name)
+    frame = _events(name)
+    if isinstance(f_or_name, str):  # a name typed by hand: say which stored function it may mean
+        _hint_if_unknown(ProfileStore(get_config().home_path, writable=False), name, frame, "events")
+    return frame
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,11 @@
 
 A batch of real numpy work whose memory and CPU grow with its input runs twice.
 The first round has no history (the fallback sizes every task); between rounds
-the profiler trains on what it measured; the second round is sized by the model.
+the profiler takes in what it measured; the second round is sized from those runs
+(memory by the cost-aware estimate over them; a model needs 30 runs of a function,
+``min_history_for_model``, so 16 tasks train none).  A home that already holds runs
+of the demo would size the first round from them: the demo then runs in a new home
+under it, so that its first round is cold.
 For each task the table shows the predicted and measured memory and CPU; for
 each round, how much memory was requested beyond use and how much use went
 beyond the request.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -81,6 +86,17 @@ def _round(name: str, work, sizes: list[tuple[int, int]]) -> RoundResult:
     return RoundResult(name, table, over, under, seconds, worst_mib, worst_share)
 
 
+#: The name the demo's function is registered under.
+DEMO_FUNCTION = "raysched.demo.numpy_work"
+
+
+def home_for_a_cold_start(home: Path, runs_there: int, now: float) -> Path:
+    """``home``, or a new folder under it when it already holds ``runs_there`` runs of the demo."""
+    if runs_there == 0:
+        return home
+    return home / "demo-runs" / time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+
+
 def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
     """Run the demo; returns both rounds (the CLI prints them, tests check them)."""
     import ray
@@ -90,10 +106,19 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started_ray = not ray.is_initialized()
     if started_ray:
+        home = raysched.get_config().home_path
+        from .store.profiles import ProfileStore
+
+        earlier = len(ProfileStore(home, writable=False).read(function=DEMO_FUNCTION))
+        fresh = home_for_a_cold_start(home, earlier, time.time())
+        if fresh != home:
+            echo(f"{home} already holds {earlier} runs of the demo; this run uses a new home, {fresh},"
+                 " so that its first round is cold.")
+            raysched.configure(home=str(fresh))
         echo("Starting a local Ray cluster...")
         ray.init(include_dashboard=False, namespace="raysched", log_to_driver=False)
     config = raysched.get_config()
-    work = raysched.adaptive_remote(name="raysched.demo.numpy_work")(numpy_work)
+    work = raysched.adaptive_remote(name=DEMO_FUNCTION)(numpy_work)
     rng = np.random.default_rng(seed)
     sizes = [(int(n), int(t)) for n, t in zip(rng.integers(20_000, 200_000, tasks), rng.integers(1, 3, tasks))]
     results = []
@@ -121,5 +146,9 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
         echo(f"\nWarm over-allocation is {results[1].over_gib / results[0].over_gib:.0%} of cold;"
              f" under-allocated tasks: {results[0].under_tasks} cold, {results[1].under_tasks} warm.")
     echo(f"\nProfiles (Parquet): {config.home_path / 'profiles'}")
-    echo(f"MLflow runs:        mlflow ui --backend-store-uri sqlite:///{config.home_path / 'mlflow.db'}")
+    if (config.home_path / "mlflow.db").exists():
+        echo(f"MLflow runs:        mlflow ui --backend-store-uri sqlite:///{config.home_path / 'mlflow.db'}")
+    else:
+        echo(f"MLflow runs:        none yet: a model is trained once a function has {config.min_history_for_model}"
+             f" runs (min_history_for_model); then in {config.home_path / 'mlflow.db'}")
     return results

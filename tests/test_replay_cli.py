@@ -303,3 +303,18 @@ def test_the_demo_says_how_far_an_under_allocated_task_went_over():
     assert over == pytest.approx(324 / 1024)  # only the first asked for more than it used
     assert under == 2 and worst_mib == pytest.approx(10) and worst_share == pytest.approx(0.05)
     assert allocation_summary([]) == (0.0, 0, 0.0, 0.0)
+
+
+def test_a_home_that_holds_demo_runs_gives_the_next_demo_a_new_home_so_its_first_round_is_cold(tmp_path):
+    # Run twice in one folder, the demo's "cold" round was sized from the first run's history
+    # (source `history`), and "warm over-allocation is X% of cold" compared nothing.
+    from raysched.demo import DEMO_FUNCTION, home_for_a_cold_start
+    from raysched.store.profiles import ProfileStore
+
+    assert home_for_a_cold_start(tmp_path, 0, 0.0) == tmp_path
+    ProfileStore(tmp_path).append([{"row_id": "r1", "function": DEMO_FUNCTION, "code_hash": "h", "attempt": 1,
+                                    "outcome": "ok", "timestamp": 1_700_000_000.0}])
+    runs = len(ProfileStore(tmp_path, writable=False).read(function=DEMO_FUNCTION))
+    fresh = home_for_a_cold_start(tmp_path, runs, 1_800_000_000.0)
+    assert runs == 1 and fresh == tmp_path / "demo-runs" / "20270115-080000"
+    assert len(ProfileStore(fresh, writable=False).read(function=DEMO_FUNCTION)) == 0

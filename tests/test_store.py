@@ -606,4 +606,26 @@ def test_profiles_of_a_bare_name_warns_with_the_stored_names_it_may_mean(tmp_pat
         warnings.simplefilter("error")
         assert len(raysched.profiles("__main__.aggregate", settle=False)) == 1  # the exact name: no word
         assert raysched.profiles("nothing", settle=False).empty  # nothing it may mean: no word either
+    # events() of a bare name said nothing either, where profiles() warned
+    with pytest.warns(UserWarning, match=r"raysched.events: no rows of 'aggregate'.*__main__\.aggregate"):
+        assert raysched.events("aggregate").empty
+    monkeypatch.setattr(session, "_config", None)
+
+
+def test_profiles_and_events_take_a_function_with_its_options_as_they_take_the_function(tmp_path, monkeypatch):
+    import raysched
+    from raysched.runtime import session
+
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path))
+    monkeypatch.setattr(session, "_config", None)
+
+    @raysched.adaptive_remote
+    def crunch(x):
+        return x
+
+    bound = crunch.options(input_size=10, tags=["big"])
+    assert bound.name == crunch.name
+    ProfileStore(tmp_path).append([row(function=crunch.name)])
+    assert len(raysched.profiles(bound, settle=False)) == 1
+    assert raysched.events(bound).empty  # was InvalidInput: a bound call had no name
     monkeypatch.setattr(session, "_config", None)

@@ -547,6 +547,11 @@ class BoundCall:
         self._options = options
         self._raw = dict(raw or {})
 
+    @property
+    def name(self) -> str:
+        """The function's name, as ``f.name``: ``raysched.profiles`` and ``events`` take either."""
+        return self._fn.name
+
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         return self._fn._submit(self._options, args, kwargs)
 
