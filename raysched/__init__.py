@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._docs import ADAPTIVE_REMOTE_DOC
 from .config import RayschedConfig
 from .errors import (
     AttemptsExhausted,
@@ -27,10 +28,12 @@ __version__ = "0.1.0"
 
 
 def adaptive_remote(fn: Any = None, /, **settings: Any):
-    """Decorate a function to run as a Ray task sized from its past runs (see ``runtime.decorator``)."""
     from .runtime.decorator import adaptive_remote as _adaptive_remote
 
     return _adaptive_remote(fn, **settings) if fn is not None else _adaptive_remote(**settings)
+
+
+adaptive_remote.__doc__ = ADAPTIVE_REMOTE_DOC
 
 
 def configure(config: RayschedConfig | None = None, **changes: Any) -> RayschedConfig:

@@ -241,3 +241,15 @@ def test_a_ray_option_ray_refuses_with_a_type_error_is_still_a_type_error():
     assert isinstance(caught.value, InvalidRayOption) and isinstance(caught.value, InvalidInput)
     with pytest.raises(TypeError):
         adaptive_remote(f).options(max_retries="x")
+
+
+def test_help_on_the_decorator_names_its_settings_and_what_it_returns():
+    # help(raysched.adaptive_remote) was one line pointing elsewhere; the lazy public
+    # function and the decorator it forwards to share one docstring.
+    import raysched
+    from raysched.runtime.decorator import adaptive_remote as decorator
+
+    doc = raysched.adaptive_remote.__doc__
+    assert doc is decorator.__doc__
+    for word in ("name=", "tags=", "memory=", "priority=", "max_attempts=", "rescalable=", ".options(", ".predict("):
+        assert word in doc, word

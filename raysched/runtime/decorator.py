@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import ray
 
+from .._docs import ADAPTIVE_REMOTE_DOC
 from ..errors import InvalidInput, InvalidRayOption
 from ..policy.admission import expected_peak_bytes, order_key
 from ..policy.estimators import Fallback
@@ -594,17 +595,12 @@ def _wrap(target: Any, settings: Mapping[str, Any]) -> Any:
 
 
 def adaptive_remote(fn: Callable[..., Any] | None = None, /, **settings: Any):
-    """Decorate a function to run as a Ray task, or a class as a Ray actor, sized from past runs.
-
-    Bare (``@adaptive_remote``) or with settings: ``name=`` (the profile key;
-    default module.qualname), ``tags=``, ``dependencies=``, cold-start fallbacks
-    ``num_cpus=`` / ``memory=`` (bytes), ``max_attempts=`` (tasks),
-    ``measure_every_call=True`` (tasks: a fully measured row for every call, even
-    once its calls prove tiny; see ``policy.thinning``), ``rescalable=`` (classes:
-    see ``runtime.actors``), and any Ray option (passed through to every submission).
-    """
+    # Its docstring, ADAPTIVE_REMOTE_DOC, is set below: raysched.adaptive_remote shares it.
     if fn is None:
         return lambda f: _wrap(f, settings)
     if settings:
         raise InvalidInput("use @adaptive_remote or @adaptive_remote(**settings), not both")
     return _wrap(fn, {})
+
+
+adaptive_remote.__doc__ = ADAPTIVE_REMOTE_DOC
