@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+
+from .replay.commands import HOME_OPTION
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,17 +35,17 @@ def demo(tasks: int, seed: int) -> None:
 @main.command()
 @click.argument("function", required=False)
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show (the newest).")
-def profiles(function: str | None, limit: int) -> None:
+@HOME_OPTION
+def profiles(function: str | None, limit: int, home: Path | None) -> None:
     """Show recorded attempts (of one function, or all) from the profile store."""
     import pandas as pd
 
-    from . import get_config
     from .errors import RayschedError
     from .store.profiles import PROFILES_DIR, ProfileStore
 
-    home = get_config().home_path
+    given, home = home is not None, _home(home)
     if not (home / PROFILES_DIR).is_dir():  # a query: it must not create a home where none is
-        click.echo(_no_store(home))
+        click.echo(_no_store(home, given))
         return
     try:
         store = ProfileStore(home, writable=False)
@@ -65,15 +70,16 @@ def profiles(function: str | None, limit: int) -> None:
 
 @main.command()
 @click.option("--all", "merge_all", is_flag=True, help="Merge every part into one (rewrites every row).")
-def compact(merge_all: bool) -> None:
+@HOME_OPTION
+def compact(merge_all: bool, home: Path | None) -> None:
     """Merge the profile store's Parquet parts (the profiler also does this as it writes)."""
     from . import get_config
     from .errors import RayschedError
     from .store.profiles import PROFILES_DIR, ProfileStore
 
-    home = get_config().home_path
+    given, home = home is not None, _home(home)
     if not (home / PROFILES_DIR).is_dir():
-        click.echo(_no_store(home))
+        click.echo(_no_store(home, given))
         return
     try:
         store = ProfileStore(home)
@@ -85,13 +91,20 @@ def compact(merge_all: bool) -> None:
     click.echo(f"{before} part file(s) -> {after} ({removed} merged away) under {home}")
 
 
-def _no_store(home) -> str:
+def _home(given: Path | None) -> Path:
+    """The home named by ``--home``, else the configured one ($RAYSCHED_HOME or ./.raysched)."""
+    from . import get_config
+
+    return given.expanduser().resolve() if given is not None else get_config().home_path
+
+
+def _no_store(home, given: bool = False) -> str:
     import os
 
     from .config import HOME_ENV
 
-    where = (f"{HOME_ENV}={os.environ[HOME_ENV]}" if os.environ.get(HOME_ENV)
-             else f"the default home; set {HOME_ENV} to read another")
+    where = ("--home" if given else f"{HOME_ENV}={os.environ[HOME_ENV]}" if os.environ.get(HOME_ENV)
+             else f"the default home; set {HOME_ENV} or --home to read another")
     return f"no profiles yet: no store at {home} ({where})"
 
 

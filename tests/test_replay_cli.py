@@ -50,7 +50,7 @@ def test_eval_malformed_is_a_clear_error_not_a_traceback(tmp_path):
     res = CliRunner().invoke(eval_command, [str(bad), "--format", "slurm"])
     assert res.exit_code == 2 and "slurm" in res.output
     res = CliRunner().invoke(eval_command, [str(bad), "--methods", "magic"])
-    assert res.exit_code == 2 and "unknown method" in res.output
+    assert res.exit_code == 2 and "unknown method" in res.output and "--methods" in res.output
 
 
 def test_eval_refuses_bad_options_and_unwritable_outputs_before_it_replays(tmp_path, monkeypatch):
@@ -318,3 +318,23 @@ def test_a_home_that_holds_demo_runs_gives_the_next_demo_a_new_home_so_its_first
     fresh = home_for_a_cold_start(tmp_path, runs, 1_800_000_000.0)
     assert runs == 1 and fresh == tmp_path / "demo-runs" / "20270115-080000"
     assert len(ProfileStore(fresh, writable=False).read(function=DEMO_FUNCTION)) == 0
+
+
+def test_profiles_and_compact_take_a_home_as_import_does(tmp_path, monkeypatch):
+    from raysched.cli import main
+    from raysched.store.profiles import ProfileStore
+
+    monkeypatch.delenv("RAYSCHED_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default home, ./.raysched, has no store
+    other = tmp_path / "elsewhere"
+    store = ProfileStore(other)
+    for i in range(3):
+        store.append([{"row_id": f"r{i}", "function": "jobs.crunch", "code_hash": "h", "attempt": 1, "outcome": "ok",
+                       "timestamp": 1_700_000_000.0 + i}])
+    res = CliRunner().invoke(main, ["profiles", "--home", str(other)])
+    assert res.exit_code == 0 and res.output.count("jobs.crunch") == 3, res.output
+    res = CliRunner().invoke(main, ["compact", "--all", "--home", str(other)])
+    assert res.exit_code == 0 and "3 part file(s) -> 1" in res.output, res.output
+    res = CliRunner().invoke(main, ["profiles", "--home", str(tmp_path / "none")])
+    assert "no store at" in res.output and "(--home)" in res.output
+    assert not (tmp_path / "none").exists() and not (tmp_path / ".raysched").exists()

@@ -15,6 +15,10 @@ import click
 from ..errors import RayschedError
 from .readers import FORMATS, TraceFormatError, expand_paths, read_trace
 
+#: ``--home DIR`` of the commands that read or write a home's store (import, profiles, compact).
+HOME_OPTION = click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
+                           help="raysched home (default: $RAYSCHED_HOME or .raysched).")
+
 METHOD_NAMES = ("raysched", "raysched_fixed", "presets", "tovar", "witt_percentile", "witt_lr", "vpa", "oracle")
 
 
@@ -41,10 +45,12 @@ def methods_by_name(names: list[str], config):
 def _parse_methods(value: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:
-        raise click.BadParameter(f"name at least one method; choose from {', '.join(METHOD_NAMES)}")
+        raise click.BadParameter(f"name at least one method; choose from {', '.join(METHOD_NAMES)}",
+                                 param_hint="--methods")
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown:
-        raise click.BadParameter(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
+        raise click.BadParameter(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}",
+                                 param_hint="--methods")
     return names
 
 
@@ -174,8 +180,7 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
 @click.command("import")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice([*FORMATS, "auto"]), default="auto", show_default=True)
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="raysched home (default: $RAYSCHED_HOME or .raysched).")
+@HOME_OPTION
 def import_command(paths, fmt, home):
     """Load traces into the profile store as history, keyed by task type.
 
