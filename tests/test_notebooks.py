@@ -38,6 +38,9 @@ def test_every_notebook_is_valid_and_has_no_stored_outputs():
         nb = json.loads((NOTEBOOKS / name).read_text())
         assert nb["nbformat"] == 4
         assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+        # nbformat 4.5 cells carry ids (Jupyter warns without them, and will refuse), unique
+        ids = [c.get("id") for c in nb["cells"]]
+        assert nb["nbformat_minor"] >= 5 and all(ids) and len(set(ids)) == len(ids), (name, ids)
 
 
 def test_trace_replay_notebook_runs(tmp_path):
