@@ -434,10 +434,15 @@ def test_a_leaky_actor_ends_at_its_hard_cap_and_its_handle_says_why(ray_session)
         ray.get(leaking, timeout=60)
     assert wait_for(lambda: _fails_with_limit(handle), timeout=30), (handle._stopped, handle._handled,
                                                                     raysched.events(Leaky).T)
-    # It passed its allocation first and was being replaced (the successor waited for its
+    # It may have passed its allocation first and been replaced (the successor waited for its
     # state behind the leaking call); the cap stopped it there, and the successor with it.
-    assert wait_for(lambda: 1 in set(raysched.profiles(Leaky)["attempt"]), timeout=30)
+    # Its row is there at once: profiles() waits for the row of an actor its handle saw
+    # stopped, as for a task's (it came back empty, the row landing seconds later).
+    from raysched.runtime.client import submitted_calls
+
+    assert handle._raysched_actor_id in submitted_calls(Leaky.name)
     rows = raysched.profiles(Leaky).set_index("attempt")
+    assert 1 in rows.index, rows
     assert rows.loc[1, "outcome"] == "limit_stopped"
     assert CAP <= rows.loc[1, "peak_rss_bytes"] < CAP + 1024 * MiB
     assert set(rows["outcome"]) <= {"limit_stopped", "cancelled"}

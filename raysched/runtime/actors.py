@@ -61,6 +61,7 @@ from ..config import RayschedConfig
 from ..errors import InvalidInput
 from ..policy.rules import ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, RESCALE, STOP_LIMIT, WARN, Decision
 from ..types import Allocation, Outcome
+from .client import note_submitted
 from .actor_worker import RESTORE_HOOK, SAVE_HOOK, actor_options, make_actor_class
 from .decorator import _Adaptive
 from .worker import ACTOR_DEFINITION_OPTIONS, definition_options, ray_remote
@@ -491,6 +492,9 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 # Over its hard cap: the incarnation stops itself (runtime.actors._Incarnation).
                 # If it was being replaced, its state never reached its successor: end that too.
                 self._stopped = decision.limit_error()
+                # Its row is on its way from the stopped process: raysched.profiles(Cls) waits
+                # for it, as for a task this process submitted.
+                note_submitted(self._class.name, spec.call_id)
                 _watcher().unwatch(self)
                 if not current:
                     self._actor._raysched_finish.remote(Outcome.CANCELLED.value,
