@@ -91,6 +91,33 @@ def compact(merge_all: bool, home: Path | None) -> None:
     click.echo(f"{before} part file(s) -> {after} ({removed} merged away) under {home}")
 
 
+@main.command()
+@click.argument("knob", required=False)
+def config(knob: str | None) -> None:
+    """List every knob of RayschedConfig (or one): its value here, and what it means.
+
+    Set them in a program with raysched.configure(knob=value, ...).
+    """
+    import textwrap
+
+    from .config import RayschedConfig
+
+    here = RayschedConfig.from_env()
+    rows = [r for r in RayschedConfig.describe() if knob is None or r[1] == knob]
+    if not rows:
+        close = [r[1] for r in RayschedConfig.describe() if knob in r[1]]
+        raise click.BadParameter(f"no knob {knob!r}" + (f"; knobs with that in their name: {', '.join(close)}"
+                                                        if close else ""), param_hint="KNOB")
+    section = None
+    for name_of_section, name, _default, meaning in rows:
+        if name_of_section != section:
+            section = name_of_section
+            click.echo(f"\n# {section}")
+        click.echo(f"{name} = {getattr(here, name)!r}")
+        if meaning:
+            click.echo(textwrap.fill(meaning, width=88, initial_indent="    ", subsequent_indent="    "))
+
+
 def _home(given: Path | None) -> Path:
     """The home named by ``--home``, else the configured one ($RAYSCHED_HOME or ./.raysched)."""
     from . import get_config

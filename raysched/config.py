@@ -23,6 +23,12 @@ DEFAULT_HOME = ".raysched"
 
 @dataclass(frozen=True)
 class RayschedConfig:
+    """Every knob of raysched, with its default; set them with ``raysched.configure(**changes)``.
+
+    ``RayschedConfig.describe()`` (or ``raysched config`` on the command line) lists each
+    knob with its section, default and meaning, as commented in ``raysched/config.py``.
+    """
+
     # --- where things live ---------------------------------------------------
     #: Folder of the profile store (Parquet), the MLflow SQLite store and its artifacts.
     home: str = DEFAULT_HOME
@@ -356,6 +362,30 @@ class RayschedConfig:
             raise TypeError("RayschedConfig has no knob " + "; ".join(
                 f"{name!r}" + (f" (did you mean {', '.join(hints[name])}?)" if hints[name] else "") for name in unknown))
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, object, str]]:
+        """(section, knob, default, meaning) of every knob, in the order of this file; the
+        meaning is the ``#:`` comment just above the knob ("" for a knob its neighbour's
+        comment covers)."""
+        import inspect
+        import re
+
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        rows: list[tuple[str, str, object, str]] = []
+        section, comment = "", []
+        for line in inspect.getsource(cls).splitlines():
+            text = line.strip()
+            if text.startswith("# ---"):
+                section, comment = text.strip("# -"), []
+            elif text.startswith("#:"):
+                comment.append(text[2:].strip())
+            else:
+                field = re.match(r"(\w+)\s*:", text)
+                if field and field.group(1) in defaults:
+                    rows.append((section, field.group(1), defaults[field.group(1)], " ".join(comment)))
+                comment = [] if field or not text else comment
+        return rows
 
     @classmethod
     def from_env(cls, **overrides: object) -> "RayschedConfig":

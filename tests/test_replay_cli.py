@@ -338,3 +338,24 @@ def test_profiles_and_compact_take_a_home_as_import_does(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["profiles", "--home", str(tmp_path / "none")])
     assert "no store at" in res.output and "(--home)" in res.output
     assert not (tmp_path / "none").exists() and not (tmp_path / ".raysched").exists()
+
+
+def test_the_config_command_lists_every_knob_with_its_value_and_meaning(monkeypatch, tmp_path):
+    # help(RayschedConfig) showed a signature of ~90 knobs and none of their comments.
+    import dataclasses
+
+    from raysched.cli import main
+    from raysched.config import RayschedConfig
+
+    rows = RayschedConfig.describe()
+    assert [r[1] for r in rows] == [f.name for f in dataclasses.fields(RayschedConfig)]
+    meanings = {name: meaning for _, name, _, meaning in rows}
+    assert meanings["min_history_for_model"].startswith("Runs needed before the XGBoost model is trained")
+    assert sum(1 for m in meanings.values() if m) > 0.8 * len(rows)
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path))
+    res = CliRunner().invoke(main, ["config"])
+    assert res.exit_code == 0 and f"home = {str(tmp_path)!r}" in res.output
+    assert "cost_failure_overhead_s = 60.0" in res.output and "# cold start" in res.output
+    res = CliRunner().invoke(main, ["config", "overhead"])
+    assert res.exit_code == 2 and "cost_failure_overhead_s" in res.output
+    assert "describe()" in RayschedConfig.__doc__
