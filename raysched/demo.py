@@ -106,9 +106,9 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started_ray = not ray.is_initialized()
     if started_ray:
-        home = raysched.get_config().home_path
         from .store.profiles import ProfileStore
 
+        home = raysched.get_config().home_path
         earlier = len(ProfileStore(home, writable=False).read(function=DEMO_FUNCTION))
         fresh = home_for_a_cold_start(home, earlier, time.time())
         if fresh != home:
