@@ -97,6 +97,20 @@ def home_for_a_cold_start(home: Path, runs_there: int, now: float) -> Path:
     return home / "demo-runs" / time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
 
 
+def _mlflow_runs(db: Path) -> int:
+    """Runs in an MLflow SQLite store (0 if there is none: the profiler may create the file
+    before it trains anything)."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
     """Run the demo; returns both rounds (the CLI prints them, tests check them)."""
     import ray
@@ -146,7 +160,7 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
         echo(f"\nWarm over-allocation is {results[1].over_gib / results[0].over_gib:.0%} of cold;"
              f" under-allocated tasks: {results[0].under_tasks} cold, {results[1].under_tasks} warm.")
     echo(f"\nProfiles (Parquet): {config.home_path / 'profiles'}")
-    if (config.home_path / "mlflow.db").exists():
+    if _mlflow_runs(config.home_path / "mlflow.db"):
         echo(f"MLflow runs:        mlflow ui --backend-store-uri sqlite:///{config.home_path / 'mlflow.db'}")
     else:
         echo(f"MLflow runs:        none yet: a model is trained once a function has {config.min_history_for_model}"

@@ -320,6 +320,25 @@ def test_a_home_that_holds_demo_runs_gives_the_next_demo_a_new_home_so_its_first
     assert len(ProfileStore(fresh, writable=False).read(function=DEMO_FUNCTION)) == 0
 
 
+def test_the_demo_points_at_mlflow_only_when_it_holds_runs(tmp_path):
+    # The profiler may create mlflow.db before it trains anything: the demo pointed at an
+    # empty MLflow store (16 tasks train no model).
+    import sqlite3
+
+    from raysched.demo import _mlflow_runs
+
+    db = tmp_path / "mlflow.db"
+    assert _mlflow_runs(db) == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE runs (run_uuid TEXT)")
+    assert _mlflow_runs(db) == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO runs VALUES ('a'), ('b')")
+    assert _mlflow_runs(db) == 2
+    db.write_bytes(b"not a database")
+    assert _mlflow_runs(db) == 0
+
+
 def test_profiles_and_compact_take_a_home_as_import_does(tmp_path, monkeypatch):
     from raysched.cli import main
     from raysched.store.profiles import ProfileStore
