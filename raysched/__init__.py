@@ -44,6 +44,7 @@ def configure(config: RayschedConfig | None = None, **changes: Any) -> RayschedC
 
 
 def get_config() -> RayschedConfig:
+    """This process's config: what ``configure`` set, else the defaults with ``RAYSCHED_HOME``."""
     from .runtime.session import get_config as _get_config
 
     return _get_config()

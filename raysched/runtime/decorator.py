@@ -515,9 +515,16 @@ class AdaptiveFunction(_Adaptive):
 
     # --- public API ------------------------------------------------------------------------------
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        """Submit a call sized from the function's past runs; a real ``ray.ObjectRef``
+        (a list of them with ``num_returns=k``, None with 0), as ``ray.remote`` gives.
+        The driver never waits on an actor here: it predicts from the bundle it holds."""
         return self._submit(self._default_options, args, kwargs)
 
     def options(self, **options: Any) -> "BoundCall":
+        """The function with per-call settings: raysched's ``input_size=`` (bytes; derived
+        from the arguments otherwise), ``tags=``, ``priority=``, and any Ray option, which
+        wins over the prediction (``memory=``, ``num_cpus=``, ``scheduling_strategy=``...).
+        The result has ``.remote``, ``.predict`` and ``.bind``."""
         return BoundCall(self, self._call_options(options), options)
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
@@ -526,6 +533,9 @@ class AdaptiveFunction(_Adaptive):
         return _adaptive_node(self, args, kwargs, {})
 
     def predict(self, *args: Any, **kwargs: Any) -> Prediction:
+        """The ``Prediction`` (memory, cpu, wall: target, lower, upper, coverage, n_history,
+        source) for a call with these arguments, without running it; it fetches the newest
+        bundle first."""
         return self._predict(self._call_options({}), args, kwargs)
 
     def _predict(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> Prediction:
