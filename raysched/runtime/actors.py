@@ -132,10 +132,6 @@ class AdaptiveActorClass(_Adaptive):
                             for _, f in inspect.getmembers(cls, inspect.isfunction))
         self._ray_class: Any = None
         self._ray_class_config: Any = None
-        try:  # Ray checks the constructor's arguments at .remote(): so does raysched
-            self._signature: inspect.Signature | None = inspect.signature(cls)
-        except (TypeError, ValueError):
-            self._signature = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self.name}()', "
@@ -178,11 +174,7 @@ class AdaptiveActorClass(_Adaptive):
         return client, spec
 
     def _create(self, options: Any, args: tuple, kwargs: Mapping[str, Any]) -> "AdaptiveActorHandle":
-        if self._signature is not None:
-            try:
-                self._signature.bind(*args, **kwargs)
-            except TypeError as exc:  # as Ray says it, with no actor started and nothing recorded
-                raise TypeError(str(exc)) from None
+        self._check_arguments(args, kwargs)
         client, spec = self._plan(options, args, kwargs)
         return AdaptiveActorHandle(self, client, spec, args, dict(kwargs))
 

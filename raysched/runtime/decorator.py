@@ -268,6 +268,19 @@ class _Adaptive:
         _check_ray_options(self._ray_kind, ray_options, in_options=False)
         self._ray_options = dict(ray_options)
         self._scalar_features: dict[tuple, Any] = {}
+        try:  # Ray checks a call's (a constructor's) arguments at .remote(): so does raysched
+            self._signature: inspect.Signature | None = inspect.signature(target)
+        except (TypeError, ValueError):  # a builtin without one: the worker's call will say
+            self._signature = None
+
+    def _check_arguments(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        """Raise Ray's TypeError for arguments that do not fit the signature, before anything
+        is submitted, started or recorded."""
+        if self._signature is not None:
+            try:
+                self._signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(str(exc)) from None
 
     def _call_options(self, options: Mapping[str, Any]) -> _CallOptions:
         if options:
@@ -383,10 +396,6 @@ class AdaptiveFunction(_Adaptive):
             raise InvalidInput(f"measure_every_call must be True or False, got {measure_every_call!r}")
         super().__init__(fn, name, tags, num_cpus, memory, dependencies, ray_options)
         self._fn = fn
-        try:  # Ray checks a call's arguments at .remote(): so does raysched, before anything runs
-            self._signature: inspect.Signature | None = inspect.signature(fn)
-        except (TypeError, ValueError):  # a builtin without one: the worker's call will say
-            self._signature = None
         self.max_attempts = max_attempts
         #: Never thin this function's short calls (policy/thinning.py): a row for every call.
         self.measure_every_call = measure_every_call
@@ -436,11 +445,7 @@ class AdaptiveFunction(_Adaptive):
         return self._config_for[1]
 
     def _submit(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> ray.ObjectRef:
-        if self._signature is not None:
-            try:
-                self._signature.bind(*args, **kwargs)
-            except TypeError as exc:  # as Ray's own check says it, with nothing submitted or recorded
-                raise TypeError(str(exc)) from None
+        self._check_arguments(args, kwargs)
         if options.queued and in_admitted_call():
             options = options.straight()  # a child of an admitted call: see in_admitted_call
         client = get_client()

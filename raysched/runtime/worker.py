@@ -456,7 +456,6 @@ def _build_rows(items: list[Any]) -> list[dict]:
 
 #: How long a worker at exit waits for the profiler to take its last batches.
 _SEND_WAIT_S = 30.0
-_sink_lock = threading.Lock()
 
 
 def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
@@ -481,33 +480,63 @@ def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
     return send
 
 
-#: This process's sinks, one per profiler (per home): a driver that calls ``configure(home=...)``
-#: after tasks ran gets workers whose later tasks carry the new config, and their rows must go
-#: to the new home's profiler, not to the one the worker's first task named.
-_sinks: dict[str, RowSink] = {}
-#: id(config) -> (config, its sink): the lookup of every task after a config's first.
-_sink_by_config: dict[int, tuple[RayschedConfig, RowSink]] = {}
+class _OnePerHome:
+    """One object per home (keyed by the name of its profiler or monitor), made on first use.
+
+    A driver that calls ``configure(home=...)`` after tasks ran gets workers whose later
+    tasks carry the new config: their rows and live samples must go to the new home's
+    actors, not to those the worker's first task named.  A task finds its object by its
+    config's id (every task of a plan carries the same config object), without a lock.
+    """
+
+    def __init__(self, name_of: Callable[[RayschedConfig], str], make: Callable[[RayschedConfig], Any]):
+        self._name_of, self._make = name_of, make
+        self._by_home: dict[str, Any] = {}
+        self._by_config: dict[int, tuple[RayschedConfig, Any]] = {}  # id(config) -> (config, its object)
+        self._lock = threading.Lock()
+
+    def get(self, config: RayschedConfig, create: bool = True) -> Any:
+        """The object of ``config``'s home; None if there is none yet and not ``create``."""
+        hit = self._by_config.get(id(config))
+        if hit is not None and hit[0] is config:
+            return hit[1]
+        if not create:
+            return None
+        with self._lock:
+            key = self._name_of(config)
+            found = self._by_home.get(key)
+            if found is None:
+                found = self._by_home[key] = self._make(config)
+            self._by_config[id(config)] = (config, found)
+            return found
+
+    def all(self) -> list[Any]:
+        with self._lock:
+            return list(self._by_home.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_home.clear()
+            self._by_config.clear()
+
+
+def _new_sink(config: RayschedConfig) -> RowSink:
+    sink = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None))
+    atexit.register(sink.flush, wait_s=_SEND_WAIT_S)
+    return sink
+
+
+#: This process's row sinks, one per profiler (per home).
+_sinks = _OnePerHome(profiler_name, _new_sink)
 
 
 def get_sink(config: RayschedConfig) -> RowSink:
-    hit = _sink_by_config.get(id(config))
-    if hit is not None and hit[0] is config:
-        return hit[1]  # no lock
-    with _sink_lock:
-        key = profiler_name(config)
-        sink = _sinks.get(key)
-        if sink is None:
-            sink = _sinks[key] = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None))
-            atexit.register(sink.flush, wait_s=_SEND_WAIT_S)
-        _sink_by_config[id(config)] = (config, sink)
-        return sink
+    return _sinks.get(config)
 
 
 def flush_all_sinks(wait_s: float) -> None:
     """Send every sink's rows now and wait up to ``wait_s`` for them (this process is about to end)."""
-    with _sink_lock:
-        sinks = list(_sinks.values())
-    for sink in sinks:
+    for sink in _sinks.all():
         sink.flush(wait_s=wait_s)
 
 
@@ -628,8 +657,14 @@ def _node_id() -> str:
 
 # --- the live monitor: reports out, stops in ------------------------------------------------------------
 
-_reporters: dict[str, Any] = {}  # this process's LiveReporters, one per monitor (per home), as the sinks
-_reporter_by_config: dict[int, tuple[RayschedConfig, Any]] = {}
+def _new_reporter(config: RayschedConfig) -> Any:
+    from .monitor import ray_live_reporter  # imported off the task's path: in the sampler thread
+
+    return ray_live_reporter(config)
+
+
+#: This process's LiveReporters, one per monitor (per home), as the sinks.
+_reporters = _OnePerHome(monitor_name, _new_reporter)
 _reporter_pid: int | None = None
 _reporter_lock = threading.Lock()
 
@@ -640,24 +675,12 @@ def get_reporter(config: RayschedConfig, create: bool = True) -> Any:
     global _reporter_pid
     if not config.monitor_enabled:
         return None
-    hit = _reporter_by_config.get(id(config))
-    if hit is not None and hit[0] is config and _reporter_pid == os.getpid():
-        return hit[1]
-    if not create:
-        return None
-    with _reporter_lock:
-        if _reporter_pid != os.getpid():  # a forked process: its parent's reporters are not its own
-            _reporters.clear()
-            _reporter_by_config.clear()
-            _reporter_pid = os.getpid()
-        key = monitor_name(config)
-        reporter = _reporters.get(key)
-        if reporter is None:
-            from .monitor import ray_live_reporter  # imported off the task's path: in the sampler thread
-
-            reporter = _reporters[key] = ray_live_reporter(config)
-        _reporter_by_config[id(config)] = (config, reporter)
-        return reporter
+    if _reporter_pid != os.getpid():
+        with _reporter_lock:
+            if _reporter_pid != os.getpid():  # a forked process: its parent's reporters are not its own
+                _reporters.clear()
+                _reporter_pid = os.getpid()
+    return _reporters.get(config, create)
 
 
 class _MonitorStop(BaseException):
