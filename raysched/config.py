@@ -97,6 +97,12 @@ class RayschedConfig:
     cost_min_local: int = 8
     #: A phantom run this share of the residual spread beyond the largest residual: the unseen tail.
     cost_tail_allowance: float = 0.1
+    #: Set that phantom's distance by how many residuals there are (few runs leave more
+    #: of the tail unseen): cost_tail_allowance then multiplies
+    #: ``policy.estimators.unseen_tail_ratio``, where a run beyond the largest of k normal
+    #: draws lands on average (1.0: that model as it is).  Measured, not the default:
+    #: benchmarks/README.md, "The unseen tail by count".
+    cost_tail_by_count: bool = False
     #: Never cover fewer than this share of the residuals, however cheap failures look.
     cost_min_coverage: float = 0.75
     #: Growth floor of the ladder under cost-aware sizing (the OOM bump already adds >= 20%).

@@ -511,6 +511,35 @@ def test_cost_aware_estimator_leaves_censored_runs_out():
     assert c.upper == pytest.approx(500.0)
 
 
+def test_the_unseen_tail_by_count_moves_the_phantom_run_out_further_with_fewer_runs():
+    from statistics import NormalDist
+
+    from raysched.policy.estimators import CostAwareEstimator, unseen_tail_ratio
+
+    # Normal theory, checked against a simulation: the mean of a draw beyond the largest of
+    # k, minus that largest, as a share of (largest - median), averaged over many k-samples.
+    rng = np.random.default_rng(0)
+    for k in (8, 30):
+        samples = rng.standard_normal((20000, k))
+        largest = samples.max(axis=1)
+        beyond = [NormalDist().inv_cdf(1 - (1 - NormalDist().cdf(m)) * rng.random()) for m in largest[:4000]]
+        simulated = np.mean(np.array(beyond) - largest[:4000]) / np.mean(largest - np.median(samples, axis=1))
+        assert unseen_tail_ratio(k) == pytest.approx(simulated, rel=0.15)
+    assert unseen_tail_ratio(8) == pytest.approx(0.313, abs=0.002)
+    assert unseen_tail_ratio(8) > unseen_tail_ratio(30) > unseen_tail_ratio(100) > 0
+    # With min_coverage 1 the allocation is the phantom run: the largest residual plus the
+    # allowance times the spread, the allowance scaled by the count when asked.
+    uses = np.exp(np.linspace(-0.5, 0.5, 9)) * 1e9  # log residuals -0.5..0.5 about the median
+    history = History.from_columns({"memory": uses})
+    kw = dict(min_history=8, min_correlation=0.3, local_fraction=1.0, min_local=8, min_coverage=1.0)
+    fixed = CostAwareEstimator("memory", tail_allowance=0.1, **kw).estimate(EstimationContext(history), Features())
+    counted = CostAwareEstimator("memory", tail_allowance=1.0, tail_by_count=True, **kw).estimate(
+        EstimationContext(history), Features())
+    assert fixed.upper == pytest.approx(1e9 * math.exp(0.5 + 0.1 * 0.5), rel=1e-9)
+    assert counted.upper == pytest.approx(1e9 * math.exp(0.5 + unseen_tail_ratio(9) * 0.5), rel=1e-9)
+    assert RayschedConfig().cost_tail_by_count is False  # measured, not the default (benchmarks/README.md)
+
+
 def test_cost_aware_extrapolates_along_the_log_log_slope_beyond_the_largest_input():
     from raysched.policy.estimators import CostAwareEstimator, _loglog_slope, _monotone_fit
 

@@ -154,6 +154,7 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
                 widen=config.cost_extrapolation_widen,
                 extrapolation_quantile=config.cost_extrapolation_quantile,
                 failure_overhead_s=config.cost_failure_overhead_s,
+                tail_by_count=config.cost_tail_by_count,
             )
         )
     steps += [
