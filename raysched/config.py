@@ -97,7 +97,7 @@ class RayschedConfig:
     cost_min_local: int = 8
     #: A phantom run this share of the residual spread beyond the largest residual: the unseen tail.
     cost_tail_allowance: float = 0.1
-    #: Set that phantom's distance by how many residuals there are (few runs leave more
+    #: Set the phantom run's distance by how many residuals there are (few runs leave more
     #: of the tail unseen): cost_tail_allowance then multiplies
     #: ``policy.estimators.unseen_tail_ratio``, where a run beyond the largest of k normal
     #: draws lands on average (1.0: that model as it is).  Measured, not the default:

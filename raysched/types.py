@@ -410,6 +410,20 @@ class History:
             censored=self.censored[-n:] if self.censored is not None else None,
         )
 
+    def select(self, mask: np.ndarray) -> "History":
+        """The runs where ``mask`` is True, in order (the same version: a view of these rows)."""
+        picked = np.flatnonzero(mask)
+        return History(
+            input_size=self.input_size[picked],
+            memory=self.memory[picked],
+            cpu=self.cpu[picked],
+            wall=self.wall[picked],
+            disk=self.disk[picked],
+            tags=tuple(self.tags[i] for i in picked) if self.tags else (),
+            version=self.version,
+            censored=self.censored[picked] if self.censored is not None else None,
+        )
+
     def append(self, other: "History") -> "History":
         return History(
             input_size=np.concatenate([self.input_size, other.input_size]),

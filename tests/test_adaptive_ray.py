@@ -213,6 +213,33 @@ def test_learns_from_history_then_from_the_model(ray_session):
     assert versions and all("pinball_loss" in v["metrics"] for v in versions)
 
 
+@adaptive_remote(name="holds_by_tag", num_cpus=0.25)
+def holds(mib):
+    block = np.ones(mib * MiB // 8)
+    return int(block.nbytes)
+
+
+def test_calls_with_other_tags_are_sized_from_their_own_runs(ray_session):
+    # The same argument type and no input size: only the tag tells a small genome's calls
+    # from a big one's, as a user says it with .options(tags=...).
+    small, big = holds.options(tags=["genome=small"]), holds.options(tags=["genome=big"])
+    ray.get([small.remote(8) for _ in range(8)] + [big.remote(240) for _ in range(8)])
+    wait_for(lambda: len(raysched.profiles(holds)) == 16, timeout=30)
+    holds.refresh()
+    for_small, for_big = small.predict(8), big.predict(240)
+    # Each from its own 8 runs (the cost-aware estimator), not from the 16 pooled.
+    assert for_small.memory.source == for_big.memory.source == "history"
+    assert for_small.memory.n_history == for_big.memory.n_history == 8
+    assert for_big.memory.upper > for_small.memory.upper + 200 * MiB
+    # A small call is submitted with a label that fits its own peaks, not the big ones'.
+    ray.get(small.remote(8))
+    row = raysched.profiles(holds).iloc[-1]
+    assert sorted(row["tags"]) == ["genome=small"]
+    assert row["allocated_memory_bytes"] < row["peak_rss_bytes"] + 150 * MiB
+    # A tag never seen starts from all the function's runs.
+    assert holds.options(tags=["genome=new"]).predict(8).memory.n_history == 17  # the warm call included
+
+
 @pytest.mark.parametrize(
     "make",
     [

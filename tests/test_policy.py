@@ -540,6 +540,38 @@ def test_the_unseen_tail_by_count_moves_the_phantom_run_out_further_with_fewer_r
     assert RayschedConfig().cost_tail_by_count is False  # measured, not the default (benchmarks/README.md)
 
 
+def test_history_estimators_use_the_runs_with_the_calls_tags():
+    from raysched.policy.estimators import runs_with_tags
+
+    rng = np.random.default_rng(0)
+    n = 40
+    tags = [("genome=small",) if i % 2 else ("genome=big", "x") for i in range(n)]
+    big = np.array([t != ("genome=small",) for t in tags])
+    history = History.from_columns({"input_size": rng.uniform(1e6, 1e7, n),
+                                    "memory": np.where(big, 4e9, 5e8) * rng.uniform(0.95, 1.05, n),
+                                    "wall": np.ones(n), "cpu": np.ones(n), "tags": tags})
+    predictor = build_predictor(CFG)
+    models = predictor.train(history)
+    small_call = predictor.predict(Features(input_size=5e6, tags=("genome=small",)), history, models)
+    big_call = predictor.predict(Features(input_size=5e6, tags=("x", "genome=big")), history, models)  # a set
+    assert small_call.memory.n_history == big_call.memory.n_history == 20
+    assert small_call.memory.upper < 0.6e9 and 4e9 < big_call.memory.upper < 4.7e9
+    # Neither a call without tags nor one with a tag never seen has runs of its own: all runs.
+    for unseen in ((), ("genome=new",)):
+        assert predictor.predict(Features(input_size=5e6, tags=unseen), history, models).memory.n_history == 40
+    # With too few runs of its tags the cost-aware step passes; fewer-run statistics of the
+    # same runs answer (the model would, once trained on 30 runs or more).
+    few = history.append(History.from_columns({"memory": [2e9] * 3, "wall": [1.0] * 3, "cpu": [1.0] * 3,
+                                               "tags": [("rare",)] * 3}))
+    rare = predictor.predict(Features(tags=("rare",)), few)
+    assert rare.memory.n_history == 3 and 2e9 <= rare.memory.upper < 3e9
+    # The selection is made once per history and tag set, and is the history itself when
+    # every run has the call's tags.
+    assert runs_with_tags(few, ("rare",)) is runs_with_tags(few, ("rare",))
+    plain = History.from_columns({"memory": [1e9] * 4, "tags": [("a",)] * 4})
+    assert runs_with_tags(plain, ("a",)) is plain
+
+
 def test_cost_aware_extrapolates_along_the_log_log_slope_beyond_the_largest_input():
     from raysched.policy.estimators import CostAwareEstimator, _loglog_slope, _monotone_fit
 

@@ -217,6 +217,47 @@ class WithCap:
         return replace(est, target=min(est.target, c), lower=min(est.lower, c), upper=c)
 
 
+def runs_with_tags(history: History, tags: tuple[str, ...]) -> History:
+    """The runs of ``history`` made with exactly the call's ``tags`` (as a set).
+
+    All of them when every run has those tags, or none has: a call with a tag never
+    seen starts from the function's other runs (a better start than a blind default;
+    the ladder corrects an estimate that falls short).  Made once per history and tag
+    set, so that the fits made on it are kept too (``_per_history``).
+    """
+    if not history.tags:  # no run has tags
+        return history
+    key = frozenset(tags)
+    return _per_history(history, ("runs_with_tags", key), lambda: _select_tags(history, key))
+
+
+def _select_tags(history: History, key: frozenset) -> History:
+    same = np.fromiter((frozenset(t) == key for t in history.tags), dtype=bool, count=len(history.tags))
+    if same.all() or not same.any():
+        return history
+    return history.select(same)
+
+
+@dataclass(frozen=True)
+class SameTags:
+    """The inner estimator, on the runs with the call's tags only.
+
+    Tags are the user's word that calls differ (``f.options(tags=["genome=hg38"])``):
+    a history estimator that pooled them would size a small genome's calls for the
+    large one's peaks.  With too few such runs the inner estimator has no answer and
+    the chain goes on (to the model, which takes tags as features, or to fewer-run
+    statistics of the same runs).
+    """
+
+    inner: Estimator
+
+    def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
+        runs = runs_with_tags(ctx.history, x.tags)
+        if runs is not ctx.history:
+            ctx = replace(ctx, history=runs)
+        return self.inner.estimate(ctx, x)
+
+
 @dataclass(frozen=True)
 class FirstOf:
     """The first estimator with an answer: model, else history statistics, else fallback."""

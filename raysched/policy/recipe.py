@@ -27,6 +27,7 @@ from .estimators import (
     FirstOf,
     PercentileEstimator,
     QuantileModelEstimator,
+    SameTags,
     WithConfidenceMultiplier,
     WithMinimum,
 )
@@ -135,10 +136,11 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
     )
     steps: list[Estimator] = []
     if resource == "memory" and config.memory_cost_aware:
-        # 0. (opt-in) With a few runs, the allocation of least expected waste, failures
+        # 0. With 8 runs or more (the default), the allocation of least expected waste, failures
         #    counted at their full cost (see CostAwareEstimator): it already weighs the
         #    uncertainty, so it comes before the model's fixed-coverage bound.
-        steps.append(
+        #    Only the runs with the call's tags (SameTags): tags say the calls differ.
+        steps.append(SameTags(
             CostAwareEstimator(
                 resource,
                 min_history=config.cost_min_history,
@@ -156,15 +158,15 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
                 failure_overhead_s=config.cost_failure_overhead_s,
                 tail_by_count=config.cost_tail_by_count,
             )
-        )
+        ))
     steps += [
         # 1. With enough history, the XGBoost quantile model whose upper quantile is
         #    conformally calibrated on held-out runs: already honest, no multiplier.
         QuantileModelEstimator(resource),
         # 2. With a few runs, the p95 (the max below 20 runs) of past use, along the
         #    input-size line where size explains use, widened for little history:
-        #    3 runs x1.33, 10 runs x1.10, 30 runs x1.03.
-        WithConfidenceMultiplier(stats, config.confidence_scale, config.confidence_exponent),
+        #    3 runs x1.33, 10 runs x1.10, 30 runs x1.03; of the runs with the call's tags.
+        SameTags(WithConfidenceMultiplier(stats, config.confidence_scale, config.confidence_exponent)),
     ]
     if default is not None:
         # 3. No usable history: the user's declared value, or the config's
