@@ -49,8 +49,11 @@ class Features:
     """What raysched knows about one call before it runs.
 
     ``input_size`` is in bytes (None when it cannot be derived); ``arg_shapes`` is a
-    short, stable description of the arguments (type name and shape) used as a
-    model feature and kept in the profile for inspection.
+    short, stable description of the arguments (type name and shape), kept in the
+    profile for inspection: not a feature, since shapes are nearly unique per call and
+    their bytes are already in ``input_size``.  ``tags`` are: the history estimators
+    use the runs with the call's tags (``policy.estimators.SameTags``), the model
+    takes them as features.
     """
 
     input_size: int | None = None
