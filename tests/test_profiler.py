@@ -266,6 +266,51 @@ def test_other_code_hash_falls_back_to_the_name_history(profiler):
     assert bundle.history_scope == "name" and bundle.n_history == 6
 
 
+class KeepingRegistry(FakeRegistry):
+    """Returns what was logged, as MLflow's registry would to a restarted profiler."""
+
+    def versions(self, function, resource):
+        return [{"version": str(i + 1)} for i, (a, _, _) in enumerate(self.logged)
+                if a.function == function and a.resource == resource]
+
+    def load(self, function, resource, version=None):
+        from dataclasses import replace
+
+        artifact = self.logged[int(version) - 1][0]
+        return replace(artifact, version=int(version))
+
+
+def test_a_changed_functions_runs_are_not_sized_by_the_old_codes_models(tmp_path):
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=KeepingRegistry(), clock=Clock(),
+                        executor=InlineExecutor())
+    profiler.bundle("f", "h1")
+    profiler.record(rows(40))  # the old code: trained, its models served
+    assert set(profiler.bundle("f", "h1").models) >= {"memory", "cpu", "wall"}
+    # Before the new code has runs of its own it is predicted from the old code's (documented).
+    assert profiler.bundle("f", "h2").history_scope == "name" and profiler.bundle("f", "h2").models
+    new_code = [dict(r, code_hash="h2", peak_rss_bytes=8 * r["peak_rss_bytes"],
+                     memory_sample_bytes=8 * r["memory_sample_bytes"], cpu_cores=4.0) for r in rows(5, start=40)]
+    profiler.record(new_code)
+    bundle = profiler.bundle("f", "h2")
+    assert bundle.history_scope == "code" and bundle.n_history == 5
+    assert bundle.models == {}  # the old code's models would say 1 core and an eighth of the memory
+    from raysched.policy.recipe import build_predictor
+    from raysched.types import Features
+
+    prediction = build_predictor(config).predict(Features(input_size=50 * MiB), bundle.history, bundle.models)
+    assert prediction.memory.source == prediction.cpu.source == "history"
+    assert prediction.memory.upper > 8 * 150 * MiB and prediction.cpu.upper >= 4.0
+    assert set(profiler.bundle("f", "h1").models) >= {"memory", "cpu", "wall"}  # the old code keeps them
+    # A restarted profiler knows which code its served models were trained on.
+    again = Profiler(config, store=ProfileStore(tmp_path), registry=profiler.registry, clock=Clock(),
+                     executor=InlineExecutor())
+    assert again.bundle("f", "h2").models == {}
+    assert set(again.bundle("f", "h1").models) >= {"memory", "cpu", "wall"}
+    assert json.loads(profiler.registry.logged[-1][0].meta_json)["history_scope"] == "code"
+
+
 def test_history_read_while_rows_arrive_sees_whole_rows(profiler):
     """Training reads the history on its own thread while `record` appends: the merge of
     pending rows must not see a batch half appended (CI once failed with 'Length of values

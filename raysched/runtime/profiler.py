@@ -127,8 +127,12 @@ class _FunctionState:
         self.version = 1
         self.new_rows = 0
         self.models: dict[str, ResourceModel] = {}
-        #: code hash -> (clock time it was built, the bundle): shared by the processes that ask
-        self.bundles: dict[str | None, tuple[float, Bundle]] = {}
+        #: resource -> the code hash whose own rows trained the served model (None: the
+        #: rows of every code version of the name, before the newest had runs of its own)
+        self.model_code: dict[str, str | None] = {}
+        #: code hash -> (clock time it was built, the bundle, the served models then): shared
+        #: by the processes that ask
+        self.bundles: dict[str | None, tuple[float, Bundle, dict]] = {}
         self.training: Future | None = None
         self.trainings = 0
         self.last_trained = -float("inf")
@@ -227,21 +231,26 @@ class Profiler:
 
     def _load_served(self, function: str, state: _FunctionState) -> None:
         """After a restart: the newest registered model of each resource that was served."""
-        models = {}
+        models: dict[str, ResourceModel] = {}
+        codes: dict[str, str | None] = {}
         try:
             for resource in MODELLED:
                 # Newest first; a version registered but judged worse than the one served
                 # then (meta "served": false) is skipped, as it was before the restart.
                 for entry in sorted(self.registry.versions(function, resource), key=lambda v: -int(v["version"])):
                     artifact = self.registry.load(function, resource, int(entry["version"]))
-                    if artifact is not None and json.loads(artifact.meta_json).get("served", True):
+                    meta = json.loads(artifact.meta_json) if artifact is not None else {}
+                    if artifact is not None and meta.get("served", True):
                         models[resource] = ResourceModel.from_artifact(artifact)
+                        # (a model registered before the scope was recorded: taken as its code's own)
+                        codes[resource] = meta.get("code_hash") if meta.get("history_scope", "code") == "code" else None
                         break
         except Exception:  # noqa: BLE001 - no registry yet, or an unreadable model: serve statistics
             logger.exception("raysched: could not load registered models of %s", function)
         with self._lock:
             for resource, model in models.items():
-                state.models.setdefault(resource, model)  # a model trained meanwhile is newer
+                if resource not in state.models:  # a model trained meanwhile is newer
+                    state.models[resource], state.model_code[resource] = model, codes.get(resource)
             if models:
                 state.version += 1
 
@@ -389,7 +398,8 @@ class Profiler:
             version = None
             try:
                 artifact = self.registry.log_training(
-                    model.to_artifact(function, {"code_hash": code_hash, "served": better}), params, metrics
+                    model.to_artifact(function, {"code_hash": code_hash, "served": better, "history_scope": scope}),
+                    params, metrics
                 )
                 version = artifact.version
             except Exception as exc:  # noqa: BLE001 - MLflow down must not stop serving a better model
@@ -399,6 +409,7 @@ class Profiler:
             if better:
                 with self._lock:
                     state.models[resource] = model.with_version(version) if version is not None else model
+                    state.model_code[resource] = code_hash if scope == "code" else None
                     state.version += 1
             summary["resources"][resource] = {"version": version, "served": better, **metrics}
         with self._lock:
@@ -438,11 +449,11 @@ class Profiler:
             if have_version == state.version:
                 return None
             now = self._clock()
-            built_at, cached = state.bundles.get(code_hash, (None, None))
+            built_at, cached, served_then = state.bundles.get(code_hash, (None, None, None))
             if cached is not None and not reload and (
                     cached.version == state.version
                     # (models compare by identity: a model served since makes a new bundle at once)
-                    or (now - built_at < self.config.bundle_max_age_s and cached.models == state.models)):
+                    or (now - built_at < self.config.bundle_max_age_s and served_then == state.models)):
                 # Only rows came since (or nothing): many processes asking within a second share one build.
                 return None if have_version == cached.version else cached
             history, scope = self._history(function, code_hash)
@@ -450,8 +461,14 @@ class Profiler:
 
             peaks = pd.to_numeric(state.rows.get("peak_rss_bytes", pd.Series(dtype=float)), errors="coerce")
             max_peak = float(peaks.max()) if len(peaks) and peaks.notna().any() else 0.0
-            bundle = Bundle(function, code_hash, state.version, history, dict(state.models), max_peak, scope)
-            state.bundles[code_hash] = (now, bundle)
+            if scope == "code":
+                # The code has runs of its own: models trained on other code (a changed
+                # function's old version) would size it by what the old code used.
+                models = {r: m for r, m in state.models.items() if state.model_code.get(r) == code_hash}
+            else:
+                models = dict(state.models)
+            bundle = Bundle(function, code_hash, state.version, history, models, max_peak, scope)
+            state.bundles[code_hash] = (now, bundle, dict(state.models))
             return bundle
 
     def settle(self, min_wait_s: float = 0.0, quiet_s: float = 0.3, timeout_s: float = 10.0) -> int:
