@@ -63,6 +63,13 @@ CHECKS = [
     ("over but capped: warn", R.MemoryOverAllocation(1.2, 4),
      dict(rss_bytes=OVER, allocation=Allocation(1.0, 1 * GiB, capped=True)), R.WARN),
     ("over on the last attempt: warn", R.MemoryOverAllocation(1.2, 4), dict(rss_bytes=OVER, attempt=4), R.WARN),
+    # the call's own max_attempts (@adaptive_remote(max_attempts=N)) wins over the monitor's config
+    ("over on the function's own last attempt: warn", R.MemoryOverAllocation(1.2, 4),
+     dict(rss_bytes=OVER, attempt=2, max_attempts=2), R.WARN),
+    ("more attempts of its own: stop and resubmit", R.MemoryOverAllocation(1.2, 4),
+     dict(rss_bytes=OVER, attempt=4, max_attempts=6), R.STOP_AND_RESUBMIT),
+    ("an actor's rule has no last attempt", R.MemoryOverAllocation(1.2, None),
+     dict(rss_bytes=OVER, attempt=4, max_attempts=4), R.STOP_AND_RESUBMIT),
     # the caller's figure (fallback or memory=) is the task's own: the worker's start is added
     ("caller's figure: the worker's start is not the task's", R.MemoryOverAllocation(1.2, 4),
      dict(rss_bytes=177 * MiB, start_rss_bytes=177 * MiB, allocation=Allocation(1.0, 128 * MiB, memory_is_task_only=True)),
@@ -85,6 +92,11 @@ CHECKS = [
     ("wall past factor: cancel", R.WallOverPrediction(3.0, cancel=True), dict(wall_seconds=31.0), R.CANCEL),
     ("wall never judged on a fallback", R.WallOverPrediction(3.0, cancel=True),
      dict(wall_seconds=1e6, prediction_source="fallback"), None),
+    ("wall never judged on its own fallback", R.WallOverPrediction(3.0, cancel=True),
+     dict(wall_seconds=1e6, prediction_source="history", wall_source="fallback"), None),
+    # a call too short to have CPU cores keeps CPU's fallback, the overall source: its wall is judged
+    ("wall judged when only another resource is a fallback", R.WallOverPrediction(3.0, cancel=True),
+     dict(wall_seconds=31.0, prediction_source="fallback", wall_source="history"), R.CANCEL),
     ("cpu in range", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=12.0, wall_seconds=20.0), None),
     ("cpu far below", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=2.0, wall_seconds=20.0), R.RECORD_CPU),
     ("cpu far above", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=80.0, wall_seconds=20.0), R.RECORD_CPU),

@@ -102,6 +102,12 @@ class LiveReport:
     #: The process tree's resident size when the attempt began (the interpreter, Ray,
     #: what earlier tasks left): part of ``rss_bytes`` that is not the task's.
     start_rss_bytes: int = 0
+    #: The call's own last attempt (``@adaptive_remote(max_attempts=N)``, else the
+    #: config's); None: the monitor's config says.
+    max_attempts: int | None = None
+    #: The wall estimate's own source: the overall ``prediction_source`` is the least
+    #: informed resource's, which for a call too short to have CPU cores is CPU's fallback.
+    wall_source: str = ""
 
     def node_memory(self) -> "NodeMemory | None":
         """The node reading this report carries, if any."""
@@ -294,7 +300,10 @@ class MemoryOverAllocation:
             return None
         over = f"{_mib(allocated)} + the worker's {_mib(worker)} at the start" if worker else _mib(allocated)
         detail = f"resident {_mib(r.rss_bytes)} is over the allocation {over} x {self.tolerance:g}"
-        if r.allocation.capped or (self.max_attempts is not None and r.attempt >= self.max_attempts):
+        # The call's own max_attempts when it reports one (an actor's rule has none: its
+        # rescales are counted by AsRescale).
+        last = None if self.max_attempts is None else (r.max_attempts or self.max_attempts)
+        if r.allocation.capped or (last is not None and r.attempt >= last):
             why = "capped at the largest node" if r.allocation.capped else f"attempt {r.attempt} is the last"
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; no larger rung ({why}), left running")
         return Finding(STOP_AND_RESUBMIT, r.rss_bytes, allocated, f"{detail}; resubmit on the next rung")
@@ -329,7 +338,7 @@ class MemoryOverHardCap:
 class WallOverPrediction:
     """Running longer than the predicted wall upper bound x factor: warn, or cancel if configured.
 
-    A fallback prediction (no history) is the config's default, not a
+    A fallback wall estimate (no history) is the config's default, not a
     prediction, so it judges nothing: a first run is never called slow.
     """
 
@@ -337,7 +346,7 @@ class WallOverPrediction:
     cancel: bool = False
 
     def __call__(self, r: LiveReport) -> Finding | None:
-        if r.prediction_source.startswith("fallback") or r.predicted_wall_upper_s <= 0:
+        if (r.wall_source or r.prediction_source).startswith("fallback") or r.predicted_wall_upper_s <= 0:
             return None
         limit = r.predicted_wall_upper_s * self.factor
         if r.wall_seconds <= limit:

@@ -78,6 +78,8 @@ def report_from(spec: Any, sample: Any, node_id: str = "", kind: str = "task") -
         read_bytes=int(sample.read_bytes), write_bytes=int(sample.write_bytes), timestamp=float(sample.timestamp),
         node_kill_threshold=ray_kill_threshold(), kind=kind, rescalable=bool(getattr(spec, "rescalable", False)),
         start_rss_bytes=int(sample.start_rss_bytes),
+        max_attempts=int(spec.config.max_attempts) if getattr(spec, "config", None) is not None else None,
+        wall_source=str(prediction.wall.source),
         **node_memory_here(),
     )
 
