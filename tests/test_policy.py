@@ -120,9 +120,15 @@ def test_memory_must_be_a_non_negative_number_and_zero_is_no_label():
 
 def test_feature_rows_agree_between_single_call_and_history():
     x = Features(input_size=1000, tags=("a", "b"))
-    row = features.feature_row(x)
-    matrix = features.feature_matrix(np.array([1000.0]), [("a", "b")])
-    assert np.array_equal(row, matrix[0])
+    vocabulary = features.tag_vocabulary([("a", "b"), ("b", "c"), ("b",)])
+    assert vocabulary == ("a", "b", "c")
+    row = features.feature_row(x, vocabulary)
+    matrix = features.feature_matrix(np.array([1000.0]), [("a", "b")], vocabulary)
+    assert np.array_equal(row, matrix[0]) and row[1:].tolist() == [1.0, 1.0, 0.0]
+    # A tag the model never saw has no column; the most frequent ones get the columns there are.
+    assert features.feature_row(Features(input_size=1000, tags=("z",)), vocabulary)[1:].tolist() == [0.0, 0.0, 0.0]
+    assert features.tag_vocabulary([("a", "b"), ("b", "c"), ("b",), ("c",)], limit=2) == ("b", "c")
+    assert features.feature_names(vocabulary) == ["log2_input_size", "tag_0", "tag_1", "tag_2"]
 
 
 # --- estimators ------------------------------------------------------------------------------------------
@@ -180,8 +186,7 @@ def test_model_is_calibrated_and_reports_honest_coverage():
     assert memory.metrics["rows_holdout"] == 100
     # Fresh runs from the same process: the calibrated upper bound covers about 95%.
     fresh = linear_history(1000, seed=7, noise=2e7)
-    X = features.feature_matrix(fresh.input_size)
-    _, _, upper = memory.predict(X)
+    _, _, upper = memory.predict(features.feature_matrix(fresh.input_size, (), memory.tags))
     assert 0.88 <= calibrate.coverage(fresh.memory, upper) <= 0.995
     pred = predictor.predict(Features(input_size=5e7), history, models)
     assert pred.source == "model" and pred.memory.lower <= pred.memory.target <= pred.memory.upper
@@ -194,8 +199,8 @@ def test_model_round_trips_through_its_portable_artifact():
     models = build_predictor(CFG).train(linear_history(100))
     memory = models.get("memory").with_version(3)
     again = ResourceModel.from_artifact(memory.to_artifact("f"))
-    X = features.feature_matrix(np.array([1e6, 5e7]))
-    assert np.allclose(memory.predict(X), again.predict(X))
+    X = features.feature_matrix(np.array([1e6, 5e7]), (), memory.tags)
+    assert np.allclose(memory.predict(X), again.predict(X)) and again.tags == memory.tags
     assert again.source == "model-v3"
 
 
@@ -570,6 +575,30 @@ def test_history_estimators_use_the_runs_with_the_calls_tags():
     assert runs_with_tags(few, ("rare",)) is runs_with_tags(few, ("rare",))
     plain = History.from_columns({"memory": [1e9] * 4, "tags": [("a",)] * 4})
     assert runs_with_tags(plain, ("a",)) is plain
+
+
+def test_the_model_tells_apart_tags_whose_hashes_met():
+    # crc32 % 8 put all three in bucket 2 (and % 64 two of them in one): now each tag of
+    # the training runs has a column of its own.
+    names = ["genome=hg19", "genome=mm10", "genome=GRCh37"]
+    n = 40
+    tags = [(names[i % 3],) for i in range(3 * n)]
+    use = {"genome=hg19": 200 * MiB, "genome=mm10": 6000 * MiB, "genome=GRCh37": 1000 * MiB}
+    rng = np.random.default_rng(1)
+    history = History.from_columns({"input_size": rng.uniform(1e6, 1e7, 3 * n),
+                                    "memory": [use[t[0]] * rng.uniform(0.97, 1.03) for t in tags],
+                                    "cpu": [1.0] * (3 * n), "wall": [1.0] * (3 * n), "tags": tags})
+    predictor = build_predictor(CFG.replace(memory_cost_aware=False))  # memory from the model itself
+    models = predictor.train(history)
+    for name, peak in use.items():
+        memory = predictor.predict(Features(input_size=5e6, tags=(name,)), history, models).memory
+        assert memory.source.startswith("model") and peak * 0.9 < memory.target < peak * 1.1, name
+    # And after the round trip through the registry's artifact, as a restarted profiler serves it.
+    from raysched.policy.models import ResourceModel
+
+    again = {"memory": ResourceModel.from_artifact(models.get("memory").to_artifact("f"))}
+    memory = predictor.predict(Features(input_size=5e6, tags=("genome=hg19",)), history, again).memory
+    assert 200 * MiB * 0.9 < memory.target < 200 * MiB * 1.1
 
 
 def test_cost_aware_extrapolates_along_the_log_log_slope_beyond_the_largest_input():

@@ -311,6 +311,27 @@ def test_a_changed_functions_runs_are_not_sized_by_the_old_codes_models(tmp_path
     assert json.loads(profiler.registry.logged[-1][0].meta_json)["history_scope"] == "code"
 
 
+def test_a_stored_model_of_other_features_is_skipped_with_a_warning_and_the_rows_still_serve(tmp_path, caplog):
+    from dataclasses import replace
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=KeepingRegistry(), clock=Clock(),
+                        executor=InlineExecutor())
+    profiler.record(rows(40))
+    registry = profiler.registry
+    # As an older raysched wrote them: fewer tag features.
+    for i, (artifact, params, metrics) in enumerate(registry.logged):
+        meta = json.loads(artifact.meta_json)
+        meta["feature_names"] = ["log2_input_size"] + [f"tag_{k}" for k in range(8)]
+        registry.logged[i] = (replace(artifact, meta_json=json.dumps(meta)), params, metrics)
+    again = Profiler(config, store=ProfileStore(tmp_path), registry=registry, clock=Clock(), executor=InlineExecutor())
+    with caplog.at_level("WARNING"):
+        bundle = again.bundle("f", "h1")
+    assert bundle.models == {} and bundle.n_history == 40
+    assert "trained on features" in caplog.text
+
+
 def test_history_read_while_rows_arrive_sees_whole_rows(profiler):
     """Training reads the history on its own thread while `record` appends: the merge of
     pending rows must not see a batch half appended (CI once failed with 'Length of values

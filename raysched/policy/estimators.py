@@ -23,7 +23,6 @@ from typing import Any, Callable, Hashable, Mapping, Protocol
 import numpy as np
 
 from ..types import Estimate, Features, History
-from .features import feature_row
 from .models import ResourceModel, usable_rows
 
 
@@ -157,7 +156,7 @@ class QuantileModelEstimator:
         model = ctx.models.get(self.resource)
         if model is None:
             return None
-        lower, target, upper = (float(v[0]) for v in model.predict(feature_row(x)[None, :]))
+        lower, target, upper = (float(v[0]) for v in model.predict(model.row(x)[None, :]))
         return Estimate(target, min(lower, target), max(upper, target), model.coverage_target,
                         len(ctx.history) or model.n_train, model.source)
 

@@ -12,7 +12,7 @@ import numbers
 import os
 import stat
 import time
-import zlib
+from collections import Counter
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -31,12 +31,11 @@ _MAX_ITEMS = 256
 _MAX_DIR_FILES = 10_000
 _MAX_SHAPES = 16
 
-#: Tags are hashed into this many model features.
-TAG_BUCKETS = 8
-FEATURE_NAMES: tuple[str, ...] = (
-    "log2_input_size",
-    *(f"tag_{i}" for i in range(TAG_BUCKETS)),
-)
+#: A model gives each of the most frequent tags of its training runs a feature of its
+#: own (its ``tags``: a vocabulary kept with the model, so that the driver, the profiler
+#: and the replay agree); a rarer tag, or one the model never saw, has none.  Hashed
+#: buckets made two tags one to the model whenever their hashes met.
+MAX_TAG_FEATURES = 64
 
 
 # --- validation: bad input gets a clear error -----------------------------------------
@@ -273,10 +272,17 @@ def call_features(
 # --- the model's numeric row -------------------------------------------------------------
 
 
-def _tag_bucket(tag: str) -> int:
-    # crc32, not hash(): Python's str hash is salted per process, and the driver,
-    # the profiler actor and the replay must agree on the bucket.
-    return zlib.crc32(tag.encode("utf-8")) % TAG_BUCKETS
+def tag_vocabulary(tags_per_run: Iterable[Sequence[str]], limit: int = MAX_TAG_FEATURES) -> tuple[str, ...]:
+    """The tags a model gives features to: the ``limit`` most frequent, sorted."""
+    counts = Counter(tag for run in tags_per_run for tag in run)
+    frequent = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    return tuple(sorted(tag for tag, _ in frequent))
+
+
+def feature_names(vocabulary: Sequence[str] = ()) -> list[str]:
+    """The model's column names: input size, then one per tag of its vocabulary, by position
+    (XGBoost refuses some characters a tag may hold; the tags themselves are kept apart)."""
+    return ["log2_input_size", *(f"tag_{i}" for i in range(len(vocabulary)))]
 
 
 def log2_size(size: float | None) -> float:
@@ -285,22 +291,34 @@ def log2_size(size: float | None) -> float:
     return math.log2(1.0 + max(0.0, float(size)))
 
 
-def feature_row(features: Features) -> np.ndarray:
-    """One row in the order of FEATURE_NAMES; NaN where unknown (XGBoost handles it)."""
-    row = np.zeros(len(FEATURE_NAMES), dtype=np.float32)
+def feature_row(features: Features, vocabulary: Sequence[str] = ()) -> np.ndarray:
+    """One row of ``feature_names(vocabulary)``; NaN where unknown (XGBoost handles it)."""
+    row = np.zeros(1 + len(vocabulary), dtype=np.float32)
     row[0] = log2_size(features.input_size)
-    for tag in features.tags:
-        row[1 + _tag_bucket(tag)] = 1.0
+    _mark_tags(row[1:], features.tags, vocabulary)
     return row
 
 
-def feature_matrix(input_size: np.ndarray, tags: Sequence[Sequence[str]] = ()) -> np.ndarray:
-    """Rows of FEATURE_NAMES for a history (arrays of equal length)."""
+def feature_matrix(input_size: np.ndarray, tags: Sequence[Sequence[str]] = (),
+                   vocabulary: Sequence[str] = ()) -> np.ndarray:
+    """Rows of ``feature_names(vocabulary)`` for a history (arrays of equal length)."""
     n = input_size.shape[0]
-    X = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
+    X = np.zeros((n, 1 + len(vocabulary)), dtype=np.float32)
     with np.errstate(invalid="ignore"):
         X[:, 0] = np.log2(1.0 + np.clip(input_size, 0, None))
     for i, row_tags in enumerate(tags or ()):
-        for tag in row_tags:
-            X[i, 1 + _tag_bucket(tag)] = 1.0
+        _mark_tags(X[i, 1:], row_tags, vocabulary)
     return X
+
+
+def _mark_tags(columns: np.ndarray, tags: Sequence[str], vocabulary: Sequence[str]) -> None:
+    if not tags or not vocabulary:
+        return
+    position = {tag: i for i, tag in enumerate(vocabulary)} if len(vocabulary) > 8 else None
+    for tag in tags:
+        if position is not None:
+            i = position.get(tag)
+        else:
+            i = vocabulary.index(tag) if tag in vocabulary else None
+        if i is not None:
+            columns[i] = 1.0

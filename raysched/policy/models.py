@@ -19,7 +19,7 @@ import numpy as np
 from ..config import RayschedConfig
 from ..types import History, ModelArtifact
 from .calibrate import cross_conformal, log_values, pinball_loss, score_allocation
-from .features import FEATURE_NAMES, feature_matrix
+from .features import feature_matrix, feature_names, feature_row, tag_vocabulary
 
 # Minimum spread kept between quantiles, in log space, so that a model trained on
 # identical runs still reports an interval rather than a point.
@@ -30,6 +30,10 @@ def _xgb():
     import xgboost  # imported lazily: a driver that never sees a model never pays for it
 
     return xgboost
+
+
+class IncompatibleModel(ValueError):
+    """A stored model trained on other features than this raysched computes."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,13 +48,23 @@ class ResourceModel:
     n_train: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     version: int | None = None
+    #: The tags with a feature of their own (``features.tag_vocabulary`` of its training runs).
+    tags: tuple[str, ...] = ()
     _booster: list = field(default_factory=list, repr=False)  # lazily loaded Booster
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __reduce__(self):
         # The loaded Booster and its lock stay behind; the raw bytes travel.
         return (ResourceModel, (self.resource, self.quantiles, self.booster_raw, self.offset,
-                                self.coverage_target, self.n_train, dict(self.metrics), self.version))
+                                self.coverage_target, self.n_train, dict(self.metrics), self.version, self.tags))
+
+    def row(self, features: Any) -> np.ndarray:
+        """A call's features as this model's input row."""
+        return feature_row(features, self.tags)
+
+    def matrix(self, runs: "Runs") -> np.ndarray:
+        """Runs as this model's input rows."""
+        return feature_matrix(runs.input_size, runs.tags, self.tags)
 
     @property
     def source(self) -> str:
@@ -92,7 +106,8 @@ class ResourceModel:
             "offset": self.offset,
             "coverage_target": self.coverage_target,
             "n_train": self.n_train,
-            "feature_names": list(FEATURE_NAMES),
+            "feature_names": feature_names(self.tags),
+            "tag_vocabulary": list(self.tags),
             "metrics": dict(self.metrics),
             **(extra or {}),
         }
@@ -102,10 +117,11 @@ class ResourceModel:
     @staticmethod
     def from_artifact(artifact: ModelArtifact) -> "ResourceModel":
         meta = json.loads(artifact.meta_json)
-        if list(meta.get("feature_names", FEATURE_NAMES)) != list(FEATURE_NAMES):
-            raise ValueError(
+        vocabulary = meta.get("tag_vocabulary")
+        if not isinstance(vocabulary, list) or list(meta.get("feature_names", [])) != feature_names(vocabulary):
+            raise IncompatibleModel(
                 f"model for {artifact.function}/{artifact.resource} was trained on features "
-                f"{meta.get('feature_names')}, this raysched uses {list(FEATURE_NAMES)}"
+                f"{meta.get('feature_names')} (tags {vocabulary}), which this raysched does not compute"
             )
         return ResourceModel(
             resource=artifact.resource,
@@ -116,6 +132,7 @@ class ResourceModel:
             n_train=int(meta["n_train"]),
             metrics=dict(meta.get("metrics", {})),
             version=artifact.version,
+            tags=tuple(vocabulary),
         )
 
 
@@ -125,9 +142,21 @@ def usable_rows(history: History, resource: str) -> np.ndarray:
     return np.flatnonzero(np.isfinite(values) & (values > 0))
 
 
-def _train_booster(X: np.ndarray, y: np.ndarray, config: RayschedConfig, seed: int):
+@dataclass(frozen=True)
+class Runs:
+    """Some runs of a history, as a model reads them: input sizes and tags (one per run)."""
+
+    input_size: np.ndarray
+    tags: tuple[tuple[str, ...], ...]
+
+    @staticmethod
+    def of(history: History, rows: np.ndarray) -> "Runs":
+        return Runs(history.input_size[rows], tuple(history.tags[i] for i in rows) if history.tags else ())
+
+
+def _train_booster(X: np.ndarray, y: np.ndarray, config: RayschedConfig, seed: int, names: list[str]):
     xgb = _xgb()
-    dtrain = xgb.DMatrix(X, label=y, feature_names=list(FEATURE_NAMES))
+    dtrain = xgb.DMatrix(X, label=y, feature_names=names)
     params = {
         "objective": "reg:quantileerror",
         "quantile_alpha": np.array(config.quantiles),
@@ -142,8 +171,9 @@ def _train_booster(X: np.ndarray, y: np.ndarray, config: RayschedConfig, seed: i
     return xgb.train(params, dtrain, num_boost_round=config.xgb_rounds)
 
 
-def evaluate(model: ResourceModel, X: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Holdout metrics of a model on runs (X, true): what decides which model is served."""
+def evaluate(model: ResourceModel, runs: Runs, true: np.ndarray) -> dict[str, float]:
+    """Holdout metrics of a model on runs and their true values: what decides which model is served."""
+    X = model.matrix(runs)
     q = model.predict_log(X)
     log_true = log_values(true)
     loss = float(np.mean([pinball_loss(log_true, q[:, i], a) for i, a in enumerate(model.quantiles)]))
@@ -161,18 +191,21 @@ def fit_resource_model(history: History, resource: str, config: RayschedConfig, 
     rows = usable_rows(history, resource)
     if rows.shape[0] < config.min_history_for_model:
         return None
-    X_all = feature_matrix(history.input_size[rows], [history.tags[i] for i in rows] if history.tags else ())
     y_all = history.column(resource)[rows]
     n_hold = max(4, int(math.ceil(rows.shape[0] * config.holdout_fraction)))
-    X_train, y_train = X_all[:-n_hold], y_all[:-n_hold]
-    X_hold, y_hold = X_all[-n_hold:], y_all[-n_hold:]
-    booster = _train_booster(X_train, log_values(y_train), config, seed)
+    train_runs, held = Runs.of(history, rows[:-n_hold]), Runs.of(history, rows[-n_hold:])
+    vocabulary = tag_vocabulary(train_runs.tags)
+    X_train = feature_matrix(train_runs.input_size, train_runs.tags, vocabulary)
+    y_train, y_hold = y_all[:-n_hold], y_all[-n_hold:]
+    booster = _train_booster(X_train, log_values(y_train), config, seed, feature_names(vocabulary))
     raw = bytes(booster.save_raw(raw_format="ubj"))
-    uncalibrated = ResourceModel(resource, tuple(config.quantiles), raw, 0.0, config.coverage, int(X_train.shape[0]))
-    scores = log_values(y_hold) - uncalibrated.predict_log(X_hold)[:, -1]
+    uncalibrated = ResourceModel(resource, tuple(config.quantiles), raw, 0.0, config.coverage, int(X_train.shape[0]),
+                                 tags=vocabulary)
+    scores = log_values(y_hold) - uncalibrated.predict_log(uncalibrated.matrix(held))[:, -1]
     offset, measured = cross_conformal(scores, config.coverage)
-    model = ResourceModel(resource, tuple(config.quantiles), raw, offset, config.coverage, int(X_train.shape[0]))
-    metrics = evaluate(model, X_hold, y_hold)
+    model = ResourceModel(resource, tuple(config.quantiles), raw, offset, config.coverage, int(X_train.shape[0]),
+                          tags=vocabulary)
+    metrics = evaluate(model, held, y_hold)
     metrics.update(
         rows_train=float(X_train.shape[0]),
         rows_holdout=float(n_hold),
@@ -180,13 +213,13 @@ def fit_resource_model(history: History, resource: str, config: RayschedConfig, 
         # cross-fitted figure is the honest one.
         upper_coverage=measured if math.isfinite(measured) else metrics["upper_coverage"],
     )
-    return ResourceModel(resource, tuple(config.quantiles), raw, offset, config.coverage, int(X_train.shape[0]), metrics)
+    return ResourceModel(resource, tuple(config.quantiles), raw, offset, config.coverage, int(X_train.shape[0]), metrics,
+                         tags=vocabulary)
 
 
-def holdout(history: History, resource: str, config: RayschedConfig) -> tuple[np.ndarray, np.ndarray]:
+def holdout(history: History, resource: str, config: RayschedConfig) -> tuple[Runs, np.ndarray]:
     """The runs ``fit_resource_model`` holds out, to compare a served model on the same runs."""
     rows = usable_rows(history, resource)
     n_hold = max(4, int(math.ceil(rows.shape[0] * config.holdout_fraction)))
     rows = rows[-n_hold:]
-    X = feature_matrix(history.input_size[rows], [history.tags[i] for i in rows] if history.tags else ())
-    return X, history.column(resource)[rows]
+    return Runs.of(history, rows), history.column(resource)[rows]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..config import RayschedConfig
-from ..policy.models import ResourceModel, evaluate, holdout
+from ..policy.models import IncompatibleModel, ResourceModel, evaluate, holdout
 from ..policy.recipe import MODELLED, build_predictor
 from ..policy.samples import pooled_short_cores
 from ..store.group_commit import GroupCommit
@@ -241,7 +241,11 @@ class Profiler:
                     artifact = self.registry.load(function, resource, int(entry["version"]))
                     meta = json.loads(artifact.meta_json) if artifact is not None else {}
                     if artifact is not None and meta.get("served", True):
-                        models[resource] = ResourceModel.from_artifact(artifact)
+                        try:
+                            models[resource] = ResourceModel.from_artifact(artifact)
+                        except IncompatibleModel as exc:  # an older raysched's features: retrained from the rows
+                            logger.warning("raysched: not serving %s: %s", function, exc)
+                            break
                         # (a model registered before the scope was recorded: taken as its code's own)
                         codes[resource] = meta.get("code_hash") if meta.get("history_scope", "code") == "code" else None
                         break
@@ -378,9 +382,9 @@ class Profiler:
         summary: dict[str, Any] = {"function": function, "rows": len(history), "resources": {}}
         for resource, model in trained.by_resource.items():
             served = state.models.get(resource)
-            X_hold, y_hold = holdout(history, resource, self.config)
+            held, y_hold = holdout(history, resource, self.config)
             new_loss = model.metrics["pinball_loss"]
-            served_loss = evaluate(served, X_hold, y_hold)["pinball_loss"] if served is not None else math.inf
+            served_loss = evaluate(served, held, y_hold)["pinball_loss"] if served is not None else math.inf
             better = new_loss <= served_loss + 1e-12
             params = {
                 "function": function,
