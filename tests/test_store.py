@@ -305,6 +305,64 @@ def test_a_parquet_file_of_another_table_among_the_parts_is_quarantined_not_read
     assert (store.home / "profiles" / "quarantine" / path.name).exists() and not path.exists()
 
 
+def test_a_part_of_the_events_table_among_the_profiles_is_set_aside_not_merged_away(store):
+    """It read as a profile row with no outcome, and a compaction merged it and deleted the
+    file: the event's own columns were gone."""
+    import shutil
+
+    store.append([row(row_id=f"mine-{i}") for i in range(2)])
+    store.append([row(row_id="mine-2")])
+    store.append_events([dict(row_id="e1", function="mod.f", code_hash="h1", call_id="c1", attempt=1, rule="memory",
+                              action="warn", measured=2.0e9, allocated=1.0e9, detail="over", node_id="n1",
+                              timestamp=10.0)])
+    event_part = sorted((store.home / "events").glob("part-*.parquet"))[0]
+    stray = store.home / "profiles" / event_part.name
+    shutil.copy(event_part, stray)
+    with pytest.warns(RuntimeWarning, match="a part of the table 'events', not of this one"):
+        assert store.profiles.compact(min_parts=2) == 2
+    assert (store.home / "profiles" / "quarantine" / stray.name).exists()  # set aside whole, with its columns
+    assert sorted(store.read().row_id) == ["mine-0", "mine-1", "mine-2"]
+
+
+def test_a_read_error_of_the_system_leaves_the_part_in_place_and_the_next_read_sees_it(store, monkeypatch):
+    """A MemoryError (pyarrow's ArrowMemoryError is one) or an I/O error of the disk said
+    nothing of the file, but the part was quarantined and its rows hidden for good."""
+    import errno
+
+    for i in range(3):
+        store.append([row(row_id=f"r{i}")])
+    real = pq.ParquetFile
+    for error in (MemoryError("out of memory"), OSError(errno.EIO, "Input/output error")):
+        calls = []
+
+        def flaky(path, *a, **kw):
+            calls.append(path)
+            if len(calls) == 2:
+                raise error
+            return real(path, *a, **kw)
+
+        monkeypatch.setattr(pq, "ParquetFile", flaky)
+        with pytest.raises(StoreError, match="cannot read"):
+            store.read()
+        monkeypatch.setattr(pq, "ParquetFile", real)
+        assert sorted(store.read().row_id) == ["r0", "r1", "r2"]
+        assert not (store.home / "profiles" / "quarantine").exists()
+
+
+def test_a_part_with_columns_this_schema_lacks_is_read_but_not_merged(store):
+    store.append([row(row_id="a")])
+    store.append([row(row_id="b")])
+    store.append([row(row_id="c")])
+    path = parts(store)[-1]  # as a later raysched of the same schema version might write it
+    table = pq.read_table(path)
+    pq.write_table(table.append_column("gpu_peak_bytes", pa.array([7])).replace_schema_metadata(table.schema.metadata),
+                   path)
+    with pytest.warns(RuntimeWarning, match="gpu_peak_bytes are not in this raysched's schema"):
+        assert store.profiles.compact(min_parts=2) == 2
+    assert path.exists() and pq.read_schema(path).names[-1] == "gpu_peak_bytes"
+    assert sorted(store.read().row_id) == ["a", "b", "c"]
+
+
 def test_part_from_an_older_schema_version_reads_with_missing_columns_null(store):
     older = pa.table(
         {

@@ -48,7 +48,6 @@ DEDUPE_COLUMN = "row_id"
 _STALE_TMP_SECONDS = 3600.0
 _READ_RETRIES = 20
 _T = TypeVar("_T")
-_NOT_THE_FILES_FAULT = {errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 _UTC = _dt.timezone.utc
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
 _US = _dt.timedelta(microseconds=1)
@@ -512,6 +511,9 @@ class ParquetTable:
         try:
             pf = pq.ParquetFile(path)
             file_schema = pf.schema_arrow
+            table_name = (file_schema.metadata or {}).get(b"raysched.table")
+            if table_name is not None and table_name != self.name.encode():
+                raise ValueError(f"it is a part of the table {table_name.decode(errors='replace')!r}, not of this one")
             version = schema_version_of(file_schema)
             if version is not None and version > self.version:
                 return None, (
@@ -526,8 +528,10 @@ class ParquetTable:
             if any(table.schema.field(c).type != self._read_schema.field(c).type for c in present):
                 table = self._conform(table, present)  # a cast that fails marks the part unreadable
         except Exception as e:
-            if isinstance(e, OSError) and e.errno in _NOT_THE_FILES_FAULT:
-                # No access, too many open files...: the part may be fine, so never quarantine it.
+            if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno is not None and e.errno != errno.ENOENT):
+                # No access, too many open files, no memory, an I/O error of the disk...: a
+                # system call failed, not the parse, so the part may be fine: never quarantine it.
+                # (pyarrow reports a corrupt file as ArrowInvalid, or as an OSError with no errno.)
                 raise StoreError(f"raysched store {self.name!r}: cannot read {path} ({e})") from e
             if not path.exists():
                 raise _Vanished(name) from e
@@ -786,7 +790,11 @@ class ParquetTable:
                 continue
             if message:
                 messages.append(message)
-            if table is not None:
+            extra = self._unknown_columns(name) if table is not None else ()
+            if extra:  # merged, they would be lost: the part stays as it is (reads skip them)
+                messages.append(f"raysched store {self.name!r}: not merging {self.folder / name}: its column(s) "
+                                f"{', '.join(extra)} are not in this raysched's schema and would be lost")
+            elif table is not None:
                 merged.append(name)
                 tables.append(table)
         for message in messages:
@@ -813,6 +821,13 @@ class ParquetTable:
                     stacklevel=4,
                 )
         return removed
+
+    def _unknown_columns(self, name: str) -> list[str]:
+        try:
+            names = pq.read_schema(self.folder / name).names
+        except Exception:  # noqa: BLE001 - it was just read whole: a vanished part merges nothing
+            return []
+        return [c for c in names if c not in self._known]
 
     def _remove_stale_tmp(self) -> None:
         """Delete temporary files that crashed writers left behind (older than an hour)."""
