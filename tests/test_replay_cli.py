@@ -117,6 +117,37 @@ def test_a_store_imported_with_name_based_ids_takes_the_same_file_again_as_nothi
     assert importer.import_trace(trace, tmp_path / "h") == (0, {})
 
 
+def test_a_store_imported_with_whole_file_digest_ids_takes_the_same_file_again_as_nothing_new(tmp_path):
+    from raysched.replay import importer
+    from raysched.replay.readers import read_trace
+    from raysched.store.profiles import ProfileStore
+
+    trace = read_trace(FIXTURES / "nextflow_small.csv", "nextflow")
+    rows = importer.trace_rows(trace)
+    source = importer._content_digest(trace.path)
+    for row, r in zip(rows, trace.rows.itertuples(index=False)):
+        row["row_id"] = importer._whole_file_row_id(trace, source, r)  # as the last raysched wrote them
+    ProfileStore(tmp_path / "h").append(rows)
+    assert importer.import_trace(trace, tmp_path / "h") == (0, {})
+
+
+def test_a_trace_that_grew_since_its_import_adds_only_its_new_rows(tmp_path):
+    """Nextflow appends to its trace (-resume): ids made from the whole file's digest made
+    every row of the grown file new, and each earlier row was stored twice."""
+    from raysched.store.profiles import ProfileStore
+
+    lines = (FIXTURES / "nextflow_small.csv").read_text().splitlines(keepends=True)
+    first, grown = tmp_path / "first.csv", tmp_path / "grown.csv"
+    first.write_text("".join(lines[:-5]))
+    grown.write_text("".join(lines))
+    home = tmp_path / "home"
+    for path in (first, grown, grown):
+        res = CliRunner().invoke(import_command, [str(path), "--format", "nextflow", "--home", str(home)])
+        assert res.exit_code == 0, res.output
+    df = ProfileStore(home).read()
+    assert len(df) == 45 and df.row_id.is_unique  # every usable row of the grown trace, once
+
+
 def test_import_then_history_is_in_the_store(tmp_path):
     pytest.importorskip("pyarrow")
     from raysched.store.profiles import ProfileStore

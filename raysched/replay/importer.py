@@ -3,9 +3,10 @@
 Each usable trace row becomes one successful attempt of the function named after
 its task type (``function`` = ``process`` / ``Task``), with ``code_hash`` =
 ``"imported"`` (the runtime treats such rows as history for any code of that
-name) and ``source`` = ``"import:<format>"``.  Row ids are derived from the file's
-content and the row's position and values, so importing the same trace twice, or
-a copy of it under another name, writes nothing new.
+name) and ``source`` = ``"import:<format>"``.  A row's id is a digest of the trace
+up to and including it (the values of it and of every usable row before it), so
+importing the same trace twice, or a copy of it under another name, writes nothing
+new, and a trace that grew since (Nextflow appends to it) adds only its new rows.
 """
 
 from __future__ import annotations
@@ -50,6 +51,24 @@ def _legacy_row_id(trace: Trace, r: object) -> str:
     return uuid.uuid5(_NAMESPACE, key).hex
 
 
+def _whole_file_row_id(trace: Trace, source: str, r: object) -> str:
+    """The id a row had when ids were made from the whole file's digest: a store that imported
+    the file then must not take it again."""
+    key = f"{trace.format}:{source}:{r.row}:{r.task_type}:{r.peak_rss:.0f}:{r.realtime_ms:.0f}"  # type: ignore[attr-defined]
+    return uuid.uuid5(_NAMESPACE, key).hex
+
+
+def _prefix_row_ids(trace: Trace) -> list[str]:
+    """Each row's id: a digest of the trace's usable rows up to and including it."""
+    running = hashlib.blake2b(trace.format.encode(), digest_size=16)
+    ids = []
+    for r in trace.rows.itertuples(index=False):
+        running.update(f"\n{r.task_type}:{r.peak_rss!r}:{r.realtime_ms!r}:{r.input_size!r}:{r.memory!r}:"
+                       f"{r.cpus!r}:{r.cpu_pct!r}".encode())
+        ids.append(uuid.uuid5(_NAMESPACE, running.copy().hexdigest()).hex)
+    return ids
+
+
 def trace_rows(trace: Trace, now: datetime | None = None) -> list[dict[str, object]]:
     """The profile rows of a trace (see ``raysched.store.schema.PROFILE_SCHEMA``)."""
     from ..store.schema import SCHEMA_VERSION
@@ -57,17 +76,16 @@ def trace_rows(trace: Trace, now: datetime | None = None) -> list[dict[str, obje
     now = now or datetime.now(timezone.utc)
     n = len(trace.rows)
     rows = []
-    source = _content_digest(trace.path)
+    # By the content, not the file's name: a copy under another name is the same runs.
+    row_ids = _prefix_row_ids(trace)
     for i, r in enumerate(trace.rows.itertuples(index=False)):
-        # By the file's content, not its name: a copy under another name is the same runs.
-        key = f"{trace.format}:{source}:{r.row}:{r.task_type}:{r.peak_rss:.0f}:{r.realtime_ms:.0f}"
         wall = r.realtime_ms / 1000.0
         cores = r.cpu_pct / 100.0 if math.isfinite(r.cpu_pct) else None
         # File order is kept as time order (oldest first), all before the import itself.
         ts = now - timedelta(microseconds=n - i)
         rows.append(
             {
-                "row_id": uuid.uuid5(_NAMESPACE, key).hex,
+                "row_id": row_ids[i],
                 "schema_version": SCHEMA_VERSION,
                 "function": str(r.task_type),
                 "code_hash": IMPORTED_CODE_HASH,
@@ -91,7 +109,7 @@ def trace_rows(trace: Trace, now: datetime | None = None) -> list[dict[str, obje
 
 def import_trace(trace: Trace, home: str | Path) -> tuple[int, dict[str, int]]:
     """Append the trace's rows that the profile store at ``home`` does not hold yet
-    (row ids are derived from the file and row); (rows written, new rows per task type)."""
+    (row ids are derived from the rows up to each); (rows written, new rows per task type)."""
     from ..store.profiles import ProfileStore
 
     rows = trace_rows(trace)
@@ -100,8 +118,11 @@ def import_trace(trace: Trace, home: str | Path) -> tuple[int, dict[str, int]]:
     try:
         store = ProfileStore(home)
         held = set(store.profiles.read_table(columns=["row_id"]).column("row_id").to_pylist())
-        legacy = [_legacy_row_id(trace, r) for r in trace.rows.itertuples(index=False)]
-        rows = [row for row, old_id in zip(rows, legacy) if row["row_id"] not in held and old_id not in held]
+        source = _content_digest(trace.path)
+        # What earlier raysched versions named the same rows: by the file's name, then by its whole digest.
+        earlier = [(_legacy_row_id(trace, r), _whole_file_row_id(trace, source, r))
+                   for r in trace.rows.itertuples(index=False)]
+        rows = [row for row, ids in zip(rows, earlier) if row["row_id"] not in held and not held.intersection(ids)]
         per_type: dict[str, int] = {}
         for row in rows:
             per_type[row["function"]] = per_type.get(row["function"], 0) + 1  # type: ignore[index]
