@@ -103,6 +103,16 @@ def test_eval_set_replays_raysched_with_a_changed_config_and_refuses_bad_keys(tm
         assert res.exit_code == 2 and says in res.output, (bad, res.output)
 
 
+def test_eval_with_a_tiny_or_bad_min_rows_skips_or_refuses_never_a_traceback(tmp_path):
+    res = CliRunner().invoke(eval_command, [str(FIXTURES / "nextflow_small.csv"), "--min-rows", "0"])
+    assert res.exit_code == 2 and "--min-rows" in res.output
+    # Types of 1-3 rows leave no history (or no online row) after a 30/70 split: skipped, counted.
+    res = CliRunner().invoke(eval_command, [str(FIXTURES / "nextflow_small.csv"), "--min-rows", "1",
+                                            "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["workflows"]["nextflow_small"]["methods"]
+
+
 def test_a_store_imported_with_name_based_ids_takes_the_same_file_again_as_nothing_new(tmp_path):
     """Row ids were made from the file's name before content digests: no duplicate after an upgrade."""
     from raysched.replay import importer

@@ -104,7 +104,7 @@ def parse_config_overrides(pairs: Iterable[str]) -> dict[str, object]:
               help="Write the summary table as Markdown.")
 @click.option("--methods", "methods", default=",".join(METHOD_NAMES), show_default=True,
               help="Comma-separated methods to replay.")
-@click.option("--min-rows", default=34, show_default=True,
+@click.option("--min-rows", default=34, show_default=True, type=click.IntRange(min=1),
               help="Task types with fewer usable rows are skipped (random split only).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Replay raysched with a RayschedConfig field changed (repeatable), "

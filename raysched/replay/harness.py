@@ -175,6 +175,9 @@ def split_trace(
             order = rng.permutation(len(rows))
             n_online = int(math.ceil(len(rows) * (1 - history_fraction) - 1e-9))
             n_hist = len(rows) - n_online
+            if n_hist == 0 or n_online == 0:  # too few rows for both (a --min-rows of 3 or less)
+                skipped[task_type] = len(rows)
+                continue
             hist = rows.iloc[order[:n_hist]]
             online = rows.iloc[order[n_hist:]]
         online = online.iloc[rng.permutation(len(online))]
