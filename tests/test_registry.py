@@ -207,3 +207,20 @@ def test_a_new_home_and_its_first_training_are_quiet_and_fast(tmp_path, capfd, c
     assert out == "" and err == "", (out, err)
     assert [str(w.message) for w in caught] == []
     assert [r.getMessage() for r in caplog.records if r.name.startswith(("mlflow", "alembic"))] == []
+
+
+def test_a_database_that_is_not_one_is_a_clear_early_store_error(tmp_path):
+    from raysched.errors import StoreError
+
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "mlflow.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open MLflow's database .* move the file away"):
+        ModelRegistry(garbage)
+    assert (garbage / "mlflow.db").read_bytes() == b"this is not sqlite" * 100  # left as it was
+    folder = tmp_path / "folder"
+    (folder / "mlflow.db").mkdir(parents=True)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="is not a file"):
+        ModelRegistry(folder)
+    assert time.monotonic() - started < 5  # MLflow alone retried for about 100 s

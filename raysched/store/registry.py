@@ -139,11 +139,21 @@ class ModelRegistry:
             (self.home / ARTIFACTS_DIR).mkdir(exist_ok=True)
         except OSError as e:
             raise StoreError(f"raysched registry: cannot create {self.home} ({e})") from e
-        self._uri = f"sqlite:///{self.home / DB_FILE}"
+        db = self.home / DB_FILE
+        self._uri = f"sqlite:///{db}"
         self.experiment_name = experiment
+        if db.exists() and not db.is_file():  # MLflow would retry for minutes before saying so
+            raise StoreError(f"raysched registry: {db} is not a file; move it away so that MLflow can create its database")
         with _quiet():
-            self.client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
-            self.experiment_id = self._experiment_id(experiment)
+            try:
+                self.client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
+                self.experiment_id = self._experiment_id(experiment)
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors on a file that is no SQLite database
+                raise StoreError(f"raysched registry: cannot open MLflow's database {db} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else e!r}); the profile rows are not in it "
+                                 "and are kept: move the file away to start the model registry afresh") from e
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self._uri!r}, experiment={self.experiment_name!r})"
