@@ -216,6 +216,24 @@ def test_the_service_releases_waiters_in_order_as_tracked_calls_end():
     asyncio.run(scenario())
 
 
+def test_a_later_drivers_configure_reaches_the_admission_actor_it_finds():
+    """The actor is created by the first driver and found by the others: their
+    admission_backfill, _gather_s and _node_room were silently ignored."""
+    service = Admission(capacity=lambda: {"n": Request(8.0, 4 * GiB)}, clock=Clock(), gather_s=0.01)
+    assert {k: service.status()[k] for k in ("backfill", "gather_s", "rooms_from")} == \
+        {"backfill": True, "gather_s": 0.01, "rooms_from": None}
+    service.reconfigure(backfill=False, gather_s=0.2, monitor="raysched-monitor-x")
+    assert {k: service.status()[k] for k in ("backfill", "gather_s", "rooms_from")} == \
+        {"backfill": False, "gather_s": 0.2, "rooms_from": "raysched-monitor-x"}
+    assert service._rooms_fn is not None and service._read_at == float("-inf")  # rooms asked for at the next pass
+    # With backfill off, a short call no longer passes a big head that waits (as AdmissionQueue(backfill=False)).
+    service._queue.offer("running", 0, Request(1, 3 * GiB, wall_seconds=10), now=0)
+    service._queue.offer("big", 0, Request(1, 3 * GiB, wall_seconds=10), now=0)
+    assert service._queue.offer("short", 0, Request(1, 1 * GiB, wall_seconds=1), now=0) == []
+    service.reconfigure(backfill=True, gather_s=0.0, monitor=None)
+    assert service._rooms_fn is None and service.status()["rooms_from"] is None
+
+
 def test_the_service_orders_a_burst_by_priority_not_by_which_message_came_first():
     service = Admission(capacity=lambda: {"n": Request(1.0, 8 * GiB)}, clock=Clock(), gather_s=0.05)
 

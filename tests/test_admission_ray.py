@@ -288,3 +288,18 @@ def test_a_call_ray_refuses_to_submit_holds_no_room_in_the_queue(ray_session):
     assert ray.get(hold.options(priority=0).remote("after", 0.1), timeout=60)[0] == "after"
     assert wait_for(lambda: _queue_status()["admitted"] == 0 and _queue_status()["waiting"] == 0,
                     timeout=30), _queue_status()
+
+
+def test_a_drivers_configure_reaches_the_admission_actor_that_already_runs(ray_session):
+    ray.get(hold.options(priority=1).remote("first", 0.0))  # the actor exists, as its creator set it
+    assert _queue_status()["backfill"] is True
+    before = raysched.get_config()
+    try:
+        raysched.configure(admission_backfill=False, admission_gather_s=0.05)
+        ray.get(hold.options(priority=1).remote("after", 0.0))
+        assert wait_for(lambda: _queue_status()["backfill"] is False, timeout=30), _queue_status()
+        assert _queue_status()["gather_s"] == 0.05
+    finally:
+        raysched.configure(before)
+        ray.get(hold.options(priority=1).remote("restored", 0.0))
+    assert wait_for(lambda: _queue_status()["backfill"] is True, timeout=30)

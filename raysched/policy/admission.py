@@ -134,6 +134,15 @@ class AdmissionQueue:
         self.backfilled_total = 0
 
     @property
+    def backfill(self) -> bool:
+        """Whether later calls may use room the head call cannot use yet."""
+        return self._backfill
+
+    @backfill.setter
+    def backfill(self, on: bool) -> None:
+        self._backfill = bool(on)
+
+    @property
     def capacity(self) -> Request | None:
         return self._capacity
 

@@ -76,6 +76,7 @@ def monitor_rooms(monitor_name: str) -> Callable[[Sequence[str]], Awaitable[Mapp
         monitor = ray.get_actor(monitor_name, namespace=NAMESPACE)
         return await monitor.node_rooms.remote(list(node_ids))
 
+    rooms.monitor = monitor_name  # type: ignore[attr-defined]  (reconfigure tells a change)
     return rooms
 
 
@@ -101,6 +102,7 @@ class Admission:
                  rooms_timeout_s: float = 2.0):
         self._capacity_fn = capacity
         self._rooms_fn = rooms
+        self._rooms_monitor: str | None = getattr(rooms, "monitor", None)
         self._rooms_timeout_s = rooms_timeout_s
         self._refresh_s = refresh_s
         self._clock = clock
@@ -263,6 +265,8 @@ class Admission:
         return {"waiting": self._queue.waiting(), "admitted": self._queue.admitted(),
                 "awaiting_inputs": len(self._awaiting_inputs),
                 "admitted_total": self.admitted_total, "backfilled_total": self._queue.backfilled_total,
+                # The settings it runs by (the last driver's configure(...) that reached it).
+                "backfill": self._queue.backfill, "gather_s": self._gather_s, "rooms_from": self._rooms_monitor,
                 "capacity_cpus": capacity.num_cpus if capacity else None,
                 # What admitted calls' labels may add up to (the nodes' labels), and what they
                 # are expected to hold at most (the nodes' rooms; a node without one: its label).
@@ -271,6 +275,17 @@ class Admission:
                 "node_rooms": dict(self._rooms),
                 "held_cpus": held.num_cpus, "held_memory_bytes": held.memory_bytes,
                 "held_peak_bytes": held.peak_bytes}
+
+    def reconfigure(self, backfill: bool, gather_s: float, monitor: str | None) -> None:
+        """A driver's ``configure(admission_backfill=..., admission_gather_s=...,
+        admission_node_room=...)``: the actor may predate it, and serves every driver."""
+        self._queue.backfill = backfill
+        self._gather_s = max(0.0, float(gather_s))
+        rooms = monitor_rooms(monitor) if monitor else None
+        if monitor != self._rooms_monitor:
+            self._rooms_fn, self._rooms_monitor = rooms, monitor
+            self._rooms = {}
+            self._read_at = float("-inf")  # the next pass reads the nodes (and rooms) again
 
     def ping(self) -> bool:
         return True
@@ -284,8 +299,8 @@ def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monit
     calls, so every waiting call queues again.  ``backfill``, ``gather_s`` and
     ``monitor`` (the name of the monitor actor whose node rooms cap the capacity;
     None: labels only) are the creating driver's (``RayschedConfig.admission_backfill``,
-    ``admission_gather_s``, ``admission_node_room``); a driver that finds the actor
-    uses it as it is.
+    ``admission_gather_s``, ``admission_node_room``); a driver that configured raysched
+    itself hands the actor its settings (``Admission.reconfigure``).
     """
     import ray
 

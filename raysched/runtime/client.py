@@ -98,8 +98,13 @@ class ProfilerClient:
             from .admission import get_or_create_admission
 
             rooms = self.config.admission_node_room and self.config.monitor_enabled
+            monitor = monitor_name(self.config) if rooms else None
             self._admission = get_or_create_admission(self.config.admission_backfill, self.config.admission_gather_s,
-                                                      monitor=monitor_name(self.config) if rooms else None)
+                                                      monitor=monitor)
+            if configured_here():
+                # The actor may predate this process's configure(...), and it serves every driver.
+                self._admission.reconfigure.remote(self.config.admission_backfill, self.config.admission_gather_s,
+                                                   monitor)
         return self._admission
 
     def _request(self, key: tuple[str, str], reload: bool = False) -> "_Reply":
