@@ -7,7 +7,10 @@ Bare (``@adaptive_remote``) or with settings:
 
 - ``name=``: the profile key (default module.qualname; the task type of an
   imported trace, ``raysched import``, to start from its runs);
-- ``tags=`` (strings) and ``dependencies=``: features of every call;
+- ``tags=`` (strings): features of every call (its runs are sized from runs with
+  the same tags);
+- ``dependencies=`` (strings: tools, versions, reference data): part of the
+  function's identity, as its code is: new ones start a new history;
 - ``num_cpus=`` / ``memory=`` (bytes): cold-start fallbacks, used until there is
   history (``memory=0``: no memory label, as in Ray);
 - ``priority=`` (an int; higher first): calls wait in raysched's admission queue

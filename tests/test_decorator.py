@@ -253,3 +253,18 @@ def test_help_on_the_decorator_names_its_settings_and_what_it_returns():
     assert doc is decorator.__doc__
     for word in ("name=", "tags=", "memory=", "priority=", "max_attempts=", "rescalable=", ".options(", ".predict("):
         assert word in doc, word
+
+
+def test_declared_dependencies_are_part_of_the_functions_identity():
+    from raysched.runtime.codehash import code_hash
+
+    def work(x):
+        return x
+
+    plain = adaptive_remote(name="work")(work)
+    old = adaptive_remote(name="work", dependencies=["bwa==0.7.17", "genome:hg38"])(work)
+    same = adaptive_remote(name="work", dependencies=["genome:hg38", "bwa==0.7.17"])(work)
+    new = adaptive_remote(name="work", dependencies=["bwa==0.7.18", "genome:hg38"])(work)
+    assert plain.code_hash == code_hash(work)  # nothing declared: the code's own hash
+    assert old.code_hash == same.code_hash != new.code_hash  # in any order; a new version is a new history
+    assert len({plain.code_hash, old.code_hash, new.code_hash}) == 3 and len(new.code_hash) == 16

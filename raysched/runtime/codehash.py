@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
 _MAX_DEPTH = 4
@@ -96,6 +96,20 @@ def code_hash(fn: Callable[..., Any]) -> str:
     while layer is not None and seen < _MAX_DEPTH * 4:  # functools.wraps layers: each one's code counts
         _feed_function(h, layer, 0)
         layer, seen = getattr(layer, "__wrapped__", None), seen + 1
+    return h.hexdigest()
+
+
+def with_dependencies(code: str, dependencies: Sequence[str]) -> str:
+    """``code`` (a code hash) with the function's declared dependencies folded in, in any
+    order: a run with other dependencies (a tool's new version, another reference data
+    set) is a run of other code as far as its resources go.  The code hash itself when
+    none are declared."""
+    if not dependencies:
+        return code
+    h = hashlib.blake2b(digest_size=8)
+    h.update(code.encode())
+    for dependency in sorted(set(dependencies)):
+        h.update(b"\0" + dependency.encode())
     return h.hexdigest()
 
 

@@ -26,7 +26,7 @@ from ..policy.features import (call_features, validate_input_size, validate_memo
 from ..policy.sizing import largest_node_for
 from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted
-from .codehash import code_hash, qualified_name
+from .codehash import code_hash, qualified_name, with_dependencies
 from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, captured_placement_group,
                      ask_a_return, definition_options, eligible_cluster, encode_call, encode_template, in_admitted_call,
                      make_entry, ray_remote, remote_options)
@@ -259,10 +259,11 @@ class _Adaptive:
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise InvalidInput(f"name must be a non-empty string, got {name!r}")
         self.name = name or qualified_name(target)
-        self.code_hash = code_hash(target)
         self.fallback = Fallback(memory=validate_memory(memory), cpu=validate_num_cpus(num_cpus))
         self.tags = validate_tags(tags)
         self.dependencies = validate_tags(dependencies, "dependencies")
+        # New dependencies start a new history, as new code does (runtime.codehash).
+        self.code_hash = with_dependencies(code_hash(target), self.dependencies)
         if ray_options.get("priority") is not None:
             validate_priority(ray_options["priority"])  # where it is written, not at the first call
         _check_ray_options(self._ray_kind, ray_options, in_options=False)
