@@ -302,7 +302,8 @@ def build_rules(config: RayschedConfig) -> Rules:
             AttemptRule("wall_over_prediction",
                         WallOverPrediction(config.monitor_wall_factor, config.monitor_cancel_slow), n),
             # 4. Average cores below x0.25 or above x1.5 of the allocation after 10 s:
-            #    recorded as an event for the next sizing; nothing is stopped.
+            #    recorded as an event (`raysched.events`); nothing is stopped (the next
+            #    sizing learns the cores from the attempt's row, as from every row).
             AttemptRule(CPU_RULE,
                         CpuOffAllocation(config.monitor_cpu_low_ratio, config.monitor_cpu_high_ratio,
                                          config.monitor_cpu_min_wall_s), n),
