@@ -335,6 +335,16 @@ def test_a_trailing_delimiter_on_every_row_does_not_shift_the_columns(tmp_path):
     assert not trace.skipped
 
 
+def test_a_header_with_a_bom_and_rows_with_extra_fields_read_with_a_clear_warning(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_text("process,status,peak_rss,realtime\nA,COMPLETED,100,10\n", encoding="utf-8-sig")
+    assert sniff_format(path) == "nextflow" and list(read_trace(path).rows["task_type"]) == ["A"]
+    ragged = _write(tmp_path, "r.csv", "process,status,peak_rss,realtime\nA,COMPLETED,100,10,x,y\nB,COMPLETED,200,20\n")
+    with pytest.warns(RuntimeWarning, match="more fields than the header; their extra fields were ignored"):
+        trace = read_trace(ragged, "nextflow")
+    assert list(trace.rows["peak_rss"]) == [100.0, 200.0]
+
+
 def test_a_trace_with_no_usable_rows_replays_to_zero(tmp_path):
     text = "process,peak_rss,realtime\nA,-,-\nB,-,0\n"
     trace = read_trace(_write(tmp_path, "t.csv", text), "nextflow")

@@ -24,6 +24,7 @@ Pure pandas/numpy: no ray, mlflow or pyarrow.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -165,12 +166,18 @@ def _read_table(path: Path, fmt: str) -> pd.DataFrame:
     if path.is_dir():
         raise TraceFormatError(f"{path}: is a folder; pass its .csv/.txt files (the CLI expands folders)")
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:  # -sig: a spreadsheet's BOM
             header = fh.readline()
         # Nextflow writes a tab-separated trace.txt by default; the published traces are CSV.
         sep = "\t" if header.count("\t") > header.count(",") else ","
         # index_col=False: a trailing delimiter on every data row must not make the first column the index.
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=["-", ""], index_col=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=["-", ""],
+                                index_col=False, encoding="utf-8-sig")
+        if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+            warnings.warn(f"{path}: some rows have more fields than the header; their extra fields were ignored",
+                          RuntimeWarning, stacklevel=3)
     except pd.errors.EmptyDataError:
         raise TraceFormatError(f"{path}: empty file, not a {fmt} trace") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
@@ -310,7 +317,7 @@ def sniff_format(path: str | Path) -> str:
     Nextflow's default ``name`` with ``peak_rss`` and ``realtime`` -> nextflow)."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
             header = fh.readline()
     except OSError as exc:
         raise TraceFormatError(f"{path}: cannot be read: {exc}") from None
