@@ -687,3 +687,14 @@ def test_profiles_and_events_take_a_function_with_its_options_as_they_take_the_f
     assert len(raysched.profiles(bound, settle=False)) == 1
     assert raysched.events(bound).empty  # was InvalidInput: a bound call had no name
     monkeypatch.setattr(session, "_config", None)
+
+
+@pytest.mark.parametrize("table", ["profiles", "events"])
+def test_a_table_folder_that_is_a_file_is_a_clear_store_error_also_to_a_reader(tmp_path, table):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / table).write_text("not a folder")
+    for writable in (True, False):
+        with pytest.raises(StoreError, match=f"{table} is a file, not a folder"):
+            ProfileStore(home, writable=writable)
+    assert (home / table).read_text() == "not a folder"

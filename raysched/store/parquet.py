@@ -282,6 +282,9 @@ class ParquetTable:
             raise ValueError(f"allowed_values names columns not in the schema: {sorted(unknown)}")
         self._has_row_id = DEDUPE_COLUMN in schema.names
         self._required = [f.name for f in schema if not f.nullable]  # every part of this table has them
+        if self.folder.exists() and not self.folder.is_dir():  # a reader would see no rows and say nothing
+            raise StoreError(f"raysched store {self.name!r}: {self.folder} is a file, not a folder; move it away "
+                             "(or point RAYSCHED_HOME at another folder)")
         if check_writable:  # a reader of someone else's (read-only) home skips it; a write still says why it fails
             self._ensure_writable()
 
