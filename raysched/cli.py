@@ -44,7 +44,7 @@ def profiles(function: str | None, limit: int, home: Path | None) -> None:
     from .store.profiles import PROFILES_DIR, ProfileStore
 
     given, home = home is not None, _home(home)
-    if not (home / PROFILES_DIR).is_dir():  # a query: it must not create a home where none is
+    if not (home / PROFILES_DIR).exists():  # a query: it must not create a home where none is
         click.echo(_no_store(home, given))
         return
     try:
@@ -78,7 +78,7 @@ def compact(merge_all: bool, home: Path | None) -> None:
     from .store.profiles import PROFILES_DIR, ProfileStore
 
     given, home = home is not None, _home(home)
-    if not (home / PROFILES_DIR).is_dir():
+    if not (home / PROFILES_DIR).exists():
         click.echo(_no_store(home, given))
         return
     try:

@@ -232,6 +232,12 @@ def test_profiles_command_reads_without_creating_a_home_and_refuses_a_bad_limit(
     assert not (tmp_path / "nowhere").exists()
     res = CliRunner().invoke(main, ["profiles", "--limit", "-1"])
     assert res.exit_code == 2 and "--limit" in res.output
+    # A home whose profiles folder is a file says so, not "no profiles yet".
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "profiles").write_text("x")
+    for command in (["profiles"], ["compact"]):
+        res = CliRunner().invoke(main, [*command, "--home", str(tmp_path / "odd")])
+        assert res.exit_code == 1 and "is a file, not a folder" in res.output, res.output
     monkeypatch.setattr(session, "_config", None)
 
 
