@@ -268,3 +268,18 @@ def test_declared_dependencies_are_part_of_the_functions_identity():
     assert plain.code_hash == code_hash(work)  # nothing declared: the code's own hash
     assert old.code_hash == same.code_hash != new.code_hash  # in any order; a new version is a new history
     assert len({plain.code_hash, old.code_hash, new.code_hash}) == 3 and len(new.code_hash) == 16
+
+
+def test_the_ladders_largest_peak_is_that_of_the_runs_with_the_calls_tags():
+    from types import SimpleNamespace
+
+    from raysched.runtime.decorator import _largest_peak_for
+    from raysched.types import Features, History
+
+    history = History.from_columns({"memory": [1e8, 2e8, 4e9, 5e9],
+                                    "tags": [("genome=small",), ("genome=small",), ("genome=big",), ("genome=big",)]})
+    bundle = SimpleNamespace(history=history, max_peak_seen=5.2e9)
+    assert _largest_peak_for(bundle, Features(tags=("genome=small",))) == 2e8  # not the big genome's 5 GB
+    assert _largest_peak_for(bundle, Features(tags=("genome=new",))) == 5.2e9  # no runs of its own: all of them
+    assert _largest_peak_for(bundle, Features()) == 5.2e9
+    assert _largest_peak_for(None, Features()) == 0.0

@@ -296,6 +296,11 @@ def test_a_changed_functions_runs_are_not_sized_by_the_old_codes_models(tmp_path
     bundle = profiler.bundle("f", "h2")
     assert bundle.history_scope == "code" and bundle.n_history == 5
     assert bundle.models == {}  # the old code's models would say 1 core and an eighth of the memory
+    # The ladder's largest peak is that of this code's runs: a leaner version's is not the old one's.
+    lean = [dict(r, code_hash="h3", peak_rss_bytes=r["peak_rss_bytes"] // 10,
+                 memory_sample_bytes=r["memory_sample_bytes"] // 10) for r in rows(3, start=50)]
+    profiler.record(lean)
+    assert profiler.bundle("f", "h3").max_peak_seen == max(r["peak_rss_bytes"] for r in lean)
     from raysched.policy.recipe import build_predictor
     from raysched.types import Features
 

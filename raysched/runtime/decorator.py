@@ -15,12 +15,13 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import ray
 
 from .._docs import ADAPTIVE_REMOTE_DOC
 from ..errors import InvalidInput, InvalidRayOption
 from ..policy.admission import expected_peak_bytes, order_key
-from ..policy.estimators import Fallback
+from ..policy.estimators import Fallback, runs_with_tags
 from ..policy.features import (call_features, validate_input_size, validate_memory, validate_num_cpus, validate_priority,
                                validate_tags)
 from ..policy.sizing import largest_node_for
@@ -138,6 +139,19 @@ def _largest_memory_for(cluster, num_cpus: float) -> float | None:
     ``num_cpus``: the node sizing caps to (``policy.sizing.largest_node_for``)."""
     node = largest_node_for(cluster, num_cpus)
     return float(node.memory_bytes) if node is not None else None
+
+
+def _largest_peak_for(bundle: Any, features: Any) -> float:
+    """The ladder's "largest peak seen" for a call: of the runs with its tags when tags tell
+    its runs apart (``SameTags``), else of all the function's runs."""
+    if bundle is None:
+        return 0.0
+    runs = runs_with_tags(bundle.history, features.tags)
+    if runs is not bundle.history and len(runs):
+        known = runs.memory[np.isfinite(runs.memory)]
+        if known.size:
+            return float(known.max())
+    return float(bundle.max_peak_seen)
 
 
 class _CallOptions:
@@ -327,7 +341,7 @@ class _Adaptive:
             features=features,
             prediction=prediction,
             allocation=allocation,
-            max_peak_seen=bundle.max_peak_seen if bundle else 0.0,
+            max_peak_seen=_largest_peak_for(bundle, features),
             largest_node_bytes=_largest_memory_for(cluster, allocation.num_cpus),
             priority=options.priority,
             ray_options=tuple(sorted(options.ray_options.items())),

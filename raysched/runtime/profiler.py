@@ -463,7 +463,10 @@ class Profiler:
             history, scope = self._history(function, code_hash)
             import pandas as pd
 
-            peaks = pd.to_numeric(state.rows.get("peak_rss_bytes", pd.Series(dtype=float)), errors="coerce")
+            rows = state.rows
+            if scope == "code":  # the largest peak of this code's runs: another version's is no guide
+                rows = rows[rows["code_hash"] == code_hash]
+            peaks = pd.to_numeric(rows.get("peak_rss_bytes", pd.Series(dtype=float)), errors="coerce")
             max_peak = float(peaks.max()) if len(peaks) and peaks.notna().any() else 0.0
             if scope == "code":
                 # The code has runs of its own: models trained on other code (a changed
