@@ -698,3 +698,17 @@ def test_a_table_folder_that_is_a_file_is_a_clear_store_error_also_to_a_reader(t
         with pytest.raises(StoreError, match=f"{table} is a file, not a folder"):
             ProfileStore(home, writable=writable)
     assert (home / table).read_text() == "not a folder"
+
+
+def test_a_part_named_before_a_compaction_and_put_in_place_after_it_reads_last(store):
+    """A slow writer names its part (by the clock) before another process's compaction and
+    renames it into place after: its rows were written last and must read last."""
+    table = store.profiles
+    store.append([row(row_id="A", call_id="a")])
+    named_at = time.time_ns()  # the slow writer names its part now...
+    store.append([row(row_id="C", call_id="c")])  # ...another writer's part...
+    assert table.compact(min_parts=2) == 2  # ...is merged with the first
+    slow = table._to_table([row(row_id="B", call_id="b")])
+    table._write_part(slow, time_ns=named_at)  # ...and the slow part lands
+    assert list(store.read().row_id) == ["A", "C", "B"]
+    assert list(store.read_recent(1).row_id) == ["B"]

@@ -730,7 +730,7 @@ class ParquetTable:
         (tier k: under ``unit_bytes`` x fanout^k bytes on disk; smaller parts among them
         are merged with them), newest run first, and repeats as merged parts fill the
         next tier. A row is rewritten once per tier (a handful of
-        times in all), parts stay in write order (a run's merged part takes its newest
+        times in all), parts stay in write order (a run's merged part takes its oldest
         time), and at most about fanout parts per tier remain. Same safety as ``compact``.
         """
         if fanout < 2:
@@ -807,8 +807,9 @@ class ParquetTable:
         table = self._concat(tables, columns)
         if self._has_row_id and table.num_rows:
             table = _dedupe(table)
-        # Named with the newest merged part's time, so "last written" keeps its meaning for later parts.
-        self._write_part(table, time_ns=max(_time_of(n) for n in merged) or None)
+        # Named with the oldest merged part's time: a part another writer named before this merge
+        # and put in place after it (its rows written last) must still read after these rows.
+        self._write_part(table, time_ns=min(_time_of(n) for n in merged) or None)
         removed = 0
         for name in merged:
             try:
