@@ -172,6 +172,54 @@ def test_child_process_counted_by_sampling():
     assert usage.cpu_seconds > 0.05  # the child's numpy import and page faults, via RUSAGE_CHILDREN
 
 
+def _idle(seconds):
+    time.sleep(seconds)
+
+
+def _writer(seconds):
+    block = allocate(100)  # its own pages: counted
+    time.sleep(seconds)
+    return float(block[0])
+
+
+def _measure_forked_children(out):
+    """A process holding 300 MiB forks two idle children and one that allocates 100 MiB,
+    sampled while they live, joined before the attempt ends (see the test below)."""
+    import multiprocessing
+
+    held = allocate(300)
+    meter = AttemptMeter()
+    meter.start()
+    fork = multiprocessing.get_context("fork")
+    children = [fork.Process(target=_idle, args=(1.5,)) for _ in range(2)] + [fork.Process(target=_writer, args=(1.5,))]
+    for child in children:
+        child.start()
+    time.sleep(1.0)
+    meter.sample()  # a live sample while they run
+    for child in children:
+        child.join()
+    usage = meter.stop()
+    del held
+    out.put((usage.task_rss_bytes, usage.peak_rss_bytes, usage.start_rss_bytes))
+
+
+@pytest.mark.skipif(not LINUX or not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux >= 4.14")
+def test_forked_children_count_what_they_hold_alone_not_the_workers_pages_again():
+    """Each forked child counted the 300 MiB it inherited and never wrote: three children
+    made a 100 MiB task a ~1 GiB one (and the reaped children's figure added 300 more)."""
+    import multiprocessing
+
+    # In a fresh, non-daemonic process (a pool's workers may not have children).
+    spawn = multiprocessing.get_context("spawn")
+    out = spawn.Queue()
+    proc = spawn.Process(target=_measure_forked_children, args=(out,))
+    proc.start()
+    task, peak, start = out.get(timeout=60)
+    proc.join(timeout=30)
+    # The writer's 100 MiB, the children's own interpreter pages; not 3 (or 4) x 300 MiB.
+    assert 90 * MiB <= task <= 250 * MiB, (task / MiB, peak / MiB, start / MiB)
+
+
 def test_cpu_seconds_of_a_busy_loop():
     meter = AttemptMeter()
     t0, c0 = time.perf_counter(), time.process_time()

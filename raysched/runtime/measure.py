@@ -49,14 +49,16 @@ large, and raysched's monitor would take it for growth past the allocation.
        spares a read of ``/proc/self/status`` on every task (``statm``, a fifth
        of its cost, gives the shared part);
     2. the largest *sampled* private resident size of the process tree: the
-       process's plus that of all its live descendants (their ``statm``),
-       summed at one sample.
+       process's plus what each live descendant alone holds (its USS,
+       ``Private_Clean + Private_Dirty`` of ``smaps_rollup``, as Ray's memory
+       monitor counts a worker; its ``statm`` private size where that file is
+       missing), summed at one sample.  A child forked from the worker maps the
+       worker's pages until one of them writes them: they are the worker's, in
+       its own figure, and not counted again per child.
        Samples are taken at ``start()``, at ``stop()`` and by the
        :class:`LiveSampler` thread every ``interval_s`` (0.5 s by default)
        while the attempt is registered with it.  A child whose peak falls
-       between two samples is under-counted; the sum counts pages shared by
-       a parent and its forked children after a write once per process
-       (copy-on-write pages become private; private RSS, not PSS);
+       between two samples is under-counted;
     3. for children that exited (and were reaped) during the attempt: the
        process's own peak (1, or its sampled peak) **plus** the largest
        ``ru_maxrss`` of a reaped child (``getrusage(RUSAGE_CHILDREN)``), but
@@ -65,7 +67,9 @@ large, and raysched's monitor would take it for growth past the allocation.
        reaped and cannot be reset: a short-lived child smaller than one an
        earlier task already ran is only seen through sampling (2).  Adding the
        two peaks is an upper bound, since they need not have coincided, and
-       the child's figure is its whole RSS (the kernel keeps no private one).
+       the child's figure is its whole RSS (the kernel keeps no private one),
+       less the most a live child was seen to share with the worker (a forked
+       child's inherited pages; nothing for a child never sampled alive).
 
     Private RSS includes the memory of Ray's own threads in the worker.  Where
     ``/proc/self/clear_refs`` is not writable or ``VmHWM`` is missing
@@ -274,6 +278,22 @@ def _read_statm(pid: int) -> tuple[int, int]:
     return resident - shared, shared
 
 
+def _read_uss(pid: int) -> int | None:
+    """Bytes ``pid`` alone holds (``Private_Clean + Private_Dirty`` of smaps_rollup, as Ray's
+    memory monitor counts a worker), or None where smaps_rollup is missing (Linux < 4.14)."""
+    try:
+        data = _read_proc(pid, "smaps_rollup")
+    except OSError:
+        return None
+    private = 0
+    found = False
+    for line in data.splitlines():
+        if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+            private += int(line.split()[1]) * 1024
+            found = True
+    return private if found else None
+
+
 def _read_io(pid: int) -> tuple[int, int, int, int]:
     """(read_bytes, write_bytes, rchar, wchar) from /proc/<pid>/io."""
     data = _read_proc(pid, "io")
@@ -305,8 +325,11 @@ class _Child:
     ppid: int
     starttime: int  # clock ticks since boot: with pid, identifies the process
     cpu: float  # utime + stime + cutime + cstime, seconds
-    rss: int  # private resident bytes (resident minus shared)
+    rss: int  # resident bytes it alone holds (USS; else resident minus shared)
     io: tuple[int, int, int, int]
+    #: Anonymous pages it shares with other processes (a forked child's pages inherited
+    #: from the worker and not written since): resident minus shared minus ``rss``.
+    inherited: int = 0
 
     @property
     def key(self) -> tuple[int, int]:
@@ -368,15 +391,21 @@ def _descendants_linux(root: int) -> list[_Child]:
     while todo:
         pid = todo.pop()
         ppid, cpu, starttime, rss = stats[pid]
+        inherited = 0
         try:
             rss = _read_statm(pid)[0]  # private, as for the process itself (stat has the whole RSS)
+            # What it alone holds: a child forked from the worker maps the worker's pages
+            # until one of them writes them; counted in the worker already, not again here.
+            uss = _read_uss(pid)
+            if uss is not None and uss < rss:
+                rss, inherited = uss, rss - uss
         except (OSError, ValueError, IndexError):
             pass
         try:
             io = _read_io(pid)
         except (OSError, ValueError):
             io = _ZERO_IO
-        out.append(_Child(pid, ppid, starttime, cpu, rss, io))
+        out.append(_Child(pid, ppid, starttime, cpu, rss, io, inherited))
         todo.extend(parents.get(pid, ()))
     return out
 
@@ -472,6 +501,7 @@ class AttemptMeter:
         self._peak_self = 0  # largest RSS of the process itself (sampled, or VmHWM)
         self._peak_tree = 0  # largest sampled process + live descendants
         self._peak_handed = 0  # high-water mark handed over by another meter's reset
+        self._inherited_max = 0  # the most a live child was seen to share with the worker (forked)
         self._cpu_max = 0.0
         self._hwm0: int | None = None  # VmHWM before the reset (used if the reset fails)
         self._ru_maxrss0: int | None = None  # getrusage's ru_maxrss right after the reset
@@ -687,11 +717,15 @@ class AttemptMeter:
                 self._peak_self = max(self._peak_self, hwm - shared)
         self._peak_self = max(self._peak_self, self._peak_handed)
         live = {c.key: c for c in children}
+        if children:
+            self._inherited_max = max(self._inherited_max, max(c.inherited for c in children))
         tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
         self._peak_tree = max(self._peak_tree, tree_rss)
         peak = max(self._peak_self, self._peak_tree)
         if maxrss_children is not None and maxrss_children > self._maxrss0_children:
-            peak = max(peak, self._peak_self + maxrss_children)
+            # A reaped child's figure is its whole RSS: for children seen alive sharing the
+            # worker's pages (forked), that share is the worker's, counted in its own peak.
+            peak = max(peak, self._peak_self + max(0, maxrss_children - self._inherited_max))
 
         # cpu: own + reaped children (deltas) + live descendants (deltas from their start values)
         cpu = 0.0
