@@ -295,7 +295,7 @@ def feature_row(features: Features, vocabulary: Sequence[str] = ()) -> np.ndarra
     """One row of ``feature_names(vocabulary)``; NaN where unknown (XGBoost handles it)."""
     row = np.zeros(1 + len(vocabulary), dtype=np.float32)
     row[0] = log2_size(features.input_size)
-    _mark_tags(row[1:], features.tags, vocabulary)
+    _mark_tags(row[1:], features.tags, _positions(vocabulary))
     return row
 
 
@@ -306,19 +306,18 @@ def feature_matrix(input_size: np.ndarray, tags: Sequence[Sequence[str]] = (),
     X = np.zeros((n, 1 + len(vocabulary)), dtype=np.float32)
     with np.errstate(invalid="ignore"):
         X[:, 0] = np.log2(1.0 + np.clip(input_size, 0, None))
+    positions = _positions(vocabulary)
     for i, row_tags in enumerate(tags or ()):
-        _mark_tags(X[i, 1:], row_tags, vocabulary)
+        _mark_tags(X[i, 1:], row_tags, positions)
     return X
 
 
-def _mark_tags(columns: np.ndarray, tags: Sequence[str], vocabulary: Sequence[str]) -> None:
-    if not tags or not vocabulary:
-        return
-    position = {tag: i for i, tag in enumerate(vocabulary)} if len(vocabulary) > 8 else None
+def _positions(vocabulary: Sequence[str]) -> dict[str, int]:
+    return {tag: i for i, tag in enumerate(vocabulary)}
+
+
+def _mark_tags(columns: np.ndarray, tags: Sequence[str], positions: Mapping[str, int]) -> None:
     for tag in tags:
-        if position is not None:
-            i = position.get(tag)
-        else:
-            i = vocabulary.index(tag) if tag in vocabulary else None
+        i = positions.get(tag)
         if i is not None:
             columns[i] = 1.0

@@ -281,9 +281,8 @@ class Admission:
         admission_node_room=...)``: the actor may predate it, and serves every driver."""
         self._queue.backfill = backfill
         self._gather_s = max(0.0, float(gather_s))
-        rooms = monitor_rooms(monitor) if monitor else None
         if monitor != self._rooms_monitor:
-            self._rooms_fn, self._rooms_monitor = rooms, monitor
+            self._rooms_fn, self._rooms_monitor = (monitor_rooms(monitor) if monitor else None), monitor
             self._rooms = {}
             self._read_at = float("-inf")  # the next pass reads the nodes (and rooms) again
 
