@@ -127,30 +127,6 @@ def test_a_private_peak_before_shared_pages_arrive_is_kept_by_a_sample():
     assert close_to(usage.task_rss_bytes, 200), usage
 
 
-@pytest.mark.skipif(not LINUX, reason="shared pages are told apart through /proc")
-def test_a_file_mapped_and_unmapped_within_the_attempt_is_not_its_own(tmp_path):
-    """Read through mmap, a file's pages are shared (the page cache holds them once); the
-    kernel's mark counts them, and once unmapped they no longer showed as shared at stop():
-    a 200 MiB file read this way counted as 200 MiB of the task's."""
-    import mmap
-
-    path = tmp_path / "data.bin"
-    path.write_bytes(b"\1" * (200 * MiB))
-    meter = AttemptMeter()
-    meter.start()
-    with open(path, "rb") as f:
-        area = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        view = np.frombuffer(area, dtype=np.uint8)
-        assert int(view[::4096].sum()) == len(view[::4096])  # every page read
-        meter.sample()  # a live sample while it is mapped (every 0.5 s in a task)
-        del view
-        area.close()
-    block = allocate(50)  # and the task's own pages still count
-    usage = meter.stop()
-    del block
-    assert close_to(usage.task_rss_bytes, 50), usage
-
-
 CHILD = """
 import time, numpy as np
 block = np.ones(200 * 1024 * 1024 // 8)

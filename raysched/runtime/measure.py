@@ -44,11 +44,6 @@ large, and raysched's monitor would take it for growth past the allocation.
        live sample, stop) is kept.  A private peak that was freed before shared
        pages arrived *within one live interval* is under-counted by them (a task
        that allocates, frees, then reads a large argument, all within 0.5 s).
-       A mark that has not grown since the last reading is not taken again: a file
-       mapped, read and unmapped would otherwise count as the task's (its pages
-       no longer shared at the later reading).  So a private spike that stays
-       below a mark a mapped file set, freed before the next reading, is missed;
-       a file mapped and unmapped between two readings still counts.
        At ``stop()`` the mark is read from ``getrusage``'s ``ru_maxrss`` where
        that provably equals it (see ``AttemptMeter._hwm_from_rusage``), which
        spares a read of ``/proc/self/status`` on every task (``statm``, a fifth
@@ -507,7 +502,6 @@ class AttemptMeter:
         self._peak_tree = 0  # largest sampled process + live descendants
         self._peak_handed = 0  # high-water mark handed over by another meter's reset
         self._inherited_max = 0  # the most a live child was seen to share with the worker (forked)
-        self._hwm_seen: int | None = None  # the largest high-water mark read so far
         self._cpu_max = 0.0
         self._hwm0: int | None = None  # VmHWM before the reset (used if the reset fails)
         self._ru_maxrss0: int | None = None  # getrusage's ru_maxrss right after the reset
@@ -710,21 +704,17 @@ class AttemptMeter:
             self._warn("RSS", exc)
 
         # memory: private figures.  The kernel's mark counts shared pages too; those resident
-        # now are taken off it.  Shared pages mostly accumulate in a worker (it keeps the object
+        # now are taken off it.  Shared pages only accumulate in a worker (it keeps the object
         # store mapped), so at an earlier reading the mark minus the shared pages of then was
-        # at least as close: the largest over all readings is kept.  A mark that has not grown
-        # since the last reading holds no new peak: taken again, minus the fewer shared pages
-        # of a file unmapped since, it would count that file as the task's own.
+        # at least as close: the largest over all readings is kept.
         if rss is not None:
             self._peak_self = max(self._peak_self, rss)
         if hwm is not None:
-            grew = self._hwm_seen is None or hwm > self._hwm_seen
-            if grew and self.peak_method == "hwm":
+            if self.peak_method == "hwm":
                 self._peak_self = max(self._peak_self, hwm - shared)
-            elif grew and self._hwm0 is not None and hwm > self._hwm0:
+            elif self._hwm0 is not None and hwm > self._hwm0:
                 # Not reset, but a lifetime maximum that grew was reached during the attempt.
                 self._peak_self = max(self._peak_self, hwm - shared)
-            self._hwm_seen = hwm if self._hwm_seen is None else max(self._hwm_seen, hwm)
         self._peak_self = max(self._peak_self, self._peak_handed)
         live = {c.key: c for c in children}
         if children:
