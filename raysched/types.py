@@ -402,29 +402,27 @@ class History:
     def tail(self, n: int) -> "History":
         if len(self) <= n:
             return self
-        return History(
-            input_size=self.input_size[-n:],
-            memory=self.memory[-n:],
-            cpu=self.cpu[-n:],
-            wall=self.wall[-n:],
-            disk=self.disk[-n:],
-            tags=self.tags[-n:] if self.tags else (),
-            version=self.version,
-            censored=self.censored[-n:] if self.censored is not None else None,
-        )
+        return self._rows(slice(len(self) - n, None))
 
     def select(self, mask: np.ndarray) -> "History":
         """The runs where ``mask`` is True, in order (the same version: a view of these rows)."""
-        picked = np.flatnonzero(mask)
+        return self._rows(np.flatnonzero(mask))
+
+    def _rows(self, rows: "slice | np.ndarray") -> "History":
+        """These runs (a slice keeps numpy views), with the same version."""
+        if not self.tags:
+            tags: tuple[tuple[str, ...], ...] = ()
+        else:
+            tags = self.tags[rows] if isinstance(rows, slice) else tuple(self.tags[i] for i in rows)
         return History(
-            input_size=self.input_size[picked],
-            memory=self.memory[picked],
-            cpu=self.cpu[picked],
-            wall=self.wall[picked],
-            disk=self.disk[picked],
-            tags=tuple(self.tags[i] for i in picked) if self.tags else (),
+            input_size=self.input_size[rows],
+            memory=self.memory[rows],
+            cpu=self.cpu[rows],
+            wall=self.wall[rows],
+            disk=self.disk[rows],
+            tags=tags,
             version=self.version,
-            censored=self.censored[picked] if self.censored is not None else None,
+            censored=self.censored[rows] if self.censored is not None else None,
         )
 
     def append(self, other: "History") -> "History":
