@@ -316,6 +316,36 @@ def test_a_changed_functions_runs_are_not_sized_by_the_old_codes_models(tmp_path
     assert json.loads(profiler.registry.logged[-1][0].meta_json)["history_scope"] == "code"
 
 
+def test_a_new_codes_first_model_is_served_and_two_codes_in_use_keep_a_model_each(tmp_path):
+    """The old code's model is never shipped to the new code, so it is no rival: a new
+    code's first model used to be compared with it on the new code's holdout, lost (the
+    old one had learnt from 40x the runs), and the new code went without any model."""
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
+    clock = Clock()
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=clock,
+                        executor=InlineExecutor())
+    for start in range(0, 1200, 100):  # the old code: many runs, its models well trained
+        profiler.record(rows(100, start=start, noise=2.0))
+        clock.now += 31
+    old = profiler.bundle("f", "h1").models
+    assert set(old) >= {"memory", "cpu", "wall"}
+    # The same behaviour, new code (a refactor), and noisier: its few runs train a model
+    # that scores worse on its holdout than the old code's would.
+    for start in range(1200, 1240, 20):
+        profiler.record([dict(r, code_hash="h2") for r in rows(20, start=start, noise=30.0)])
+        clock.now += 31
+    profiler.train_now("f", "h2")
+    new = profiler.bundle("f", "h2").models
+    assert set(new) >= {"memory", "cpu", "wall"}
+    assert all(m.version != old[r].version for r, m in new.items())
+    # Both versions in use (two scripts sharing a home): each keeps its own models.
+    profiler.record(rows(20, start=1240, noise=2.0))
+    profiler.train_now("f", "h1")
+    assert {r: m.version for r, m in profiler.bundle("f", "h2").models.items()} == {r: m.version for r, m in new.items()}
+    assert set(profiler.bundle("f", "h1").models) >= {"memory", "cpu", "wall"}
+
+
 def test_a_stored_model_of_other_features_is_skipped_with_a_warning_and_the_rows_still_serve(tmp_path, caplog):
     from dataclasses import replace
 

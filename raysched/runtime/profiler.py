@@ -126,10 +126,13 @@ class _FunctionState:
         self.n_usable = int(rows["memory_sample_bytes"].notna().sum()) if len(rows) else 0
         self.version = 1
         self.new_rows = 0
+        #: resource -> the model served last, whichever rows trained it: what a code
+        #: version without runs of its own is sized by (the name's history)
         self.models: dict[str, ResourceModel] = {}
-        #: resource -> the code hash whose own rows trained the served model (None: the
-        #: rows of every code version of the name, before the newest had runs of its own)
-        self.model_code: dict[str, str | None] = {}
+        #: code hash -> resource -> the model served to that code, trained on its own rows.
+        #: One slot per code: two versions in use under one name (two scripts sharing a
+        #: home) each keep theirs, and a new version's first model competes with none.
+        self.models_by_code: dict[str, dict[str, ResourceModel]] = {}
         #: code hash -> (clock time it was built, the bundle, the served models then): shared
         #: by the processes that ask
         self.bundles: dict[str | None, tuple[float, Bundle, dict]] = {}
@@ -232,7 +235,7 @@ class Profiler:
     def _load_served(self, function: str, state: _FunctionState) -> None:
         """After a restart: the newest registered model of each resource that was served."""
         models: dict[str, ResourceModel] = {}
-        codes: dict[str, str | None] = {}
+        codes: dict[str, str | None] = {}  # resource -> code hash of its own rows' model, or None
         try:
             for resource in MODELLED:
                 # Newest first; a version registered but judged worse than the one served
@@ -254,7 +257,9 @@ class Profiler:
         with self._lock:
             for resource, model in models.items():
                 if resource not in state.models:  # a model trained meanwhile is newer
-                    state.models[resource], state.model_code[resource] = model, codes.get(resource)
+                    state.models[resource] = model
+                    if codes.get(resource) is not None:
+                        state.models_by_code.setdefault(codes[resource], {})[resource] = model
             if models:
                 state.version += 1
 
@@ -380,8 +385,13 @@ class Profiler:
         history, scope = self._history(function, code_hash)
         trained = self._predictor.train(history)
         summary: dict[str, Any] = {"function": function, "rows": len(history), "resources": {}}
+        with self._lock:
+            # Compared with what this scope's calls are served now: a model of the
+            # code's own runs with that code's model (another code's is never shipped
+            # to it, so it is no rival); one of the name's rows with the last served.
+            rivals = dict(state.models_by_code.get(code_hash, {}) if scope == "code" else state.models)
         for resource, model in trained.by_resource.items():
-            served = state.models.get(resource)
+            served = rivals.get(resource)
             held, y_hold = holdout(history, resource, self.config)
             new_loss = model.metrics["pinball_loss"]
             served_loss = evaluate(served, held, y_hold)["pinball_loss"] if served is not None else math.inf
@@ -413,7 +423,8 @@ class Profiler:
             if better:
                 with self._lock:
                     state.models[resource] = model.with_version(version) if version is not None else model
-                    state.model_code[resource] = code_hash if scope == "code" else None
+                    if scope == "code":
+                        state.models_by_code.setdefault(code_hash, {})[resource] = state.models[resource]
                     state.version += 1
             summary["resources"][resource] = {"version": version, "served": better, **metrics}
         with self._lock:
@@ -471,7 +482,7 @@ class Profiler:
             if scope == "code":
                 # The code has runs of its own: models trained on other code (a changed
                 # function's old version) would size it by what the old code used.
-                models = {r: m for r, m in state.models.items() if state.model_code.get(r) == code_hash}
+                models = dict(state.models_by_code.get(code_hash, {}))
             else:
                 models = dict(state.models)
             bundle = Bundle(function, code_hash, state.version, history, models, max_peak, scope)
