@@ -79,6 +79,16 @@ def test_folder_path_is_the_sum_of_its_files(tmp_path):
     assert features.size_of(tmp_path) == 300
 
 
+def test_separators_and_dots_alone_are_text_not_the_current_or_root_folder(tmp_path, monkeypatch):
+    from raysched.policy.features import size_of
+
+    (tmp_path / "big.bin").write_bytes(b"x" * 100_000)
+    monkeypatch.chdir(tmp_path)
+    for text in (".", "..", "/", "./", "//", "..."):
+        assert size_of(text) == len(text)
+    assert size_of("./big.bin") == 100_000 and size_of(str(tmp_path)) >= 100_000
+
+
 def test_a_folder_is_walked_once_while_it_is_unchanged(tmp_path, monkeypatch):
     # Every call of a map over one data folder names it: walking it per submission cost
     # tens of ms a call. A folder whose own entries change is walked again.
