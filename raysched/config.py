@@ -49,6 +49,15 @@ class RayschedConfig:
     min_history_for_model: int = 30
     #: Newest runs per function kept for statistics and shipped to drivers.
     history_window: int = 2000
+    #: When a function's use shifts (its level, beyond what input size and tags
+    #: explain), size it from the runs since the shift, not the whole window
+    #: (policy.shift).  A shift needs shift_min_runs runs on each side and a change of
+    #: the median log use of at least shift_min_log and shift_noise_multiple times the
+    #: runs' robust spread.  False: every run of the window counts alike.
+    shift_detection: bool = True
+    shift_min_runs: int = 8
+    shift_min_log: float = 0.2
+    shift_noise_multiple: float = 1.5
 
     # --- history statistics ----------------------------------------------------
     #: Percentile of past (input-size-normalised) use taken as the upper bound.
@@ -464,13 +473,13 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
       "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "requeue_room_hold_s", "oom_bump_bytes",
       "shutdown_flush_timeout_s", "profile_commit_interval_s", "short_call_wall_s", "short_call_rss_bytes",
       "monitor_cpu_min_wall_s", "cost_tail_allowance", "cost_cap_allowance", "cost_extrapolation_widen",
-      "cost_failure_overhead_s",
+      "cost_failure_overhead_s", "shift_min_log", "shift_noise_multiple",
       "actor_max_rescales"), lambda v: v >= 0, "at least 0"),
     (("min_history_for_stats", "min_history_for_model", "history_window", "xgb_rounds", "xgb_max_depth",
       "retrain_after_new_rows", "max_attempts", "short_call_streak", "short_call_measure_every",
       "monitor_sustain_samples", "node_memory_sustain_readings", "actor_cpu_sustain_samples"),
      lambda v: v >= 1, "at least 1"),
-    (("cost_min_history", "cost_min_local"), lambda v: v >= 2, "at least 2"),
+    (("cost_min_history", "cost_min_local", "shift_min_runs"), lambda v: v >= 2, "at least 2"),
     (("holdout_fraction",), lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
     (("stat_percentile",), lambda v: 0 < v <= 100, "a percentile in (0, 100]"),
     (("min_input_size_correlation", "cost_min_size_correlation"), lambda v: 0 <= v <= 1, "in [0, 1]"),

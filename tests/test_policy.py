@@ -757,10 +757,12 @@ def test_extrapolation_offset_widens_beyond_the_range_and_leaves_the_range_alone
 
 def test_extrapolation_quantile_is_wired_and_validated():
     from raysched.policy.estimators import CostAwareEstimator, FirstOf, SameTags, WithMinimum
+    from raysched.policy.shift import SinceShift
 
     chain = build_predictor(CFG.replace(cost_extrapolation_quantile=0.8)).chains["memory"]
-    assert isinstance(chain, WithMinimum) and isinstance(chain.inner, FirstOf)
-    same_tags = chain.inner.estimators[0]
+    assert isinstance(chain, WithMinimum) and isinstance(chain.inner, SinceShift)
+    assert isinstance(chain.inner.inner, FirstOf)
+    same_tags = chain.inner.inner.estimators[0]
     assert isinstance(same_tags, SameTags)
     cost = same_tags.inner
     assert isinstance(cost, CostAwareEstimator) and cost.extrapolation_quantile == 0.8
@@ -834,7 +836,7 @@ def test_a_failures_fixed_cost_makes_short_runs_fit_and_leaves_long_runs_as_they
 def test_the_default_charges_a_failure_a_minute_and_the_config_refuses_a_negative_one():
     from raysched.policy.estimators import CostAwareEstimator
 
-    cost = build_predictor(CFG).chains["memory"].inner.estimators[0].inner  # inside SameTags
+    cost = build_predictor(CFG).chains["memory"].inner.inner.estimators[0].inner  # in SinceShift, FirstOf, SameTags
     assert isinstance(cost, CostAwareEstimator) and cost.failure_overhead_s == CFG.cost_failure_overhead_s == 60.0
     CFG.replace(cost_failure_overhead_s=0.0)  # off is valid
     with pytest.raises(ValueError, match="cost_failure_overhead_s"):

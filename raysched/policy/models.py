@@ -181,6 +181,17 @@ def evaluate(model: ResourceModel, runs: Runs, true: np.ndarray) -> dict[str, fl
     return {"pinball_loss": loss, **score_allocation(true, upper).as_metrics()}
 
 
+def _since_shift(history: History, resource: str, config: RayschedConfig) -> History:
+    """The runs a model learns from: those since the newest shift of the resource's use
+    (``policy.shift``), so that a model trained after a shift does not mix the two levels."""
+    if not config.shift_detection:
+        return history
+    from .recipe import shift_test
+    from .shift import runs_since_shift
+
+    return runs_since_shift(history, resource, shift_test(config))
+
+
 def fit_resource_model(history: History, resource: str, config: RayschedConfig, seed: int = 0) -> ResourceModel | None:
     """Train the quantile model for one resource on a function's history.
 
@@ -188,6 +199,7 @@ def fit_resource_model(history: History, resource: str, config: RayschedConfig, 
     every reported metric come from them, so what is reported is what the next
     runs will see.  Returns None with too little history.
     """
+    history = _since_shift(history, resource, config)
     rows = usable_rows(history, resource)
     if rows.shape[0] < config.min_history_for_model:
         return None
@@ -219,6 +231,7 @@ def fit_resource_model(history: History, resource: str, config: RayschedConfig, 
 
 def holdout(history: History, resource: str, config: RayschedConfig) -> tuple[Runs, np.ndarray]:
     """The runs ``fit_resource_model`` holds out, to compare a served model on the same runs."""
+    history = _since_shift(history, resource, config)
     rows = usable_rows(history, resource)
     n_hold = max(4, int(math.ceil(rows.shape[0] * config.holdout_fraction)))
     rows = rows[-n_hold:]

@@ -45,6 +45,7 @@ from .rules import (
 )
 from .rescale import CPU_RULE, MEMORY_RULE, rescale_target
 from .samples import oom_bump
+from .shift import ShiftTest, SinceShift
 from .sizing import AddMemoryMargin, AtLeast, FitLargestNode, RoundUp, Sizer
 
 #: Resources the predictor always answers for; disk is added when history has it.
@@ -172,8 +173,20 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
         # 3. No usable history: the user's declared value, or the config's
         #    conservative default (1 GiB, 1 CPU, 60 s).
         steps.append(ConstantEstimator(resource, default, config.coverage))
-    # 4. Never below the floor: no worker lives in less than 64 MiB.
-    return WithMinimum(FirstOf(tuple(steps)), minimum)
+    chain: Estimator = FirstOf(tuple(steps))
+    if config.shift_detection:
+        # 4. Every step sees only the runs since the newest shift of this resource's use
+        #    (and no model that learnt from the level before it): old runs must not
+        #    size a function whose use halved or doubled for the rest of the window.
+        chain = SinceShift(chain, resource, shift_test(config))
+    # 5. Never below the floor: no worker lives in less than 64 MiB.
+    return WithMinimum(chain, minimum)
+
+
+def shift_test(config: RayschedConfig) -> ShiftTest:
+    """What counts as a shift of a function's use, from the config (``policy.shift``)."""
+    return ShiftTest(min_runs=config.shift_min_runs, min_log=config.shift_min_log,
+                     noise_multiple=config.shift_noise_multiple)
 
 
 @functools.lru_cache(maxsize=32)
