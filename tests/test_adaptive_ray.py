@@ -240,6 +240,30 @@ def test_calls_with_other_tags_are_sized_from_their_own_runs(ray_session):
     assert holds.options(tags=["genome=new"]).predict(8).memory.n_history == 17  # the warm call included
 
 
+@adaptive_remote(name="holds_then_less", num_cpus=0.25)
+def holds_less(mib):
+    block = np.ones(mib * MiB // 8)
+    return int(block.nbytes)
+
+
+def test_a_function_whose_use_shifted_is_sized_from_the_runs_since(ray_session):
+    # The same code and no input size (a number alone is a parameter): from some call on
+    # the function needs a fifth of its memory, as when a job's data shrank.
+    ray.get([holds_less.remote(300) for _ in range(10)])
+    ray.get([holds_less.remote(20) for _ in range(10)])
+    wait_for(lambda: len(raysched.profiles(holds_less)) == 20, timeout=30)
+    holds_less.refresh()
+    since = holds_less.predict(20).memory
+    assert since.n_history == 10  # the ten runs since the shift, not all twenty
+    rows = raysched.profiles(holds_less).sort_values("timestamp")  # (stored in the order batches came)
+    small_peak = rows["peak_rss_bytes"].iloc[10:].max()
+    assert since.upper < small_peak + 100 * MiB < rows["peak_rss_bytes"].iloc[:10].min()
+    # The next call is submitted with a label that fits its own level, not the old one.
+    ray.get(holds_less.remote(20))
+    newest = raysched.profiles(holds_less).sort_values("timestamp").iloc[-1]
+    assert newest["allocated_memory_bytes"] < small_peak + 100 * MiB
+
+
 @pytest.mark.parametrize(
     "make",
     [

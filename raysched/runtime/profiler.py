@@ -69,6 +69,11 @@ def history_from_rows(rows: pd.DataFrame) -> History:
     import pandas as pd
     if rows.empty:
         return History.empty()
+    if "timestamp" in rows and not rows["timestamp"].is_monotonic_increasing:
+        # In the order the attempts ended, not the order their batches arrived: workers
+        # send their rows in batches of their own, so arrival interleaves them, and the
+        # history's order is time to the policy (a shift in use, the newest runs held out).
+        rows = rows.sort_values("timestamp", kind="stable", na_position="first")
     complete = rows["outcome"].isin(_COMPLETE).to_numpy()
 
     def col(name: str) -> np.ndarray:
