@@ -224,3 +224,24 @@ def test_a_database_that_is_not_one_is_a_clear_early_store_error(tmp_path):
     with pytest.raises(StoreError, match="is not a file"):
         ModelRegistry(folder)
     assert time.monotonic() - started < 5  # MLflow alone retried for about 100 s
+
+
+def test_a_home_whose_first_open_ended_midway_has_no_half_made_database(tmp_path, monkeypatch):
+    """MLflow makes a new database by migrations over ~1 s, not in one transaction: a
+    process ended within it (a short script's ray.shutdown() ends the profiler making
+    it) left a file no later open could use, and no training was logged again."""
+    from mlflow import MlflowClient
+
+    home = tmp_path / "home"
+
+    def dies(self, *args, **kwargs):
+        raise KeyboardInterrupt  # the process ends here, half-way through making the database
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MlflowClient, "create_experiment", dies)
+        with pytest.raises(KeyboardInterrupt):
+            ModelRegistry(home)
+    assert not (home / "mlflow.db").exists()  # whole or absent, never half made
+    assert [p.name for p in home.iterdir() if p.name.startswith(".mlflow.db")] == []
+    registry = ModelRegistry(home)  # the next open makes it afresh
+    assert registry.versions("f", "memory") == [] and (home / "mlflow.db").is_file()

@@ -120,6 +120,19 @@ def _borrowed_tracking_uri(uri: str) -> Iterator[None]:
                 os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
+def _dispose_engines(uri: str) -> None:
+    """Close and forget MLflow's cached SQLAlchemy engines of ``uri`` (a file about to be
+    renamed; each store class keeps its engines in a class-level ``_engine_map``)."""
+    import importlib
+
+    for module in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
+        with contextlib.suppress(Exception):  # MLflow's private cache: closing it is a courtesy
+            engines = importlib.import_module(module).SqlAlchemyStore._engine_map
+            engine = engines.pop(uri, None)
+            if engine is not None:
+                engine.dispose()
+
+
 def _code_hash(meta_json: str) -> str | None:
     try:
         meta = json.loads(meta_json)
@@ -146,6 +159,8 @@ class ModelRegistry:
             raise StoreError(f"raysched registry: {db} is not a file; move it away so that MLflow can create its database")
         with _quiet():
             try:
+                if not db.exists():
+                    self._create_database(db, experiment)
                 self.client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
                 self.experiment_id = self._experiment_id(experiment)
             except StoreError:
@@ -157,6 +172,37 @@ class ModelRegistry:
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self._uri!r}, experiment={self.experiment_name!r})"
+
+    def _create_database(self, db: Path, experiment: str) -> None:
+        """Create MLflow's database beside ``db`` and move it into place whole.
+
+        MLflow builds a new database by running its migrations, ~1 s of statements that
+        are not one transaction.  Made in place, a process ended within that second (a
+        short script's ``ray.shutdown()`` ends the profiler that was making it) left a
+        half-migrated file that no later open could use ("table ... already exists"),
+        and every training after it went unlogged.  Made under a temporary name and
+        linked into place only when complete, the database is whole or absent; a
+        process that loses the race to another keeps the other's.
+        """
+        for stale in db.parent.glob(f".{db.name}.init-*"):  # left by a process that ended mid-way
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > 600:
+                    stale.unlink()
+        tmp = db.with_name(f".{db.name}.init-{os.getpid()}-{threading.get_ident()}-{time.time_ns()}")
+        tmp_uri = f"sqlite:///{tmp}"
+        try:
+            client = MlflowClient(tracking_uri=tmp_uri, registry_uri=tmp_uri)
+            client.create_experiment(experiment, artifact_location=self.artifact_location)
+            client.search_registered_models(max_results=1)  # the registry's tables too
+            _dispose_engines(tmp_uri)
+            try:
+                os.link(tmp, db)
+            except FileExistsError:
+                pass  # another process made it first: theirs is whole too
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     @property
     def tracking_uri(self) -> str:
