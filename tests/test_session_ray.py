@@ -64,6 +64,28 @@ def test_shutdown_keeps_the_rows_of_finished_calls_without_waiting_for_running_o
     del still_running
 
 
+@adaptive_remote(retry_exceptions=True, max_retries=3)
+def fails_twice(path):
+    import os
+
+    runs = int(open(path).read()) if os.path.exists(path) else 0
+    with open(path, "w") as f:
+        f.write(str(runs + 1))
+    if runs < 2:
+        raise ValueError(f"run {runs + 1} fails")
+    return runs + 1
+
+
+def test_shutdown_right_after_a_call_that_took_several_attempts_keeps_its_last_row(home):
+    """The driver counts a call as recorded once any row of it is in; the row of its
+    last attempt (here the one that worked) came after, and the shutdown lost it."""
+    start_ray()
+    assert ray.get(fails_twice.remote(str(home / "runs"))) == 3
+    ray.shutdown()
+    rows = ProfileStore(home).read(function=fails_twice.name).sort_values("attempt")
+    assert list(rows["outcome"]) == ["error", "error", "ok"] and list(rows["attempt"]) == [1, 2, 3]
+
+
 def test_a_new_ray_session_in_the_same_process_gets_its_own_profiler_and_the_history(home):
     """The first job of every new local cluster has the same id: the session name tells them apart."""
     start_ray()

@@ -917,6 +917,13 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
             sink.add_attempt(spec, outcome, usage, started, time.time(), error, _node_id(), os.getpid())
         if ending is not None:
             _note_ending(spec, ending, sink)
+        if spec.attempt > 1:
+            # A later attempt's row may be its call's last, and the driver counts a call as
+            # recorded once any row of it is stored (it cannot know how many attempts ran
+            # here): stored before the value or the error reaches the caller, so that
+            # flush() and ray.shutdown() right after ray.get() keep it. Only calls that
+            # already failed once pay the wait.
+            sink.flush(wait_s=_RECOVER_FLUSH_WAIT_S)
         if thinning is not None:
             wall = usage.wall_seconds if usage is not None else meter.wall_seconds
             growth = usage.task_rss_bytes if usage is not None and measured else None
@@ -1014,6 +1021,7 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
     failed = spec.prior + (failed_attempt,)
     if same_allocation:
         if len(failed) >= spec.config.max_attempts:
+            get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)  # the last attempt's row first (above)
             raise AttemptsExhausted(spec.function, failed, "stopped by the monitor on every attempt")
         allocation = spec.allocation
     else:
@@ -1028,6 +1036,7 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
             room = max(spec.largest_node_bytes - held - _labels_of_waiting_tasks(spec.call_id), held)
         allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room))
         if allocation is None:
+            get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)  # the last attempt's row first (above)
             raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
     next_spec = replace(spec, attempt=spec.attempt + 1, allocation=allocation, prior=failed)
     if same_allocation and run_here is not None:
