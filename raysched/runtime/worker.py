@@ -615,12 +615,17 @@ def previous_attempt_cause(task_id: str, attempt_number: int, timeout_s: float =
     """
     try:
         from ray.util.state import get_task
+
+        # This cluster's own address: without one, the state API goes to the cluster named
+        # in Ray's "current cluster" file, which a `ray start` cluster that ended without
+        # `ray stop` leaves behind, and waits ~40 s per lookup for its dead GCS.
+        address = ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001
         return None
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            found = get_task(task_id, timeout=2, _explain=False)
+            found = get_task(task_id, address=address, timeout=2, _explain=False)
         except Exception:  # noqa: BLE001 - no dashboard / API server: the cause is unknown
             return None
         attempts = found if isinstance(found, list) else [found] if found is not None else []
