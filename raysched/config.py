@@ -88,6 +88,9 @@ class RayschedConfig:
     #: of long tasks retrain as soon as the row and time limits allow; a stream of
     #: millisecond tasks does not pay a second of XGBoost and MLflow every 30 s.
     train_cost_fraction: float = 0.05
+    #: Registered model versions kept per function and resource, besides those served:
+    #: older ones go with their MLflow runs and artifacts (each training left ~1.7 MB).
+    registry_keep_versions: int = 20
 
     # --- cost-aware memory sizing (the default; `raysched eval` measures both chains) -----
     #: Size memory by the expected cost of a failure against the cost of waste
@@ -476,7 +479,7 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
       "cost_failure_overhead_s", "shift_min_log", "shift_noise_multiple",
       "actor_max_rescales"), lambda v: v >= 0, "at least 0"),
     (("min_history_for_stats", "min_history_for_model", "history_window", "xgb_rounds", "xgb_max_depth",
-      "retrain_after_new_rows", "max_attempts", "short_call_streak", "short_call_measure_every",
+      "retrain_after_new_rows", "registry_keep_versions", "max_attempts", "short_call_streak", "short_call_measure_every",
       "monitor_sustain_samples", "node_memory_sustain_readings", "actor_cpu_sustain_samples"),
      lambda v: v >= 1, "at least 1"),
     (("cost_min_history", "cost_min_local", "shift_min_runs"), lambda v: v >= 2, "at least 2"),

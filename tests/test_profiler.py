@@ -571,3 +571,25 @@ def test_a_training_mlflow_could_not_log_still_serves_its_model_and_tells_the_ca
     with caplog.at_level(logging.WARNING, logger="raysched.runtime.client"):
         client.refresh("f", "h1", train=True, timeout=5)
     assert "could not be logged to MLflow" in caplog.text and "malformed" in caplog.text
+
+
+def test_the_registry_keeps_the_newest_and_the_served_versions_only(tmp_path):
+    from raysched.store.registry import ModelRegistry
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=30.0, bundle_max_age_s=0.0, registry_keep_versions=2)
+    clock = Clock()
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=ModelRegistry(tmp_path), clock=clock,
+                        executor=InlineExecutor())
+    for start in range(0, 200, 40):
+        profiler.record(rows(40, start=start, noise=float(start)))  # noisier and noisier: later models may lose
+        clock.now += 31
+    assert profiler._functions["f"].trainings >= 4
+    for resource in ("memory", "cpu", "wall"):
+        kept = [v["version"] for v in profiler.registry.versions("f", resource)]
+        served = profiler.bundle("f", "h1").models[resource].version
+        assert served in kept and len(kept) <= 3 and kept[-2:] == sorted(kept)[-2:]
+    # A restarted profiler still finds the model it served.
+    again = Profiler(config, store=ProfileStore(tmp_path), registry=ModelRegistry(tmp_path), clock=Clock(),
+                     executor=InlineExecutor())
+    assert again.bundle("f", "h1").models["memory"].version == profiler.bundle("f", "h1").models["memory"].version

@@ -245,3 +245,22 @@ def test_a_home_whose_first_open_ended_midway_has_no_half_made_database(tmp_path
     assert [p.name for p in home.iterdir() if p.name.startswith(".mlflow.db")] == []
     registry = ModelRegistry(home)  # the next open makes it afresh
     assert registry.versions("f", "memory") == [] and (home / "mlflow.db").is_file()
+
+
+def test_prune_keeps_the_newest_and_the_served_versions_and_removes_the_rest_with_their_files(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    booster, _ = train()
+    for _ in range(6):
+        registry.log_training(artifact("pruned", booster), {"a": 1}, {"pinball_loss": 0.1})
+    registry.log_training(artifact("other", booster), {"a": 1}, {"pinball_loss": 0.1})
+
+    def files():
+        return sum(1 for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file())
+
+    before = files()
+    assert registry.prune("pruned", "memory", keep_newest=2, keep=[2]) == 3
+    assert [v["version"] for v in registry.versions("pruned", "memory")] == [2, 5, 6]
+    assert files() < before * 4 / 7 + 1  # three trainings' files of seven gone
+    assert registry.load("pruned", "memory", 2).version == 2 and registry.load("pruned", "memory").version == 6
+    assert [v["version"] for v in registry.versions("other", "memory")] == [1]  # another model untouched
+    assert registry.prune("pruned", "memory", keep_newest=2, keep=[2]) == 0

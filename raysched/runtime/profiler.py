@@ -432,6 +432,7 @@ class Profiler:
                         state.models_by_code.setdefault(code_hash, {})[resource] = state.models[resource]
                     state.version += 1
             summary["resources"][resource] = {"version": version, "served": better, **metrics}
+        self._prune_registry(function, state, summary)
         with self._lock:
             state.trainings += 1
             # Process CPU, so XGBoost's and MLflow's threads count (and rows recorded meanwhile:
@@ -443,6 +444,20 @@ class Profiler:
         summary["seconds"] = time.perf_counter() - started
         summary["cpu_seconds"] = state.last_training_cpu_s
         return summary
+
+    def _prune_registry(self, function: str, state: _FunctionState, summary: dict[str, Any]) -> None:
+        """Keep the newest ``registry_keep_versions`` versions of each of the function's models
+        and every version served (to any of its code versions); the rest go (``ModelRegistry.prune``)."""
+        if not hasattr(self.registry, "prune"):
+            return
+        with self._lock:
+            served = [state.models, *state.models_by_code.values()]
+        for resource in summary["resources"]:
+            keep = {m.version for models in served for r, m in models.items() if r == resource and m.version is not None}
+            try:
+                self.registry.prune(function, resource, self.config.registry_keep_versions, keep)
+            except Exception as exc:  # noqa: BLE001 - a failed clean-up must not stop serving
+                logger.warning("raysched: could not prune the %s models of %s: %s", resource, function, exc)
 
     def train_now(self, function: str, code_hash: str | None = None) -> dict[str, Any]:
         """Train synchronously (after any training already under way); for tests, the demo, the CLI."""
