@@ -103,3 +103,4 @@ def test_of_several_shifts_the_newest_counts_and_the_config_checks_its_knobs():
         RayschedConfig(shift_min_runs=1)
     with pytest.raises(ValueError, match="shift_min_log"):
         RayschedConfig(shift_min_log=-0.1)
+

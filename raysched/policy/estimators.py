@@ -468,7 +468,8 @@ class CostAwareEstimator:
     The estimate's ``upper`` is that allocation, with ``margin`` 0: the sizer adds
     no margin over it (the choice already weighs what a failure costs), and the
     admission queue and the monitor count the call by what it chose.  ``coverage``
-    is the share of the residuals it covers, ``target`` the center.
+    is the chance a new run fits, by rank (the real residuals covered over their
+    count plus one), ``target`` the center.
     """
 
     resource: str
@@ -589,7 +590,11 @@ class CostAwareEstimator:
             target=target,
             lower=min(float(alloc[0]), target),
             upper=chosen,
-            coverage=(i + 1) / m,
+            # Of the k real residuals it covers min(i + 1, k) (the last candidate is the
+            # phantom run); a new run is as likely to rank anywhere among k + 1, so that
+            # share of k + 1 is the chance it fits ((i + 1) / m, the share of candidates,
+            # claimed 1.0 where 0.89-0.94 fitted with 8-29 runs).
+            coverage=min(i + 1, k) / (k + 1),
             n_history=n,
             source="history",
             margin=0.0,
