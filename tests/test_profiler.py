@@ -593,3 +593,37 @@ def test_the_registry_keeps_the_newest_and_the_served_versions_only(tmp_path):
     again = Profiler(config, store=ProfileStore(tmp_path), registry=ModelRegistry(tmp_path), clock=Clock(),
                      executor=InlineExecutor())
     assert again.bundle("f", "h1").models["memory"].version == profiler.bundle("f", "h1").models["memory"].version
+
+
+def test_the_drivers_cached_bounds_are_never_below_a_calls_own(tmp_path):
+    """The driver shares CPU, wall and disk estimates between close input sizes; read at the
+    first call's size, the bound it served the bucket's larger sizes fell short (wall upper
+    bounds covered 0.88 of runs through the cache against 0.96 directly)."""
+    from raysched.policy.estimators import Fallback
+    from raysched.policy.recipe import build_predictor
+    from raysched.runtime.client import ProfilerClient
+    from raysched.runtime.profiler import Bundle
+    from raysched.types import Features, History
+
+    rng = np.random.default_rng(0)
+
+    def runs(n):
+        sizes = np.exp(rng.uniform(np.log(10 * MiB), np.log(1000 * MiB), n))
+        return sizes, 10 * sizes / (100 * MiB) * np.exp(rng.normal(0, 0.05, n))
+
+    sizes, walls = runs(300)
+    history = History(input_size=sizes, memory=100 * MiB + 2 * sizes, cpu=np.ones(300), wall=walls,
+                      disk=np.full(300, np.nan), version=1)
+    config = RayschedConfig(home=str(tmp_path))
+    predictor = build_predictor(config)
+    models = predictor.train(history)
+    bundle = Bundle("f", "h", 1, history, dict(models.by_resource), float(history.memory.max()))
+    client = ProfilerClient(config, handle_factory=lambda c: None)
+    cached, direct, fitted = [], [], []
+    for size, wall in zip(*runs(400)):
+        features = Features(input_size=int(size))
+        cached.append(client.predict("f", "h", features, Fallback(), bundle).wall.upper)
+        direct.append(predictor.predict(features, history, models).wall.upper)
+        fitted.append(wall <= cached[-1])
+    assert min(np.array(cached) / np.array(direct)) > 0.97
+    assert np.mean(fitted) >= 0.95
