@@ -248,8 +248,9 @@ class ParquetTable:
     """An append-only table: a folder of immutable Parquet part files sharing one schema.
 
     ``schema`` may carry its version in its metadata (``raysched.schema_version``);
-    it is written into every part, and parts written by a newer version are
-    skipped with a warning.  ``allowed_values`` restricts string columns to a
+    it is written into every part, and parts written by a newer version are read
+    by the columns this version knows (a newer version only adds columns); one whose
+    columns do not read so is skipped with a warning, never quarantined.  ``allowed_values`` restricts string columns to a
     closed set of values, checked on append.
     """
 
@@ -511,6 +512,8 @@ class ParquetTable:
         when the part is gone (a concurrent compaction merged it).
         """
         path = self.folder / name
+        newer = False
+        version = None
         try:
             pf = pq.ParquetFile(path)
             file_schema = pf.schema_arrow
@@ -518,11 +521,10 @@ class ParquetTable:
             if table_name is not None and table_name != self.name.encode():
                 raise ValueError(f"it is a part of the table {table_name.decode(errors='replace')!r}, not of this one")
             version = schema_version_of(file_schema)
-            if version is not None and version > self.version:
-                return None, (
-                    f"raysched store {self.name!r}: skipping {path}: it was written with schema version "
-                    f"{version}, newer than this code's version {self.version}. Upgrade raysched to read it."
-                )
+            # A newer version only adds columns (schema.py): its part is read by the columns
+            # this code knows.  Skipped whole, a newer raysched's tidy, which stamps the parts
+            # it merges (old rows included) with its version, hid all history from this one.
+            newer = version is not None and version > self.version
             lacking = [c for c in self._required if c not in file_schema.names]
             if lacking:  # a Parquet file, but not one of this table's parts
                 raise ValueError(f"it has no {', '.join(lacking)} column(s): not a part of this table")
@@ -531,6 +533,12 @@ class ParquetTable:
             if any(table.schema.field(c).type != self._read_schema.field(c).type for c in present):
                 table = self._conform(table, present)  # a cast that fails marks the part unreadable
         except Exception as e:
+            if newer and path.exists():  # not this code's to judge, nor to move aside
+                return None, (
+                    f"raysched store {self.name!r}: skipping {path}: it was written with schema version "
+                    f"{version}, newer than this code's version {self.version}, and its columns do not read as "
+                    f"this code's ({e}). Upgrade raysched to read it."
+                )
             if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno is not None and e.errno != errno.ENOENT):
                 # No access, too many open files, no memory, an I/O error of the disk...: a
                 # system call failed, not the parse, so the part may be fine: never quarantine it.

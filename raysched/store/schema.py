@@ -1,9 +1,10 @@
 """The Parquet schemas of raysched's tables, versioned.
 
 ``SCHEMA_VERSION`` is written into every Parquet file's metadata under
-``SCHEMA_VERSION_KEY``.  Readers skip (with a warning) files written by a newer
-version than they know, and read older files with the columns those lacked as
-null.  Bump the version whenever a column is added; never change a column's
+``SCHEMA_VERSION_KEY``.  Readers read files written by a newer version by the
+columns they know (skipping, with a warning, one whose columns do not read so, and
+never merging one with columns they do not know), and read older files with the
+columns those lacked as null.  Bump the version whenever a column is added; never change a column's
 type or meaning in place (add a new column instead).
 
 Nullability: every column is nullable except the few marked ``nullable=False``.
