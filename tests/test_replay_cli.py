@@ -425,3 +425,26 @@ def test_the_config_command_lists_every_knob_with_its_value_and_meaning(monkeypa
     res = CliRunner().invoke(main, ["config", "overhead"])
     assert res.exit_code == 2 and "cost_failure_overhead_s" in res.output
     assert "describe()" in RayschedConfig.__doc__
+
+
+def test_profiles_command_reads_only_the_newest_parts_it_shows(tmp_path, monkeypatch):
+    """It read every row of the home to print the last few: 21 s and 8 GB at 7 million rows."""
+    from raysched.cli import main
+    from raysched.store import parquet
+    from raysched.store.profiles import ProfileStore
+
+    sys_path = str(Path(__file__).resolve().parent)
+    monkeypatch.syspath_prepend(sys_path)
+    from test_store import row
+
+    store = ProfileStore(tmp_path)
+    for part in range(12):
+        store.append([row(call_id=f"c{part}-{i}", peak_rss_bytes=part * 1000 + i) for i in range(5)])
+    read = []
+    original = parquet.ParquetTable._read_part
+    monkeypatch.setattr(parquet.ParquetTable, "_read_part", lambda self, name, columns: (read.append(name),
+                                                                                          original(self, name, columns))[1])
+    res = CliRunner().invoke(main, ["profiles", "mod.f", "--limit", "3", "--home", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "11004" in res.output and "11002" in res.output and "11001" not in res.output
+    assert len(read) == 1  # the newest part holds the three rows shown
