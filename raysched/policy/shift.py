@@ -38,6 +38,7 @@ from typing import Mapping
 import numpy as np
 
 from ..types import Estimate, Features, History
+from .estimators import EstimationContext, Estimator, _isotonic_curve, _per_history
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,6 @@ class ShiftTest:
 def runs_since_shift(history: History, resource: str, test: ShiftTest) -> History:
     """The runs of ``history`` since the newest shift of ``resource``'s use; all of them
     when there is none.  Computed once per history, resource and test."""
-    from .estimators import _per_history  # (the one per-history cache; estimators imports this module)
-
     return _per_history(history, ("runs_since_shift", resource, test), lambda: _cut(history, resource, test))
 
 
@@ -72,7 +71,7 @@ def _cut(history: History, resource: str, test: ShiftTest) -> History:
     rows = np.flatnonzero(np.isfinite(values) & (values > 0))
     if rows.shape[0] < 2 * test.min_runs:
         return history
-    resid = _residuals(history, rows, np.log(values[rows]), test)
+    resid = _residuals(history, rows, np.log(values[rows]))
     start = 0
     for _ in range(test.max_rounds):
         split = _change_point(resid[start:], test)
@@ -84,10 +83,8 @@ def _cut(history: History, resource: str, test: ShiftTest) -> History:
     return history.select(np.arange(len(history)) >= rows[start])
 
 
-def _residuals(history: History, rows: np.ndarray, log_use: np.ndarray, test: ShiftTest) -> np.ndarray:
+def _residuals(history: History, rows: np.ndarray, log_use: np.ndarray) -> np.ndarray:
     """Log use less what input size and tags explain, in the runs' order."""
-    from .estimators import _isotonic_curve
-
     resid = log_use.copy()
     sizes = history.input_size[rows]
     known = np.isfinite(sizes) & (sizes >= 0)
@@ -147,11 +144,11 @@ def _change_point(resid: np.ndarray, test: ShiftTest, tries: int = 8) -> int | N
 class SinceShift:
     """The inner estimator on the runs since the newest shift of the resource's use."""
 
-    inner: "object"  # an Estimator (typed loosely: estimators imports this module)
+    inner: Estimator
     resource: str
     test: ShiftTest
 
-    def estimate(self, ctx, x: Features) -> Estimate | None:
+    def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
         runs = runs_since_shift(ctx.history, self.resource, self.test)
         if runs is not ctx.history:
             ctx = replace(ctx, history=runs, models=_models_since(ctx.models, self.resource, runs))
