@@ -1026,8 +1026,7 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
     failed = spec.prior + (failed_attempt,)
     if same_allocation:
         if len(failed) >= spec.config.max_attempts:
-            get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)  # the last attempt's row first (above)
-            raise AttemptsExhausted(spec.function, failed, "stopped by the monitor on every attempt")
+            raise _call_ends(spec, AttemptsExhausted(spec.function, failed, "stopped by the monitor on every attempt"))
         allocation = spec.allocation
     else:
         ladder = build_ladder(spec.config)
@@ -1041,8 +1040,8 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
             room = max(spec.largest_node_bytes - held - _labels_of_waiting_tasks(spec.call_id), held)
         allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room))
         if allocation is None:
-            get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)  # the last attempt's row first (above)
-            raise AttemptsExhausted(spec.function, failed, "killed for memory on every rung of the ladder")
+            raise _call_ends(spec, AttemptsExhausted(spec.function, failed,
+                                                     "killed for memory on every rung of the ladder"))
     next_spec = replace(spec, attempt=spec.attempt + 1, allocation=allocation, prior=failed)
     if same_allocation and run_here is not None:
         waited = _wait_for_room_here(spec, next_spec)
@@ -1176,6 +1175,14 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
     finally:
         _drop_handover(spec)
         _kv_del(_started_key(next_spec))
+
+
+def _call_ends(spec: AttemptSpec, error: BaseException) -> BaseException:
+    """``error``, once the rows this worker holds are stored: the call ends with it, and the
+    driver counts a call as recorded once any row of it is in, so its last row must be
+    stored before the caller hears (``flush()`` and ``ray.shutdown()`` right after)."""
+    get_sink(spec.config).flush(wait_s=_RECOVER_FLUSH_WAIT_S)
+    return error
 
 
 #: How long a cancelled call's waiting task lets the running attempt take a soft cancel.
@@ -1450,12 +1457,10 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
     if not memory_kill:
         budget = retry_budget(spec)
         if 0 <= budget <= spec.reruns:
-            sink.flush(wait_s=_RECOVER_FLUSH_WAIT_S)  # the call ends here: its last row first
-            raise WorkerDied(spec.function, spec.attempt, reason, budget, spec.reruns)
+            raise _call_ends(spec, WorkerDied(spec.function, spec.attempt, reason, budget, spec.reruns))
         next_spec = replace(spec, attempt=spec.attempt + 1, prior=spec.prior + (record,), reruns=spec.reruns + 1)
         if next_spec.attempt > spec.config.max_attempts:
-            sink.flush(wait_s=_RECOVER_FLUSH_WAIT_S)
-            raise AttemptsExhausted(spec.function, next_spec.prior, "workers kept dying")
+            raise _call_ends(spec, AttemptsExhausted(spec.function, next_spec.prior, "workers kept dying"))
         return _run_again_here(fn, task_spec, next_spec, args, kwargs, resubmit)
     return climb_and_resubmit(spec, record, args, kwargs, resubmit,
                               run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
