@@ -283,3 +283,38 @@ def test_the_ladders_largest_peak_is_that_of_the_runs_with_the_calls_tags():
     assert _largest_peak_for(bundle, Features(tags=("genome=new",))) == 5.2e9  # no runs of its own: all of them
     assert _largest_peak_for(bundle, Features()) == 5.2e9
     assert _largest_peak_for(None, Features()) == 0.0
+
+
+def test_the_argument_count_shortcut_refuses_exactly_what_signature_bind_refuses():
+    # Calls without keywords are checked by counting positional arguments (bind() cost ~10 us
+    # per submission); the count must agree with bind() for every kind of parameter.
+    import inspect
+
+    import pytest
+
+    def a(x): ...
+    def b(x, y=1): ...
+    def c(x, /, y, *rest): ...
+    def d(*rest, k): ...  # a keyword-only parameter without default: no positional call fits
+    def e(x, *, k=2, **kw): ...
+    def f(): ...
+
+    class WithInit:
+        def __init__(self, x, y=0):
+            pass
+
+    for target in (a, b, c, d, e, f, WithInit):
+        adaptive = adaptive_remote(target)
+        signature = inspect.signature(target)
+        for n in range(5):
+            args = tuple(range(n))
+            try:
+                signature.bind(*args)
+            except TypeError:
+                with pytest.raises(TypeError):
+                    adaptive._check_arguments(args, {})
+            else:
+                adaptive._check_arguments(args, {})
+    with pytest.raises(TypeError, match="k"):
+        adaptive_remote(d)._check_arguments((1,), {})
+    adaptive_remote(d)._check_arguments((1,), {"k": 3})  # keywords take bind()'s path

@@ -30,7 +30,7 @@ from ..policy.estimators import Fallback
 from ..policy.recipe import build_predictor, build_sizer, compose
 from ..types import Allocation, ClusterShape, Features, Prediction
 from .profiler import Bundle, get_or_create_profiler
-from .session import ClusterShapeCache, configured_here, ensure_ray, get_config, monitor_name, session_token
+from .session import ClusterShapeCache, configured_here, ensure_ray, get_config, monitor_name, session_key
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ _client: ProfilerClient | None = None
 _client_lock = threading.Lock()
 
 
-_client_session: str | None = None
+_client_session: Any = None  # session.session_key() of the client's session
 
 
 def get_client() -> ProfilerClient:
@@ -313,7 +313,7 @@ def get_client() -> ProfilerClient:
     ensure_ray()
     if _CLIENT_MODE.is_connected():  # 0.3 us
         _refuse_ray_client()
-    token = session_token()
+    token = session_key()
     with _client_lock:
         if _client is None or token != _client_session:
             if _client_session is not None and token != _client_session:

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import ray
 
@@ -120,6 +120,16 @@ def session_token() -> str | None:
         except Exception:  # noqa: BLE001 - not every kind of connection (Ray Client) has both
             parts.append("")
     return "/".join(parts) if any(parts) else None
+
+
+def session_key() -> Any:
+    """What ``session_token`` tells, for a check on every submission where only equality
+    counts: the cluster's id and the job's as Ray holds them (0.6 us, against 2.6 us for
+    the token's two runtime-context reads), or the token itself where Ray has no such pair."""
+    try:
+        return ray._private.worker.global_worker.current_cluster_and_job
+    except Exception:  # noqa: BLE001 - not connected, or a Ray without it
+        return session_token()
 
 
 def ensure_ray() -> None:
