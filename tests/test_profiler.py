@@ -72,7 +72,7 @@ def profiler(tmp_path):
     config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
                             min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
     return Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
-                    executor=InlineExecutor())
+                    executor=InlineExecutor(), load_executor=InlineExecutor())
 
 
 def test_bundle_carries_history_and_versions_move(profiler):
@@ -109,14 +109,15 @@ def test_the_profiler_merges_the_parts_it_writes_as_it_goes(tmp_path):
     config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, store_tidy_fanout=3,
                             profile_commit_interval_s=0.0)
     profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
-                        executor=InlineExecutor(), tidy_executor=InlineExecutor())
+                        executor=InlineExecutor(), load_executor=InlineExecutor(), tidy_executor=InlineExecutor())
     for batch in range(60):
         profiler.record(rows(5, start=5 * batch))
     parts = profiler.store.profiles.parts()
     assert len(parts) <= 12 and profiler.status()["parts_merged"] >= 48, len(parts)
     assert list(profiler.store.read("f").call_id) == [f"c{i}" for i in range(300)]
     off = Profiler(config.replace(store_tidy_fanout=0), store=ProfileStore(tmp_path / "off"), registry=FakeRegistry(),
-                   clock=Clock(), executor=InlineExecutor(), tidy_executor=InlineExecutor())
+                   clock=Clock(), executor=InlineExecutor(), load_executor=InlineExecutor(),
+                   tidy_executor=InlineExecutor())
     for batch in range(10):
         off.record(rows(5, start=5 * batch))
     assert len(off.store.profiles.parts()) == 10
@@ -129,7 +130,7 @@ def test_processes_asking_within_bundle_max_age_share_one_bundle_until_a_model_o
     config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
                             min_retrain_interval_s=0.0, bundle_max_age_s=1.0, profile_commit_interval_s=0.0)
     profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=clock,
-                        executor=InlineExecutor())
+                        executor=InlineExecutor(), load_executor=InlineExecutor())
     profiler.record(rows(10))
     first = profiler.bundle("f", "h1")
     profiler.record(rows(5, start=10))
@@ -148,7 +149,7 @@ def test_rows_nobody_asks_for_are_held_up_to_the_window_only(tmp_path):
     config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, history_window=50,
                             profile_commit_interval_s=0.0, bundle_max_age_s=0.0)
     profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
-                        executor=InlineExecutor(), tidy_executor=InlineExecutor())
+                        executor=InlineExecutor(), load_executor=InlineExecutor(), tidy_executor=InlineExecutor())
     profiler.bundle("f", "h1")  # the function's state is loaded: later rows are kept in memory
     for batch in range(40):
         profiler.record(rows(10, start=10 * batch))
@@ -164,7 +165,7 @@ def test_missing_calls_names_the_calls_whose_rows_have_not_arrived(profiler):
     assert profiler.missing_calls("f", ["c0", "c1", "c2"]) == ["c2"]
     assert profiler.missing_calls("g", ["c0"]) == ["c0"]  # another function's rows do not count
     fresh = Profiler(profiler.config, store=profiler.store, registry=FakeRegistry(), clock=Clock(),
-                     executor=InlineExecutor())
+                     executor=InlineExecutor(), load_executor=InlineExecutor())
     assert fresh.missing_calls("f", ["c1", "c9"]) == ["c9"]  # read back from the store
 
 
@@ -256,7 +257,7 @@ def test_serves_a_new_model_only_if_no_worse_on_the_same_holdout(profiler):
 def test_rows_survive_in_the_store_and_a_new_profiler_sees_them(profiler, tmp_path):
     profiler.record(rows(7))
     again = Profiler(profiler.config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
-                     executor=InlineExecutor())
+                     executor=InlineExecutor(), load_executor=InlineExecutor())
     assert again.bundle("f", "h1").n_history == 7
 
 
@@ -284,7 +285,7 @@ def test_a_changed_functions_runs_are_not_sized_by_the_old_codes_models(tmp_path
     config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
                             min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
     profiler = Profiler(config, store=ProfileStore(tmp_path), registry=KeepingRegistry(), clock=Clock(),
-                        executor=InlineExecutor())
+                        executor=InlineExecutor(), load_executor=InlineExecutor())
     profiler.bundle("f", "h1")
     profiler.record(rows(40))  # the old code: trained, its models served
     assert set(profiler.bundle("f", "h1").models) >= {"memory", "cpu", "wall"}
@@ -310,7 +311,7 @@ def test_a_changed_functions_runs_are_not_sized_by_the_old_codes_models(tmp_path
     assert set(profiler.bundle("f", "h1").models) >= {"memory", "cpu", "wall"}  # the old code keeps them
     # A restarted profiler knows which code its served models were trained on.
     again = Profiler(config, store=ProfileStore(tmp_path), registry=profiler.registry, clock=Clock(),
-                     executor=InlineExecutor())
+                     executor=InlineExecutor(), load_executor=InlineExecutor())
     assert again.bundle("f", "h2").models == {}
     assert set(again.bundle("f", "h1").models) >= {"memory", "cpu", "wall"}
     assert json.loads(profiler.registry.logged[-1][0].meta_json)["history_scope"] == "code"
@@ -324,7 +325,7 @@ def test_a_new_codes_first_model_is_served_and_two_codes_in_use_keep_a_model_eac
                             min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
     clock = Clock()
     profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=clock,
-                        executor=InlineExecutor())
+                        executor=InlineExecutor(), load_executor=InlineExecutor())
     for start in range(0, 1200, 100):  # the old code: many runs, its models well trained
         profiler.record(rows(100, start=start, noise=2.0))
         clock.now += 31
@@ -352,7 +353,7 @@ def test_a_stored_model_of_other_features_is_skipped_with_a_warning_and_the_rows
     config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
                             min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
     profiler = Profiler(config, store=ProfileStore(tmp_path), registry=KeepingRegistry(), clock=Clock(),
-                        executor=InlineExecutor())
+                        executor=InlineExecutor(), load_executor=InlineExecutor())
     profiler.record(rows(40))
     registry = profiler.registry
     # As an older raysched wrote them: fewer tag features.
@@ -360,7 +361,8 @@ def test_a_stored_model_of_other_features_is_skipped_with_a_warning_and_the_rows
         meta = json.loads(artifact.meta_json)
         meta["feature_names"] = ["log2_input_size"] + [f"tag_{k}" for k in range(8)]
         registry.logged[i] = (replace(artifact, meta_json=json.dumps(meta)), params, metrics)
-    again = Profiler(config, store=ProfileStore(tmp_path), registry=registry, clock=Clock(), executor=InlineExecutor())
+    again = Profiler(config, store=ProfileStore(tmp_path), registry=registry, clock=Clock(), executor=InlineExecutor(),
+                     load_executor=InlineExecutor())
     with caplog.at_level("WARNING"):
         bundle = again.bundle("f", "h1")
     assert bundle.models == {} and bundle.n_history == 40
@@ -553,7 +555,7 @@ def test_a_training_mlflow_could_not_log_still_serves_its_model_and_tells_the_ca
     config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, min_retrain_interval_s=1e9,
                             profile_commit_interval_s=0.0)
     profiler = Profiler(config, store=ProfileStore(tmp_path), registry=_FailingRegistry(), clock=Clock(),
-                        executor=InlineExecutor())
+                        executor=InlineExecutor(), load_executor=InlineExecutor())
     profiler.record(rows(40))
     summary = profiler.train_now("f", "h1")
     assert any("database disk image is malformed" in e for e in summary["mlflow_errors"]), summary
@@ -580,7 +582,7 @@ def test_the_registry_keeps_the_newest_and_the_served_versions_only(tmp_path):
                             min_retrain_interval_s=30.0, bundle_max_age_s=0.0, registry_keep_versions=2)
     clock = Clock()
     profiler = Profiler(config, store=ProfileStore(tmp_path), registry=ModelRegistry(tmp_path), clock=clock,
-                        executor=InlineExecutor())
+                        executor=InlineExecutor(), load_executor=InlineExecutor())
     for start in range(0, 200, 40):
         profiler.record(rows(40, start=start, noise=float(start)))  # noisier and noisier: later models may lose
         clock.now += 31
@@ -591,7 +593,7 @@ def test_the_registry_keeps_the_newest_and_the_served_versions_only(tmp_path):
         assert served in kept and len(kept) <= 3 and kept[-2:] == sorted(kept)[-2:]
     # A restarted profiler still finds the model it served.
     again = Profiler(config, store=ProfileStore(tmp_path), registry=ModelRegistry(tmp_path), clock=Clock(),
-                     executor=InlineExecutor())
+                     executor=InlineExecutor(), load_executor=InlineExecutor())
     assert again.bundle("f", "h1").models["memory"].version == profiler.bundle("f", "h1").models["memory"].version
 
 
@@ -627,3 +629,80 @@ def test_the_drivers_cached_bounds_are_never_below_a_calls_own(tmp_path):
         fitted.append(wall <= cached[-1])
     assert min(np.array(cached) / np.array(direct)) > 0.97
     assert np.mean(fitted) >= 0.95
+
+
+class _SlowStore:
+    """A ProfileStore whose reads of one function wait until the test lets them go."""
+
+    def __init__(self, store, slow_function):
+        self._store = store
+        self._slow = slow_function
+        import threading
+
+        self.reading = threading.Event()
+        self.release = threading.Event()
+
+    def read_recent(self, n, function=None, code_hash=None):
+        read = self._store.read_recent(n, function=function, code_hash=code_hash)
+        if function == self._slow:  # read, and not returned yet: rows written now are not in it
+            self.reading.set()
+            assert self.release.wait(10), "the test never let the read go"
+        return read
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_a_slow_history_read_holds_up_no_other_call_and_keeps_the_rows_recorded_meanwhile(tmp_path):
+    # Reading a function's history from a large store takes seconds; it used to run under
+    # the profiler's lock, so every record and bundle call of every function waited for it.
+    import threading
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, bundle_max_age_s=0.0)
+    store = ProfileStore(tmp_path)
+    store.append(rows(5, function="slow"))  # stored before this profiler started: read from the store
+    slow = _SlowStore(store, "slow")
+    profiler = Profiler(config, store=slow, registry=FakeRegistry(), clock=Clock(), executor=InlineExecutor(),
+                        load_executor=InlineExecutor())
+    asked = {}
+    reader = threading.Thread(target=lambda: asked.update(bundle=profiler.bundle("slow", "h1")))
+    reader.start()
+    assert slow.reading.wait(10)
+    done = threading.Event()
+    meanwhile = rows(3, start=100, function="slow") + rows(2, function="other")
+
+    def record_meanwhile():
+        profiler.record(meanwhile)
+        profiler.bundle("other", "h1")
+        done.set()
+
+    threading.Thread(target=record_meanwhile, daemon=True).start()
+    assert done.wait(5), "a record and a bundle call waited for another function's history read"
+    slow.release.set()
+    reader.join(10)
+    # The 3 rows were written after the read: they come from what record handed over meanwhile.
+    assert asked["bundle"].n_history == 8
+    assert profiler.bundle("other", "h1").n_history == 2
+    assert profiler.bundle("slow", "h1", reload=True).n_history == 8
+
+
+def test_rows_recorded_during_a_reload_stay_in_the_history(tmp_path):
+    import threading
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, bundle_max_age_s=0.0)
+    store = ProfileStore(tmp_path)
+    slow = _SlowStore(store, "never")
+    profiler = Profiler(config, store=slow, registry=FakeRegistry(), clock=Clock(), executor=InlineExecutor(),
+                        load_executor=InlineExecutor())
+    profiler.record(rows(4))
+    assert profiler.bundle("f", "h1").n_history == 4
+    slow._slow = "f"  # the next read of f waits
+    asked = {}
+    reader = threading.Thread(target=lambda: asked.update(bundle=profiler.bundle("f", "h1", reload=True)))
+    reader.start()
+    assert slow.reading.wait(10)
+    profiler.record(rows(3, start=50))
+    slow.release.set()
+    reader.join(10)
+    assert asked["bundle"].n_history == 7
+    assert profiler.bundle("f", "h1").n_history == 7
