@@ -28,8 +28,12 @@ def main() -> None:
 def demo(tasks: int, seed: int) -> None:
     """Run a batch of numpy tasks on a local Ray twice, cold then warm, and compare."""
     from .demo import run_demo
+    from .errors import RayschedError
 
-    run_demo(tasks=tasks, seed=seed, echo=click.echo)
+    try:
+        run_demo(tasks=tasks, seed=seed, echo=click.echo)
+    except RayschedError as exc:  # an unusable home: one line, as every other command says it
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()

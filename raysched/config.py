@@ -39,7 +39,9 @@ class RayschedConfig:
     #: memory label at all (plain Ray's default) until there is history; tasks that block
     #: on their children hold their labels while they wait, which can fill a node.
     default_memory_bytes: int = 1 * GiB
+    #: Cores for a function with no history and no user fallback.
     default_num_cpus: float = 1.0
+    #: Wall seconds assumed for a function with no history (the monitor's slow-task rule, the queue's order).
     default_wall_seconds: float = 60.0
 
     # --- how much history each estimator needs --------------------------------
@@ -73,6 +75,7 @@ class RayschedConfig:
     coverage: float = 0.95
     #: Share of rows held out for calibration and model comparison.
     holdout_fraction: float = 0.25
+    #: Each XGBoost quantile model's boosting rounds, tree depth and learning rate.
     xgb_rounds: int = 120
     xgb_max_depth: int = 4
     xgb_learning_rate: float = 0.1
@@ -152,9 +155,11 @@ class RayschedConfig:
     #: (1 + confidence_scale / n_history) ** confidence_exponent.
     confidence_scale: float = 1.0
     confidence_exponent: float = 1.0
+    #: No memory request below this.
     min_memory_bytes: int = 64 * MiB
     #: Memory requests are rounded up to this granularity.
     memory_rounding_bytes: int = 16 * MiB
+    #: No CPU request below this (cores).
     min_num_cpus: float = 0.25
     #: CPU requests are rounded up to this fraction of a core.
     cpu_rounding: float = 0.25
@@ -384,24 +389,27 @@ class RayschedConfig:
     @classmethod
     def describe(cls) -> list[tuple[str, str, object, str]]:
         """(section, knob, default, meaning) of every knob, in the order of this file; the
-        meaning is the ``#:`` comment just above the knob ("" for a knob its neighbour's
-        comment covers)."""
+        meaning is the ``#:`` comment just above the knob, or, for a knob right below
+        another with no comment of its own, the comment that covers their group."""
         import inspect
         import re
 
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         rows: list[tuple[str, str, object, str]] = []
-        section, comment = "", []
+        section, comment, group = "", [], ""
         for line in inspect.getsource(cls).splitlines():
             text = line.strip()
             if text.startswith("# ---"):
-                section, comment = text.strip("# -"), []
+                section, comment, group = text.strip("# -"), [], ""
             elif text.startswith("#:"):
                 comment.append(text[2:].strip())
             else:
                 field = re.match(r"(\w+)\s*:", text)
                 if field and field.group(1) in defaults:
-                    rows.append((section, field.group(1), defaults[field.group(1)], " ".join(comment)))
+                    group = " ".join(comment) or group
+                    rows.append((section, field.group(1), defaults[field.group(1)], group))
+                elif not text:
+                    group = ""  # a blank line ends a group
                 comment = [] if field or not text else comment
         return rows
 

@@ -129,6 +129,7 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
             echo(f"{home} already holds {earlier} runs of the demo; this run uses a new home, {fresh},"
                  " so that its first round is cold.")
             raysched.configure(home=str(fresh))
+        ProfileStore(fresh)  # an unwritable home says so now, not after Ray has started
         echo("Starting a local Ray cluster...")
         ray.init(include_dashboard=False, namespace="raysched", log_to_driver=False)
     config = raysched.get_config()

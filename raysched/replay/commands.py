@@ -233,7 +233,10 @@ def _check_writable(path: Path, option: str) -> None:
 
 
 def _skip(path: Path, exc: Exception) -> str:
-    message = f"{path}: skipped: {exc}"
+    reason = str(exc)
+    if reason.startswith(f"{path}: "):  # the reader's own message names the file already
+        reason = reason[len(f"{path}: "):]
+    message = f"{path}: skipped: {reason}"
     click.echo(message, err=True)
     return message
 
