@@ -173,6 +173,9 @@ def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0) -
         return len(value.encode("utf-8", "surrogatepass"))
     memory_usage = getattr(value, "memory_usage", None)
     if callable(memory_usage) and hasattr(value, "shape"):  # pandas DataFrame / Series
+        plain = _plain_frame_bytes(value)
+        if plain is not None:
+            return plain
         try:
             used = memory_usage(index=True, deep=False)
             return int(used.sum()) if hasattr(used, "sum") else int(used)
@@ -205,6 +208,23 @@ def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0) -
     if len(value) > len(items):  # extrapolate from the walked prefix
         total = int(total * len(value) / len(items))
     return total
+
+
+def _plain_frame_bytes(frame: Any) -> int | None:
+    """What ``memory_usage(index=True, deep=False).sum()`` gives for a frame or series of plain
+    numpy columns (numbers, bools, datetimes, objects at 8 bytes each), counted from the
+    dtypes: memory_usage builds a Series per call, 0.4 ms for a 1,000 x 10 frame (eight
+    times Ray's pickling of it). None for anything else (extension, categorical or
+    string dtypes), which memory_usage then counts."""
+    try:
+        dtypes = frame.dtypes
+        dtypes = list(dtypes) if hasattr(dtypes, "__iter__") else [dtypes]  # a Series: one dtype
+        index = frame.index
+        if not all(isinstance(d, np.dtype) for d in dtypes) or not isinstance(index.dtype, np.dtype):
+            return None
+        return int(len(frame) * sum(d.itemsize for d in dtypes) + index.nbytes)
+    except Exception:  # noqa: BLE001 - an odd object: memory_usage decides
+        return None
 
 
 def derive_input_size(args: Sequence[Any], kwargs: Mapping[str, Any], size_of_opaque: SizeOf | None = None) -> int | None:
