@@ -143,7 +143,8 @@ def start_cluster(args: argparse.Namespace):
     deadline = time.monotonic() + 60
     while True:
         try:
-            ray.get(ray.get_actor(monitor_name(raysched.get_config()), namespace=NAMESPACE).ping.remote(), timeout=30)
+            monitor = ray.get_actor(monitor_name(raysched.get_config()), namespace=NAMESPACE)
+            ray.get(monitor.ping.remote(), timeout=30)
             break
         except ValueError:
             if time.monotonic() > deadline:
@@ -326,7 +327,8 @@ class QueueWatch:
     def _run(self) -> None:
         while not self._done.wait(self._interval):
             try:
-                status = ray.get(ray.get_actor(self._name, namespace=self._namespace).status.remote(), timeout=5)
+                actor = ray.get_actor(self._name, namespace=self._namespace)
+                status = ray.get(actor.status.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - not created yet
                 continue
             if status.get("capacity_room_bytes") is not None:

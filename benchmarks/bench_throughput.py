@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"{n} {run[n]['batch_tasks_per_s']:.0f}/s batch, "
                               f"{run[n]['seq_latency_ms']:.2f} ms seq" for n in names),
                   file=sys.stderr)
-        status = ray.get(profiler_handle().status.remote())
+        profiler = profiler_handle()  # held: Ray 2.40 lost a handle made inline
+        status = ray.get(profiler.status.remote())
     finally:
         ray.shutdown()
         shutil.rmtree(_HOME, ignore_errors=True)

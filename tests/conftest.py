@@ -22,6 +22,19 @@ if _TESTS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 SHARED_TRACES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
 
+def ray_takes_task_option(name: str) -> bool:
+    """Whether the installed Ray knows this task option (``label_selector`` and
+    ``fallback_strategy`` are newer than Ray 2.40, which pyproject still allows)."""
+    import importlib
+
+    for module in ("ray._common.ray_option_utils", "ray._private.ray_option_utils"):
+        try:
+            return name in importlib.import_module(module).task_options
+        except (ImportError, AttributeError):
+            continue
+    return False
+
+
 def wait_for(predicate, timeout=30.0, step=0.1):
     """Poll ``predicate`` until it is true or ``timeout`` passes; whether it became true."""
     deadline = time.monotonic() + timeout

@@ -262,7 +262,8 @@ def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
         assert "a named actor ('raysched-named-idler') is never replaced" in skipped()[0]
         assert handle.raysched.incarnation == 1 and handle.raysched.rescales == []
         assert ray.get(handle.pid.remote(), timeout=30) == first_pid
-        assert ray.get(ray.get_actor("raysched-named-idler").pid.remote(), timeout=30) == first_pid
+        found = ray.get_actor("raysched-named-idler")
+        assert ray.get(found.pid.remote(), timeout=30) == first_pid
         ray.get(handle.raysched.terminate(), timeout=60)
     finally:
         raysched.configure(base)
@@ -288,7 +289,8 @@ def test_ray_kill_ends_an_adaptive_actor_and_no_rescale_brings_it_back(ray_sessi
     assert wait_for(lambda: "not rescaled: the actor is dead" in " ".join(raysched.events(Idler)["detail"]))
     # A named, detached one: killed, its name is free again, as with Ray.
     named = Holder.options(name="raysched-kill-probe", lifetime="detached").remote()
-    assert ray.get(ray.get_actor("raysched-kill-probe").nbytes.remote(), timeout=60) == 0
+    probe = ray.get_actor("raysched-kill-probe")
+    assert ray.get(probe.nbytes.remote(), timeout=60) == 0
     ray.kill(named)
     assert wait_for(lambda: _no_actor_named("raysched-kill-probe"), timeout=30)
 

@@ -35,7 +35,8 @@ def _named(name: str) -> bool:
 
 
 def _queue_status():
-    return ray.get(ray.get_actor(ADMISSION_NAME, namespace=NAMESPACE).status.remote(), timeout=30)
+    queue = ray.get_actor(ADMISSION_NAME, namespace=NAMESPACE)  # held: Ray 2.40 lost a handle made inline
+    return ray.get(queue.status.remote(), timeout=30)
 
 
 def test_calls_with_a_priority_start_highest_first_when_the_cluster_is_full(ray_session):

@@ -13,7 +13,7 @@ import raysched
 from raysched import PredictionTooLarge, adaptive_remote
 from raysched.types import GiB, MiB
 
-from conftest import environment, wait_for
+from conftest import environment, ray_takes_task_option, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -144,6 +144,7 @@ class LabelledActor:
         return ray.get_runtime_context().get_node_id()
 
 
+@pytest.mark.skipif(not ray_takes_task_option("label_selector"), reason="this Ray has no label_selector option")
 def test_a_call_whose_label_selector_picks_the_small_node_is_capped_to_it(two_nodes, small_head):
     """``label_selector`` (and the selectors of ``fallback_strategy``) restrict the nodes as
     a hard affinity does: sized for the whole cluster (the cold default, 1 GiB + 15%), the

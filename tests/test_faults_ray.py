@@ -369,7 +369,8 @@ def _judge_nodes_by(**changes) -> None:
     from raysched.runtime.monitor import get_or_create_monitor
 
     config = raysched.configure(**changes)
-    ray.get(get_or_create_monitor(config).reconfigure.remote(config), timeout=60)
+    monitor = get_or_create_monitor(config)  # held: Ray 2.40 lost a handle made inline
+    ray.get(monitor.reconfigure.remote(config), timeout=60)
 
 
 def test_under_node_pressure_the_lowest_priority_call_gives_way_first_and_resumes_in_place(faults):

@@ -713,7 +713,7 @@ def test_a_cost_aware_estimate_is_the_allocation_it_chose_and_bounds_the_peak():
     for n in (200, 800, 1400):
         pred = predictor.predict(Features(input_size=n * MiB), history)
         assert pred.memory.source == "history" and pred.memory.margin == 0.0
-        assert pred.memory.upper >= (n + 96) * MiB  # it bounds the peak
+        assert pred.memory.upper >= (n + 96) * MiB * (1 - 1e-12)  # it bounds the peak (numpy 1.x: 3e-6 bytes short)
         allocation = size(pred, CFG)
         assert allocation.memory_bytes == math.ceil(pred.memory.upper / (16 * MiB)) * 16 * MiB  # no margin on top
         assert requested_memory(pred.memory, CFG.memory_margin) == pred.memory.upper

@@ -86,11 +86,14 @@ def test_shutdown_right_after_a_call_that_took_several_attempts_keeps_its_last_r
     assert list(rows["outcome"]) == ["error", "error", "ok"] and list(rows["attempt"]) == [1, 2, 3]
 
 
-def test_a_new_ray_session_in_the_same_process_gets_its_own_profiler_and_the_history(home):
+def test_a_new_ray_session_in_the_same_process_gets_its_own_profiler_and_the_history(home, monkeypatch):
     """The first job of every new local cluster has the same id: the session name tells them apart."""
     start_ray()
     ray.get([square.remote(i) for i in range(5)])
     first_session = session_token()
+    with monkeypatch.context() as older_ray:  # Ray 2.40's runtime context has no get_session_name
+        older_ray.delattr(ray.runtime_context.RuntimeContext, "get_session_name")
+        assert session_token() == first_session
     ray.shutdown()
     start_ray()
     assert session_token() != first_session

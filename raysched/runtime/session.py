@@ -118,8 +118,17 @@ def session_token() -> str | None:
         try:
             parts.append(str(getattr(ray.get_runtime_context(), part)()))
         except Exception:  # noqa: BLE001 - not every kind of connection (Ray Client) has both
-            parts.append("")
+            parts.append(_node_session_name() if part == "get_session_name" else "")
     return "/".join(parts) if any(parts) else None
+
+
+def _node_session_name() -> str:
+    """The session name where the runtime context has no ``get_session_name`` (Ray 2.40):
+    without it every new local cluster's token was "/01000000", and a new session went unseen."""
+    try:
+        return str(ray._private.worker.global_worker.node.session_name)
+    except Exception:  # noqa: BLE001 - Ray Client: no node of its own
+        return ""
 
 
 def session_key() -> Any:
