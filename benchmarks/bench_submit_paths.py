@@ -1,6 +1,6 @@
-"""Driver-side cost of two common submission shapes: plain ``@ray.remote`` against raysched.
+"""Driver-side cost of common submission shapes: plain ``@ray.remote`` against raysched.
 
-Two cases, each with plain Ray and ``@raysched.adaptive_remote`` side by side in one
+Three cases, each with plain Ray and ``@raysched.adaptive_remote`` side by side in one
 Ray session (``num_cpus=2``, ``RAY_AUTH_MODE=disabled``, a fresh temporary
 ``RAYSCHED_HOME``):
 
@@ -10,6 +10,11 @@ Ray session (``num_cpus=2``, ``RAY_AUTH_MODE=disabled``, a fresh temporary
 * ``options``: every call passes ``.options(runtime_env={...})``, a dict option, built
   anew per call. raysched keys its plan cache on the options' values, so equal
   options find the plan made for the first call.
+* ``pending-ref``: every call takes the output of a task still running (a chain, a
+  reduction over running tasks): an object with no size yet. raysched asked its owner
+  for the size on every call (a round trip each) until the twenty-first session; it now
+  asks the driver's own core worker. Only the submit loop's time means something here:
+  every run's ``ray.get`` waits for that task (``PENDING_S``).
 
 Per case and path: ``--calls`` submissions in a list comprehension (the submit loop's
 time per call), then one ``ray.get`` of all refs (tasks/s over both), ``--repeats``
@@ -59,21 +64,35 @@ def raysched_echo(x):
     return x
 
 
+#: How long the task whose output the pending-ref case passes runs (from the start of a run).
+PENDING_S = 0.5
+
+
+@ray.remote
+def made_later(seconds):
+    time.sleep(seconds)
+    return 1
+
+
 def env() -> dict:
     return {"env_vars": {"RAYSCHED_BENCH": "1"}}
 
 
-def cases(shared: ray.ObjectRef) -> dict[str, dict[str, object]]:
-    """case -> path -> a function of the call's index that submits it."""
+def cases(shared: ray.ObjectRef, pending: list) -> dict[str, dict[str, object]]:
+    """case -> path -> a function of the call's index that submits it (``pending[0]``: the
+    ref of a task still running, made anew before each run)."""
     return {
         "shared-ref": {"plain": lambda i: plain_first.remote(shared),
                        "raysched": lambda i: raysched_first.remote(shared)},
         "options": {"plain": lambda i: plain_echo.options(runtime_env=env()).remote(i),
                     "raysched": lambda i: raysched_echo.options(runtime_env=env()).remote(i)},
+        "pending-ref": {"plain": lambda i: plain_echo.remote(pending[0]),
+                        "raysched": lambda i: raysched_echo.remote(pending[0])},
     }
 
 
-def one_run(submit, calls: int) -> dict[str, float]:
+def one_run(submit, calls: int, pending: list) -> dict[str, float]:
+    pending[0] = made_later.remote(PENDING_S)
     t0 = time.perf_counter()
     refs = [submit(i) for i in range(calls)]
     t1 = time.perf_counter()
@@ -95,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
                               "load_before": os.getloadavg(), "cases": {}}
     try:
         shared = ray.put(np.ones(100_000))
-        for case, paths in cases(shared).items():
+        pending = [made_later.remote(0)]
+        for case, paths in cases(shared, pending).items():
             for submit in paths.values():  # warm-up: workers, exported functions, the first plan
                 ray.get([submit(i) for i in range(200)])
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             for rep in range(args.repeats):
                 order = list(paths) if rep % 2 == 0 else list(reversed(paths))
                 for name in order:
-                    runs[name].append(one_run(paths[name], args.calls))
+                    runs[name].append(one_run(paths[name], args.calls, pending))
             summary = {}
             for key in ("submit_us_per_call", "tasks_per_s"):
                 medians = {name: statistics.median(r[key] for r in runs[name]) for name in paths}
