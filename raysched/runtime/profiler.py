@@ -241,8 +241,9 @@ class Profiler:
 
     def _state(self, function: str) -> _FunctionState:
         """The function's state, read from the store on first use.  Never called with the lock
-        held: the read of a large store takes seconds (2.8 s at 2.4 million rows), and under
-        the lock every record and bundle call of every function waited for it."""
+        held: the read of a large store can take seconds (up to 2.8 s measured on a home of
+        2.4 million rows), and under the lock every record and bundle call of every function
+        waited for it (benchmarks/bench_profiler_start.py)."""
         while True:
             with self._lock:
                 state = self._functions.get(function)
