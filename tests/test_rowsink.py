@@ -112,3 +112,43 @@ def test_a_batch_the_profiler_could_not_store_is_a_warning_in_the_worker(caplog)
     assert sink.in_flight == 0
     assert "could not store a batch of this worker's profile rows" in caplog.text
     assert "No space left on device" in caplog.text
+
+
+def test_the_sender_keeps_the_profilers_handle_alive_for_every_batch(monkeypatch, tmp_path):
+    # Ray 2.40's actor method holds its actor weakly: the sender kept only the method, so
+    # once the handle it looked up was collected every batch failed ("Lost reference to
+    # actor") and was written to the store behind the profiler's back, which then never
+    # trained on them.
+    import gc
+    import weakref
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime import worker
+
+    received: list[bytes] = []
+
+    class Method:
+        def __init__(self, actor_ref):
+            self._actor_ref = actor_ref
+
+        def options(self, **_):
+            return Method(self._actor_ref)
+
+        def remote(self, payload):
+            if self._actor_ref() is None:
+                raise RuntimeError("Lost reference to actor")
+            received.append(payload)
+            return "ref"
+
+    class Profiler:
+        @property
+        def record(self):
+            return Method(weakref.ref(self))
+
+    monkeypatch.setattr(worker.ray, "get_actor", lambda name, namespace=None: Profiler())
+    send = worker._send_rows(RayschedConfig(home=str(tmp_path)))
+    for batch in range(3):
+        assert send([{"batch": batch}]) == "ref"
+        gc.collect()
+    assert len(received) == 3
+    assert not (tmp_path / "profiles").exists()  # nothing went around the profiler

@@ -465,7 +465,10 @@ def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
         try:
             if not handle:
                 actor = ray.get_actor(profiler_name(config), namespace=NAMESPACE)
-                handle.append(actor.record.options(concurrency_group=RECORD_GROUP))
+                # The actor's handle is kept with its method: a method holds its actor weakly
+                # (Ray 2.40), and once the handle was dropped every batch failed with "Lost
+                # reference to actor" and was written to the store behind the profiler's back.
+                handle.extend((actor.record.options(concurrency_group=RECORD_GROUP), actor))
             # One plain pickle of the batch: Ray's own serialisation of a list of dicts
             # (msgpack with a pickle per datetime) cost four times as much per row.
             return handle[0].remote(pickle.dumps(rows, protocol=5))
