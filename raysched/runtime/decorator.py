@@ -71,19 +71,22 @@ def _ref_size(value: Any) -> int | None:
     if local is not None:
         size = local.get("object_size")
     elif key not in _REF_ASKED:
-        _REF_ASKED[key] = None
-        if len(_REF_ASKED) > _REF_SIZES_MAX:
-            _REF_ASKED.popitem(last=False)
+        _remember(_REF_ASKED, key, None)
         try:
             size = ray.experimental.get_object_locations([value], timeout_ms=200).get(value, {}).get("object_size")
         except Exception:  # noqa: BLE001 - owned elsewhere and out of reach: unknown
             return None
     if not size:
         return None  # not created yet (a task still running): no size, until it exists
-    _REF_SIZES[key] = int(size)
-    if len(_REF_SIZES) > _REF_SIZES_MAX:
-        _REF_SIZES.popitem(last=False)
+    _remember(_REF_SIZES, key, int(size))
     return int(size)
+
+
+def _remember(cache: OrderedDict, key: bytes, value: Any) -> None:
+    """Put into one of the ref caches, forgetting its oldest entry beyond ``_REF_SIZES_MAX``."""
+    cache[key] = value
+    if len(cache) > _REF_SIZES_MAX:
+        cache.popitem(last=False)
 
 
 @functools.lru_cache(maxsize=2)
