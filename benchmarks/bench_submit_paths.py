@@ -15,12 +15,17 @@ Ray session (``num_cpus=2``, ``RAY_AUTH_MODE=disabled``, a fresh temporary
   for the size on every call (a round trip each) until the twenty-first session; it now
   asks the driver's own core worker. Only the submit loop's time means something here:
   every run's ``ray.get`` waits for that task (``PENDING_S``).
+* ``file-paths``: every call takes the path of a file of its own (sparse files of
+  log-uniform sizes from 1 to 100 MB, never passed twice: a batch over a folder of
+  inputs). raysched sizes the call from the file, and a size never repeats: it made
+  a plan per call until the twenty-second session; calls whose sizes fall in one
+  band (~1.4% wide) now share one.
 
 Per case and path: ``--calls`` submissions in a list comprehension (the submit loop's
 time per call), then one ``ray.get`` of all refs (tasks/s over both), ``--repeats``
 times, the paths alternating; medians, and raysched/plain.
 
-Run:  python benchmarks/bench_submit_paths.py [--calls 1000] [--repeats 5] [--json out.json]
+Run:  python benchmarks/bench_submit_paths.py [--calls 1000] [--repeats 5] [--cases a,b] [--json out.json]
 """
 
 from __future__ import annotations
@@ -78,7 +83,37 @@ def env() -> dict:
     return {"env_vars": {"RAYSCHED_BENCH": "1"}}
 
 
-def cases(shared: ray.ObjectRef, pending: list) -> dict[str, dict[str, object]]:
+@ray.remote
+def plain_name_length(path):
+    return len(path)
+
+
+@raysched.adaptive_remote
+def raysched_name_length(path):
+    return len(path)
+
+
+class InputFiles:
+    """Sparse files of log-uniform sizes in a temporary folder, each handed out once."""
+
+    def __init__(self, count: int, folder: str, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        os.makedirs(folder, exist_ok=True)
+        self.paths = []
+        for i, size in enumerate(np.exp(rng.uniform(np.log(1e6), np.log(1e8), count)).astype(int)):
+            path = os.path.join(folder, f"input-{i:06d}.bin")
+            with open(path, "wb") as f:
+                f.truncate(int(size))
+            self.paths.append(path)
+        self.next = 0
+
+    def take(self) -> str:
+        path = self.paths[self.next]
+        self.next += 1
+        return path
+
+
+def cases(shared: ray.ObjectRef, pending: list, files: InputFiles) -> dict[str, dict[str, object]]:
     """case -> path -> a function of the call's index that submits it (``pending[0]``: the
     ref of a task still running, made anew before each run)."""
     return {
@@ -88,6 +123,8 @@ def cases(shared: ray.ObjectRef, pending: list) -> dict[str, dict[str, object]]:
                     "raysched": lambda i: raysched_echo.options(runtime_env=env()).remote(i)},
         "pending-ref": {"plain": lambda i: plain_echo.remote(pending[0]),
                         "raysched": lambda i: raysched_echo.remote(pending[0])},
+        "file-paths": {"plain": lambda i: plain_name_length.remote(files.take()),
+                       "raysched": lambda i: raysched_name_length.remote(files.take())},
     }
 
 
@@ -106,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=1000, help="submissions per run (default 1000)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per case and path (default 5)")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
+    parser.add_argument("--cases", default="", help="comma-separated cases to run (default: all)")
     args = parser.parse_args(argv)
     if args.calls < 1 or args.repeats < 1:
         parser.error("counts must be positive")
@@ -115,7 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shared = ray.put(np.ones(100_000))
         pending = [made_later.remote(0)]
-        for case, paths in cases(shared, pending).items():
+        # One file per call of every run and warm-up of the file-paths case (both paths).
+        files = InputFiles(2 * (200 + args.calls * args.repeats), os.path.join(_HOME, "inputs"))
+        chosen = cases(shared, pending, files)
+        unknown = set(filter(None, args.cases.split(","))) - set(chosen)
+        if unknown:
+            parser.error(f"unknown case(s) {sorted(unknown)}: choose from {sorted(chosen)}")
+        for case, paths in chosen.items():
+            if args.cases and case not in args.cases.split(","):
+                continue
             for submit in paths.values():  # warm-up: workers, exported functions, the first plan
                 ray.get([submit(i) for i in range(200)])
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}

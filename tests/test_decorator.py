@@ -322,3 +322,33 @@ def test_the_argument_count_shortcut_refuses_exactly_what_signature_bind_refuses
     with pytest.raises(TypeError, match="k"):
         adaptive_remote(d)._check_arguments((1,), {})
     adaptive_remote(d)._check_arguments((1,), {"k": 3})  # keywords take bind()'s path
+
+
+def test_a_call_sharing_its_bands_plan_carries_its_own_size_and_shapes_to_its_row():
+    """Calls whose sizes fall in one band share a plan (one prediction, one template); each
+    one's row must still hold its own input size and argument shapes, not the first call's."""
+    from raysched.config import RayschedConfig
+    from raysched.runtime.client import size_band
+    from raysched.runtime.worker import (AttemptSpec, attempt_row, decode_spec, encode_call, encode_features,
+                                         encode_template)
+    from raysched.types import Allocation, Estimate, Features, Outcome, Prediction
+
+    config = RayschedConfig()
+    guess = Estimate(target=1e8, lower=1e8, upper=1e8, coverage=0.9, n_history=8)
+    first = Features(input_size=1000, tags=("t",), arg_shapes=("bytes[1000]",), dependencies=("d",))
+    later = Features(input_size=1001, tags=("t",), arg_shapes=("bytes[1001]",), dependencies=("d",))
+    assert size_band(first.input_size) == size_band(later.input_size) and size_band(None) is None
+    spec = AttemptSpec(function="f", code_hash="h", call_id="", attempt=1, features=first,
+                       prediction=Prediction(memory=guess, cpu=guess, wall=guess, source="history"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=2**28))
+    template = encode_template(spec)
+    for _ in range(2):  # the second time from the worker's cache of decoded templates
+        own = decode_spec(encode_call(template, "c" * 32, encode_features(later)), config)
+        assert own.call_id == "c" * 32 and own.features == later
+        row = attempt_row(own, Outcome.OK, None, 1.0, 2.0)
+        assert row["input_size"] == 1001 and row["arg_shapes"] == ("bytes[1001]",) and row["tags"] == ("t",)
+        same = decode_spec(encode_call(template, "d" * 32), config)
+        assert same.call_id == "d" * 32 and same.features == first
+        assert attempt_row(same, Outcome.OK, None, 1.0, 2.0)["input_size"] == 1000  # the template's row is untouched
+    assert decode_spec(encode_call(template, "e", encode_features(Features(None, ("t",), ()))), config).features \
+        == Features(None, ("t",), (), ("d",))

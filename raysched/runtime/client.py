@@ -43,10 +43,20 @@ _SIZE_BUCKETS_PER_DOUBLING = 50
 _COARSE_BUCKETS_PER_DOUBLING = 8
 _COARSE_RESOURCES = ("cpu", "wall", "disk")
 _CACHE_SIZE = 4096
+
 #: ``refresh(train=True)`` waits up to this long for the rows of this driver's last
 #: ``_ROWS_WAIT_CALLS`` calls of the function before it trains.
 _ROWS_WAIT_S = 10.0
 _ROWS_WAIT_CALLS = 500
+
+
+def size_band(input_size: int | None) -> int | None:
+    """The band of input sizes that share one memory prediction (None: no size known).
+
+    The decorator keys its plans on it as well: calls in one band are submitted with
+    one plan, each carrying its own exact features for its row.
+    """
+    return None if input_size is None else round(math.log2(1 + input_size) * _SIZE_BUCKETS_PER_DOUBLING)
 
 
 class ProfilerClient:
@@ -185,8 +195,7 @@ class ProfilerClient:
         size = features.input_size
         log_size = None if size is None else math.log2(1 + size)
         version = bundle.version if bundle else None
-        bucket = None if log_size is None else round(log_size * _SIZE_BUCKETS_PER_DOUBLING)
-        key = (function, code_hash, version, bucket, features.tags, fallback)
+        key = (function, code_hash, version, size_band(size), features.tags, fallback)
         cached = self._predictions.get(key)
         if cached is not None:
             self._predictions.move_to_end(key)

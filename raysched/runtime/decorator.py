@@ -26,10 +26,11 @@ from ..policy.features import (call_features, validate_input_size, validate_memo
                                validate_tags)
 from ..policy.sizing import largest_node_for
 from ..types import Prediction
-from .client import ProfilerClient, get_client, note_submitted
+from .client import ProfilerClient, get_client, note_submitted, size_band
 from .codehash import code_hash, qualified_name, with_dependencies
 from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, captured_placement_group,
-                     ask_a_return, definition_options, eligible_cluster, encode_call, encode_template, in_admitted_call,
+                     ask_a_return, definition_options, eligible_cluster, encode_call, encode_features, encode_template,
+                     in_admitted_call,
                      make_entry, ray_remote, remote_options)
 
 #: Per-call metadata that is raysched's, not Ray's.
@@ -251,20 +252,24 @@ _SCALAR_TYPES = frozenset({int, float, bool, complex, type(None)})
 
 
 class _Plan:
-    """What every call with the same features and options is submitted with, while it is current.
+    """What every call with the same options and features up to its size band is submitted
+    with, while it is current.
 
-    A new bundle (new rows or models), a new view of the cluster or a new
-    config makes a new plan; within one, a call costs a dict lookup, a call
-    id and Ray's own submission.
+    The calls of one band (``client.size_band``: sizes within ~1.4%) share a prediction,
+    so they share the plan too; a call whose exact features are not the template's
+    (``features``) sends its own along (``encode_features``) for its row.  A new bundle
+    (new rows or models), a new view of the cluster or a new config makes a new plan;
+    within one, a call costs a dict lookup, a call id and Ray's own submission.
     """
 
-    __slots__ = ("bundle", "cluster", "config", "remote", "template", "allocation", "wall_seconds", "wall_upper",
-                 "peak_bytes", "returns_nothing")
+    __slots__ = ("bundle", "cluster", "config", "remote", "template", "features", "allocation", "wall_seconds",
+                 "wall_upper", "peak_bytes", "returns_nothing")
 
-    def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, allocation: Any,
-                 wall_seconds: float = 0.0, wall_upper: float = float("inf"), peak_bytes: float | None = None,
-                 returns_nothing: bool = False):
+    def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, features: Any,
+                 allocation: Any, wall_seconds: float = 0.0, wall_upper: float = float("inf"),
+                 peak_bytes: float | None = None, returns_nothing: bool = False):
         self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
+        self.features = features
         # The predicted wall time orders a queued call (largest_first); its upper bound is
         # how long the admission queue counts on the call holding its room (backfill).
         self.allocation, self.wall_seconds, self.wall_upper = allocation, wall_seconds, wall_upper
@@ -511,7 +516,8 @@ class AdaptiveFunction(_Adaptive):
         bundle = client.bundle(self.name, self.code_hash)
         cluster = client.cluster.get()
         # Inside a task that captures its children into a placement group, labels fit its bundles.
-        key = (features, options.key, captured_placement_group()) if options.key is not None else None
+        band = (size_band(features.input_size), features.tags, features.dependencies)
+        key = (band, options.key, captured_placement_group()) if options.key is not None else None
         plan = self._plans.get(key) if key is not None else None
         if plan is None or not plan.current(bundle, cluster, client.config):
             plan = self._make_plan(options, features, bundle, cluster, client)
@@ -520,6 +526,8 @@ class AdaptiveFunction(_Adaptive):
                     self._plans.clear()
                 self._plans[key] = plan
         call_id = os.urandom(16).hex()
+        spec_bytes = encode_call(plan.template, call_id,
+                                 b"" if features == plan.features else encode_features(features))
         if options.queued:
             # The task waits for its admission (an argument Ray resolves before it starts);
             # the queue frees its room when the task's own ref resolves.
@@ -531,7 +539,7 @@ class AdaptiveFunction(_Adaptive):
                                           plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper,
                                           [inputs] if inputs else (), plan.peak_bytes)
             try:
-                ref = plan.remote.remote(encode_call(plan.template, call_id), admitted, *args, **kwargs)
+                ref = plan.remote.remote(spec_bytes, admitted, *args, **kwargs)
             except BaseException:
                 # Ray refused the submission (an argument it cannot serialise...): the call never
                 # existed, and the queue must not hold its room for ever.
@@ -543,7 +551,7 @@ class AdaptiveFunction(_Adaptive):
             if plan.returns_nothing:
                 ref = None
         else:
-            ref = plan.remote.remote(encode_call(plan.template, call_id), *args, **kwargs)
+            ref = plan.remote.remote(spec_bytes, *args, **kwargs)
         note_submitted(self.name, call_id)
         return ref
 
@@ -555,7 +563,7 @@ class AdaptiveFunction(_Adaptive):
         returns_nothing = options.queued and ask_a_return(ray_options)  # the queue tracks its end
         remote = self._remote_with(ray_options, self._config(client), client)
         peak = expected_peak_bytes(spec.prediction.memory.upper, spec.allocation.memory_is_task_only)
-        return _Plan(bundle, cluster, client.config, remote, encode_template(spec), spec.allocation,
+        return _Plan(bundle, cluster, client.config, remote, encode_template(spec), features, spec.allocation,
                      float(spec.prediction.wall.target), _known_wall(spec.prediction), peak, returns_nothing)
 
     def _remote_with(self, options: dict[str, Any], config: Any, client: ProfilerClient) -> Any:

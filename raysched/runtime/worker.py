@@ -114,8 +114,9 @@ class AttemptSpec:
     def live_key(self) -> str:
         return f"{self.call_id}:{self.attempt}"
 
-    def with_call_id(self, call_id: str) -> "AttemptSpec":
-        """This spec for another call: a copy of the instance dict, cached row part included.
+    def with_call_id(self, call_id: str, features: Features | None = None) -> "AttemptSpec":
+        """This spec for another call (with its own ``features``, if given): a copy of the
+        instance dict, cached row part included (with the call's own features in it).
 
         ``dataclasses.replace`` would re-run ``__init__`` over every field; this runs
         once per task in the worker, on a spec decoded from a cached template.
@@ -123,6 +124,12 @@ class AttemptSpec:
         copy = object.__new__(AttemptSpec)
         copy.__dict__.update(self.__dict__)
         copy.__dict__["call_id"] = call_id
+        if features is not None:
+            copy.__dict__["features"] = features
+            row = self.__dict__.get("static_row")
+            if row is not None:
+                copy.__dict__["static_row"] = {**row, "input_size": features.input_size,
+                                               "arg_shapes": features.arg_shapes}
         return copy
 
     @functools.cached_property
@@ -1548,12 +1555,24 @@ def _by_value_needed(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def encode_call(template: bytes, call_id: str) -> bytes:
-    """The task's first argument: the template, the call id, and the call id's length in one byte."""
+def encode_call(template: bytes, call_id: str, own_features: bytes = b"") -> bytes:
+    """The task's first argument: the template, the call's own features (``encode_features``;
+    empty when they are the template's), the call id, then the features' length in four
+    bytes and the call id's in one."""
     cid = call_id.encode("ascii")
     if len(cid) > 255:
         raise ValueError(f"call id too long: {call_id!r}")
-    return template + cid + bytes((len(cid),))
+    return b"".join((template, own_features, cid, len(own_features).to_bytes(4, "little"), bytes((len(cid),))))
+
+
+def encode_features(features: Features) -> bytes:
+    """What a call's features add to its plan's template: the ones a row records per call.
+
+    A plan serves every call whose input size falls in one band (``client.size_band``): they
+    share the prediction and the allocation, but each call's row keeps its own exact size
+    and argument shapes.  The tags and dependencies are the plan's (they are in its key).
+    """
+    return pickle.dumps((features.input_size, features.arg_shapes), protocol=5)
 
 
 def encode_spec(spec: AttemptSpec) -> bytes:
@@ -1568,7 +1587,9 @@ _TEMPLATES_MAX = 256
 
 def decode_spec(data: bytes, config: RayschedConfig) -> AttemptSpec:
     n = data[-1]
-    template, call_id = data[: -1 - n], data[-1 - n: -1].decode("ascii")
+    m = int.from_bytes(data[-5:-1], "little")
+    end = len(data) - 5 - n
+    template, call_id = data[: end - m], data[end: -5].decode("ascii")
     base = _TEMPLATES.get(template)
     if base is None or base.config is not config:
         base = replace(pickle.loads(template), config=config)
@@ -1576,7 +1597,10 @@ def decode_spec(data: bytes, config: RayschedConfig) -> AttemptSpec:
         if len(_TEMPLATES) >= _TEMPLATES_MAX:
             _TEMPLATES.clear()
         _TEMPLATES[template] = base
-    return base.with_call_id(call_id)
+    if not m:
+        return base.with_call_id(call_id)
+    input_size, arg_shapes = pickle.loads(data[end - m: end])
+    return base.with_call_id(call_id, replace(base.features, input_size=input_size, arg_shapes=arg_shapes))
 
 
 def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | None = None,
