@@ -20,6 +20,9 @@ Ray session (``num_cpus=2``, ``RAY_AUTH_MODE=disabled``, a fresh temporary
   inputs). raysched sizes the call from the file, and a size never repeats: it made
   a plan per call until the twenty-second session; calls whose sizes fall in one
   band (~1.4% wide) now share one.
+* ``names``: every call is given a task name of its own (``.options(name=f"item-{i}")``,
+  for the dashboard). raysched made a plan per name until the twenty-second session;
+  calls that differ only in their name now share one.
 
 Per case and path: ``--calls`` submissions in a list comprehension (the submit loop's
 time per call), then one ``ray.get`` of all refs (tasks/s over both), ``--repeats``
@@ -123,6 +126,8 @@ def cases(shared: ray.ObjectRef, pending: list, files: InputFiles) -> dict[str, 
                     "raysched": lambda i: raysched_echo.options(runtime_env=env()).remote(i)},
         "pending-ref": {"plain": lambda i: plain_echo.remote(pending[0]),
                         "raysched": lambda i: raysched_echo.remote(pending[0])},
+        "names": {"plain": lambda i: plain_echo.options(name=f"item-{i}").remote(i),
+                  "raysched": lambda i: raysched_echo.options(name=f"item-{i}").remote(i)},
         "file-paths": {"plain": lambda i: plain_name_length.remote(files.take()),
                        "raysched": lambda i: raysched_name_length.remote(files.take())},
     }

@@ -56,6 +56,11 @@ def byte_count(data):
     return len(data)
 
 
+@adaptive_remote
+def own_task_name(x):
+    return x, ray.get_runtime_context().get_task_name()
+
+
 @ray.remote
 def plain_double(x):
     return 2 * x
@@ -145,6 +150,14 @@ def test_calls_of_one_size_band_share_a_plan_and_each_row_keeps_its_own_size(ray
     assert sorted(rows["input_size"]) == sorted(len(d) for d in data)
     assert sorted(shapes[0] for shapes in rows["arg_shapes"]) == sorted(f"bytes[{len(d)}]" for d in data)
     assert rows["allocated_memory_bytes"].nunique() == 1
+
+
+def test_calls_named_one_by_one_share_a_plan_and_each_task_runs_under_its_own_name(ray_session):
+    """A per-call task name (for the dashboard) made a plan per call, as a new input size did."""
+    before = len(own_task_name._plans)
+    refs = [own_task_name.options(name=f"item-{i}").remote(i) for i in range(4)] + [own_task_name.remote(4)]
+    assert ray.get(refs) == [(i, f"item-{i}") for i in range(4)] + [(4, "own_task_name")]
+    assert len(own_task_name._plans) == before + 1
 
 
 def test_input_size_of_an_object_ref_argument_is_known(ray_session):

@@ -343,12 +343,36 @@ def test_a_call_sharing_its_bands_plan_carries_its_own_size_and_shapes_to_its_ro
                        allocation=Allocation(num_cpus=1.0, memory_bytes=2**28))
     template = encode_template(spec)
     for _ in range(2):  # the second time from the worker's cache of decoded templates
-        own = decode_spec(encode_call(template, "c" * 32, encode_features(later)), config)
-        assert own.call_id == "c" * 32 and own.features == later
+        own = decode_spec(encode_call(template, "c" * 32, encode_features(later, None)), config)
+        assert own.call_id == "c" * 32 and own.features == later and own.ray_options == spec.ray_options
         row = attempt_row(own, Outcome.OK, None, 1.0, 2.0)
         assert row["input_size"] == 1001 and row["arg_shapes"] == ("bytes[1001]",) and row["tags"] == ("t",)
         same = decode_spec(encode_call(template, "d" * 32), config)
         assert same.call_id == "d" * 32 and same.features == first
         assert attempt_row(same, Outcome.OK, None, 1.0, 2.0)["input_size"] == 1000  # the template's row is untouched
-    assert decode_spec(encode_call(template, "e", encode_features(Features(None, ("t",), ()))), config).features \
+    assert decode_spec(encode_call(template, "e", encode_features(Features(None, ("t",), ()), None)), config).features \
         == Features(None, ("t",), (), ("d",))
+
+
+def test_a_call_named_otherwise_than_its_plans_template_keeps_its_own_name_for_its_retries():
+    """Calls that differ only in Ray's task name share a plan; a retry is submitted with the
+    spec's Ray options, so each call's spec must hold its own name (or none)."""
+    from raysched.config import RayschedConfig
+    from raysched.runtime.decorator import _CallOptions
+    from raysched.runtime.worker import AttemptSpec, decode_spec, encode_call, encode_features, encode_template
+    from raysched.types import Allocation, Estimate, Features, Prediction
+
+    assert _CallOptions({"name": "a", "max_retries": 2}, (), {}).key == _CallOptions({"max_retries": 2}, (), {}).key
+    assert _CallOptions({"name": "a"}, (), {}).name == "a" and _CallOptions({}, (), {}).name is None
+    config = RayschedConfig()
+    guess = Estimate(target=1e8, lower=1e8, upper=1e8, coverage=0.9, n_history=8)
+    spec = AttemptSpec(function="mod.step", code_hash="h", call_id="", attempt=1, features=Features(input_size=10),
+                       prediction=Prediction(memory=guess, cpu=guess, wall=guess, source="history"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=2**28),
+                       ray_options=(("max_retries", 2), ("name", "first")))
+    template = encode_template(spec)
+    renamed = decode_spec(encode_call(template, "c", encode_features(spec.features, "second")), config)
+    assert dict(renamed.ray_options) == {"max_retries": 2, "name": "second"}
+    unnamed = decode_spec(encode_call(template, "c", encode_features(spec.features, None)), config)
+    assert dict(unnamed.ray_options) == {"max_retries": 2}  # Ray's default name, the function's own
+    assert dict(decode_spec(encode_call(template, "c"), config).ray_options)["name"] == "first"

@@ -30,8 +30,7 @@ from .client import ProfilerClient, get_client, note_submitted, size_band
 from .codehash import code_hash, qualified_name, with_dependencies
 from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, captured_placement_group,
                      ask_a_return, definition_options, eligible_cluster, encode_call, encode_features, encode_template,
-                     in_admitted_call,
-                     make_entry, ray_remote, remote_options)
+                     in_admitted_call, make_entry, ray_remote, ray_task_name, remote_options)
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -180,7 +179,7 @@ def _largest_peak_for(bundle: Any, features: Any) -> float:
 class _CallOptions:
     """Validated per-call options: raysched's metadata, explicit sizes, Ray's other options."""
 
-    __slots__ = ("input_size", "tags", "priority", "queued", "explicit", "ray_options", "key", "_straight")
+    __slots__ = ("input_size", "tags", "priority", "queued", "explicit", "ray_options", "name", "key", "_straight")
 
     def __init__(self, options: Mapping[str, Any], base_tags: tuple[str, ...], base_ray: Mapping[str, Any]):
         self.input_size = validate_input_size(options.get("input_size"))
@@ -203,9 +202,12 @@ class _CallOptions:
             del per_call["runtime_env"]  # as in Ray: an empty one in .options() keeps the decorator's
         ray_options.update(per_call)
         self.ray_options = ray_options
+        # Ray's task name: often one per call (a task per input, named for the dashboard).
+        # Calls that differ only in it share a plan, each sending its own (``_Plan.name``).
+        self.name = ray_options.get("name")
         # What makes two calls' plans equal besides their features; None: not cacheable.
         self.key: tuple | None = (self.tags, priority, self.queued, tuple(sorted(explicit.items())),
-                                  option_key(ray_options))
+                                  option_key({k: v for k, v in ray_options.items() if k != "name"}))
         if self.key[-1] is None:  # an option that cannot be told equal to another's
             self.key = None
         self._straight: _CallOptions | None = None
@@ -262,14 +264,17 @@ class _Plan:
     within one, a call costs a dict lookup, a call id and Ray's own submission.
     """
 
-    __slots__ = ("bundle", "cluster", "config", "remote", "template", "features", "allocation", "wall_seconds",
-                 "wall_upper", "peak_bytes", "returns_nothing")
+    __slots__ = ("bundle", "cluster", "config", "remote", "template", "features", "name", "ray_options", "allocation",
+                 "wall_seconds", "wall_upper", "peak_bytes", "returns_nothing")
 
     def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, features: Any,
                  allocation: Any, wall_seconds: float = 0.0, wall_upper: float = float("inf"),
-                 peak_bytes: float | None = None, returns_nothing: bool = False):
+                 peak_bytes: float | None = None, returns_nothing: bool = False, name: str | None = None,
+                 ray_options: dict[str, Any] | None = None):
         self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
-        self.features = features
+        # The features and Ray task name (None: Ray's default) of the call it was made for,
+        # which its template holds, and the Ray options ``remote`` was made with.
+        self.features, self.name, self.ray_options = features, name, ray_options or {}
         # The predicted wall time orders a queued call (largest_first); its upper bound is
         # how long the admission queue counts on the call holding its room (backfill).
         self.allocation, self.wall_seconds, self.wall_upper = allocation, wall_seconds, wall_upper
@@ -526,8 +531,14 @@ class AdaptiveFunction(_Adaptive):
                     self._plans.clear()
                 self._plans[key] = plan
         call_id = os.urandom(16).hex()
-        spec_bytes = encode_call(plan.template, call_id,
-                                 b"" if features == plan.features else encode_features(features))
+        remote = plan.remote
+        if options.name == plan.name:
+            own = b"" if features == plan.features else encode_features(features, options.name)
+        else:
+            # As plain Ray's ``.options(name=...)``: one wrapper per call.
+            remote = self._remote.options(**{**plan.ray_options, "name": options.name or ray_task_name(self.name)})
+            own = encode_features(features, options.name)
+        spec_bytes = encode_call(plan.template, call_id, own)
         if options.queued:
             # The task waits for its admission (an argument Ray resolves before it starts);
             # the queue frees its room when the task's own ref resolves.
@@ -539,7 +550,7 @@ class AdaptiveFunction(_Adaptive):
                                           plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper,
                                           [inputs] if inputs else (), plan.peak_bytes)
             try:
-                ref = plan.remote.remote(spec_bytes, admitted, *args, **kwargs)
+                ref = remote.remote(spec_bytes, admitted, *args, **kwargs)
             except BaseException:
                 # Ray refused the submission (an argument it cannot serialise...): the call never
                 # existed, and the queue must not hold its room for ever.
@@ -551,7 +562,7 @@ class AdaptiveFunction(_Adaptive):
             if plan.returns_nothing:
                 ref = None
         else:
-            ref = plan.remote.remote(spec_bytes, *args, **kwargs)
+            ref = remote.remote(spec_bytes, *args, **kwargs)
         note_submitted(self.name, call_id)
         return ref
 
@@ -564,7 +575,8 @@ class AdaptiveFunction(_Adaptive):
         remote = self._remote_with(ray_options, self._config(client), client)
         peak = expected_peak_bytes(spec.prediction.memory.upper, spec.allocation.memory_is_task_only)
         return _Plan(bundle, cluster, client.config, remote, encode_template(spec), features, spec.allocation,
-                     float(spec.prediction.wall.target), _known_wall(spec.prediction), peak, returns_nothing)
+                     float(spec.prediction.wall.target), _known_wall(spec.prediction), peak, returns_nothing,
+                     options.name, ray_options)
 
     def _remote_with(self, options: dict[str, Any], config: Any, client: ProfilerClient) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""

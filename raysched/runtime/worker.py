@@ -1565,14 +1565,16 @@ def encode_call(template: bytes, call_id: str, own_features: bytes = b"") -> byt
     return b"".join((template, own_features, cid, len(own_features).to_bytes(4, "little"), bytes((len(cid),))))
 
 
-def encode_features(features: Features) -> bytes:
-    """What a call's features add to its plan's template: the ones a row records per call.
+def encode_features(features: Features, name: str | None) -> bytes:
+    """What a call adds to its plan's template: the features a row records per call, and its
+    Ray task name (None: Ray's default).
 
-    A plan serves every call whose input size falls in one band (``client.size_band``): they
-    share the prediction and the allocation, but each call's row keeps its own exact size
-    and argument shapes.  The tags and dependencies are the plan's (they are in its key).
+    A plan serves every call whose input size falls in one band (``client.size_band``) and
+    whose options differ at most in ``name``: they share the prediction and the allocation,
+    but each call's row keeps its own exact size and argument shapes, and its retries its
+    name.  The tags and dependencies are the plan's (they are in its key).
     """
-    return pickle.dumps((features.input_size, features.arg_shapes), protocol=5)
+    return pickle.dumps((features.input_size, features.arg_shapes, name), protocol=5)
 
 
 def encode_spec(spec: AttemptSpec) -> bytes:
@@ -1599,8 +1601,16 @@ def decode_spec(data: bytes, config: RayschedConfig) -> AttemptSpec:
         _TEMPLATES[template] = base
     if not m:
         return base.with_call_id(call_id)
-    input_size, arg_shapes = pickle.loads(data[end - m: end])
-    return base.with_call_id(call_id, replace(base.features, input_size=input_size, arg_shapes=arg_shapes))
+    input_size, arg_shapes, name = pickle.loads(data[end - m: end])
+    spec = base.with_call_id(call_id, replace(base.features, input_size=input_size, arg_shapes=arg_shapes))
+    options = dict(base.ray_options)
+    if options.get("name") != name:  # kept for the call's resubmissions
+        if name is None:
+            del options["name"]
+        else:
+            options["name"] = name
+        spec.__dict__["ray_options"] = tuple(sorted(options.items()))
+    return spec
 
 
 def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | None = None,
