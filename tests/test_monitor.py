@@ -755,3 +755,62 @@ def test_a_handed_over_attempt_that_died_as_it_started_counts_as_started_and_is_
     assert time.monotonic() - started >= 0.3
     worker._mark_started(spec)  # what its task's entry does first
     assert worker._started_within("ref", spec, 30.0, 3.0, "own")
+
+
+def test_a_handed_over_attempt_ray_killed_without_a_retry_is_recorded_and_climbed_from(monkeypatch):
+    """Ray's legacy killing policy (before Ray 2.56, or RAY_worker_killing_policy_by_group)
+    kills the last task of its caller without a retry, and a handed-over attempt is its
+    waiting task's only one: no ``recover`` ran for it, and the waiting task ended with Ray's
+    OutOfMemoryError, the attempt's row lost. It now records the attempt and climbs from it."""
+    pytest.importorskip("ray")
+    import ray
+
+    from raysched.errors import AttemptsExhausted
+    from raysched.runtime import worker
+    from raysched.runtime.worker import AttemptSpec
+
+    estimate = Estimate(target=400 * MiB, lower=300 * MiB, upper=500 * MiB, coverage=0.9, n_history=5)
+    first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                        prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="history"),
+                        allocation=Allocation(num_cpus=1.0, memory_bytes=352 * MiB),
+                        config=RayschedConfig(max_attempts=3), max_peak_seen=3 * GiB)
+    killed_first = worker.AttemptRecord(1, first.allocation, worker.Outcome.OOM_KILLED, None, "killed")
+    second = replace(first, attempt=2, allocation=Allocation(num_cpus=1.0, memory_bytes=GiB),
+                     prior=(killed_first,))
+    kv: dict[str, bytes] = {}
+    rows: list[dict] = []
+    submitted: list[AttemptSpec] = []
+    outcomes: list = []
+
+    def get(ref, timeout=None):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(worker, "_kv_put", lambda key, value: kv.__setitem__(key, value) or True)
+    monkeypatch.setattr(worker, "_kv_get", lambda key: kv.get(key))
+    monkeypatch.setattr(worker, "_kv_del", lambda key: kv.pop(key, None))
+    monkeypatch.setattr(worker, "_labels_of_waiting_tasks", lambda call_id: 0.0)
+    monkeypatch.setattr(worker, "get_sink", lambda config: SimpleNamespace(add=rows.append, flush=lambda wait_s: True))
+    monkeypatch.setattr(ray, "get", get)
+
+    def resubmit(spec, args, kwargs):
+        submitted.append(spec)
+        return f"ref-{spec.attempt}"
+
+    outcomes[:] = [ray.exceptions.OutOfMemoryError("killed, not retried"), 42]
+    assert worker._hand_over(first, second, (), {}, resubmit, run_here=None) == 42
+    assert [s.attempt for s in submitted] == [2, 3]
+    assert submitted[1].allocation.memory_bytes > second.allocation.memory_bytes  # one rung up
+    assert [o.attempt for o in submitted[1].prior] == [1, 2]
+    assert [(r["attempt"], r["outcome"]) for r in rows] == [(2, "oom_killed")]
+    assert "did not retry" in rows[0]["error"] and not kv  # no marker left behind
+
+    # At max_attempts: the call ends with raysched's error, naming every attempt.
+    rows.clear()
+    outcomes[:] = [ray.exceptions.OutOfMemoryError("killed, not retried")]
+    last = replace(first, config=RayschedConfig(max_attempts=2))
+    with pytest.raises(AttemptsExhausted) as info:
+        worker._hand_over(last, replace(second, config=last.config), (), {}, resubmit, run_here=None)
+    assert [a.attempt for a in info.value.attempts] == [1, 2] and len(rows) == 1

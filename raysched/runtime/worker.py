@@ -1162,6 +1162,13 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
                 next_spec.allocation, reason="; ".join(filter(None, (next_spec.allocation.reason, note)))))
             return _run_in_place(spec, in_place, run_here)
         return ray.get(returned)
+    except ray.exceptions.OutOfMemoryError:
+        # Ray killed the next attempt for memory and will not retry it, so no ``recover`` of
+        # it runs: Ray's legacy killing policy (the default before Ray 2.56, or with
+        # RAY_worker_killing_policy_by_group=true) kills the last task of its caller
+        # without a retry, and a handed-over attempt is always its waiting task's only one.
+        # Record it and climb from it here, as its retry would have.
+        killed = _killed_unretried(next_spec)
     except ray.exceptions.RayTaskError as exc:
         # As it is: its text has the attempt's own traceback, the user's frames (its cause
         # alone, re-raised here, had only this task's raysched frames). It is the user's
@@ -1185,6 +1192,19 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
     finally:
         _drop_handover(spec)
         _kv_del(_started_key(next_spec))
+    return climb_and_resubmit(next_spec, killed, args, kwargs, resubmit, run_here=run_here)
+
+
+def _killed_unretried(spec: AttemptSpec) -> AttemptRecord:
+    """Record the attempt ``spec``, which Ray killed for memory without a retry, with its last
+    live use; the record the ladder climbs from."""
+    usage = _last_live_usage(spec)
+    now = time.time()
+    reason = "killed by Ray's memory monitor, which did not retry it (the last task of its caller)"
+    get_sink(spec.config).add(attempt_row(spec, Outcome.OOM_KILLED, usage,
+                                          now - (usage.wall_seconds if usage else 0.0), now, reason))
+    _forget_live(spec, force=True)
+    return AttemptRecord(spec.attempt, spec.allocation, Outcome.OOM_KILLED, usage, reason)
 
 
 def _call_ends(spec: AttemptSpec, error: BaseException) -> BaseException:
