@@ -814,3 +814,49 @@ def test_a_handed_over_attempt_ray_killed_without_a_retry_is_recorded_and_climbe
     with pytest.raises(AttemptsExhausted) as info:
         worker._hand_over(last, replace(second, config=last.config), (), {}, resubmit, run_here=None)
     assert [a.attempt for a in info.value.attempts] == [1, 2] and len(rows) == 1
+
+    # The attempt's own code raised OutOfMemoryError (a child of its own was killed): Ray
+    # hands it over as RayTaskError(OutOfMemoryError), an instance of both. It is the
+    # call's error, as any other: no kill recorded, nothing resubmitted (a helper's audit).
+    rows.clear(), submitted.clear()
+    raised = ray.exceptions.RayTaskError("f", "traceback", ray.exceptions.OutOfMemoryError("a child")).as_instanceof_cause()
+    outcomes[:] = [raised]
+    with pytest.raises(ray.exceptions.OutOfMemoryError):
+        worker._hand_over(first, second, (), {}, resubmit, run_here=None)
+    assert rows == [] and [s.attempt for s in submitted] == [2] and not kv  # only the attempt itself
+
+    # Inside a task: while it climbs, a rerun marker names the killed attempt, so that Ray's
+    # retry of this task (if it dies too) goes on from there, instead of recording attempt 1
+    # again and reusing attempt 2's number (the audit killed the waiting task to see it).
+    roomy = RayschedConfig(max_attempts=5)
+    first, second = replace(first, config=roomy), replace(second, config=roomy)
+    token = worker._TASK_SPEC.set(first)
+    try:
+        seen = []
+        outcomes[:] = [ray.exceptions.OutOfMemoryError("killed, not retried"), 42]
+        resubmit_and_look = lambda spec, a, k: seen.append(dict(kv)) or resubmit(spec, a, k)  # noqa: E731
+        assert worker._hand_over(first, second, (), {}, resubmit_and_look, run_here=None) == 42
+        marker = worker._run_here_key(first)
+        assert worker.decode_spec(seen[1][marker], first.config).attempt == 2
+        assert not kv  # dropped once the call returned
+        # The killed task had run a later attempt in its own place (its rerun marker says
+        # which): that attempt is the one that died, recorded and climbed from.
+        rows.clear(), submitted.clear()
+        third = replace(second, attempt=3, prior=second.prior + (worker.AttemptRecord(
+            2, second.allocation, worker.Outcome.OOM_KILLED, None, "stopped"),), allocation=Allocation(
+            num_cpus=1.0, memory_bytes=2 * GiB))
+        kv[worker._run_here_key(second)] = worker.encode_spec(third)
+        outcomes[:] = [ray.exceptions.OutOfMemoryError("killed, not retried"), 43]
+        assert worker._hand_over(first, second, (), {}, resubmit, run_here=None) == 43
+        assert [(r["attempt"], r["outcome"]) for r in rows] == [(3, "oom_killed")]
+        assert [s.attempt for s in submitted] == [2, 4] and submitted[1].allocation.memory_bytes > 2 * GiB
+        # The killed task was itself waiting for a later attempt, which died with it: that one
+        # is submitted again under the next number, with the same allocation.
+        rows.clear(), submitted.clear(), kv.clear()
+        kv[worker._handover_key(second)] = worker.encode_spec(third)
+        outcomes[:] = [ray.exceptions.OutOfMemoryError("killed, not retried"), 44]
+        assert worker._hand_over(first, second, (), {}, resubmit, run_here=None) == 44
+        assert rows == [] and [(s.attempt, s.allocation) for s in submitted] == [(2, second.allocation),
+                                                                                (4, third.allocation)]
+    finally:
+        worker._TASK_SPEC.reset(token)

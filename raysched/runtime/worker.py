@@ -1161,14 +1161,17 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
             in_place = replace(next_spec, allocation=replace(
                 next_spec.allocation, reason="; ".join(filter(None, (next_spec.allocation.reason, note)))))
             return _run_in_place(spec, in_place, run_here)
-        return ray.get(returned)
-    except ray.exceptions.OutOfMemoryError:
-        # Ray killed the next attempt for memory and will not retry it, so no ``recover`` of
-        # it runs: Ray's legacy killing policy (the default before Ray 2.56, or with
-        # RAY_worker_killing_policy_by_group=true) kills the last task of its caller
-        # without a retry, and a handed-over attempt is always its waiting task's only one.
-        # Record it and climb from it here, as its retry would have.
-        killed = _killed_unretried(next_spec)
+        try:
+            return ray.get(returned)
+        except ray.exceptions.OutOfMemoryError as exc:
+            if isinstance(exc, ray.exceptions.RayTaskError):
+                raise  # the attempt's own code raised it (a child of its own was killed): the call's error
+            # Ray killed the next attempt's task for memory and will not retry it, so no
+            # ``recover`` of it runs: Ray's legacy killing policy (the default before Ray
+            # 2.56, or with RAY_worker_killing_policy_by_group=true) kills the last task of
+            # its caller without a retry, and a handed-over attempt is always its waiting
+            # task's only one. This task acts as its retry would have (below).
+            pass
     except ray.exceptions.RayTaskError as exc:
         # As it is: its text has the attempt's own traceback, the user's frames (its cause
         # alone, re-raised here, had only this task's raysched frames). It is the user's
@@ -1192,7 +1195,32 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
     finally:
         _drop_handover(spec)
         _kv_del(_started_key(next_spec))
-    return climb_and_resubmit(next_spec, killed, args, kwargs, resubmit, run_here=run_here)
+    return _after_unretried_kill(next_spec, args, kwargs, resubmit, run_here)
+
+
+def _after_unretried_kill(killed_task: AttemptSpec, args: tuple, kwargs: Mapping[str, Any],
+                          resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any],
+                          run_here: Callable[[AttemptSpec], Any] | None) -> Any:
+    """What ``recover`` would have done in the retry of ``killed_task``'s Ray task, which Ray
+    killed for memory without one: done by the task that waited for it.
+
+    The attempt that died is the last one that task ran (``_last_run_here``: an attempt
+    run in place), and if it had handed over in turn, the attempt it waited for died with
+    it (``_after_lost_handover``).  While this task climbs, a rerun marker names that
+    attempt, so that Ray's retry of this task, if this one dies too, goes on from there
+    instead of recording this task's own attempt again.
+    """
+    failed = _last_run_here(killed_task) or killed_task
+    task_spec = _TASK_SPEC.get()
+    marked = task_spec is not None and _kv_put(_run_here_key(task_spec), encode_spec(failed))
+
+    def go_on() -> Any:
+        handed = _handed_over(failed)
+        if handed is not None:
+            return _after_lost_handover(failed, handed, args, kwargs, resubmit, run_here)
+        return climb_and_resubmit(failed, _killed_unretried(failed), args, kwargs, resubmit, run_here=run_here)
+
+    return _run_marked(task_spec, failed, go_on) if marked else go_on()
 
 
 def _killed_unretried(spec: AttemptSpec) -> AttemptRecord:
@@ -1422,20 +1450,8 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
     spec = _last_run_here(task_spec) or task_spec
     handed = _handed_over(spec)
     if handed is not None:
-        # This attempt was recorded and handed over; then its task died while waiting, and
-        # the next attempt died with it as its owner (or runs on, orphaned, and records
-        # itself). Submit again under the following number, with the same allocation.
-        if handed.attempt >= spec.config.max_attempts:
-            # Ray retries a task its memory monitor killed without end: the call's attempts bound it.
-            _drop_handover(spec)
-            lost = AttemptRecord(handed.attempt, handed.allocation, Outcome.ERROR, None,
-                                 f"lost with attempt {spec.attempt}'s task, which died while waiting for it")
-            raise AttemptsExhausted(spec.function, handed.prior + (lost,), "tasks kept dying while they waited")
-        logger.warning("raysched: %s attempt %d died while waiting for attempt %d; submitting attempt %d",
-                       spec.function, spec.attempt, handed.attempt, handed.attempt + 1)
-        again = replace(handed, attempt=handed.attempt + 1)
-        return _hand_over(spec, again, args, kwargs, resubmit,
-                          run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
+        return _after_lost_handover(spec, handed, args, kwargs, resubmit,
+                                    run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
     marker = _stop_marker(spec)
     decision, recorded = marker if marker is not None else (_monitor_directive(spec), False)
     # A stop to resubmit that raysched did not get to apply (no marker: Ray's memory
@@ -1494,6 +1510,23 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         return _run_again_here(fn, task_spec, next_spec, args, kwargs, resubmit)
     return climb_and_resubmit(spec, record, args, kwargs, resubmit,
                               run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
+
+
+def _after_lost_handover(spec: AttemptSpec, handed: AttemptSpec, args: tuple, kwargs: Mapping[str, Any],
+                         resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any],
+                         run_here: Callable[[AttemptSpec], Any] | None) -> Any:
+    """``spec``'s attempt was recorded and handed over to ``handed``; then its task died while
+    waiting, and ``handed`` died with it as its owner (or runs on, orphaned, and records
+    itself). Submit again under the following number, with the same allocation."""
+    if handed.attempt >= spec.config.max_attempts:
+        # Ray retries a task its memory monitor killed without end: the call's attempts bound it.
+        _drop_handover(spec)
+        lost = AttemptRecord(handed.attempt, handed.allocation, Outcome.ERROR, None,
+                             f"lost with attempt {spec.attempt}'s task, which died while waiting for it")
+        raise AttemptsExhausted(spec.function, handed.prior + (lost,), "tasks kept dying while they waited")
+    logger.warning("raysched: %s attempt %d died while waiting for attempt %d; submitting attempt %d",
+                   spec.function, spec.attempt, handed.attempt, handed.attempt + 1)
+    return _hand_over(spec, replace(handed, attempt=handed.attempt + 1), args, kwargs, resubmit, run_here)
 
 
 #: How long ``recover`` waits for the profiler to take a failed attempt's row before it
