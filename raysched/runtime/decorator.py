@@ -521,8 +521,10 @@ class AdaptiveFunction(_Adaptive):
         bundle = client.bundle(self.name, self.code_hash)
         cluster = client.cluster.get()
         # Inside a task that captures its children into a placement group, labels fit its bundles.
-        band = (size_band(features.input_size), features.tags, features.dependencies)
-        key = (band, options.key, captured_placement_group()) if options.key is not None else None
+        # The rest of the features need no place in the key: tags are the options' (in their
+        # key), dependencies the function's, and a call's own size and shapes travel with it.
+        key = ((size_band(features.input_size), options.key, captured_placement_group())
+               if options.key is not None else None)
         plan = self._plans.get(key) if key is not None else None
         if plan is None or not plan.current(bundle, cluster, client.config):
             plan = self._make_plan(options, features, bundle, cluster, client)

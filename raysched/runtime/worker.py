@@ -114,9 +114,10 @@ class AttemptSpec:
     def live_key(self) -> str:
         return f"{self.call_id}:{self.attempt}"
 
-    def with_call_id(self, call_id: str, features: Features | None = None) -> "AttemptSpec":
-        """This spec for another call (with its own ``features``, if given): a copy of the
-        instance dict, cached row part included (with the call's own features in it).
+    def with_call_id(self, call_id: str, features: Features | None = None,
+                     ray_options: tuple[tuple[str, Any], ...] | None = None) -> "AttemptSpec":
+        """This spec for another call (with its own ``features`` and ``ray_options``, if given):
+        a copy of the instance dict, cached row part included (with the call's own features in it).
 
         ``dataclasses.replace`` would re-run ``__init__`` over every field; this runs
         once per task in the worker, on a spec decoded from a cached template.
@@ -130,6 +131,8 @@ class AttemptSpec:
             if row is not None:
                 copy.__dict__["static_row"] = {**row, "input_size": features.input_size,
                                                "arg_shapes": features.arg_shapes}
+        if ray_options is not None:
+            copy.__dict__["ray_options"] = ray_options
         return copy
 
     @functools.cached_property
@@ -1625,7 +1628,7 @@ def encode_features(features: Features, name: str | None) -> bytes:
     A plan serves every call whose input size falls in one band (``client.size_band``) and
     whose options differ at most in ``name``: they share the prediction and the allocation,
     but each call's row keeps its own exact size and argument shapes, and its retries its
-    name.  The tags and dependencies are the plan's (they are in its key).
+    name.  Its tags and dependencies are the plan's (the same for every call of its options).
     """
     return pickle.dumps((features.input_size, features.arg_shapes, name), protocol=5)
 
@@ -1655,15 +1658,12 @@ def decode_spec(data: bytes, config: RayschedConfig) -> AttemptSpec:
     if not m:
         return base.with_call_id(call_id)
     input_size, arg_shapes, name = pickle.loads(data[end - m: end])
-    spec = base.with_call_id(call_id, replace(base.features, input_size=input_size, arg_shapes=arg_shapes))
-    options = dict(base.ray_options)
-    if options.get("name") != name:  # kept for the call's resubmissions
-        if name is None:
-            del options["name"]
-        else:
-            options["name"] = name
-        spec.__dict__["ray_options"] = tuple(sorted(options.items()))
-    return spec
+    options, own_options = dict(base.ray_options), None
+    if options.get("name") != name:  # the call's own, kept for its resubmissions
+        options.pop("name", None)
+        own_options = tuple(sorted({**options, "name": name}.items() if name is not None else options.items()))
+    return base.with_call_id(call_id, replace(base.features, input_size=input_size, arg_shapes=arg_shapes),
+                             own_options)
 
 
 def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | None = None,
