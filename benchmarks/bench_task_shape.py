@@ -2,7 +2,7 @@
 with one of the options raysched sets per call, side by side in one Ray session.
 
 raysched submits ``entry(spec_bytes, *args)`` with ``memory=``, ``name=`` and ``max_retries=``
-(``runtime.worker.remote_options``). This measures what those cost Ray itself, apart from
+(``runtime.options.remote_options``). This measures what those cost Ray itself, apart from
 raysched's own work (planning, measuring, storing), on ``return x + 1``: 2,000 tasks all at
 once, the variants interleaved and their order rotated each repetition.
 

@@ -82,7 +82,7 @@ def test_a_call_pinned_by_its_ray_options_is_sized_for_the_nodes_they_allow():
     ladder's largest-node rung) considers; a soft node affinity does not."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raysched.runtime.worker import node_constraints
+    from raysched.runtime.options import node_constraints
     from raysched.types import GiB, ClusterShape, NodeShape
 
     small_id, big_id = "ab" * 28, "cd" * 28
@@ -130,7 +130,7 @@ def test_a_call_pinned_by_its_ray_options_is_sized_for_the_nodes_they_allow():
 def test_label_selectors_are_read_from_the_options_with_their_fallbacks():
     from ray.util.scheduling_strategies import DoesNotExist, Exists, In, NodeLabelSchedulingStrategy, NotIn
 
-    from raysched.runtime.worker import label_selectors
+    from raysched.runtime.options import label_selectors
     from raysched.types import LabelTerm
 
     assert label_selectors({}) == () and label_selectors({"label_selector": {}}) == ()
@@ -209,7 +209,8 @@ def test_figures_past_what_the_store_can_hold_are_refused_where_they_are_written
 def test_an_estimate_past_int64_is_stored_as_the_largest_byte_count_and_its_row_kept(tmp_path):
     """A huge input extrapolated along a slope can predict more bytes than int64 holds."""
     from raysched.config import RayschedConfig
-    from raysched.runtime.worker import AttemptSpec, attempt_row
+    from raysched.runtime.rows import attempt_row
+    from raysched.runtime.spec import AttemptSpec
     from raysched.store.profiles import ProfileStore
     from raysched.types import Allocation, Estimate, Features, Outcome, Prediction
 
@@ -225,7 +226,7 @@ def test_an_estimate_past_int64_is_stored_as_the_largest_byte_count_and_its_row_
 
 
 def test_a_task_is_named_as_ray_names_it_without_the_hash_that_tells_nested_functions_apart():
-    from raysched.runtime.worker import ray_task_name
+    from raysched.runtime.options import ray_task_name
 
     assert ray_task_name("mod.outer.<locals>.step#5f9cbf98") == "step"
     assert ray_task_name("mod.<lambda>#0a1b2c3d") == "<lambda>" and ray_task_name("mod.plain") == "plain"
@@ -329,8 +330,8 @@ def test_a_call_sharing_its_bands_plan_carries_its_own_size_and_shapes_to_its_ro
     one's row must still hold its own input size and argument shapes, not the first call's."""
     from raysched.config import RayschedConfig
     from raysched.runtime.client import size_band
-    from raysched.runtime.worker import (AttemptSpec, attempt_row, decode_spec, encode_call, encode_features,
-                                         encode_template)
+    from raysched.runtime.rows import attempt_row
+    from raysched.runtime.spec import AttemptSpec, decode_spec, encode_call, encode_features, encode_template
     from raysched.types import Allocation, Estimate, Features, Outcome, Prediction
 
     config = RayschedConfig()
@@ -359,7 +360,7 @@ def test_a_call_named_otherwise_than_its_plans_template_keeps_its_own_name_for_i
     spec's Ray options, so each call's spec must hold its own name (or none)."""
     from raysched.config import RayschedConfig
     from raysched.runtime.decorator import _CallOptions
-    from raysched.runtime.worker import AttemptSpec, decode_spec, encode_call, encode_features, encode_template
+    from raysched.runtime.spec import AttemptSpec, decode_spec, encode_call, encode_features, encode_template
     from raysched.types import Allocation, Estimate, Features, Prediction
 
     assert _CallOptions({"name": "a", "max_retries": 2}, (), {}).key == _CallOptions({"max_retries": 2}, (), {}).key

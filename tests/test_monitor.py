@@ -640,7 +640,7 @@ def test_a_call_that_gave_way_is_resubmitted_only_where_another_node_has_its_lab
     import ray._private.state
 
     from raysched.runtime import worker
-    from raysched.runtime.worker import AttemptSpec
+    from raysched.runtime.spec import AttemptSpec
 
     estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
 
@@ -673,7 +673,7 @@ def test_a_call_that_gave_way_waits_for_the_monitors_yes_and_resubmits_when_it_c
     import ray
 
     from raysched.runtime import worker
-    from raysched.runtime.worker import AttemptSpec
+    from raysched.runtime.spec import AttemptSpec
 
     estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
     cfg = RayschedConfig(live_interval_s=0.01, handover_start_timeout_s=0.3)
@@ -733,7 +733,7 @@ def test_a_handed_over_attempt_that_died_as_it_started_counts_as_started_and_is_
     import ray
 
     from raysched.runtime import worker
-    from raysched.runtime.worker import AttemptSpec
+    from raysched.runtime.spec import AttemptSpec
 
     estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
     spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=2, features=Features(input_size=0),
@@ -767,7 +767,7 @@ def test_a_handed_over_attempt_ray_killed_without_a_retry_is_recorded_and_climbe
 
     from raysched.errors import AttemptsExhausted
     from raysched.runtime import worker
-    from raysched.runtime.worker import AttemptSpec
+    from raysched.runtime.spec import AttemptSpec
 
     estimate = Estimate(target=400 * MiB, lower=300 * MiB, upper=500 * MiB, coverage=0.9, n_history=5)
     first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),

@@ -59,6 +59,7 @@ def test_the_worker_side_stays_light():
     Importing pandas took 0.5 s in the sampler thread of a fresh worker, so the
     first task of every worker published its live use a second late.
     """
-    worker_side = ["raysched.runtime.worker", "raysched.runtime.monitor", "raysched.runtime.measure",
+    worker_side = ["raysched.runtime.worker", "raysched.runtime.spec", "raysched.runtime.rows",
+                   "raysched.runtime.options", "raysched.runtime.monitor", "raysched.runtime.measure",
                    "raysched.runtime.actor_worker"]
     assert loaded_in_a_fresh_python(worker_side, {"pandas", "pyarrow", "mlflow", "xgboost"}) == []

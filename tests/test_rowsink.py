@@ -7,7 +7,7 @@ import threading
 from conftest import wait_for
 
 from raysched.errors import StoreError
-from raysched.runtime.worker import RowSink
+from raysched.runtime.rows import RowSink
 
 
 def test_a_batch_is_sent_once_and_an_object_is_held_from_its_first_row_until_it_is_sent():
@@ -103,7 +103,7 @@ def test_a_batch_the_profiler_could_not_store_is_a_warning_in_the_worker(caplog)
         return len(sent)
 
     sink = RowSink(60.0, send, unfinished=lambda refs: [], failure=failed.get)
-    with caplog.at_level("WARNING", logger="raysched.runtime.worker"):
+    with caplog.at_level("WARNING", logger="raysched.runtime.rows"):
         sink.add({"row_id": "a"})
         sink.flush(wait_s=1.0)
         assert "could not store" not in caplog.text  # batch 1 was stored
@@ -123,7 +123,7 @@ def test_the_sender_keeps_the_profilers_handle_alive_for_every_batch(monkeypatch
     import weakref
 
     from raysched.config import RayschedConfig
-    from raysched.runtime import worker
+    from raysched.runtime import rows
 
     received: list[bytes] = []
 
@@ -145,8 +145,8 @@ def test_the_sender_keeps_the_profilers_handle_alive_for_every_batch(monkeypatch
         def record(self):
             return Method(weakref.ref(self))
 
-    monkeypatch.setattr(worker.ray, "get_actor", lambda name, namespace=None: Profiler())
-    send = worker._send_rows(RayschedConfig(home=str(tmp_path)))
+    monkeypatch.setattr(rows.ray, "get_actor", lambda name, namespace=None: Profiler())
+    send = rows._send_rows(RayschedConfig(home=str(tmp_path)))
     for batch in range(3):
         assert send([{"batch": batch}]) == "ref"
         gc.collect()

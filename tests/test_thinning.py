@@ -11,7 +11,8 @@ from conftest import wait_for
 from raysched.config import RayschedConfig
 from raysched.policy.thinning import ShortCallThinning, thinning_from_config
 from raysched.runtime.measure import DeferredMeter, LiveSampler
-from raysched.runtime.worker import AttemptSpec, RowSink, _build_rows
+from raysched.runtime.rows import RowSink, _build_rows
+from raysched.runtime.spec import AttemptSpec
 from raysched.types import Allocation, Estimate, Features, MiB, Outcome, Prediction, Usage
 
 

@@ -18,8 +18,10 @@ from ..policy.rules import ACTOR, STOP_LIMIT
 from ..types import Outcome, Usage
 from .measure import AttemptMeter, get_live_sampler
 from .session import adopt_config
-from .worker import (ACTOR_DEFINITION_OPTIONS, AttemptSpec, _node_id, attempt_row, decode_spec, end_child_processes,
-                     fit_placement_group, get_reporter, get_sink)
+from .options import ACTOR_DEFINITION_OPTIONS, fit_placement_group
+from .rows import attempt_row, get_sink
+from .spec import AttemptSpec, decode_spec
+from .worker import _node_id, end_child_processes, get_reporter
 
 logger = logging.getLogger(__name__)
 

@@ -64,9 +64,9 @@ from ..types import Allocation, Outcome
 from .client import note_submitted
 from .actor_worker import RESTORE_HOOK, SAVE_HOOK, actor_options, make_actor_class
 from .decorator import _Adaptive
-from .worker import ACTOR_DEFINITION_OPTIONS, definition_options, ray_remote
+from .options import ACTOR_DEFINITION_OPTIONS, definition_options, eligible_cluster, ray_remote
 from .session import NAMESPACE, monitor_name, session_token
-from .worker import AttemptSpec, eligible_cluster, encode_spec
+from .spec import AttemptSpec, encode_spec
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ from ..policy.sizing import largest_node_for
 from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted, size_band
 from .codehash import code_hash, qualified_name, with_dependencies
-from .worker import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, AttemptSpec, captured_placement_group,
-                     ask_a_return, definition_options, eligible_cluster, encode_call, encode_features, encode_template,
-                     in_admitted_call, make_entry, ray_remote, ray_task_name, remote_options)
+from .options import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, ask_a_return, captured_placement_group,
+                      definition_options, eligible_cluster, ray_remote, ray_task_name, remote_options)
+from .spec import AttemptSpec, encode_call, encode_features, encode_template
+from .worker import in_admitted_call, make_entry
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")

@@ -1,0 +1,409 @@
+"""An attempt's profile row, and the worker's sink that sends rows to the profiler in batches."""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import logging
+import os
+import pickle
+import threading
+import time
+from typing import Any, Callable
+
+import ray
+
+from ..config import RayschedConfig
+from ..policy.samples import memory_sample
+from ..types import Outcome, Usage
+from .session import NAMESPACE, RECORD_GROUP, profiler_name
+from .spec import AttemptSpec
+
+logger = logging.getLogger(__name__)
+
+
+MIN_WALL_FOR_CORES = 0.05  # seconds
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+
+def _utc(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, tz=dt.timezone.utc)
+
+
+def attempt_row(
+    spec: AttemptSpec,
+    outcome: Outcome,
+    usage: Usage | None,
+    started_at: float,
+    ended_at: float,
+    error: str = "",
+    node_id: str = "",
+    worker_pid: int | None = None,
+    row_id: str | None = None,
+) -> dict[str, Any]:
+    """One profile row (the store's PROFILE_SCHEMA) for one attempt."""
+    peak = usage.peak_rss_bytes if usage is not None else None
+    sample = memory_sample(outcome, peak, spec.allocation.memory_bytes, spec.config)
+    row = dict(spec.static_row)
+    row["row_id"] = row_id or os.urandom(16).hex()
+    row["call_id"] = spec.call_id
+    row["outcome"] = outcome.value
+    row["error"] = error[:2000] or None
+    row["timestamp"] = _utc(ended_at)
+    row["started_at"] = _utc(started_at)
+    row["node_id"] = node_id or None
+    row["worker_pid"] = worker_pid
+    row["peak_rss_bytes"] = peak
+    row["memory_sample_bytes"] = int(sample) if sample is not None else None
+    row["calls"] = 1
+    if usage is None:
+        return row
+    row["start_rss_bytes"] = usage.start_rss_bytes
+    row["cpu_seconds"] = usage.cpu_seconds
+    # Cores are CPU seconds per wall second; below MIN_WALL_FOR_CORES the ratio is
+    # mostly scheduler noise and would size a 50 us task at whole cores.
+    row["cpu_cores"] = usage.cpu_cores if usage.wall_seconds >= MIN_WALL_FOR_CORES else None
+    row["wall_seconds"] = usage.wall_seconds
+    row["read_bytes"] = usage.read_bytes
+    row["write_bytes"] = usage.write_bytes
+    row["read_chars"] = usage.read_chars
+    row["write_chars"] = usage.write_chars
+    return row
+
+
+# --- the row sink: buffered, sent to the profiler actor off the task's path -----------------------
+
+
+class RowSink:
+    """Buffers rows in the worker process and sends them to the profiler in batches.
+
+    A flush thread sends the buffer ``flush_interval_s`` after the first row of a
+    batch arrives, so a burst of tiny tasks costs one actor call, not one each.
+    An attempt that ended is buffered as the arguments of its row (``add_attempt``)
+    and the row is built at the flush, for the whole batch at once: built one at
+    a time, at the end of each task, rows cost a tiny task several times more
+    (each one touched cold code and memory between two tasks of Ray's).
+    The profiler actor is restarted by Ray if it dies and Ray retries the call
+    (``max_task_retries=-1``), and the store de-duplicates rows by ``row_id``.
+    Without a reachable profiler the rows go straight to the Parquet store under
+    the home folder, so the task's record is never dropped.
+
+    Ray ends a worker that has been idle for a second unless it owns an object or
+    has a call in flight.  From a batch's first row until it is sent, the flush
+    thread holds an object of its own (``hold``); from then on the call is in
+    flight, and the thread keeps its ref until the profiler has taken the batch
+    (``unfinished`` says which refs are not done yet).  A batch is so never cut off
+    by an idle worker being ended (seen in CI: one row of 36).  The thread does not
+    wait for one batch to be taken before it sends the next: the profiler writes
+    batches together (group commit) and takes a while under load, and rows waiting
+    in a worker are the ones a killed worker loses.
+    """
+
+    #: How often the flush thread looks whether the batches in flight were taken (each look
+    #: is a ``ray.wait``; a ref dropped a little late only delays an idle worker's end)...
+    POLL_S = 0.25
+    #: ...and how often ``flush(wait_s)`` does, at a worker's exit.
+    WAIT_POLL_S = 0.02
+
+    def __init__(self, flush_interval_s: float, send: Callable[[list[dict]], Any],
+                 hold: Callable[[], Any] | None = None,
+                 unfinished: Callable[[list[Any]], list[Any]] | None = None,
+                 failure: Callable[[Any], BaseException | None] | None = None):
+        self._interval = flush_interval_s
+        self._send = send
+        self._hold = hold
+        self._held: Any = None
+        self._unfinished = unfinished or _unfinished_refs
+        self._failure = failure or _batch_failure
+        self._rows: list[Any] = []  # row dicts, argument tuples of attempt_row, and _Tally
+        self._tallies: dict[tuple[str, str], _Tally] = {}  # the batch's counts of unmeasured calls, by function
+        self._first_at = 0.0  # when the oldest buffered row arrived
+        self._in_flight: list[Any] = []  # refs of batches sent and not yet taken
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, row: dict) -> None:
+        self._buffer(row)
+
+    def add_attempt(self, spec: AttemptSpec, outcome: Outcome, usage: Usage | None, started_at: float,
+                    ended_at: float, error: str = "", node_id: str = "", worker_pid: int | None = None) -> None:
+        """Buffer the row ``attempt_row`` makes of these (built at the flush)."""
+        self._buffer((spec, outcome, usage, started_at, ended_at, error, node_id, worker_pid))
+
+    def add_unmeasured(self, spec: AttemptSpec, started_at: float, ended_at: float) -> None:
+        """Count a call that ran and returned but was not measured (``policy.thinning``).
+
+        At the flush the batch's count is added to the ``calls`` of a measured ok row
+        of the same function in the batch, or becomes a row of its own that stands
+        for the counted calls only (no call id, no usage).
+        """
+        with self._cond:
+            key = (spec.function, spec.code_hash)  # one code may serve under two names
+            tally = self._tallies.get(key)
+            if tally is None:
+                tally = self._tallies[key] = _Tally(spec, started_at)
+                self._append_locked(tally)
+            tally.calls += 1
+            tally.last_ended = ended_at
+
+    def _buffer(self, item: Any) -> None:
+        with self._cond:
+            self._append_locked(item)
+
+    def _append_locked(self, item: Any) -> None:
+        self._rows.append(item)
+        if len(self._rows) > 1:
+            return  # the flush thread was woken by the batch's first row
+        self._first_at = time.monotonic()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="raysched-row-sink", daemon=True)
+            self._thread.start()
+        self._cond.notify()
+
+    @property
+    def in_flight(self) -> int:
+        """Batches sent that the profiler has not taken yet."""
+        with self._cond:
+            return len(self._in_flight)
+
+    def flush(self, wait_s: float = 0.0) -> Any:
+        """Send the buffered rows now; returns what ``send`` returned (a Ray ref, or None).
+
+        ``wait_s`` > 0: also wait up to that long until the profiler has taken them
+        and every batch sent before (a worker process about to exit must not leave
+        them in flight).
+        """
+        with self._cond:
+            items, self._rows, self._tallies = self._rows, [], {}
+        sent = self._send(_build_rows(items)) if items else None
+        with self._cond:
+            if sent is not None:
+                self._in_flight.append(sent)
+            pending = list(self._in_flight)
+        if wait_s > 0 and pending:
+            deadline = time.monotonic() + wait_s
+            while self._forget_taken() and time.monotonic() < deadline:
+                time.sleep(self.WAIT_POLL_S)
+        return sent
+
+    def _forget_taken(self) -> bool:
+        """Drop the refs of batches the profiler has taken (an owned ref keeps the worker from
+        idling out); True while some batch is still in flight (or could not be checked)."""
+        with self._cond:
+            refs = list(self._in_flight)
+        if not refs:
+            return False
+        try:
+            left = set(self._unfinished(refs))
+        except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
+            logger.debug("raysched: could not check the batches in flight", exc_info=True)
+            return False
+        for ref in refs:
+            if ref not in left:
+                self._warn_if_failed(ref)
+        looked_at = set(refs)
+        with self._cond:
+            self._in_flight = [r for r in self._in_flight if r in left or r not in looked_at]
+            return bool(self._in_flight)
+
+    def _warn_if_failed(self, ref: Any) -> None:
+        """A batch the profiler took but could not store (its folder unwritable, say) is said
+        out loud: those rows are lost, and the user should know why."""
+        try:
+            error = self._failure(ref)
+        except Exception:  # noqa: BLE001
+            return
+        if error is not None:
+            logger.warning("raysched: the profiler could not store a batch of this worker's profile rows: %s", error)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._rows and not self._in_flight:
+                    self._cond.wait()
+                due = self._first_at + self._interval if self._rows else None
+            if due is not None:
+                if self._held is None and self._hold is not None:
+                    try:
+                        self._held = self._hold()
+                    except Exception:  # noqa: BLE001 - no guard: the batch is still sent
+                        logger.debug("raysched: could not hold an object while rows are buffered", exc_info=True)
+                if time.monotonic() >= due:
+                    try:
+                        self.flush()
+                    except Exception:  # noqa: BLE001 - a lost batch is logged, the thread lives on
+                        logger.exception("raysched: could not send profile rows")
+                    self._held = None  # the batch's call is in flight now (or given up on)
+            self._forget_taken()
+            # Sleep until the next batch is due (a row arriving meanwhile does not shorten a
+            # batch's gathering), or until the next look at the batches in flight.
+            with self._cond:
+                nap = self._first_at + self._interval - time.monotonic() if self._rows else None
+                if self._in_flight:
+                    nap = self.POLL_S if nap is None else min(nap, self.POLL_S)
+            if nap is not None and nap > 0:
+                time.sleep(nap)
+
+
+def _batch_failure(ref: Any) -> BaseException | None:
+    """The error of a batch's ``record`` call that has finished, or None when it stored the rows."""
+    if not isinstance(ref, ray.ObjectRef):
+        return None
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.GetTimeoutError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - what the profiler raised, as Ray hands it back
+        return exc
+    return None
+
+
+def _unfinished_refs(sent: list[Any]) -> list[Any]:
+    """Those of ``sent`` (what ``send`` returned: Ray refs of batches in flight) not done yet."""
+    refs = [r for r in sent if isinstance(r, ray.ObjectRef)]
+    if not refs:
+        return []
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    return pending
+
+
+class _Tally:
+    """The calls of one function counted, not measured, in one batch (``RowSink.add_unmeasured``)."""
+
+    __slots__ = ("spec", "calls", "first_started", "last_ended")
+
+    def __init__(self, spec: AttemptSpec, started_at: float):
+        self.spec = spec
+        self.calls = 0
+        self.first_started = started_at
+        self.last_ended = started_at
+
+    def row(self, row_id: str) -> dict[str, Any]:
+        """A row of its own, for a batch with no measured row of the function to add the count to."""
+        row = attempt_row(self.spec, Outcome.OK, None, self.first_started, self.last_ended, row_id=row_id)
+        row["call_id"] = None  # it stands for several calls
+        row["calls"] = self.calls
+        return row
+
+
+def _build_rows(items: list[Any]) -> list[dict]:
+    """The rows of a batch: dicts as they are, attempts' arguments made into rows (one random read for
+    all ids), counts of unmeasured calls added to the last measured ok row of their function."""
+    ids = os.urandom(16 * len(items)).hex()
+    rows = []
+    tallies = []
+    last_ok: dict[tuple[str, str], dict] = {}  # (function, code hash) -> the batch's last measured ok row
+    for i, item in enumerate(items):
+        if type(item) is _Tally:
+            tallies.append((i, item))
+            continue
+        if type(item) is tuple:
+            try:
+                item = attempt_row(*item, row_id=ids[32 * i: 32 * i + 32])
+            except Exception:  # noqa: BLE001 - one bad row must not cost the batch
+                logger.exception("raysched: could not build the profile row of %s", getattr(item[0], "live_key", "?"))
+                continue
+            if item["outcome"] == "ok":
+                last_ok[item["function"], item["code_hash"]] = item
+        rows.append(item)
+    for i, tally in tallies:
+        into = last_ok.get((tally.spec.function, tally.spec.code_hash))
+        if into is not None:
+            into["calls"] += tally.calls
+            continue
+        try:
+            rows.append(tally.row(ids[32 * i: 32 * i + 32]))
+        except Exception:  # noqa: BLE001
+            logger.exception("raysched: could not build the count row of %s", tally.spec.function)
+    return rows
+
+
+#: How long a worker at exit waits for the profiler to take its last batches.
+_SEND_WAIT_S = 30.0
+
+
+def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
+    handle: list[Any] = []
+
+    def send(rows: list[dict]) -> Any:
+        try:
+            if not handle:
+                actor = ray.get_actor(profiler_name(config), namespace=NAMESPACE)
+                # The actor's handle is kept with its method: a method holds its actor weakly
+                # (Ray 2.40), and once the handle was dropped every batch failed with "Lost
+                # reference to actor" and was written to the store behind the profiler's back.
+                handle.extend((actor.record.options(concurrency_group=RECORD_GROUP), actor))
+            # One plain pickle of the batch: Ray's own serialisation of a list of dicts
+            # (msgpack with a pickle per datetime) cost four times as much per row.
+            return handle[0].remote(pickle.dumps(rows, protocol=5))
+        except Exception as exc:  # noqa: BLE001 - the actor is gone: write the rows ourselves
+            handle.clear()
+            logger.warning("raysched: profiler unreachable (%s); writing %d rows to the store directly", exc, len(rows))
+            from ..store.profiles import ProfileStore
+
+            ProfileStore(config.home_path).append_keeping_valid(rows)
+            return None
+
+    return send
+
+
+class OnePerHome:
+    """One object per home (keyed by the name of its profiler or monitor), made on first use.
+
+    A driver that calls ``configure(home=...)`` after tasks ran gets workers whose later
+    tasks carry the new config: their rows and live samples must go to the new home's
+    actors, not to those the worker's first task named.  A task finds its object by its
+    config's id (every task of a plan carries the same config object), without a lock.
+    """
+
+    def __init__(self, name_of: Callable[[RayschedConfig], str], make: Callable[[RayschedConfig], Any]):
+        self._name_of, self._make = name_of, make
+        self._by_home: dict[str, Any] = {}
+        self._by_config: dict[int, tuple[RayschedConfig, Any]] = {}  # id(config) -> (config, its object)
+        self._lock = threading.Lock()
+
+    def get(self, config: RayschedConfig, create: bool = True) -> Any:
+        """The object of ``config``'s home; None if there is none yet and not ``create``."""
+        hit = self._by_config.get(id(config))
+        if hit is not None and hit[0] is config:
+            return hit[1]
+        if not create:
+            return None
+        with self._lock:
+            key = self._name_of(config)
+            found = self._by_home.get(key)
+            if found is None:
+                found = self._by_home[key] = self._make(config)
+            self._by_config[id(config)] = (config, found)
+            return found
+
+    def all(self) -> list[Any]:
+        with self._lock:
+            return list(self._by_home.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_home.clear()
+            self._by_config.clear()
+
+
+def _new_sink(config: RayschedConfig) -> RowSink:
+    sink = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None))
+    atexit.register(sink.flush, wait_s=_SEND_WAIT_S)
+    return sink
+
+
+#: This process's row sinks, one per profiler (per home).
+_sinks = OnePerHome(profiler_name, _new_sink)
+
+
+def get_sink(config: RayschedConfig) -> RowSink:
+    return _sinks.get(config)
+
+
+def flush_all_sinks(wait_s: float) -> None:
+    """Send every sink's rows now and wait up to ``wait_s`` for them (this process is about to end)."""
+    for sink in _sinks.all():
+        sink.flush(wait_s=wait_s)
