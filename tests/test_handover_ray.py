@@ -173,3 +173,41 @@ def test_a_soft_cancel_of_a_call_on_its_second_attempt_records_that_attempt_as_c
         time.sleep(0.5)
     by_attempt = rows.set_index("attempt")["outcome"].to_dict()
     assert by_attempt == {1: "oom_killed", 2: "cancelled"}, rows[["attempt", "outcome", "error"]]
+
+
+def test_a_call_cancelled_while_its_next_attempt_waits_in_rays_queue_records_that_attempt(tight_node):
+    """Another label fills the node, so the call's second attempt waits in Ray's queue, and
+    the call is cancelled there: no code of that attempt ran to record it (its rows ended
+    with the first attempt's). The waiting first task now records it as cancelled."""
+    raysched.configure(live_interval_s=0.2, handover_start_timeout_s=60.0)  # not run in place meanwhile
+    blocker = _HoldsTheRoom.remote()
+    try:
+        assert ray.get(blocker.ready.remote(), timeout=60)
+        earlier = set(raysched.profiles(grows_then_waits, settle=False)["call_id"])
+        ref = grows_then_waits.remote(250, False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = raysched.profiles(grows_then_waits, settle=False)
+            rows = rows[~rows["call_id"].isin(earlier)]
+            if (rows["attempt"] == 1).any():
+                break
+            time.sleep(0.2)
+        assert (rows["attempt"] == 1).any(), "the first attempt was never stopped"
+        ray.cancel(ref)
+        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+            ray.get(ref, timeout=60)
+        call = rows["call_id"].iloc[-1]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = raysched.profiles(grows_then_waits, settle=False)
+            rows = rows[rows["call_id"] == call]
+            if (rows["attempt"] == 2).any():
+                break
+            time.sleep(0.5)
+        by_attempt = rows.set_index("attempt")["outcome"].to_dict()
+        assert by_attempt == {1: "oom_killed", 2: "cancelled"}, rows[["attempt", "outcome", "error"]]
+        second = rows[rows["attempt"] == 2].iloc[0]
+        assert "before it started" in second["error"] and second["allocated_memory_bytes"] > 64 * MiB
+    finally:
+        ray.kill(blocker)
+        raysched.configure(live_interval_s=0.2, handover_start_timeout_s=5.0)

@@ -860,3 +860,59 @@ def test_a_handed_over_attempt_ray_killed_without_a_retry_is_recorded_and_climbe
                                                                                 (4, third.allocation)]
     finally:
         worker._TASK_SPEC.reset(token)
+
+
+def test_a_call_cancelled_while_its_next_attempt_waits_in_rays_queue_records_that_attempt(monkeypatch):
+    """A call whose next attempt (after a memory kill) still waited in Ray's queue when the
+    call was cancelled: no code of that attempt ran to record it, so its rows ended with the
+    attempt before it. The waiting task now records it as cancelled, and only when it never
+    began (one that began records itself)."""
+    pytest.importorskip("ray")
+    import ray
+
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+
+    estimate = Estimate(target=400 * MiB, lower=300 * MiB, upper=500 * MiB, coverage=0.9, n_history=5)
+    first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                        prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="history"),
+                        allocation=Allocation(num_cpus=1.0, memory_bytes=352 * MiB), config=RayschedConfig())
+    second = replace(first, attempt=2, allocation=Allocation(num_cpus=1.0, memory_bytes=GiB))
+    kv: dict[str, bytes] = {}
+    rows: list[dict] = []
+    cancels: list[tuple] = []
+
+    class FakeKV:
+        @staticmethod
+        def _internal_kv_get(key, namespace=None):
+            return kv.get(key)
+
+    def cancelled(ref, timeout=None):
+        raise ray.exceptions.TaskCancelledError()
+
+    monkeypatch.setattr(worker, "_kv", lambda: FakeKV)
+    monkeypatch.setattr(worker, "_kv_put", lambda key, value: kv.__setitem__(key, value) or True)
+    monkeypatch.setattr(worker, "_kv_get", lambda key: kv.get(key))
+    monkeypatch.setattr(worker, "_kv_del", lambda key: kv.pop(key, None))
+    monkeypatch.setattr(worker, "get_sink", lambda config: SimpleNamespace(add=rows.append, flush=lambda wait_s: True))
+    monkeypatch.setattr(ray, "get", cancelled)
+    monkeypatch.setattr(ray, "cancel", lambda ref, force=False: cancels.append((ref, force)))
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout=None, **kw: (list(refs), []))
+
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        worker._hand_over(first, second, (), {}, lambda spec, a, k: "ref-2", run_here=None)
+    assert cancels == [("ref-2", False)]  # softly: a running attempt would record itself
+    assert [(r["attempt"], r["outcome"]) for r in rows] == [(2, "cancelled")]
+    assert "before it started" in rows[0]["error"] and rows[0]["peak_rss_bytes"] is None
+    assert not kv  # the hand-over marker is gone
+
+    # It had begun (its task's start marker is there): it records itself, not this task.
+    rows.clear()
+
+    def resubmit_and_start(spec, a, k):
+        worker._mark_started(spec)  # as its entry does, in its own worker
+        return "ref-2"
+
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        worker._hand_over(first, second, (), {}, resubmit_and_start, run_here=None)
+    assert rows == [] and not kv

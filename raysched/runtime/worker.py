@@ -718,6 +718,12 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
                 next_spec, Outcome.CANCELLED, usage, now - (usage.wall_seconds if usage else 0.0), now,
                 f"cancelled; it did not stop within {_CANCEL_GRACE_S:g} s of a soft cancel and was killed"))
             _forget_live(next_spec, force=True)
+        elif _never_started(ref, next_spec, _CANCEL_GRACE_S):
+            # Cancelled in Ray's queue: none of its code ran to record it, so this task does,
+            # so that the call's rows end with its cancel, not with the attempt before it.
+            now = time.time()
+            get_sink(spec.config).add(attempt_row(next_spec, Outcome.CANCELLED, None, now, now,
+                                                  "cancelled before it started (it waited in Ray's queue)"))
         raise
     finally:
         _drop_handover(spec)
@@ -788,6 +794,17 @@ def _ended_within(spec: AttemptSpec, timeout_s: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
+
+
+def _never_started(ref: Any, spec: AttemptSpec, timeout_s: float) -> bool:
+    """Whether the cancelled attempt ``spec`` ended without its task having begun: once its
+    ref is done (a soft cancel ends a queued task at once, a running one once it has
+    recorded itself), its task's start marker (``_mark_started``) says whether it ran."""
+    try:
+        ready, _ = ray.wait([ref], timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - cannot tell: it may have recorded itself
+        return False
+    return bool(ready) and _kv_get(_started_key(spec)) is None
 
 
 def _run_in_place(spec: AttemptSpec, in_place: AttemptSpec, run_here: Callable[[AttemptSpec], Any]) -> Any:
