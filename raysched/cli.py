@@ -25,13 +25,16 @@ def main() -> None:
 @main.command()
 @click.option("--tasks", default=16, show_default=True, type=click.IntRange(min=1), help="Tasks per round.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the task sizes.")
-def demo(tasks: int, seed: int) -> None:
+@click.option("--address", default="local", show_default=True,
+              help="'local' starts a new local Ray cluster (RAY_ADDRESS and earlier `ray start` clusters are "
+                   "ignored); 'auto' or host:port joins a running one.")
+def demo(tasks: int, seed: int, address: str) -> None:
     """Run a batch of numpy tasks on a local Ray twice, cold then warm, and compare."""
     from .demo import run_demo
     from .errors import RayschedError
 
     try:
-        run_demo(tasks=tasks, seed=seed, echo=click.echo)
+        run_demo(tasks=tasks, seed=seed, echo=click.echo, address=address)
     except RayschedError as exc:  # an unusable home: one line, as every other command says it
         raise click.ClickException(str(exc)) from None
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from .errors import InvalidInput, UnknownKnob
 from .types import GiB, MiB
 
 HOME_ENV = "RAYSCHED_HOME"
@@ -324,11 +325,13 @@ class RayschedConfig:
     actor_cpu_sustain_samples: int = 10
 
     def __post_init__(self) -> None:
+        if isinstance(self.home, os.PathLike):  # a pathlib.Path is a folder's name too
+            object.__setattr__(self, "home", os.fspath(self.home))
         # Types first: a string where a number belongs would make every range check below
         # a TypeError far from its cause (or, for a flag, silently true).
         problems = _type_problems(self)
         if problems:
-            raise ValueError("invalid RayschedConfig: " + "; ".join(problems))
+            raise InvalidInput("invalid RayschedConfig: " + "; ".join(problems))
         if not self.home:
             problems.append("home must name a folder")
         for names, test, wanted in _RANGES:
@@ -370,7 +373,7 @@ class RayschedConfig:
         if not 0 <= self.cost_extrapolation_quantile <= 1:
             problems.append("cost_extrapolation_quantile must be in [0, 1] (0: off)")
         if problems:
-            raise ValueError("invalid RayschedConfig: " + "; ".join(problems))
+            raise InvalidInput("invalid RayschedConfig: " + "; ".join(problems))
 
     @property
     def home_path(self) -> Path:
@@ -382,7 +385,7 @@ class RayschedConfig:
         if unknown:
             names = [f.name for f in dataclasses.fields(self)]
             hints = {name: difflib.get_close_matches(name, names, n=3) for name in unknown}
-            raise TypeError("RayschedConfig has no knob " + "; ".join(
+            raise UnknownKnob("RayschedConfig has no knob " + "; ".join(
                 f"{name!r}" + (f" (did you mean {', '.join(hints[name])}?)" if hints[name] else "") for name in unknown))
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 

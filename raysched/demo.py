@@ -111,8 +111,14 @@ def _mlflow_runs(db: Path) -> int:
         return 0
 
 
-def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
-    """Run the demo; returns both rounds (the CLI prints them, tests check them)."""
+def run_demo(tasks: int = 16, seed: int = 0, echo=print, address: str = "local") -> list[RoundResult]:
+    """Run the demo; returns both rounds (the CLI prints them, tests check them).
+
+    ``address``: where to run when Ray is not initialised yet: ``"local"`` starts a new
+    local cluster, whatever ``RAY_ADDRESS`` or an earlier ``ray start`` left behind (Ray's
+    own default would join those, and wait minutes on one that has died); ``"auto"`` or an
+    address joins that cluster.
+    """
     import ray
 
     import raysched
@@ -130,8 +136,12 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print) -> list[RoundResult]:
                  " so that its first round is cold.")
             raysched.configure(home=str(fresh))
         ProfileStore(fresh)  # an unwritable home says so now, not after Ray has started
-        echo("Starting a local Ray cluster...")
-        ray.init(include_dashboard=False, namespace="raysched", log_to_driver=False)
+        if address == "local":
+            echo("Starting a local Ray cluster...")
+            ray.init(address="local", include_dashboard=False, namespace="raysched", log_to_driver=False)
+        else:
+            echo(f"Joining the Ray cluster at {address}...")
+            ray.init(address=address, namespace="raysched", log_to_driver=False)
     config = raysched.get_config()
     work = raysched.adaptive_remote(name=DEMO_FUNCTION)(numpy_work)
     rng = np.random.default_rng(seed)

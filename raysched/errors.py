@@ -20,6 +20,11 @@ class InvalidRayOption(InvalidInput, TypeError):
     so that code written for plain Ray's ``except TypeError`` catches it."""
 
 
+class UnknownKnob(InvalidInput, TypeError):
+    """A config knob that does not exist (``configure(max_attempt=3)``): a TypeError too, as an
+    unknown keyword argument is in Python."""
+
+
 class StoreError(RayschedError):
     """The profile store cannot be read or written (for example an unwritable home)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from raysched import adaptive_remote
 
@@ -377,3 +378,16 @@ def test_a_call_named_otherwise_than_its_plans_template_keeps_its_own_name_for_i
     unnamed = decode_spec(encode_call(template, "c", encode_features(spec.features, None)), config)
     assert dict(unnamed.ray_options) == {"max_retries": 2}  # Ray's default name, the function's own
     assert dict(decode_spec(encode_call(template, "c"), config).ray_options)["name"] == "first"
+
+
+def test_configure_refuses_what_is_not_a_config_with_the_way_to_say_it():
+    """A helper's audit: ``configure({"max_attempts": 3})`` failed with "'dict' object has no
+    attribute 'replace'", from deep in raysched."""
+    import raysched
+    from raysched.errors import InvalidInput
+
+    before = raysched.get_config()
+    for wrong in ({"max_attempts": 3}, "home"):
+        with pytest.raises(InvalidInput, match=r"RayschedConfig or keyword changes \(configure\(max_attempts=3\)\)"):
+            raysched.configure(wrong)
+    assert raysched.get_config() is before  # nothing changed

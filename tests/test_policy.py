@@ -488,6 +488,24 @@ def test_a_misspelt_knob_is_named_with_the_ones_meant():
         RayschedConfig().replace(zzz=1, max_attempts=2)
 
 
+def test_config_errors_are_raysched_errors_and_a_path_is_a_home(tmp_path):
+    """A helper's audit: ``except raysched.RayschedError`` caught bad decorator and option
+    input but not bad config (plain ValueError and TypeError); a pathlib.Path home was
+    refused as "not a string"."""
+    from raysched.errors import InvalidInput, RayschedError, UnknownKnob
+
+    with pytest.raises(InvalidInput, match="max_attempts"):
+        RayschedConfig(max_attempts=0)
+    with pytest.raises(InvalidInput, match="max_attempts must be an integer"):
+        RayschedConfig(max_attempts="3")
+    with pytest.raises(UnknownKnob) as info:
+        RayschedConfig().replace(max_attempt=3)
+    assert isinstance(info.value, (RayschedError)) and isinstance(info.value, TypeError)
+    config = RayschedConfig(home=tmp_path / "home")
+    assert config.home == str(tmp_path / "home") and config.home_path == tmp_path / "home"
+    assert config.replace(home=tmp_path).home == str(tmp_path)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"cpu_rounding": 0}, "cpu_rounding must be positive"),  # was a ZeroDivisionError at the first .remote()
     ({"live_interval_s": 0}, "live_interval_s must be positive"),  # was a failure of every task, in its worker

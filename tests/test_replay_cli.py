@@ -464,3 +464,20 @@ def test_the_demo_refuses_an_unusable_home_in_one_line_before_starting_ray(monke
     assert res.exit_code == 1, res.output
     assert "Error: raysched store" in res.output and "Traceback" not in res.output
     assert "Starting a local Ray cluster" not in res.output
+
+
+def test_a_best_other_method_that_wastes_nothing_is_said_so_and_the_json_stays_json(tmp_path):
+    """The README's own example (``raysched eval tests/fixtures/replay --min-rows 10``)
+    printed "raysched / best other (tovar): inf -> LOSES" and a median ratio of inf, and
+    ``--json`` wrote ``Infinity``, which strict JSON readers refuse (a helper's audit)."""
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(eval_command, [str(FIXTURES), "--min-rows", "10", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "best other wastes 0" in res.output and "inf" not in res.output.replace("info", "")
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    found = json.loads(out.read_text(), parse_constant=refuse)
+    verdicts = [w["raysched_vs_best_other"] for w in found["workflows"].values() if "raysched_vs_best_other" in w]
+    assert any(v["ratio"] is None and v["best_other_wastes_nothing"] for v in verdicts)

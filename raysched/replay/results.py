@@ -23,7 +23,9 @@ def best_other(result: WorkflowResult) -> tuple[str, float] | None:
 
 
 def ratio(result: WorkflowResult, ours_name: str = OURS) -> float | None:
-    """raysched's wastage over the best other method's (below 1: raysched wastes less)."""
+    """raysched's wastage over the best other method's (below 1: raysched wastes less);
+    ``math.inf`` when the best other wastes nothing and raysched something (a loss with no
+    ratio to speak of: ``ratio_text`` says so)."""
     bo = best_other(result)
     if bo is None or ours_name not in result.methods or result.methods[ours_name].tasks == 0:
         return None  # nothing replayed: no ratio, rather than a 1.0 that reads as a tie
@@ -31,6 +33,17 @@ def ratio(result: WorkflowResult, ours_name: str = OURS) -> float | None:
     if bo[1] <= 0:
         return 1.0 if ours <= 0 else math.inf
     return ours / bo[1]
+
+
+def ratio_text(rt: float, bold: bool = False) -> str:
+    """A ratio as the tables print it: "-" where the best other method wastes nothing."""
+    if math.isinf(rt):
+        return "- (best other wastes 0)"
+    return f"**{rt:.2f}**" if bold and rt <= GOAL_RATIO else f"{rt:.2f}"
+
+
+def median_text(rt: float) -> str:
+    return f"{rt:.2f}" if math.isfinite(rt) else "- (half or more lose to a method that wastes nothing)"
 
 
 def to_json(results: Sequence[WorkflowResult], seed: int) -> dict[str, object]:
@@ -41,7 +54,10 @@ def to_json(results: Sequence[WorkflowResult], seed: int) -> dict[str, object]:
         for ours in [m for m in r.methods if m.startswith(OURS)]:
             rt = ratio(r, ours)
             if rt is not None and bo is not None:
-                entry[f"{ours}_vs_best_other"] = {"best_other": bo[0], "ratio": rt}
+                # JSON has no infinity (json.dump would write the non-standard Infinity): null,
+                # and said why.
+                entry[f"{ours}_vs_best_other"] = ({"best_other": bo[0], "ratio": rt} if math.isfinite(rt) else
+                                                  {"best_other": bo[0], "ratio": None, "best_other_wastes_nothing": True})
         out["workflows"][r.name] = entry  # type: ignore[index]
     return out
 
@@ -76,7 +92,7 @@ def text_table(result: WorkflowResult) -> str:
         rt = ratio(result, ours)
         if rt is not None and bo is not None:
             verdict = "wins (goal <= 0.75)" if rt <= 0.75 else ("better, short of the goal" if rt < 1 else "LOSES")
-            lines.append(f"  {ours} / best other ({bo[0]}): {rt:.2f}  -> {verdict}")
+            lines.append(f"  {ours} / best other ({bo[0]}): {ratio_text(rt)}  -> {verdict}")
     return "\n".join(lines)
 
 
@@ -105,7 +121,7 @@ def goal_summary(results: Sequence[WorkflowResult], ours_name: str = OURS) -> st
             f"{GOAL_FAILURES:.0%}) met on {len(met)} of {len(rows)} workflow(s)"
             + (f": {', '.join(met)}" if met else "")
             + f"; ratio <= {GOAL_RATIO} on {sum(rt <= GOAL_RATIO for rt in ratios)}, below 1 on "
-            f"{sum(rt < 1 for rt in ratios)}; median ratio {median(ratios):.2f}, median failed attempts "
+            f"{sum(rt < 1 for rt in ratios)}; median ratio {median_text(median(ratios))}, median failed attempts "
             f"{100 * median(fails):.1f}%")
 
 
@@ -125,7 +141,7 @@ def markdown_table(results: Sequence[WorkflowResult], methods: Iterable[str]) ->
         cells.append(bo[0] if bo else "")
         for o in ours_names:
             rt = ratio(r, o)
-            cells.append("" if rt is None else (f"**{rt:.2f}**" if rt <= 0.75 else f"{rt:.2f}"))
+            cells.append("" if rt is None else ratio_text(rt, bold=True))
         for o in ours_names:
             t = r.methods.get(o)
             cells.append("" if t is None else f"{100 * t.failure_rate:.1f}")

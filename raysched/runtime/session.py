@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import ray
 
 from ..config import RayschedConfig
+from ..errors import InvalidInput
 from ..types import ClusterShape, NodeShape
 
 NAMESPACE = "raysched"
@@ -70,6 +71,9 @@ def _absolute(config: RayschedConfig) -> RayschedConfig:
 def configure(config: RayschedConfig | None = None, **changes: object) -> RayschedConfig:
     """Set the process's config: a whole RayschedConfig, or changes to the current one."""
     global _config, _configured_here
+    if config is not None and not isinstance(config, RayschedConfig):
+        raise InvalidInput(f"configure() takes a RayschedConfig or keyword changes (configure(max_attempts=3)), "
+                           f"not a {type(config).__name__}: {config!r}"[:300])
     base = config or get_config()
     new = _absolute(base.replace(**changes) if changes else base)
     with _lock:
