@@ -145,6 +145,32 @@ def grows_then_waits(mib: int, deaf: bool) -> int:
     return len(held)
 
 
+def _rows_once(select, timeout_s: float, step_s: float = 0.2):
+    """The rows of ``grows_then_waits`` that ``select`` keeps, once one of them is there
+    (or, after ``timeout_s``, as they are)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = select(raysched.profiles(grows_then_waits, settle=False))
+        if len(rows) or time.monotonic() >= deadline:
+            return rows
+        time.sleep(step_s)
+
+
+def _cancel_after_its_first_attempt(ref, earlier: set, then_wait_s: float = 0.0):
+    """Cancel the new call behind ``ref`` once its first attempt's row is stored (and
+    ``then_wait_s`` later); its rows, once its second attempt's row is stored too."""
+    first = _rows_once(lambda r: r[~r["call_id"].isin(earlier) & (r["attempt"] == 1)], 60)
+    assert len(first), "the first attempt was never stopped"
+    time.sleep(then_wait_s)
+    ray.cancel(ref)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+        ray.get(ref, timeout=60)
+    call = first["call_id"].iloc[-1]
+    _rows_once(lambda r: r[(r["call_id"] == call) & (r["attempt"] == 2)], 20, 0.5)
+    rows = raysched.profiles(grows_then_waits, settle=False)
+    return rows[rows["call_id"] == call]
+
+
 @pytest.mark.parametrize("deaf", [False, True], ids=["takes the interrupt", "ignores it"])
 def test_a_soft_cancel_of_a_call_on_its_second_attempt_records_that_attempt_as_cancelled(tight_node, deaf):
     """The waiting first task, interrupted, force-killed the running second attempt at once,
@@ -152,25 +178,7 @@ def test_a_soft_cancel_of_a_call_on_its_second_attempt_records_that_attempt_as_c
     that does not stop within 5 s is killed and recorded by the waiting task."""
     earlier = set(raysched.profiles(grows_then_waits, settle=False)["call_id"])
     ref = grows_then_waits.remote(250, deaf)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        rows = raysched.profiles(grows_then_waits, settle=False)
-        rows = rows[~rows["call_id"].isin(earlier)]
-        if len(rows) and (rows["attempt"] == 1).any():
-            break
-        time.sleep(0.5)
-    time.sleep(3)  # the second attempt runs, in a task of its own
-    ray.cancel(ref)
-    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
-        ray.get(ref, timeout=60)
-    call = rows["call_id"].iloc[-1]
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        rows = raysched.profiles(grows_then_waits, settle=False)
-        rows = rows[rows["call_id"] == call]
-        if (rows["attempt"] == 2).any():
-            break
-        time.sleep(0.5)
+    rows = _cancel_after_its_first_attempt(ref, earlier, then_wait_s=3)  # the second attempt runs meanwhile
     by_attempt = rows.set_index("attempt")["outcome"].to_dict()
     assert by_attempt == {1: "oom_killed", 2: "cancelled"}, rows[["attempt", "outcome", "error"]]
 
@@ -184,26 +192,7 @@ def test_a_call_cancelled_while_its_next_attempt_waits_in_rays_queue_records_tha
     try:
         assert ray.get(blocker.ready.remote(), timeout=60)
         earlier = set(raysched.profiles(grows_then_waits, settle=False)["call_id"])
-        ref = grows_then_waits.remote(250, False)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            rows = raysched.profiles(grows_then_waits, settle=False)
-            rows = rows[~rows["call_id"].isin(earlier)]
-            if (rows["attempt"] == 1).any():
-                break
-            time.sleep(0.2)
-        assert (rows["attempt"] == 1).any(), "the first attempt was never stopped"
-        ray.cancel(ref)
-        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
-            ray.get(ref, timeout=60)
-        call = rows["call_id"].iloc[-1]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            rows = raysched.profiles(grows_then_waits, settle=False)
-            rows = rows[rows["call_id"] == call]
-            if (rows["attempt"] == 2).any():
-                break
-            time.sleep(0.5)
+        rows = _cancel_after_its_first_attempt(grows_then_waits.remote(250, False), earlier)
         by_attempt = rows.set_index("attempt")["outcome"].to_dict()
         assert by_attempt == {1: "oom_killed", 2: "cancelled"}, rows[["attempt", "outcome", "error"]]
         second = rows[rows["attempt"] == 2].iloc[0]
