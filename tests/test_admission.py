@@ -216,6 +216,34 @@ def test_the_service_releases_waiters_in_order_as_tracked_calls_end():
     asyncio.run(scenario())
 
 
+def test_a_call_cancelled_while_it_waits_ends_its_admit_instead_of_waiting_for_ever():
+    """Each queued call cancelled before admission left its ``admit`` waiting in the detached
+    actor for the cluster's life: one of its call slots and its memory (a helper's audit)."""
+    service = Admission(capacity=lambda: {"n": Request(1.0, 8 * GiB)}, clock=Clock(), gather_s=0.0)
+
+    async def scenario():
+        assert await asyncio.wait_for(service.admit("running", 0, 1.0, 1 * GiB), 1.0) is True
+        waiting = asyncio.create_task(service.admit("cancelled", 0, 1.0, 1 * GiB))
+        await _settle()
+        assert not waiting.done() and service.status()["waiting"] == 1
+        ended = asyncio.get_running_loop().create_future()
+        ended.set_exception(RuntimeError("cancelled"))
+        await service.track("cancelled", [ended])
+        await asyncio.wait_for(waiting, 1.0)  # it returns; its task will not run
+        assert service._events == {} and service.status()["waiting"] == 0
+        assert service.status()["admitted_total"] == 1  # not counted as admitted
+        # The room it never held is still the running call's alone.
+        later = asyncio.create_task(service.admit("later", 0, 1.0, 1 * GiB))
+        await _settle()
+        assert not later.done()
+        done = asyncio.get_running_loop().create_future()
+        done.set_result("value")
+        await service.track("running", [done])
+        assert await asyncio.wait_for(later, 1.0) is True
+
+    asyncio.run(scenario())
+
+
 def test_a_later_drivers_configure_reaches_the_admission_actor_it_finds():
     """The actor is created by the first driver and found by the others: their
     admission_backfill, _gather_s and _node_room were silently ignored."""

@@ -256,8 +256,16 @@ class Admission:
         awaiting = self._awaiting_inputs.pop(token, None)
         if awaiting is not None:
             awaiting[1].set()  # ended (cancelled) before its inputs existed: it never queues (_ended_early)
+        waiting = self._queue.is_waiting(token)
         self._refresh()  # a read that ends admits again, on the new capacity
         self._wake(self._queue.finish(token, self._clock()))
+        if waiting:
+            # Cancelled while it waited: its ``admit`` returns now (its task will not run) rather
+            # than hold one of this detached actor's call slots, and its memory, for the
+            # cluster's life (a helper's audit: 485 of 500 cancelled calls left waiting).
+            event = self._events.pop(token, None)
+            if event is not None:
+                event.set()
 
     def status(self) -> dict[str, Any]:
         capacity = self._queue.capacity
