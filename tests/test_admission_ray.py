@@ -255,6 +255,41 @@ def test_calls_that_wait_on_calls_with_a_priority_do_not_deadlock_the_queue(ray_
     assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()
 
 
+@ray.remote(num_cpus=1)
+def plain_middle(x: int) -> int:
+    return ray.get(leaf.options(priority=3).remote(x))
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB)
+def through_a_plain_task(x: int) -> int:
+    return ray.get(plain_middle.remote(x))
+
+
+@adaptive_remote(num_cpus=1, memory=100 * MiB)
+def from_threads(x: int) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        refs = list(pool.map(lambda k: leaf.options(priority=3).remote(x + k), range(3)))
+    return sum(ray.get(refs))
+
+
+def test_calls_made_inside_ray_go_straight_to_it_whoever_waits_on_them(ray_session):
+    """Three more deadlocks (a helper's audit): the queue let only an admitted call's own
+    children pass (its task's context said so), but a priority call made through a plain
+    task, or from a thread of the admitted call, was queued behind the blocked parents
+    that held both CPUs; and a consumer given 300 refs joined the queue once the first
+    256 existed, was admitted ahead of the producers of the rest and held their room."""
+    assert ray.get([through_a_plain_task.options(priority=1).remote(x) for x in range(4)],
+                   timeout=60) == [x * x for x in range(4)]
+    assert ray.get([from_threads.options(priority=1).remote(10 * x) for x in range(4)],
+                   timeout=60) == [sum((10 * x + k) ** 2 for k in range(3)) for x in range(4)]
+    made = [leaf.remote(i) for i in range(300)]
+    consumers = [consume_list.remote(made) for _ in range(2)]
+    assert ray.get(consumers, timeout=120) == [sum(i * i for i in range(300))] * 2
+    assert wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30), _queue_status()
+
+
 @adaptive_remote(num_cpus=1, memory=100 * MiB)
 def pair(x: int):
     return x, -x

@@ -97,8 +97,9 @@ class AdaptiveActorClass(_Adaptive):
 
     ``Cls.remote(*args, **kwargs)`` returns an :class:`AdaptiveActorHandle`;
     ``Cls.options(input_size=..., tags=..., priority=..., **ray_options)`` one with
-    per-actor metadata; ``Cls.predict(*args, **kwargs)`` the Prediction for such an
-    actor without creating it.
+    per-actor metadata (a ``priority`` is only recorded in the actor's rows: actors are
+    not queued, and the node-pressure rule never picks one); ``Cls.predict(*args,
+    **kwargs)`` the Prediction for such an actor without creating it.
     """
 
     _ray_kind = "actor"

@@ -31,7 +31,7 @@ from .codehash import code_hash, qualified_name, with_dependencies
 from .options import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, ask_a_return, captured_placement_group,
                       definition_options, eligible_cluster, ray_remote, ray_task_name, remote_options)
 from .spec import AttemptSpec, encode_call, encode_features, encode_template
-from .worker import in_admitted_call, make_entry
+from .worker import inside_ray, make_entry
 
 #: Per-call metadata that is raysched's, not Ray's.
 _META_KEYS = ("input_size", "tags", "priority")
@@ -214,7 +214,7 @@ class _CallOptions:
         self._straight: _CallOptions | None = None
 
     def straight(self) -> "_CallOptions":
-        """These options for a call that bypasses the admission queue (``in_admitted_call``)."""
+        """These options for a call that bypasses the admission queue (``inside_ray``)."""
         if self._straight is None:
             copy = object.__new__(_CallOptions)
             for name in self.__slots__:
@@ -226,7 +226,8 @@ class _CallOptions:
         return self._straight
 
 
-#: How many items of a list, tuple or dict argument are looked at for ObjectRefs.
+#: How many items of a list, tuple or dict argument are looked at for ObjectRefs (all of
+#: them, once one of these is a ref: a list of numbers is not scanned to its end).
 _REF_SCAN_ITEMS = 256
 
 
@@ -239,10 +240,15 @@ def _ref_inputs(args: tuple, kwargs: Mapping[str, Any]) -> list[Any]:
     for arg in (*args, *kwargs.values()):
         if isinstance(arg, ray.ObjectRef):
             refs.append(arg)
-        elif type(arg) in (list, tuple):
-            refs.extend(a for a in arg[:_REF_SCAN_ITEMS] if isinstance(a, ray.ObjectRef))
-        elif type(arg) is dict:
-            refs.extend(a for a in list(arg.values())[:_REF_SCAN_ITEMS] if isinstance(a, ray.ObjectRef))
+        elif type(arg) in (list, tuple, dict):
+            items = list(arg.values()) if type(arg) is dict else arg
+            found = [a for a in items[:_REF_SCAN_ITEMS] if isinstance(a, ray.ObjectRef)]
+            if found and len(items) > _REF_SCAN_ITEMS:
+                # A collection of refs: every one of them (a helper's audit: a consumer of
+                # 300 producers joined the queue once the first 256 existed, was admitted
+                # ahead of the other 44, and held their room while it waited on them).
+                found += [a for a in items[_REF_SCAN_ITEMS:] if isinstance(a, ray.ObjectRef)]
+            refs.extend(found)
     return refs
 
 
@@ -515,8 +521,8 @@ class AdaptiveFunction(_Adaptive):
 
     def _submit(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> ray.ObjectRef:
         self._check_arguments(args, kwargs)
-        if options.queued and in_admitted_call():
-            options = options.straight()  # a child of an admitted call: see in_admitted_call
+        if options.queued and inside_ray():
+            options = options.straight()  # made inside a task or an actor: see inside_ray
         client = get_client()
         features = self._features(options, args, kwargs)
         bundle = client.bundle(self.name, self.code_hash)

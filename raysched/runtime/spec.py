@@ -43,9 +43,6 @@ class AttemptSpec:
     #: Submitted behind raysched's admission queue: the task's first argument after the spec
     #: is its admission, not the user's (resubmitted attempts are not queued again).
     queued: bool = False
-    #: A call the admission queue let start (this attempt or an earlier one): the calls it makes
-    #: go straight to Ray (``in_admitted_call``).
-    admitted: bool = False
     #: Reruns of this call so far after failures that were not raysched's business (a worker
     #: death that was neither a memory kill nor a monitor stop, an exception retried under
     #: ``retry_exceptions``): counted against the caller's ``max_retries`` (``retry_budget``).

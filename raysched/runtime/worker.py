@@ -1135,8 +1135,7 @@ def make_entry(fn: Callable[..., Any], config: RayschedConfig, max_calls: int | 
         if spec.queued:
             args = args[1:]  # the admission's value: the queue let this call start
             spec = spec.with_call_id(spec.call_id)  # a copy (its cached row part kept)...
-            spec.__dict__["queued"] = False  # ...so that what it submits next is not queued again
-            spec.__dict__["admitted"] = True  # (its next attempts keep it: made by dataclasses.replace)
+            spec.__dict__["queued"] = False  # ...so that its next attempts are not queued again
         calls[0] += 1
         token = _enter_task(spec)
         if spec.attempt > 1:
@@ -1207,16 +1206,16 @@ def _leave_task(token: contextvars.Token) -> None:
     _TASK_SPEC.reset(token)
 
 
-def in_admitted_call() -> bool:
-    """Whether this runs in (the task thread of) a call the admission queue let start.
+def inside_ray() -> bool:
+    """Whether this runs in a Ray worker process (a task or an actor), not in a driver.
 
-    The queue counts an admitted call's room until the call ends.  A call blocked in
-    ``ray.get`` on calls it submitted keeps that room there, though Ray gives its CPU
-    back, so children queued behind it could wait for ever: they go straight to Ray,
-    which accounts for the blocked parent itself.
+    The admission queue orders the calls drivers submit.  A call made inside Ray goes
+    straight to Ray: whatever made it may be waiting on it in ``ray.get`` while it holds
+    room in the queue (an admitted call, or one that called it through plain tasks,
+    actors or threads raysched does not see), and Ray gives a blocked task's CPU back,
+    the queue does not: queued behind that room, the call would wait for ever.
     """
-    spec = _TASK_SPEC.get()
-    return spec is not None and spec.admitted
+    return ray._private.worker.global_worker.mode == ray.WORKER_MODE
 
 #: How long the last call of a worker process (``max_calls``) waits for its rows to be taken.
 _LAST_FLUSH_WAIT_S = 10.0
