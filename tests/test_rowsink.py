@@ -152,3 +152,74 @@ def test_the_sender_keeps_the_profilers_handle_alive_for_every_batch(monkeypatch
         gc.collect()
     assert len(received) == 3
     assert not (tmp_path / "profiles").exists()  # nothing went around the profiler
+
+
+def test_a_batch_whose_profiler_was_lost_is_sent_again_to_the_one_found_now_then_written_directly():
+    """A helper's audit: after the README's ``ray.kill`` of the profiler, 532 of 600 rows were
+    lost, also those of calls made after a new profiler had started. A call to a killed
+    actor's handle fails only later, on its ref, which the sink only logged, and the sender
+    kept the dead handle for every later batch."""
+    import ray
+
+    dead = ray.exceptions.ActorDiedError()
+    sent: list[tuple[str, list[dict]]] = []
+    failures: dict[int, BaseException] = {}
+
+    def send(rows):
+        sent.append(("sent", rows))
+        return len(sent)
+
+    def resend(rows, direct):
+        if direct:
+            sent.append(("written", rows))
+            return None
+        return send(rows)
+
+    sink = RowSink(60.0, send, unfinished=lambda refs: [], failure=failures.get, resend=resend)
+    failures[1] = dead  # the profiler of the first batch was killed before it took it
+    sink.add({"row_id": "a"})
+    sink.flush(wait_s=1.0)
+    assert sent == [("sent", [{"row_id": "a"}]), ("sent", [{"row_id": "a"}])]  # again, to the profiler found now
+    assert sink.in_flight == 0
+
+    # A profiler that keeps dying: sent again twice, then written to the store by the worker.
+    sent.clear()
+    failures.clear()
+    failures.update({1: dead, 2: dead, 3: dead})
+    sink.add({"row_id": "b"})
+    sink.flush(wait_s=1.0)
+    assert [how for how, _ in sent] == ["sent", "sent", "sent", "written"]
+    assert all(rows == [{"row_id": "b"}] for _, rows in sent) and sink.in_flight == 0
+
+
+def test_the_sender_looks_the_profiler_up_again_after_it_was_lost(monkeypatch, tmp_path):
+    """Its handle is dropped when a batch is sent again: the new profiler gets the batch,
+    and every later one."""
+    from raysched.config import RayschedConfig
+    from raysched.runtime import rows
+
+    profilers: list[object] = []
+
+    class Profiler:
+        def __init__(self):
+            self.got: list[bytes] = []
+            profilers.append(self)
+            this = self
+
+            class Record:
+                def options(self, **_):
+                    return self
+
+                def remote(self, payload):
+                    this.got.append(payload)
+                    return f"ref-{len(profilers)}"
+
+            self.record = Record()
+
+    monkeypatch.setattr(rows.ray, "get_actor", lambda name, namespace=None: Profiler())
+    sender = rows._send_rows(RayschedConfig(home=str(tmp_path)))
+    assert sender([{"batch": 1}]) == "ref-1" and sender([{"batch": 2}]) == "ref-1"  # one lookup
+    assert sender.resend([{"batch": 2}], direct=False) == "ref-2"  # looked up anew
+    assert sender([{"batch": 3}]) == "ref-2"
+    assert [len(p.got) for p in profilers] == [2, 2]
+    assert sender.resend([{"row_id": "x" * 32, "function": "f"}], direct=True) is None  # the worker writes it

@@ -110,9 +110,15 @@ class RowSink:
     def __init__(self, flush_interval_s: float, send: Callable[[list[dict]], Any],
                  hold: Callable[[], Any] | None = None,
                  unfinished: Callable[[list[Any]], list[Any]] | None = None,
-                 failure: Callable[[Any], BaseException | None] | None = None):
+                 failure: Callable[[Any], BaseException | None] | None = None,
+                 resend: Callable[[list[dict], bool], Any] | None = None,
+                 lost: Callable[[BaseException], bool] | None = None):
         self._interval = flush_interval_s
         self._send = send
+        #: ``resend(rows, direct)``: send a batch again after its profiler was lost (looked up
+        #: anew), or, ``direct``, write it to the store; what it returns is tracked as ``send``'s.
+        self._resend = resend
+        self._lost = lost or _profiler_lost
         self._hold = hold
         self._held: Any = None
         self._unfinished = unfinished or _unfinished_refs
@@ -120,8 +126,9 @@ class RowSink:
         self._rows: list[Any] = []  # row dicts, argument tuples of attempt_row, and _Tally
         self._tallies: dict[tuple[str, str], _Tally] = {}  # the batch's counts of unmeasured calls, by function
         self._first_at = 0.0  # when the oldest buffered row arrived
-        self._in_flight: list[Any] = []  # refs of batches sent and not yet taken
+        self._in_flight: list[_Batch] = []  # batches sent and not yet taken
         self._cond = threading.Condition()
+        self._taking = threading.Lock()  # held while the batches in flight are looked at
         self._thread: threading.Thread | None = None
 
     def add(self, row: dict) -> None:
@@ -177,10 +184,11 @@ class RowSink:
         """
         with self._cond:
             items, self._rows, self._tallies = self._rows, [], {}
-        sent = self._send(_build_rows(items)) if items else None
+        rows = _build_rows(items) if items else []
+        sent = self._send(rows) if rows else None
         with self._cond:
             if sent is not None:
-                self._in_flight.append(sent)
+                self._in_flight.append(_Batch(sent, rows))
             pending = list(self._in_flight)
         if wait_s > 0 and pending:
             deadline = time.monotonic() + wait_s
@@ -191,32 +199,48 @@ class RowSink:
     def _forget_taken(self) -> bool:
         """Drop the refs of batches the profiler has taken (an owned ref keeps the worker from
         idling out); True while some batch is still in flight (or could not be checked)."""
-        with self._cond:
-            refs = list(self._in_flight)
-        if not refs:
-            return False
-        try:
-            left = set(self._unfinished(refs))
-        except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
-            logger.debug("raysched: could not check the batches in flight", exc_info=True)
-            return False
-        for ref in refs:
-            if ref not in left:
-                self._warn_if_failed(ref)
-        looked_at = set(refs)
-        with self._cond:
-            self._in_flight = [r for r in self._in_flight if r in left or r not in looked_at]
-            return bool(self._in_flight)
+        # One look at a time (the flush thread's, and a flush(wait_s) at a worker's exit): two
+        # would both send a lost batch again.
+        with self._taking:
+            with self._cond:
+                batches = list(self._in_flight)
+            if not batches:
+                return False
+            try:
+                left = set(self._unfinished([b.ref for b in batches]))
+            except Exception:  # noqa: BLE001 - the rows were sent; Ray retries the call if the actor restarts
+                logger.debug("raysched: could not check the batches in flight", exc_info=True)
+                return False
+            ended = [b for b in batches if b.ref not in left]
+            again = [b for batch in ended for b in self._after_taken(batch)]
+            with self._cond:
+                self._in_flight = [b for b in self._in_flight if not any(b is e for e in ended)] + again
+                return bool(self._in_flight)
 
-    def _warn_if_failed(self, ref: Any) -> None:
-        """A batch the profiler took but could not store (its folder unwritable, say) is said
-        out loud: those rows are lost, and the user should know why."""
+    def _after_taken(self, batch: "_Batch") -> list["_Batch"]:
+        """A batch whose call ended: nothing to do if the profiler stored it.  Its profiler was
+        lost (killed, its node gone): sent again, to the profiler found by name now, or
+        written to the store (the store drops rows it already has, by ``row_id``); returns
+        the batch as sent again, if it was.  Any other failure (its folder unwritable, say)
+        is said out loud: those rows are lost, and the user should know why."""
         try:
-            error = self._failure(ref)
+            error = self._failure(batch.ref)
         except Exception:  # noqa: BLE001
-            return
-        if error is not None:
-            logger.warning("raysched: the profiler could not store a batch of this worker's profile rows: %s", error)
+            return []
+        if error is None:
+            return []
+        if self._resend is not None and self._lost(error):
+            direct = batch.resends >= _MAX_RESENDS
+            logger.warning("raysched: the profiler was lost (%s); %s %d profile rows", type(error).__name__,
+                           "writing to the store" if direct else "sending again", len(batch.rows))
+            try:
+                ref = self._resend(batch.rows, direct)
+            except Exception:  # noqa: BLE001
+                logger.exception("raysched: could not send %d profile rows again", len(batch.rows))
+                return []
+            return [_Batch(ref, batch.rows, batch.resends + 1)] if ref is not None else []
+        logger.warning("raysched: the profiler could not store a batch of this worker's profile rows: %s", error)
+        return []
 
     def _run(self) -> None:
         while True:
@@ -245,6 +269,26 @@ class RowSink:
                     nap = self.POLL_S if nap is None else min(nap, self.POLL_S)
             if nap is not None and nap > 0:
                 time.sleep(nap)
+
+
+class _Batch:
+    """A batch of rows on its way to the profiler: kept until it is taken, to be sent again
+    if the profiler is lost meanwhile."""
+
+    __slots__ = ("ref", "rows", "resends")
+
+    def __init__(self, ref: Any, rows: list[dict], resends: int = 0):
+        self.ref, self.rows, self.resends = ref, rows, resends
+
+
+#: Times a batch is sent again to a profiler found anew before it is written to the store itself.
+_MAX_RESENDS = 2
+
+
+def _profiler_lost(error: BaseException) -> bool:
+    """Whether a batch failed because its profiler actor died or became unreachable, not
+    because of what the profiler did with it."""
+    return isinstance(error, ray.exceptions.RayActorError)
 
 
 def _batch_failure(ref: Any) -> BaseException | None:
@@ -324,29 +368,49 @@ def _build_rows(items: list[Any]) -> list[dict]:
 _SEND_WAIT_S = 30.0
 
 
-def _send_rows(config: RayschedConfig) -> Callable[[list[dict]], None]:
-    handle: list[Any] = []
+class _ProfilerSender:
+    """Sends a worker's batches to its home's profiler actor; without one, writes them to the store."""
 
-    def send(rows: list[dict]) -> Any:
+    def __init__(self, config: RayschedConfig):
+        self._config = config
+        self._handle: list[Any] = []
+
+    def __call__(self, rows: list[dict]) -> Any:
         try:
-            if not handle:
-                actor = ray.get_actor(profiler_name(config), namespace=NAMESPACE)
+            if not self._handle:
+                actor = ray.get_actor(profiler_name(self._config), namespace=NAMESPACE)
                 # The actor's handle is kept with its method: a method holds its actor weakly
                 # (Ray 2.40), and once the handle was dropped every batch failed with "Lost
                 # reference to actor" and was written to the store behind the profiler's back.
-                handle.extend((actor.record.options(concurrency_group=RECORD_GROUP), actor))
+                self._handle.extend((actor.record.options(concurrency_group=RECORD_GROUP), actor))
             # One plain pickle of the batch: Ray's own serialisation of a list of dicts
             # (msgpack with a pickle per datetime) cost four times as much per row.
-            return handle[0].remote(pickle.dumps(rows, protocol=5))
+            return self._handle[0].remote(pickle.dumps(rows, protocol=5))
         except Exception as exc:  # noqa: BLE001 - the actor is gone: write the rows ourselves
-            handle.clear()
+            self._handle.clear()
             logger.warning("raysched: profiler unreachable (%s); writing %d rows to the store directly", exc, len(rows))
-            from ..store.profiles import ProfileStore
-
-            ProfileStore(config.home_path).append_keeping_valid(rows)
+            self._write(rows)
             return None
 
-    return send
+    def resend(self, rows: list[dict], direct: bool) -> Any:
+        """A batch again, after the profiler it went to was lost.  The handle is dropped: a
+        call to a killed actor's handle fails only later, on its ref, so every later batch
+        went to the dead actor too (a helper's audit: 532 of 600 rows lost after the README's
+        ``ray.kill`` of the profiler, also of calls made after a new one had started)."""
+        self._handle.clear()
+        if direct:
+            self._write(rows)
+            return None
+        return self(rows)
+
+    def _write(self, rows: list[dict]) -> None:
+        from ..store.profiles import ProfileStore
+
+        ProfileStore(self._config.home_path).append_keeping_valid(rows)
+
+
+def _send_rows(config: RayschedConfig) -> _ProfilerSender:
+    return _ProfilerSender(config)
 
 
 class OnePerHome:
@@ -390,7 +454,8 @@ class OnePerHome:
 
 
 def _new_sink(config: RayschedConfig) -> RowSink:
-    sink = RowSink(config.flush_interval_s, _send_rows(config), hold=lambda: ray.put(None))
+    sender = _send_rows(config)
+    sink = RowSink(config.flush_interval_s, sender, hold=lambda: ray.put(None), resend=sender.resend)
     atexit.register(sink.flush, wait_s=_SEND_WAIT_S)
     return sink
 
