@@ -155,7 +155,7 @@ class AdaptiveActorClass(_Adaptive):
 
         client = get_client()
         spec = self._first_spec(client, options, self._features(options, args, kwargs),
-                                client.bundle(self.name, self.code_hash), client.cluster.get(),
+                                client.fresh_bundle(self.name, self.code_hash), client.cluster.get(),
                                 call_id="actor-" + os.urandom(12).hex(), rescalable=self.rescalable)
         if self.fallback.cpu is None and "num_cpus" not in options.explicit and spec.prediction.cpu.n_history == 0:
             # Nothing says how many cores it needs: as a plain Ray actor, 1 CPU to be placed
@@ -168,7 +168,8 @@ class AdaptiveActorClass(_Adaptive):
         if self.fallback.memory is None and "memory" not in options.explicit and spec.prediction.memory.n_history == 0:
             # Nor how much memory: as a plain Ray actor, no `memory` label. The default
             # fallback (1 GiB) held for an actor's whole life would keep a handful of
-            # light actors from fitting a node. Its first incarnation's row sizes the next.
+            # light actors from fitting a node. The rows of its incarnations size the later
+            # ones, once there are min_history_for_stats of them (as for a task).
             allocation = replace(spec.allocation, memory_bytes=0, memory_is_task_only=False,
                                  reason=f"{spec.allocation.reason}; memory: Ray's actor default (no label)")
             spec = replace(spec, allocation=allocation)

@@ -117,9 +117,10 @@ class ProfilerClient:
                                                    monitor)
         return self._admission
 
-    def _request(self, key: tuple[str, str], reload: bool = False) -> "_Reply":
+    def _request(self, key: tuple[str, str], reload: bool = False, fresh: bool = False) -> "_Reply":
         have = -1 if reload or key not in self._bundles else self._bundles[key].version
-        return _Reply(self.handle.bundle.remote(key[0], key[1], have, reload), lambda: self._bundles.get(key))
+        call = (key[0], key[1], have, reload, True) if fresh else (key[0], key[1], have, reload)
+        return _Reply(self.handle.bundle.remote(*call), lambda: self._bundles.get(key))
 
     def _take(self, key: tuple[str, str], reply: "_Reply", timeout: float) -> bool:
         """Collect a bundle reply if it is ready within ``timeout``; True if it was."""
@@ -162,6 +163,23 @@ class ProfilerClient:
                 else:
                     if key not in self._bundles:
                         self._take(key, reply, self.config.first_bundle_timeout_s)
+            return self._bundles.get(key)
+
+    def fresh_bundle(self, function: str, code_hash: str) -> Bundle | None:
+        """The profiler's newest bundle for the function, waited for (one round trip, at most
+        ``first_bundle_timeout_s``): for what is made rarely and held long, an actor, which
+        ``bundle`` would size from what was known when the class last made one (a helper's
+        audit: five actors in a row on the fallback, the rows of the earlier ones stored)."""
+        key = (function, code_hash)
+        with self._lock:
+            try:
+                reply = self._pending[key] = self._request(key, fresh=True)
+            except Exception as exc:  # noqa: BLE001 - no profiler: predict from what we hold
+                logger.warning("raysched: cannot reach the profiler (%s)", exc)
+                self._handle = None
+                return self._bundles.get(key)
+            self._next_refresh[key] = self._clock() + self.config.refresh_interval_s
+            self._take(key, reply, self.config.first_bundle_timeout_s)  # late: taken by the next call
             return self._bundles.get(key)
 
     def refresh(self, function: str, code_hash: str, train: bool = False, timeout: float = 120.0) -> Bundle | None:

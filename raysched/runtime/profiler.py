@@ -529,12 +529,15 @@ class Profiler:
         return self._train(function, code_hash)
 
     # --- the read path ---------------------------------------------------------------------------
-    def bundle(self, function: str, code_hash: str, have_version: int = -1, reload: bool = False) -> Bundle | None:
+    def bundle(self, function: str, code_hash: str, have_version: int = -1, reload: bool = False,
+               fresh: bool = False) -> Bundle | None:
         """The function's bundle, or None when the caller's ``have_version`` is current.
 
         ``reload`` re-reads the function's rows from the store first: rows that a
         worker wrote there directly while this actor was unreachable (or restarting)
         are then part of the history.  Queries ask for it; submissions never do.
+        ``fresh``: built from every row received, not one built within ``bundle_max_age_s``
+        that many submitting processes share (an actor's creation asks for it).
         """
         state = self._state(function)
         if reload:
@@ -549,7 +552,8 @@ class Profiler:
             if cached is not None and not reload and (
                     cached.version == state.version
                     # (models compare by identity: a model served since makes a new bundle at once)
-                    or (now - built_at < self.config.bundle_max_age_s and served_then == state.models)):
+                    or (not fresh and now - built_at < self.config.bundle_max_age_s
+                        and served_then == state.models)):
                 # Only rows came since (or nothing): many processes asking within a second share one build.
                 return None if have_version == cached.version else cached
             history, scope = self._history(function, code_hash)
