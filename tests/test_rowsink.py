@@ -146,7 +146,7 @@ def test_the_sender_keeps_the_profilers_handle_alive_for_every_batch(monkeypatch
             return Method(weakref.ref(self))
 
     monkeypatch.setattr(rows.ray, "get_actor", lambda name, namespace=None: Profiler())
-    send = rows._send_rows(RayschedConfig(home=str(tmp_path)))
+    send = rows._ProfilerSender(RayschedConfig(home=str(tmp_path)))
     for batch in range(3):
         assert send([{"batch": batch}]) == "ref"
         gc.collect()
@@ -217,7 +217,7 @@ def test_the_sender_looks_the_profiler_up_again_after_it_was_lost(monkeypatch, t
             self.record = Record()
 
     monkeypatch.setattr(rows.ray, "get_actor", lambda name, namespace=None: Profiler())
-    sender = rows._send_rows(RayschedConfig(home=str(tmp_path)))
+    sender = rows._ProfilerSender(RayschedConfig(home=str(tmp_path)))
     assert sender([{"batch": 1}]) == "ref-1" and sender([{"batch": 2}]) == "ref-1"  # one lookup
     assert sender.resend([{"batch": 2}], direct=False) == "ref-2"  # looked up anew
     assert sender([{"batch": 3}]) == "ref-2"

@@ -409,9 +409,6 @@ class _ProfilerSender:
         ProfileStore(self._config.home_path).append_keeping_valid(rows)
 
 
-def _send_rows(config: RayschedConfig) -> _ProfilerSender:
-    return _ProfilerSender(config)
-
 
 class OnePerHome:
     """One object per home (keyed by the name of its profiler or monitor), made on first use.
@@ -454,7 +451,7 @@ class OnePerHome:
 
 
 def _new_sink(config: RayschedConfig) -> RowSink:
-    sender = _send_rows(config)
+    sender = _ProfilerSender(config)
     sink = RowSink(config.flush_interval_s, sender, hold=lambda: ray.put(None), resend=sender.resend)
     atexit.register(sink.flush, wait_s=_SEND_WAIT_S)
     return sink
