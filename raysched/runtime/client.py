@@ -154,16 +154,22 @@ class ProfilerClient:
                 elif pending.future.done():
                     self._take(key, pending, 0)
             elif now >= self._next_refresh.get(key, 0.0):
-                self._next_refresh[key] = now + self.config.refresh_interval_s
-                try:
-                    reply = self._pending[key] = self._request(key)
-                except Exception as exc:  # noqa: BLE001 - no profiler: predict from what we hold
-                    logger.warning("raysched: cannot reach the profiler (%s)", exc)
-                    self._handle = None
-                else:
-                    if key not in self._bundles:
-                        self._take(key, reply, self.config.first_bundle_timeout_s)
+                reply = self._ask(key)
+                if reply is not None and key not in self._bundles:
+                    self._take(key, reply, self.config.first_bundle_timeout_s)
             return self._bundles.get(key)
+
+    def _ask(self, key: tuple[str, str], fresh: bool = False) -> "_Reply | None":
+        """Send a bundle request (held as pending until taken); None when the profiler cannot
+        be reached, then predictions come from what is held.  Called under ``_lock``."""
+        self._next_refresh[key] = self._clock() + self.config.refresh_interval_s
+        try:
+            reply = self._pending[key] = self._request(key, fresh=fresh)
+        except Exception as exc:  # noqa: BLE001 - no profiler: predict from what we hold
+            logger.warning("raysched: cannot reach the profiler (%s)", exc)
+            self._handle = None
+            return None
+        return reply
 
     def fresh_bundle(self, function: str, code_hash: str) -> Bundle | None:
         """The profiler's newest bundle for the function, waited for (one round trip, at most
@@ -172,14 +178,9 @@ class ProfilerClient:
         audit: five actors in a row on the fallback, the rows of the earlier ones stored)."""
         key = (function, code_hash)
         with self._lock:
-            try:
-                reply = self._pending[key] = self._request(key, fresh=True)
-            except Exception as exc:  # noqa: BLE001 - no profiler: predict from what we hold
-                logger.warning("raysched: cannot reach the profiler (%s)", exc)
-                self._handle = None
-                return self._bundles.get(key)
-            self._next_refresh[key] = self._clock() + self.config.refresh_interval_s
-            self._take(key, reply, self.config.first_bundle_timeout_s)  # late: taken by the next call
+            reply = self._ask(key, fresh=True)
+            if reply is not None:
+                self._take(key, reply, self.config.first_bundle_timeout_s)  # late: taken by the next call
             return self._bundles.get(key)
 
     def refresh(self, function: str, code_hash: str, train: bool = False, timeout: float = 120.0) -> Bundle | None:

@@ -111,14 +111,12 @@ class RowSink:
                  hold: Callable[[], Any] | None = None,
                  unfinished: Callable[[list[Any]], list[Any]] | None = None,
                  failure: Callable[[Any], BaseException | None] | None = None,
-                 resend: Callable[[list[dict], bool], Any] | None = None,
-                 lost: Callable[[BaseException], bool] | None = None):
+                 resend: Callable[[list[dict], bool], Any] | None = None):
         self._interval = flush_interval_s
         self._send = send
         #: ``resend(rows, direct)``: send a batch again after its profiler was lost (looked up
         #: anew), or, ``direct``, write it to the store; what it returns is tracked as ``send``'s.
         self._resend = resend
-        self._lost = lost or _profiler_lost
         self._hold = hold
         self._held: Any = None
         self._unfinished = unfinished or _unfinished_refs
@@ -229,7 +227,7 @@ class RowSink:
             return []
         if error is None:
             return []
-        if self._resend is not None and self._lost(error):
+        if self._resend is not None and _profiler_lost(error):
             direct = batch.resends >= _MAX_RESENDS
             logger.warning("raysched: the profiler was lost (%s); %s %d profile rows", type(error).__name__,
                            "writing to the store" if direct else "sending again", len(batch.rows))

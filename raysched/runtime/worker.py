@@ -712,18 +712,12 @@ def _hand_over(spec: AttemptSpec, next_spec: AttemptSpec, args: tuple, kwargs: M
             # It did not take the interrupt (stuck in C code, or it caught it): killed with its
             # worker, it records nothing, so this task records it, with its last live use.
             ray.cancel(ref, force=True)
-            usage = _last_live_usage(next_spec)
-            now = time.time()
-            get_sink(spec.config).add(attempt_row(
-                next_spec, Outcome.CANCELLED, usage, now - (usage.wall_seconds if usage else 0.0), now,
-                f"cancelled; it did not stop within {_CANCEL_GRACE_S:g} s of a soft cancel and was killed"))
-            _forget_live(next_spec, force=True)
+            _record_for(next_spec, Outcome.CANCELLED, _last_live_usage(next_spec),
+                        f"cancelled; it did not stop within {_CANCEL_GRACE_S:g} s of a soft cancel and was killed")
         elif _never_started(ref, next_spec, _CANCEL_GRACE_S):
             # Cancelled in Ray's queue: none of its code ran to record it, so this task does,
             # so that the call's rows end with its cancel, not with the attempt before it.
-            now = time.time()
-            get_sink(spec.config).add(attempt_row(next_spec, Outcome.CANCELLED, None, now, now,
-                                                  "cancelled before it started (it waited in Ray's queue)"))
+            _record_for(next_spec, Outcome.CANCELLED, None, "cancelled before it started (it waited in Ray's queue)")
         raise
     finally:
         _drop_handover(spec)
@@ -760,12 +754,18 @@ def _killed_unretried(spec: AttemptSpec) -> AttemptRecord:
     """Record the attempt ``spec``, which Ray killed for memory without a retry, with its last
     live use; the record the ladder climbs from."""
     usage = _last_live_usage(spec)
-    now = time.time()
     reason = "killed by Ray's memory monitor, which did not retry it (the last task of its caller)"
-    get_sink(spec.config).add(attempt_row(spec, Outcome.OOM_KILLED, usage,
-                                          now - (usage.wall_seconds if usage else 0.0), now, reason))
-    _forget_live(spec, force=True)
+    _record_for(spec, Outcome.OOM_KILLED, usage, reason)
     return AttemptRecord(spec.attempt, spec.allocation, Outcome.OOM_KILLED, usage, reason)
+
+
+def _record_for(spec: AttemptSpec, outcome: Outcome, usage: Usage | None, reason: str) -> None:
+    """Record an attempt that could not record itself (killed with its worker, or never
+    started), from another task: with its last live use (None: it sent none), ending now."""
+    now = time.time()
+    get_sink(spec.config).add(attempt_row(spec, outcome, usage, now - (usage.wall_seconds if usage else 0.0),
+                                          now, reason))
+    _forget_live(spec, force=True)
 
 
 def _call_ends(spec: AttemptSpec, error: BaseException) -> BaseException:
@@ -1004,11 +1004,7 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         usage = _last_live_usage(spec)
         reason = _stop_reason(decision, _KILLED_BY_RAYSCHED if marker is not None else _DIED_BEFORE_STOP)
         if not recorded:
-            now = time.time()
-            started = now - (usage.wall_seconds if usage else 0.0)
-            outcome = _STOP_OUTCOMES[decision.action]
-            get_sink(spec.config).add(attempt_row(spec, outcome, usage, started, now, reason))
-            _forget_live(spec, force=True)
+            _record_for(spec, _STOP_OUTCOMES[decision.action], usage, reason)
             if decision.action in ("stop_limit", "cancel"):
                 _put_stop_marker(spec, decision, recorded=True)  # any further retry fails the same way
         if decision.action not in ("stop_limit", "cancel"):
@@ -1030,8 +1026,6 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         return _run_again_here(fn, task_spec, replace(spec, attempt=spec.attempt + 1, reruns=spec.reruns + 1),
                                args, kwargs, resubmit)
     usage = _last_live_usage(spec)
-    now = time.time()
-    started = now - (usage.wall_seconds if usage else 0.0)
     memory_kill = cause in (None, "OUT_OF_MEMORY") or decision is not None
     outcome = Outcome.OOM_KILLED if memory_kill else Outcome.ERROR
     reason = {None: "worker died; Ray's state API could not say why (no dashboard), treated as a memory kill",
@@ -1039,10 +1033,10 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
               _EXITED: "the function called sys.exit(), which ended its worker"}.get(cause, f"worker died: {cause}")
     if decision is not None:
         reason += "; " + _stop_reason(decision, "raysched's monitor had decided to stop it")
-    sink = get_sink(spec.config)
     if cause != _EXITED:  # an exit's attempt wrote its own row before it ended the worker
-        sink.add(attempt_row(spec, outcome, usage, started, now, reason))
-    _forget_live(spec, force=True)
+        _record_for(spec, outcome, usage, reason)
+    else:
+        _forget_live(spec, force=True)
     record = AttemptRecord(spec.attempt, spec.allocation, outcome, usage, reason)
     if not memory_kill:
         budget = retry_budget(spec)
