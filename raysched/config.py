@@ -307,6 +307,13 @@ class RayschedConfig:
     #: Calls reaching the queue within this many seconds of each other are ordered
     #: together before any is admitted (a burst goes by priority, not by arrival).
     admission_gather_s: float = 0.01
+    #: How far ahead of its room a short call may be admitted: the calls admitted before
+    #: their room is free add up to at most this many seconds of the whole cluster's time,
+    #: by their predicted upper wall times (policy/admission.py, "Pipelining").  It hides the
+    #: round trip each admission costs (tiny calls otherwise leave the CPUs idle between
+    #: them), and bounds how long an urgent call can wait behind calls of lower priority
+    #: that Ray already holds.  0: a call is admitted only once its room is free.
+    admission_pipeline_s: float = 0.05
     #: Admit calls only while their expected peaks (their predictions' upper bounds) fit each
     #: node's room under its memory threshold as the monitor last measured it, as well as
     #: their labels its ``memory`` label: a label is fixed when the node starts, and tasks
@@ -370,6 +377,8 @@ class RayschedConfig:
             problems.append(f"admission_order must be 'first_submitted' or 'largest_first', got {self.admission_order!r}")
         if not 0 <= self.admission_gather_s <= 1:
             problems.append(f"admission_gather_s must be between 0 and 1 second, got {self.admission_gather_s!r}")
+        if not 0 <= self.admission_pipeline_s <= 60:
+            problems.append(f"admission_pipeline_s must be between 0 and 60 seconds, got {self.admission_pipeline_s!r}")
         if not 0 <= self.cost_extrapolation_quantile <= 1:
             problems.append("cost_extrapolation_quantile must be in [0, 1] (0: off)")
         if problems:

@@ -492,3 +492,65 @@ def test_the_service_admits_against_the_monitors_rooms_and_falls_back_to_labels(
         await asyncio.gather(*tasks)
 
     asyncio.run(scenario())
+
+
+def test_short_calls_are_admitted_ahead_of_their_room_up_to_the_pipeline_budget():
+    """Tiny calls of known wall time: beyond the two that fit, the queue admits those predicted
+    to fit within pipeline_s, until the calls admitted ahead add up to pipeline_s of the
+    cluster's time; an urgent call arriving then is the first admitted once room frees."""
+    q = AdmissionQueue(R(2, 8), pipeline_s=0.05)
+    tiny = R(1, 0.1, wall=0.002)  # half the cluster's CPUs for 2 ms: 0.001 cluster-seconds each
+    admitted = [t for i in range(200) for t in q.offer(f"c{i}", 0, tiny, now=0.0)]
+    assert admitted == [f"c{i}" for i in range(len(admitted))]  # in order
+    assert 2 + 40 <= len(admitted) <= 2 + 50 and q.admitted_early() == len(admitted) - 2
+    assert q.offer("urgent", 9, tiny, now=0.0) == []  # the budget is spent
+    assert q.finish("c0", now=0.002) == ["urgent"]  # first once a call ends, ahead of c52...
+    running = admitted[1:] + ["urgent"]
+    while running:  # the rest of the batch goes through the same way
+        running += q.finish(running.pop(0), now=0.01)
+        assert q._early_work <= 0.05 + 1e-12
+    assert q.waiting() == 0 and q._early_work == 0.0 and q.admitted_early() == 0  # no drift once they have all ended
+
+
+def test_long_calls_and_calls_of_unknown_wall_time_are_never_admitted_ahead():
+    for request in (R(1, 0.1, wall=10), R(1, 0.1)):  # 10 s: 5 cluster-seconds each; unknown: inf
+        q = AdmissionQueue(R(2, 8), pipeline_s=0.05)
+        assert [t for i in range(5) for t in q.offer(f"c{i}", 0, request, now=0.0)] == ["c0", "c1"]
+    off = AdmissionQueue(R(2, 8), pipeline_s=0.0)
+    assert [t for i in range(5) for t in off.offer(f"c{i}", 0, R(1, 0.1, wall=0.002), now=0.0)] == ["c0", "c1"]
+
+
+def _tiny_batch_makespan(pipeline_s: float, calls: int = 400, wall: float = 0.001, latency: float = 0.004) -> float:
+    """A batch of tiny calls through the queue on 2 CPUs, where each admission reaches Ray and
+    each end reaches the queue ``latency`` seconds later (the actor's round trips): returns
+    when the last call ends. Ray runs what was admitted as soon as a CPU is free."""
+    import heapq
+
+    q = AdmissionQueue(R(2, 8), pipeline_s=pipeline_s)
+    for i in range(calls):
+        q.add(f"c{i}", 0, R(1, 0.1, wall=wall), float(i))
+    cpus_free_at = [0.0, 0.0]
+    events: list[tuple[float, str]] = []  # (when the queue hears of the end, token)
+    last_end = 0.0
+
+    def run(tokens: list[str], now: float) -> None:
+        nonlocal last_end
+        for token in tokens:
+            start = max(now + latency, heapq.heappop(cpus_free_at))
+            heapq.heappush(cpus_free_at, start + wall)
+            last_end = max(last_end, start + wall)
+            heapq.heappush(events, (start + wall + latency, token))
+
+    run(q.admit(0.0), 0.0)
+    while events:
+        now, token = heapq.heappop(events)
+        run(q.finish(token, now), now)
+    assert q.waiting() == 0 and q.admitted() == 0
+    return last_end
+
+
+def test_pipelining_hides_the_admission_round_trip_of_tiny_calls():
+    """Without it two 1 ms calls run per 9 ms round trip; with it the CPUs stay busy."""
+    strict, pipelined = _tiny_batch_makespan(0.0), _tiny_batch_makespan(0.05)
+    assert strict > 1.5  # 200 round trips of ~9 ms
+    assert pipelined < strict / 4

@@ -91,7 +91,9 @@ class Admission:
     ``backfill`` as in ``policy.admission.AdmissionQueue``;
     ``gather_s``: the queue admits once no call has arrived for this long (at most
     10 x ``gather_s`` after the burst's first call), so a burst is ordered as a
-    whole (0: only the calls already delivered to the actor).
+    whole (0: only the calls already delivered to the actor);
+    ``pipeline_s``: how far ahead of its room a short call may be admitted
+    (``policy.admission``, "Pipelining").
     """
 
     def __init__(self, capacity: Callable[[], Mapping[str, Request]] = ray_node_capacities,
@@ -99,7 +101,7 @@ class Admission:
                  gather_s: float = 0.01, ready: Callable[[Sequence[Any]], set[Any]] = ray_ready,
                  inputs_poll_s: float = 0.05,
                  rooms: Callable[[Sequence[str]], Awaitable[Mapping[str, float]]] | None = None,
-                 rooms_timeout_s: float = 2.0):
+                 rooms_timeout_s: float = 2.0, pipeline_s: float = 0.0):
         self._capacity_fn = capacity
         self._rooms_fn = rooms
         self._rooms_monitor: str | None = getattr(rooms, "monitor", None)
@@ -109,7 +111,7 @@ class Admission:
         self._gather_s = max(0.0, float(gather_s))
         self._nodes = self._read_nodes() or {}
         self._rooms: Mapping[str, float] = {}
-        self._queue = AdmissionQueue(pooled_capacity(self._nodes, {}), backfill=backfill)
+        self._queue = AdmissionQueue(pooled_capacity(self._nodes, {}), backfill=backfill, pipeline_s=pipeline_s)
         # The rooms are not read here (an actor's constructor cannot await): the first pass reads them.
         self._read_at = float("-inf") if rooms is not None else clock()
         self._refreshing: asyncio.Future | None = None
@@ -271,10 +273,12 @@ class Admission:
         capacity = self._queue.capacity
         held = self._queue.held()
         return {"waiting": self._queue.waiting(), "admitted": self._queue.admitted(),
+                "admitted_early": self._queue.admitted_early(),
                 "awaiting_inputs": len(self._awaiting_inputs),
                 "admitted_total": self.admitted_total, "backfilled_total": self._queue.backfilled_total,
                 # The settings it runs by (the last driver's configure(...) that reached it).
                 "backfill": self._queue.backfill, "gather_s": self._gather_s, "rooms_from": self._rooms_monitor,
+                "pipeline_s": self._queue.pipeline_s,
                 "capacity_cpus": capacity.num_cpus if capacity else None,
                 # What admitted calls' labels may add up to (the nodes' labels), and what they
                 # are expected to hold at most (the nodes' rooms; a node without one: its label).
@@ -284,10 +288,12 @@ class Admission:
                 "held_cpus": held.num_cpus, "held_memory_bytes": held.memory_bytes,
                 "held_peak_bytes": held.peak_bytes}
 
-    def reconfigure(self, backfill: bool, gather_s: float, monitor: str | None) -> None:
+    def reconfigure(self, backfill: bool, gather_s: float, monitor: str | None, pipeline_s: float = 0.0) -> None:
         """A driver's ``configure(admission_backfill=..., admission_gather_s=...,
-        admission_node_room=...)``: the actor may predate it, and serves every driver."""
+        admission_node_room=..., admission_pipeline_s=...)``: the actor may predate it, and
+        serves every driver."""
         self._queue.backfill = backfill
+        self._queue.pipeline_s = pipeline_s
         self._gather_s = max(0.0, float(gather_s))
         if monitor != self._rooms_monitor:
             self._rooms_fn, self._rooms_monitor = (monitor_rooms(monitor) if monitor else None), monitor
@@ -298,15 +304,16 @@ class Admission:
         return True
 
 
-def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monitor: str | None = None) -> Any:
+def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monitor: str | None = None,
+                            pipeline_s: float = 0.0) -> Any:
     """The cluster's admission actor: found by name, created on first use, restarted by Ray.
 
     Async, so that thousands of waiting calls cost coroutines, not threads. A
     restarted actor starts empty: Ray retries the pending ``admit`` and ``track``
-    calls, so every waiting call queues again.  ``backfill``, ``gather_s`` and
+    calls, so every waiting call queues again.  ``backfill``, ``gather_s``, ``pipeline_s`` and
     ``monitor`` (the name of the monitor actor whose node rooms cap the capacity;
     None: labels only) are the creating driver's (``RayschedConfig.admission_backfill``,
-    ``admission_gather_s``, ``admission_node_room``); a driver that configured raysched
+    ``admission_gather_s``, ``admission_pipeline_s``, ``admission_node_room``); a driver that configured raysched
     itself hands the actor its settings (``Admission.reconfigure``).
     """
     import ray
@@ -318,7 +325,8 @@ def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monit
         ray.remote(Admission)
         .options(name=ADMISSION_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                  max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=100_000)
-        .remote(backfill=backfill, gather_s=gather_s, rooms=monitor_rooms(monitor) if monitor else None)
+        .remote(backfill=backfill, gather_s=gather_s, rooms=monitor_rooms(monitor) if monitor else None,
+                pipeline_s=pipeline_s)
     )
 
 

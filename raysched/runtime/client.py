@@ -110,11 +110,11 @@ class ProfilerClient:
             rooms = self.config.admission_node_room and self.config.monitor_enabled
             monitor = monitor_name(self.config) if rooms else None
             self._admission = get_or_create_admission(self.config.admission_backfill, self.config.admission_gather_s,
-                                                      monitor=monitor)
+                                                      monitor=monitor, pipeline_s=self.config.admission_pipeline_s)
             if configured_here():
                 # The actor may predate this process's configure(...), and it serves every driver.
                 self._admission.reconfigure.remote(self.config.admission_backfill, self.config.admission_gather_s,
-                                                   monitor)
+                                                   monitor, self.config.admission_pipeline_s)
         return self._admission
 
     def _request(self, key: tuple[str, str], reload: bool = False, fresh: bool = False) -> "_Reply":
