@@ -706,3 +706,45 @@ def test_rows_recorded_during_a_reload_stay_in_the_history(tmp_path):
     reader.join(10)
     assert asked["bundle"].n_history == 7
     assert profiler.bundle("f", "h1").n_history == 7
+
+
+def _restartable(tmp_path, clock=None):
+    from raysched.store.registry import ModelRegistry
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=30.0, bundle_max_age_s=0.0)
+    return Profiler(config, store=ProfileStore(tmp_path), registry=ModelRegistry(tmp_path), clock=clock or Clock(),
+                    executor=InlineExecutor(), load_executor=InlineExecutor())
+
+
+def _with_code(batch, code_hash, scale):
+    return [{**row, "code_hash": code_hash, "peak_rss_bytes": int(row["peak_rss_bytes"] * scale),
+             "memory_sample_bytes": int(row["memory_sample_bytes"] * scale)} for row in batch]
+
+
+def test_a_restarted_profiler_gives_each_code_version_its_own_served_models_back(tmp_path):
+    """Two code versions under one name (two scripts sharing a home) each train and serve their
+    own models; a restart restored only the newest version's, and the other's next model was
+    then served against no rival."""
+    first = _restartable(tmp_path)
+    first.record(_with_code(rows(40), "A", 1.0))
+    first.train_now("f", "A")
+    first.record(_with_code(rows(40, start=40), "B", 3.0))
+    first.train_now("f", "B")
+    served = {code: {r: m.version for r, m in first.bundle("f", code).models.items()} for code in "AB"}
+    assert served["A"] and served["B"] and served["A"] != served["B"]
+    again = _restartable(tmp_path)
+    assert {code: {r: m.version for r, m in again.bundle("f", code).models.items()} for code in "AB"} == served
+
+
+def test_a_restarted_profilers_bundle_versions_never_repeat_an_earlier_ones(tmp_path):
+    """A driver caches predictions by bundle version: a new incarnation counting from 1 again
+    answered with versions whose cached predictions came from the old one's first rows."""
+    first = _restartable(tmp_path)
+    seen = [first.bundle("f", "h1").version]
+    for start in range(0, 100, 10):
+        first.record(rows(10, start=start))
+        seen.append(first.bundle("f", "h1").version)
+    again = _restartable(tmp_path)
+    assert again.bundle("f", "h1").version > max(seen)
+    assert again.bundle("f", "h1").n_history == 100

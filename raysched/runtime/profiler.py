@@ -126,7 +126,12 @@ class _FunctionState:
     def __init__(self, rows: pd.DataFrame, window: int, arrived: Sequence[Mapping[str, Any]] = ()):
         self.window = window
         self._set_rows(rows, arrived)
-        self.version = 1
+        # Unique across the profiler's incarnations (microseconds of the clock, then +1 per
+        # change): a driver caches predictions by bundle version, and a restarted profiler
+        # counting from 1 again answered with versions whose cached predictions were made
+        # from an old incarnation's first rows, or none (a helper's audit: sized from the
+        # 3 GiB fallback, with 25 runs of 64 MiB in the bundle).
+        self.version = time.time_ns() // 1000
         self.new_rows = 0
         #: resource -> the model served last, whichever rows trained it: what a code
         #: version without runs of its own is sized by (the name's history)
@@ -284,9 +289,11 @@ class Profiler:
         return rows, arrived
 
     def _load_served(self, function: str, state: _FunctionState) -> None:
-        """After a restart: the newest registered model of each resource that was served."""
-        models: dict[str, ResourceModel] = {}
-        codes: dict[str, str | None] = {}  # resource -> code hash of its own rows' model, or None
+        """After a restart: per resource, the newest registered model that was served, and the
+        newest served to each code version on its own rows (two versions in use under one
+        name each get theirs back: a helper's audit found only the newest restored)."""
+        latest: dict[str, ResourceModel] = {}  # resource -> the model served last
+        by_code: dict[str, dict[str, ResourceModel]] = {}  # code hash -> resource -> its own model
         try:
             for resource in MODELLED:
                 # Newest first; a version registered but judged worse than the one served
@@ -294,24 +301,29 @@ class Profiler:
                 for entry in sorted(self.registry.versions(function, resource), key=lambda v: -int(v["version"])):
                     artifact = self.registry.load(function, resource, int(entry["version"]))
                     meta = json.loads(artifact.meta_json) if artifact is not None else {}
-                    if artifact is not None and meta.get("served", True):
-                        try:
-                            models[resource] = ResourceModel.from_artifact(artifact)
-                        except IncompatibleModel as exc:  # an older raysched's features: retrained from the rows
-                            logger.warning("raysched: not serving %s: %s", function, exc)
-                            break
-                        # (a model registered before the scope was recorded: taken as its code's own)
-                        codes[resource] = meta.get("code_hash") if meta.get("history_scope", "code") == "code" else None
+                    if artifact is None or not meta.get("served", True):
+                        continue
+                    # (a model registered before the scope was recorded: taken as its code's own)
+                    code = meta.get("code_hash") if meta.get("history_scope", "code") == "code" else None
+                    if resource in latest and (code is None or resource in by_code.get(code, {})):
+                        continue  # an older model of a slot already filled
+                    try:
+                        model = ResourceModel.from_artifact(artifact)
+                    except IncompatibleModel as exc:  # an older raysched's features: retrained from the rows
+                        logger.warning("raysched: not serving %s: %s", function, exc)
                         break
+                    latest.setdefault(resource, model)
+                    if code is not None:
+                        by_code.setdefault(code, {}).setdefault(resource, model)
         except Exception:  # noqa: BLE001 - no registry yet, or an unreadable model: serve statistics
             logger.exception("raysched: could not load registered models of %s", function)
         with self._lock:
-            for resource, model in models.items():
-                if resource not in state.models:  # a model trained meanwhile is newer
-                    state.models[resource] = model
-                    if codes.get(resource) is not None:
-                        state.models_by_code.setdefault(codes[resource], {})[resource] = model
-            if models:
+            for resource, model in latest.items():  # a model trained meanwhile is newer
+                state.models.setdefault(resource, model)
+            for code, models in by_code.items():
+                for resource, model in models.items():
+                    state.models_by_code.setdefault(code, {}).setdefault(resource, model)
+            if latest:
                 state.version += 1
 
     # --- the write path -------------------------------------------------------------------------
