@@ -469,6 +469,38 @@ def test_ladder_without_measured_peak_grows_from_the_allocation():
     assert nxt.memory_bytes == 512 * MiB and nxt.reason == "2 x observed peak"
 
 
+def test_the_cost_aware_ladder_doubles_the_peak_again_and_keeps_the_whole_node_for_the_last_attempt():
+    """A call needing ~1.3 GiB from a 128 MiB fallback: its third attempt got all of a 22 GiB
+    node with one attempt left (a helper's audit); doubling the peak again fits it."""
+    ladder = build_ladder(CFG)  # cost-aware by default, max_attempts 4
+    node = 22 * GiB
+    pred = prediction(100 * MiB)
+    state = LadderState(pred, (failed(1, 128 * MiB, 472 * MiB),), max_peak_seen=472 * MiB, largest_node_bytes=node)
+    second = ladder.next_allocation(state)
+    assert second.reason == "2 x observed peak" and second.memory_bytes == 944 * MiB
+    state = LadderState(pred, state.attempts + (failed(2, second.memory_bytes, 1265 * MiB, second.rung),),
+                        1265 * MiB, node)
+    third = ladder.next_allocation(state)
+    assert third.reason == "2 x observed peak" and third.memory_bytes == 2544 * MiB  # 2 x 1265 MiB, rounded up
+    state = LadderState(pred, state.attempts + (failed(3, third.memory_bytes, 2600 * MiB, third.rung),),
+                        2600 * MiB, node)
+    last = ladder.next_allocation(state)  # the fourth and last attempt: what surely fits
+    assert last.reason == "largest node" and last.memory_bytes == node
+
+
+def test_the_ladder_stops_at_the_functions_memory_limit():
+    """A 600 MiB cap: the next rung (1072 MiB) only broke the cap again, after a whole attempt."""
+    ladder = build_ladder(CFG)
+    pred = prediction(200 * MiB)
+    state = LadderState(pred, (failed(1, 256 * MiB, 504 * MiB),), max_peak_seen=504 * MiB,
+                        largest_node_bytes=22 * GiB, limit_bytes=600 * MiB)
+    nxt = ladder.next_allocation(state)
+    assert nxt.capped and nxt.memory_bytes == 600 * MiB and nxt.reason.endswith("capped at the memory limit")
+    state = LadderState(pred, state.attempts + (failed(2, nxt.memory_bytes, 640 * MiB, nxt.rung),), 640 * MiB,
+                        22 * GiB, 600 * MiB)
+    assert ladder.next_allocation(state) is None  # at the cap: nothing bigger may run
+
+
 def test_config_rejects_nonsense():
     with pytest.raises(ValueError, match="oversize_policy"):
         RayschedConfig(oversize_policy="maybe")

@@ -525,3 +525,9 @@ def test_an_actor_being_replaced_still_stops_at_its_hard_cap():
     task_state, _ = rules.evaluate(AttemptState(), live(clock))
     task_state = R.with_stop(task_state, Decision("x", R.STOP_AND_RESUBMIT, "mod.f", "c1", 1))
     assert rules.evaluate(task_state, live(clock, rss_bytes=5 * GiB)) == (task_state, ())
+
+
+def test_an_attempt_capped_at_its_memory_limit_is_left_to_the_caps_rule():
+    capped = Allocation(1.0, 600 * MiB, capped=True, reason="2 x observed peak, capped at the memory limit")
+    finding = R.MemoryOverAllocation(1.2, 4)(live(rss_bytes=800 * MiB, allocation=capped))
+    assert finding.action == R.WARN and "capped at the memory limit" in finding.detail

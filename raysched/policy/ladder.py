@@ -23,13 +23,16 @@ class LadderState:
     ``attempts`` are the failed attempts of this call so far, oldest first;
     ``max_peak_seen`` the largest memory use ever recorded for the function
     (0 if none); ``largest_node_bytes`` the largest node's memory (None if
-    unknown, as in trace replay).
+    unknown, as in trace replay); ``limit_bytes`` the function's hard memory cap
+    (``memory_limits``; None: none): a rung above it only breaks the cap again, so
+    the ladder stops there and the cap's rule decides.
     """
 
     prediction: Prediction
     attempts: tuple[AttemptRecord, ...]
     max_peak_seen: float = 0.0
     largest_node_bytes: float | None = None
+    limit_bytes: float | None = None
 
     @property
     def last(self) -> AttemptRecord:
@@ -46,6 +49,12 @@ class LadderState:
 class Rung:
     name: str
     propose: Callable[[LadderState], float | None]
+    #: The rung may be taken again by the next attempt (a proposal that grows with the
+    #: peaks measured, such as doubling the observed peak); others are climbed past.
+    repeat: bool = False
+    #: The rung the call's last allowed attempt takes, if it proposes enough: a last
+    #: attempt that fails loses the call, so it gets what surely fits (the largest node).
+    final: bool = False
 
     def __repr__(self) -> str:
         return f"Rung({self.name!r})"
@@ -72,13 +81,19 @@ class Ladder:
         if len(state.attempts) >= self.max_attempts:
             return None
         last = state.last.allocation
-        largest = state.largest_node_bytes
+        largest, bound_name = state.largest_node_bytes, "the largest node"
+        if state.limit_bytes is not None and (largest is None or state.limit_bytes < largest):
+            largest, bound_name = state.limit_bytes, "the memory limit"
         if largest is not None and last.memory_bytes >= largest:
-            return None  # already had the largest node: nothing bigger exists
+            return None  # already had the largest node (or the cap): nothing bigger exists
         floor = max(last.memory_bytes * self.min_growth, self.bump(state.observed_peak))
         # Rungs are numbered from 1; rung 0 is the first submission's sizing.
         chosen_value, chosen_rung, chosen_name = floor, None, "growth floor"
-        for index in range(last.rung, len(self.rungs)):
+        start = last.rung - 1 if last.rung >= 1 and self.rungs[last.rung - 1].repeat else last.rung
+        order = list(range(start, len(self.rungs)))
+        if len(state.attempts) + 1 == self.max_attempts:
+            order = [i for i in order if self.rungs[i].final] + [i for i in order if not self.rungs[i].final]
+        for index in order:
             rung = self.rungs[index]
             proposal = rung.propose(state)
             if proposal is not None and math.isfinite(proposal) and proposal >= floor:
@@ -86,7 +101,7 @@ class Ladder:
                 break
         capped = largest is not None and chosen_value > largest
         if capped:
-            chosen_value, chosen_name = float(largest), chosen_name + ", capped at the largest node"
+            chosen_value, chosen_name = float(largest), f"{chosen_name}, capped at {bound_name}"
         memory = int(chosen_value) if capped else self._round(chosen_value)
         if largest is not None and memory > largest:
             memory = int(largest)  # rounded up past the node it must fit

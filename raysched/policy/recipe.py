@@ -235,10 +235,13 @@ def build_ladder(config: RayschedConfig) -> Ladder:
                 #   margin: cost-aware sizing expects rare failures, and a failure
                 #   already cost a whole attempt, so the retry must fit.
                 Rung("largest peak seen", lambda s: s.max_peak_seen * margin if s.max_peak_seen > 0 else None),
-                # Rung 3: bigger than anything seen: twice the peak the killed attempt reached.
-                Rung("2 x observed peak", lambda s: 2.0 * s.observed_peak),
-                # Rung 4: all of the largest node.
-                Rung("largest node", lambda s: s.largest_node_bytes),
+                # Rung 3: bigger than anything seen: twice the peak the killed attempt reached,
+                #   again after each attempt it does not fit (it gave the third attempt of a
+                #   call that needed 1.3 GiB all of a 22 GiB node, with one attempt left).
+                Rung("2 x observed peak", lambda s: 2.0 * s.observed_peak, repeat=True),
+                # Rung 4: all of the largest node, for the last attempt allowed: one that
+                #   fails loses the call.
+                Rung("largest node", lambda s: s.largest_node_bytes, final=True),
             ),
             max_attempts=config.max_attempts,
             min_growth=config.cost_ladder_min_growth,

@@ -304,7 +304,8 @@ class MemoryOverAllocation:
         # rescales are counted by AsRescale).
         last = None if self.max_attempts is None else (r.max_attempts or self.max_attempts)
         if r.allocation.capped or (last is not None and r.attempt >= last):
-            why = "capped at the largest node" if r.allocation.capped else f"attempt {r.attempt} is the last"
+            why = ("capped at the memory limit" if "memory limit" in (r.allocation.reason or "")
+                   else "capped at the largest node") if r.allocation.capped else f"attempt {r.attempt} is the last"
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; no larger rung ({why}), left running")
         return Finding(STOP_AND_RESUBMIT, r.rss_bytes, allocated, f"{detail}; resubmit on the next rung")
 

@@ -63,6 +63,7 @@ from ..config import RayschedConfig
 from ..errors import AttemptsExhausted, RayschedError, StoppedByMonitor
 from ..policy.ladder import LadderState
 from ..policy.recipe import build_ladder
+from ..policy.rules import MemoryOverHardCap
 from ..policy.thinning import ShortCallThinning, thinning_from_config
 from ..types import AttemptRecord, Outcome, Usage
 from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
@@ -575,7 +576,8 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
         if spec.largest_node_bytes:
             held = _held_label(spec)
             room = max(spec.largest_node_bytes - held - _labels_of_waiting_tasks(spec.call_id), held)
-        allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room))
+        limit = MemoryOverHardCap(spec.config.memory_limit_bytes, dict(spec.config.memory_limits)).limit_for(spec.function)
+        allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room, limit))
         if allocation is None:
             raise _call_ends(spec, AttemptsExhausted(spec.function, failed,
                                                      "killed for memory on every rung of the ladder"))
