@@ -180,6 +180,44 @@ def test_over_its_allocation_a_task_is_stopped_and_resubmitted_one_rung_up(fault
     assert "stop_and_resubmit" in set(raysched.events(outgrows_its_allocation)["action"])
 
 
+@adaptive_remote(num_cpus=0.5)
+def keeps_a_cache(mib: int) -> int:
+    import builtins
+
+    import numpy as np
+
+    builtins._raysched_test_cache = np.ones(mib * MiB // 8)  # a model or a table kept in the worker
+    return os.getpid()
+
+
+@adaptive_remote(num_cpus=0.5)
+def only_sleeps(seconds: float) -> bool:
+    import builtins
+
+    time.sleep(seconds)
+    return hasattr(builtins, "_raysched_test_cache")
+
+
+def test_what_another_function_left_in_a_worker_is_not_held_against_the_next_task(faults):
+    """A function keeping 300 MiB in a worker made the next task of another function there look
+    300 MiB bigger: the monitor stopped a task that only slept, past its allocation sized from
+    its own history, killed the worker and sized the function at 640 MiB (a helper's audit)."""
+    ray.get([only_sleeps.remote(0.05) for _ in range(4)])  # its history: nothing but a worker
+    raysched.flush()
+    only_sleeps.refresh()
+    assert only_sleeps.predict(1.5).memory.source != "fallback"
+    # Every worker that may run it holds the cache (at most 4 at 0.5 CPU each on 2 CPUs).
+    ray.get([keeps_a_cache.remote(300) for _ in range(4)])
+    refs = [only_sleeps.remote(1.5) for _ in range(4)]
+    assert any(ray.get(refs, timeout=120))  # some ran beside the cache
+    raysched.flush()
+    rows = raysched.profiles(only_sleeps).sort_values("started_at")
+    history, since = rows.iloc[:4], rows.iloc[4:]
+    assert len(since) == 4 and set(since["outcome"]) == {"ok"} and set(since["attempt"]) == {1}, \
+        since[["attempt", "outcome", "peak_rss_bytes", "start_rss_bytes", "error"]]
+    assert since["peak_rss_bytes"].max() < history["peak_rss_bytes"].max() + 100 * MiB
+
+
 def _fail_in_user_code(attempt: int) -> None:
     raise ValueError(f"failed on attempt {attempt}")
 

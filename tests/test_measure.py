@@ -42,6 +42,43 @@ def test_peak_of_an_allocation_in_this_process():
     assert usage.wall_seconds > 0
 
 
+@pytest.mark.skipif(not LINUX, reason="reads /proc")
+def test_what_another_function_left_in_the_worker_is_not_the_next_attempts(monkeypatch):
+    """A function keeping a 300 MiB cache in a module global made every later task of another
+    function in that worker look 300 MiB bigger: the monitor stopped a task that only slept
+    (a helper's audit). The function's own cache stays its own."""
+    monkeypatch.setattr(measure, "_LEDGER", [])  # this process's ledger, fresh
+    cacher = AttemptMeter(owner="mod.warm_cache")
+    cacher.start()
+    cache = allocate(300)
+    cached = cacher.stop()
+    assert close_to(cached.task_rss_bytes, 300)
+    base = cached.start_rss_bytes
+
+    other = AttemptMeter(owner="mod.tiny")
+    other.start()
+    small = allocate(20)
+    live = other.sample()
+    usage = other.stop()
+    del small
+    assert usage.start_rss_bytes < base + 30 * MiB
+    assert close_to(usage.peak_rss_bytes - base, 20), usage
+    assert live.rss_bytes < base + 60 * MiB and live.start_rss_bytes < base + 30 * MiB
+
+    thinned = measure.DeferredMeter(owner="mod.tiny")  # a thinned call that runs on to a sample
+    thinned.start()
+    assert thinned.sample().rss_bytes < base + 60 * MiB
+    assert thinned.stop().start_rss_bytes < base + 30 * MiB
+
+    again = AttemptMeter(owner="mod.warm_cache")  # its own next call: the cache is its own
+    again.start()
+    assert again.stop().start_rss_bytes > base + 250 * MiB
+    unowned = AttemptMeter()  # no owner (an actor's incarnation): gross, as before
+    unowned.start()
+    assert unowned.stop().start_rss_bytes > base + 250 * MiB
+    del cache
+
+
 @pytest.mark.skipif(not LINUX, reason="the VmHWM reset is Linux-only")
 def test_second_meter_is_not_fooled_by_an_earlier_bigger_peak():
     first = AttemptMeter()

@@ -28,6 +28,22 @@ large, and raysched's monitor would take it for growth past the allocation.
     in a plain Ray worker).  ``Usage.task_rss_bytes`` (peak minus start) is
     what the attempt added.
 
+What **other functions** left resident in the worker is not the attempt's: Ray
+reuses a worker process for any function of the job, and a function that keeps a
+300 MiB cache in a module global made every later task of another function in
+that worker look 300 MiB bigger (a helper's audit: a task that only slept was
+stopped by the monitor for passing its 96 MiB allocation, its worker killed, and
+its function sized at 640 MiB from then on).  Each process keeps a ledger
+(:class:`WorkerLedger`) of what each function's measured attempts left resident
+(resident size at the end less at the start, summed per function, never below
+0) and the smallest start seen in the process.  An attempt's *foreign* memory is
+its start's excess over that smallest start, up to what the ledger holds for
+other functions; every memory figure of its samples and ``Usage``
+(``start_rss_bytes``, ``peak_rss_bytes``, live resident size) is net of it.  What
+the attempt's own function left in earlier calls stays its own (a model loaded
+once per worker is part of what its calls hold), and memory of unknown origin
+too: the ledger only takes off what it saw another function's attempt leave.
+
 ``peak_rss_bytes``
     The largest of
 
@@ -460,6 +476,44 @@ _HWM_METERS: "weakref.WeakSet[AttemptMeter]" = weakref.WeakSet()
 _HWM_LOCK = threading.Lock()
 
 
+class WorkerLedger:
+    """What each function's measured attempts left resident in this worker process (see
+    the module docstring, "What other functions left").  Thread-safe; one per process
+    (``worker_ledger``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.baseline: int | None = None  # the smallest attempt start seen in the process
+        self.retained: dict[str, int] = {}  # function -> bytes its attempts left resident
+
+    def foreign_at_start(self, function: str, start_rss: int) -> int:
+        """Bytes of ``start_rss`` that other functions' attempts left in this process."""
+        with self._lock:
+            if self.baseline is None or start_rss < self.baseline:
+                self.baseline = int(start_rss)
+            others = sum(held for owner, held in self.retained.items() if owner != function)
+            return int(max(0, min(start_rss - self.baseline, others)))
+
+    def left(self, function: str, start_rss: int, end_rss: int) -> None:
+        """An attempt of ``function`` ended holding ``end_rss`` (it began with ``start_rss``)."""
+        with self._lock:
+            self.retained[function] = max(0, self.retained.get(function, 0) + int(end_rss) - int(start_rss))
+            if len(self.retained) > 1024:  # a process that ran many functions: the emptiest go
+                for owner in sorted(self.retained, key=self.retained.get)[:512]:
+                    del self.retained[owner]
+
+
+_LEDGER: list[tuple[int, WorkerLedger]] = []
+
+
+def worker_ledger() -> WorkerLedger:
+    """This process's ledger (a forked child starts its own: its memory is not the parent's)."""
+    pid = os.getpid()
+    if not _LEDGER or _LEDGER[0][0] != pid:
+        _LEDGER[:] = [(pid, WorkerLedger())]
+    return _LEDGER[0][1]
+
+
 class AttemptMeter:
     """Measures one attempt of a task in the current process (and its children).
 
@@ -469,12 +523,16 @@ class AttemptMeter:
     means.  No method raises: unreadable figures degrade with a warning.
     ``pid`` defaults to the current process; another process can be measured
     where ``/proc`` allows, but without its reaped children's CPU/peak (those
-    are only known to its parent through ``getrusage``).
+    are only known to its parent through ``getrusage``).  ``owner``: the function
+    the attempt runs, whose figures are then net of what other functions left in
+    this process (:class:`WorkerLedger`); None: gross figures, no ledger.
     """
 
-    def __init__(self, pid: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, pid: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 owner: str | None = None) -> None:
         self.pid = os.getpid() if pid is None else int(pid)
         self._self = self.pid == os.getpid()
+        self._owner = owner if self._self else None
         self._clock = clock
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -490,6 +548,9 @@ class AttemptMeter:
     def _reset_state(self) -> None:
         self._t0 = 0.0
         self._start_rss = 0
+        self._foreign = 0  # what other functions left resident at the start (WorkerLedger)
+        #: The tree's resident size when stopped (gross), for the ledger; None before.
+        self.end_rss: int | None = None
         self._start_total = 0  # the process's whole RSS (private + shared) at start
         self._cpu0_self = 0.0
         self._cpu0_reaped = 0.0
@@ -574,12 +635,13 @@ class AttemptMeter:
         """RSS of the process (and its live descendants) when ``start()`` ran."""
         return self._start_rss
 
-    def rebase_start(self, start_rss: int | None) -> None:
-        """Take ``start_rss`` (read before ``start()``, when the call began) as the start, if lower."""
-        if start_rss is None:
-            return
+    def rebase_start(self, start_rss: int | None, foreign: int = 0) -> None:
+        """Take ``start_rss`` (read before ``start()``, when the call began) as the start, if
+        lower, and ``foreign`` (other functions' memory then) as what its figures are net of."""
         with self._lock:
-            self._start_rss = min(self._start_rss, int(start_rss)) if self._start_rss else int(start_rss)
+            self._foreign = int(foreign)
+            if start_rss is not None:
+                self._start_rss = min(self._start_rss, int(start_rss)) if self._start_rss else int(start_rss)
 
     def start(self) -> None:
         """Begin the attempt: reset VmHWM and remember the starting counters."""
@@ -647,6 +709,8 @@ class AttemptMeter:
                 self._warn("child processes", exc)
             self._start_rss += sum(c.rss for c in self._base_children.values())
             self._peak_tree = self._start_rss
+            if self._owner is not None:
+                self._foreign = worker_ledger().foreign_at_start(self._owner, self._start_rss)
 
     def _hwm_from_rusage(self, ru_maxrss: int | None) -> int | None:
         """The high-water mark since the reset, from ``getrusage``, when it provably is one.
@@ -764,8 +828,10 @@ class AttemptMeter:
             except Exception as exc:  # noqa: BLE001 - belt and braces
                 self._warn("sample", exc)
                 rss, peak, cpu, io = self._start_rss, max(self._peak_self, self._peak_tree), self._cpu_max, _ZERO_IO
-            return LiveSample(int(rss), int(peak), float(cpu), max(0.0, self._clock() - self._t0),
-                              int(io[0]), int(io[1]), now, int(self._start_rss))
+            f = self._foreign
+            return LiveSample(max(0, int(rss) - f), max(0, int(peak) - f), float(cpu),
+                              max(0.0, self._clock() - self._t0), int(io[0]), int(io[1]), now,
+                              max(0, int(self._start_rss) - f))
 
     def stop(self) -> Usage:
         """End the attempt and return its Usage (idempotent: a second call returns the same)."""
@@ -778,14 +844,18 @@ class AttemptMeter:
                 self._stopped = True
                 return self.usage
             wall = max(0.0, self._clock() - self._t0)
+            end = None
             try:
-                _, peak, cpu, io = self._measure(final=True)
+                end, peak, cpu, io = self._measure(final=True)
             except Exception as exc:  # noqa: BLE001
                 self._warn("usage", exc)
                 peak, cpu, io = max(self._peak_self, self._peak_tree), self._cpu_max, _ZERO_IO
+            self.end_rss = int(end) if end else None
+            if self._owner is not None and self.end_rss is not None:
+                worker_ledger().left(self._owner, self._start_rss, self.end_rss)
             self.usage = Usage(
-                peak_rss_bytes=int(peak),
-                start_rss_bytes=int(self._start_rss),
+                peak_rss_bytes=max(0, int(peak) - self._foreign),
+                start_rss_bytes=max(0, int(self._start_rss) - self._foreign),
                 cpu_seconds=float(cpu),
                 wall_seconds=float(wall),
                 read_bytes=int(io[0]),
@@ -815,11 +885,13 @@ class DeferredMeter:
     after it), so that cores stay CPU seconds per wall second.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, owner: str | None = None) -> None:
         self._clock = clock
+        self._owner = owner  # as AttemptMeter's
         self._lock = threading.Lock()
         self._t0 = 0.0
         self._start_rss: int | None = None  # private RSS of the process when the call began
+        self._foreign = 0  # what other functions left resident then (WorkerLedger)
         self._offset = 0.0  # wall time before the full meter started
         self._meter: AttemptMeter | None = None
         self._stopped = False
@@ -839,6 +911,8 @@ class DeferredMeter:
             self._start_rss = _read_statm(os.getpid())[0] if _LINUX else None
         except (OSError, ValueError, IndexError):
             self._start_rss = None
+        if self._owner is not None and self._start_rss is not None:
+            self._foreign = worker_ledger().foreign_at_start(self._owner, self._start_rss)
 
     def sample(self) -> LiveSample:
         with self._lock:
@@ -846,9 +920,9 @@ class DeferredMeter:
             if meter is None:
                 if self._stopped:
                     return LiveSample(0, 0, 0.0, self.wall_seconds, 0, 0, time.time())
-                meter = AttemptMeter(clock=self._clock)
+                meter = AttemptMeter(clock=self._clock)  # no owner: the ledger is this meter's
                 meter.start()
-                meter.rebase_start(self._start_rss)
+                meter.rebase_start(self._start_rss, self._foreign)
                 self._offset = max(0.0, self._clock() - self._t0)
                 self._meter = meter
         sample = meter.sample()
@@ -865,6 +939,8 @@ class DeferredMeter:
         if meter is None:
             return None
         usage = meter.stop()
+        if self._owner is not None and self._start_rss is not None and meter.end_rss is not None:
+            worker_ledger().left(self._owner, self._start_rss, meter.end_rss)
         scale = self.wall_seconds / usage.wall_seconds if usage.wall_seconds > 0 else 1.0
         return dataclasses.replace(usage, wall_seconds=self.wall_seconds, cpu_seconds=usage.cpu_seconds * scale)
 

@@ -425,7 +425,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     """
     sink = get_sink(spec.config)
     measured = thinning is None or thinning.measure_next()
-    meter = AttemptMeter() if measured else DeferredMeter()
+    meter = AttemptMeter(owner=spec.function) if measured else DeferredMeter(owner=spec.function)
     started = time.time()
     meter.start()
     sampler = get_live_sampler(spec.config.live_interval_s)
