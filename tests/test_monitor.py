@@ -44,8 +44,8 @@ class RecordingMetrics:
     def __init__(self):
         self.calls: list[tuple[str, object]] = []
 
-    def observe(self, report):
-        self.calls.append(("observe", report.rss_bytes))
+    def observe(self, function, largest):
+        self.calls.append(("observe", function, largest.rss_bytes if largest is not None else 0))
 
     def decided(self, decision):
         self.calls.append(("decided", decision.action))
@@ -321,7 +321,7 @@ def test_metrics_are_no_ops_outside_ray():
         pytest.skip("a Ray session is up in this process")
     m = Metrics()
     s = Samples()
-    m.observe(s())
+    m.observe("mod.f", s())
     m.decided(R.Decision("r", R.STOP_LIMIT, "f", "c", 1))
     m.node(NodeMemory("n", 1, 2))
     assert m.enabled is False
@@ -916,3 +916,19 @@ def test_a_call_cancelled_while_its_next_attempt_waits_in_rays_queue_records_tha
     with pytest.raises(ray.exceptions.TaskCancelledError):
         worker._hand_over(first, second, (), {}, resubmit_and_start, run_here=None)
     assert rows == [] and not kv
+
+
+def test_the_used_memory_gauge_is_the_largest_running_attempts_and_zero_once_none_runs(monitor):
+    """It showed the newest sample only: the sample that stopped an attempt was never shown, a
+    stopped attempt's last figure stayed for good, and concurrent attempts overwrote each other."""
+    a, b = Samples(call_id="a"), Samples(call_id="b")
+    monitor.report([a(rss_bytes=700 * MiB), b(rss_bytes=300 * MiB)])
+    assert monitor.metrics.calls[-1] == ("observe", "mod.f", 700 * MiB)
+    for _ in range(N):
+        monitor.report([a(rss_bytes=int(1.5 * GiB))])
+    observed = [c for c in monitor.metrics.calls if c[0] == "observe"]
+    assert observed[-1] == ("observe", "mod.f", int(1.5 * GiB))  # the stopping sample too
+    monitor.ended([("a", 1, a.t)])
+    assert monitor.metrics.calls[-1] == ("observe", "mod.f", 300 * MiB)
+    monitor.ended([("b", 1, b.t)])
+    assert monitor.metrics.calls[-1] == ("observe", "mod.f", 0)

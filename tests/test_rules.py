@@ -176,7 +176,8 @@ def test_after_a_stop_nothing_more_is_decided_and_warnings_fire_once():
 def test_the_hard_cap_takes_precedence_over_resubmission():
     clock = FakeClock()
     reports = [live(clock, rss_bytes=3 * GiB) for _ in range(N)]
-    got = replay(build_rules(CFG.replace(memory_limits={"mod.f": 2 * GiB})), reports)
+    same_sustain = CFG.replace(memory_limits={"mod.f": 2 * GiB}, monitor_limit_sustain_samples=N)
+    got = replay(build_rules(same_sustain), reports)
     assert actions(got) == [(), (), (R.STOP_LIMIT,)]
     decision = got[-1][0]
     assert decision.rule == "memory_hard_limit" and decision.stops
@@ -187,6 +188,17 @@ def test_the_hard_cap_takes_precedence_over_resubmission():
         Decision("x", R.WARN, "f", "c", 1).limit_error()
 
 
+def test_the_hard_cap_stops_on_the_second_sample_over_it_by_default():
+    """Three samples let a 200 MiB/s leak end 56% over a 400 MiB cap (a helper's audit)."""
+    clock = FakeClock()
+    got = replay(build_rules(CFG.replace(memory_limits={"mod.f": 2 * GiB})),
+                 [live(clock, rss_bytes=3 * GiB) for _ in range(3)])
+    assert actions(got) == [(), (R.STOP_LIMIT,), ()]
+    # One sample over, then under: no stop (a cap still has hysteresis).
+    blip = [live(clock, rss_bytes=3 * GiB), live(clock, rss_bytes=1 * GiB), live(clock, rss_bytes=3 * GiB)]
+    assert actions(replay(build_rules(CFG.replace(memory_limits={"mod.f": 2 * GiB})), blip)) == [(), (), ()]
+
+
 def test_a_leak_that_passes_its_allocation_first_and_the_cap_later_still_fails_at_the_cap():
     # A leak: over the allocation x 1.2 from the first sample, over the 2 GiB cap from the
     # second.  The resubmit rule's streak completes first (sample 3), when the cap's is at
@@ -194,7 +206,7 @@ def test_a_leak_that_passes_its_allocation_first_and_the_cap_later_still_fails_a
     # (it ran the function twice, the second attempt allocated far above the cap).
     clock = FakeClock()
     reports = [live(clock, rss_bytes=OVER)] + [live(clock, rss_bytes=int(2.5 * GiB)) for _ in range(N)]
-    got = replay(build_rules(CFG.replace(memory_limits={"mod.f": 2 * GiB})), reports)
+    got = replay(build_rules(CFG.replace(memory_limits={"mod.f": 2 * GiB}, monitor_limit_sustain_samples=N)), reports)
     assert actions(got) == [(), (), (R.STOP_LIMIT,), ()]
     decision = got[2][0]
     assert decision.rule == "memory_hard_limit" and decision.allocated == 2 * GiB
@@ -394,7 +406,8 @@ def test_build_rules_follows_the_config():
     rules = build_rules(RayschedConfig())
     assert [r.name for r in rules.attempt_rules] == [
         "memory_hard_limit", "memory_over_allocation", "wall_over_prediction", "cpu_off_allocation"]
-    assert {r.sustain for r in rules.attempt_rules} == {RayschedConfig().monitor_sustain_samples}
+    assert [r.sustain for r in rules.attempt_rules] == [RayschedConfig().monitor_limit_sustain_samples] + \
+        [RayschedConfig().monitor_sustain_samples] * 3
     assert rules.node_rule.threshold == 0.9
     cfg = RayschedConfig(memory_limit_bytes=8 * GiB, memory_limits={"mod.f": 2 * GiB}, monitor_memory_tolerance=1.5)
     assert cfg.memory_limits == (("mod.f", 2 * GiB),) and hash(cfg)  # a mapping is stored hashable
@@ -483,8 +496,6 @@ def test_an_actor_over_its_allocation_is_rescaled_after_n_samples_and_never_requ
     [
         (dict(rescalable=False), "did not opt in"),
         (dict(attempt=CFG.actor_max_rescales + 1), "rescaled 3 times already"),
-        # At the floor of a quarter core already: a smaller size would be the same size.
-        (dict(allocation=Allocation(0.25, 256 * MiB), cpu_seconds=0.1, wall_seconds=20.0), "no other size"),
     ],
 )
 def test_an_actor_that_cannot_be_rescaled_is_warned_about_once_and_stays_judged(changes, why):
@@ -531,3 +542,27 @@ def test_an_attempt_capped_at_its_memory_limit_is_left_to_the_caps_rule():
     capped = Allocation(1.0, 600 * MiB, capped=True, reason="2 x observed peak, capped at the memory limit")
     finding = R.MemoryOverAllocation(1.2, 4)(live(rss_bytes=800 * MiB, allocation=capped))
     assert finding.action == R.WARN and "capped at the memory limit" in finding.detail
+
+
+def test_low_cpu_use_at_the_floor_of_a_quarter_core_is_not_recorded():
+    """Nothing smaller would be asked for: the record (a task's) and the warning that no other
+    size exists (an actor's) only filled the events (a helper's audit)."""
+    clock = FakeClock()
+    floor = dict(allocation=Allocation(0.25, 256 * MiB), cpu_seconds=0.1, wall_seconds=20.0, rss_bytes=100 * MiB)
+    reports = [actor(clock, **floor) for _ in range(CFG.actor_cpu_sustain_samples + 2)]
+    assert [d for ds in replay(build_rules(CFG), reports) for d in ds] == []
+    tasks = [replace(r, kind=R.TASK) for r in reports]
+    assert [d for ds in replay(build_rules(CFG), tasks) for d in ds] == []
+    above = [replace(r, allocation=Allocation(1.0, 256 * MiB)) for r in tasks]
+    assert [d.action for ds in replay(build_rules(CFG), above) for d in ds] == [R.RECORD_CPU]
+
+
+def test_a_sample_that_stops_an_attempt_records_nothing_else_about_it():
+    clock = FakeClock()
+    rules = build_rules(CFG.replace(memory_limit_bytes=300 * MiB))
+    # Over the cap from the first sample; its cores fall below the record's bar on the N-th,
+    # the sample that stops it.
+    idle_and_over = [live(clock, rss_bytes=400 * MiB, cpu_seconds=0.1 if i == N - 1 else 20.0 + i,
+                          wall_seconds=20.0 + i) for i in range(N)]
+    fired = [d.action for ds in replay(rules, idle_and_over) for d in ds]
+    assert fired == [R.STOP_LIMIT], fired

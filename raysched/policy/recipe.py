@@ -307,7 +307,9 @@ def build_rules(config: RayschedConfig) -> Rules:
             # that stops an attempt (one rule's for n samples in a row), the first decides.
             # 1. A hard cap (per function, else global) first: over it the call fails with
             #    ResourceLimitExceeded; resubmitting it bigger would only break the cap again.
-            AttemptRule("memory_hard_limit", MemoryOverHardCap(config.memory_limit_bytes, dict(config.memory_limits)), n),
+            #    Two samples in a row, not three: a cap is the user's limit, not a prediction.
+            AttemptRule("memory_hard_limit", MemoryOverHardCap(config.memory_limit_bytes, dict(config.memory_limits)),
+                        config.monitor_limit_sustain_samples),
             # 2. Resident memory past the allocation x 1.2 for n samples in a row: stop and
             #    resubmit on the next ladder rung before it starves its node (a warning
             #    instead when no larger rung exists: capped, or the last attempt).
@@ -322,7 +324,7 @@ def build_rules(config: RayschedConfig) -> Rules:
             #    sizing learns the cores from the attempt's row, as from every row).
             AttemptRule(CPU_RULE,
                         CpuOffAllocation(config.monitor_cpu_low_ratio, config.monitor_cpu_high_ratio,
-                                         config.monitor_cpu_min_wall_s), n),
+                                         config.monitor_cpu_min_wall_s, config.min_num_cpus), n),
         ),
         # 5. A node at 90% of its memory (or 1 point below Ray's own kill threshold there,
         #    if that is lower) for 2 readings in a row: its lowest-priority task gives way
@@ -339,7 +341,8 @@ def build_rules(config: RayschedConfig) -> Rules:
         actor_rules=(
             # A1. The same hard cap: over it the actor is stopped and calls through its handle
             #     fail with ResourceLimitExceeded.
-            AttemptRule("memory_hard_limit", MemoryOverHardCap(config.memory_limit_bytes, dict(config.memory_limits)), n),
+            AttemptRule("memory_hard_limit", MemoryOverHardCap(config.memory_limit_bytes, dict(config.memory_limits)),
+                        config.monitor_limit_sustain_samples),
             # A2. Resident memory past the allocation x 1.2 for n samples: rescale, to 1.5 x what
             #     it holds (policy.rescale); a warning when capped or after actor_max_rescales.
             AttemptRule(MEMORY_RULE,
@@ -349,7 +352,8 @@ def build_rules(config: RayschedConfig) -> Rules:
             #     actor_cpu_sustain_samples in a row: rescale to the cores it uses.
             AttemptRule(CPU_RULE,
                         AsRescale(CpuOffAllocation(config.monitor_cpu_low_ratio, config.monitor_cpu_high_ratio,
-                                                   config.monitor_cpu_min_wall_s), config.actor_max_rescales,
+                                                   config.monitor_cpu_min_wall_s, config.min_num_cpus),
+                                  config.actor_max_rescales,
                                   _rescale_changes(CPU_RULE, config)),
                         config.actor_cpu_sustain_samples),
         ),

@@ -360,11 +360,16 @@ class WallOverPrediction:
 
 @dataclass(frozen=True)
 class CpuOffAllocation:
-    """Average cores far below or above the allocation, once past a start-up phase: record it."""
+    """Average cores far below or above the allocation, once past a start-up phase: record it.
+
+    Below is not recorded for an allocation at ``min_cpus`` (the sizing's floor): nothing
+    smaller would be asked for.
+    """
 
     low_ratio: float
     high_ratio: float
     min_wall_s: float
+    min_cpus: float = 0.0
 
     def __call__(self, r: LiveReport) -> Finding | None:
         allocated = float(r.allocation.num_cpus)
@@ -372,6 +377,8 @@ class CpuOffAllocation:
             return None
         used = r.cpu_cores
         if used < allocated * self.low_ratio:
+            if allocated <= self.min_cpus + 1e-9:
+                return None
             side = f"below {self.low_ratio:g} x"
         elif used > allocated * self.high_ratio:
             side = f"above {self.high_ratio:g} x"
@@ -615,6 +622,8 @@ class Rules:
             if finding is None or (rescaling and finding.action != STOP_LIMIT):
                 streaks[rule.name] = 0
                 continue
+            if stop is not None and finding.action not in STOPS:
+                continue  # stopped on this sample: a warning or a record would be of a dead attempt
             streaks[rule.name] = streaks.get(rule.name, 0) + 1
             if finding.action in STOPS and first_stop is None:
                 first_stop = (rule, finding)

@@ -122,8 +122,9 @@ class Metrics:
     """The monitor's Prometheus metrics, created on first use; no-ops outside a Ray process.
 
     Exported by Ray with its ``ray_`` prefix: ``ray_raysched_memory_predicted_upper_bytes``
-    and ``ray_raysched_memory_used_bytes`` (gauges per function: the newest sample's
-    prediction and resident memory), ``ray_raysched_monitor_decisions_total`` (per rule
+    and ``ray_raysched_memory_used_bytes`` (gauges per function: the resident memory of
+    its running attempt that holds the most, 0 once none runs, and that attempt's
+    prediction), ``ray_raysched_monitor_decisions_total`` (per rule
     and action), ``ray_raysched_stopped_attempts_total`` and
     ``ray_raysched_resubmissions_total`` (per function), ``ray_raysched_actor_rescales_total``
     (per function: actors replaced, counted from the driver's note), ``ray_raysched_node_memory_fraction``
@@ -176,12 +177,14 @@ class Metrics:
             self._made = made
             return made
 
-    def observe(self, report: LiveReport) -> None:
+    def observe(self, function: str, largest: LiveReport | None) -> None:
+        """The function's gauges: its running attempt holding the most (None: none runs)."""
         m = self._metrics()
         if m:
-            tags = {"function": report.function}
-            m["predicted"].set(report.predicted_memory_upper_bytes, tags=tags)
-            m["used"].set(report.rss_bytes, tags=tags)
+            tags = {"function": function}
+            m["used"].set(largest.rss_bytes if largest is not None else 0, tags=tags)
+            if largest is not None:
+                m["predicted"].set(largest.predicted_memory_upper_bytes, tags=tags)
 
     def decided(self, decision: Decision) -> None:
         m = self._metrics()
@@ -395,6 +398,7 @@ class Monitor:
                                             or reading.timestamp > fresh[report.node_id].timestamp):
                     fresh[report.node_id] = reading
             self._sweep(now)
+            self._publish_used(r.function for r in samples)
             due = [r for node_id, r in sorted(fresh.items())
                    if now - self._node_judged.get(node_id, float("-inf")) >= self.config.node_sample_interval_s]
             for reading in due:
@@ -433,9 +437,20 @@ class Monitor:
                 entry.last = report
         if not entry.samples or report.timestamp > entry.samples[-1][0]:
             entry.samples.append((report.timestamp, report.rss_bytes))
-        if new_state.stop is None:
-            self.metrics.observe(report)
         return list(decisions)
+
+    def _publish_used(self, functions: Iterable[str]) -> None:
+        """Set each function's gauges from its running attempts: the largest resident memory
+        among them (0 once none runs), and that attempt's predicted upper bound.  Under the lock.
+
+        The newest sample alone left a stopped attempt's last figure (or none: the sample
+        that stopped it was skipped) on the gauge for good, and concurrent attempts
+        overwrote each other (a helper's audit).
+        """
+        for function in set(functions):
+            running = [a.last for a in self._attempts.values()
+                       if a.last.function == function and a.ended_at is None]
+            self.metrics.observe(function, max(running, key=lambda r: r.rss_bytes) if running else None)
 
     def _sweep(self, now: float) -> None:
         """Forget attempts silent for ``monitor_stale_s`` (ended, or their worker died)."""
@@ -598,10 +613,13 @@ class Monitor:
         still count them.
         """
         with self._lock:
+            ended = []
             for call_id, attempt, at in ends:
                 entry = self._attempts.get((call_id, int(attempt)))
                 if entry is not None:
                     entry.ended_at = float(at)
+                    ended.append(entry.last.function)
+            self._publish_used(ended)
 
     # --- what workers and users ask ---------------------------------------------------------------------
     def directives(self, call_ids: Iterable[str]) -> dict[str, Decision]:
