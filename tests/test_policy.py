@@ -972,3 +972,25 @@ def test_a_model_reads_past_its_largest_input_along_the_slope_of_the_larger_runs
     again = ResourceModel.from_artifact(model.to_artifact("f"))
     X = model.row(Features(input_size=1000 * MiB))[None, :]
     assert np.allclose(again.predict_log(X), model.predict_log(X))
+
+
+def test_a_models_upper_bound_beyond_the_largest_input_follows_a_baseline_plus_a_proportional_part():
+    """Use of 60 MiB + the input, trained on 16-128 MiB inputs: along the log-log slope of the
+    larger runs alone (0.7, where the true slope climbs toward 1) the upper bound at 2 GiB was
+    half the peak, for memory and wall time alike (a helper's audit)."""
+    from raysched.policy.features import Features
+    from raysched.policy.models import fit_resource_model
+
+    rng = np.random.default_rng(0)
+    size = rng.uniform(16, 128, 40) * MiB
+    history = History.from_columns({
+        "input_size": size, "memory": (60 * MiB + size) * rng.uniform(0.97, 1.03, 40),
+        "wall": (0.2 + size / (100 * MiB)) * rng.uniform(0.95, 1.05, 40), "cpu": np.ones(40)})
+    truth = {"memory": lambda x: 60 * MiB + x, "wall": lambda x: 0.2 + x / (100 * MiB)}
+    for resource, true in truth.items():
+        model = fit_resource_model(history, resource, RayschedConfig())
+        for x in (64 * MiB, 512 * MiB, 2 * GiB, 8 * GiB):
+            _, _, upper = model.predict(model.row(Features(input_size=x))[None, :])
+            assert 1.0 <= upper[0] / true(x) <= 1.6, (resource, x / MiB, upper[0] / true(x))
+    cpu = fit_resource_model(history, "cpu", RayschedConfig())
+    assert "linear_share_beyond_largest_input" not in cpu.metrics  # cores do not add up with the input

@@ -92,10 +92,17 @@ class ResourceModel:
         if out.ndim == 1:
             out = out[:, None]
         largest, slope = self.metrics.get(LARGEST_LOG2_SIZE), self.metrics.get(SLOPE_BEYOND)
-        if largest is not None and slope and math.isfinite(largest) and X.shape[0]:
+        share = self.metrics.get(LINEAR_SHARE_BEYOND) or 0.0
+        if largest is not None and (slope or share) and math.isfinite(largest) and X.shape[0]:
             with np.errstate(invalid="ignore"):
                 past = np.nan_to_num(np.maximum(X[:, 0].astype(float) - largest, 0.0))
-            out = out + slope * past[:, None]
+            along = (slope or 0.0) * past
+            out = out + along[:, None]
+            # The upper quantile rises at least along the straight line through the top runs
+            # (use = a + b x size): a baseline plus a proportional part, whose log-log slope
+            # climbs with the input (see _beyond_range).
+            line = np.log1p(share * np.expm1(past * math.log(2.0)))
+            out[:, -1] += np.maximum(line - along, 0.0)
         return np.sort(out, axis=1)
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -207,20 +214,39 @@ def _since_shift(history: History, resource: str, config: RayschedConfig) -> His
 #: Metrics a model keeps for reading beyond its training range (``predict_log``).
 LARGEST_LOG2_SIZE = "largest_log2_input_size"
 SLOPE_BEYOND = "slope_beyond_largest_input"
+LINEAR_SHARE_BEYOND = "linear_share_beyond_largest_input"
 
 
-def _beyond_range(log2_size: np.ndarray, log_use: np.ndarray) -> dict[str, float]:
-    """The largest log2 input size trained on, and the log-log slope of use over the half
-    of the runs with the larger inputs (clipped to use proportional to size at most),
-    in log use per unit of log2 size; empty without input sizes."""
+def _beyond_range(log2_size: np.ndarray, log_use: np.ndarray, linear: bool = True) -> dict[str, float]:
+    """How a model reads beyond the largest input it was trained on, per ``predict_log``:
+    the largest log2 input size; the log-log slope of use over the half of the runs with
+    the larger inputs (clipped to use proportional to size at most), per unit of log2
+    size; and the share of use that grows in proportion to the input at the largest one,
+    ``b x size / (a + b x size)`` of the straight line ``use = a + b x size`` (a, b >= 0)
+    through those runs, which the upper bound follows at least.
+
+    Use that is a baseline plus a part proportional to the input has a local log-log
+    slope below 1 that climbs with the input: along the slope alone, an input 16x the
+    largest was sized at half its peak (a helper's audit).  ``linear``: False for a
+    resource that does not add up with the input (cores).  Empty without input sizes.
+    """
     from .estimators import _loglog_slope
 
     known = np.isfinite(log2_size)
     if known.sum() < 3:
         return {}
-    ln_size = log2_size[known] * math.log(2.0)
-    slope = _loglog_slope(ln_size, log_use[known], max_slope=1.0, fraction=0.5)
-    return {LARGEST_LOG2_SIZE: float(log2_size[known].max()), SLOPE_BEYOND: slope * math.log(2.0)}
+    ln_size, use = log2_size[known] * math.log(2.0), log_use[known]
+    slope = _loglog_slope(ln_size, use, max_slope=1.0, fraction=0.5)
+    out = {LARGEST_LOG2_SIZE: float(log2_size[known].max()), SLOPE_BEYOND: slope * math.log(2.0)}
+    k = max(3, int(math.ceil(ln_size.shape[0] * 0.5)))
+    top = np.argsort(ln_size, kind="stable")[-k:]
+    x, y = np.exp(ln_size[top]), np.exp(use[top])
+    if linear and np.ptp(x) > 0:
+        b, a = np.polyfit(x, y, 1)
+        b, edge = max(float(b), 0.0), float(x.max())
+        a = max(float(a), 0.0)
+        out[LINEAR_SHARE_BEYOND] = b * edge / (a + b * edge) if a + b * edge > 0 else 0.0
+    return out
 
 
 def fit_resource_model(history: History, resource: str, config: RayschedConfig, seed: int = 0) -> ResourceModel | None:
@@ -242,7 +268,7 @@ def fit_resource_model(history: History, resource: str, config: RayschedConfig, 
     y_train, y_hold = y_all[:-n_hold], y_all[-n_hold:]
     booster = _train_booster(X_train, log_values(y_train), config, seed, feature_names(vocabulary))
     raw = bytes(booster.save_raw(raw_format="ubj"))
-    beyond = _beyond_range(X_train[:, 0].astype(float), log_values(y_train))
+    beyond = _beyond_range(X_train[:, 0].astype(float), log_values(y_train), linear=resource != "cpu")
     uncalibrated = ResourceModel(resource, tuple(config.quantiles), raw, 0.0, config.coverage, int(X_train.shape[0]),
                                  dict(beyond), tags=vocabulary)
     scores = log_values(y_hold) - uncalibrated.predict_log(uncalibrated.matrix(held))[:, -1]
