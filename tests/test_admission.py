@@ -554,3 +554,70 @@ def test_pipelining_hides_the_admission_round_trip_of_tiny_calls():
     strict, pipelined = _tiny_batch_makespan(0.0), _tiny_batch_makespan(0.05)
     assert strict > 1.5  # 200 round trips of ~9 ms
     assert pipelined < strict / 4
+
+
+def test_calls_whose_driver_reports_their_ends_are_ended_in_batches_or_with_their_dead_driver():
+    """The driver reports ends (one message for many calls) instead of the actor waiting on each
+    call's ref; the calls of a driver that died, admitted or waiting, end without a report."""
+    dead: set[str] = set()
+    service = Admission(capacity=lambda: {"n": Request(1.0, 8 * GiB)}, refresh_s=0.05, clock=Clock(), gather_s=0.0,
+                        dead_jobs=lambda jobs: jobs & dead)
+
+    async def scenario():
+        assert await asyncio.wait_for(service.admit("a", 0, 1.0, 1 * GiB, owner="job-1"), 1.0) is True
+        b = asyncio.create_task(service.admit("b", 0, 1.0, 1 * GiB, owner="job-1"))
+        await _settle()
+        assert not b.done() and service.status()["reported_by_drivers"] == 2
+        service.ended(["a"])  # the driver's batch
+        assert await asyncio.wait_for(b, 1.0) is True
+        # Another driver's call waits behind b; b's driver dies without reporting b's end.
+        c = asyncio.create_task(service.admit("c", 0, 1.0, 1 * GiB, owner="job-2"))
+        d = asyncio.create_task(service.admit("d", 0, 1.0, 1 * GiB, owner="job-1"))  # queued after c
+        await asyncio.sleep(0.15)
+        assert not c.done() and not d.done()
+        dead.add("job-1")
+        assert await asyncio.wait_for(c, 2.0) is True  # b ended with its driver
+        await asyncio.wait_for(d, 2.0)  # d, waiting, too: its admit returns, its task will not run
+        assert service.status()["waiting"] == 0 and service.status()["admitted"] == 1  # c alone
+        assert service.status()["reported_by_drivers"] == 1
+        service.ended(["c"])
+        assert service.status()["admitted"] == 0 and service.status()["reported_by_drivers"] == 0
+
+    asyncio.run(scenario())
+
+
+class _FakeRef:
+    def __init__(self):
+        self.callbacks = []
+
+    def _on_ready(self, callback):
+        self.callbacks.append(callback)
+
+    def resolve(self):
+        for callback in self.callbacks:
+            callback(None)
+
+
+def test_the_end_reporter_sends_the_ends_of_a_burst_together_and_holds_refs_until_they_exist():
+    import threading
+    import time
+
+    from raysched.runtime.admission import EndReporter
+
+    sent, arrived = [], threading.Event()
+    reporter = EndReporter(lambda tokens: (sent.append(list(tokens)), arrived.set()), batch_s=0.05)
+    refs = {f"t{i}": _FakeRef() for i in range(5)}
+    for token, ref in refs.items():
+        reporter.watch(token, ref)
+    assert reporter.watching() == 5  # held: Ray drops the callback of a ref nobody holds
+    for token in ("t0", "t1", "t2"):
+        refs[token].resolve()
+    assert arrived.wait(2.0)
+    time.sleep(0.1)
+    assert sent == [["t0", "t1", "t2"]] and reporter.watching() == 2
+    refs["t0"].resolve()  # a second callback of an ended call: not reported twice
+    refs["t3"].resolve()
+    deadline = time.monotonic() + 2.0
+    while len(sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [["t0", "t1", "t2"], ["t3"]]

@@ -365,3 +365,19 @@ def test_the_queue_sees_a_call_end_without_fetching_its_value(ray_session):
     assert len(ray.get(ref)) == 400 * MiB
     wait_for(lambda: _queue_status()["admitted"] == 0, timeout=30)  # its end reached the queue
     assert _admission_peak_rss() - before < 100 * MiB
+
+
+def test_the_driver_reports_its_queued_calls_ends_to_the_queue(ray_session):
+    """One actor call per queued call (its admit): the driver watches the call's ref and reports
+    its end in a batch, where the actor waited on each ref (a second call, and a coroutine)."""
+    from raysched.runtime import decorator
+    from raysched.runtime.client import get_client
+
+    if not decorator._WATCH_ENDS:
+        pytest.skip("this Ray cannot watch a ref without fetching it (ObjectRef._on_ready)")
+    refs = [big_value.options(priority=0).remote(1) for _ in range(6)]
+    assert [len(v) for v in ray.get(refs)] == [MiB] * 6
+    reporter, job_id = get_client().admission_ends
+    assert job_id == ray.get_runtime_context().get_job_id()
+    wait_for(lambda: reporter.watching() == 0 and _queue_status()["admitted"] == 0
+             and _queue_status()["reported_by_drivers"] == 0, timeout=30)

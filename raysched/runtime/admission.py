@@ -5,10 +5,16 @@ with one extra argument: the ObjectRef of its admission (``admit``).  Ray does
 not start a task before its arguments exist, so the call waits, outside Ray's
 own queue, until this actor admits it; the user holds the task's real
 ObjectRef all along, and the driver never waits.  Right after submitting it
-the driver hands the actor the task's ObjectRef (``track``); when it resolves
-(value, error or cancellation) the call's resources count as free again and
-the next call in priority order is admitted.  Tracking the ObjectRef rather
-than a message from the worker keeps the accounting right when a worker dies.
+the driver watches the task's ObjectRef (``EndReporter``: a callback Ray runs
+once the object exists, without fetching it) and tells the actor of the ends of
+its calls in batches (``ended``); then the call's resources count as free again
+and the next call in priority order is admitted.  Watching the ObjectRef rather
+than waiting for a message from the worker keeps the accounting right when a
+worker dies.  A call of a driver that dies never ends that way: the actor looks
+every ``refresh_s`` for the drivers (jobs) of its calls among Ray's dead jobs and
+ends their calls.  On a Ray without ``ObjectRef._on_ready`` (2.40), the driver
+hands the actor each call's ObjectRef instead (``track``), which waits for it: a
+second actor call per queued call, and a waiting coroutine each.
 
 Calls submitted without ``priority`` do not pass through the queue: the happy
 path costs nothing for them.  The capacity is the CPUs and ``memory`` labels of
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
@@ -51,6 +58,13 @@ def ray_ready(refs: Sequence[Any]) -> set[Any]:
 
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0, fetch_local=False)
     return set(ready)
+
+
+def ray_dead_jobs(jobs: set[str]) -> set[str]:
+    """Those of ``jobs`` (hex job ids) that Ray counts as dead (their driver is gone)."""
+    import ray
+
+    return {job["JobID"] for job in ray._private.state.jobs() if job.get("IsDead") and job.get("JobID") in jobs}
 
 
 def ray_node_capacities() -> dict[str, Request]:
@@ -101,7 +115,8 @@ class Admission:
                  gather_s: float = 0.01, ready: Callable[[Sequence[Any]], set[Any]] = ray_ready,
                  inputs_poll_s: float = 0.05,
                  rooms: Callable[[Sequence[str]], Awaitable[Mapping[str, float]]] | None = None,
-                 rooms_timeout_s: float = 2.0, pipeline_s: float = 0.0):
+                 rooms_timeout_s: float = 2.0, pipeline_s: float = 0.0,
+                 dead_jobs: Callable[[set[str]], set[str]] = ray_dead_jobs):
         self._capacity_fn = capacity
         self._rooms_fn = rooms
         self._rooms_monitor: str | None = getattr(rooms, "monitor", None)
@@ -125,6 +140,11 @@ class Admission:
         self._inputs_poll_s = inputs_poll_s
         self._awaiting_inputs: dict[str, tuple[list[Any], asyncio.Event]] = {}
         self._inputs_watcher: asyncio.Future | None = None
+        # Calls whose drivers report their ends (``ended``): token -> the driver's job id, so
+        # that the calls of a driver that died end too (one look every refresh_s for all).
+        self._dead_jobs_fn = dead_jobs
+        self._owners: dict[str, str] = {}
+        self._owners_watcher: asyncio.Future | None = None
 
     def _read_nodes(self) -> Mapping[str, Request] | None:
         try:
@@ -184,7 +204,8 @@ class Admission:
 
     async def admit(self, token: str, priority: int, num_cpus: float, memory_bytes: float,
                     order_key: float = 0.0, wall_seconds: float = float("inf"),
-                    inputs: Sequence[Sequence[Any]] = (), peak_bytes: float | None = None) -> bool:
+                    inputs: Sequence[Sequence[Any]] = (), peak_bytes: float | None = None,
+                    owner: str | None = None) -> bool:
         """Return once the call may start (its task takes this value as an argument).
 
         ``order_key`` (``policy.admission.order_key``, computed by the driver) orders calls
@@ -194,10 +215,12 @@ class Admission:
         call's ObjectRef arguments, in a list inside a list (so that Ray passes them as
         they are): the call is queued once they all exist.  ``peak_bytes``: the most the
         call is expected to hold (its prediction's upper bound; None: its label), counted
-        against the nodes' rooms.
+        against the nodes' rooms.  ``owner``: the job id of the driver that reports the
+        call's end (``ended``); None: the driver hands over its ObjectRef (``track``).
         """
         if self._queue.is_admitted(token):
             return True  # asked again (a retried call): it was admitted already
+
         refs = list(dict.fromkeys(inputs[0])) if inputs else []
         if refs:
             await self._inputs_exist(token, refs)
@@ -206,6 +229,8 @@ class Admission:
         request = Request(float(num_cpus), float(memory_bytes), float(wall_seconds),
                           None if peak_bytes is None else float(peak_bytes))
         added = self._queue.add(token, priority, request, order_key)
+        if added and owner is not None:
+            self._watch_owner(token, owner)
         if not added and not self._queue.is_waiting(token):
             # Its end (``track``: cancelled at once) was delivered before this call: an
             # async actor does not run calls in the order they were sent.
@@ -270,7 +295,32 @@ class Admission:
         else:
             await ref  # a plain awaitable (the tests' fakes)
 
+    def ended(self, tokens: Sequence[str]) -> None:
+        """A driver reports, in one message, calls of its that ended (``EndReporter``)."""
+        for token in tokens:
+            self.finish(token)
+
+    def _watch_owner(self, token: str, owner: str) -> None:
+        self._owners[token] = owner
+        if self._owners_watcher is None or self._owners_watcher.done():
+            self._owners_watcher = asyncio.ensure_future(self._watch_owners())
+
+    async def _watch_owners(self) -> None:
+        """While calls reported by their drivers are on, end those whose driver died."""
+        loop = asyncio.get_running_loop()
+        while self._owners:
+            await asyncio.sleep(self._refresh_s)
+            jobs = set(self._owners.values())
+            try:
+                dead = await loop.run_in_executor(None, self._dead_jobs_fn, jobs)
+            except Exception as exc:  # noqa: BLE001 - look again next time
+                logger.warning("raysched admission: cannot tell whether drivers are alive (%s)", exc)
+                continue
+            for token in [t for t, job in self._owners.items() if job in dead]:
+                self.finish(token)
+
     def finish(self, token: str) -> None:
+        self._owners.pop(token, None)
         awaiting = self._awaiting_inputs.pop(token, None)
         if awaiting is not None:
             awaiting[1].set()  # ended (cancelled) before its inputs existed: it never queues (_ended_early)
@@ -290,7 +340,7 @@ class Admission:
         held = self._queue.held()
         return {"waiting": self._queue.waiting(), "admitted": self._queue.admitted(),
                 "admitted_early": self._queue.admitted_early(),
-                "awaiting_inputs": len(self._awaiting_inputs),
+                "awaiting_inputs": len(self._awaiting_inputs), "reported_by_drivers": len(self._owners),
                 "admitted_total": self.admitted_total, "backfilled_total": self._queue.backfilled_total,
                 # The settings it runs by (the last driver's configure(...) that reached it).
                 "backfill": self._queue.backfill, "gather_s": self._gather_s, "rooms_from": self._rooms_monitor,
@@ -320,6 +370,59 @@ class Admission:
         return True
 
 
+class EndReporter:
+    """In a driver: tells the admission actor, in batches, which of its queued calls ended.
+
+    ``watch`` registers a callback that Ray runs once the call's ObjectRef exists
+    (``ObjectRef._on_ready``: value, error or cancellation; the value is not fetched)
+    and keeps the ref until then (Ray drops the callback of a ref nobody holds: the
+    call's room would be held for ever).  A thread sends what ended every
+    ``batch_s`` at most, in one call of ``send`` (the actor's ``ended``): per queued
+    call, one actor call (its ``admit``) instead of two, and no waiting coroutine in
+    the actor (a call of a Ray async actor costs ~0.4 ms of its CPU).
+    """
+
+    def __init__(self, send: Callable[[list[str]], Any], batch_s: float = 0.005):
+        self._send = send
+        self._batch_s = batch_s
+        self._lock = threading.Lock()
+        self._watching: dict[str, Any] = {}  # token -> its ObjectRef, until it exists
+        self._ended: list[str] = []
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, token: str, ref: Any) -> None:
+        with self._lock:
+            self._watching[token] = ref
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="raysched-admission-ends", daemon=True)
+                self._thread.start()
+        ref._on_ready(lambda _exc, token=token: self._ended_now(token))
+
+    def watching(self) -> int:
+        """How many watched calls have not ended yet."""
+        return len(self._watching)
+
+    def _ended_now(self, token: str) -> None:  # on a Ray thread: quick, no Ray calls
+        with self._lock:
+            if self._watching.pop(token, None) is not None:
+                self._ended.append(token)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self._batch_s)  # the ends of a burst go together
+            with self._lock:
+                self._wake.clear()
+                tokens, self._ended = self._ended, []
+            if tokens:
+                try:
+                    self._send(tokens)
+                except Exception as exc:  # noqa: BLE001 - Ray is shutting down; the actor ends a dead driver's calls
+                    logger.debug("raysched admission: could not report %d ended calls: %s", len(tokens), exc)
+
+
 def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monitor: str | None = None,
                             pipeline_s: float = 0.0) -> Any:
     """The cluster's admission actor: found by name, created on first use, restarted by Ray.
@@ -346,4 +449,4 @@ def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monit
     )
 
 
-__all__ = ["Admission", "get_or_create_admission", "monitor_rooms", "ray_node_capacities", "ADMISSION_NAME"]
+__all__ = ["Admission", "EndReporter", "get_or_create_admission", "monitor_rooms", "ray_node_capacities", "ADMISSION_NAME"]

@@ -75,6 +75,7 @@ class ProfilerClient:
         self._handle_factory = handle_factory
         self._handle: Any = None
         self._admission: Any = None
+        self._admission_ends: Any = None
         self._clock = clock
         self._lock = threading.Lock()
         self._bundles: dict[tuple[str, str], Bundle] = {}
@@ -116,6 +117,17 @@ class ProfilerClient:
                 self._admission.reconfigure.remote(self.config.admission_backfill, self.config.admission_gather_s,
                                                    monitor, self.config.admission_pipeline_s)
         return self._admission
+
+    @property
+    def admission_ends(self) -> Any:
+        """This driver's reporter of its queued calls' ends (``admission.EndReporter``), and its job id."""
+        if self._admission_ends is None:
+            from .admission import EndReporter
+
+            admission = self.admission
+            self._admission_ends = (EndReporter(lambda tokens: admission.ended.remote(tokens)),
+                                    ray.get_runtime_context().get_job_id())
+        return self._admission_ends
 
     def _request(self, key: tuple[str, str], reload: bool = False, fresh: bool = False) -> "_Reply":
         have = -1 if reload or key not in self._bundles else self._bundles[key].version

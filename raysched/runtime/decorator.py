@@ -177,6 +177,11 @@ def _largest_peak_for(bundle: Any, features: Any) -> float:
     return float(bundle.max_peak_seen)
 
 
+#: Whether this Ray tells a driver that an object exists without fetching it
+#: (``ObjectRef._on_ready``, used by ``admission.EndReporter``; 2.60 does, 2.40 does not).
+_WATCH_ENDS = callable(getattr(ray.ObjectRef, "_on_ready", None))
+
+
 class _CallOptions:
     """Validated per-call options: raysched's metadata, explicit sizes, Ray's other options."""
 
@@ -550,14 +555,17 @@ class AdaptiveFunction(_Adaptive):
         spec_bytes = encode_call(plan.template, call_id, own)
         if options.queued:
             # The task waits for its admission (an argument Ray resolves before it starts);
-            # the queue frees its room when the task's own ref resolves.
+            # the queue frees its room when the task's own ref exists.
             queue = client.admission
+            # The driver reports the call's end (one actor call per queued call, not two) where
+            # Ray can watch a ref without fetching it; else the actor waits on the ref (track).
+            ends, job_id = client.admission_ends if _WATCH_ENDS else (None, None)
             # Its ObjectRef arguments, nested so that Ray hands them over unresolved: the queue
             # counts the call only once they exist (Ray resolves only top-level ones, as here).
             inputs = _ref_inputs(args, kwargs)
             admitted = queue.admit.remote(call_id, options.priority, plan.allocation.num_cpus,
                                           plan.allocation.memory_bytes, plan.order_key(time.time()), plan.wall_upper,
-                                          [inputs] if inputs else (), plan.peak_bytes)
+                                          [inputs] if inputs else (), plan.peak_bytes, job_id)
             try:
                 ref = remote.remote(spec_bytes, admitted, *args, **kwargs)
             except BaseException:
@@ -567,7 +575,11 @@ class AdaptiveFunction(_Adaptive):
                 raise
             # The call ends when its (first) return value exists: with num_returns=k Ray gives
             # a list of refs, with num_returns=0 none, and the plan asked for one (_make_plan).
-            queue.track.remote(call_id, [ref[0] if isinstance(ref, list) else ref])
+            first = ref[0] if isinstance(ref, list) else ref
+            if ends is not None and callable(getattr(first, "_on_ready", None)):  # (not a Ray Client ref)
+                ends.watch(call_id, first)
+            else:
+                queue.track.remote(call_id, [first])
             if plan.returns_nothing:
                 ref = None
         else:

@@ -485,25 +485,34 @@ class WorkerLedger:
         self._lock = threading.Lock()
         self.baseline: int | None = None  # the smallest attempt start seen in the process
         self.retained: dict[str, int] = {}  # function -> bytes its attempts left resident
+        self._total = 0  # their sum
 
     def foreign_at_start(self, function: str, start_rss: int) -> int:
         """Bytes of ``start_rss`` that other functions' attempts left in this process."""
         with self._lock:
             if self.baseline is None or start_rss < self.baseline:
                 self.baseline = int(start_rss)
-            others = sum(held for owner, held in self.retained.items() if owner != function)
+            if self._total < _LEDGER_MIN_BYTES:
+                return 0  # what little is left is not worth a sum per call (tiny calls pay this)
+            others = self._total - self.retained.get(function, 0)
             return int(max(0, min(start_rss - self.baseline, others)))
 
     def left(self, function: str, start_rss: int, end_rss: int) -> None:
         """An attempt of ``function`` ended holding ``end_rss`` (it began with ``start_rss``)."""
         with self._lock:
-            self.retained[function] = max(0, self.retained.get(function, 0) + int(end_rss) - int(start_rss))
+            before = self.retained.pop(function, 0)
+            held = max(0, before + int(end_rss) - int(start_rss))
+            if held > 0:
+                self.retained[function] = held
+            self._total += held - before
             if len(self.retained) > 1024:  # a process that ran many functions: the emptiest go
                 for owner in sorted(self.retained, key=self.retained.get)[:512]:
-                    del self.retained[owner]
+                    self._total -= self.retained.pop(owner)
 
 
 _LEDGER: list[tuple[int, WorkerLedger]] = []
+#: Less than this left by every function together is not taken off anyone's figures.
+_LEDGER_MIN_BYTES = 16 * 2**20
 
 
 def worker_ledger() -> WorkerLedger:
