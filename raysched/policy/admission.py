@@ -63,7 +63,7 @@ import bisect
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,15 @@ class AdmissionQueue:
 
     def finish(self, token: str, now: float = 0.0) -> list[str]:
         """A call ended (or was cancelled while waiting); returns the tokens admitted now."""
+        return self.finish_many((token,), now)
+
+    def finish_many(self, tokens: Iterable[str], now: float = 0.0) -> list[str]:
+        """Calls ended (a driver's report of a burst): one admission pass for them all."""
+        for token in tokens:
+            self._release(token)
+        return self.admit(now)
+
+    def _release(self, token: str) -> None:
         held = self._admitted.pop(token, None)
         if held is not None:
             self._held = self._held - held[0] if self._admitted else _NOTHING  # no drift once empty
@@ -222,7 +231,6 @@ class AdmissionQueue:
             self._ended_early[token] = None
             if len(self._ended_early) > _ENDED_EARLY_MAX:
                 del self._ended_early[next(iter(self._ended_early))]
-        return self.admit(now)
 
     def is_waiting(self, token: str) -> bool:
         return token in self._queued and token not in self._gone
@@ -244,36 +252,37 @@ class AdmissionQueue:
     def _fits(self, request: Request) -> bool:
         if self._capacity is None or not self._admitted:
             return True
-        return (self._held + request).within(self._capacity)
+        cap, held = self._capacity, self._held  # (floats, not Requests: a pass looks at hundreds)
+        return (held.num_cpus + request.num_cpus <= cap.num_cpus + 1e-9
+                and held.memory_bytes + request.memory_bytes <= cap.memory_bytes
+                and held.peak_bytes + request.peak_bytes <= cap.peak_bytes)
 
     def _reservation(self, head: Request, now: float) -> tuple[float, Request] | None:
         """When the head call will fit, by the admitted calls' predicted ends, and the room
         left over then beside it; None when that cannot be told (an end is unknown)."""
         assert self._capacity is not None
-        free = self._capacity - self._held
+        cap, held = self._capacity, self._held
+        cpus, memory, peak = (cap.num_cpus - held.num_cpus, cap.memory_bytes - held.memory_bytes,
+                              cap.peak_bytes - held.peak_bytes)
         ends = sorted(((max(at + request.wall_seconds, now), request) for request, at in self._admitted.values()),
                       key=lambda end_request: end_request[0])
         for end, request in ends:
             if math.isinf(end):
                 return None
-            free = free + request
-            if head.within(free):
-                return end, free - head
+            cpus, memory, peak = cpus + request.num_cpus, memory + request.memory_bytes, peak + request.peak_bytes
+            if head.num_cpus <= cpus + 1e-9 and head.memory_bytes <= memory and head.peak_bytes <= peak:
+                return end, Request(cpus - head.num_cpus, memory - head.memory_bytes,
+                                    peak_bytes=peak - head.peak_bytes)
         # A head bigger than the capacity (within the ceiling: bigger than the room) starts
         # alone, once every admitted call has ended.
         return (ends[-1][0], _NOTHING) if ends else None
 
-    def _start_ahead(self, request: Request, now: float) -> float | None:
-        """When a head call that does not fit now is predicted to, if it may be admitted
-        ahead of its room (see "Pipelining"); None if it may not."""
-        if self._pipeline_s <= 0 or self._capacity is None or not math.isfinite(request.wall_seconds):
-            return None
-        if self._early_work + _share(request, self._capacity) * request.wall_seconds > self._pipeline_s:
-            return None
-        reservation = self._reservation(request, now)
-        if reservation is None or reservation[0] > now + self._pipeline_s:
-            return None
-        return reservation[0]
+    def _may_start_ahead(self, request: Request) -> bool:
+        """Whether a head call that does not fit now may be admitted ahead of its room, if
+        predicted to have it within ``pipeline_s`` (see "Pipelining")."""
+        return (self._pipeline_s > 0 and self._capacity is not None and math.isfinite(request.wall_seconds)
+                and len(self._early) < self._depth  # (each admission ahead sorts the admitted calls)
+                and self._early_work + _share(request, self._capacity) * request.wall_seconds <= self._pipeline_s)
 
     def admit(self, now: float = 0.0) -> list[str]:
         """Admit what may start now, in order, backfilling behind a head that does not fit."""
@@ -314,8 +323,10 @@ class AdmissionQueue:
                     continue
                 self.backfilled_total += 1
             elif not self._fits(request):
-                start = self._start_ahead(request, now)
-                if start is not None:
+                ahead = self._may_start_ahead(request)
+                reservation = self._reservation(request, now) if self._backfill or ahead else None
+                if ahead and reservation is not None and reservation[0] <= now + self._pipeline_s:
+                    start = reservation[0]
                     # Admitted ahead of its room: Ray holds it until then, and it is counted
                     # as starting then (the next call's prediction builds on its end).
                     self._queued.discard(token)
@@ -328,7 +339,8 @@ class AdmissionQueue:
                     continue
                 blocked = True
                 kept.append(entry)
-                reservation = self._reservation(request, now) if self._backfill else None
+                if not self._backfill:
+                    reservation = None
                 continue
             self._queued.discard(token)
             self._admitted[token] = (request, now)
