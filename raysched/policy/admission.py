@@ -40,7 +40,9 @@ most ``pipeline_s`` of the whole cluster's time (each counts its predicted upper
 time x its dominant share of the capacity, as in DRF).  Ray holds such a call in its
 own queue until the room is there; an urgent call arriving later starts after at most
 ``pipeline_s`` of predicted work that way, and a call without a known wall time, or a
-long one, is never admitted ahead.  0: only calls whose room is free now.
+long one, is never admitted ahead.  At most ``backfill_depth`` calls are ahead at once
+(each admission ahead sorts the admitted calls by their predicted ends).  0: only calls
+whose room is free now.
 
 **Room, not only labels.**  A node's ``memory`` resource is a label fixed when the
 node starts, and Ray books calls' labels against it; Ray's memory monitor kills by
