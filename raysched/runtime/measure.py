@@ -39,7 +39,12 @@ its function sized at 640 MiB from then on).  Each process keeps a ledger
 0) and the smallest start seen in the process.  An attempt's *foreign* memory is
 its start's excess over that smallest start, up to what the ledger holds for
 other functions; every memory figure of its samples and ``Usage``
-(``start_rss_bytes``, ``peak_rss_bytes``, live resident size) is net of it.  What
+(``start_rss_bytes``, ``peak_rss_bytes``, live resident size) is net of it.  Memory of
+theirs freed during the attempt stops counting at the next sample (the foreign figure is
+never more than what is resident above the attempt's own start); the peak is then taken
+net of the least foreign figure seen, so it errs high, never low.  Calls that thinning
+does not measure leave nothing in the ledger: a cache their calls fill counts as the next
+attempt's own, as all memory of unknown origin does.  What
 the attempt's own function left in earlier calls stays its own (a model loaded
 once per worker is part of what its calls hold), and memory of unknown origin
 too: the ledger only takes off what it saw another function's attempt leave.
@@ -488,14 +493,27 @@ class WorkerLedger:
         self._total = 0  # their sum
 
     def foreign_at_start(self, function: str, start_rss: int) -> int:
-        """Bytes of ``start_rss`` that other functions' attempts left in this process."""
+        """Bytes of ``start_rss`` that other functions' attempts left in this process.
+
+        The ledger learns what attempts leave, not what is freed later (a cache cleared, a
+        cycle collected by another task's ``gc.collect()``): when less is resident above the
+        baseline than it holds, every entry shrinks in proportion, so that no stale entry
+        is taken off a later attempt (a helper's audit: an attempt that allocated 200 MiB
+        after the 300 MiB another function left was freed was measured at 0).
+        """
         with self._lock:
             if self.baseline is None or start_rss < self.baseline:
                 self.baseline = int(start_rss)
             if self._total < _LEDGER_MIN_BYTES:
                 return 0  # what little is left is not worth a sum per call (tiny calls pay this)
-            others = self._total - self.retained.get(function, 0)
-            return int(max(0, min(start_rss - self.baseline, others)))
+            above = int(start_rss) - self.baseline
+            if above < self._total:
+                scale = max(0.0, above / self._total)
+                self.retained = {owner: int(held * scale) for owner, held in self.retained.items()
+                                 if int(held * scale) > 0}
+                self._total = sum(self.retained.values())
+            own = self.retained.get(function, 0)
+            return int(max(0, min(above - own, self._total - own)))
 
     def left(self, function: str, start_rss: int, end_rss: int) -> None:
         """An attempt of ``function`` ended holding ``end_rss`` (it began with ``start_rss``)."""
@@ -557,7 +575,11 @@ class AttemptMeter:
     def _reset_state(self) -> None:
         self._t0 = 0.0
         self._start_rss = 0
-        self._foreign = 0  # what other functions left resident at the start (WorkerLedger)
+        # What other functions left resident, as far as still resident (WorkerLedger): at the
+        # start, then never more than the resident size above what the attempt began with of
+        # its own (``_net_floor``), so that memory of theirs freed during it stops counting.
+        self._foreign = 0
+        self._net_floor = 0  # the start less other functions' memory then: the attempt's start
         #: The tree's resident size when stopped (gross), for the ledger; None before.
         self.end_rss: int | None = None
         self._start_total = 0  # the process's whole RSS (private + shared) at start
@@ -648,9 +670,9 @@ class AttemptMeter:
         """Take ``start_rss`` (read before ``start()``, when the call began) as the start, if
         lower, and ``foreign`` (other functions' memory then) as what its figures are net of."""
         with self._lock:
-            self._foreign = int(foreign)
             if start_rss is not None:
                 self._start_rss = min(self._start_rss, int(start_rss)) if self._start_rss else int(start_rss)
+            self._foreign, self._net_floor = int(foreign), self._start_rss - int(foreign)
 
     def start(self) -> None:
         """Begin the attempt: reset VmHWM and remember the starting counters."""
@@ -720,6 +742,17 @@ class AttemptMeter:
             self._peak_tree = self._start_rss
             if self._owner is not None:
                 self._foreign = worker_ledger().foreign_at_start(self._owner, self._start_rss)
+            self._net_floor = self._start_rss - self._foreign
+
+    def _still_foreign(self, rss: int | None) -> int:
+        """Other functions' memory still counted: at most what is resident above the attempt's
+        own start (a task that freed another function's cache and then grew would otherwise
+        be measured, and capped, that much too low); it only shrinks.  Memory of theirs freed
+        and the same amount allocated within one live interval is still taken off: a leak
+        then passes its cap by at most what they had left."""
+        if self._foreign and rss is not None:
+            self._foreign = max(0, min(self._foreign, int(rss) - self._net_floor))
+        return self._foreign
 
     def _hwm_from_rusage(self, ru_maxrss: int | None) -> int | None:
         """The high-water mark since the reset, from ``getrusage``, when it provably is one.
@@ -837,10 +870,10 @@ class AttemptMeter:
             except Exception as exc:  # noqa: BLE001 - belt and braces
                 self._warn("sample", exc)
                 rss, peak, cpu, io = self._start_rss, max(self._peak_self, self._peak_tree), self._cpu_max, _ZERO_IO
-            f = self._foreign
+            f = self._still_foreign(rss)
             return LiveSample(max(0, int(rss) - f), max(0, int(peak) - f), float(cpu),
                               max(0.0, self._clock() - self._t0), int(io[0]), int(io[1]), now,
-                              max(0, int(self._start_rss) - f))
+                              max(0, self._net_floor))
 
     def stop(self) -> Usage:
         """End the attempt and return its Usage (idempotent: a second call returns the same)."""
@@ -862,9 +895,10 @@ class AttemptMeter:
             self.end_rss = int(end) if end else None
             if self._owner is not None and self.end_rss is not None:
                 worker_ledger().left(self._owner, self._start_rss, self.end_rss)
+            f = self._still_foreign(self.end_rss)  # the least seen: the peak errs high, never low
             self.usage = Usage(
-                peak_rss_bytes=max(0, int(peak) - self._foreign),
-                start_rss_bytes=max(0, int(self._start_rss) - self._foreign),
+                peak_rss_bytes=max(0, int(peak) - f),
+                start_rss_bytes=max(0, self._net_floor),
                 cpu_seconds=float(cpu),
                 wall_seconds=float(wall),
                 read_bytes=int(io[0]),
