@@ -328,28 +328,27 @@ class AdmissionQueue:
                 ahead = self._may_start_ahead(request)
                 reservation = self._reservation(request, now) if self._backfill or ahead else None
                 if ahead and reservation is not None and reservation[0] <= now + self._pipeline_s:
-                    start = reservation[0]
                     # Admitted ahead of its room: Ray holds it until then, and it is counted
                     # as starting then (the next call's prediction builds on its end).
-                    self._queued.discard(token)
-                    self._admitted[token] = (request, start)
-                    self._held = self._held + request
-                    work = _share(request, self._capacity) * request.wall_seconds
-                    self._early[token] = work
-                    self._early_work += work
-                    out.append(token)
+                    self._take(token, request, reservation[0], out)
+                    self._early[token] = _share(request, self._capacity) * request.wall_seconds
+                    self._early_work += self._early[token]
                     continue
                 blocked = True
                 kept.append(entry)
                 if not self._backfill:
                     reservation = None
                 continue
-            self._queued.discard(token)
-            self._admitted[token] = (request, now)
-            self._held = self._held + request
-            out.append(token)
+            self._take(token, request, now, out)
         self._waiting = kept
         return out
+
+    def _take(self, token: str, request: Request, start: float, out: list[str]) -> None:
+        """Admit a waiting call, counted as starting at ``start``."""
+        self._queued.discard(token)
+        self._admitted[token] = (request, start)
+        self._held = self._held + request
+        out.append(token)
 
     def _drop_if_gone(self, entry: _Waiting) -> bool:
         """Forget a waiting call that finished (was cancelled) before admission; True if it had."""

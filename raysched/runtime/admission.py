@@ -220,7 +220,6 @@ class Admission:
         """
         if self._queue.is_admitted(token):
             return True  # asked again (a retried call): it was admitted already
-
         refs = list(dict.fromkeys(inputs[0])) if inputs else []
         if refs:
             await self._inputs_exist(token, refs)
@@ -232,8 +231,8 @@ class Admission:
         if added and owner is not None:
             self._watch_owner(token, owner)
         if not added and not self._queue.is_waiting(token):
-            # Its end (``track``: cancelled at once) was delivered before this call: an
-            # async actor does not run calls in the order they were sent.
+            # Its end (``ended`` or ``track``: cancelled at once) was delivered before this
+            # call: an async actor does not run calls in the order they were sent.
             return True
         event = self._events.setdefault(token, asyncio.Event())
         if added:
