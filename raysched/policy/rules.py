@@ -304,8 +304,9 @@ class MemoryOverAllocation:
         # rescales are counted by AsRescale).
         last = None if self.max_attempts is None else (r.max_attempts or self.max_attempts)
         if r.allocation.capped or (last is not None and r.attempt >= last):
-            why = ("capped at the memory limit" if "memory limit" in (r.allocation.reason or "")
-                   else "capped at the largest node") if r.allocation.capped else f"attempt {r.attempt} is the last"
+            # A capped allocation's reason says what capped it (the largest node, the memory limit).
+            why = (r.allocation.reason or "capped at the largest node") if r.allocation.capped \
+                else f"attempt {r.attempt} is the last"
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; no larger rung ({why}), left running")
         return Finding(STOP_AND_RESUBMIT, r.rss_bytes, allocated, f"{detail}; resubmit on the next rung")
 
