@@ -12,7 +12,7 @@ Bare (``@adaptive_remote``) or with settings:
 - ``dependencies=`` (strings: tools, versions, reference data): part of the
   function's identity, as its code is: new ones start a new history;
 - ``num_cpus=`` / ``memory=`` (bytes): cold-start fallbacks, used until there is
-  history (``memory=0``: no memory label, as in Ray);
+  history (``memory=0``: no memory label, ``num_cpus=0``: no CPU slot, as in Ray);
 - ``priority=`` (an int; higher first): calls wait in raysched's admission queue
   when the cluster is full, instead of going straight to Ray;
 - ``max_attempts=`` (tasks): attempts before ``AttemptsExhausted``;

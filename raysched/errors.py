@@ -16,7 +16,8 @@ class InvalidInput(RayschedError, ValueError):
 
 
 class InvalidRayOption(InvalidInput, TypeError):
-    """A Ray option Ray itself would refuse with a TypeError (``max_retries="x"``): still one,
+    """What Ray itself would refuse with a TypeError (an option of the wrong type, such as
+    ``max_retries="x"`` or ``memory="1G"``; a ``functools.partial`` to decorate): still one,
     so that code written for plain Ray's ``except TypeError`` catches it."""
 
 

@@ -384,6 +384,29 @@ def test_wrong_arguments_fail_at_remote_as_in_ray_and_run_nothing(ray_session):
     assert len(raysched.profiles(add_one)) == before  # nothing ran, nothing recorded
 
 
+@adaptive_remote(num_cpus=0)
+def no_cpu_slot(x):
+    return x
+
+
+def test_a_fallback_of_num_cpus_zero_asks_no_cpu_as_in_ray(ray_session):
+    """``@adaptive_remote(num_cpus=0)`` (a task that only waits on others) got the minimum
+    share, 0.25 CPU, where ``@ray.remote(num_cpus=0)`` takes no CPU slot."""
+    assert no_cpu_slot.predict(1).cpu.source == "fallback"
+    assert ray.get([no_cpu_slot.remote(i) for i in range(3)], timeout=60) == [0, 1, 2]
+    rows = raysched.profiles(no_cpu_slot)
+    assert len(rows) == 3 and (rows["allocated_num_cpus"] == 0).all()
+
+
+def test_predict_refuses_arguments_the_function_would_refuse(ray_session):
+    """``f.predict(1, 2, 3)`` returned a Prediction for a call ``f.remote(1, 2, 3)`` refuses."""
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        add_one.predict(1, 2, 3)
+    with pytest.raises(TypeError, match="missing a required argument: 'x'"):
+        add_one.options(input_size=5).predict()
+    assert add_one.predict(1).memory.upper > 0
+
+
 def test_memory_zero_asks_no_memory_label_as_in_ray(ray_session):
     """``.options(memory=0)`` is Ray's way to ask no label; as a fallback it starts cold without one."""
     assert ray.get([no_label.remote(1), add_one.options(memory=0).remote(1)], timeout=60) == [1, 2]

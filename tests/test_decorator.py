@@ -249,6 +249,58 @@ def test_a_ray_option_ray_refuses_with_a_type_error_is_still_a_type_error():
         adaptive_remote(f).options(max_retries="x")
 
 
+def test_wrong_types_ray_refuses_with_a_type_error_are_type_errors_here_too():
+    """``memory="1G"``, ``num_cpus="2"`` and a ``functools.partial`` are TypeErrors from plain
+    Ray; they were raysched ValueErrors (InvalidInput alone), which ``except TypeError`` missed.
+    A value of the right type out of range stays a ValueError, as in Ray."""
+    import functools
+
+    from raysched.errors import InvalidInput
+
+    def f(x):
+        return x
+
+    for bad in ({"memory": "1G"}, {"num_cpus": "2"}, {"memory": True}, {"num_cpus": [1]}):
+        with pytest.raises(TypeError, match=next(iter(bad))) as caught:
+            adaptive_remote(f).options(**bad)
+        assert isinstance(caught.value, InvalidInput)
+        with pytest.raises(TypeError):
+            adaptive_remote(**bad)(f)
+    with pytest.raises(TypeError, match="functools.partial") as caught:
+        adaptive_remote(functools.partial(f, 1))
+    assert isinstance(caught.value, InvalidInput)
+    for bad in ({"memory": -1}, {"num_cpus": -0.5}, {"num_cpus": float("nan")}):
+        with pytest.raises(InvalidInput) as caught:
+            adaptive_remote(f).options(**bad)
+        assert not isinstance(caught.value, TypeError)
+
+
+def test_a_function_that_asks_for_gpus_runs_once_per_worker_process_as_ray_makes_it():
+    """``ray.remote(num_gpus=1)`` sets ``max_calls=1`` (a library's GPU memory is freed only
+    when its process ends); raysched's entry function is made before the GPUs are set by
+    ``.options()``, where Ray no longer applies it: every call reused one worker."""
+    from types import SimpleNamespace
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime.options import definition_options
+
+    assert definition_options({"num_gpus": 1}) == {"max_calls": 1}
+    assert definition_options({"num_gpus": 0.5, "max_calls": 4}) == {"max_calls": 4}  # the user's wins
+    assert definition_options({"num_gpus": 0}) == {} and definition_options({}) == {}
+    assert definition_options({"num_gpus": 1}, ("concurrency_groups",)) == {}  # actors: Ray does not either
+
+    def g(x):
+        return x
+
+    config = RayschedConfig()
+    gpu = adaptive_remote(num_gpus=1)(g)
+    gpu._remote_with({"num_gpus": 1}, config, SimpleNamespace(config=config))
+    assert gpu._remote._default_options.get("max_calls") == 1
+    cpu = adaptive_remote(g)
+    cpu._remote_with({}, config, SimpleNamespace(config=config))
+    assert cpu._remote._default_options.get("max_calls") in (None, 0)
+
+
 def test_help_on_the_decorator_names_its_settings_and_what_it_returns():
     # help(raysched.adaptive_remote) was one line pointing elsewhere; the lazy public
     # function and the decorator it forwards to share one docstring.

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, InvalidRayOption
 from ..types import Features
 
 #: A callback that returns the size in bytes of an opaque object (a Ray ObjectRef),
@@ -62,8 +62,17 @@ def validate_input_size(value: Any, what: str = "input_size") -> int | None:
     return int(value)
 
 
+def _refuse_non_number(value: Any, what: str, unit: str) -> None:
+    """A Ray resource option that is not a number: a TypeError, as Ray's own check raises,
+    so that code written for plain Ray's ``except TypeError`` catches it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRayOption(f"{what} must be a non-negative number of {unit}, got {value!r} ({type(value).__name__})")
+
+
 def validate_memory(value: Any, what: str = "memory") -> int | None:
     """None, or a non-negative number of bytes (as Ray's ``memory`` option: 0 asks no label)."""
+    if value is not None:
+        _refuse_non_number(value, what, "bytes")
     return validate_input_size(value, what)
 
 
@@ -79,7 +88,8 @@ def validate_priority(value: Any, what: str = "priority") -> int:
 def validate_num_cpus(value: Any, what: str = "num_cpus") -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+    _refuse_non_number(value, what, "cores")
+    if not math.isfinite(value) or value < 0:
         raise InvalidInput(f"{what} must be a non-negative number of cores, got {value!r}")
     return float(value)
 

@@ -397,6 +397,10 @@ class _Adaptive:
         if declared == 0 and prediction.memory.source == "fallback" and "memory" not in explicit:
             # A fallback (or default) of memory=0 is Ray's memory=0: no label until there is history.
             explicit = {**explicit, "memory": 0}
+        if self.fallback.cpu == 0 and prediction.cpu.source == "fallback" and "num_cpus" not in explicit:
+            # So is a fallback of num_cpus=0 (a task that only waits on others): no CPU slot, not
+            # the minimum share, until its runs say what it uses.
+            explicit = {**explicit, "num_cpus": 0.0}
         allocation = client.size(prediction, explicit, self.name, cluster)
         return AttemptSpec(
             function=self.name,
@@ -428,7 +432,8 @@ def _refuse_unsupported_kind(fn: Callable[..., Any]) -> None:
     if not inspect.isroutine(fn):
         # Ray refuses these too. Their profile key would be their type's: every partial, and
         # every instance of a class, would share one history whatever they compute.
-        raise InvalidInput(
+        # A TypeError as well, as Ray's refusal is.
+        raise InvalidRayOption(
             f"adaptive_remote takes a function or a class, as ray.remote does; got a "
             f"{type(fn).__module__}.{type(fn).__qualname__} (a functools.partial or a callable object): "
             "call it from a def and decorate that"
@@ -643,6 +648,7 @@ class AdaptiveFunction(_Adaptive):
         return self._predict(self._call_options({}), args, kwargs)
 
     def _predict(self, options: _CallOptions, args: tuple, kwargs: Mapping[str, Any]) -> Prediction:
+        self._check_arguments(args, kwargs)  # as .remote() would: a call Python refuses has no prediction
         client = get_client()
         client.refresh(self.name, self.code_hash)  # a query, not a submission: it may wait for the newest
         bundle = client.bundle(self.name, self.code_hash)

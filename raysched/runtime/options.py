@@ -18,8 +18,19 @@ ACTOR_DEFINITION_OPTIONS = ("concurrency_groups",)
 
 
 def definition_options(ray_options: Any, keys: tuple[str, ...] = TASK_DEFINITION_OPTIONS) -> dict[str, Any]:
-    """The options among ``ray_options`` (a mapping or pairs) that go to ``ray.remote(...)``."""
-    return {k: v for k, v in dict(ray_options).items() if k in keys}
+    """The options among ``ray_options`` (a mapping or pairs) that go to ``ray.remote(...)``.
+
+    A task that asks for GPUs runs once per worker process unless ``max_calls`` says
+    otherwise, as ``ray.remote(num_gpus=...)`` decides it (Ray's ``RemoteFunction``: a
+    library's GPU memory is freed only when its process ends). raysched's entry function
+    is made with ``ray.remote`` before the GPUs are set by ``.options()``, where Ray no
+    longer applies that default, so it is applied here.
+    """
+    ray_options = dict(ray_options)
+    chosen = {k: v for k, v in ray_options.items() if k in keys}
+    if "max_calls" in keys and chosen.get("max_calls") is None and (ray_options.get("num_gpus") or 0) > 0:
+        chosen["max_calls"] = 1
+    return chosen
 
 
 def ray_remote(target: Any, definition: Mapping[str, Any]) -> Any:
