@@ -163,6 +163,9 @@ class Allocation:
     fallback, or ``memory=`` set explicitly), which means the task's own memory, as
     Ray's ``memory`` label does; raysched's own sizes are measured peaks of the whole
     worker process, the interpreter and Ray included.
+    ``memory_set_by_caller``: the call's own ``.options(memory=...)``, which wins over
+    raysched's sizes: the monitor does not stop it for outgrowing that figure (the
+    next rung would overrule the caller), only for a hard cap or a node under pressure.
     """
 
     num_cpus: float
@@ -171,6 +174,7 @@ class Allocation:
     capped: bool = False
     reason: str = ""
     memory_is_task_only: bool = False
+    memory_set_by_caller: bool = False
 
     def ray_options(self) -> dict[str, float | int]:
         return {"num_cpus": self.num_cpus, "memory": int(self.memory_bytes)}

@@ -180,6 +180,23 @@ def test_over_its_allocation_a_task_is_stopped_and_resubmitted_one_rung_up(fault
     assert "stop_and_resubmit" in set(raysched.events(outgrows_its_allocation)["action"])
 
 
+def test_memory_the_caller_set_is_not_overruled_by_a_stop_and_a_bigger_rung(faults):
+    """The same growth under ``.options(memory=128 MiB)``: the caller's figure wins over
+    raysched's sizes, so the monitor warns and lets it run, as plain Ray would on a node
+    with room; the call ran once (a non-idempotent body ran twice before)."""
+    ref = outgrows_its_allocation.options(memory=128 * MiB).remote(400, 1.5)
+    assert ray.get(ref, timeout=120) == 400
+    rows = raysched.profiles(outgrows_its_allocation)
+    mine = rows[rows["allocated_memory_bytes"] == 128 * MiB].sort_values("started_at").tail(1)
+    assert len(mine) == 1
+    call = rows[rows["call_id"] == mine["call_id"].iloc[0]]
+    assert list(call["outcome"]) == ["ok"] and list(call["attempt"]) == [1], call[["attempt", "outcome", "error"]]
+    assert call["peak_rss_bytes"].iloc[0] > 400 * MiB  # what it used is recorded all the same
+    events = raysched.events(outgrows_its_allocation)
+    warned = events[(events["call_id"] == call["call_id"].iloc[0])]
+    assert list(warned["action"]) == ["warn"] and "the caller set this memory" in warned["detail"].iloc[0], warned
+
+
 @adaptive_remote(num_cpus=0.5)
 def keeps_a_cache(mib: int) -> int:
     import builtins

@@ -77,6 +77,10 @@ CHECKS = [
     ("caller's figure: the task's own growth past it stops", R.MemoryOverAllocation(1.2, 4),
      dict(rss_bytes=400 * MiB, start_rss_bytes=177 * MiB, allocation=Allocation(1.0, 128 * MiB, memory_is_task_only=True)),
      R.STOP_AND_RESUBMIT),
+    # .options(memory=...) wins over raysched's sizes: the next rung would overrule it
+    ("the caller's own memory= outgrown: warn, left running", R.MemoryOverAllocation(1.2, 4),
+     dict(rss_bytes=400 * MiB, start_rss_bytes=177 * MiB,
+          allocation=Allocation(1.0, 128 * MiB, memory_is_task_only=True, memory_set_by_caller=True)), R.WARN),
     ("a measured size covers the whole worker", R.MemoryOverAllocation(1.2, 4),
      dict(rss_bytes=177 * MiB, start_rss_bytes=177 * MiB, allocation=Allocation(1.0, 128 * MiB)), R.STOP_AND_RESUBMIT),
     ("no cap configured", R.MemoryOverHardCap(None, {}), dict(rss_bytes=100 * GiB), None),

@@ -284,7 +284,10 @@ class MemoryOverAllocation:
 
     When no larger rung exists (the allocation was capped to the largest node, or
     this is the last attempt) stopping would only fail the call, so the check
-    warns instead and leaves Ray's own memory monitor as the backstop.
+    warns instead and leaves Ray's own memory monitor as the backstop. So it does
+    for memory the caller set (``.options(memory=...)``): that figure wins over
+    raysched's sizes, and plain Ray would let the task run past it where the node
+    has room (the node-pressure rule and the hard cap still apply to it).
     """
 
     tolerance: float
@@ -303,6 +306,8 @@ class MemoryOverAllocation:
         # The call's own max_attempts when it reports one (an actor's rule has none: its
         # rescales are counted by AsRescale).
         last = None if self.max_attempts is None else (r.max_attempts or self.max_attempts)
+        if r.allocation.memory_set_by_caller:
+            return Finding(WARN, r.rss_bytes, allocated, f"{detail}; the caller set this memory, left running")
         if r.allocation.capped or (last is not None and r.attempt >= last):
             # A capped allocation's reason says what capped it (the largest node, the memory limit).
             why = (r.allocation.reason or "capped at the largest node") if r.allocation.capped \

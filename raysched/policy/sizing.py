@@ -129,7 +129,7 @@ class Sizer:
             reason += "; " + ", ".join(k for k in ("memory", "num_cpus") if k in explicit) + " set by the caller"
         allocation = self.size_request(request, cluster, explicit, function, reason)
         if "memory" in explicit or prediction.memory.source == "fallback":
-            allocation = replace(allocation, memory_is_task_only=True)
+            allocation = replace(allocation, memory_is_task_only=True, memory_set_by_caller="memory" in explicit)
         return allocation
 
     def size_request(
