@@ -294,6 +294,108 @@ def test_forked_children_count_what_they_hold_alone_not_the_workers_pages_again(
     assert 90 * MiB <= task <= 250 * MiB, (task / MiB, peak / MiB, start / MiB)
 
 
+BIG_CHILD = "import numpy as np; block = np.ones(600 * 1024 * 1024 // 8); block.sum()"
+
+
+def _measure_programs_run_from_a_big_worker(out):
+    """A process holding 300 MiB runs short programs (see the test below)."""
+    held = allocate(300)
+    figures = []
+    for argv in (["true"], ["sleep", "0.2"], [sys.executable, "-c", BIG_CHILD]):
+        meter = AttemptMeter()
+        meter.start()
+        subprocess.run(argv, check=True)  # vfork + exec, reaped before any live sample
+        usage = meter.stop()
+        figures.append(usage.task_rss_bytes)
+    del held
+    out.put(figures)
+
+
+@pytest.mark.skipif(not LINUX, reason="the kernel's rusage of reaped children (Linux)")
+def test_a_program_a_task_runs_is_not_charged_the_workers_whole_size():
+    """``subprocess.run(["true"])`` in a worker holding 300 MiB measured ~350 MiB: the kernel
+    copies the worker's high-water mark into a child that execs (``ru_maxrss``), and that
+    was added to the worker's own peak (a helper's audit: `true` after a 1 GiB task came
+    out at 2.9 GiB). A program bigger than the worker still counts, from its rusage
+    alone (one smaller than the worker that ends between two samples is not seen)."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh process: RUSAGE_CHILDREN starts at 0
+    out = spawn.Queue()
+    proc = spawn.Process(target=_measure_programs_run_from_a_big_worker, args=(out,))
+    proc.start()
+    true_, sleep_, big = out.get(timeout=120)
+    proc.join(timeout=30)
+    assert true_ < 30 * MiB and sleep_ < 30 * MiB, (true_ / MiB, sleep_ / MiB)
+    assert big >= 580 * MiB, big / MiB  # 600 MiB of its own (seen through its rusage alone)
+
+
+def _measure_an_unmapped_file(path, out):
+    """A mapping an earlier call left open is closed by the next (see the test below)."""
+    import mmap
+
+    with open(path, "r+b") as f:
+        area = mmap.mmap(f.fileno(), 0)
+    view = np.frombuffer(area, dtype=np.uint8)
+    view[:: 4096].sum()  # resident: shared file pages of this process
+    del view
+
+    meter = AttemptMeter()  # an attempt that only closes it
+    meter.start()
+    area.close()
+    closed = meter.stop().task_rss_bytes
+
+    with open(path, "r+b") as f:
+        area = mmap.mmap(f.fileno(), 0)
+    view = np.frombuffer(area, dtype=np.uint8)
+    view[:: 4096].sum()
+    del view
+    meter = AttemptMeter()  # closes it, then (after a live sample) allocates 150 MiB and frees it
+    meter.start()
+    area.close()
+    meter.sample()
+    block = allocate(150)
+    del block
+    after = meter.stop().task_rss_bytes
+    out.put((closed, after))
+
+
+@pytest.mark.skipif(not LINUX, reason="shared pages are told apart through /proc")
+def test_shared_pages_that_leave_during_an_attempt_are_not_its_own(tmp_path):
+    """The mark counts shared pages too, and the shared pages *at the reading* were taken off
+    it: closing a 300 MiB file mapping an earlier call left measured 300 MiB (a helper's
+    audit). The pages gone since the last reading are taken off, and the mark restarts, so
+    that a private peak after it is still seen by the mark."""
+    import multiprocessing
+
+    path = tmp_path / "mapped.bin"
+    with open(path, "wb") as f:
+        f.truncate(300 * MiB)
+    spawn = multiprocessing.get_context("spawn")
+    out = spawn.Queue()
+    proc = spawn.Process(target=_measure_an_unmapped_file, args=(str(path), out))
+    proc.start()
+    closed, after = out.get(timeout=120)
+    proc.join(timeout=30)
+    assert closed < 30 * MiB, closed / MiB
+    assert close_to(after, 150), after / MiB
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/<pid>/io is Linux-only")
+def test_the_meters_own_reads_of_proc_are_not_the_tasks():
+    """While a child lives, each sample reads every process's /proc/<pid>/stat: that was
+    counted in the task's read_chars (0.5 MiB for a task that only ran `sleep 10`)."""
+    meter = AttemptMeter()
+    meter.start()
+    child = subprocess.Popen(["sleep", "1"])
+    for _ in range(20):
+        meter.sample()
+        time.sleep(0.02)
+    child.wait()
+    usage = meter.stop()
+    assert usage.read_chars < 8192, usage
+
+
 def test_cpu_seconds_of_a_busy_loop():
     meter = AttemptMeter()
     t0, c0 = time.perf_counter(), time.process_time()

@@ -42,7 +42,9 @@ other functions; every memory figure of its samples and ``Usage``
 (``start_rss_bytes``, ``peak_rss_bytes``, live resident size) is net of it.  Memory of
 theirs freed during the attempt stops counting at the next sample (the foreign figure is
 never more than what is resident above the attempt's own start); the peak is then taken
-net of the least foreign figure seen, so it errs high, never low.  Calls that thinning
+net of the least foreign figure seen, so it errs high, with one exception: a task that
+frees another function's memory and allocates as much again within one live interval
+(before a reading sees the drop) is measured that much too low.  Calls that thinning
 does not measure leave nothing in the ledger: a cache their calls fill counts as the next
 attempt's own, as all memory of unknown origin does.  What
 the attempt's own function left in earlier calls stays its own (a model loaded
@@ -58,13 +60,18 @@ too: the ledger only takes off what it saw another function's attempt leave.
        ``VmHWM`` from the current RSS, so a much bigger earlier task in the same
        worker does not leak into this figure.  The kernel updates the mark on
        every page fault, whatever the sampling rate (``peak_method == "hwm"``),
-       but for the whole RSS: no private-only mark exists.  Shared pages only
+       but for the whole RSS: no private-only mark exists.  Shared pages mostly
        accumulate in a worker (it keeps the object store mapped), so the mark
        minus the shared pages of the reading is exact when none arrived after
        the peak, and the largest such figure over all readings (start, every
        live sample, stop) is kept.  A private peak that was freed before shared
        pages arrived *within one live interval* is under-counted by them (a task
        that allocates, frees, then reads a large argument, all within 0.5 s).
+       When a reading finds fewer shared pages than the last one (a file
+       unmapped, object-store pages evicted), the mark may still hold the pages
+       that left: the most shared pages of the two readings are taken off it, and
+       the mark is restarted (handed to the process's other meters first), so
+       that later readings are exact again.
        At ``stop()`` the mark is read from ``getrusage``'s ``ru_maxrss`` where
        that provably equals it (see ``AttemptMeter._hwm_from_rusage``), which
        spares a read of ``/proc/self/status`` on every task (``statm``, a fifth
@@ -83,11 +90,18 @@ too: the ledger only takes off what it saw another function's attempt leave.
     3. for children that exited (and were reaped) during the attempt: the
        process's own peak (1, or its sampled peak) **plus** the largest
        ``ru_maxrss`` of a reaped child (``getrusage(RUSAGE_CHILDREN)``), but
-       only if that figure grew during the attempt.  ``RUSAGE_CHILDREN``'s
+       only if that figure grew during the attempt and is above the worker's
+       own whole high-water mark (shared pages included).  ``RUSAGE_CHILDREN``'s
        ``ru_maxrss`` is a lifetime maximum over every child the worker ever
        reaped and cannot be reset: a short-lived child smaller than one an
-       earlier task already ran is only seen through sampling (2).  Adding the
-       two peaks is an upper bound, since they need not have coincided, and
+       earlier task already ran is only seen through sampling (2).  A child
+       that runs another program (``subprocess``: vfork + exec) starts with the
+       worker's high-water mark copied into its figure by the kernel, and a
+       forked one with the worker's pages resident: a figure at or below the
+       worker's mark tells nothing of the child, and counting it charged every
+       ``subprocess.run(["true"])`` the worker's whole size.  So a program
+       smaller than the worker that ends between two samples is missed.  Adding
+       the two peaks is an upper bound, since they need not have coincided, and
        the child's figure is its whole RSS (the kernel keeps no private one),
        less the most a live child was seen to share with the worker (a forked
        child's inherited pages; nothing for a child never sampled alive).
@@ -128,7 +142,13 @@ too: the ledger only takes off what it saw another function's attempt leave.
 
 ``read_chars`` / ``write_chars``
     Bytes passed through read/write-like system calls (``rchar`` / ``wchar``):
-    files, page cache, pipes, sockets and terminals alike.
+    files, page cache, pipes, sockets and terminals alike; less what raysched's
+    meters themselves read from ``/proc`` meanwhile (a sample of a task with a
+    live child reads every process's ``stat``).
+
+Every figure covers the user's function, from its call to its return: Ray's
+pickling of the returned value comes after, and is not in it (a value that
+pickles into a copy, such as a list of Python ints, peaks above the figure).
 
 For the process itself the kernel folds reaped children's I/O into
 ``/proc/<pid>/io``; live descendants are added from their own ``/proc`` files.
@@ -262,13 +282,23 @@ def _own_fd(name: str, flags: int) -> int | None:
         return fd
 
 
+#: Bytes this process's meters read from /proc (``rchar`` counts them as the task's): each
+#: meter takes what was read during its attempt off ``read_chars``. A plain int added to
+#: without a lock: a rare lost update under threads costs a few hundred bytes of accuracy.
+_METER_READ_CHARS = [0]
+
+
 def _read_proc(pid: int, name: str) -> bytes:
     if pid == os.getpid():
         fd = _own_fd(name, os.O_RDONLY)
         if fd is not None:
-            return os.pread(fd, 65536, 0)
+            data = os.pread(fd, 65536, 0)
+            _METER_READ_CHARS[0] += len(data)
+            return data
     with open(f"/proc/{pid}/{name}", "rb") as f:
-        return f.read()
+        data = f.read()
+    _METER_READ_CHARS[0] += len(data)
+    return data
 
 
 def _read_status(pid: int) -> tuple[int | None, int | None, int]:
@@ -364,6 +394,7 @@ def _stat_linux(pid: int) -> tuple[int, float, int, int] | None:
             data = f.read()
     except OSError:
         return None
+    _METER_READ_CHARS[0] += len(data)
     rest = data[data.rindex(b")") + 2 :].split()
     # rest[0] is field 3 (state): field n is rest[n - 3]
     ppid = int(rest[1])
@@ -596,6 +627,13 @@ class AttemptMeter:
         self._inherited_max = 0  # the most a live child was seen to share with the worker (forked)
         self._cpu_max = 0.0
         self._hwm0: int | None = None  # VmHWM before the reset (used if the reset fails)
+        #: Shared pages resident at the last reading: when they drop, the mark may hold pages
+        #: that are gone (a file unmapped), and it is restarted (``_restart_mark``).
+        self._last_shared = 0
+        #: The largest whole high-water mark read (shared pages included; before any restart):
+        #: what a child's ``ru_maxrss`` can hold of the worker's (see ``_measure``).
+        self._whole_mark = 0
+        self._meter_reads0 = 0  # _METER_READ_CHARS at the start
         self._ru_maxrss0: int | None = None  # getrusage's ru_maxrss right after the reset
 
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -614,6 +652,21 @@ class AttemptMeter:
         """Called by another meter of the same process just before it resets VmHWM."""
         if value > self._peak_handed:
             self._peak_handed = value
+
+    def _restart_mark(self, peak_so_far: int) -> None:
+        """Restart the kernel's high-water mark mid-attempt (after shared pages left it),
+        handing ``peak_so_far`` to the other meters of this process first, as ``start()``
+        does, so that none of them loses a peak the old mark held."""
+        if not _LINUX or not self._self:
+            return
+        try:
+            with _HWM_LOCK:
+                for other in [m for m in _HWM_METERS if m is not self and m.pid == self.pid and m._started]:
+                    other._absorb_peak(peak_so_far)
+                _reset_hwm(self.pid)
+            self._ru_maxrss0 = None  # getrusage's figure no longer provably the mark: read status
+        except Exception as exc:  # noqa: BLE001 - never raise into the task
+            self._warn("VmHWM restart", exc)
 
     # -- raw readings ----------------------------------------------------------------
 
@@ -722,6 +775,8 @@ class AttemptMeter:
                     rss_after, _, shared_after = self._rss_hwm()
                 self._start_rss = int(rss_after or 0)
                 self._start_total = self._start_rss + int(shared_after or 0)
+                self._last_shared = int(shared_after or 0)
+                self._whole_mark = self._start_total
             except Exception as exc:  # noqa: BLE001 - never raise into the task
                 self._warn("RSS", exc)
             self._peak_self = self._start_rss
@@ -730,6 +785,8 @@ class AttemptMeter:
             except Exception as exc:  # noqa: BLE001
                 self._warn("CPU time", exc)
             try:
+                # Before the read: rchar counts a read only once it returned.
+                self._meter_reads0 = _METER_READ_CHARS[0]
                 self._io0 = self._io()
                 self._io_ok = True
             except Exception as exc:  # noqa: BLE001
@@ -785,6 +842,7 @@ class AttemptMeter:
         except Exception as exc:  # noqa: BLE001
             self._warn("CPU time", exc)
         io = _ZERO_IO
+        meter_reads = _METER_READ_CHARS[0]  # the meters' reads up to (not with) this one
         if self._io_ok:
             try:
                 io = self._io()
@@ -816,11 +874,20 @@ class AttemptMeter:
         if rss is not None:
             self._peak_self = max(self._peak_self, rss)
         if hwm is not None:
+            self._whole_mark = max(self._whole_mark, hwm)
             if self.peak_method == "hwm":
-                self._peak_self = max(self._peak_self, hwm - shared)
+                # Fewer shared pages than at the last reading (a file unmapped, store pages
+                # evicted): the mark may hold pages that are gone, so the most seen since
+                # then is taken off, and the mark restarts from now, exact again after it.
+                dropped = rss is not None and shared < self._last_shared
+                self._peak_self = max(self._peak_self, hwm - max(shared, self._last_shared if dropped else 0))
+                if dropped and not final:
+                    self._restart_mark(hwm - self._last_shared)
             elif self._hwm0 is not None and hwm > self._hwm0:
                 # Not reset, but a lifetime maximum that grew was reached during the attempt.
                 self._peak_self = max(self._peak_self, hwm - shared)
+        if rss is not None:
+            self._last_shared = shared
         self._peak_self = max(self._peak_self, self._peak_handed)
         live = {c.key: c for c in children}
         if children:
@@ -828,9 +895,15 @@ class AttemptMeter:
         tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
         self._peak_tree = max(self._peak_tree, tree_rss)
         peak = max(self._peak_self, self._peak_tree)
-        if maxrss_children is not None and maxrss_children > self._maxrss0_children:
+        if maxrss_children is not None and maxrss_children > self._maxrss0_children and (
+                self.peak_method != "hwm" or maxrss_children > self._whole_mark):
             # A reaped child's figure is its whole RSS: for children seen alive sharing the
             # worker's pages (forked), that share is the worker's, counted in its own peak.
+            # A figure at or below the worker's own whole mark says nothing of the child: a
+            # child that runs another program (subprocess: vfork + exec) starts with the
+            # worker's mark copied in by the kernel, and a forked one with the worker's pages
+            # resident (counted, `true` or `sleep` came out as the worker's whole size again).
+            # Such a child is seen by the samples of the live tree only.
             peak = max(peak, self._peak_self + max(0, maxrss_children - self._inherited_max))
 
         # cpu: own + reaped children (deltas) + live descendants (deltas from their start values)
@@ -838,6 +911,10 @@ class AttemptMeter:
         if cpu_self is not None:
             cpu += max(0.0, cpu_self - self._cpu0_self) + max(0.0, cpu_reaped - self._cpu0_reaped)
         io_delta = [max(0, now - then) for now, then in zip(io, self._io0)] if self._io_ok else [0, 0, 0, 0]
+        if self._self and self._io_ok:
+            # What meters read from /proc in the meantime (the live tree's scan of every
+            # process, each sample) is not the task's.
+            io_delta[2] = max(0, io_delta[2] - (meter_reads - self._meter_reads0))
         for key, c in live.items():
             base = self._base_children.get(key)
             cpu += c.cpu - (base.cpu if base else 0.0)
@@ -895,7 +972,7 @@ class AttemptMeter:
             self.end_rss = int(end) if end else None
             if self._owner is not None and self.end_rss is not None:
                 worker_ledger().left(self._owner, self._start_rss, self.end_rss)
-            f = self._still_foreign(self.end_rss)  # the least seen: the peak errs high, never low
+            f = self._still_foreign(self.end_rss)  # the least seen (see the module docstring)
             self.usage = Usage(
                 peak_rss_bytes=max(0, int(peak) - f),
                 start_rss_bytes=max(0, self._net_floor),
