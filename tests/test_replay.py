@@ -184,6 +184,43 @@ def test_a_method_that_makes_no_progress_is_reported_not_looped():
         replay_trace(trace, [_Stuck()], seed=0)
 
 
+class _Creeping(Method):
+    """Nextflow's ``memory x attempt`` from a preset far below the peak."""
+
+    name = "creeping"
+
+    class _S(TaskSizer):
+        def first(self, job):
+            return 1.0
+
+        def retry(self, job, failed):
+            return failed[0] * (len(failed) + 1)
+
+    def sizer(self, history):
+        return self._S()
+
+
+def test_a_method_that_never_reaches_a_peak_gives_that_job_up_and_the_replay_goes_on():
+    """A preset of 512 KB for 300 MB tasks (``memory x attempt``) aborted the replay of the
+    whole file, every method's results lost; now that method gives the job up after
+    MAX_ATTEMPTS attempts, each charged as a failure, and the others are scored as before."""
+    from raysched.replay.harness import MAX_ATTEMPTS, account_given_up
+    from raysched.replay.results import text_table
+
+    trace = read_trace(LOTARU, "lotaru")
+    result = replay_trace(trace, [_Creeping(), Oracle()], seed=0)
+    creeping, oracle = result.methods["creeping"], result.methods["oracle"]
+    assert creeping.tasks == oracle.tasks > 0 and creeping.given_up == creeping.tasks
+    assert creeping.failures == MAX_ATTEMPTS * creeping.tasks and creeping.used == 0
+    assert creeping.wastage_gbh > 0 and oracle.given_up == 0 and oracle.wastage_gbh == 0
+    assert result.as_dict()["methods"]["creeping"]["given_up"] == creeping.tasks
+    assert f"given up after {MAX_ATTEMPTS} attempts" in text_table(result)
+    t = account_given_up([1.0, 2.0, 3.0], 10.0, 1000.0)
+    assert (t.under, t.failures, t.tasks, t.given_up, t.used) == (6000.0, 3, 1, 1, 0.0)
+    with pytest.raises(ValueError):
+        account_given_up([1.0, 20.0], 10.0, 1.0)
+
+
 def test_sizers_never_see_the_peak_before_it_fits():
     seen = []
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .harness import WorkflowResult
+from .harness import MAX_ATTEMPTS, WorkflowResult
 
 OURS = "raysched"
 FLOOR = "oracle"
@@ -86,6 +86,7 @@ def text_table(result: WorkflowResult) -> str:
         lines.append(
             f"  {name:<16}{t.wastage_gbh:>13.2f}{t.failures:>10d}{t.tasks:>8d}{100 * t.failure_rate:>7.1f}%"
             f"{t.maq:>7.3f}{t.seconds:>9.2f}"
+            + (f"  ({t.given_up} job(s) given up after {MAX_ATTEMPTS} attempts)" if t.given_up else "")
         )
     bo = best_other(result)
     for ours in [m for m in result.methods if m.startswith(OURS)]:
