@@ -465,8 +465,16 @@ def flush(timeout_s: float) -> bool:
     config = get_config()
     try:
         profiler = ray.get_actor(profiler_name(config), namespace=NAMESPACE)
-    except Exception:  # noqa: BLE001 - no profiler: workers write their rows to the store themselves
-        return False
+    except Exception:  # noqa: BLE001 - no profiler: ended for good (``ray.kill``'s default no_restart)
+        # Started again, as the next call would: workers send it the rows they hold, and
+        # it tells which are stored (with none, the wait before ray.shutdown() ended at
+        # once, and the rows of calls that ended in the last flush interval died with
+        # their workers: a helper's audit lost 1-8 of 500).
+        try:
+            profiler = get_or_create_profiler(config)
+        except Exception as exc:  # noqa: BLE001 - cannot make one: nothing to wait on
+            logger.debug("raysched: no profiler to wait on (%s)", exc)
+            return False
     return _await_rows(profiler, calls, timeout_s, give_up_when_quiet_after=rows_sent_within_s(config))
 
 
