@@ -128,10 +128,18 @@ def config(knob: str | None) -> None:
 
 
 def _home(given: Path | None) -> Path:
-    """The home named by ``--home``, else the configured one ($RAYSCHED_HOME or ./.raysched)."""
+    """The home named by ``--home``, else the configured one ($RAYSCHED_HOME or ./.raysched).
+    A home that is a file (or lies under one) is refused here, as the Python API refuses it:
+    it is not a home without a store yet."""
     from . import get_config
 
-    return given.expanduser().resolve() if given is not None else get_config().home_path
+    home = given.expanduser().resolve() if given is not None else get_config().home_path
+    for place in (home, *home.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise click.ClickException(f"the raysched home {home} cannot be used: {place} is a file, not a folder")
+            break
+    return home
 
 
 def _no_store(home, given: bool = False) -> str:

@@ -63,10 +63,21 @@ def test_eval_refuses_bad_options_and_unwritable_outputs_before_it_replays(tmp_p
     for extra, says in [(["--seed", "-1"], "--seed"), (["--methods", ","], "at least one method"),
                         (["--json", str(tmp_path / "file" / "r.json")], "is a file, not a folder"),
                         (["--plot", "/proc/no/r.png"], "cannot write /proc/no/r.png"),
+                        # a traceback after the whole replay, before (a helper's audit)
+                        (["--plot", str(tmp_path / "r.xyz")], "cannot write a plot as .xyz"),
                         (["--markdown", str(tmp_path)], "directory")]:
         res = CliRunner().invoke(commands.eval_command, [trace, *extra])
         assert res.exit_code == 2 and says in res.output, (extra, res.output)
     assert not replayed and not list(tmp_path.glob("r.*"))
+
+
+def test_eval_plot_without_an_extension_says_the_file_it_wrote(tmp_path):
+    """``--plot out`` wrote ``out.png`` (matplotlib's default) and said ``wrote out``."""
+    out = tmp_path / "wastage"
+    res = CliRunner().invoke(eval_command, [str(FIXTURES / "lotaru_small.csv"), "--methods", "presets,oracle",
+                                   "--plot", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "wastage.png").exists() and f"wrote {out}.png" in res.output
 
 
 def test_eval_of_a_trace_with_nothing_to_replay_says_so_and_fails(tmp_path):
@@ -232,6 +243,17 @@ def test_profiles_command_reads_without_creating_a_home_and_refuses_a_bad_limit(
     assert not (tmp_path / "nowhere").exists()
     res = CliRunner().invoke(main, ["profiles", "--limit", "-1"])
     assert res.exit_code == 2 and "--limit" in res.output
+    # A home that is a file (or under one) is an error, as from the Python API; it said
+    # "no profiles yet: no store at ..." and exited 0.
+    (tmp_path / "a_file").write_text("")
+    for command in (["profiles"], ["compact"]):
+        for home in (tmp_path / "a_file", tmp_path / "a_file" / "home"):
+            monkeypatch.setenv("RAYSCHED_HOME", str(home))
+            monkeypatch.setattr(session, "_config", None)
+            res = CliRunner().invoke(main, command)
+            assert res.exit_code == 1 and "is a file, not a folder" in res.output, (command, home, res.output)
+        res = CliRunner().invoke(main, [*command, "--home", str(tmp_path / "a_file" / "home")])
+        assert res.exit_code == 1 and "is a file, not a folder" in res.output, (command, res.output)
     # A home whose profiles folder is a file says so, not "no profiles yet".
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "profiles").write_text("x")

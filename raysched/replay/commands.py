@@ -120,7 +120,7 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
     """
     from ..config import RayschedConfig
     from .harness import replay_trace
-    from .results import goal_summary, markdown_table, plot, text_table, write_json
+    from .results import goal_summary, markdown_table, plot, plot_target, text_table, write_json
 
     names = _parse_methods(methods)
     files = expand_paths(paths)
@@ -130,6 +130,11 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
         config = RayschedConfig.from_env(**parse_config_overrides(overrides))
     except (TypeError, ValueError) as exc:  # the config's own validation
         raise click.BadParameter(str(exc), param_hint="--set") from None
+    if plot_path is not None:
+        try:
+            plot_path = plot_target(plot_path)  # a format matplotlib writes, and the file it will be
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--plot") from None
     for option, out in (("--json", json_path), ("--plot", plot_path), ("--markdown", md_path)):
         if out is not None:
             _check_writable(out, option)  # before the replay, which can take a minute
@@ -168,7 +173,7 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
             if plot_path:
                 plot(results, plot_path)
                 click.echo(f"wrote {plot_path}")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise click.ClickException(f"cannot write the results: {exc}") from None
     if results and not replayed and not unreadable:
         raise click.ClickException(

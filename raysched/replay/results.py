@@ -154,6 +154,28 @@ def markdown_table(results: Sequence[WorkflowResult], methods: Iterable[str]) ->
     return "\n".join(lines)
 
 
+def plot_target(path: str | Path) -> Path:
+    """Where ``plot`` writes for ``path``: ``path`` itself, or with ``.png`` added when it
+    has no extension (as matplotlib does). A ValueError, before any replay, for an
+    extension matplotlib cannot write or a matplotlib that does not import."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ValueError(f"a plot needs matplotlib, which does not import here ({exc})") from None
+    target = Path(path)
+    extension = target.suffix.lstrip(".").lower()
+    if not extension:
+        return target.with_name(target.name + ".png")
+    supported = Figure().canvas.get_supported_filetypes()
+    if extension not in supported:
+        raise ValueError(f"cannot write a plot as .{extension}; matplotlib writes "
+                         + ", ".join("." + k for k in sorted(supported)))
+    return target
+
+
 def plot(results: Sequence[WorkflowResult], path: str | Path) -> None:
     """A PNG: wastage per method (bars) per workflow, log scale."""
     import matplotlib
