@@ -282,6 +282,10 @@ def _own_fd(name: str, flags: int) -> int | None:
         return fd
 
 
+#: Shared pages leaving between two readings below this are noise (a few library pages
+#: reclaimed): not worth a restart of the mark, at most this much in a figure.
+_SHARED_DROP_BYTES = 1 << 20
+
 #: Bytes this process's meters read from /proc (``rchar`` counts them as the task's): each
 #: meter takes what was read during its attempt off ``read_chars``. A plain int added to
 #: without a lock: a rare lost update under threads costs a few hundred bytes of accuracy.
@@ -879,7 +883,7 @@ class AttemptMeter:
                 # Fewer shared pages than at the last reading (a file unmapped, store pages
                 # evicted): the mark may hold pages that are gone, so the most seen since
                 # then is taken off, and the mark restarts from now, exact again after it.
-                dropped = rss is not None and shared < self._last_shared
+                dropped = rss is not None and shared < self._last_shared - _SHARED_DROP_BYTES
                 self._peak_self = max(self._peak_self, hwm - max(shared, self._last_shared if dropped else 0))
                 if dropped and not final:
                     self._restart_mark(hwm - self._last_shared)
