@@ -478,6 +478,20 @@ def test_a_leaky_actor_ends_at_its_hard_cap_and_its_handle_says_why(ray_session)
     assert "stop_limit" in set(raysched.events(Leaky)["action"])
 
 
+def test_a_leaky_actor_with_restarts_is_not_restarted_into_its_own_stop(ray_session):
+    """With ``max_restarts=2``, Ray restarted the actor stopped at its cap; each restart met the
+    same standing stop, recorded another ``limit_stopped`` row (~65 MiB, nothing leaked) and
+    killed itself, until the restarts ran out (a helper's audit)."""
+    handle = Leaky.options(max_restarts=2).remote()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.leak.remote(20, 200), timeout=60)
+    assert wait_for(lambda: _fails_with_limit(handle), timeout=30)
+    time.sleep(4 * raysched.get_config().live_interval_s + 2)  # a restart would have met the stop by now
+    rows = raysched.profiles(Leaky)
+    stopped = rows[(rows["call_id"] == handle._raysched_actor_id) & (rows["outcome"] == "limit_stopped")]
+    assert len(stopped) == 1 and stopped["peak_rss_bytes"].iloc[0] >= CAP, stopped[["attempt", "peak_rss_bytes"]]
+
+
 def _fails_with_limit(handle) -> bool:
     try:
         handle.leak.remote(1, 1)

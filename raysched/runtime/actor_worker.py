@@ -42,6 +42,9 @@ class _Incarnation:
         self._meter = AttemptMeter()
         self._started = time.time()
         self._meter.start()
+        #: Ray restarted this process (the caller's max_restarts) after its predecessor died: a
+        #: stop the monitor decided for that one is not this one's to record again.
+        self._restarted = _was_restarted()
         self._sampler = get_live_sampler(spec.config.live_interval_s)
         self._sampler.register(spec.live_key, self._meter, self._on_sample)
         # No atexit hook: Ray kills an exiting actor's process within ~100 ms, before a row
@@ -58,11 +61,20 @@ class _Incarnation:
         if decision is not None and decision.action == STOP_LIMIT:
             # A runaway: record what it reached, and end the process now, before the node's
             # OOM killer picks a victim. The handle fails later calls with ResourceLimitExceeded.
+            # Ray must not restart it (max_restarts): a restart would meet the same standing
+            # stop, and record it and die again until its restarts ran out (a helper's audit).
+            if self._restarted:  # the stop was its predecessor's, whose row says it
+                with self._lock:
+                    self._finished = True
+                self._sampler.unregister(self.spec.live_key)
+                _end_without_restart()
+                return
             logger.warning("raysched: actor %s over its hard limit (%s); stopping it", self.spec.function,
                            decision.detail)
             self.finish(Outcome.LIMIT_STOPPED, f"stopped by raysched's monitor ({decision.rule}): {decision.detail}",
                         wait_s=5.0)
             end_child_processes(self._started, grace_s=0.0)  # they would outlive it, holding their memory
+            _end_without_restart()  # the row is in; if the kill below outruns it, the restart ends itself
             os.kill(os.getpid(), signal.SIGKILL)
 
     def finish(self, outcome: Outcome, reason: str = "", wait_s: float = 0.0) -> Usage | None:
@@ -78,6 +90,26 @@ class _Incarnation:
                              reason if outcome is not Outcome.OK else "", _node_id(), os.getpid()))
         sink.flush(wait_s=wait_s)
         return usage
+
+
+def _was_restarted() -> bool:
+    """Whether Ray restarted this actor's process (``max_restarts``) rather than created it."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - outside an actor (tests), or Ray's API moved
+        return False
+
+
+def _end_without_restart() -> None:
+    """Ask Ray to end this actor for good (no restart), whatever its ``max_restarts``."""
+    try:
+        import ray
+
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+    except Exception as exc:  # noqa: BLE001 - the SIGKILL that follows still ends it
+        logger.debug("raysched: could not end this actor without restart: %s", exc)
 
 
 def make_actor_class(cls: type, config: RayschedConfig) -> type:
