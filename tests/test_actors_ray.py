@@ -246,6 +246,41 @@ def test_an_actor_that_runs_calls_at_once_and_hands_over_state_is_not_replaced(r
         ray.get(handle.raysched.terminate(), timeout=60)
 
 
+class _Worker:
+    def __init__(self):
+        self.held = []
+
+    def work(self, wait_s: float, mib: int) -> int:
+        time.sleep(wait_s)
+        self.held.append(np.ones(mib * MiB // 8))
+        return mib
+
+
+@adaptive_remote(memory=200 * MiB, max_concurrency=2)
+class ThreadedWorker(_Worker):
+    pass
+
+
+@adaptive_remote(memory=200 * MiB)
+class AsyncWorker(_Worker):
+    async def ping(self) -> str:
+        return "pong"
+
+
+def test_the_row_of_an_actor_that_runs_calls_at_once_waits_for_the_calls_sent_before_its_end(ray_session):
+    """``terminate()`` right after a call: a threaded or async actor recorded its row beside the
+    call, not after it (62 MiB and 0 s for a call that held 600 MiB for 1.4 s; a helper's audit).
+    Its end still comes after the row."""
+    for cls in (ThreadedWorker, AsyncWorker):
+        handle = cls.remote()
+        call = handle.work.remote(1.0, 300)
+        usage = ray.get(handle.raysched.terminate(), timeout=60)
+        assert ray.get(call, timeout=60) == 300
+        assert usage.wall_seconds >= 1.0 and usage.task_rss_bytes >= 280 * MiB, (cls.name, usage)
+        rows = raysched.profiles(cls)
+        assert len(rows) == 1 and rows["peak_rss_bytes"].iloc[0] >= 280 * MiB, rows.T
+
+
 def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
     base = raysched.get_config()
     raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # idle: a rescale decision

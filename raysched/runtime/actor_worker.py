@@ -112,6 +112,24 @@ def _end_without_restart() -> None:
         logger.debug("raysched: could not end this actor without restart: %s", exc)
 
 
+def _is_async(cls: type) -> bool:
+    """Whether Ray runs ``cls`` as an async actor (it has a coroutine method)."""
+    import inspect
+
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+               for _, f in inspect.getmembers(cls, inspect.isfunction))
+
+
+def _finish_after(incarnation: _Incarnation, outcome: str, reason: str, calls: list | None) -> Usage | None:
+    """Record the incarnation's row once every ref in ``calls[0]`` exists (not fetched)."""
+    refs = list(calls[0]) if calls else []
+    if refs:
+        import ray
+
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    return incarnation.finish(Outcome(outcome), reason, wait_s=5.0)
+
+
 def make_actor_class(cls: type, config: RayschedConfig) -> type:
     """``cls`` with raysched's measuring ``__init__`` and the methods its handle calls."""
 
@@ -134,8 +152,24 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
             if restore is not None:
                 restore(state)
 
-        def _raysched_finish(self, outcome: str, reason: str = "") -> Usage | None:
-            return self._raysched_incarnation.finish(Outcome(outcome), reason, wait_s=5.0)
+        def _raysched_finish(self, outcome: str, reason: str = "", calls: list | None = None) -> Usage | None:
+            # ``calls``: [refs of the calls the handle sent before this one and that had not
+            # ended] (nested: Ray passes them unresolved). An actor that runs calls at once
+            # runs this one beside them: its row must wait for them, or it recorded none of
+            # their use (a helper's audit: 62 MiB and 0 s of CPU for a 600 MiB, 1.4 s call).
+            return _finish_after(self._raysched_incarnation, outcome, reason, calls)
+
+    if _is_async(cls):
+        # In an async actor a plain method runs on the event loop: waiting there would stop
+        # the very calls it waits for. This one waits, and records, in a thread.
+        async def _raysched_finish_async(self, outcome: str, reason: str = "", calls: list | None = None) -> Any:
+            import asyncio
+
+            return await asyncio.get_running_loop().run_in_executor(
+                None, _finish_after, self._raysched_incarnation, outcome, reason, calls)
+
+        _raysched_finish_async.__name__ = _raysched_finish_async.__qualname__ = "_raysched_finish"
+        AdaptiveActor._raysched_finish = _raysched_finish_async
 
     for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
         setattr(AdaptiveActor, attr, getattr(cls, attr, None))

@@ -62,7 +62,7 @@ from ..errors import InvalidInput
 from ..policy.rules import ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, RESCALE, STOP_LIMIT, WARN, Decision
 from ..types import Allocation, Outcome
 from .client import note_submitted
-from .actor_worker import RESTORE_HOOK, SAVE_HOOK, actor_options, make_actor_class
+from .actor_worker import RESTORE_HOOK, SAVE_HOOK, _is_async, actor_options, make_actor_class
 from .decorator import _Adaptive
 from .options import ACTOR_DEFINITION_OPTIONS, definition_options, eligible_cluster, ray_remote
 from .session import NAMESPACE, monitor_name, session_token
@@ -129,8 +129,7 @@ class AdaptiveActorClass(_Adaptive):
         #: Whether a rescale hands the old actor's state to the new one (the two hooks).
         self.hands_over_state = has_save
         #: Whether Ray runs its calls as coroutines on one event loop (an async actor).
-        self.is_async = any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
-                            for _, f in inspect.getmembers(cls, inspect.isfunction))
+        self.is_async = _is_async(cls)
         self._ray_class: Any = None
         self._ray_class_config: Any = None
 
@@ -326,6 +325,9 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         #: outlive it, so dropping it does not end the actor's measurement (``__del__``).
         self._passed = False
         self._spec = spec
+        #: The calls sent to an actor that runs calls at once and not ended yet (None: it runs
+        #: one at a time, in order, and its row's recording comes after them by itself).
+        self._in_flight = _InFlight() if _concurrency(actor_class, spec.ray_options) else None
         self._actor = self._start(spec)
         self._stopped: BaseException | None = None
         self._id_read_at = float("-inf")  # when Ray (ray.kill) last read the current actor's id
@@ -371,7 +373,7 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         # calls already sent to an actor before it ends one whose handles are all gone.
         try:
             if self._stopped is None and not self._outlives_handle() and ray.is_initialized():
-                self._actor._raysched_finish.remote(Outcome.OK.value)
+                self._actor._raysched_finish.remote(Outcome.OK.value, "", self._calls_before())
         except Exception:  # noqa: BLE001 - a driver shutting down: the row is lost, nothing else
             pass
 
@@ -425,11 +427,20 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 # Ray's graceful exit, asked through this handle: the actor records its row first
                 # (after its exit Ray gives it no time to), and no rescale brings it back.
                 _watcher().unwatch(self)
-                self._actor._raysched_finish.remote(Outcome.OK.value, "terminated by __ray_terminate__")
+                self._actor._raysched_finish.remote(Outcome.OK.value, "terminated by __ray_terminate__",
+                                                    self._calls_before())
             method = getattr(self._actor, name)
             if ray_options:
                 method = method.options(**ray_options)
-            return method.remote(*args, **kwargs)
+            result = method.remote(*args, **kwargs)
+            if self._in_flight is not None:
+                self._in_flight.add(result)
+            return result
+
+    def _calls_before(self) -> list:
+        """For ``_raysched_finish``: [the refs of the calls still running on an actor that runs
+        calls at once] (nested in a list: Ray hands them over unresolved)."""
+        return [self._in_flight.pending()] if self._in_flight is not None else []
 
     def _terminate(self) -> Any:
         with self._lock:
@@ -438,7 +449,7 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 return None
             self._stopped = InvalidInput(f"actor {self._class.name} ({self._spec.call_id}) was terminated")
             actor = self._actor
-            ref = actor._raysched_finish.remote(Outcome.OK.value, "terminated by its handle")
+            ref = actor._raysched_finish.remote(Outcome.OK.value, "terminated by its handle", self._calls_before())
             if _concurrency(self._class, self._spec.ray_options):
                 # Its calls run at once: sent now, the end could overtake the row's recording
                 # (whose ref then failed with ActorDiedError). End it once the row is in.
@@ -538,8 +549,14 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             new_actor._raysched_restore.remote(state)  # before every call sent from now on
             self._actor, self._spec = new_actor, new_spec
             # Its row is an ordinary "ok" one (outcomes are a fixed set); the rescale is an event.
-            finished = old_actor._raysched_finish.remote(Outcome.OK.value)
-            old_actor.__ray_terminate__.remote()
+            finished = old_actor._raysched_finish.remote(Outcome.OK.value, "", self._calls_before())
+            if self._in_flight is not None:
+                # Its calls run at once: ended now, it could end before its row is recorded.
+                self._in_flight = _InFlight()  # the successor's calls from here on
+                threading.Thread(target=_end_after, args=(old_actor, finished), name="raysched-actor-end",
+                                 daemon=True).start()
+            else:
+                old_actor.__ray_terminate__.remote()
             self._draining[old_spec.live_key] = (old_spec, finished, None)
             done = Rescale(new_spec.attempt, old_spec.allocation, target, decision, time.time())
             self._rescales.append(done)
@@ -579,7 +596,56 @@ def _concurrency(actor_class: AdaptiveActorClass, ray_options: Any) -> str:
     return ""
 
 
-def _end_after(actor: Any, ref: Any, timeout_s: float = 60.0) -> None:
+#: Whether this Ray calls back when an object exists without fetching it (2.60; not 2.40).
+_ON_READY = callable(getattr(ray.ObjectRef, "_on_ready", None))
+
+
+class _InFlight:
+    """The calls a handle sent to an actor that runs calls at once, until each has ended: the
+    actor's row waits for them (``_raysched_finish``). A ref is held only until it exists
+    (Ray drops the callback of a ref nobody holds); without ``_on_ready`` (Ray 2.40) the ones
+    that ended are found by ``ray.wait`` when there are many, and when they are asked for."""
+
+    _PRUNE_AT = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs: dict[int, Any] = {}
+        self._next = 0
+
+    def add(self, result: Any) -> None:
+        ref = result[0] if isinstance(result, list) and result else result
+        if not isinstance(ref, ray.ObjectRef):
+            return  # num_returns=0, or a generator: nothing to wait on
+        with self._lock:
+            self._next += 1
+            key = self._next
+            self._refs[key] = ref
+            prune = not _ON_READY and len(self._refs) > self._PRUNE_AT
+        if _ON_READY:
+            ref._on_ready(lambda _exc, key=key: self._ended(key))  # outside the lock: it may run at once
+        elif prune:
+            self.pending()
+
+    def _ended(self, key: int) -> None:  # on a Ray thread: quick
+        with self._lock:
+            self._refs.pop(key, None)
+
+    def pending(self) -> list:
+        with self._lock:
+            items = list(self._refs.items())
+        if items and not _ON_READY:
+            done, _ = ray.wait([r for _, r in items], num_returns=len(items), timeout=0, fetch_local=False)
+            ended = {id(r) for r in done}
+            with self._lock:
+                for key, ref in items:
+                    if id(ref) in ended:
+                        self._refs.pop(key, None)
+            items = [(k, r) for k, r in items if id(r) not in ended]
+        return [r for _, r in items]
+
+
+def _end_after(actor: Any, ref: Any, timeout_s: float | None = None) -> None:
     """End ``actor`` once ``ref`` (its row's recording) has resolved, or after ``timeout_s``."""
     try:
         ray.wait([ref], timeout=timeout_s)
