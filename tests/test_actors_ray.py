@@ -173,6 +173,49 @@ def test_an_actor_that_outgrows_its_allocation_is_rescaled_and_keeps_its_state(r
     assert {"rescale"} <= set(events["action"]) and "actor_rescaled" in set(events["rule"])
 
 
+@adaptive_remote(memory=200 * MiB)
+class SaveFails(Grower._cls):
+    def raysched_save_state(self):
+        raise RuntimeError("cannot pickle the connection")
+
+
+@adaptive_remote(memory=200 * MiB)
+class RestoreFails(Grower._cls):
+    def raysched_restore_state(self, state):
+        raise RuntimeError("bad state")
+
+
+def test_a_state_hand_over_that_fails_ends_the_new_incarnation_and_says_why(ray_session):
+    """A save or restore hook that raised left the new incarnation serving calls on the
+    state its __init__ built: `add` after three adds returned 1, and nothing said the state
+    was lost (a helper's audit)."""
+    from raysched.errors import RayschedError
+
+    for cls, cause, says in ((SaveFails, "cannot pickle the connection", "cannot pickle the connection"),
+                             (RestoreFails, "bad state", "restore hook raised")):
+        handle = cls.remote()
+        assert [ray.get(handle.add.remote(i), timeout=60) for i in range(3)] == [1, 2, 3]
+        grown = Decision("memory_over_allocation", RESCALE, cls.name, handle.raysched.actor_id, 1,
+                         measured=600 * MiB, allocated=200 * MiB, detail="grown")
+        assert handle._apply(grown) is not None and handle.raysched.incarnation == 2
+
+        def refused() -> bool:
+            try:
+                ray.get(handle.add.remote(3), timeout=60)
+            except RayschedError as exc:  # raised by the handle once it knows
+                return "could not be handed over" in str(exc) and says in str(exc)
+            except ray.exceptions.RayActorError:
+                return False  # the ended incarnation, before the handle knows
+            raise AssertionError("a call was served without its state")
+
+        assert wait_for(refused, timeout=60)
+        events = raysched.events(cls)
+        assert "actor_state_lost" in set(events["rule"]), events.T
+        assert wait_for(lambda: "error" in set(raysched.profiles(cls)["outcome"]), timeout=30)
+        row = raysched.profiles(cls).set_index("attempt").loc[2]
+        assert row["outcome"] == "error" and cause in row["error"]
+
+
 @adaptive_remote(num_cpus=2, memory=200 * MiB, rescalable=True)
 class Idler:
     def pid(self) -> int:

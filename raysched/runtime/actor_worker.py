@@ -148,9 +148,28 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
             return save() if save is not None else None
 
         def _raysched_restore(self, state: Any) -> None:
-            restore = getattr(self, RESTORE_HOOK, None)
-            if restore is not None:
-                restore(state)
+            # ``state``: [the ref of the predecessor's saved state] (nested: resolved here, so
+            # that a save that raised reaches this method instead of failing it unseen).
+            try:
+                if isinstance(state, list) and len(state) == 1:
+                    import ray
+
+                    state = ray.get(state[0]) if isinstance(state[0], ray.ObjectRef) else state[0]
+                restore = getattr(self, RESTORE_HOOK, None)
+                if restore is not None:
+                    restore(state)
+            except Exception as exc:
+                # Serving calls on the state __init__ built would lose the predecessor's without
+                # a word (a helper's audit): this incarnation records why and ends, no restart;
+                # the calls sent to it fail, and its handle says why. A predecessor that died
+                # first (stopped at its hard cap, say) cancels it; a hook that raised is an error.
+                import ray
+
+                died = isinstance(exc, ray.exceptions.RayActorError)
+                self._raysched_incarnation.finish(
+                    Outcome.CANCELLED if died else Outcome.ERROR,
+                    f"its predecessor's state could not be handed over: {type(exc).__name__}: {exc}", wait_s=5.0)
+                ray.actor.exit_actor()
 
         def _raysched_finish(self, outcome: str, reason: str = "", calls: list | None = None) -> Usage | None:
             # ``calls``: [refs of the calls the handle sent before this one and that had not

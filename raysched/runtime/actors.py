@@ -58,8 +58,8 @@ from typing import Any, Mapping
 import ray
 
 from ..config import RayschedConfig
-from ..errors import InvalidInput
-from ..policy.rules import ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, RESCALE, STOP_LIMIT, WARN, Decision
+from ..errors import InvalidInput, RayschedError
+from ..policy.rules import ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, ACTOR_STATE_LOST, RESCALE, STOP_LIMIT, WARN, Decision
 from ..types import Allocation, Outcome
 from .client import note_submitted
 from .actor_worker import RESTORE_HOOK, SAVE_HOOK, _is_async, actor_options, make_actor_class
@@ -336,6 +336,9 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         #: (their spec, the ref of their final row). Their hard cap still applies.
         self._draining: dict[str, tuple[AttemptSpec, Any, float | None]] = {}
         self._rescales: list[Rescale] = []
+        #: The last rescale's state hand-over (the refs of its restore and of the saved state,
+        #: the new incarnation's spec) until it is known to have worked.
+        self._restoring: tuple[Any, Any, AttemptSpec] | None = None
         _watcher().watch(self)
 
     def _start(self, spec: AttemptSpec) -> Any:
@@ -463,6 +466,8 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
         """The monitor's keys of this actor's incarnations still running: the current one, and
         replaced ones still working through their queue (or dead, until the monitor says why)."""
         with self._lock:
+            if self._restoring is not None:
+                self._check_restored()
             if self._draining:
                 refs = [entry[1] for entry in self._draining.values() if entry[2] is None]
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
@@ -480,6 +485,33 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                                        spec.function, spec.attempt)
                         del self._draining[key]
             return [self._spec.live_key, *self._draining]
+
+    def _check_restored(self) -> None:
+        """Whether the last rescale's state reached the new incarnation; if its save or restore
+        raised, the incarnation ended (``_raysched_restore``): later calls fail saying why."""
+        restored, state, spec = self._restoring
+        done, _ = ray.wait([restored], timeout=0, fetch_local=False)
+        if not done:
+            return
+        self._restoring = None
+        try:
+            ray.get(restored, timeout=0)
+            return
+        except Exception:  # noqa: BLE001 - the save or the restore raised (the incarnation ended), or it died
+            pass
+        try:
+            ray.get(state, timeout=0)  # the save's own error says the most
+            cause = "its restore hook raised, or it died (its row in raysched.profiles says which)"
+        except Exception as exc:  # noqa: BLE001
+            cause = f"its predecessor's save hook raised: {exc}"
+        if self._stopped is None and spec.attempt == self._spec.attempt:
+            self._stopped = RayschedError(
+                f"actor {self._class.name} ({spec.call_id}): its state could not be handed over to its incarnation "
+                f"{spec.attempt} at a rescale, which therefore ended (calls sent to it fail): {cause}")
+            _watcher().unwatch(self)
+            logger.warning("raysched: %s", self._stopped)
+            self._note(Decision(ACTOR_STATE_LOST, WARN, spec.function, spec.call_id, spec.attempt,
+                                detail=str(self._stopped)[:2000], code_hash=spec.code_hash, timestamp=time.time()))
 
     def _apply(self, decision: Decision) -> Rescale | None:
         """Act on the monitor's decision for one of this actor's incarnations (the watcher's thread)."""
@@ -546,7 +578,9 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 self._skip(decision, f"creating its successor failed: {type(exc).__name__}: {exc}", warn=True)
                 return None
             state = old_actor._raysched_save.remote()  # after every call already sent to it
-            new_actor._raysched_restore.remote(state)  # before every call sent from now on
+            restored = new_actor._raysched_restore.remote([state])  # before every call sent from now on
+            if self._class.hands_over_state:
+                self._restoring = (restored, state, new_spec)  # checked by the watcher (_watch_keys)
             self._actor, self._spec = new_actor, new_spec
             # Its row is an ordinary "ok" one (outcomes are a fixed set); the rescale is an event.
             finished = old_actor._raysched_finish.remote(Outcome.OK.value, "", self._calls_before())
