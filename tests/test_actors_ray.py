@@ -209,8 +209,9 @@ def test_a_state_hand_over_that_fails_ends_the_new_incarnation_and_says_why(ray_
             raise AssertionError("a call was served without its state")
 
         assert wait_for(refused, timeout=60)
-        events = raysched.events(cls)
-        assert "actor_state_lost" in set(events["rule"]), events.T
+        # The event goes to the monitor fire-and-forget: stored a moment later.
+        assert wait_for(lambda: "actor_state_lost" in set(raysched.events(cls).get("rule", [])), timeout=30), \
+            raysched.events(cls).T
         assert wait_for(lambda: "error" in set(raysched.profiles(cls)["outcome"]), timeout=30)
         row = raysched.profiles(cls).set_index("attempt").loc[2]
         assert row["outcome"] == "error" and cause in row["error"]

@@ -150,11 +150,10 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
         def _raysched_restore(self, state: Any) -> None:
             # ``state``: [the ref of the predecessor's saved state] (nested: resolved here, so
             # that a save that raised reaches this method instead of failing it unseen).
-            try:
-                if isinstance(state, list) and len(state) == 1:
-                    import ray
+            import ray
 
-                    state = ray.get(state[0]) if isinstance(state[0], ray.ObjectRef) else state[0]
+            try:
+                state = ray.get(state[0])
                 restore = getattr(self, RESTORE_HOOK, None)
                 if restore is not None:
                     restore(state)
@@ -163,8 +162,6 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
                 # a word (a helper's audit): this incarnation records why and ends, no restart;
                 # the calls sent to it fail, and its handle says why. A predecessor that died
                 # first (stopped at its hard cap, say) cancels it; a hook that raised is an error.
-                import ray
-
                 died = isinstance(exc, ray.exceptions.RayActorError)
                 self._raysched_incarnation.finish(
                     Outcome.CANCELLED if died else Outcome.ERROR,

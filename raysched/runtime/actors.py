@@ -63,7 +63,7 @@ from ..policy.rules import ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, ACTOR_STATE_LO
 from ..types import Allocation, Outcome
 from .client import note_submitted
 from .actor_worker import RESTORE_HOOK, SAVE_HOOK, _is_async, actor_options, make_actor_class
-from .decorator import _Adaptive
+from .decorator import _WATCH_ENDS as _ON_READY, _Adaptive
 from .options import ACTOR_DEFINITION_OPTIONS, definition_options, eligible_cluster, ray_remote
 from .session import NAMESPACE, monitor_name, session_token
 from .spec import AttemptSpec, encode_spec
@@ -628,10 +628,6 @@ def _concurrency(actor_class: AdaptiveActorClass, ray_options: Any) -> str:
     if options.get("concurrency_groups"):
         return "an actor with concurrency groups runs calls at once"
     return ""
-
-
-#: Whether this Ray calls back when an object exists without fetching it (2.60; not 2.40).
-_ON_READY = callable(getattr(ray.ObjectRef, "_on_ready", None))
 
 
 class _InFlight:
