@@ -453,7 +453,7 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             self._stopped = InvalidInput(f"actor {self._class.name} ({self._spec.call_id}) was terminated")
             actor = self._actor
             ref = actor._raysched_finish.remote(Outcome.OK.value, "terminated by its handle", self._calls_before())
-            if _concurrency(self._class, self._spec.ray_options):
+            if self._in_flight is not None:
                 # Its calls run at once: sent now, the end could overtake the row's recording
                 # (whose ref then failed with ActorDiedError). End it once the row is in.
                 threading.Thread(target=_end_after, args=(actor, ref), name="raysched-actor-end", daemon=True).start()

@@ -657,6 +657,11 @@ class AttemptMeter:
         if value > self._peak_handed:
             self._peak_handed = value
 
+    def _other_meters(self) -> "list[AttemptMeter]":
+        """The other running meters of this process (threaded or async actors), whose peaks a
+        reset of the kernel's mark would hide. Called under ``_HWM_LOCK``."""
+        return [m for m in _HWM_METERS if m is not self and m.pid == self.pid and m._started]
+
     def _restart_mark(self, peak_so_far: int) -> None:
         """Restart the kernel's high-water mark mid-attempt (after shared pages left it),
         handing ``peak_so_far`` to the other meters of this process first, as ``start()``
@@ -665,7 +670,7 @@ class AttemptMeter:
             return
         try:
             with _HWM_LOCK:
-                for other in [m for m in _HWM_METERS if m is not self and m.pid == self.pid and m._started]:
+                for other in self._other_meters():
                     other._absorb_peak(peak_so_far)
                 _reset_hwm(self.pid)
             self._ru_maxrss0 = None  # getrusage's figure no longer provably the mark: read status
@@ -743,8 +748,7 @@ class AttemptMeter:
             try:
                 if _LINUX:
                     with _HWM_LOCK:
-                        others = ([m for m in _HWM_METERS if m is not self and m.pid == self.pid and m._started]
-                                  if _HWM_METERS else [])
+                        others = self._other_meters() if _HWM_METERS else []
                         # The high-water mark before the reset matters only to other
                         # meters running in this process (threaded actors); a plain
                         # task worker has none and skips the read.
