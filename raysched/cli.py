@@ -114,8 +114,13 @@ def config(knob: str | None) -> None:
     here = RayschedConfig.from_env()
     rows = [r for r in RayschedConfig.describe() if knob is None or r[1] == knob]
     if not rows:
-        close = [r[1] for r in RayschedConfig.describe() if knob in r[1]]
-        raise click.BadParameter(f"no knob {knob!r}" + (f"; knobs with that in their name: {', '.join(close)}"
+        import difflib
+
+        names = [r[1] for r in RayschedConfig.describe()]
+        # Knobs with the word in their name, then close spellings (as configure() suggests).
+        close = [name for name in names if knob in name]
+        close += [name for name in difflib.get_close_matches(knob, names, n=3) if name not in close]
+        raise click.BadParameter(f"no knob {knob!r}" + (f"; did you mean {', '.join(close)}?"
                                                         if close else ""), param_hint="KNOB")
     section = None
     for name_of_section, name, _default, meaning in rows:

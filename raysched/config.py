@@ -1,14 +1,16 @@
 """Every knob raysched has, in one frozen dataclass, built once and passed down.
 
-Nothing else reads the environment: ``RayschedConfig.from_env()`` is the one
-place, called once by the runtime (or replaced by the user's own instance via
-``raysched.configure``).  Pure: imports neither ray, mlflow nor pyarrow.
+No knob is read from the environment anywhere else: ``RayschedConfig.from_env()``
+is the one place, called once by the runtime (or replaced by the user's own
+instance via ``raysched.configure``).  (The runtime's own ``ray.init()`` for a driver
+that made none also reads ``RAYSCHED_LOG_TO_DRIVER``: a Ray option, not a knob.)  Pure: imports neither ray, mlflow nor pyarrow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -150,7 +152,9 @@ class RayschedConfig:
     cost_failure_overhead_s: float = 60.0
 
     # --- sizing: prediction -> Ray options -----------------------------------------
-    #: Margin on top of the upper bound for memory, as the VPA recommender's 15%.
+    #: Margin on top of the upper bound for memory, as the VPA recommender's 15%
+    #: (fallbacks, statistics and models; not a cost-aware estimate, whose upper bound
+    #: is already the allocation it chose: its margin is 0).
     memory_margin: float = 0.15
     #: The confidence multiplier for little history: the upper bound is scaled by
     #: (1 + confidence_scale / n_history) ** confidence_exponent.
@@ -170,7 +174,9 @@ class RayschedConfig:
     # --- failures: the escalation ladder -------------------------------------------
     #: Attempts per call, the first included, before raysched gives up.
     max_attempts: int = 4
-    #: Each rung grows the memory by at least this factor over the previous attempt.
+    #: Each rung grows the memory by at least this factor over the previous attempt
+    #: (the ladder of memory_cost_aware=False, and an actor's rescale; the cost-aware
+    #: ladder, the default for tasks, uses cost_ladder_min_growth).
     ladder_min_growth: float = 1.5
     #: A bigger next attempt that has not started this many seconds after a memory kill or
     #: a monitor stop (queued behind the labels of other waiting calls) is run in the
@@ -356,17 +362,23 @@ class RayschedConfig:
             problems.append(f"oversize_policy must be 'cap' or 'error', got {self.oversize_policy!r}")
         if not 0 < self.coverage < 1:
             problems.append("coverage must be between 0 and 1")
+        # Stored as tuples, whatever sequence came (a list from JSON or YAML): the config is
+        # hashed where the policy built from it is cached (policy.recipe), and compared.
+        object.__setattr__(self, "quantiles", tuple(float(q) for q in self.quantiles))
         if len(self.quantiles) < 3 or any(not 0 < q < 1 for q in self.quantiles):
             problems.append("quantiles must be at least three (lower, target, upper), strictly between 0 and 1")
         if list(self.quantiles) != sorted(set(self.quantiles)):
             problems.append("quantiles must be sorted and distinct")
+        if len(self.quantiles) % 2 == 0:
+            problems.append(f"quantiles must be an odd number of them: the middle one is the target, got "
+                            f"{self.quantiles!r}")
         if self.store_tidy_fanout == 1 or self.store_tidy_fanout < 0:
             problems.append("store_tidy_fanout must be 0 (never) or an integer of at least 2")
         if self.ladder_min_growth <= 1 or self.cost_ladder_min_growth <= 1:
             problems.append("ladder_min_growth and cost_ladder_min_growth must be above 1, or the ladder cannot "
                             "make progress")
-        if isinstance(self.memory_limits, Mapping):
-            object.__setattr__(self, "memory_limits", tuple(sorted((str(k), int(v)) for k, v in self.memory_limits.items())))
+        pairs = self.memory_limits.items() if isinstance(self.memory_limits, Mapping) else self.memory_limits
+        object.__setattr__(self, "memory_limits", tuple(sorted((str(k), int(v)) for k, v in pairs)))
         if any(int(v) <= 0 for _, v in self.memory_limits):
             problems.append("memory_limits must be positive")
         if self.monitor_memory_tolerance < 1:
@@ -387,6 +399,7 @@ class RayschedConfig:
             problems.append(f"admission_pipeline_s must be between 0 and 60 seconds, got {self.admission_pipeline_s!r}")
         if not 0 <= self.cost_extrapolation_quantile <= 1:
             problems.append("cost_extrapolation_quantile must be in [0, 1] (0: off)")
+        problems.extend(_combination_problems(self))
         if problems:
             raise InvalidInput("invalid RayschedConfig: " + "; ".join(problems))
 
@@ -448,13 +461,15 @@ def _is_int(v: object) -> bool:
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v  # not NaN
+    """A finite real number: infinity passed every range check below and then failed far from
+    its cause (an OverflowError in sizing, a NaN of cores)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 #: What an annotation of RayschedConfig asks of a value, how to say it, and the plain Python value kept.
 _TYPES = {
     "int": (_is_int, "an integer", int),
-    "float": (_is_number, "a number", float),
+    "float": (_is_number, "a finite number", float),
     "bool": (lambda v: isinstance(v, bool), "True or False", bool),
     "str": (lambda v: isinstance(v, str), "a string", str),
 }
@@ -488,6 +503,23 @@ def _type_problems(config: RayschedConfig) -> list[str]:
         bad = [limits]
     if bad:
         problems.append(f"memory_limits must map function names to bytes (integers), got {limits!r}")
+    return problems
+
+
+def _combination_problems(config: RayschedConfig) -> list[str]:
+    """Knobs each in range whose combination cannot work."""
+    problems = []
+    n = config.min_history_for_model
+    held = max(4, math.ceil(n * config.holdout_fraction))  # as policy.models.fit_resource_model holds out
+    if n - held < 1:
+        problems.append(f"min_history_for_model={n} with holdout_fraction={config.holdout_fraction} leaves no run "
+                        f"to train on ({held} are held out): use at least {held + 1} runs")
+    needs = {"min_history_for_stats": config.min_history_for_stats, "min_history_for_model": n,
+             "cost_min_history": config.cost_min_history}
+    short = [f"{name}={value}" for name, value in needs.items() if value > config.history_window]
+    if short:
+        problems.append(f"history_window={config.history_window} keeps fewer runs than {', '.join(short)} needs: "
+                        "that estimator would never be used")
     return problems
 
 

@@ -443,3 +443,25 @@ def test_configure_refuses_what_is_not_a_config_with_the_way_to_say_it():
         with pytest.raises(InvalidInput, match=r"RayschedConfig or keyword changes \(configure\(max_attempts=3\)\)"):
             raysched.configure(wrong)
     assert raysched.get_config() is before  # nothing changed
+
+
+def test_configure_warns_when_a_whole_config_leaves_the_home_the_environment_names(monkeypatch, tmp_path):
+    """An audit: with RAYSCHED_HOME set, ``configure(RayschedConfig(max_attempts=6))`` moved rows and
+    models to ./.raysched without a word (only ``RayschedConfig.from_env`` reads the variable)."""
+    import warnings
+
+    import raysched
+    from raysched.config import RayschedConfig
+
+    before = raysched.get_config()
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path / "named"))
+    try:
+        with pytest.warns(UserWarning, match=r"home is the default '.raysched', not RAYSCHED_HOME=.*from_env"):
+            raysched.configure(RayschedConfig(max_attempts=6))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # what the variable names, or a home of its own: no warning
+            assert raysched.configure(RayschedConfig.from_env(max_attempts=6)).home_path == tmp_path / "named"
+            raysched.configure(RayschedConfig(home=str(tmp_path / "other")))
+            raysched.configure(max_attempts=5)
+    finally:
+        raysched.configure(before)

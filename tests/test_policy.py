@@ -552,7 +552,16 @@ def test_config_errors_are_raysched_errors_and_a_path_is_a_home(tmp_path):
     ({"holdout_fraction": 1.5}, "holdout_fraction must be a fraction"),
     ({"quantiles": (0.5,)}, "quantiles must be at least three"),
     ({"memory_rounding_bytes": 1.5}, "memory_rounding_bytes must be an integer"),
-    ({"coverage": float("nan")}, "coverage must be a number"),
+    ({"coverage": float("nan")}, "coverage must be a finite number"),
+    # infinity passed every range check, then failed far from its cause (an audit):
+    ({"memory_margin": float("inf")}, "memory_margin must be a finite number"),  # was an OverflowError in sizing
+    ({"default_num_cpus": float("inf")}, "default_num_cpus must be a finite number"),  # was an AttributeError
+    ({"cpu_rounding": float("inf")}, "cpu_rounding must be a finite number"),  # was num_cpus=nan
+    ({"quantiles": (0.1, float("inf"), 0.9)}, "quantiles must be a sequence of numbers"),
+    # combinations that cannot work:
+    ({"quantiles": (0.1, 0.5, 0.9, 0.95)}, "quantiles must be an odd number"),  # p90 was taken as the target
+    ({"min_history_for_model": 4}, "leaves no run to train on"),  # was an XGBoostError in every training
+    ({"history_window": 20}, "history_window=20 keeps fewer runs than min_history_for_model=30"),  # never trained
 ])
 def test_config_names_a_bad_value_where_it_is_set(change, message):
     with pytest.raises(ValueError, match="invalid RayschedConfig: .*" + message):
@@ -567,6 +576,17 @@ def test_config_keeps_plain_numbers_of_any_numeric_type():
     assert type(config.default_memory_bytes) is int and config.default_memory_bytes == 3 * GiB // 2
     assert type(config.memory_limit_bytes) is int and type(config.default_num_cpus) is float
     assert config.memory_limits == (("f", GiB),)
+
+
+def test_config_keeps_sequences_as_tuples_so_the_policy_built_from_it_can_be_cached():
+    # Lists (as JSON or YAML give them) passed the checks, then the first .remote() failed
+    # with "unhashable type: 'list'" in the policy's cache (an audit).
+    from raysched.policy.recipe import build_ladder, build_predictor, build_sizer
+
+    config = RayschedConfig(quantiles=[0.1, 0.5, 0.9], memory_limits=[("mod.f", GiB), ("mod.g", 2 * GiB)])
+    assert config.quantiles == (0.1, 0.5, 0.9) and config.memory_limits == (("mod.f", GiB), ("mod.g", 2 * GiB))
+    assert hash(config) == hash(RayschedConfig(quantiles=(0.1, 0.5, 0.9), memory_limits={"mod.g": 2 * GiB, "mod.f": GiB}))
+    build_predictor(config), build_sizer(config), build_ladder(config)
 
 
 def test_home_comes_from_the_environment_only_in_from_env(monkeypatch, tmp_path):

@@ -449,6 +449,8 @@ def test_the_config_command_lists_every_knob_with_its_value_and_meaning(monkeypa
     assert "cost_failure_overhead_s = 60.0" in res.output and "# cold start" in res.output
     res = CliRunner().invoke(main, ["config", "overhead"])
     assert res.exit_code == 2 and "cost_failure_overhead_s" in res.output
+    res = CliRunner().invoke(main, ["config", "memory_margn"])  # a misspelling: configure() names it, so does this
+    assert res.exit_code == 2 and "did you mean memory_margin" in res.output
     assert "describe()" in RayschedConfig.__doc__
 
 

@@ -8,15 +8,18 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Mapping
 
 import ray
 
-from ..config import RayschedConfig
+from ..config import HOME_ENV, RayschedConfig
 from ..errors import InvalidInput
 from ..types import ClusterShape, NodeShape
 
 NAMESPACE = "raysched"
+#: The home a RayschedConfig built without one names (configure warns when the environment names another).
+_DEFAULT_HOME = RayschedConfig.home
 
 #: Base names of the service actors that belong to one raysched home (see ``service_name``).
 PROFILER_BASE = "raysched_profiler"
@@ -75,6 +78,14 @@ def configure(config: RayschedConfig | None = None, **changes: object) -> Raysch
         raise InvalidInput(f"configure() takes a RayschedConfig or keyword changes (configure(max_attempts=3)), "
                            f"not a {type(config).__name__}: {config!r}"[:300])
     base = config or get_config()
+    env_home = os.environ.get(HOME_ENV)
+    if config is not None and env_home and "home" not in changes and config.home == _DEFAULT_HOME \
+            and os.path.abspath(os.path.expanduser(env_home)) != os.path.abspath(_DEFAULT_HOME):
+        # A whole config built with RayschedConfig(...) has the default home, and only
+        # from_env reads the variable: rows and models would go where the user did not say.
+        warnings.warn(f"raysched.configure: this RayschedConfig's home is the default {_DEFAULT_HOME!r}, not "
+                      f"{HOME_ENV}={env_home!r}; build it with RayschedConfig.from_env(...) (or home=...) to use "
+                      "the variable", stacklevel=3)
     new = _absolute(base.replace(**changes) if changes else base)
     with _lock:
         _config = new
