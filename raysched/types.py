@@ -166,6 +166,9 @@ class Allocation:
     ``memory_set_by_caller``: the call's own ``.options(memory=...)``, which wins over
     raysched's sizes: the monitor does not stop it for outgrowing that figure (the
     next rung would overrule the caller), only for a hard cap or a node under pressure.
+    ``num_cpus_set_by_caller``: the call's own ``.options(num_cpus=...)``. Inside a
+    placement group, labels the caller set are left as they are (Ray refuses a request
+    that fits no bundle, as for plain Ray); raysched's own are cut to the bundle.
     """
 
     num_cpus: float
@@ -175,6 +178,7 @@ class Allocation:
     reason: str = ""
     memory_is_task_only: bool = False
     memory_set_by_caller: bool = False
+    num_cpus_set_by_caller: bool = False
 
     def ray_options(self) -> dict[str, float | int]:
         return {"num_cpus": self.num_cpus, "memory": int(self.memory_bytes)}

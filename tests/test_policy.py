@@ -397,7 +397,14 @@ def test_labels_in_a_placement_group_fit_its_bundle():
     assert fit_bundle(1.5, 1 * GiB, cpu_only, -1) == (1.5, 0)  # any bundle: the one that holds the most
     with_memory = [{"CPU": 1.0, "memory": 512 * MiB}, {"CPU": 1.0, "memory": 2 * GiB}]
     assert fit_bundle(0.5, 1 * GiB, with_memory, 0) == (0.5, 512 * MiB)
-    assert fit_bundle(0.5, 1 * GiB, with_memory, -1) == (0.5, 1 * GiB)  # fits bundle 1 as it is
+    # Any bundle: memory cut to the smallest bundle's (the group reserved it), so the call may
+    # go to any bundle; cores to the largest bundle's (oversubscribed cores slow the bundle).
+    assert fit_bundle(0.5, 1 * GiB, with_memory, -1) == (0.5, 512 * MiB)
+    # One bundle holding memory, one not: every call was labelled for the first bundle and ran
+    # there, one after another, while the second bundle's core idled (an audit).
+    mixed = [{"CPU": 1.0, "memory": 256 * MiB}, {"CPU": 1.0}]
+    assert fit_bundle(1.0, 1 * GiB, mixed, -1) == (1.0, 0)
+    assert fit_bundle(1.0, 1 * GiB, mixed, 0) == (1.0, 256 * MiB)
     assert fit_bundle(0.5, 1 * GiB, [], -1) == (0.5, 1 * GiB)
 
 

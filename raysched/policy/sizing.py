@@ -130,6 +130,8 @@ class Sizer:
         allocation = self.size_request(request, cluster, explicit, function, reason)
         if "memory" in explicit or prediction.memory.source == "fallback":
             allocation = replace(allocation, memory_is_task_only=True, memory_set_by_caller="memory" in explicit)
+        if "num_cpus" in explicit:
+            allocation = replace(allocation, num_cpus_set_by_caller=True)
         return allocation
 
     def size_request(
@@ -174,16 +176,19 @@ def fit_bundle(num_cpus: float, memory_bytes: int, bundles: Sequence[Mapping[str
 
     The group's bundles are the user's reservation, and Ray refuses a task whose
     request fits none of them (most bundles hold no ``memory`` at all): each label is
-    cut to what the bundle holds (``index``, or for -1 the bundle that holds the most
-    of the request, memory first). raysched still judges the attempt by its
-    allocation; only the labels Ray counts shrink. Memory 0 means no ``memory`` label.
+    cut to what the bundle holds (``index``). For -1 (any bundle), memory is cut to
+    the smallest bundle's and CPU to the largest bundle's: the group has already
+    reserved the memory, so a label larger than the smallest bundle's only narrows
+    where Ray may put the call (a group with one bundle holding memory and others
+    holding CPUs ran every call on that one bundle, one after another, an audit
+    found), while cores are kept as close to the prediction as a bundle allows,
+    since oversubscribed cores slow every call in the bundle. raysched still judges
+    the attempt by its allocation; only the labels Ray counts shrink. Memory 0
+    means no ``memory`` label.
     """
     candidates = [bundles[index]] if 0 <= index < len(bundles) else list(bundles)
     if not candidates:
         return num_cpus, memory_bytes
-
-    def fitted(bundle: Mapping[str, float]) -> tuple[float, int]:
-        return (min(num_cpus, float(bundle.get("CPU", 0.0))),
-                int(min(memory_bytes, float(bundle.get("memory", 0.0)))))
-
-    return max((fitted(b) for b in candidates), key=lambda cpus_memory: (cpus_memory[1], cpus_memory[0]))
+    memory = min(float(memory_bytes), *(float(b.get("memory", 0.0)) for b in candidates))
+    cpus = min(num_cpus, max(float(b.get("CPU", 0.0)) for b in candidates))
+    return cpus, int(memory)

@@ -200,7 +200,7 @@ def actor_options(spec: AttemptSpec) -> dict[str, Any]:
         del options["num_cpus"]  # Ray's own default for an actor, not 0 CPUs to be placed with
     if not options.get("memory"):
         options.pop("memory", None)  # no label, as Ray's default (``AdaptiveActorClass._plan``)
-    fit_placement_group(options)
+    fit_placement_group(options, spec.allocation)
     options.setdefault("max_restarts", 0)  # raysched replaces an actor; Ray restarting it unchanged would not help
     return options
 

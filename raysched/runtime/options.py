@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import ray
 
 from ..policy.sizing import fit_bundle
-from ..types import ClusterShape, LabelTerm
+from ..types import Allocation, ClusterShape, LabelTerm
 from .spec import AttemptSpec
 
 
@@ -130,32 +130,35 @@ def captured_placement_group() -> str | None:
     return None if group_id.is_nil() else group_id.hex()
 
 
-def fit_placement_group(options: dict[str, Any]) -> None:
+def fit_placement_group(options: dict[str, Any], allocation: Allocation | None = None) -> None:
     """Cut raysched's ``num_cpus`` / ``memory`` labels in ``options`` to the bundle of the
     placement group Ray will place the task or actor in, if any: the bundle is the
     reservation, and labels larger than it (a memory label where the bundle has none)
-    would make Ray refuse the submission."""
-    if "memory" not in options:
-        return
+    would make Ray refuse the submission. A label the caller set (``allocation``'s
+    ``*_set_by_caller``) is left as it is: Ray then refuses it as it would for plain Ray,
+    where a silent cut ran a call with 1 core while its row said the 2 it asked for."""
     target = _placement_group_target(options)
     if target is None:
         return
     group, index = target
+    keep_cpus = allocation is not None and allocation.num_cpus_set_by_caller
+    keep_memory = allocation is not None and allocation.memory_set_by_caller
     # an actor left at Ray's default CPU has no num_cpus here: only its memory is fitted
-    cpus, memory = fit_bundle(options.get("num_cpus", 0.0), options["memory"], group.bundle_specs, index)
-    if "num_cpus" in options:
+    cpus, memory = fit_bundle(options.get("num_cpus", 0.0), options.get("memory", 0), group.bundle_specs, index)
+    if "num_cpus" in options and not keep_cpus:
         options["num_cpus"] = cpus
-    if memory > 0:
-        options["memory"] = memory
-    else:
-        del options["memory"]
+    if "memory" in options and not keep_memory:
+        if memory > 0:
+            options["memory"] = memory
+        else:
+            del options["memory"]
 
 
 def remote_options(spec: AttemptSpec) -> dict[str, Any]:
     """The Ray options an attempt is submitted with: the caller's, then raysched's sizing."""
     options = {k: v for k, v in spec.ray_options if k not in TASK_DEFINITION_OPTIONS}
     options.update(spec.allocation.ray_options())
-    fit_placement_group(options)
+    fit_placement_group(options, spec.allocation)
     budget = retry_budget(spec)
     if budget >= 0:
         left = max(0, budget - spec.reruns)
