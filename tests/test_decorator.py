@@ -55,6 +55,16 @@ def test_generator_and_async_functions_are_refused_where_they_are_decorated():
             adaptive_remote(fn)
         with pytest.raises(InvalidInput, match=says):
             adaptive_remote(memory=2**28)(fn)
+    # A streaming result asks for a generator: refused where it is written, as plain
+    # @ray.remote(num_returns="streaming") refuses a plain function (it failed at the first .remote()).
+    def plain(n):
+        return [n]
+
+    for how in ("streaming", "dynamic"):
+        with pytest.raises(InvalidInput, match=f"num_returns='{how}' is for generator functions"):
+            adaptive_remote(num_returns=how)(plain)
+        with pytest.raises(InvalidInput, match="generator functions"):
+            adaptive_remote(plain).options(num_returns=how)
 
 
 class _SizingClient:

@@ -101,6 +101,13 @@ CHECKS = [
     # a call too short to have CPU cores keeps CPU's fallback, the overall source: its wall is judged
     ("wall judged when only another resource is a fallback", R.WallOverPrediction(3.0, cancel=True),
      dict(wall_seconds=31.0, prediction_source="fallback", wall_source="history"), R.CANCEL),
+    # a call predicted at 7 ms, sampled at 22 ms: past 3 x, but not by the samples' own grain (an audit)
+    ("a few ms past a ms prediction is not slow", R.WallOverPrediction(3.0, cancel=True, min_over_s=1.5),
+     dict(wall_seconds=0.022, predicted_wall_upper_s=0.007), None),
+    ("a ms prediction overrun by more than the grain", R.WallOverPrediction(3.0, cancel=True, min_over_s=1.5),
+     dict(wall_seconds=1.6, predicted_wall_upper_s=0.007), R.CANCEL),
+    ("the grain does not shorten a long prediction's limit", R.WallOverPrediction(3.0, min_over_s=1.5),
+     dict(wall_seconds=29.0), None),
     ("cpu in range", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=12.0, wall_seconds=20.0), None),
     ("cpu far below", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=2.0, wall_seconds=20.0), R.RECORD_CPU),
     ("cpu far above", R.CpuOffAllocation(0.25, 1.5, 10.0), dict(cpu_seconds=80.0, wall_seconds=20.0), R.RECORD_CPU),
@@ -118,7 +125,9 @@ def test_findings_carry_the_figures_in_the_rules_units():
     f = R.MemoryOverHardCap(2 * GiB)(live(rss_bytes=3 * GiB))
     assert (f.measured, f.allocated) == (3 * GiB, 2 * GiB) and "3072 MiB" in f.detail and "2048 MiB" in f.detail
     f = R.WallOverPrediction(3.0)(live(wall_seconds=31.0))
-    assert (f.measured, f.allocated) == (31.0, 10.0)
+    assert (f.measured, f.allocated) == (31.0, 10.0) and "running 31.0 s" in f.detail
+    f = R.WallOverPrediction(3.0)(live(wall_seconds=0.5, predicted_wall_upper_s=0.007))
+    assert "running 500 ms, over the predicted upper bound 7 ms x 3" in f.detail  # was "0.0 s" for both
     f = R.CpuOffAllocation(0.25, 1.5, 10.0)(live(cpu_seconds=2.0, wall_seconds=20.0, allocation=Allocation(2.0, GiB)))
     assert (f.measured, f.allocated) == (0.1, 2.0)
 

@@ -315,10 +315,12 @@ def build_rules(config: RayschedConfig) -> Rules:
             #    instead when no larger rung exists: capped, or the last attempt).
             AttemptRule(MEMORY_RULE,
                         MemoryOverAllocation(config.monitor_memory_tolerance, config.max_attempts), n),
-            # 3. Past the predicted wall upper bound x 3 (never judged on a fallback):
+            # 3. Past the predicted wall upper bound x 3, and by more than n live intervals
+            #    (the samples cannot judge a call of a few ms), never judged on a fallback:
             #    a warning and a metric; cancelled only when monitor_cancel_slow is set.
             AttemptRule("wall_over_prediction",
-                        WallOverPrediction(config.monitor_wall_factor, config.monitor_cancel_slow), n),
+                        WallOverPrediction(config.monitor_wall_factor, config.monitor_cancel_slow,
+                                           n * config.live_interval_s), n),
             # 4. Average cores below x0.25 or above x1.5 of the allocation after 10 s:
             #    recorded as an event (`raysched.events`); nothing is stopped (the next
             #    sizing learns the cores from the attempt's row, as from every row).

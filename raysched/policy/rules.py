@@ -349,21 +349,31 @@ class WallOverPrediction:
 
     A fallback wall estimate (no history) is the config's default, not a
     prediction, so it judges nothing: a first run is never called slow.
+    ``min_over_s``: and never less than this past the upper bound. Live samples come
+    every half second or so: a call predicted to take 7 ms and sampled at 22 ms was
+    "slow" by the ratio alone (an audit), and with ``cancel`` any call of a few ms on a
+    busy node would have been cancelled.
     """
 
     factor: float
     cancel: bool = False
+    min_over_s: float = 0.0
 
     def __call__(self, r: LiveReport) -> Finding | None:
         if (r.wall_source or r.prediction_source).startswith("fallback") or r.predicted_wall_upper_s <= 0:
             return None
-        limit = r.predicted_wall_upper_s * self.factor
+        limit = max(r.predicted_wall_upper_s * self.factor, r.predicted_wall_upper_s + self.min_over_s)
         if r.wall_seconds <= limit:
             return None
-        detail = (f"running {r.wall_seconds:.1f} s, over the predicted upper bound "
-                  f"{r.predicted_wall_upper_s:.1f} s x {self.factor:g}")
+        detail = (f"running {_seconds(r.wall_seconds)}, over the predicted upper bound "
+                  f"{_seconds(r.predicted_wall_upper_s)} x {self.factor:g}")
         return Finding(CANCEL if self.cancel else WARN, r.wall_seconds, r.predicted_wall_upper_s,
                        detail + ("; cancelled" if self.cancel else ""))
+
+
+def _seconds(value: float) -> str:
+    """A duration for a message: "0.0 s" said nothing of a call of a few milliseconds."""
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
 @dataclass(frozen=True)

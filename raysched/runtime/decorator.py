@@ -110,6 +110,12 @@ def _check_ray_options(kind: str, options: Mapping[str, Any], in_options: bool) 
         for key in definition_only:
             if key in options:
                 raise InvalidInput(f"{key} can only be set in @adaptive_remote(...), not per call in .options()")
+    if kind == "task" and options.get("num_returns") in ("streaming", "dynamic"):
+        # Ray refuses these for a function that is not a generator only when told what it
+        # decorates; adaptive_remote takes no generators (``_refuse_unsupported_kind``), so
+        # every such call would fail at its first .remote() (an audit).
+        raise InvalidInput(f"num_returns={options['num_returns']!r} is for generator functions, which "
+                           "adaptive_remote does not take: use plain @ray.remote for a streaming task")
     validate = _ray_option_validator(kind)
     if validate is None:
         return
