@@ -505,3 +505,47 @@ def test_a_best_other_method_that_wastes_nothing_is_said_so_and_the_json_stays_j
     found = json.loads(out.read_text(), parse_constant=refuse)
     verdicts = [w["raysched_vs_best_other"] for w in found["workflows"].values() if "raysched_vs_best_other" in w]
     assert any(v["ratio"] is None and v["best_other_wastes_nothing"] for v in verdicts)
+
+
+def test_two_traces_of_one_name_are_both_in_the_json_and_a_file_named_twice_is_read_once(tmp_path):
+    """An audit: the JSON is keyed by workflow name, and the name was the file's stem: of
+    a/iwd.csv and b/iwd.csv only the last was kept, without a word."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "trace.csv").write_text((FIXTURES / "nextflow_small.csv").read_text())
+    out = tmp_path / "r.json"
+    first = tmp_path / "a" / "trace.csv"
+    res = CliRunner().invoke(eval_command, [str(first), str(tmp_path / "b"), str(first), "--format", "nextflow",
+                                            "--methods", "presets,oracle", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    workflows = json.loads(out.read_text())["workflows"]
+    assert list(workflows) == ["a/trace", "b/trace"]
+    assert workflows["a/trace"]["path"] == str(first)
+    for method in ("presets", "oracle"):
+        a, b = workflows["a/trace"]["methods"][method], workflows["b/trace"]["methods"][method]
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_a_run_repeated_in_a_trace_is_skipped_and_counted_and_impossible_cores_are_unknown(tmp_path):
+    """An audit: a trace holding its runs twice (two copies joined) was replayed with twice the
+    tasks and imported with twice the rows; a %cpu of 1e308 became a prediction of 1e306 cores."""
+    from raysched.replay.readers import read_trace
+    from raysched.store.profiles import ProfileStore
+
+    lines = (FIXTURES / "nextflow_small.csv").read_text().splitlines(keepends=True)
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_text("".join(lines) + "".join(lines[1:]))
+    once, twice = read_trace(FIXTURES / "nextflow_small.csv", "nextflow"), read_trace(doubled, "nextflow")
+    # every copy of a usable row: the second copies of broken rows are counted by their defect
+    assert len(twice.rows) == len(once.rows) and twice.skipped["duplicating an earlier row"] == len(once.rows)
+    home = tmp_path / "home"
+    res = CliRunner().invoke(import_command, [str(doubled), "--format", "nextflow", "--home", str(home)])
+    assert res.exit_code == 0 and "45 new row(s)" in res.output, res.output
+    header = lines[0].rstrip("\n").split(",")
+    bad = tmp_path / "bad_cores.csv"
+    rows = [line.rstrip("\n").split(",") for line in lines[1:4]]
+    rows[0][header.index("%cpu")], rows[1][header.index("%cpu")], rows[2][header.index("cpus")] = "1e308", "-50", "-1"
+    bad.write_text(lines[0] + "".join(",".join(r) + "\n" for r in rows))
+    trace = read_trace(bad, "nextflow")
+    assert trace.rows["cpu_pct"].isna().tolist()[:2] == [True, True] and trace.rows["cpus"].isna().iloc[2]
+    assert len(ProfileStore(home).read()) == 45

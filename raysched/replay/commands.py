@@ -13,7 +13,7 @@ from typing import Iterable
 import click
 
 from ..errors import RayschedError
-from .readers import FORMATS, TraceFormatError, expand_paths, read_trace
+from .readers import FORMATS, TraceFormatError, expand_paths, read_trace, workflow_names
 
 #: ``--home DIR`` of the commands that read or write a home's store (import, profiles, compact).
 HOME_OPTION = click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -116,7 +116,9 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
     --min-rows rows, a seeded 30% is history and the rest arrive one by one;
     each method's allocation is charged (allocation - peak) x runtime when it
     fits and allocation x runtime per failed attempt. Reports wastage in
-    GB-hours, failed attempts, MAQ and the seconds each method took.
+    GB-hours, failed attempts, MAQ and the seconds each method took. A
+    workflow is named by its file's stem (with its folders where two files
+    share a stem); a run repeated in a trace is replayed once.
     """
     from ..config import RayschedConfig
     from .harness import replay_trace
@@ -142,10 +144,12 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
         click.echo("raysched replayed with " + ", ".join(overrides) + "\n")
     results = []
     unreadable: list[str] = []
+    workflow = workflow_names(files)
     for path in files:
         t0 = time.perf_counter()
         try:
             trace = read_trace(path, fmt)
+            trace.name = workflow[path]
             result = replay_trace(trace, methods_by_name(names, config), seed=seed, min_rows=min_rows)
         except (TraceFormatError, RayschedError) as exc:
             if len(files) == 1:

@@ -142,9 +142,11 @@ class WorkflowResult:
     task_types: int = 0
     skipped_rows: dict[str, int] = field(default_factory=dict)
     skipped_types: dict[str, int] = field(default_factory=dict)  # task type -> its usable rows
+    path: str = ""  # the trace file replayed
 
     def as_dict(self) -> dict[str, object]:
         return {
+            "path": self.path,
             "methods": {m: t.as_dict() for m, t in self.methods.items()},
             "task_types": self.task_types,
             "skipped_rows": dict(self.skipped_rows),
@@ -250,6 +252,7 @@ def replay_trace(
         name=trace.name,
         format=trace.format,
         seed=seed,
+        path=trace.path,
         task_types=len(runs),
         skipped_rows=dict(trace.skipped),
         skipped_types=skipped_types,

@@ -27,7 +27,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -196,6 +196,8 @@ def _require(frame: pd.DataFrame, path: Path, fmt: str, required: Iterable[str])
 
 
 _MAX_REALTIME_MS = 365 * 24 * 3600 * 1000.0
+#: More cores than any one task has had: a figure past it is a broken trace, not a measurement.
+_MAX_CORES = 10_000
 
 
 def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skipped: dict[str, int]) -> Trace:
@@ -218,6 +220,12 @@ def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skippe
     # A year: what no task of a trace runs for, and what keeps every figure finite downstream.
     drop(~(out["realtime_ms"].to_numpy(float) < _MAX_REALTIME_MS), "with realtime over a year")
     drop((out["peak_rss"].to_numpy(float) >= 2.0**63), "with peak_rss past 2**63 bytes")
+    # Last: a broken row is counted by what is wrong with it.
+    if "duplicate" in out.columns:
+        # The same run twice (two copies of a trace joined): replayed twice, a copy could be in
+        # the history and its twin online, scored on a job already seen (an audit). Two real
+        # runs never share every field (Nextflow's submit/start/complete stamps, at least).
+        drop(out["duplicate"].to_numpy(bool), "duplicating an earlier row")
     rows = out[keep].reset_index(drop=True)
     rows["task_type"] = rows["task_type"].astype(str).str.strip()
     for col in ("peak_rss", "realtime_ms", "input_size", "memory", "cpus", "cpu_pct"):
@@ -228,6 +236,10 @@ def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skippe
     bad_input = (rows["input_size"] < 0) | ~(rows["input_size"] < 2.0**63)
     rows.loc[bad_input & rows["input_size"].notna(), "input_size"] = np.nan
     rows.loc[~(rows["memory"] < 2.0**63) & rows["memory"].notna(), "memory"] = np.nan
+    # Cores that cannot be (none or fewer requested, a negative, infinite or absurd %cpu) are
+    # unknown: imported as they were, 1e306 cores became a prediction's upper bound (an audit).
+    rows.loc[~(rows["cpus"] > 0) | ~(rows["cpus"] <= _MAX_CORES), "cpus"] = np.nan
+    rows.loc[~(rows["cpu_pct"] >= 0) | ~(rows["cpu_pct"] <= 100 * _MAX_CORES), "cpu_pct"] = np.nan
     return Trace(name=path.stem, path=str(path), format=fmt, rows=rows[list(COLUMNS)], skipped=skipped)
 
 
@@ -266,6 +278,7 @@ def read_nextflow(path: str | Path) -> Trace:
             "cpus": col("cpus", parse_memory),
             "cpu_pct": col("%cpu", _parse_percent),
             "split": "",
+            "duplicate": frame.duplicated().to_numpy(),
         }
     ).reset_index(drop=True)
     return _finish(frame, path, "nextflow", out, skipped)
@@ -298,6 +311,7 @@ def read_lotaru(path: str | Path) -> Trace:
             "cpus": col("cpus", parse_memory),
             "cpu_pct": col("%cpu", _parse_percent),
             "split": split,
+            "duplicate": frame.duplicated().to_numpy(),
         }
     ).reset_index(drop=True)
     skipped: dict[str, int] = {}
@@ -346,13 +360,39 @@ def read_trace(path: str | Path, fmt: str = "auto") -> Trace:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files from a mix of files and folders (a folder contributes its *.csv, *.tsv and *.txt, sorted)."""
+    """Files from a mix of files and folders (a folder contributes its *.csv, *.tsv and *.txt,
+    sorted); a file named twice (itself and in its folder) is read once."""
     out: list[Path] = []
+    seen: set[Path] = set()
     for p in paths:
         p = Path(p)
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in (".csv", ".tsv", ".txt") and q.is_file())
-            out.extend(q for q in found if q.name.lower() != "readme.txt")
+            found = [q for q in found if q.name.lower() != "readme.txt"]
         else:
-            out.append(p)
+            found = [p]
+        for q in found:
+            if q.resolve() not in seen:
+                seen.add(q.resolve())
+                out.append(q)
     return out
+
+
+def workflow_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Each file's name in the reports: its stem, or where two files share one, the stem with as
+    many of its folders as tell them apart ("a/iwd", "b/iwd"). With stems alone, the JSON, keyed
+    by name, kept only the last of two files called iwd.csv (an audit)."""
+    names: dict[Path, str] = {}
+    for f in files:
+        twins = [g for g in files if g.stem == f.stem]
+        if len(twins) == 1:
+            names[f] = f.stem
+            continue
+        for depth in range(1, len(f.resolve().parts)):
+            tails = ["/".join(g.resolve().parts[-depth - 1:-1] + (g.stem,)) for g in twins]
+            if len(set(tails)) == len(tails):
+                names[f] = "/".join(f.resolve().parts[-depth - 1:-1] + (f.stem,))
+                break
+        else:  # one folder, two suffixes (iwd.csv, iwd.tsv)
+            names[f] = str(f.resolve())
+    return names
