@@ -50,7 +50,8 @@ class RayschedConfig:
     # --- how much history each estimator needs --------------------------------
     #: Runs needed before history statistics replace the fallback.
     min_history_for_stats: int = 3
-    #: Runs needed before the XGBoost model is trained and may replace the statistics.
+    #: Runs needed before the XGBoost model is trained and may replace the statistics
+    #: (more than history_window: no model is ever trained).
     min_history_for_model: int = 30
     #: Newest runs per function kept for statistics and shipped to drivers.
     history_window: int = 2000
@@ -514,8 +515,8 @@ def _combination_problems(config: RayschedConfig) -> list[str]:
     if n - held < 1:
         problems.append(f"min_history_for_model={n} with holdout_fraction={config.holdout_fraction} leaves no run "
                         f"to train on ({held} are held out): use at least {held + 1} runs")
-    needs = {"min_history_for_stats": config.min_history_for_stats, "min_history_for_model": n,
-             "cost_min_history": config.cost_min_history}
+    # (min_history_for_model past the window is allowed: it is how models are turned off)
+    needs = {"min_history_for_stats": config.min_history_for_stats, "cost_min_history": config.cost_min_history}
     short = [f"{name}={value}" for name, value in needs.items() if value > config.history_window]
     if short:
         problems.append(f"history_window={config.history_window} keeps fewer runs than {', '.join(short)} needs: "

@@ -787,3 +787,38 @@ def takes_spec_bytes(x, spec_bytes=0):
 
 def test_a_parameter_named_as_raysched_own_first_argument_can_be_passed_by_keyword(ray_session):
     assert ray.get(takes_spec_bytes.remote(1, spec_bytes=5), timeout=60) == (1, 5)
+
+
+@adaptive_remote(memory=1 * GiB, name="warmed_by_import")
+def warmed_by_import(x):
+    return x
+
+
+def test_a_trace_imported_while_the_profiler_runs_sizes_the_next_submissions(ray_session, tmp_path):
+    """An audit: on a running cluster, ``raysched import`` wrote the rows to the store, but the
+    profiler went on serving the history it had read, and calls kept the 1 GiB fallback."""
+    from click.testing import CliRunner
+
+    from raysched.replay.commands import import_command
+
+    assert ray.get(warmed_by_import.remote(1)) == 1  # the profiler holds this function, with no runs
+    raysched.flush()
+    trace = tmp_path / "trace.csv"
+    header = "task_id,hash,process,status,cpus,memory,realtime,%cpu,peak_rss,rchar\n"
+    trace.write_text(header + "".join(f"{i},{i:02x}/ab,warmed_by_import,COMPLETED,1,2000000000,4000,100,"
+                                      f"{(300 + i) * MiB},{i * 1000}\n" for i in range(1, 13)))
+    res = CliRunner().invoke(import_command, [str(trace), "--format", "nextflow", "--home", str(ray_session)])
+    assert res.exit_code == 0 and "12 new row(s)" in res.output, res.output
+    # Submissions only (a query such as profiles() re-reads the store itself). The driver refreshes
+    # its bundle at most every 2 s, in the background of a submission, which itself goes with the
+    # bundle it had: the second call after the pause is sized by what the profiler served then.
+    # With one run of its own (fewer than 3), the function is sized by its name's history.
+    time.sleep(2.5)
+    assert ray.get(warmed_by_import.remote(2)) == 2
+    time.sleep(1.0)
+    assert ray.get(warmed_by_import.remote(3)) == 3
+    raysched.flush()
+    own = raysched.profiles(warmed_by_import).query("code_hash != 'imported'")
+    assert len(own) == 3
+    # the imported peaks (301-312 MiB) with a margin, not the 1 GiB fallback (1,184 MiB)
+    assert 300 * MiB < int(own["allocated_memory_bytes"].iloc[-1]) < 700 * MiB, own["allocated_memory_bytes"]

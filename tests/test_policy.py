@@ -568,7 +568,7 @@ def test_config_errors_are_raysched_errors_and_a_path_is_a_home(tmp_path):
     # combinations that cannot work:
     ({"quantiles": (0.1, 0.5, 0.9, 0.95)}, "quantiles must be an odd number"),  # p90 was taken as the target
     ({"min_history_for_model": 4}, "leaves no run to train on"),  # was an XGBoostError in every training
-    ({"history_window": 20}, "history_window=20 keeps fewer runs than min_history_for_model=30"),  # never trained
+    ({"history_window": 5}, "history_window=5 keeps fewer runs than cost_min_history=8"),  # never used
 ])
 def test_config_names_a_bad_value_where_it_is_set(change, message):
     with pytest.raises(ValueError, match="invalid RayschedConfig: .*" + message):

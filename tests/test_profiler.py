@@ -748,3 +748,31 @@ def test_a_restarted_profilers_bundle_versions_never_repeat_an_earlier_ones(tmp_
     again = _restartable(tmp_path)
     assert again.bundle("f", "h1").version > max(seen)
     assert again.bundle("f", "h1").n_history == 100
+
+
+def test_rows_written_without_the_profiler_are_served_once_it_looks_again(tmp_path):
+    """An audit: a running profiler served the history it read first; rows that ``raysched import``
+    (or a worker that could not reach it) wrote to the store later were never part of a bundle
+    that a submission asked for. The writer notes them in the home's journal; the profiler looks
+    at it once a second at most and re-reads the functions named there."""
+    clock = Clock()
+    config = RayschedConfig(home=str(tmp_path), bundle_max_age_s=0.0)
+    store = ProfileStore(tmp_path)
+    store.append(rows(3, function="f"))
+    profiler = Profiler(config, store=store, registry=FakeRegistry(), clock=clock,
+                        executor=InlineExecutor(), load_executor=InlineExecutor())
+    first = profiler.bundle("f", "h1")
+    assert first.n_history == 3
+    other = ProfileStore(tmp_path)  # another process: the CLI's import
+    other.append(rows(5, start=3, function="f"))
+    other.note_outside_write(["f"])
+    # the journal was looked at just now: it is looked at again a second later
+    assert profiler.bundle("f", "h1", have_version=first.version) is None
+    clock.now += 1.0
+    again = profiler.bundle("f", "h1", have_version=first.version)
+    assert again is not None and again.n_history == 8
+    # read once: the next look finds nothing new, and a partial line (a writer cut short) is skipped
+    with open(tmp_path / "outside_writes.jsonl", "a") as fh:
+        fh.write('{"t": 1, "funct')
+    clock.now += 1.0
+    assert profiler.bundle("f", "h1", have_version=again.version) is None

@@ -127,6 +127,8 @@ def import_trace(trace: Trace, home: str | Path) -> tuple[int, dict[str, int]]:
         for row in rows:
             per_type[row["function"]] = per_type.get(row["function"], 0) + 1  # type: ignore[index]
         written = store.append(rows) if rows else 0
+        if written:
+            store.note_outside_write(per_type)  # a profiler already running serves them too
     except StoreError:
         raise
     except OSError as exc:

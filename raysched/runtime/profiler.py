@@ -192,6 +192,10 @@ class _FunctionState:
         return self._frame
 
 
+#: How often, at most, a bundle request looks for rows written to the store without the profiler.
+OUTSIDE_CHECK_S = 1.0
+
+
 class Profiler:
     """Records attempt rows, trains per-function models in the background, serves bundles."""
 
@@ -234,6 +238,35 @@ class Profiler:
         self._tidying: Future | None = None
         self._records_since_tidy = 0
         self.parts_merged = 0
+        # Rows written to the store without this actor (``raysched import``, a worker that could
+        # not reach it): functions loaded before are re-read at their next bundle request.
+        # From the journal's end: what was written before this start is read as functions load.
+        self._outside_offset = self._outside_writes(0)[1]
+        self._outside_checked = -float("inf")
+        self._outside_stale: set[str] = set()
+
+    def _outside_writes(self, offset: int) -> tuple[set[str], int]:
+        read = getattr(self.store, "outside_writes", None)  # (a test's stand-in store may have none)
+        return read(offset) if read is not None else (set(), offset)
+
+    def _written_outside(self, function: str) -> bool:
+        """Whether ``function``'s rows were written to the store by another process since this
+        actor read them: the journal is looked at once per OUTSIDE_CHECK_S at most (one stat)."""
+        now = self._clock()
+        with self._lock:
+            due = now - self._outside_checked >= OUTSIDE_CHECK_S
+            if due:
+                self._outside_checked = now
+        if due:
+            functions, offset = self._outside_writes(self._outside_offset)
+            with self._lock:
+                self._outside_offset = offset
+                self._outside_stale |= {f for f in functions if f in self._functions}  # others load them anyway
+        with self._lock:
+            if function in self._outside_stale:
+                self._outside_stale.discard(function)
+                return True
+        return False
 
     # --- the registry is created on first use: MLflow's import costs seconds ---------------
     @property
@@ -551,6 +584,7 @@ class Profiler:
         ``fresh``: built from every row received, not one built within ``bundle_max_age_s``
         that many submitting processes share (an actor's creation asks for it).
         """
+        reload = self._written_outside(function) or reload
         state = self._state(function)
         if reload:
             rows, arrived = self._read_rows(function)

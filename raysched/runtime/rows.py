@@ -404,7 +404,11 @@ class _ProfilerSender:
     def _write(self, rows: list[dict]) -> None:
         from ..store.profiles import ProfileStore
 
-        ProfileStore(self._config.home_path).append_keeping_valid(rows)
+        store = ProfileStore(self._config.home_path)
+        written, _ = store.append_keeping_valid(rows)
+        if written:
+            # The profiler may be alive, only slow to answer: it re-reads these functions.
+            store.note_outside_write(row["function"] for row in rows)
 
 
 

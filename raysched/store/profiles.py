@@ -4,6 +4,7 @@ Both are append-only ParquetTables under the raysched home::
 
     <home>/profiles/part-*.parquet   PROFILE_SCHEMA
     <home>/events/part-*.parquet     EVENT_SCHEMA
+    <home>/outside_writes.jsonl      functions written without the profiler (OUTSIDE_WRITES)
 
 Every process (driver, profiler actor, trainer, CLI) may open its own
 ProfileStore on the same home; nothing is cached between calls.
@@ -11,9 +12,11 @@ ProfileStore on the same home; nothing is cached between calls.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -24,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 PROFILES_DIR = "profiles"
 EVENTS_DIR = "events"
+#: One JSON line per write that did not go through the home's profiler actor (``raysched
+#: import``, a worker's rows stored directly while the profiler was unreachable): the names of
+#: the functions written. A running profiler reads what was added since its last look and
+#: re-reads those functions' rows, or it would go on serving the history it read first.
+OUTSIDE_WRITES = "outside_writes.jsonl"
 
 
 def calls_without_rows(rows: pd.DataFrame, call_ids: Sequence[str]) -> list[str]:
@@ -86,6 +94,42 @@ class ProfileStore:
                 len(rejected), len(rejected) + written, rejected[0][0].get("function"), rejected[0][1], where, written,
             )
         return written, [row for row, _ in rejected]
+
+    def note_outside_write(self, functions: Iterable[str]) -> None:
+        """Tell a running profiler of this home that ``functions`` have rows it did not write.
+        One line appended (``O_APPEND``: lines of several writers do not mix); best effort,
+        as the rows are stored already: a profiler started later reads them anyway."""
+        names = sorted({str(f) for f in functions})
+        if not names:
+            return
+        line = json.dumps({"t": time.time(), "functions": names}) + "\n"
+        try:
+            with open(self.home / OUTSIDE_WRITES, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError as exc:
+            logger.warning("raysched: could not tell a running profiler of %s about new rows (%s); it serves "
+                           "them once it reads %s again (raysched.flush() or a restart)", self.home, exc, names)
+
+    def outside_writes(self, offset: int) -> tuple[set[str], int]:
+        """The functions noted by ``note_outside_write`` from byte ``offset`` of the journal on,
+        and the offset to look from next time (only whole lines are taken)."""
+        path = self.home / OUTSIDE_WRITES
+        try:
+            if path.stat().st_size <= offset:
+                return set(), offset
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except OSError:
+            return set(), offset
+        whole = data[: data.rfind(b"\n") + 1]
+        functions: set[str] = set()
+        for line in whole.splitlines():
+            try:
+                functions.update(json.loads(line)["functions"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line a crash cut short: the rows it named are read at the next reload
+        return functions, offset + len(whole)
 
     def append_events(self, rows: Sequence[Mapping[str, Any]]) -> int:
         """Write monitor events (one part file, all or nothing). Returns how many were written."""
