@@ -24,10 +24,10 @@ Its recorded wall time is that sample's, so it can be short of how long the
 attempt ran (the first sample of a fresh worker lags; observed: 0.5 s for
 attempts that ran over 1 s), hence only ``> 0`` is asserted.
 
-raysched's profiler and monitor actors ask for no CPU, and Ray places them on
-the worker nodes, so the lost node may take one of them with it (observed:
-the monitor); both are detached and restarted by Ray, and the assertions
-hold either way.
+raysched's profiler and monitor actors ask for no CPU and are pinned to the head
+node (``session.get_or_create_actor``: ``node:__internal_head__``), so losing a
+worker node never takes them; a batch a worker sent just before its node died
+still arrives through Ray's retry of the call.
 
 Not guaranteed, hence not asserted: rows a worker on the lost node had
 buffered for attempts that *finished* within one flush interval (0.2 s) before
@@ -130,9 +130,9 @@ def test_a_node_lost_mid_run_loses_no_call_and_no_row(two_workers, tmp_path):
     rerun = {value for value, node, _ in _markers(marker_dir) if node != lost_id and value in on_lost}
     assert rerun == on_lost
 
-    # Rows come in eventually: the profiler actor may have been on the lost node, and a batch
-    # sent while Ray restarts it arrives when Ray retries the call (max_task_retries=-1),
-    # which can be after the calls have returned.
+    # Rows come in eventually: the dead attempts' rows are written by their retries on the
+    # surviving node, and a worker's batch reaches the profiler (on the head) a flush interval
+    # or more after its call returned.
     expected_rows = CALLS + len(on_lost)  # one per call, plus each dead attempt recorded by its retry
     assert wait_for(lambda: len(raysched.profiles(runs_for)) >= expected_rows, timeout=60), \
         raysched.profiles(runs_for)[["call_id", "attempt", "outcome", "error"]]
