@@ -24,10 +24,10 @@ Its recorded wall time is that sample's, so it can be short of how long the
 attempt ran (the first sample of a fresh worker lags; observed: 0.5 s for
 attempts that ran over 1 s), hence only ``> 0`` is asserted.
 
-raysched's profiler and monitor actors ask for no CPU, and Ray places them on
-the worker nodes, so the lost node may take one of them with it (observed:
-the monitor); both are detached and restarted by Ray, and the assertions
-hold either way.
+raysched's profiler and monitor actors ask for no CPU and are pinned to the head
+node (``session.get_or_create_actor``: ``node:__internal_head__``), so losing a
+worker node never takes them; a batch a worker sent just before its node died
+still arrives through Ray's retry of the call.
 
 Not guaranteed, hence not asserted: rows a worker on the lost node had
 buffered for attempts that *finished* within one flush interval (0.2 s) before
@@ -54,7 +54,8 @@ CALLS = 8
 SECONDS = 3.0
 
 
-@pytest.fixture(scope="module")
+# Function-scoped, as ``uneven_workers`` below: one test each, and one cluster at a time.
+@pytest.fixture
 def two_workers(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
@@ -130,9 +131,9 @@ def test_a_node_lost_mid_run_loses_no_call_and_no_row(two_workers, tmp_path):
     rerun = {value for value, node, _ in _markers(marker_dir) if node != lost_id and value in on_lost}
     assert rerun == on_lost
 
-    # Rows come in eventually: the profiler actor may have been on the lost node, and a batch
-    # sent while Ray restarts it arrives when Ray retries the call (max_task_retries=-1),
-    # which can be after the calls have returned.
+    # Rows come in eventually: the dead attempts' rows are written by their retries on the
+    # surviving node, and a worker's batch reaches the profiler (on the head) a flush interval
+    # or more after its call returned.
     expected_rows = CALLS + len(on_lost)  # one per call, plus each dead attempt recorded by its retry
     assert wait_for(lambda: len(raysched.profiles(runs_for)) >= expected_rows, timeout=60), \
         raysched.profiles(runs_for)[["call_id", "attempt", "outcome", "error"]]
@@ -155,3 +156,96 @@ def test_a_node_lost_mid_run_loses_no_call_and_no_row(two_workers, tmp_path):
     assert retried == on_lost, rows[["input_size", "attempt", "outcome", "error"]]
     assert (rows["outcome"] == "ok").sum() == CALLS
     assert time.monotonic() - started < 150
+
+
+# --- a label only the lost node could hold ----------------------------------------------------------
+
+
+@pytest.fixture
+def uneven_workers(tmp_path_factory):
+    """A head that runs no tasks, a big worker node (3 GiB) and a mid one (1.5 GiB)."""
+    from ray.cluster_utils import Cluster
+
+    home = tmp_path_factory.mktemp("raysched_uneven_home")
+    with environment(RAYSCHED_HOME=str(home)):
+        # With the dashboard (Ray's state API tells the retry of ``small_call`` that its node died: it
+        # reruns at once, where without it the death counts as a memory kill and climbs the ladder);
+        # the GCS finds a dead node within ~3 s, not Ray's default ~15 s, to keep the test short.
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
+                                          "_system_config": {"health_check_period_ms": 1000,
+                                                             "health_check_failure_threshold": 3}})
+        big = cluster.add_node(num_cpus=2, memory=3 * GiB)
+        mid = cluster.add_node(num_cpus=2, memory=1536 * MiB)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)
+        try:
+            yield cluster, big, mid
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def held_for(seconds: float, value: int, marker_dir: str) -> int:
+    """``runs_for``'s body, undecorated: each test decorates it with the sizes it needs."""
+    node = ray.get_runtime_context().get_node_id()
+    marker = os.path.join(marker_dir, f"{value}.{node}.x")
+    open(marker, "w").close()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.rename(marker, marker + ".done")
+    return value
+
+
+#: Cold, its fallback is sized to 2 GiB + 15%: a label only the big node holds.
+big_call = adaptive_remote(memory=2 * GiB, num_cpus=1, name="test_node_loss_ray.big_call")(held_for)
+#: Its label fits either node: a lost attempt of it reruns on the other.
+small_call = adaptive_remote(memory=256 * MiB, num_cpus=1, name="test_node_loss_ray.small_call")(held_for)
+
+
+def test_a_call_whose_label_only_the_lost_node_holds_ends_cancelled_instead_of_hanging(uneven_workers, tmp_path,
+                                                                                        caplog):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cluster, big, mid = uneven_workers
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+    on_big = NodeAffinitySchedulingStrategy(big.node_id, soft=True)  # a preference, not a restriction
+    stranded = big_call.remote(60.0, 1, str(marker_dir))
+    survives = small_call.options(scheduling_strategy=on_big).remote(4.0, 2, str(marker_dir))
+    # The caller's own label, as plain Ray's: left to Ray, which keeps it waiting as it would.
+    own_label = small_call.options(memory=2 * GiB, num_cpus=0.5).remote(0.1, 3, str(marker_dir))
+    assert wait_for(lambda: {m.split(".")[:2][0] for m in os.listdir(marker_dir)} >= {"1", "2"}, timeout=60), \
+        os.listdir(marker_dir)
+    assert all(m.split(".")[1] == big.node_id for m in os.listdir(marker_dir)), (big.node_id, os.listdir(marker_dir))
+    time.sleep(1.0)  # the stranded call's attempt has published a live sample
+    caplog.set_level("WARNING", logger="raysched")
+    cluster.remove_node(big, allow_graceful=False)
+    lost_at = time.monotonic()
+
+    # Not a hang: the call ends cancelled, a few seconds after the node is seen gone.
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(stranded, timeout=30)
+    assert time.monotonic() - lost_at < 30
+    # A call whose label fits the surviving node is not touched: Ray reruns it there.
+    assert ray.get(survives, timeout=60) == 2
+    # The caller's own label is not raysched's to judge: still waiting (as under plain Ray).
+    assert not ray.wait([own_label], timeout=3)[0]
+    ray.cancel(own_label)
+
+    # Its row (the lost attempt, cancelled, with its last live use) and an event say why.
+    rows = raysched.profiles(big_call)
+    assert len(rows) == 1, rows[["call_id", "attempt", "outcome", "error"]]
+    row = rows.iloc[0]
+    assert row["outcome"] == "cancelled" and row["attempt"] == 1, row
+    assert "no alive node can hold the label" in row["error"] and "1.50 GiB" in row["error"], row["error"]
+    assert row["peak_rss_bytes"] > 0, row  # its last live sample, from Ray's KV on the head
+    events = raysched.events(big_call)
+    assert list(events["rule"]) == ["node_lost"] and list(events["action"]) == ["cancel"], events
+    assert events["call_id"].iloc[0] == row["call_id"]
+    warned = [r.getMessage() for r in caplog.records if "no alive node can hold" in r.getMessage()]
+    assert len(warned) == 1 and "test_node_loss_ray.big_call" in warned[0] and row["call_id"] in warned[0], warned
+
+    # A new call is sized to the nodes alive, and runs.
+    assert ray.get(big_call.remote(0.1, 4, str(marker_dir)), timeout=60) == 4

@@ -58,6 +58,9 @@ ACTOR_RESCALED = "actor_rescaled"
 ACTOR_RESCALE_SKIPPED = "actor_rescale_skipped"
 #: ...and a rescale whose state hand-over failed (the save or restore hook raised).
 ACTOR_STATE_LOST = "actor_state_lost"
+#: Rule name of a call the driver cancelled because its node was lost and no alive node can
+#: hold the label raysched submitted it with (``policy.stranding``, ``runtime.stranded``).
+NODE_LOST = "node_lost"
 
 
 # --- what the rules see and say ----------------------------------------------------------------
@@ -712,7 +715,7 @@ def with_stop(state: AttemptState, decision: Decision) -> AttemptState:
 
 __all__ = [
     "ACTIONS", "STOPS", "NONE", "WARN", "RECORD_CPU", "STOP_AND_RESUBMIT", "STOP_LIMIT", "CANCEL",
-    "REQUEUE_LOWEST_PRIORITY", "RESCALE", "TASK", "ACTOR", "ACTOR_RESCALED", "ACTOR_RESCALE_SKIPPED", "ACTOR_STATE_LOST", "AsRescale", "LiveReport", "NodeMemory", "Decision", "Finding", "Check",
+    "REQUEUE_LOWEST_PRIORITY", "RESCALE", "TASK", "ACTOR", "ACTOR_RESCALED", "ACTOR_RESCALE_SKIPPED", "ACTOR_STATE_LOST", "NODE_LOST", "AsRescale", "LiveReport", "NodeMemory", "Decision", "Finding", "Check",
     "MemoryOverAllocation", "MemoryOverHardCap", "WallOverPrediction", "CpuOffAllocation",
     "AttemptRule", "AttemptState", "NodeState", "NodePressure", "Rules", "resident_at", "room_left_bytes", "with_stop",
 ]

@@ -86,6 +86,7 @@ class ProfilerClient:
         self._predictor = build_predictor(config)
         self._sizer = build_sizer(config)
         self.cluster = ClusterShapeCache()
+        self._strand_watch: Any = None
 
     @property
     def handle(self) -> Any:
@@ -128,6 +129,19 @@ class ProfilerClient:
             self._admission_ends = (EndReporter(lambda tokens: admission.ended.remote(tokens)),
                                     ray.get_runtime_context().get_job_id())
         return self._admission_ends
+
+    @property
+    def strand_watch(self) -> Any:
+        """This driver's watcher of its calls that a lost node could leave with a label no alive
+        node can hold (``stranded.StrandWatch``); made at the first such call."""
+        if self._strand_watch is None:
+            from .session import read_cluster_shape
+            from .stranded import StrandWatch
+
+            with self._lock:
+                if self._strand_watch is None:
+                    self._strand_watch = StrandWatch(read_cluster_shape, on_shrink=self.cluster.invalidate)
+        return self._strand_watch
 
     def _request(self, key: tuple[str, str], reload: bool = False, fresh: bool = False) -> "_Reply":
         have = -1 if reload or key not in self._bundles else self._bundles[key].version
@@ -359,6 +373,8 @@ def get_client() -> ProfilerClient:
             if _client_session is not None and token != _client_session:
                 # Calls of the ended session that have no row by now never get one.
                 forget_calls(None)
+            if _client is not None and _client._strand_watch is not None:
+                _client._strand_watch.close()  # its calls were of the old session (or config)
             _client, _client_session = ProfilerClient(get_config()), token
             _flush_at_shutdown()
         return _client

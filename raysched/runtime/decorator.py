@@ -25,11 +25,13 @@ from ..policy.estimators import Fallback, runs_with_tags
 from ..policy.features import (call_features, validate_input_size, validate_memory, validate_num_cpus, validate_priority,
                                validate_tags)
 from ..policy.sizing import largest_node_for
+from ..policy.stranding import Ask, at_risk
 from ..types import Prediction
 from .client import ProfilerClient, get_client, note_submitted, size_band
 from .codehash import code_hash, qualified_name, with_dependencies
 from .options import (ACTOR_DEFINITION_OPTIONS, TASK_DEFINITION_OPTIONS, ask_a_return, captured_placement_group,
-                      definition_options, eligible_cluster, ray_remote, ray_task_name, remote_options)
+                      definition_options, eligible_cluster, label_selectors, node_constraints, placement_group_of,
+                      ray_remote, ray_task_name, remote_options)
 from .spec import AttemptSpec, encode_call, encode_features, encode_template
 from .worker import inside_ray, make_entry
 
@@ -283,12 +285,12 @@ class _Plan:
     """
 
     __slots__ = ("bundle", "cluster", "config", "remote", "template", "features", "name", "ray_options", "allocation",
-                 "wall_seconds", "wall_upper", "peak_bytes", "returns_nothing")
+                 "wall_seconds", "wall_upper", "peak_bytes", "returns_nothing", "strand")
 
     def __init__(self, bundle: Any, cluster: Any, config: Any, remote: Any, template: bytes, features: Any,
                  allocation: Any, wall_seconds: float = 0.0, wall_upper: float = float("inf"),
                  peak_bytes: float | None = None, returns_nothing: bool = False, name: str | None = None,
-                 ray_options: dict[str, Any] | None = None):
+                 ray_options: dict[str, Any] | None = None, strand: Any = None):
         self.bundle, self.cluster, self.config, self.remote, self.template = bundle, cluster, config, remote, template
         # The features and Ray task name (None: Ray's default) of the call it was made for,
         # which its template holds, and the Ray options ``remote`` was made with.
@@ -301,6 +303,9 @@ class _Plan:
         # A queued call of num_returns=0 is submitted with one return, for the queue to see it
         # end; its caller gets None, as from Ray.
         self.returns_nothing = returns_nothing
+        # Where losing nodes could leave its calls with a label no alive node holds: the
+        # driver's watcher of them (``stranded.StrandGroup``); None: its calls cannot be stranded.
+        self.strand = strand
 
     def order_key(self, now: float) -> float:
         """Where a queued call of this plan goes among calls of its priority."""
@@ -591,10 +596,14 @@ class AdaptiveFunction(_Adaptive):
                 ends.watch(call_id, first)
             else:
                 queue.track.remote(call_id, [first])
+            if plan.strand is not None:
+                plan.strand.add(call_id, first, spec_bytes)
             if plan.returns_nothing:
                 ref = None
         else:
             ref = remote.remote(spec_bytes, *args, **kwargs)
+            if plan.strand is not None and ref is not None:  # (num_returns=0: no ref to watch or cancel)
+                plan.strand.add(call_id, ref[0] if isinstance(ref, list) else ref, spec_bytes)
         note_submitted(self.name, call_id)
         return ref
 
@@ -606,9 +615,26 @@ class AdaptiveFunction(_Adaptive):
         returns_nothing = options.queued and ask_a_return(ray_options)  # the queue tracks its end
         remote = self._remote_with(ray_options, self._config(client), client)
         peak = expected_peak_bytes(spec.prediction.memory.upper, spec.allocation.memory_is_task_only)
+        config = self._config(client)
         return _Plan(bundle, cluster, client.config, remote, encode_template(spec), features, spec.allocation,
                      float(spec.prediction.wall.target), _known_wall(spec.prediction), peak, returns_nothing,
-                     options.name, ray_options)
+                     options.name, ray_options, self._strand_group(options, ray_options, cluster, client, config))
+
+    def _strand_group(self, options: _CallOptions, ray_options: dict[str, Any], cluster: Any,
+                      client: ProfilerClient, config: Any) -> Any:
+        """The watcher's group for a plan whose calls a lost node could strand (``policy.stranding``),
+        or None (a cluster of equal nodes, labels the caller set, a placement group, a Ray that
+        cannot watch a ref without fetching it): decided once per plan, not per call."""
+        if not _WATCH_ENDS or cluster is None or placement_group_of(ray_options) is not None:
+            return None
+        label = Ask.label(ray_options)
+        plain = label.plain(options.explicit)
+        node_id, demands = node_constraints(ray_options)
+        selectors = label_selectors(ray_options)
+        if not at_risk(label, plain, cluster.eligible(node_id, demands, selectors).nodes):
+            return None
+        return client.strand_watch.group(function=self.name, code_hash=self.code_hash, config=config, label=label,
+                                         plain=plain, node_id=node_id, demands=demands, selectors=selectors)
 
     def _remote_with(self, options: dict[str, Any], config: Any, client: ProfilerClient) -> Any:
         """Ray's ``.options()`` builds a new wrapper each call: keep one per distinct sizing."""

@@ -65,6 +65,12 @@ def _placement_group_target(options: Mapping[str, Any]) -> tuple[Any, int] | Non
     return group, int(index if index is not None else -1)
 
 
+def placement_group_of(options: Mapping[str, Any]) -> Any:
+    """The placement group a task or actor with these options is placed in (None: none)."""
+    target = _placement_group_target(options)
+    return None if target is None else target[0]
+
+
 def node_constraints(options: Mapping[str, Any]) -> tuple[str | None, tuple[tuple[str, float], ...]]:
     """What in a task's or actor's Ray options restricts the nodes it may run on: the node of
     a hard ``NodeAffinitySchedulingStrategy`` (None: none, or a soft one, which Ray may leave
