@@ -264,6 +264,10 @@ class RayschedConfig:
     monitor_wall_factor: float = 3.0
     #: Cancel slow attempts instead of only warning.
     monitor_cancel_slow: bool = False
+    #: A call whose label only a lost node could hold is cancelled by its driver, with a row,
+    #: an event and a warning (Ray would keep its retry waiting for ever: runtime/stranded.py).
+    #: False on an autoscaling cluster that brings such a node back: the call then waits for it.
+    cancel_stranded_calls: bool = True
     #: Average cores below allocation x low or above allocation x high are recorded as events...
     monitor_cpu_low_ratio: float = 0.25
     monitor_cpu_high_ratio: float = 1.5

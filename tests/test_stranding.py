@@ -145,3 +145,27 @@ def test_a_call_pinned_by_labels_is_judged_on_the_nodes_it_may_run_on():
     shapes[0] = ClusterShape((HEAD, MID, gpu))
     watch.check()
     assert watch.check() == ["a"] and ended == [("a", ("gpu",))]
+
+
+def test_a_plan_watches_its_calls_only_where_they_could_be_stranded_and_when_configured():
+    """Decided once per plan (``AdaptiveFunction._strand_group``): a label only the big node
+    holds is watched, unless ``cancel_stranded_calls`` is off (an autoscaling cluster brings
+    such a node back); on equal nodes nothing is."""
+    from raysched import adaptive_remote
+    from raysched.config import RayschedConfig
+    from raysched.runtime.decorator import _WATCH_ENDS, _CallOptions
+
+    if not _WATCH_ENDS:
+        return  # a Ray that cannot watch a ref without fetching it watches nothing
+    f = adaptive_remote(memory=2 * GiB)(lambda x: x)
+
+    class Client:
+        strand_watch = __import__("raysched.runtime.stranded", fromlist=["StrandWatch"]).StrandWatch(lambda: None)
+
+    options = _CallOptions({}, (), {})
+    # (a strategy named: no placement group to look up, which needs a Ray session)
+    ray_options = {"num_cpus": 1.0, "memory": 2368 * MiB, "scheduling_strategy": "DEFAULT"}
+    mixed, equal = ClusterShape((HEAD, BIG, MID)), ClusterShape((BIG, BIG))
+    assert f._strand_group(options, ray_options, mixed, Client(), RayschedConfig()) is not None
+    assert f._strand_group(options, ray_options, mixed, Client(), RayschedConfig(cancel_stranded_calls=False)) is None
+    assert f._strand_group(options, ray_options, equal, Client(), RayschedConfig()) is None

@@ -625,7 +625,8 @@ class AdaptiveFunction(_Adaptive):
         """The watcher's group for a plan whose calls a lost node could strand (``policy.stranding``),
         or None (a cluster of equal nodes, labels the caller set, a placement group, a Ray that
         cannot watch a ref without fetching it): decided once per plan, not per call."""
-        if not _WATCH_ENDS or cluster is None or placement_group_of(ray_options) is not None:
+        if (not _WATCH_ENDS or cluster is None or not config.cancel_stranded_calls
+                or placement_group_of(ray_options) is not None):
             return None
         label = Ask.label(ray_options)
         plain = label.plain(options.explicit)
