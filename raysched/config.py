@@ -384,6 +384,9 @@ class RayschedConfig:
                             "make progress")
         pairs = self.memory_limits.items() if isinstance(self.memory_limits, Mapping) else self.memory_limits
         object.__setattr__(self, "memory_limits", tuple(sorted((str(k), int(v)) for k, v in pairs)))
+        names = [name for name, _ in self.memory_limits]
+        if len(set(names)) != len(names):  # (one of two caps would win by the sort, silently)
+            problems.append(f"memory_limits names a function twice: {sorted({n for n in names if names.count(n) > 1})}")
         if any(int(v) <= 0 for _, v in self.memory_limits):
             problems.append("memory_limits must be positive")
         if self.monitor_memory_tolerance < 1:
@@ -404,7 +407,8 @@ class RayschedConfig:
             problems.append(f"admission_pipeline_s must be between 0 and 60 seconds, got {self.admission_pipeline_s!r}")
         if not 0 <= self.cost_extrapolation_quantile <= 1:
             problems.append("cost_extrapolation_quantile must be in [0, 1] (0: off)")
-        problems.extend(_combination_problems(self))
+        if not problems:  # (combinations only of values each in range: else the advice can be impossible)
+            problems.extend(_combination_problems(self))
         if problems:
             raise InvalidInput("invalid RayschedConfig: " + "; ".join(problems))
 

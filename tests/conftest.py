@@ -54,6 +54,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _process_config_restored():
+    """Every test leaves raysched's process config as it found it: a test that called
+    ``raysched.configure`` made the process "configured here" with the home of that moment,
+    and a later test's RAYSCHED_HOME was ignored (the demo ran in the checkout's ./.raysched)."""
+    from raysched.runtime import session
+
+    saved = (session._config, session._configured_here)
+    yield
+    if (session._config, session._configured_here) != saved:
+        from raysched.runtime import client
+
+        session._config, session._configured_here = saved
+        client.reset_client()
+
+
 @contextlib.contextmanager
 def environment(**values: str):
     """Set environment variables (and raysched's process config from them), then restore both."""

@@ -39,6 +39,38 @@ def _queue_status():
     return ray.get(queue.status.remote(), timeout=30)
 
 
+@adaptive_remote(num_cpus=1, memory=100 * MiB)
+def echo(x):  # (its own function: runs of `hold` would change how the next tests' calls are sized)
+    return x
+
+
+def test_an_older_raysched_s_service_actors_left_on_the_cluster_are_not_used(ray_session):
+    """First in this module, before this version's queue exists. An audit: on a cluster that
+    outlived an upgrade, the new driver found the old version's detached admission actor by its
+    name and every call with a priority failed with "TypeError: too many positional arguments".
+    Service actors' names carry their protocol version (session.SERVICE_PROTOCOL)."""
+    from raysched.runtime.session import SERVICE_PROTOCOL, _home_key, profiler_name
+
+    @ray.remote(num_cpus=0)
+    class OlderService:
+        def admit(self, token, priority, num_cpus, memory_bytes, submitted_at):  # the older signature
+            return True
+
+        def ping(self):
+            return True
+
+    config = raysched.get_config()
+    older = [OlderService.options(name=name, namespace=NAMESPACE, lifetime="detached").remote()
+             for name in ("raysched_admission", f"raysched_profiler-{_home_key(str(config.home_path))}")]
+    try:
+        assert SERVICE_PROTOCOL in ADMISSION_NAME and SERVICE_PROTOCOL in profiler_name(config)
+        assert ray.get(echo.options(priority=3).remote("a"), timeout=60) == "a"
+        assert ray.get(echo.remote("b"), timeout=60) == "b"
+    finally:
+        for actor in older:
+            ray.kill(actor)
+
+
 def test_calls_with_a_priority_start_highest_first_when_the_cluster_is_full(ray_session):
     # 2 CPUs, 1 CPU per call: two low calls take the cluster...
     first = [hold.options(priority=0).remote(f"low{i}", 1.0) for i in range(2)]

@@ -406,6 +406,12 @@ def test_labels_in_a_placement_group_fit_its_bundle():
     assert fit_bundle(1.0, 1 * GiB, mixed, -1) == (1.0, 0)
     assert fit_bundle(1.0, 1 * GiB, mixed, 0) == (1.0, 256 * MiB)
     assert fit_bundle(0.5, 1 * GiB, [], -1) == (0.5, 1 * GiB)
+    # The caller's own memory kept: raysched's cores fit the bundles that hold it (a review: 2 cores
+    # beside a kept 3 GiB fitted no bundle, where plain Ray's 1 core and 3 GiB fit the first).
+    tune = [{"CPU": 1.0, "memory": 4 * GiB}, {"CPU": 4.0}]
+    assert fit_bundle(2.0, 3 * GiB, tune, -1, keep_memory=True) == (1.0, 3 * GiB)
+    assert fit_bundle(2.0, 3 * GiB, tune, -1, keep_cpus=True) == (2.0, 0)  # only the 4-core bundle holds 2
+    assert fit_bundle(8.0, 3 * GiB, tune, -1, keep_cpus=True) == (8.0, 3 * GiB)  # none: left for Ray to refuse
 
 
 # --- samples and ladder ---------------------------------------------------------------------------------
@@ -569,10 +575,17 @@ def test_config_errors_are_raysched_errors_and_a_path_is_a_home(tmp_path):
     ({"quantiles": (0.1, 0.5, 0.9, 0.95)}, "quantiles must be an odd number"),  # p90 was taken as the target
     ({"min_history_for_model": 4}, "leaves no run to train on"),  # was an XGBoostError in every training
     ({"history_window": 5}, "history_window=5 keeps fewer runs than cost_min_history=8"),  # never used
+    ({"memory_limits": [("f", 2 * GiB), ("f", GiB)]}, r"memory_limits names a function twice: \['f'\]"),
 ])
 def test_config_names_a_bad_value_where_it_is_set(change, message):
     with pytest.raises(ValueError, match="invalid RayschedConfig: .*" + message):
         RayschedConfig(**change)
+
+
+def test_config_gives_no_advice_on_a_combination_when_a_value_is_out_of_range():
+    with pytest.raises(ValueError) as info:
+        RayschedConfig(holdout_fraction=1.5)  # "use at least 46 runs" was advised beside the range error
+    assert "holdout_fraction must be" in str(info.value) and "leaves no run" not in str(info.value)
 
 
 def test_config_keeps_plain_numbers_of_any_numeric_type():

@@ -771,8 +771,14 @@ def test_rows_written_without_the_profiler_are_served_once_it_looks_again(tmp_pa
     clock.now += 1.0
     again = profiler.bundle("f", "h1", have_version=first.version)
     assert again is not None and again.n_history == 8
-    # read once: the next look finds nothing new, and a partial line (a writer cut short) is skipped
+    # read once: the next look finds nothing new, and a partial line (a writer cut short) is
+    # skipped without swallowing the next writer's line (a review: they were glued together)
     with open(tmp_path / "outside_writes.jsonl", "a") as fh:
-        fh.write('{"t": 1, "funct')
+        fh.write('\n{"t": 1, "funct')
     clock.now += 1.0
     assert profiler.bundle("f", "h1", have_version=again.version) is None
+    other.append(rows(2, start=8, function="f"))
+    other.note_outside_write(["f"])
+    clock.now += 1.0
+    last = profiler.bundle("f", "h1", have_version=again.version)
+    assert last is not None and last.n_history == 10

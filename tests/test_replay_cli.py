@@ -538,6 +538,13 @@ def test_a_run_repeated_in_a_trace_is_skipped_and_counted_and_impossible_cores_a
     once, twice = read_trace(FIXTURES / "nextflow_small.csv", "nextflow"), read_trace(doubled, "nextflow")
     # every copy of a usable row: the second copies of broken rows are counted by their defect
     assert len(twice.rows) == len(once.rows) and twice.skipped["duplicating an earlier row"] == len(once.rows)
+    # Without an id or a time stamp, runs alike are genuine runs (a review: 47 of chipseq's cut
+    # to process, peak_rss and realtime were dropped): nothing is a repeat.
+    import pandas as pd
+
+    bare = tmp_path / "bare.csv"
+    pd.read_csv(doubled)[["process", "peak_rss", "realtime"]].to_csv(bare, index=False)
+    assert len(read_trace(bare, "nextflow").rows) == 2 * len(once.rows) + 2  # (+ the two FAILED, no status now)
     home = tmp_path / "home"
     res = CliRunner().invoke(import_command, [str(doubled), "--format", "nextflow", "--home", str(home)])
     assert res.exit_code == 0 and "45 new row(s)" in res.output, res.output

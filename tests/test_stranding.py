@@ -83,9 +83,11 @@ def _watch(shapes, ended, shrinks):
     from raysched.runtime.stranded import StrandWatch
 
     class Watch(StrandWatch):
-        def _end(self, group, call_id, ref, spec_bytes, nodes):
-            ended.append((call_id, tuple(n.node_id for n in nodes)))
-            return True
+        def _end_all(self, found):  # (rows, events and cancels need Ray: tests/test_node_loss_ray.py)
+            for group, call_id, _ref, _spec, nodes in found:
+                ended.append((call_id, tuple(n.node_id for n in nodes)))
+                group.calls.pop(call_id, None)
+            return [call_id for _, call_id, _, _, _ in found]
 
     watch = Watch(lambda: shapes[0], on_shrink=lambda: shrinks.append(True), interval_s=3600)
     watch._thread = _NoThread()  # the test looks by hand (check)
@@ -145,6 +147,26 @@ def test_a_call_pinned_by_labels_is_judged_on_the_nodes_it_may_run_on():
     shapes[0] = ClusterShape((HEAD, MID, gpu))
     watch.check()
     assert watch.check() == ["a"] and ended == [("a", ("gpu",))]
+
+
+def test_turned_off_mid_run_the_watcher_leaves_the_calls_in_flight_waiting(monkeypatch):
+    """A review: configure(cancel_stranded_calls=False) for an autoscaling cluster left the
+    watcher of the calls already in flight running, and they were still cancelled."""
+    import raysched
+
+    shapes, ended, shrinks = [ClusterShape((HEAD, BIG, MID))], [], []
+    watch = _watch(shapes, ended, shrinks)
+    group = watch.group(function="f", code_hash="h", config=None, label=LABEL, plain=LABEL.plain({}),
+                        node_id=None, demands=(), selectors=())
+    group.add("a", _Ref(), b"")
+    before = raysched.get_config()
+    raysched.configure(cancel_stranded_calls=False)
+    try:
+        shapes[0] = ClusterShape((HEAD, MID))
+        assert watch.check() == [] and watch.check() == [] and not ended and watch.in_flight() == 1
+    finally:
+        raysched.configure(before)
+    assert watch.check() == [] and watch.check() == ["a"]  # turned on again: two looks, as ever
 
 
 def test_a_plan_watches_its_calls_only_where_they_could_be_stranded_and_when_configured():

@@ -171,7 +171,7 @@ def size(
 
 
 def fit_bundle(num_cpus: float, memory_bytes: int, bundles: Sequence[Mapping[str, float]],
-               index: int = -1) -> tuple[float, int]:
+               index: int = -1, keep_cpus: bool = False, keep_memory: bool = False) -> tuple[float, int]:
     """The ``num_cpus`` and ``memory`` labels of a task placed in a placement group.
 
     The group's bundles are the user's reservation, and Ray refuses a task whose
@@ -184,11 +184,18 @@ def fit_bundle(num_cpus: float, memory_bytes: int, bundles: Sequence[Mapping[str
     found), while cores are kept as close to the prediction as a bundle allows,
     since oversubscribed cores slow every call in the bundle. raysched still judges
     the attempt by its allocation; only the labels Ray counts shrink. Memory 0
-    means no ``memory`` label.
+    means no ``memory`` label. ``keep_cpus`` / ``keep_memory``: that label is the
+    caller's and stays as it is; the other is fitted to the bundles that can hold it
+    (cores cut to the largest bundle's whatever the caller's memory made a request
+    no bundle holds, a review found).
     """
     candidates = [bundles[index]] if 0 <= index < len(bundles) else list(bundles)
-    if not candidates:
+    if keep_memory:
+        candidates = [b for b in candidates if float(b.get("memory", 0.0)) >= memory_bytes]
+    if keep_cpus:
+        candidates = [b for b in candidates if float(b.get("CPU", 0.0)) >= num_cpus]
+    if not candidates:  # nothing holds the caller's own label: Ray refuses it, as for plain Ray
         return num_cpus, memory_bytes
     memory = min(float(memory_bytes), *(float(b.get("memory", 0.0)) for b in candidates))
     cpus = min(num_cpus, max(float(b.get("CPU", 0.0)) for b in candidates))
-    return cpus, int(memory)
+    return (num_cpus if keep_cpus else cpus), (memory_bytes if keep_memory else int(memory))

@@ -2,7 +2,8 @@
 
 A Ray task spec cannot change once submitted: a call whose ``memory`` / ``num_cpus``
 label was sized to fit only the biggest node keeps that label when Ray retries it
-after the node died (lineage and system-failure retries), and waits in Ray's queue
+after the node died (a system-failure retry; a finished call's value lost with
+the node is rebuilt by lineage under the same label too, which nothing here watches), and waits in Ray's queue
 for ever if no alive node can hold it, where plain Ray, which labels nothing,
 would rerun it on a surviving node.  The driver (``runtime/stranded.py``) watches
 its own calls in flight whose labels could strand them (``at_risk``, decided once

@@ -224,7 +224,8 @@ def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skippe
     if "duplicate" in out.columns:
         # The same run twice (two copies of a trace joined): replayed twice, a copy could be in
         # the history and its twin online, scored on a job already seen (an audit). Two real
-        # runs never share every field (Nextflow's submit/start/complete stamps, at least).
+        # runs never share every field where there are ids or time stamps (Nextflow:
+        # _repeated_runs), or Lotaru's dozen measured figures.
         drop(out["duplicate"].to_numpy(bool), "duplicating an earlier row")
     rows = out[keep].reset_index(drop=True)
     rows["task_type"] = rows["task_type"].astype(str).str.strip()
@@ -241,6 +242,19 @@ def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skippe
     rows.loc[~(rows["cpus"] > 0) | ~(rows["cpus"] <= _MAX_CORES), "cpus"] = np.nan
     rows.loc[~(rows["cpu_pct"] >= 0) | ~(rows["cpu_pct"] <= 100 * _MAX_CORES), "cpu_pct"] = np.nan
     return Trace(name=path.stem, path=str(path), format=fmt, rows=rows[list(COLUMNS)], skipped=skipped)
+
+
+#: Nextflow trace fields that tell two runs apart (ids and time stamps).
+_RUN_IDENTITY = ("task_id", "hash", "native_id", "submit", "start", "complete")
+
+
+def _repeated_runs(frame: pd.DataFrame) -> np.ndarray:
+    """Rows repeating an earlier row field for field, where the fields can tell runs apart: a
+    trace of only process, peak_rss and realtime has genuine runs alike (47 of chipseq's
+    2,615 cut to those columns), so without an id or a time stamp no row is a repeat."""
+    if not any(column in frame.columns for column in _RUN_IDENTITY):
+        return np.zeros(len(frame), dtype=bool)
+    return frame.duplicated().to_numpy()
 
 
 def read_nextflow(path: str | Path) -> Trace:
@@ -278,7 +292,7 @@ def read_nextflow(path: str | Path) -> Trace:
             "cpus": col("cpus", parse_memory),
             "cpu_pct": col("%cpu", _parse_percent),
             "split": "",
-            "duplicate": frame.duplicated().to_numpy(),
+            "duplicate": _repeated_runs(frame),
         }
     ).reset_index(drop=True)
     return _finish(frame, path, "nextflow", out, skipped)

@@ -46,10 +46,11 @@ import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from ..policy.admission import AdmissionQueue, Request, pooled_capacity, pooled_labels
+from .session import SERVICE_PROTOCOL
 
 logger = logging.getLogger(__name__)
 
-ADMISSION_NAME = "raysched_admission"
+ADMISSION_NAME = f"raysched_admission-{SERVICE_PROTOCOL}"  # (one per cluster; the version: session.SERVICE_PROTOCOL)
 
 
 def ray_ready(refs: Sequence[Any]) -> set[Any]:

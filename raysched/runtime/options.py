@@ -150,7 +150,8 @@ def fit_placement_group(options: dict[str, Any], allocation: Allocation | None =
     keep_cpus = allocation is not None and allocation.num_cpus_set_by_caller
     keep_memory = allocation is not None and allocation.memory_set_by_caller
     # an actor left at Ray's default CPU has no num_cpus here: only its memory is fitted
-    cpus, memory = fit_bundle(options.get("num_cpus", 0.0), options.get("memory", 0), group.bundle_specs, index)
+    cpus, memory = fit_bundle(options.get("num_cpus", 0.0), options.get("memory", 0), group.bundle_specs, index,
+                              keep_cpus=keep_cpus, keep_memory=keep_memory)
     if "num_cpus" in options and not keep_cpus:
         options["num_cpus"] = cpus
     if "memory" in options and not keep_memory:

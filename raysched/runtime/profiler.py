@@ -241,7 +241,8 @@ class Profiler:
         # Rows written to the store without this actor (``raysched import``, a worker that could
         # not reach it): functions loaded before are re-read at their next bundle request.
         # From the journal's end: what was written before this start is read as functions load.
-        self._outside_offset = self._outside_writes(0)[1]
+        end = getattr(self.store, "outside_writes_end", None)
+        self._outside_offset = end() if end is not None else 0
         self._outside_checked = -float("inf")
         self._outside_stale: set[str] = set()
 
@@ -261,7 +262,8 @@ class Profiler:
             functions, offset = self._outside_writes(self._outside_offset)
             with self._lock:
                 self._outside_offset = offset
-                self._outside_stale |= {f for f in functions if f in self._functions}  # others load them anyway
+                # (others are read when first asked for; one being read now may have missed them)
+                self._outside_stale |= {f for f in functions if f in self._functions or f in self._loading}
         with self._lock:
             if function in self._outside_stale:
                 self._outside_stale.discard(function)

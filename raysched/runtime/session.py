@@ -21,6 +21,13 @@ NAMESPACE = "raysched"
 #: The home a RayschedConfig built without one names (configure warns when the environment names another).
 _DEFAULT_HOME = RayschedConfig.home
 
+#: The version of the service actors' methods, in their names: a driver of a newer raysched on
+#: a cluster that outlived an upgrade found the older version's detached admission actor by its
+#: name and called it with arguments it did not take ("TypeError: too many positional
+#: arguments" at every call with a priority; an audit). Raise it whenever a method a driver or a
+#: worker calls on the profiler, the monitor or the admission queue changes; each version then
+#: starts its own actors (README, "Upgrading").
+SERVICE_PROTOCOL = "v2"
 #: Base names of the service actors that belong to one raysched home (see ``service_name``).
 PROFILER_BASE = "raysched_profiler"
 MONITOR_BASE = "raysched_monitor"
@@ -37,7 +44,7 @@ def service_name(base: str, config: RayschedConfig) -> str:
     predicts from, a store it did not name.  The admission queue counts the
     cluster's resources and stays one per cluster.
     """
-    return f"{base}-{_home_key(str(config.home_path))}"
+    return f"{base}-{SERVICE_PROTOCOL}-{_home_key(str(config.home_path))}"
 
 
 @functools.lru_cache(maxsize=64)

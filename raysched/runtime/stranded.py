@@ -2,8 +2,8 @@
 
 A call sized to fit only the biggest node(s) carries that ``memory`` / ``num_cpus``
 label in its Ray task spec, which cannot change once submitted.  When those nodes
-die while it runs or waits, Ray retries it with the same spec (lineage and
-system-failure retries); no alive node can hold the label, so it waits in Ray's
+die while it runs or waits, Ray retries it with the same spec (a system-failure
+retry); no alive node can hold the label, so it waits in Ray's
 queue for ever, and ``ray.get`` never returns: raysched's own retry path
 (``worker.recover``) only runs once the retried task starts.  Ray offers no way to
 change a submitted task's resources or to fill its return object with another
@@ -150,7 +150,9 @@ class StrandWatch:
         if self._node_ids is not None and self._node_ids - ids and self._on_shrink is not None:
             self._on_shrink()  # a node left: new calls are sized to the nodes alive at once, not within 5 s
         self._node_ids = ids
-        ended: list[str] = []
+        if not _enabled():
+            return []  # turned off since these calls were planned (configure(cancel_stranded_calls=False))
+        found: list[tuple[StrandGroup, str, Any, bytes, tuple]] = []
         with self._lock:
             groups = list(self._groups)
         for group in groups:
@@ -162,26 +164,51 @@ class StrandWatch:
             if group.looks < self._looks:
                 continue
             with self._lock:
-                calls = list(group.calls.items())
-            for call_id, (ref, spec_bytes) in calls:
-                try:
-                    if self._end(group, call_id, ref, spec_bytes, nodes):
-                        ended.append(call_id)
-                except Exception:  # noqa: BLE001 - one call's failure must not keep the others waiting
-                    logger.exception("raysched: could not end stranded call %s of %s", call_id, group.function)
-                with self._lock:
-                    group.calls.pop(call_id, None)
-        return ended
+                found.extend((group, call_id, ref, spec_bytes, nodes) for call_id, (ref, spec_bytes) in group.calls.items())
+        return self._end_all(found)
 
-    def _end(self, group: StrandGroup, call_id: str, ref: Any, spec_bytes: bytes, nodes: tuple) -> bool:
-        """Record, report and cancel one stranded call; False if it had ended meanwhile."""
+    def _end_all(self, found: list[tuple["StrandGroup", str, Any, bytes, tuple]]) -> list[str]:
+        """Record, report and cancel the stranded calls of one look, together: one event call and
+        one flush per home, then every cancel (one call at a time, each with its own round trip
+        and flush, ended a dozen calls 0.5 s apart: a thousand would have taken minutes)."""
+        ended: list[tuple[StrandGroup, str, Any, str, int]] = []
+        decisions: dict[Any, list[Decision]] = {}
+        for group, call_id, ref, spec_bytes, nodes in found:
+            try:
+                lost = self._record(group, call_id, ref, spec_bytes, nodes)
+            except Exception:  # noqa: BLE001 - one call's failure must not keep the others waiting
+                logger.exception("raysched: could not end stranded call %s of %s", call_id, group.function)
+                lost = None
+            with self._lock:
+                group.calls.pop(call_id, None)
+            if lost is not None:
+                decision, reason, attempt = lost
+                decisions.setdefault(group.config, []).append(decision)
+                ended.append((group, call_id, ref, reason, attempt))
+        from .rows import get_sink
+
+        for config, batch in decisions.items():
+            _note(config, batch)
+            # The rows are stored before the callers hear: they may read the profiles at once.
+            get_sink(config).flush(wait_s=_ROW_WAIT_S)
+        for group, call_id, ref, reason, attempt in ended:
+            logger.warning("raysched: cancelled %s call %s (attempt %d): %s. Submit it again: new calls are "
+                           "sized to the nodes alive.", group.function, call_id, attempt, reason)
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - its row and event say why; the others are still cancelled
+                logger.exception("raysched: could not cancel stranded call %s of %s", call_id, group.function)
+        return [call_id for _, call_id, _, _, _ in ended]
+
+    def _record(self, group: StrandGroup, call_id: str, ref: Any, spec_bytes: bytes,
+                nodes: tuple) -> tuple[Decision, str, int] | None:
+        """The lost attempt's row, and its event and reason; None if the call had ended meanwhile."""
         from .spec import decode_spec
         from .worker import _handed_over, _last_live_usage, _last_run_here, _record_for
-        from .rows import get_sink
 
         done, _ = ray.wait([ref], timeout=0, fetch_local=False)
         if done:
-            return False
+            return None
         task_spec = decode_spec(spec_bytes, group.config)
         # The attempt that was lost: the task's own, a later one it ran in place after a
         # failure, or one it had handed over to (its owner, the task, died with the node).
@@ -197,35 +224,40 @@ class StrandWatch:
                   f"retry waiting for ever, so the driver cancelled it"
                   + ("" if usage is not None else " (no live sample: it ran under 0.5 s, or had not started)"))
         _record_for(spec, Outcome.CANCELLED, usage, reason)
-        _note(group.config, Decision(NODE_LOST, CANCEL, group.function, call_id, spec.attempt,
-                                     measured=float(group.label.memory_bytes),
-                                     allocated=float(biggest.memory_bytes if biggest is not None else 0),
-                                     detail=reason[:2000], code_hash=group.code_hash, timestamp=time.time()))
-        # The row is stored before the caller hears: it may read the profiles at once.
-        get_sink(group.config).flush(wait_s=_ROW_WAIT_S)
-        logger.warning("raysched: cancelled %s call %s (attempt %d): %s. Submit it again: new calls are "
-                       "sized to the nodes alive.", group.function, call_id, spec.attempt, reason)
-        ray.cancel(ref)
-        return True
+        decision = Decision(NODE_LOST, CANCEL, group.function, call_id, spec.attempt,
+                            measured=float(group.label.memory_bytes),
+                            allocated=float(biggest.memory_bytes if biggest is not None else 0),
+                            detail=reason[:2000], code_hash=group.code_hash, timestamp=time.time())
+        return decision, reason, spec.attempt
 
 
-def _note(config: Any, decision: Decision) -> None:
-    """The event, through the monitor as every driver decision goes; straight to the store without one."""
+def _enabled() -> bool:
+    """The driver's config now, not the plan's: turned off mid-run for an autoscaling cluster,
+    the calls already in flight are left waiting too (a review)."""
+    from .session import get_config
+
+    return bool(get_config().cancel_stranded_calls)
+
+
+def _note(config: Any, decisions: list[Decision]) -> None:
+    """The events, through the monitor as every driver decision goes; straight to the store without one."""
     from .session import NAMESPACE, monitor_name
 
     try:
         monitor = ray.get_actor(monitor_name(config), namespace=NAMESPACE)
-        ray.get(monitor.note.remote([decision]), timeout=10)
+        ray.get(monitor.note.remote(decisions), timeout=10)
         return
     except Exception as exc:  # noqa: BLE001 - no monitor (disabled, or lost with the node): write it here
-        logger.debug("raysched: no monitor to note %s (%s); writing the event to the store", decision.rule, exc)
+        logger.debug("raysched: no monitor to note %d node_lost event(s) (%s); writing them to the store",
+                     len(decisions), exc)
     from ..store.profiles import ProfileStore
     from .monitor import event_row
 
     try:
-        ProfileStore(config.home_path).append_events([event_row(decision)])
-    except Exception as exc:  # noqa: BLE001 - the warning still says it
-        logger.warning("raysched: could not record the %s event of %s: %s", decision.rule, decision.function, exc)
+        ProfileStore(config.home_path).append_events([event_row(d) for d in decisions])
+    except Exception as exc:  # noqa: BLE001 - the warnings still say it
+        logger.warning("raysched: could not record %d node_lost event(s) of %s: %s", len(decisions),
+                       decisions[0].function, exc)
 
 
 __all__ = ["CHECK_INTERVAL_S", "STRANDED_LOOKS", "StrandGroup", "StrandWatch"]

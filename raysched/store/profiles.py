@@ -102,13 +102,22 @@ class ProfileStore:
         names = sorted({str(f) for f in functions})
         if not names:
             return
-        line = json.dumps({"t": time.time(), "functions": names}) + "\n"
+        # A newline first as well as last: a line a crashed writer cut short is closed by the
+        # next one, not glued to it (the two would fail to parse together; a review).
+        line = "\n" + json.dumps({"t": time.time(), "functions": names}) + "\n"
         try:
             with open(self.home / OUTSIDE_WRITES, "a", encoding="utf-8") as fh:
                 fh.write(line)
         except OSError as exc:
             logger.warning("raysched: could not tell a running profiler of %s about new rows (%s); it serves "
                            "them once it reads %s again (raysched.flush() or a restart)", self.home, exc, names)
+
+    def outside_writes_end(self) -> int:
+        """Where the journal ends now: a new reader looks from here on."""
+        try:
+            return (self.home / OUTSIDE_WRITES).stat().st_size
+        except OSError:
+            return 0
 
     def outside_writes(self, offset: int) -> tuple[set[str], int]:
         """The functions noted by ``note_outside_write`` from byte ``offset`` of the journal on,
@@ -125,6 +134,8 @@ class ProfileStore:
         whole = data[: data.rfind(b"\n") + 1]
         functions: set[str] = set()
         for line in whole.splitlines():
+            if not line.strip():
+                continue
             try:
                 functions.update(json.loads(line)["functions"])
             except (ValueError, KeyError, TypeError):
