@@ -77,7 +77,9 @@ def test_calls_with_a_priority_start_highest_first_when_the_cluster_is_full(ray_
     assert wait_for(lambda: _queue_status()["admitted"] == 2, timeout=60), _queue_status()
     # ...then four more low calls and, last, two urgent ones queue behind them.
     later = [hold.options(priority=0).remote(f"low{i}", 0.4) for i in range(2, 6)]
-    high = [hold.options(priority=5).remote(f"high{i}", 0.4) for i in range(2)]
+    # (1.5 s each: a high call's body may start a second late, in a new worker on a busy machine,
+    # and a low call admitted when the other high one ended must not start before it)
+    high = [hold.options(priority=5).remote(f"high{i}", 1.5) for i in range(2)]
     assert all(isinstance(r, ray.ObjectRef) for r in first + later + high)
     results = ray.get(first + later + high, timeout=120)
     order = [label for label, _start in sorted(results, key=lambda r: r[1])]
