@@ -73,8 +73,9 @@ def two_workers(tmp_path_factory):
             cluster.shutdown()
 
 
-@adaptive_remote(memory=128 * MiB, num_cpus=0.5)
-def runs_for(seconds: float, value: int, marker_dir: str) -> int:
+def held_for(seconds: float, value: int, marker_dir: str) -> int:
+    """Leaves a marker named value.node.unique while it runs (renamed *.done at its end), so a
+    test sees where each attempt ran; each test decorates it with the sizes it needs."""
     import uuid
 
     node = ray.get_runtime_context().get_node_id()
@@ -85,6 +86,9 @@ def runs_for(seconds: float, value: int, marker_dir: str) -> int:
         time.sleep(0.05)
     os.rename(marker, marker + ".done")
     return value
+
+
+runs_for = adaptive_remote(memory=128 * MiB, num_cpus=0.5, name="test_node_loss_ray.runs_for")(held_for)
 
 
 def _markers(marker_dir):
@@ -184,18 +188,6 @@ def uneven_workers(tmp_path_factory):
         finally:
             ray.shutdown()
             cluster.shutdown()
-
-
-def held_for(seconds: float, value: int, marker_dir: str) -> int:
-    """``runs_for``'s body, undecorated: each test decorates it with the sizes it needs."""
-    node = ray.get_runtime_context().get_node_id()
-    marker = os.path.join(marker_dir, f"{value}.{node}.x")
-    open(marker, "w").close()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.rename(marker, marker + ".done")
-    return value
 
 
 #: Cold, its fallback is sized to 2 GiB + 15%: a label only the big node holds.

@@ -642,6 +642,9 @@ class _SlowStore:
         self.reading = threading.Event()
         self.release = threading.Event()
 
+    def __getattr__(self, name):  # everything else as the store it wraps
+        return getattr(self._store, name)
+
     def read_recent(self, n, function=None, code_hash=None):
         read = self._store.read_recent(n, function=function, code_hash=code_hash)
         if function == self._slow:  # read, and not returned yet: rows written now are not in it

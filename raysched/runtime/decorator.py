@@ -613,9 +613,9 @@ class AdaptiveFunction(_Adaptive):
         spec = self._first_spec(client, options, features, bundle, cluster, queued=options.queued)
         ray_options = remote_options(spec)
         returns_nothing = options.queued and ask_a_return(ray_options)  # the queue tracks its end
-        remote = self._remote_with(ray_options, self._config(client), client)
-        peak = expected_peak_bytes(spec.prediction.memory.upper, spec.allocation.memory_is_task_only)
         config = self._config(client)
+        remote = self._remote_with(ray_options, config, client)
+        peak = expected_peak_bytes(spec.prediction.memory.upper, spec.allocation.memory_is_task_only)
         return _Plan(bundle, cluster, client.config, remote, encode_template(spec), features, spec.allocation,
                      float(spec.prediction.wall.target), _known_wall(spec.prediction), peak, returns_nothing,
                      options.name, ray_options, self._strand_group(options, ray_options, cluster, client, config))

@@ -241,14 +241,9 @@ class Profiler:
         # Rows written to the store without this actor (``raysched import``, a worker that could
         # not reach it): functions loaded before are re-read at their next bundle request.
         # From the journal's end: what was written before this start is read as functions load.
-        end = getattr(self.store, "outside_writes_end", None)
-        self._outside_offset = end() if end is not None else 0
+        self._outside_offset = self.store.outside_writes_end()
         self._outside_checked = -float("inf")
         self._outside_stale: set[str] = set()
-
-    def _outside_writes(self, offset: int) -> tuple[set[str], int]:
-        read = getattr(self.store, "outside_writes", None)  # (a test's stand-in store may have none)
-        return read(offset) if read is not None else (set(), offset)
 
     def _written_outside(self, function: str) -> bool:
         """Whether ``function``'s rows were written to the store by another process since this
@@ -259,7 +254,7 @@ class Profiler:
             if due:
                 self._outside_checked = now
         if due:
-            functions, offset = self._outside_writes(self._outside_offset)
+            functions, offset = self.store.outside_writes(self._outside_offset)
             with self._lock:
                 self._outside_offset = offset
                 # (others are read when first asked for; one being read now may have missed them)
