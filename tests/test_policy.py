@@ -189,7 +189,8 @@ def test_little_history_uses_max_scaled_by_input_size_with_confidence_multiplier
     # Along the line 100 MB + 4 x size, widened by (1 + 1/10):
     assert big.memory.target == pytest.approx(100e6 + 4e8, rel=1e-3)
     assert big.memory.upper == pytest.approx((100e6 + 4e8) * 1.1, rel=1e-3)
-    assert small.memory.target == pytest.approx(104e6, rel=1e-3)
+    # Below the smallest run, read at the smallest run's size.
+    assert small.memory.target == pytest.approx(100e6 + 4 * history.input_size.min(), rel=1e-3)
 
 
 def test_uncorrelated_history_takes_the_max_not_the_line():
@@ -921,6 +922,21 @@ def test_history_statistics_are_fitted_once_per_history_and_read_per_call():
     second = History.from_columns({"input_size": sizes, "memory": 2e8 + 10 * sizes})
     moved = est.estimate(EstimationContext(history=second, models={}, fallback=Fallback()), Features(input_size=1e6))
     assert moved.upper == pytest.approx(2e8 + 1e7)
+
+
+def test_a_call_smaller_than_every_run_is_read_off_the_line_at_the_smallest_run_not_below_it():
+    # An audit: with a line whose intercept is under zero (wall = 1e-8 x size - 5 s), a call of
+    # a smaller input than any run was read off the line at its own size: 0 s, and a memory
+    # line down to the 64 MiB floor where the smallest run had peaked at 477 MiB.
+    est = PercentileEstimator("wall", percentile=95.0, min_history=3, min_correlation=0.3, coverage=0.95)
+    sizes = np.linspace(1e9, 3e9, 12)
+    history = History.from_columns({"input_size": sizes, "wall": 1e-8 * sizes - 5.0})
+    ctx = EstimationContext(history=history, models={}, fallback=Fallback())
+    tiny, smallest = (est.estimate(ctx, Features(input_size=s)) for s in (1e8, 1e9))
+    assert tiny.target == pytest.approx(5.0) and tiny.upper == pytest.approx(5.0)
+    assert (tiny.target, tiny.lower, tiny.upper) == (smallest.target, smallest.lower, smallest.upper)
+    # Above the smallest run the line is read as before.
+    assert est.estimate(ctx, Features(input_size=2e9)).target == pytest.approx(15.0)
 
 
 def test_a_failures_fixed_cost_makes_short_runs_fit_and_leaves_long_runs_as_they_were():

@@ -85,8 +85,9 @@ class PercentileEstimator:
 
     Where input size explains the use (Spearman rho^2 >= ``min_correlation``) and
     the call's input size is known, the statistic is taken of the residuals of a
-    least-squares line ``use = a + b * size`` and added to the line at this size,
-    so that a large input is not sized from small ones.
+    least-squares line ``use = a + b * size`` and added to the line at this size (at the
+    smallest input seen, for a smaller one), so that a large input is not sized from
+    small ones.
     """
 
     resource: str
@@ -104,8 +105,11 @@ class PercentileEstimator:
             return None
         n, line_fit, unsized = fit
         if x.input_size is not None and line_fit is not None:
-            slope, intercept, median, upper_resid, lower_resid = line_fit
-            line = intercept + slope * float(x.input_size)
+            slope, intercept, median, upper_resid, lower_resid, smallest = line_fit
+            # Read no lower than the smallest input seen: below it the line is a guess, and one
+            # with an intercept under zero gave a call of a small input 0 s or the 64 MiB floor
+            # (use does not shrink further, as CostAwareEstimator reads its curve).
+            line = intercept + slope * max(float(x.input_size), smallest)
             target = max(line + median, 0.0)
             upper = max(line + upper_resid, target)
             lower = min(max(line + lower_resid, 0.0), target)
@@ -133,7 +137,8 @@ class PercentileEstimator:
                 slope = max(float(slope), 0.0)  # use never shrinks as input grows
                 resid = v - (intercept + slope * s)
                 line_fit = (slope, float(intercept), float(np.median(resid)),
-                            float(np.percentile(resid, upper_pct)), float(np.percentile(resid, lower_pct)))
+                            float(np.percentile(resid, upper_pct)), float(np.percentile(resid, lower_pct)),
+                            float(s.min()))
         target = float(np.median(values))
         unsized = Estimate(
             target=target,
