@@ -184,6 +184,37 @@ def test_a_method_that_makes_no_progress_is_reported_not_looped():
         replay_trace(trace, [_Stuck()], seed=0)
 
 
+class _Proposes(Method):
+    """A first allocation, then retries, as given."""
+
+    name = "proposes"
+
+    def __init__(self, first, retry):
+        self._first, self._retry = first, retry
+
+    def sizer(self, history):
+        method = self
+
+        class _S(TaskSizer):
+            def first(self, job):
+                return method._first
+
+            def retry(self, job, failed):
+                return method._retry
+
+        return _S()
+
+
+@pytest.mark.parametrize("first, retry, proposed", [(1.0, math.inf, "inf"), (0.0, 2.0, "0.0"), (-5.0, 2.0, "-5.0"),
+                                                    (math.nan, 2.0, "nan")])
+def test_every_allocation_a_method_proposes_must_be_a_finite_positive_size(first, retry, proposed):
+    """An audit: a retry of inf was accepted (larger than the last), and the wastage and the
+    JSON became infinite; a first allocation of 0 was reported as a retry "no larger"."""
+    trace = read_trace(LOTARU, "lotaru")
+    with pytest.raises(ReplayError, match=f"proposed {proposed} bytes"):
+        replay_trace(trace, [_Proposes(first, retry)], seed=0)
+
+
 class _Creeping(Method):
     """Nextflow's ``memory x attempt`` from a preset far below the peak."""
 
@@ -365,6 +396,25 @@ def test_infinite_and_out_of_range_figures_are_skipped_with_counts_or_read_as_un
     assert math.isnan(last["memory"]) and math.isnan(last["input_size"])
 
 
+def test_presets_replay_a_retried_runs_first_request_and_its_failure(tmp_path):
+    """An audit: a run Nextflow retried has ``memory`` already doubled (nf-core's
+    ``X.GB * task.attempt``); presets started from it, never charged the first attempt's
+    failure, and so were scored better than Nextflow ran."""
+    rows = "".join(f"A,COMPLETED,{100 + i},10,200,1\n" for i in range(40))  # 40 runs that fit their 200 B
+    text = "process,status,peak_rss,realtime,memory,attempt\n" + rows + "A,COMPLETED,300,10,400,2\n" \
+        + "A,COMPLETED,100,10,200,x\n"  # an attempt that is no number counts as the first
+    trace = read_trace(_write(tmp_path, "t.csv", text), "nextflow")
+    assert list(trace.rows["attempt"]) == [1.0] * 40 + [2.0, 1.0]
+    history, _ = split_trace(trace, seed=1)
+    result = replay_trace(trace, [Presets()], seed=1)
+    assert 300.0 in set(history[0].online["peak_rss"])  # seed 1 puts the retried run online
+    # There it fails at 200 B (charged 200 x 10 ms) and fits at 400 B, as it did in Nextflow.
+    presets = result.methods["presets"]
+    assert presets.failures == 1 and presets.under == 200 * 10
+    lotaru = "Label,Task,Realtime,peak_rss,memory,TaskInputSize\ntrain-1,A,10,100,200,1\ntest,A,10,100,200,1\n"
+    assert list(read_trace(_write(tmp_path, "l.csv", lotaru), "lotaru").rows["attempt"]) == [1.0, 1.0]
+
+
 def test_a_trailing_delimiter_on_every_row_does_not_shift_the_columns(tmp_path):
     text = "process,status,peak_rss,realtime\nA,COMPLETED,100,10,\nB,COMPLETED,200,20,\n"
     trace = read_trace(_write(tmp_path, "t.csv", text), "nextflow")
@@ -474,3 +524,58 @@ def test_cost_aware_ladder_jumps_to_the_largest_peak_seen():
     # 12 GiB x 1.15 = 13.8 GiB (>= the x1.2 floor of 13.8 GiB), not 2 x 11.5 = 23 GiB
     assert nxt.reason == "largest peak seen"
     assert nxt.memory_bytes < 14.5 * GiB
+
+
+
+def _one_type_trace(history_peaks, online_peaks, input_sizes=None):
+    """A Lotaru-style trace of one task type: history rows, then online rows, as given."""
+    import pandas as pd
+
+    from raysched.replay.readers import Trace
+
+    peaks = list(history_peaks) + list(online_peaks)
+    df = pd.DataFrame({"task_type": "A", "peak_rss": peaks, "realtime_ms": 1000.0,
+                       "input_size": 1e6 if input_sizes is None else input_sizes, "memory": np.nan, "cpus": 1,
+                       "cpu_pct": 100.0})
+    df["split"] = ["history"] * len(history_peaks) + ["online"] * len(online_peaks)
+    df["row"] = range(len(df))
+    return Trace("t", "t", "lotaru", df, {})
+
+
+def test_a_job_whose_ladder_ran_out_is_counted_once():
+    """An audit: one job past raysched's ladder counted 7 (each doubling after it gave up)."""
+    from raysched.replay.raysched_method import RayschedMethod
+
+    method = RayschedMethod()
+    result = replay_trace(_one_type_trace([2**30] * 10, [1000 * 2**30]), [method])
+    assert result.methods["raysched"].tasks == 1 and result.methods["raysched"].failures > 4
+    assert method.exhausted == 1
+
+
+def test_the_replay_retrains_and_serves_models_by_the_profilers_rules():
+    """An audit: the replay refitted every 20 rows and always served the newest, where the
+    profiler also waits for a tenth of the history and keeps a model no worse on holdout."""
+    from raysched.config import RayschedConfig
+    from raysched.policy.models import fit_resource_model, replaces_served, retrain_due
+    from raysched.replay.raysched_method import RayschedMethod
+    from raysched.types import History
+
+    config = RayschedConfig(memory_cost_aware=False)  # the model sizes memory
+    assert not retrain_due(19, 100, config) and retrain_due(20, 100, config)
+    assert not retrain_due(20, 1000, config) and retrain_due(100, 1000, config)
+    sizes = np.random.default_rng(0).uniform(1e8, 1e9, 400)
+    peaks = 1e8 + 2.0 * sizes
+    method = RayschedMethod(config)
+    replay_trace(_one_type_trace(peaks[:200], peaks[200:], sizes), [method])
+    # 200 history rows and 200 online: the first fit, then one each time 20 rows and a tenth
+    # of the history have arrived (at 223, 248, 276, 307, 341 and 379 rows): 7 fits, where
+    # every 20 rows made 10.
+    assert method.trainings == 7, method.trainings
+
+    # A new model is served only if it is no worse on its holdout than the served one.
+    history = History.from_columns({"input_size": sizes, "memory": peaks})
+    good = fit_resource_model(history, "memory", config)
+    bad = fit_resource_model(History.from_columns({"input_size": sizes, "memory": peaks[::-1] * 3}), "memory", config)
+    assert replaces_served(good, None, history, "memory", config)[0]
+    assert replaces_served(good, bad, history, "memory", config)[0]
+    assert not replaces_served(bad, good, history, "memory", config)[0]

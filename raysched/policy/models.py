@@ -295,3 +295,23 @@ def holdout(history: History, resource: str, config: RayschedConfig) -> tuple[Ru
     n_hold = max(4, int(math.ceil(rows.shape[0] * config.holdout_fraction)))
     rows = rows[-n_hold:]
     return Runs.of(history, rows), history.column(resource)[rows]
+
+
+def retrain_due(new_rows: int, n_rows: int, config: RayschedConfig) -> bool:
+    """Whether the rows that arrived since the last training call for another: at least
+    ``retrain_after_new_rows`` of them and a tenth of the history (a model of 2,000 runs
+    is not refitted for every 20 more). The profiler adds its clock
+    (``min_retrain_interval_s``) and the training's cost; a trace replay has neither."""
+    return new_rows >= max(config.retrain_after_new_rows, 0.1 * n_rows)
+
+
+def replaces_served(new: ResourceModel, served: ResourceModel | None, history: History, resource: str,
+                    config: RayschedConfig) -> tuple[bool, float]:
+    """Whether a newly trained model is served instead of ``served``: no worse on the runs it
+    was held out on (the newest), scored by the same pinball loss; and the served model's loss
+    there (inf with none served)."""
+    if served is None:
+        return True, math.inf
+    held, y_hold = holdout(history, resource, config)
+    served_loss = evaluate(served, held, y_hold)["pinball_loss"]
+    return new.metrics["pinball_loss"] <= served_loss + 1e-12, served_loss

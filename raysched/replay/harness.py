@@ -203,6 +203,14 @@ def split_trace(
     return runs, skipped
 
 
+def _checked(allocation: float, method: Method, run: TaskTypeRun) -> float:
+    """An allocation as a method proposed it, refused unless a finite positive number of
+    bytes (an infinite retry made the wastage infinite, and the JSON not JSON)."""
+    if not math.isfinite(allocation) or allocation <= 0:
+        raise ReplayError(f"{method.name} on {run.task_type}: proposed {allocation!r} bytes")
+    return allocation
+
+
 def _replay_type(method: Method, run: TaskTypeRun) -> Tally:
     total = Tally()
     clock = time.perf_counter
@@ -214,24 +222,23 @@ def _replay_type(method: Method, run: TaskTypeRun) -> Tally:
         job = Job(
             task_type=run.task_type,
             input_size=float(rec.input_size),
-            preset_memory=float(rec.memory),
+            # The first attempt's request: a retried run's preset was multiplied by its attempt.
+            preset_memory=float(rec.memory) / float(getattr(rec, "attempt", 1.0)),
             cpus=float(rec.cpus),
         )
         peak, rt = float(rec.peak_rss), float(rec.realtime_ms)
         t0 = clock()
         if reveal is not None:
             reveal(peak)
-        allocations = [float(sizer.first(job))]
+        allocations = [_checked(float(sizer.first(job)), method, run)]
         while allocations[-1] < peak and len(allocations) < MAX_ATTEMPTS:
-            nxt = float(sizer.retry(job, tuple(allocations)))
+            nxt = _checked(float(sizer.retry(job, tuple(allocations))), method, run)
             if not nxt > allocations[-1]:
                 raise ReplayError(
                     f"{method.name} on {run.task_type}: after a failure at {allocations[-1]:.0f} B "
                     f"it proposed {nxt!r}, no larger"
                 )
             allocations.append(nxt)
-        if not math.isfinite(allocations[0]) or allocations[0] <= 0:
-            raise ReplayError(f"{method.name} on {run.task_type}: proposed {allocations[0]!r} bytes")
         sizer.observe(job, peak, rt)
         spent += clock() - t0
         total.add(account(allocations, peak, rt) if allocations[-1] >= peak else account_given_up(allocations, peak, rt))

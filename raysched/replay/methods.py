@@ -30,7 +30,7 @@ class Job:
 
     task_type: str
     input_size: float  # bytes; NaN when the trace has none
-    preset_memory: float  # the workflow's own request in bytes; NaN when none
+    preset_memory: float  # the workflow's own request for a first attempt, in bytes; NaN when none
     cpus: float  # requested cores; NaN when none
 
 

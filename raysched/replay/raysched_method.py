@@ -8,10 +8,14 @@ is the runtime's bookkeeping, replayed:
 
 - a task type's history is the trace's history rows (peak memory, %cpu / 100 as
   cores, realtime as wall seconds, the input size), oldest first;
-- models are trained on that history, then retrained each time
-  ``config.retrain_after_new_rows`` new rows have arrived, as the profiler does
-  (lazily: a model that no estimator consults is never fitted, which is what makes
-  a replay of a whole workflow take seconds, not minutes);
+- models are trained on that history, then retrained when the rows since the last
+  training call for it by the profiler's own rule (``policy.models.retrain_due``:
+  ``retrain_after_new_rows`` and a tenth of the history), and a new model is served
+  only if it is no worse than the served one on its holdout
+  (``policy.models.replaces_served``), as the profiler does; the profiler's clock
+  (``min_retrain_interval_s``) and training-cost limit have no counterpart in a
+  replay.  Models are fitted lazily: one that no estimator consults is never fitted,
+  which is what makes a replay of a whole workflow take seconds, not minutes;
 - only memory is scored, so only the memory chain is asked;
 - a failed attempt is an out-of-memory kill at the allocation: its attempt record
   says the peak reached the allocation, and (as the runtime stores it) it adds the
@@ -34,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import RayschedConfig
+from ..policy.models import retrain_due
 from ..types import Allocation, AttemptRecord, Estimate, Features, History, Outcome, Prediction, Usage
 from .methods import Job, Method, TaskHistory, TaskSizer
 
@@ -77,10 +82,14 @@ class _LazyModels(Mapping):
 
     def __getitem__(self, resource: str):
         if resource not in self.fitted:
-            from ..policy.models import fit_resource_model
+            from ..policy.models import fit_resource_model, replaces_served
 
-            self.fitted[resource] = fit_resource_model(self.history, resource, self.sizer.config)
+            config, served = self.sizer.config, self.sizer.served
+            model = fit_resource_model(self.history, resource, config)
             self.sizer.m.trainings += 1
+            if model is not None and replaces_served(model, served.get(resource), self.history, resource, config)[0]:
+                served[resource] = model
+            self.fitted[resource] = served.get(resource)
         model = self.fitted[resource]
         if model is None:
             raise KeyError(resource)
@@ -113,6 +122,7 @@ class _RayschedSizer(TaskSizer):
             self.cols.add(float(history.input_size[i]), float(history.peak_rss[i]), cpu, history.realtime_ms[i] / 1000.0)
         self.version = len(self.cols.memory)
         self._history: History | None = None
+        self.served: dict[str, object] = {}  # resource -> the model served, as the profiler's
         self.models = _LazyModels(self)
         self.trained_at = len(self.cols.memory)
         self.max_peak = float(np.nanmax(history.peak_rss)) if len(history) else 0.0
@@ -128,7 +138,7 @@ class _RayschedSizer(TaskSizer):
         self.cols.add(input_size, memory, cpu, wall, censored)
         self.version += 1
         self._history = None
-        if len(self.cols.memory) - self.trained_at >= self.config.retrain_after_new_rows:
+        if retrain_due(len(self.cols.memory) - self.trained_at, len(self.cols.memory), self.config):
             self.models = _LazyModels(self)  # retrained on first use, from the history as of now
             self.trained_at = len(self.cols.memory)
 
@@ -146,6 +156,7 @@ class _RayschedSizer(TaskSizer):
         cpu = Estimate(1.0, 1.0, 1.0, self.config.coverage, 0)
         self._prediction = Prediction(memory=memory, cpu=cpu, wall=cpu, source=memory.source)
         self._first = size(self._prediction, self.config)
+        self._exhausted = False
         return float(self._first.memory_bytes)
 
     def retry(self, job: Job, failed: Sequence[float]) -> float:
@@ -178,7 +189,8 @@ class _RayschedSizer(TaskSizer):
         )
         nxt = self.ladder.next_allocation(state)
         if nxt is None:
-            self.m.exhausted += 1
+            self.m.exhausted += not self._exhausted  # once per job, however many doublings follow
+            self._exhausted = True
             nxt = Allocation(num_cpus=alloc.num_cpus, memory_bytes=int(failed[-1] * 2), rung=alloc.rung, reason="doubled")
         self._allocs.append(nxt)
         return float(nxt.memory_bytes)
@@ -197,7 +209,7 @@ class RayschedMethod(Method):
         self.config = config or RayschedConfig()
         self.record_oom_samples = record_oom_samples
         self.exhausted = 0  # jobs whose ladder ran out of attempts (doubled from there)
-        self.trainings = 0  # retrainings after the initial one
+        self.trainings = 0  # models fitted, per resource (the first of each task type included)
 
     def sizer(self, history: TaskHistory) -> TaskSizer:
         return _RayschedSizer(self, history)

@@ -42,6 +42,8 @@ FORMATS: tuple[str, ...] = ("nextflow", "lotaru")
 #: - ``realtime_ms``: the task's wall time in milliseconds;
 #: - ``input_size``: bytes read (``rchar``) or the explicit ``TaskInputSize``; NaN if unknown;
 #: - ``memory``: the memory the workflow requested (its preset) in bytes; NaN if none;
+#: - ``attempt``: Nextflow's attempt number of the run (1 where the trace has none): a
+#:   retried run's ``memory`` is already the first request x attempt (nf-core's idiom);
 #: - ``cpus``: cores requested; ``cpu_pct``: measured %cpu (100 = one core);
 #: - ``split``: ``"history"`` / ``"online"`` when the trace fixes the split (lotaru), else ``""``;
 #: - ``row``: the row's 0-based position in the file (data rows only), for messages.
@@ -51,6 +53,7 @@ COLUMNS: tuple[str, ...] = (
     "realtime_ms",
     "input_size",
     "memory",
+    "attempt",
     "cpus",
     "cpu_pct",
     "split",
@@ -237,6 +240,9 @@ def _finish(frame: pd.DataFrame, path: Path, fmt: str, out: pd.DataFrame, skippe
     bad_input = (rows["input_size"] < 0) | ~(rows["input_size"] < 2.0**63)
     rows.loc[bad_input & rows["input_size"].notna(), "input_size"] = np.nan
     rows.loc[~(rows["memory"] < 2.0**63) & rows["memory"].notna(), "memory"] = np.nan
+    # An attempt number that cannot be one (missing, under 1, fractional, absurd) counts as the first.
+    attempt = rows["attempt"].astype(float)
+    rows["attempt"] = attempt.where((attempt >= 1) & (attempt <= 1000) & (attempt == attempt.round()), 1.0)
     # Cores that cannot be (none or fewer requested, a negative, infinite or absurd %cpu) are
     # unknown: imported as they were, 1e306 cores became a prediction's upper bound (an audit).
     rows.loc[~(rows["cpus"] > 0) | ~(rows["cpus"] <= _MAX_CORES), "cpus"] = np.nan
@@ -289,6 +295,7 @@ def read_nextflow(path: str | Path) -> Trace:
             "realtime_ms": col("realtime", parse_duration_ms),
             "input_size": col("rchar", parse_memory),
             "memory": col("memory", parse_memory),
+            "attempt": col("attempt", parse_memory),
             "cpus": col("cpus", parse_memory),
             "cpu_pct": col("%cpu", _parse_percent),
             "split": "",
@@ -322,6 +329,7 @@ def read_lotaru(path: str | Path) -> Trace:
             "realtime_ms": col("Realtime", parse_duration_ms),
             "input_size": input_size,
             "memory": col("memory", parse_memory),
+            "attempt": 1.0,
             "cpus": col("cpus", parse_memory),
             "cpu_pct": col("%cpu", _parse_percent),
             "split": split,

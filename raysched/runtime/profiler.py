@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..config import RayschedConfig
-from ..policy.models import IncompatibleModel, ResourceModel, evaluate, holdout
+from ..policy.models import IncompatibleModel, ResourceModel, replaces_served, retrain_due
 from ..policy.recipe import MODELLED, build_predictor
 from ..policy.samples import pooled_short_cores
 from ..store.group_commit import GroupCommit
@@ -452,7 +452,7 @@ class Profiler:
         if state.training is not None and not state.training.done():
             return
         usable = state.n_usable
-        enough_new = state.new_rows >= max(self.config.retrain_after_new_rows, 0.1 * state.n_rows)
+        enough_new = retrain_due(state.new_rows, state.n_rows, self.config)
         rested = self._clock() - state.last_trained >= self.config.min_retrain_interval_s
         affordable = (state.task_seconds_since_training * self.config.train_cost_fraction
                       >= state.last_training_cpu_s)
@@ -499,11 +499,7 @@ class Profiler:
             # to it, so it is no rival); one of the name's rows with the last served.
             rivals = dict(state.models_by_code.get(code_hash, {}) if scope == "code" else state.models)
         for resource, model in trained.by_resource.items():
-            served = rivals.get(resource)
-            held, y_hold = holdout(history, resource, self.config)
-            new_loss = model.metrics["pinball_loss"]
-            served_loss = evaluate(served, held, y_hold)["pinball_loss"] if served is not None else math.inf
-            better = new_loss <= served_loss + 1e-12
+            better, served_loss = replaces_served(model, rivals.get(resource), history, resource, self.config)
             params = {
                 "function": function,
                 "code_hash": code_hash or "",
