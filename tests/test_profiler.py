@@ -630,6 +630,23 @@ def test_the_drivers_cached_bounds_are_never_below_a_calls_own(tmp_path):
     assert min(np.array(cached) / np.array(direct)) > 0.96  # 0.968 with XGBoost 2.0-3.0, 0.97+ after
     assert np.mean(fitted) >= 0.95
 
+    # Memory, in bands ~1.4% wide: a band's larger call is served a bound at least its own (an
+    # audit: read at the band's first call, 1.4% short at most), and no more than the band's top.
+    from raysched.runtime.client import size_band
+
+    client = ProfilerClient(config, handle_factory=lambda c: None)
+    for start in (100 * MiB, 800 * MiB):
+        first = later = start
+        while size_band(int(first / 1.001)) == size_band(start):
+            first = int(first / 1.001)  # the band's smallest size (to 0.1%)...
+        while size_band(int(later * 1.001)) == size_band(start):
+            later = int(later * 1.001)  # ...and its largest
+        served = [client.predict("f", "h", Features(input_size=s), Fallback(), bundle).memory.upper
+                  for s in (first, later)]
+        own = [predictor.predict(Features(input_size=s), history, models).memory.upper for s in (first, later)]
+        assert served[0] == served[1], "one band, one prediction"
+        assert own[1] > own[0] and served[1] >= own[1] and served[1] <= own[1] * 1.02, (served, own)
+
 
 class _SlowStore:
     """A ProfileStore whose reads of one function wait until the test lets them go."""

@@ -35,7 +35,9 @@ from .session import ClusterShapeCache, configured_here, ensure_ray, get_config,
 logger = logging.getLogger(__name__)
 
 #: Predictions are cached per bundle version and input size on a log scale with
-#: this many buckets per doubling: sizes within ~1.4% share a memory prediction...
+#: this many buckets per doubling: sizes within ~1.4% share a memory prediction, read
+#: at the band's largest size (read at the first call's, it served the band's larger
+#: calls a bound up to 1.4% short of their own)...
 _SIZE_BUCKETS_PER_DOUBLING = 50
 #: ...and sizes within ~9% their CPU, wall and disk ones, read at the bucket's largest
 #: size: a model's prediction costs ~0.5 ms (XGBoost's per-call overhead) and CPUs are
@@ -257,7 +259,10 @@ class ProfilerClient:
                 features, input_size=int(2 ** ((coarse_bucket + 0.5) / _COARSE_BUCKETS_PER_DOUBLING) - 1))
             others = self._predictor.estimates(at, history, models, fallback, _COARSE_RESOURCES)
             self._remember(coarse_key, others)
-        prediction = compose({**others, **self._predictor.estimates(features, history, models, fallback, ("memory",))})
+        band = key[3]
+        at_top = features if band is None else dataclasses.replace(
+            features, input_size=max(size, int(2 ** ((band + 0.5) / _SIZE_BUCKETS_PER_DOUBLING) - 1)))
+        prediction = compose({**others, **self._predictor.estimates(at_top, history, models, fallback, ("memory",))})
         self._remember(key, prediction)
         return prediction
 
