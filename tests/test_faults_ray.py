@@ -503,7 +503,7 @@ def test_a_task_killed_while_waiting_for_its_next_attempt_records_nothing_twice(
     Ray's retry of it must not record attempt 1 again nor reuse attempt 2's number.
     """
     marker = faults / "waiting_parent"
-    ref = grows_then_holds.remote(str(marker), 600, 6.0)
+    ref = grows_then_holds.remote(str(marker), 600, 3.0)
     assert wait_for(lambda: marker.exists() and len(marker.read_text().split()) >= 2, timeout=90)
     parent = int(marker.read_text().split()[0])  # attempt 1's worker: its task now waits for attempt 2
     time.sleep(0.5)

@@ -22,13 +22,18 @@ from conftest import environment
 
 pytestmark = pytest.mark.ray
 
+#: The module's config: samples every 0.2 s, a bigger next attempt not started within 2.5 s
+#: (1.5 s when raysched's own waiting calls hold the room) runs in the waiting task's slot.
+TIGHT = dict(live_interval_s=0.2, handover_start_timeout_s=2.5, handover_held_room_s=1.5)
+
 
 @pytest.fixture(scope="module")
 def tight_node(tmp_path_factory):
     with environment(RAYSCHED_HOME=str(tmp_path_factory.mktemp("raysched_handover_home"))):
         ray.init(address="local", num_cpus=2, _memory=1 * GiB, include_dashboard=False, namespace="raysched",
                  log_to_driver=False)
-        raysched.configure(live_interval_s=0.2, handover_start_timeout_s=5.0)
+        # Short waits, so that each wave of stopped calls moves on within seconds.
+        raysched.configure(**TIGHT)
         try:
             yield
         finally:
@@ -40,7 +45,7 @@ def holds(mib: int) -> int:
     import numpy as np
 
     held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
-    for _ in range(60):  # 3 s in short sleeps, so that a stop lands
+    for _ in range(40):  # 2 s in short sleeps, so that a stop lands
         time.sleep(0.05)
     return len(held)
 
@@ -62,9 +67,9 @@ def test_waiting_calls_do_not_deadlock_on_held_labels(tight_node):
 
 def test_a_next_attempt_blocked_by_raysched_own_waiting_calls_runs_in_place_soon(tight_node):
     # The same eight calls, but a patient timeout: only the check that the room is held by
-    # raysched's own waiting calls (handover_held_room_s, 3 s) can end them early. Without
+    # raysched's own waiting calls (handover_held_room_s, 1.5 s here) can end them early. Without
     # it, two waves of stopped calls wait 60 s each (more than 120 s in all).
-    raysched.configure(live_interval_s=0.2, handover_start_timeout_s=60.0)
+    raysched.configure(handover_start_timeout_s=60.0)
     try:
         start = time.monotonic()
         refs = [holds.remote(400) for _ in range(8)]
@@ -74,7 +79,7 @@ def test_a_next_attempt_blocked_by_raysched_own_waiting_calls_runs_in_place_soon
         assert [ray.get(ref) for ref in ready] == [8] * 8
         assert elapsed < 100
     finally:
-        raysched.configure(live_interval_s=0.2, handover_start_timeout_s=5.0)
+        raysched.configure(**TIGHT)
 
 
 @adaptive_remote(memory=64 * MiB, num_cpus=0.25)
@@ -89,7 +94,7 @@ def dies_in_place(mib: int, runs_file: str, dies_on: tuple) -> int:
         if len(f.readlines()) in dies_on:
             os._exit(1)  # the attempt run in place dies, and the waiting task with it
     held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
-    for _ in range(60):
+    for _ in range(40):
         time.sleep(0.05)
     return len(held)
 
@@ -187,7 +192,7 @@ def test_a_call_cancelled_while_its_next_attempt_waits_in_rays_queue_records_tha
     """Another label fills the node, so the call's second attempt waits in Ray's queue, and
     the call is cancelled there: no code of that attempt ran to record it (its rows ended
     with the first attempt's). The waiting first task now records it as cancelled."""
-    raysched.configure(live_interval_s=0.2, handover_start_timeout_s=60.0)  # not run in place meanwhile
+    raysched.configure(handover_start_timeout_s=60.0)  # not run in place meanwhile
     blocker = _HoldsTheRoom.remote()
     try:
         assert ray.get(blocker.ready.remote(), timeout=60)
@@ -199,4 +204,4 @@ def test_a_call_cancelled_while_its_next_attempt_waits_in_rays_queue_records_tha
         assert "before it started" in second["error"] and second["allocated_memory_bytes"] > 64 * MiB
     finally:
         ray.kill(blocker)
-        raysched.configure(live_interval_s=0.2, handover_start_timeout_s=5.0)
+        raysched.configure(**TIGHT)

@@ -78,19 +78,22 @@ def job_cluster(tmp_path_factory):
         cluster.shutdown()
 
 
-def _run_job(client, job_dir, home, sizes) -> dict:
-    job_id = client.submit_job(
+def _submit_job(client, job_dir, home, sizes) -> str:
+    return client.submit_job(
         entrypoint=f"{sys.executable} job.py {','.join(map(str, sizes))}",
         runtime_env={"working_dir": str(job_dir),
                      "env_vars": {"RAYSCHED_HOME": str(home), "RAY_AUTH_MODE": "disabled"}},
     )
+
+
+def _job_result(client, job_id) -> dict:
     deadline = time.monotonic() + 240
     status = None
     while time.monotonic() < deadline:
         status = client.get_job_status(job_id)
         if status.is_terminal():
             break
-        time.sleep(1)
+        time.sleep(0.25)
     logs = client.get_job_logs(job_id)
     assert str(status) == "SUCCEEDED", f"job {job_id} ended {status}:\n{logs[-4000:]}"
     lines = [line for line in logs.splitlines() if line.startswith("RESULT ")]
@@ -102,19 +105,22 @@ def test_jobs_sharing_a_home_share_what_was_learnt_and_another_home_stays_apart(
     client, job_dir = job_cluster
     home_a, home_b = tmp_path / "home_a", tmp_path / "home_b"
 
-    first = _run_job(client, job_dir, home_a, [20, 30, 40, 50, 60, 70, 80])
+    first = _job_result(client, _submit_job(client, job_dir, home_a, [20, 30, 40, 50, 60, 70, 80]))
     assert first["home"] == str(home_a)
     assert first["n_history"] == 0 and first["source"] == "fallback"
     assert first["rows"] == 7
 
-    # A second job, a new driver process: its first prediction comes from the first job's runs.
-    second = _run_job(client, job_dir, home_a, [25, 45, 65])
+    # Two more jobs at once. A second one in home A, a new driver process: its first prediction
+    # comes from the first job's runs. One in another home: its own profiler, starting cold;
+    # nothing of it lands in home A (nor anything of home A in it), though both run together.
+    second_id = _submit_job(client, job_dir, home_a, [25, 45, 65])
+    other_id = _submit_job(client, job_dir, home_b, [30, 50])
+    second = _job_result(client, second_id)
     assert second["n_history"] >= 7, second
     assert second["sources"] == ["history", "history", "history"], second  # memory, CPU, wall
     assert second["rows"] == 10
 
-    # Another home: its own profiler, starting cold; nothing of it lands in home A.
-    other = _run_job(client, job_dir, home_b, [30, 50])
+    other = _job_result(client, other_id)
     assert other["n_history"] == 0 and other["source"] == "fallback", other
     assert other["rows"] == 2
     rows_a = ProfileStore(home_a).read(function=FUNCTION)

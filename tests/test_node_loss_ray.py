@@ -54,6 +54,15 @@ CALLS = 8
 SECONDS = 3.0
 
 
+def _head_args() -> dict:
+    """A head that runs no tasks, with the dashboard (Ray's state API tells the retry of a
+    lost attempt that its node died: it reruns at once, where without it the death counts as
+    a memory kill and climbs the ladder); the GCS finds a dead node within ~3 s, not Ray's
+    default ~15 s, to keep the tests short."""
+    return {"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}}
+
+
 # Function-scoped, as ``uneven_workers`` below: one test each, and one cluster at a time.
 @pytest.fixture
 def two_workers(tmp_path_factory):
@@ -61,8 +70,7 @@ def two_workers(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("raysched_node_loss_home")
     with environment(RAYSCHED_HOME=str(home)):
-        cluster = Cluster(initialize_head=True,
-                          head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
+        cluster = Cluster(initialize_head=True, head_node_args=_head_args())
         workers = [cluster.add_node(num_cpus=2, memory=2 * GiB) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="raysched", log_to_driver=False)
@@ -172,13 +180,7 @@ def uneven_workers(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("raysched_uneven_home")
     with environment(RAYSCHED_HOME=str(home)):
-        # With the dashboard (Ray's state API tells the retry of ``small_call`` that its node died: it
-        # reruns at once, where without it the death counts as a memory kill and climbs the ladder);
-        # the GCS finds a dead node within ~3 s, not Ray's default ~15 s, to keep the test short.
-        cluster = Cluster(initialize_head=True,
-                          head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
-                                          "_system_config": {"health_check_period_ms": 1000,
-                                                             "health_check_failure_threshold": 3}})
+        cluster = Cluster(initialize_head=True, head_node_args=_head_args())
         big = cluster.add_node(num_cpus=2, memory=3 * GiB)
         mid = cluster.add_node(num_cpus=2, memory=1536 * MiB)
         cluster.wait_for_nodes()
