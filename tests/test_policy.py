@@ -181,6 +181,34 @@ def test_cold_start_uses_user_fallback_then_default():
     assert declared.memory.target == 300 * MiB and declared.cpu.target == 2.0
 
 
+def test_one_or_two_runs_that_outgrew_the_declared_value_raise_it_to_what_they_used():
+    """An audit: with one or two runs (fewer than min_history_for_stats) the declared 300 MiB
+    was served though a run had peaked at 3 GiB: the next calls were killed in turn."""
+    predictor = build_predictor(CFG)
+    declared = Fallback(memory=300 * MiB, cpu=1.0, wall=10.0)
+
+    def runs(peaks, tags=()):
+        return History.from_columns({"input_size": [1e6] * len(peaks), "memory": peaks, "cpu": [3.0] * len(peaks),
+                                     "wall": [5.0] * len(peaks), "tags": [tags] * len(peaks)})
+
+    one = predictor.predict(Features(input_size=10**6), runs([3 * GiB]), fallback=declared)
+    assert one.memory.upper == 3 * GiB and one.memory.source == "history" and one.memory.n_history == 1
+    assert one.cpu.upper == 3.0  # cores too; a wall bound above what ran stays as declared
+    assert one.wall.upper == 10.0 and one.wall.source == "fallback"
+    two = predictor.predict(Features(), runs([2 * GiB, 3 * GiB]), fallback=declared)
+    assert two.memory.upper == 3 * GiB and two.memory.n_history == 2
+    # Runs under the declared value leave it; other tags' runs do not count for a call's tags.
+    assert predictor.predict(Features(), runs([100 * MiB]), fallback=declared).memory.upper == 300 * MiB
+    mixed = History.from_columns({"input_size": [1e6, 1e6], "memory": [3 * GiB, 100 * MiB],
+                                  "tags": [("big",), ("small",)]})
+    tagged = predictor.predict(Features(tags=("small",)), mixed, fallback=declared)
+    assert tagged.memory.upper == 300 * MiB and tagged.memory.source == "fallback"
+    assert predictor.predict(Features(tags=("big",)), mixed, fallback=declared).memory.upper == 3 * GiB
+    # From min_history_for_stats runs on, the statistics decide, as before.
+    three = predictor.predict(Features(), runs([2 * GiB, 3 * GiB, 3 * GiB]), fallback=declared)
+    assert three.memory.source == "history" and three.memory.upper > 3 * GiB
+
+
 def test_little_history_uses_max_scaled_by_input_size_with_confidence_multiplier():
     history = linear_history(10, noise=0)
     predictor = build_predictor(FIXED)

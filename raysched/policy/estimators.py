@@ -190,6 +190,30 @@ class WithConfidenceMultiplier:
 
 
 @dataclass(frozen=True)
+class AtLeastFewRuns:
+    """The inner estimate (the cold start), raised to the largest use of the runs so far
+    while they are too few (1 to ``min_history`` - 1) for statistics: a declared 1 GiB
+    that a run has outgrown is known to be short, and sizing the next calls from it
+    repeated the kill (or the stop) until a third run existed (an audit)."""
+
+    inner: Estimator
+    resource: str
+    min_history: int
+
+    def estimate(self, ctx: EstimationContext, x: Features) -> Estimate | None:
+        est = self.inner.estimate(ctx, x)
+        if est is None:
+            return None
+        rows = usable_rows(ctx.history, self.resource)
+        if not 0 < rows.shape[0] < self.min_history:
+            return est
+        largest = float(ctx.history.column(self.resource)[rows].max())
+        if largest <= est.upper:
+            return est
+        return Estimate(largest, min(est.lower, largest), largest, est.coverage, int(rows.shape[0]), "history")
+
+
+@dataclass(frozen=True)
 class WithMinimum:
     """No bound below ``minimum`` (for example, a worker never needs less than 64 MiB)."""
 

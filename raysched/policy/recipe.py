@@ -19,6 +19,7 @@ from typing import Mapping
 from ..config import RayschedConfig
 from ..types import Estimate, Features, History, Prediction
 from .estimators import (
+    AtLeastFewRuns,
     ConstantEstimator,
     CostAwareEstimator,
     EstimationContext,
@@ -171,8 +172,10 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
     ]
     if default is not None:
         # 3. No usable history: the user's declared value, or the config's
-        #    conservative default (1 GiB, 1 CPU, 60 s).
-        steps.append(ConstantEstimator(resource, default, config.coverage))
+        #    conservative default (1 GiB, 1 CPU, 60 s); with one or two runs (of the
+        #    call's tags), at least the most they used: the value they outgrew is short.
+        steps.append(SameTags(AtLeastFewRuns(ConstantEstimator(resource, default, config.coverage), resource,
+                                             config.min_history_for_stats)))
     chain: Estimator = FirstOf(tuple(steps))
     if config.shift_detection:
         # 4. Every step sees only the runs since the newest shift of this resource's use
