@@ -114,7 +114,7 @@ import ray, raysched
 def crashes():
     os._exit(3)
 
-ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
 started = time.monotonic()
 try:
     ray.get(crashes.remote(), timeout=120)

@@ -445,8 +445,8 @@ def test_under_node_pressure_the_lowest_priority_call_gives_way_first_and_resume
     monitor = get_or_create_monitor(get_config())
     running = lambda: ray.get(monitor.status.remote(), timeout=30)["running_by_function"]  # noqa: E731
     vip_marker, low_marker = faults / "busy_vip", faults / "busy_low"
-    vip = busy_for.options(priority=5).remote(str(vip_marker), 8.0)
-    low = busy_for.options(priority=0).remote(str(low_marker), 8.0)
+    vip = busy_for.options(priority=5).remote(str(vip_marker), 6.0)
+    low = busy_for.options(priority=0).remote(str(low_marker), 6.0)
     assert wait_for(lambda: vip_marker.exists() and low_marker.exists(), timeout=90)
     assert wait_for(lambda: sum(n for f, n in running().items() if f.endswith("busy_for")) == 2, timeout=30)
     _judge_nodes_by(node_memory_threshold=0.01, node_memory_sustain_readings=1, node_poll_interval_s=1.0)
@@ -455,7 +455,7 @@ def test_under_node_pressure_the_lowest_priority_call_gives_way_first_and_resume
     finally:
         _judge_nodes_by(node_memory_threshold=0.9, node_memory_sustain_readings=2, node_poll_interval_s=5.0)
     # Each call gave way at most once (while the pressure lasted it found no room), then resumed.
-    assert ray.get([vip, low], timeout=180) == [8.0, 8.0]
+    assert ray.get([vip, low], timeout=180) == [6.0, 6.0]
     rows = raysched.profiles(busy_for)
     events = raysched.events(busy_for).sort_values("timestamp")
     first = events.iloc[0]

@@ -89,7 +89,7 @@ def always_too_big(mib: int) -> int:
 
 
 def test_memory_kill_climbs_the_ladder_and_returns_the_value_once(strict_node):
-    refs = [grow_and_hold.remote(900, 4.0), grow_and_hold.remote(900, 4.0)]
+    refs = [grow_and_hold.remote(900, 2.5), grow_and_hold.remote(900, 2.5)]
     assert ray.get(refs, timeout=240) == [900, 900]
     rows = raysched.profiles(grow_and_hold)
     killed = rows[rows["outcome"] == "oom_killed"]
