@@ -134,8 +134,10 @@ def test_an_attempt_run_in_place_that_dies_is_recorded_and_climbed_from(tight_no
         ray.kill(blocker)
 
 
-@adaptive_remote(memory=64 * MiB, num_cpus=0.25)
 def grows_then_waits(mib: int, deaf: bool) -> int:
+    """Each test below decorates it under a name of its own: a function with no runs yet, so
+    that its first attempt is sized from the 64 MiB declared and stopped (one or two runs
+    that outgrew the declared value would raise it)."""
     import numpy as np
 
     held = [np.ones(50 * MiB // 8) for _ in range(mib // 50)]
@@ -150,29 +152,34 @@ def grows_then_waits(mib: int, deaf: bool) -> int:
     return len(held)
 
 
-def _rows_once(select, timeout_s: float, step_s: float = 0.2):
-    """The rows of ``grows_then_waits`` that ``select`` keeps, once one of them is there
-    (or, after ``timeout_s``, as they are)."""
+def _fresh_grows_then_waits(name: str):
+    return adaptive_remote(memory=64 * MiB, num_cpus=0.25, name=f"test_handover_ray.grows_then_waits.{name}")(
+        grows_then_waits)
+
+
+def _rows_once(function, select, timeout_s: float, step_s: float = 0.2):
+    """The rows of ``function`` that ``select`` keeps, once one of them is there (or, after
+    ``timeout_s``, as they are)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = select(raysched.profiles(grows_then_waits, settle=False))
+        rows = select(raysched.profiles(function, settle=False))
         if len(rows) or time.monotonic() >= deadline:
             return rows
         time.sleep(step_s)
 
 
-def _cancel_after_its_first_attempt(ref, earlier: set, then_wait_s: float = 0.0):
-    """Cancel the new call behind ``ref`` once its first attempt's row is stored (and
-    ``then_wait_s`` later); its rows, once its second attempt's row is stored too."""
-    first = _rows_once(lambda r: r[~r["call_id"].isin(earlier) & (r["attempt"] == 1)], 60)
+def _cancel_after_its_first_attempt(function, ref, then_wait_s: float = 0.0):
+    """Cancel the call behind ``ref``, the first of ``function``, once its first attempt's row
+    is stored (and ``then_wait_s`` later); its rows, once its second attempt's row is stored too."""
+    first = _rows_once(function, lambda r: r[r["attempt"] == 1], 60)
     assert len(first), "the first attempt was never stopped"
     time.sleep(then_wait_s)
     ray.cancel(ref)
     with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
         ray.get(ref, timeout=60)
     call = first["call_id"].iloc[-1]
-    _rows_once(lambda r: r[(r["call_id"] == call) & (r["attempt"] == 2)], 20, 0.5)
-    rows = raysched.profiles(grows_then_waits, settle=False)
+    _rows_once(function, lambda r: r[(r["call_id"] == call) & (r["attempt"] == 2)], 20, 0.5)
+    rows = raysched.profiles(function, settle=False)
     return rows[rows["call_id"] == call]
 
 
@@ -181,9 +188,8 @@ def test_a_soft_cancel_of_a_call_on_its_second_attempt_records_that_attempt_as_c
     """The waiting first task, interrupted, force-killed the running second attempt at once,
     which then recorded nothing. It now cancels it softly, so that it records itself; one
     that does not stop within 5 s is killed and recorded by the waiting task."""
-    earlier = set(raysched.profiles(grows_then_waits, settle=False)["call_id"])
-    ref = grows_then_waits.remote(250, deaf)
-    rows = _cancel_after_its_first_attempt(ref, earlier, then_wait_s=3)  # the second attempt runs meanwhile
+    function = _fresh_grows_then_waits("deaf" if deaf else "interrupted")
+    rows = _cancel_after_its_first_attempt(function, function.remote(250, deaf), then_wait_s=3)  # the 2nd runs meanwhile
     by_attempt = rows.set_index("attempt")["outcome"].to_dict()
     assert by_attempt == {1: "oom_killed", 2: "cancelled"}, rows[["attempt", "outcome", "error"]]
 
@@ -196,8 +202,8 @@ def test_a_call_cancelled_while_its_next_attempt_waits_in_rays_queue_records_tha
     blocker = _HoldsTheRoom.remote()
     try:
         assert ray.get(blocker.ready.remote(), timeout=60)
-        earlier = set(raysched.profiles(grows_then_waits, settle=False)["call_id"])
-        rows = _cancel_after_its_first_attempt(grows_then_waits.remote(250, False), earlier)
+        function = _fresh_grows_then_waits("queued")
+        rows = _cancel_after_its_first_attempt(function, function.remote(250, False))
         by_attempt = rows.set_index("attempt")["outcome"].to_dict()
         assert by_attempt == {1: "oom_killed", 2: "cancelled"}, rows[["attempt", "outcome", "error"]]
         second = rows[rows["attempt"] == 2].iloc[0]
