@@ -535,8 +535,8 @@ def _one_type_trace(history_peaks, online_peaks, input_sizes=None):
 
     peaks = list(history_peaks) + list(online_peaks)
     df = pd.DataFrame({"task_type": "A", "peak_rss": peaks, "realtime_ms": 1000.0,
-                       "input_size": 1e6 if input_sizes is None else input_sizes, "memory": np.nan, "cpus": 1,
-                       "cpu_pct": 100.0})
+                       "input_size": 1e6 if input_sizes is None else input_sizes, "memory": np.nan, "attempt": 1.0,
+                       "cpus": 1, "cpu_pct": 100.0})
     df["split"] = ["history"] * len(history_peaks) + ["online"] * len(online_peaks)
     df["row"] = range(len(df))
     return Trace("t", "t", "lotaru", df, {})

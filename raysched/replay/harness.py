@@ -223,7 +223,7 @@ def _replay_type(method: Method, run: TaskTypeRun) -> Tally:
             task_type=run.task_type,
             input_size=float(rec.input_size),
             # The first attempt's request: a retried run's preset was multiplied by its attempt.
-            preset_memory=float(rec.memory) / float(getattr(rec, "attempt", 1.0)),
+            preset_memory=float(rec.memory) / float(rec.attempt),
             cpus=float(rec.cpus),
         )
         peak, rt = float(rec.peak_rss), float(rec.realtime_ms)

@@ -242,7 +242,8 @@ class ProfilerClient:
         size = features.input_size
         log_size = None if size is None else math.log2(1 + size)
         version = bundle.version if bundle else None
-        key = (function, code_hash, version, size_band(size), features.tags, fallback)
+        band = size_band(size)
+        key = (function, code_hash, version, band, features.tags, fallback)
         cached = self._predictions.get(key)
         if cached is not None:
             self._predictions.move_to_end(key)
@@ -259,7 +260,6 @@ class ProfilerClient:
                 features, input_size=int(2 ** ((coarse_bucket + 0.5) / _COARSE_BUCKETS_PER_DOUBLING) - 1))
             others = self._predictor.estimates(at, history, models, fallback, _COARSE_RESOURCES)
             self._remember(coarse_key, others)
-        band = key[3]
         at_top = features if band is None else dataclasses.replace(
             features, input_size=max(size, int(2 ** ((band + 0.5) / _SIZE_BUCKETS_PER_DOUBLING) - 1)))
         prediction = compose({**others, **self._predictor.estimates(at_top, history, models, fallback, ("memory",))})
