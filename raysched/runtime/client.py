@@ -34,14 +34,13 @@ from .session import ClusterShapeCache, configured_here, ensure_ray, get_config,
 
 logger = logging.getLogger(__name__)
 
-#: Predictions are cached per bundle version and input size on a log scale with
-#: this many buckets per doubling: sizes within ~1.4% share a memory prediction, read
-#: at the band's largest size (read at the first call's, it served the band's larger
-#: calls a bound up to 1.4% short of their own)...
+#: Predictions are cached per bundle version and input size on a log scale, each made
+#: at its bucket's largest size (``_at_bucket_top``), with this many buckets per
+#: doubling: sizes within ~1.4% share a memory prediction...
 _SIZE_BUCKETS_PER_DOUBLING = 50
-#: ...and sizes within ~9% their CPU, wall and disk ones, read at the bucket's largest
-#: size: a model's prediction costs ~0.5 ms (XGBoost's per-call overhead) and CPUs are
-#: rounded anyway, while memory is what a too-coarse bucket would waste.
+#: ...and sizes within ~9% their CPU, wall and disk ones: a model's prediction costs
+#: ~0.5 ms (XGBoost's per-call overhead) and CPUs are rounded anyway, while memory is
+#: what a too-coarse bucket would waste.
 _COARSE_BUCKETS_PER_DOUBLING = 8
 _COARSE_RESOURCES = ("cpu", "wall", "disk")
 _CACHE_SIZE = 4096
@@ -52,13 +51,28 @@ _ROWS_WAIT_S = 10.0
 _ROWS_WAIT_CALLS = 500
 
 
+def _bucket(input_size: int | None, per_doubling: int) -> int | None:
+    """The bucket of ``input_size`` on a log scale of ``per_doubling`` buckets (None: no size known)."""
+    return None if input_size is None else round(math.log2(1 + input_size) * per_doubling)
+
+
+def _at_bucket_top(features: Features, bucket: int | None, per_doubling: int) -> Features:
+    """The call's features with its input size at its bucket's largest: a prediction made
+    there gives every call of the bucket an upper bound at least its own (read at the first
+    call's size, it served the bucket's larger sizes short: wall bounds covered 0.88, not 0.95)."""
+    if bucket is None:
+        return features
+    top = int(2 ** ((bucket + 0.5) / per_doubling) - 1)
+    return dataclasses.replace(features, input_size=max(features.input_size, top))
+
+
 def size_band(input_size: int | None) -> int | None:
     """The band of input sizes that share one memory prediction (None: no size known).
 
     The decorator keys its plans on it as well: calls in one band are submitted with
     one plan, each carrying its own exact features for its row.
     """
-    return None if input_size is None else round(math.log2(1 + input_size) * _SIZE_BUCKETS_PER_DOUBLING)
+    return _bucket(input_size, _SIZE_BUCKETS_PER_DOUBLING)
 
 
 class ProfilerClient:
@@ -239,30 +253,23 @@ class ProfilerClient:
 
     def predict(self, function: str, code_hash: str, features: Features, fallback: Fallback,
                 bundle: Bundle | None) -> Prediction:
-        size = features.input_size
-        log_size = None if size is None else math.log2(1 + size)
         version = bundle.version if bundle else None
-        band = size_band(size)
+        band = size_band(features.input_size)
         key = (function, code_hash, version, band, features.tags, fallback)
         cached = self._predictions.get(key)
         if cached is not None:
             self._predictions.move_to_end(key)
             return cached
         history, models = (bundle.history, bundle.models) if bundle else (None, None)
-        coarse_bucket = None if log_size is None else round(log_size * _COARSE_BUCKETS_PER_DOUBLING)
+        coarse_bucket = _bucket(features.input_size, _COARSE_BUCKETS_PER_DOUBLING)
         coarse_key = ("coarse", function, code_hash, version, coarse_bucket, features.tags, fallback)
         others = self._predictions.get(coarse_key)
         if others is None:
-            # Made for the largest size of the bucket, so that every call it serves gets an
-            # upper bound at least its own (read at each call's own size, the first call's
-            # bound served the bucket's larger sizes: wall bounds covered 0.88, not 0.95).
-            at = features if coarse_bucket is None else dataclasses.replace(
-                features, input_size=int(2 ** ((coarse_bucket + 0.5) / _COARSE_BUCKETS_PER_DOUBLING) - 1))
+            at = _at_bucket_top(features, coarse_bucket, _COARSE_BUCKETS_PER_DOUBLING)
             others = self._predictor.estimates(at, history, models, fallback, _COARSE_RESOURCES)
             self._remember(coarse_key, others)
-        at_top = features if band is None else dataclasses.replace(
-            features, input_size=max(size, int(2 ** ((band + 0.5) / _SIZE_BUCKETS_PER_DOUBLING) - 1)))
-        prediction = compose({**others, **self._predictor.estimates(at_top, history, models, fallback, ("memory",))})
+        at = _at_bucket_top(features, band, _SIZE_BUCKETS_PER_DOUBLING)
+        prediction = compose({**others, **self._predictor.estimates(at, history, models, fallback, ("memory",))})
         self._remember(key, prediction)
         return prediction
 
