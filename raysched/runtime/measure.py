@@ -91,7 +91,8 @@ too: the ledger only takes off what it saw another function's attempt leave.
        process's own peak (1, or its sampled peak) **plus** the largest
        ``ru_maxrss`` of a reaped child (``getrusage(RUSAGE_CHILDREN)``), but
        only if that figure grew during the attempt and is above the worker's
-       own whole high-water mark (shared pages included).  ``RUSAGE_CHILDREN``'s
+       own whole high-water mark (shared pages included) by more than 4 MiB
+       (the kernel's counters are approximate).  ``RUSAGE_CHILDREN``'s
        ``ru_maxrss`` is a lifetime maximum over every child the worker ever
        reaped and cannot be reset: a short-lived child smaller than one an
        earlier task already ran is only seen through sampling (2).  A child
@@ -215,6 +216,13 @@ _ZERO_IO = (0, 0, 0, 0)
 #: How far ru_maxrss right after the VmHWM reset may exceed the RSS read just before
 #: it and still be taken for the reset mark (pages touched between the two reads).
 _RU_MAXRSS_SLACK = 256 * 1024
+
+#: How far a reaped child's ``ru_maxrss`` must exceed the worker's own whole mark to be taken
+#: for a program bigger than the worker.  The kernel's RSS counters are per-CPU sums read
+#: without folding (up to 32 pages per CPU and counter off): the worker's mark copied into a
+#: child at its ``exec`` could read a few hundred KiB above the same mark read later, and
+#: ``subprocess.run(["sleep", ...])`` was charged the worker's whole size (on two busy cores).
+_CHILD_OVER_MARK_SLACK = 4 * 1024 * 1024
 
 #: [pid] once this process has seen VmHWM in its status after a reset: later attempts
 #: read the cheaper statm at start.
@@ -904,7 +912,7 @@ class AttemptMeter:
         self._peak_tree = max(self._peak_tree, tree_rss)
         peak = max(self._peak_self, self._peak_tree)
         if maxrss_children is not None and maxrss_children > self._maxrss0_children and (
-                self.peak_method != "hwm" or maxrss_children > self._whole_mark):
+                self.peak_method != "hwm" or maxrss_children > self._whole_mark + _CHILD_OVER_MARK_SLACK):
             # A reaped child's figure is its whole RSS: for children seen alive sharing the
             # worker's pages (forked), that share is the worker's, counted in its own peak.
             # A figure at or below the worker's own whole mark says nothing of the child: a
