@@ -79,11 +79,20 @@ def job_cluster(tmp_path_factory):
 
 
 def _submit_job(client, job_dir, home, sizes) -> str:
-    return client.submit_job(
-        entrypoint=f"{sys.executable} job.py {','.join(map(str, sizes))}",
-        runtime_env={"working_dir": str(job_dir),
-                     "env_vars": {"RAYSCHED_HOME": str(home), "RAY_AUTH_MODE": "disabled"}},
-    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=f"{sys.executable} job.py {','.join(map(str, sizes))}",
+                runtime_env={"working_dir": str(job_dir),
+                             "env_vars": {"RAYSCHED_HOME": str(home), "RAY_AUTH_MODE": "disabled"}},
+            )
+        except RuntimeError as exc:
+            # The head's job agent registers a few seconds after the dashboard answers (more
+            # on a busy machine): Ray's own answer is to try again later.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _job_result(client, job_id) -> dict:
