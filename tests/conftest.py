@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pathlib
 import time
@@ -18,6 +19,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 _TESTS = str(pathlib.Path(__file__).resolve().parent)
 if _TESTS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
+
+# The suite runs on two pytest-xdist workers (pyproject's addopts), each test module on one
+# (``--dist loadfile``: one Ray session per module, as before). Each worker gets its own Ray
+# temp directory, so that a ``ray.init()`` (raysched's own, in a driver that did not call it)
+# never finds, through ray_current_cluster, a cluster the other worker started.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _XDIST_WORKER:
+    os.environ["RAY_TMPDIR"] = f"/tmp/raysched-tests-{_XDIST_WORKER}"
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 SHARED_TRACES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
@@ -104,3 +114,73 @@ def ray_session(tmp_path_factory):
             yield home
         finally:
             ray.shutdown()
+
+
+# --- two workers, one machine --------------------------------------------------------------------
+#
+# A few tests read the whole machine's memory (Ray's memory monitor kills by it; their thresholds
+# are set from what the machine uses when they start): the other worker starting, stopping or
+# filling a Ray session meanwhile would move their ground. They are marked ``alone``. Every test
+# holds a lock on the machine from its set-up to its tear-down (which start and stop its module's
+# Ray): shared, or exclusive for an ``alone`` test, kept from one test of an ``alone`` module to the
+# next. A turnstile keeps the other worker's next shared hold behind a waiting exclusive one.
+
+
+class MachineLock:
+    """Shared or exclusive hold of the machine among one test run's xdist workers (flock)."""
+
+    def __init__(self, path: str):
+        self._main = open(path, "a+")  # noqa: SIM115 - held for the worker's life
+        self._turnstile = open(path + ".turnstile", "a+")  # noqa: SIM115
+        self.exclusive: bool | None = None  # None: not held
+
+    def hold(self, exclusive: bool) -> None:
+        if self.exclusive is exclusive:
+            return
+        self.release()
+        fcntl.flock(self._turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+        self.exclusive = exclusive
+
+    def release(self) -> None:
+        if self.exclusive is not None:
+            fcntl.flock(self._main, fcntl.LOCK_UN)
+            self.exclusive = None
+
+
+_MACHINE = (MachineLock(f"/tmp/raysched-tests-{os.environ['PYTEST_XDIST_TESTRUNUID']}.lock")
+            if _XDIST_WORKER and os.environ.get("PYTEST_XDIST_TESTRUNUID") else None)
+
+
+def _alone(item) -> bool:
+    return item is not None and item.get_closest_marker("alone") is not None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if _MACHINE is None:
+        yield
+        return
+    _MACHINE.hold(exclusive=_alone(item))
+    try:
+        yield
+    finally:
+        if not (_alone(item) and _alone(nextitem) and getattr(nextitem, "module", None) is item.module):
+            _MACHINE.release()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Ray modules first (a few of their tests take 20-40 s each), then the quick pure ones, so
+    that two workers finish together; within a module the written order is kept."""
+    first_of_module: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first_of_module.setdefault(item.nodeid.split("::")[0], index)
+
+    def rank(item):
+        module = item.nodeid.split("::")[0]
+        return (item.get_closest_marker("ray") is None, first_of_module[module])
+
+    items.sort(key=rank)

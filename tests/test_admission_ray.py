@@ -202,6 +202,7 @@ def labelled(label: str, seconds: float):
     return label, start, time.time()
 
 
+@pytest.mark.alone  # its node's room is set from the machine's memory in use
 def test_calls_whose_labels_fit_the_node_but_not_its_room_start_one_at_a_time(ray_session):
     """The node's ``memory`` label has room for both 800 MiB calls; what the machine really has
     under the monitor's threshold (set 1 GiB above what it uses now) has room for one: the queue

@@ -23,7 +23,8 @@ from raysched.types import GiB, MiB
 
 from conftest import environment, free_port
 
-pytestmark = pytest.mark.ray
+# Its thresholds are set from the machine's memory in use: nothing else may run meanwhile.
+pytestmark = [pytest.mark.ray, pytest.mark.alone]
 
 
 @pytest.fixture(scope="module")
