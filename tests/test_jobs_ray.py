@@ -60,14 +60,18 @@ def job_cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
     from ray.job_submission import JobSubmissionClient
 
-    port, client_port = free_port(), free_port()
+    port, client_port, agent_port = free_port(), free_port(), free_port()
     # Ray Client's proxy forks a server per client while its gRPC threads run; with gRPC's fork
     # handlers on, that child died at once ("Starting Ray client server failed") in 6 of 16
     # connects on a busy 2-core machine, and in 0 of 24 with them off. The head inherits this.
     with environment(GRPC_ENABLE_FORK_SUPPORT="false"):
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-            "ray_client_server_port": client_port})
+            "ray_client_server_port": client_port,
+            # Its own agent port, not Ray's default 52365: a cluster of the other test worker may
+            # hold that one, and an agent that cannot bind it stays up without its HTTP service,
+            # so that the head has no agent to submit jobs to.
+            "dashboard_agent_listen_port": agent_port})
     job_dir = tmp_path_factory.mktemp("job")
     (job_dir / "job.py").write_text(JOB)
     (job_dir / "client_port").write_text(str(client_port))
