@@ -21,7 +21,8 @@ from raysched.runtime.monitor import (
     parse_prometheus,
     report_from,
 )
-from raysched.policy.rules import LiveReport, NodeMemory
+from raysched.policy.recipe import build_rules
+from raysched.policy.rules import LiveReport, NodeMemory, NodeState
 from raysched.store.profiles import ProfileStore
 from raysched.store.schema import EVENT_SCHEMA
 from raysched.types import GiB, MiB, Allocation, Estimate, Features, Prediction
@@ -258,15 +259,55 @@ def test_node_pressure_requeues_the_lowest_priority_attempt_first(tmp_path, cloc
     assert ("node", 0.96) in monitor.metrics.calls
 
 
-def test_check_node_directly_and_the_next_victim_waits_for_fresh_readings(tmp_path, clock):
+def _high(t: float) -> NodeMemory:
+    return NodeMemory("node-a", 0.97 * GiB, GiB, t)
+
+
+def test_check_node_directly_and_the_next_victim_waits_for_the_first_to_end_and_fresh_readings(tmp_path, clock):
+    """The stopped attempt holds its memory until it ends: that relief is on its way, and the
+    higher priority is not stopped for it (it was, two readings on, while the first still held 500 MiB)."""
     cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2)
     monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
     a, b = Samples(call_id="a", priority=3), Samples(call_id="b", priority=1)
     monitor.report([a(), b()])
-    high = [NodeMemory("node-a", 0.97 * GiB, GiB, t) for t in (1.0, 2.0, 3.0, 4.0)]
-    got = [monitor.check_node(r) for r in high]
-    assert [d.call_id if d else None for d in got] == [None, "b", None, "a"]
-    assert monitor.check_node(high[-1]) is None  # the same reading again counts for nothing
+    got = [monitor.check_node(_high(t)) for t in (1.0, 2.0, 3.0, 3.5)]
+    assert [d.call_id if d else None for d in got] == [None, "b", None, None]
+    monitor.ended([("b", 1, 3.7)])
+    got = [monitor.check_node(_high(t)) for t in (4.0, 5.0)]  # still high once it ended: the next gives way
+    assert [d.call_id if d else None for d in got] == [None, "a"]
+    assert monitor.check_node(_high(5.0)) is None  # the same reading again counts for nothing
+
+
+def test_a_stopped_attempt_counts_as_relief_only_until_its_worker_would_have_been_killed(tmp_path, clock):
+    """It may never report its end (its worker killed for not stopping): after the hard stop's
+    time, and a live interval more, the node is judged without it."""
+    cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2, live_interval_s=0.5,
+                         monitor_hard_stop_intervals=2)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    a, b = Samples(call_id="a", priority=3), Samples(call_id="b", priority=1)
+    monitor.report([a(), b()])
+    got = [monitor.check_node(_high(t)) for t in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)]
+    # b stopped at 2 s; its 500 MiB counts up to 2 s later ((2 + 2) x 0.5 s); two more readings.
+    assert [d.call_id if d else None for d in got] == [None, "b", None, None, None, "a"]
+
+
+def test_node_readings_far_apart_are_not_in_a_row_and_the_count_stops_at_sustain(tmp_path, clock):
+    """Two high readings 40 s apart, nothing between: no stop (they counted as two in a row). A
+    node held high by what cannot give way (an actor) keeps its count at ``sustain``, not 10."""
+    cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    monitor.report([Samples(call_id="t", priority=0)()])
+    assert monitor.check_node(_high(1.0)) is None
+    assert monitor.check_node(_high(41.0)) is None  # more than 2 x node_poll_interval_s later
+    assert monitor.check_node(_high(42.0)).call_id == "t"
+
+    rules = build_rules(cfg)
+    actor = Samples(call_id="actor:1", kind=R.ACTOR)()
+    state = NodeState()
+    for t in range(1, 11):
+        state, decision = rules.evaluate_node(state, _high(float(t)), [actor])
+        assert decision is None
+    assert state.streak == cfg.node_memory_sustain_readings
 
 
 def test_a_call_that_gave_way_resumes_once_its_node_has_room_for_it_held_then_promised(tmp_path, clock):

@@ -337,10 +337,12 @@ def build_rules(config: RayschedConfig) -> Rules:
         #    when the node, growing on, would pass Ray's kill threshold before a stop could
         #    take effect: 2 readings 1 s apart plus a live interval (_node_lead_s).  Of the
         #    tasks that started within a live interval of the newest one that is enough to
-        #    relieve the node, the smallest gives way.
+        #    relieve the node, the smallest gives way.  Readings further apart than two of
+        #    the slower reading interval (the metrics endpoint's) are not in a row.
         node_rule=NodePressure(config.node_memory_threshold, config.node_memory_sustain_readings,
                                config.node_kill_margin, lead_s=_node_lead_s(config),
-                               started_together_s=config.live_interval_s),
+                               started_together_s=config.live_interval_s,
+                               in_a_row_s=2 * max(config.node_sample_interval_s, config.node_poll_interval_s)),
         # Actors: one incarnation is judged as one attempt; an actor is never requeued by
         # the node rule (its state lives in it) and is replaced, not resubmitted.
         actor_rules=(

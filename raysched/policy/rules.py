@@ -465,7 +465,12 @@ class NodePressure:
     attempt needs the least room to start (it waits for that room on the node, under
     its own label, which idles meanwhile).  If none is big enough, the one holding
     the most memory.  Then by call id.  After a stop the count starts again, so the
-    node is re-measured before the next.
+    node is re-measured before the next; and while attempts stopped there have not
+    ended, what they hold counts as relief to come (no other gives way for it).
+
+    Readings more than ``in_a_row_s`` apart are not in a row (the count starts again),
+    and the count stops at ``sustain``: a node that stayed high with nothing to stop
+    (an actor holds it) has a task that starts there give way on its first reading.
     """
 
     threshold: float
@@ -481,6 +486,8 @@ class NodePressure:
     lead_s: float = 0.0
     #: Attempts that started this close together count as started together (see above).
     started_together_s: float = 0.0
+    #: Two readings further apart than this are not in a row (see above).
+    in_a_row_s: float = float("inf")
     name: str = "node_memory_pressure"
 
     def threshold_for(self, reading: NodeMemory) -> float:
@@ -671,9 +678,11 @@ class Rules:
         return new_state, tuple(decisions)
 
     def evaluate_node(
-        self, state: NodeState, reading: NodeMemory, running: Sequence[LiveReport]
+        self, state: NodeState, reading: NodeMemory, running: Sequence[LiveReport],
+        stopping: Sequence[LiveReport] = (),
     ) -> tuple[NodeState, Decision | None]:
-        """One memory reading of a node, with the attempts still running there (not stopping).
+        """One memory reading of a node, with the attempts still running there (not stopping)
+        and those stopped there that have not ended yet (``stopping``: their last reports).
 
         Returns the node's new state and the requeue decision, if one fired.
         """
@@ -687,9 +696,16 @@ class Rules:
         going_over = projected > reading.used_bytes and projected >= rule.kill_line_for(reading) * reading.total_bytes
         if reading.fraction < threshold and not going_over:
             return NodeState(0, reading.timestamp, remembered), None
-        streak = state.streak + 1
         excess = max(reading.used_bytes, projected) - threshold * reading.total_bytes
-        victim = rule.victim(here, excess)
+        # A stop takes a moment to free its attempt's memory (one stuck in C code, until its
+        # worker is killed): what the stopped attempts still hold is relief on its way, and
+        # another, higher-priority one stopped for it would be stopped for nothing.
+        to_be_freed = sum(r.rss_bytes for r in stopping if r.node_id == reading.node_id)
+        if to_be_freed >= excess:
+            return NodeState(0, reading.timestamp, remembered), None
+        in_a_row = reading.timestamp - state.last_timestamp <= rule.in_a_row_s
+        streak = min((state.streak if in_a_row else 0) + 1, rule.sustain)
+        victim = rule.victim(here, excess - to_be_freed)
         if streak < rule.sustain or victim is None:
             return NodeState(streak, reading.timestamp, remembered), None
         where = f"at {reading.fraction:.0%}"

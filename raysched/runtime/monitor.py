@@ -481,7 +481,8 @@ class Monitor:
                 reading = replace(reading, kill_threshold=self._kill_thresholds[reading.node_id])
             self._note_room(reading)
             running = self._running_on(reading.node_id)
-            state, decision = self.rules.evaluate_node(self._nodes.get(reading.node_id, NodeState()), reading, running)
+            state, decision = self.rules.evaluate_node(self._nodes.get(reading.node_id, NodeState()), reading,
+                                                       running, self._stopping_on(reading))
             self._nodes[reading.node_id] = state
             if decision is not None:
                 key = (decision.call_id, decision.attempt)
@@ -493,6 +494,15 @@ class Monitor:
         """The last reports of the attempts still running on a node: not stopped, not ended (under the lock)."""
         return [a.last for a in self._attempts.values()
                 if a.state.stop is None and a.ended_at is None and a.last.node_id == node_id]
+
+    def _stopping_on(self, reading: NodeMemory) -> list[LiveReport]:
+        """The last reports of the attempts stopped on the reading's node that have not ended
+        (under the lock), up to the time their workers are killed if they do not stop: after
+        that, a killed worker's memory is free, though no end may ever be reported for it."""
+        grace = (self.config.monitor_hard_stop_intervals + 2) * self.config.live_interval_s
+        return [a.last for a in self._attempts.values()
+                if a.state.stop is not None and a.ended_at is None and a.last.node_id == reading.node_id
+                and reading.timestamp - a.state.stop.timestamp <= grace]
 
     def _note_room(self, reading: NodeMemory) -> None:
         """Keep a worker's reading for the node's room (under the lock; see ``node_rooms``).
