@@ -14,7 +14,7 @@ from raysched.policy.admission import (
     expected_peak_bytes,
     order_key,
     pooled_capacity,
-    pooled_labels,
+    node_labels,
 )
 from raysched.runtime.admission import Admission
 from raysched.types import GiB
@@ -71,11 +71,43 @@ def test_the_capacity_pools_the_nodes_labels_and_their_rooms_a_node_without_one_
     rooms = {"a": 3 * GiB, "b": 16 * GiB, "gone": 1 * GiB}  # "c": no reading; "gone": a node Ray no longer has
     assert pooled_capacity(nodes, rooms) == Request(7.0, 14 * GiB, peak_bytes=(3 + 16 + 2) * GiB)
     assert pooled_capacity(nodes, {"a": -1 * GiB}).peak_bytes == (0 + 8 + 2) * GiB  # over its line: no room
-    assert pooled_labels(nodes) == Request(7.0, 14 * GiB, peak_bytes=math.inf)
+    assert node_labels(nodes) == (Request(2.0, 4 * GiB, peak_bytes=math.inf), Request(4.0, 8 * GiB, peak_bytes=math.inf),
+                                  Request(1.0, 2 * GiB, peak_bytes=math.inf))
     assert pooled_capacity({}, rooms) is None
     assert Request(1.0, 2 * GiB).peak_bytes == 2 * GiB  # a call's expected peak is its label unless told
     assert expected_peak_bytes(1.5 * GiB, label_is_callers=False) == 1.5 * GiB
     assert expected_peak_bytes(1.5 * GiB, label_is_callers=True) is None  # memory=, or the fallback
+
+
+def test_a_call_within_the_pool_but_no_single_node_passes_through_and_blocks_nothing():
+    """Two nodes of 2 CPUs and 4 GiB: a call of 3 CPUs (or a 6 GiB label) fits the two together
+    but no node, so Ray never starts it. Admitted against the pool, it held 3 CPUs for good
+    and a later call that fits either node waited behind it for ever."""
+    nodes = {"n1": Request(2.0, 4 * GiB), "n2": Request(2.0, 4 * GiB)}
+    for wide in (Request(3.0, 1 * GiB, 10.0), Request(1.0, 6 * GiB, 10.0)):
+        q = AdmissionQueue(backfill=True)
+        q.set_capacity(pooled_capacity(nodes, {}), 0.0, ceiling=node_labels(nodes))
+        assert q.offer("wide", 0, wide, 0.0, 0.0) == ["wide"]
+        assert q.held() == Request(0.0, 0.0)
+        assert q.offer("two", 5, Request(2.0, 1 * GiB, 10.0), 1.0, 0.0) == ["two"]
+        # One node's worth still waits its turn as before: it fits a node, once the room is free.
+        assert q.offer("node", 0, Request(2.0, 4 * GiB, 10.0), 2.0, 0.0) == ["node"]
+        assert q.offer("more", 0, Request(1.0, 1 * GiB, 10.0), 3.0, 0.0) == []
+
+    # Admitted before the capacity was known (anything fits then), it stops holding once it is.
+    q = AdmissionQueue()
+    assert q.offer("early", 0, Request(3.0, 1 * GiB)) == ["early"] and q.held().num_cpus == 3.0
+    assert q.set_capacity(pooled_capacity(nodes, {}), ceiling=node_labels(nodes)) == []
+    assert q.held() == Request(0.0, 0.0) and q.offer("two", 5, Request(2.0, 1 * GiB)) == ["two"]
+
+    service = Admission(capacity=lambda: nodes, clock=Clock(), gather_s=0.0)
+
+    async def scenario():
+        assert await asyncio.wait_for(service.admit("wide", 0, 3.0, 1 * GiB, 0.0, 10.0), 1.0) is True
+        assert await asyncio.wait_for(service.admit("two", 5, 2.0, 1 * GiB, 1.0, 10.0), 1.0) is True
+        assert service.status()["held_cpus"] == 2.0
+
+    asyncio.run(scenario())
 
 
 def test_calls_must_fit_the_labels_and_the_room_and_one_bigger_than_the_room_waits_to_run_alone():

@@ -24,10 +24,11 @@ end is unknown the head's start cannot be told, and nothing passes it.  A call
 running past its predicted end counts as ending now.  Only the head is
 protected (EASY): a backfilled call may delay the second waiting call.
 
-A call bigger than the whole capacity (an explicit ``num_cpus`` more than all the
-nodes have together, say) passes through at once and holds nothing: no room the
-queue frees would ever do, and Ray keeps it pending until the cluster grows, as it
-would without raysched. (Admitted and held, it blocked every other call for good.)
+A call that no single node could hold (an explicit ``num_cpus`` more than the
+largest node has, say, though not more than all of them together) passes through at
+once and holds nothing: no room the queue frees would ever do, and Ray keeps it
+pending until the cluster grows, as it would without raysched. (Admitted and held, it
+blocked every other call for good.)
 
 **Pipelining** (``pipeline_s``).  Admitting a call is a round trip: the queue
 answers, the driver submits the task, Ray starts it, its end reaches the queue, which
@@ -51,9 +52,9 @@ counts memory twice: the labels of admitted calls against the nodes' labels (els
 only queues them), and what they are expected to hold at most (their predictions'
 upper bounds, ``expected_peak_bytes``) against the nodes' *room*, the memory
 their tasks may hold and keep them under their memory threshold
-(``pooled_capacity``).  The *ceiling* is the labels alone: a call bigger than the room
-but within the labels waits until it can run alone (anything fits an empty queue),
-instead of passing through as if no room would ever do.
+(``pooled_capacity``).  The *ceiling* is each node's labels alone (``node_labels``): a
+call bigger than the room but within one node's labels waits until it can run alone
+(anything fits an empty queue), instead of passing through as if no room would ever do.
 
 Pure: imports neither ray, mlflow nor pyarrow.  Time is the caller's clock
 (``now``), so tests and replays drive it.
@@ -65,7 +66,7 @@ import bisect
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Request:
 
 
 _NOTHING = Request(0.0, 0.0)
-#: What a call bigger than the whole capacity holds once admitted: nothing, and it ends at once
+#: What a call no node could hold holds once admitted: nothing, and it ends at once
 #: as far as backfilling is concerned.
 _PASSED_THROUGH = Request(0.0, 0.0, 0.0)
 #: How many calls that ended before they were added the queue remembers (the oldest go first).
@@ -138,7 +139,7 @@ class AdmissionQueue:
         # Calls admitted ahead of their room: token -> their predicted work (cluster-seconds).
         self._early: dict[str, float] = {}
         self._early_work = 0.0
-        self._ceiling: Request | None = None  # None: the capacity (see set_capacity)
+        self._ceilings: tuple[Request, ...] = ()  # empty: the capacity (see set_capacity)
         self._backfill = backfill
         self._depth = max(0, int(backfill_depth))
         # Sorted by (-priority, order key, arrival): the key is the submitter's (its clock,
@@ -237,19 +238,29 @@ class AdmissionQueue:
     def is_waiting(self, token: str) -> bool:
         return token in self._queued and token not in self._gone
 
-    def set_capacity(self, capacity: Request, now: float = 0.0, ceiling: Request | None = None) -> list[str]:
+    def set_capacity(self, capacity: Request, now: float = 0.0,
+                     ceiling: Request | Sequence[Request] | None = None) -> list[str]:
         """The cluster's capacity changed (a node joined or left, or its room); returns the tokens admitted now.
 
-        ``ceiling``: the most the cluster could ever give (its nodes' labels; by default
-        the capacity): a call beyond it passes through; one beyond the capacity only waits.
+        ``ceiling``: the most one call could ever be given, one per node (each node's
+        labels, ``node_labels``; by default the capacity): a call within none of them
+        passes through; one beyond the capacity only waits.
         """
         self._capacity = capacity
-        self._ceiling = ceiling
+        self._ceilings = (ceiling,) if isinstance(ceiling, Request) else tuple(ceiling or ())
+        # A call admitted before the capacity was known (the first pass runs while it is being
+        # read) that no node can hold holds nothing from now on, as if it had passed through.
+        for token, (request, at) in list(self._admitted.items()):
+            if request is not _PASSED_THROUGH and self._beyond_ceiling(request):
+                self._admitted[token] = (_PASSED_THROUGH, at)
+                self._held = self._held - request
         return self.admit(now)
 
-    @property
-    def ceiling(self) -> Request | None:
-        return self._ceiling if self._ceiling is not None else self._capacity
+    def _beyond_ceiling(self, request: Request) -> bool:
+        """Whether no node could ever hold the call (it passes through; see the module docstring)."""
+        if self._ceilings:
+            return not any(request.within(ceiling) for ceiling in self._ceilings)
+        return self._capacity is not None and not request.within(self._capacity)
 
     def _fits(self, request: Request) -> bool:
         if self._capacity is None or not self._admitted:
@@ -297,8 +308,8 @@ class AdmissionQueue:
             if self._drop_if_gone(entry):  # cancelled while it waited
                 continue
             token, request = entry.token, entry.request
-            if self.ceiling is not None and not request.within(self.ceiling):
-                # More than all the nodes hold together: no room the queue frees will ever do,
+            if self._beyond_ceiling(request):
+                # More than any one node holds: no room the queue frees will ever do,
                 # and Ray keeps such a task pending until the cluster grows. Held here, it
                 # would block every other call for good; it passes through, holding nothing.
                 self._queued.discard(token)
@@ -416,13 +427,13 @@ def pooled_capacity(nodes: Mapping[str, Request], rooms: Mapping[str, float]) ->
                                   for node_id, n in nodes.items()))
 
 
-def pooled_labels(nodes: Mapping[str, Request]) -> Request | None:
-    """The nodes' CPUs and memory labels together, with no limit on room: the most the
-    cluster could ever give one call (a call beyond it passes through; one beyond the
-    room only waits to run alone)."""
-    capacity = pooled_capacity(nodes, {})
-    return None if capacity is None else Request(capacity.num_cpus, capacity.memory_bytes, peak_bytes=math.inf)
+def node_labels(nodes: Mapping[str, Request]) -> tuple[Request, ...]:
+    """Each node's CPUs and memory label, with no limit on room: the most the cluster could
+    ever give one call, node by node (a call within none passes through; one beyond the
+    room only waits to run alone).  A Ray task runs on one node: within the nodes' labels
+    added together but no single node's, it was admitted and never started."""
+    return tuple(Request(n.num_cpus, n.memory_bytes, peak_bytes=math.inf) for n in nodes.values())
 
 
-__all__ = ["AdmissionQueue", "Request", "order_key", "expected_peak_bytes", "pooled_capacity", "pooled_labels", "ORDERS",
+__all__ = ["AdmissionQueue", "Request", "order_key", "expected_peak_bytes", "pooled_capacity", "node_labels", "ORDERS",
            "FIRST_SUBMITTED", "LARGEST_FIRST"]

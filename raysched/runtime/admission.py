@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
-from ..policy.admission import AdmissionQueue, Request, pooled_capacity, pooled_labels
+from ..policy.admission import AdmissionQueue, Request, node_labels, pooled_capacity
 from .session import SERVICE_PROTOCOL
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,9 @@ class Admission:
         self._gather_s = max(0.0, float(gather_s))
         self._nodes = self._read_nodes() or {}
         self._rooms: Mapping[str, float] = {}
-        self._queue = AdmissionQueue(pooled_capacity(self._nodes, {}), backfill=backfill, pipeline_s=pipeline_s)
+        self._queue = AdmissionQueue(backfill=backfill, pipeline_s=pipeline_s)
+        if self._nodes:
+            self._queue.set_capacity(pooled_capacity(self._nodes, {}), clock(), ceiling=node_labels(self._nodes))
         # The rooms are not read here (an actor's constructor cannot await): the first pass reads them.
         self._read_at = float("-inf") if rooms is not None else clock()
         self._refreshing: asyncio.Future | None = None
@@ -187,7 +189,7 @@ class Admission:
             self._refreshing = None
         capacity = pooled_capacity(self._nodes, self._rooms)
         if capacity is not None:
-            self._wake(self._queue.set_capacity(capacity, self._clock(), ceiling=pooled_labels(self._nodes)))
+            self._wake(self._queue.set_capacity(capacity, self._clock(), ceiling=node_labels(self._nodes)))
         else:
             self._wake(self._queue.admit(self._clock()))
 
