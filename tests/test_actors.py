@@ -32,6 +32,38 @@ def test_a_cpu_rescale_sizes_for_the_cores_used_and_keeps_the_memory():
     assert rescale_target("cpu_off_allocation", 0.01, Allocation(0.25, 512 * MiB), SIZER, CFG) is None
 
 
+def test_what_a_rescale_keeps_keeps_its_meaning_and_a_callers_num_cpus_is_never_rescaled():
+    """A CPU rescale kept a fallback's (or the caller's) memory figure but lost that it was the
+    task's own: the successor, judged by it as a whole process, was memory-rescaled at once for the
+    same use. And an actor created with .options(num_cpus=4) was rescaled to 0.25 CPU when idle."""
+    from raysched.policy import rules as R
+    from raysched.policy.recipe import build_rules
+    from raysched.policy.rules import AttemptState, LiveReport
+
+    callers = Allocation(4.0, 512 * MiB, memory_is_task_only=True, memory_set_by_caller=True,
+                         num_cpus_set_by_caller=True)
+    down = rescale_target("cpu_off_allocation", 0.3, callers, SIZER, CFG)
+    assert down.memory_bytes == 512 * MiB and down.memory_is_task_only and down.memory_set_by_caller
+    grown = rescale_target("memory_over_allocation", 900 * MiB, callers, SIZER, CFG)
+    assert grown.num_cpus == 4.0 and grown.num_cpus_set_by_caller and not grown.memory_is_task_only
+
+    def idle(allocation, i):
+        return LiveReport(function="mod.A", code_hash="h", call_id="actor:1", attempt=1, node_id="n", priority=0,
+                          allocation=allocation, predicted_memory_upper_bytes=0.0, predicted_wall_upper_s=100.0,
+                          prediction_source="fallback", rss_bytes=300 * MiB, peak_rss_bytes=300 * MiB,
+                          cpu_seconds=0.2, wall_seconds=10 + i * 0.5, timestamp=1.0 + i * 0.5, kind=R.ACTOR,
+                          rescalable=True, start_rss_bytes=150 * MiB)
+
+    rules = build_rules(CFG)
+    for allocation, wanted in ((callers, R.WARN), (Allocation(4.0, 512 * MiB, memory_is_task_only=True), R.RESCALE)):
+        state, got = AttemptState(), []
+        for i in range(40):
+            state, decisions = rules.evaluate(state, idle(allocation, i))
+            got += [d for d in decisions if d.rule == "cpu_off_allocation"]
+        assert [d.action for d in got] == [wanted], got
+        assert ("the caller set its num_cpus" in got[0].detail) == (wanted == R.WARN), got[0].detail
+
+
 def test_a_rescale_fits_the_largest_node_and_none_when_it_already_fills_it():
     cluster = ClusterShape((NodeShape("n1", 2.0, 1 * GiB),))
     new = rescale_target("memory_over_allocation", 900 * MiB, Allocation(1.0, 512 * MiB), SIZER, CFG, cluster)

@@ -12,12 +12,19 @@ actor asks for what a task predicted at that size would ask for.
   stay;
 - CPU (``cpu_off_allocation``): the average cores it used; its memory stays.
 
+What stays stays with its meaning: a caller's ``num_cpus`` through a memory rescale, and
+through a CPU rescale a memory that is the task's own figure (a fallback, or the caller's),
+judged on top of the worker's start size as before.  (A CPU rescale of a ``num_cpus`` the
+caller set does not happen: ``rules.AsRescale`` warns instead.)
+
 None when the new size would not differ (capped at the largest node already).
 
 Pure: imports neither ray, mlflow nor pyarrow.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from ..config import RayschedConfig
 from ..types import Allocation, ClusterShape, MiB
@@ -49,11 +56,14 @@ def rescale_target(
                   f"allocated, x {config.actor_memory_headroom:g} headroom")
         new = sizer.size_request(Request(wanted, current.num_cpus), cluster, {"num_cpus": current.num_cpus},
                                  function, reason, rung)
+        new = replace(new, num_cpus_set_by_caller=current.num_cpus_set_by_caller)  # (memory: a measured peak now)
         return new if new.memory_bytes > current.memory_bytes else None
     if rule == CPU_RULE:
         reason = f"rescaled: using {measured:.2f} cores of the {current.num_cpus:g} allocated"
         new = sizer.size_request(Request(current.memory_bytes, measured), cluster,
                                  {"memory": current.memory_bytes}, function, reason, rung)
+        new = replace(new, memory_is_task_only=current.memory_is_task_only,
+                      memory_set_by_caller=current.memory_set_by_caller)
         return new if new.num_cpus != current.num_cpus else None
     raise ValueError(f"no rescale is sized for rule {rule!r}; expected one of {RESCALE_RULES}")
 

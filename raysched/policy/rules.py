@@ -580,8 +580,9 @@ def room_left_bytes(room_bytes: float, running: Iterable[LiveReport], promised_b
 class AsRescale:
     """An actor's version of a check: where the task's check would stop and resubmit, or
     record a CPU mismatch, the actor is rescaled instead; otherwise it is warned about
-    (its class did not opt in, it was rescaled ``max_rescales`` times, or ``changes`` says
-    no other size would differ), and its other findings pass through.
+    (its class did not opt in, it was rescaled ``max_rescales`` times, ``changes`` says
+    no other size would differ, or, for CPU, the caller set its ``num_cpus``), and its
+    other findings pass through.
 
     A warning, not a rescale that cannot happen: a rescale is a stop, after which the
     incarnation is not judged any more, and its hard cap must still be.
@@ -597,7 +598,9 @@ class AsRescale:
         if finding is None or finding.action not in (STOP_AND_RESUBMIT, RECORD_CPU):
             return finding
         detail = finding.detail.replace("; resubmit on the next rung", "")
-        if not r.rescalable:
+        if finding.action == RECORD_CPU and r.allocation.num_cpus_set_by_caller:
+            why = "the caller set its num_cpus (held for the actor's life, as with Ray)"
+        elif not r.rescalable:
             why = "its class did not opt in to rescaling (rescalable=True, or save/restore hooks)"
         elif r.attempt > self.max_rescales:
             why = f"rescaled {r.attempt - 1} times already"

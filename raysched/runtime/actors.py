@@ -59,6 +59,7 @@ import ray
 
 from ..config import RayschedConfig
 from ..errors import InvalidInput, RayschedError
+from ..policy.rescale import CPU_RULE
 from ..policy.rules import ACTOR_RESCALE_SKIPPED, ACTOR_RESCALED, ACTOR_STATE_LOST, RESCALE, STOP_LIMIT, WARN, Decision
 from ..types import Allocation, Outcome
 from .client import note_submitted
@@ -596,8 +597,11 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             self._rescales.append(done)
         logger.warning("raysched: actor %s rescaled: %s -> %s (%s)", spec.function, _size(old_spec.allocation),
                        _size(target), decision.detail)
+        # The new size against the old, in the unit of what was rescaled: cores or bytes.
+        cores = decision.rule == CPU_RULE
         self._note(Decision(ACTOR_RESCALED, RESCALE, spec.function, new_spec.live_key, new_spec.attempt,
-                            measured=float(target.memory_bytes), allocated=float(old_spec.allocation.memory_bytes),
+                            measured=float(target.num_cpus if cores else target.memory_bytes),
+                            allocated=float(old_spec.allocation.num_cpus if cores else old_spec.allocation.memory_bytes),
                             detail=f"{_size(old_spec.allocation)} -> {_size(target)}: {target.reason}",
                             node_id=decision.node_id, code_hash=spec.code_hash, timestamp=time.time()))
         return done
