@@ -579,3 +579,16 @@ def test_a_sample_that_stops_an_attempt_records_nothing_else_about_it():
                           wall_seconds=20.0 + i) for i in range(N)]
     fired = [d.action for ds in replay(rules, idle_and_over) for d in ds]
     assert fired == [R.STOP_LIMIT], fired
+
+
+def test_of_equals_a_call_with_attempts_left_gives_way_before_one_on_its_last():
+    """A call on its last attempt that gives way fails with AttemptsExhausted, though it outgrew
+    nothing: of two equal priorities that would each relieve the node, the other goes, even if
+    the last-attempt one started later; never a lower priority's place, though."""
+    rule = build_rules(CFG).node_rule
+    veteran = live(call_id="veteran", attempt=4, max_attempts=4, rss_bytes=3 * GiB, wall_seconds=2.0)
+    fresh = live(call_id="fresh", attempt=1, max_attempts=4, rss_bytes=3 * GiB, wall_seconds=60.0)
+    assert rule.victim([veteran, fresh], excess_bytes=1 * GiB).call_id == "fresh"
+    assert rule.victim([veteran, replace(fresh, max_attempts=None)], excess_bytes=1 * GiB).call_id == "fresh"
+    assert rule.victim([veteran, replace(fresh, priority=1)], excess_bytes=1 * GiB).call_id == "veteran"
+    assert rule.victim([veteran], excess_bytes=1 * GiB).call_id == "veteran"

@@ -456,7 +456,8 @@ class NodePressure:
     ``sustain`` consecutive readings: stop and requeue one attempt on it.
 
     The one that gives way is the lowest priority first, never a higher one
-    while a lower one still runs there.  Among equals, the one that started last
+    while a lower one still runs there.  Among equals, one with attempts left (a call on
+    its last attempt that gives way fails); of those, the one that started last
     of those whose memory alone brings the node back under the threshold: it
     relieves the node with one stop and loses the least work (a stop restarts an
     attempt from scratch; Ray's own killer also picks the newest task).  Of those
@@ -555,6 +556,10 @@ class NodePressure:
             return None
         lowest = min(r.priority for r in tasks)
         equals = [r for r in tasks if r.priority == lowest]
+        # A call on its last attempt that gives way fails (AttemptsExhausted): of equals, one
+        # with attempts left goes first.
+        spare = [r for r in equals if not r.max_attempts or r.attempt < r.max_attempts]
+        equals = spare or equals
         growth = self.lead_s > 0
         enough = [r for r in equals if r.rss_bytes + (r.memory_headroom_bytes if growth else 0.0) >= excess_bytes]
         if enough:
