@@ -150,6 +150,11 @@ class MachineLock:
             fcntl.flock(self._main, fcntl.LOCK_UN)
             self.exclusive = None
 
+    def close(self) -> None:
+        self.release()
+        self._main.close()
+        self._turnstile.close()
+
 
 _MACHINE = (MachineLock(f"/tmp/raysched-tests-{os.environ['PYTEST_XDIST_TESTRUNUID']}.lock")
             if _XDIST_WORKER and os.environ.get("PYTEST_XDIST_TESTRUNUID") else None)
@@ -170,6 +175,11 @@ def pytest_runtest_protocol(item, nextitem):
     finally:
         if not (_alone(item) and _alone(nextitem) and getattr(nextitem, "module", None) is item.module):
             _MACHINE.release()
+
+
+def pytest_unconfigure(config):
+    if _MACHINE is not None:
+        _MACHINE.close()
 
 
 def pytest_collection_modifyitems(config, items):

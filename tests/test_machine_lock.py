@@ -35,6 +35,8 @@ def test_an_exclusive_hold_waits_for_a_shared_one_and_a_later_shared_one_waits_f
     alone.release()
     next_thread.join(timeout=5)
     assert events == ["alone", "next"]
+    for lock in (running, alone, next_test):
+        lock.close()
 
 
 def test_holds_can_be_shared_and_a_hold_already_held_is_kept(tmp_path):
@@ -50,3 +52,5 @@ def test_holds_can_be_shared_and_a_hold_already_held_is_kept(tmp_path):
     assert first.exclusive is True
     first.release()
     assert first.exclusive is None
+    first.close()
+    second.close()
