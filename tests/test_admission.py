@@ -17,7 +17,7 @@ from raysched.policy.admission import (
     node_labels,
 )
 from raysched.runtime.admission import Admission
-from raysched.types import GiB
+from raysched.types import GiB, MiB
 
 ONE = Request(1.0, 1 * GiB)
 
@@ -108,6 +108,20 @@ def test_a_call_within_the_pool_but_no_single_node_passes_through_and_blocks_not
         assert service.status()["held_cpus"] == 2.0
 
     asyncio.run(scenario())
+
+
+def test_a_call_that_passed_through_does_not_keep_a_call_bigger_than_the_room_from_running_alone():
+    """The passed-through call never starts (no node has 3 CPUs) and holds nothing; counted as
+    "admitted", it kept the queue from ever being empty, and the call that must run alone (its
+    peak beyond the room) waited for good, with every call behind it."""
+    nodes = {"a": Request(2.0, 8 * GiB)}
+    q = AdmissionQueue(backfill=True, pipeline_s=0.05)
+    q.set_capacity(pooled_capacity(nodes, {"a": 3 * GiB}), 0.0, ceiling=node_labels(nodes))
+    assert q.offer("huge", 5, Request(3.0, 0.0, 60.0), now=0.0) == ["huge"]
+    assert q.offer("big", 5, Request(1.0, 4 * GiB, 30.0, peak_bytes=4 * GiB), now=0.1) == ["big"]
+    assert q.offer("small", 1, Request(1.0, 256 * MiB, 1.0), now=0.2) == []  # behind the one running alone
+    assert q.finish("big", 31.0) == ["small"]
+    assert q.finish("huge", 32.0) == [] and q.held() == Request(1.0, 256 * MiB, peak_bytes=256 * MiB)
 
 
 def test_calls_must_fit_the_labels_and_the_room_and_one_bigger_than_the_room_waits_to_run_alone():

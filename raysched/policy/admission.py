@@ -148,6 +148,10 @@ class AdmissionQueue:
         self._queued: set[str] = set()  # the tokens in _waiting
         self._gone: set[str] = set()  # waiting tokens finished (cancelled) before admission
         self._admitted: dict[str, tuple[Request, float]] = {}  # token -> (request, admitted at)
+        #: How many admitted calls hold room (not passed through): a queue with none is empty
+        #: to the next call (a passed-through call that never starts kept one bigger than the
+        #: room, which must run alone, waiting for good, and every call behind it).
+        self._holding = 0
         # Calls that finished before they were added (a call cancelled at once: its end can
         # reach the queue before its arrival does); an add of one of these is refused.
         self._ended_early: dict[str, None] = {}
@@ -224,7 +228,9 @@ class AdmissionQueue:
     def _release(self, token: str) -> None:
         held = self._admitted.pop(token, None)
         if held is not None:
-            self._held = self._held - held[0] if self._admitted else _NOTHING  # no drift once empty
+            if held[0] is not _PASSED_THROUGH:
+                self._holding -= 1
+            self._held = self._held - held[0] if self._holding else _NOTHING  # no drift once empty
             work = self._early.pop(token, None)
             if work is not None:
                 self._early_work = self._early_work - work if self._early else 0.0
@@ -253,7 +259,8 @@ class AdmissionQueue:
         for token, (request, at) in list(self._admitted.items()):
             if request is not _PASSED_THROUGH and self._beyond_ceiling(request):
                 self._admitted[token] = (_PASSED_THROUGH, at)
-                self._held = self._held - request
+                self._holding -= 1
+                self._held = self._held - request if self._holding else _NOTHING
         return self.admit(now)
 
     def _beyond_ceiling(self, request: Request) -> bool:
@@ -263,7 +270,7 @@ class AdmissionQueue:
         return self._capacity is not None and not request.within(self._capacity)
 
     def _fits(self, request: Request) -> bool:
-        if self._capacity is None or not self._admitted:
+        if self._capacity is None or not self._holding:
             return True
         cap, held = self._capacity, self._held  # (floats, not Requests: a pass looks at hundreds)
         return (held.num_cpus + request.num_cpus <= cap.num_cpus + 1e-9
@@ -358,6 +365,7 @@ class AdmissionQueue:
         """Admit a waiting call, counted as starting at ``start``."""
         self._queued.discard(token)
         self._admitted[token] = (request, start)
+        self._holding += 1
         self._held = self._held + request
         out.append(token)
 
