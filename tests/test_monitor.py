@@ -973,3 +973,17 @@ def test_the_used_memory_gauge_is_the_largest_running_attempts_and_zero_once_non
     assert monitor.metrics.calls[-1] == ("observe", "mod.f", 300 * MiB)
     monitor.ended([("b", 1, b.t)])
     assert monitor.metrics.calls[-1] == ("observe", "mod.f", 0)
+
+
+def test_an_attempt_not_heard_of_for_four_live_intervals_does_not_give_way(tmp_path, clock):
+    """Its worker died without a word (Ray's killer, a crash): its memory is free already.
+    Chosen for up to ``monitor_stale_s`` (60 s), it relieved nothing, and the live call that
+    could was stopped only after the count started again."""
+    cfg = RayschedConfig(home=str(tmp_path), node_memory_sustain_readings=2, live_interval_s=0.5)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    gone, alive = Samples(call_id="gone", priority=0), Samples(call_id="alive", priority=1)
+    monitor.report([gone(), alive()])
+    clock.advance(10.0)
+    monitor.report([alive()])  # "gone" is never heard of again
+    got = [monitor.check_node(_high(t)) for t in (11.0, 12.0)]
+    assert [d.call_id if d else None for d in got] == [None, "alive"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import statistics
@@ -480,7 +481,10 @@ class Monitor:
             if reading.kill_threshold is None and reading.node_id in self._kill_thresholds:
                 reading = replace(reading, kill_threshold=self._kill_thresholds[reading.node_id])
             self._note_room(reading)
-            running = self._running_on(reading.node_id)
+            # Those that may give way: heard of within four live intervals. A worker that died
+            # without a word (Ray's killer, a crash) freed its memory: chosen, its attempt
+            # relieved nothing, and the count started again before a live one was.
+            running = self._running_on(reading.node_id, heard_within_s=4 * self.config.live_interval_s)
             state, decision = self.rules.evaluate_node(self._nodes.get(reading.node_id, NodeState()), reading,
                                                        running, self._stopping_on(reading))
             self._nodes[reading.node_id] = state
@@ -490,10 +494,12 @@ class Monitor:
                 entry.state = with_stop(entry.state, decision)
             return decision
 
-    def _running_on(self, node_id: str) -> list[LiveReport]:
-        """The last reports of the attempts still running on a node: not stopped, not ended (under the lock)."""
+    def _running_on(self, node_id: str, heard_within_s: float = math.inf) -> list[LiveReport]:
+        """The last reports of the attempts still running on a node: not stopped, not ended,
+        and heard of within ``heard_within_s`` (under the lock)."""
+        heard = self._clock() - heard_within_s
         return [a.last for a in self._attempts.values()
-                if a.state.stop is None and a.ended_at is None and a.last.node_id == node_id]
+                if a.state.stop is None and a.ended_at is None and a.last.node_id == node_id and a.seen >= heard]
 
     def _stopping_on(self, reading: NodeMemory) -> list[LiveReport]:
         """The last reports of the attempts stopped on the reading's node that have not ended
