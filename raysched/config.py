@@ -529,6 +529,14 @@ def _combination_problems(config: RayschedConfig) -> list[str]:
     if short:
         problems.append(f"history_window={config.history_window} keeps fewer runs than {', '.join(short)} needs: "
                         "that estimator would never be used")
+    # The monitor forgets an attempt it has not heard of for monitor_stale_s: shorter than the
+    # samples a rule waits for (workers report in turn), it forgot each before its rule could fire.
+    samples = max(config.monitor_sustain_samples, config.monitor_limit_sustain_samples, config.actor_cpu_sustain_samples)
+    stale_floor = (samples + 2) * config.live_interval_s
+    if config.monitor_stale_s < stale_floor:
+        problems.append(f"monitor_stale_s={config.monitor_stale_s:g} is shorter than the {samples} samples a rule "
+                        f"waits for, and two more, at live_interval_s={config.live_interval_s:g}: the monitor would "
+                        f"forget attempts before judging them; use at least {stale_floor:g}")
     return problems
 
 

@@ -604,6 +604,8 @@ def test_config_errors_are_raysched_errors_and_a_path_is_a_home(tmp_path):
     ({"quantiles": (0.1, 0.5, 0.9, 0.95)}, "quantiles must be an odd number"),  # p90 was taken as the target
     ({"min_history_for_model": 4}, "leaves no run to train on"),  # was an XGBoostError in every training
     ({"history_window": 5}, "history_window=5 keeps fewer runs than cost_min_history=8"),  # never used
+    # the monitor forgot every attempt before a rule could fire (two workers reporting in turn):
+    ({"monitor_stale_s": 0.4}, r"monitor_stale_s=0.4 is shorter than the 10 samples .* use at least 6"),
     ({"memory_limits": [("f", 2 * GiB), ("f", GiB)]}, r"memory_limits names a function twice: \['f'\]"),
 ])
 def test_config_names_a_bad_value_where_it_is_set(change, message):
