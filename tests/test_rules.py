@@ -592,3 +592,17 @@ def test_of_equals_a_call_with_attempts_left_gives_way_before_one_on_its_last():
     assert rule.victim([veteran, replace(fresh, max_attempts=None)], excess_bytes=1 * GiB).call_id == "fresh"
     assert rule.victim([veteran, replace(fresh, priority=1)], excess_bytes=1 * GiB).call_id == "veteran"
     assert rule.victim([veteran], excess_bytes=1 * GiB).call_id == "veteran"
+
+
+def test_a_nodes_worker_readings_count_though_its_clock_is_behind_the_monitors():
+    """Endpoint readings carry the monitor's clock, worker readings their node's: one last time
+    for both dropped every worker reading after the first poll on a node 6 s behind."""
+    rules = build_rules(CFG.replace(node_memory_projection=False))
+    worker = lambda t: NodeMemory("node-a", 0.97 * GiB, GiB, t, source=R.WORKER_READING)  # noqa: E731
+    endpoint = NodeMemory("node-a", 0.5 * GiB, GiB, 106.0, source=R.METRICS_READING)
+    state, fired = NodeState(), []
+    for reading in (worker(100.0), endpoint, *(worker(100.0 + t) for t in range(1, 4))):
+        state, decision = rules.evaluate_node(state, reading, [live()])
+        fired.append(decision is not None)
+    # The endpoint's low reading restarts the count; then N worker readings in a row fire.
+    assert fired == [False, False] + [False] * (N - 1) + [True] + [False] * (3 - N), fired

@@ -445,9 +445,14 @@ class NodeState:
     """What the node rule remembers of one node between its readings."""
 
     streak: int = 0
+    #: Of the last reading from the node's own workers, stamped by the node's clock.
     last_timestamp: float = float("-inf")
     #: The last reading itself, if a worker sent it (the start of the next growth rate).
     last_reading: "NodeMemory | None" = None
+    #: Of the last reading from the node's metrics endpoint, stamped by the monitor's clock:
+    #: kept apart, since a node's clock behind the monitor's by a poll interval had every
+    #: worker reading after the first poll dropped as not newer.
+    last_endpoint_timestamp: float = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -695,27 +700,33 @@ class Rules:
         Returns the node's new state and the requeue decision, if one fired.
         """
         rule = self.node_rule
-        if rule is None or reading.timestamp <= state.last_timestamp:
-            return state, None
+        from_worker = reading.source == WORKER_READING
+        if rule is None or reading.timestamp <= (state.last_timestamp if from_worker else state.last_endpoint_timestamp):
+            return state, None  # (the same reading again, or an older one)
         here = [r for r in running if r.node_id == reading.node_id]
-        remembered = reading if reading.source == WORKER_READING else state.last_reading
+        remembered = reading if from_worker else state.last_reading
+
+        def after(streak: int) -> NodeState:
+            if from_worker:
+                return NodeState(streak, reading.timestamp, remembered, state.last_endpoint_timestamp)
+            return NodeState(streak, state.last_timestamp, remembered, reading.timestamp)
         threshold = rule.threshold_for(reading)
         projected = rule.projected_bytes(state.last_reading, reading, here)
         going_over = projected > reading.used_bytes and projected >= rule.kill_line_for(reading) * reading.total_bytes
         if reading.fraction < threshold and not going_over:
-            return NodeState(0, reading.timestamp, remembered), None
+            return after(0), None
         excess = max(reading.used_bytes, projected) - threshold * reading.total_bytes
         # A stop takes a moment to free its attempt's memory (one stuck in C code, until its
         # worker is killed): what the stopped attempts still hold is relief on its way, and
         # another, higher-priority one stopped for it would be stopped for nothing.
         to_be_freed = sum(r.rss_bytes for r in stopping if r.node_id == reading.node_id)
         if to_be_freed >= excess:
-            return NodeState(0, reading.timestamp, remembered), None
-        in_a_row = reading.timestamp - state.last_timestamp <= rule.in_a_row_s
+            return after(0), None
+        in_a_row = reading.timestamp - max(state.last_timestamp, state.last_endpoint_timestamp) <= rule.in_a_row_s
         streak = min((state.streak if in_a_row else 0) + 1, rule.sustain)
         victim = rule.victim(here, excess - to_be_freed)
         if streak < rule.sustain or victim is None:
-            return NodeState(streak, reading.timestamp, remembered), None
+            return after(streak), None
         where = f"at {reading.fraction:.0%}"
         if going_over:
             where += f", going to {projected / reading.total_bytes:.0%} within {rule.lead_s:g} s,"
@@ -729,7 +740,7 @@ class Rules:
                     f"{_mib(victim.rss_bytes)}, gives way first"),
             node_id=reading.node_id, code_hash=victim.code_hash, timestamp=reading.timestamp,
         )
-        return NodeState(0, reading.timestamp, remembered), decision  # count again before stopping another
+        return after(0), decision  # count again before stopping another
 
 
 def with_stop(state: AttemptState, decision: Decision) -> AttemptState:
