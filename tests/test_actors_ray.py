@@ -254,6 +254,32 @@ def test_a_rescale_waits_a_moment_after_ray_kill_could_have_read_the_actor_id(ra
     ray.get(handle.raysched.terminate(), timeout=60)
 
 
+@adaptive_remote(memory=256 * MiB, rescalable=True)
+class Stateless:
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def test_a_stateless_actor_whose_incarnation_died_first_is_rescaled_into_one_that_serves(ray_session, monkeypatch):
+    """Its node lost, say, before Ray marked it dead: with nothing to hand over, its successor
+    ended itself all the same (it fetched the dead one's state), and every later call failed."""
+    from raysched.runtime import actors
+
+    handle = Stateless.remote()
+    first = ray.get(handle.pid.remote(), timeout=60)
+    ray.kill(handle.raysched.ray_handle)
+    monkeypatch.setattr(actors, "_is_dead", lambda actor: False)  # Ray has not noticed yet
+    spec = handle._spec
+    grown = Decision("memory_over_allocation", RESCALE, spec.function, spec.live_key, spec.attempt,
+                     measured=400 * MiB, allocated=float(spec.allocation.memory_bytes), detail="grew")
+    assert handle._apply(grown) is not None
+    assert ray.get(handle.pid.remote(), timeout=60) != first
+    assert handle.incarnation == 2 and handle._stopped is None
+    ray.get(handle.terminate(), timeout=60)
+
+
 @adaptive_remote(memory=200 * MiB, max_concurrency=4)
 class ThreadedTally:
     def __init__(self):

@@ -152,11 +152,13 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
             # that a save that raised reaches this method instead of failing it unseen).
             import ray
 
+            restore = getattr(self, RESTORE_HOOK, None)
+            if restore is None:
+                # Nothing to hand over (rescalable=True without hooks): a predecessor that died
+                # first (its node lost before Ray marked it dead) must not end this one too.
+                return
             try:
-                state = ray.get(state[0])
-                restore = getattr(self, RESTORE_HOOK, None)
-                if restore is not None:
-                    restore(state)
+                restore(ray.get(state[0]))
             except Exception as exc:
                 # Serving calls on the state __init__ built would lose the predecessor's without
                 # a word (a helper's audit): this incarnation records why and ends, no restart;
