@@ -245,6 +245,18 @@ def test_predict_uses_per_call_input_size(ray_session):
 
 
 def test_learns_from_history_then_from_the_model(ray_session):
+    # Wall times of calls this short follow the machine's load: beside another test worker they
+    # "shifted" mid-test, and the wall chain stood on the 26 runs since (no model under 30).
+    # Shifts have tests of their own; here the whole history counts.
+    base = raysched.get_config()
+    raysched.configure(shift_detection=False)
+    try:
+        _learns_from_history_then_from_the_model(ray_session)
+    finally:
+        raysched.configure(base)
+
+
+def _learns_from_history_then_from_the_model(ray_session):
     sizes = [int(s) for s in np.linspace(8 * MiB, 160 * MiB, 36)]
     first, rest = sizes[::7], [s for i, s in enumerate(sizes) if i % 7]  # 6 spread over the range
     # An int argument has no size of its own: the caller says how big the input is.
