@@ -65,13 +65,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _process_config_restored():
+def _process_config_restored(request):
     """Every test leaves raysched's process config as it found it: a test that called
     ``raysched.configure`` made the process "configured here" with the home of that moment,
-    and a later test's RAYSCHED_HOME was ignored (the demo ran in the checkout's ./.raysched)."""
-    from raysched.runtime import session
+    and a later test's RAYSCHED_HOME was ignored (the demo ran in the checkout's ./.raysched).
+
+    A test without Ray starts from none at all: its config is its environment's. One cached
+    after a Ray module's end (by a thread of its session, say) was taken for it (the demo ran
+    in the checkout's ./.raysched again, where the two workers put the pure tests after the Ray ones)."""
+    from raysched.runtime import client, session
 
     saved = (session._config, session._configured_here)
+    if request.node.get_closest_marker("ray") is None and saved != (None, False):
+        session._config, session._configured_here = None, False
+        client.reset_client()
     yield
     if (session._config, session._configured_here) != saved:
         from raysched.runtime import client
