@@ -136,6 +136,8 @@ class StrandWatch:
                 self._wake.wait()  # no call at risk in flight: no reads at all
                 continue
             time.sleep(self._interval)
+            if not ray.is_initialized():
+                return  # Ray shut down: its calls end with it (and this thread must not outlive them)
             try:
                 self.check()
             except Exception as exc:  # noqa: BLE001 - Ray shutting down, a GCS away: look again later
