@@ -406,8 +406,9 @@ def test_cpu_seconds_of_a_busy_loop():
     usage = meter.stop()
     independent = time.process_time() - c0
     assert usage.cpu_seconds == pytest.approx(independent, rel=0.2, abs=0.03)
-    assert usage.cpu_seconds == pytest.approx(0.5, rel=0.2) or independent < 0.4  # < 0.4: a loaded machine
-    assert 0.7 <= usage.cpu_cores <= 1.2 or independent < 0.4, usage
+    loaded = independent < 0.45  # the loop had under 90% of a core (beside another test worker: 0.41)
+    assert usage.cpu_seconds == pytest.approx(0.5, rel=0.2) or loaded
+    assert 0.7 <= usage.cpu_cores <= 1.2 or loaded, usage
 
 
 def test_cpu_seconds_of_a_child_that_exited():

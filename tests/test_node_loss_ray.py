@@ -137,9 +137,13 @@ def test_a_node_lost_mid_run_loses_no_call_and_no_row(two_workers, tmp_path):
     assert returned == {i: i for i in range(CALLS) if i not in failed}, (returned, failed)
     assert not failed, f"raysched gave up on {sorted(failed)}: {failed}"  # with a node left, every call reruns
 
-    # The body completed exactly once per call: the dead node's bodies never finished, their reruns did.
-    finished = collections.Counter(value for value, _, done in _markers(marker_dir) if done)
-    assert finished == {i: 1 for i in range(CALLS)}, finished
+    # The body completed exactly once per call on the nodes left: the dead node's bodies were
+    # rerun there. (One of them may still have finished on the dead node: its worker process
+    # can outlive its raylet's SIGKILL by a moment, and did once on a busy machine; its
+    # result went nowhere, as on a real lost node.)
+    markers = _markers(marker_dir)
+    finished = collections.Counter(value for value, node, done in markers if done and node != lost_id)
+    assert finished == {i: 1 for i in range(CALLS)}, (finished, markers)
     rerun = {value for value, node, _ in _markers(marker_dir) if node != lost_id and value in on_lost}
     assert rerun == on_lost
 
