@@ -701,7 +701,9 @@ class Rules:
         """
         rule = self.node_rule
         from_worker = reading.source == WORKER_READING
-        if rule is None or reading.timestamp <= (state.last_timestamp if from_worker else state.last_endpoint_timestamp):
+        # Times are compared within one source only: each has its own clock (see NodeState).
+        last_of_source = state.last_timestamp if from_worker else state.last_endpoint_timestamp
+        if rule is None or reading.timestamp <= last_of_source:
             return state, None  # (the same reading again, or an older one)
         here = [r for r in running if r.node_id == reading.node_id]
         remembered = reading if from_worker else state.last_reading
@@ -710,6 +712,7 @@ class Rules:
             if from_worker:
                 return NodeState(streak, reading.timestamp, remembered, state.last_endpoint_timestamp)
             return NodeState(streak, state.last_timestamp, remembered, reading.timestamp)
+
         threshold = rule.threshold_for(reading)
         projected = rule.projected_bytes(state.last_reading, reading, here)
         going_over = projected > reading.used_bytes and projected >= rule.kill_line_for(reading) * reading.total_bytes
@@ -722,7 +725,7 @@ class Rules:
         to_be_freed = sum(r.rss_bytes for r in stopping if r.node_id == reading.node_id)
         if to_be_freed >= excess:
             return after(0), None
-        in_a_row = reading.timestamp - max(state.last_timestamp, state.last_endpoint_timestamp) <= rule.in_a_row_s
+        in_a_row = reading.timestamp - last_of_source <= rule.in_a_row_s
         streak = min((state.streak if in_a_row else 0) + 1, rule.sustain)
         victim = rule.victim(here, excess - to_be_freed)
         if streak < rule.sustain or victim is None:
