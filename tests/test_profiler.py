@@ -802,3 +802,20 @@ def test_rows_written_without_the_profiler_are_served_once_it_looks_again(tmp_pa
     clock.now += 1.0
     last = profiler.bundle("f", "h1", have_version=again.version)
     assert last is not None and last.n_history == 10
+
+
+def test_a_training_whose_mlflow_database_cannot_be_opened_still_serves_counts_and_tells_the_caller(tmp_path):
+    """An audit: with an mlflow.db that is no database, the training served its model, then
+    failed as a whole at the registry's clean-up (the registry is opened there again, outside
+    any guard): ``train_now`` raised, and the training was never counted, nor its cost."""
+    (tmp_path / "mlflow.db").write_bytes(b"not a database" * 100)
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, min_retrain_interval_s=1e9,
+                            profile_commit_interval_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), clock=Clock(), executor=InlineExecutor(),
+                        load_executor=InlineExecutor())  # the registry opened as the actor opens it
+    profiler._maybe_train = lambda function: None  # trained below, by hand
+    profiler.record(rows(40))
+    summary = profiler.train_now("f", "h1")
+    assert summary["mlflow_errors"] and all("not a database" in e for e in summary["mlflow_errors"]), summary
+    assert set(profiler.bundle("f", "h1").models) == {"memory", "cpu", "wall"}
+    assert profiler.status()["functions"]["f"]["trainings"] == 1

@@ -547,14 +547,19 @@ class Profiler:
     def _prune_registry(self, function: str, state: _FunctionState, summary: dict[str, Any]) -> None:
         """Keep the newest ``registry_keep_versions`` versions of each of the function's models
         and every version served (to any of its code versions); the rest go (``ModelRegistry.prune``)."""
-        if not hasattr(self.registry, "prune"):
+        try:
+            registry = self.registry
+        except Exception as exc:  # noqa: BLE001 - MLflow's database unusable: logged by the training already
+            logger.warning("raysched: not pruning the models of %s: %s", function, exc)
+            return
+        if not hasattr(registry, "prune"):
             return
         with self._lock:
             served = [state.models, *state.models_by_code.values()]
         for resource in summary["resources"]:
             keep = {m.version for models in served for r, m in models.items() if r == resource and m.version is not None}
             try:
-                self.registry.prune(function, resource, self.config.registry_keep_versions, keep)
+                registry.prune(function, resource, self.config.registry_keep_versions, keep)
             except Exception as exc:  # noqa: BLE001 - a failed clean-up must not stop serving
                 logger.warning("raysched: could not prune the %s models of %s: %s", resource, function, exc)
 
