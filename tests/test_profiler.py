@@ -819,3 +819,27 @@ def test_a_training_whose_mlflow_database_cannot_be_opened_still_serves_counts_a
     assert summary["mlflow_errors"] and all("not a database" in e for e in summary["mlflow_errors"]), summary
     assert set(profiler.bundle("f", "h1").models) == {"memory", "cpu", "wall"}
     assert profiler.status()["functions"]["f"]["trainings"] == 1
+
+
+def test_a_restarted_profiler_skips_a_registered_version_whose_files_are_gone(tmp_path, caplog):
+    """An audit: one version whose model file was missing (removed by hand, a copy of the home
+    without it) made a restarted profiler serve no model at all, for any resource: the error
+    of that one load ended the whole look. The older served version serves instead."""
+    import logging
+    import urllib.parse
+    from pathlib import Path
+
+    first = _restartable(tmp_path)
+    first.record(rows(40))  # trains version 1 of each resource
+    first.train_now("f", "h1")  # version 2
+    served = {r: m.version for r, m in first.bundle("f", "h1").models.items()}
+    assert served == {"memory": 2, "cpu": 2, "wall": 2}
+    registry = first.registry
+    mv = registry._model_versions("f", "memory")[-1]
+    folder = urllib.parse.urlparse(registry.client.get_model_version_download_uri(mv.name, mv.version)).path
+    (Path(folder) / "model.ubj").unlink()
+    with caplog.at_level(logging.WARNING, logger="raysched.runtime.profiler"):
+        again = _restartable(tmp_path)
+        restored = {r: m.version for r, m in again.bundle("f", "h1").models.items()}
+    assert restored == {"memory": 1, "cpu": 2, "wall": 2}
+    assert "skipping version 2 of the memory model" in caplog.text

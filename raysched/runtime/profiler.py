@@ -329,8 +329,14 @@ class Profiler:
                 # Newest first; a version registered but judged worse than the one served
                 # then (meta "served": false) is skipped, as it was before the restart.
                 for entry in sorted(self.registry.versions(function, resource), key=lambda v: -int(v["version"])):
-                    artifact = self.registry.load(function, resource, int(entry["version"]))
-                    meta = json.loads(artifact.meta_json) if artifact is not None else {}
+                    try:
+                        artifact = self.registry.load(function, resource, int(entry["version"]))
+                        meta = json.loads(artifact.meta_json) if artifact is not None else {}
+                    except Exception as exc:  # noqa: BLE001 - its files gone, say: an older version may serve
+                        # (Raised to the guard below, it cost every resource its model.)
+                        logger.warning("raysched: skipping version %s of the %s model of %s: %s",
+                                       entry.get("version"), resource, function, exc)
+                        continue
                     if artifact is None or not meta.get("served", True):
                         continue
                     # (a model registered before the scope was recorded: taken as its code's own)
