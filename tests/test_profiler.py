@@ -843,3 +843,36 @@ def test_a_restarted_profiler_skips_a_registered_version_whose_files_are_gone(tm
         restored = {r: m.version for r, m in again.bundle("f", "h1").models.items()}
     assert restored == {"memory": 1, "cpu": 2, "wall": 2}
     assert "skipping version 2 of the memory model" in caplog.text
+
+
+@pytest.mark.parametrize("reload", [False, True], ids=["first-read", "reload"])
+def test_rows_recorded_between_a_history_reads_end_and_its_use_stay_in_the_history(tmp_path, reload):
+    """An audit: a read of the store stopped collecting the rows recorded meanwhile (under the
+    lock) before it installed what it read (under the lock again): a record call between the
+    two found neither the reader's list nor, on a first read, a state to add to, and on a
+    reload added its rows to the state that the read then replaced. Rows written after the
+    read had passed their part were missing from the history until the next reload."""
+    import threading
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, bundle_max_age_s=0.0)
+    store = ProfileStore(tmp_path)
+    store.append(rows(4))
+    profiler = Profiler(config, store=store, registry=FakeRegistry(), clock=Clock(), executor=InlineExecutor(),
+                        load_executor=InlineExecutor())
+    if reload:
+        assert profiler.bundle("f", "h1").n_history == 4
+    read_rows = profiler._read_rows
+
+    def read_then_let_a_record_in(function):
+        got = read_rows(function)
+        if function == "f" and not getattr(read_then_let_a_record_in, "done", False):
+            read_then_let_a_record_in.done = True
+            # another record thread runs in the window (the lock is free there)
+            other = threading.Thread(target=profiler.record, args=(rows(3, start=50),))
+            other.start()
+            other.join(10)
+        return got
+
+    profiler._read_rows = read_then_let_a_record_in
+    assert profiler.bundle("f", "h1", reload=reload).n_history == 7
+    assert len(store.read(function="f")) == 7

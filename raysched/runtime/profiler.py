@@ -292,7 +292,10 @@ class Profiler:
         try:
             rows, arrived = self._read_rows(function)
             with self._lock:
-                state = self._functions[function] = _FunctionState(rows, self.config.history_window, arrived)
+                try:
+                    state = self._functions[function] = _FunctionState(rows, self.config.history_window, arrived)
+                finally:
+                    self._end_read(function, arrived)  # in the same hold of the lock as the state's install
                 if (self.config.home_path / "mlflow.db").exists() or self._registry is not None:
                     # Off the request path: importing MLflow alone takes seconds.
                     state.training = self._executor.submit(self._load_served, function, state)
@@ -304,19 +307,30 @@ class Profiler:
 
     def _read_rows(self, function: str) -> tuple[pd.DataFrame, list[Mapping[str, Any]]]:
         """The function's newest rows in the store, read without the lock, and the rows
-        ``record`` handed over meanwhile (some may be in the read as well)."""
+        ``record`` handed over meanwhile (some may be in the read as well).  ``record`` goes
+        on handing rows over until the caller installs what it read and calls ``_end_read``,
+        both in one hold of the lock: ended here, a record call between the two found
+        neither this list nor (on a first read) a state, and its rows were in no history."""
         arrived: list[Mapping[str, Any]] = []
         with self._lock:
             self._arrivals.setdefault(function, []).append(arrived)
         try:
             rows = self.store.read_recent(self.config.history_window, function=function)
-        finally:
+        except BaseException:
             with self._lock:
-                readers = self._arrivals[function]
-                del readers[next(i for i, r in enumerate(readers) if r is arrived)]
-                if not readers:
-                    del self._arrivals[function]
+                self._end_read(function, arrived)
+            raise
         return rows, arrived
+
+    def _end_read(self, function: str, arrived: list[Mapping[str, Any]]) -> None:
+        """Stop handing rows over to the read that ``arrived`` belongs to (the lock held)."""
+        readers = self._arrivals.get(function, [])
+        for i, r in enumerate(readers):
+            if r is arrived:
+                del readers[i]
+                break
+        if not readers:
+            self._arrivals.pop(function, None)
 
     def _load_served(self, function: str, state: _FunctionState) -> None:
         """After a restart: per resource, the newest registered model that was served, and the
@@ -593,7 +607,10 @@ class Profiler:
         if reload:
             rows, arrived = self._read_rows(function)
             with self._lock:
-                state.replace_rows(rows, arrived)
+                try:
+                    state.replace_rows(rows, arrived)
+                finally:
+                    self._end_read(function, arrived)
         with self._lock:
             if have_version == state.version:
                 return None
