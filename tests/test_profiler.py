@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import uuid
 from concurrent.futures import Future
 
@@ -876,3 +877,46 @@ def test_rows_recorded_between_a_history_reads_end_and_its_use_stay_in_the_histo
     profiler._read_rows = read_then_let_a_record_in
     assert profiler.bundle("f", "h1", reload=reload).n_history == 7
     assert len(store.read(function="f")) == 7
+
+
+def test_a_training_asked_for_by_hand_runs_alone_not_beside_a_background_one(tmp_path):
+    """An audit: ``train_now`` (a driver's ``refresh(train=True)``, the demo, the CLI) trained
+    outside the function's training slot, so rows arriving meanwhile started a background
+    training of the same function beside it: both judged their models against the same
+    served one, and whichever ended last was served, even when worse than the other."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=0.0, train_cost_fraction=1.0, bundle_max_age_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
+                        executor=ThreadPoolExecutor(1), load_executor=InlineExecutor())
+    profiler.record(rows(40))
+    profiler.wait_for_training()
+    inner, entered, release = profiler._predictor, threading.Event(), threading.Event()
+    running, most = [0], [0]
+    guard = threading.Lock()
+
+    class SlowPredictor:
+        def train(self, history):
+            with guard:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            entered.set()
+            release.wait(10)
+            try:
+                return inner.train(history)
+            finally:
+                with guard:
+                    running[0] -= 1
+
+    profiler._predictor = SlowPredictor()
+    by_hand = threading.Thread(target=profiler.train_now, args=("f", "h1"))
+    by_hand.start()
+    assert entered.wait(10)
+    profiler.record(rows(40, start=40))  # enough new rows for a training of their own
+    time.sleep(0.3)  # a background training, if one started, is in train() by now
+    release.set()
+    by_hand.join(30)
+    profiler.wait_for_training()
+    assert most[0] == 1, "two trainings of one function ran at once"

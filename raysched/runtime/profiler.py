@@ -586,10 +586,24 @@ class Profiler:
     def train_now(self, function: str, code_hash: str | None = None) -> dict[str, Any]:
         """Train synchronously (after any training already under way); for tests, the demo, the CLI."""
         state = self._state(function)
-        pending = state.training
-        if pending is not None:
+        while True:
+            with self._lock:
+                pending = state.training
+                if pending is None or pending.done():
+                    # Holds the function's training slot: a background training started beside
+                    # this one judged its model against the same served one, and whichever
+                    # ended last was served, even the worse of the two.
+                    mine: Future = Future()
+                    state.training = mine
+                    break
             pending.result()
-        return self._train(function, code_hash)
+        try:
+            summary = self._train(function, code_hash)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        mine.set_result(summary)
+        return summary
 
     # --- the read path ---------------------------------------------------------------------------
     def bundle(self, function: str, code_hash: str, have_version: int = -1, reload: bool = False,
