@@ -162,3 +162,20 @@ def test_a_set_of_items_whose_reprs_differ_only_by_address_hashes_the_same_whate
     assert orders == {True, False}, "the test made both address orders"
     assert len(set_hashes) == 1 and len(dict_hashes) == 1, (set_hashes, dict_hashes)
     assert code_hash(make({_INC: 1, _DBL: 2})) != code_hash(make({_INC: 2, _DBL: 1}))  # values still count
+
+
+def test_a_nested_constant_of_a_decorated_function_counts_however_deep():
+    """An audit: constants were cut at the depth of the closure that reached them, so a
+    tuple nested three deep in a function wrapped by a decorator (without functools.wraps)
+    was hashed by its type alone: editing a number in it kept the history."""
+    source = (
+        "@logged\n"
+        "def task(x):\n"
+        "    return [w for w in ((((\"a\", LIMIT),),),) if w == x]\n"
+    )
+    hashes = []
+    for limit in ("1", "2"):
+        namespace = {"logged": logged}
+        exec(source.replace("LIMIT", limit), namespace)  # noqa: S102 - the same code, one constant apart
+        hashes.append(code_hash(namespace["task"]))
+    assert hashes[0] != hashes[1]

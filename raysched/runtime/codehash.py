@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
 _MAX_DEPTH = 4
+#: The depth constants are fed at: never cut (see ``_feed_code``).
+_CONSTANT = -float("inf")
 #: A list or tuple longer than this is hashed by its pickle (C speed; pickles of plain data
 #: are the same in every process), not item by item: a closure over 3 million numbers took
 #: 1.2 s to decorate, against 0.06 s under plain Ray.
@@ -97,7 +99,11 @@ def _feed_code(h: "hashlib._Hash", code: types.CodeType, depth: int = 0) -> None
     h.update(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_argcount,
                    code.co_kwonlyargcount)).encode())
     for const in code.co_consts:
-        _feed_value(h, const, depth)
+        # Constants are literals (tuples, frozensets, code, plain data): finite and acyclic,
+        # so none is cut at _MAX_DEPTH, which guards against closures that hold themselves.
+        # Counted from the depth of the function they belong to, a nested tuple in a
+        # decorated function's code was hashed by its type alone: changed, the hash stayed.
+        _feed_value(h, const, _CONSTANT)
 
 
 def code_hash(fn: Callable[..., Any]) -> str:
