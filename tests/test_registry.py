@@ -291,3 +291,20 @@ def test_a_moved_home_loads_its_models_and_keeps_new_ones_under_itself(tmp_path)
     assert [v["version"] for v in registry.versions("f", "memory")] == [4]
     assert ModelRegistry(moved).load("f", "memory").version == 4  # opened again: no second move
     assert sum(1 for p in (moved / "mlartifacts").rglob("model.ubj")) == 1
+
+
+def test_a_copied_home_reads_and_prunes_its_own_copy_never_the_original(tmp_path):
+    import shutil
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    registry = ModelRegistry(original)
+    booster, _ = train()
+    for _ in range(2):
+        registry.log_training(artifact("f", booster), {"a": 1}, {"pinball_loss": 0.1})
+    shutil.copytree(original, copy)
+    copied = ModelRegistry(copy)
+    assert copied.prune("f", "memory", keep_newest=1) == 1
+    assert sum(1 for _ in (copy / "mlartifacts").rglob("model.ubj")) == 1
+    assert sum(1 for _ in (original / "mlartifacts").rglob("model.ubj")) == 2  # untouched
+    assert registry.load("f", "memory", 1).version == 1
+    assert copied.load("f", "memory").version == 2

@@ -252,12 +252,13 @@ class ModelRegistry:
     def _local(self, uri: str) -> Path | None:
         """The local folder of an artifact URI (None: not a local one). A URI recorded before
         the home was moved or copied names a folder under the old place: the same folder
-        under this home's ``mlartifacts/`` is taken when the old one is not there."""
+        under this home's ``mlartifacts/`` is taken when there is one (a copied home reads
+        and prunes its own copy, never the original's)."""
         parsed = urllib.parse.urlparse(uri)
         if parsed.scheme not in ("", "file"):
             return None
         path = Path(urllib.request.url2pathname(parsed.path))
-        if path.exists() or ARTIFACTS_DIR not in path.parts:
+        if ARTIFACTS_DIR not in path.parts:
             return path
         parts = path.parts
         below = parts[len(parts) - parts[::-1].index(ARTIFACTS_DIR):]  # after the last "mlartifacts"
