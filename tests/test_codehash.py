@@ -138,3 +138,44 @@ def test_partials_and_callable_objects_are_refused_as_ray_refuses_them(target):
     """Their key was their type's: every partial, every Scaler, one history."""
     with pytest.raises(InvalidInput, match="takes a function or a class, as ray.remote does"):
         adaptive_remote(target)
+
+
+_INC = lambda x: x + 1  # noqa: E731 - two lambdas: one qualified name, reprs alike but for the address
+_DBL = lambda x: x * 2  # noqa: E731
+
+
+def test_a_set_of_items_whose_reprs_differ_only_by_address_hashes_the_same_whatever_their_addresses():
+    """An audit: a set's items were fed in the order of their reprs, and a lambda's (or an
+    object's default) repr holds its address: the same code over {inc, dbl} hashed one way or
+    the other as the two happened to lie in memory, so a new run could start a new history."""
+    import types
+
+    set_hashes, dict_hashes, orders = set(), set(), set()
+    keep = []  # alive, so that addresses are not reused
+    for i in range(40):
+        made = [types.FunctionType(f.__code__, globals()) for f in ((_INC, _DBL) if i % 2 else (_DBL, _INC))]
+        inc, dbl = made if i % 2 else made[::-1]
+        keep.append(made)
+        orders.add(id(inc) < id(dbl))
+        set_hashes.add(code_hash(make(frozenset({inc, dbl}))))
+        dict_hashes.add(code_hash(make({inc: 1, dbl: 2})))  # a dict's keys likewise
+    assert orders == {True, False}, "the test made both address orders"
+    assert len(set_hashes) == 1 and len(dict_hashes) == 1, (set_hashes, dict_hashes)
+    assert code_hash(make({_INC: 1, _DBL: 2})) != code_hash(make({_INC: 2, _DBL: 1}))  # values still count
+
+
+def test_a_nested_constant_of_a_decorated_function_counts_however_deep():
+    """An audit: constants were cut at the depth of the closure that reached them, so a
+    tuple nested three deep in a function wrapped by a decorator (without functools.wraps)
+    was hashed by its type alone: editing a number in it kept the history."""
+    source = (
+        "@logged\n"
+        "def task(x):\n"
+        "    return [w for w in ((((\"a\", LIMIT),),),) if w == x]\n"
+    )
+    hashes = []
+    for limit in ("1", "2"):
+        namespace = {"logged": logged}
+        exec(source.replace("LIMIT", limit), namespace)  # noqa: S102 - the same code, one constant apart
+        hashes.append(code_hash(namespace["task"]))
+    assert hashes[0] != hashes[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import uuid
 from concurrent.futures import Future
 
@@ -802,3 +803,120 @@ def test_rows_written_without_the_profiler_are_served_once_it_looks_again(tmp_pa
     clock.now += 1.0
     last = profiler.bundle("f", "h1", have_version=again.version)
     assert last is not None and last.n_history == 10
+
+
+def test_a_training_whose_mlflow_database_cannot_be_opened_still_serves_counts_and_tells_the_caller(tmp_path):
+    """An audit: with an mlflow.db that is no database, the training served its model, then
+    failed as a whole at the registry's clean-up (the registry is opened there again, outside
+    any guard): ``train_now`` raised, and the training was never counted, nor its cost."""
+    (tmp_path / "mlflow.db").write_bytes(b"not a database" * 100)
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, min_retrain_interval_s=1e9,
+                            profile_commit_interval_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), clock=Clock(), executor=InlineExecutor(),
+                        load_executor=InlineExecutor())  # the registry opened as the actor opens it
+    profiler._maybe_train = lambda function: None  # trained below, by hand
+    profiler.record(rows(40))
+    summary = profiler.train_now("f", "h1")
+    assert summary["mlflow_errors"] and all("not a database" in e for e in summary["mlflow_errors"]), summary
+    assert set(profiler.bundle("f", "h1").models) == {"memory", "cpu", "wall"}
+    assert profiler.status()["functions"]["f"]["trainings"] == 1
+
+
+def test_a_restarted_profiler_skips_a_registered_version_whose_files_are_gone(tmp_path, caplog):
+    """An audit: one version whose model file was missing (removed by hand, a copy of the home
+    without it) made a restarted profiler serve no model at all, for any resource: the error
+    of that one load ended the whole look. The older served version serves instead."""
+    import logging
+    import urllib.parse
+    from pathlib import Path
+
+    first = _restartable(tmp_path)
+    first.record(rows(40))  # trains version 1 of each resource
+    first.train_now("f", "h1")  # version 2
+    served = {r: m.version for r, m in first.bundle("f", "h1").models.items()}
+    assert served == {"memory": 2, "cpu": 2, "wall": 2}
+    registry = first.registry
+    mv = registry._model_versions("f", "memory")[-1]
+    folder = urllib.parse.urlparse(registry.client.get_model_version_download_uri(mv.name, mv.version)).path
+    (Path(folder) / "model.ubj").unlink()
+    with caplog.at_level(logging.WARNING, logger="raysched.runtime.profiler"):
+        again = _restartable(tmp_path)
+        restored = {r: m.version for r, m in again.bundle("f", "h1").models.items()}
+    assert restored == {"memory": 1, "cpu": 2, "wall": 2}
+    assert "skipping version 2 of the memory model" in caplog.text
+
+
+@pytest.mark.parametrize("reload", [False, True], ids=["first-read", "reload"])
+def test_rows_recorded_between_a_history_reads_end_and_its_use_stay_in_the_history(tmp_path, reload):
+    """An audit: a read of the store stopped collecting the rows recorded meanwhile (under the
+    lock) before it installed what it read (under the lock again): a record call between the
+    two found neither the reader's list nor, on a first read, a state to add to, and on a
+    reload added its rows to the state that the read then replaced. Rows written after the
+    read had passed their part were missing from the history until the next reload."""
+    import threading
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, bundle_max_age_s=0.0)
+    store = ProfileStore(tmp_path)
+    store.append(rows(4))
+    profiler = Profiler(config, store=store, registry=FakeRegistry(), clock=Clock(), executor=InlineExecutor(),
+                        load_executor=InlineExecutor())
+    if reload:
+        assert profiler.bundle("f", "h1").n_history == 4
+    read_rows = profiler._read_rows
+
+    def read_then_let_a_record_in(function):
+        got = read_rows(function)
+        if function == "f" and not getattr(read_then_let_a_record_in, "done", False):
+            read_then_let_a_record_in.done = True
+            # another record thread runs in the window (the lock is free there)
+            other = threading.Thread(target=profiler.record, args=(rows(3, start=50),))
+            other.start()
+            other.join(10)
+        return got
+
+    profiler._read_rows = read_then_let_a_record_in
+    assert profiler.bundle("f", "h1", reload=reload).n_history == 7
+    assert len(store.read(function="f")) == 7
+
+
+def test_a_training_asked_for_by_hand_runs_alone_not_beside_a_background_one(tmp_path):
+    """An audit: ``train_now`` (a driver's ``refresh(train=True)``, the demo, the CLI) trained
+    outside the function's training slot, so rows arriving meanwhile started a background
+    training of the same function beside it: both judged their models against the same
+    served one, and whichever ended last was served, even when worse than the other."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=20,
+                            min_retrain_interval_s=0.0, train_cost_fraction=1.0, bundle_max_age_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
+                        executor=ThreadPoolExecutor(1), load_executor=InlineExecutor())
+    profiler.record(rows(40))
+    profiler.wait_for_training()
+    inner, entered, release = profiler._predictor, threading.Event(), threading.Event()
+    running, most = [0], [0]
+    guard = threading.Lock()
+
+    class SlowPredictor:
+        def train(self, history):
+            with guard:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            entered.set()
+            release.wait(10)
+            try:
+                return inner.train(history)
+            finally:
+                with guard:
+                    running[0] -= 1
+
+    profiler._predictor = SlowPredictor()
+    by_hand = threading.Thread(target=profiler.train_now, args=("f", "h1"))
+    by_hand.start()
+    assert entered.wait(10)
+    profiler.record(rows(40, start=40))  # enough new rows for a training of their own
+    time.sleep(0.3)  # a background training, if one started, is in train() by now
+    release.set()
+    by_hand.join(30)
+    profiler.wait_for_training()
+    assert most[0] == 1, "two trainings of one function ran at once"

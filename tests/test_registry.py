@@ -264,3 +264,47 @@ def test_prune_keeps_the_newest_and_the_served_versions_and_removes_the_rest_wit
     assert registry.load("pruned", "memory", 2).version == 2 and registry.load("pruned", "memory").version == 6
     assert [v["version"] for v in registry.versions("other", "memory")] == [1]  # another model untouched
     assert registry.prune("pruned", "memory", keep_newest=2, keep=[2]) == 0
+
+
+def test_a_moved_home_loads_its_models_and_keeps_new_ones_under_itself(tmp_path):
+    """An audit: MLflow records artifact locations as absolute paths, so a home moved or copied
+    elsewhere (then named by RAYSCHED_HOME) could load none of its models (a restarted profiler
+    served none), and every new training wrote its model under the old place, made anew."""
+    import shutil
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    registry = ModelRegistry(first)
+    booster, x = train()
+    for _ in range(3):
+        registry.log_training(artifact("f", booster, code_hash="c1"), {"a": 1}, {"pinball_loss": 0.1})
+    del registry
+    shutil.move(str(first), str(moved))
+
+    registry = ModelRegistry(moved)
+    loaded = registry.load("f", "memory", 2)
+    assert loaded.version == 2 and np.allclose(predict(loaded.booster, x), predict(bytes(booster.save_raw("ubj")), x))
+    assert json.loads(loaded.meta_json)["code_hash"] == "c1"
+    assert registry.log_training(artifact("f", booster), {"a": 1}, {"pinball_loss": 0.1}).version == 4
+    assert not first.exists(), "a training wrote outside the home"
+    assert registry.load("f", "memory").version == 4
+    assert registry.prune("f", "memory", keep_newest=1) == 3  # the moved versions' files go too
+    assert [v["version"] for v in registry.versions("f", "memory")] == [4]
+    assert ModelRegistry(moved).load("f", "memory").version == 4  # opened again: no second move
+    assert sum(1 for p in (moved / "mlartifacts").rglob("model.ubj")) == 1
+
+
+def test_a_copied_home_reads_and_prunes_its_own_copy_never_the_original(tmp_path):
+    import shutil
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    registry = ModelRegistry(original)
+    booster, _ = train()
+    for _ in range(2):
+        registry.log_training(artifact("f", booster), {"a": 1}, {"pinball_loss": 0.1})
+    shutil.copytree(original, copy)
+    copied = ModelRegistry(copy)
+    assert copied.prune("f", "memory", keep_newest=1) == 1
+    assert sum(1 for _ in (copy / "mlartifacts").rglob("model.ubj")) == 1
+    assert sum(1 for _ in (original / "mlartifacts").rglob("model.ubj")) == 2  # untouched
+    assert registry.load("f", "memory", 1).version == 1
+    assert copied.load("f", "memory").version == 2

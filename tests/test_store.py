@@ -175,6 +175,9 @@ def test_unknown_column_is_rejected_by_name_and_nothing_is_written(store):
         ("tags", "gpu"),  # a bare string is not a list of tags
         ("tags", ["ok", 3]),
         ("timestamp", "yesterday"),
+        ("timestamp", 1.7e18),  # nanoseconds taken for seconds: past the column's range
+        pytest.param("started_at", 10**400, id="started_at-past-a-float"),
+        pytest.param("cpu_seconds", 10**400, id="cpu_seconds-past-a-float"),
         ("error", b"bytes"),
     ],
 )
@@ -725,3 +728,13 @@ def test_a_part_named_before_a_compaction_and_put_in_place_after_it_reads_last(s
     table._write_part(slow, time_ns=named_at)  # ...and the slow part lands
     assert list(store.read().row_id) == ["A", "C", "B"]
     assert list(store.read_recent(1).row_id) == ["B"]
+
+
+def test_a_time_past_its_columns_range_costs_only_its_own_row(store):
+    """An audit: epoch seconds past the timestamp column's range (a trace's nanoseconds read as
+    seconds) raised pyarrow's OverflowError, not InvalidInput: the whole batch was lost, good
+    rows included, instead of that row being set aside."""
+    good, bad = row(), row(timestamp=1.7e18)
+    written, rejected = store.append_keeping_valid([good, bad])
+    assert written == 1 and [r["row_id"] for r in rejected] == [bad["row_id"]]
+    assert list(store.read()["row_id"]) == [good["row_id"]]

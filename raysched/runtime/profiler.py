@@ -292,7 +292,10 @@ class Profiler:
         try:
             rows, arrived = self._read_rows(function)
             with self._lock:
-                state = self._functions[function] = _FunctionState(rows, self.config.history_window, arrived)
+                try:
+                    state = self._functions[function] = _FunctionState(rows, self.config.history_window, arrived)
+                finally:
+                    self._end_read(function, arrived)  # in the same hold of the lock as the state's install
                 if (self.config.home_path / "mlflow.db").exists() or self._registry is not None:
                     # Off the request path: importing MLflow alone takes seconds.
                     state.training = self._executor.submit(self._load_served, function, state)
@@ -304,19 +307,30 @@ class Profiler:
 
     def _read_rows(self, function: str) -> tuple[pd.DataFrame, list[Mapping[str, Any]]]:
         """The function's newest rows in the store, read without the lock, and the rows
-        ``record`` handed over meanwhile (some may be in the read as well)."""
+        ``record`` handed over meanwhile (some may be in the read as well).  ``record`` goes
+        on handing rows over until the caller installs what it read and calls ``_end_read``,
+        both in one hold of the lock: ended here, a record call between the two found
+        neither this list nor (on a first read) a state, and its rows were in no history."""
         arrived: list[Mapping[str, Any]] = []
         with self._lock:
             self._arrivals.setdefault(function, []).append(arrived)
         try:
             rows = self.store.read_recent(self.config.history_window, function=function)
-        finally:
+        except BaseException:
             with self._lock:
-                readers = self._arrivals[function]
-                del readers[next(i for i, r in enumerate(readers) if r is arrived)]
-                if not readers:
-                    del self._arrivals[function]
+                self._end_read(function, arrived)
+            raise
         return rows, arrived
+
+    def _end_read(self, function: str, arrived: list[Mapping[str, Any]]) -> None:
+        """Stop handing rows over to the read that ``arrived`` belongs to (the lock held)."""
+        readers = self._arrivals.get(function, [])
+        for i, r in enumerate(readers):
+            if r is arrived:
+                del readers[i]
+                break
+        if not readers:
+            self._arrivals.pop(function, None)
 
     def _load_served(self, function: str, state: _FunctionState) -> None:
         """After a restart: per resource, the newest registered model that was served, and the
@@ -329,8 +343,14 @@ class Profiler:
                 # Newest first; a version registered but judged worse than the one served
                 # then (meta "served": false) is skipped, as it was before the restart.
                 for entry in sorted(self.registry.versions(function, resource), key=lambda v: -int(v["version"])):
-                    artifact = self.registry.load(function, resource, int(entry["version"]))
-                    meta = json.loads(artifact.meta_json) if artifact is not None else {}
+                    try:
+                        artifact = self.registry.load(function, resource, int(entry["version"]))
+                        meta = json.loads(artifact.meta_json) if artifact is not None else {}
+                    except Exception as exc:  # noqa: BLE001 - its files gone, say: an older version may serve
+                        # (Raised to the guard below, it cost every resource its model.)
+                        logger.warning("raysched: skipping version %s of the %s model of %s: %s",
+                                       entry.get("version"), resource, function, exc)
+                        continue
                     if artifact is None or not meta.get("served", True):
                         continue
                     # (a model registered before the scope was recorded: taken as its code's own)
@@ -547,24 +567,43 @@ class Profiler:
     def _prune_registry(self, function: str, state: _FunctionState, summary: dict[str, Any]) -> None:
         """Keep the newest ``registry_keep_versions`` versions of each of the function's models
         and every version served (to any of its code versions); the rest go (``ModelRegistry.prune``)."""
-        if not hasattr(self.registry, "prune"):
+        try:
+            registry = self.registry
+        except Exception as exc:  # noqa: BLE001 - MLflow's database unusable: logged by the training already
+            logger.warning("raysched: not pruning the models of %s: %s", function, exc)
+            return
+        if not hasattr(registry, "prune"):
             return
         with self._lock:
             served = [state.models, *state.models_by_code.values()]
         for resource in summary["resources"]:
             keep = {m.version for models in served for r, m in models.items() if r == resource and m.version is not None}
             try:
-                self.registry.prune(function, resource, self.config.registry_keep_versions, keep)
+                registry.prune(function, resource, self.config.registry_keep_versions, keep)
             except Exception as exc:  # noqa: BLE001 - a failed clean-up must not stop serving
                 logger.warning("raysched: could not prune the %s models of %s: %s", resource, function, exc)
 
     def train_now(self, function: str, code_hash: str | None = None) -> dict[str, Any]:
         """Train synchronously (after any training already under way); for tests, the demo, the CLI."""
         state = self._state(function)
-        pending = state.training
-        if pending is not None:
+        while True:
+            with self._lock:
+                pending = state.training
+                if pending is None or pending.done():
+                    # Holds the function's training slot: a background training started beside
+                    # this one judged its model against the same served one, and whichever
+                    # ended last was served, even the worse of the two.
+                    mine: Future = Future()
+                    state.training = mine
+                    break
             pending.result()
-        return self._train(function, code_hash)
+        try:
+            summary = self._train(function, code_hash)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        mine.set_result(summary)
+        return summary
 
     # --- the read path ---------------------------------------------------------------------------
     def bundle(self, function: str, code_hash: str, have_version: int = -1, reload: bool = False,
@@ -582,7 +621,10 @@ class Profiler:
         if reload:
             rows, arrived = self._read_rows(function)
             with self._lock:
-                state.replace_rows(rows, arrived)
+                try:
+                    state.replace_rows(rows, arrived)
+                finally:
+                    self._end_read(function, arrived)
         with self._lock:
             if have_version == state.version:
                 return None

@@ -51,6 +51,7 @@ _T = TypeVar("_T")
 _UTC = _dt.timezone.utc
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
 _US = _dt.timedelta(microseconds=1)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _Bad(Exception):
@@ -103,7 +104,10 @@ def _converter(field: pa.Field) -> Callable[[Any], Any]:
         def to_float(v: Any) -> float:
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
                 raise _Bad(f"a number ({t})")
-            return float(v)
+            try:
+                return float(v)
+            except OverflowError:  # an int past a float's range: the row's fault, not its batch's
+                raise _Bad(f"a number within a float's range ({t})") from None
 
         return to_float
     if pa.types.is_string(t) or pa.types.is_large_string(t):
@@ -131,9 +135,13 @@ def _converter(field: pa.Field) -> Callable[[Any], Any]:
                 return (aware - _EPOCH) // _US * per_second // 1_000_000
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
                 raise _Bad("a datetime (naive means UTC) or epoch seconds")
-            if not math.isfinite(v):
-                raise _Bad("a finite number of epoch seconds")
-            return int(round(float(v) * per_second))
+            try:
+                out = int(round(float(v) * per_second))
+            except (OverflowError, ValueError):  # inf, nan, or an int past a float's range
+                raise _Bad("a finite number of epoch seconds") from None
+            if not _INT64_MIN <= out <= _INT64_MAX:  # pyarrow's OverflowError cost the whole batch
+                raise _Bad(f"epoch seconds within the range of {t}")
+            return out
 
         return to_ts
     if pa.types.is_list(t) or pa.types.is_large_list(t):
@@ -378,7 +386,7 @@ class ParquetTable:
                 raise InvalidInput(f"{self.name}: column {f.name!r} must not be null (row {missing[0]})")
         try:
             return pa.array(column, type=f.type)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the checks above should have caught it
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:  # the checks above should have caught it
             raise InvalidInput(f"{self.name}: column {f.name!r}: {e}") from None
 
     def _write_part(self, table: pa.Table, time_ns: int | None = None) -> Path:

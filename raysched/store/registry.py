@@ -218,6 +218,15 @@ class ModelRegistry:
     def _experiment_id(self, name: str) -> str:
         try:
             experiment = self.client.get_experiment_by_name(name)
+            if experiment is not None and not self._is_here(experiment.artifact_location):
+                # The home was moved or copied: its experiment still puts artifacts where the
+                # home was made (absolute), so every new model went outside this home, into a
+                # folder made anew there. That experiment keeps its runs under another name;
+                # their artifacts are read from this home (``_local``), and new ones go here.
+                with contextlib.suppress(MlflowException):  # another process renamed it first
+                    self.client.rename_experiment(experiment.experiment_id,
+                                                  f"{name}-moved-{experiment.experiment_id}")
+                experiment = self.client.get_experiment_by_name(name)
             if experiment is not None:
                 return experiment.experiment_id
             try:
@@ -229,6 +238,38 @@ class ModelRegistry:
                 return experiment.experiment_id
         except MlflowException as e:
             raise StoreError(f"raysched registry: cannot open experiment {name!r} at {self._uri} ({e})") from e
+
+    def _is_here(self, uri: str | None) -> bool:
+        """Whether an artifact location is this home's artifact folder."""
+        parsed = urllib.parse.urlparse(uri or "")
+        if parsed.scheme not in ("", "file"):
+            return True  # a remote store the user set up: not ours to move
+        try:
+            return Path(urllib.request.url2pathname(parsed.path)).resolve() == (self.home / ARTIFACTS_DIR).resolve()
+        except (OSError, ValueError):
+            return False
+
+    def _local(self, uri: str) -> Path | None:
+        """The local folder of an artifact URI (None: not a local one). A URI recorded before
+        the home was moved or copied names a folder under the old place: the same folder
+        under this home's ``mlartifacts/`` is taken when there is one (a copied home reads
+        and prunes its own copy, never the original's)."""
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.scheme not in ("", "file"):
+            return None
+        path = Path(urllib.request.url2pathname(parsed.path))
+        if ARTIFACTS_DIR not in path.parts:
+            return path
+        parts = path.parts
+        below = parts[len(parts) - parts[::-1].index(ARTIFACTS_DIR):]  # after the last "mlartifacts"
+        moved = self.home.joinpath(ARTIFACTS_DIR, *below)
+        return moved if moved.exists() else path
+
+    def _read(self, base_uri: str, relative: str) -> bytes:
+        local = self._local(base_uri)
+        if local is not None:
+            return (local / relative).read_bytes()
+        return _read_artifact(base_uri, relative)
 
     # ------------------------------------------------------------------ writing
 
@@ -369,10 +410,9 @@ class ModelRegistry:
         lies under this home's artifact folder; anything elsewhere is left alone."""
         import shutil
 
-        parsed = urllib.parse.urlparse(uri)
-        if parsed.scheme not in ("", "file"):
+        folder = self._local(uri)
+        if folder is None:
             return
-        folder = Path(urllib.request.url2pathname(parsed.path))
         if folder.name == "artifacts":
             folder = folder.parent
         root = (self.home / ARTIFACTS_DIR).resolve()
@@ -407,9 +447,9 @@ class ModelRegistry:
         with _quiet():
             try:
                 model_uri = self.client.get_model_version_download_uri(mv.name, mv.version)
-                booster = _read_artifact(model_uri, BOOSTER_FILE)
+                booster = self._read(model_uri, BOOSTER_FILE)
                 run_artifacts = self.client.get_run(mv.run_id).info.artifact_uri
-                meta_json = _read_artifact(run_artifacts, META_FILE).decode()
+                meta_json = self._read(run_artifacts, META_FILE).decode()
             except (MlflowException, OSError) as e:
                 raise StoreError(
                     f"raysched registry: cannot load {mv.name} version {mv.version} from {self._uri} ({e})"
