@@ -559,3 +559,40 @@ def test_get_live_sampler_is_a_process_singleton():
     assert a.interval_s <= 0.5
     with pytest.raises(ValueError):
         LiveSampler(interval_s=0)
+
+
+def test_an_attempt_registered_with_an_idle_sampler_is_sampled_within_one_interval():
+    """The idle sampler wakes once per interval and then slept a whole interval more from
+    that wake-up: a task that began just after a wake-up (every task of a worker whose
+    previous one ended before the sampler's last look) got its first sample nearly two
+    intervals in, so a call of 1.5 intervals was never watched by the monitor, nor measured
+    when thinned, against "every attempt that runs longer than one live interval is reported"."""
+    interval = 0.5
+    sampler = LiveSampler(interval_s=interval)
+    meter = AttemptMeter()
+    meter.start()
+    passes: list[float] = []
+
+    def first(key, sample):  # unregisters itself within the pass: the thread then idles from its end
+        passes.append(time.monotonic())
+        sampler.unregister(key)
+
+    try:
+        sampler.register("first", meter, first)
+        deadline = time.monotonic() + 5
+        while not passes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert passes
+        # The idle thread wakes at about passes[0] + k x interval: register just after its first wake-up.
+        time.sleep(max(0.0, passes[0] + interval + 0.1 - time.monotonic()))
+        seen: list[float] = []
+        registered = time.monotonic()
+        sampler.register("second", meter, lambda k, s: seen.append(time.monotonic()))
+        while not seen and time.monotonic() < registered + 5:
+            time.sleep(0.01)
+        assert seen
+        # One interval after registering (the old thread: nearly two, 0.9 s here).
+        assert seen[0] - registered < interval + 0.2, seen[0] - registered
+    finally:
+        sampler.close()
+        meter.stop()

@@ -1094,14 +1094,17 @@ class LiveSampler:
     The thread starts on the first ``register`` and, while nothing is
     registered, wakes only once per interval; ``register`` never wakes it, so a
     worker running only tiny tasks pays neither a thread start nor a thread
-    hand-off per task.  Exceptions from ``sample()`` or a
+    hand-off per task; still, a meter is first sampled at most one interval
+    after its ``register`` (the thread's passes are one interval apart, and the
+    first pass after an idle spell is one interval after the earliest
+    registration, not after the wake-up that found it).  Exceptions from ``sample()`` or a
     callback are logged and never stop the thread.  A callback already running
     when ``unregister`` is called may still complete after it returns.
     """
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self._interval = self._check_interval(interval_s)
-        self._entries: dict[Hashable, tuple[AttemptMeter, OnSample | None]] = {}
+        self._entries: dict[Hashable, tuple[AttemptMeter, OnSample | None, float]] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -1133,7 +1136,7 @@ class LiveSampler:
 
     def register(self, key: Hashable, meter: AttemptMeter, on_sample: OnSample | None = None) -> None:
         """Sample ``meter`` every interval and pass each sample to ``on_sample(key, sample)``."""
-        entry = (meter, on_sample)
+        entry = (meter, on_sample, time.monotonic())  # when: its first sample is one interval on
         if self._live:
             # Once the thread runs, a registration is one dict store (atomic under the GIL;
             # the thread copies the dict under its lock): no lock and no thread check per task.
@@ -1165,7 +1168,7 @@ class LiveSampler:
         with self._cond:
             entries = list(self._entries.items())
         for key, entry in entries:
-            meter, on_sample = entry
+            meter, on_sample, _ = entry
             try:
                 sample = meter.sample()
             except Exception:  # noqa: BLE001
@@ -1183,18 +1186,26 @@ class LiveSampler:
         self.ticks += 1
 
     def _run(self) -> None:
+        last_pass: float | None = None  # when the last sampling pass ended
         while True:
             with self._cond:
                 # Idle: a timed wait, not an untimed one, so that register() never has to
                 # wake the thread. Two wake-ups a second cost less than a GIL hand-off on
                 # every one of a thousand tiny tasks.
+                idle = last_pass is None
                 while not self._entries and not self._closed:
+                    idle = True
                     self._cond.wait(self._interval)
                 if self._closed:
                     return
                 # Sleep one interval; a register() notify must not shorten it,
-                # or a stream of tiny tasks would make the thread spin.
-                deadline = time.monotonic() + self._interval
+                # or a stream of tiny tasks would make the thread spin.  One interval from
+                # the last pass, or, after an idle spell, from the first registration
+                # (not from the idle wake-up, which may come up to an interval after it:
+                # a task that began just after one was first sampled nearly two in).
+                registered = [entry[2] for entry in list(self._entries.values())] if idle else []
+                since = min(registered) if registered else (last_pass or time.monotonic())
+                deadline = since + self._interval
                 while not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -1206,6 +1217,7 @@ class LiveSampler:
                 self.sample_all()
             except Exception:  # noqa: BLE001 - never let the thread die
                 logger.exception("raysched: live sampler pass failed")
+            last_pass = time.monotonic()
 
 
 _SAMPLER: LiveSampler | None = None
