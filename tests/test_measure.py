@@ -596,3 +596,40 @@ def test_an_attempt_registered_with_an_idle_sampler_is_sampled_within_one_interv
     finally:
         sampler.close()
         meter.stop()
+
+
+def test_unregister_waits_for_a_callback_of_its_key_already_running():
+    """A callback that had passed its "still registered?" check ran on after ``unregister``
+    returned: the worker's, publishing the attempt's live sample to Ray's KV and reporting
+    it to the monitor, then did so after the task had deleted that sample and told the
+    monitor it ended (a stale sample left in the KV for good, read as a still running
+    attempt by ``_ended_within``; a report of an ended attempt)."""
+    sampler = LiveSampler(interval_s=0.05)
+    meter = AttemptMeter()
+    meter.start()
+    entered, events = threading.Event(), []
+
+    def slow(key, sample):
+        entered.set()
+        time.sleep(0.3)
+        events.append("callback done")
+
+    try:
+        sampler.register("slow", meter, slow)
+        assert entered.wait(5)
+        sampler.unregister("slow")
+        events.append("unregistered")
+        time.sleep(0.4)
+        assert events == ["callback done", "unregistered"], events
+        # A callback that unregisters its own key (an actor stopping itself) does not wait for itself.
+        done = threading.Event()
+
+        def own(key, sample):
+            sampler.unregister(key)
+            done.set()
+
+        sampler.register("own", meter, own)
+        assert done.wait(5)
+    finally:
+        sampler.close()
+        meter.stop()

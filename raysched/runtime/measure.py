@@ -1098,8 +1098,10 @@ class LiveSampler:
     after its ``register`` (the thread's passes are one interval apart, and the
     first pass after an idle spell is one interval after the earliest
     registration, not after the wake-up that found it).  Exceptions from ``sample()`` or a
-    callback are logged and never stop the thread.  A callback already running
-    when ``unregister`` is called may still complete after it returns.
+    callback are logged and never stop the thread.  ``unregister`` waits for a
+    callback of its key already running in another thread (up to
+    ``UNREGISTER_WAIT_S``), so that no callback of an attempt runs after its end
+    (the worker's would publish a live sample the task had deleted).
     """
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S) -> None:
@@ -1109,8 +1111,13 @@ class LiveSampler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._live = False  # the thread runs and is not closed: register takes the lock-free path
+        #: (key, thread id) of the callbacks running now (``unregister`` waits for its key's).
+        self._calling: list[tuple[Hashable, int]] = []
         #: Completed sampling passes (for tests and diagnostics).
         self.ticks = 0
+
+    #: How long ``unregister`` waits for a running callback of its key before it gives up.
+    UNREGISTER_WAIT_S = 10.0
 
     @staticmethod
     def _check_interval(value: float) -> float:
@@ -1153,7 +1160,20 @@ class LiveSampler:
             self._live = not self._closed  # a closed thread still exiting: the next register looks again
 
     def unregister(self, key: Hashable) -> None:
+        """Stop sampling ``key``; returns once no callback of it runs (but in this thread)."""
         self._entries.pop(key, None)  # one dict operation, atomic under the GIL
+        if not self._calling:  # read without the lock: see sample_all
+            return
+        me = threading.get_ident()
+        deadline = time.monotonic() + self.UNREGISTER_WAIT_S
+        with self._cond:
+            while any(k == key and t != me for k, t in self._calling):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning("raysched: a live-sample callback for %r still runs after %.0f s; "
+                                   "unregistered without waiting for it", key, self.UNREGISTER_WAIT_S)
+                    return
+                self._cond.wait(remaining)
 
     def close(self) -> None:
         """Stop the thread (it exits at its next wake-up); ``register`` restarts it."""
@@ -1176,13 +1196,22 @@ class LiveSampler:
                 continue
             if on_sample is None:
                 continue
+            calling = (key, threading.get_ident())
             with self._cond:
+                # Noted before the check: an unregister that comes after the check (its pop,
+                # then its look at ``_calling``, need no lock) finds it and waits.
+                self._calling.append(calling)
                 if self._entries.get(key) is not entry:
+                    self._calling.remove(calling)
                     continue  # unregistered meanwhile
             try:
                 on_sample(key, sample)
             except Exception:  # noqa: BLE001
                 logger.exception("raysched: live-sample callback for %r failed", key)
+            finally:
+                with self._cond:
+                    self._calling.remove(calling)
+                    self._cond.notify_all()
         self.ticks += 1
 
     def _run(self) -> None:
