@@ -633,3 +633,41 @@ def test_unregister_waits_for_a_callback_of_its_key_already_running():
     finally:
         sampler.close()
         meter.stop()
+
+
+LEFTOVER_CHILD = "import sys, time, numpy as np; block = np.ones(300 * 1024 * 1024 // 8); time.sleep(float(sys.argv[1]))"
+
+
+def _measure_a_leftover_child_reaped_by_the_next_attempt(lives_on, out):
+    """An attempt starts a 300 MiB program and returns without waiting for it; the next
+    attempt of the worker reaps it (see the test below)."""
+    first = AttemptMeter()
+    first.start()
+    proc = subprocess.Popen([sys.executable, "-c", LEFTOVER_CHILD, "1.5" if lives_on else "0"])
+    if not lives_on:
+        while measure._stat_linux(proc.pid)[3]:  # until it exited (a zombie: nothing resident)
+            time.sleep(0.05)
+    first.stop()
+    second = AttemptMeter()
+    second.start()
+    proc.wait()  # as subprocess.run or multiprocessing do with the finished children they find
+    second.sample()
+    out.put(second.stop().task_rss_bytes)
+
+
+@pytest.mark.skipif(not LINUX, reason="the kernel's rusage of reaped children (Linux)")
+@pytest.mark.parametrize("lives_on", [True, False], ids=["alive", "zombie"])
+def test_a_child_an_earlier_attempt_left_is_not_charged_to_the_attempt_that_reaps_it(lives_on):
+    """``RUSAGE_CHILDREN`` grows when any child is reaped: a 300 MiB program an earlier task
+    started and left (alive, or exited and not yet waited for) made the attempt that reaped
+    it -- a ``subprocess.run`` of its own reaps the worker's finished children -- measure
+    300 MiB, though it was a child that existed when that attempt began."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh process: RUSAGE_CHILDREN starts at 0
+    out = spawn.Queue()
+    proc = spawn.Process(target=_measure_a_leftover_child_reaped_by_the_next_attempt, args=(lives_on, out))
+    proc.start()
+    task = out.get(timeout=120)
+    proc.join(timeout=30)
+    assert task < 30 * MiB, task / MiB

@@ -106,6 +106,11 @@ too: the ledger only takes off what it saw another function's attempt leave.
        the child's figure is its whole RSS (the kernel keeps no private one),
        less the most a live child was seen to share with the worker (a forked
        child's inherited pages; nothing for a child never sampled alive).
+       A child that was alive when the attempt began (one an earlier task left
+       running, or exited and never waited for) is not the attempt's: when one
+       is found gone, the figure read then becomes the baseline, so a child of
+       the attempt's own reaped within the same live interval is then seen
+       through sampling only.
 
     Private RSS includes the memory of Ray's own threads in the worker.  Where
     ``/proc/self/clear_refs`` is not writable or ``VmHWM`` is missing
@@ -632,7 +637,10 @@ class AttemptMeter:
         self._io0 = _ZERO_IO
         self._io_ok = False
         self._base_children: dict[tuple[int, int], _Child] = {}
-        self._gone_base: set[tuple[int, int]] = set()
+        self._gone_base: set[tuple[int, int]] = set()  # children alive at start seen gone since
+        #: The largest RUSAGE_CHILDREN ru_maxrss read above its start value (and not after a
+        #: child alive at start went): the attempt's own reaped children's.
+        self._reaped_max = 0
         self._peak_self = 0  # largest RSS of the process itself (sampled, or VmHWM)
         self._peak_tree = 0  # largest sampled process + live descendants
         self._peak_handed = 0  # high-water mark handed over by another meter's reset
@@ -911,8 +919,21 @@ class AttemptMeter:
         tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
         self._peak_tree = max(self._peak_tree, tree_rss)
         peak = max(self._peak_self, self._peak_tree)
-        if maxrss_children is not None and maxrss_children > self._maxrss0_children and (
-                self.peak_method != "hwm" or maxrss_children > self._whole_mark + _CHILD_OVER_MARK_SLACK):
+        gone = [key for key in self._base_children if key not in live and key not in self._gone_base]
+        if gone and self._self:
+            # A child that was alive when the attempt began (an earlier task's, or a zombie it
+            # left) has been reaped since: its lifetime figure may be in RUSAGE_CHILDREN now,
+            # and it is not this attempt's (the attempt that reaped it was charged all of it).
+            # Read after the scan that found it gone, the figure is the baseline from now on.
+            self._gone_base.update(gone)
+            try:
+                self._maxrss0_children = max(self._maxrss0_children, self._rusage()[3])
+            except Exception as exc:  # noqa: BLE001
+                self._warn("CPU time", exc)
+        elif maxrss_children is not None and maxrss_children > self._maxrss0_children:
+            self._reaped_max = max(self._reaped_max, maxrss_children)
+        if self._reaped_max and (
+                self.peak_method != "hwm" or self._reaped_max > self._whole_mark + _CHILD_OVER_MARK_SLACK):
             # A reaped child's figure is its whole RSS: for children seen alive sharing the
             # worker's pages (forked), that share is the worker's, counted in its own peak.
             # A figure at or below the worker's own whole mark says nothing of the child: a
@@ -920,7 +941,7 @@ class AttemptMeter:
             # worker's mark copied in by the kernel, and a forked one with the worker's pages
             # resident (counted, `true` or `sleep` came out as the worker's whole size again).
             # Such a child is seen by the samples of the live tree only.
-            peak = max(peak, self._peak_self + max(0, maxrss_children - self._inherited_max))
+            peak = max(peak, self._peak_self + max(0, self._reaped_max - self._inherited_max))
 
         # cpu: own + reaped children (deltas) + live descendants (deltas from their start values)
         cpu = 0.0
