@@ -671,3 +671,33 @@ def test_a_child_an_earlier_attempt_left_is_not_charged_to_the_attempt_that_reap
     task = out.get(timeout=120)
     proc.join(timeout=30)
     assert task < 30 * MiB, task / MiB
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death it provokes
+def test_a_sampler_thread_that_died_is_started_again_by_the_next_register():
+    """Once the thread ran, ``register`` took a lock-free path that never looked at it again:
+    a thread ended by an exception that is not an ``Exception`` (SystemExit from a callback)
+    left every later attempt of the process unsampled, unseen by the monitor."""
+    sampler = LiveSampler(interval_s=0.05)
+    meter = AttemptMeter()
+    meter.start()
+
+    def fatal(key, sample):
+        raise SystemExit("gone")
+
+    try:
+        sampler.register("fatal", meter, fatal)
+        deadline = time.monotonic() + 5
+        while sampler.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not sampler.running
+        sampler.unregister("fatal")
+        seen: list[LiveSample] = []
+        sampler.register("next", meter, lambda k, s: seen.append(s))
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen, "no sample after the thread died"
+    finally:
+        sampler.close()
+        meter.stop()

@@ -1236,6 +1236,16 @@ class LiveSampler:
         self.ticks += 1
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # Ended (closed, or by an exception no handler takes): the next register, whose
+            # lock-free path trusts ``_live``, starts a thread again.
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._live = False
+
+    def _loop(self) -> None:
         last_pass: float | None = None  # when the last sampling pass ended
         while True:
             with self._cond:
