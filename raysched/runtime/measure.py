@@ -638,6 +638,7 @@ class AttemptMeter:
         self._io_ok = False
         self._base_children: dict[tuple[int, int], _Child] = {}
         self._gone_base: set[tuple[int, int]] = set()  # children alive at start seen gone since
+        self._own_base: set[tuple[int, int]] = set()  # ...that are the attempt's own (rebase_start)
         #: The largest RUSAGE_CHILDREN ru_maxrss read above its start value (and not after a
         #: child alive at start went): the attempt's own reaped children's.
         self._reaped_max = 0
@@ -744,13 +745,21 @@ class AttemptMeter:
         """RSS of the process (and its live descendants) when ``start()`` ran."""
         return self._start_rss
 
-    def rebase_start(self, start_rss: int | None, foreign: int = 0) -> None:
+    def rebase_start(self, start_rss: int | None, foreign: int = 0, since: float | None = None) -> None:
         """Take ``start_rss`` (read before ``start()``, when the call began) as the start, if
-        lower, and ``foreign`` (other functions' memory then) as what its figures are net of."""
+        lower, and ``foreign`` (other functions' memory then) as what its figures are net of;
+        children alive at ``start()`` that began at or after ``since`` (``time.time()`` of the
+        call's start) are the call's own: reaped, their figure counts as any child's."""
         with self._lock:
             if start_rss is not None:
                 self._start_rss = min(self._start_rss, int(start_rss)) if self._start_rss else int(start_rss)
             self._foreign, self._net_floor = int(foreign), self._start_rss - int(foreign)
+            if since is not None and self._base_children:
+                if _LINUX:  # starttime in clock ticks since boot (see started_since)
+                    since_ticks = (time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - since) - 0.05) * _CLK_TCK
+                else:  # psutil's create_time, in hundredths of a second
+                    since_ticks = (since - 1.0) * 100
+                self._own_base.update(key for key, c in self._base_children.items() if c.starttime >= since_ticks)
 
     def start(self) -> None:
         """Begin the attempt: reset VmHWM and remember the starting counters."""
@@ -919,7 +928,8 @@ class AttemptMeter:
         tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
         self._peak_tree = max(self._peak_tree, tree_rss)
         peak = max(self._peak_self, self._peak_tree)
-        gone = [key for key in self._base_children if key not in live and key not in self._gone_base]
+        gone = [key for key in self._base_children
+                if key not in live and key not in self._gone_base and key not in self._own_base]
         if gone and self._self:
             # A child that was alive when the attempt began (an earlier task's, or a zombie it
             # left) has been reaped since: its lifetime figure may be in RUSAGE_CHILDREN now,
@@ -1047,6 +1057,7 @@ class DeferredMeter:
         self._owner = owner  # as AttemptMeter's
         self._lock = threading.Lock()
         self._t0 = 0.0
+        self._t0_wall = 0.0
         self._start_rss: int | None = None  # private RSS of the process when the call began
         self._foreign = 0  # what other functions left resident then (WorkerLedger)
         self._offset = 0.0  # wall time before the full meter started
@@ -1062,6 +1073,7 @@ class DeferredMeter:
 
     def start(self) -> None:
         self._t0 = self._clock()
+        self._t0_wall = time.time()  # children started since are the call's own
         # One cheap read (statm): a call that runs on is judged by what it added since here,
         # not since its first sample (a caller's ``memory`` is the task's own, over this).
         try:
@@ -1079,7 +1091,7 @@ class DeferredMeter:
                     return LiveSample(0, 0, 0.0, self.wall_seconds, 0, 0, time.time())
                 meter = AttemptMeter(clock=self._clock)  # no owner: the ledger is this meter's
                 meter.start()
-                meter.rebase_start(self._start_rss, self._foreign)
+                meter.rebase_start(self._start_rss, self._foreign, since=self._t0_wall)
                 self._offset = max(0.0, self._clock() - self._t0)
                 self._meter = meter
         sample = meter.sample()
