@@ -882,8 +882,10 @@ class AttemptMeter:
             except Exception as exc:  # noqa: BLE001
                 self._warn("I/O counters", exc)
         children: list[_Child] = []
+        scanned = False
         try:
             children = self._children()
+            scanned = True
         except Exception as exc:  # noqa: BLE001
             self._warn("child processes", exc)
         rss = hwm = None
@@ -929,7 +931,7 @@ class AttemptMeter:
         self._peak_tree = max(self._peak_tree, tree_rss)
         peak = max(self._peak_self, self._peak_tree)
         gone = [key for key in self._base_children
-                if key not in live and key not in self._gone_base and key not in self._own_base]
+                if key not in live and key not in self._gone_base and key not in self._own_base] if scanned else []
         if gone and self._self:
             # A child that was alive when the attempt began (an earlier task's, or a zombie it
             # left) has been reaped since: its lifetime figure may be in RUSAGE_CHILDREN now,
