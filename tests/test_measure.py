@@ -297,8 +297,14 @@ def test_forked_children_count_what_they_hold_alone_not_the_workers_pages_again(
 BIG_CHILD = "import numpy as np; block = np.ones(600 * 1024 * 1024 // 8); block.sum()"
 
 
-def _measure_programs_run_from_a_big_worker(out):
+def _refuse_reset(pid):
+    raise OSError(22, "clear_refs takes no 5 on this kernel (< 4.0)")
+
+
+def _measure_programs_run_from_a_big_worker(out, resettable=True):
     """A process holding 300 MiB runs short programs (see the test below)."""
+    if not resettable:
+        measure._reset_hwm = _refuse_reset  # in this fresh process only
     held = allocate(300)
     figures = []
     for argv in (["true"], ["sleep", "0.2"], [sys.executable, "-c", BIG_CHILD]):
@@ -312,17 +318,20 @@ def _measure_programs_run_from_a_big_worker(out):
 
 
 @pytest.mark.skipif(not LINUX, reason="the kernel's rusage of reaped children (Linux)")
-def test_a_program_a_task_runs_is_not_charged_the_workers_whole_size():
+@pytest.mark.parametrize("resettable", [True, False], ids=["hwm", "sampled"])
+def test_a_program_a_task_runs_is_not_charged_the_workers_whole_size(resettable):
     """``subprocess.run(["true"])`` in a worker holding 300 MiB measured ~350 MiB: the kernel
     copies the worker's high-water mark into a child that execs (``ru_maxrss``), and that
     was added to the worker's own peak (a helper's audit: `true` after a 1 GiB task came
     out at 2.9 GiB). A program bigger than the worker still counts, from its rusage
-    alone (one smaller than the worker that ends between two samples is not seen)."""
+    alone (one smaller than the worker that ends between two samples is not seen).
+    So where the mark cannot be reset (Linux < 4.0: the sampled fallback) but is read: the
+    kernel copies it into the child all the same, and `true` was charged the whole worker."""
     import multiprocessing
 
     spawn = multiprocessing.get_context("spawn")  # a fresh process: RUSAGE_CHILDREN starts at 0
     out = spawn.Queue()
-    proc = spawn.Process(target=_measure_programs_run_from_a_big_worker, args=(out,))
+    proc = spawn.Process(target=_measure_programs_run_from_a_big_worker, args=(out, resettable))
     proc.start()
     true_, sleep_, big = out.get(timeout=120)
     proc.join(timeout=30)

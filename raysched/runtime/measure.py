@@ -92,7 +92,10 @@ too: the ledger only takes off what it saw another function's attempt leave.
        ``ru_maxrss`` of a reaped child (``getrusage(RUSAGE_CHILDREN)``), but
        only if that figure grew during the attempt and is above the worker's
        own whole high-water mark (shared pages included) by more than 4 MiB
-       (the kernel's counters are approximate).  ``RUSAGE_CHILDREN``'s
+       (the kernel's counters are approximate; the mark since the reset, or,
+       where it cannot be reset but is read, the process's lifetime mark,
+       which is then what the kernel copies into a child; where no mark is
+       read at all, every figure that grew counts).  ``RUSAGE_CHILDREN``'s
        ``ru_maxrss`` is a lifetime maximum over every child the worker ever
        reaped and cannot be reset: a short-lived child smaller than one an
        earlier task already ran is only seen through sampling (2).  A child
@@ -810,6 +813,8 @@ class AttemptMeter:
                 self._start_total = self._start_rss + int(shared_after or 0)
                 self._last_shared = int(shared_after or 0)
                 self._whole_mark = self._start_total
+                if self.peak_method != "hwm" and self._hwm0:
+                    self._whole_mark = max(self._whole_mark, self._hwm0)  # a mark not reset: as it stands
             except Exception as exc:  # noqa: BLE001 - never raise into the task
                 self._warn("RSS", exc)
             self._peak_self = self._start_rss
@@ -944,8 +949,11 @@ class AttemptMeter:
                 self._warn("CPU time", exc)
         elif maxrss_children is not None and maxrss_children > self._maxrss0_children:
             self._reaped_max = max(self._reaped_max, maxrss_children)
+        # The worker's mark is known where it was reset, or at least read (Linux < 4.0 takes no
+        # reset: the kernel copies the unreset mark into a child, and ``_whole_mark`` holds it).
+        mark_known = self.peak_method == "hwm" or (_LINUX and self._self and self._hwm0 is not None)
         if self._reaped_max and (
-                self.peak_method != "hwm" or self._reaped_max > self._whole_mark + _CHILD_OVER_MARK_SLACK):
+                not mark_known or self._reaped_max > self._whole_mark + _CHILD_OVER_MARK_SLACK):
             # A reaped child's figure is its whole RSS: for children seen alive sharing the
             # worker's pages (forked), that share is the worker's, counted in its own peak.
             # A figure at or below the worker's own whole mark says nothing of the child: a
