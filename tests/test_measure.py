@@ -297,8 +297,14 @@ def test_forked_children_count_what_they_hold_alone_not_the_workers_pages_again(
 BIG_CHILD = "import numpy as np; block = np.ones(600 * 1024 * 1024 // 8); block.sum()"
 
 
-def _measure_programs_run_from_a_big_worker(out):
+def _refuse_reset(pid):
+    raise OSError(22, "clear_refs takes no 5 on this kernel (< 4.0)")
+
+
+def _measure_programs_run_from_a_big_worker(out, resettable=True):
     """A process holding 300 MiB runs short programs (see the test below)."""
+    if not resettable:
+        measure._reset_hwm = _refuse_reset  # in this fresh process only
     held = allocate(300)
     figures = []
     for argv in (["true"], ["sleep", "0.2"], [sys.executable, "-c", BIG_CHILD]):
@@ -312,17 +318,20 @@ def _measure_programs_run_from_a_big_worker(out):
 
 
 @pytest.mark.skipif(not LINUX, reason="the kernel's rusage of reaped children (Linux)")
-def test_a_program_a_task_runs_is_not_charged_the_workers_whole_size():
+@pytest.mark.parametrize("resettable", [True, False], ids=["hwm", "sampled"])
+def test_a_program_a_task_runs_is_not_charged_the_workers_whole_size(resettable):
     """``subprocess.run(["true"])`` in a worker holding 300 MiB measured ~350 MiB: the kernel
     copies the worker's high-water mark into a child that execs (``ru_maxrss``), and that
     was added to the worker's own peak (a helper's audit: `true` after a 1 GiB task came
     out at 2.9 GiB). A program bigger than the worker still counts, from its rusage
-    alone (one smaller than the worker that ends between two samples is not seen)."""
+    alone (one smaller than the worker that ends between two samples is not seen).
+    So where the mark cannot be reset (Linux < 4.0: the sampled fallback) but is read: the
+    kernel copies it into the child all the same, and `true` was charged the whole worker."""
     import multiprocessing
 
     spawn = multiprocessing.get_context("spawn")  # a fresh process: RUSAGE_CHILDREN starts at 0
     out = spawn.Queue()
-    proc = spawn.Process(target=_measure_programs_run_from_a_big_worker, args=(out,))
+    proc = spawn.Process(target=_measure_programs_run_from_a_big_worker, args=(out, resettable))
     proc.start()
     true_, sleep_, big = out.get(timeout=120)
     proc.join(timeout=30)
@@ -559,3 +568,150 @@ def test_get_live_sampler_is_a_process_singleton():
     assert a.interval_s <= 0.5
     with pytest.raises(ValueError):
         LiveSampler(interval_s=0)
+
+
+def test_an_attempt_registered_with_an_idle_sampler_is_sampled_within_one_interval():
+    """The idle sampler wakes once per interval and then slept a whole interval more from
+    that wake-up: a task that began just after a wake-up (every task of a worker whose
+    previous one ended before the sampler's last look) got its first sample nearly two
+    intervals in, so a call of 1.5 intervals was never watched by the monitor, nor measured
+    when thinned, against "every attempt that runs longer than one live interval is reported"."""
+    interval = 0.5
+    sampler = LiveSampler(interval_s=interval)
+    meter = AttemptMeter()
+    meter.start()
+    passes: list[float] = []
+
+    def first(key, sample):  # unregisters itself within the pass: the thread then idles from its end
+        passes.append(time.monotonic())
+        sampler.unregister(key)
+
+    try:
+        sampler.register("first", meter, first)
+        deadline = time.monotonic() + 5
+        while not passes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert passes
+        # The idle thread wakes at about passes[0] + k x interval: register just after its first wake-up.
+        time.sleep(max(0.0, passes[0] + interval + 0.1 - time.monotonic()))
+        seen: list[float] = []
+        registered = time.monotonic()
+        sampler.register("second", meter, lambda k, s: seen.append(time.monotonic()))
+        while not seen and time.monotonic() < registered + 5:
+            time.sleep(0.01)
+        assert seen
+        # One interval after registering (the old thread: nearly two, 0.9 s here).
+        assert seen[0] - registered < interval + 0.2, seen[0] - registered
+    finally:
+        sampler.close()
+        meter.stop()
+
+
+def test_unregister_waits_for_a_callback_of_its_key_already_running():
+    """A callback that had passed its "still registered?" check ran on after ``unregister``
+    returned: the worker's, publishing the attempt's live sample to Ray's KV and reporting
+    it to the monitor, then did so after the task had deleted that sample and told the
+    monitor it ended (a stale sample left in the KV for good, read as a still running
+    attempt by ``_ended_within``; a report of an ended attempt)."""
+    sampler = LiveSampler(interval_s=0.05)
+    meter = AttemptMeter()
+    meter.start()
+    entered, events = threading.Event(), []
+
+    def slow(key, sample):
+        entered.set()
+        time.sleep(0.3)
+        events.append("callback done")
+
+    try:
+        sampler.register("slow", meter, slow)
+        assert entered.wait(5)
+        sampler.unregister("slow")
+        events.append("unregistered")
+        time.sleep(0.4)
+        assert events == ["callback done", "unregistered"], events
+        # A callback that unregisters its own key (an actor stopping itself) does not wait for itself.
+        done = threading.Event()
+
+        def own(key, sample):
+            sampler.unregister(key)
+            done.set()
+
+        sampler.register("own", meter, own)
+        assert done.wait(5)
+    finally:
+        sampler.close()
+        meter.stop()
+
+
+LEFTOVER_CHILD = "import sys, time, numpy as np; block = np.ones(300 * 1024 * 1024 // 8); time.sleep(float(sys.argv[1]))"
+
+
+def _measure_a_leftover_child_reaped_by_the_next_attempt(lives_on, out):
+    """An attempt starts a 300 MiB program and returns without waiting for it; the next
+    attempt of the worker reaps it (see the test below)."""
+    first = AttemptMeter()
+    first.start()
+    proc = subprocess.Popen([sys.executable, "-c", LEFTOVER_CHILD, "1.5" if lives_on else "0"])
+    if not lives_on:
+        while measure._stat_linux(proc.pid)[3]:  # until it exited (a zombie: nothing resident)
+            time.sleep(0.05)
+    first.stop()
+    second = AttemptMeter()
+    second.start()
+    if lives_on == "scan fails":  # one sample cannot list the children: not taken for the child's end
+        scan = second._children
+        second._children = lambda: (_ for _ in ()).throw(OSError("no /proc"))
+        second.sample()
+        second._children = scan
+    proc.wait()  # as subprocess.run or multiprocessing do with the finished children they find
+    second.sample()
+    out.put(second.stop().task_rss_bytes)
+
+
+@pytest.mark.skipif(not LINUX, reason="the kernel's rusage of reaped children (Linux)")
+@pytest.mark.parametrize("lives_on", [True, False, "scan fails"], ids=["alive", "zombie", "scan_fails"])
+def test_a_child_an_earlier_attempt_left_is_not_charged_to_the_attempt_that_reaps_it(lives_on):
+    """``RUSAGE_CHILDREN`` grows when any child is reaped: a 300 MiB program an earlier task
+    started and left (alive, or exited and not yet waited for) made the attempt that reaped
+    it -- a ``subprocess.run`` of its own reaps the worker's finished children -- measure
+    300 MiB, though it was a child that existed when that attempt began."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh process: RUSAGE_CHILDREN starts at 0
+    out = spawn.Queue()
+    proc = spawn.Process(target=_measure_a_leftover_child_reaped_by_the_next_attempt, args=(lives_on, out))
+    proc.start()
+    task = out.get(timeout=120)
+    proc.join(timeout=30)
+    assert task < 30 * MiB, task / MiB
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death it provokes
+def test_a_sampler_thread_that_died_is_started_again_by_the_next_register():
+    """Once the thread ran, ``register`` took a lock-free path that never looked at it again:
+    a thread ended by an exception that is not an ``Exception`` (SystemExit from a callback)
+    left every later attempt of the process unsampled, unseen by the monitor."""
+    sampler = LiveSampler(interval_s=0.05)
+    meter = AttemptMeter()
+    meter.start()
+
+    def fatal(key, sample):
+        raise SystemExit("gone")
+
+    try:
+        sampler.register("fatal", meter, fatal)
+        deadline = time.monotonic() + 5
+        while sampler.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not sampler.running
+        sampler.unregister("fatal")
+        seen: list[LiveSample] = []
+        sampler.register("next", meter, lambda k, s: seen.append(s))
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen, "no sample after the thread died"
+    finally:
+        sampler.close()
+        meter.stop()

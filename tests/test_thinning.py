@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -166,3 +167,38 @@ def test_the_profilers_training_budget_counts_the_calls_a_row_stands_for():
     assert _task_seconds(row) == pytest.approx(0.001)
     assert _task_seconds({**row, "calls": 10}) == pytest.approx(0.01)
     assert _task_seconds({"calls": 10, "allocated_num_cpus": 1.0}) == 0.0  # a count row: no wall
+
+
+LATE_PEAK_CHILD = "import time, numpy as np; time.sleep(0.5); block = np.ones(300 * 1024 * 1024 // 8)"
+
+
+def _a_thinned_call_whose_child_peaks_after_the_first_sample(out):
+    """A thinned call starts a program, is sampled (its full meter starts, the child alive
+    and small), and reaps the program after its 300 MiB peak (see the test below)."""
+    import subprocess
+    import sys
+
+    meter = DeferredMeter()
+    meter.start()
+    proc = subprocess.Popen([sys.executable, "-c", LATE_PEAK_CHILD])
+    time.sleep(0.1)
+    meter.sample()  # the first live sample: the full meter starts with the child alive
+    assert meter.escalated
+    proc.wait()
+    out.put(meter.stop().task_rss_bytes)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's rusage of reaped children (Linux)")
+def test_a_child_a_thinned_call_started_before_its_first_sample_is_its_own():
+    """A child alive when a full meter starts is an earlier task's, and its reaped figure not
+    the attempt's; but the full meter of a thinned call starts at its first sample, and
+    children the call started before that are the call's own: its peak counts when reaped."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh process: RUSAGE_CHILDREN starts at 0
+    out = spawn.Queue()
+    proc = spawn.Process(target=_a_thinned_call_whose_child_peaks_after_the_first_sample, args=(out,))
+    proc.start()
+    task = out.get(timeout=120)
+    proc.join(timeout=30)
+    assert task >= 280 * MiB, task / MiB

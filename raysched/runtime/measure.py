@@ -92,7 +92,10 @@ too: the ledger only takes off what it saw another function's attempt leave.
        ``ru_maxrss`` of a reaped child (``getrusage(RUSAGE_CHILDREN)``), but
        only if that figure grew during the attempt and is above the worker's
        own whole high-water mark (shared pages included) by more than 4 MiB
-       (the kernel's counters are approximate).  ``RUSAGE_CHILDREN``'s
+       (the kernel's counters are approximate; the mark since the reset, or,
+       where it cannot be reset but is read, the process's lifetime mark,
+       which is then what the kernel copies into a child; where no mark is
+       read at all, every figure that grew counts).  ``RUSAGE_CHILDREN``'s
        ``ru_maxrss`` is a lifetime maximum over every child the worker ever
        reaped and cannot be reset: a short-lived child smaller than one an
        earlier task already ran is only seen through sampling (2).  A child
@@ -106,6 +109,11 @@ too: the ledger only takes off what it saw another function's attempt leave.
        the child's figure is its whole RSS (the kernel keeps no private one),
        less the most a live child was seen to share with the worker (a forked
        child's inherited pages; nothing for a child never sampled alive).
+       A child that was alive when the attempt began (one an earlier task left
+       running, or exited and never waited for) is not the attempt's: when one
+       is found gone, the figure read then becomes the baseline, so a child of
+       the attempt's own reaped within the same live interval is then seen
+       through sampling only.
 
     Private RSS includes the memory of Ray's own threads in the worker.  Where
     ``/proc/self/clear_refs`` is not writable or ``VmHWM`` is missing
@@ -632,7 +640,11 @@ class AttemptMeter:
         self._io0 = _ZERO_IO
         self._io_ok = False
         self._base_children: dict[tuple[int, int], _Child] = {}
-        self._gone_base: set[tuple[int, int]] = set()
+        self._gone_base: set[tuple[int, int]] = set()  # children alive at start seen gone since
+        self._own_base: set[tuple[int, int]] = set()  # ...that are the attempt's own (rebase_start)
+        #: The largest RUSAGE_CHILDREN ru_maxrss read above its start value (and not after a
+        #: child alive at start went): the attempt's own reaped children's.
+        self._reaped_max = 0
         self._peak_self = 0  # largest RSS of the process itself (sampled, or VmHWM)
         self._peak_tree = 0  # largest sampled process + live descendants
         self._peak_handed = 0  # high-water mark handed over by another meter's reset
@@ -736,13 +748,21 @@ class AttemptMeter:
         """RSS of the process (and its live descendants) when ``start()`` ran."""
         return self._start_rss
 
-    def rebase_start(self, start_rss: int | None, foreign: int = 0) -> None:
+    def rebase_start(self, start_rss: int | None, foreign: int = 0, since: float | None = None) -> None:
         """Take ``start_rss`` (read before ``start()``, when the call began) as the start, if
-        lower, and ``foreign`` (other functions' memory then) as what its figures are net of."""
+        lower, and ``foreign`` (other functions' memory then) as what its figures are net of;
+        children alive at ``start()`` that began at or after ``since`` (``time.time()`` of the
+        call's start) are the call's own: reaped, their figure counts as any child's."""
         with self._lock:
             if start_rss is not None:
                 self._start_rss = min(self._start_rss, int(start_rss)) if self._start_rss else int(start_rss)
             self._foreign, self._net_floor = int(foreign), self._start_rss - int(foreign)
+            if since is not None and self._base_children:
+                if _LINUX:  # starttime in clock ticks since boot (see started_since)
+                    since_ticks = (time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - since) - 0.05) * _CLK_TCK
+                else:  # psutil's create_time, in hundredths of a second
+                    since_ticks = (since - 1.0) * 100
+                self._own_base.update(key for key, c in self._base_children.items() if c.starttime >= since_ticks)
 
     def start(self) -> None:
         """Begin the attempt: reset VmHWM and remember the starting counters."""
@@ -793,6 +813,8 @@ class AttemptMeter:
                 self._start_total = self._start_rss + int(shared_after or 0)
                 self._last_shared = int(shared_after or 0)
                 self._whole_mark = self._start_total
+                if self.peak_method != "hwm" and self._hwm0:
+                    self._whole_mark = max(self._whole_mark, self._hwm0)  # a mark not reset: as it stands
             except Exception as exc:  # noqa: BLE001 - never raise into the task
                 self._warn("RSS", exc)
             self._peak_self = self._start_rss
@@ -865,8 +887,10 @@ class AttemptMeter:
             except Exception as exc:  # noqa: BLE001
                 self._warn("I/O counters", exc)
         children: list[_Child] = []
+        scanned = False
         try:
             children = self._children()
+            scanned = True
         except Exception as exc:  # noqa: BLE001
             self._warn("child processes", exc)
         rss = hwm = None
@@ -911,8 +935,25 @@ class AttemptMeter:
         tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
         self._peak_tree = max(self._peak_tree, tree_rss)
         peak = max(self._peak_self, self._peak_tree)
-        if maxrss_children is not None and maxrss_children > self._maxrss0_children and (
-                self.peak_method != "hwm" or maxrss_children > self._whole_mark + _CHILD_OVER_MARK_SLACK):
+        gone = [key for key in self._base_children
+                if key not in live and key not in self._gone_base and key not in self._own_base] if scanned else []
+        if gone and self._self:
+            # A child that was alive when the attempt began (an earlier task's, or a zombie it
+            # left) has been reaped since: its lifetime figure may be in RUSAGE_CHILDREN now,
+            # and it is not this attempt's (the attempt that reaped it was charged all of it).
+            # Read after the scan that found it gone, the figure is the baseline from now on.
+            self._gone_base.update(gone)
+            try:
+                self._maxrss0_children = max(self._maxrss0_children, self._rusage()[3])
+            except Exception as exc:  # noqa: BLE001
+                self._warn("CPU time", exc)
+        elif maxrss_children is not None and maxrss_children > self._maxrss0_children:
+            self._reaped_max = max(self._reaped_max, maxrss_children)
+        # The worker's mark is known where it was reset, or at least read (Linux < 4.0 takes no
+        # reset: the kernel copies the unreset mark into a child, and ``_whole_mark`` holds it).
+        mark_known = self.peak_method == "hwm" or (_LINUX and self._self and self._hwm0 is not None)
+        if self._reaped_max and (
+                not mark_known or self._reaped_max > self._whole_mark + _CHILD_OVER_MARK_SLACK):
             # A reaped child's figure is its whole RSS: for children seen alive sharing the
             # worker's pages (forked), that share is the worker's, counted in its own peak.
             # A figure at or below the worker's own whole mark says nothing of the child: a
@@ -920,7 +961,7 @@ class AttemptMeter:
             # worker's mark copied in by the kernel, and a forked one with the worker's pages
             # resident (counted, `true` or `sleep` came out as the worker's whole size again).
             # Such a child is seen by the samples of the live tree only.
-            peak = max(peak, self._peak_self + max(0, maxrss_children - self._inherited_max))
+            peak = max(peak, self._peak_self + max(0, self._reaped_max - self._inherited_max))
 
         # cpu: own + reaped children (deltas) + live descendants (deltas from their start values)
         cpu = 0.0
@@ -1026,6 +1067,7 @@ class DeferredMeter:
         self._owner = owner  # as AttemptMeter's
         self._lock = threading.Lock()
         self._t0 = 0.0
+        self._t0_wall = 0.0
         self._start_rss: int | None = None  # private RSS of the process when the call began
         self._foreign = 0  # what other functions left resident then (WorkerLedger)
         self._offset = 0.0  # wall time before the full meter started
@@ -1041,6 +1083,7 @@ class DeferredMeter:
 
     def start(self) -> None:
         self._t0 = self._clock()
+        self._t0_wall = time.time()  # children started since are the call's own
         # One cheap read (statm): a call that runs on is judged by what it added since here,
         # not since its first sample (a caller's ``memory`` is the task's own, over this).
         try:
@@ -1058,7 +1101,7 @@ class DeferredMeter:
                     return LiveSample(0, 0, 0.0, self.wall_seconds, 0, 0, time.time())
                 meter = AttemptMeter(clock=self._clock)  # no owner: the ledger is this meter's
                 meter.start()
-                meter.rebase_start(self._start_rss, self._foreign)
+                meter.rebase_start(self._start_rss, self._foreign, since=self._t0_wall)
                 self._offset = max(0.0, self._clock() - self._t0)
                 self._meter = meter
         sample = meter.sample()
@@ -1094,20 +1137,30 @@ class LiveSampler:
     The thread starts on the first ``register`` and, while nothing is
     registered, wakes only once per interval; ``register`` never wakes it, so a
     worker running only tiny tasks pays neither a thread start nor a thread
-    hand-off per task.  Exceptions from ``sample()`` or a
-    callback are logged and never stop the thread.  A callback already running
-    when ``unregister`` is called may still complete after it returns.
+    hand-off per task; still, a meter is first sampled at most one interval
+    after its ``register`` (the thread's passes are one interval apart, and the
+    first pass after an idle spell is one interval after the earliest
+    registration, not after the wake-up that found it).  Exceptions from ``sample()`` or a
+    callback are logged and never stop the thread.  ``unregister`` waits for a
+    callback of its key already running in another thread (up to
+    ``UNREGISTER_WAIT_S``), so that no callback of an attempt runs after its end
+    (the worker's would publish a live sample the task had deleted).
     """
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self._interval = self._check_interval(interval_s)
-        self._entries: dict[Hashable, tuple[AttemptMeter, OnSample | None]] = {}
+        self._entries: dict[Hashable, tuple[AttemptMeter, OnSample | None, float]] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._live = False  # the thread runs and is not closed: register takes the lock-free path
+        #: (key, thread id) of the callbacks running now (``unregister`` waits for its key's).
+        self._calling: list[tuple[Hashable, int]] = []
         #: Completed sampling passes (for tests and diagnostics).
         self.ticks = 0
+
+    #: How long ``unregister`` waits for a running callback of its key before it gives up.
+    UNREGISTER_WAIT_S = 10.0
 
     @staticmethod
     def _check_interval(value: float) -> float:
@@ -1133,7 +1186,7 @@ class LiveSampler:
 
     def register(self, key: Hashable, meter: AttemptMeter, on_sample: OnSample | None = None) -> None:
         """Sample ``meter`` every interval and pass each sample to ``on_sample(key, sample)``."""
-        entry = (meter, on_sample)
+        entry = (meter, on_sample, time.monotonic())  # when: its first sample is one interval on
         if self._live:
             # Once the thread runs, a registration is one dict store (atomic under the GIL;
             # the thread copies the dict under its lock): no lock and no thread check per task.
@@ -1150,7 +1203,20 @@ class LiveSampler:
             self._live = not self._closed  # a closed thread still exiting: the next register looks again
 
     def unregister(self, key: Hashable) -> None:
+        """Stop sampling ``key``; returns once no callback of it runs (but in this thread)."""
         self._entries.pop(key, None)  # one dict operation, atomic under the GIL
+        if not self._calling:  # read without the lock: see sample_all
+            return
+        me = threading.get_ident()
+        deadline = time.monotonic() + self.UNREGISTER_WAIT_S
+        with self._cond:
+            while any(k == key and t != me for k, t in self._calling):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning("raysched: a live-sample callback for %r still runs after %.0f s; "
+                                   "unregistered without waiting for it", key, self.UNREGISTER_WAIT_S)
+                    return
+                self._cond.wait(remaining)
 
     def close(self) -> None:
         """Stop the thread (it exits at its next wake-up); ``register`` restarts it."""
@@ -1165,7 +1231,7 @@ class LiveSampler:
         with self._cond:
             entries = list(self._entries.items())
         for key, entry in entries:
-            meter, on_sample = entry
+            meter, on_sample, _ = entry
             try:
                 sample = meter.sample()
             except Exception:  # noqa: BLE001
@@ -1173,28 +1239,55 @@ class LiveSampler:
                 continue
             if on_sample is None:
                 continue
+            calling = (key, threading.get_ident())
             with self._cond:
+                # Noted before the check: an unregister that comes after the check (its pop,
+                # then its look at ``_calling``, need no lock) finds it and waits.
+                self._calling.append(calling)
                 if self._entries.get(key) is not entry:
+                    self._calling.remove(calling)
                     continue  # unregistered meanwhile
             try:
                 on_sample(key, sample)
             except Exception:  # noqa: BLE001
                 logger.exception("raysched: live-sample callback for %r failed", key)
+            finally:
+                with self._cond:
+                    self._calling.remove(calling)
+                    self._cond.notify_all()
         self.ticks += 1
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # Ended (closed, or by an exception no handler takes): the next register, whose
+            # lock-free path trusts ``_live``, starts a thread again.
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._live = False
+
+    def _loop(self) -> None:
+        last_pass: float | None = None  # when the last sampling pass ended
         while True:
             with self._cond:
                 # Idle: a timed wait, not an untimed one, so that register() never has to
                 # wake the thread. Two wake-ups a second cost less than a GIL hand-off on
                 # every one of a thousand tiny tasks.
+                idle = last_pass is None
                 while not self._entries and not self._closed:
+                    idle = True
                     self._cond.wait(self._interval)
                 if self._closed:
                     return
                 # Sleep one interval; a register() notify must not shorten it,
-                # or a stream of tiny tasks would make the thread spin.
-                deadline = time.monotonic() + self._interval
+                # or a stream of tiny tasks would make the thread spin.  One interval from
+                # the last pass, or, after an idle spell, from the first registration
+                # (not from the idle wake-up, which may come up to an interval after it:
+                # a task that began just after one was first sampled nearly two in).
+                registered = [entry[2] for entry in list(self._entries.values())] if idle else []
+                since = min(registered) if registered else (last_pass or time.monotonic())
+                deadline = since + self._interval
                 while not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -1206,6 +1299,7 @@ class LiveSampler:
                 self.sample_all()
             except Exception:  # noqa: BLE001 - never let the thread die
                 logger.exception("raysched: live sampler pass failed")
+            last_pass = time.monotonic()
 
 
 _SAMPLER: LiveSampler | None = None
