@@ -330,6 +330,28 @@ def test_oversize_is_capped_or_an_error_as_configured():
         build_sizer(CFG.replace(oversize_policy="error")).size(prediction(10 * GiB), cluster, function="f")
 
 
+def test_a_size_the_caller_set_is_judged_as_it_is_against_the_nodes_not_the_prediction_it_replaces():
+    """``.options(memory=...)`` wins over the prediction: a prediction larger than every node
+    that the caller's own figure replaces is no PredictionTooLarge (the call asks for 2 GiB),
+    and nothing is capped; the caller's num_cpus chooses the nodes the rest must fit."""
+    cluster = ClusterShape((NodeShape("wide", 8, 4 * GiB), NodeShape("deep", 2, 16 * GiB)))
+    error = build_sizer(CFG.replace(oversize_policy="error"))
+    alloc = error.size(prediction(20 * GiB), cluster, explicit={"memory": 2 * GiB}, function="f")
+    assert alloc.memory_bytes == 2 * GiB and not alloc.capped
+    alloc = build_sizer(CFG).size(prediction(20 * GiB), cluster, explicit={"memory": 2 * GiB})
+    assert alloc.memory_bytes == 2 * GiB and not alloc.capped and "capped" not in alloc.reason
+    # 6 CPUs set by the caller: only "wide" holds them, so the predicted 10 GiB is fitted to its 4 GiB
+    # (sized with the predicted 1 CPU, it fitted "deep", and the call asked for 6 CPUs and 11.5 GiB,
+    # which no node has: Ray kept it pending for ever)
+    alloc = build_sizer(CFG).size(prediction(10 * GiB), cluster, explicit={"num_cpus": 6})
+    assert (alloc.num_cpus, alloc.memory_bytes, alloc.capped) == (6.0, 4 * GiB, True)
+    with pytest.raises(PredictionTooLarge, match="offers 4096 MiB and 8 CPU"):
+        error.size(prediction(10 * GiB), cluster, explicit={"num_cpus": 6}, function="f")
+    # what the caller set alone fits no node: left as asked (Ray reports it, as without raysched)
+    alloc = error.size(prediction(1 * GiB), cluster, explicit={"memory": 64 * GiB}, function="f")
+    assert alloc.memory_bytes == 64 * GiB and not alloc.capped
+
+
 def test_oversize_never_lands_on_a_cpu_less_head_however_much_memory_it_has():
     """Ray advises a head with num_cpus=0; its memory resource is still the machine's."""
     head, small, big = NodeShape("head", 0, 23 * GiB), NodeShape("small", 1, 1 * GiB), NodeShape("big", 1, 3 * GiB)
