@@ -475,3 +475,50 @@ def test_configure_warns_when_a_whole_config_leaves_the_home_the_environment_nam
             raysched.configure(max_attempts=5)
     finally:
         raysched.configure(before)
+
+
+def _resubmitted_module_function(x):
+    return x
+
+
+def test_a_resubmission_after_the_drivers_config_changed_runs_under_the_new_config(monkeypatch):
+    """A worker keeps one Ray function per user function for its resubmissions (attempt 2 on,
+    after a memory kill or a monitor stop); one made under an earlier config (an earlier
+    ``configure(max_attempts=..., home=...)``, or another decoration of the same module
+    function) carried that config into every later attempt: its ladder, caps and home."""
+    import inspect
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+    from raysched.types import Allocation, Estimate, Features, Prediction
+
+    made = []
+
+    class _Remote:
+        def __init__(self, entry):
+            self.entry = entry
+
+        def options(self, **options):
+            return self
+
+        def remote(self, *args, **kwargs):
+            return self.entry
+
+    def fake_ray_remote(target, definition):
+        made.append(target)
+        return _Remote(target)
+
+    monkeypatch.setattr(worker, "ray_remote", fake_ray_remote)
+    monkeypatch.setattr(worker, "get_config", lambda: RayschedConfig())
+    monkeypatch.setattr(worker, "_remote_cache", {})
+    monkeypatch.setattr(worker, "remote_options", lambda spec: {})  # (reads Ray's worker: not started here)
+    guess = Estimate(target=1e8, lower=1e8, upper=1e8, coverage=0.9, n_history=8)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=2, features=Features(input_size=10),
+                       prediction=Prediction(memory=guess, cpu=guess, wall=guess, source="history"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=2**28))
+    configs = [RayschedConfig(max_attempts=2), RayschedConfig(max_attempts=6)]
+    for config in configs * 2:
+        entry = worker._resubmitter(_resubmitted_module_function, config)(spec, (1,), {})
+        assert inspect.getclosurevars(entry).nonlocals["config"] is config
+    assert len(made) == 2  # one Ray function per config, each made once
