@@ -522,3 +522,25 @@ def test_a_resubmission_after_the_drivers_config_changed_runs_under_the_new_conf
         entry = worker._resubmitter(_resubmitted_module_function, config)(spec, (1,), {})
         assert inspect.getclosurevars(entry).nonlocals["config"] is config
     assert len(made) == 2  # one Ray function per config, each made once
+
+
+def test_a_task_that_submits_calls_in_turn_does_not_need_the_home_on_its_own_node(tmp_path, monkeypatch):
+    """The home is on the disk of the node whose profiler writes it (the head). A task on
+    another node that calls an adaptive function made the client there, which created
+    the home's folders on that node's disk, and where it could not (no such mount, no
+    right to write there) the nested call failed with StoreError. Only a driver checks it."""
+    from raysched.config import RayschedConfig
+    from raysched.errors import StoreError
+    from raysched.runtime import client
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = RayschedConfig(home=str(blocker / "home"))  # cannot be made on this "node"
+    with pytest.raises(StoreError):
+        client.ProfilerClient(config, handle_factory=lambda c: None)  # a driver: said at once
+    monkeypatch.setattr(client, "_is_driver", lambda: False)
+    worker_side = client.ProfilerClient(config, handle_factory=lambda c: None)  # a task: the profiler's business
+    assert worker_side.config is config
+    home = tmp_path / "elsewhere"
+    client.ProfilerClient(RayschedConfig(home=str(home)), handle_factory=lambda c: None)
+    assert not home.exists()  # and no empty home is left on the task's node

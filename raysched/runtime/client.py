@@ -85,8 +85,11 @@ class ProfilerClient:
         from ..store.profiles import ProfileStore
 
         # Fail here, in the driver, with a clear StoreError if the home is unusable,
-        # rather than as a dead actor later.
-        ProfileStore(config.home_path)
+        # rather than as a dead actor later. Not in a task or an actor that submits calls in
+        # turn: the home is on the profiler's node (the head), and on another node that check
+        # made its folders there, or failed the call where it could not.
+        if _is_driver():
+            ProfileStore(config.home_path)
         self.config = config
         self._handle_factory = handle_factory
         self._handle: Any = None
