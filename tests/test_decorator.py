@@ -544,3 +544,20 @@ def test_a_task_that_submits_calls_in_turn_does_not_need_the_home_on_its_own_nod
     home = tmp_path / "elsewhere"
     client.ProfilerClient(RayschedConfig(home=str(home)), handle_factory=lambda c: None)
     assert not home.exists()  # and no empty home is left on the task's node
+
+
+@pytest.mark.parametrize("value", [100, "abc"])
+def test_an_input_size_in_the_decorator_is_refused_with_where_it_belongs(value):
+    """``input_size=`` is per call (``.options``); in the decorator it was taken without a
+    word, however wrong ("abc"), and every call was sized without it."""
+    from raysched.errors import InvalidInput
+
+    def work(x):
+        return x
+
+    class Work:
+        pass
+
+    for target in (work, Work):
+        with pytest.raises(InvalidInput, match=r"per call.*\.options\(input_size="):
+            adaptive_remote(input_size=value)(target)

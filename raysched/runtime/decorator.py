@@ -350,6 +350,10 @@ class _Adaptive:
         self.dependencies = validate_tags(dependencies, "dependencies")
         # New dependencies start a new history, as new code does (runtime.codehash).
         self.code_hash = with_dependencies(code_hash(target), self.dependencies)
+        if "input_size" in ray_options:
+            # The size of one call's arguments: taken nowhere from here, so every call was
+            # sized without it (and a wrong value went unseen).
+            raise InvalidInput("input_size is set per call, with .options(input_size=...), not in @adaptive_remote(...)")
         if ray_options.get("priority") is not None:
             validate_priority(ray_options["priority"])  # where it is written, not at the first call
         _check_ray_options(self._ray_kind, ray_options, in_options=False)
