@@ -561,3 +561,28 @@ def test_an_input_size_in_the_decorator_is_refused_with_where_it_belongs(value):
     for target in (work, Work):
         with pytest.raises(InvalidInput, match=r"per call.*\.options\(input_size="):
             adaptive_remote(input_size=value)(target)
+
+
+def test_a_prediction_evicted_by_another_thread_between_its_lookup_and_its_use_is_still_served(tmp_path):
+    """Threads that submit calls share the driver's client, whose prediction cache is not
+    locked: a thread that found its prediction while another's insertion evicted it (the
+    cache full, that entry its oldest) failed the user's .remote() with a KeyError."""
+    from collections import OrderedDict
+
+    from raysched.config import RayschedConfig
+    from raysched.policy.estimators import Fallback
+    from raysched.runtime.client import ProfilerClient
+    from raysched.types import Features
+
+    client = ProfilerClient(RayschedConfig(home=str(tmp_path)), handle_factory=lambda c: None)
+    features = Features(input_size=1000)
+    first = client.predict("f", "h", features, Fallback(), None)
+
+    class EvictedMeanwhile(OrderedDict):
+        def get(self, key, default=None):
+            found = super().get(key, default)
+            self.pop(key, None)  # another thread's _remember, between this lookup and move_to_end
+            return found
+
+    client._predictions = EvictedMeanwhile(client._predictions)
+    assert client.predict("f", "h", features, Fallback(), None) == first

@@ -261,7 +261,10 @@ class ProfilerClient:
         key = (function, code_hash, version, band, features.tags, fallback)
         cached = self._predictions.get(key)
         if cached is not None:
-            self._predictions.move_to_end(key)
+            try:
+                self._predictions.move_to_end(key)
+            except KeyError:  # evicted meanwhile by another submitting thread (the cache is not locked)
+                pass
             return cached
         history, models = (bundle.history, bundle.models) if bundle else (None, None)
         coarse_bucket = _bucket(features.input_size, _COARSE_BUCKETS_PER_DOUBLING)
