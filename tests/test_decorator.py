@@ -586,3 +586,35 @@ def test_a_prediction_evicted_by_another_thread_between_its_lookup_and_its_use_i
 
     client._predictions = EvictedMeanwhile(client._predictions)
     assert client.predict("f", "h", features, Fallback(), None) == first
+
+
+def test_only_a_functions_first_call_waits_for_a_bundle_however_late_the_profiler_answers(tmp_path):
+    """A profiler that has not answered the first bundle request (starting on a busy node,
+    restarting) held up every later call of the function, each for up to
+    ``first_bundle_timeout_s``, until it did: the wait is once per function, never per task."""
+    import concurrent.futures
+    import time
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime.client import ProfilerClient
+
+    class _Silent:  # a profiler's ``bundle`` whose answer never comes
+        def remote(self, *args):
+            ref = type("Ref", (), {})()
+            ref.future = concurrent.futures.Future
+            return ref
+
+    handle = type("Handle", (), {"bundle": _Silent()})()
+    client = ProfilerClient(RayschedConfig(home=str(tmp_path), first_bundle_timeout_s=0.5),
+                            handle_factory=lambda c: None)
+    client._handle = handle
+    started = time.monotonic()
+    assert client.bundle("f", "h") is None  # the first call waited, then predicts from the fallback
+    assert time.monotonic() - started >= 0.45
+    started = time.monotonic()
+    for _ in range(5):
+        assert client.bundle("f", "h") is None
+    assert time.monotonic() - started < 0.4  # not 5 x 0.5 s
+    started = time.monotonic()
+    client.bundle("g", "h")  # another function's first call waits once too
+    assert time.monotonic() - started >= 0.45
