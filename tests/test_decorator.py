@@ -618,3 +618,19 @@ def test_only_a_functions_first_call_waits_for_a_bundle_however_late_the_profile
     started = time.monotonic()
     client.bundle("g", "h")  # another function's first call waits once too
     assert time.monotonic() - started >= 0.45
+
+
+def test_a_function_already_made_remote_is_refused_with_what_to_decorate_instead():
+    """``@adaptive_remote`` stacked on ``@ray.remote`` (or on itself) was refused as "a
+    functools.partial or a callable object"; it says what it got and what to decorate."""
+    import ray
+
+    from raysched.errors import InvalidRayOption
+
+    def plain(x):
+        return x
+
+    for made in (ray.remote(plain), adaptive_remote(plain)):
+        with pytest.raises(InvalidRayOption, match="already a remote function.*decorate the plain function") as caught:
+            adaptive_remote(made)
+        assert "partial" not in str(caught.value)

@@ -444,6 +444,13 @@ def _refuse_unsupported_kind(fn: Callable[..., Any]) -> None:
     value, not as a stream.
     """
     name = getattr(fn, "__qualname__", repr(fn))
+    if isinstance(fn, (ray.remote_function.RemoteFunction, AdaptiveFunction)):
+        # @adaptive_remote stacked on @ray.remote (or on itself): say so, not "a callable object".
+        raise InvalidRayOption(
+            f"adaptive_remote got {name}, which is already a remote function "
+            f"({type(fn).__module__}.{type(fn).__qualname__}): decorate the plain function with "
+            "@adaptive_remote alone, in place of @ray.remote (Ray options go into @adaptive_remote(...))"
+        )
     if not inspect.isroutine(fn):
         # Ray refuses these too. Their profile key would be their type's: every partial, and
         # every instance of a class, would share one history whatever they compute.
