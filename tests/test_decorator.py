@@ -475,3 +475,162 @@ def test_configure_warns_when_a_whole_config_leaves_the_home_the_environment_nam
             raysched.configure(max_attempts=5)
     finally:
         raysched.configure(before)
+
+
+def _resubmitted_module_function(x):
+    return x
+
+
+def test_a_resubmission_after_the_drivers_config_changed_runs_under_the_new_config(monkeypatch):
+    """A worker keeps one Ray function per user function for its resubmissions (attempt 2 on,
+    after a memory kill or a monitor stop); one made under an earlier config (an earlier
+    ``configure(max_attempts=..., home=...)``, or another decoration of the same module
+    function) carried that config into every later attempt: its ladder, caps and home."""
+    import inspect
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+    from raysched.types import Allocation, Estimate, Features, Prediction
+
+    made = []
+
+    class _Remote:
+        def __init__(self, entry):
+            self.entry = entry
+
+        def options(self, **options):
+            return self
+
+        def remote(self, *args, **kwargs):
+            return self.entry
+
+    def fake_ray_remote(target, definition):
+        made.append(target)
+        return _Remote(target)
+
+    monkeypatch.setattr(worker, "ray_remote", fake_ray_remote)
+    monkeypatch.setattr(worker, "get_config", lambda: RayschedConfig())
+    monkeypatch.setattr(worker, "_remote_cache", {})
+    monkeypatch.setattr(worker, "remote_options", lambda spec: {})  # (reads Ray's worker: not started here)
+    guess = Estimate(target=1e8, lower=1e8, upper=1e8, coverage=0.9, n_history=8)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=2, features=Features(input_size=10),
+                       prediction=Prediction(memory=guess, cpu=guess, wall=guess, source="history"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=2**28))
+    configs = [RayschedConfig(max_attempts=2), RayschedConfig(max_attempts=6)]
+    for config in configs * 2:
+        entry = worker._resubmitter(_resubmitted_module_function, config)(spec, (1,), {})
+        assert inspect.getclosurevars(entry).nonlocals["config"] is config
+    assert len(made) == 2  # one Ray function per config, each made once
+
+
+def test_a_task_that_submits_calls_in_turn_does_not_need_the_home_on_its_own_node(tmp_path, monkeypatch):
+    """The home is on the disk of the node whose profiler writes it (the head). A task on
+    another node that calls an adaptive function made the client there, which created
+    the home's folders on that node's disk, and where it could not (no such mount, no
+    right to write there) the nested call failed with StoreError. Only a driver checks it."""
+    from raysched.config import RayschedConfig
+    from raysched.errors import StoreError
+    from raysched.runtime import client
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = RayschedConfig(home=str(blocker / "home"))  # cannot be made on this "node"
+    with pytest.raises(StoreError):
+        client.ProfilerClient(config, handle_factory=lambda c: None)  # a driver: said at once
+    monkeypatch.setattr(client, "_is_driver", lambda: False)
+    worker_side = client.ProfilerClient(config, handle_factory=lambda c: None)  # a task: the profiler's business
+    assert worker_side.config is config
+    home = tmp_path / "elsewhere"
+    client.ProfilerClient(RayschedConfig(home=str(home)), handle_factory=lambda c: None)
+    assert not home.exists()  # and no empty home is left on the task's node
+
+
+@pytest.mark.parametrize("value", [100, "abc"])
+def test_an_input_size_in_the_decorator_is_refused_with_where_it_belongs(value):
+    """``input_size=`` is per call (``.options``); in the decorator it was taken without a
+    word, however wrong ("abc"), and every call was sized without it."""
+    from raysched.errors import InvalidInput
+
+    def work(x):
+        return x
+
+    class Work:
+        pass
+
+    for target in (work, Work):
+        with pytest.raises(InvalidInput, match=r"per call.*\.options\(input_size="):
+            adaptive_remote(input_size=value)(target)
+
+
+def test_a_prediction_evicted_by_another_thread_between_its_lookup_and_its_use_is_still_served(tmp_path):
+    """Threads that submit calls share the driver's client, whose prediction cache is not
+    locked: a thread that found its prediction while another's insertion evicted it (the
+    cache full, that entry its oldest) failed the user's .remote() with a KeyError."""
+    from collections import OrderedDict
+
+    from raysched.config import RayschedConfig
+    from raysched.policy.estimators import Fallback
+    from raysched.runtime.client import ProfilerClient
+    from raysched.types import Features
+
+    client = ProfilerClient(RayschedConfig(home=str(tmp_path)), handle_factory=lambda c: None)
+    features = Features(input_size=1000)
+    first = client.predict("f", "h", features, Fallback(), None)
+
+    class EvictedMeanwhile(OrderedDict):
+        def get(self, key, default=None):
+            found = super().get(key, default)
+            self.pop(key, None)  # another thread's _remember, between this lookup and move_to_end
+            return found
+
+    client._predictions = EvictedMeanwhile(client._predictions)
+    assert client.predict("f", "h", features, Fallback(), None) == first
+
+
+def test_only_a_functions_first_call_waits_for_a_bundle_however_late_the_profiler_answers(tmp_path):
+    """A profiler that has not answered the first bundle request (starting on a busy node,
+    restarting) held up every later call of the function, each for up to
+    ``first_bundle_timeout_s``, until it did: the wait is once per function, never per task."""
+    import concurrent.futures
+    import time
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime.client import ProfilerClient
+
+    class _Silent:  # a profiler's ``bundle`` whose answer never comes
+        def remote(self, *args):
+            ref = type("Ref", (), {})()
+            ref.future = concurrent.futures.Future
+            return ref
+
+    handle = type("Handle", (), {"bundle": _Silent()})()
+    client = ProfilerClient(RayschedConfig(home=str(tmp_path), first_bundle_timeout_s=0.5),
+                            handle_factory=lambda c: None)
+    client._handle = handle
+    started = time.monotonic()
+    assert client.bundle("f", "h") is None  # the first call waited, then predicts from the fallback
+    assert time.monotonic() - started >= 0.45
+    started = time.monotonic()
+    for _ in range(5):
+        assert client.bundle("f", "h") is None
+    assert time.monotonic() - started < 0.4  # not 5 x 0.5 s
+    started = time.monotonic()
+    client.bundle("g", "h")  # another function's first call waits once too
+    assert time.monotonic() - started >= 0.45
+
+
+def test_a_function_already_made_remote_is_refused_with_what_to_decorate_instead():
+    """``@adaptive_remote`` stacked on ``@ray.remote`` (or on itself) was refused as "a
+    functools.partial or a callable object"; it says what it got and what to decorate."""
+    import ray
+
+    from raysched.errors import InvalidRayOption
+
+    def plain(x):
+        return x
+
+    for made in (ray.remote(plain), adaptive_remote(plain)):
+        with pytest.raises(InvalidRayOption, match="already a remote function.*decorate the plain function") as caught:
+            adaptive_remote(made)
+        assert "partial" not in str(caught.value)

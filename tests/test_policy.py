@@ -101,6 +101,31 @@ def test_input_size_is_derived_from_arrays_frames_bytes_strings_and_files(tmp_pa
     assert features.derive_input_size(([1, 2, 3], {"a": 1.5, "b": "xy"}), {}) == 24 + 8 + 2
 
 
+def test_a_nested_list_argument_is_sized_from_a_bounded_sample_of_its_items():
+    """Each level of a nested list was walked 256 items wide: a batch of 300 images as
+    lists of rows of pixel lists cost 256 x 224 x 224 probes, 14 s of the driver per
+    ``.remote()``; a 1,000 x 1,000 table of floats 10 ms. A walk now takes a bounded number
+    of items per argument, the rest of each level extrapolated, as a long list already was."""
+    walked = [0]
+
+    class Counted(list):
+        def __iter__(self):
+            for item in list.__iter__(self):
+                walked[0] += 1
+                yield item
+
+    cube = Counted([Counted([Counted([0.0] * 200)] * 200)] * 300)  # 300 x 200 x 200 floats, shared rows
+    assert features.size_of(cube) == 300 * 200 * 200 * 8
+    assert walked[0] <= 8 * features._MAX_ITEMS ** 1.5  # not 256 x 200 x 200 (10 million)
+    walked[0] = 0
+    table = Counted([Counted([1.5] * 1000) for _ in range(1000)])
+    assert features.size_of(table) == 1000 * 1000 * 8
+    assert walked[0] <= 8 * features._MAX_ITEMS ** 1.5
+    # rows of other lengths: the first rows walked whole, each of the others from its first item and its length
+    ragged = [[0.0] * (100 if i % 2 else 300) for i in range(256)]
+    assert features.size_of(ragged) == 128 * (100 + 300) * 8
+
+
 def test_folder_path_is_the_sum_of_its_files(tmp_path):
     for i in range(3):
         (tmp_path / f"f{i}").write_bytes(b"y" * 100)
@@ -328,6 +353,28 @@ def test_oversize_is_capped_or_an_error_as_configured():
     assert not fits.capped and fits.memory_bytes > 2 * GiB
     with pytest.raises(PredictionTooLarge, match="largest node that can run it offers 4096 MiB"):
         build_sizer(CFG.replace(oversize_policy="error")).size(prediction(10 * GiB), cluster, function="f")
+
+
+def test_a_size_the_caller_set_is_judged_as_it_is_against_the_nodes_not_the_prediction_it_replaces():
+    """``.options(memory=...)`` wins over the prediction: a prediction larger than every node
+    that the caller's own figure replaces is no PredictionTooLarge (the call asks for 2 GiB),
+    and nothing is capped; the caller's num_cpus chooses the nodes the rest must fit."""
+    cluster = ClusterShape((NodeShape("wide", 8, 4 * GiB), NodeShape("deep", 2, 16 * GiB)))
+    error = build_sizer(CFG.replace(oversize_policy="error"))
+    alloc = error.size(prediction(20 * GiB), cluster, explicit={"memory": 2 * GiB}, function="f")
+    assert alloc.memory_bytes == 2 * GiB and not alloc.capped
+    alloc = build_sizer(CFG).size(prediction(20 * GiB), cluster, explicit={"memory": 2 * GiB})
+    assert alloc.memory_bytes == 2 * GiB and not alloc.capped and "capped" not in alloc.reason
+    # 6 CPUs set by the caller: only "wide" holds them, so the predicted 10 GiB is fitted to its 4 GiB
+    # (sized with the predicted 1 CPU, it fitted "deep", and the call asked for 6 CPUs and 11.5 GiB,
+    # which no node has: Ray kept it pending for ever)
+    alloc = build_sizer(CFG).size(prediction(10 * GiB), cluster, explicit={"num_cpus": 6})
+    assert (alloc.num_cpus, alloc.memory_bytes, alloc.capped) == (6.0, 4 * GiB, True)
+    with pytest.raises(PredictionTooLarge, match="offers 4096 MiB and 8 CPU"):
+        error.size(prediction(10 * GiB), cluster, explicit={"num_cpus": 6}, function="f")
+    # what the caller set alone fits no node: left as asked (Ray reports it, as without raysched)
+    alloc = error.size(prediction(1 * GiB), cluster, explicit={"memory": 64 * GiB}, function="f")
+    assert alloc.memory_bytes == 64 * GiB and not alloc.capped
 
 
 def test_oversize_never_lands_on_a_cpu_less_head_however_much_memory_it_has():

@@ -28,6 +28,11 @@ SizeOf = Callable[[Any], Optional[int]]
 #: sized from its first items and extrapolated, never walked whole on submission.
 _MAX_DEPTH = 3
 _MAX_ITEMS = 256
+#: ...and at most this many items are taken from the containers of one argument in all; once
+#: they are spent, each container further in is sized from its first item (at least one, so
+#: that every level is still extrapolated). Each level 256 items wide, a batch of images as
+#: nested lists cost ~13 million probes (14 s of the driver per submission).
+_MAX_WALK = 4096
 _MAX_DIR_FILES = 10_000
 _MAX_SHAPES = 16
 
@@ -162,8 +167,11 @@ def _walk_size(path: str) -> int:
 _PACKED_NUMBER = 8
 
 
-def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0) -> int | None:
-    """Best-effort size in bytes of one argument; None when nothing about it is sized."""
+def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0,
+            _budget: list[int] | None = None) -> int | None:
+    """Best-effort size in bytes of one argument; None when nothing about it is sized.
+
+    ``_budget``: the items its containers may still yield (``_MAX_WALK``), shared by its levels."""
     if value is None or isinstance(value, (bool, numbers.Number)):
         return None
     if isinstance(value, (bytes, bytearray)):
@@ -206,10 +214,13 @@ def size_of(value: Any, size_of_opaque: SizeOf | None = None, _depth: int = 0) -
         container = value
     else:
         return None
-    items = [item for _, item in zip(range(_MAX_ITEMS), container)]
+    if _budget is None:
+        _budget = [_MAX_WALK]
+    items = [item for _, item in zip(range(max(1, min(_MAX_ITEMS, _budget[0]))), container)]
+    _budget[0] -= len(items)
     # Inside a container a number is data, 8 bytes as packed (a list of a million floats
     # is a big input); alone, it is a parameter and has no size.
-    sizes = [_PACKED_NUMBER if isinstance(item, numbers.Number) else size_of(item, size_of_opaque, _depth + 1)
+    sizes = [_PACKED_NUMBER if isinstance(item, numbers.Number) else size_of(item, size_of_opaque, _depth + 1, _budget)
              for item in items]
     known = [s for s in sizes if s is not None]
     if not known:

@@ -32,6 +32,9 @@ class Request:
 class SizingContext:
     function: str = ""
     cluster: ClusterShape | None = None
+    #: The ``Request`` fields the caller set (``"memory_bytes"``, ``"num_cpus"``): taken as they
+    #: are, never capped; the request carries them at every step.
+    kept: frozenset[str] = frozenset()
 
 
 SizingStep = Callable[[Request, SizingContext], Request]
@@ -85,6 +88,16 @@ class FitLargestNode:
         # A node that fits both at once, not the largest of each on different nodes.
         if any(n.memory_bytes >= r.memory_bytes and n.num_cpus >= r.num_cpus for n in cluster.nodes):
             return r
+        if ctx.kept:
+            # Only raysched's own figure is capped (or refused), on the nodes that hold what the
+            # caller set; a caller's figure no node holds is left as asked: Ray reports the task
+            # as infeasible, as it would without raysched.
+            holding = tuple(n for n in cluster.nodes
+                            if ("memory_bytes" not in ctx.kept or n.memory_bytes >= r.memory_bytes)
+                            and ("num_cpus" not in ctx.kept or n.num_cpus >= r.num_cpus))
+            if not holding or ctx.kept >= {"memory_bytes", "num_cpus"}:
+                return r
+            cluster = replace(cluster, nodes=holding)
         best = largest_node_for(cluster, r.num_cpus)
         if best is None:
             return r  # only CPU-less nodes for a task that asks for CPU: Ray reports it, as it would without raysched
@@ -145,10 +158,15 @@ class Sizer:
     ) -> Allocation:
         """The allocation for a raw request (before margin, floors and rounding); ``keep``'s
         ``memory`` / ``num_cpus`` are taken as they are."""
-        ctx = SizingContext(function=function, cluster=cluster)
-        for step in self.steps:
-            request = step(request, ctx)
         keep = keep or {}
+        # What the caller set is what the call asks for: every step sees it, and the fit to the
+        # nodes judges it (the prediction it replaces judged in its place made a call that asks
+        # for 2 GiB a PredictionTooLarge, and fitted the rest beside a num_cpus it did not ask).
+        kept = {field: keep[key] for key, field in (("memory", "memory_bytes"), ("num_cpus", "num_cpus"))
+                if key in keep}
+        ctx = SizingContext(function=function, cluster=cluster, kept=frozenset(kept))
+        for step in self.steps:
+            request = step(replace(request, **kept), ctx)
         memory = keep.get("memory", request.memory_bytes)
         cpus = keep.get("num_cpus", request.num_cpus)
         if request.notes:

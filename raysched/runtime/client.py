@@ -85,8 +85,11 @@ class ProfilerClient:
         from ..store.profiles import ProfileStore
 
         # Fail here, in the driver, with a clear StoreError if the home is unusable,
-        # rather than as a dead actor later.
-        ProfileStore(config.home_path)
+        # rather than as a dead actor later. Not in a task or an actor that submits calls in
+        # turn: the home is on the profiler's node (the head), and on another node that check
+        # made its folders there, or failed the call where it could not.
+        if _is_driver():
+            ProfileStore(config.home_path)
         self.config = config
         self._handle_factory = handle_factory
         self._handle: Any = None
@@ -96,6 +99,7 @@ class ProfilerClient:
         self._lock = threading.Lock()
         self._bundles: dict[tuple[str, str], Bundle] = {}
         self._pending: dict[tuple[str, str], Any] = {}
+        self._waited: set[tuple[str, str]] = set()  # functions whose first call waited for a bundle
         self._next_refresh: dict[tuple[str, str], float] = {}
         self._predictions: OrderedDict[tuple, Any] = OrderedDict()  # Predictions, and estimate dicts of coarse buckets
         self._allocations: dict[tuple, Allocation] = {}
@@ -192,14 +196,25 @@ class ProfilerClient:
                 # A reply still in flight costs a look at its future, not a ray.wait per
                 # submission (which took ~40% of the driver's time while the profiler was busy).
                 if key not in self._bundles:
-                    self._take(key, pending, self.config.first_bundle_timeout_s)
+                    self._take(key, pending, self._first_wait(key))
                 elif pending.future.done():
                     self._take(key, pending, 0)
             elif now >= self._next_refresh.get(key, 0.0):
                 reply = self._ask(key)
                 if reply is not None and key not in self._bundles:
-                    self._take(key, reply, self.config.first_bundle_timeout_s)
+                    self._take(key, reply, self._first_wait(key))
             return self._bundles.get(key)
+
+    def _first_wait(self, key: tuple[str, str]) -> float:
+        """How long a call of a function that has no bundle yet waits for one: the first call
+        ``first_bundle_timeout_s``, the next ones not at all (they look at the reply and go on
+        with the fallback). A profiler slow to answer held up every call, each for up to that
+        long, until it did; one that failed was asked again, and waited for again, every
+        ``refresh_interval_s``. Called under ``_lock``."""
+        if key in self._waited:
+            return 0.0
+        self._waited.add(key)
+        return self.config.first_bundle_timeout_s
 
     def _ask(self, key: tuple[str, str], fresh: bool = False) -> "_Reply | None":
         """Send a bundle request (held as pending until taken); None when the profiler cannot
@@ -258,7 +273,10 @@ class ProfilerClient:
         key = (function, code_hash, version, band, features.tags, fallback)
         cached = self._predictions.get(key)
         if cached is not None:
-            self._predictions.move_to_end(key)
+            try:
+                self._predictions.move_to_end(key)
+            except KeyError:  # evicted meanwhile by another submitting thread (the cache is not locked)
+                pass
             return cached
         history, models = (bundle.history, bundle.models) if bundle else (None, None)
         coarse_bucket = _bucket(features.input_size, _COARSE_BUCKETS_PER_DOUBLING)

@@ -350,6 +350,10 @@ class _Adaptive:
         self.dependencies = validate_tags(dependencies, "dependencies")
         # New dependencies start a new history, as new code does (runtime.codehash).
         self.code_hash = with_dependencies(code_hash(target), self.dependencies)
+        if "input_size" in ray_options:
+            # The size of one call's arguments: taken nowhere from here, so every call was
+            # sized without it (and a wrong value went unseen).
+            raise InvalidInput("input_size is set per call, with .options(input_size=...), not in @adaptive_remote(...)")
         if ray_options.get("priority") is not None:
             validate_priority(ray_options["priority"])  # where it is written, not at the first call
         _check_ray_options(self._ray_kind, ray_options, in_options=False)
@@ -440,6 +444,13 @@ def _refuse_unsupported_kind(fn: Callable[..., Any]) -> None:
     value, not as a stream.
     """
     name = getattr(fn, "__qualname__", repr(fn))
+    if isinstance(fn, (ray.remote_function.RemoteFunction, AdaptiveFunction)):
+        # @adaptive_remote stacked on @ray.remote (or on itself): say so, not "a callable object".
+        raise InvalidRayOption(
+            f"adaptive_remote got {name}, which is already a remote function "
+            f"({type(fn).__module__}.{type(fn).__qualname__}): decorate the plain function with "
+            "@adaptive_remote alone, in place of @ray.remote (Ray options go into @adaptive_remote(...))"
+        )
     if not inspect.isroutine(fn):
         # Ray refuses these too. Their profile key would be their type's: every partial, and
         # every instance of a class, would share one history whatever they compute.

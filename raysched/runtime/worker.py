@@ -1220,7 +1220,11 @@ _LAST_FLUSH_WAIT_S = 10.0
 def _resubmitter(fn: Callable[..., Any], config: RayschedConfig) -> Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]:
     def resubmit(spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any]) -> Any:
         definition = definition_options(spec.ray_options)
-        key = (id(fn), tuple(sorted(definition.items())))
+        # The config too: its entry carries it into every later attempt (ladder, caps, home),
+        # and one worker process may resubmit a function under two (a driver's configure()
+        # between batches; two decorations of one module function). The cached entry holds
+        # ``fn`` and ``config``, so neither id is reused while it is kept.
+        key = (id(fn), id(config), tuple(sorted(definition.items())))
         remote = _remote_cache.get(key)
         if remote is None:
             remote = _remote_cache[key] = ray_remote(make_entry(fn, config, definition.get("max_calls"), get_config()),
