@@ -344,6 +344,33 @@ def test_oversize_never_lands_on_a_cpu_less_head_however_much_memory_it_has():
     assert (capped.num_cpus, capped.memory_bytes) == (2.0, 2 * GiB)
 
 
+def test_a_callers_own_option_is_judged_with_the_prediction_it_replaces_when_fitting_a_node():
+    """The caller's num_cpus / memory are submitted as they are: fitting the largest node
+    judges the request with them, and caps only raysched's own figure."""
+    wide, deep = NodeShape("wide", 8, 4 * GiB), NodeShape("deep", 2, 64 * GiB)
+    cluster = ClusterShape((wide, deep))
+    sizer, strict = build_sizer(CFG), build_sizer(CFG.replace(oversize_policy="error"))
+    # 8 CPUs of the caller's: only the wide node has them, so the memory is capped to its 4 GiB
+    # (it was submitted with 11.5 GiB beside them: a request no node holds)
+    alloc = sizer.size(prediction(10 * GiB), cluster, explicit={"num_cpus": 8})
+    assert (alloc.num_cpus, alloc.memory_bytes) == (8.0, 4 * GiB) and alloc.capped
+    assert cluster.fits(alloc)
+    with pytest.raises(PredictionTooLarge, match="offers 4096 MiB and 8 CPU"):
+        strict.size(prediction(10 * GiB), cluster, explicit={"num_cpus": 8}, function="f")
+    # 32 GiB of the caller's: only the deep node has them, so the predicted 4 cores are capped to its 2
+    alloc = sizer.size(prediction(GiB, cpu=4.0), cluster, explicit={"memory": 32 * GiB})
+    assert (alloc.num_cpus, alloc.memory_bytes) == (2.0, 32 * GiB) and alloc.capped and cluster.fits(alloc)
+    # The caller's 2 GiB fit: a prediction past every node neither caps nor refuses the call
+    for s in (sizer, strict):
+        alloc = s.size(prediction(100 * GiB), cluster, explicit={"memory": 2 * GiB}, function="f")
+        assert (alloc.num_cpus, alloc.memory_bytes) == (1.0, 2 * GiB) and not alloc.capped
+        assert "capped" not in alloc.reason
+    # What the caller's own figures make infeasible is left to Ray, as without raysched
+    for explicit in ({"num_cpus": 16}, {"memory": 128 * GiB}, {"num_cpus": 8, "memory": 64 * GiB}):
+        alloc = strict.size(prediction(100 * GiB, cpu=4.0), cluster, explicit=explicit, function="f")
+        assert not alloc.capped
+
+
 def test_a_pinned_request_is_fitted_to_the_nodes_its_options_allow():
     """A call pinned to a node (a hard node affinity) or asking for a resource only some
     nodes have is capped to those nodes, not to the largest node of the cluster."""
