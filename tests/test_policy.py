@@ -135,10 +135,12 @@ def test_a_folder_is_walked_once_while_it_is_unchanged(tmp_path, monkeypatch):
     assert features.size_of(str(tmp_path)) == 350 and len(walks) == 3
 
 
-@pytest.mark.parametrize("bad", [-1, "10", float("nan"), True, [1]])
+@pytest.mark.parametrize("bad", [-1, "10", float("nan"), True, [1], np.float32("nan"), np.float16("inf")])
 def test_bad_input_size_is_a_clear_error(bad):
     with pytest.raises(InvalidInput, match="input_size"):
         features.validate_input_size(bad)
+    with pytest.raises(InvalidInput, match="memory"):  # (a TypeError's subclass for a non-number, as Ray's)
+        features.validate_memory(bad, "memory")
 
 
 @pytest.mark.parametrize("bad", [[1, "a"], 5, {"a": 1}, b"x"])
