@@ -279,6 +279,10 @@ def test_model_round_trips_through_its_portable_artifact():
 def test_conformal_offset_is_the_finite_sample_quantile():
     scores = np.arange(1, 20, dtype=float)  # n = 19; level ceil(20 * 0.9) / 19 = 18/19
     assert calibrate.conformal_offset(scores, 0.9) == 18.0
+    # The index is exact where floating point is not: ceil(25 x 0.56) = 14, though 25 * 0.56
+    # is 14.000000000000002 (whose ceiling took one score too many)
+    assert calibrate.conformal_offset(np.arange(1, 25, dtype=float), 0.56) == 14.0
+    assert calibrate.conformal_offset(np.arange(1, 50, dtype=float), 0.56) == 28.0
     # Too few scores for the level: the max plus the spread, never less than the max.
     assert calibrate.conformal_offset(np.array([0.1, 0.2]), 0.95) > 0.2
 
