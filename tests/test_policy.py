@@ -484,6 +484,8 @@ def test_oom_sample_is_the_vpa_bump():
     assert oom_bump(1000 * MiB, CFG) == 1200 * MiB  # x1.2 beats +100 MiB
     assert memory_sample("oom_killed", 1000 * MiB, 500 * MiB, CFG) == 1200 * MiB
     assert memory_sample("oom_killed", None, 500 * MiB, CFG) == 600 * MiB
+    assert memory_sample("oom_killed", 0, 500 * MiB, CFG) == 600 * MiB  # a peak of 0: nothing was measured
+    assert memory_sample("oom_killed", 0, 0, CFG) is None
     assert memory_sample("ok", 300.0, 500, CFG) == 300.0
     assert memory_sample("cancelled", 300.0, 500, CFG) is None
 
