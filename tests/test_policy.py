@@ -160,10 +160,12 @@ def test_a_folder_is_walked_once_while_it_is_unchanged(tmp_path, monkeypatch):
     assert features.size_of(str(tmp_path)) == 350 and len(walks) == 3
 
 
-@pytest.mark.parametrize("bad", [-1, "10", float("nan"), True, [1]])
+@pytest.mark.parametrize("bad", [-1, "10", float("nan"), True, [1], np.float32("nan"), np.float16("inf")])
 def test_bad_input_size_is_a_clear_error(bad):
     with pytest.raises(InvalidInput, match="input_size"):
         features.validate_input_size(bad)
+    with pytest.raises(InvalidInput, match="memory"):  # (a TypeError's subclass for a non-number, as Ray's)
+        features.validate_memory(bad, "memory")
 
 
 @pytest.mark.parametrize("bad", [[1, "a"], 5, {"a": 1}, b"x"])
@@ -302,6 +304,10 @@ def test_model_round_trips_through_its_portable_artifact():
 def test_conformal_offset_is_the_finite_sample_quantile():
     scores = np.arange(1, 20, dtype=float)  # n = 19; level ceil(20 * 0.9) / 19 = 18/19
     assert calibrate.conformal_offset(scores, 0.9) == 18.0
+    # The index is exact where floating point is not: ceil(25 x 0.56) = 14, though 25 * 0.56
+    # is 14.000000000000002 (whose ceiling took one score too many)
+    assert calibrate.conformal_offset(np.arange(1, 25, dtype=float), 0.56) == 14.0
+    assert calibrate.conformal_offset(np.arange(1, 50, dtype=float), 0.56) == 28.0
     # Too few scores for the level: the max plus the spread, never less than the max.
     assert calibrate.conformal_offset(np.array([0.1, 0.2]), 0.95) > 0.2
 
@@ -389,6 +395,33 @@ def test_oversize_never_lands_on_a_cpu_less_head_however_much_memory_it_has():
     wide = ClusterShape((head, NodeShape("a", 2, 2 * GiB), NodeShape("b", 2, 1 * GiB)))
     capped = build_sizer(CFG).size(prediction(8 * GiB, cpu=4.0), wide)
     assert (capped.num_cpus, capped.memory_bytes) == (2.0, 2 * GiB)
+
+
+def test_a_callers_own_option_is_judged_with_the_prediction_it_replaces_when_fitting_a_node():
+    """The caller's num_cpus / memory are submitted as they are: fitting the largest node
+    judges the request with them, and caps only raysched's own figure."""
+    wide, deep = NodeShape("wide", 8, 4 * GiB), NodeShape("deep", 2, 64 * GiB)
+    cluster = ClusterShape((wide, deep))
+    sizer, strict = build_sizer(CFG), build_sizer(CFG.replace(oversize_policy="error"))
+    # 8 CPUs of the caller's: only the wide node has them, so the memory is capped to its 4 GiB
+    # (it was submitted with 11.5 GiB beside them: a request no node holds)
+    alloc = sizer.size(prediction(10 * GiB), cluster, explicit={"num_cpus": 8})
+    assert (alloc.num_cpus, alloc.memory_bytes) == (8.0, 4 * GiB) and alloc.capped
+    assert cluster.fits(alloc)
+    with pytest.raises(PredictionTooLarge, match="offers 4096 MiB and 8 CPU"):
+        strict.size(prediction(10 * GiB), cluster, explicit={"num_cpus": 8}, function="f")
+    # 32 GiB of the caller's: only the deep node has them, so the predicted 4 cores are capped to its 2
+    alloc = sizer.size(prediction(GiB, cpu=4.0), cluster, explicit={"memory": 32 * GiB})
+    assert (alloc.num_cpus, alloc.memory_bytes) == (2.0, 32 * GiB) and alloc.capped and cluster.fits(alloc)
+    # The caller's 2 GiB fit: a prediction past every node neither caps nor refuses the call
+    for s in (sizer, strict):
+        alloc = s.size(prediction(100 * GiB), cluster, explicit={"memory": 2 * GiB}, function="f")
+        assert (alloc.num_cpus, alloc.memory_bytes) == (1.0, 2 * GiB) and not alloc.capped
+        assert "capped" not in alloc.reason
+    # What the caller's own figures make infeasible is left to Ray, as without raysched
+    for explicit in ({"num_cpus": 16}, {"memory": 128 * GiB}, {"num_cpus": 8, "memory": 64 * GiB}):
+        alloc = strict.size(prediction(100 * GiB, cpu=4.0), cluster, explicit=explicit, function="f")
+        assert not alloc.capped
 
 
 def test_a_pinned_request_is_fitted_to_the_nodes_its_options_allow():
@@ -498,6 +531,8 @@ def test_oom_sample_is_the_vpa_bump():
     assert oom_bump(1000 * MiB, CFG) == 1200 * MiB  # x1.2 beats +100 MiB
     assert memory_sample("oom_killed", 1000 * MiB, 500 * MiB, CFG) == 1200 * MiB
     assert memory_sample("oom_killed", None, 500 * MiB, CFG) == 600 * MiB
+    assert memory_sample("oom_killed", 0, 500 * MiB, CFG) == 600 * MiB  # a peak of 0: nothing was measured
+    assert memory_sample("oom_killed", 0, 0, CFG) is None
     assert memory_sample("ok", 300.0, 500, CFG) == 300.0
     assert memory_sample("cancelled", 300.0, 500, CFG) is None
 

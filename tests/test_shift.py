@@ -104,3 +104,21 @@ def test_of_several_shifts_the_newest_counts_and_the_config_checks_its_knobs():
     with pytest.raises(ValueError, match="shift_min_log"):
         RayschedConfig(shift_min_log=-0.1)
 
+
+
+@pytest.mark.parametrize("level", [2 * GiB, 0.5 * GiB])
+def test_the_shift_is_placed_where_it_happened_and_stays_there_as_runs_arrive(level):
+    """The sign test's best split lands a few runs early when old runs just before the shift
+    were above the overall median by chance (9 runs in one of these): the estimators were
+    handed old runs with the new, and the cut moved back and forth as runs arrived."""
+    for seed in range(8):
+        before = runs(300, 1 * GiB, seed=seed, sizes=np.full(300, 100 * MiB))
+        after = runs(40, level, seed=seed + 100, sizes=np.full(40, 100 * MiB))
+        cuts = []
+        for k in range(1, 41):
+            history = before.append(after._rows(slice(0, k)))
+            since = runs_since_shift(history, "memory", shift_test(CFG))
+            if since is not history:
+                cuts.append(len(since) - k)  # old runs counted as new (negative: new ones left out)
+        assert len(cuts) >= 28, (seed, cuts)  # found once 8-12 runs have come
+        assert max(cuts) <= 1 and min(cuts) >= 0, (seed, cuts)

@@ -34,7 +34,9 @@ def conformal_offset(scores: np.ndarray, coverage: float) -> float:
     n = scores.shape[0]
     if n == 0:
         return 0.0
-    k = math.ceil((n + 1) * coverage)  # the k-th smallest score
+    # The k-th smallest score.  The product is rounded off first: in floating point
+    # 25 x 0.56 is 14.000000000000002, whose ceiling took the 15th score of 24.
+    k = math.ceil(round((n + 1) * coverage, 9))
     if k > n:
         spread = float(np.std(scores)) if n > 1 else 0.0
         return float(np.max(scores) + spread)

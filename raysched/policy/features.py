@@ -58,7 +58,7 @@ def validate_input_size(value: Any, what: str = "input_size") -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidInput(f"{what} must be a non-negative number of bytes, got {value!r} ({type(value).__name__})")
-    if isinstance(value, float) and not math.isfinite(value):
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):  # numpy's float32 NaN too
         raise InvalidInput(f"{what} must be finite, got {value!r}")
     if value < 0:
         raise InvalidInput(f"{what} must be non-negative, got {value!r}")

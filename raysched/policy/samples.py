@@ -45,7 +45,9 @@ def memory_sample(
             # Stopped by a hard cap: what it reached is what it used; bumping would
             # teach the predictor to ask for more than the cap it is not allowed.
             return peak
-        base = peak if peak is not None else float(allocated_memory_bytes or 0.0)
+        # A peak of 0 is nothing measured (a live sample taken before any reading): the
+        # allocation then, or the kill would teach nothing.
+        base = peak if peak else float(allocated_memory_bytes or 0.0)
         return oom_bump(base, config) if base > 0 else None
     if outcome is Outcome.CANCELLED:
         return None

@@ -32,9 +32,11 @@ class Request:
 class SizingContext:
     function: str = ""
     cluster: ClusterShape | None = None
-    #: The ``Request`` fields the caller set (``"memory_bytes"``, ``"num_cpus"``): taken as they
-    #: are, never capped; the request carries them at every step.
-    kept: frozenset[str] = frozenset()
+    #: The caller's own ``memory`` / ``num_cpus`` (None: raysched sizes it): the request is
+    #: submitted with them whatever the steps make of its own figure, so a step that judges
+    #: the request as a whole (``FitLargestNode``) judges it with them.
+    kept_memory_bytes: float | None = None
+    kept_num_cpus: float | None = None
 
 
 SizingStep = Callable[[Request, SizingContext], Request]
@@ -85,24 +87,30 @@ class FitLargestNode:
         cluster = ctx.cluster
         if cluster is None or not cluster.nodes:
             return r
+        # Judged as it is submitted: a figure the caller set is taken as it is, so only
+        # raysched's own figure may be capped (a caller's num_cpus=8 beside a predicted
+        # memory no 8-CPU node has was submitted unschedulable; a caller's memory that fits
+        # was refused with PredictionTooLarge for the prediction it replaces).
+        memory = r.memory_bytes if ctx.kept_memory_bytes is None else ctx.kept_memory_bytes
+        cpus = r.num_cpus if ctx.kept_num_cpus is None else ctx.kept_num_cpus
         # A node that fits both at once, not the largest of each on different nodes.
-        if any(n.memory_bytes >= r.memory_bytes and n.num_cpus >= r.num_cpus for n in cluster.nodes):
+        if any(n.memory_bytes >= memory and n.num_cpus >= cpus for n in cluster.nodes):
             return r
-        if ctx.kept:
-            # Only raysched's own figure is capped (or refused), on the nodes that hold what the
-            # caller set; a caller's figure no node holds is left as asked: Ray reports the task
-            # as infeasible, as it would without raysched.
-            holding = tuple(n for n in cluster.nodes
-                            if ("memory_bytes" not in ctx.kept or n.memory_bytes >= r.memory_bytes)
-                            and ("num_cpus" not in ctx.kept or n.num_cpus >= r.num_cpus))
-            if not holding or ctx.kept >= {"memory_bytes", "num_cpus"}:
-                return r
-            cluster = replace(cluster, nodes=holding)
-        best = largest_node_for(cluster, r.num_cpus)
+        if ctx.kept_memory_bytes is not None and ctx.kept_num_cpus is not None:
+            return r  # both the caller's: Ray reports it, as it would without raysched
+        if ctx.kept_memory_bytes is not None:
+            # Only the cores are raysched's: the node with the most of them among those
+            # with the caller's memory (one that can run a task that asks for a CPU).
+            holding = [n for n in cluster.nodes if n.memory_bytes >= memory and (n.num_cpus > 0 or cpus <= 0)]
+            best = max(holding, key=lambda n: (n.num_cpus, n.memory_bytes)) if holding else None
+        else:
+            best = largest_node_for(cluster, cpus)
+            if best is not None and ctx.kept_num_cpus is not None and best.num_cpus < cpus:
+                best = None  # no node has the caller's cores: Ray reports it, as it would without raysched
         if best is None:
             return r  # only CPU-less nodes for a task that asks for CPU: Ray reports it, as it would without raysched
         if self.policy == "error":
-            raise PredictionTooLarge(ctx.function, int(r.memory_bytes), r.num_cpus, best.memory_bytes, best.num_cpus,
+            raise PredictionTooLarge(ctx.function, int(memory), cpus, best.memory_bytes, best.num_cpus,
                                      best.node_id, cluster.scope)
         allowed = f" (its options allow {cluster.scope})" if cluster.scope else ""
         return replace(r, memory_bytes=min(r.memory_bytes, best.memory_bytes),
@@ -159,20 +167,20 @@ class Sizer:
         """The allocation for a raw request (before margin, floors and rounding); ``keep``'s
         ``memory`` / ``num_cpus`` are taken as they are."""
         keep = keep or {}
-        # What the caller set is what the call asks for: every step sees it, and the fit to the
-        # nodes judges it (the prediction it replaces judged in its place made a call that asks
-        # for 2 GiB a PredictionTooLarge, and fitted the rest beside a num_cpus it did not ask).
-        kept = {field: keep[key] for key, field in (("memory", "memory_bytes"), ("num_cpus", "num_cpus"))
-                if key in keep}
-        ctx = SizingContext(function=function, cluster=cluster, kept=frozenset(kept))
+        ctx = SizingContext(function=function, cluster=cluster,
+                            kept_memory_bytes=_kept(keep.get("memory")), kept_num_cpus=_kept(keep.get("num_cpus")))
         for step in self.steps:
-            request = step(replace(request, **kept), ctx)
+            request = step(request, ctx)
         memory = keep.get("memory", request.memory_bytes)
         cpus = keep.get("num_cpus", request.num_cpus)
         if request.notes:
             reason += "; " + "; ".join(request.notes)
         return Allocation(num_cpus=float(cpus), memory_bytes=int(memory), rung=rung,  # type: ignore[arg-type]
                           capped=request.capped, reason=reason)
+
+
+def _kept(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
 
 
 def size(
