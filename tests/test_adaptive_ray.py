@@ -410,6 +410,24 @@ def test_a_fallback_of_num_cpus_zero_asks_no_cpu_as_in_ray(ray_session):
     assert len(rows) == 3 and (rows["allocated_num_cpus"] == 0).all()
 
 
+@adaptive_remote
+def waits_only(x):
+    return x
+
+
+def test_a_default_of_num_cpus_zero_asks_no_cpu_as_a_fallback_of_zero_does(ray_session):
+    """``configure(default_num_cpus=0)`` gave cold calls the minimum share, 0.25 CPU, where the
+    same default for memory (and a decorator's ``num_cpus=0``) asks no slot (a helper's audit)."""
+    raysched.configure(default_num_cpus=0)
+    try:
+        assert waits_only.predict(1).cpu.source == "fallback"
+        assert ray.get([waits_only.remote(i) for i in range(3)], timeout=60) == [0, 1, 2]
+    finally:
+        raysched.configure(default_num_cpus=1.0)
+    rows = raysched.profiles(waits_only)
+    assert len(rows) == 3 and (rows["allocated_num_cpus"] == 0).all()
+
+
 def test_predict_refuses_arguments_the_function_would_refuse(ray_session):
     """``f.predict(1, 2, 3)`` returned a Prediction for a call ``f.remote(1, 2, 3)`` refuses."""
     with pytest.raises(TypeError, match="too many positional arguments"):

@@ -412,9 +412,10 @@ class _Adaptive:
         if declared == 0 and prediction.memory.source == "fallback" and "memory" not in explicit:
             # A fallback (or default) of memory=0 is Ray's memory=0: no label until there is history.
             explicit = {**explicit, "memory": 0}
-        if self.fallback.cpu == 0 and prediction.cpu.source == "fallback" and "num_cpus" not in explicit:
-            # So is a fallback of num_cpus=0 (a task that only waits on others): no CPU slot, not
-            # the minimum share, until its runs say what it uses.
+        declared_cpu = self.fallback.cpu if self.fallback.cpu is not None else client.config.default_num_cpus
+        if declared_cpu == 0 and prediction.cpu.source == "fallback" and "num_cpus" not in explicit:
+            # So is a fallback (or default) of num_cpus=0 (a task that only waits on others): no
+            # CPU slot, not the minimum share, until its runs say what it uses.
             explicit = {**explicit, "num_cpus": 0.0}
         allocation = client.size(prediction, explicit, self.name, cluster)
         return AttemptSpec(
