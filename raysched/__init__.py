@@ -131,8 +131,10 @@ def _hint_if_unknown(store: Any, name: str | None, frame: Any, what: str = "prof
     """No rows for a bare name: functions are stored as module.qualname, so say which it may mean."""
     if name is None or len(frame) or not len(store.profiles.parts()):
         return
+    from .store.profiles import short_name
+
     known = sorted(set(store.functions()["function"]))
-    meant = [n for n in known if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1] and n != name]
+    meant = [n for n in known if short_name(n) == short_name(name) and n != name]
     if meant:
         import warnings
 
