@@ -160,8 +160,8 @@ def events(f_or_name: Any = None):
     """Every decision the live monitor recorded (of one function, or of all) as a pandas DataFrame.
 
     One row per decision other than "none": the rule, the action (warn, record_cpu,
-    stop_and_resubmit, stop_limit, cancel, requeue_lowest_priority), the measured and
-    allocated figures, a readable detail, the call and attempt.  Oldest first.
+    stop_and_resubmit, stop_limit, cancel, requeue_lowest_priority; rescale for an actor),
+    the measured and allocated figures, a readable detail, the call and attempt.  Oldest first.
     """
     from .runtime.monitor import events as _events
     from .store.profiles import ProfileStore
