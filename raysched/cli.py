@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 
 
+from . import __version__
 from .replay.commands import HOME_OPTION
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="raysched")
+@click.version_option(__version__, prog_name="raysched")  # not package metadata: a checkout on PYTHONPATH (or py_modules) has none
 def main() -> None:
     """raysched: an autopilot for Ray task resources.
 

@@ -574,3 +574,16 @@ def test_a_run_repeated_in_a_trace_is_skipped_and_counted_and_impossible_cores_a
     trace = read_trace(bad, "nextflow")
     assert trace.rows["cpu_pct"].isna().tolist()[:2] == [True, True] and trace.rows["cpus"].isna().iloc[2]
     assert len(ProfileStore(home).read()) == 45
+
+
+def test_version_is_printed_without_an_installed_distribution():
+    """``raysched --version`` read the installed package's metadata: run from a checkout on
+    PYTHONPATH, or shipped to a cluster as ``py_modules``, it raised RuntimeError instead."""
+    import raysched
+    from raysched.cli import main
+
+    res = CliRunner().invoke(main, ["--version"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert res.output.strip() == f"raysched, version {raysched.__version__}"
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert f'version = "{raysched.__version__}"' in pyproject.read_text()  # the one pip installs
