@@ -131,8 +131,10 @@ def _hint_if_unknown(store: Any, name: str | None, frame: Any, what: str = "prof
     """No rows for a bare name: functions are stored as module.qualname, so say which it may mean."""
     if name is None or len(frame) or not len(store.profiles.parts()):
         return
+    from .store.profiles import short_name
+
     known = sorted(set(store.functions()["function"]))
-    meant = [n for n in known if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1] and n != name]
+    meant = [n for n in known if short_name(n) == short_name(name) and n != name]
     if meant:
         import warnings
 
@@ -158,8 +160,8 @@ def events(f_or_name: Any = None):
     """Every decision the live monitor recorded (of one function, or of all) as a pandas DataFrame.
 
     One row per decision other than "none": the rule, the action (warn, record_cpu,
-    stop_and_resubmit, stop_limit, cancel, requeue_lowest_priority), the measured and
-    allocated figures, a readable detail, the call and attempt.  Oldest first.
+    stop_and_resubmit, stop_limit, cancel, requeue_lowest_priority; rescale for an actor),
+    the measured and allocated figures, a readable detail, the call and attempt.  Oldest first.
     """
     from .runtime.monitor import events as _events
     from .store.profiles import ProfileStore

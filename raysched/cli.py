@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 
 
+from . import __version__
 from .replay.commands import HOME_OPTION
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="raysched")
+@click.version_option(__version__, prog_name="raysched")  # not package metadata: a checkout on PYTHONPATH (or py_modules) has none
 def main() -> None:
     """raysched: an autopilot for Ray task resources.
 
@@ -48,7 +49,7 @@ def profiles(function: str | None, limit: int, home: Path | None) -> None:
     import pandas as pd
 
     from .errors import RayschedError
-    from .store.profiles import PROFILES_DIR, ProfileStore
+    from .store.profiles import PROFILES_DIR, ProfileStore, short_name
 
     given, home = home is not None, _home(home)
     if not (home / PROFILES_DIR).exists():  # a query: it must not create a home where none is
@@ -64,7 +65,7 @@ def profiles(function: str | None, limit: int, home: Path | None) -> None:
         raise click.ClickException(str(exc)) from None
     if function is not None and not len(frame):
         # Functions are stored as module.qualname: a bare name, or a near miss, gets the names there are.
-        ending = [n for n in known if n.rsplit(".", 1)[-1] == function]
+        ending = [n for n in known if short_name(n) == short_name(function)]
         if len(ending) == 1:
             click.echo(f"(showing {ending[0]}: functions are stored by module and name)")
             frame = store.read_recent(limit, function=ending[0])

@@ -774,3 +774,26 @@ def test_an_actor_handle_behaves_as_rays_at_the_edges(ray_session):
         assert wait_for(lambda: ray.available_resources().get("CPU", 0) >= total, timeout=20), ray.available_resources()
     finally:
         gc.enable()
+
+
+def test_an_actor_starts_without_rays_deprecation_warning():
+    """An adaptive actor asks at its start whether Ray restarted it; Ray's property for that reads
+    its own deprecated ``actor_id``, whose warning reached the driver's output for every actor."""
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def check(self):
+            import warnings
+
+            from raysched.runtime.actor_worker import _was_restarted
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                restarted = _was_restarted()
+            return restarted, [f"{w.category.__name__}: {w.message}" for w in caught]
+
+    probe = Probe.remote()
+    restarted, caught = ray.get(probe.check.remote(), timeout=60)
+    ray.kill(probe)
+    assert restarted is False
+    assert caught == []

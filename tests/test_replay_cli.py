@@ -362,6 +362,24 @@ def test_profiles_of_a_bare_function_name_finds_its_module_or_names_what_there_i
     monkeypatch.setattr(session, "_config", None)
 
 
+def test_profiles_of_a_closures_bare_name_shows_its_hashed_stored_name(tmp_path, monkeypatch):
+    """A closure is stored as ``mod.make.<locals>.step#<hash>``: ``raysched profiles step`` listed
+    every stored name instead of showing it (the hash suffix kept it from matching)."""
+    from raysched.cli import main
+    from raysched.runtime import session
+    from raysched.store.profiles import ProfileStore
+
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path / "h"))
+    monkeypatch.setattr(session, "_config", None)
+    store = ProfileStore(tmp_path / "h")
+    store.append([{"row_id": f"r{i}", "function": f, "code_hash": "h", "attempt": 1, "outcome": "ok",
+                   "timestamp": 1_700_000_000.0}
+                  for i, f in enumerate(["jobs.make.<locals>.step#94a072d3", "jobs.crunch"])])
+    res = CliRunner().invoke(main, ["profiles", "step"])
+    assert res.exit_code == 0 and "showing jobs.make.<locals>.step#94a072d3" in res.output, res.output
+    monkeypatch.setattr(session, "_config", None)
+
+
 def test_the_demo_says_how_far_an_under_allocated_task_went_over():
     """'4 of 16 tasks used more than requested' read like a failure when each was 1-3 MiB over."""
     from raysched.demo import allocation_summary
@@ -556,3 +574,16 @@ def test_a_run_repeated_in_a_trace_is_skipped_and_counted_and_impossible_cores_a
     trace = read_trace(bad, "nextflow")
     assert trace.rows["cpu_pct"].isna().tolist()[:2] == [True, True] and trace.rows["cpus"].isna().iloc[2]
     assert len(ProfileStore(home).read()) == 45
+
+
+def test_version_is_printed_without_an_installed_distribution():
+    """``raysched --version`` read the installed package's metadata: run from a checkout on
+    PYTHONPATH, or shipped to a cluster as ``py_modules``, it raised RuntimeError instead."""
+    import raysched
+    from raysched.cli import main
+
+    res = CliRunner().invoke(main, ["--version"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert res.output.strip() == f"raysched, version {raysched.__version__}"
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert f'version = "{raysched.__version__}"' in pyproject.read_text()  # the one pip installs

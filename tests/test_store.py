@@ -686,6 +686,20 @@ def test_profiles_of_a_bare_name_warns_with_the_stored_names_it_may_mean(tmp_pat
     monkeypatch.setattr(session, "_config", None)
 
 
+def test_profiles_of_a_closures_bare_name_warns_with_its_hashed_stored_name(tmp_path, monkeypatch):
+    """A closure or lambda is stored as ``mod.make.<locals>.step#<hash>``: its bare name, ``step``,
+    got an empty frame and no word (the hash suffix kept it from matching)."""
+    import raysched
+    from raysched.runtime import session
+
+    monkeypatch.setenv("RAYSCHED_HOME", str(tmp_path))
+    monkeypatch.setattr(session, "_config", None)
+    ProfileStore(tmp_path).append([row(function="jobs.make.<locals>.step#94a072d3"), row(function="jobs.crunch")])
+    with pytest.warns(UserWarning, match=r"no rows of 'step'.*jobs\.make\.<locals>\.step#94a072d3"):
+        assert raysched.profiles("step", settle=False).empty
+    monkeypatch.setattr(session, "_config", None)
+
+
 def test_profiles_and_events_take_a_function_with_its_options_as_they_take_the_function(tmp_path, monkeypatch):
     import raysched
     from raysched.runtime import session

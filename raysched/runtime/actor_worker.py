@@ -95,9 +95,15 @@ class _Incarnation:
 def _was_restarted() -> bool:
     """Whether Ray restarted this actor's process (``max_restarts``) rather than created it."""
     try:
+        import warnings
+
         import ray
 
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        # Ray's property reads its own deprecated ``actor_id``: without this, every
+        # adaptive actor printed a RayDeprecationWarning to its driver's output.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - outside an actor (tests), or Ray's API moved
         return False
 

@@ -34,6 +34,12 @@ EVENTS_DIR = "events"
 OUTSIDE_WRITES = "outside_writes.jsonl"
 
 
+def short_name(function: str) -> str:
+    """What a user may type for a stored name: the last part, without the code-hash suffix
+    of a closure or lambda (``mod.make.<locals>.step#94a072d3`` -> ``step``)."""
+    return function.rsplit(".", 1)[-1].split("#", 1)[0]
+
+
 def calls_without_rows(rows: pd.DataFrame, call_ids: Sequence[str]) -> list[str]:
     """Those of ``call_ids`` whose rows may still be on their way to ``rows``.
 
