@@ -38,6 +38,8 @@ def demo(tasks: int, seed: int, address: str) -> None:
         run_demo(tasks=tasks, seed=seed, echo=click.echo, address=address)
     except RayschedError as exc:  # an unusable home: one line, as every other command says it
         raise click.ClickException(str(exc)) from None
+    except ConnectionError as exc:  # --address names no running cluster: Ray's own words, without its traceback
+        raise click.ClickException(f"cannot join the Ray cluster at {address!r}: {exc}") from None
 
 
 @main.command()

@@ -587,3 +587,20 @@ def test_version_is_printed_without_an_installed_distribution():
     assert res.output.strip() == f"raysched, version {raysched.__version__}"
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     assert f'version = "{raysched.__version__}"' in pyproject.read_text()  # the one pip installs
+
+
+def test_a_demo_told_to_join_a_cluster_that_is_not_there_says_so_in_one_line(tmp_path):
+    """``raysched demo --address auto`` with no cluster running ended in Ray's full traceback
+    (a helper's audit). The demo runs in a process of its own, whose Ray temp folder (where
+    ``auto`` looks) is empty: no other test's cluster can be found there."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(tmp_path / "ray"), RAYSCHED_HOME=str(tmp_path / "h"), RAY_AUTH_MODE="disabled")
+    (tmp_path / "ray").mkdir()
+    res = subprocess.run([sys.executable, "-m", "raysched.cli", "demo", "--address", "auto"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "Error: cannot join the Ray cluster at 'auto'" in res.stderr and "Traceback" not in res.stderr, res.stderr
