@@ -414,6 +414,7 @@ def test_report_from_a_worker_spec_and_live_sample():
     est = lambda v: Estimate(v, v, v * 2, 0.95, 5, "history")  # noqa: E731
     spec = SimpleNamespace(function="mod.f", code_hash="h", call_id="c", attempt=2, priority=4,
                            allocation=Allocation(2.0, GiB, rung=1), config=RayschedConfig(max_attempts=6),
+                           largest_node_bytes=16 * GiB,
                            prediction=Prediction(memory=est(100.0), cpu=est(1.0), wall=est(3.0), source="history"))
     sample = LiveSample(rss_bytes=10, peak_rss_bytes=20, cpu_seconds=1.5, wall_seconds=2.0, read_bytes=3,
                         write_bytes=4, timestamp=99.0)
@@ -423,7 +424,8 @@ def test_report_from_a_worker_spec_and_live_sample():
     assert r.node_memory().node_id == "node-x" and r.node_memory().timestamp == 99.0
     assert replace(r, node_used_bytes=None, node_total_bytes=None, node_kill_threshold=None) == LiveReport(
         "mod.f", "h", "c", 2, "node-x", 4, Allocation(2.0, GiB, rung=1), 200.0, 6.0, "history",
-        10, 20, 1.5, 2.0, 3, 4, 99.0, max_attempts=6, wall_source="history")  # the function's own max_attempts
+        10, 20, 1.5, 2.0, 3, 4, 99.0, max_attempts=6, wall_source="history",  # the function's own max_attempts
+        largest_node_bytes=16 * GiB)  # what its next rung must fit beside its label on
     assert r.key == ("c", 2) and r.cpu_cores == 0.75
     assert replace(r, wall_seconds=0).cpu_cores == 0.0
 

@@ -81,6 +81,7 @@ def report_from(spec: Any, sample: Any, node_id: str = "", kind: str = "task") -
         start_rss_bytes=int(sample.start_rss_bytes),
         max_attempts=int(spec.config.max_attempts) if getattr(spec, "config", None) is not None else None,
         wall_source=str(prediction.wall.source),
+        largest_node_bytes=getattr(spec, "largest_node_bytes", None),
         **node_memory_here(),
     )
 
