@@ -989,3 +989,16 @@ def test_an_attempt_not_heard_of_for_four_live_intervals_does_not_give_way(tmp_p
     monitor.report([alive()])  # "gone" is never heard of again
     got = [monitor.check_node(_high(t)) for t in (11.0, 12.0)]
     assert [d.call_id if d else None for d in got] == [None, "alive"]
+
+
+def test_the_used_memory_gauge_drops_an_attempt_forgotten_silent_or_superseded(monitor, clock):
+    """An attempt whose worker died says no end (Ray's killer, a SIGKILL): forgotten after
+    monitor_stale_s, its figure stayed on its function's gauge for good when no other attempt
+    of that function reported again."""
+    f, g = Samples(call_id="a"), Samples(call_id="other", function="mod.g")
+    monitor.report([f(rss_bytes=900 * MiB)])
+    clock.advance(monitor.config.monitor_stale_s + 1)
+    monitor.report([g()])  # the sweep forgets "a"
+    assert monitor.status()["attempts"] == 1
+    observed = [c for c in monitor.metrics.calls if c[0] == "observe" and c[1] == "mod.f"]
+    assert observed[-1] == ("observe", "mod.f", 0)

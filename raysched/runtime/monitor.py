@@ -460,10 +460,13 @@ class Monitor:
         if now - self._last_sweep < stale_s / 4:
             return
         self._last_sweep = now
+        forgotten = set()
         for key in [k for k, a in self._attempts.items() if now - a.seen > stale_s]:
-            del self._attempts[key]
+            forgotten.add(self._attempts.pop(key).last.function)
             if self._newest.get(key[0]) == key[1]:
                 del self._newest[key[0]]
+        # A worker that died says no end: its attempt leaves its function's gauge here, or never.
+        self._publish_used(forgotten)
         running_nodes = {a.last.node_id for a in self._attempts.values()}
         for node_id in [n for n in self._nodes if n not in running_nodes]:
             del self._nodes[node_id]
@@ -657,10 +660,12 @@ class Monitor:
     def forget(self, call_id: str, attempt: int | None = None) -> None:
         """Drop an attempt (or every attempt of a call) that has ended."""
         with self._lock:
+            dropped = set()
             for key in [k for k in self._attempts if k[0] == call_id and (attempt is None or k[1] == attempt)]:
-                del self._attempts[key]
+                dropped.add(self._attempts.pop(key).last.function)
             if attempt is None or self._newest.get(call_id) == attempt:
                 self._newest.pop(call_id, None)
+            self._publish_used(dropped)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
