@@ -1002,3 +1002,32 @@ def test_the_used_memory_gauge_drops_an_attempt_forgotten_silent_or_superseded(m
     assert monitor.status()["attempts"] == 1
     observed = [c for c in monitor.metrics.calls if c[0] == "observe" and c[1] == "mod.f"]
     assert observed[-1] == ("observe", "mod.f", 0)
+
+
+def test_a_monitor_restored_from_its_saved_config_judges_by_it_and_reconfigure_saves(tmp_path, clock):
+    """Ray restarts the actor with its creator's config; ``SavedMonitorConfig`` hands it the
+    one it was last given (the Ray side: tests/test_monitor_ray.py)."""
+    creator = RayschedConfig(home=str(tmp_path))
+    driver = creator.replace(memory_limit_bytes=300 * MiB)
+
+    class Saved:
+        def __init__(self, config):
+            self.config, self.saves = config, []
+
+        def load(self):
+            return self.config
+
+        def save(self, config):
+            self.saves.append(config)
+
+    restored = Monitor(creator, store=SpyStore(tmp_path), clock=clock, metrics=RecordingMetrics(),
+                       saved_config=Saved(driver))
+    assert restored.config == driver
+    s = Samples()
+    restored.report([s(rss_bytes=310 * MiB)])
+    assert restored.report([s(rss_bytes=310 * MiB)])["c1"].action == R.STOP_LIMIT
+    fresh = Monitor(creator, store=SpyStore(tmp_path), clock=clock, metrics=RecordingMetrics(),
+                    saved_config=Saved(None))
+    assert fresh.config == creator
+    fresh.reconfigure(driver)
+    assert fresh._saved_config.saves == [driver] and fresh.config == driver

@@ -335,13 +335,62 @@ def event_row(decision: Decision) -> dict[str, Any]:
     }
 
 
+class SavedMonitorConfig:
+    """The config a monitor actor was last handed (``Monitor.reconfigure``), kept in Ray's KV
+    for its restarts.
+
+    Ray restarts an actor with its creation arguments: the config of whoever created the
+    monitor (an earlier driver, or a worker's reporter that found none), not the one a
+    driver handed it since; restarted, it judged by the creator's caps and thresholds (a
+    cap the driver set stopped nothing).  ``load`` gives the saved config to a restarted
+    actor only: a monitor created anew judges by its creator's, until a driver hands it its own.
+    """
+
+    def __init__(self, name: str):
+        self.key = f"monitor_config:{name}"
+
+    @staticmethod
+    def _kv() -> Any:
+        from ray.experimental import internal_kv
+
+        return internal_kv
+
+    def load(self) -> RayschedConfig | None:
+        try:
+            import ray
+            from ray import cloudpickle
+
+            from .worker import LIVE_KV_NAMESPACE
+
+            if not ray.get_runtime_context().was_current_actor_reconstructed:
+                return None
+            raw = self._kv()._internal_kv_get(self.key, namespace=LIVE_KV_NAMESPACE)
+            return cloudpickle.loads(raw) if raw else None
+        except Exception:  # noqa: BLE001 - judged by the creator's config, as before
+            logger.warning("raysched: the restarted monitor could not read the config it was last handed; "
+                           "it judges by its creator's", exc_info=True)
+            return None
+
+    def save(self, config: RayschedConfig) -> None:
+        try:
+            from ray import cloudpickle
+
+            from .worker import LIVE_KV_NAMESPACE
+
+            self._kv()._internal_kv_put(self.key, cloudpickle.dumps(config), overwrite=True,
+                                        namespace=LIVE_KV_NAMESPACE)
+        except Exception:  # noqa: BLE001 - a restart then judges by the creator's config
+            logger.warning("raysched: could not keep the monitor's config for its restarts", exc_info=True)
+
+
 class Monitor:
     """Evaluates the monitor's rules over batches of live reports; keeps directives for workers.
 
     ``clock`` (monotonic seconds) drives forgetting silent attempts and the
     pace of node reads; decisions carry their sample's own timestamp.
     ``node_reader(node_id) -> NodeMemory | None`` reads a node's memory (None:
-    nodes are not watched); ``metrics`` defaults to ``Metrics()``.
+    nodes are not watched); ``metrics`` defaults to ``Metrics()``; ``saved_config``
+    (``SavedMonitorConfig``) keeps what ``reconfigure`` hands it for a restart of the actor.
     """
 
     def __init__(
@@ -351,9 +400,13 @@ class Monitor:
         clock: Callable[[], float] = time.monotonic,
         node_reader: Callable[[str], NodeMemory | None] | None = None,
         metrics: Any = None,
+        saved_config: Any = None,
     ):
         from ..store.profiles import ProfileStore
 
+        self._saved_config = saved_config
+        restored = saved_config.load() if saved_config is not None else None
+        config = restored if restored is not None else config
         self.config = config
         self.rules = build_rules(config)
         self.store = store if store is not None else ProfileStore(config.home_path)
@@ -700,6 +753,8 @@ class Monitor:
         rules = build_rules(config)
         with self._lock:
             self.config, self.rules = config, rules
+        if self._saved_config is not None:
+            self._saved_config.save(config)  # Ray restarts the actor with its creator's
 
     # --- events and metrics --------------------------------------------------------------------------------
     def _record(self, decisions: Sequence[Decision], log: bool = True) -> None:
@@ -848,11 +903,14 @@ def get_or_create_monitor(config: RayschedConfig):
 
     A restarted monitor starts with no state: workers report again within one
     live interval and hysteresis counts afresh; events already written are
-    not duplicated (their row ids are fixed by what they decide).
+    not duplicated (their row ids are fixed by what they decide).  It judges by
+    the config it was last handed (``SavedMonitorConfig``), not its creator's.
     """
     from .session import get_or_create_actor
 
-    return get_or_create_actor(Monitor, monitor_name(config), config, node_reader=RayNodeReader())
+    name = monitor_name(config)
+    return get_or_create_actor(Monitor, name, config, node_reader=RayNodeReader(),
+                               saved_config=SavedMonitorConfig(name))
 
 
 def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
@@ -875,5 +933,5 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
 __all__ = [
     "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "MONITOR_NAME",
     "report_from", "ray_kill_threshold", "node_memory_here", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
-    "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter",
+    "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter", "SavedMonitorConfig",
 ]
