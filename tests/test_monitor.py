@@ -1031,3 +1031,39 @@ def test_a_monitor_restored_from_its_saved_config_judges_by_it_and_reconfigure_s
     assert fresh.config == creator
     fresh.reconfigure(driver)
     assert fresh._saved_config.saves == [driver] and fresh.config == driver
+
+
+def test_samples_that_reach_the_monitor_after_their_attempts_end_judge_nothing_and_run_nothing(tmp_path, clock):
+    """A worker tells the monitor of an attempt's end at once, but its last samples may still
+    wait in the reporter's buffer (a batch was in flight, or the last send was under an
+    interval ago) and arrive later. The monitor took them for a running attempt: one it
+    had not heard of ran on for monitor_stale_s (its gauge, its count, a victim for its
+    node), and a stop was decided for one that had already returned (an event, a metric)."""
+    from raysched.runtime.monitor import LiveReporter
+
+    cfg = RayschedConfig(home=str(tmp_path), monitor_sustain_samples=N, node_memory_sustain_readings=2)
+    monitor = Monitor(cfg, store=SpyStore(tmp_path), clock=clock, metrics=RecordingMetrics())
+    call = FakeMonitorCall(monitor)
+    reporter = LiveReporter(call.send, call.resolve, interval_s=0.5, clock=clock, send_ended=monitor.ended)
+    seen, short = Samples(call_id="seen"), Samples(call_id="short", function="mod.g")
+    reporter.add(seen(rss_bytes=int(1.5 * GiB)))  # sent; its answer is not back yet
+    for _ in range(N - 1):
+        clock.advance(0.5)
+        reporter.add(seen(rss_bytes=int(1.5 * GiB)))  # buffered behind the batch in flight
+    reporter.add(short(rss_bytes=3 * GiB, node_used_bytes=15.5 * GiB, node_total_bytes=16 * GiB))
+    reporter.ended("seen", 1, seen.t + 0.1)
+    reporter.ended("short", 1, short.t + 0.1)  # the monitor has not heard of it yet
+    call.ready = True
+    clock.advance(0.5)
+    other = Samples(call_id="other", function="mod.h")
+    reporter.add(other(node_used_bytes=15.5 * GiB, node_total_bytes=16 * GiB))  # the buffer goes out
+    assert any(r.call_id == "short" for r in call.sent[-1])  # (the late samples did arrive)
+    assert monitor.directives(["seen", "short"]).get("seen").action == R.NONE
+    assert monitor.store.writes == 0 and not any(c[0] == "decided" for c in monitor.metrics.calls)
+    assert monitor.status()["running_by_function"] == {"mod.h": 1}
+    assert [c for c in monitor.metrics.calls if c[0] == "observe" and c[1] == "mod.g"][-1][2] == 0
+    # Its node over the line: the running attempt gives way, not the one that ended.
+    for _ in range(3):
+        clock.advance(1.0)
+        reply = monitor.report([other(node_used_bytes=15.5 * GiB, node_total_bytes=16 * GiB)])
+    assert list(reply) == ["other"]

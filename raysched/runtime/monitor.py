@@ -427,6 +427,9 @@ class Monitor:
         self._promised: dict[tuple[str, int], tuple[str, float, float]] = {}
         self._fits_since: dict[tuple[str, int], float] = {}
         self._pending: list[dict[str, Any]] = []
+        # (call id, attempt) -> (its end, the worker's time.time(); the monitor's clock then): ends
+        # of attempts not heard of yet, whose last samples may still be on their way (see ended)
+        self._early_ends: dict[tuple[str, int], tuple[float, float]] = {}
         self._last_sweep = self._last_poll = clock()
         self.reports_received = 0
         self.decisions_made = 0
@@ -482,10 +485,17 @@ class Monitor:
             self._attempts.pop((report.call_id, newest), None)  # that attempt has ended
         self._newest[report.call_id] = report.attempt
         entry = self._attempts.get(report.key)
+        early_end = self._early_ends.pop(report.key, None) if entry is None else None
+        # A sample that arrives after its attempt's end (it waited in its worker's buffer):
+        # its memory still counts up to the end (node rooms), but no rule judges an attempt
+        # that is over (a stop of one that returned, an event for nothing).
+        over = early_end is not None or (entry is not None and entry.ended_at is not None)
         state = entry.state if entry is not None else AttemptState()
-        new_state, decisions = self.rules.evaluate(state, report)
+        new_state, decisions = (state, ()) if over else self.rules.evaluate(state, report)
         if entry is None:
             entry = self._attempts[report.key] = _Attempt(new_state, report, now)
+            if early_end is not None:
+                entry.ended_at = early_end[0]
         else:
             entry.state, entry.seen = new_state, now
             if report.timestamp >= entry.last.timestamp:
@@ -520,6 +530,7 @@ class Monitor:
                 del self._newest[key[0]]
         # A worker that died says no end: its attempt leaves its function's gauge here, or never.
         self._publish_used(forgotten)
+        self._early_ends = {k: e for k, e in self._early_ends.items() if now - e[1] <= stale_s}
         running_nodes = {a.last.node_id for a in self._attempts.values()}
         for node_id in [n for n in self._nodes if n not in running_nodes]:
             del self._nodes[node_id]
@@ -680,18 +691,24 @@ class Monitor:
     def ended(self, ends: Sequence[tuple[str, int, float]]) -> None:
         """Workers say that attempts they reported have ended: (call id, attempt, time.time()).
 
-        The node rule no longer picks them, and a node's room no longer counts their
-        memory after that time (it is freed); they are forgotten once silent for
-        ``monitor_stale_s``, as the rest, so that readings taken before their end
-        still count them.
+        The node rule no longer picks them, no rule judges them, and a node's room no
+        longer counts their memory after that time (it is freed); they are forgotten
+        once silent for ``monitor_stale_s``, as the rest, so that readings taken before
+        their end still count them.  An end may come before the attempt's last samples
+        (they waited in the worker's buffer, and the end is sent at once): an end of an
+        attempt not heard of yet is kept for its samples, for ``monitor_stale_s``.
         """
+        now = self._clock()
         with self._lock:
             ended = []
             for call_id, attempt, at in ends:
-                entry = self._attempts.get((call_id, int(attempt)))
+                key = (call_id, int(attempt))
+                entry = self._attempts.get(key)
                 if entry is not None:
                     entry.ended_at = float(at)
                     ended.append(entry.last.function)
+                else:
+                    self._early_ends[key] = (float(at), now)
             self._publish_used(ended)
 
     # --- what workers and users ask ---------------------------------------------------------------------
