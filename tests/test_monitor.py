@@ -414,6 +414,7 @@ def test_report_from_a_worker_spec_and_live_sample():
     est = lambda v: Estimate(v, v, v * 2, 0.95, 5, "history")  # noqa: E731
     spec = SimpleNamespace(function="mod.f", code_hash="h", call_id="c", attempt=2, priority=4,
                            allocation=Allocation(2.0, GiB, rung=1), config=RayschedConfig(max_attempts=6),
+                           largest_node_bytes=16 * GiB,
                            prediction=Prediction(memory=est(100.0), cpu=est(1.0), wall=est(3.0), source="history"))
     sample = LiveSample(rss_bytes=10, peak_rss_bytes=20, cpu_seconds=1.5, wall_seconds=2.0, read_bytes=3,
                         write_bytes=4, timestamp=99.0)
@@ -423,7 +424,8 @@ def test_report_from_a_worker_spec_and_live_sample():
     assert r.node_memory().node_id == "node-x" and r.node_memory().timestamp == 99.0
     assert replace(r, node_used_bytes=None, node_total_bytes=None, node_kill_threshold=None) == LiveReport(
         "mod.f", "h", "c", 2, "node-x", 4, Allocation(2.0, GiB, rung=1), 200.0, 6.0, "history",
-        10, 20, 1.5, 2.0, 3, 4, 99.0, max_attempts=6, wall_source="history")  # the function's own max_attempts
+        10, 20, 1.5, 2.0, 3, 4, 99.0, max_attempts=6, wall_source="history",  # the function's own max_attempts
+        largest_node_bytes=16 * GiB)  # what its next rung must fit beside its label on
     assert r.key == ("c", 2) and r.cpu_cores == 0.75
     assert replace(r, wall_seconds=0).cpu_cores == 0.0
 
@@ -987,3 +989,81 @@ def test_an_attempt_not_heard_of_for_four_live_intervals_does_not_give_way(tmp_p
     monitor.report([alive()])  # "gone" is never heard of again
     got = [monitor.check_node(_high(t)) for t in (11.0, 12.0)]
     assert [d.call_id if d else None for d in got] == [None, "alive"]
+
+
+def test_the_used_memory_gauge_drops_an_attempt_forgotten_silent_or_superseded(monitor, clock):
+    """An attempt whose worker died says no end (Ray's killer, a SIGKILL): forgotten after
+    monitor_stale_s, its figure stayed on its function's gauge for good when no other attempt
+    of that function reported again."""
+    f, g = Samples(call_id="a"), Samples(call_id="other", function="mod.g")
+    monitor.report([f(rss_bytes=900 * MiB)])
+    clock.advance(monitor.config.monitor_stale_s + 1)
+    monitor.report([g()])  # the sweep forgets "a"
+    assert monitor.status()["attempts"] == 1
+    observed = [c for c in monitor.metrics.calls if c[0] == "observe" and c[1] == "mod.f"]
+    assert observed[-1] == ("observe", "mod.f", 0)
+
+
+def test_a_monitor_restored_from_its_saved_config_judges_by_it_and_reconfigure_saves(tmp_path, clock):
+    """Ray restarts the actor with its creator's config; ``SavedMonitorConfig`` hands it the
+    one it was last given (the Ray side: tests/test_monitor_ray.py)."""
+    creator = RayschedConfig(home=str(tmp_path))
+    driver = creator.replace(memory_limit_bytes=300 * MiB)
+
+    class Saved:
+        def __init__(self, config):
+            self.config, self.saves = config, []
+
+        def load(self):
+            return self.config
+
+        def save(self, config):
+            self.saves.append(config)
+
+    restored = Monitor(creator, store=SpyStore(tmp_path), clock=clock, metrics=RecordingMetrics(),
+                       saved_config=Saved(driver))
+    assert restored.config == driver
+    s = Samples()
+    restored.report([s(rss_bytes=310 * MiB)])
+    assert restored.report([s(rss_bytes=310 * MiB)])["c1"].action == R.STOP_LIMIT
+    fresh = Monitor(creator, store=SpyStore(tmp_path), clock=clock, metrics=RecordingMetrics(),
+                    saved_config=Saved(None))
+    assert fresh.config == creator
+    fresh.reconfigure(driver)
+    assert fresh._saved_config.saves == [driver] and fresh.config == driver
+
+
+def test_samples_that_reach_the_monitor_after_their_attempts_end_judge_nothing_and_run_nothing(tmp_path, clock):
+    """A worker tells the monitor of an attempt's end at once, but its last samples may still
+    wait in the reporter's buffer (a batch was in flight, or the last send was under an
+    interval ago) and arrive later. The monitor took them for a running attempt: one it
+    had not heard of ran on for monitor_stale_s (its gauge, its count, a victim for its
+    node), and a stop was decided for one that had already returned (an event, a metric)."""
+    from raysched.runtime.monitor import LiveReporter
+
+    cfg = RayschedConfig(home=str(tmp_path), monitor_sustain_samples=N, node_memory_sustain_readings=2)
+    monitor = Monitor(cfg, store=SpyStore(tmp_path), clock=clock, metrics=RecordingMetrics())
+    call = FakeMonitorCall(monitor)
+    reporter = LiveReporter(call.send, call.resolve, interval_s=0.5, clock=clock, send_ended=monitor.ended)
+    seen, short = Samples(call_id="seen"), Samples(call_id="short", function="mod.g")
+    reporter.add(seen(rss_bytes=int(1.5 * GiB)))  # sent; its answer is not back yet
+    for _ in range(N - 1):
+        clock.advance(0.5)
+        reporter.add(seen(rss_bytes=int(1.5 * GiB)))  # buffered behind the batch in flight
+    reporter.add(short(rss_bytes=3 * GiB, node_used_bytes=15.5 * GiB, node_total_bytes=16 * GiB))
+    reporter.ended("seen", 1, seen.t + 0.1)
+    reporter.ended("short", 1, short.t + 0.1)  # the monitor has not heard of it yet
+    call.ready = True
+    clock.advance(0.5)
+    other = Samples(call_id="other", function="mod.h")
+    reporter.add(other(node_used_bytes=15.5 * GiB, node_total_bytes=16 * GiB))  # the buffer goes out
+    assert any(r.call_id == "short" for r in call.sent[-1])  # (the late samples did arrive)
+    assert monitor.directives(["seen", "short"]).get("seen").action == R.NONE
+    assert monitor.store.writes == 0 and not any(c[0] == "decided" for c in monitor.metrics.calls)
+    assert monitor.status()["running_by_function"] == {"mod.h": 1}
+    assert [c for c in monitor.metrics.calls if c[0] == "observe" and c[1] == "mod.g"][-1][2] == 0
+    # Its node over the line: the running attempt gives way, not the one that ended.
+    for _ in range(3):
+        clock.advance(1.0)
+        reply = monitor.report([other(node_used_bytes=15.5 * GiB, node_total_bytes=16 * GiB)])
+    assert list(reply) == ["other"]

@@ -66,6 +66,27 @@ def test_monitor_actor_decides_records_and_comes_back_after_a_kill(cluster, tmp_
     assert len(events(home=str(tmp_path))) == 1  # the same decision: its row id dedupes
 
 
+def test_a_restarted_monitor_judges_by_the_config_it_was_last_handed_not_its_creators(cluster, tmp_path):
+    """Ray restarts an actor with its creation arguments: the config of whoever created the
+    monitor (a worker's reporter, an earlier driver), not the one a driver's ``reconfigure``
+    handed it since. A cap set by that driver then stopped nothing after a restart."""
+    from dataclasses import replace
+
+    from raysched.policy.rules import STOP_LIMIT
+
+    creator = RayschedConfig(home=str(tmp_path))  # no cap
+    driver = creator.replace(memory_limit_bytes=300 * MiB)
+    monitor = get_or_create_monitor(creator)
+    ray.get(monitor.reconfigure.remote(driver), timeout=60)
+    ray.kill(monitor, no_restart=False)
+    assert ray.get(monitor.ping.remote(), timeout=60) is True
+    # Over the driver's cap, under the allocation x 1.2: only the cap stops it.
+    over = [replace(sample(t, 301 * MiB + int(t)), call_id="capped") for t in (31, 32)]
+    ray.get(monitor.report.remote(over[:1]), timeout=30)
+    reply = ray.get(monitor.report.remote(over[1:]), timeout=30)
+    assert reply["capped"].action == STOP_LIMIT
+
+
 def test_a_workers_live_reporter_learns_its_stop_without_waiting(cluster, tmp_path):
     from dataclasses import replace
 

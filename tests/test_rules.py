@@ -11,7 +11,7 @@ from raysched.errors import ResourceLimitExceeded
 from raysched.policy import rules as R
 from raysched.policy.recipe import build_rules
 from raysched.policy.rules import AttemptRule, AttemptState, Decision, LiveReport, NodeMemory, NodeState, Rules
-from raysched.types import GiB, MiB, Allocation
+from raysched.types import GiB, MiB, Allocation, Estimate, Prediction
 
 N = 3  # the sustain used throughout
 CFG = RayschedConfig(monitor_sustain_samples=N, node_memory_sustain_readings=N)
@@ -606,3 +606,35 @@ def test_a_nodes_worker_readings_count_though_its_clock_is_behind_the_monitors()
         fired.append(decision is not None)
     # The endpoint's low reading restarts the count; then N worker readings in a row fire.
     assert fired == [False, False] + [False] * (N - 1) + [True] + [False] * (3 - N), fired
+
+
+def test_a_task_is_stopped_for_the_next_rung_only_where_the_ladder_has_one_beside_its_label():
+    """A stopped task keeps its `memory` label while its next attempt runs, so the ladder caps
+    that attempt at what the largest node leaves beside it (``worker.climb_and_resubmit``).
+    From half the node up nothing bigger fits: a stop there failed the call
+    (AttemptsExhausted after one attempt) that Ray would have let run on the node's room."""
+    from raysched.policy.ladder import LadderState
+    from raysched.policy.recipe import build_ladder
+    from raysched.types import AttemptRecord, Outcome
+
+    largest = 16 * GiB
+    ladder = build_ladder(CFG)
+    check = R.MemoryOverAllocation(1.2, 4)
+    est = live().allocation
+    memory = Estimate(target=GiB, lower=GiB, upper=GiB, coverage=0.9, n_history=20)
+    prediction = Prediction(memory=memory, cpu=memory, wall=memory, source="history")
+    for gib in (4, 7.5, 8, 10, 15):
+        allocation = replace(est, memory_bytes=int(gib * GiB))
+        finding = check(live(allocation=allocation, rss_bytes=int(gib * 1.3 * GiB), largest_node_bytes=largest))
+        held = float(allocation.memory_bytes)  # as climb_and_resubmit: the room beside its own label
+        room = max(largest - held, held)
+        failed = (AttemptRecord(1, allocation, Outcome.OOM_KILLED, None, "stopped"),)
+        rung = ladder.next_allocation(LadderState(prediction, failed, 0.0, room, None))
+        assert (finding.action == R.STOP_AND_RESUBMIT) == (rung is not None), gib
+        if rung is None:
+            assert finding.action == R.WARN and "beside" in finding.detail and "16384 MiB" in finding.detail
+    # An actor's rescale holds no label beside it; unknown node sizes change nothing.
+    big = replace(est, memory_bytes=10 * GiB)
+    assert check(live(allocation=big, rss_bytes=13 * GiB)).action == R.STOP_AND_RESUBMIT
+    assert check(live(allocation=big, rss_bytes=13 * GiB, largest_node_bytes=largest,
+                      kind=R.ACTOR)).action == R.STOP_AND_RESUBMIT

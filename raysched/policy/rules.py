@@ -113,6 +113,10 @@ class LiveReport:
     #: The wall estimate's own source: the overall ``prediction_source`` is the least
     #: informed resource's, which for a call too short to have CPU cores is CPU's fallback.
     wall_source: str = ""
+    #: The largest node's memory the attempt was sized against (``AttemptSpec.largest_node_bytes``);
+    #: None: unknown.  A stopped task keeps its ``memory`` label while its next attempt runs, so
+    #: that attempt gets at most what this leaves beside it (``worker.climb_and_resubmit``).
+    largest_node_bytes: float | None = None
 
     def node_memory(self) -> "NodeMemory | None":
         """The node reading this report carries, if any."""
@@ -287,9 +291,11 @@ def _mib(value: float) -> str:
 class MemoryOverAllocation:
     """Resident memory past the allocation x tolerance: stop and resubmit one rung up.
 
-    When no larger rung exists (the allocation was capped to the largest node, or
-    this is the last attempt) stopping would only fail the call, so the check
-    warns instead and leaves Ray's own memory monitor as the backstop. So it does
+    When no larger rung exists (the allocation was capped to the largest node, this
+    is the last attempt, or a task's allocation is half the largest node or more: its
+    stopped attempt keeps its ``memory`` label while the next one runs, so the ladder
+    has no room for a bigger one beside it) stopping would only fail the call, so the
+    check warns instead and leaves Ray's own memory monitor as the backstop. So it does
     for memory the caller set (``.options(memory=...)``): that figure wins over
     raysched's sizes, and plain Ray would let the task run past it where the node
     has room (the node-pressure rule and the hard cap still apply to it).
@@ -313,10 +319,16 @@ class MemoryOverAllocation:
         last = None if self.max_attempts is None else (r.max_attempts or self.max_attempts)
         if r.allocation.memory_set_by_caller:
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; the caller set this memory, left running")
-        if r.allocation.capped or (last is not None and r.attempt >= last):
+        # The ladder caps the next rung at what the largest node leaves beside the label this
+        # task keeps while it waits (worker.climb_and_resubmit): from half the node up, nothing
+        # bigger fits, and a stop failed the call (AttemptsExhausted) that Ray let run.
+        beside = r.kind == TASK and bool(r.largest_node_bytes) and 2 * allocated >= float(r.largest_node_bytes)
+        if r.allocation.capped or (last is not None and r.attempt >= last) or beside:
             # A capped allocation's reason says what capped it (the largest node, the memory limit).
             why = (r.allocation.reason or "capped at the largest node") if r.allocation.capped \
-                else f"attempt {r.attempt} is the last"
+                else f"attempt {r.attempt} is the last" if last is not None and r.attempt >= last \
+                else (f"a bigger one would not fit beside this one's label on the largest node, "
+                      f"{_mib(float(r.largest_node_bytes))}")
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; no larger rung ({why}), left running")
         return Finding(STOP_AND_RESUBMIT, r.rss_bytes, allocated, f"{detail}; resubmit on the next rung")
 

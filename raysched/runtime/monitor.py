@@ -81,6 +81,7 @@ def report_from(spec: Any, sample: Any, node_id: str = "", kind: str = "task") -
         start_rss_bytes=int(sample.start_rss_bytes),
         max_attempts=int(spec.config.max_attempts) if getattr(spec, "config", None) is not None else None,
         wall_source=str(prediction.wall.source),
+        largest_node_bytes=getattr(spec, "largest_node_bytes", None),
         **node_memory_here(),
     )
 
@@ -334,13 +335,62 @@ def event_row(decision: Decision) -> dict[str, Any]:
     }
 
 
+class SavedMonitorConfig:
+    """The config a monitor actor was last handed (``Monitor.reconfigure``), kept in Ray's KV
+    for its restarts.
+
+    Ray restarts an actor with its creation arguments: the config of whoever created the
+    monitor (an earlier driver, or a worker's reporter that found none), not the one a
+    driver handed it since; restarted, it judged by the creator's caps and thresholds (a
+    cap the driver set stopped nothing).  ``load`` gives the saved config to a restarted
+    actor only: a monitor created anew judges by its creator's, until a driver hands it its own.
+    """
+
+    def __init__(self, name: str):
+        self.key = f"monitor_config:{name}"
+
+    @staticmethod
+    def _kv() -> Any:
+        from ray.experimental import internal_kv
+
+        return internal_kv
+
+    def load(self) -> RayschedConfig | None:
+        try:
+            import ray
+            from ray import cloudpickle
+
+            from .worker import LIVE_KV_NAMESPACE
+
+            if not ray.get_runtime_context().was_current_actor_reconstructed:
+                return None
+            raw = self._kv()._internal_kv_get(self.key, namespace=LIVE_KV_NAMESPACE)
+            return cloudpickle.loads(raw) if raw else None
+        except Exception:  # noqa: BLE001 - judged by the creator's config, as before
+            logger.warning("raysched: the restarted monitor could not read the config it was last handed; "
+                           "it judges by its creator's", exc_info=True)
+            return None
+
+    def save(self, config: RayschedConfig) -> None:
+        try:
+            from ray import cloudpickle
+
+            from .worker import LIVE_KV_NAMESPACE
+
+            self._kv()._internal_kv_put(self.key, cloudpickle.dumps(config), overwrite=True,
+                                        namespace=LIVE_KV_NAMESPACE)
+        except Exception:  # noqa: BLE001 - a restart then judges by the creator's config
+            logger.warning("raysched: could not keep the monitor's config for its restarts", exc_info=True)
+
+
 class Monitor:
     """Evaluates the monitor's rules over batches of live reports; keeps directives for workers.
 
     ``clock`` (monotonic seconds) drives forgetting silent attempts and the
     pace of node reads; decisions carry their sample's own timestamp.
     ``node_reader(node_id) -> NodeMemory | None`` reads a node's memory (None:
-    nodes are not watched); ``metrics`` defaults to ``Metrics()``.
+    nodes are not watched); ``metrics`` defaults to ``Metrics()``; ``saved_config``
+    (``SavedMonitorConfig``) keeps what ``reconfigure`` hands it for a restart of the actor.
     """
 
     def __init__(
@@ -350,9 +400,13 @@ class Monitor:
         clock: Callable[[], float] = time.monotonic,
         node_reader: Callable[[str], NodeMemory | None] | None = None,
         metrics: Any = None,
+        saved_config: Any = None,
     ):
         from ..store.profiles import ProfileStore
 
+        self._saved_config = saved_config
+        restored = saved_config.load() if saved_config is not None else None
+        config = restored if restored is not None else config
         self.config = config
         self.rules = build_rules(config)
         self.store = store if store is not None else ProfileStore(config.home_path)
@@ -373,6 +427,9 @@ class Monitor:
         self._promised: dict[tuple[str, int], tuple[str, float, float]] = {}
         self._fits_since: dict[tuple[str, int], float] = {}
         self._pending: list[dict[str, Any]] = []
+        # (call id, attempt) -> (its end, the worker's time.time(); the monitor's clock then): ends
+        # of attempts not heard of yet, whose last samples may still be on their way (see ended)
+        self._early_ends: dict[tuple[str, int], tuple[float, float]] = {}
         self._last_sweep = self._last_poll = clock()
         self.reports_received = 0
         self.decisions_made = 0
@@ -428,10 +485,17 @@ class Monitor:
             self._attempts.pop((report.call_id, newest), None)  # that attempt has ended
         self._newest[report.call_id] = report.attempt
         entry = self._attempts.get(report.key)
+        early_end = self._early_ends.pop(report.key, None) if entry is None else None
+        # A sample that arrives after its attempt's end (it waited in its worker's buffer):
+        # its memory still counts up to the end (node rooms), but no rule judges an attempt
+        # that is over (a stop of one that returned, an event for nothing).
+        over = early_end is not None or (entry is not None and entry.ended_at is not None)
         state = entry.state if entry is not None else AttemptState()
-        new_state, decisions = self.rules.evaluate(state, report)
+        new_state, decisions = (state, ()) if over else self.rules.evaluate(state, report)
         if entry is None:
             entry = self._attempts[report.key] = _Attempt(new_state, report, now)
+            if early_end is not None:
+                entry.ended_at = early_end[0]
         else:
             entry.state, entry.seen = new_state, now
             if report.timestamp >= entry.last.timestamp:
@@ -459,10 +523,14 @@ class Monitor:
         if now - self._last_sweep < stale_s / 4:
             return
         self._last_sweep = now
+        forgotten = set()
         for key in [k for k, a in self._attempts.items() if now - a.seen > stale_s]:
-            del self._attempts[key]
+            forgotten.add(self._attempts.pop(key).last.function)
             if self._newest.get(key[0]) == key[1]:
                 del self._newest[key[0]]
+        # A worker that died says no end: its attempt leaves its function's gauge here, or never.
+        self._publish_used(forgotten)
+        self._early_ends = {k: e for k, e in self._early_ends.items() if now - e[1] <= stale_s}
         running_nodes = {a.last.node_id for a in self._attempts.values()}
         for node_id in [n for n in self._nodes if n not in running_nodes]:
             del self._nodes[node_id]
@@ -623,18 +691,24 @@ class Monitor:
     def ended(self, ends: Sequence[tuple[str, int, float]]) -> None:
         """Workers say that attempts they reported have ended: (call id, attempt, time.time()).
 
-        The node rule no longer picks them, and a node's room no longer counts their
-        memory after that time (it is freed); they are forgotten once silent for
-        ``monitor_stale_s``, as the rest, so that readings taken before their end
-        still count them.
+        The node rule no longer picks them, no rule judges them, and a node's room no
+        longer counts their memory after that time (it is freed); they are forgotten
+        once silent for ``monitor_stale_s``, as the rest, so that readings taken before
+        their end still count them.  An end may come before the attempt's last samples
+        (they waited in the worker's buffer, and the end is sent at once): an end of an
+        attempt not heard of yet is kept for its samples, for ``monitor_stale_s``.
         """
+        now = self._clock()
         with self._lock:
             ended = []
             for call_id, attempt, at in ends:
-                entry = self._attempts.get((call_id, int(attempt)))
+                key = (call_id, int(attempt))
+                entry = self._attempts.get(key)
                 if entry is not None:
                     entry.ended_at = float(at)
                     ended.append(entry.last.function)
+                else:
+                    self._early_ends[key] = (float(at), now)
             self._publish_used(ended)
 
     # --- what workers and users ask ---------------------------------------------------------------------
@@ -656,10 +730,12 @@ class Monitor:
     def forget(self, call_id: str, attempt: int | None = None) -> None:
         """Drop an attempt (or every attempt of a call) that has ended."""
         with self._lock:
+            dropped = set()
             for key in [k for k in self._attempts if k[0] == call_id and (attempt is None or k[1] == attempt)]:
-                del self._attempts[key]
+                dropped.add(self._attempts.pop(key).last.function)
             if attempt is None or self._newest.get(call_id) == attempt:
                 self._newest.pop(call_id, None)
+            self._publish_used(dropped)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -694,6 +770,8 @@ class Monitor:
         rules = build_rules(config)
         with self._lock:
             self.config, self.rules = config, rules
+        if self._saved_config is not None:
+            self._saved_config.save(config)  # Ray restarts the actor with its creator's
 
     # --- events and metrics --------------------------------------------------------------------------------
     def _record(self, decisions: Sequence[Decision], log: bool = True) -> None:
@@ -842,11 +920,14 @@ def get_or_create_monitor(config: RayschedConfig):
 
     A restarted monitor starts with no state: workers report again within one
     live interval and hysteresis counts afresh; events already written are
-    not duplicated (their row ids are fixed by what they decide).
+    not duplicated (their row ids are fixed by what they decide).  It judges by
+    the config it was last handed (``SavedMonitorConfig``), not its creator's.
     """
     from .session import get_or_create_actor
 
-    return get_or_create_actor(Monitor, monitor_name(config), config, node_reader=RayNodeReader())
+    name = monitor_name(config)
+    return get_or_create_actor(Monitor, name, config, node_reader=RayNodeReader(),
+                               saved_config=SavedMonitorConfig(name))
 
 
 def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
@@ -869,5 +950,5 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
 __all__ = [
     "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "MONITOR_NAME",
     "report_from", "ray_kill_threshold", "node_memory_here", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
-    "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter",
+    "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter", "SavedMonitorConfig",
 ]
