@@ -202,3 +202,28 @@ def test_a_child_a_thinned_call_started_before_its_first_sample_is_its_own():
     task = out.get(timeout=120)
     proc.join(timeout=30)
     assert task >= 280 * MiB, task / MiB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_child_alive_before_a_thinned_call_is_not_the_calls_own_memory():
+    """The call's start is read before its full meter starts, from the process alone; the
+    full meter's peak holds the descendants alive by then. A child an earlier task left (here
+    100 MiB) was counted as the call's: 200 MiB allocated measured 300."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time; x = b'\\x01' * (100 * 2**20); print(1, flush=True); time.sleep(120)"],
+                             stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"1"  # its 100 MiB are resident
+        meter = DeferredMeter()
+        meter.start()
+        block = np.ones(200 * MiB // 8)
+        meter.sample()  # the first live sample: the full meter starts, the child alive
+        assert meter.escalated
+        del block
+        usage = meter.stop()
+        assert abs(usage.task_rss_bytes / MiB - 200) <= 30, usage
+    finally:
+        child.kill()
+        child.wait()

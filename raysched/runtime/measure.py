@@ -25,8 +25,9 @@ large, and raysched's monitor would take it for growth past the allocation.
     Private resident size of the worker process when the attempt began:
     the interpreter, Ray, imported modules and whatever earlier tasks left
     behind -- plus that of descendants already alive at that moment (none,
-    in a plain Ray worker).  ``Usage.task_rss_bytes`` (peak minus start) is
-    what the attempt added.
+    in a plain Ray worker; a pool or a forkserver an earlier task left).
+    ``Usage.task_rss_bytes`` (peak minus start) is what the attempt added: the
+    process's own peak is counted beside those descendants while they live.
 
 What **other functions** left resident in the worker is not the attempt's: Ray
 reuses a worker process for any function of the job, and a function that keeps a
@@ -755,14 +756,25 @@ class AttemptMeter:
         call's start) are the call's own: reaped, their figure counts as any child's."""
         with self._lock:
             if start_rss is not None:
-                self._start_rss = min(self._start_rss, int(start_rss)) if self._start_rss else int(start_rss)
+                # ``start_rss`` is the process's alone: the descendants alive at ``start()`` that
+                # are not the call's own were there when it began too (without them the start
+                # was that much too low beside a peak of the tree that holds them).
+                own_since = self._own_base_since(since)
+                start_rss = int(start_rss) + sum(c.rss for key, c in self._base_children.items()
+                                                 if key not in own_since)
+                self._start_rss = min(self._start_rss, start_rss) if self._start_rss else start_rss
             self._foreign, self._net_floor = int(foreign), self._start_rss - int(foreign)
-            if since is not None and self._base_children:
-                if _LINUX:  # starttime in clock ticks since boot (see started_since)
-                    since_ticks = (time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - since) - 0.05) * _CLK_TCK
-                else:  # psutil's create_time, in hundredths of a second
-                    since_ticks = (since - 1.0) * 100
-                self._own_base.update(key for key, c in self._base_children.items() if c.starttime >= since_ticks)
+            self._own_base.update(self._own_base_since(since))
+
+    def _own_base_since(self, since: float | None) -> set[tuple[int, int]]:
+        """The children alive at ``start()`` that began at or after ``since`` (``time.time()``)."""
+        if since is None or not self._base_children:
+            return set()
+        if _LINUX:  # starttime in clock ticks since boot (see started_since)
+            since_ticks = (time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - since) - 0.05) * _CLK_TCK
+        else:  # psutil's create_time, in hundredths of a second
+            since_ticks = (since - 1.0) * 100
+        return {key for key, c in self._base_children.items() if c.starttime >= since_ticks}
 
     def start(self) -> None:
         """Begin the attempt: reset VmHWM and remember the starting counters."""
@@ -934,6 +946,13 @@ class AttemptMeter:
             self._inherited_max = max(self._inherited_max, max(c.inherited for c in children))
         tree_rss = (rss if rss is not None else 0) + sum(c.rss for c in children)
         self._peak_tree = max(self._peak_tree, tree_rss)
+        # The start counts the descendants alive then (an earlier task's pool, a forkserver):
+        # the process's own peak, read from its kernel mark between samples, counts beside
+        # those still alive (the least each held), or it was measured against a start that
+        # holds them and came out that much too low (300 MiB as 231 beside a 69 MiB child).
+        with_base = self._peak_self + sum(min(base.rss, live[key].rss)
+                                          for key, base in self._base_children.items() if key in live)
+        self._peak_tree = max(self._peak_tree, with_base)
         peak = max(self._peak_self, self._peak_tree)
         gone = [key for key in self._base_children
                 if key not in live and key not in self._gone_base and key not in self._own_base] if scanned else []
@@ -1069,7 +1088,9 @@ class DeferredMeter:
         self._t0 = 0.0
         self._t0_wall = 0.0
         self._start_rss: int | None = None  # private RSS of the process when the call began
-        self._foreign = 0  # what other functions left resident then (WorkerLedger)
+        #: The call's start as the full meter counts it (with the descendants that were there),
+        #: what the ledger is told; None until a full meter starts.
+        self._ledger_start: int | None = None
         self._offset = 0.0  # wall time before the full meter started
         self._meter: AttemptMeter | None = None
         self._stopped = False
@@ -1090,8 +1111,10 @@ class DeferredMeter:
             self._start_rss = _read_statm(os.getpid())[0] if _LINUX else None
         except (OSError, ValueError, IndexError):
             self._start_rss = None
-        if self._owner is not None and self._start_rss is not None:
-            self._foreign = worker_ledger().foreign_at_start(self._owner, self._start_rss)
+        # The ledger is asked once a full meter starts (sample), with the start as that meter
+        # counts it: this read is the process's alone, the ledger's figures hold its
+        # descendants too (a child an earlier task left lowered its baseline, and what other
+        # functions left came out that much too small).
 
     def sample(self) -> LiveSample:
         with self._lock:
@@ -1101,7 +1124,10 @@ class DeferredMeter:
                     return LiveSample(0, 0, 0.0, self.wall_seconds, 0, 0, time.time())
                 meter = AttemptMeter(clock=self._clock)  # no owner: the ledger is this meter's
                 meter.start()
-                meter.rebase_start(self._start_rss, self._foreign, since=self._t0_wall)
+                meter.rebase_start(self._start_rss, since=self._t0_wall)
+                if self._owner is not None and self._start_rss is not None:
+                    self._ledger_start = meter.start_rss_bytes
+                    meter.rebase_start(None, worker_ledger().foreign_at_start(self._owner, self._ledger_start))
                 self._offset = max(0.0, self._clock() - self._t0)
                 self._meter = meter
         sample = meter.sample()
@@ -1118,8 +1144,8 @@ class DeferredMeter:
         if meter is None:
             return None
         usage = meter.stop()
-        if self._owner is not None and self._start_rss is not None and meter.end_rss is not None:
-            worker_ledger().left(self._owner, self._start_rss, meter.end_rss)
+        if self._owner is not None and self._ledger_start is not None and meter.end_rss is not None:
+            worker_ledger().left(self._owner, self._ledger_start, meter.end_rss)
         scale = self.wall_seconds / usage.wall_seconds if usage.wall_seconds > 0 else 1.0
         return dataclasses.replace(usage, wall_seconds=self.wall_seconds, cpu_seconds=usage.cpu_seconds * scale)
 
