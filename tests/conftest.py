@@ -88,6 +88,23 @@ def _process_config_restored(request):
 
 
 @contextlib.contextmanager
+def a_child_holding(mib: int):
+    """A child process of this one holding ``mib`` MiB resident until the block ends (a pool
+    or a forkserver an earlier task left running in a worker)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", f"import time; x = b'\\x01' * ({mib} * 2**20); "
+                              "print(1, flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"1"  # its pages are resident
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+@contextlib.contextmanager
 def environment(**values: str):
     """Set environment variables (and raysched's process config from them), then restore both."""
     from raysched.runtime import client, session

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import a_child_holding
 from raysched.runtime import measure
 from raysched.runtime.measure import AttemptMeter, LiveSample, LiveSampler, get_live_sampler, measure_attempt
 from raysched.types import MiB, Usage
@@ -47,11 +48,7 @@ def test_a_child_alive_before_the_attempt_does_not_hide_the_attempts_own_allocat
     """The start counts the descendants alive then (a pool or a forkserver an earlier task left;
     here, after tests/test_store.py, its forkserver), the peak read from the process's own
     kernel mark did not: 300 MiB allocated beside a 69 MiB child measured 231 MiB."""
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import sys, time; x = b'\\x01' * (100 * 2**20); print(1, flush=True); time.sleep(120)"],
-                             stdout=subprocess.PIPE)
-    try:
-        assert child.stdout.readline().strip() == b"1"  # its 100 MiB are resident
+    with a_child_holding(100):
         meter = AttemptMeter()
         meter.start()
         assert meter.start_rss_bytes >= 100 * MiB  # the child is part of the start
@@ -59,10 +56,7 @@ def test_a_child_alive_before_the_attempt_does_not_hide_the_attempts_own_allocat
         block.sum()
         del block
         usage = meter.stop()
-        assert close_to(usage.task_rss_bytes, 300), usage
-    finally:
-        child.kill()
-        child.wait()
+    assert close_to(usage.task_rss_bytes, 300), usage
 
 
 @pytest.fixture(params=[0, 100], ids=["alone", "beside-a-child"])
@@ -74,15 +68,8 @@ def child_left_running(request):
     if not request.param:
         yield
         return
-    child = subprocess.Popen([sys.executable, "-c",
-                              f"import time; x = b'\\x01' * ({request.param} * 2**20); print(1, flush=True); "
-                              "time.sleep(120)"], stdout=subprocess.PIPE)
-    try:
-        assert child.stdout.readline().strip() == b"1"
+    with a_child_holding(request.param):
         yield
-    finally:
-        child.kill()
-        child.wait()
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc")

@@ -209,13 +209,9 @@ def test_a_child_alive_before_a_thinned_call_is_not_the_calls_own_memory():
     """The call's start is read before its full meter starts, from the process alone; the
     full meter's peak holds the descendants alive by then. A child an earlier task left (here
     100 MiB) was counted as the call's: 200 MiB allocated measured 300."""
-    import subprocess
+    from conftest import a_child_holding
 
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import time; x = b'\\x01' * (100 * 2**20); print(1, flush=True); time.sleep(120)"],
-                             stdout=subprocess.PIPE)
-    try:
-        assert child.stdout.readline().strip() == b"1"  # its 100 MiB are resident
+    with a_child_holding(100):
         meter = DeferredMeter()
         meter.start()
         block = np.ones(200 * MiB // 8)
@@ -223,7 +219,4 @@ def test_a_child_alive_before_a_thinned_call_is_not_the_calls_own_memory():
         assert meter.escalated
         del block
         usage = meter.stop()
-        assert abs(usage.task_rss_bytes / MiB - 200) <= 30, usage
-    finally:
-        child.kill()
-        child.wait()
+    assert abs(usage.task_rss_bytes / MiB - 200) <= 30, usage
