@@ -357,12 +357,12 @@ class SavedMonitorConfig:
 
     def load(self) -> RayschedConfig | None:
         try:
-            import ray
             from ray import cloudpickle
 
+            from .actor_worker import _was_restarted  # without Ray's deprecation warning
             from .worker import LIVE_KV_NAMESPACE
 
-            if not ray.get_runtime_context().was_current_actor_reconstructed:
+            if not _was_restarted():
                 return None
             raw = self._kv()._internal_kv_get(self.key, namespace=LIVE_KV_NAMESPACE)
             return cloudpickle.loads(raw) if raw else None
