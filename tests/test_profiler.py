@@ -920,3 +920,26 @@ def test_a_training_asked_for_by_hand_runs_alone_not_beside_a_background_one(tmp
     by_hand.join(30)
     profiler.wait_for_training()
     assert most[0] == 1, "two trainings of one function ran at once"
+
+
+def test_a_train_now_that_failed_raises_to_its_caller_only(tmp_path):
+    """train_now holds the function's training slot with a future of its own; a failure
+    kept in it was raised again to whoever waited on the slot next (wait_for_training, the
+    benchmarks' and the demo's wait for the background tail), long after its caller had it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=30, retrain_after_new_rows=1000,
+                            min_retrain_interval_s=0.0, train_cost_fraction=1.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
+                        executor=ThreadPoolExecutor(1), load_executor=InlineExecutor())
+    profiler.record(rows(40))
+    profiler.wait_for_training()
+
+    class Broken:
+        def train(self, history):
+            raise RuntimeError("the trainer broke")
+
+    profiler._predictor = Broken()
+    with pytest.raises(RuntimeError, match="the trainer broke"):
+        profiler.train_now("f", "h1")
+    profiler.wait_for_training()  # the slot is free, and says nothing of a failure already told

@@ -598,12 +598,11 @@ class Profiler:
                     break
             pending.result()
         try:
-            summary = self._train(function, code_hash)
-        except BaseException as exc:
-            mine.set_exception(exc)
-            raise
-        mine.set_result(summary)
-        return summary
+            return self._train(function, code_hash)
+        finally:
+            # The slot is free. Its error (if any) reached this caller; kept in the future, it
+            # would be raised again by whoever waits on the slot next (wait_for_training).
+            mine.set_result(None)
 
     # --- the read path ---------------------------------------------------------------------------
     def bundle(self, function: str, code_hash: str, have_version: int = -1, reload: bool = False,
