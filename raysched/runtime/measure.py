@@ -755,16 +755,15 @@ class AttemptMeter:
         children alive at ``start()`` that began at or after ``since`` (``time.time()`` of the
         call's start) are the call's own: reaped, their figure counts as any child's."""
         with self._lock:
+            own = self._own_base_since(since)
+            self._own_base.update(own)
             if start_rss is not None:
                 # ``start_rss`` is the process's alone: the descendants alive at ``start()`` that
                 # are not the call's own were there when it began too (without them the start
                 # was that much too low beside a peak of the tree that holds them).
-                own_since = self._own_base_since(since)
-                start_rss = int(start_rss) + sum(c.rss for key, c in self._base_children.items()
-                                                 if key not in own_since)
+                start_rss = int(start_rss) + sum(c.rss for key, c in self._base_children.items() if key not in own)
                 self._start_rss = min(self._start_rss, start_rss) if self._start_rss else start_rss
             self._foreign, self._net_floor = int(foreign), self._start_rss - int(foreign)
-            self._own_base.update(self._own_base_since(since))
 
     def _own_base_since(self, since: float | None) -> set[tuple[int, int]]:
         """The children alive at ``start()`` that began at or after ``since`` (``time.time()``)."""

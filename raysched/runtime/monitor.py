@@ -349,22 +349,16 @@ class SavedMonitorConfig:
     def __init__(self, name: str):
         self.key = f"monitor_config:{name}"
 
-    @staticmethod
-    def _kv() -> Any:
-        from ray.experimental import internal_kv
-
-        return internal_kv
-
     def load(self) -> RayschedConfig | None:
+        from ray import cloudpickle
+
+        from .actor_worker import _was_restarted  # without Ray's deprecation warning
+        from .worker import _kv_get
+
+        if not _was_restarted():
+            return None
+        raw = _kv_get(self.key)  # None: no KV, or nothing handed over yet
         try:
-            from ray import cloudpickle
-
-            from .actor_worker import _was_restarted  # without Ray's deprecation warning
-            from .worker import LIVE_KV_NAMESPACE
-
-            if not _was_restarted():
-                return None
-            raw = self._kv()._internal_kv_get(self.key, namespace=LIVE_KV_NAMESPACE)
             return cloudpickle.loads(raw) if raw else None
         except Exception:  # noqa: BLE001 - judged by the creator's config, as before
             logger.warning("raysched: the restarted monitor could not read the config it was last handed; "
@@ -372,15 +366,12 @@ class SavedMonitorConfig:
             return None
 
     def save(self, config: RayschedConfig) -> None:
-        try:
-            from ray import cloudpickle
+        from ray import cloudpickle
 
-            from .worker import LIVE_KV_NAMESPACE
+        from .worker import _kv_put
 
-            self._kv()._internal_kv_put(self.key, cloudpickle.dumps(config), overwrite=True,
-                                        namespace=LIVE_KV_NAMESPACE)
-        except Exception:  # noqa: BLE001 - a restart then judges by the creator's config
-            logger.warning("raysched: could not keep the monitor's config for its restarts", exc_info=True)
+        if not _kv_put(self.key, cloudpickle.dumps(config)):  # a restart then judges by the creator's config
+            logger.warning("raysched: could not keep the monitor's config for its restarts")
 
 
 class Monitor:
