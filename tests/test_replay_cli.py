@@ -604,3 +604,18 @@ def test_a_demo_told_to_join_a_cluster_that_is_not_there_says_so_in_one_line(tmp
                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "Error: cannot join the Ray cluster at 'auto'" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_an_import_that_finds_some_rows_held_already_says_how_many(tmp_path):
+    """Lotaru's methylseq_n2.csv repeats the 154 training runs of methylseq_c2.csv: imported
+    after it, the command said '35 new row(s)' of a 189-row trace and nothing of the others."""
+    lines = (FIXTURES / "nextflow_small.csv").read_text().splitlines(keepends=True)
+    first, grown = tmp_path / "first.csv", tmp_path / "grown.csv"
+    first.write_text("".join(lines[:-5]))
+    grown.write_text("".join(lines))
+    home = tmp_path / "home"
+    assert CliRunner().invoke(import_command, [str(first), "--home", str(home)]).exit_code == 0
+    res = CliRunner().invoke(import_command, [str(grown), "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    assert "grown.csv: 5 new row(s)" in res.output, res.output
+    assert "(40 more of its rows were imported before)" in res.output, res.output

@@ -216,7 +216,9 @@ def import_command(paths, fmt, home):
             unreadable.append(_skip(path, exc))  # one bad file of a folder: the others are still imported
             continue
         total += written
-        why = "" if written else (" (all of its rows were imported before)" if len(trace.rows) else " (it has no rows)")
+        held = len(trace.rows) - written  # usable rows the store holds already (imported before, or a copy's)
+        why = ((f" ({held} more of its rows were imported before)" if held else "") if written else
+               (" (all of its rows were imported before)" if len(trace.rows) else " (it has no rows)"))
         click.echo(f"{path}: {written} new row(s) of {len(per_type)} task type(s) into {config.home_path}{why}")
         for name, n in sorted(per_type.items()):
             click.echo(f"  {n:6d}  {name}")
