@@ -619,3 +619,12 @@ def test_an_import_that_finds_some_rows_held_already_says_how_many(tmp_path):
     assert res.exit_code == 0, res.output
     assert "grown.csv: 5 new row(s)" in res.output, res.output
     assert "(40 more of its rows were imported before)" in res.output, res.output
+
+
+def test_a_method_named_twice_is_replayed_once(tmp_path):
+    """--methods presets,presets replayed presets twice and gave the Markdown two presets columns."""
+    md = tmp_path / "r.md"
+    res = CliRunner().invoke(eval_command, [str(FIXTURES / "nextflow_small.csv"), "--min-rows", "10",
+                                            "--methods", "presets,oracle,presets", "--markdown", str(md)])
+    assert res.exit_code == 0, res.output
+    assert md.read_text().splitlines()[0].split(" | ")[1:4] == ["presets", "oracle", "best other"], md.read_text()

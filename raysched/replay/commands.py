@@ -43,7 +43,9 @@ def methods_by_name(names: list[str], config):
 
 
 def _parse_methods(value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
+    # Each once: a method named twice was replayed twice (the slowest, raysched_fixed, took
+    # twice as long) and had two columns in the Markdown table.
+    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
     if not names:
         raise click.BadParameter(f"name at least one method; choose from {', '.join(METHOD_NAMES)}",
                                  param_hint="--methods")
