@@ -23,6 +23,7 @@ Pure pandas/numpy: no ray, mlflow or pyarrow.
 
 from __future__ import annotations
 
+import csv
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -163,30 +164,61 @@ def _numeric(series: pd.Series, parser) -> pd.Series:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_table(path: Path, fmt: str) -> pd.DataFrame:
+#: Why rows with more fields than the header are left out (see ``_read_table``).
+_EXTRA_FIELDS = "with more fields than the header (a separator inside a value?)"
+
+
+def _widest_row(path: Path, sep: str) -> int:
+    """The most fields any row of the file has (0 if the csv module cannot tell)."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+            return max((len(r) for r in csv.reader(fh, delimiter=sep)), default=0)
+    except (csv.Error, OSError):
+        return 0
+
+
+def _read_table(path: Path, fmt: str) -> tuple[pd.DataFrame, int]:
+    """The file's table (every cell a string or NaN) and how many rows were left out for
+    having more fields than the header."""
     if not path.exists():
         raise TraceFormatError(f"{path}: no such file")
     if path.is_dir():
         raise TraceFormatError(f"{path}: is a folder; pass its .csv/.txt files (the CLI expands folders)")
+    extra_rows = 0
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as fh:  # -sig: a spreadsheet's BOM
             header = fh.readline()
         # Nextflow writes a tab-separated trace.txt by default; the published traces are CSV.
         sep = "\t" if header.count("\t") > header.count(",") else ","
-        # index_col=False: a trailing delimiter on every data row must not make the first column the index.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", pd.errors.ParserWarning)
-            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=["-", ""],
-                                index_col=False, encoding="utf-8-sig")
-        if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
-            warnings.warn(f"{path}: some rows have more fields than the header; their extra fields were ignored",
-                          RuntimeWarning, stacklevel=3)
+        options = dict(sep=sep, dtype=str, keep_default_na=False, na_values=["-", ""], encoding="utf-8-sig")
+        columns = list(pd.read_csv(path, nrows=0, index_col=False, **options).columns)
+        widest = _widest_row(path, sep)
+        if widest > len(columns):
+            # A row with more fields than the header: pandas rejected the whole file for it, or,
+            # the first data row, cut it to the header's width, and a separator inside a value
+            # (Nextflow writes a tag such as "[id:s1, single_end:false]" unquoted) shifted every
+            # later field into the wrong column: status, peak_rss and realtime read from others.
+            # Such a row is left out and counted; one whose extra fields are all empty (a
+            # trailing delimiter) is read as it is.
+            raw = pd.read_csv(path, header=None, skiprows=1, names=list(range(widest)), index_col=False, **options)
+            extra = raw.iloc[:, len(columns):].notna().any(axis=1).to_numpy()
+            extra_rows = int(extra.sum())
+            frame = raw.loc[~extra, list(range(len(columns)))].reset_index(drop=True)
+            frame.columns = columns
+        else:
+            # index_col=False: a trailing delimiter on every data row must not make the first column the index.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, index_col=False, **options)
+            if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+                warnings.warn(f"{path}: some rows have more fields than the header; their extra fields were ignored",
+                              RuntimeWarning, stacklevel=3)
     except pd.errors.EmptyDataError:
         raise TraceFormatError(f"{path}: empty file, not a {fmt} trace") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
         raise TraceFormatError(f"{path}: cannot be parsed as a {fmt} trace table: {exc}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
+    return frame, extra_rows
 
 
 def _require(frame: pd.DataFrame, path: Path, fmt: str, required: Iterable[str]) -> None:
@@ -266,14 +298,14 @@ def _repeated_runs(frame: pd.DataFrame) -> np.ndarray:
 def read_nextflow(path: str | Path) -> Trace:
     """Read a Nextflow trace file; only COMPLETED rows are ground truth (others are skipped, counted)."""
     path = Path(path)
-    frame = _read_table(path, "nextflow")
+    frame, extra_rows = _read_table(path, "nextflow")
     if "process" not in frame.columns and "name" in frame.columns:
         # Nextflow's default trace fields have no `process`: a task's `name` is its process
         # and, in brackets, its tag ("NFCORE_RNASEQ:RNASEQ:FASTQC (sample1)").
         # A process name has no spaces: everything from the first " (" on is the tag.
         frame = frame.assign(process=frame["name"].astype(str).str.split(" (", n=1, regex=False).str[0].str.strip())
     _require(frame, path, "nextflow", ("process", "peak_rss", "realtime"))
-    skipped: dict[str, int] = {}
+    skipped: dict[str, int] = {_EXTRA_FIELDS: extra_rows} if extra_rows else {}
     if "status" in frame.columns:
         status = frame["status"].fillna("").astype(str).str.strip().str.upper()
         not_done = ~status.isin(["COMPLETED", ""])
@@ -308,7 +340,7 @@ def read_nextflow(path: str | Path) -> Trace:
 def read_lotaru(path: str | Path) -> Trace:
     """Read one Lotaru execution report; ``Label`` train-* rows are history, test rows online."""
     path = Path(path)
-    frame = _read_table(path, "lotaru")
+    frame, extra_rows = _read_table(path, "lotaru")
     _require(frame, path, "lotaru", ("Label", "Task", "Realtime", "peak_rss"))
     n = len(frame)
 
@@ -336,7 +368,7 @@ def read_lotaru(path: str | Path) -> Trace:
             "duplicate": frame.duplicated().to_numpy(),
         }
     ).reset_index(drop=True)
-    skipped: dict[str, int] = {}
+    skipped: dict[str, int] = {_EXTRA_FIELDS: extra_rows} if extra_rows else {}
     unknown = out["split"] == ""
     if unknown.any():
         skipped["with a Label other than train-*/test"] = int(unknown.sum())
