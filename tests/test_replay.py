@@ -590,3 +590,18 @@ def test_the_replay_retrains_and_serves_models_by_the_profilers_rules():
     assert replaces_served(good, None, history, "memory", config)[0]
     assert replaces_served(good, bad, history, "memory", config)[0]
     assert not replaces_served(bad, good, history, "memory", config)[0]
+
+
+def test_an_html_report_or_a_compressed_trace_is_named_as_such_not_sent_to_format(tmp_path):
+    """nf-core's pipeline_info holds execution_report_*.html beside execution_trace_*.txt, and a
+    trace may be gzipped: both got 'cannot tell the trace format from its header; pass --format',
+    and with --format, a missing-column list or "'utf-8' codec can't decode byte 0x8b"."""
+    import gzip
+
+    html = _write(tmp_path, "execution_report.html", "<!DOCTYPE html>\n<html><body>report</body></html>\n")
+    with pytest.raises(TraceFormatError, match="an HTML page .* not a trace table; pass the trace file"):
+        read_trace(html)
+    packed = tmp_path / "trace.txt.gz"
+    packed.write_bytes(gzip.compress(NEXTFLOW.read_bytes()))
+    with pytest.raises(TraceFormatError, match=r"not a text file \(binary, or compressed"):
+        read_trace(packed)

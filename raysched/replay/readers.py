@@ -396,6 +396,12 @@ def sniff_format(path: str | Path) -> str:
         return "nextflow"
     if not header.strip():
         raise TraceFormatError(f"{path}: empty file, not a trace")
+    # Told apart from a table of other columns: "pass --format" does not help with these.
+    if "\x00" in header or "\ufffd" in header:
+        raise TraceFormatError(f"{path}: not a text file (binary, or compressed: decompress a .gz trace first)")
+    if header.lstrip().startswith("<"):
+        raise TraceFormatError(f"{path}: an HTML page (a Nextflow execution report?), not a trace table; pass "
+                               "the trace file (Nextflow's trace.txt, nf-core's pipeline_info/execution_trace_*.txt)")
     raise TraceFormatError(
         f"{path}: cannot tell the trace format from its header; pass --format ({'|'.join(FORMATS)}). "
         "A Nextflow trace needs process (or name), peak_rss and realtime, and rchar for input sizes; "
