@@ -628,3 +628,26 @@ def test_a_method_named_twice_is_replayed_once(tmp_path):
                                             "--methods", "presets,oracle,presets", "--markdown", str(md)])
     assert res.exit_code == 0, res.output
     assert md.read_text().splitlines()[0].split(" | ")[1:4] == ["presets", "oracle", "best other"], md.read_text()
+
+
+def test_a_file_of_a_folder_that_is_no_trace_is_passed_over_not_a_failure(tmp_path):
+    """nf-core's pipeline_info holds pipeline_report.txt beside execution_trace_*.txt: `raysched
+    import pipeline_info` imported the trace and then failed (exit 1, '1 file(s) skipped')."""
+    import shutil
+
+    folder = tmp_path / "pipeline_info"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "nextflow_small.csv", folder / "execution_trace_2026-12-01.txt")
+    (folder / "pipeline_report.txt").write_text("--------\n  nf-core/rnaseq v3.14\n--------\nRun Name: x\n")
+    res = CliRunner().invoke(import_command, [str(folder), "--home", str(tmp_path / "h")])
+    assert res.exit_code == 0, res.output
+    assert "imported 45 new row(s)" in res.output and "pipeline_report.txt: passed over, not a trace" in res.output
+    res = CliRunner().invoke(eval_command, [str(folder), "--methods", "presets,oracle", "--min-rows", "10"])
+    assert res.exit_code == 0 and "passed over" in res.output, res.output
+    # Named on the command line, it is still an error; and a folder of no trace at all is one too.
+    res = CliRunner().invoke(import_command, [str(folder / "pipeline_report.txt"), "--home", str(tmp_path / "h")])
+    assert res.exit_code == 1 and "cannot tell the trace format" in res.output, res.output
+    (folder / "execution_trace_2026-12-01.txt").unlink()
+    for command in (import_command, eval_command):
+        res = CliRunner().invoke(command, [str(folder)])
+        assert res.exit_code == 2 and "no trace files found" in res.output, res.output

@@ -13,7 +13,7 @@ from typing import Iterable
 import click
 
 from ..errors import RayschedError
-from .readers import FORMATS, TraceFormatError, expand_paths, read_trace, workflow_names
+from .readers import FORMATS, NotATrace, TraceFormatError, expand_paths, read_trace, sniff_format, workflow_names
 
 #: ``--home DIR`` of the commands that read or write a home's store (import, profiles, compact).
 HOME_OPTION = click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -114,7 +114,8 @@ def parse_config_overrides(pairs: Iterable[str]) -> dict[str, object]:
 def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_rows, overrides):
     """Replay workflow traces (Sizey protocol) and compare raysched's sizing with the baselines.
 
-    PATHS are trace files, or folders of them. Per task type with at least
+    PATHS are trace files, or folders of them (a file of a folder that is no
+    trace, such as nf-core's pipeline_report.txt, is passed over). Per task type with at least
     --min-rows rows, a seeded 30% is history and the rest arrive one by one;
     each method's allocation is charged (allocation - peak) x runtime when it
     fits and allocation x runtime per failed attempt. Reports wastage in
@@ -147,7 +148,12 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
     results = []
     unreadable: list[str] = []
     workflow = workflow_names(files)
+    named = _named_files(paths)
+    passed_over = 0
     for path in files:
+        if _passed_over(path, named):
+            passed_over += 1
+            continue
         t0 = time.perf_counter()
         try:
             trace = read_trace(path, fmt)
@@ -163,6 +169,7 @@ def eval_command(paths, fmt, seed, json_path, plot_path, md_path, methods, min_r
         if trace.skipped:
             click.echo(f"  {trace.describe_skipped()}")
         click.echo(f"  replayed in {time.perf_counter() - t0:.1f} s\n")
+    _nothing_but_passed_over(paths, passed_over, bool(results or unreadable))
     summary = goal_summary(results)
     if summary:
         click.echo(summary)
@@ -198,6 +205,8 @@ def import_command(paths, fmt, home):
     A Ray function registered under a task type's name (for example
     @adaptive_remote(name="fastqc")) then starts with a prediction from the
     imported runs. Importing the same file twice, or a copy of it, does not duplicate rows.
+    PATHS are trace files, or folders of them (nf-core's pipeline_info: its files
+    that are no trace, such as pipeline_report.txt, are passed over).
     """
     from ..config import RayschedConfig
     from .importer import import_trace
@@ -208,7 +217,12 @@ def import_command(paths, fmt, home):
         raise click.UsageError("no trace files found in " + ", ".join(map(str, paths)))
     total = 0
     unreadable: list[str] = []
+    named = _named_files(paths)
+    passed_over = done = 0
     for path in files:
+        if _passed_over(path, named):
+            passed_over += 1
+            continue
         try:
             trace = read_trace(path, fmt)
             written, per_type = import_trace(trace, config.home_path)
@@ -218,6 +232,7 @@ def import_command(paths, fmt, home):
             unreadable.append(_skip(path, exc))  # one bad file of a folder: the others are still imported
             continue
         total += written
+        done += 1
         held = len(trace.rows) - written  # usable rows the store holds already (imported before, or a copy's)
         why = ((f" ({held} more of its rows were imported before)" if held else "") if written else
                (" (all of its rows were imported before)" if len(trace.rows) else " (it has no rows)"))
@@ -226,8 +241,39 @@ def import_command(paths, fmt, home):
             click.echo(f"  {n:6d}  {name}")
         if trace.skipped:
             click.echo(f"  {trace.describe_skipped()}")
+    _nothing_but_passed_over(paths, passed_over, bool(done or unreadable))
     click.echo(f"imported {total} new row(s)")
     _report_skipped(unreadable)
+
+
+def _named_files(paths: Iterable[Path]) -> set[Path]:
+    """The files named on the command line (not found in a folder named there)."""
+    return {Path(p).resolve() for p in paths if not Path(p).is_dir()}
+
+
+def _passed_over(path: Path, named: set[Path]) -> bool:
+    """Whether ``path``, a file a folder contributed, is no trace at all (nf-core's pipeline_info
+    holds a pipeline_report.txt beside its execution_trace_*.txt): passed over, said on stderr.
+    It failed the command (every trace of the folder done, exit 1). A file named on the command
+    line, or one that is a trace but empty or broken, is read and fails as before."""
+    if path.resolve() in named:
+        return False
+    try:
+        sniff_format(path)
+    except NotATrace as exc:
+        reason = str(exc)
+        reason = reason[len(f"{path}: "):] if reason.startswith(f"{path}: ") else reason
+        click.echo(f"{path}: passed over, not a trace: {reason.split(';')[0]}", err=True)
+        return True
+    except TraceFormatError:
+        return False  # the reader says what is wrong with it
+    return False
+
+
+def _nothing_but_passed_over(paths: Iterable[Path], passed_over: int, any_read: bool) -> None:
+    if passed_over and not any_read:
+        raise click.UsageError(f"no trace files found in {', '.join(map(str, paths))} "
+                               f"({passed_over} file(s) passed over: not traces)")
 
 
 def _check_writable(path: Path, option: str) -> None:

@@ -66,6 +66,11 @@ class TraceFormatError(InvalidInput):
     """A file is not a readable trace of the format it was given as."""
 
 
+class NotATrace(TraceFormatError):
+    """A file whose header is no trace's at all (another table, a text report, an HTML page, a
+    binary file), as opposed to a trace that is empty or broken."""
+
+
 @dataclass
 class Trace:
     """One trace file, normalised."""
@@ -398,11 +403,13 @@ def sniff_format(path: str | Path) -> str:
         raise TraceFormatError(f"{path}: empty file, not a trace")
     # Told apart from a table of other columns: "pass --format" does not help with these.
     if "\x00" in header or "\ufffd" in header:
-        raise TraceFormatError(f"{path}: not a text file (binary, or compressed: decompress a .gz trace first)")
+        raise NotATrace(f"{path}: not a text file (binary, or compressed: decompress a .gz trace first)")
     if header.lstrip().startswith("<"):
-        raise TraceFormatError(f"{path}: an HTML page (a Nextflow execution report?), not a trace table; pass "
-                               "the trace file (Nextflow's trace.txt, nf-core's pipeline_info/execution_trace_*.txt)")
-    raise TraceFormatError(
+        raise NotATrace(f"{path}: an HTML page (a Nextflow execution report?), not a trace table; pass "
+                        "the trace file (Nextflow's trace.txt, nf-core's pipeline_info/execution_trace_*.txt)")
+    # A header with a measurement of a trace is a trace short of columns; one with none, another table.
+    error = TraceFormatError if names & {"peak_rss", "realtime", "Realtime"} else NotATrace
+    raise error(
         f"{path}: cannot tell the trace format from its header; pass --format ({'|'.join(FORMATS)}). "
         "A Nextflow trace needs process (or name), peak_rss and realtime, and rchar for input sizes; "
         "a Lotaru trace Task, Label, Realtime and peak_rss"
