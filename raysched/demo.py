@@ -111,6 +111,24 @@ def _mlflow_runs(db: Path) -> int:
         return 0
 
 
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Raise ConnectionError at once when ``address`` is a ``host:port`` where nothing listens:
+    Ray's ``ray.init`` retries such an address for minutes, printing warnings (a mistyped
+    port or a head that is down looked like a hung demo).  ``auto`` and other forms are
+    left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "://" in address or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or type(exc).__name__}); "
+                              "is a Ray head running there (`ray start --head`)?") from None
+
+
 def run_demo(tasks: int = 16, seed: int = 0, echo=print, address: str = "local") -> list[RoundResult]:
     """Run the demo; returns both rounds (the CLI prints them, tests check them).
 
@@ -140,6 +158,7 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print, address: str = "local")
             echo("Starting a local Ray cluster...")
             ray.init(address="local", include_dashboard=False, namespace="raysched", log_to_driver=False)
         else:
+            check_reachable(address)
             echo(f"Joining the Ray cluster at {address}...")
             ray.init(address=address, namespace="raysched", log_to_driver=False)
     config = raysched.get_config()
