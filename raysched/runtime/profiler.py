@@ -238,6 +238,12 @@ class Profiler:
         self._tidying: Future | None = None
         self._records_since_tidy = 0
         self.parts_merged = 0
+        # Rows this node's workers could not store (the home unwritable, the disk full, a while):
+        # stored now, before the functions' histories are read (``rows.spool_rows``).
+        if store is None:
+            from .rows import store_spooled
+
+            store_spooled(config, self.store)
         # Rows written to the store without this actor (``raysched import``, a worker that could
         # not reach it): functions loaded before are re-read at their next bundle request.
         # From the journal's end: what was written before this start is read as functions load.
