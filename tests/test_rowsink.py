@@ -295,3 +295,33 @@ def test_a_new_profiler_stores_the_rows_its_node_kept(monkeypatch, tmp_path):
     Profiler(config, registry=Registry())
     assert list(ProfileStore(tmp_path / "home").read()["call_id"]) == ["a"]
     assert not list(rows.spool_dir(config).glob("rows-*.pkl"))
+
+
+def test_a_flush_at_exit_waits_for_the_batch_the_flush_thread_is_sending():
+    """The flush thread had taken the buffered rows and was still sending them (looking the
+    profiler up, pickling): the last flush of an exiting worker found nothing buffered and
+    nothing in flight and returned at once, and the process ended under the batch."""
+    import time
+
+    gate, sending = threading.Event(), threading.Event()
+    taken: set[str] = set()
+
+    def send(rows):
+        sending.set()
+        gate.wait(5)
+        return "ref"
+
+    sink = RowSink(0.01, send, unfinished=lambda refs: [r for r in refs if r not in taken])
+    sink.add({"row_id": "a"})
+    assert sending.wait(5)  # the flush thread holds the batch, not yet in flight
+
+    def profiler():
+        gate.set()
+        time.sleep(0.3)
+        taken.add("ref")
+
+    started = time.monotonic()
+    threading.Timer(0.2, profiler).start()
+    sink.flush(wait_s=5.0)
+    assert time.monotonic() - started >= 0.45  # until the batch was sent, then taken
+    assert sink.in_flight == 0

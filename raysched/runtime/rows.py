@@ -127,6 +127,7 @@ class RowSink:
         self._tallies: dict[tuple[str, str], _Tally] = {}  # the batch's counts of unmeasured calls, by function
         self._first_at = 0.0  # when the oldest buffered row arrived
         self._in_flight: list[_Batch] = []  # batches sent and not yet taken
+        self._sending = 0  # flushes that took rows and have not put their batch in flight yet
         self._cond = threading.Condition()
         self._taking = threading.Lock()  # held while the batches in flight are looked at
         self._thread: threading.Thread | None = None
@@ -184,17 +185,28 @@ class RowSink:
         """
         with self._cond:
             items, self._rows, self._tallies = self._rows, [], {}
-        rows = _build_rows(items) if items else []
-        sent = self._send(rows) if rows else None
+            self._sending += 1
+        try:
+            rows = _build_rows(items) if items else []
+            sent = self._send(rows) if rows else None
+        finally:
+            with self._cond:
+                self._sending -= 1
         with self._cond:
             if sent is not None:
                 self._in_flight.append(_Batch(sent, rows))
-            pending = list(self._in_flight)
+            pending = bool(self._in_flight) or self._sending > 0
         if wait_s > 0 and pending:
+            # Batches another thread is sending count too: the flush thread may have taken the
+            # rows before this call, and be still looking the profiler up when the worker exits.
             deadline = time.monotonic() + wait_s
-            while self._forget_taken() and time.monotonic() < deadline:
+            while (self._forget_taken() or self._sending_now()) and time.monotonic() < deadline:
                 time.sleep(self.WAIT_POLL_S)
         return sent
+
+    def _sending_now(self) -> bool:
+        with self._cond:
+            return self._sending > 0
 
     def _forget_taken(self) -> bool:
         """Drop the refs of batches the profiler has taken (an owned ref keeps the worker from
