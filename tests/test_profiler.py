@@ -943,3 +943,16 @@ def test_a_train_now_that_failed_raises_to_its_caller_only(tmp_path):
     with pytest.raises(RuntimeError, match="the trainer broke"):
         profiler.train_now("f", "h1")
     profiler.wait_for_training()  # the slot is free, and says nothing of a failure already told
+
+
+def test_a_batch_sent_again_after_its_profiler_was_lost_is_held_once(profiler, tmp_path):
+    """A worker sends a batch again when its profiler was lost (``RowSink``); if the old one had
+    stored it, the new one read those rows from the store and added the batch on top: the
+    history held them twice (20 rows for 10 calls), and the next training weighed them double."""
+    batch = rows(10)
+    profiler.record(batch)
+    assert profiler.bundle("f", "h1").n_history == 10
+    profiler.record([dict(row) for row in batch])  # the same rows, sent again
+    profiler.record([dict(row) for row in batch[:3]] + rows(2, start=10))
+    assert profiler.bundle("f", "h1").n_history == 12
+    assert len(profiler._functions["f"].rows) == 12 == len(ProfileStore(tmp_path).read())

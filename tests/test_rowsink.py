@@ -223,3 +223,105 @@ def test_the_sender_looks_the_profiler_up_again_after_it_was_lost(monkeypatch, t
     assert sender([{"batch": 3}]) == "ref-2"
     assert [len(p.got) for p in profilers] == [2, 2]
     assert sender.resend([{"row_id": "x" * 32, "function": "f"}], direct=True) is None  # the worker writes it
+
+
+def _stored_row(tag: str) -> dict:
+    return {"row_id": tag * 32, "function": "mod.f", "code_hash": "h1", "call_id": tag, "attempt": 1,
+            "outcome": "ok", "timestamp": 1_700_000_000.5}
+
+
+def test_rows_that_could_not_be_stored_are_kept_on_the_node_and_stored_at_the_next_write(monkeypatch, tmp_path,
+                                                                                         caplog):
+    """No profiler, and the worker's own write failed too (the home unwritable a while, the disk
+    full): the batch was dropped with a log line, and the finished attempts' rows were lost."""
+    import tempfile
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime import rows
+    from raysched.store.profiles import ProfileStore
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+
+    def no_profiler(name, namespace=None):
+        raise ValueError(f"Failed to look up actor with name '{name}'")
+
+    monkeypatch.setattr(rows.ray, "get_actor", no_profiler)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "profiles").write_text("")  # the store's folder cannot be made: every write fails
+    config = RayschedConfig(home=str(home))
+    sender = rows._ProfilerSender(config)
+    with caplog.at_level("WARNING", logger="raysched.runtime.rows"):
+        assert sender([_stored_row("a"), _stored_row("b")]) is None
+    assert "kept them in" in caplog.text
+    kept = list(rows.spool_dir(config).glob("rows-*.pkl"))
+    assert len(kept) == 1 and str(rows.spool_dir(config)).startswith(str(tmp_path / "node-tmp"))
+
+    (home / "profiles").unlink()  # the home is writable again
+    assert sender([_stored_row("c")]) is None
+    assert sorted(ProfileStore(home).read()["call_id"]) == ["a", "b", "c"]
+    assert not list(rows.spool_dir(config).glob("rows-*.pkl"))  # stored once, then forgotten
+
+
+def test_a_batch_the_profiler_could_not_store_is_written_by_the_worker():
+    """The profiler's write failed (its home unwritable, say): the worker only warned, and the
+    rows were lost; it writes them itself now (and keeps them on its node if that fails too)."""
+    failed = {1: StoreError("raysched store 'profiles': cannot write part (No space left on device)")}
+    written: list[tuple[list[dict], bool]] = []
+
+    sink = RowSink(60.0, lambda rows: 1, unfinished=lambda refs: [], failure=failed.get,
+                   resend=lambda rows, direct: written.append((rows, direct)))
+    sink.add({"row_id": "a"})
+    sink.flush(wait_s=1.0)
+    assert written == [([{"row_id": "a"}], True)] and sink.in_flight == 0
+
+
+def test_a_new_profiler_stores_the_rows_its_node_kept(monkeypatch, tmp_path):
+    import tempfile
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime import rows
+    from raysched.runtime.profiler import Profiler
+    from raysched.store.profiles import ProfileStore
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    config = RayschedConfig(home=str(tmp_path / "home"))
+    assert rows.spool_rows(config, [_stored_row("a")], OSError("No space left on device")) is not None
+
+    class Registry:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    Profiler(config, registry=Registry())
+    assert list(ProfileStore(tmp_path / "home").read()["call_id"]) == ["a"]
+    assert not list(rows.spool_dir(config).glob("rows-*.pkl"))
+
+
+def test_a_flush_at_exit_waits_for_the_batch_the_flush_thread_is_sending():
+    """The flush thread had taken the buffered rows and was still sending them (looking the
+    profiler up, pickling): the last flush of an exiting worker found nothing buffered and
+    nothing in flight and returned at once, and the process ended under the batch."""
+    import time
+
+    gate, sending = threading.Event(), threading.Event()
+    taken: set[str] = set()
+
+    def send(rows):
+        sending.set()
+        gate.wait(5)
+        return "ref"
+
+    sink = RowSink(0.01, send, unfinished=lambda refs: [r for r in refs if r not in taken])
+    sink.add({"row_id": "a"})
+    assert sending.wait(5)  # the flush thread holds the batch, not yet in flight
+
+    def profiler():
+        gate.set()
+        time.sleep(0.3)
+        taken.add("ref")
+
+    started = time.monotonic()
+    threading.Timer(0.2, profiler).start()
+    sink.flush(wait_s=5.0)
+    assert time.monotonic() - started >= 0.45  # until the batch was sent, then taken
+    assert sink.in_flight == 0

@@ -752,3 +752,22 @@ def test_a_time_past_its_columns_range_costs_only_its_own_row(store):
     written, rejected = store.append_keeping_valid([good, bad])
     assert written == 1 and [r["row_id"] for r in rejected] == [bad["row_id"]]
     assert list(store.read()["row_id"]) == [good["row_id"]]
+
+
+def test_a_new_part_is_synced_with_its_folder_so_the_rename_survives_a_power_loss(tmp_path, monkeypatch):
+    """The part's bytes were fsynced, its rename into place was not: after a power loss the
+    rows could sit under the temporary name (deleted as stale later), and after a merge the
+    deletions of the merged parts could survive while the merged part did not."""
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = ProfileStore(tmp_path)
+    store.append([row()])
+    assert synced == ["file", "folder"]

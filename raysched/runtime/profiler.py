@@ -150,11 +150,23 @@ class _FunctionState:
         self.task_seconds_since_training = 0.0  # sum of wall x allocated CPUs of rows since
 
     def add(self, rows: list[Mapping[str, Any]]) -> None:
+        # A batch sent again after its profiler was lost (``rows.RowSink``) may hold rows this
+        # history has already (stored before the loss, then read from the store): counted twice,
+        # they weighed double in the next training.
+        ids = self._ids
+        if any(row.get("row_id") in ids for row in rows):
+            rows = [row for row in rows if row.get("row_id") not in ids]
+            if not rows:
+                return
+        ids.update(row.get("row_id") for row in rows)
+        ids.discard(None)
         self._pending.extend(rows)
         if len(self._pending) > 2 * self.window:
             # Nobody asked for a bundle for a while (the function's drivers are gone): the
             # frame would keep only the newest `window` rows anyway, so hold no more than that.
             del self._pending[: len(self._pending) - self.window]
+        if len(ids) > 4 * max(self.window, 256):  # the ids of rows no longer held: forgotten
+            self._ids = self._held_ids()
         self.n_rows = min(self.window, self.n_rows + len(rows))
         self.n_usable += sum(1 for r in rows if r.get("memory_sample_bytes") is not None)
         self.new_rows += len(rows)
@@ -172,10 +184,26 @@ class _FunctionState:
         # reached its part) or not: kept once, by its id.
         stored = set(rows["row_id"]) if "row_id" in rows.columns and len(rows) else set()
         self._frame = rows
-        self._pending = [row for row in arrived if row.get("row_id") not in stored]
+        self._pending = []
+        for row in arrived:
+            row_id = row.get("row_id")
+            if row_id is None or row_id not in stored:
+                self._pending.append(row)
+                stored.add(row_id)
+        stored.discard(None)
+        #: The row ids of this history (the frame's and the pending rows', and maybe some
+        #: the window dropped since), for ``add``.
+        self._ids = stored
         self.n_rows = min(self.window, len(rows) + len(self._pending))
         self.n_usable = (int(rows["memory_sample_bytes"].notna().sum()) if len(rows) else 0) + sum(
             1 for row in self._pending if row.get("memory_sample_bytes") is not None)
+
+    def _held_ids(self) -> set:
+        frame = self._frame
+        ids = set(frame["row_id"]) if "row_id" in frame.columns and len(frame) else set()
+        ids.update(row.get("row_id") for row in self._pending)
+        ids.discard(None)
+        return ids
 
     @property
     def rows(self) -> pd.DataFrame:
@@ -238,6 +266,12 @@ class Profiler:
         self._tidying: Future | None = None
         self._records_since_tidy = 0
         self.parts_merged = 0
+        # Rows this node's workers could not store (the home unwritable, the disk full, a while):
+        # stored now, before the functions' histories are read (``rows.spool_rows``).
+        if store is None:
+            from .rows import store_spooled
+
+            store_spooled(config, self.store)
         # Rows written to the store without this actor (``raysched import``, a worker that could
         # not reach it): functions loaded before are re-read at their next bundle request.
         # From the journal's end: what was written before this start is read as functions load.

@@ -7,8 +7,10 @@ import datetime as dt
 import logging
 import os
 import pickle
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -16,7 +18,7 @@ import ray
 from ..config import RayschedConfig
 from ..policy.samples import memory_sample
 from ..types import Outcome, Usage
-from .session import NAMESPACE, RECORD_GROUP, profiler_name
+from .session import NAMESPACE, RECORD_GROUP, _home_key, profiler_name
 from .spec import AttemptSpec
 
 logger = logging.getLogger(__name__)
@@ -125,6 +127,7 @@ class RowSink:
         self._tallies: dict[tuple[str, str], _Tally] = {}  # the batch's counts of unmeasured calls, by function
         self._first_at = 0.0  # when the oldest buffered row arrived
         self._in_flight: list[_Batch] = []  # batches sent and not yet taken
+        self._sending = 0  # flushes that took rows and have not put their batch in flight yet
         self._cond = threading.Condition()
         self._taking = threading.Lock()  # held while the batches in flight are looked at
         self._thread: threading.Thread | None = None
@@ -182,17 +185,28 @@ class RowSink:
         """
         with self._cond:
             items, self._rows, self._tallies = self._rows, [], {}
-        rows = _build_rows(items) if items else []
-        sent = self._send(rows) if rows else None
+            self._sending += 1
+        try:
+            rows = _build_rows(items) if items else []
+            sent = self._send(rows) if rows else None
+        finally:
+            with self._cond:
+                self._sending -= 1
         with self._cond:
             if sent is not None:
                 self._in_flight.append(_Batch(sent, rows))
-            pending = list(self._in_flight)
+            pending = bool(self._in_flight) or self._sending > 0
         if wait_s > 0 and pending:
+            # Batches another thread is sending count too: the flush thread may have taken the
+            # rows before this call, and be still looking the profiler up when the worker exits.
             deadline = time.monotonic() + wait_s
-            while self._forget_taken() and time.monotonic() < deadline:
+            while (self._forget_taken() or self._sending_now()) and time.monotonic() < deadline:
                 time.sleep(self.WAIT_POLL_S)
         return sent
+
+    def _sending_now(self) -> bool:
+        with self._cond:
+            return self._sending > 0
 
     def _forget_taken(self) -> bool:
         """Drop the refs of batches the profiler has taken (an owned ref keeps the worker from
@@ -220,7 +234,8 @@ class RowSink:
         lost (killed, its node gone): sent again, to the profiler found by name now, or
         written to the store (the store drops rows it already has, by ``row_id``); returns
         the batch as sent again, if it was.  Any other failure (its folder unwritable, say)
-        is said out loud: those rows are lost, and the user should know why."""
+        is said out loud, and the worker writes the batch itself (``resend(rows, True)``;
+        kept on its node if that fails too)."""
         try:
             error = self._failure(batch.ref)
         except Exception:  # noqa: BLE001
@@ -237,7 +252,17 @@ class RowSink:
                 logger.exception("raysched: could not send %d profile rows again", len(batch.rows))
                 return []
             return [_Batch(ref, batch.rows, batch.resends + 1)] if ref is not None else []
-        logger.warning("raysched: the profiler could not store a batch of this worker's profile rows: %s", error)
+        if self._resend is None:
+            logger.warning("raysched: the profiler could not store a batch of this worker's profile rows: %s", error)
+            return []
+        # Its home unwritable for the profiler, say: the worker writes the batch itself, and keeps
+        # it on its node when that fails too (``_ProfilerSender._write``); dropped, the rows were lost.
+        logger.warning("raysched: the profiler could not store a batch of this worker's profile rows (%s); "
+                       "writing its %d rows to the store directly", error, len(batch.rows))
+        try:
+            self._resend(batch.rows, True)
+        except Exception:  # noqa: BLE001
+            logger.exception("raysched: could not write %d profile rows", len(batch.rows))
         return []
 
     def _run(self) -> None:
@@ -372,8 +397,13 @@ class _ProfilerSender:
     def __init__(self, config: RayschedConfig):
         self._config = config
         self._handle: list[Any] = []
+        self._spool_checked = -float("inf")
 
     def __call__(self, rows: list[dict]) -> Any:
+        try:
+            self._maybe_store_spooled()
+        except Exception:  # noqa: BLE001 - they wait for the next look
+            logger.debug("raysched: could not store the profile rows kept on this node", exc_info=True)
         try:
             if not self._handle:
                 actor = ray.get_actor(profiler_name(self._config), namespace=NAMESPACE)
@@ -402,13 +432,132 @@ class _ProfilerSender:
         return self(rows)
 
     def _write(self, rows: list[dict]) -> None:
+        """Write rows to the store; when that fails (the home unwritable, the disk full), keep them
+        on this node (``spool_rows``) until a later write stores them."""
         from ..store.profiles import ProfileStore
 
-        store = ProfileStore(self._config.home_path)
-        written, _ = store.append_keeping_valid(rows)
+        try:
+            store = ProfileStore(self._config.home_path)
+            written, _ = store.append_keeping_valid(rows)
+        except Exception as exc:  # noqa: BLE001 - the rows must not be lost with the error
+            spool_rows(self._config, rows, exc)
+            return
         if written:
             # The profiler may be alive, only slow to answer: it re-reads these functions.
             store.note_outside_write(row["function"] for row in rows)
+        store_spooled(self._config, store)
+
+    def _maybe_store_spooled(self) -> None:
+        """Every ``_SPOOL_CHECK_S`` at most, store rows kept on this node (one listing when there are none)."""
+        now = time.monotonic()
+        if now - self._spool_checked < _SPOOL_CHECK_S:
+            return
+        self._spool_checked = now
+        if _spooled_names(spool_dir(self._config)):
+            store_spooled(self._config)
+
+
+# --- rows that could not be stored, kept on the node until a later write stores them -------------
+
+#: How often, at most, a worker's sender looks for rows kept on its node.
+_SPOOL_CHECK_S = 10.0
+_SPOOL_PREFIX, _SPOOL_SUFFIX = "rows-", ".pkl"
+
+
+def spool_dir(config: RayschedConfig) -> Path:
+    """Where this node keeps the rows of ``config``'s home it could not store: under the node's
+    temp folder (``TMPDIR``), as the home itself may be what cannot be written."""
+    return Path(tempfile.gettempdir()) / f"raysched-spool-{os.getuid()}" / _home_key(str(config.home_path))
+
+
+def _spooled_names(folder: Path) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(folder) if n.startswith(_SPOOL_PREFIX) and n.endswith(_SPOOL_SUFFIX))
+    except OSError:
+        return []
+
+
+def spool_rows(config: RayschedConfig, rows: list[dict], error: BaseException) -> Path | None:
+    """Keep rows that could not be stored (``error``) in a file of this node's spool folder;
+    ``store_spooled`` writes them to the store later.  Returns the file, or None if even
+    that failed (then the rows are lost, and an error says so)."""
+    folder = spool_dir(config)
+    name = f"{_SPOOL_PREFIX}{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}{_SPOOL_SUFFIX}"
+    tmp = folder / f".tmp-{name}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(tmp, "wb") as fh:
+            pickle.dump(list(rows), fh, protocol=5)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / name)
+    except Exception as exc:  # noqa: BLE001
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        logger.error("raysched: %d profile rows are LOST: they could not be stored in %s (%s), nor kept in %s (%s)",
+                     len(rows), config.home_path, error, folder, exc)
+        return None
+    logger.warning("raysched: could not store %d profile rows in %s (%s); kept them in %s: they are stored at "
+                   "this node's next successful write there, or when the home's profiler starts",
+                   len(rows), config.home_path, error, folder / name)
+    return folder / name
+
+
+def store_spooled(config: RayschedConfig, store: Any = None) -> int:
+    """Write the rows this node kept for ``config``'s home (``spool_rows``) to its store, oldest
+    first, and delete each file once stored; returns how many rows were stored.  A write that
+    fails leaves the files for the next time.  One process at a time (a lock file)."""
+    folder = spool_dir(config)
+    if not _spooled_names(folder):
+        return 0
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no spool is ever drained concurrently there
+        fcntl = None  # type: ignore[assignment]
+    try:
+        lock = open(folder / ".lock", "a")
+    except OSError:
+        return 0
+    stored = 0
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return 0  # another process is storing them
+        if store is None:
+            from ..store.profiles import ProfileStore
+
+            store = ProfileStore(config.home_path)
+        for name in _spooled_names(folder):
+            path = folder / name
+            try:
+                with open(path, "rb") as fh:
+                    rows = pickle.load(fh)
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - a file cut short: set aside, not read again and again
+                logger.warning("raysched: could not read the kept profile rows of %s (%s); left as %s.bad",
+                               path, exc, path)
+                try:
+                    os.replace(path, path.with_name(name + ".bad"))
+                except OSError:
+                    pass
+                continue
+            store.append_keeping_valid(rows)
+            store.note_outside_write(row["function"] for row in rows if "function" in row)
+            path.unlink()
+            stored += len(rows)
+    except Exception as exc:  # noqa: BLE001 - the home still cannot be written: the files wait
+        logger.debug("raysched: could not store the profile rows kept in %s: %s", folder, exc)
+    finally:
+        lock.close()
+    if stored:
+        logger.warning("raysched: stored %d profile rows in %s that were kept in %s after a write had failed",
+                       stored, config.home_path, folder)
+    return stored
 
 
 

@@ -3,7 +3,7 @@
 Layout: ``<folder>/part-<time_ns>-<pid>-<uuid8>.parquet``, one file per ``append``
 call, written under a temporary dot-name in the same folder and renamed into
 place (``os.replace`` is atomic on POSIX), so a reader sees a part whole or not
-at all.  Nothing is ever rewritten in place: ``compact`` writes one merged part,
+at all; the part and then its folder are fsynced, so a written part survives a power loss.  Nothing is ever rewritten in place: ``compact`` writes one merged part,
 then deletes exactly the parts it merged.
 
 Readers list the folder on every call (nothing is cached across calls, so
@@ -252,6 +252,21 @@ def newest_mergeable_run(sizes: Sequence[int], fanout: int, unit_bytes: int) -> 
     return None
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make the folder's entries (a part just renamed into place) durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # not openable as a folder (Windows): the rename stays as durable as the OS makes it
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # a file system that syncs no folders
+            raise
+    finally:
+        os.close(fd)
+
+
 class ParquetTable:
     """An append-only table: a folder of immutable Parquet part files sharing one schema.
 
@@ -400,6 +415,10 @@ class ParquetTable:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+            # The rename is an entry of the folder: until the folder is synced a power loss can
+            # undo it, leaving the rows under the temporary name (deleted as stale an hour
+            # later), or, after a merge, neither the merged part nor the parts it replaced.
+            _fsync_dir(self.folder)
         except BaseException as e:
             try:
                 tmp.unlink()
