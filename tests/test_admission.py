@@ -667,3 +667,24 @@ def test_the_end_reporter_sends_the_ends_of_a_burst_together_and_holds_refs_unti
     while len(sent) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sent == [["t0", "t1", "t2"], ["t3"]]
+
+
+def test_a_node_that_joins_while_calls_wait_is_used_without_waiting_for_an_end():
+    """The capacity was read again only when a call arrived or ended: a node that joined while
+    long calls ran stayed idle, and the calls queued behind them waited for the first end
+    (an hour, for hour-long calls), though the docstring says it is read every refresh_s."""
+    clock = Clock()
+    nodes = {"a": Request(1.0, 8 * GiB)}
+    service = Admission(capacity=lambda: dict(nodes), refresh_s=0.05, clock=clock, gather_s=0.0)
+
+    async def scenario():
+        assert await asyncio.wait_for(service.admit("long", 0, 1.0, 1 * GiB), 1.0) is True
+        waiting = asyncio.create_task(service.admit("next", 0, 1.0, 1 * GiB))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # one CPU, held
+        nodes["b"] = Request(1.0, 8 * GiB)  # a node joins; nothing arrives or ends
+        clock.now += 10.0
+        assert await asyncio.wait_for(waiting, 2.0) is True
+        assert service.status()["capacity_cpus"] == 2.0
+
+    asyncio.run(scenario())

@@ -133,6 +133,9 @@ class Admission:
         # The rooms are not read here (an actor's constructor cannot await): the first pass reads them.
         self._read_at = float("-inf") if rooms is not None else clock()
         self._refreshing: asyncio.Future | None = None
+        # While calls wait, the capacity is read again every refresh_s even if no call arrives
+        # or ends: a node that joins (or a room that grows) is used at once.
+        self._capacity_watcher: asyncio.Future | None = None
         self._events: dict[str, asyncio.Event] = {}
         self._pass_pending = False
         self._first_arrival = self._last_arrival = 0.0  # of the burst being gathered (the loop's time)
@@ -244,8 +247,19 @@ class Admission:
             if not self._pass_pending:  # one admission pass for the whole burst
                 self._pass_pending, self._first_arrival = True, self._last_arrival
                 loop.call_later(self._gather_s, self._admit_pass)
+            if self._capacity_watcher is None or self._capacity_watcher.done():
+                self._capacity_watcher = asyncio.ensure_future(self._watch_capacity())
         await event.wait()
         return True
+
+    async def _watch_capacity(self) -> None:
+        """While calls wait, read the capacity again once older than ``refresh_s`` (the read admits
+        what fits then): only arrivals and ends read it otherwise, and a node that joined while
+        long calls ran stayed idle until one of them ended."""
+        while self._queue.waiting():
+            await asyncio.sleep(max(self._refresh_s, 0.01))
+            if self._queue.waiting():
+                self._refresh()
 
     async def _inputs_exist(self, token: str, refs: list[Any]) -> None:
         event = asyncio.Event()
