@@ -185,36 +185,40 @@ class RestoreFails(Grower._cls):
         raise RuntimeError("bad state")
 
 
-def test_a_state_hand_over_that_fails_ends_the_new_incarnation_and_says_why(ray_session):
-    """A save or restore hook that raised left the new incarnation serving calls on the
-    state its __init__ built: `add` after three adds returned 1, and nothing said the state
-    was lost (a helper's audit)."""
-    from raysched.errors import RayschedError
+@adaptive_remote(memory=200 * MiB)
+class SaveUnpicklable(Grower._cls):
+    def raysched_save_state(self):
+        import threading
 
-    for cls, cause, says in ((SaveFails, "cannot pickle the connection", "cannot pickle the connection"),
-                             (RestoreFails, "bad state", "restore hook raised")):
+        return threading.Lock()
+
+
+def test_a_state_hand_over_that_fails_keeps_the_old_incarnation_serving_with_its_state(ray_session):
+    """A save hook that raised (or returned what cannot be pickled) or a restore hook that raised
+    ended the new incarnation, and the old one had already recorded its row and exited: the
+    actor's state was lost for good and every later call raised RayschedError. The old
+    incarnation, which still holds the state, must serve on (a helper's audit)."""
+    for cls, cause in ((SaveFails, "cannot pickle the connection"), (SaveUnpicklable, "pickle"),
+                       (RestoreFails, "bad state")):
         handle = cls.remote()
+        first = handle.raysched.ray_handle
         assert [ray.get(handle.add.remote(i), timeout=60) for i in range(3)] == [1, 2, 3]
         grown = Decision("memory_over_allocation", RESCALE, cls.name, handle.raysched.actor_id, 1,
                          measured=600 * MiB, allocated=200 * MiB, detail="grown")
         assert handle._apply(grown) is not None and handle.raysched.incarnation == 2
-
-        def refused() -> bool:
-            try:
-                ray.get(handle.add.remote(3), timeout=60)
-            except RayschedError as exc:  # raised by the handle once it knows
-                return "could not be handed over" in str(exc) and says in str(exc)
-            except ray.exceptions.RayActorError:
-                return False  # the ended incarnation, before the handle knows
-            raise AssertionError("a call was served without its state")
-
-        assert wait_for(refused, timeout=60)
-        # The event goes to the monitor fire-and-forget: stored a moment later.
-        assert wait_for(lambda: "actor_state_lost" in set(raysched.events(cls).get("rule", [])), timeout=30), \
+        assert wait_for(lambda: handle.raysched.incarnation == 1, timeout=60), cls
+        assert handle.raysched.ray_handle is first and handle.raysched.rescales == []
+        assert ray.get(handle.add.remote(3), timeout=60) == 4  # the state __init__ did not build
+        assert wait_for(lambda: "actor_rescale_skipped" in set(raysched.events(cls).get("rule", [])), timeout=30), \
             raysched.events(cls).T
+        skipped = raysched.events(cls).query("rule == 'actor_rescale_skipped'")["detail"].iloc[0]
+        assert "could not be handed over" in skipped and "serves on" in skipped, skipped
         assert wait_for(lambda: "error" in set(raysched.profiles(cls)["outcome"]), timeout=30)
         row = raysched.profiles(cls).set_index("attempt").loc[2]
-        assert row["outcome"] == "error" and cause in row["error"]
+        assert row["outcome"] == "error" and cause in row["error"], row["error"]
+        ray.get(handle.raysched.terminate(), timeout=60)
+        assert wait_for(lambda: len(raysched.profiles(cls)) == 2, timeout=30)
+        assert raysched.profiles(cls).set_index("attempt").loc[1, "outcome"] == "ok"
 
 
 @adaptive_remote(num_cpus=2, memory=200 * MiB, rescalable=True)

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 SAVE_HOOK = "raysched_save_state"
 RESTORE_HOOK = "raysched_restore_state"
+#: How long a replaced incarnation waits for its successor's restore before it ends anyway
+#: (``_raysched_retire``): a successor that cannot be placed while it lives must not wait for ever.
+_HAND_OVER_WAIT_S = 30.0
 
 
 # --- inside the actor's process ------------------------------------------------------------------------
@@ -175,6 +178,35 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
                     Outcome.CANCELLED if died else Outcome.ERROR,
                     f"its predecessor's state could not be handed over: {type(exc).__name__}: {exc}", wait_s=5.0)
                 ray.actor.exit_actor()
+
+        def _raysched_retire(self, restored: list) -> Usage | None:
+            # A rescale's hand-over, after the save: ``restored`` is [the ref of the successor's
+            # restore] (nested: unresolved). Once it worked, record this incarnation's row (the
+            # ``_raysched_end`` that follows ends it). If the save or the restore failed, this
+            # one keeps serving on its state (no call was sent to it after the save): ending
+            # it lost the actor's state for good (a helper's audit). A successor not restored
+            # within _HAND_OVER_WAIT_S (not placed: it may need what this one holds) ends it
+            # as before: its state is then only in the saved object.
+            import ray
+
+            ready, _ = ray.wait([restored[0]], timeout=_HAND_OVER_WAIT_S, fetch_local=False)
+            if ready:
+                try:
+                    ray.get(restored[0])
+                except Exception as exc:  # noqa: BLE001 - the hook raised, or the successor died
+                    self._raysched_kept = f"{type(exc).__name__}: {exc}"
+                    return None
+            return self._raysched_incarnation.finish(Outcome.OK, "", wait_s=5.0)
+
+        def _raysched_end(self) -> bool:
+            # Ray's __ray_terminate__, unless ``_raysched_retire`` kept this incarnation serving.
+            if getattr(self, "_raysched_kept", None) is not None:
+                self._raysched_kept = None  # a later rescale's hand-over starts afresh
+                return False
+            import ray
+
+            ray.actor.exit_actor()
+            return True
 
         def _raysched_finish(self, outcome: str, reason: str = "", calls: list | None = None) -> Usage | None:
             # ``calls``: [refs of the calls the handle sent before this one and that had not

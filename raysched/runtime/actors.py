@@ -26,7 +26,8 @@ The handle then
    and hands it the state as an ObjectRef (the driver does not wait for it),
 3. sends every later call to the new actor (Ray runs them after the restore),
 4. has the old actor record its row (an ``ok`` one: what it used is real) and
-   exit once its queue is done,
+   exit once its queue is done (with the hooks: once the restore worked; if the save
+   or the restore raised, the old actor serves on and its handle sends calls back to it),
 
 and notes the rescale as an event.  Calls made before the switch finish on the
 old actor, calls after it run on the new one: none is lost or run twice.  That order
@@ -490,7 +491,7 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
     def _check_restored(self) -> None:
         """Whether the last rescale's state reached the new incarnation; if its save or restore
         raised, the incarnation ended (``_raysched_restore``): later calls fail saying why."""
-        restored, state, spec = self._restoring
+        restored, state, spec, old_actor, old_spec = self._restoring
         done, _ = ray.wait([restored], timeout=0, fetch_local=False)
         if not done:
             return
@@ -500,11 +501,26 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             return
         except Exception:  # noqa: BLE001 - the save or the restore raised (the incarnation ended), or it died
             pass
+        old_died = False
         try:
             ray.get(state, timeout=0)  # the save's own error says the most
             cause = "its restore hook raised, or it died (its row in raysched.profiles says which)"
+        except ray.exceptions.RayActorError as exc:
+            old_died, cause = True, f"its predecessor died before its state was saved: {exc}"
         except Exception as exc:  # noqa: BLE001
             cause = f"its predecessor's save hook raised: {exc}"
+        if self._stopped is None and spec.attempt == self._spec.attempt and not old_died and not _is_dead(old_actor):
+            # The predecessor still holds the state (nothing was sent to it after the save,
+            # and it did not end: _raysched_retire): calls go back to it. Only those sent to
+            # the failed successor meanwhile fail (with ActorDiedError), having never run.
+            self._actor, self._spec = old_actor, old_spec
+            self._draining.pop(old_spec.live_key, None)
+            rescale = self._rescales.pop() if self._rescales and self._rescales[-1].incarnation == spec.attempt else None
+            if rescale is not None:
+                self._skip(replace(rescale.decision, timestamp=time.time()),
+                           f"the state could not be handed over to its incarnation {spec.attempt} ({cause}); "
+                           f"incarnation {old_spec.attempt} serves on with its state", warn=True)
+            return
         if self._stopped is None and spec.attempt == self._spec.attempt:
             self._stopped = RayschedError(
                 f"actor {self._class.name} ({spec.call_id}): its state could not be handed over to its incarnation "
@@ -580,18 +596,24 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 return None
             state = old_actor._raysched_save.remote()  # after every call already sent to it
             restored = new_actor._raysched_restore.remote([state])  # before every call sent from now on
-            if self._class.hands_over_state:
-                self._restoring = (restored, state, new_spec)  # checked by the watcher (_watch_keys)
             self._actor, self._spec = new_actor, new_spec
             # Its row is an ordinary "ok" one (outcomes are a fixed set); the rescale is an event.
-            finished = old_actor._raysched_finish.remote(Outcome.OK.value, "", self._calls_before())
-            if self._in_flight is not None:
-                # Its calls run at once: ended now, it could end before its row is recorded.
-                self._in_flight = _InFlight()  # the successor's calls from here on
-                threading.Thread(target=_end_after, args=(old_actor, finished), name="raysched-actor-end",
-                                 daemon=True).start()
+            if self._class.hands_over_state:
+                # It runs one call at a time (else skipped above). It records its row and ends once
+                # the restore worked; if the save or the restore failed it serves on, on its state,
+                # and the watcher (_check_restored) sends the calls back to it.
+                self._restoring = (restored, state, new_spec, old_actor, old_spec)
+                finished = old_actor._raysched_retire.remote([restored])
+                old_actor._raysched_end.remote()
             else:
-                old_actor.__ray_terminate__.remote()
+                finished = old_actor._raysched_finish.remote(Outcome.OK.value, "", self._calls_before())
+                if self._in_flight is not None:
+                    # Its calls run at once: ended now, it could end before its row is recorded.
+                    self._in_flight = _InFlight()  # the successor's calls from here on
+                    threading.Thread(target=_end_after, args=(old_actor, finished), name="raysched-actor-end",
+                                     daemon=True).start()
+                else:
+                    old_actor.__ray_terminate__.remote()
             self._draining[old_spec.live_key] = (old_spec, finished, None)
             done = Rescale(new_spec.attempt, old_spec.allocation, target, decision, time.time())
             self._rescales.append(done)
