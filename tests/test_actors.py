@@ -113,3 +113,28 @@ def test_the_watcher_asks_once_for_every_running_incarnation_and_hands_stops_to_
     gc.collect()
     watcher.check_once()
     assert asked[-1] == ["a:0", "a:1", "b:1"] and len(asked) == 1
+
+
+def test_an_actor_that_did_not_opt_in_is_warned_only_when_one_that_did_would_be_rescaled():
+    """The README: memory over its allocation x 1.2 for 3 samples is a rescale, or for a class that
+    did not opt in a warning. The warning came on the first sample over it: a spike the opted-in
+    actor rides out warned "left as is: did not opt in", and used up the rule's one firing."""
+    from raysched.policy import rules as R
+    from raysched.policy.recipe import build_rules
+    from raysched.policy.rules import AttemptState, LiveReport
+
+    def report(i, rss, rescalable):
+        return LiveReport(function="mod.A", code_hash="h", call_id="actor:1", attempt=1, node_id="n", priority=0,
+                          allocation=Allocation(0.5, 256 * MiB), predicted_memory_upper_bytes=0.0,
+                          predicted_wall_upper_s=100.0, prediction_source="fallback", rss_bytes=rss,
+                          peak_rss_bytes=rss, cpu_seconds=0.0, wall_seconds=1.0 + i, timestamp=1.0 + i,
+                          kind=R.ACTOR, rescalable=rescalable, start_rss_bytes=100 * MiB)
+
+    rules = build_rules(CFG)
+    spike_then_growth = [400 * MiB, 200 * MiB] + [400 * MiB] * CFG.monitor_sustain_samples
+    for rescalable, wanted in ((True, R.RESCALE), (False, R.WARN)):
+        state, got = AttemptState(), []
+        for i, rss in enumerate(spike_then_growth):
+            state, decisions = rules.evaluate(state, report(i, rss, rescalable))
+            got += [(i, d.action) for d in decisions if d.rule == "memory_over_allocation"]
+        assert got == [(len(spike_then_growth) - 1, wanted)], (rescalable, got)

@@ -680,7 +680,10 @@ class Rules:
             streaks[rule.name] = streaks.get(rule.name, 0) + 1
             if finding.action in STOPS and first_stop is None:
                 first_stop = (rule, finding)
-            needed = rule.sustain if finding.action in STOPS else 1
+            # An actor's warning is a rescale not done (AsRescale): it needs the samples the
+            # rescale would. On one sample, a spike that an opted-in actor rides out warned
+            # "left as is" of one that did not opt in, and used up the rule's one firing.
+            needed = rule.sustain if finding.action in STOPS or report.kind == ACTOR else 1
             if streaks[rule.name] < needed or (stop is not None and finding.action in STOPS):
                 continue  # not held long enough yet; or an earlier rule already stops it
             if finding.action in STOPS and first_stop[0] is not rule:  # type: ignore[index]
