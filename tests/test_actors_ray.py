@@ -284,6 +284,31 @@ def test_a_stateless_actor_whose_incarnation_died_first_is_rescaled_into_one_tha
     ray.get(handle.terminate(), timeout=60)
 
 
+@adaptive_remote(memory=256 * MiB, rescalable=True)
+class Spans:
+    def span(self, delay: float) -> tuple:
+        start = time.time()
+        time.sleep(delay)
+        return start, time.time()
+
+
+def test_a_stateless_actors_calls_keep_their_order_across_a_rescale(ray_session):
+    """Ray runs one caller's calls to an actor in the order sent. Across a rescale of an actor
+    with no state to hand over, a call sent after the switch ran on the new actor at once,
+    while one sent before still ran on the old: the later call overtook the earlier one."""
+    handle = Spans.remote()
+    ray.get(handle.span.remote(0.0), timeout=60)
+    before = handle.span.remote(4.0)
+    spec = handle._spec
+    grown = Decision("memory_over_allocation", RESCALE, spec.function, spec.live_key, spec.attempt,
+                     measured=400 * MiB, allocated=float(spec.allocation.memory_bytes), detail="grew")
+    assert handle._apply(grown) is not None and handle.raysched.incarnation == 2
+    after = handle.span.remote(0.0)
+    (_, before_end), (after_start, _) = ray.get([before, after], timeout=60)
+    assert after_start >= before_end, f"the later call started {before_end - after_start:.2f} s before the earlier ended"
+    ray.get(handle.raysched.terminate(), timeout=60)
+
+
 @adaptive_remote(memory=200 * MiB, max_concurrency=4)
 class ThreadedTally:
     def __init__(self):

@@ -164,7 +164,12 @@ def make_actor_class(cls: type, config: RayschedConfig) -> type:
             restore = getattr(self, RESTORE_HOOK, None)
             if restore is None:
                 # Nothing to hand over (rescalable=True without hooks): a predecessor that died
-                # first (its node lost before Ray marked it dead) must not end this one too.
+                # first (its node lost before Ray marked it dead) must not end this one too. But
+                # as with one Ray actor, a caller's later calls run after its earlier ones: they
+                # wait here until the predecessor has run those (its save comes after them).
+                # They ran at once on the new actor, overtaking calls still queued on the old.
+                if state:
+                    ray.wait([state[0]], fetch_local=False)
                 return
             try:
                 restore(ray.get(state[0]))

@@ -595,7 +595,10 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 self._skip(decision, f"creating its successor failed: {type(exc).__name__}: {exc}", warn=True)
                 return None
             state = old_actor._raysched_save.remote()  # after every call already sent to it
-            restored = new_actor._raysched_restore.remote([state])  # before every call sent from now on
+            # Before every call sent from now on; and to an actor that runs one call at a time,
+            # after the old one has run every call sent before (Ray's order for one caller), even
+            # with nothing to hand over. One that runs calls at once promises no order.
+            restored = new_actor._raysched_restore.remote([] if concurrency else [state])
             self._actor, self._spec = new_actor, new_spec
             # Its row is an ordinary "ok" one (outcomes are a fixed set); the rescale is an event.
             if self._class.hands_over_state:
