@@ -68,7 +68,7 @@ from ..policy.thinning import ShortCallThinning, thinning_from_config
 from ..types import AttemptRecord, Outcome, Usage
 from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
 from .options import ask_a_return, definition_options, ray_remote, remote_options, retry_budget
-from .rows import OnePerHome, RowSink, attempt_row, flush_all_sinks, get_sink
+from .rows import OnePerHome, RowSink, attempt_row, attempt_row_id, flush_all_sinks, get_sink
 from .session import NAMESPACE, adopt_config, get_config, monitor_name
 from .spec import AttemptSpec, decode_spec, encode_spec
 
@@ -763,10 +763,13 @@ def _killed_unretried(spec: AttemptSpec) -> AttemptRecord:
 
 def _record_for(spec: AttemptSpec, outcome: Outcome, usage: Usage | None, reason: str) -> None:
     """Record an attempt that could not record itself (killed with its worker, or never
-    started), from another task: with its last live use (None: it sent none), ending now."""
+    started), from another task: with its last live use (None: it sent none), ending now.
+
+    Under the attempt's own row id (``attempt_row_id``): a worker that died after its row was
+    sent but before its marker said so (``_hand_over``) is recorded once, not twice."""
     now = time.time()
     get_sink(spec.config).add(attempt_row(spec, outcome, usage, now - (usage.wall_seconds if usage else 0.0),
-                                          now, reason))
+                                          now, reason, row_id=attempt_row_id(spec)))
     _forget_live(spec, force=True)
 
 
