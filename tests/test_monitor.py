@@ -1067,3 +1067,53 @@ def test_samples_that_reach_the_monitor_after_their_attempts_end_judge_nothing_a
         clock.advance(1.0)
         reply = monitor.report([other(node_used_bytes=15.5 * GiB, node_total_bytes=16 * GiB)])
     assert list(reply) == ["other"]
+
+
+def test_a_handed_over_attempt_reports_the_room_its_waiting_tasks_leave_the_ladder(monkeypatch):
+    """An attempt whose call's earlier task waits for it (a hand-over marker, holding its label)
+    tells the monitor the most its next attempt may get: the largest node less both labels,
+    which ``climb_and_resubmit`` would cap the ladder at. Without it the monitor judged the
+    attempt by the largest node less its own label, and stopped it into AttemptsExhausted."""
+    pytest.importorskip("ray")
+    from raysched.runtime import worker
+    from raysched.runtime.rows import RowSink
+    from raysched.runtime.spec import AttemptSpec
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    cfg = RayschedConfig(live_interval_s=0.05)
+    first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                        prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                        allocation=Allocation(num_cpus=1.0, memory_bytes=5 * GiB), config=cfg,
+                        largest_node_bytes=16 * GiB)
+    second = replace(first, attempt=2, allocation=Allocation(num_cpus=1.0, memory_bytes=6 * GiB))
+
+    class FakeKV:
+        @staticmethod
+        def _internal_kv_list(prefix, namespace=None):
+            key = f"handover:c0:1:{5 * GiB}".encode()  # attempt 1's task waits, holding 5 GiB
+            return [key] if key.startswith(prefix.encode()) else []
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    reports: list = []
+
+    class FakeReporter:
+        def add(self, report):
+            reports.append(report)
+
+        def directive(self, call_id, attempt):
+            return None
+
+        def ended(self, call_id, attempt, when):
+            pass
+
+    monkeypatch.setattr(worker, "_kv", lambda: FakeKV())
+    monkeypatch.setattr(worker, "get_sink", lambda config: RowSink(60.0, lambda rows: None))
+    monkeypatch.setattr(worker, "get_reporter", lambda config, create=True: FakeReporter())
+    monkeypatch.setattr(worker, "_node_id", lambda: "node-a")
+    assert worker.run_measured(lambda: time.sleep(0.4) or 7, second, (), {}) == 7
+    assert reports, "no live sample reported"
+    assert {r.ladder_room_bytes for r in reports} == {6 * GiB}  # max(16 - 6 - 5, 6) GiB
+    # Over its allocation, it is warned about and left running, not stopped for a rung that cannot fit.
+    assert R.MemoryOverAllocation(1.2, 4)(replace(reports[-1], rss_bytes=8 * GiB)).action == R.WARN

@@ -377,8 +377,12 @@ def end_child_processes(since: float, grace_s: float = 0.5) -> int:
     return len(children)
 
 
-def _on_live(spec: AttemptSpec, running: _Running) -> Callable[[Any, LiveSample], None]:
-    """The sampler thread's callback: publish the sample, report it, apply a stop the monitor decided."""
+def _on_live(spec: AttemptSpec, running: _Running,
+             room: float | None = None) -> Callable[[Any, LiveSample], None]:
+    """The sampler thread's callback: publish the sample, report it, apply a stop the monitor decided.
+
+    ``room``: the most the ladder may give the next attempt (``ladder_room``), reported so
+    that the monitor does not stop an attempt for which no bigger one fits."""
 
     def on_sample(_key: Any, sample: LiveSample) -> None:
         try:
@@ -396,7 +400,7 @@ def _on_live(spec: AttemptSpec, running: _Running) -> Callable[[Any, LiveSample]
             return
         from .monitor import report_from
 
-        reporter.add(report_from(spec, sample, _node_id()))
+        reporter.add(report_from(spec, sample, _node_id(), ladder_room_bytes=room))
         decision = reporter.directive(spec.call_id, spec.attempt)
         if decision is None or not decision.stops:
             return
@@ -432,8 +436,11 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     running = _Running(threading.get_ident(), spec, started)
     outcome, error, stop, usage = Outcome.OK, "", None, None
     ending: BaseException | None = None  # the user's exception, or a SystemExit
+    # A later attempt's call may have earlier tasks waiting for it, holding their labels
+    # (read once, here: they wait until this attempt ends); a first attempt has none.
+    room = ladder_room(spec) if spec.attempt > 1 and spec.config.monitor_enabled else None
     try:
-        sampler.register(spec.live_key, meter, _on_live(spec, running))
+        sampler.register(spec.live_key, meter, _on_live(spec, running, room))
         value = fn(*args, **kwargs)
         running.finish()
         return value
@@ -572,10 +579,7 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
         # (Ray releases a blocked task's CPU, not its memory), and so do the call's earlier
         # tasks that wait for it in turn: the next attempt must fit beside them all, so the
         # ladder is capped at the largest node less those labels.
-        room = None
-        if spec.largest_node_bytes:
-            held = _held_label(spec)
-            room = max(spec.largest_node_bytes - held - _labels_of_waiting_tasks(spec.call_id), held)
+        room = ladder_room(spec)
         limit = MemoryOverHardCap(spec.config.memory_limit_bytes, dict(spec.config.memory_limits)).limit_for(spec.function)
         allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room, limit))
         if allocation is None:
@@ -591,6 +595,17 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
                 allocation, reason="; ".join(filter(None, (allocation.reason, note)))))
             return _run_in_place(spec, in_place, run_here)
     return _hand_over(spec, next_spec, args, kwargs, resubmit, run_here)
+
+
+def ladder_room(spec: AttemptSpec) -> float | None:
+    """The most the ladder may give the attempt after ``spec``'s (None: no largest node known):
+    the largest node less the `memory` label this task keeps while it waits and those of the
+    call's earlier tasks that wait in turn (their hand-over markers), at least this task's
+    label. Called in the attempt's own thread (its task's label, ``_held_label``)."""
+    if not spec.largest_node_bytes:
+        return None
+    held = _held_label(spec)
+    return max(spec.largest_node_bytes - held - _labels_of_waiting_tasks(spec.call_id), held)
 
 
 def _wait_for_room_here(spec: AttemptSpec, next_spec: AttemptSpec) -> float | None:
