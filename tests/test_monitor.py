@@ -1117,3 +1117,29 @@ def test_a_handed_over_attempt_reports_the_room_its_waiting_tasks_leave_the_ladd
     assert {r.ladder_room_bytes for r in reports} == {6 * GiB}  # max(16 - 6 - 5, 6) GiB
     # Over its allocation, it is warned about and left running, not stopped for a rung that cannot fit.
     assert R.MemoryOverAllocation(1.2, 4)(replace(reports[-1], rss_bytes=8 * GiB)).action == R.WARN
+
+
+def test_a_stop_that_fails_the_call_leaves_its_marker_only_for_a_retry_ray_will_run(monkeypatch):
+    """A stop at a hard limit (or a cancel) writes a marker that makes Ray's retry of its task
+    fail the same way; without a retry of that error (no ``retry_exceptions``) none reads it,
+    and each such call left one key in Ray's KV for the cluster's life."""
+    pytest.importorskip("ray")
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+
+    kv: dict[str, bytes] = {}
+    monkeypatch.setattr(worker, "_kv_put", lambda key, value: kv.__setitem__(key, value) or True)
+    monkeypatch.setattr(worker, "_kv_del", lambda key: kv.pop(key, None))
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=GiB), config=RayschedConfig())
+    limit = R.Decision("memory_hard_limit", R.STOP_LIMIT, "f", "c0", 1, 2.0 * GiB, GiB, "over")
+    cancel = R.Decision("slow", R.CANCEL, "f", "c0", 1, detail="slow")
+    for decision in (limit, cancel):
+        worker._put_stop_marker(spec, decision, recorded=False)  # as a hard stop leaves it
+        worker._mark_failed_stop(spec, decision)
+        assert kv == {}, decision.action  # read by this retry, and no other comes
+        retried = replace(spec, ray_options=(("max_retries", 2), ("retry_exceptions", True)))
+        worker._mark_failed_stop(retried, decision)
+        assert list(kv) == [worker._stop_key(spec)] and b'"recorded": true' in kv.popitem()[1]

@@ -311,6 +311,17 @@ def _drop_stop_marker(spec: AttemptSpec) -> None:
     _kv_del(_stop_key(spec))
 
 
+def _mark_failed_stop(spec: AttemptSpec, decision: Any) -> None:
+    """Before a stop that fails the call (a hard limit, a cancel) is raised: a stop marker, recorded,
+    for Ray's retry of the task if Ray retries that error (``retry_exceptions``), so that it fails
+    the same way instead of rerunning the function; else none. No retry reads it then, and every
+    call stopped so stayed in Ray's KV for the cluster's life."""
+    if _ray_retries(spec, _stop_error(spec, decision)):
+        _put_stop_marker(spec, decision, recorded=True)
+    else:
+        _drop_stop_marker(spec)  # the marker a hard stop left for this retry, read now
+
+
 def _monitor_directive(spec: AttemptSpec) -> Any:
     """The stop the monitor decided for exactly this attempt, if it is reachable and decided one."""
     if not spec.config.monitor_enabled:
@@ -487,7 +498,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     gc.collect()
     end_child_processes(started)  # any it started after the stop was raised (a pool refilling itself)
     if stop.action in ("stop_limit", "cancel"):
-        _put_stop_marker(spec, stop, recorded=True)  # a Ray retry (retry_exceptions) must not rerun it
+        _mark_failed_stop(spec, stop)  # a Ray retry (retry_exceptions) must not rerun it
     return _apply_stop(fn, spec, stop, usage, error, args, kwargs, resubmit or _resubmitter(fn, spec.config))
 
 
@@ -544,14 +555,19 @@ def _apply_stop(fn: Callable[..., Any], spec: AttemptSpec, decision: Any, usage:
                 args: tuple, kwargs: Mapping[str, Any],
                 resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]) -> Any:
     """What follows a stopped attempt (its row is written): fail, or resubmit the next attempt."""
-    if decision.action == "stop_limit":
-        raise decision.limit_error()
-    if decision.action == "cancel":
-        raise StoppedByMonitor(spec.function, spec.attempt, decision.rule, decision.detail)
+    if decision.action in ("stop_limit", "cancel"):
+        raise _stop_error(spec, decision)
     record = AttemptRecord(spec.attempt, spec.allocation, _STOP_OUTCOMES[decision.action], usage, reason)
     same = decision.action == "requeue_lowest_priority"  # it gave way on its node: the same size again
     return climb_and_resubmit(spec, record, args, kwargs, resubmit, same_allocation=same,
                               run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
+
+
+def _stop_error(spec: AttemptSpec, decision: Any) -> BaseException:
+    """The error a stop that fails the call ends it with."""
+    if decision.action == "stop_limit":
+        return decision.limit_error()
+    return StoppedByMonitor(spec.function, spec.attempt, decision.rule, decision.detail)
 
 
 def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: tuple, kwargs: Mapping[str, Any],
@@ -1025,9 +1041,9 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         reason = _stop_reason(decision, _KILLED_BY_RAYSCHED if marker is not None else _DIED_BEFORE_STOP)
         if not recorded:
             _record_for(spec, _STOP_OUTCOMES[decision.action], usage, reason)
-            if decision.action in ("stop_limit", "cancel"):
-                _put_stop_marker(spec, decision, recorded=True)  # any further retry fails the same way
-        if decision.action not in ("stop_limit", "cancel"):
+        if decision.action in ("stop_limit", "cancel"):
+            _mark_failed_stop(spec, decision)  # any further retry fails the same way
+        else:
             _drop_stop_marker(spec)
         return _apply_stop(fn, spec, decision, usage, reason, args, kwargs, resubmit)
     attempt_number = _ray_attempt_number()
