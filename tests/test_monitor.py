@@ -894,13 +894,14 @@ def test_a_handed_over_attempt_ray_killed_without_a_retry_is_recorded_and_climbe
         assert [(r["attempt"], r["outcome"]) for r in rows] == [(3, "oom_killed")]
         assert [s.attempt for s in submitted] == [2, 4] and submitted[1].allocation.memory_bytes > 2 * GiB
         # The killed task was itself waiting for a later attempt, which died with it: that one
-        # is submitted again under the next number, with the same allocation.
+        # is recorded as lost and submitted again under the next number, with the same allocation.
         rows.clear(), submitted.clear(), kv.clear()
         kv[worker._handover_key(second)] = worker.encode_spec(third)
         outcomes[:] = [ray.exceptions.OutOfMemoryError("killed, not retried"), 44]
         assert worker._hand_over(first, second, (), {}, resubmit, run_here=None) == 44
-        assert rows == [] and [(s.attempt, s.allocation) for s in submitted] == [(2, second.allocation),
-                                                                                (4, third.allocation)]
+        assert [(r["attempt"], r["outcome"]) for r in rows] == [(3, "cancelled")]
+        assert [(s.attempt, s.allocation) for s in submitted] == [(2, second.allocation), (4, third.allocation)]
+        assert [a.attempt for a in submitted[1].prior] == [1, 2, 3]
     finally:
         worker._TASK_SPEC.reset(token)
 
@@ -1143,3 +1144,39 @@ def test_a_stop_that_fails_the_call_leaves_its_marker_only_for_a_retry_ray_will_
         retried = replace(spec, ray_options=(("max_retries", 2), ("retry_exceptions", True)))
         worker._mark_failed_stop(retried, decision)
         assert list(kv) == [worker._stop_key(spec)] and b'"recorded": true' in kv.popitem()[1]
+
+
+def test_an_attempt_lost_with_the_task_that_waited_for_it_counts_as_an_attempt(monkeypatch):
+    """Attempt 1's task waited for attempt 2 and died; Ray's retry of it submits attempt 3. Attempt
+    2 is recorded (as cancelled: it ended with its owner) and counted in attempt 3's failed
+    attempts: left out, a call ran past its max_attempts (the ladder counts them) and its
+    AttemptsExhausted did not list it."""
+    pytest.importorskip("ray")
+    from raysched.errors import AttemptsExhausted
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+    from raysched.types import AttemptRecord, Outcome
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                        prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                        allocation=Allocation(num_cpus=1.0, memory_bytes=GiB), config=RayschedConfig(max_attempts=4))
+    stopped = AttemptRecord(1, first.allocation, Outcome.OOM_KILLED, None, "stopped")
+    recorded, submitted = [], []
+    monkeypatch.setattr(worker, "_record_for", lambda spec, outcome, usage, reason: recorded.append((spec.attempt, outcome)))
+    monkeypatch.setattr(worker, "_last_live_usage", lambda spec: None)
+    monkeypatch.setattr(worker, "_kv_del", lambda key: None)
+    monkeypatch.setattr(worker, "_call_ends", lambda spec, error: error)
+    monkeypatch.setattr(worker, "_hand_over", lambda spec, next_spec, *rest: submitted.append(next_spec) or "value")
+
+    handed = replace(first, attempt=2, prior=(stopped,), allocation=Allocation(num_cpus=1.0, memory_bytes=2 * GiB))
+    assert worker._after_lost_handover(first, handed, (), {}, None, None) == "value"
+    assert recorded == [(2, Outcome.CANCELLED)]
+    (next_spec,) = submitted
+    assert next_spec.attempt == 3 and [a.attempt for a in next_spec.prior] == [1, 2], next_spec.prior
+    assert next_spec.prior[-1].outcome is Outcome.CANCELLED
+
+    last = replace(handed, attempt=4, prior=tuple(replace(stopped, attempt=n) for n in (1, 2, 3)))
+    with pytest.raises(AttemptsExhausted) as info:
+        worker._after_lost_handover(replace(first, attempt=3), last, (), {}, None, None)
+    assert [a.attempt for a in info.value.attempts] == [1, 2, 3, 4] and recorded[-1] == (4, Outcome.CANCELLED)

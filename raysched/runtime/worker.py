@@ -1090,17 +1090,31 @@ def _after_lost_handover(spec: AttemptSpec, handed: AttemptSpec, args: tuple, kw
                          resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any],
                          run_here: Callable[[AttemptSpec], Any] | None) -> Any:
     """``spec``'s attempt was recorded and handed over to ``handed``; then its task died while
-    waiting, and ``handed`` died with it as its owner (or runs on, orphaned, and records
-    itself). Submit again under the following number, with the same allocation."""
+    waiting, and ``handed`` died with it as its owner (Ray ends the tasks of a dead owner;
+    or it runs on, orphaned, and records itself). ``handed`` is recorded as cancelled (its
+    own row, if it wrote one, has the same id: ``rows.attempt_row_id``); submit again under
+    the following number, with the same allocation."""
+    usage = _last_live_usage(handed)
+    reason = f"lost with attempt {spec.attempt}'s task, which died while waiting for it"
+    _record_for(handed, Outcome.CANCELLED, usage, reason)
+    # Its task's markers, which no retry of it reads: its start, and the exit Ray's end of an
+    # orphan (a SystemExit) made it note for a retry (``_note_ending``).
+    _kv_del(_started_key(handed))
+    try:
+        for key in _kv()._internal_kv_list(f"raised:{handed.live_key}:", namespace=LIVE_KV_NAMESPACE):
+            _kv_del(key.decode())
+    except Exception:  # noqa: BLE001
+        pass
+    lost = AttemptRecord(handed.attempt, handed.allocation, Outcome.CANCELLED, usage, reason)
     if handed.attempt >= spec.config.max_attempts:
         # Ray retries a task its memory monitor killed without end: the call's attempts bound it.
         _drop_handover(spec)
-        lost = AttemptRecord(handed.attempt, handed.allocation, Outcome.ERROR, None,
-                             f"lost with attempt {spec.attempt}'s task, which died while waiting for it")
-        raise AttemptsExhausted(spec.function, handed.prior + (lost,), "tasks kept dying while they waited")
+        raise _call_ends(spec, AttemptsExhausted(spec.function, handed.prior + (lost,),
+                                                 "tasks kept dying while they waited"))
     logger.warning("raysched: %s attempt %d died while waiting for attempt %d; submitting attempt %d",
                    spec.function, spec.attempt, handed.attempt, handed.attempt + 1)
-    return _hand_over(spec, replace(handed, attempt=handed.attempt + 1), args, kwargs, resubmit, run_here)
+    return _hand_over(spec, replace(handed, attempt=handed.attempt + 1, prior=handed.prior + (lost,)),
+                      args, kwargs, resubmit, run_here)
 
 
 #: How long ``recover`` waits for the profiler to take a failed attempt's row before it
