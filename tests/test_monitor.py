@@ -1180,3 +1180,31 @@ def test_an_attempt_lost_with_the_task_that_waited_for_it_counts_as_an_attempt(m
     with pytest.raises(AttemptsExhausted) as info:
         worker._after_lost_handover(replace(first, attempt=3), last, (), {}, None, None)
     assert [a.attempt for a in info.value.attempts] == [1, 2, 3, 4] and recorded[-1] == (4, Outcome.CANCELLED)
+
+
+def test_the_rerun_marker_of_an_attempt_run_in_place_goes_when_the_call_is_cancelled(monkeypatch):
+    """An attempt run in a task after a failure (in place of a waiting one, or rerun) is named
+    by a marker for Ray's retry of the task. A soft cancel (a KeyboardInterrupt, which Ray does
+    not retry) left it in Ray's KV for good; an exit (the worker ends, Ray retries) keeps it."""
+    pytest.importorskip("ray")
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+
+    kv = {}
+    monkeypatch.setattr(worker, "_kv_del", lambda key: kv.pop(key, None))
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    task = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=GiB), config=RayschedConfig())
+    second = replace(task, attempt=2)
+
+    def raising(exc):
+        def run():
+            raise exc
+        return run
+
+    for exc, kept in ((KeyboardInterrupt(), False), (ValueError("boom"), False), (SystemExit(1), True)):
+        kv[worker._run_here_key(task)] = b"spec"
+        with pytest.raises(type(exc)):
+            worker._run_marked(task, second, raising(exc))
+        assert (worker._run_here_key(task) in kv) == kept, exc

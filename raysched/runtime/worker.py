@@ -1143,11 +1143,12 @@ def _run_again_here(fn: Callable[..., Any], task_spec: AttemptSpec, spec: Attemp
 
 def _run_marked(task_spec: AttemptSpec, spec: AttemptSpec, run: Callable[[], Any]) -> Any:
     """``run()`` the attempt ``spec`` under this task's rerun marker, dropped once no retry of
-    the task will read it: after a return, or an exception Ray does not retry."""
+    the task will read it: after a return, or an exception Ray does not retry (a cancel's
+    KeyboardInterrupt too; not a SystemExit, which ends the worker: Ray's retry reads it)."""
     try:
         value = run()
-    except Exception as exc:
-        if not _ray_retries(spec, exc):
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit) and not _ray_retries(spec, exc):
             _kv_del(_run_here_key(task_spec))
         raise  # kept otherwise: the retry_exceptions rerun reads it
     _kv_del(_run_here_key(task_spec))
