@@ -66,6 +66,17 @@ def check_calls(function, refs, expected, timeout=120):
     return rows
 
 
+def markers_left(function) -> list[bytes]:
+    """The keys raysched left in Ray's KV for the calls of ``function`` in its rows: none once they ended."""
+    from ray.experimental import internal_kv
+
+    from raysched.runtime.worker import LIVE_KV_NAMESPACE
+
+    keys = internal_kv._internal_kv_list("", namespace=LIVE_KV_NAMESPACE)
+    calls = {c.encode() for c in raysched.profiles(function)["call_id"].dropna()}
+    return [k for k in keys if any(c in k for c in calls)]
+
+
 # --- a task that grows without end stops at its hard cap --------------------------------------------------
 
 
@@ -112,6 +123,7 @@ def test_a_leaky_task_ends_at_its_hard_cap_with_resource_limit_exceeded(faults):
     assert rows["peak_rss_bytes"].iloc[0] > CAP
     events = raysched.events(leaks_forever)
     assert list(events["action"]) == ["stop_limit"]
+    assert markers_left(leaks_forever) == []  # its stop marker was left in Ray's KV for good
 
 
 def test_a_task_stuck_in_c_code_past_its_cap_has_its_worker_killed_and_is_not_rerun(faults):
@@ -124,6 +136,7 @@ def test_a_task_stuck_in_c_code_past_its_cap_has_its_worker_killed_and_is_not_re
     assert list(rows["outcome"]) == ["limit_stopped"], rows
     assert "worker killed" in rows["error"].iloc[0]
     assert rows["peak_rss_bytes"].iloc[0] > CAP
+    assert markers_left(leaks_then_hangs_in_c) == []  # the hard stop's marker, read by the retry
 
 
 def _leak_then_hold(pid_file: str) -> None:
@@ -524,10 +537,16 @@ def test_a_task_killed_while_waiting_for_its_next_attempt_records_nothing_twice(
     time.sleep(2)  # an orphaned attempt 2 may still record itself
     rows = raysched.profiles(grows_then_holds).sort_values("attempt")
     attempts = rows["attempt"].tolist()
-    assert len(attempts) == len(set(attempts)), rows[["attempt", "outcome", "error"]]
+    # Attempts 1..n, each once: attempt 2 ended with the task that waited for it (Ray ends the
+    # tasks of a dead owner, with a SystemExit: it may record itself as an error first), and
+    # that task's retry records it as cancelled, under the same row id.
+    assert attempts == list(range(1, len(attempts) + 1)), rows[["attempt", "outcome", "error"]]
     first = rows[rows["attempt"] == 1]
     assert len(first) == 1 and first["outcome"].iloc[0] == "oom_killed"  # stopped by the monitor, recorded once
     assert rows["outcome"].iloc[-1] == "ok" and rows["attempt"].iloc[-1] >= 3, rows[["attempt", "outcome"]]
+    lost = rows[rows["attempt"] == 2].iloc[0]
+    assert lost["outcome"] in ("cancelled", "error"), rows[["attempt", "outcome", "error", "worker_pid"]].to_dict("records")  # recorded by the retry, or by itself
+    assert markers_left(grows_then_holds) == []  # its live sample and start marker too
 
 
 @adaptive_remote(memory=256 * MiB, num_cpus=0.5)

@@ -894,13 +894,14 @@ def test_a_handed_over_attempt_ray_killed_without_a_retry_is_recorded_and_climbe
         assert [(r["attempt"], r["outcome"]) for r in rows] == [(3, "oom_killed")]
         assert [s.attempt for s in submitted] == [2, 4] and submitted[1].allocation.memory_bytes > 2 * GiB
         # The killed task was itself waiting for a later attempt, which died with it: that one
-        # is submitted again under the next number, with the same allocation.
+        # is recorded as lost and submitted again under the next number, with the same allocation.
         rows.clear(), submitted.clear(), kv.clear()
         kv[worker._handover_key(second)] = worker.encode_spec(third)
         outcomes[:] = [ray.exceptions.OutOfMemoryError("killed, not retried"), 44]
         assert worker._hand_over(first, second, (), {}, resubmit, run_here=None) == 44
-        assert rows == [] and [(s.attempt, s.allocation) for s in submitted] == [(2, second.allocation),
-                                                                                (4, third.allocation)]
+        assert [(r["attempt"], r["outcome"]) for r in rows] == [(3, "cancelled")]
+        assert [(s.attempt, s.allocation) for s in submitted] == [(2, second.allocation), (4, third.allocation)]
+        assert [a.attempt for a in submitted[1].prior] == [1, 2, 3]
     finally:
         worker._TASK_SPEC.reset(token)
 
@@ -1067,3 +1068,143 @@ def test_samples_that_reach_the_monitor_after_their_attempts_end_judge_nothing_a
         clock.advance(1.0)
         reply = monitor.report([other(node_used_bytes=15.5 * GiB, node_total_bytes=16 * GiB)])
     assert list(reply) == ["other"]
+
+
+def test_a_handed_over_attempt_reports_the_room_its_waiting_tasks_leave_the_ladder(monkeypatch):
+    """An attempt whose call's earlier task waits for it (a hand-over marker, holding its label)
+    tells the monitor the most its next attempt may get: the largest node less both labels,
+    which ``climb_and_resubmit`` would cap the ladder at. Without it the monitor judged the
+    attempt by the largest node less its own label, and stopped it into AttemptsExhausted."""
+    pytest.importorskip("ray")
+    from raysched.runtime import worker
+    from raysched.runtime.rows import RowSink
+    from raysched.runtime.spec import AttemptSpec
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    cfg = RayschedConfig(live_interval_s=0.05)
+    first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                        prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                        allocation=Allocation(num_cpus=1.0, memory_bytes=5 * GiB), config=cfg,
+                        largest_node_bytes=16 * GiB)
+    second = replace(first, attempt=2, allocation=Allocation(num_cpus=1.0, memory_bytes=6 * GiB))
+
+    class FakeKV:
+        @staticmethod
+        def _internal_kv_list(prefix, namespace=None):
+            key = f"handover:c0:1:{5 * GiB}".encode()  # attempt 1's task waits, holding 5 GiB
+            return [key] if key.startswith(prefix.encode()) else []
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    reports: list = []
+
+    class FakeReporter:
+        def add(self, report):
+            reports.append(report)
+
+        def directive(self, call_id, attempt):
+            return None
+
+        def ended(self, call_id, attempt, when):
+            pass
+
+    monkeypatch.setattr(worker, "_kv", lambda: FakeKV())
+    monkeypatch.setattr(worker, "get_sink", lambda config: RowSink(60.0, lambda rows: None))
+    monkeypatch.setattr(worker, "get_reporter", lambda config, create=True: FakeReporter())
+    monkeypatch.setattr(worker, "_node_id", lambda: "node-a")
+    assert worker.run_measured(lambda: time.sleep(0.4) or 7, second, (), {}) == 7
+    assert reports, "no live sample reported"
+    assert {r.ladder_room_bytes for r in reports} == {6 * GiB}  # max(16 - 6 - 5, 6) GiB
+    # Over its allocation, it is warned about and left running, not stopped for a rung that cannot fit.
+    assert R.MemoryOverAllocation(1.2, 4)(replace(reports[-1], rss_bytes=8 * GiB)).action == R.WARN
+
+
+def test_a_stop_that_fails_the_call_leaves_its_marker_only_for_a_retry_ray_will_run(monkeypatch):
+    """A stop at a hard limit (or a cancel) writes a marker that makes Ray's retry of its task
+    fail the same way; without a retry of that error (no ``retry_exceptions``) none reads it,
+    and each such call left one key in Ray's KV for the cluster's life."""
+    pytest.importorskip("ray")
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+
+    kv: dict[str, bytes] = {}
+    monkeypatch.setattr(worker, "_kv_put", lambda key, value: kv.__setitem__(key, value) or True)
+    monkeypatch.setattr(worker, "_kv_del", lambda key: kv.pop(key, None))
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=GiB), config=RayschedConfig())
+    limit = R.Decision("memory_hard_limit", R.STOP_LIMIT, "f", "c0", 1, 2.0 * GiB, GiB, "over")
+    cancel = R.Decision("slow", R.CANCEL, "f", "c0", 1, detail="slow")
+    for decision in (limit, cancel):
+        worker._put_stop_marker(spec, decision, recorded=False)  # as a hard stop leaves it
+        worker._mark_failed_stop(spec, decision)
+        assert kv == {}, decision.action  # read by this retry, and no other comes
+        retried = replace(spec, ray_options=(("max_retries", 2), ("retry_exceptions", True)))
+        worker._mark_failed_stop(retried, decision)
+        assert list(kv) == [worker._stop_key(spec)] and b'"recorded": true' in kv.popitem()[1]
+
+
+def test_an_attempt_lost_with_the_task_that_waited_for_it_counts_as_an_attempt(monkeypatch):
+    """Attempt 1's task waited for attempt 2 and died; Ray's retry of it submits attempt 3. Attempt
+    2 is recorded (as cancelled: it ended with its owner) and counted in attempt 3's failed
+    attempts: left out, a call ran past its max_attempts (the ladder counts them) and its
+    AttemptsExhausted did not list it."""
+    pytest.importorskip("ray")
+    from raysched.errors import AttemptsExhausted
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+    from raysched.types import AttemptRecord, Outcome
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                        prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                        allocation=Allocation(num_cpus=1.0, memory_bytes=GiB), config=RayschedConfig(max_attempts=4))
+    stopped = AttemptRecord(1, first.allocation, Outcome.OOM_KILLED, None, "stopped")
+    recorded, submitted = [], []
+    monkeypatch.setattr(worker, "_record_for", lambda spec, outcome, usage, reason: recorded.append((spec.attempt, outcome)))
+    monkeypatch.setattr(worker, "_last_live_usage", lambda spec: None)
+    monkeypatch.setattr(worker, "_kv_del", lambda key: None)
+    monkeypatch.setattr(worker, "_call_ends", lambda spec, error: error)
+    monkeypatch.setattr(worker, "_hand_over", lambda spec, next_spec, *rest: submitted.append(next_spec) or "value")
+
+    handed = replace(first, attempt=2, prior=(stopped,), allocation=Allocation(num_cpus=1.0, memory_bytes=2 * GiB))
+    assert worker._after_lost_handover(first, handed, (), {}, None, None) == "value"
+    assert recorded == [(2, Outcome.CANCELLED)]
+    (next_spec,) = submitted
+    assert next_spec.attempt == 3 and [a.attempt for a in next_spec.prior] == [1, 2], next_spec.prior
+    assert next_spec.prior[-1].outcome is Outcome.CANCELLED
+
+    last = replace(handed, attempt=4, prior=tuple(replace(stopped, attempt=n) for n in (1, 2, 3)))
+    with pytest.raises(AttemptsExhausted) as info:
+        worker._after_lost_handover(replace(first, attempt=3), last, (), {}, None, None)
+    assert [a.attempt for a in info.value.attempts] == [1, 2, 3, 4] and recorded[-1] == (4, Outcome.CANCELLED)
+
+
+def test_the_rerun_marker_of_an_attempt_run_in_place_goes_when_the_call_is_cancelled(monkeypatch):
+    """An attempt run in a task after a failure (in place of a waiting one, or rerun) is named
+    by a marker for Ray's retry of the task. A soft cancel (a KeyboardInterrupt, which Ray does
+    not retry) left it in Ray's KV for good; an exit (the worker ends, Ray retries) keeps it."""
+    pytest.importorskip("ray")
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+
+    kv = {}
+    monkeypatch.setattr(worker, "_kv_del", lambda key: kv.pop(key, None))
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    task = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=GiB), config=RayschedConfig())
+    second = replace(task, attempt=2)
+
+    def raising(exc):
+        def run():
+            raise exc
+        return run
+
+    for exc, kept in ((KeyboardInterrupt(), False), (ValueError("boom"), False), (SystemExit(1), True)):
+        kv[worker._run_here_key(task)] = b"spec"
+        with pytest.raises(type(exc)):
+            worker._run_marked(task, second, raising(exc))
+        assert (worker._run_here_key(task) in kv) == kept, exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 from conftest import wait_for
 
@@ -325,3 +326,38 @@ def test_a_flush_at_exit_waits_for_the_batch_the_flush_thread_is_sending():
     sink.flush(wait_s=5.0)
     assert time.monotonic() - started >= 0.45  # until the batch was sent, then taken
     assert sink.in_flight == 0
+
+
+def test_an_attempt_recorded_by_its_worker_and_again_by_the_retry_of_its_task_is_one_row(monkeypatch, tmp_path):
+    """A worker that stops an attempt buffers its row, then writes the marker that tells Ray's
+    retry of its task that the attempt is recorded (``worker._hand_over``). A worker that
+    dies between the two (its row sent, no marker) had its attempt recorded twice: once
+    by itself, once by the retry (``worker.recover``)."""
+    from raysched.config import RayschedConfig
+    from raysched.runtime import worker
+    from raysched.runtime.rows import _build_rows
+    from raysched.runtime.spec import AttemptSpec
+    from raysched.store.profiles import ProfileStore
+    from raysched.types import Allocation, Estimate, Features, MiB, Outcome, Prediction, Usage
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
+                        prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                        allocation=Allocation(num_cpus=1.0, memory_bytes=64 * MiB), config=RayschedConfig())
+    usage = Usage(peak_rss_bytes=90 * MiB, start_rss_bytes=40 * MiB, cpu_seconds=1.0, wall_seconds=1.0)
+    # The worker's own row of the stopped attempt, as its sink builds it...
+    own = _build_rows([(first, Outcome.OOM_KILLED, usage, 1.0, 2.0, "stopped by raysched's monitor", "n", 1)])
+    # ...and the one the retry of its task records for it, with its last live sample.
+    recorded: list[dict] = []
+    monkeypatch.setattr(worker, "get_sink", lambda config: RowSink(60.0, lambda rows: None))
+    monkeypatch.setattr(RowSink, "add", lambda self, row: recorded.append(row))
+    worker._record_for(first, Outcome.OOM_KILLED, usage, "worker died")
+    # The next attempt's rows, and another call's, are their own.
+    second = own + _build_rows([(replace(first, attempt=2), Outcome.OK, usage, 3.0, 4.0, "", "n", 1),
+                                (first.with_call_id("c1"), Outcome.OK, usage, 3.0, 4.0, "", "n", 1)])
+    store = ProfileStore(tmp_path)
+    store.append(own + recorded)
+    store.append(second[1:])
+    rows = store.read("f")
+    assert sorted(zip(rows["call_id"], rows["attempt"])) == [("c0", 1), ("c0", 2), ("c1", 1)], \
+        rows[["call_id", "attempt", "outcome", "error"]]

@@ -638,3 +638,35 @@ def test_a_task_is_stopped_for_the_next_rung_only_where_the_ladder_has_one_besid
     assert check(live(allocation=big, rss_bytes=13 * GiB)).action == R.STOP_AND_RESUBMIT
     assert check(live(allocation=big, rss_bytes=13 * GiB, largest_node_bytes=largest,
                       kind=R.ACTOR)).action == R.STOP_AND_RESUBMIT
+
+
+def test_a_handed_over_attempt_is_not_stopped_where_its_waiting_tasks_leave_the_ladder_no_rung():
+    """Attempt 2 runs while attempt 1's task waits for it, holding its label: the ladder caps
+    attempt 3 at the largest node less both labels (``worker.ladder_room``). Below half the
+    node, attempt 2 was still stopped there, and its call failed with AttemptsExhausted
+    ("killed for memory on every rung") after 2 of its 4 attempts, where Ray let it run."""
+    from raysched.policy.ladder import LadderState
+    from raysched.policy.recipe import build_ladder
+    from raysched.types import AttemptRecord, Outcome
+
+    largest, waiting = 16 * GiB, 5 * GiB  # attempt 1's label, held by its waiting task
+    ladder = build_ladder(CFG)
+    check = R.MemoryOverAllocation(1.2, 4)
+    est = live().allocation
+    memory = Estimate(target=GiB, lower=GiB, upper=GiB, coverage=0.9, n_history=20)
+    prediction = Prediction(memory=memory, cpu=memory, wall=memory, source="history")
+    first = AttemptRecord(1, replace(est, memory_bytes=waiting), Outcome.OOM_KILLED, None, "stopped")
+    for gib in (2, 5, 5.5, 6, 7):
+        allocation = replace(est, memory_bytes=int(gib * GiB))
+        held = float(allocation.memory_bytes)
+        room = max(largest - held - waiting, held)  # as worker.ladder_room
+        finding = check(live(attempt=2, allocation=allocation, rss_bytes=int(gib * 1.3 * GiB),
+                             largest_node_bytes=largest, ladder_room_bytes=room))
+        failed = (first, AttemptRecord(2, allocation, Outcome.OOM_KILLED, None, "stopped"))
+        rung = ladder.next_allocation(LadderState(prediction, failed, 0.0, room, None))
+        assert (finding.action == R.STOP_AND_RESUBMIT) == (rung is not None), (gib, finding)
+        if rung is None:
+            assert finding.action == R.WARN and "waiting for it" in finding.detail
+    # 6 GiB is below half the node: the case that was stopped into AttemptsExhausted.
+    assert check(live(attempt=2, allocation=replace(est, memory_bytes=6 * GiB), rss_bytes=8 * GiB,
+                      largest_node_bytes=largest, ladder_room_bytes=6 * GiB)).action == R.WARN

@@ -117,6 +117,10 @@ class LiveReport:
     #: None: unknown.  A stopped task keeps its ``memory`` label while its next attempt runs, so
     #: that attempt gets at most what this leaves beside it (``worker.climb_and_resubmit``).
     largest_node_bytes: float | None = None
+    #: The most the ladder may give this attempt's next one: the largest node less the labels
+    #: this task and the call's earlier tasks, waiting for this attempt, keep while it runs
+    #: (``worker.ladder_room``). None: the largest node less this attempt's own label.
+    ladder_room_bytes: float | None = None
 
     def node_memory(self) -> "NodeMemory | None":
         """The node reading this report carries, if any."""
@@ -294,7 +298,8 @@ class MemoryOverAllocation:
     When no larger rung exists (the allocation was capped to the largest node, this
     is the last attempt, or a task's allocation is half the largest node or more: its
     stopped attempt keeps its ``memory`` label while the next one runs, so the ladder
-    has no room for a bigger one beside it) stopping would only fail the call, so the
+    has no room for a bigger one beside it; less for an attempt whose call's earlier
+    tasks wait for it, holding their labels too: ``ladder_room_bytes``) stopping would only fail the call, so the
     check warns instead and leaves Ray's own memory monitor as the backstop. So it does
     for memory the caller set (``.options(memory=...)``): that figure wins over
     raysched's sizes, and plain Ray would let the task run past it where the node
@@ -320,15 +325,20 @@ class MemoryOverAllocation:
         if r.allocation.memory_set_by_caller:
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; the caller set this memory, left running")
         # The ladder caps the next rung at what the largest node leaves beside the label this
-        # task keeps while it waits (worker.climb_and_resubmit): from half the node up, nothing
-        # bigger fits, and a stop failed the call (AttemptsExhausted) that Ray let run.
-        beside = r.kind == TASK and bool(r.largest_node_bytes) and 2 * allocated >= float(r.largest_node_bytes)
+        # task keeps while it waits, and those of the call's earlier tasks waiting for it
+        # (worker.climb_and_resubmit): from there up, nothing bigger fits, and a stop failed
+        # the call (AttemptsExhausted) that Ray let run.
+        room = r.ladder_room_bytes
+        if room is None and r.largest_node_bytes:
+            room = float(r.largest_node_bytes) - allocated
+        beside = r.kind == TASK and bool(r.largest_node_bytes) and room is not None and allocated >= room
         if r.allocation.capped or (last is not None and r.attempt >= last) or beside:
             # A capped allocation's reason says what capped it (the largest node, the memory limit).
             why = (r.allocation.reason or "capped at the largest node") if r.allocation.capped \
                 else f"attempt {r.attempt} is the last" if last is not None and r.attempt >= last \
-                else (f"a bigger one would not fit beside this one's label on the largest node, "
-                      f"{_mib(float(r.largest_node_bytes))}")
+                else (f"a bigger one would not fit beside this one's label"
+                      f"{' and those of its earlier attempts waiting for it' if r.ladder_room_bytes is not None else ''}"
+                      f" on the largest node, {_mib(float(r.largest_node_bytes))}")
             return Finding(WARN, r.rss_bytes, allocated, f"{detail}; no larger rung ({why}), left running")
         return Finding(STOP_AND_RESUBMIT, r.rss_bytes, allocated, f"{detail}; resubmit on the next rung")
 

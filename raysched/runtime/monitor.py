@@ -63,8 +63,10 @@ MONITOR_NAME = MONITOR_BASE
 MAX_PENDING_EVENTS = 10_000
 
 
-def report_from(spec: Any, sample: Any, node_id: str = "", kind: str = "task") -> LiveReport:
-    """A LiveReport from a worker's ``AttemptSpec`` and a ``measure.LiveSample`` (``kind``: task or actor)."""
+def report_from(spec: Any, sample: Any, node_id: str = "", kind: str = "task",
+                ladder_room_bytes: float | None = None) -> LiveReport:
+    """A LiveReport from a worker's ``AttemptSpec`` and a ``measure.LiveSample`` (``kind``: task or actor;
+    ``ladder_room_bytes``: the most its next attempt may get, ``worker.ladder_room``)."""
     prediction = spec.prediction
     # An actor's incarnations are judged apart: the one being replaced runs on (and stays
     # under its hard cap) while its successor already reports.
@@ -82,6 +84,7 @@ def report_from(spec: Any, sample: Any, node_id: str = "", kind: str = "task") -
         max_attempts=int(spec.config.max_attempts) if getattr(spec, "config", None) is not None else None,
         wall_source=str(prediction.wall.source),
         largest_node_bytes=getattr(spec, "largest_node_bytes", None),
+        ladder_room_bytes=ladder_room_bytes,
         **node_memory_here(),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import hashlib
 import logging
 import os
 import pickle
@@ -28,6 +29,19 @@ MIN_WALL_FOR_CORES = 0.05  # seconds
 
 
 # --- rows ---------------------------------------------------------------------------------------
+
+
+def attempt_row_id(spec: AttemptSpec) -> str:
+    """The row id of a task attempt's row: the same whichever process writes it.
+
+    An attempt's row is written by its own worker, or, when that worker died before it
+    could say the row was written (a stop marker, a hand-over marker), by the Ray retry of
+    its task, by the task that waited for it, or by the driver. Both may reach the store:
+    a worker that died after its row was sent but before its marker was written, and the
+    retry that recorded the attempt again. With one id per (call, attempt) the store and
+    the profiler keep one of them (``store.parquet``: de-duplicated on ``row_id``).
+    """
+    return hashlib.blake2b(f"{spec.call_id}:{spec.attempt}".encode(), digest_size=16).hexdigest()
 
 
 def _utc(epoch: float) -> dt.datetime:
@@ -368,7 +382,10 @@ def _build_rows(items: list[Any]) -> list[dict]:
             continue
         if type(item) is tuple:
             try:
-                item = attempt_row(*item, row_id=ids[32 * i: 32 * i + 32])
+                # A task attempt's own row (``add_attempt``): its id is the attempt's, so that
+                # a retry that records it again (its worker died first) does not double it.
+                item = attempt_row(*item, row_id=attempt_row_id(item[0]) if item[0].call_id
+                                   else ids[32 * i: 32 * i + 32])
             except Exception:  # noqa: BLE001 - one bad row must not cost the batch
                 logger.exception("raysched: could not build the profile row of %s", getattr(item[0], "live_key", "?"))
                 continue

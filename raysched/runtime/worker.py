@@ -68,7 +68,7 @@ from ..policy.thinning import ShortCallThinning, thinning_from_config
 from ..types import AttemptRecord, Outcome, Usage
 from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
 from .options import ask_a_return, definition_options, ray_remote, remote_options, retry_budget
-from .rows import OnePerHome, RowSink, attempt_row, flush_all_sinks, get_sink
+from .rows import OnePerHome, RowSink, attempt_row, attempt_row_id, flush_all_sinks, get_sink
 from .session import NAMESPACE, adopt_config, get_config, monitor_name
 from .spec import AttemptSpec, decode_spec, encode_spec
 
@@ -311,6 +311,17 @@ def _drop_stop_marker(spec: AttemptSpec) -> None:
     _kv_del(_stop_key(spec))
 
 
+def _mark_failed_stop(spec: AttemptSpec, decision: Any) -> None:
+    """Before a stop that fails the call (a hard limit, a cancel) is raised: a stop marker, recorded,
+    for Ray's retry of the task if Ray retries that error (``retry_exceptions``), so that it fails
+    the same way instead of rerunning the function; else none. No retry reads it then, and every
+    call stopped so stayed in Ray's KV for the cluster's life."""
+    if _ray_retries(spec, _stop_error(spec, decision)):
+        _put_stop_marker(spec, decision, recorded=True)
+    else:
+        _drop_stop_marker(spec)  # the marker a hard stop left for this retry, read now
+
+
 def _monitor_directive(spec: AttemptSpec) -> Any:
     """The stop the monitor decided for exactly this attempt, if it is reachable and decided one."""
     if not spec.config.monitor_enabled:
@@ -377,8 +388,12 @@ def end_child_processes(since: float, grace_s: float = 0.5) -> int:
     return len(children)
 
 
-def _on_live(spec: AttemptSpec, running: _Running) -> Callable[[Any, LiveSample], None]:
-    """The sampler thread's callback: publish the sample, report it, apply a stop the monitor decided."""
+def _on_live(spec: AttemptSpec, running: _Running,
+             room: float | None = None) -> Callable[[Any, LiveSample], None]:
+    """The sampler thread's callback: publish the sample, report it, apply a stop the monitor decided.
+
+    ``room``: the most the ladder may give the next attempt (``ladder_room``), reported so
+    that the monitor does not stop an attempt for which no bigger one fits."""
 
     def on_sample(_key: Any, sample: LiveSample) -> None:
         try:
@@ -396,7 +411,7 @@ def _on_live(spec: AttemptSpec, running: _Running) -> Callable[[Any, LiveSample]
             return
         from .monitor import report_from
 
-        reporter.add(report_from(spec, sample, _node_id()))
+        reporter.add(report_from(spec, sample, _node_id(), ladder_room_bytes=room))
         decision = reporter.directive(spec.call_id, spec.attempt)
         if decision is None or not decision.stops:
             return
@@ -432,8 +447,11 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     running = _Running(threading.get_ident(), spec, started)
     outcome, error, stop, usage = Outcome.OK, "", None, None
     ending: BaseException | None = None  # the user's exception, or a SystemExit
+    # A later attempt's call may have earlier tasks waiting for it, holding their labels
+    # (read once, here: they wait until this attempt ends); a first attempt has none.
+    room = ladder_room(spec) if spec.attempt > 1 and spec.config.monitor_enabled else None
     try:
-        sampler.register(spec.live_key, meter, _on_live(spec, running))
+        sampler.register(spec.live_key, meter, _on_live(spec, running, room))
         value = fn(*args, **kwargs)
         running.finish()
         return value
@@ -480,7 +498,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     gc.collect()
     end_child_processes(started)  # any it started after the stop was raised (a pool refilling itself)
     if stop.action in ("stop_limit", "cancel"):
-        _put_stop_marker(spec, stop, recorded=True)  # a Ray retry (retry_exceptions) must not rerun it
+        _mark_failed_stop(spec, stop)  # a Ray retry (retry_exceptions) must not rerun it
     return _apply_stop(fn, spec, stop, usage, error, args, kwargs, resubmit or _resubmitter(fn, spec.config))
 
 
@@ -537,14 +555,19 @@ def _apply_stop(fn: Callable[..., Any], spec: AttemptSpec, decision: Any, usage:
                 args: tuple, kwargs: Mapping[str, Any],
                 resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]) -> Any:
     """What follows a stopped attempt (its row is written): fail, or resubmit the next attempt."""
-    if decision.action == "stop_limit":
-        raise decision.limit_error()
-    if decision.action == "cancel":
-        raise StoppedByMonitor(spec.function, spec.attempt, decision.rule, decision.detail)
+    if decision.action in ("stop_limit", "cancel"):
+        raise _stop_error(spec, decision)
     record = AttemptRecord(spec.attempt, spec.allocation, _STOP_OUTCOMES[decision.action], usage, reason)
     same = decision.action == "requeue_lowest_priority"  # it gave way on its node: the same size again
     return climb_and_resubmit(spec, record, args, kwargs, resubmit, same_allocation=same,
                               run_here=lambda s: run_measured(fn, s, args, kwargs, resubmit))
+
+
+def _stop_error(spec: AttemptSpec, decision: Any) -> BaseException:
+    """The error a stop that fails the call ends it with."""
+    if decision.action == "stop_limit":
+        return decision.limit_error()
+    return StoppedByMonitor(spec.function, spec.attempt, decision.rule, decision.detail)
 
 
 def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: tuple, kwargs: Mapping[str, Any],
@@ -572,10 +595,7 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
         # (Ray releases a blocked task's CPU, not its memory), and so do the call's earlier
         # tasks that wait for it in turn: the next attempt must fit beside them all, so the
         # ladder is capped at the largest node less those labels.
-        room = None
-        if spec.largest_node_bytes:
-            held = _held_label(spec)
-            room = max(spec.largest_node_bytes - held - _labels_of_waiting_tasks(spec.call_id), held)
+        room = ladder_room(spec)
         limit = MemoryOverHardCap(spec.config.memory_limit_bytes, dict(spec.config.memory_limits)).limit_for(spec.function)
         allocation = ladder.next_allocation(LadderState(spec.prediction, failed, spec.max_peak_seen, room, limit))
         if allocation is None:
@@ -591,6 +611,17 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
                 allocation, reason="; ".join(filter(None, (allocation.reason, note)))))
             return _run_in_place(spec, in_place, run_here)
     return _hand_over(spec, next_spec, args, kwargs, resubmit, run_here)
+
+
+def ladder_room(spec: AttemptSpec) -> float | None:
+    """The most the ladder may give the attempt after ``spec``'s (None: no largest node known):
+    the largest node less the `memory` label this task keeps while it waits and those of the
+    call's earlier tasks that wait in turn (their hand-over markers), at least this task's
+    label. Called in the attempt's own thread (its task's label, ``_held_label``)."""
+    if not spec.largest_node_bytes:
+        return None
+    held = _held_label(spec)
+    return max(spec.largest_node_bytes - held - _labels_of_waiting_tasks(spec.call_id), held)
 
 
 def _wait_for_room_here(spec: AttemptSpec, next_spec: AttemptSpec) -> float | None:
@@ -763,10 +794,13 @@ def _killed_unretried(spec: AttemptSpec) -> AttemptRecord:
 
 def _record_for(spec: AttemptSpec, outcome: Outcome, usage: Usage | None, reason: str) -> None:
     """Record an attempt that could not record itself (killed with its worker, or never
-    started), from another task: with its last live use (None: it sent none), ending now."""
+    started), from another task: with its last live use (None: it sent none), ending now.
+
+    Under the attempt's own row id (``attempt_row_id``): a worker that died after its row was
+    sent but before its marker said so (``_hand_over``) is recorded once, not twice."""
     now = time.time()
     get_sink(spec.config).add(attempt_row(spec, outcome, usage, now - (usage.wall_seconds if usage else 0.0),
-                                          now, reason))
+                                          now, reason, row_id=attempt_row_id(spec)))
     _forget_live(spec, force=True)
 
 
@@ -1007,9 +1041,9 @@ def recover(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapp
         reason = _stop_reason(decision, _KILLED_BY_RAYSCHED if marker is not None else _DIED_BEFORE_STOP)
         if not recorded:
             _record_for(spec, _STOP_OUTCOMES[decision.action], usage, reason)
-            if decision.action in ("stop_limit", "cancel"):
-                _put_stop_marker(spec, decision, recorded=True)  # any further retry fails the same way
-        if decision.action not in ("stop_limit", "cancel"):
+        if decision.action in ("stop_limit", "cancel"):
+            _mark_failed_stop(spec, decision)  # any further retry fails the same way
+        else:
             _drop_stop_marker(spec)
         return _apply_stop(fn, spec, decision, usage, reason, args, kwargs, resubmit)
     attempt_number = _ray_attempt_number()
@@ -1056,17 +1090,31 @@ def _after_lost_handover(spec: AttemptSpec, handed: AttemptSpec, args: tuple, kw
                          resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any],
                          run_here: Callable[[AttemptSpec], Any] | None) -> Any:
     """``spec``'s attempt was recorded and handed over to ``handed``; then its task died while
-    waiting, and ``handed`` died with it as its owner (or runs on, orphaned, and records
-    itself). Submit again under the following number, with the same allocation."""
+    waiting, and ``handed`` died with it as its owner (Ray ends the tasks of a dead owner;
+    or it runs on, orphaned, and records itself). ``handed`` is recorded as cancelled (its
+    own row, if it wrote one, has the same id: ``rows.attempt_row_id``); submit again under
+    the following number, with the same allocation."""
+    usage = _last_live_usage(handed)
+    reason = f"lost with attempt {spec.attempt}'s task, which died while waiting for it"
+    _record_for(handed, Outcome.CANCELLED, usage, reason)
+    # Its task's markers, which no retry of it reads: its start, and the exit Ray's end of an
+    # orphan (a SystemExit) made it note for a retry (``_note_ending``).
+    _kv_del(_started_key(handed))
+    try:
+        for key in _kv()._internal_kv_list(f"raised:{handed.live_key}:", namespace=LIVE_KV_NAMESPACE):
+            _kv_del(key.decode())
+    except Exception:  # noqa: BLE001
+        pass
+    lost = AttemptRecord(handed.attempt, handed.allocation, Outcome.CANCELLED, usage, reason)
     if handed.attempt >= spec.config.max_attempts:
         # Ray retries a task its memory monitor killed without end: the call's attempts bound it.
         _drop_handover(spec)
-        lost = AttemptRecord(handed.attempt, handed.allocation, Outcome.ERROR, None,
-                             f"lost with attempt {spec.attempt}'s task, which died while waiting for it")
-        raise AttemptsExhausted(spec.function, handed.prior + (lost,), "tasks kept dying while they waited")
+        raise _call_ends(spec, AttemptsExhausted(spec.function, handed.prior + (lost,),
+                                                 "tasks kept dying while they waited"))
     logger.warning("raysched: %s attempt %d died while waiting for attempt %d; submitting attempt %d",
                    spec.function, spec.attempt, handed.attempt, handed.attempt + 1)
-    return _hand_over(spec, replace(handed, attempt=handed.attempt + 1), args, kwargs, resubmit, run_here)
+    return _hand_over(spec, replace(handed, attempt=handed.attempt + 1, prior=handed.prior + (lost,)),
+                      args, kwargs, resubmit, run_here)
 
 
 #: How long ``recover`` waits for the profiler to take a failed attempt's row before it
@@ -1095,11 +1143,12 @@ def _run_again_here(fn: Callable[..., Any], task_spec: AttemptSpec, spec: Attemp
 
 def _run_marked(task_spec: AttemptSpec, spec: AttemptSpec, run: Callable[[], Any]) -> Any:
     """``run()`` the attempt ``spec`` under this task's rerun marker, dropped once no retry of
-    the task will read it: after a return, or an exception Ray does not retry."""
+    the task will read it: after a return, or an exception Ray does not retry (a cancel's
+    KeyboardInterrupt too; not a SystemExit, which ends the worker: Ray's retry reads it)."""
     try:
         value = run()
-    except Exception as exc:
-        if not _ray_retries(spec, exc):
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit) and not _ray_retries(spec, exc):
             _kv_del(_run_here_key(task_spec))
         raise  # kept otherwise: the retry_exceptions rerun reads it
     _kv_del(_run_here_key(task_spec))
