@@ -322,7 +322,8 @@ class RayschedConfig:
     #: policy/admission.py).  Off: strict order, room idles while the head call waits.
     admission_backfill: bool = True
     #: Calls reaching the queue within this many seconds of each other are ordered
-    #: together before any is admitted (a burst goes by priority, not by arrival).
+    #: together before any is admitted (a burst goes by priority, not by arrival; room a
+    #: call's end frees meanwhile goes to the calls already there).
     admission_gather_s: float = 0.01
     #: How far ahead of its room a short call may be admitted: the calls admitted before
     #: their room is free add up to at most this many seconds of the whole cluster's time,

@@ -29,7 +29,10 @@ fits, which Ray then queues as usual.  Each call brings its predicted upper wall
 time, so the queue can backfill behind a big call that waits for room
 (``policy.admission``).  Calls that arrive within ``gather_s`` of each other are
 ordered together before any is admitted: a burst submitted in a loop is admitted
-by priority and ``order_key``, not by which message came first.
+by priority and ``order_key``, not by which message came first.  Not strictly: room
+that a call's end frees while a burst still arrives goes at once to the calls
+already there, so a lower-priority one may start a few ms ahead of a higher one
+sent later in the burst (holding freed room back would slow a stream of tiny calls).
 
 A call whose arguments include ObjectRefs (the outputs of other calls) joins the
 queue only once they exist, as Ray starts a task only then: admitted before, it
