@@ -84,9 +84,11 @@ def test_a_deferred_meter_measures_in_full_from_its_first_live_sample():
     assert usage.wall_seconds >= 0.4 and usage.wall_seconds == meter.wall_seconds  # from the call's start
     assert usage.peak_rss_bytes >= usage.start_rss_bytes > 0
     # What it holds counts as the call's own: its start is read when the call began, not at
-    # the first sample (the monitor judges a caller's memory= over that start).
-    assert usage.task_rss_bytes >= 60 * MiB, usage
-    assert seen[-1].peak_rss_bytes - seen[-1].start_rss_bytes >= 60 * MiB, seen[-1]
+    # the first sample (the monitor judges a caller's memory= over that start); read at the
+    # first sample, it would be ~0. Not >= 60 MiB: under pytest-xdist this process is ~550 MB,
+    # and what other tests' threads free meanwhile came off it (54 MiB seen once in CI).
+    assert usage.task_rss_bytes >= 40 * MiB, usage
+    assert seen[-1].peak_rss_bytes - seen[-1].start_rss_bytes >= 40 * MiB, seen[-1]
     assert 0.3 <= usage.cpu_cores <= 1.5  # CPU scaled to the whole call: about one busy core (less on a loaded machine)
     assert seen[-1].wall_seconds >= seen[0].wall_seconds > 0
     del held
