@@ -416,3 +416,18 @@ def test_the_driver_reports_its_queued_calls_ends_to_the_queue(ray_session):
     assert job_id == ray.get_runtime_context().get_job_id()
     wait_for(lambda: reporter.watching() == 0 and _queue_status()["admitted"] == 0
              and _queue_status()["reported_by_drivers"] == 0, timeout=30)
+
+
+def test_an_admission_actor_ended_for_good_is_started_again_for_the_next_calls(ray_session, monkeypatch):
+    """Ray restarts the queue actor after a crash, but not one ended with ``ray.kill``: the
+    driver kept its dead handle, and every later call with a priority failed with Ray's
+    ActorDiedError until the driver restarted (an audit's finding). The driver looks the
+    actor up by name again every ADMISSION_RELOOK_S (5 s; 0 here, not to wait for it)."""
+    from raysched.runtime import client as client_module
+
+    assert ray.get(echo.options(priority=1).remote(1), timeout=60) == 1  # the queue is up, its handle held
+    ray.kill(ray.get_actor(ADMISSION_NAME, namespace=NAMESPACE))
+    assert wait_for(lambda: not _named(ADMISSION_NAME), timeout=30)
+    monkeypatch.setattr(client_module, "ADMISSION_RELOOK_S", 0.0, raising=False)
+    assert ray.get([echo.options(priority=1).remote(i) for i in range(3)], timeout=60) == [0, 1, 2]
+    assert _named(ADMISSION_NAME) and _queue_status()["admitted_total"] >= 3

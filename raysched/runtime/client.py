@@ -48,6 +48,8 @@ _CACHE_SIZE = 4096
 #: ``refresh(train=True)`` waits up to this long for the rows of this driver's last
 #: ``_ROWS_WAIT_CALLS`` calls of the function before it trains.
 _ROWS_WAIT_S = 10.0
+#: How often the driver looks the admission actor up by name again (``Client.admission``).
+ADMISSION_RELOOK_S = 5.0
 _ROWS_WAIT_CALLS = 500
 
 
@@ -94,6 +96,7 @@ class ProfilerClient:
         self._handle_factory = handle_factory
         self._handle: Any = None
         self._admission: Any = None
+        self._admission_looked_at = -math.inf
         self._admission_ends: Any = None
         self._clock = clock
         self._lock = threading.Lock()
@@ -125,18 +128,30 @@ class ProfilerClient:
 
     @property
     def admission(self) -> Any:
-        """The cluster's admission queue actor (for calls submitted with a priority)."""
-        if self._admission is None:
-            from .admission import get_or_create_admission
+        """The cluster's admission queue actor (for calls submitted with a priority).
 
-            rooms = self.config.admission_node_room and self.config.monitor_enabled
-            monitor = monitor_name(self.config) if rooms else None
-            self._admission = get_or_create_admission(self.config.admission_backfill, self.config.admission_gather_s,
-                                                      monitor=monitor, pipeline_s=self.config.admission_pipeline_s)
-            if configured_here():
-                # The actor may predate this process's configure(...), and it serves every driver.
-                self._admission.reconfigure.remote(self.config.admission_backfill, self.config.admission_gather_s,
-                                                   monitor, self.config.admission_pipeline_s)
+        Looked up by name again every ``ADMISSION_RELOOK_S`` (one GCS lookup, no actor call):
+        Ray restarts the actor after a crash, but one ended for good (``ray.kill``) released
+        its name, and the handle held here sent every later call with a priority to the dead
+        actor (each failed with ActorDiedError) until the driver restarted. The lookup
+        finds the live one, or starts it again."""
+        now = time.monotonic()
+        if self._admission is not None and now - self._admission_looked_at < ADMISSION_RELOOK_S:
+            return self._admission
+        from .admission import get_or_create_admission
+
+        rooms = self.config.admission_node_room and self.config.monitor_enabled
+        monitor = monitor_name(self.config) if rooms else None
+        found = get_or_create_admission(self.config.admission_backfill, self.config.admission_gather_s,
+                                        monitor=monitor, pipeline_s=self.config.admission_pipeline_s)
+        self._admission_looked_at = now
+        if self._admission is not None and found._actor_id == self._admission._actor_id:
+            return self._admission
+        self._admission = found
+        if configured_here():
+            # The actor may predate this process's configure(...), and it serves every driver.
+            self._admission.reconfigure.remote(self.config.admission_backfill, self.config.admission_gather_s,
+                                               monitor, self.config.admission_pipeline_s)
         return self._admission
 
     @property
@@ -145,8 +160,9 @@ class ProfilerClient:
         if self._admission_ends is None:
             from .admission import EndReporter
 
-            admission = self.admission
-            self._admission_ends = (EndReporter(lambda tokens: admission.ended.remote(tokens)),
+            self.admission  # noqa: B018 - looked up (or started) before its first end is sent
+            # The handle of now, not of the reporter's start: the actor may be started again.
+            self._admission_ends = (EndReporter(lambda tokens: self._admission.ended.remote(tokens)),
                                     ray.get_runtime_context().get_job_id())
         return self._admission_ends
 
