@@ -521,7 +521,12 @@ _RAISED, _EXITED = "TASK_EXECUTION_EXCEPTION", "EXITED"
 
 
 def _raised_key(task_spec: AttemptSpec, ray_attempt: int) -> str:
-    return f"raised:{task_spec.live_key}:{ray_attempt}"
+    return f"{_raised_prefix(task_spec)}{ray_attempt}"
+
+
+def _raised_prefix(task_spec: AttemptSpec) -> str:
+    """What the keys of ``task_spec``'s task's raise notes start with (one per Ray attempt)."""
+    return f"raised:{task_spec.live_key}:"
 
 
 def _note_ending(spec: AttemptSpec, exc: BaseException, sink: "RowSink") -> None:
@@ -1101,7 +1106,7 @@ def _after_lost_handover(spec: AttemptSpec, handed: AttemptSpec, args: tuple, kw
     # orphan (a SystemExit) made it note for a retry (``_note_ending``).
     _kv_del(_started_key(handed))
     try:
-        for key in _kv()._internal_kv_list(f"raised:{handed.live_key}:", namespace=LIVE_KV_NAMESPACE):
+        for key in _kv()._internal_kv_list(_raised_prefix(handed), namespace=LIVE_KV_NAMESPACE):
             _kv_del(key.decode())
     except Exception:  # noqa: BLE001
         pass
