@@ -852,3 +852,30 @@ def test_a_trace_imported_while_the_profiler_runs_sizes_the_next_submissions(ray
     assert len(own) == 3
     # the imported peaks (301-312 MiB) with a margin, not the 1 GiB fallback (1,184 MiB)
     assert 300 * MiB < int(own["allocated_memory_bytes"].iloc[-1]) < 700 * MiB, own["allocated_memory_bytes"]
+
+
+@ray.remote
+def sees_home(config):
+    from raysched.runtime.session import sees_profilers_home
+
+    return sees_profilers_home(config)
+
+
+def test_the_profiler_names_its_folder_and_a_node_tells_its_own_folder_of_the_same_path_from_it(ray_session,
+                                                                                                 tmp_path):
+    """The profiler publishes its folder's id in Ray's KV, so that a worker on a node without
+    shared storage keeps its rows for the profiler instead of writing them into a folder of the
+    same path that nobody reads (``tests/test_rowsink.py`` has the worker's side)."""
+    from raysched.runtime import session
+
+    assert ray.get(add_one.remote(1), timeout=60) == 2  # the home's profiler is up
+    config = raysched.get_config()
+    assert session.published_home_id(config) == session.read_home_id(config) is not None
+    assert ray.get(sees_home.remote(config), timeout=60) is True
+
+    other = config.replace(home=str(tmp_path / "a-home"))  # a home whose profiler is elsewhere
+    assert ray.get(sees_home.remote(other), timeout=60) is True  # no id published: as before ids
+    published = session.publish_home_id(other)
+    assert published and session.published_home_id(other) == published
+    (other.home_path / session.HOME_ID_FILE).write_text("a folder of the same path on another node")
+    assert ray.get(sees_home.remote(other), timeout=60) is False

@@ -361,3 +361,79 @@ def test_an_attempt_recorded_by_its_worker_and_again_by_the_retry_of_its_task_is
     rows = store.read("f")
     assert sorted(zip(rows["call_id"], rows["attempt"])) == [("c0", 1), ("c0", 2), ("c1", 1)], \
         rows[["call_id", "attempt", "outcome", "error"]]
+
+
+def test_a_node_without_the_profilers_folder_keeps_rows_on_the_node_and_sends_them_to_the_profiler(
+        monkeypatch, tmp_path, caplog):
+    """A node without the head's storage has a folder of the home's path of its own, which
+    nobody reads: rows the worker wrote there when the profiler did not answer were never
+    learnt from, nor seen by ``raysched.profiles()``.  They are kept on the node now, and go to
+    the profiler at a later batch once it answers; the file goes once the profiler stored them."""
+    import pickle
+    import tempfile
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime import rows, session
+    from raysched.store.profiles import ProfileStore
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    config = RayschedConfig(home=str(tmp_path / "home-on-this-node"))
+    # The profiler (on the head) published its folder's id; this node's folder has none of it.
+    monkeypatch.setattr(session, "published_home_id", lambda config: "id-of-the-heads-folder")
+
+    class Ref:
+        def __init__(self, payload, fails):
+            self.payload, self.fails = payload, fails
+
+    stored: list[dict] = []
+    answers = {"profiler": False, "fails": False}
+
+    class Record:
+        def options(self, **_):
+            return self
+
+        def remote(self, payload):
+            return Ref(payload, answers["fails"])
+
+    class Profiler:
+        record = Record()
+
+    def get_actor(name, namespace=None):
+        if not answers["profiler"]:
+            raise ValueError(f"Failed to look up actor with name '{name}'")
+        return Profiler()
+
+    def get(ref, timeout=None):
+        if ref.fails:
+            raise RuntimeError("the profiler was lost")
+        got = pickle.loads(ref.payload)
+        stored.extend(got)
+        return len(got)
+
+    monkeypatch.setattr(rows.ray, "get_actor", get_actor)
+    monkeypatch.setattr(rows.ray, "wait", lambda refs, num_returns=1, timeout=None: (list(refs), []))
+    monkeypatch.setattr(rows.ray, "get", get)
+    clock = [1000.0]
+    monkeypatch.setattr(rows.time, "monotonic", lambda: clock[0])
+
+    sender = rows._ProfilerSender(config)
+    with caplog.at_level("WARNING", logger="raysched.runtime.rows"):
+        assert sender([_stored_row("a"), _stored_row("b")]) is None  # no profiler
+    assert "not the profiler's" in caplog.text
+    assert not ProfileStore(config.home_path, writable=False).read().shape[0]  # nothing written here
+    assert len(list(rows.spool_dir(config).glob("rows-*.pkl"))) == 1
+
+    answers.update(profiler=True, fails=True)  # it answers, then is lost with the kept rows
+    clock[0] += 11
+    sender([_stored_row("c")])
+    clock[0] += 11
+    sender([_stored_row("d")])  # the kept rows' call failed: they are still kept, and sent again
+    assert len(list(rows.spool_dir(config).glob("rows-*.pkl"))) == 1 and not stored
+    answers["fails"] = False
+    clock[0] += 11
+    sender([_stored_row("e")])  # sent again...
+    clock[0] += 11
+    sender([_stored_row("f")])  # ...stored: the file goes
+    assert sorted(r["call_id"] for r in stored) == ["a", "b"]
+    assert not list(rows.spool_dir(config).glob("rows-*.pkl"))
+    assert not ProfileStore(config.home_path, writable=False).read().shape[0]

@@ -270,8 +270,12 @@ class Profiler:
         # stored now, before the functions' histories are read (``rows.spool_rows``).
         if store is None:
             from .rows import store_spooled
+            from .session import publish_home_id
 
             store_spooled(config, self.store)
+            # Workers on a node without this folder (no shared storage) then send their
+            # rows here, never into a folder of the same path that nobody reads.
+            publish_home_id(config)
         # Rows written to the store without this actor (``raysched import``, a worker that could
         # not reach it): functions loaded before are re-read at their next bundle request.
         # From the journal's end: what was written before this start is read as functions load.

@@ -415,6 +415,8 @@ class _ProfilerSender:
         self._config = config
         self._handle: list[Any] = []
         self._spool_checked = -float("inf")
+        self._home_seen = False  # this node sees the profiler's folder (``_sees_home``)
+        self._spool_sent: dict[Path, Any] = {}  # kept files sent to the profiler -> their record call
 
     def __call__(self, rows: list[dict]) -> Any:
         try:
@@ -422,17 +424,10 @@ class _ProfilerSender:
         except Exception:  # noqa: BLE001 - they wait for the next look
             logger.debug("raysched: could not store the profile rows kept on this node", exc_info=True)
         try:
-            if not self._handle:
-                actor = ray.get_actor(profiler_name(self._config), namespace=NAMESPACE)
-                # The actor's handle is kept with its method: a method holds its actor weakly
-                # (Ray 2.40), and once the handle was dropped every batch failed with "Lost
-                # reference to actor" and was written to the store behind the profiler's back.
-                self._handle.extend((actor.record.options(concurrency_group=RECORD_GROUP), actor))
             # One plain pickle of the batch: Ray's own serialisation of a list of dicts
             # (msgpack with a pickle per datetime) cost four times as much per row.
-            return self._handle[0].remote(pickle.dumps(rows, protocol=5))
+            return self._profiler_record(pickle.dumps(rows, protocol=5))
         except Exception as exc:  # noqa: BLE001 - the actor is gone: write the rows ourselves
-            self._handle.clear()
             logger.warning("raysched: profiler unreachable (%s); writing %d rows to the store directly", exc, len(rows))
             self._write(rows)
             return None
@@ -450,9 +445,14 @@ class _ProfilerSender:
 
     def _write(self, rows: list[dict]) -> None:
         """Write rows to the store; when that fails (the home unwritable, the disk full), keep them
-        on this node (``spool_rows``) until a later write stores them."""
+        on this node (``spool_rows``) until a later write stores them.  On a node that does not
+        see the profiler's folder (no shared storage), keep them on the node at once: the folder
+        of the same path there is read by nobody; they go to the profiler once it answers."""
         from ..store.profiles import ProfileStore
 
+        if not self._sees_home():
+            spool_rows(self._config, rows, None)
+            return
         try:
             store = ProfileStore(self._config.home_path)
             written, _ = store.append_keeping_valid(rows)
@@ -464,14 +464,86 @@ class _ProfilerSender:
             store.note_outside_write(row["function"] for row in rows)
         store_spooled(self._config, store)
 
+    def _sees_home(self) -> bool:
+        """Whether this node sees the profiler's folder (``session.sees_profilers_home``); a yes
+        is kept, a no is asked again at the next spool check (the profiler may have moved)."""
+        if not self._home_seen:
+            from .session import sees_profilers_home
+
+            self._home_seen = sees_profilers_home(self._config)
+        return self._home_seen
+
     def _maybe_store_spooled(self) -> None:
-        """Every ``_SPOOL_CHECK_S`` at most, store rows kept on this node (one listing when there are none)."""
+        """Every ``_SPOOL_CHECK_S`` at most, store rows kept on this node (one listing when there are
+        none): written to the store, or, from a node without the profiler's folder, sent to it."""
         now = time.monotonic()
         if now - self._spool_checked < _SPOOL_CHECK_S:
             return
         self._spool_checked = now
-        if _spooled_names(spool_dir(self._config)):
+        self._take_sent()
+        if not _spooled_names(spool_dir(self._config)):
+            return
+        if self._sees_home():
             store_spooled(self._config)
+        else:
+            self._send_spooled()
+
+    def _send_spooled(self) -> None:
+        """Send each file this node kept to the profiler (a file already on its way is not sent
+        again); it is deleted once the profiler has stored it (``_take_sent``).  A file sent
+        twice, by two workers of the node, is stored once: rows are de-duplicated by id."""
+        folder = spool_dir(self._config)
+        for name in _spooled_names(folder):
+            path = folder / name
+            if path in self._spool_sent:
+                continue
+            try:
+                with open(path, "rb") as fh:
+                    payload = fh.read()
+                pickle.loads(payload)  # a file cut short is set aside by store_spooled's reader, not sent
+            except FileNotFoundError:
+                continue  # another worker of the node sent it, and it was stored
+            except Exception:  # noqa: BLE001
+                logger.warning("raysched: could not read the kept profile rows of %s", path, exc_info=True)
+                continue
+            try:
+                self._spool_sent[path] = self._profiler_record(payload)
+            except Exception:  # noqa: BLE001 - no profiler: the files wait for the next look
+                return
+
+    def _take_sent(self) -> None:
+        """Delete the kept files whose rows the profiler stored; those it did not store are sent again."""
+        if not self._spool_sent:
+            return
+        ready, _ = ray.wait(list(self._spool_sent.values()), num_returns=len(self._spool_sent), timeout=0)
+        ready_set = set(ready)
+        for path, ref in list(self._spool_sent.items()):
+            if ref not in ready_set:
+                continue
+            del self._spool_sent[path]
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - the profiler was lost or could not store them: sent again
+                continue
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            logger.warning("raysched: sent the profile rows kept in %s to the profiler", path)
+
+    def _profiler_record(self, payload: bytes) -> Any:
+        """``record`` of the home's profiler with a pickled batch (its ref); raises without a profiler."""
+        try:
+            if not self._handle:
+                actor = ray.get_actor(profiler_name(self._config), namespace=NAMESPACE)
+                # The actor's handle is kept with its method: a method holds its actor weakly
+                # (Ray 2.40), and once the handle was dropped every batch failed with "Lost
+                # reference to actor" and was written to the store behind the profiler's back.
+                self._handle.extend((actor.record.options(concurrency_group=RECORD_GROUP), actor))
+            return self._handle[0].remote(payload)
+        except Exception:
+            self._handle.clear()
+            raise
 
 
 # --- rows that could not be stored, kept on the node until a later write stores them -------------
@@ -494,9 +566,10 @@ def _spooled_names(folder: Path) -> list[str]:
         return []
 
 
-def spool_rows(config: RayschedConfig, rows: list[dict], error: BaseException) -> Path | None:
-    """Keep rows that could not be stored (``error``) in a file of this node's spool folder;
-    ``store_spooled`` writes them to the store later.  Returns the file, or None if even
+def spool_rows(config: RayschedConfig, rows: list[dict], error: BaseException | None) -> Path | None:
+    """Keep rows that could not be stored (``error``; None: this node does not see the profiler's
+    folder) in a file of this node's spool folder; ``store_spooled`` writes them to the store
+    later, or a worker's sender sends them to the profiler.  Returns the file, or None if even
     that failed (then the rows are lost, and an error says so)."""
     folder = spool_dir(config)
     name = f"{_SPOOL_PREFIX}{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}{_SPOOL_SUFFIX}"
@@ -514,12 +587,20 @@ def spool_rows(config: RayschedConfig, rows: list[dict], error: BaseException) -
         except OSError:
             pass
         logger.error("raysched: %d profile rows are LOST: they could not be stored in %s (%s), nor kept in %s (%s)",
-                     len(rows), config.home_path, error, folder, exc)
+                     len(rows), config.home_path, error or _NOT_THE_PROFILERS, folder, exc)
         return None
-    logger.warning("raysched: could not store %d profile rows in %s (%s); kept them in %s: they are stored at "
-                   "this node's next successful write there, or when the home's profiler starts",
-                   len(rows), config.home_path, error, folder / name)
+    if error is None:
+        logger.warning("raysched: the profiler did not answer, and %s; kept %d profile rows in %s: they go to "
+                       "the profiler at this node's next batch once it answers", _NOT_THE_PROFILERS, len(rows),
+                       folder / name)
+    else:
+        logger.warning("raysched: could not store %d profile rows in %s (%s); kept them in %s: they are stored at "
+                       "this node's next successful write there, or when the home's profiler starts",
+                       len(rows), config.home_path, error, folder / name)
     return folder / name
+
+
+_NOT_THE_PROFILERS = "this node's folder of the home's path is not the profiler's (no shared storage)"
 
 
 def store_spooled(config: RayschedConfig, store: Any = None) -> int:

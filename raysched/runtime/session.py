@@ -59,6 +59,83 @@ def profiler_name(config: RayschedConfig) -> str:
 def monitor_name(config: RayschedConfig) -> str:
     return service_name(MONITOR_BASE, config)
 
+
+# --- which folder is the home: a node sees the profiler's, or only one of the same name ------------
+
+#: A file in a home that names that folder.  Its profiler publishes the name in Ray's KV, so
+#: that a worker on another node can tell the profiler's own folder (shared storage) from a
+#: folder of the same path on its own disk, which nobody else reads.
+HOME_ID_FILE = ".raysched-home-id"
+_HOME_ID_KV_NAMESPACE = "raysched_home"
+
+
+def _home_id_key(config: RayschedConfig) -> str:
+    return f"home-id:{_home_key(str(config.home_path))}"
+
+
+def read_home_id(config: RayschedConfig) -> str | None:
+    """The id in this node's view of ``config``'s home; None if it has none (or cannot be read)."""
+    try:
+        return (config.home_path / HOME_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def ensure_home_id(config: RayschedConfig) -> str:
+    """The home's id, created (once, whichever process gets there first) if it has none."""
+    found = read_home_id(config)
+    if found is not None:
+        return found
+    home = config.home_path
+    home.mkdir(parents=True, exist_ok=True)
+    new = os.urandom(16).hex()
+    tmp = home / f".{HOME_ID_FILE}.{new}"
+    tmp.write_text(new)
+    try:
+        os.link(tmp, home / HOME_ID_FILE)  # never replaces an id another process wrote first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return read_home_id(config) or new
+
+
+def publish_home_id(config: RayschedConfig) -> str | None:
+    """Called where the home's profiler runs: put the home's id in Ray's KV; None if it could not."""
+    from ray.experimental import internal_kv
+
+    try:
+        home_id = ensure_home_id(config)
+        internal_kv._internal_kv_put(_home_id_key(config), home_id.encode(), overwrite=True,
+                                     namespace=_HOME_ID_KV_NAMESPACE)
+        return home_id
+    except Exception:  # noqa: BLE001 - workers then take their home for the profiler's, as before
+        return None
+
+
+def published_home_id(config: RayschedConfig) -> str | None:
+    """The id the home's profiler published; None if none did (or Ray's KV cannot be read)."""
+    from ray.experimental import internal_kv
+
+    try:
+        value = internal_kv._internal_kv_get(_home_id_key(config), namespace=_HOME_ID_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001
+        return None
+    return value.decode() if value else None
+
+
+def sees_profilers_home(config: RayschedConfig) -> bool:
+    """Whether this process's view of the home is the folder the profiler writes.
+
+    False only when the profiler published an id that this node's folder does not hold:
+    a node without the head's storage, whose folder of the same path nobody reads.
+    Unknown (no id published, Ray's KV unreachable) counts as yes: a single machine,
+    or a profiler from before ids.
+    """
+    published = published_home_id(config)
+    return published is None or read_home_id(config) == published
+
+
 _lock = threading.Lock()
 _config: RayschedConfig | None = None
 _configured_here = False  # configure() was called in this process
