@@ -22,6 +22,10 @@ GiB = 1024 * MiB
 #: The resources raysched predicts, in the order they appear everywhere.
 RESOURCES: tuple[str, ...] = ("memory", "cpu", "wall", "disk")
 
+#: The ``code_hash`` of profile rows loaded from a trace (``raysched import``): runs made
+#: elsewhere, history for any code of their name, and older than any run measured here.
+IMPORTED_CODE_HASH = "imported"
+
 
 class Outcome(str, enum.Enum):
     """How one attempt of a task ended."""

@@ -663,8 +663,8 @@ class _SlowStore:
     def __getattr__(self, name):  # everything else as the store it wraps
         return getattr(self._store, name)
 
-    def read_recent(self, n, function=None, code_hash=None):
-        read = self._store.read_recent(n, function=function, code_hash=code_hash)
+    def read_history(self, n, function):
+        read = self._store.read_history(n, function)
         if function == self._slow:  # read, and not returned yet: rows written now are not in it
             self.reading.set()
             assert self.release.wait(10), "the test never let the read go"
@@ -956,3 +956,49 @@ def test_a_batch_sent_again_after_its_profiler_was_lost_is_held_once(profiler, t
     profiler.record([dict(row) for row in batch[:3]] + rows(2, start=10))
     assert profiler.bundle("f", "h1").n_history == 12
     assert len(profiler._functions["f"].rows) == 12 == len(ProfileStore(tmp_path).read())
+
+
+def imported(n, start=0, function="f"):
+    """Rows as ``raysched import`` writes them: stamped at the import, after the runs made here."""
+    out = rows(n, start=start, function=function)
+    for i, row in enumerate(out):
+        row.update(code_hash="imported", call_id=None, source="import:nextflow", memory_sample_bytes=7 * MiB,
+                   peak_rss_bytes=7 * MiB, timestamp=dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
+                   + dt.timedelta(microseconds=i))
+    return out
+
+
+def test_a_trace_imported_after_a_functions_own_runs_does_not_push_them_out_of_its_window(tmp_path):
+    """An import of more runs of a function than the window holds, after runs of its own: by
+    write order alone, the window held the imported runs only, and the function was sized from
+    another machine's runs; and the history, by time, took the imported runs for the newest."""
+    from raysched.runtime.profiler import history_from_rows
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, history_window=50,
+                            profile_commit_interval_s=0.0, bundle_max_age_s=0.0)
+    store = ProfileStore(tmp_path)
+    own = rows(30)
+    store.append(own)
+    store.append(imported(80, start=100))  # 80 > the window of 50, written last
+    profiler = Profiler(config, store=store, registry=FakeRegistry(), clock=Clock(),
+                        executor=InlineExecutor(), load_executor=InlineExecutor(), tidy_executor=InlineExecutor())
+    bundle = profiler.bundle("f", "h1")
+    assert bundle.n_history == 30 and bundle.history_scope == "code"  # its own 30 runs, all of them
+    held = profiler._functions["f"].rows
+    assert len(held) == 50 and list(held["code_hash"]) == ["imported"] * 20 + ["h1"] * 30
+    history = history_from_rows(held)
+    assert list(history.memory[-30:]) == [r["memory_sample_bytes"] for r in own]  # its own runs are the newest
+
+    profiler.record(rows(35, start=200))  # new runs of its own push the imported ones out first
+    held = profiler._functions["f"].rows
+    assert list(held["code_hash"]) == ["h1"] * 50
+    assert list(held["call_id"]) == [f"c{i}" for i in range(15, 30)] + [f"c{i}" for i in range(200, 235)]
+
+
+def test_a_history_window_of_a_function_with_imported_runs_only_is_its_newest_imported_runs(tmp_path):
+    store = ProfileStore(tmp_path)
+    store.append(imported(80))
+    window = store.read_history(50, "f")
+    assert len(window) == 50 and window["timestamp"].is_monotonic_increasing
+    assert window["timestamp"].iloc[0] == dt.datetime(2026, 6, 1, 0, 0, 0, 30, tzinfo=dt.timezone.utc)
+    assert len(store.read_history(50, "g")) == 0

@@ -18,9 +18,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..errors import StoreError
+from ..types import IMPORTED_CODE_HASH
 from .readers import Trace
 
-IMPORTED_CODE_HASH = "imported"
 _NAMESPACE = uuid.UUID("6f1c3f0e-5a7e-4f43-9d0b-7a2f3f2b9e11")
 
 

@@ -28,7 +28,7 @@ from ..policy.models import IncompatibleModel, ResourceModel, replaces_served, r
 from ..policy.recipe import MODELLED, build_predictor
 from ..policy.samples import pooled_short_cores
 from ..store.group_commit import GroupCommit
-from ..types import History
+from ..types import IMPORTED_CODE_HASH, History
 from .session import PROFILER_BASE, RECORD_GROUP, profiler_name
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: Base name; the actor of a home is ``session.profiler_name(config)``.
 PROFILER_NAME = PROFILER_BASE
-IMPORTED_HASH = "imported"
 #: Threads of the actor's ``record`` pool: a worker's call waits there for its group commit
 #: (up to ``profile_commit_interval_s``), so those calls get threads of their own.
 RECORD_THREADS = 64
@@ -69,10 +68,17 @@ def history_from_rows(rows: pd.DataFrame) -> History:
     import pandas as pd
     if rows.empty:
         return History.empty()
-    if "timestamp" in rows and not rows["timestamp"].is_monotonic_increasing:
-        # In the order the attempts ended, not the order their batches arrived: workers
-        # send their rows in batches of their own, so arrival interleaves them, and the
-        # history's order is time to the policy (a shift in use, the newest runs held out).
+    # In the order the attempts ended, not the order their batches arrived: workers
+    # send their rows in batches of their own, so arrival interleaves them, and the
+    # history's order is time to the policy (a shift in use, the newest runs held out).
+    if "code_hash" in rows and (rows["code_hash"] == IMPORTED_CODE_HASH).any():
+        # Runs of ``raysched import`` first, whenever they were imported: older than any
+        # run measured here. Stamped at the import, they came after the runs made before
+        # it, and the policy took them for the newest (a shift: sized from them alone).
+        own = rows["code_hash"] != IMPORTED_CODE_HASH
+        keys = ["_own", "timestamp"] if "timestamp" in rows else ["_own"]
+        rows = rows.assign(_own=own).sort_values(keys, kind="stable", na_position="first")
+    elif "timestamp" in rows and not rows["timestamp"].is_monotonic_increasing:
         rows = rows.sort_values("timestamp", kind="stable", na_position="first")
     complete = rows["outcome"].isin(_COMPLETE).to_numpy()
 
@@ -353,7 +359,7 @@ class Profiler:
         with self._lock:
             self._arrivals.setdefault(function, []).append(arrived)
         try:
-            rows = self.store.read_recent(self.config.history_window, function=function)
+            rows = self.store.read_history(self.config.history_window, function)
         except BaseException:
             with self._lock:
                 self._end_read(function, arrived)

@@ -267,6 +267,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class Excluding:
+    """A filter value: the rows whose column holds none of ``values``."""
+
+    def __init__(self, *values: Any):
+        self.values = values
+
+    def __repr__(self) -> str:
+        return f"Excluding{self.values!r}"
+
+
 class ParquetTable:
     """An append-only table: a folder of immutable Parquet part files sharing one schema.
 
@@ -656,7 +666,10 @@ class ParquetTable:
                 )
             convert = self._converters[column]
             try:
-                if isinstance(value, (list, tuple, set, frozenset)):
+                if isinstance(value, Excluding):
+                    values = pa.array([convert(v) for v in value.values], type=self.schema.field(column).type)
+                    term = ~pc.field(column).isin(values)  # a null is none of them
+                elif isinstance(value, (list, tuple, set, frozenset)):
                     values = pa.array([convert(v) for v in value], type=self.schema.field(column).type)
                     term = pc.field(column).isin(values)
                 elif _is_missing(value):

@@ -20,7 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .parquet import ParquetTable
+from ..types import IMPORTED_CODE_HASH
+from .parquet import Excluding, ParquetTable
 from .schema import EVENT_SCHEMA, PROFILE_ALLOWED_VALUES, PROFILE_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,27 @@ class ProfileStore:
     def read_recent(self, n: int, function: str | None = None, code_hash: str | None = None) -> pd.DataFrame:
         """The newest ``n`` of the rows ``read`` gives, without reading older parts than it needs."""
         return self.profiles.read_recent(n, _filters(function=function, code_hash=code_hash))
+
+    def read_history(self, n: int, function: str) -> pd.DataFrame:
+        """A function's history window: its newest ``n`` rows, its own runs before imported ones.
+
+        Rows of ``raysched import`` are written when the trace is imported, after the runs
+        measured here until then: by write order alone, a trace with ``n`` runs of the
+        function pushed every run of its own out of the window, and the function was sized
+        from another machine's runs.  Imported rows fill what its own leave of the window,
+        and come first: older than any run measured here.
+        """
+        rows = self.profiles.read_recent(n, _filters(function=function))
+        imported = (rows["code_hash"] == IMPORTED_CODE_HASH).to_numpy(dtype=bool)
+        if not imported.any():
+            return rows
+        if len(rows) < n:  # every row of the function is here
+            own = rows[~imported]
+        else:  # older runs of its own may be behind the imported ones: read them
+            own = self.profiles.read_recent(n, _filters(function=function, code_hash=Excluding(IMPORTED_CODE_HASH)))
+        room = n - len(own)
+        kept = rows[imported].iloc[max(0, int(imported.sum()) - room):] if room > 0 else rows.iloc[:0]
+        return pd.concat([kept, own], ignore_index=True)
 
     def events(self, function: str | None = None) -> pd.DataFrame:
         """Monitor events, oldest written first, optionally of one function."""
