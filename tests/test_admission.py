@@ -669,6 +669,32 @@ def test_the_end_reporter_sends_the_ends_of_a_burst_together_and_holds_refs_unti
     assert sent == [["t0", "t1", "t2"], ["t3"]]
 
 
+def test_a_driver_with_a_backlog_past_what_the_queue_holds_well_is_warned_once_per_crossing(monkeypatch):
+    """The admission actor holds ~60 KB per waiting call (Ray's, per pending call of an async
+    actor: 5 GB with 80,000 waiting), and at max_concurrency waiting calls it takes no call at
+    all, so the ends that would free room wait behind them for ever (checked with a limit of 4:
+    6 calls queued, 1 admitted, ``ended`` never ran). Nothing said so."""
+    import warnings
+
+    from raysched.runtime import admission
+    from raysched.runtime.admission import EndReporter
+
+    monkeypatch.setattr(admission, "MANY_QUEUED_CALLS", 10)
+    reporter = EndReporter(lambda tokens: None, batch_s=0.01)
+    refs = {f"t{i}": _FakeRef() for i in range(30)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(12):
+            reporter.watch(f"t{i}", refs[f"t{i}"])
+        assert len(caught) == 1 and "10 calls with a priority" in str(caught[0].message)
+        assert "waves" in str(caught[0].message) and caught[0].category is RuntimeWarning
+        for i in range(8):
+            refs[f"t{i}"].resolve()  # 4 left: below half of 10, warned again at the next crossing
+        for i in range(12, 30):
+            reporter.watch(f"t{i}", refs[f"t{i}"])
+        assert len(caught) == 2
+
+
 def test_a_node_that_joins_while_calls_wait_is_used_without_waiting_for_an_end():
     """The capacity was read again only when a call arrived or ended: a node that joined while
     long calls ran stayed idle, and the calls queued behind them waited for the first end
