@@ -798,13 +798,17 @@ def test_a_call_that_exits_keeps_its_row_and_fails_as_a_dead_worker(ray_session,
 def modules_at_start():
     import sys
 
-    return sorted(m for m in ("pandas", "pyarrow.parquet", "mlflow", "xgboost") if m in sys.modules)
+    return sorted(m for m in ("pandas", "pyarrow.parquet", "mlflow", "xgboost", "raysched.policy.estimators")
+                  if m in sys.modules)
 
 
 def test_a_workers_first_call_does_not_wait_for_the_drivers_libraries(ray_session):
     # A task's first run in a worker process took ~0.2 s more than plain Ray's (0.7 s on busy
     # cores: a batch's first task started that much later): taking the driver's config
     # imported the driver's client, and with it pandas and pyarrow. The worker needs neither.
+    # Nor the estimators and the ladder, needed only when an attempt is stopped: their
+    # modules were ~60 ms of the ~90 ms raysched's first call cost a worker that had run
+    # plain tasks (benchmarks/README.md, "A worker's first call, again").
     # An env var of its own gives the call a fresh worker process.
     loaded = ray.get(modules_at_start.options(runtime_env={"env_vars": {"RAYSCHED_TEST_FRESH": "1"}}).remote())
     assert loaded == []

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import InvalidInput, InvalidRayOption
-from ..types import Features
+from ..types import MAX_BYTES, Features
 
 #: A callback that returns the size in bytes of an opaque object (a Ray ObjectRef),
 #: or None when it is not known.
@@ -46,8 +46,6 @@ MAX_TAG_FEATURES = 64
 # --- validation: bad input gets a clear error -----------------------------------------
 
 
-#: The largest byte count raysched records: the profile store's byte columns are int64.
-MAX_BYTES = 2**63 - 1
 #: Priorities are stored as int32.
 MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import RayschedConfig
-from ..policy.features import MAX_BYTES
-from ..types import Allocation, AttemptRecord, Features, Prediction
+from ..types import MAX_BYTES, Allocation, AttemptRecord, Features, Prediction
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,6 @@ import ray
 
 from ..config import RayschedConfig
 from ..errors import AttemptsExhausted, RayschedError, StoppedByMonitor
-from ..policy.ladder import LadderState
-from ..policy.recipe import build_ladder
-from ..policy.rules import MemoryOverHardCap
 from ..policy.thinning import ShortCallThinning, thinning_from_config
 from ..types import AttemptRecord, Outcome, Usage
 from .measure import AttemptMeter, DeferredMeter, LiveSample, get_live_sampler
@@ -595,6 +592,11 @@ def climb_and_resubmit(spec: AttemptSpec, failed_attempt: AttemptRecord, args: t
             raise _call_ends(spec, AttemptsExhausted(spec.function, failed, "stopped by the monitor on every attempt"))
         allocation = spec.allocation
     else:
+        # Imported here: the ladder's modules (the estimators', numpy) are no part of a worker's first call.
+        from ..policy.ladder import LadderState
+        from ..policy.recipe import build_ladder
+        from ..policy.rules import MemoryOverHardCap
+
         ladder = build_ladder(spec.config)
         # This task keeps its own `memory` label while it waits for the next attempt
         # (Ray releases a blocked task's CPU, not its memory), and so do the call's earlier
