@@ -814,6 +814,29 @@ def test_a_workers_first_call_does_not_wait_for_the_drivers_libraries(ray_sessio
     assert loaded == []
 
 
+@ray.remote
+def policy_loaded_by_handles(profiler: str, monitor: str, namespace: str):
+    import sys
+
+    ray.get_actor(profiler, namespace=namespace)
+    ray.get_actor(monitor, namespace=namespace)
+    return sorted(m for m in ("raysched.policy.estimators", "raysched.policy.recipe", "raysched.policy.models")
+                  if m in sys.modules)
+
+
+def test_a_workers_handles_on_raysched_actors_do_not_import_the_estimators(ray_session):
+    # A worker gets a handle on the profiler when it sends its first rows, and on the monitor
+    # at its first live sample; Ray imports each actor's module for it, and those imported
+    # the whole policy (~0.12 s of CPU in every new worker, while its first call ran).
+    from raysched.runtime.session import NAMESPACE, monitor_name, profiler_name
+
+    assert ray.get(add_one.remote(1), timeout=60) == 2  # both actors are up
+    config = raysched.get_config()
+    loaded = ray.get(policy_loaded_by_handles.options(runtime_env={"env_vars": {"RAYSCHED_TEST_FRESH": "2"}})
+                     .remote(profiler_name(config), monitor_name(config), NAMESPACE), timeout=60)
+    assert loaded == []
+
+
 @adaptive_remote
 def takes_spec_bytes(x, spec_bytes=0):
     return x, spec_bytes

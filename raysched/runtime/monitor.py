@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from ..config import RayschedConfig
-from ..policy.recipe import build_rules
 from ..policy.rules import (
     ACTOR_RESCALED,
     METRICS_READING,
@@ -402,6 +401,10 @@ class Monitor:
         restored = saved_config.load() if saved_config is not None else None
         config = restored if restored is not None else config
         self.config = config
+        # Imported here: a worker's handle on this actor imports this module (Ray does), and
+        # the recipe brings the estimators and numpy; the rules alone are light.
+        from ..policy.recipe import build_rules
+
         self.rules = build_rules(config)
         self.store = store if store is not None else ProfileStore(config.home_path)
         self._clock = clock
@@ -761,6 +764,8 @@ class Monitor:
 
     def reconfigure(self, config: RayschedConfig) -> None:
         """Judge from now on by ``config``'s rules (a driver's caps and thresholds); attempt state is kept."""
+        from ..policy.recipe import build_rules
+
         rules = build_rules(config)
         with self._lock:
             self.config, self.rules = config, rules

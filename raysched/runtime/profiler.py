@@ -21,15 +21,19 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from ..config import RayschedConfig
-from ..policy.models import IncompatibleModel, ResourceModel, replaces_served, retrain_due
-from ..policy.recipe import MODELLED, build_predictor
-from ..policy.samples import pooled_short_cores
 from ..store.group_commit import GroupCommit
 from ..types import IMPORTED_CODE_HASH, History
 from .session import PROFILER_BASE, RECORD_GROUP, profiler_name
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..policy.models import ResourceModel
+
+# The policy's models and estimators (and numpy) are imported where the actor uses them: a
+# worker that sends its rows gets a handle on this actor, and Ray imports the actor's module
+# for it (~0.12 s of a worker's first call, all of the policy, until these were moved).
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,7 +69,10 @@ class Bundle:
 
 def history_from_rows(rows: pd.DataFrame) -> History:
     """The estimators' view of profile rows: memory samples, and CPU/wall of complete runs."""
+    import numpy as np
     import pandas as pd
+
+    from ..policy.samples import pooled_short_cores
     if rows.empty:
         return History.empty()
     # In the order the attempts ended, not the order their batches arrived: workers
@@ -262,6 +269,8 @@ class Profiler:
         self._last_record = clock()
         self._in_flight = 0  # record calls writing right now
         self.rows_received = 0
+        from ..policy.recipe import build_predictor
+
         self._predictor = build_predictor(config)
         # Batches from many workers become one Parquet part per commit interval under load.
         self._commit = GroupCommit(self._write_rows, config.profile_commit_interval_s)
@@ -380,6 +389,9 @@ class Profiler:
         """After a restart: per resource, the newest registered model that was served, and the
         newest served to each code version on its own rows (two versions in use under one
         name each get theirs back: a helper's audit found only the newest restored)."""
+        from ..policy.models import IncompatibleModel, ResourceModel
+        from ..policy.recipe import MODELLED
+
         latest: dict[str, ResourceModel] = {}  # resource -> the model served last
         by_code: dict[str, dict[str, ResourceModel]] = {}  # code hash -> resource -> its own model
         try:
@@ -469,6 +481,8 @@ class Profiler:
         """Train and predict by ``config`` from now on: a driver's ``configure(...)`` made after
         this actor started (the actor outlives the driver that created it). Rows, histories and
         served models are kept."""
+        from ..policy.recipe import build_predictor
+
         predictor = build_predictor(config)
         with self._lock:
             self.config, self._predictor = config, predictor
@@ -508,6 +522,8 @@ class Profiler:
     def _maybe_train(self, function: str) -> None:
         """Start a training if the function's new rows call for one.  Called with the lock held:
         a function not loaded yet is read in the background, which then looks again."""
+        from ..policy.models import retrain_due
+
         state = self._functions.get(function)
         if state is None:
             if function not in self._loading:
@@ -549,6 +565,8 @@ class Profiler:
 
     def _train(self, function: str, code_hash: str | None = None) -> dict[str, Any]:
         """Fit, compare with the served model on the same holdout, log and register, maybe serve."""
+        from ..policy.models import replaces_served
+
         started, cpu_started = time.perf_counter(), time.process_time()
         state = self._state(function)
         with self._lock:
