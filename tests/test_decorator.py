@@ -634,3 +634,41 @@ def test_a_function_already_made_remote_is_refused_with_what_to_decorate_instead
         with pytest.raises(InvalidRayOption, match="already a remote function.*decorate the plain function") as caught:
             adaptive_remote(made)
         assert "partial" not in str(caught.value)
+
+
+def test_a_call_stopped_at_its_hard_limit_fails_only_once_its_workers_rows_are_sent(monkeypatch):
+    """The retry of a task whose worker a hard stop killed records the attempt and fails the call
+    with ResourceLimitExceeded: it raised with that row still in the worker's buffer, so a
+    caller that shut Ray down on the error could lose it (a row of an attempt >= 2: the driver
+    counts the call as recorded by its earlier rows, and does not wait)."""
+    import pytest
+
+    from raysched import ResourceLimitExceeded, StoppedByMonitor
+    from raysched.config import RayschedConfig
+    from raysched.policy.rules import Decision
+    from raysched.runtime import worker
+    from raysched.runtime.spec import AttemptSpec
+    from raysched.types import Allocation, Estimate, Features, Prediction
+
+    events: list[str] = []
+
+    class Sink:
+        def add(self, row):
+            events.append("row")
+
+        def flush(self, wait_s=0.0):
+            events.append("flush")
+
+    monkeypatch.setattr(worker, "get_sink", lambda config: Sink())
+    monkeypatch.setattr(worker, "_forget_live", lambda spec, force=False: None)
+    estimate = Estimate(target=1e8, lower=1e8, upper=2e8, coverage=0.9, n_history=8)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=2, features=Features(input_size=10),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="history"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=2**30), config=RayschedConfig())
+    for action, error in (("stop_limit", ResourceLimitExceeded), ("cancel", StoppedByMonitor)):
+        events.clear()
+        decision = Decision("memory_hard_cap", action, "f", "c0", 2, measured=3e9, allocated=2e9)
+        worker._record_for(spec, worker._STOP_OUTCOMES[action], None, "stopped")
+        with pytest.raises(error):
+            worker._apply_stop(lambda: None, spec, decision, None, "stopped", (), {}, lambda *a: None)
+        assert events == ["row", "flush"], action

@@ -558,7 +558,9 @@ def _apply_stop(fn: Callable[..., Any], spec: AttemptSpec, decision: Any, usage:
                 resubmit: Callable[[AttemptSpec, tuple, Mapping[str, Any]], Any]) -> Any:
     """What follows a stopped attempt (its row is written): fail, or resubmit the next attempt."""
     if decision.action in ("stop_limit", "cancel"):
-        raise _stop_error(spec, decision)
+        # Once the row is stored: the retry of a task whose worker the stop killed records it
+        # (``recover``), and the caller could hear the error, and shut Ray down, before it was sent.
+        raise _call_ends(spec, _stop_error(spec, decision))
     record = AttemptRecord(spec.attempt, spec.allocation, _STOP_OUTCOMES[decision.action], usage, reason)
     same = decision.action == "requeue_lowest_priority"  # it gave way on its node: the same size again
     return climb_and_resubmit(spec, record, args, kwargs, resubmit, same_allocation=same,
