@@ -124,6 +124,13 @@ class RayschedConfig:
     cost_tail_by_count: bool = False
     #: Never cover fewer than this share of the residuals, however cheap failures look.
     cost_min_coverage: float = 0.75
+    #: A function with few runs also sizes by the residuals of its home's other functions
+    #: (the trace replay's task types of a workflow): this many of them, the quantiles of
+    #: all their residuals pooled (0: off), counted among a call's local residuals when
+    #: those number at most cost_prior_max_local (the default: under 29 runs).
+    #: benchmarks/README.md, "A prior from the other functions".
+    cost_prior_runs: int = 5
+    cost_prior_max_local: int = 10
     #: Growth floor of the ladder under cost-aware sizing (the OOM bump already adds >= 20%).
     cost_ladder_min_growth: float = 1.2
     #: Beyond the largest input seen, follow the log-log slope of use on input size
@@ -553,7 +560,7 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
       "shutdown_flush_timeout_s", "profile_commit_interval_s", "short_call_wall_s", "short_call_rss_bytes",
       "monitor_cpu_min_wall_s", "cost_tail_allowance", "cost_cap_allowance", "cost_extrapolation_widen",
       "cost_failure_overhead_s", "shift_min_log", "shift_noise_multiple",
-      "actor_max_rescales"), lambda v: v >= 0, "at least 0"),
+      "actor_max_rescales", "cost_prior_runs", "cost_prior_max_local"), lambda v: v >= 0, "at least 0"),
     (("min_history_for_stats", "min_history_for_model", "history_window", "xgb_rounds", "xgb_max_depth",
       "retrain_after_new_rows", "registry_keep_versions", "max_attempts", "short_call_streak", "short_call_measure_every",
       "monitor_sustain_samples", "monitor_limit_sustain_samples", "node_memory_sustain_readings",

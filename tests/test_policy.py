@@ -1162,3 +1162,38 @@ def test_a_models_upper_bound_beyond_the_largest_input_follows_a_baseline_plus_a
             assert 1.0 <= upper[0] / true(x) <= 1.6, (resource, x / MiB, upper[0] / true(x))
     cpu = fit_resource_model(history, "cpu", RayschedConfig())
     assert "linear_share_beyond_largest_input" not in cpu.metrics  # cores do not add up with the input
+
+
+def test_a_function_with_few_runs_counts_the_residuals_of_the_workflows_other_functions():
+    """The shared fallback: ten runs within 2% of each other say little of how far the next
+    may stray, and the trace replay's costliest failures were such near misses (a median of
+    0.95 of the peak); the other functions' residuals, pooled, stand in for the unseen tail
+    while a function has few runs (cost_prior_max_local), and no longer once it has more."""
+    import math
+
+    from raysched.policy.estimators import CostAwareEstimator, residual_prior
+
+    est = CostAwareEstimator("memory", min_history=8, min_correlation=0.3, local_fraction=0.35, min_local=8,
+                             tail_allowance=0.1, min_coverage=0.75, prior_max_local=10)
+    tight = History.from_columns({"memory": [1e9 * (1 + 0.002 * i) for i in range(10)]})
+    wide = History.from_columns({"memory": [1e9 * math.exp(0.05 * (i - 10)) for i in range(21)]})  # +-0.5 in log
+
+    # The prior: quantiles (i + 0.5) / 5 of all residuals pooled, here those of both functions.
+    prior = residual_prior([tight, wide], est, runs=5)
+    pooled = np.concatenate([est.residuals(tight), est.residuals(wide)])
+    assert len(pooled) == 31 and np.allclose(prior, np.quantile(pooled, [0.1, 0.3, 0.5, 0.7, 0.9]))
+    assert len(residual_prior([tight], est, runs=5)) == 5  # its own 10 residuals are enough (min_pooled)...
+    assert residual_prior([tight], est, runs=5, min_pooled=11) == ()  # ...fewer are not
+    assert residual_prior([tight, wide], est, runs=0) == ()
+    assert residual_prior([History.from_columns({"memory": [1e9] * 5})], est, runs=5) == ()  # under min_history
+
+    alone = est.estimate(EstimationContext(tight), Features())
+    helped = est.estimate(EstimationContext(tight, residual_prior=prior), Features())
+    assert alone.upper < 1.03e9 < helped.upper  # the other functions' spread widens the allocation
+    # With more local residuals than prior_max_local, its own runs speak for it.
+    many = History.from_columns({"memory": [1e9 * (1 + 0.002 * i) for i in range(40)]})  # 14 local residuals
+    assert (est.estimate(EstimationContext(many, residual_prior=prior), Features()).upper
+            == est.estimate(EstimationContext(many), Features()).upper)
+    off = CostAwareEstimator("memory", min_history=8, min_correlation=0.3, local_fraction=0.35, min_local=8,
+                             tail_allowance=0.1, min_coverage=0.75)  # prior_max_local=0: never
+    assert off.estimate(EstimationContext(tight, residual_prior=prior), Features()).upper == alone.upper

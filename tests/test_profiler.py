@@ -1002,3 +1002,47 @@ def test_a_history_window_of_a_function_with_imported_runs_only_is_its_newest_im
     assert len(window) == 50 and window["timestamp"].is_monotonic_increasing
     assert window["timestamp"].iloc[0] == dt.datetime(2026, 6, 1, 0, 0, 0, 30, tzinfo=dt.timezone.utc)
     assert len(store.read_history(50, "g")) == 0
+
+
+def test_a_bundle_carries_the_memory_prior_of_the_homes_functions_worked_out_again_in_time(tmp_path):
+    """The shared fallback of a function with few runs: the profiler pools the residuals of the
+    functions it holds, and every bundle carries the prior (policy.recipe.memory_residual_prior);
+    it is worked out again at most every PRIOR_REFRESH_S, and a function's new rows count then."""
+    from raysched.policy.recipe import memory_residual_prior
+    from raysched.runtime.profiler import PRIOR_REFRESH_S, history_from_rows
+
+    config = RayschedConfig(home=str(tmp_path), min_history_for_model=10_000, bundle_max_age_s=0.0,
+                            profile_commit_interval_s=0.0)
+    profiler = Profiler(config, store=ProfileStore(tmp_path), registry=FakeRegistry(), clock=Clock(),
+                        executor=InlineExecutor(), load_executor=InlineExecutor(), tidy_executor=InlineExecutor())
+    profiler.record(rows(5, function="g"))  # too few runs for residuals of its own
+    profiler.bundle("g", "h1")
+    assert profiler.bundle("g", "h1", have_version=-1).residual_prior == ()  # 5 runs: nothing to pool yet
+    profiler.record(rows(30, function="f", noise=40.0))
+    profiler.bundle("f", "h1")
+    profiler._clock.now += PRIOR_REFRESH_S
+    bundle = profiler.bundle("g", "h1", have_version=-1)
+    expected = memory_residual_prior([history_from_rows(profiler._functions[name].rows) for name in ("g", "f")],
+                                     config)
+    assert len(bundle.residual_prior) == config.cost_prior_runs == 5
+    assert np.allclose(bundle.residual_prior, expected)
+
+    profiler.record(rows(30, start=100, function="f", noise=200.0))  # f strays much further now
+    assert profiler.bundle("f", "h1", have_version=-1).residual_prior == bundle.residual_prior  # within the interval
+    assert profiler.bundle("g", "h1", have_version=bundle.version) is None  # nothing new for g yet
+    profiler._clock.now += PRIOR_REFRESH_S
+    later = profiler.bundle("g", "h1", have_version=bundle.version)  # g has no new runs, but a new prior
+    assert later is not None and later.version > bundle.version
+    assert max(later.residual_prior) > max(bundle.residual_prior) and later.history is not None
+    # f has 60 runs: it sizes by its own residuals, and the prior's change is no news to it.
+    f_version = profiler.bundle("f", "h1", have_version=-1).version
+    profiler.record(rows(10, start=300, function="g", noise=300.0))  # g's 15 runs join the pool
+    profiler._clock.now += PRIOR_REFRESH_S
+    assert profiler.bundle("f", "h1", have_version=f_version) is None
+    assert profiler.bundle("g", "h1", have_version=-1).residual_prior != later.residual_prior  # it did change
+
+    off = Profiler(config.replace(cost_prior_runs=0), store=ProfileStore(tmp_path), registry=FakeRegistry(),
+                   clock=Clock(), executor=InlineExecutor(), load_executor=InlineExecutor(),
+                   tidy_executor=InlineExecutor())
+    off.bundle("f", "h1")
+    assert off.bundle("g", "h1").residual_prior == ()

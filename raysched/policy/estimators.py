@@ -18,7 +18,7 @@ import statistics
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Hashable, Mapping, Protocol
+from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -46,6 +46,9 @@ class EstimationContext:
     history: History
     models: Mapping[str, ResourceModel] = field(default_factory=dict)
     fallback: Fallback = Fallback()
+    #: Log residuals that stand for runs of the workflow's other functions, for a function
+    #: with few runs of its own (``residual_prior``); empty: none.
+    residual_prior: tuple[float, ...] = ()
 
 
 class Estimator(Protocol):
@@ -394,6 +397,26 @@ def _extrapolation_scores(
     return np.concatenate(scores) if scores else np.empty(0)
 
 
+def residual_prior(histories: Iterable[History], estimator: CostAwareEstimator, runs: int,
+                   min_pooled: int = 10) -> tuple[float, ...]:
+    """``runs`` residuals that stand for a workflow's functions: the (i + 0.5) / runs quantiles
+    of the log residuals of every history given (``CostAwareEstimator.residuals``) pooled.
+
+    The issue's "shared fallback": a function with a few runs knows little of how far its
+    next run may stray above what its input predicts, and the failures that cost most in
+    the trace replay were near misses on such functions (a median of 0.95 of the peak).
+    Residuals are in log space, so functions of any size pool; empty below ``min_pooled``
+    residuals or with ``runs`` 0.
+    """
+    if runs <= 0:
+        return ()
+    pooled = [r for r in (estimator.residuals(h) for h in histories) if r.shape[0]]
+    values = np.concatenate(pooled) if pooled else np.empty(0)
+    if values.shape[0] < min_pooled:
+        return ()
+    return tuple(float(q) for q in np.quantile(values, (np.arange(runs) + 0.5) / runs))
+
+
 def _nearest(values: np.ndarray, distance: np.ndarray, k: int) -> np.ndarray:
     """The ``values`` of the ``k`` smallest distances (ties: the earliest runs), in no order.
 
@@ -440,7 +463,7 @@ class _SizeFit:
     resid: np.ndarray | None = None  # cross-fitted log residuals, in the order of ls
     wall: np.ndarray | None = None  # wall seconds of the runs (of those with a known size when sized)
     extrapolation_widen: list = field(default_factory=list)  # computed on the first call past the range
-    unsized: list = field(default_factory=list)  # the estimate of a call sized without its input size, once
+    unsized: dict = field(default_factory=dict)  # residual prior -> the estimate of a call sized without its input size
 
     def center(self, query: float) -> float:
         """``_monotone_fit(ls, lu, [query], slope)``, from the curve fitted once."""
@@ -529,6 +552,10 @@ class CostAwareEstimator:
     #: Scale the phantom's distance by the number of residuals (``unseen_tail_ratio``):
     #: ``tail_allowance`` then multiplies that ratio instead of standing alone.
     tail_by_count: bool = False
+    #: A call whose local residuals number at most this many also counts the context's
+    #: ``residual_prior`` among them (0: never): a few runs say little about the tail, and
+    #: the workflow's other functions say how far runs stray from what their input predicts.
+    prior_max_local: int = 0
 
     def _fit(self, history: History) -> _SizeFit:
         """Everything of the estimate that depends on the history alone."""
@@ -554,12 +581,14 @@ class CostAwareEstimator:
         if n < self.min_history:
             return None
         if not (fit.use_size and x.input_size is not None):
-            # Nothing of the call matters: one estimate per history.
-            if not fit.unsized:
+            # Nothing of the call matters: one estimate per history (and prior).
+            found = fit.unsized.get(ctx.residual_prior)
+            if found is None:
                 center = float(np.median(log_use))
-                fit.unsized.append(self._choose(center, np.sort(log_use - center), float(np.max(log_use)), n,
-                                                self._overhead(fit.wall)))
-            return fit.unsized[0]
+                resid = self._with_prior(np.sort(log_use - center), ctx.residual_prior)
+                found = fit.unsized[ctx.residual_prior] = self._choose(center, resid, float(np.max(log_use)), n,
+                                                                       self._overhead(fit.wall))
+            return found
         ls, lu, slope = fit.ls, fit.lu, fit.slope
         assert ls is not None and lu is not None and fit.resid is not None
         query = math.log1p(float(x.input_size))
@@ -583,7 +612,23 @@ class CostAwareEstimator:
         center += widen * beyond
         # Never above the largest use seen, grown along the slope beyond the range.
         cap = float(np.max(log_use)) + (slope + widen) * beyond
-        return self._choose(center, np.sort(resid), cap, n, self._overhead(wall))
+        return self._choose(center, self._with_prior(np.sort(resid), ctx.residual_prior), cap, n, self._overhead(wall))
+
+    def _with_prior(self, resid: np.ndarray, prior: tuple[float, ...]) -> np.ndarray:
+        """The sorted residuals, with the prior's among them if there are few (``prior_max_local``)."""
+        if not prior or resid.shape[0] > self.prior_max_local:
+            return resid
+        return np.sort(np.concatenate([resid, np.asarray(prior, dtype=float)]))
+
+    def residuals(self, history: History) -> np.ndarray:
+        """The log residuals this estimator sizes ``history``'s calls by: cross-fitted along input
+        size where size explains use, else around the median; empty below ``min_history`` runs."""
+        fit: _SizeFit = _per_history(history, self, lambda: self._fit(history))
+        if fit.n < self.min_history:
+            return np.empty(0)
+        if fit.use_size and fit.resid is not None:
+            return fit.resid
+        return fit.log_use - float(np.median(fit.log_use))
 
     def _overhead(self, wall: np.ndarray | None) -> float:
         """A failure's fixed cost as a share of one run: ``failure_overhead_s`` over the

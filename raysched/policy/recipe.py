@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from ..config import RayschedConfig
 from ..types import Estimate, Features, History, Prediction
@@ -31,6 +31,7 @@ from .estimators import (
     SameTags,
     WithConfidenceMultiplier,
     WithMinimum,
+    residual_prior,
 )
 from .ladder import Ladder, LadderState, Rung
 from .models import ResourceModel, fit_resource_model
@@ -89,8 +90,9 @@ class Predictor:
         history: History | None = None,
         models: TrainedModels | Mapping[str, ResourceModel] | None = None,
         fallback: Fallback | None = None,
+        residual_prior: tuple[float, ...] = (),
     ) -> Prediction:
-        return compose(self.estimates(features, history, models, fallback))
+        return compose(self.estimates(features, history, models, fallback, residual_prior=residual_prior))
 
     def estimates(
         self,
@@ -99,12 +101,50 @@ class Predictor:
         models: TrainedModels | Mapping[str, ResourceModel] | None = None,
         fallback: Fallback | None = None,
         resources: tuple[str, ...] = MODELLED,
+        residual_prior: tuple[float, ...] = (),
     ) -> dict[str, Estimate | None]:
-        """The estimates of some resources only (``compose`` makes a Prediction of all four)."""
+        """The estimates of some resources only (``compose`` makes a Prediction of all four);
+        ``residual_prior``: ``memory_residual_prior`` of the home's functions."""
         by_resource = models.by_resource if isinstance(models, TrainedModels) else (models or {})
         ctx = EstimationContext(history=history if history is not None else History.empty(),
-                                models=by_resource, fallback=fallback or Fallback())
+                                models=by_resource, fallback=fallback or Fallback(), residual_prior=residual_prior)
         return {r: self.chains[r].estimate(ctx, features) for r in resources}
+
+
+def _cost_aware(resource: str, config: RayschedConfig) -> CostAwareEstimator:
+    return CostAwareEstimator(
+        resource,
+        min_history=config.cost_min_history,
+        min_correlation=config.cost_min_size_correlation,
+        local_fraction=config.cost_local_fraction,
+        min_local=config.cost_min_local,
+        tail_allowance=config.cost_tail_allowance,
+        min_coverage=config.cost_min_coverage,
+        max_slope=config.cost_max_slope,
+        extrapolate=config.cost_extrapolate,
+        slope_fraction=config.cost_slope_fraction,
+        cap_allowance=config.cost_cap_allowance if config.cost_cap_allowance is not None else math.inf,
+        widen=config.cost_extrapolation_widen,
+        extrapolation_quantile=config.cost_extrapolation_quantile,
+        failure_overhead_s=config.cost_failure_overhead_s,
+        tail_by_count=config.cost_tail_by_count,
+        prior_max_local=config.cost_prior_max_local if config.cost_prior_runs > 0 else 0,
+    )
+
+
+#: The newest runs of each function that the prior pools: a function with thousands of runs
+#: would outweigh the others, and cost the profiler a fit of them all.
+PRIOR_RUNS_PER_FUNCTION = 200
+
+
+def memory_residual_prior(histories: Iterable[History], config: RayschedConfig) -> tuple[float, ...]:
+    """The memory chain's ``residual_prior`` from the histories of a home's (a workflow's)
+    functions: the same estimator's residuals of each one's newest ``PRIOR_RUNS_PER_FUNCTION``
+    runs, pooled (``estimators.residual_prior``)."""
+    if not config.memory_cost_aware or config.cost_prior_runs <= 0:
+        return ()
+    return residual_prior((h.tail(PRIOR_RUNS_PER_FUNCTION) for h in histories), _cost_aware("memory", config),
+                          config.cost_prior_runs)
 
 
 def compose(estimates: Mapping[str, Estimate | None]) -> Prediction:
@@ -142,25 +182,9 @@ def _chain(resource: str, default: float | None, minimum: float, config: Raysche
         #    counted at their full cost (see CostAwareEstimator): it already weighs the
         #    uncertainty, so it comes before the model's fixed-coverage bound.
         #    Only the runs with the call's tags (SameTags): tags say the calls differ.
-        steps.append(SameTags(
-            CostAwareEstimator(
-                resource,
-                min_history=config.cost_min_history,
-                min_correlation=config.cost_min_size_correlation,
-                local_fraction=config.cost_local_fraction,
-                min_local=config.cost_min_local,
-                tail_allowance=config.cost_tail_allowance,
-                min_coverage=config.cost_min_coverage,
-                max_slope=config.cost_max_slope,
-                extrapolate=config.cost_extrapolate,
-                slope_fraction=config.cost_slope_fraction,
-                cap_allowance=config.cost_cap_allowance if config.cost_cap_allowance is not None else math.inf,
-                widen=config.cost_extrapolation_widen,
-                extrapolation_quantile=config.cost_extrapolation_quantile,
-                failure_overhead_s=config.cost_failure_overhead_s,
-                tail_by_count=config.cost_tail_by_count,
-            )
-        ))
+        #    With few runs, the residuals of the home's other functions count too (the
+        #    context's residual_prior, ``memory_residual_prior``).
+        steps.append(SameTags(_cost_aware(resource, config)))
     steps += [
         # 1. With enough history, the XGBoost quantile model whose upper quantile is
         #    conformally calibrated on held-out runs: already honest, no multiplier.

@@ -72,6 +72,15 @@ class _Columns:
         )
 
 
+def _columns_of(history: TaskHistory) -> _Columns:
+    """A task type's history rows as the runtime's columns: %cpu / 100 as cores, realtime as wall seconds."""
+    cols = _Columns()
+    for i in range(len(history)):
+        cpu = history.cpu_pct[i] / 100.0 if math.isfinite(history.cpu_pct[i]) else float("nan")
+        cols.add(float(history.input_size[i]), float(history.peak_rss[i]), cpu, history.realtime_ms[i] / 1000.0)
+    return cols
+
+
 class _LazyModels(Mapping):
     """The models of one retrain, fitted per resource on first use from the history of that moment."""
 
@@ -116,10 +125,7 @@ class _RayschedSizer(TaskSizer):
         self.config = method.config
         self.predictor = build_predictor(self.config)
         self.ladder = build_ladder(self.config)
-        self.cols = _Columns()
-        for i in range(len(history)):
-            cpu = history.cpu_pct[i] / 100.0 if math.isfinite(history.cpu_pct[i]) else float("nan")
-            self.cols.add(float(history.input_size[i]), float(history.peak_rss[i]), cpu, history.realtime_ms[i] / 1000.0)
+        self.cols = _columns_of(history)
         self.version = len(self.cols.memory)
         self._history: History | None = None
         self.served: dict[str, object] = {}  # resource -> the model served, as the profiler's
@@ -151,7 +157,8 @@ class _RayschedSizer(TaskSizer):
         features = Features(input_size=int(job.input_size) if math.isfinite(job.input_size) else None)
         # Only memory is scored: the runtime's memory chain, with the models trained on
         # the runtime's schedule (lazily: a model no estimator consults is never fitted).
-        ctx = EstimationContext(history=self._current_history(), models=self.models)
+        ctx = EstimationContext(history=self._current_history(), models=self.models,
+                                residual_prior=self.m.residual_prior)
         memory = self.predictor.chains["memory"].estimate(ctx, features)
         cpu = Estimate(1.0, 1.0, 1.0, self.config.coverage, 0)
         self._prediction = Prediction(memory=memory, cpu=cpu, wall=cpu, source=memory.source)
@@ -210,6 +217,15 @@ class RayschedMethod(Method):
         self.record_oom_samples = record_oom_samples
         self.exhausted = 0  # jobs whose ladder ran out of attempts (doubled from there)
         self.trainings = 0  # models fitted, per resource (the first of each task type included)
+        self.residual_prior: tuple[float, ...] = ()
+
+    def begin_workflow(self, histories: Sequence[TaskHistory]) -> None:
+        """The memory chain's prior from every task type's history, as the profiler makes it from
+        the functions of a home (``policy.recipe.memory_residual_prior``)."""
+        from ..policy.recipe import memory_residual_prior
+
+        self.residual_prior = memory_residual_prior(
+            [_columns_of(h).history(len(h)) for h in histories], self.config)
 
     def sizer(self, history: TaskHistory) -> TaskSizer:
         return _RayschedSizer(self, history)

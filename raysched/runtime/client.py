@@ -303,7 +303,9 @@ class ProfilerClient:
             others = self._predictor.estimates(at, history, models, fallback, _COARSE_RESOURCES)
             self._remember(coarse_key, others)
         at = _at_bucket_top(features, band, _SIZE_BUCKETS_PER_DOUBLING)
-        prediction = compose({**others, **self._predictor.estimates(at, history, models, fallback, ("memory",))})
+        prior = bundle.residual_prior if bundle else ()
+        prediction = compose({**others, **self._predictor.estimates(at, history, models, fallback, ("memory",),
+                                                                    residual_prior=prior)})
         self._remember(key, prediction)
         return prediction
 

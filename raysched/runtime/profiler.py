@@ -46,6 +46,9 @@ PROFILER_NAME = PROFILER_BASE
 #: (up to ``profile_commit_interval_s``), so those calls get threads of their own.
 RECORD_THREADS = 64
 
+#: How often, at most, the memory prior bundles carry is worked out again (``Profiler._residual_prior``).
+PRIOR_REFRESH_S = 30.0
+
 #: Outcomes whose CPU and wall time describe a whole run of the function.
 _COMPLETE = {"ok"}
 
@@ -61,6 +64,8 @@ class Bundle:
     models: Mapping[str, ResourceModel] = field(default_factory=dict)
     max_peak_seen: float = 0.0
     history_scope: str = "code"  # "code": rows of this code hash; "name": all rows of the name
+    #: The memory chain's prior from the home's functions (``policy.recipe.memory_residual_prior``).
+    residual_prior: tuple[float, ...] = ()
 
     @property
     def n_history(self) -> int:
@@ -259,6 +264,11 @@ class Profiler:
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysched-train")
         self._lock = threading.RLock()
         self._functions: dict[str, _FunctionState] = {}
+        # The memory prior bundles carry, from the histories of the functions loaded here: each
+        # function's History kept per version (the estimator's fit is cached on the object).
+        self._prior: tuple[float, ...] = ()
+        self._prior_at = -math.inf
+        self._prior_histories: dict[str, tuple[int, History]] = {}
         #: Functions whose rows a thread is reading from the store (``_state``): set when done.
         self._loading: dict[str, threading.Event] = {}
         #: function -> the lists of rows recorded during each store read of it under way
@@ -487,6 +497,7 @@ class Profiler:
         with self._lock:
             self.config, self._predictor = config, predictor
             self._commit.interval_s = float(config.profile_commit_interval_s)
+            self._prior_at = -math.inf  # the prior by the new config at the next bundle
 
     def _write_rows(self, rows: list[Mapping[str, Any]]) -> int:
         """The group commit's write: a row the store refuses is set aside there, and kept out
@@ -687,9 +698,10 @@ class Profiler:
                 finally:
                     self._end_read(function, arrived)
         with self._lock:
+            now = self._clock()
+            self._refresh_prior(now)
             if have_version == state.version:
                 return None
-            now = self._clock()
             built_at, cached, served_then = state.bundles.get(code_hash, (None, None, None))
             if cached is not None and not reload and (
                     cached.version == state.version
@@ -712,9 +724,39 @@ class Profiler:
                 models = dict(state.models_by_code.get(code_hash, {}))
             else:
                 models = dict(state.models)
-            bundle = Bundle(function, code_hash, state.version, history, models, max_peak, scope)
+            bundle = Bundle(function, code_hash, state.version, history, models, max_peak, scope, self._prior)
             state.bundles[code_hash] = (now, bundle, dict(state.models))
             return bundle
+
+    def _refresh_prior(self, now: float) -> None:
+        """Work out the memory prior of the functions loaded here again, every ``PRIOR_REFRESH_S``
+        at most (the lock held: a function's history is built again only when it has new rows).
+
+        A prior that changed is news to the functions it sizes (those with few runs): their
+        version moves on, so that their next bundle, and their drivers, have it."""
+        if now - self._prior_at < PRIOR_REFRESH_S:
+            return
+        from ..policy.recipe import PRIOR_RUNS_PER_FUNCTION, memory_residual_prior
+
+        self._prior_at = now
+        try:
+            for name, state in self._functions.items():
+                held = self._prior_histories.get(name)
+                if held is None or held[0] != state.version:
+                    rows = state.rows.tail(PRIOR_RUNS_PER_FUNCTION)
+                    self._prior_histories[name] = (state.version, history_from_rows(rows))
+            prior = memory_residual_prior([h for _, h in self._prior_histories.values()], self.config)
+        except Exception:  # noqa: BLE001 - bundles keep the last prior
+            logger.exception("raysched: could not work out the memory prior of the home's functions")
+            return
+        if prior == self._prior:
+            return
+        self._prior = prior
+        few = self.config.cost_prior_max_local / self.config.cost_local_fraction  # runs it still sizes
+        for name, state in self._functions.items():
+            if state.n_usable <= few:
+                state.version += 1
+                self._prior_histories[name] = (state.version, self._prior_histories[name][1])
 
     def settle(self, min_wait_s: float = 0.0, quiet_s: float = 0.3, timeout_s: float = 10.0) -> int:
         """Wait until no rows have arrived for ``quiet_s`` (rows in flight have landed)."""
