@@ -51,7 +51,9 @@ from raysched.types import GiB, MiB
 pytestmark = pytest.mark.ray
 
 CALLS = 8
-SECONDS = 3.0
+# Long enough that all eight bodies start, and publish a live sample, before the first ends:
+# 3 s was not once under the other xdist worker's load (eight new worker processes on 2 cores).
+SECONDS = 6.0
 
 
 def _head_args() -> dict:
@@ -135,7 +137,7 @@ def test_a_node_lost_mid_run_loses_no_call_and_no_row(two_workers, tmp_path):
     on_lost = {value for value, node, _ in running if node == lost_id}
     assert on_lost
     # Each attempt has published a live sample (every 0.5 s; later on a busy machine, and a dead
-    # attempt's row then has no use to record), with about 2 s of its 3 left.
+    # attempt's row then has no use to record), with seconds of its 6 left.
     assert wait_for(lambda: len(_published_samples()) >= CALLS, timeout=20), _published_samples()
     assert not any(done for _, _, done in _markers(marker_dir))
     cluster.remove_node(lost, allow_graceful=False)

@@ -513,9 +513,11 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
             # The predecessor still holds the state (nothing was sent to it after the save,
             # and it did not end: _raysched_retire): calls go back to it. Only those sent to
             # the failed successor meanwhile fail (with ActorDiedError), having never run.
+            # The rescale goes first: one who sees the old incarnation serve again sees it undone
+            # (the other order left a moment with incarnation 1 and the rescale to 2 listed).
+            rescale = self._rescales.pop() if self._rescales and self._rescales[-1].incarnation == spec.attempt else None
             self._actor, self._spec = old_actor, old_spec
             self._draining.pop(old_spec.live_key, None)
-            rescale = self._rescales.pop() if self._rescales and self._rescales[-1].incarnation == spec.attempt else None
             if rescale is not None:
                 self._skip(replace(rescale.decision, timestamp=time.time()),
                            f"the state could not be handed over to its incarnation {spec.attempt} ({cause}); "
