@@ -128,7 +128,7 @@ class RayschedConfig:
     #: (the trace replay's task types of a workflow): this many of them, the quantiles of
     #: all their residuals pooled (0: off), counted among a call's local residuals when
     #: those number at most cost_prior_max_local (the default: under 29 runs).
-    #: benchmarks/README.md, "A prior from the other functions".
+    #: benchmarks/README.md, "A prior from the other task types".
     cost_prior_runs: int = 5
     cost_prior_max_local: int = 10
     #: Growth floor of the ladder under cost-aware sizing (the OOM bump already adds >= 20%).

@@ -46,7 +46,7 @@ PROFILER_NAME = PROFILER_BASE
 #: (up to ``profile_commit_interval_s``), so those calls get threads of their own.
 RECORD_THREADS = 64
 
-#: How often, at most, the memory prior bundles carry is worked out again (``Profiler._residual_prior``).
+#: How often, at most, the memory prior bundles carry is worked out again (``Profiler._refresh_prior``).
 PRIOR_REFRESH_S = 30.0
 
 #: Outcomes whose CPU and wall time describe a whole run of the function.

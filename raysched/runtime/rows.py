@@ -428,7 +428,7 @@ class _ProfilerSender:
             # (msgpack with a pickle per datetime) cost four times as much per row.
             return self._profiler_record(pickle.dumps(rows, protocol=5))
         except Exception as exc:  # noqa: BLE001 - the actor is gone: write the rows ourselves
-            logger.warning("raysched: profiler unreachable (%s); writing %d rows to the store directly", exc, len(rows))
+            logger.warning("raysched: profiler unreachable (%s); storing %d rows without it", exc, len(rows))
             self._write(rows)
             return None
 
@@ -500,11 +500,11 @@ class _ProfilerSender:
             try:
                 with open(path, "rb") as fh:
                     payload = fh.read()
-                pickle.loads(payload)  # a file cut short is set aside by store_spooled's reader, not sent
+                pickle.loads(payload)  # a file cut short is not sent: the profiler would refuse it each time
             except FileNotFoundError:
                 continue  # another worker of the node sent it, and it was stored
-            except Exception:  # noqa: BLE001
-                logger.warning("raysched: could not read the kept profile rows of %s", path, exc_info=True)
+            except Exception as exc:  # noqa: BLE001
+                _set_aside(path, exc)
                 continue
             try:
                 self._spool_sent[path] = self._profiler_record(payload)
@@ -603,6 +603,15 @@ def spool_rows(config: RayschedConfig, rows: list[dict], error: BaseException | 
 _NOT_THE_PROFILERS = "this node's folder of the home's path is not the profiler's (no shared storage)"
 
 
+def _set_aside(path: Path, error: BaseException) -> None:
+    """A kept file that cannot be read (cut short): renamed ``.bad``, not read again and again."""
+    logger.warning("raysched: could not read the kept profile rows of %s (%s); left as %s.bad", path, error, path)
+    try:
+        os.replace(path, path.with_name(path.name + ".bad"))
+    except OSError:
+        pass
+
+
 def store_spooled(config: RayschedConfig, store: Any = None) -> int:
     """Write the rows this node kept for ``config``'s home (``spool_rows``) to its store, oldest
     first, and delete each file once stored; returns how many rows were stored.  A write that
@@ -636,13 +645,8 @@ def store_spooled(config: RayschedConfig, store: Any = None) -> int:
                     rows = pickle.load(fh)
             except FileNotFoundError:
                 continue
-            except Exception as exc:  # noqa: BLE001 - a file cut short: set aside, not read again and again
-                logger.warning("raysched: could not read the kept profile rows of %s (%s); left as %s.bad",
-                               path, exc, path)
-                try:
-                    os.replace(path, path.with_name(name + ".bad"))
-                except OSError:
-                    pass
+            except Exception as exc:  # noqa: BLE001
+                _set_aside(path, exc)
                 continue
             store.append_keeping_valid(rows)
             store.note_outside_write(row["function"] for row in rows if "function" in row)
