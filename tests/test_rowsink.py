@@ -437,3 +437,26 @@ def test_a_node_without_the_profilers_folder_keeps_rows_on_the_node_and_sends_th
     assert sorted(r["call_id"] for r in stored) == ["a", "b"]
     assert not list(rows.spool_dir(config).glob("rows-*.pkl"))
     assert not ProfileStore(config.home_path, writable=False).read().shape[0]
+
+
+def test_a_kept_rows_file_cut_short_is_set_aside_whether_stored_or_sent(monkeypatch, tmp_path, caplog):
+    import tempfile
+
+    from raysched.config import RayschedConfig
+    from raysched.runtime import rows, session
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    for sees in (True, False):
+        config = RayschedConfig(home=str(tmp_path / f"home-{sees}"))
+        folder = rows.spool_dir(config)
+        folder.mkdir(parents=True)
+        (folder / "rows-00000000000000000001-1-abcd.pkl").write_bytes(b"\x80\x05cut")
+        sent = []
+        monkeypatch.setattr(session, "published_home_id", lambda config, sees=sees: None if sees else "the-heads")
+        sender = rows._ProfilerSender(config)
+        monkeypatch.setattr(sender, "_profiler_record", lambda payload: sent.append(payload) or "ref")
+        with caplog.at_level("WARNING", logger="raysched.runtime.rows"):
+            sender._maybe_store_spooled()
+        assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == \
+            ["rows-00000000000000000001-1-abcd.pkl.bad"], sees
+        assert not sent and "left as" in caplog.text
