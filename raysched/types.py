@@ -12,14 +12,9 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import Iterator, Mapping
 
-if TYPE_CHECKING:
-    import numpy as np
-
-# numpy is imported where History needs it, not here: a worker process imports this module
-# for its first raysched call, and numpy took ~40 ms of its ~90 ms (several times that on
-# busy cores) in processes whose tasks never use it.
+import numpy as np
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -408,8 +403,6 @@ class History:
     @property
     def censored_mask(self) -> np.ndarray:
         """A boolean array, one per run: True where the memory value is a lower bound."""
-        import numpy as np
-
         if self.censored is None:
             return np.zeros(len(self), dtype=bool)
         return np.asarray(self.censored, dtype=bool)
@@ -427,8 +420,6 @@ class History:
 
     def select(self, mask: np.ndarray) -> "History":
         """The runs where ``mask`` is True, in order (the same version: a view of these rows)."""
-        import numpy as np
-
         return self._rows(np.flatnonzero(mask))
 
     def _rows(self, rows: "slice | np.ndarray") -> "History":
@@ -449,8 +440,6 @@ class History:
         )
 
     def append(self, other: "History") -> "History":
-        import numpy as np
-
         return History(
             input_size=np.concatenate([self.input_size, other.input_size]),
             memory=np.concatenate([self.memory, other.memory]),
@@ -471,8 +460,6 @@ class History:
     @staticmethod
     def from_columns(columns: Mapping[str, object], version: int = 0) -> "History":
         """Build from any mapping of equal-length sequences; missing columns become NaN."""
-        import numpy as np
-
         lengths = {len(v) for k, v in columns.items() if k != "tags" and v is not None}  # type: ignore[arg-type]
         if len(lengths) > 1:
             raise ValueError(f"History columns differ in length: {sorted(lengths)}")

@@ -10,13 +10,11 @@ it needed, which is why it is bumped.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..config import RayschedConfig
 from ..types import Outcome
-
-if TYPE_CHECKING:
-    import numpy as np
 
 
 def oom_bump(peak_bytes: float, config: RayschedConfig) -> float:
@@ -87,8 +85,6 @@ def pooled_short_cores(cores: np.ndarray, cpu_seconds: np.ndarray, wall: np.ndar
     window of a few ms the process's CPU also counts Ray's own threads, so the pool may
     size short calls down, never up.
     """
-    import numpy as np  # here: a worker imports this module for ``memory_sample`` and needs no numpy
-
     ran = np.nan_to_num(wall) > 0
     if ran.any() and np.median(wall[ran]) < POOLED_CORES_MIN_CALL_S:
         # Its typical call is too short to size; the few calls long enough to have cores

@@ -21,17 +21,17 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from ..config import RayschedConfig
 from ..store.group_commit import GroupCommit
 from ..types import IMPORTED_CODE_HASH, History
 from .session import PROFILER_BASE, RECORD_GROUP, profiler_name
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from ..policy.models import ResourceModel
 
-# The policy's models and estimators (and numpy) are imported where the actor uses them: a
+# The policy's models and estimators are imported where the actor uses them: a
 # worker that sends its rows gets a handle on this actor, and Ray imports the actor's module
 # for it (~0.12 s of a worker's first call, all of the policy, until these were moved).
 
@@ -74,7 +74,6 @@ class Bundle:
 
 def history_from_rows(rows: pd.DataFrame) -> History:
     """The estimators' view of profile rows: memory samples, and CPU/wall of complete runs."""
-    import numpy as np
     import pandas as pd
 
     from ..policy.samples import pooled_short_cores
