@@ -258,6 +258,45 @@ def test_a_rescale_waits_a_moment_after_ray_kill_could_have_read_the_actor_id(ra
     ray.get(handle.raysched.terminate(), timeout=60)
 
 
+@adaptive_remote(num_cpus=0.5, memory=200 * MiB, rescalable=True)
+class Lent(Idler._cls):
+    """Idler's body under a name of its own: its rows must not size the Idler of later tests."""
+
+
+@ray.remote(num_cpus=0)
+def pid_through(actor) -> int:
+    return ray.get(actor.pid.remote())
+
+
+@pytest.mark.parametrize("how", ["a task's argument", "nested, through ray.put"])
+def test_an_actor_whose_handle_was_passed_on_is_not_rescaled(ray_session, how):
+    handle = Lent.remote()
+    first_pid = ray.get(handle.pid.remote(), timeout=60)
+    if how == "a task's argument":
+        assert ray.get(pid_through.remote(handle), timeout=60) == first_pid
+        elsewhere = handle.raysched.ray_handle  # what the task got
+    else:
+        elsewhere = ray.get(ray.put([handle]), timeout=60)[0]
+    assert isinstance(elsewhere, ray.actor.ActorHandle) and not hasattr(elsewhere, "raysched")
+    idle = Decision("cpu_off_allocation", RESCALE, Lent.name, handle.raysched.actor_id, 1, measured=0.01,
+                    allocated=0.5, detail="idle")
+    assert handle._apply(idle) is None
+    assert handle.raysched.incarnation == 1 and handle.raysched.rescales == []
+    # Rescaled, the incarnation the holder's handle names would have ended after its queue.
+    time.sleep(1.0)
+    assert ray.get(pid_through.remote(elsewhere), timeout=60) == first_pid
+    assert ray.get(handle.pid.remote(), timeout=60) == first_pid
+
+    def skipped():
+        events = raysched.events(Lent)
+        mine = events[events["call_id"].str.startswith(handle.raysched.actor_id)]
+        return mine[mine["rule"] == "actor_rescale_skipped"]["detail"].tolist()
+
+    assert wait_for(skipped, timeout=30), raysched.events(Lent).T
+    assert "its handle was passed to a task, an actor or ray.put" in skipped()[0]
+    ray.get(handle.raysched.terminate(), timeout=60)
+
+
 @adaptive_remote(memory=256 * MiB, rescalable=True)
 class Stateless:
     def pid(self) -> int:

@@ -32,7 +32,9 @@ The handle then
 and notes the rescale as an event.  Calls made before the switch finish on the
 old actor, calls after it run on the new one: none is lost or run twice.  That order
 holds only for an actor that runs one call at a time: an async or threaded one with
-the hooks is not replaced (``actor_rescale_skipped``).
+the hooks is not replaced (``actor_rescale_skipped``); nor is a named actor, or one whose
+handle was passed on (a task's or an actor's argument, ``ray.put``): the handles others
+hold would not follow the successor.
 
 The row is recorded when the incarnation ends through its handle: ``raysched.terminate()``,
 a rescale, or the handle dropped (``__del__`` sends the actor one last call).  A handle's
@@ -571,6 +573,13 @@ class AdaptiveActorHandle(ray.actor.ActorHandle):
                 # got by ray.get_actor(name) would not follow it.
                 self._skip(decision, f"a named actor ({name!r}) is never replaced: the new actor could not take "
                                      f"its name while the old one lives", warn=True)
+                return None
+            if self._passed:
+                # Its Ray handle was handed over (a task's or an actor's argument, ray.put): the
+                # holders there would keep calling this incarnation, which a rescale ends, and their
+                # calls would fail with ActorDiedError (or, with the hooks, lose their effects).
+                self._skip(decision, "its handle was passed to a task, an actor or ray.put, and the handles "
+                                     "there would not follow a successor", warn=True)
                 return None
             concurrency = _concurrency(self._class, spec.ray_options)
             if concurrency and self._class.hands_over_state:
