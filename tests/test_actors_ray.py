@@ -229,6 +229,24 @@ class Idler:
         return os.getpid()
 
 
+# A test that counts on an idle actor holding its fallback's CPUs has a class of its own:
+# three rows of Idler's earlier tests, once stored, size the next Idler down to the cores
+# they used (the suite's order decided whether a named Idler was idle enough to judge).
+@adaptive_remote(num_cpus=2, memory=200 * MiB, rescalable=True)
+class WaitingIdler(Idler._cls):
+    pass
+
+
+@adaptive_remote(num_cpus=2, memory=200 * MiB, rescalable=True)
+class NamedIdler(Idler._cls):
+    pass
+
+
+@adaptive_remote(num_cpus=0.5, memory=200 * MiB, rescalable=True)
+class Lent(Idler._cls):
+    pass
+
+
 def test_an_idle_actor_is_rescaled_down_to_the_cores_it_uses(ray_session):
     base = raysched.get_config()
     raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # the monitor follows
@@ -247,20 +265,15 @@ def test_an_idle_actor_is_rescaled_down_to_the_cores_it_uses(ray_session):
 
 
 def test_a_rescale_waits_a_moment_after_ray_kill_could_have_read_the_actor_id(ray_session):
-    handle = Idler.remote()
+    handle = WaitingIdler.remote()
     ray.get(handle.pid.remote(), timeout=60)
     handle._ray_actor_id  # what ray.kill reads just before it kills
-    idle = Decision("cpu_off_allocation", RESCALE, Idler.name, handle.raysched.actor_id, 1, measured=0.01,
+    idle = Decision("cpu_off_allocation", RESCALE, WaitingIdler.name, handle.raysched.actor_id, 1, measured=0.01,
                     allocated=2.0, detail="idle")
     assert handle._apply(idle) is None and handle.raysched.incarnation == 1
     time.sleep(1.1)  # no kill came: the same decision, given again, is applied
     assert handle._apply(idle) is not None and handle.raysched.incarnation == 2
     ray.get(handle.raysched.terminate(), timeout=60)
-
-
-@adaptive_remote(num_cpus=0.5, memory=200 * MiB, rescalable=True)
-class Lent(Idler._cls):
-    """Idler's body under a name of its own: its rows must not size the Idler of later tests."""
 
 
 @ray.remote(num_cpus=0)
@@ -423,15 +436,15 @@ def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
     base = raysched.get_config()
     raysched.configure(monitor_cpu_min_wall_s=1.0, actor_cpu_sustain_samples=3)  # idle: a rescale decision
     try:
-        handle = Idler.options(name="raysched-named-idler", lifetime="detached").remote()
+        handle = NamedIdler.options(name="raysched-named-idler", lifetime="detached").remote()
         first_pid = ray.get(handle.pid.remote(), timeout=60)
 
         def skipped():
-            events = raysched.events(Idler)
+            events = raysched.events(NamedIdler)
             mine = events[events["call_id"].str.startswith(handle.raysched.actor_id)]
             return mine[mine["rule"] == "actor_rescale_skipped"]["detail"].tolist()
 
-        assert wait_for(skipped, timeout=60), raysched.events(Idler).T
+        assert wait_for(skipped, timeout=60), raysched.events(NamedIdler).T
         assert "a named actor ('raysched-named-idler') is never replaced" in skipped()[0]
         assert handle.raysched.incarnation == 1 and handle.raysched.rescales == []
         assert ray.get(handle.pid.remote(), timeout=30) == first_pid
