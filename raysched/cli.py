@@ -48,36 +48,55 @@ def demo(tasks: int, seed: int, address: str) -> None:
 @HOME_OPTION
 def profiles(function: str | None, limit: int, home: Path | None) -> None:
     """Show recorded attempts (of one function, or all) from the profile store."""
+    columns = ["function", "attempt", "outcome", "input_size", "peak_rss_bytes", "cpu_cores", "wall_seconds",
+               "allocated_memory_bytes", "allocated_num_cpus", "prediction_source"]
+    # Only the newest parts that hold the rows shown: a home weeks old holds millions of
+    # rows (reading them all took 21 s and 8 GB at 7 million, to print a few).
+    _show_newest(home, function, limit, "profiles", columns,
+                 lambda store, name: store.read_recent(limit, function=name))
+
+
+@main.command()
+@click.argument("function", required=False)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show (the newest).")
+@HOME_OPTION
+def events(function: str | None, limit: int, home: Path | None) -> None:
+    """Show the live monitor's decisions (of one function, or all): stops, resubmissions, rescales, warnings."""
+    columns = ["timestamp", "function", "call_id", "attempt", "rule", "action", "measured", "allocated", "detail"]
+    _show_newest(home, function, limit, "events", columns,
+                 lambda store, name: store.recent_events(limit, function=name))
+
+
+def _show_newest(home: Path | None, function: str | None, limit: int, what: str, columns: list[str],
+                 read) -> None:
+    """Print the newest ``limit`` rows ``read(store, function)`` gives of a home's store, for
+    ``raysched profiles`` and ``raysched events``. A query: it never creates a home. A
+    function named without its module (functions are stored as module.qualname) is found
+    when one stored name ends with it; a name that matches none gets the names there are."""
     import pandas as pd
 
     from .errors import RayschedError
     from .store.profiles import PROFILES_DIR, ProfileStore, short_name
 
     given, home = home is not None, _home(home)
-    if not (home / PROFILES_DIR).exists():  # a query: it must not create a home where none is
+    if not (home / PROFILES_DIR).exists():
         click.echo(_no_store(home, given))
         return
     try:
         store = ProfileStore(home, writable=False)
-        # Only the newest parts that hold the rows shown: a home weeks old holds millions of
-        # rows (reading them all took 21 s and 8 GB at 7 million, to print a few).
-        frame = store.read_recent(limit, function=function)
-        known = sorted(set(store.functions()["function"])) if function is not None and not len(frame) else []
+        frame = read(store, function)
+        if function is not None and not len(frame):
+            known = sorted(set(store.functions()["function"]) | store.event_functions())
+            ending = [n for n in known if short_name(n) == short_name(function)]
+            if len(ending) != 1:
+                click.echo(f"no {what} of {function!r}; the store has: " + (", ".join(ending or known) or "none"))
+                return
+            click.echo(f"(showing {ending[0]}: functions are stored by module and name)")
+            frame = read(store, ending[0])
     except RayschedError as exc:
         raise click.ClickException(str(exc)) from None
-    if function is not None and not len(frame):
-        # Functions are stored as module.qualname: a bare name, or a near miss, gets the names there are.
-        ending = [n for n in known if short_name(n) == short_name(function)]
-        if len(ending) == 1:
-            click.echo(f"(showing {ending[0]}: functions are stored by module and name)")
-            frame = store.read_recent(limit, function=ending[0])
-        else:
-            click.echo(f"no profiles of {function!r}; the store has: " + (", ".join(ending or known) or "none"))
-            return
-    columns = ["function", "attempt", "outcome", "input_size", "peak_rss_bytes", "cpu_cores", "wall_seconds",
-               "allocated_memory_bytes", "allocated_num_cpus", "prediction_source"]
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        click.echo(frame[columns].tail(limit).to_string() if len(frame) else "no profiles yet")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 100):
+        click.echo(frame[columns].tail(limit).to_string() if len(frame) else f"no {what} yet")
 
 
 @main.command()

@@ -247,7 +247,7 @@ def test_profiles_command_reads_without_creating_a_home_and_refuses_a_bad_limit(
     # A home that is a file (or under one) is an error, as from the Python API; it said
     # "no profiles yet: no store at ..." and exited 0.
     (tmp_path / "a_file").write_text("")
-    for command in (["profiles"], ["compact"]):
+    for command in (["profiles"], ["events"], ["compact"]):
         for home in (tmp_path / "a_file", tmp_path / "a_file" / "home"):
             monkeypatch.setenv("RAYSCHED_HOME", str(home))
             monkeypatch.setattr(session, "_config", None)
@@ -258,10 +258,40 @@ def test_profiles_command_reads_without_creating_a_home_and_refuses_a_bad_limit(
     # A home whose profiles folder is a file says so, not "no profiles yet".
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "profiles").write_text("x")
-    for command in (["profiles"], ["compact"]):
+    for command in (["profiles"], ["events"], ["compact"]):
         res = CliRunner().invoke(main, [*command, "--home", str(tmp_path / "odd")])
         assert res.exit_code == 1 and "is a file, not a folder" in res.output, res.output
     monkeypatch.setattr(session, "_config", None)
+
+
+def test_events_command_shows_the_monitors_newest_decisions_of_one_function_or_all(tmp_path):
+    from raysched.cli import main
+    from raysched.store.profiles import ProfileStore
+
+    home = tmp_path / "h"
+    res = CliRunner().invoke(main, ["events", "--home", str(home)])
+    assert res.exit_code == 0 and "no profiles yet: no store at" in res.output and not home.exists()
+    store = ProfileStore(home)
+    event = dict(code_hash="h1", call_id="c1", attempt=1, action="stop_and_resubmit", measured=2.0e9,
+                 allocated=1.0e9, node_id="n1")
+    store.append_events([dict(event, row_id=f"e{i}", function="jobs.etl.load", rule="memory_over_allocation",
+                              detail=f"grew past its allocation, sample {i}", timestamp=10.0 + i) for i in range(3)])
+    store.append_events([dict(event, row_id="g1", function="jobs.etl.parse", rule="wall_over_prediction",
+                              action="warn", detail="ran past its predicted upper bound", timestamp=20.0)])
+    res = CliRunner().invoke(main, ["events", "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("memory_over_allocation") == 3 and "wall_over_prediction" in res.output
+    res = CliRunner().invoke(main, ["events", "jobs.etl.load", "--limit", "2", "--home", str(home)])
+    assert res.exit_code == 0 and res.output.count("memory_over_allocation") == 2, res.output
+    assert "sample 2" in res.output and "sample 0" not in res.output and "parse" not in res.output
+    res = CliRunner().invoke(main, ["events", "parse", "--home", str(home)])  # its name without the module
+    assert res.exit_code == 0 and "(showing jobs.etl.parse" in res.output and "past its predicted" in res.output
+    res = CliRunner().invoke(main, ["events", "transform", "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    assert "no events of 'transform'; the store has: jobs.etl.load, jobs.etl.parse" in res.output
+    res = CliRunner().invoke(main, ["events", "--limit", "0", "--home", str(home)])
+    assert res.exit_code == 2 and "--limit" in res.output
+    assert len(store.events()) == 4  # a query leaves the store as it was
 
 
 def test_a_home_this_process_cannot_write_is_still_read_and_a_write_says_why(tmp_path, monkeypatch):
@@ -294,6 +324,8 @@ def test_a_home_this_process_cannot_write_is_still_read_and_a_write_says_why(tmp
         assert len(raysched.events()) == 0
         res = CliRunner().invoke(main, ["profiles", "align"])
         assert res.exit_code == 0 and "align" in res.output, res.output
+        res = CliRunner().invoke(main, ["events"])
+        assert res.exit_code == 0 and "no events yet" in res.output, res.output
         res = CliRunner().invoke(main, ["compact", "--all"])
         assert res.exit_code == 1 and "cannot create or write the folder" in res.output
         assert res.exception is None or isinstance(res.exception, SystemExit)

@@ -191,6 +191,14 @@ class ProfileStore:
         """Monitor events, oldest written first, optionally of one function."""
         return self.event_table.read(_filters(function=function))
 
+    def recent_events(self, n: int, function: str | None = None) -> pd.DataFrame:
+        """The newest ``n`` of the events ``events`` gives, without reading older parts than it needs."""
+        return self.event_table.read_recent(n, _filters(function=function))
+
+    def event_functions(self) -> set[str]:
+        """The functions that have events (reads that column alone)."""
+        return set(self.event_table.read_table(columns=["function"]).column("function").to_pylist())
+
     def functions(self) -> pd.DataFrame:
         """One row per (function, code_hash): ``rows`` (attempt rows stored) and ``last_timestamp``.
 
