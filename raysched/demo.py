@@ -190,6 +190,8 @@ def run_demo(tasks: int = 16, seed: int = 0, echo=print, address: str = "local")
         echo(f"\nWarm over-allocation is {results[1].over_gib / results[0].over_gib:.0%} of cold;"
              f" under-allocated tasks: {results[0].under_tasks} cold, {results[1].under_tasks} warm.")
     echo(f"\nProfiles (Parquet): {config.home_path / 'profiles'}")
+    echo(f"Read them with:     raysched profiles --home {config.home_path}   (the monitor's decisions:"
+         f" raysched events --home {config.home_path})")
     if _mlflow_runs(config.home_path / "mlflow.db"):
         echo(f"MLflow runs:        mlflow ui --backend-store-uri sqlite:///{config.home_path / 'mlflow.db'}")
     else:

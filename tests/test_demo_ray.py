@@ -23,3 +23,10 @@ def test_the_demo_starts_its_own_cluster_whatever_ray_address_names(tmp_path):
     assert "Starting a local Ray cluster" in done.stdout
     assert "Round cold" in done.stdout and "Round warm" in done.stdout
     assert (tmp_path / "home" / "profiles").is_dir()
+    # The commands it prints to read what it recorded work as printed.
+    home = tmp_path / "home"
+    assert f"raysched profiles --home {home}" in done.stdout and f"raysched events --home {home}" in done.stdout
+    for command, expected in (("profiles", "ok"), ("events", "")):
+        shown = subprocess.run([sys.executable, "-m", "raysched.cli", command, "--home", str(home)], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0 and expected in shown.stdout, shown.stdout + shown.stderr
