@@ -276,6 +276,13 @@ def test_a_rescale_waits_a_moment_after_ray_kill_could_have_read_the_actor_id(ra
     ray.get(handle.raysched.terminate(), timeout=60)
 
 
+def skipped_rescales(cls, handle) -> list[str]:
+    """The details of the actor_rescale_skipped events of ``handle``'s actor."""
+    events = raysched.events(cls)
+    mine = events[events["call_id"].str.startswith(handle.raysched.actor_id)]
+    return mine[mine["rule"] == "actor_rescale_skipped"]["detail"].tolist()
+
+
 @ray.remote(num_cpus=0)
 def pid_through(actor) -> int:
     return ray.get(actor.pid.remote())
@@ -299,14 +306,8 @@ def test_an_actor_whose_handle_was_passed_on_is_not_rescaled(ray_session, how):
     time.sleep(1.0)
     assert ray.get(pid_through.remote(elsewhere), timeout=60) == first_pid
     assert ray.get(handle.pid.remote(), timeout=60) == first_pid
-
-    def skipped():
-        events = raysched.events(Lent)
-        mine = events[events["call_id"].str.startswith(handle.raysched.actor_id)]
-        return mine[mine["rule"] == "actor_rescale_skipped"]["detail"].tolist()
-
-    assert wait_for(skipped, timeout=30), raysched.events(Lent).T
-    assert "its handle was passed to a task, an actor or ray.put" in skipped()[0]
+    assert wait_for(lambda: skipped_rescales(Lent, handle), timeout=30), raysched.events(Lent).T
+    assert "its handle was passed to a task, an actor or ray.put" in skipped_rescales(Lent, handle)[0]
     ray.get(handle.raysched.terminate(), timeout=60)
 
 
@@ -438,14 +439,8 @@ def test_a_named_actor_is_not_replaced_and_the_event_says_why(ray_session):
     try:
         handle = NamedIdler.options(name="raysched-named-idler", lifetime="detached").remote()
         first_pid = ray.get(handle.pid.remote(), timeout=60)
-
-        def skipped():
-            events = raysched.events(NamedIdler)
-            mine = events[events["call_id"].str.startswith(handle.raysched.actor_id)]
-            return mine[mine["rule"] == "actor_rescale_skipped"]["detail"].tolist()
-
-        assert wait_for(skipped, timeout=60), raysched.events(NamedIdler).T
-        assert "a named actor ('raysched-named-idler') is never replaced" in skipped()[0]
+        assert wait_for(lambda: skipped_rescales(NamedIdler, handle), timeout=60), raysched.events(NamedIdler).T
+        assert "a named actor ('raysched-named-idler') is never replaced" in skipped_rescales(NamedIdler, handle)[0]
         assert handle.raysched.incarnation == 1 and handle.raysched.rescales == []
         assert ray.get(handle.pid.remote(), timeout=30) == first_pid
         found = ray.get_actor("raysched-named-idler")
