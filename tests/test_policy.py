@@ -850,6 +850,17 @@ def test_cost_aware_extrapolates_along_the_log_log_slope_beyond_the_largest_inpu
     ls, lu = np.log1p(sizes), np.log(1000 * np.sqrt(sizes))
     assert _loglog_slope(ls, lu, 1.0) == pytest.approx(0.5, abs=1e-6)
     assert _loglog_slope(ls, lu, 0.3) == 0.3  # clipped
+    # One run of a second mode at the top of the range (3x the line) leaves the slope beyond
+    # it as it was; a least-squares line rose to 0.57 with it.
+    odd = lu.copy()
+    odd[-1] += math.log(3)
+    assert float(np.polyfit(ls, odd, 1)[0]) > 0.56
+    assert _loglog_slope(ls, odd, 1.0) == pytest.approx(0.5, abs=0.02)
+    assert _loglog_slope(ls, odd, 1.0, 0.5) == pytest.approx(0.5, abs=0.05)
+    # Runs of equal size have no slope between them; many runs are thinned evenly, not cut.
+    assert _loglog_slope(np.repeat(ls, 3), np.repeat(lu, 3), 1.0) == pytest.approx(0.5, abs=1e-6)
+    many = np.log1p(np.geomspace(1e6, 1e8, 1000))
+    assert _loglog_slope(many, 0.25 * many, 1.0) == pytest.approx(0.25, abs=1e-3)
     # 100x beyond the largest input: the largest fitted use (1e7) x 100 ** 0.5 = 1e8;
     # inside the range, the interpolated fit; below it, flat at the smallest
     q = np.log1p(np.array([1e10, 1e7, 1e3]))
