@@ -87,6 +87,9 @@ def _show_newest(home: Path | None, function: str | None, limit: int, what: str,
         frame = read(store, function)
         if function is not None and not len(frame):
             known = sorted(set(store.functions()["function"]) | store.event_functions())
+            if function in known:  # a function the store holds, with none of these (no events)
+                click.echo(f"no {what} of {function} yet")
+                return
             ending = [n for n in known if short_name(n) == short_name(function)]
             if len(ending) != 1:
                 click.echo(f"no {what} of {function!r}; the store has: " + (", ".join(ending or known) or "none"))

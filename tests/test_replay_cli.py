@@ -286,9 +286,14 @@ def test_events_command_shows_the_monitors_newest_decisions_of_one_function_or_a
     assert "sample 2" in res.output and "sample 0" not in res.output and "parse" not in res.output
     res = CliRunner().invoke(main, ["events", "parse", "--home", str(home)])  # its name without the module
     assert res.exit_code == 0 and "(showing jobs.etl.parse" in res.output and "past its predicted" in res.output
+    store.append([dict(row_id="q1", function="jobs.etl.quiet", code_hash="h1", call_id="q", attempt=1,
+                       outcome="ok", timestamp=30.0, peak_rss_bytes=1, memory_sample_bytes=1, cpu_seconds=0.1,
+                       wall_seconds=0.2, source="ray")])  # a function with runs and no events
+    res = CliRunner().invoke(main, ["events", "jobs.etl.quiet", "--home", str(home)])
+    assert res.exit_code == 0 and "no events of jobs.etl.quiet yet" in res.output, res.output
     res = CliRunner().invoke(main, ["events", "transform", "--home", str(home)])
     assert res.exit_code == 0, res.output
-    assert "no events of 'transform'; the store has: jobs.etl.load, jobs.etl.parse" in res.output
+    assert "no events of 'transform'; the store has: jobs.etl.load, jobs.etl.parse, jobs.etl.quiet" in res.output
     res = CliRunner().invoke(main, ["events", "--limit", "0", "--home", str(home)])
     assert res.exit_code == 2 and "--limit" in res.output
     assert len(store.events()) == 4  # a query leaves the store as it was

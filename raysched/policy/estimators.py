@@ -334,7 +334,7 @@ def _loglog_slope(ls: np.ndarray, lu: np.ndarray, max_slope: float, fraction: fl
     the largest input seen, where the runs are fewest, and one odd run there (a peak of a
     second mode at the top of the range) tipped a least-squares line, and every call
     beyond the range with it.  In the trace replay (seeds 0-2) it cut raysched's wastage
-    by 1-2% with no more failed attempts."""
+    on the Lotaru sets by 1.4-2.7%, with no more failed attempts."""
     k = max(3, int(math.ceil(ls.shape[0] * fraction)))
     order = np.argsort(ls, kind="stable")[-k:]
     if order.shape[0] > _SLOPE_MAX_RUNS:
