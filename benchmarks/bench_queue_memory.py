@@ -45,7 +45,7 @@ def actor_rss_mib(pid: int) -> float:
 
 def new_queue(max_concurrency: int):
     queue = (ray.remote(Admission).options(max_concurrency=max_concurrency, num_cpus=0)
-             .remote(capacity=one_cpu, dead_jobs=no_dead_jobs, gather_s=0.0))
+             .remote(capacity=one_cpu, dead_jobs=no_dead_jobs, gather_s=0.0, max_waiting=max_concurrency))
     ray.get(queue.ping.remote())
     from ray.util.state import list_actors
 

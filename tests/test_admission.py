@@ -290,6 +290,49 @@ def test_a_call_cancelled_while_it_waits_ends_its_admit_instead_of_waiting_for_e
     asyncio.run(scenario())
 
 
+def test_a_call_that_finds_no_slot_to_wait_in_is_admitted_at_once_so_that_ends_still_get_in():
+    """Every waiting call holds one of the actor's call slots: at its max_concurrency it took no
+    call at all, the ends that free room included (4 slots, 6 calls: a deadlock on real Ray)."""
+    service = Admission(capacity=lambda: {"n": Request(1.0, 8 * GiB)}, clock=Clock(), gather_s=0.0,
+                        max_waiting=6, reserved_slots=2)  # 4 slots to wait in, 2 kept for ends
+
+    async def scenario():
+        assert await asyncio.wait_for(service.admit("running", 0, 1.0, 1 * GiB), 1.0) is True
+        waiting = [asyncio.create_task(service.admit(f"w{i}", 0, 1.0, 1 * GiB)) for i in range(4)]
+        await _settle()
+        assert not any(t.done() for t in waiting) and service.status()["waiting"] == 4
+        # The next one would take a slot the ends need: admitted at once, outside the queue.
+        assert await asyncio.wait_for(service.admit("over", 9, 1.0, 1 * GiB), 1.0) is True
+        assert service.status()["overflowed_total"] == 1 and service.status()["waiting"] == 4
+        assert service.status()["held_cpus"] == 1.0  # the queue does not count it
+        service.ended(["over"])  # its end changes nothing
+        await _settle()
+        assert not any(t.done() for t in waiting)
+        service.ended(["running"])
+        await _settle()
+        assert [t.done() for t in waiting] == [True, False, False, False]  # in order, as before
+        # A slot is free again: the next call waits in it.
+        later = asyncio.create_task(service.admit("later", 0, 1.0, 1 * GiB))
+        await _settle()
+        assert not later.done() and service.status()["overflowed_total"] == 1
+        for i in range(4):
+            service.ended([f"w{i}"])
+            await _settle()
+        assert all(t.done() for t in waiting) and later.done()
+        # A call that only waits for its ObjectRef (track) holds a slot too; at most half are kept.
+        small = Admission(capacity=lambda: {"n": Request(1.0, 8 * GiB)}, clock=Clock(), gather_s=0.0,
+                          max_waiting=4, reserved_slots=1_000)
+        never = asyncio.get_running_loop().create_future()
+        tracking = [asyncio.create_task(small.track(f"t{i}", [never])) for i in range(2)]
+        await _settle()
+        assert await asyncio.wait_for(small.admit("x", 0, 1.0, 1 * GiB), 1.0) is True
+        assert small.status()["overflowed_total"] == 1
+        for t in tracking:
+            t.cancel()
+
+    asyncio.run(scenario())
+
+
 def test_a_later_drivers_configure_reaches_the_admission_actor_it_finds():
     """The actor is created by the first driver and found by the others: their
     admission_backfill, _gather_s and _node_room were silently ignored."""

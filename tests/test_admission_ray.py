@@ -431,3 +431,37 @@ def test_an_admission_actor_ended_for_good_is_started_again_for_the_next_calls(r
     monkeypatch.setattr(client_module, "ADMISSION_RELOOK_S", 0.0, raising=False)
     assert ray.get([echo.options(priority=1).remote(i) for i in range(3)], timeout=60) == [0, 1, 2]
     assert _named(ADMISSION_NAME) and _queue_status()["admitted_total"] >= 3
+
+
+def _one_cpu():
+    from raysched.policy.admission import Request
+
+    return {"node": Request(1.0, 1e12)}
+
+
+def _no_dead_jobs(jobs):
+    return set()
+
+
+def test_an_admission_actor_at_its_call_slots_still_hears_ends_and_admits_everything(ray_session):
+    """The thirty-first session's deadlock, on Ray: 4 slots, 6 calls of one CPU on one CPU. The
+    5 that waited held every slot, and the end that would free room never ran."""
+    from raysched.runtime.admission import Admission
+
+    queue = (ray.remote(Admission).options(max_concurrency=4, num_cpus=0)
+             .remote(capacity=_one_cpu, dead_jobs=_no_dead_jobs, gather_s=0.0, max_waiting=4))
+    try:
+        calls = [queue.admit.remote(f"s{i}", 0, 1.0, 1e6, float(i)) for i in range(6)]
+        # One admitted; of the others, two wait and the rest find no slot to wait in (three, or
+        # four if they came before the admission pass, while the admitted call still held its slot).
+        done, _ = ray.wait(calls, num_returns=4, timeout=30)
+        assert len(done) == 4, ray.get(queue.status.remote(), timeout=10)
+        status = ray.get(queue.status.remote(), timeout=10)
+        assert status["overflowed_total"] in (3, 4) and status["admitted"] == 1, status
+        assert status["waiting"] + status["overflowed_total"] + status["admitted"] == 6, status
+        for i in range(6):  # each end gets in, and admits the next waiting call
+            ray.get(queue.ended.remote([f"s{i}"]), timeout=10)
+        assert ray.get(calls, timeout=30) == [True] * 6
+        assert ray.get(queue.status.remote(), timeout=10)["waiting"] == 0
+    finally:
+        ray.kill(queue)

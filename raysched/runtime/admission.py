@@ -99,6 +99,17 @@ def monitor_rooms(monitor_name: str) -> Callable[[Sequence[str]], Awaitable[Mapp
     return rooms
 
 
+#: The admission actor's call slots (its ``max_concurrency``): every waiting call holds one
+#: (its ``admit``), and a call finds none free past this many, the ends that would free room
+#: included.
+ADMISSION_MAX_WAITING = 100_000
+#: Slots no ``admit`` may wait in, kept for the calls that free room (``ended``, ``track``)
+#: and ``status``: a call that finds the rest taken is admitted at once instead
+#: (``Admission.admit``), since waiting there would leave no slot for any end: a deadlock
+#: (seen with 4 slots and 6 calls).
+ADMISSION_RESERVED_SLOTS = 1_000
+
+
 class Admission:
     """Admits waiting calls in priority order as admitted ones finish. Plain class; async methods.
 
@@ -112,7 +123,9 @@ class Admission:
     10 x ``gather_s`` after the burst's first call), so a burst is ordered as a
     whole (0: only the calls already delivered to the actor);
     ``pipeline_s``: how far ahead of its room a short call may be admitted
-    (``policy.admission``, "Pipelining").
+    (``policy.admission``, "Pipelining");
+    ``max_waiting``: the actor's call slots (its ``max_concurrency``), of which
+    ``reserved_slots`` (at most half) no ``admit`` waits in.
     """
 
     def __init__(self, capacity: Callable[[], Mapping[str, Request]] = ray_node_capacities,
@@ -121,8 +134,13 @@ class Admission:
                  inputs_poll_s: float = 0.05,
                  rooms: Callable[[Sequence[str]], Awaitable[Mapping[str, float]]] | None = None,
                  rooms_timeout_s: float = 2.0, pipeline_s: float = 0.0,
-                 dead_jobs: Callable[[set[str]], set[str]] = ray_dead_jobs):
+                 dead_jobs: Callable[[set[str]], set[str]] = ray_dead_jobs,
+                 max_waiting: int = ADMISSION_MAX_WAITING, reserved_slots: int = ADMISSION_RESERVED_SLOTS):
         self._capacity_fn = capacity
+        # Calls past this many ``admit`` and ``track`` calls in the actor are admitted at once.
+        self._wait_slots = max(1, max_waiting - min(reserved_slots, max_waiting // 2))
+        self._in_slots = 0  # admit and track calls in the actor now
+        self.overflowed_total = 0  # calls admitted at once for want of a slot to wait in
         self._rooms_fn = rooms
         self._rooms_monitor: str | None = getattr(rooms, "monitor", None)
         self._rooms_timeout_s = rooms_timeout_s
@@ -230,6 +248,26 @@ class Admission:
         """
         if self._queue.is_admitted(token):
             return True  # asked again (a retried call): it was admitted already
+        if self._in_slots >= self._wait_slots:
+            # Waiting here would take one of the last call slots, which the ends need: without
+            # them nothing is ever admitted again. It runs now, in Ray's own queue, outside the
+            # priority order (the queue does not count it), as a call without a priority does.
+            self.overflowed_total += 1
+            if self.overflowed_total == 1 or self.overflowed_total % 10_000 == 0:
+                logger.warning("raysched admission: %d calls wait in the queue, all it can hold and still hear "
+                               "their ends: later calls go straight to Ray's queue (%d so far)",
+                               self._in_slots, self.overflowed_total)
+            return True
+        self._in_slots += 1
+        try:
+            return await self._admit(token, priority, num_cpus, memory_bytes, order_key, wall_seconds, inputs,
+                                     peak_bytes, owner)
+        finally:
+            self._in_slots -= 1
+
+    async def _admit(self, token: str, priority: int, num_cpus: float, memory_bytes: float, order_key: float,
+                     wall_seconds: float, inputs: Sequence[Sequence[Any]], peak_bytes: float | None,
+                     owner: str | None) -> bool:
         refs = list(dict.fromkeys(inputs[0])) if inputs else []
         if refs:
             await self._inputs_exist(token, refs)
@@ -293,10 +331,13 @@ class Admission:
 
     async def track(self, token: str, refs: Sequence[Any]) -> None:
         """Wait for the call's ObjectRef (passed in a list, so Ray does not resolve it), then free its room."""
+        self._in_slots += 1  # it holds a slot while it waits, as an admit does
         try:
             await self._until_exists(token, refs[0])
         except BaseException:  # noqa: BLE001 - an error or a cancellation ends the call just the same
             pass
+        finally:
+            self._in_slots -= 1
         self.finish(token)
 
     async def _until_exists(self, token: str, ref: Any) -> None:
@@ -366,6 +407,7 @@ class Admission:
                 "admitted_early": self._queue.admitted_early(),
                 "awaiting_inputs": len(self._awaiting_inputs), "reported_by_drivers": len(self._owners),
                 "admitted_total": self.admitted_total, "backfilled_total": self._queue.backfilled_total,
+                "overflowed_total": self.overflowed_total,
                 # The settings it runs by (the last driver's configure(...) that reached it).
                 "backfill": self._queue.backfill, "gather_s": self._gather_s, "rooms_from": self._rooms_monitor,
                 "pipeline_s": self._queue.pipeline_s,
@@ -393,10 +435,6 @@ class Admission:
     def ping(self) -> bool:
         return True
 
-
-#: The admission actor's call slots: one per waiting call (its ``admit``), so past this many the
-#: actor takes no call at all, the ends that would free room included.
-ADMISSION_MAX_WAITING = 100_000
 #: Memory the admission actor holds per waiting call: Ray's, per pending call of an async actor
 #: (measured: 1.35 GB with 20,000 calls waiting, 4.98 GB with 80,000; Ray 2.60).
 WAITING_CALL_BYTES = 60_000
@@ -447,8 +485,9 @@ class EndReporter:
                 f"raysched: {n:,} calls with a priority from this driver are queued or running. The admission "
                 f"actor holds about {WAITING_CALL_BYTES // 1000} KB of memory for each call waiting in its queue "
                 f"(Ray's own, per pending call of an async actor; {n * WAITING_CALL_BYTES / 1e9:.1f} GB for {n:,}), "
-                f"and at {ADMISSION_MAX_WAITING:,} waiting calls it takes no more calls, ends included: submit a "
-                "backlog this large in waves (ray.wait on a window of refs), or without a priority.",
+                f"and past {ADMISSION_MAX_WAITING - ADMISSION_RESERVED_SLOTS:,} waiting calls later ones go "
+                "straight to Ray's queue, outside the priority order: submit a backlog this large in waves "
+                "(ray.wait on a window of refs), or without a priority.",
                 RuntimeWarning, stacklevel=5)  # the user's .remote(): remote, _submit, watch, here
 
     def _ended_now(self, token: str) -> None:  # on a Ray thread: quick, no Ray calls
