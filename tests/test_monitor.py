@@ -25,7 +25,7 @@ from raysched.policy.recipe import build_rules
 from raysched.policy.rules import LiveReport, NodeMemory, NodeState
 from raysched.store.profiles import ProfileStore
 from raysched.store.schema import EVENT_SCHEMA
-from raysched.types import GiB, MiB, Allocation, Estimate, Features, Prediction
+from raysched.types import GiB, MiB, Allocation, Estimate, Features, Outcome, Prediction
 
 N = 3
 
@@ -1118,6 +1118,51 @@ def test_a_handed_over_attempt_reports_the_room_its_waiting_tasks_leave_the_ladd
     assert {r.ladder_room_bytes for r in reports} == {6 * GiB}  # max(16 - 6 - 5, 6) GiB
     # Over its allocation, it is warned about and left running, not stopped for a rung that cannot fit.
     assert R.MemoryOverAllocation(1.2, 4)(replace(reports[-1], rss_bytes=8 * GiB)).action == R.WARN
+
+
+def test_a_soft_cancel_that_lands_in_the_bookkeeping_still_records_the_attempt(monkeypatch):
+    """Ray's ray.cancel(ref) interrupts the task's thread (a KeyboardInterrupt) at any point until
+    the task returns: landing after the function returned, it skipped the attempt's row and left
+    the attempt registered with the live sampler."""
+    import _thread
+    import threading
+
+    pytest.importorskip("ray")
+    from raysched.runtime import worker
+    from raysched.runtime.measure import get_live_sampler
+    from raysched.runtime.spec import AttemptSpec
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Ray runs a task, and interrupts it, in the main thread")
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    cfg = RayschedConfig(live_interval_s=0.05)
+    spec = AttemptSpec(function="f", code_hash="h", call_id="c-cancel", attempt=1, features=Features(input_size=0),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=1 * GiB), config=cfg,
+                       largest_node_bytes=16 * GiB)
+
+    class Sink:
+        rows: list = []
+
+        def add_attempt(self, spec, outcome, usage, *rest):
+            self.rows.append((spec.call_id, outcome, usage))
+
+        add_unmeasured = flush = lambda self, *a, **k: None
+
+    class CancelledWhileStopping(worker.AttemptMeter):
+        def stop(self):
+            _thread.interrupt_main()  # what Ray's soft cancel does, arriving just now
+            return super().stop()
+
+    monkeypatch.setattr(worker, "AttemptMeter", CancelledWhileStopping)
+    monkeypatch.setattr(worker, "get_sink", lambda config: Sink())
+    monkeypatch.setattr(worker, "get_reporter", lambda config, create=True: None)
+    monkeypatch.setattr(worker, "_node_id", lambda: "node-a")
+    with pytest.raises(KeyboardInterrupt):  # the cancel still ends the call
+        worker.run_measured(lambda: 7, spec, (), {})
+    assert [(call, outcome) for call, outcome, _ in Sink.rows] == [("c-cancel", Outcome.OK)]
+    assert Sink.rows[0][2] is not None  # what it used
+    assert spec.live_key not in get_live_sampler(cfg.live_interval_s)._entries
 
 
 def test_a_stop_that_fails_the_call_leaves_its_marker_only_for_a_retry_ray_will_run(monkeypatch):
