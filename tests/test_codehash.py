@@ -8,6 +8,7 @@ or a plain-data or function value its closure holds) differs; functions that sha
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import subprocess
 import sys
@@ -133,11 +134,29 @@ class Scaler:
         return self.k * x
 
 
-@pytest.mark.parametrize("target", [functools.partial(double, 2), Scaler(2)], ids=["partial", "callable object"])
-def test_partials_and_callable_objects_are_refused_as_ray_refuses_them(target):
-    """Their key was their type's: every partial, every Scaler, one history."""
-    with pytest.raises(InvalidInput, match="takes a function or a class, as ray.remote does"):
+class Factory:
+    def scale(self, x):
+        return 2 * x
+
+    @classmethod
+    def make(cls, x):
+        return x
+
+
+@pytest.mark.parametrize("target", [functools.partial(double, 2), Scaler(2), Factory().scale, Factory.make],
+                         ids=["partial", "callable object", "bound method", "classmethod"])
+def test_partials_callable_objects_and_bound_methods_are_refused_as_ray_refuses_them(target):
+    """A partial's or a callable object's key was their type's: every partial, every Scaler, one
+    history. A bound method was accepted: its object copied once, when the function was
+    exported, so that its later changes in the driver never reached the tasks."""
+    import ray
+
+    with pytest.raises(TypeError, match="must be applied to either a function or a class"):
+        ray.remote(target)  # what raysched follows
+    with pytest.raises(InvalidInput, match="takes a function or a class, as ray.remote does") as caught:
         adaptive_remote(target)
+    if inspect.ismethod(target):
+        assert "a method bound to Factory" in str(caught.value)
 
 
 _INC = lambda x: x + 1  # noqa: E731 - two lambdas: one qualified name, reprs alike but for the address

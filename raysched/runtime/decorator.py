@@ -437,7 +437,7 @@ class _Adaptive:
 def _refuse_unsupported_kind(fn: Callable[..., Any]) -> None:
     """Refuse, where it is decorated, a function whose calls raysched would get wrong.
 
-    Not a function (a ``functools.partial``, a callable object): Ray refuses those.
+    Not a function (a ``functools.partial``, a callable object, a bound method): Ray refuses those.
     An ``async def`` function: Ray refuses it as a task too. A generator: raysched's
     measuring wrapper returns the user's value, so Ray would see a plain function
     returning one generator object, and the items after the first would be lost
@@ -451,6 +451,15 @@ def _refuse_unsupported_kind(fn: Callable[..., Any]) -> None:
             f"adaptive_remote got {name}, which is already a remote function "
             f"({type(fn).__module__}.{type(fn).__qualname__}): decorate the plain function with "
             "@adaptive_remote alone, in place of @ray.remote (Ray options go into @adaptive_remote(...))"
+        )
+    if inspect.ismethod(fn):
+        # Ray refuses these too. The instance (or class) it is bound to would be pickled once,
+        # when the function is exported: its later changes in the driver never reach the tasks.
+        raise InvalidRayOption(
+            f"adaptive_remote takes a function or a class, as ray.remote does; got {name}, a method bound "
+            f"to {type(fn.__self__).__qualname__ if not isinstance(fn.__self__, type) else fn.__self__.__qualname__}"
+            " (its object would be copied once, when the function is exported): decorate a plain function "
+            "that takes what it needs as arguments, or the class itself (an actor)"
         )
     if not inspect.isroutine(fn):
         # Ray refuses these too. Their profile key would be their type's: every partial, and
