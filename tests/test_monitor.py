@@ -1070,6 +1070,17 @@ def test_samples_that_reach_the_monitor_after_their_attempts_end_judge_nothing_a
     assert list(reply) == ["other"]
 
 
+def _fallback_spec(call_id: str, memory_bytes: int):
+    """A first attempt of ``f`` on its fallback, sampled every 0.05 s, on a cluster whose largest node has 16 GiB."""
+    from raysched.runtime.spec import AttemptSpec
+
+    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
+    return AttemptSpec(function="f", code_hash="h", call_id=call_id, attempt=1, features=Features(input_size=0),
+                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
+                       allocation=Allocation(num_cpus=1.0, memory_bytes=memory_bytes),
+                       config=RayschedConfig(live_interval_s=0.05), largest_node_bytes=16 * GiB)
+
+
 def test_a_handed_over_attempt_reports_the_room_its_waiting_tasks_leave_the_ladder(monkeypatch):
     """An attempt whose call's earlier task waits for it (a hand-over marker, holding its label)
     tells the monitor the most its next attempt may get: the largest node less both labels,
@@ -1078,14 +1089,8 @@ def test_a_handed_over_attempt_reports_the_room_its_waiting_tasks_leave_the_ladd
     pytest.importorskip("ray")
     from raysched.runtime import worker
     from raysched.runtime.rows import RowSink
-    from raysched.runtime.spec import AttemptSpec
 
-    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
-    cfg = RayschedConfig(live_interval_s=0.05)
-    first = AttemptSpec(function="f", code_hash="h", call_id="c0", attempt=1, features=Features(input_size=0),
-                        prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
-                        allocation=Allocation(num_cpus=1.0, memory_bytes=5 * GiB), config=cfg,
-                        largest_node_bytes=16 * GiB)
+    first = _fallback_spec("c0", 5 * GiB)
     second = replace(first, attempt=2, allocation=Allocation(num_cpus=1.0, memory_bytes=6 * GiB))
 
     class FakeKV:
@@ -1130,16 +1135,10 @@ def test_a_soft_cancel_that_lands_in_the_bookkeeping_still_records_the_attempt(m
     pytest.importorskip("ray")
     from raysched.runtime import worker
     from raysched.runtime.measure import get_live_sampler
-    from raysched.runtime.spec import AttemptSpec
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("Ray runs a task, and interrupts it, in the main thread")
-    estimate = Estimate(target=1.0, lower=1.0, upper=1.0, coverage=0.9, n_history=0)
-    cfg = RayschedConfig(live_interval_s=0.05)
-    spec = AttemptSpec(function="f", code_hash="h", call_id="c-cancel", attempt=1, features=Features(input_size=0),
-                       prediction=Prediction(memory=estimate, cpu=estimate, wall=estimate, source="fallback"),
-                       allocation=Allocation(num_cpus=1.0, memory_bytes=1 * GiB), config=cfg,
-                       largest_node_bytes=16 * GiB)
+    spec = _fallback_spec("c-cancel", 1 * GiB)
 
     class Sink:
         rows: list = []
@@ -1162,7 +1161,7 @@ def test_a_soft_cancel_that_lands_in_the_bookkeeping_still_records_the_attempt(m
         worker.run_measured(lambda: 7, spec, (), {})
     assert [(call, outcome) for call, outcome, _ in Sink.rows] == [("c-cancel", Outcome.OK)]
     assert Sink.rows[0][2] is not None  # what it used
-    assert spec.live_key not in get_live_sampler(cfg.live_interval_s)._entries
+    assert spec.live_key not in get_live_sampler(spec.config.live_interval_s)._entries
 
 
 def test_a_stop_that_fails_the_call_leaves_its_marker_only_for_a_retry_ray_will_run(monkeypatch):
