@@ -238,14 +238,16 @@ class RayschedConfig:
     #: Thinning of tiny calls (policy/thinning.py): once a function's calls in one worker
     #: process were short (at most short_call_wall_s of wall time, growing the process by
     #: at most short_call_rss_bytes) short_call_streak times in a row, only one call in
-    #: short_call_measure_every is measured in full; the others are timed and counted in
-    #: the ``calls`` of a row the worker sends.  Measuring costs ~0.2 ms of a core per call: a
-    #: fifth of plain Ray's cost for a 1 ms task.  short_call_measure_every=1 measures
-    #: every call.
+    #: short_call_measure_every is measured in full, and at most one per
+    #: short_call_measure_gap_s seconds (of one function, in one worker process); the others
+    #: are timed and counted in the ``calls`` of a row the worker sends.  Measuring costs
+    #: ~0.2 ms of a core per call, and its row about as much again in the profiler: a fifth
+    #: of plain Ray's cost for a 1 ms task.  short_call_measure_every=1 measures every call.
     short_call_wall_s: float = 0.005
     short_call_rss_bytes: int = 16 * MiB
     short_call_streak: int = 100
     short_call_measure_every: int = 10
+    short_call_measure_gap_s: float = 0.1
 
     # --- the live monitor: rules over the live samples of running attempts ---------------
     #: Whether running attempts are reported to the monitor at all.
@@ -558,6 +560,7 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
       "min_retrain_interval_s", "train_cost_fraction", "refresh_interval_s", "bundle_max_age_s",
       "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "requeue_room_hold_s", "oom_bump_bytes",
       "shutdown_flush_timeout_s", "profile_commit_interval_s", "short_call_wall_s", "short_call_rss_bytes",
+      "short_call_measure_gap_s",
       "monitor_cpu_min_wall_s", "cost_tail_allowance", "cost_cap_allowance", "cost_extrapolation_widen",
       "cost_failure_overhead_s", "shift_min_log", "shift_noise_multiple",
       "actor_max_rescales", "cost_prior_runs", "cost_prior_max_local"), lambda v: v >= 0, "at least 0"),

@@ -45,6 +45,29 @@ def test_anything_unusual_ends_the_thinning_until_a_new_streak():
     assert drive(thinning, [SHORT] * 4 + [(True, 0.001, 2 * MiB)] + [SHORT] * 3) == "MM..M" + "MM."
 
 
+def test_a_fast_stream_is_measured_at_most_once_per_gap_a_slow_one_one_in_k():
+    def timed(thinning: ShortCallThinning, starts: list[float]) -> str:
+        out = []
+        for at in starts:
+            measured = thinning.measure_next(at)
+            out.append("M" if measured else ".")
+            thinning.observe(measured, True, 0.001, 0 if measured else None, at)
+        return "".join(out)
+
+    # 1 ms apart: after the streak, one call each 0.1 s (100 calls), not one in 4.
+    fast = timed(ShortCallThinning(wall_s=0.005, rss_bytes=MiB, streak=3, every=4, gap_s=0.0995),
+                 [i * 0.001 for i in range(303)])
+    assert fast.startswith("MMM.") and fast.count("M") == 3 + 3
+    assert [i for i, c in enumerate(fast) if c == "M"][3:] == [102, 202, 302]
+    # 1 s apart: the gap never holds a call back; one in 4 as without it.
+    assert timed(ShortCallThinning(wall_s=0.005, rss_bytes=MiB, streak=3, every=4, gap_s=0.1),
+                 [float(i) for i in range(15)]) == "MMM...M...M...M"
+    # Its default comes from the config.
+    assert thinning_from_config(RayschedConfig()).gap_s == RayschedConfig().short_call_measure_gap_s == 0.1
+    with pytest.raises(ValueError, match="short_call_measure_gap_s"):
+        RayschedConfig(short_call_measure_gap_s=-1)
+
+
 def test_every_one_measures_every_call_and_the_config_builds_it():
     assert drive(ShortCallThinning(wall_s=1.0, rss_bytes=MiB, streak=1, every=1), [SHORT] * 20) == "M" * 20
     thinning = thinning_from_config(RayschedConfig(short_call_streak=7, short_call_measure_every=3))

@@ -6,10 +6,13 @@ core, and a profile row about as much again downstream (benchmarks/README.md,
 for a stream of 1 ms calls it is a fifth of the work, spent to learn the same
 figures over and over.  So once a function's calls in one worker process have
 been short and small ``short_call_streak`` times in a row (fully measured), the
-worker measures only one call in ``short_call_measure_every`` of it; the others
-are timed (a clock read at each end) and counted in the ``calls`` column of a
-row of the same batch the worker sends, so the store still accounts for every
-call.
+worker measures only one call in ``short_call_measure_every`` of it, and no more
+than one per ``short_call_measure_gap_s`` seconds; the others are timed (a clock
+read at each end) and counted in the ``calls`` column of a row of the same batch
+the worker sends, so the store still accounts for every call.  The gap bounds
+the rows a fast stream makes (a worker running 700 tiny calls a second sent 70
+rows a second at one in ten, each costing the profiler more than the call it
+stands for), while a slow stream is still measured one call in ten.
 
 Anything unusual ends the thinning at once, and the calls after it are measured
 in full again until a new streak builds up: a call that fails, lasts longer than
@@ -45,25 +48,34 @@ class ShortCallThinning:
     rss_bytes: int
     #: Short calls in a row (the first ``streak`` of them measured) before thinning starts.
     streak: int
-    #: Once thinning, one call in this many is measured; 1 measures every call.
+    #: Once thinning, one call in this many is measured; 1 measures every call...
     every: int
+    #: ...and at most one per this many seconds (the caller's clock, passed in).
+    gap_s: float = 0.0
 
     def __post_init__(self) -> None:
         self._short_in_a_row = 0
         self._unmeasured_since = 0  # calls counted, not measured, since the last measured one
+        self._last_measured_at = float("-inf")  # when the last measured call started
 
     @property
     def thinning(self) -> bool:
         """Whether calls are being thinned now."""
         return self.every > 1 and self._short_in_a_row >= self.streak
 
-    def measure_next(self) -> bool:
-        """Whether the next call is measured in full."""
-        return not self.thinning or self._unmeasured_since + 1 >= self.every
+    def measure_next(self, now: float = 0.0) -> bool:
+        """Whether the next call, starting at ``now`` (seconds on a monotonic clock), is measured in full."""
+        if not self.thinning:
+            return True
+        return self._unmeasured_since + 1 >= self.every and now - self._last_measured_at >= self.gap_s
 
-    def observe(self, measured: bool, ok: bool, wall_s: float, rss_growth_bytes: int | None = None) -> None:
+    def observe(self, measured: bool, ok: bool, wall_s: float, rss_growth_bytes: int | None = None,
+                started_at: float = 0.0) -> None:
         """What a call did: measured or only timed, whether it returned, its wall time and,
-        measured, how much it grew the process (peak minus start RSS)."""
+        measured, how much it grew the process (peak minus start RSS); ``started_at`` on the
+        clock ``measure_next`` was given."""
+        if measured:
+            self._last_measured_at = started_at
         short = ok and wall_s <= self.wall_s and (rss_growth_bytes is None or rss_growth_bytes <= self.rss_bytes)
         if not short:
             self._short_in_a_row = 0
@@ -80,4 +92,5 @@ def thinning_from_config(config: RayschedConfig) -> ShortCallThinning:
         rss_bytes=config.short_call_rss_bytes,
         streak=config.short_call_streak,
         every=config.short_call_measure_every,
+        gap_s=config.short_call_measure_gap_s,
     )

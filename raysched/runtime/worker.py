@@ -5,7 +5,8 @@ the predicted resources; the happy path costs one measurement and one buffered
 row, and returns the function's value as the task's own value, so the
 ``ObjectRef`` the user holds is the real one.  Once a function's calls in this
 process proved tiny, most of them cost less still: ``policy.thinning`` picks one
-in ``short_call_measure_every`` to measure, and the others are only timed and
+in ``short_call_measure_every`` (at most one per ``short_call_measure_gap_s``) to
+measure, and the others are only timed and
 counted in the ``calls`` of a row of the same batch (``rows.RowSink.add_unmeasured``).
 
 Extra work happens only after a failure.  raysched submits every task with
@@ -451,7 +452,8 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
     (``DeferredMeter``), and if it returns in time only counted.
     """
     sink = get_sink(spec.config)
-    measured = thinning is None or thinning.measure_next()
+    begun = time.monotonic()
+    measured = thinning is None or thinning.measure_next(begun)
     meter = AttemptMeter(owner=spec.function) if measured else DeferredMeter(owner=spec.function)
     started = time.time()
     meter.start()
@@ -505,7 +507,7 @@ def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs:
             if thinning is not None:
                 wall = usage.wall_seconds if usage is not None else meter.wall_seconds
                 growth = usage.task_rss_bytes if usage is not None and measured else None
-                thinning.observe(measured, outcome is Outcome.OK, wall, growth)
+                thinning.observe(measured, outcome is Outcome.OK, wall, growth, begun)
             _forget_live(spec)
             reporter = get_reporter(spec.config, create=False)
             if reporter is not None:
