@@ -62,6 +62,9 @@ def test_a_fast_stream_is_measured_at_most_once_per_gap_a_slow_one_one_in_k():
     # 1 s apart: the gap never holds a call back; one in 4 as without it.
     assert timed(ShortCallThinning(wall_s=0.005, rss_bytes=MiB, streak=3, every=4, gap_s=0.1),
                  [float(i) for i in range(15)]) == "MMM...M...M...M"
+    # Driven without a clock, the gap does not apply (it never holds measuring back for good).
+    assert drive(thinning_from_config(RayschedConfig(short_call_streak=3, short_call_measure_every=4)),
+                 [SHORT] * 11) == "MMM...M...M"
     # Its default comes from the config.
     assert thinning_from_config(RayschedConfig()).gap_s == RayschedConfig().short_call_measure_gap_s == 0.1
     with pytest.raises(ValueError, match="short_call_measure_gap_s"):

@@ -63,18 +63,20 @@ class ShortCallThinning:
         """Whether calls are being thinned now."""
         return self.every > 1 and self._short_in_a_row >= self.streak
 
-    def measure_next(self, now: float = 0.0) -> bool:
-        """Whether the next call, starting at ``now`` (seconds on a monotonic clock), is measured in full."""
+    def measure_next(self, now: float | None = None) -> bool:
+        """Whether the next call, starting at ``now`` (seconds on a monotonic clock), is measured
+        in full; without a clock the gap does not apply."""
         if not self.thinning:
             return True
-        return self._unmeasured_since + 1 >= self.every and now - self._last_measured_at >= self.gap_s
+        due = self._unmeasured_since + 1 >= self.every
+        return due and (now is None or now - self._last_measured_at >= self.gap_s)
 
     def observe(self, measured: bool, ok: bool, wall_s: float, rss_growth_bytes: int | None = None,
-                started_at: float = 0.0) -> None:
+                started_at: float | None = None) -> None:
         """What a call did: measured or only timed, whether it returned, its wall time and,
         measured, how much it grew the process (peak minus start RSS); ``started_at`` on the
         clock ``measure_next`` was given."""
-        if measured:
+        if measured and started_at is not None:
             self._last_measured_at = started_at
         short = ok and wall_s <= self.wall_s and (rss_growth_bytes is None or rss_growth_bytes <= self.rss_bytes)
         if not short:
