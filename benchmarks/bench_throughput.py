@@ -2,9 +2,10 @@
 
 One Ray session (``num_cpus=2``), one fresh ``RAYSCHED_HOME``, three paths side by
 side: plain Ray, raysched as configured by default (a worker measures one call in
-``short_call_measure_every`` of a function whose calls proved tiny, and counts the
-others: ``policy/thinning.py``), and raysched with ``measure_every_call=True`` (a
-full measurement and a row for every call).  Every path is warmed up first
+``short_call_measure_every`` of a function whose calls proved tiny, at most one
+each ``short_call_measure_gap_s``, and counts the others: ``policy/thinning.py``),
+and raysched with ``measure_every_call=True`` (a full measurement and a row for
+every call).  Every path is warmed up first
 (worker processes started, functions exported, raysched's profiler actor
 created, its models trained and the driver's first bundle fetched), so the
 figures are steady state.  Then, ``--repeats`` times, with the order of the
@@ -251,7 +252,8 @@ METRICS = [
 
 
 ARM_LABELS = {
-    "raysched": "the default: calls that proved tiny are thinned, one in short_call_measure_every measured",
+    "raysched": "the default: calls that proved tiny are thinned, one in short_call_measure_every measured, "
+                "at most one per short_call_measure_gap_s",
     "raysched_every": "measure_every_call=True: every call measured, a row each",
 }
 
