@@ -302,6 +302,18 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
             "rows_stopped_by_monitor": int(errors_col.str.contains("stopped by raysched's monitor").sum()),
             "events_by_action": events["action"].value_counts().to_dict() if len(events) else {},
             "monitor_stops": int((events["action"] == "stop_and_resubmit").sum()) if len(events) else 0,
+            # When each decision was taken and each attempt Ray killed ended, seconds from the
+            # batch's first submission: how a node rule's stops and Ray's kills interleaved.
+            "event_timeline": [
+                {"t_s": round(_epoch_s(e.timestamp) - t0_wall, 2), "call": str(e.call_id)[:8], "attempt": int(e.attempt),
+                 "action": e.action, "detail": str(e.detail)[:240]}
+                for e in events.sort_values("timestamp").itertuples()] if len(events) else [],
+            "ray_kill_timeline": [
+                {"t_s": round(_epoch_s(r.timestamp) - t0_wall, 2), "call": str(r.call_id)[:8], "attempt": int(r.attempt),
+                 "allocated_mib": round(float(r.allocated_memory_bytes) / MiB),
+                 "peak_mib": round(float(r.peak_rss_bytes) / MiB) if r.peak_rss_bytes == r.peak_rss_bytes else None}
+                for r in rows[(rows["outcome"] == "oom_killed") & errors_col.str.contains("Ray's memory monitor")]
+                .sort_values("timestamp").itertuples()],
             "allocated_mib_ok": rows.loc[rows["outcome"] == "ok", "allocated_memory_bytes"].describe().div(MiB)
                                 .round(0).to_dict() if len(rows) else {},
         })
@@ -347,6 +359,31 @@ class QueueWatch:
 
 #: Worker pids that ran a body in an earlier batch.
 _PIDS_SEEN: set[int] = set()
+
+
+def start_outside_holder(mib: int) -> subprocess.Popen:
+    """A process outside Ray that touches ``mib`` MiB and holds it until killed (another
+    program on the node: Ray's memory monitor counts it, the node's labels do not)."""
+    code = ("import sys, time\n"
+            f"b = bytearray({mib} * 1024 * 1024)\n"
+            "for i in range(0, len(b), 4096): b[i] = 1\n"
+            "print('held', flush=True)\n"
+            "time.sleep(1e9)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "held":
+        proc.kill()
+        raise RuntimeError(f"the outside process could not hold {mib} MiB")
+    return proc
+
+
+def _epoch_s(value) -> float:
+    """A stored timestamp (a pandas Timestamp, naive UTC or aware) as seconds since the epoch."""
+    import pandas as pd
+
+    stamp = pd.Timestamp(value)
+    if stamp.tzinfo is None:
+        stamp = stamp.tz_localize("UTC")
+    return stamp.timestamp()
 
 
 def body_timeline(marker_dir: str, elapsed: float, t0_wall: float) -> dict:
@@ -576,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--numpy-hugepages", choices=["on", "off"], default="on",
                         help="whether the tasks' numpy asks for transparent huge pages (its default: on; "
                              "off sets NUMPY_MADVISE_HUGEPAGE=0 on the worker node)")
+    parser.add_argument("--outside-mib", type=int, default=0,
+                        help="once the node is set up, a process outside Ray holds this many MiB for the whole run: "
+                             "the node's real room is that much less than its memory labels (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", action="append", default=[], metavar="KNOB=VALUE",
                         help="a RayschedConfig knob for the raysched paths, as a Python literal "
@@ -619,6 +659,12 @@ def main(argv: list[str] | None = None) -> int:
     cluster, _node, setup = start_cluster(args)
     setup["held_at_setup"] = held_labels()  # raysched's actors' own, if any: the settled state
     runs: list[dict[str, dict]] = []
+    outside = start_outside_holder(args.outside_mib) if args.outside_mib > 0 else None
+    if outside is not None:
+        # Counted in the baseline the batches settle to, not in the threshold: the room under
+        # Ray's kill threshold is that much less than the labels the node hands out.
+        setup["baseline_used_bytes"] += args.outside_mib * MiB
+        setup["outside_mib"] = args.outside_mib
     try:
         print(f"cluster up in {time.perf_counter() - started:.1f} s: threshold {setup['threshold_fraction']:.4f} of "
               f"{setup['machine_total_bytes'] / GiB:.1f} GiB = {setup['threshold_bytes'] / GiB:.2f} GiB used "
@@ -684,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         profiler = proc_reading(actor_pid("Profiler"))
         monitor = proc_reading(actor_pid("Monitor"))
     finally:
+        if outside is not None:
+            outside.kill()
+            outside.wait()
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(_HOME, ignore_errors=True)
