@@ -287,6 +287,8 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
     result["monitor_cpu_pct"] = 100 * result["monitor_cpu_s"] / elapsed
     result.update(queue_seen)
     if mode.startswith("raysched"):
+        import pandas as pd
+
         calls = submitted_calls(adaptive_grow.name) - before_calls
         rows = raysched.profiles(adaptive_grow)
         rows = rows[rows["call_id"].isin(calls)]
@@ -311,7 +313,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
             "ray_kill_timeline": [
                 {"t_s": round(_epoch_s(r.timestamp) - t0_wall, 2), "call": str(r.call_id)[:8], "attempt": int(r.attempt),
                  "allocated_mib": round(float(r.allocated_memory_bytes) / MiB),
-                 "peak_mib": round(float(r.peak_rss_bytes) / MiB) if r.peak_rss_bytes == r.peak_rss_bytes else None}
+                 "peak_mib": round(float(r.peak_rss_bytes) / MiB) if pd.notna(r.peak_rss_bytes) else None}
                 for r in rows[(rows["outcome"] == "oom_killed") & errors_col.str.contains("Ray's memory monitor")]
                 .sort_values("timestamp").itertuples()],
             "allocated_mib_ok": rows.loc[rows["outcome"] == "ok", "allocated_memory_bytes"].describe().div(MiB)
