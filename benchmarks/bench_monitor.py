@@ -366,7 +366,7 @@ _PIDS_SEEN: set[int] = set()
 def start_outside_holder(mib: int) -> subprocess.Popen:
     """A process outside Ray that touches ``mib`` MiB and holds it until killed (another
     program on the node: Ray's memory monitor counts it, the node's labels do not)."""
-    code = ("import sys, time\n"
+    code = ("import time\n"
             f"b = bytearray({mib} * 1024 * 1024)\n"
             "for i in range(0, len(b), 4096): b[i] = 1\n"
             "print('held', flush=True)\n"
