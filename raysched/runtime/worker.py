@@ -429,15 +429,17 @@ def _on_live(spec: AttemptSpec, running: _Running,
 _NO_DEFERRAL = contextlib.nullcontext()
 
 
+try:
+    from ray._private.utils import DeferSigint as _DeferSigint
+except ImportError:  # pragma: no cover - an older or newer Ray: the race stays
+    _DeferSigint = None
+
+
 def _cancel_deferred() -> contextlib.AbstractContextManager:
     """Ray's own guard against its soft cancel (it defers SIGINT in the main thread, where Ray
     runs a task, and raises the KeyboardInterrupt on leaving); a no-op elsewhere, or on a Ray
-    without it."""
-    try:
-        from ray._private.utils import DeferSigint
-    except ImportError:  # pragma: no cover - an older or newer Ray: the race stays
-        return _NO_DEFERRAL
-    return DeferSigint.create_if_main_thread()
+    without it.  Looked up once, at import: it runs at the end of every measured attempt."""
+    return _DeferSigint.create_if_main_thread() if _DeferSigint is not None else _NO_DEFERRAL
 
 
 def run_measured(fn: Callable[..., Any], spec: AttemptSpec, args: tuple, kwargs: Mapping[str, Any],
