@@ -527,7 +527,15 @@ def test_a_task_killed_while_waiting_for_its_next_attempt_records_nothing_twice(
     Ray's retry of it must not record attempt 1 again nor reuse attempt 2's number.
     """
     marker = faults / "waiting_parent"
-    ref = grows_then_holds.remote(str(marker), 600, 3.0)
+    # The module watches every 0.2 s, so a stop not taken within 0.4 s kills attempt 1's worker
+    # (the hard stop, tested above): on a loaded CI machine that happened before this test could
+    # kill the waiting task itself. Here the stop must be taken in the thread, as it is unloaded.
+    base = raysched.get_config()
+    raysched.configure(monitor_hard_stop_intervals=100.0)
+    try:
+        ref = grows_then_holds.remote(str(marker), 600, 3.0)
+    finally:
+        raysched.configure(base)
     assert wait_for(lambda: marker.exists() and len(marker.read_text().split()) >= 2, timeout=90)
     parent = int(marker.read_text().split()[0])  # attempt 1's worker: its task now waits for attempt 2
     time.sleep(0.5)
