@@ -347,6 +347,20 @@ class RayschedConfig:
     #: whose labels fit it can still pass Ray's kill threshold when other programs use more
     #: (policy/admission.py).  False: labels only.
     admission_node_room: bool = True
+    #: Calls without a priority go straight to Ray, which books them by their labels alone.
+    #: While some node's room (as above) is below this fraction of its ``memory`` label, Ray
+    #: can place there more than it holds, and its memory monitor kills what does not fit
+    #: (benchmarks/README.md: 6 and 8 kills per batch on a node 1.1-1.8 GB short of its
+    #: labels): such calls then wait in the admission queue at priority 0 as well, which
+    #: admits by the room (policy.admission.RoomRouting).  None: never.
+    route_by_room_below: float | None = 0.85
+    #: ...only calls whose memory label is at least this share of the shortest such node's
+    #: room: a stream of tiny calls keeps the straight path (the queue's round trip would
+    #: cost them more than they could ever hold).
+    route_by_room_min_share: float = 0.05
+    #: How often a driver asks the monitor for the nodes' rooms (in a thread of its own: a
+    #: submission never waits for it).
+    room_check_interval_s: float = 2.0
 
     # --- actors (``@adaptive_remote`` on a class) -------------------------------------------
     #: A rescale for memory sizes the new actor for its resident memory x this factor
@@ -555,7 +569,8 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
     (("min_memory_bytes", "memory_rounding_bytes", "cpu_rounding", "live_interval_s",
       "flush_interval_s", "xgb_learning_rate", "confidence_scale", "cost_max_slope", "monitor_stale_s",
       "monitor_wall_factor", "monitor_hard_stop_intervals", "monitor_directive_timeout_s", "node_poll_interval_s",
-      "node_sample_interval_s", "node_room_window_s", "memory_limit_bytes"), lambda v: v > 0, "positive"),
+      "node_sample_interval_s", "node_room_window_s", "memory_limit_bytes", "room_check_interval_s"),
+     lambda v: v > 0, "positive"),
     (("default_memory_bytes", "default_num_cpus", "default_wall_seconds", "min_num_cpus", "memory_margin", "confidence_exponent",
       "min_retrain_interval_s", "train_cost_fraction", "refresh_interval_s", "bundle_max_age_s",
       "first_bundle_timeout_s", "handover_start_timeout_s", "handover_held_room_s", "requeue_room_hold_s", "oom_bump_bytes",
@@ -573,6 +588,8 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
     (("holdout_fraction",), lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
     (("stat_percentile",), lambda v: 0 < v <= 100, "a percentile in (0, 100]"),
     (("min_input_size_correlation", "cost_min_size_correlation"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-    (("cost_slope_fraction", "cost_local_fraction", "cost_min_coverage"), lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    (("cost_slope_fraction", "cost_local_fraction", "cost_min_coverage", "route_by_room_below"),
+     lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    (("route_by_room_min_share",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("oom_bump_ratio",), lambda v: v >= 1, "at least 1"),
 )

@@ -11,6 +11,7 @@ from raysched.policy.admission import (
     LARGEST_FIRST,
     AdmissionQueue,
     Request,
+    RoomRouting,
     expected_peak_bytes,
     order_key,
     pooled_capacity,
@@ -18,6 +19,8 @@ from raysched.policy.admission import (
 )
 from raysched.runtime.admission import Admission
 from raysched.types import GiB, MiB
+
+from conftest import wait_for
 
 ONE = Request(1.0, 1 * GiB)
 
@@ -757,3 +760,59 @@ def test_a_node_that_joins_while_calls_wait_is_used_without_waiting_for_an_end()
         assert service.status()["capacity_cpus"] == 2.0
 
     asyncio.run(scenario())
+
+
+# --- which calls without a priority wait in the queue too ------------------------------------------------
+
+
+def test_room_routing_routes_calls_that_matter_while_a_node_is_well_short_of_its_label():
+    routing = RoomRouting(below=0.85, min_share=0.05)
+    labels = {"a": 3.25 * GiB, "b": 8 * GiB}
+    # Rooms at or near the labels (or above): nothing is short, every call goes straight.
+    assert routing.shortest_room({"a": 3.0 * GiB, "b": 9 * GiB}, labels) is None
+    assert not routing.routes(None, 1 * GiB)
+    # "a" 1.2 GB short (room 2 GiB < 0.85 x 3.25 GiB): calls that may hold 5% of its room go
+    # through the queue; a tiny one keeps the straight path.
+    shortest = routing.shortest_room({"a": 2 * GiB, "b": 9 * GiB}, labels)
+    assert shortest == 2 * GiB
+    assert routing.routes(shortest, 800 * MiB) and routing.routes(shortest, 0.05 * 2 * GiB)
+    assert not routing.routes(shortest, 50 * MiB) and not routing.routes(shortest, 0)
+    # The smallest short room counts; a node without a reading, or without a label (a CPU-less
+    # head, left out by the driver), is not short.
+    assert routing.shortest_room({"a": 2 * GiB, "b": 1 * GiB}, labels) == 1 * GiB
+    assert routing.shortest_room({"c": 1 * GiB}, labels) is None
+    assert routing.shortest_room({"a": 0.0}, labels) == 0.0
+    assert RoomRouting(below=None, min_share=0.05).shortest_room({"a": 0.0}, labels) is None
+
+
+def test_the_drivers_room_watch_keeps_the_last_answer_and_forgets_it_when_the_monitor_fails():
+    from raysched.runtime.rooms import RoomWatch
+    from raysched.types import ClusterShape, NodeShape
+
+    shape = ClusterShape((NodeShape("head", 0, 1 * GiB), NodeShape("a", 2, int(3.25 * GiB))))
+    answers = [{"a": 2 * GiB, "head": 0.0}, {"a": 3.2 * GiB}, RuntimeError("monitor restarting")]
+    asked = []
+
+    def ask(node_ids):
+        asked.append(node_ids)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    watch = RoomWatch(RoomRouting(0.85, 0.05), ask, lambda: shape, interval_s=60.0)
+    assert watch.shortest_room is None and not watch.routes(800 * MiB)  # no answer yet: straight
+    assert watch.check() == 2 * GiB and watch.routes(800 * MiB) and not watch.routes(10 * MiB)
+    assert asked == [["a"]]  # only nodes a task can run on (the head has no CPUs)
+    assert watch.check() is None  # back above 0.85 of its label
+    watch.shortest_room = 1 * GiB
+    assert watch.check() is None  # a failed question: calls go straight, as without the watch
+    # In its thread: a first answer at once, then every interval_s until closed.
+    answers[:] = [{"a": 1 * GiB}] * 5
+    watch.start()
+    try:
+        assert wait_for(lambda: watch.shortest_room == 1 * GiB, timeout=5, step=0.01)
+    finally:
+        watch.close()
+    assert wait_for(lambda: not watch._thread.is_alive(), timeout=5, step=0.01) and watch.shortest_room is None
+

@@ -202,20 +202,16 @@ def labelled(label: str, seconds: float):
     return label, start, time.time()
 
 
-@pytest.mark.alone  # its node's room is set from the machine's memory in use
-def test_calls_whose_labels_fit_the_node_but_not_its_room_start_one_at_a_time(ray_session):
-    """The node's ``memory`` label has room for both 800 MiB calls; what the machine really has
-    under the monitor's threshold (set 1 GiB above what it uses now) has room for one: the queue
-    admits against that, from the monitor's reading, and the second call starts once the first ends."""
+def _monitor_judging_by_a_room_of(room_bytes: int):
+    """The monitor, its threshold set ``room_bytes`` above what the machine uses now (and the
+    driver's config handed to it first, so that it cannot undo this one)."""
     import threading
     import time
 
     import psutil
 
-    from raysched.runtime.session import monitor_name
-    from raysched.types import GiB
-
     from raysched.runtime.client import get_client
+    from raysched.runtime.session import monitor_name
 
     config = raysched.get_config()
     get_client().handle  # the profiler, and the monitor beside it, in the background...
@@ -227,8 +223,22 @@ def test_calls_whose_labels_fit_the_node_but_not_its_room_start_one_at_a_time(ra
     ray.get(monitor.ping.remote(), timeout=60)
     time.sleep(1.0)  # (a threaded actor: its first reconfigure is done by now)
     vm = psutil.virtual_memory()
-    strict = config.replace(node_memory_threshold=(vm.total - vm.available + 1 * GiB) / vm.total)
+    strict = config.replace(node_memory_threshold=(vm.total - vm.available + room_bytes) / vm.total)
     ray.get(monitor.reconfigure.remote(strict), timeout=30)
+    return monitor
+
+
+@pytest.mark.alone  # its node's room is set from the machine's memory in use
+def test_calls_whose_labels_fit_the_node_but_not_its_room_start_one_at_a_time(ray_session):
+    """The node's ``memory`` label has room for both 800 MiB calls; what the machine really has
+    under the monitor's threshold (set 1 GiB above what it uses now) has room for one: the queue
+    admits against that, from the monitor's reading, and the second call starts once the first ends."""
+    import time
+
+    from raysched.types import GiB
+
+    config = raysched.get_config()
+    monitor = _monitor_judging_by_a_room_of(1 * GiB)
     try:
         # The monitor knows a node's room from its workers' readings (a watched call's), not
         # from its metrics endpoint, which serves another measure.
@@ -243,6 +253,50 @@ def test_calls_whose_labels_fit_the_node_but_not_its_room_start_one_at_a_time(ra
         assert room < 1.6 * GiB and status["capacity_room_bytes"] == pytest.approx(room), status
     finally:
         ray.get(monitor.reconfigure.remote(config), timeout=30)
+
+
+@adaptive_remote(num_cpus=0.5, memory=800 * MiB)
+def labelled_too(label: str, seconds: float):  # (no history: sized by its label, as `labelled` first was)
+    import time
+
+    start = time.time()
+    time.sleep(seconds)
+    return label, start, time.time()
+
+
+@pytest.mark.alone  # its node's room is set from the machine's memory in use
+def test_calls_without_a_priority_wait_in_the_queue_while_the_node_is_short_of_room(ray_session):
+    """The node's label holds both 800 MiB calls, its room (1 GiB under the monitor's threshold)
+    one: though given no priority, they go through the queue, which starts them one at a time.
+    Before any of raysched's tasks ran on the node to read it: the monitor reads its own node.
+    Once the room is back above the label, such calls go straight to Ray again."""
+    from raysched.runtime.client import get_client
+    from raysched.types import GiB
+
+    config = raysched.get_config()
+    rooms = get_client().rooms
+    assert rooms is not None  # on by default (route_by_room_below)
+    assert rooms.check() is None  # the node's room is above its label: no call is routed
+
+    def admitted_so_far() -> int:
+        return _queue_status()["admitted_total"] if _named(ADMISSION_NAME) else 0
+
+    monitor = _monitor_judging_by_a_room_of(1 * GiB)
+    try:
+        assert wait_for(lambda: rooms.check() is not None, timeout=30)
+        assert rooms.shortest_room < 1.6 * GiB
+        before = admitted_so_far()
+        calls = [labelled_too.remote(f"call{i}", 1.0) for i in range(2)]
+        (_, first_start, first_end), (_, second_start, _) = sorted(ray.get(calls, timeout=120), key=lambda r: r[1])
+        assert second_start >= first_end - 0.05, (first_start, first_end, second_start, _queue_status())
+        assert admitted_so_far() == before + 2
+    finally:
+        ray.get(monitor.reconfigure.remote(config), timeout=30)
+    assert wait_for(lambda: rooms.check() is None, timeout=30)
+    before = admitted_so_far()
+    assert [label for label, *_ in ray.get([labelled_too.remote(f"again{i}", 0.1) for i in range(2)],
+                                           timeout=60)] == ["again0", "again1"]
+    assert admitted_so_far() == before  # straight to Ray
 
 
 def test_the_monitor_hears_at_once_that_a_watched_task_ended(ray_session):

@@ -611,6 +611,30 @@ def test_a_nodes_room_comes_from_its_workers_readings_median_of_the_window(tmp_p
     assert quiet.node_rooms(["node-a"]) == {}
 
 
+def test_the_monitor_reads_its_own_node_for_its_room_before_any_task_runs_there(tmp_path, clock):
+    """A driver asks for the rooms before a batch, when no worker of the node has read it yet:
+    the monitor's node is read by the monitor itself, at most every node_sample_interval_s,
+    and its readings count as a worker's would (set against the attempts running then)."""
+    cfg = RayschedConfig(home=str(tmp_path), node_sample_interval_s=1.0)
+    readings = []
+
+    def own_node():
+        readings.append(clock())
+        return NodeMemory("node-a", 6 * GiB, 16 * GiB, timestamp=clock(), kill_threshold=0.5,
+                          source=R.WORKER_READING)
+
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics(), own_node=own_node)
+    line = (0.5 - cfg.node_kill_margin) * 16 * GiB
+    assert monitor.node_rooms(["node-a", "node-b"]) == {"node-a": pytest.approx(line - 6 * GiB)}
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 6 * GiB)}
+    assert len(readings) == 1  # not read again within the interval
+    clock.advance(1.0)
+    monitor.node_rooms(["node-a"])
+    assert len(readings) == 2
+    # Without its own reader (or unreadable) a node nobody read is left out, as before.
+    assert Monitor(cfg, clock=clock, metrics=RecordingMetrics(), own_node=lambda: None).node_rooms(["node-a"]) == {}
+
+
 def test_a_reading_is_set_against_what_the_other_attempts_held_at_its_time(tmp_path, clock):
     """Two tasks growing 1 GiB/s whose workers sample a quarter of a second apart: "a"'s reading
     is set against "b"'s size then, between its samples, not against its last one; judged by

@@ -443,5 +443,47 @@ def node_labels(nodes: Mapping[str, Request]) -> tuple[Request, ...]:
     return tuple(Request(n.num_cpus, n.memory_bytes, peak_bytes=math.inf) for n in nodes.values())
 
 
-__all__ = ["AdmissionQueue", "Request", "order_key", "expected_peak_bytes", "pooled_capacity", "node_labels", "ORDERS",
-           "FIRST_SUBMITTED", "LARGEST_FIRST"]
+@dataclass(frozen=True)
+class RoomRouting:
+    """Which calls submitted without a priority wait in the queue too: those Ray could place
+    on a node that cannot hold them.
+
+    Ray books a call by its ``memory`` label against the node's label, fixed when the node
+    started; raysched's node rule and the queue know the node's *room* (``pooled_capacity``
+    above), which other programs' growth shrinks.  Where the room is well below the label,
+    calls whose labels Ray can place together pass Ray's kill threshold together: on such a
+    node (measured, benchmarks/README.md) calls sent straight to Ray were killed 6 and 8
+    times a batch while the same calls through the queue were not killed at all.  The node
+    rule, stopping one attempt at a time from readings a second apart, could not keep up
+    with tasks growing together at ~1 GB/s.
+
+    ``below``: a node is short while its room is below this fraction of its label (None:
+    never).  ``min_share``: only a call that may hold at least this share of the shortest
+    such node's room is routed; tiny calls keep the straight path, where the queue's round
+    trip would cost more than they could hold.
+    """
+
+    below: float | None
+    min_share: float
+
+    def shortest_room(self, rooms: Mapping[str, float], labels: Mapping[str, float]) -> float | None:
+        """The smallest room among the nodes short of their labels (bytes), None if none is.
+
+        ``rooms``: node id -> room (a node the monitor has no reading of is left out: it
+        is judged by its label, as before); ``labels``: node id -> ``memory`` label, of the
+        nodes a task may run on (a CPU-less head's room does not matter to a task).
+        """
+        if self.below is None:
+            return None
+        short = [room for node_id, room in rooms.items()
+                 if labels.get(node_id, 0) > 0 and room < self.below * labels[node_id]]
+        return min(short) if short else None
+
+    def routes(self, shortest_room: float | None, call_bytes: float) -> bool:
+        """Whether a call without a priority goes through the queue; ``call_bytes``: the most
+        it is expected to hold (its label, or its expected peak where that is more)."""
+        return shortest_room is not None and call_bytes > 0 and call_bytes >= self.min_share * shortest_room
+
+
+__all__ = ["AdmissionQueue", "Request", "RoomRouting", "order_key", "expected_peak_bytes", "pooled_capacity",
+           "node_labels", "ORDERS", "FIRST_SUBMITTED", "LARGEST_FIRST"]

@@ -110,6 +110,21 @@ class ProfilerClient:
         self._sizer = build_sizer(config)
         self.cluster = ClusterShapeCache()
         self._strand_watch: Any = None
+        # Which calls without a priority wait in the admission queue too (runtime.rooms): a
+        # driver's, asking the monitor in a thread of its own from now on, so that its first
+        # answer is there before most submissions; None where routing is off.
+        self.rooms: Any = None
+        if _is_driver() and handle_factory is get_or_create_profiler:
+            from .rooms import ray_room_watch
+
+            self.rooms = ray_room_watch(config, self.cluster.get)
+
+    def close(self) -> None:
+        """Stop what this client runs beside the driver (a new session or config replaces it)."""
+        if self._strand_watch is not None:
+            self._strand_watch.close()  # its calls were of the old session (or config)
+        if self.rooms is not None:
+            self.rooms.close()
 
     @property
     def handle(self) -> Any:
@@ -421,8 +436,8 @@ def get_client() -> ProfilerClient:
             if _client_session is not None and token != _client_session:
                 # Calls of the ended session that have no row by now never get one.
                 forget_calls(None)
-            if _client is not None and _client._strand_watch is not None:
-                _client._strand_watch.close()  # its calls were of the old session (or config)
+            if _client is not None:
+                _client.close()
             _client, _client_session = ProfilerClient(get_config()), token
             _flush_at_shutdown()
         return _client
@@ -443,6 +458,8 @@ def reset_client() -> None:
     """Forget bundles and the actor handle (after ``configure`` or a new Ray session)."""
     global _client
     with _client_lock:
+        if _client is not None and _client.rooms is not None:
+            _client.rooms.close()  # (its strand watch goes on: the calls it watches still run)
         _client = None
 
 

@@ -193,7 +193,8 @@ _WATCH_ENDS = callable(getattr(ray.ObjectRef, "_on_ready", None))
 class _CallOptions:
     """Validated per-call options: raysched's metadata, explicit sizes, Ray's other options."""
 
-    __slots__ = ("input_size", "tags", "priority", "queued", "explicit", "ray_options", "name", "key", "_straight")
+    __slots__ = ("input_size", "tags", "priority", "queued", "explicit", "ray_options", "name", "key", "_straight",
+                 "_routed")
 
     def __init__(self, options: Mapping[str, Any], base_tags: tuple[str, ...], base_ray: Mapping[str, Any]):
         self.input_size = validate_input_size(options.get("input_size"))
@@ -225,18 +226,29 @@ class _CallOptions:
         if self.key[-1] is None:  # an option that cannot be told equal to another's
             self.key = None
         self._straight: _CallOptions | None = None
+        self._routed: _CallOptions | None = None
 
     def straight(self) -> "_CallOptions":
         """These options for a call that bypasses the admission queue (``inside_ray``)."""
         if self._straight is None:
-            copy = object.__new__(_CallOptions)
-            for name in self.__slots__:
-                setattr(copy, name, getattr(self, name))
-            copy.queued = False
-            copy.key = None if self.key is None else (self.key[0], self.key[1], False, *self.key[3:])
-            copy._straight = copy
-            self._straight = copy
+            self._straight = self._copy(queued=False)
+            self._straight._straight = self._straight
         return self._straight
+
+    def routed(self) -> "_CallOptions":
+        """These options (of a call without a priority) for a call that waits in the admission
+        queue at priority 0, as the node rule ranks it (``runtime.rooms``)."""
+        if self._routed is None:
+            self._routed = self._copy(queued=True)
+        return self._routed
+
+    def _copy(self, queued: bool) -> "_CallOptions":
+        copy = object.__new__(_CallOptions)
+        for name in self.__slots__:
+            setattr(copy, name, getattr(self, name))
+        copy.queued, copy._straight, copy._routed = queued, None, None
+        copy.key = None if self.key is None else (self.key[0], self.key[1], queued, *self.key[3:])
+        return copy
 
 
 #: How many items of a list, tuple or dict argument are looked at for ObjectRefs (all of
@@ -572,15 +584,16 @@ class AdaptiveFunction(_Adaptive):
         # Inside a task that captures its children into a placement group, labels fit its bundles.
         # The rest of the features need no place in the key: tags are the options' (in their
         # key), dependencies the function's, and a call's own size and shapes travel with it.
-        key = ((size_band(features.input_size), options.key, captured_placement_group())
-               if options.key is not None else None)
-        plan = self._plans.get(key) if key is not None else None
-        if plan is None or not plan.current(bundle, cluster, client.config):
-            plan = self._make_plan(options, features, bundle, cluster, client)
-            if key is not None:
-                if len(self._plans) >= _PLANS_MAX:
-                    self._plans.clear()
-                self._plans[key] = plan
+        captured = captured_placement_group()
+        plan = self._plan(options, features, bundle, cluster, client, captured)
+        rooms = client.rooms
+        if (rooms is not None and rooms.shortest_room is not None and not options.queued and captured is None
+                and placement_group_of(plan.ray_options) is None
+                and rooms.routes(max(plan.allocation.memory_bytes, plan.peak_bytes or 0.0))):
+            # A node's room is well below its label: Ray could place this call where it does
+            # not fit, so it waits in the queue, which admits by the room (runtime.rooms).
+            options = options.routed()
+            plan = self._plan(options, features, bundle, cluster, client, captured)
         call_id = os.urandom(16).hex()
         remote = plan.remote
         if options.name == plan.name:
@@ -627,6 +640,19 @@ class AdaptiveFunction(_Adaptive):
                 plan.strand.add(call_id, ref[0] if isinstance(ref, list) else ref, spec_bytes)
         note_submitted(self.name, call_id)
         return ref
+
+    def _plan(self, options: _CallOptions, features: Any, bundle: Any, cluster: Any, client: ProfilerClient,
+              captured: Any) -> "_Plan":
+        """The current plan of calls with these options and features up to their size band, made if need be."""
+        key = (size_band(features.input_size), options.key, captured) if options.key is not None else None
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None or not plan.current(bundle, cluster, client.config):
+            plan = self._make_plan(options, features, bundle, cluster, client)
+            if key is not None:
+                if len(self._plans) >= _PLANS_MAX:
+                    self._plans.clear()
+                self._plans[key] = plan
+        return plan
 
     def _make_plan(self, options: _CallOptions, features: Any, bundle: Any, cluster: Any,
                    client: ProfilerClient) -> "_Plan":

@@ -104,6 +104,18 @@ def node_memory_here() -> dict[str, float]:
         return {}
 
 
+def own_node_memory() -> NodeMemory | None:
+    """The memory of the node this process runs on, read as its workers read it (None: unreadable)."""
+    import ray
+
+    here = node_memory_here()
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    if not here or not node_id:
+        return None
+    return NodeMemory(node_id, here["node_used_bytes"], here["node_total_bytes"], time.time(),
+                      ray_kill_threshold(), source=WORKER_READING)
+
+
 def ray_kill_threshold(environ: Mapping[str, str] | None = None) -> float | None:
     """Ray's memory-monitor threshold on this node, as this worker inherited it from its raylet.
 
@@ -384,6 +396,8 @@ class Monitor:
     ``node_reader(node_id) -> NodeMemory | None`` reads a node's memory (None:
     nodes are not watched); ``metrics`` defaults to ``Metrics()``; ``saved_config``
     (``SavedMonitorConfig``) keeps what ``reconfigure`` hands it for a restart of the actor.
+    ``own_node() -> NodeMemory | None`` reads the memory of the node the monitor runs on,
+    as a worker does (see ``node_rooms``).
     """
 
     def __init__(
@@ -394,6 +408,7 @@ class Monitor:
         node_reader: Callable[[str], NodeMemory | None] | None = None,
         metrics: Any = None,
         saved_config: Any = None,
+        own_node: Callable[[], NodeMemory | None] | None = None,
     ):
         from ..store.profiles import ProfileStore
 
@@ -428,6 +443,8 @@ class Monitor:
         # of attempts not heard of yet, whose last samples may still be on their way (see ended)
         self._early_ends: dict[tuple[str, int], tuple[float, float]] = {}
         self._last_sweep = self._last_poll = clock()
+        self._own_node = own_node
+        self._own_read_at = float("-inf")
         self.reports_received = 0
         self.decisions_made = 0
 
@@ -608,11 +625,15 @@ class Monitor:
         A node no worker has read within the window (nothing of raysched's runs
         there now) has the room its last window of readings told, for up to
         ``monitor_stale_s`` (its attempts' samples are kept as long); a node without
-        either is left out (the queue counts it by its label).
+        either is left out (the queue counts it by its label).  The node the monitor runs
+        on it reads itself as well, at most every ``node_sample_interval_s``: before a batch
+        starts, when none of its tasks runs yet to read it, its room is known (a driver
+        deciding which calls to queue asks then, ``policy.admission.RoomRouting``).
         """
         rule = self.rules.node_rule
         if rule is None:
             return {}
+        self._read_own_node()
         now = self._clock()
         window = self.config.node_room_window_s
         with self._lock:
@@ -624,6 +645,17 @@ class Monitor:
                 recent = [r for t, r in readings if now - t < window] or [r for _, r in readings]
                 rooms[node_id] = statistics.median(rule.room_bytes(r, self._held_at(r)) for r in recent)
             return rooms
+
+    def _read_own_node(self) -> None:
+        """Keep a reading of the monitor's own node for its room, if one is due."""
+        now = self._clock()
+        if self._own_node is None or now - self._own_read_at < self.config.node_sample_interval_s:
+            return
+        self._own_read_at = now
+        reading = self._own_node()
+        if reading is not None:
+            with self._lock:
+                self._note_room(reading)
 
     def may_resume(self, call_id: str, attempt: int) -> bool | None:
         """Whether the call whose ``attempt`` gave way on its node may run its next attempt there now.
@@ -926,7 +958,7 @@ def get_or_create_monitor(config: RayschedConfig):
 
     name = monitor_name(config)
     return get_or_create_actor(Monitor, name, config, node_reader=RayNodeReader(),
-                               saved_config=SavedMonitorConfig(name))
+                               saved_config=SavedMonitorConfig(name), own_node=own_node_memory)
 
 
 def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
@@ -948,6 +980,6 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
 
 __all__ = [
     "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "MONITOR_NAME",
-    "report_from", "ray_kill_threshold", "node_memory_here", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
+    "report_from", "ray_kill_threshold", "node_memory_here", "own_node_memory", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
     "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter", "SavedMonitorConfig",
 ]
