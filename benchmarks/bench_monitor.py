@@ -244,7 +244,13 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
     before_calls = submitted_calls(adaptive_grow.name)
     room_at_start = threshold_bytes - used_bytes()
     mon0 = proc_reading(monitor_pid)
-    queue_watch = QueueWatch() if mode == QUEUED else None
+    queue_watch = QueueWatch() if mode.startswith("raysched") else None
+    # The driver's view of the nodes' rooms as the batch is submitted: calls without a priority
+    # wait in the queue too while a node's room is well below its label (runtime.rooms).
+    from raysched.runtime.client import get_client
+
+    watch = get_client().rooms if mode.startswith("raysched") else None
+    shortest = watch.shortest_room if watch is not None else None
     t0, t0_wall = time.perf_counter(), time.time()
     refs: list = []
     pending: list = []
@@ -278,6 +284,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
         "mode": mode, "tag": tag, "task_name": task_name, "tasks": len(sizes), "seconds": elapsed,
         "failed": failed, "unfinished": len(pending), "errors": errors[:5], "submit_s": submit_s,
         "room_at_start_mib": room_at_start / MiB,
+        "routing_shortest_room_mib": shortest / MiB if shortest is not None else None,
         "body_runs": len(os.listdir(marker_dir)),
         **body_timeline(marker_dir, elapsed, t0_wall),
         "monitor_cpu_s": (mon1.get("cpu_s", float("nan")) - mon0.get("cpu_s", float("nan"))),
@@ -335,16 +342,26 @@ class QueueWatch:
         self._samples: list[tuple[float, float, float]] = []
         self._done = threading.Event()
         self._name, self._namespace, self._interval = ADMISSION_NAME, NAMESPACE, interval_s
+        # Calls the queue admitted before the batch (those it admits during it: the batch's
+        # calls given a priority, or routed there because the node is short of room).
+        self._admitted_before = self._status().get("admitted_total", 0)
+        self._admitted = self._admitted_before
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _status(self) -> dict:
+        try:
+            actor = ray.get_actor(self._name, namespace=self._namespace)
+            return ray.get(actor.status.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - not created yet
+            return {}
+
     def _run(self) -> None:
         while not self._done.wait(self._interval):
-            try:
-                actor = ray.get_actor(self._name, namespace=self._namespace)
-                status = ray.get(actor.status.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - not created yet
+            status = self._status()
+            if not status:
                 continue
+            self._admitted = status.get("admitted_total", self._admitted)
             if status.get("capacity_room_bytes") is not None:
                 self._samples.append((status["capacity_room_bytes"] / MiB, status["capacity_memory_bytes"] / MiB,
                                       status["held_peak_bytes"] / MiB))
@@ -352,10 +369,11 @@ class QueueWatch:
     def stop(self) -> dict:
         self._done.set()
         self._thread.join(timeout=10)
+        admitted = {"queue_admitted": self._status().get("admitted_total", self._admitted) - self._admitted_before}
         if not self._samples:
-            return {}
+            return admitted
         capacity = [c for c, _, _ in self._samples]
-        return {"queue_room_mib": {"min": min(capacity), "median": _med(capacity), "max": max(capacity)},
+        return {**admitted, "queue_room_mib": {"min": min(capacity), "median": _med(capacity), "max": max(capacity)},
                 "queue_label_mib": self._samples[-1][1], "queue_held_peak_mib_max": max(h for _, _, h in self._samples)}
 
 
@@ -713,7 +731,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{run[mode]['queue_room_mib']['max']:.0f} MiB (median "
                          f"{run[mode]['queue_room_mib']['median']:.0f}; labels {run[mode]['queue_label_mib']:.0f} MiB), "
                          f"expected peaks held at most {run[mode]['queue_held_peak_mib_max']:.0f} MiB"
-                         if "queue_room_mib" in run[mode] else ""),
+                         if "queue_room_mib" in run[mode] else "")
+                      + (f"; {run[mode]['queue_admitted']} calls through the queue (a node's room as the "
+                         f"driver saw it short: {run[mode]['routing_shortest_room_mib']} MiB)"
+                         if "queue_admitted" in run[mode] else ""),
                       file=sys.stderr)
             runs.append(run)
         time.sleep(3)  # Ray's task events reach the GCS in batches

@@ -600,12 +600,20 @@ def test_a_nodes_room_comes_from_its_workers_readings_median_of_the_window(tmp_p
         monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=6 * GiB)])
     assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}  # 3 of the 5
     # The node goes quiet (the monitor's own endpoint poll comes due meanwhile): its last
-    # window's room holds for monitor_stale_s, then it is left out.
+    # window's room holds, also once its attempts (whose memory was taken off the readings)
+    # are forgotten, until it is read again; a node never read is left out.
     clock.advance(30.0)
     monitor.poll_nodes()
     assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}
-    clock.advance(30.0)
-    assert monitor.node_rooms(["node-a"]) == {}
+    clock.advance(31.0)
+    monitor.report([])  # (a sweep: "a" is forgotten)
+    assert monitor.status()["attempts"] == 0
+    clock.advance(600.0)
+    assert monitor.node_rooms(["node-a", "node-b"]) == {"node-a": pytest.approx(line - 5 * GiB)}
+    monitor.report([a(rss_bytes=0.5 * GiB, node_used_bytes=4.5 * GiB)])
+    clock.advance(monitor.config.node_room_window_s)
+    monitor.report([a(rss_bytes=0.5 * GiB, node_used_bytes=4.5 * GiB)])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}  # read again
     quiet = Monitor(cfg, clock=clock, metrics=RecordingMetrics(), node_reader=node_reader)
     quiet.poll_nodes(), quiet.check_node(node_reader("node-a"))
     assert quiet.node_rooms(["node-a"]) == {}

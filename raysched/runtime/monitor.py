@@ -434,6 +434,7 @@ class Monitor:
         self._node_judged: dict[str, float] = {}  # node id -> clock of its last judgement from workers' readings
         # node id -> (clock, reading) of its recent readings, newest last (see node_rooms)
         self._room_readings: dict[str, list[tuple[float, NodeMemory]]] = {}
+        self._last_rooms: dict[str, float] = {}  # node id -> the room node_rooms last worked out
         # (call id, attempt that gave way) -> (node id, expected peak, clock): room promised to
         # its next attempt (see may_resume); and since when its room has fit, answer after answer
         self._promised: dict[tuple[str, int], tuple[str, float, float]] = {}
@@ -623,9 +624,16 @@ class Monitor:
         workers are up to a live interval apart, and a task growing ~1 GB/s moves by
         500 MiB in one.  The median, so that one reading's error moves it little.
         A node no worker has read within the window (nothing of raysched's runs
-        there now) has the room its last window of readings told, for up to
-        ``monitor_stale_s`` (its attempts' samples are kept as long); a node without
-        either is left out (the queue counts it by its label).  The node the monitor runs
+        there now) has the room its last window of readings told (set against its
+        attempts' samples, kept for ``monitor_stale_s``: the room worked out before they
+        are forgotten is kept until the node is read again); a node never read is left
+        out (the queue counts it by its label).  A last room that is old errs on the safe
+        side where it erred at all: if the node has more room now, the queue admits less
+        than it could until the first call that runs there reads it (anything fits an
+        empty queue), and calls without a priority are queued that once (``RoomRouting``).
+        Left out after a minute instead, a node quiet between two batches was counted by
+        its label again (in the monitor benchmark, its 3.25 GiB against 2.2 GB of room,
+        and the first batch after a quiet spell had 6 Ray OOM kills).  The node the monitor runs
         on it reads itself as well, at most every ``node_sample_interval_s``: before a batch
         starts, when none of its tasks runs yet to read it, its room is known (a driver
         deciding which calls to queue asks then, ``policy.admission.RoomRouting``).
@@ -641,9 +649,12 @@ class Monitor:
             for node_id in node_ids:
                 readings = self._room_readings.get(node_id, [])
                 if not readings or now - readings[-1][0] >= self.config.monitor_stale_s:
+                    if node_id in self._last_rooms:
+                        rooms[node_id] = self._last_rooms[node_id]
                     continue
                 recent = [r for t, r in readings if now - t < window] or [r for _, r in readings]
-                rooms[node_id] = statistics.median(rule.room_bytes(r, self._held_at(r)) for r in recent)
+                rooms[node_id] = self._last_rooms[node_id] = statistics.median(
+                    rule.room_bytes(r, self._held_at(r)) for r in recent)
             return rooms
 
     def _read_own_node(self) -> None:
