@@ -732,8 +732,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{run[mode]['queue_room_mib']['median']:.0f}; labels {run[mode]['queue_label_mib']:.0f} MiB), "
                          f"expected peaks held at most {run[mode]['queue_held_peak_mib_max']:.0f} MiB"
                          if "queue_room_mib" in run[mode] else "")
-                      + (f"; {run[mode]['queue_admitted']} calls through the queue (a node's room as the "
-                         f"driver saw it short: {run[mode]['routing_shortest_room_mib']} MiB)"
+                      + (f"; {run[mode]['queue_admitted']} calls through the queue"
+                         + (f" (the driver saw a node short of room: {run[mode]['routing_shortest_room_mib']:.0f} MiB)"
+                            if run[mode].get("routing_shortest_room_mib") is not None else "")
                          if "queue_admitted" in run[mode] else ""),
                       file=sys.stderr)
             runs.append(run)
