@@ -1189,8 +1189,16 @@ def test_a_soft_cancel_that_lands_in_the_bookkeeping_still_records_the_attempt(m
     monkeypatch.setattr(worker, "get_sink", lambda config: Sink())
     monkeypatch.setattr(worker, "get_reporter", lambda config, create=True: None)
     monkeypatch.setattr(worker, "_node_id", lambda: "node-a")
-    with pytest.raises(KeyboardInterrupt):  # the cancel still ends the call
-        worker.run_measured(lambda: 7, spec, (), {})
+    # A Ray worker's main thread has Python's own SIGINT handler; a test process may have been
+    # left another by an earlier test's library (SIG_DFL: Ray's deferral then cannot call it).
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the cancel still ends the call
+            worker.run_measured(lambda: 7, spec, (), {})
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert [(call, outcome) for call, outcome, _ in Sink.rows] == [("c-cancel", Outcome.OK)]
     assert Sink.rows[0][2] is not None  # what it used
     assert spec.live_key not in get_live_sampler(spec.config.live_interval_s)._entries
