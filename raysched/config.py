@@ -354,9 +354,10 @@ class RayschedConfig:
     #: labels): such calls then wait in the admission queue at priority 0 as well, which
     #: admits by the room (policy.admission.RoomRouting).  None: never.
     route_by_room_below: float | None = 0.85
-    #: ...only calls whose memory label is at least this share of the shortest such node's
-    #: room: a stream of tiny calls keeps the straight path (the queue's round trip would
-    #: cost them more than they could ever hold).
+    #: ...only calls that may hold (by their label, or their expected peak where that is
+    #: more) at least this share of the shortest such node's room: a stream of tiny calls
+    #: keeps the straight path (the queue's round trip would cost them more than they could
+    #: ever hold).
     route_by_room_min_share: float = 0.05
     #: How often a driver asks the monitor for the nodes' rooms (in a thread of its own: a
     #: submission never waits for it).
