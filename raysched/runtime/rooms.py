@@ -10,10 +10,11 @@ module's thread: a submission reads the last answer (an attribute), and never wa
 the monitor.  Without an answer (the monitor not up yet, or unreachable) no call is
 routed: calls go straight to Ray, as without this.
 
-Limits: a node the monitor has no reading of (none of raysched's tasks ran there in
-the last ``monitor_stale_s``, and the monitor does not run there) is judged by its label
-alone; calls submitted in the first moments of a driver, before the first answer, go
-straight; and the queue does not count calls already sent straight to Ray.
+Limits: a node the monitor has never had a reading of (none of raysched's tasks ran
+there, and the monitor does not run there) is judged by its label alone, and a quiet
+node by the room it last had (``Monitor.node_rooms``); calls submitted in the first
+moments of a driver, before the first answer, go straight; and the queue does not count
+calls already sent straight to Ray.
 """
 
 from __future__ import annotations
