@@ -1157,6 +1157,40 @@ def test_a_handed_over_attempt_reports_the_room_its_waiting_tasks_leave_the_ladd
     assert R.MemoryOverAllocation(1.2, 4)(replace(reports[-1], rss_bytes=8 * GiB)).action == R.WARN
 
 
+def test_an_orphaned_attempt_ended_by_ray_leaves_no_note_for_a_retry_that_never_comes(monkeypatch):
+    """Attempt 1's task waited for attempt 2 and died; its retry handed over to attempt 3. Ray then
+    ends attempt 2's task, an orphan, with a SystemExit: it noted the exit for a retry of its task,
+    which never runs, after the retry had cleared its notes, and the note stayed in Ray's KV (a CI
+    run's fault test). A sys.exit() of an attempt its call still waits for is noted, as before."""
+    pytest.importorskip("ray")
+    from raysched.runtime import worker
+    from raysched.runtime.spec import encode_spec
+
+    first = _fallback_spec("c0", 1 * GiB)
+    second, third = replace(first, attempt=2), replace(first, attempt=3)
+    kv: dict[str, bytes] = {f"handover:c0:1:{GiB}": encode_spec(second)}  # attempt 1's task waits for 2
+
+    class FakeKV:
+        @staticmethod
+        def _internal_kv_list(prefix, namespace=None):
+            return [k.encode() for k in kv if k.startswith(prefix)]
+
+    monkeypatch.setattr(worker, "_kv", lambda: FakeKV)
+    monkeypatch.setattr(worker, "_kv_put", lambda key, value: kv.__setitem__(key, value) or True)
+    monkeypatch.setattr(worker, "_kv_get", lambda key: kv.get(key))
+    monkeypatch.setattr(worker, "_ray_attempt_number", lambda: 0)
+    sink = SimpleNamespace(flush=lambda wait_s: True)
+    token = worker._TASK_SPEC.set(second)
+    try:
+        worker._note_ending(second, SystemExit(0), sink)  # the user's sys.exit(): its call waits for it
+        assert kv.pop("raised:c0:2:0") == b"EXITED"
+        kv[f"handover:c0:1:{GiB}"] = encode_spec(third)  # the waiting task died; its retry moved on
+        worker._note_ending(second, SystemExit(0), sink)
+        assert "raised:c0:2:0" not in kv
+    finally:
+        worker._TASK_SPEC.reset(token)
+
+
 def test_a_soft_cancel_that_lands_in_the_bookkeeping_still_records_the_attempt(monkeypatch):
     """Ray's ray.cancel(ref) interrupts the task's thread (a KeyboardInterrupt) at any point until
     the task returns: landing after the function returned, it skipped the attempt's row and left
