@@ -69,6 +69,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 _HOME = tempfile.mkdtemp(prefix="raysched-bench-monitor-")
 os.environ["RAYSCHED_HOME"] = _HOME
 
+import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
@@ -294,8 +295,6 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
     result["monitor_cpu_pct"] = 100 * result["monitor_cpu_s"] / elapsed
     result.update(queue_seen)
     if mode.startswith("raysched"):
-        import pandas as pd
-
         calls = submitted_calls(adaptive_grow.name) - before_calls
         rows = raysched.profiles(adaptive_grow)
         rows = rows[rows["call_id"].isin(calls)]
@@ -398,8 +397,6 @@ def start_outside_holder(mib: int) -> subprocess.Popen:
 
 def _epoch_s(value) -> float:
     """A stored timestamp (a pandas Timestamp, naive UTC or aware) as seconds since the epoch."""
-    import pandas as pd
-
     stamp = pd.Timestamp(value)
     if stamp.tzinfo is None:
         stamp = stamp.tz_localize("UTC")
