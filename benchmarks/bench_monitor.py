@@ -339,6 +339,10 @@ class QueueWatch:
         from raysched.runtime.session import NAMESPACE
 
         self._samples: list[tuple[float, float, float]] = []
+        # (s since the watch began, room admitted against, room last told, expected peaks held), MiB,
+        # each time one of them changed: when a task is killed, what the queue knew then.
+        self._timeline: list[tuple[float, float, float, float]] = []
+        self._t0 = time.perf_counter()
         self._done = threading.Event()
         self._name, self._namespace, self._interval = ADMISSION_NAME, NAMESPACE, interval_s
         # Calls the queue admitted before the batch (those it admits during it: the batch's
@@ -364,6 +368,10 @@ class QueueWatch:
             if status.get("capacity_room_bytes") is not None:
                 self._samples.append((status["capacity_room_bytes"] / MiB, status["capacity_memory_bytes"] / MiB,
                                       status["held_peak_bytes"] / MiB))
+                told = sum(status.get("node_rooms_told", {}).values()) / MiB
+                point = (round(status["capacity_room_bytes"] / MiB), round(told), round(status["held_peak_bytes"] / MiB))
+                if not self._timeline or self._timeline[-1][1:] != point:
+                    self._timeline.append((round(time.perf_counter() - self._t0, 2), *point))
 
     def stop(self) -> dict:
         self._done.set()
@@ -373,7 +381,9 @@ class QueueWatch:
             return admitted
         capacity = [c for c, _, _ in self._samples]
         return {**admitted, "queue_room_mib": {"min": min(capacity), "median": _med(capacity), "max": max(capacity)},
-                "queue_label_mib": self._samples[-1][1], "queue_held_peak_mib_max": max(h for _, _, h in self._samples)}
+                "queue_label_mib": self._samples[-1][1], "queue_held_peak_mib_max": max(h for _, _, h in self._samples),
+                "queue_timeline": [dict(zip(("t_s", "room_mib", "told_mib", "held_peak_mib"), p))
+                                   for p in self._timeline]}
 
 
 #: Worker pids that ran a body in an earlier batch.
