@@ -15,6 +15,7 @@ from raysched.runtime.measure import LiveSample
 from raysched.runtime.monitor import (
     Metrics,
     Monitor,
+    RayNodeProbe,
     event_row,
     events,
     node_memory_from_metrics,
@@ -641,6 +642,72 @@ def test_the_monitor_reads_its_own_node_for_its_room_before_any_task_runs_there(
     assert len(readings) == 2
     # Without its own reader (or unreadable) a node nobody read is left out, as before.
     assert Monitor(cfg, clock=clock, metrics=RecordingMetrics(), own_node=lambda: None).node_rooms(["node-a"]) == {}
+
+
+def test_a_node_probe_never_waits_and_hands_each_reading_over_once(clock):
+    """RayNodeProbe with a fake launch: a call starts a probe (at most every interval_s) and
+    returns what an ended probe read, once; a failed probe is no reading."""
+    launched: list[str] = []
+    results: dict[int, object] = {}
+
+    def launch(node_id):
+        launched.append(node_id)
+        return len(launched) - 1  # the probe's "ref"
+
+    probe = RayNodeProbe(interval_s=1.0, clock=clock, launch=launch, ready=lambda ref: results.get(ref, False))
+    assert probe("n") is None and launched == ["n"]
+    assert probe("n") is None and launched == ["n"]  # still running: nothing, and no second probe
+    results[0] = NodeMemory("n", 3 * GiB, 16 * GiB, source=R.WORKER_READING)
+    assert probe("n") == results[0]  # ended: its reading; not due again within interval_s
+    assert probe("n") is None and launched == ["n"]
+    clock.advance(1.0)
+    assert probe("n") is None and launched == ["n", "n"]
+    results[1] = None  # the node died under it
+    clock.advance(1.0)
+    assert probe("n") is None and launched == ["n", "n", "n"]
+    results[2] = NodeMemory("other", 1 * GiB, 16 * GiB, source=R.WORKER_READING)  # not the node asked of
+    clock.advance(1.0)
+    assert probe("n") is None and launched == ["n", "n", "n", "n"]
+    # A probe that never ends is given up after give_up_s, and the node probed again.
+    clock.advance(29.0)
+    assert probe("n") is None and len(launched) == 4
+    clock.advance(1.0)
+    assert probe("n") is None and len(launched) == 5
+
+
+def test_a_quiet_node_is_probed_for_its_room_not_judged_by_the_room_it_last_had(tmp_path, clock):
+    """The node's workers read it while raysched's tasks run there; once none does, a probe's
+    reading gives its room: here everything else on it grew by 1 GiB meanwhile, which the room
+    kept from the last batch did not know.  A node its workers read, and the monitor's own node,
+    are not probed."""
+    cfg = RayschedConfig(home=str(tmp_path), node_room_window_s=5.0, monitor_stale_s=60.0,
+                         node_sample_interval_s=1.0)
+    probed: list[str] = []
+    answers: dict[str, NodeMemory] = {}
+
+    def node_probe(node_id):
+        probed.append(node_id)
+        return answers.pop(node_id, None)
+
+    def own_node():
+        return NodeMemory("head", 1 * GiB, 16 * GiB, timestamp=clock(), kill_threshold=0.5, source=R.WORKER_READING)
+
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics(), own_node=own_node, node_probe=node_probe)
+    line = (0.5 - cfg.node_kill_margin) * 16 * GiB
+    a = Samples(call_id="a", node_total_bytes=16 * GiB, node_kill_threshold=0.5)
+    monitor.report([a(rss_bytes=1 * GiB, node_used_bytes=5 * GiB)])  # everything else: 4 GiB
+    assert monitor.node_rooms(["node-a", "head"]) == {"node-a": pytest.approx(line - 4 * GiB),
+                                                      "head": pytest.approx(line - 1 * GiB)}
+    assert probed == []  # its worker read it just now; the head is the monitor's own
+    # "a" ends; the node goes quiet, and something else takes 1 GiB there.
+    clock.advance(30.0)
+    monitor.report([])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}  # the probe is on
+    assert probed == ["node-a"]
+    answers["node-a"] = NodeMemory("node-a", 5 * GiB, 16 * GiB, timestamp=time.time(), kill_threshold=0.5,
+                                   source=R.WORKER_READING)
+    clock.advance(2.0)
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}
 
 
 def test_a_reading_is_set_against_what_the_other_attempts_held_at_its_time(tmp_path, clock):

@@ -10,8 +10,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from raysched.config import RayschedConfig  # noqa: E402
+from raysched.policy import rules as R  # noqa: E402
 from raysched.policy.rules import STOP_AND_RESUBMIT, LiveReport  # noqa: E402
 from raysched.runtime.monitor import (  # noqa: E402
+    RayNodeProbe,
     RayNodeReader,
     events,
     get_or_create_monitor,
@@ -19,6 +21,8 @@ from raysched.runtime.monitor import (  # noqa: E402
 )
 from raysched.runtime.session import NAMESPACE, monitor_name  # noqa: E402
 from raysched.types import GiB, MiB, Allocation  # noqa: E402
+
+from conftest import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -100,6 +104,28 @@ def test_a_workers_live_reporter_learns_its_stop_without_waiting(cluster, tmp_pa
         time.sleep(0.05)
     stop = reporter.directive("c2", 1)
     assert stop is not None and stop.action == STOP_AND_RESUBMIT
+
+
+def test_a_node_probe_reads_the_node_it_runs_on_as_its_workers_do(cluster):
+    """A task of no CPUs pinned to the node reads it (total - available, Ray's kill threshold
+    as the node's workers inherit it); the probe never waits for it, and a node that does not
+    exist gives no reading."""
+    import psutil
+
+    probe = RayNodeProbe(interval_s=0.0)
+    node_id = ray.get_runtime_context().get_node_id()
+    readings = []
+    assert wait_for(lambda: readings.append(probe(node_id)) or readings[-1] is not None, timeout=60)
+    reading = readings[-1]
+    total = psutil.virtual_memory().total
+    assert reading.node_id == node_id and reading.source == R.WORKER_READING
+    assert reading.total_bytes == total and 0 < reading.used_bytes < total
+    assert abs(reading.timestamp - time.time()) < 60
+    nowhere = "ff" * 28  # a node id no node has: Ray fails the probe
+    answers = [probe(nowhere) for _ in range(3)]
+    time.sleep(2.0)
+    answers += [probe(nowhere) for _ in range(3)]
+    assert answers == [None] * 6
 
 
 def test_node_memory_from_this_nodes_metrics_endpoint(cluster):

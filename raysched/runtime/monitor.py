@@ -308,6 +308,80 @@ class RayNodeReader:
             return None
 
 
+class RayNodeProbe:
+    """Reads a node where none of raysched's tasks runs now: a task of no CPUs pinned to it.
+
+    A node's room comes from its workers' readings (``Monitor.node_rooms``); a node
+    where nothing of raysched's runs sends none, and the room it last had can be far
+    from the room it has now: in the monitor benchmark, a node quiet through two batches of
+    plain Ray tasks had ~500 MiB less room when the next raysched batch came than the
+    room kept for it, the queue admitted two tasks into that room, and Ray's killer took
+    both.  Its metrics endpoint serves another measure (a cgroup's use, ``RayNodeReader``).
+    So the node is read as its workers would read it, by a tiny task that runs there
+    (``own_node_memory``: no CPUs, so that it starts on a busy node too).
+
+    Never blocks: a call starts a probe of the node if none is on and the last one
+    started ``interval_s`` ago or more, and returns the reading of a probe that has
+    ended since the last call (None if none has): the caller notes each reading once.
+    A probe that fails (the node died) is forgotten, and so is one still not done after
+    ``give_up_s`` (it may never start: a node that cannot start a worker process), so that
+    the node is probed again.
+    """
+
+    def __init__(self, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 launch: Callable[[str], Any] | None = None,
+                 ready: Callable[[Any], NodeMemory | None | bool] | None = None, give_up_s: float = 30.0):
+        self._interval_s = interval_s
+        self._give_up_s = give_up_s
+        self._clock = clock
+        self._launch, self._ready = launch, ready  # (None: Ray's; a bound method would not pickle)
+        self._pending: dict[str, Any] = {}  # node id -> the probe on there
+        self._started: dict[str, float] = {}  # node id -> clock of its last probe's start
+        self._remote: Any = None
+
+    def _ray_launch(self, node_id: str) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self._remote is None:
+            self._remote = ray.remote(num_cpus=0, max_retries=0)(own_node_memory)
+        return self._remote.options(
+            name="raysched_node_probe",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+
+    @staticmethod
+    def _ray_ready(ref: Any) -> NodeMemory | None | bool:
+        """The probe's reading once it ended (None if it failed), False while it runs."""
+        import ray
+
+        ready, _ = ray.wait([ref], timeout=0)
+        if not ready:
+            return False
+        try:
+            return ready[0].future().result(timeout=10.0)
+        except Exception as exc:  # noqa: BLE001 - a node gone, or unreadable: no reading
+            logger.debug("raysched: a node probe failed: %s", exc)
+            return None
+
+    def __call__(self, node_id: str) -> NodeMemory | None:
+        reading = None
+        now = self._clock()
+        ref = self._pending.get(node_id)
+        if ref is not None:
+            result = (self._ready or self._ray_ready)(ref)
+            if result is False and now - self._started[node_id] < self._give_up_s:
+                return None
+            del self._pending[node_id]
+            reading = result if isinstance(result, NodeMemory) and result.node_id == node_id else None
+        if now - self._started.get(node_id, float("-inf")) >= self._interval_s:
+            try:
+                self._pending[node_id] = (self._launch or self._ray_launch)(node_id)
+                self._started[node_id] = now
+            except Exception as exc:  # noqa: BLE001 - Ray shutting down: the room last known
+                logger.debug("raysched: could not start a probe of node %s: %s", node_id, exc)
+        return reading
+
+
 # --- the monitor ------------------------------------------------------------------------------------------
 
 
@@ -397,7 +471,8 @@ class Monitor:
     nodes are not watched); ``metrics`` defaults to ``Metrics()``; ``saved_config``
     (``SavedMonitorConfig``) keeps what ``reconfigure`` hands it for a restart of the actor.
     ``own_node() -> NodeMemory | None`` reads the memory of the node the monitor runs on,
-    as a worker does (see ``node_rooms``).
+    as a worker does (see ``node_rooms``); ``node_probe(node_id) -> NodeMemory | None``
+    (``RayNodeProbe``) reads another node so, where no worker of raysched's does.
     """
 
     def __init__(
@@ -409,6 +484,7 @@ class Monitor:
         metrics: Any = None,
         saved_config: Any = None,
         own_node: Callable[[], NodeMemory | None] | None = None,
+        node_probe: Callable[[str], NodeMemory | None] | None = None,
     ):
         from ..store.profiles import ProfileStore
 
@@ -446,6 +522,9 @@ class Monitor:
         self._last_sweep = self._last_poll = clock()
         self._own_node = own_node
         self._own_read_at = float("-inf")
+        self._own_node_id: str | None = None
+        self._node_probe = node_probe
+        self._probe_lock = threading.Lock()
         self.reports_received = 0
         self.decisions_made = 0
 
@@ -623,17 +702,18 @@ class Monitor:
         samples on either side of it (``resident_at``): the samples of different
         workers are up to a live interval apart, and a task growing ~1 GB/s moves by
         500 MiB in one.  The median, so that one reading's error moves it little.
-        A node no worker has read within the window (nothing of raysched's runs
-        there now) has the room its last window of readings told (set against its
+        A node no worker has read for ``node_sample_interval_s`` (nothing of raysched's
+        runs there now) is read by a probe (``node_probe``, a task of no CPUs pinned to
+        it: ``_probe_quiet_nodes``), whose reading counts from the next ask on.  Until one
+        comes, the node has the room its last window of readings told (set against its
         attempts' samples, kept for ``monitor_stale_s``: the room worked out before they
         are forgotten is kept until the node is read again); a node never read is left
-        out (the queue counts it by its label).  A last room that is old errs on the safe
-        side where it erred at all: if the node has more room now, the queue admits less
-        than it could until the first call that runs there reads it (anything fits an
-        empty queue), and calls without a priority are queued that once (``RoomRouting``).
-        Left out after a minute instead, a node quiet between two batches was counted by
-        its label again (in the monitor benchmark, its 3.25 GiB against 2.2 GB of room,
-        and the first batch after a quiet spell had 6 Ray OOM kills).  The node the monitor runs
+        out (the queue counts it by its label).  Left out after a minute instead, a node
+        quiet between two batches was counted by its label again (in the monitor
+        benchmark, its 3.25 GiB against 2.2 GB of room, and the first batch after a quiet
+        spell had 6 Ray OOM kills); kept without a probe, its room missed what other
+        work had taken there since (~700 MiB in the benchmark: two Ray OOM kills in the
+        first batch after a quiet spell).  The node the monitor runs
         on it reads itself as well, at most every ``node_sample_interval_s``: before a batch
         starts, when none of its tasks runs yet to read it, its room is known (a driver
         deciding which calls to queue asks then, ``policy.admission.RoomRouting``).
@@ -642,6 +722,7 @@ class Monitor:
         if rule is None:
             return {}
         self._read_own_node()
+        self._probe_quiet_nodes(node_ids)
         now = self._clock()
         window = self.config.node_room_window_s
         with self._lock:
@@ -665,8 +746,33 @@ class Monitor:
         self._own_read_at = now
         reading = self._own_node()
         if reading is not None:
+            self._own_node_id = reading.node_id
             with self._lock:
                 self._note_room(reading)
+
+    def _probe_quiet_nodes(self, node_ids: Sequence[str]) -> None:
+        """Read the nodes no worker of raysched's has read for ``node_sample_interval_s``, with a probe each.
+
+        The probe (``RayNodeProbe``) answers later: a reading it brings is noted at the next
+        ask, a second or two on (a driver asks every ``room_check_interval_s``, the queue
+        every few seconds while calls wait).  Without it a quiet node kept the room it last
+        had, which other programs may have taken since.
+        """
+        if self._node_probe is None or not self._probe_lock.acquire(blocking=False):
+            return  # (another thread is probing: it notes what comes)
+        try:
+            now = self._clock()
+            for node_id in node_ids:
+                readings = self._room_readings.get(node_id)
+                if node_id == self._own_node_id or (
+                        readings and now - readings[-1][0] < self.config.node_sample_interval_s):
+                    continue  # read by the monitor itself, or by its workers
+                reading = self._node_probe(node_id)
+                if reading is not None:
+                    with self._lock:
+                        self._note_room(reading)
+        finally:
+            self._probe_lock.release()
 
     def may_resume(self, call_id: str, attempt: int) -> bool | None:
         """Whether the call whose ``attempt`` gave way on its node may run its next attempt there now.
@@ -969,7 +1075,8 @@ def get_or_create_monitor(config: RayschedConfig):
 
     name = monitor_name(config)
     return get_or_create_actor(Monitor, name, config, node_reader=RayNodeReader(),
-                               saved_config=SavedMonitorConfig(name), own_node=own_node_memory)
+                               saved_config=SavedMonitorConfig(name), own_node=own_node_memory,
+                               node_probe=RayNodeProbe(config.node_sample_interval_s))
 
 
 def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
@@ -990,7 +1097,7 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
 
 
 __all__ = [
-    "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "MONITOR_NAME",
+    "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "RayNodeProbe", "MONITOR_NAME",
     "report_from", "ray_kill_threshold", "node_memory_here", "own_node_memory", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
     "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter", "SavedMonitorConfig",
 ]
