@@ -339,7 +339,7 @@ class QueueWatch:
         from raysched.runtime.session import NAMESPACE
 
         self._samples: list[tuple[float, float, float]] = []
-        # (s since the watch began, room admitted against, room last told, expected peaks held), MiB,
+        # (s since the watch began, room admitted against, the rooms the monitor last told, expected peaks held), MiB,
         # each time one of them changed: when a task is killed, what the queue knew then.
         self._timeline: list[tuple[float, float, float, float]] = []
         self._t0 = time.perf_counter()
@@ -368,7 +368,7 @@ class QueueWatch:
             if status.get("capacity_room_bytes") is not None:
                 self._samples.append((status["capacity_room_bytes"] / MiB, status["capacity_memory_bytes"] / MiB,
                                       status["held_peak_bytes"] / MiB))
-                told = sum(status.get("node_rooms_told", {}).values()) / MiB
+                told = sum(status.get("node_rooms", {}).values()) / MiB
                 point = (round(status["capacity_room_bytes"] / MiB), round(told), round(status["held_peak_bytes"] / MiB))
                 if not self._timeline or self._timeline[-1][1:] != point:
                     self._timeline.append((round(time.perf_counter() - self._t0, 2), *point))

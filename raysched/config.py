@@ -347,12 +347,6 @@ class RayschedConfig:
     #: whose labels fit it can still pass Ray's kill threshold when other programs use more
     #: (policy/admission.py).  False: labels only.
     admission_node_room: bool = True
-    #: ...and against the lowest room each node had in what the monitor told within this many
-    #: seconds (it is read every few seconds while calls wait): memory is incompressible,
-    #: and a node filled to the top of its room's swing lost two tasks to Ray's killer when
-    #: everything else on it swung up again (policy.admission.LowestRecentRooms).  0: the
-    #: room last told.
-    admission_room_low_s: float = 30.0
     #: Calls without a priority go straight to Ray, which books them by their labels alone.
     #: While some node's room (as above) is below this fraction of its ``memory`` label, Ray
     #: can place there more than it holds, and its memory monitor kills what does not fit
@@ -434,8 +428,6 @@ class RayschedConfig:
             problems.append(f"admission_order must be 'first_submitted' or 'largest_first', got {self.admission_order!r}")
         if not 0 <= self.admission_gather_s <= 1:
             problems.append(f"admission_gather_s must be between 0 and 1 second, got {self.admission_gather_s!r}")
-        if not 0 <= self.admission_room_low_s <= 3600:
-            problems.append(f"admission_room_low_s must be between 0 and 3600 seconds, got {self.admission_room_low_s!r}")
         if not 0 <= self.admission_pipeline_s <= 60:
             problems.append(f"admission_pipeline_s must be between 0 and 60 seconds, got {self.admission_pipeline_s!r}")
         if not 0 <= self.cost_extrapolation_quantile <= 1:

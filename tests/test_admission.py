@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import math
 
-import pytest
-
 from raysched.policy.admission import (
     FIRST_SUBMITTED,
     LARGEST_FIRST,
-    LowestRecentRooms,
     AdmissionQueue,
     Request,
     RoomRouting,
@@ -585,73 +582,6 @@ def test_the_service_admits_against_the_monitors_rooms_and_falls_back_to_labels(
         await asyncio.sleep(0.01)
         assert started == ["a", "b", "c", "d"]
         await asyncio.gather(*tasks)
-
-    asyncio.run(scenario())
-
-
-def test_the_room_admitted_against_is_the_lowest_told_within_the_last_seconds():
-    """Memory is incompressible: a dip in a node's room (everything else on it swung up) is
-    planned for until room_low_s after it; a node no longer told of is forgotten."""
-    low = LowestRecentRooms(keep_s=30.0)
-    assert low.update(0.0, {"a": 2.0 * GiB, "b": 5 * GiB}) == {"a": 2.0 * GiB, "b": 5 * GiB}
-    assert low.update(5.0, {"a": 1.7 * GiB, "b": 5 * GiB}) == {"a": 1.7 * GiB, "b": 5 * GiB}
-    # Back up: the dip still counts...
-    assert low.update(10.0, {"a": 2.1 * GiB, "b": 5.5 * GiB}) == {"a": 1.7 * GiB, "b": 5 * GiB}
-    assert low.update(34.9, {"a": 2.1 * GiB}) == {"a": 1.7 * GiB}  # "b" not told: left out
-    # ...until 30 s after it; then the lowest of what was told since.
-    assert low.update(35.0, {"a": 2.2 * GiB, "b": 6 * GiB}) == {"a": 2.1 * GiB, "b": 6 * GiB}
-    assert low.update(100.0, {"a": 2.2 * GiB}) == {"a": 2.2 * GiB}
-    # 0: the room last told.
-    last = LowestRecentRooms(keep_s=0.0)
-    assert last.update(0.0, {"a": 1 * GiB}) == {"a": 1 * GiB}
-    assert last.update(0.0, {"a": 2 * GiB}) == {"a": 2 * GiB}
-    with pytest.raises(ValueError, match="keep_s"):
-        LowestRecentRooms(keep_s=-1.0)
-
-
-def test_the_service_admits_against_the_lowest_room_of_the_last_seconds():
-    """Two 1 GiB calls: the room told is 2.5 GiB, then 1.5 GiB (a swing), then 2.5 GiB again: the
-    second call waits for the first until room_low_s after the dip, though the last room told
-    would have held both."""
-    clock = Clock()
-    told = [2.5 * GiB]
-
-    async def rooms(node_ids):
-        return {"n": told[0]}
-
-    # refresh_s: due on the fake clock, and the waiting calls' watcher looks every 0.05 s.
-    service = Admission(capacity=lambda: {"n": Request(4.0, 8 * GiB)}, refresh_s=0.05, clock=clock,
-                        gather_s=0.0, rooms=rooms, room_low_s=30.0)
-
-    async def scenario():
-        started: list[str] = []
-
-        async def call(token):
-            await service.admit(token, 0, 0.5, 1 * GiB)
-            started.append(token)
-
-        first = [asyncio.create_task(call(t)) for t in ("a", "b")]
-        await asyncio.sleep(0.05)
-        assert started == ["a", "b"]
-        service.finish("a"), service.finish("b")
-        await asyncio.gather(*first)
-        told[0] = 1.5 * GiB
-        clock.now += 6.0
-        second = [asyncio.create_task(call(t)) for t in ("c", "d")]
-        await asyncio.sleep(0.05)
-        assert started[2:] == ["c"]  # 1.5 GiB holds one
-        told[0] = 2.5 * GiB
-        clock.now += 6.0
-        await asyncio.sleep(0.05)  # the queue reads the rooms again while "d" waits
-        status = service.status()
-        assert status["node_rooms_told"] == {"n": 2.5 * GiB} and status["node_rooms"] == {"n": 1.5 * GiB}
-        assert started[2:] == ["c"]
-        clock.now += 25.0  # 31 s after the dip
-        await asyncio.sleep(0.2)  # the watcher's next read
-        assert started[2:] == ["c", "d"], service.status()
-        assert service.status()["node_rooms"] == {"n": 2.5 * GiB}
-        service.finish("c"), service.finish("d")
-        await asyncio.gather(*second)
 
     asyncio.run(scenario())
 

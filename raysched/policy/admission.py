@@ -435,46 +435,6 @@ def pooled_capacity(nodes: Mapping[str, Request], rooms: Mapping[str, float]) ->
                                   for node_id, n in nodes.items()))
 
 
-class LowestRecentRooms:
-    """The room the queue admits against: the lowest room each node had within the last ``keep_s`` seconds.
-
-    Memory is incompressible: a task admitted into room that other programs freed a
-    moment ago is killed when they take it again, and nothing can slow it down instead.
-    The Kubernetes VPA recommender sizes memory by the peak of each interval rather
-    than by a typical use for the same reason.  Here it is the other side of the
-    node that peaks: what the node uses besides raysched's attempts moves by a few
-    hundred MiB within a batch (idle workers starting and ending, other programs), and
-    each room the monitor tells is the median of its last few seconds of readings
-    (``Monitor.node_rooms``).  Admitted against the room it was last told, the queue
-    filled a node up to the top of that swing, and the next upswing of everything else
-    crossed the 241 MiB between raysched's threshold and Ray's kill line (two Ray OOM
-    kills in one of eleven batches on a node short of its labels, benchmarks/README.md).
-    The lowest room told within ``keep_s`` plans for the upswing seen most recently.
-
-    A room goes back up ``keep_s`` after the dip that lowered it: a node's room that
-    has grown for good (a program that ended) is used that much later.  ``keep_s`` 0:
-    the room last told.  A node left out of the rooms told now is left out (counted by
-    its label), whatever it had before.
-    """
-
-    def __init__(self, keep_s: float):
-        if not keep_s >= 0:
-            raise ValueError(f"keep_s must be >= 0 seconds, got {keep_s!r}")
-        self.keep_s = float(keep_s)
-        self._told: dict[str, list[tuple[float, float]]] = {}  # node id -> (time, room), oldest first
-
-    def update(self, now: float, rooms: Mapping[str, float]) -> dict[str, float]:
-        """Note the rooms told at ``now`` (node id -> bytes) and return the room to admit against, per node."""
-        lowest = {}
-        for node_id, room in rooms.items():
-            told = [(t, r) for t, r in self._told.get(node_id, []) if now - t < self.keep_s] + [(now, float(room))]
-            self._told[node_id] = told
-            lowest[node_id] = min(r for _, r in told)
-        for node_id in [n for n in self._told if n not in rooms]:
-            del self._told[node_id]
-        return lowest
-
-
 def node_labels(nodes: Mapping[str, Request]) -> tuple[Request, ...]:
     """Each node's CPUs and memory label, with no limit on room: the most the cluster could
     ever give one call, node by node (a call within none passes through; one beyond the
@@ -525,5 +485,5 @@ class RoomRouting:
         return shortest_room is not None and call_bytes > 0 and call_bytes >= self.min_share * shortest_room
 
 
-__all__ = ["AdmissionQueue", "Request", "RoomRouting", "LowestRecentRooms", "order_key", "expected_peak_bytes", "pooled_capacity",
+__all__ = ["AdmissionQueue", "Request", "RoomRouting", "order_key", "expected_peak_bytes", "pooled_capacity",
            "node_labels", "ORDERS", "FIRST_SUBMITTED", "LARGEST_FIRST"]

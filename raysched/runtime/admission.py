@@ -49,7 +49,7 @@ import warnings
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
-from ..policy.admission import AdmissionQueue, LowestRecentRooms, Request, node_labels, pooled_capacity
+from ..policy.admission import AdmissionQueue, Request, node_labels, pooled_capacity
 from .session import SERVICE_PROTOCOL
 
 logger = logging.getLogger(__name__)
@@ -117,9 +117,7 @@ class Admission:
     unknown, every call is admitted and Ray queues them); ``rooms(node_ids)``, if
     given, is awaited for each node's room under its memory threshold (node id ->
     bytes; a node left out counts by its label; no answer within ``rooms_timeout_s``:
-    labels only); each node's lowest room told within ``room_low_s`` is the one admitted
-    against (``policy.admission.LowestRecentRooms``).  Both are read again when older
-    than ``refresh_s`` on the ``clock``.
+    labels only).  Both are read again when older than ``refresh_s`` on the ``clock``.
     ``backfill`` as in ``policy.admission.AdmissionQueue``;
     ``gather_s``: the queue admits once no call has arrived for this long (at most
     10 x ``gather_s`` after the burst's first call), so a burst is ordered as a
@@ -135,7 +133,7 @@ class Admission:
                  gather_s: float = 0.01, ready: Callable[[Sequence[Any]], set[Any]] = ray_ready,
                  inputs_poll_s: float = 0.05,
                  rooms: Callable[[Sequence[str]], Awaitable[Mapping[str, float]]] | None = None,
-                 rooms_timeout_s: float = 2.0, pipeline_s: float = 0.0, room_low_s: float = 30.0,
+                 rooms_timeout_s: float = 2.0, pipeline_s: float = 0.0,
                  dead_jobs: Callable[[set[str]], set[str]] = ray_dead_jobs,
                  max_waiting: int = ADMISSION_MAX_WAITING, reserved_slots: int = ADMISSION_RESERVED_SLOTS):
         self._capacity_fn = capacity
@@ -150,9 +148,7 @@ class Admission:
         self._clock = clock
         self._gather_s = max(0.0, float(gather_s))
         self._nodes = self._read_nodes() or {}
-        self._rooms: Mapping[str, float] = {}  # node id -> the room admitted against (the lowest recent one)
-        self._rooms_told: Mapping[str, float] = {}  # node id -> the room the monitor last told
-        self._low_rooms = LowestRecentRooms(room_low_s)
+        self._rooms: Mapping[str, float] = {}
         self._queue = AdmissionQueue(backfill=backfill, pipeline_s=pipeline_s)
         if self._nodes:
             self._queue.set_capacity(pooled_capacity(self._nodes, {}), clock(), ceiling=node_labels(self._nodes))
@@ -209,12 +205,11 @@ class Admission:
                 self._nodes = nodes
             if self._rooms_fn is not None and self._nodes:
                 try:
-                    self._rooms_told = dict(await asyncio.wait_for(self._rooms_fn(list(self._nodes)),
-                                                                   self._rooms_timeout_s))
+                    self._rooms = dict(await asyncio.wait_for(self._rooms_fn(list(self._nodes)),
+                                                              self._rooms_timeout_s))
                 except Exception as exc:  # noqa: BLE001 - no monitor (yet): the labels alone
                     logger.debug("raysched admission: no node rooms from the monitor (%s)", exc)
-                    self._rooms_told = {}
-                self._rooms = self._low_rooms.update(self._clock(), self._rooms_told)
+                    self._rooms = {}
         finally:
             self._refreshing = None
         capacity = pooled_capacity(self._nodes, self._rooms)
@@ -421,27 +416,20 @@ class Admission:
                 # are expected to hold at most (the nodes' rooms; a node without one: its label).
                 "capacity_memory_bytes": capacity.memory_bytes if capacity else None,
                 "capacity_room_bytes": capacity.peak_bytes if capacity else None,
-                # Each node's room admitted against (the lowest told within room_low_s), and
-                # the one the monitor told last.
-                "node_rooms": dict(self._rooms), "node_rooms_told": dict(self._rooms_told),
-                "room_low_s": self._low_rooms.keep_s,
+                "node_rooms": dict(self._rooms),
                 "held_cpus": held.num_cpus, "held_memory_bytes": held.memory_bytes,
                 "held_peak_bytes": held.peak_bytes}
 
-    def reconfigure(self, backfill: bool, gather_s: float, monitor: str | None, pipeline_s: float = 0.0,
-                    room_low_s: float | None = None) -> None:
+    def reconfigure(self, backfill: bool, gather_s: float, monitor: str | None, pipeline_s: float = 0.0) -> None:
         """A driver's ``configure(admission_backfill=..., admission_gather_s=...,
-        admission_node_room=..., admission_pipeline_s=..., admission_room_low_s=...)``: the
-        actor may predate it, and serves every driver."""
-        if room_low_s is not None and room_low_s != self._low_rooms.keep_s:
-            self._low_rooms = LowestRecentRooms(room_low_s)
+        admission_node_room=..., admission_pipeline_s=...)``: the actor may predate it, and
+        serves every driver."""
         self._queue.backfill = backfill
         self._queue.pipeline_s = pipeline_s
         self._gather_s = max(0.0, float(gather_s))
         if monitor != self._rooms_monitor:
             self._rooms_fn, self._rooms_monitor = (monitor_rooms(monitor) if monitor else None), monitor
-            self._rooms, self._rooms_told = {}, {}
-            self._low_rooms = LowestRecentRooms(self._low_rooms.keep_s)  # another monitor's rooms
+            self._rooms = {}
             self._read_at = float("-inf")  # the next pass reads the nodes (and rooms) again
 
     def ping(self) -> bool:
@@ -525,16 +513,15 @@ class EndReporter:
 
 
 def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monitor: str | None = None,
-                            pipeline_s: float = 0.0, room_low_s: float = 30.0) -> Any:
+                            pipeline_s: float = 0.0) -> Any:
     """The cluster's admission actor: found by name, created on first use, restarted by Ray.
 
     Async, so that thousands of waiting calls cost coroutines, not threads. A
     restarted actor starts empty: Ray retries the pending ``admit`` and ``track``
-    calls, so every waiting call queues again.  ``backfill``, ``gather_s``, ``pipeline_s``,
-    ``room_low_s`` and ``monitor`` (the name of the monitor actor whose node rooms cap the
-    capacity; None: labels only) are the creating driver's (``RayschedConfig.admission_backfill``,
-    ``admission_gather_s``, ``admission_pipeline_s``, ``admission_room_low_s``,
-    ``admission_node_room``); a driver that configured raysched
+    calls, so every waiting call queues again.  ``backfill``, ``gather_s``, ``pipeline_s`` and
+    ``monitor`` (the name of the monitor actor whose node rooms cap the capacity;
+    None: labels only) are the creating driver's (``RayschedConfig.admission_backfill``,
+    ``admission_gather_s``, ``admission_pipeline_s``, ``admission_node_room``); a driver that configured raysched
     itself hands the actor its settings (``Admission.reconfigure``).
     """
     import ray
@@ -547,7 +534,7 @@ def get_or_create_admission(backfill: bool = True, gather_s: float = 0.01, monit
         .options(name=ADMISSION_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                  max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=ADMISSION_MAX_WAITING)
         .remote(backfill=backfill, gather_s=gather_s, rooms=monitor_rooms(monitor) if monitor else None,
-                pipeline_s=pipeline_s, room_low_s=room_low_s)
+                pipeline_s=pipeline_s)
     )
 
 

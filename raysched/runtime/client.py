@@ -158,8 +158,7 @@ class ProfilerClient:
         rooms = self.config.admission_node_room and self.config.monitor_enabled
         monitor = monitor_name(self.config) if rooms else None
         found = get_or_create_admission(self.config.admission_backfill, self.config.admission_gather_s,
-                                        monitor=monitor, pipeline_s=self.config.admission_pipeline_s,
-                                        room_low_s=self.config.admission_room_low_s)
+                                        monitor=monitor, pipeline_s=self.config.admission_pipeline_s)
         self._admission_looked_at = now
         if self._admission is not None and found._actor_id == self._admission._actor_id:
             return self._admission
@@ -167,8 +166,7 @@ class ProfilerClient:
         if configured_here():
             # The actor may predate this process's configure(...), and it serves every driver.
             self._admission.reconfigure.remote(self.config.admission_backfill, self.config.admission_gather_s,
-                                               monitor, self.config.admission_pipeline_s,
-                                               self.config.admission_room_low_s)
+                                               monitor, self.config.admission_pipeline_s)
         return self._admission
 
     @property
