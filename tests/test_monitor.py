@@ -708,6 +708,15 @@ def test_a_quiet_node_is_probed_for_its_room_not_judged_by_the_room_it_last_had(
                                    source=R.WORKER_READING)
     clock.advance(2.0)
     assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}
+    # Other work there ends: the newest probe's reading alone gives the room (a median over the
+    # window's readings would still count the work that ended).
+    for used in (6 * GiB, 6 * GiB, 2 * GiB):
+        answers["node-a"] = NodeMemory("node-a", used, 16 * GiB, timestamp=time.time(), kill_threshold=0.5,
+                                       source=R.WORKER_READING)
+        clock.advance(1.0)
+        monitor.node_rooms(["node-a"])
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 2 * GiB)}
+    assert probed.count("node-a") == 5
 
 
 def test_a_reading_is_set_against_what_the_other_attempts_held_at_its_time(tmp_path, clock):

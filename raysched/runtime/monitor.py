@@ -525,6 +525,7 @@ class Monitor:
         self._own_node_id: str | None = None
         self._node_probe = node_probe
         self._probe_lock = threading.Lock()
+        self._probe_readings: dict[str, NodeMemory] = {}  # node id -> the last reading a probe brought
         self.reports_received = 0
         self.decisions_made = 0
 
@@ -704,7 +705,9 @@ class Monitor:
         500 MiB in one.  The median, so that one reading's error moves it little.
         A node no worker has read for ``node_sample_interval_s`` (nothing of raysched's
         runs there now) is read by a probe (``node_probe``, a task of no CPUs pinned to
-        it: ``_probe_quiet_nodes``), whose reading counts from the next ask on.  Until one
+        it: ``_probe_quiet_nodes``), whose reading counts from the next ask on, alone
+        (not the median of the window: what the node's readings of a few seconds before
+        saw may have ended since, and nothing is set against it).  Until one
         comes, the node has the room its last window of readings told (set against its
         attempts' samples, kept for ``monitor_stale_s``: the room worked out before they
         are forgotten is kept until the node is read again); a node never read is left
@@ -733,7 +736,15 @@ class Monitor:
                     if node_id in self._last_rooms:
                         rooms[node_id] = self._last_rooms[node_id]
                     continue
-                recent = [r for t, r in readings if now - t < window] or [r for _, r in readings]
+                if readings[-1][1] is self._probe_readings.get(node_id):
+                    # A quiet node, read by a probe: the newest reading alone.  Set against no
+                    # running attempt, it has no sample's error for a median to damp; and the
+                    # readings of a few seconds before may be of work that has ended since
+                    # (a batch of plain Ray tasks there: a median over them told a room 2.3 GB
+                    # under the node's as the next batch started, benchmarks/README.md).
+                    recent = [readings[-1][1]]
+                else:
+                    recent = [r for t, r in readings if now - t < window] or [r for _, r in readings]
                 rooms[node_id] = self._last_rooms[node_id] = statistics.median(
                     rule.room_bytes(r, self._held_at(r)) for r in recent)
             return rooms
@@ -771,6 +782,7 @@ class Monitor:
                 if reading is not None:
                     with self._lock:
                         self._note_room(reading)
+                        self._probe_readings[node_id] = reading
         finally:
             self._probe_lock.release()
 
