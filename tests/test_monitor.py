@@ -644,9 +644,10 @@ def test_the_monitor_reads_its_own_node_for_its_room_before_any_task_runs_there(
     assert Monitor(cfg, clock=clock, metrics=RecordingMetrics(), own_node=lambda: None).node_rooms(["node-a"]) == {}
 
 
-def test_a_node_probe_never_waits_and_hands_each_reading_over_once(clock):
+def test_a_node_probe_waits_little_and_hands_each_reading_over_once(clock):
     """RayNodeProbe with a fake launch: a call starts a probe (at most every interval_s) and
-    returns what an ended probe read, once; a failed probe is no reading."""
+    returns what an ended probe read, once, its own if it answers within wait_s; a failed
+    probe is no reading."""
     launched: list[str] = []
     results: dict[int, object] = {}
 
@@ -654,7 +655,7 @@ def test_a_node_probe_never_waits_and_hands_each_reading_over_once(clock):
         launched.append(node_id)
         return len(launched) - 1  # the probe's "ref"
 
-    probe = RayNodeProbe(interval_s=1.0, clock=clock, launch=launch, ready=lambda ref: results.get(ref, False))
+    probe = RayNodeProbe(interval_s=1.0, clock=clock, launch=launch, ready=lambda ref, timeout_s: results.get(ref, False))
     assert probe("n") is None and launched == ["n"]
     assert probe("n") is None and launched == ["n"]  # still running: nothing, and no second probe
     results[0] = NodeMemory("n", 3 * GiB, 16 * GiB, source=R.WORKER_READING)
@@ -673,6 +674,30 @@ def test_a_node_probe_never_waits_and_hands_each_reading_over_once(clock):
     assert probe("n") is None and len(launched) == 4
     clock.advance(1.0)
     assert probe("n") is None and len(launched) == 5
+    # A probe that answers within wait_s is handed over by the call that started it.
+    clock.advance(1.0)
+    results[4] = None  # (failed)
+    results[5] = NodeMemory("n", 2 * GiB, 16 * GiB, source=R.WORKER_READING)
+    assert probe("n") == results[5] and len(launched) == 6
+
+
+def test_idle_ray_workers_memory_is_summed_from_the_processes_titled_so():
+    from raysched.runtime.monitor import idle_worker_bytes
+
+    class Process:
+        def __init__(self, cmdline, uss, readable=True):
+            self.info, self._uss, self._readable = {"cmdline": cmdline}, uss, readable
+
+        def memory_full_info(self):
+            if not self._readable:
+                raise PermissionError("not ours")
+            return SimpleNamespace(uss=self._uss)
+
+    found = [Process(["ray::IDLE", "", ""], 45 * MiB), Process(["ray::IDLE"], 50 * MiB),
+             Process(["ray::IDLE"], 60 * MiB, readable=False), Process(["ray::bench_task"], 900 * MiB),
+             Process(["python", "x.py"], 100 * MiB), Process(None, 1 * MiB), Process([], 1 * MiB)]
+    assert idle_worker_bytes(found) == 95 * MiB
+    assert idle_worker_bytes() >= 0.0  # this machine's (none here, most likely)
 
 
 def test_a_quiet_node_is_probed_for_its_room_not_judged_by_the_room_it_last_had(tmp_path, clock):

@@ -106,6 +106,12 @@ def test_a_workers_live_reporter_learns_its_stop_without_waiting(cluster, tmp_pa
     assert stop is not None and stop.action == STOP_AND_RESUBMIT
 
 
+@ray.remote(num_cpus=0)
+def _nap(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def test_a_node_probe_reads_the_node_it_runs_on_as_its_workers_do(cluster):
     """A task of no CPUs pinned to the node reads it (total - available, Ray's kill threshold
     as the node's workers inherit it); the probe never waits for it, and a node that does not
@@ -120,6 +126,12 @@ def test_a_node_probe_reads_the_node_it_runs_on_as_its_workers_do(cluster):
     total = psutil.virtual_memory().total
     assert reading.node_id == node_id and reading.source == R.WORKER_READING
     assert reading.total_bytes == total and 0 < reading.used_bytes < total
+    assert 0 <= reading.idle_workers_bytes < reading.used_bytes
+    # Workers that ran plain tasks a moment ago idle (titled ray::IDLE): their memory is counted.
+    naps = {pid for pid in ray.get([_nap.remote(0.5) for _ in range(3)])}
+    readings.clear()
+    assert wait_for(lambda: readings.append(probe(node_id)) or readings[-1] is not None, timeout=60)
+    assert len(naps) < 2 or readings[-1].idle_workers_bytes > 0, (naps, readings[-1])
     assert abs(reading.timestamp - time.time()) < 60
     nowhere = "ff" * 28  # a node id no node has: Ray fails the probe
     answers = [probe(nowhere) for _ in range(3)]

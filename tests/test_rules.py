@@ -469,6 +469,9 @@ def test_a_nodes_room_is_its_threshold_less_what_anything_but_its_running_attemp
     # No lowered threshold: raysched's own 90%; and a node past its line has no room at all.
     assert rule.room_bytes(NodeMemory("node-a", 6 * GiB, 16 * GiB), 0.0) == pytest.approx(0.9 * 16 * GiB - 6 * GiB)
     assert rule.room_bytes(NodeMemory("node-a", 15 * GiB, 16 * GiB), 0.0) == 0.0
+    # Idle Ray workers' memory (a probe's reading) is not room lost: tasks reuse those workers.
+    idle = NodeMemory("node-a", 6 * GiB, 16 * GiB, kill_threshold=0.5, idle_workers_bytes=0.25 * GiB)
+    assert rule.room_bytes(idle, 1.5 * GiB) == pytest.approx(rule.room_bytes(reading, 1.5 * GiB) + 0.25 * GiB)
 
 
 def test_an_attempts_size_at_a_reading_is_read_off_the_line_between_its_samples():

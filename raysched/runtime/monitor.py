@@ -104,8 +104,36 @@ def node_memory_here() -> dict[str, float]:
         return {}
 
 
+#: The process title Ray gives a worker process that runs nothing.
+IDLE_WORKER_TITLE = "ray::IDLE"
+
+
+def idle_worker_bytes(processes: Iterable[Any] | None = None) -> float:
+    """The private memory (USS) of this node's idle Ray worker processes, summed (0 if unreadable).
+
+    ``processes``: psutil processes with ``info["cmdline"]`` (default: all of this node's).
+    A process that ends or cannot be read meanwhile is left out.
+    """
+    try:
+        import psutil
+
+        found = processes if processes is not None else psutil.process_iter(["cmdline"])
+        total = 0.0
+        for process in found:
+            cmdline = process.info.get("cmdline") or []
+            if cmdline and str(cmdline[0]).startswith(IDLE_WORKER_TITLE):
+                try:
+                    total += float(process.memory_full_info().uss)
+                except Exception:  # noqa: BLE001 - gone, or not ours to read
+                    continue
+        return total
+    except Exception:  # noqa: BLE001 - no psutil: count them as any other program
+        return 0.0
+
+
 def own_node_memory() -> NodeMemory | None:
-    """The memory of the node this process runs on, read as its workers read it (None: unreadable)."""
+    """The memory of the node this process runs on, read as its workers read it, with its idle
+    Ray workers' memory (None: unreadable).  A probe of a quiet node runs it there (``RayNodeProbe``)."""
     import ray
 
     here = node_memory_here()
@@ -113,7 +141,7 @@ def own_node_memory() -> NodeMemory | None:
     if not here or not node_id:
         return None
     return NodeMemory(node_id, here["node_used_bytes"], here["node_total_bytes"], time.time(),
-                      ray_kill_threshold(), source=WORKER_READING)
+                      ray_kill_threshold(), source=WORKER_READING, idle_workers_bytes=idle_worker_bytes())
 
 
 def ray_kill_threshold(environ: Mapping[str, str] | None = None) -> float | None:
@@ -314,25 +342,32 @@ class RayNodeProbe:
     A node's room comes from its workers' readings (``Monitor.node_rooms``); a node
     where nothing of raysched's runs sends none, and the room it last had can be far
     from the room it has now: in the monitor benchmark, a node quiet through two batches of
-    plain Ray tasks had ~500 MiB less room when the next raysched batch came than the
+    plain Ray tasks had ~700 MiB less room when the next raysched batch came than the
     room kept for it, the queue admitted two tasks into that room, and Ray's killer took
     both.  Its metrics endpoint serves another measure (a cgroup's use, ``RayNodeReader``).
     So the node is read as its workers would read it, by a tiny task that runs there
     (``own_node_memory``: no CPUs, so that it starts on a busy node too).
 
-    Never blocks: a call starts a probe of the node if none is on and the last one
-    started ``interval_s`` ago or more, and returns the reading of a probe that has
-    ended since the last call (None if none has): the caller notes each reading once.
-    A probe that fails (the node died) is forgotten, and so is one still not done after
+    A call starts a probe of the node if none is on and the last one started
+    ``interval_s`` ago or more, waits at most ``wait_s`` for a probe it started (one on a
+    node whose worker is up answers in a few ms; the first on a node starts a worker, and
+    is picked up by a later call), and returns the newest reading of a probe that ended
+    since the last call (None if none has): the caller notes each reading once.  A reading
+    picked up a call later is as old as the calls are apart, and a room from readings a
+    few seconds old still counted a batch of plain tasks that had ended (the benchmark's
+    straight batches were sent through the queue, short of a room they had).  A probe
+    that fails (the node died) is forgotten, and so is one still not done after
     ``give_up_s`` (it may never start: a node that cannot start a worker process), so that
     the node is probed again.
     """
 
     def __init__(self, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
                  launch: Callable[[str], Any] | None = None,
-                 ready: Callable[[Any], NodeMemory | None | bool] | None = None, give_up_s: float = 30.0):
+                 ready: Callable[[Any, float], NodeMemory | None | bool] | None = None, give_up_s: float = 30.0,
+                 wait_s: float = 0.1):
         self._interval_s = interval_s
         self._give_up_s = give_up_s
+        self._wait_s = wait_s
         self._clock = clock
         self._launch, self._ready = launch, ready  # (None: Ray's; a bound method would not pickle)
         self._pending: dict[str, Any] = {}  # node id -> the probe on there
@@ -350,11 +385,11 @@ class RayNodeProbe:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
 
     @staticmethod
-    def _ray_ready(ref: Any) -> NodeMemory | None | bool:
-        """The probe's reading once it ended (None if it failed), False while it runs."""
+    def _ray_ready(ref: Any, timeout_s: float) -> NodeMemory | None | bool:
+        """The probe's reading once it ended (None if it failed), False while it runs after ``timeout_s``."""
         import ray
 
-        ready, _ = ray.wait([ref], timeout=0)
+        ready, _ = ray.wait([ref], timeout=timeout_s)
         if not ready:
             return False
         try:
@@ -363,22 +398,33 @@ class RayNodeProbe:
             logger.debug("raysched: a node probe failed: %s", exc)
             return None
 
+    def _collect(self, node_id: str, now: float, timeout_s: float) -> NodeMemory | None | bool:
+        """The pending probe's reading (None: it failed or was given up), False while it runs."""
+        result = (self._ready or self._ray_ready)(self._pending[node_id], timeout_s)
+        if result is False and now - self._started[node_id] < self._give_up_s:
+            return False
+        del self._pending[node_id]
+        return result if isinstance(result, NodeMemory) and result.node_id == node_id else None
+
     def __call__(self, node_id: str) -> NodeMemory | None:
         reading = None
         now = self._clock()
-        ref = self._pending.get(node_id)
-        if ref is not None:
-            result = (self._ready or self._ray_ready)(ref)
-            if result is False and now - self._started[node_id] < self._give_up_s:
+        if node_id in self._pending:
+            result = self._collect(node_id, now, 0.0)
+            if result is False:
                 return None
-            del self._pending[node_id]
-            reading = result if isinstance(result, NodeMemory) and result.node_id == node_id else None
+            reading = result
         if now - self._started.get(node_id, float("-inf")) >= self._interval_s:
             try:
                 self._pending[node_id] = (self._launch or self._ray_launch)(node_id)
                 self._started[node_id] = now
             except Exception as exc:  # noqa: BLE001 - Ray shutting down: the room last known
                 logger.debug("raysched: could not start a probe of node %s: %s", node_id, exc)
+                return reading
+            if self._wait_s > 0:
+                fresh = self._collect(node_id, now, self._wait_s)
+                if fresh is not False and fresh is not None:
+                    reading = fresh
         return reading
 
 
@@ -1110,6 +1156,6 @@ def events(function: Any = None, *, home: str | None = None) -> pd.DataFrame:
 
 __all__ = [
     "Monitor", "Metrics", "LiveReport", "NodeMemory", "Decision", "RayNodeReader", "RayNodeProbe", "MONITOR_NAME",
-    "report_from", "ray_kill_threshold", "node_memory_here", "own_node_memory", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
+    "report_from", "ray_kill_threshold", "node_memory_here", "own_node_memory", "idle_worker_bytes", "parse_prometheus", "node_memory_from_metrics", "fetch_metrics_text", "event_row",
     "get_or_create_monitor", "events", "LiveReporter", "ray_live_reporter", "SavedMonitorConfig",
 ]
