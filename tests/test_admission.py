@@ -816,3 +816,22 @@ def test_the_drivers_room_watch_keeps_the_last_answer_and_forgets_it_when_the_mo
         watch.close()
     assert wait_for(lambda: not watch._thread.is_alive(), timeout=5, step=0.01) and watch.shortest_room is None
 
+
+def test_the_room_watch_sets_the_room_left_against_the_labels_ray_could_still_place():
+    """A batch of plain Ray tasks holds 2.9 GiB of "a"'s 3.25 GiB label and takes as much room:
+    Ray can place 0.35 GiB more, which the 1 GiB left holds, so "a" is not short, though 1 GiB
+    is well under its whole label.  Once they end, Ray can place the whole label again, and the
+    same 1 GiB is short.  A node Ray lists no free memory for has none (all booked)."""
+    from raysched.runtime.rooms import RoomWatch
+    from raysched.types import ClusterShape, NodeShape
+
+    shape = ClusterShape((NodeShape("a", 2, int(3.25 * GiB)), NodeShape("b", 2, int(3.25 * GiB))))
+    free = {"a": 0.35 * GiB}
+    watch = RoomWatch(RoomRouting(0.85, 0.05), lambda node_ids: {"a": 1 * GiB}, lambda: shape,
+                      interval_s=60.0, free_labels=lambda: free)
+    assert watch.check() is None
+    free["a"] = 3.25 * GiB
+    assert watch.check() == 1 * GiB
+    free["a"] = 0.0
+    assert watch.check() is None
+

@@ -620,6 +620,18 @@ def test_a_nodes_room_comes_from_its_workers_readings_median_of_the_window(tmp_p
     assert quiet.node_rooms(["node-a"]) == {}
 
 
+def test_a_nodes_room_left_takes_off_what_its_running_attempts_are_expected_to_hold(tmp_path, clock):
+    """Two attempts expected to hold 900 MiB each hold 500 MiB now: more calls may hold the room
+    less 1.8 GiB (a driver sets that against the labels Ray can still place there)."""
+    cfg = RayschedConfig(home=str(tmp_path), node_room_window_s=5.0)
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics())
+    a = Samples(call_id="a", node_total_bytes=16 * GiB, node_kill_threshold=0.5)
+    b = Samples(call_id="b", node_total_bytes=16 * GiB, node_kill_threshold=0.5)
+    monitor.report([a(node_used_bytes=5 * GiB), b(node_used_bytes=5 * GiB)])
+    room = monitor.node_rooms(["node-a"])["node-a"]
+    assert monitor.node_rooms_left(["node-a", "node-b"]) == {"node-a": pytest.approx(room - 1800 * MiB)}
+
+
 def test_the_monitor_reads_its_own_node_for_its_room_before_any_task_runs_there(tmp_path, clock):
     """A driver asks for the rooms before a batch, when no worker of the node has read it yet:
     the monitor's node is read by the monitor itself, at most every node_sample_interval_s,

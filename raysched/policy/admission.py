@@ -458,7 +458,8 @@ class RoomRouting:
     with tasks growing together at ~1 GB/s.
 
     ``below``: a node is short while its room is below this fraction of its label (None:
-    never).  ``min_share``: only a call that may hold at least this share of the shortest
+    never); the driver gives the room a node has left for more calls, and the labels Ray
+    could still place there (``runtime.rooms``).  ``min_share``: only a call that may hold at least this share of the shortest
     such node's room is routed; tiny calls keep the straight path, where the queue's round
     trip would cost more than they could hold.
     """

@@ -795,6 +795,15 @@ class Monitor:
                     rule.room_bytes(r, self._held_at(r)) for r in recent)
             return rooms
 
+    def node_rooms_left(self, node_ids: Sequence[str]) -> dict[str, float]:
+        """Each node's room (``node_rooms``) less what raysched's attempts running there are
+        expected to hold at most (``policy.rules.room_left_bytes``): what more calls may hold
+        there now.  A driver sets it against the ``memory`` labels Ray could still place there
+        (``runtime.rooms``)."""
+        rooms = self.node_rooms(node_ids)
+        with self._lock:
+            return {node_id: room_left_bytes(room, self._running_on(node_id)) for node_id, room in rooms.items()}
+
     def _read_own_node(self) -> None:
         """Keep a reading of the monitor's own node for its room, if one is due."""
         now = self._clock()
