@@ -459,9 +459,9 @@ class RoomRouting:
 
     ``below``: a node is short while its room is below this fraction of its label (None:
     never); the driver gives the room a node has left for more calls, and the labels Ray
-    could still place there (``runtime.rooms``).  ``min_share``: only a call that may hold at least this share of the shortest
-    such node's room is routed; tiny calls keep the straight path, where the queue's round
-    trip would cost more than they could hold.
+    could still place there (``runtime.rooms``).  ``min_share``: only a call that may hold
+    at least this share of the shortest such node's room is routed; tiny calls keep the
+    straight path, where the queue's round trip would cost more than they could hold.
     """
 
     below: float | None

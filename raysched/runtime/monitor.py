@@ -423,7 +423,7 @@ class RayNodeProbe:
                 return reading
             if self._wait_s > 0:
                 fresh = self._collect(node_id, now, self._wait_s)
-                if fresh is not False and fresh is not None:
+                if isinstance(fresh, NodeMemory):
                     reading = fresh
         return reading
 
