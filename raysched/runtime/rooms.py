@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 #: How long one question to the monitor may take before the answer is given up on.
 _ASK_TIMEOUT_S = 5.0
+#: Answers in a row that must find a node short before calls are routed (none: straight at
+#: once).  A room is read a moment before or after the free labels: as a batch of plain tasks
+#: ended, one answer set the room they still held against the labels they had freed, and the
+#: raysched batch submitted then went through the queue for nothing.
+SHORT_ANSWERS = 2
 
 
 def cpu_node_labels(shape: ClusterShape) -> dict[str, float]:
@@ -63,6 +68,7 @@ class RoomWatch:
         self.shortest_room: float | None = None
         self._ask_rooms, self._cluster, self._interval, self._alive = ask_rooms, cluster, interval_s, alive
         self._free_labels = free_labels
+        self._short_answers = 0  # answers in a row that found a node short
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,18 +77,21 @@ class RoomWatch:
         return self.routing.routes(self.shortest_room, call_bytes)
 
     def check(self) -> float | None:
-        """Ask for the rooms once and keep the answer; a question that fails forgets the last
-        one (calls then go straight, as without the watch)."""
+        """Ask for the rooms once and keep the answer, once ``SHORT_ANSWERS`` answers in a row
+        found a node short; a question that fails forgets the last one (calls then go straight,
+        as without the watch)."""
         try:
             labels = cpu_node_labels(self._cluster())
             rooms = self._ask_rooms(sorted(labels)) if labels else {}
             if self._free_labels is not None and labels:
                 free = self._free_labels()
                 labels = {node_id: min(label, float(free.get(node_id, label))) for node_id, label in labels.items()}
-            self.shortest_room = self.routing.shortest_room(rooms, labels)
+            shortest = self.routing.shortest_room(rooms, labels)
         except Exception as exc:  # noqa: BLE001 - no monitor (yet): calls go straight
             logger.debug("raysched: could not learn the nodes' rooms: %s", exc)
-            self.shortest_room = None
+            shortest = None
+        self._short_answers = self._short_answers + 1 if shortest is not None else 0
+        self.shortest_room = shortest if self._short_answers >= SHORT_ANSWERS else None
         return self.shortest_room
 
     def start(self) -> "RoomWatch":
