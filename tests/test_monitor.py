@@ -736,8 +736,13 @@ def test_a_quiet_node_is_probed_for_its_room_not_judged_by_the_room_it_last_had(
     assert monitor.node_rooms(["node-a", "head"]) == {"node-a": pytest.approx(line - 4 * GiB),
                                                       "head": pytest.approx(line - 1 * GiB)}
     assert probed == []  # its worker read it just now; the head is the monitor's own
+    # "a" runs on, its reports late: the node is its workers' to read, not a probe's.
+    clock.advance(3.0)
+    monitor.node_rooms(["node-a"])
+    assert probed == []
     # "a" ends; the node goes quiet, and something else takes 1 GiB there.
-    clock.advance(30.0)
+    monitor.ended([("a", 1, a.t + 0.1)])
+    clock.advance(27.0)
     monitor.report([])
     assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 4 * GiB)}  # the probe is on
     assert probed == ["node-a"]

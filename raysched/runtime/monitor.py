@@ -817,7 +817,8 @@ class Monitor:
                 self._note_room(reading)
 
     def _probe_quiet_nodes(self, node_ids: Sequence[str]) -> None:
-        """Read the nodes no worker of raysched's has read for ``node_sample_interval_s``, with a probe each.
+        """Read the nodes where no attempt of raysched's runs and that no worker has read for
+        ``node_sample_interval_s``, with a probe each.
 
         The probe (``RayNodeProbe``) answers later: a reading it brings is noted at the next
         ask, a second or two on (a driver asks every ``room_check_interval_s``, the queue
@@ -830,9 +831,15 @@ class Monitor:
             now = self._clock()
             for node_id in node_ids:
                 readings = self._room_readings.get(node_id)
-                if node_id == self._own_node_id or (
+                with self._lock:
+                    running = bool(self._running_on(node_id))
+                if node_id == self._own_node_id or running or (
                         readings and now - readings[-1][0] < self.config.node_sample_interval_s):
-                    continue  # read by the monitor itself, or by its workers
+                    # Read by the monitor itself, or by its workers.  A node where attempts run is
+                    # theirs to read even when their reports come late: a probe's reading alone
+                    # (no median) set a room mid-batch that the node's other work swung back
+                    # under, and the queue admitted into it (two Ray OOM kills, benchmarks/README.md).
+                    continue
                 reading = self._node_probe(node_id)
                 if reading is not None:
                     with self._lock:
