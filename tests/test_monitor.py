@@ -656,6 +656,25 @@ def test_the_monitor_reads_its_own_node_for_its_room_before_any_task_runs_there(
     assert Monitor(cfg, clock=clock, metrics=RecordingMetrics(), own_node=lambda: None).node_rooms(["node-a"]) == {}
 
 
+def test_idle_workers_count_as_reusable_room_only_on_a_quiet_node(tmp_path, clock):
+    """The monitor's own node with 1 GiB of idle workers: reusable while nothing of raysched's runs
+    there; once an attempt runs, its readings count them as any other program (a room set from
+    them mid-batch let the queue admit what the node's other work then took back)."""
+    cfg = RayschedConfig(home=str(tmp_path), node_sample_interval_s=1.0, node_room_window_s=0.5)
+
+    def own_node():
+        return NodeMemory("node-a", 6 * GiB, 16 * GiB, timestamp=clock(), kill_threshold=0.5,
+                          source=R.WORKER_READING, idle_workers_bytes=1 * GiB)
+
+    monitor = Monitor(cfg, clock=clock, metrics=RecordingMetrics(), own_node=own_node)
+    line = (0.5 - cfg.node_kill_margin) * 16 * GiB
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 5 * GiB)}
+    a = Samples(call_id="a", node_total_bytes=16 * GiB, node_kill_threshold=0.5)
+    monitor.report([a(rss_bytes=0, node_used_bytes=6 * GiB)])  # (holding nothing yet)
+    clock.advance(1.0)
+    assert monitor.node_rooms(["node-a"]) == {"node-a": pytest.approx(line - 6 * GiB)}
+
+
 def test_a_node_probe_waits_little_and_hands_each_reading_over_once(clock):
     """RayNodeProbe with a fake launch: a call starts a probe (at most every interval_s) and
     returns what an ended probe read, once, its own if it answers within wait_s; a failed

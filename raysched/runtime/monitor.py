@@ -751,9 +751,9 @@ class Monitor:
         500 MiB in one.  The median, so that one reading's error moves it little.
         A node no worker has read for ``node_sample_interval_s`` (nothing of raysched's
         runs there now) is read by a probe (``node_probe``, a task of no CPUs pinned to
-        it: ``_probe_quiet_nodes``), whose reading counts from the next ask on, alone
-        (not the median of the window: what the node's readings of a few seconds before
-        saw may have ended since, and nothing is set against it).  Until one
+        it: ``_probe_quiet_nodes``), whose reading alone gives its room (not the median
+        of the window: what the node's readings of a few seconds before saw may have
+        ended since, and nothing is set against it).  Until one
         comes, the node has the room its last window of readings told (set against its
         attempts' samples, kept for ``monitor_stale_s``: the room worked out before they
         are forgotten is kept until the node is read again); a node never read is left
@@ -814,32 +814,34 @@ class Monitor:
         if reading is not None:
             self._own_node_id = reading.node_id
             with self._lock:
+                if self._running_on(reading.node_id):
+                    # Idle workers count as reusable only on a quiet node (``_probe_quiet_nodes``).
+                    reading = replace(reading, idle_workers_bytes=0.0)
                 self._note_room(reading)
 
     def _probe_quiet_nodes(self, node_ids: Sequence[str]) -> None:
         """Read the nodes where no attempt of raysched's runs and that no worker has read for
         ``node_sample_interval_s``, with a probe each.
 
-        The probe (``RayNodeProbe``) answers later: a reading it brings is noted at the next
-        ask, a second or two on (a driver asks every ``room_check_interval_s``, the queue
-        every few seconds while calls wait).  Without it a quiet node kept the room it last
-        had, which other programs may have taken since.
+        The probe (``RayNodeProbe``) answers within a tenth of a second on a node whose
+        worker is up, else at a later ask.  Without it a quiet node kept the room it last
+        had, which other programs may have taken since.  A node where attempts run is
+        theirs to read even when their reports come late: a probe's reading alone (no
+        median, idle workers counted as reusable) set a room mid-batch that the node's
+        other work swung back under, and the queue admitted into it (two Ray OOM kills,
+        benchmarks/README.md).
         """
         if self._node_probe is None or not self._probe_lock.acquire(blocking=False):
             return  # (another thread is probing: it notes what comes)
         try:
-            now = self._clock()
-            for node_id in node_ids:
-                readings = self._room_readings.get(node_id)
-                with self._lock:
-                    running = bool(self._running_on(node_id))
-                if node_id == self._own_node_id or running or (
-                        readings and now - readings[-1][0] < self.config.node_sample_interval_s):
-                    # Read by the monitor itself, or by its workers.  A node where attempts run is
-                    # theirs to read even when their reports come late: a probe's reading alone
-                    # (no median) set a room mid-batch that the node's other work swung back
-                    # under, and the queue admitted into it (two Ray OOM kills, benchmarks/README.md).
-                    continue
+            now, due = self._clock(), []
+            with self._lock:
+                for node_id in node_ids:
+                    readings = self._room_readings.get(node_id)
+                    if node_id != self._own_node_id and not self._running_on(node_id) and not (
+                            readings and now - readings[-1][0] < self.config.node_sample_interval_s):
+                        due.append(node_id)
+            for node_id in due:  # (outside the lock: a probe may wait for its answer)
                 reading = self._node_probe(node_id)
                 if reading is not None:
                     with self._lock:
