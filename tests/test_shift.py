@@ -122,3 +122,22 @@ def test_the_shift_is_placed_where_it_happened_and_stays_there_as_runs_arrive(le
                 cuts.append(len(since) - k)  # old runs counted as new (negative: new ones left out)
         assert len(cuts) >= 28, (seed, cuts)  # found once 8-12 runs have come
         assert max(cuts) <= 1 and min(cuts) >= 0, (seed, cuts)
+
+
+def test_a_history_is_not_kept_alive_by_the_work_cached_on_it():
+    """The fits an estimator makes on a history are kept while the history lives (a weak
+    key). A selection that kept every run (no shift, no other tags) is the history itself:
+    stored as the value, it kept its own weak key alive, and every history a profiler
+    trained on or a driver sized calls from stayed in memory with all its fits (the
+    profiler actor grew with each training)."""
+    import gc
+    import weakref
+
+    history = runs(200, 1 * GiB, seed=3, tags=[("a",)] * 200)
+    assert memory_upper(history) > 0  # the whole chain, shift test and tag selection included
+    assert runs_since_shift(history, "memory", shift_test(CFG)) is history  # no shift: itself, from the cache too
+    assert runs_since_shift(history, "memory", shift_test(CFG)) is history
+    gone = weakref.ref(history)
+    del history
+    gc.collect()
+    assert gone() is None

@@ -449,17 +449,26 @@ def _nearest(values: np.ndarray, distance: np.ndarray, k: int) -> np.ndarray:
 #: and redoing it per call cost ~0.6 ms of every submission with a new input size.
 _HISTORY_FITS: "weakref.WeakKeyDictionary[History, dict]" = weakref.WeakKeyDictionary()
 _HISTORY_FITS_LOCK = threading.Lock()
+#: Kept in place of a value that is the history itself (a selection that keeps every run):
+#: a value that refers to its weak key keeps the key alive, and every history a profiler
+#: trained on, or a driver sized calls from, was kept for good with all its fits.
+_THE_HISTORY = object()
 
 
 def _per_history(history: History, key: Hashable, make: Callable[[], Any]) -> Any:
-    """``make()``, computed once per (history, key) while the history object lives."""
+    """``make()``, computed once per (history, key) while the history object lives.
+
+    ``make()`` must not return anything that refers to ``history`` but ``history``
+    itself (kept as a marker), or the cache would keep the history alive.
+    """
     with _HISTORY_FITS_LOCK:
         found = _HISTORY_FITS.get(history)
         if found is not None and key in found:
-            return found[key]
+            value = found[key]
+            return history if value is _THE_HISTORY else value
     value = make()  # outside the lock: two threads may both compute it, with the same result
     with _HISTORY_FITS_LOCK:
-        _HISTORY_FITS.setdefault(history, {})[key] = value
+        _HISTORY_FITS.setdefault(history, {})[key] = _THE_HISTORY if value is history else value
     return value
 
 
