@@ -128,6 +128,22 @@ def used_bytes() -> int:
     return int(vm.total - vm.available)
 
 
+def memory_holders(top: int = 8) -> dict:
+    """What holds the machine's memory as a batch starts: the largest processes by RSS (name,
+    MiB) and the shared memory (Ray's object store lives in /dev/shm): the room left under
+    the kill line moves with them, and a room that shrinks from one batch to the next is
+    traced to its holder here."""
+    procs = []
+    for proc in psutil.process_iter(["name", "memory_info"]):
+        info = proc.info
+        if info.get("memory_info") is not None:
+            procs.append((info["memory_info"].rss, info.get("name") or "?"))
+    procs.sort(reverse=True)
+    shmem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("Shmem:")), 0)
+    return {"shmem_mib": round(shmem / MiB), "used_mib": round(used_bytes() / MiB),
+            "largest": [[name, round(rss / MiB)] for rss, name in procs[:top]]}
+
+
 def start_cluster(args: argparse.Namespace):
     """Head (no tasks, dashboard), raysched's actors up, then the worker node with the strict threshold."""
     from ray.cluster_utils import Cluster
@@ -243,6 +259,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
     task_name = f"bench_{tag}"
     monitor_pid = actor_pid("Monitor")
     before_calls = submitted_calls(adaptive_grow.name)
+    holders = memory_holders()
     room_at_start = threshold_bytes - used_bytes()
     mon0 = proc_reading(monitor_pid)
     queue_watch = QueueWatch() if mode.startswith("raysched") else None
@@ -285,6 +302,7 @@ def run_batch(mode: str, sizes: list[int], args: argparse.Namespace, labels: dic
         "mode": mode, "tag": tag, "task_name": task_name, "tasks": len(sizes), "seconds": elapsed,
         "failed": failed, "unfinished": len(pending), "errors": errors[:5], "submit_s": submit_s,
         "room_at_start_mib": room_at_start / MiB,
+        "memory_holders_at_start": holders,
         "routing_shortest_room_mib": shortest / MiB if shortest is not None else None,
         "body_runs": len(os.listdir(marker_dir)),
         **body_timeline(marker_dir, elapsed, t0_wall),
