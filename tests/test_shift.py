@@ -128,8 +128,8 @@ def test_a_history_is_not_kept_alive_by_the_work_cached_on_it():
     """The fits an estimator makes on a history are kept while the history lives (a weak
     key). A selection that kept every run (no shift, no other tags) is the history itself:
     stored as the value, it kept its own weak key alive, and every history a profiler
-    trained on or a driver sized calls from stayed in memory with all its fits (the
-    profiler actor grew with each training)."""
+    trained on or a driver sized calls from stayed in memory with all its fits (0.13 MiB
+    more per training of a plain Profiler on a 5,000-row history)."""
     import gc
     import weakref
 
