@@ -571,6 +571,32 @@ def test_ladder_skips_rungs_that_do_not_grow_and_caps_at_the_largest_node():
     assert ladder.next_allocation(state) is None  # nothing bigger exists
 
 
+
+def test_an_attempt_killed_within_the_largest_allocation_is_run_there_again():
+    """CI, thirty-sixth session: a call's second attempt got all the room beside its waiting
+    first task (1,632 MiB) and was killed by Ray at 514 MiB, when a neighbour over its own
+    allocation filled the node (Ray's killer takes the newest task first); the ladder, with
+    nothing bigger to give, ended the call after 2 of its 4 attempts. What its attempts
+    measured (814 MiB, bumped) fits: it runs there again, within max_attempts."""
+    ladder = build_ladder(CFG)  # max_attempts 4
+    room = 1632 * MiB
+    first = failed(1, 464 * MiB, 814 * MiB)
+    state = LadderState(prediction(400 * MiB), (first, failed(2, room, 514 * MiB, 3)), 814 * MiB, room)
+    again = ladder.next_allocation(state)
+    assert again.memory_bytes == room and again.rung == 3 and again.reason.startswith("again at the largest node")
+    # Three attempts at it: the fourth would be the last, and still gets the same.
+    state = LadderState(state.prediction, state.attempts + (failed(3, room, 600 * MiB, 3),), 814 * MiB, room)
+    assert ladder.next_allocation(state).memory_bytes == room
+    state = LadderState(state.prediction, state.attempts + (failed(4, room, 600 * MiB, 3),), 814 * MiB, room)
+    assert ladder.next_allocation(state) is None  # max_attempts: the call ends
+    # A peak that, bumped, does not fit, or none measured: nothing bigger exists, the call ends.
+    for peak in (1500 * MiB, None):
+        state = LadderState(prediction(400 * MiB), (first, failed(2, room, peak, 3)), 814 * MiB, room)
+        assert ladder.next_allocation(state) is None, peak
+    # The memory limit likewise: killed under it by a neighbour, run at it again.
+    state = LadderState(prediction(200 * MiB), (failed(1, 600 * MiB, 300 * MiB),), 300 * MiB, 22 * GiB, 600 * MiB)
+    assert ladder.next_allocation(state).reason.startswith("again at the memory limit")
+
 def test_a_rung_rounded_up_never_passes_the_node_it_must_fit():
     """13,172 MiB of room left rounded up to 13,184 MiB: the attempt could not start beside
     the call's waiting tasks, and waited for a room that never came."""

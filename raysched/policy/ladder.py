@@ -10,7 +10,7 @@ is taken; ``recipe.build_ladder`` lists the rungs with a comment each, and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..types import Allocation, AttemptRecord, Prediction
@@ -85,7 +85,14 @@ class Ladder:
         if state.limit_bytes is not None and (largest is None or state.limit_bytes < largest):
             largest, bound_name = state.limit_bytes, "the memory limit"
         if largest is not None and last.memory_bytes >= largest:
-            return None  # already had the largest node (or the cap): nothing bigger exists
+            # Already had the largest node (or the cap): nothing bigger exists.  But where
+            # what the attempts measured, bumped, fits in it, the kill was not for the call's
+            # own use (a neighbour grew, and Ray's killer takes the newest task first, which a
+            # resubmitted attempt is): run it there again rather than end the call.
+            if state.last.usage is None or self.bump(state.observed_peak) > largest:
+                return None
+            return replace(last, reason=f"again at {bound_name}: killed within it "
+                                        f"(peak {state.observed_peak / 2**20:.0f} MiB)")
         floor = max(last.memory_bytes * self.min_growth, self.bump(state.observed_peak))
         # Rungs are numbered from 1; rung 0 is the first submission's sizing.
         chosen_value, chosen_rung, chosen_name = floor, None, "growth floor"
